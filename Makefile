@@ -1,0 +1,99 @@
+# dsrt build. `make` builds the program, the libraries and the Lua module; `make test` and
+# `make demo` first install what is missing (tools/setup.sh), so they work on a fresh Debian 12.
+#   CUDA=0       build without kernels even where nvcc exists (default: use nvcc when found)
+#   BUILD=dir    output folder (default build)
+SHELL := /bin/bash
+BUILD ?= build
+NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+ifeq ($(origin CUDA), undefined)
+CUDA := $(if $(NVCC),1,0)
+endif
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+MULTIARCH := $(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
+LUA_INC ?= /usr/include/lua5.4
+LUA_A ?= /usr/lib/$(MULTIARCH)/liblua5.4.a
+CJSON_A ?= /usr/lib/$(MULTIARCH)/liblua5.4-cjson.a
+
+CC := gcc
+OPT ?= -O2
+SAN ?=
+CFLAGS := -std=c17 $(OPT) -g -Wall -Wextra -Werror -fPIC -fopenmp -D_GNU_SOURCE \
+          -DDSRT_HAVE_CUDA=$(CUDA) -Iruntime -Ikernels -I$(LUA_INC) $(SAN)
+LDLIBS := -lm -ldl -lpthread
+NVCCFLAGS := -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a \
+             -Xcompiler -fPIC,-Wall -Iruntime -Ikernels --expt-relaxed-constexpr
+
+CORE := err dtype alloc stream tensor ops gemm ltensor lstream lcore host
+CORE_OBJ := $(CORE:%=$(BUILD)/obj/runtime/%.o) $(BUILD)/obj/gen/lua_embedded.o
+ifeq ($(CUDA),1)
+KERNEL_SRC := $(wildcard kernels/*.cu)
+KERNEL_OBJ := $(KERNEL_SRC:kernels/%.cu=$(BUILD)/obj/kernels/%.o)
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -lcublas -lcublasLt -lrt -Wl,-rpath,$(CUDA_HOME)/lib64
+LINK := g++ -static-libstdc++ -static-libgcc
+else
+KERNEL_OBJ := $(BUILD)/obj/runtime/nocuda.o
+CUDA_LIBS :=
+LINK := $(CC)
+endif
+LIB_OBJ := $(CORE_OBJ) $(KERNEL_OBJ)
+LUA_SRC := $(shell find lua -name '*.lua' | sort)
+C_TESTS := $(wildcard tests/c/test_*.c)
+
+.PHONY: all setup test test-c test-lua test-gpu asan demo bench clean
+all: $(BUILD)/dsrt $(BUILD)/libdsrt.a $(BUILD)/libdsrt.so $(BUILD)/dsrt/core.so $(BUILD)/test_c
+	@[ "$(CUDA)" = 1 ] || echo "dsrt: nvcc not found, building for the CPU only"
+
+$(BUILD)/obj/runtime/%.o: runtime/%.c $(wildcard runtime/*.h) kernels/kernels.h
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -c $< -o $@
+$(BUILD)/obj/kernels/%.o: kernels/%.cu $(wildcard kernels/*.cuh) kernels/kernels.h runtime/numeric.h runtime/opmath.h
+	@mkdir -p $(@D)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+$(BUILD)/gen/lua_embedded.c: tools/embed_lua.lua $(LUA_SRC)
+	@mkdir -p $(@D)
+	lua5.4 tools/embed_lua.lua lua $@
+$(BUILD)/obj/gen/lua_embedded.o: $(BUILD)/gen/lua_embedded.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libdsrt.a: $(LIB_OBJ)
+	rm -f $@ && ar rcs $@ $^
+$(BUILD)/libdsrt.so: $(LIB_OBJ)
+	$(LINK) -shared -fopenmp $(SAN) -o $@ $^ $(CUDA_LIBS) $(LDLIBS)
+# stock lua5.4 finds luaopen_dsrt_core in dsrt/core.so on package.cpath
+$(BUILD)/dsrt/core.so: $(BUILD)/libdsrt.so
+	@mkdir -p $(@D)
+	cp $< $@
+# Lua, lua-cjson, readline and OpenMP are linked statically: the program runs where none is installed
+$(BUILD)/dsrt: $(BUILD)/obj/runtime/main.o $(BUILD)/libdsrt.a
+	$(LINK) $(SAN) -o $@ $< $(BUILD)/libdsrt.a $(LUA_A) $(CJSON_A) \
+	  -Wl,-Bstatic -lreadline -ltinfo -lgomp -Wl,-Bdynamic $(CUDA_LIBS) $(LDLIBS)
+$(BUILD)/test_c: $(C_TESTS) tests/c/check.h $(BUILD)/libdsrt.a
+	$(LINK) $(CFLAGS:-Werror=) -Werror -o $@ $(C_TESTS) $(BUILD)/libdsrt.a $(LUA_A) \
+	  -fopenmp $(CUDA_LIBS) $(LDLIBS)
+
+setup:
+	@tools/setup.sh
+
+# Each suite prints its own `N passed, N failed`; tools/total.sh adds them up for the closing line.
+test: setup
+	@$(MAKE) --no-print-directory all
+	@tools/total.sh "$(BUILD)/test_c" \
+	  "$(BUILD)/dsrt tests/run.lua tests/lua" \
+	  "env LUA_PATH=lua/?.lua;lua/?/init.lua;; LUA_CPATH=$(BUILD)/?.so;; lua5.4 tests/run.lua tests/lua/test_module.lua"
+
+test-gpu: all
+	@tools/total.sh "$(BUILD)/test_c --gpu" "$(BUILD)/dsrt tests/run.lua tests/gpu"
+
+asan: setup
+	@$(MAKE) --no-print-directory BUILD=build-asan CUDA=0 OPT=-O1 \
+	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" all
+	@ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=tools/lsan.supp tools/total.sh \
+	  "build-asan/test_c" "build-asan/dsrt tests/run.lua tests/lua"
+
+demo: setup
+	@$(MAKE) --no-print-directory all
+	@$(BUILD)/dsrt scripts/demo.lua
+
+clean:
+	rm -rf $(BUILD) build-asan
