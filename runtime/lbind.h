@@ -1,0 +1,37 @@
+/*
+ * lbind.h - what the Lua binding files (ltensor.c, lstream.c, lcore.c) share.
+ *
+ * Objects reach Lua as full userdata boxing one reference (a pointer that __gc/__close release),
+ * so a C object lives exactly as long as some Lua value or C owner holds it. Results are boxed
+ * before anything else can raise an error, which is what keeps an error from leaking them.
+ */
+#ifndef DSRT_LBIND_H
+#define DSRT_LBIND_H
+
+#include <lauxlib.h>
+#include <lua.h>
+#include "stream.h"
+#include "tensor.h"
+
+#define DSRT_TENSOR_MT "dsrt.tensor"
+#define DSRT_STREAM_MT "dsrt.stream"
+#define DSRT_EVENT_MT "dsrt.event"
+
+/* raise the core's last error message */
+int dsrtL_error(lua_State *L);
+
+dsrt_tensor *dsrtL_checktensor(lua_State *L, int idx);
+dsrt_tensor *dsrtL_totensor(lua_State *L, int idx); /* NULL if not a (live) tensor */
+/* push a new reference (takes ownership; raises the core error when t is NULL) */
+dsrt_tensor *dsrtL_pushtensor(lua_State *L, dsrt_tensor *t);
+
+dsrt_stream *dsrtL_checkstream(lua_State *L, int idx);
+void dsrtL_pushstream(lua_State *L, dsrt_stream *s); /* takes ownership */
+/* the current stream of a device (its default stream unless with_stream/set_stream said otherwise) */
+dsrt_stream *dsrtL_current_stream(lua_State *L, int device);
+int dsrtL_checkdevice(lua_State *L, int idx, int def); /* "cpu" | "cuda" | "cuda:N" | nil -> def */
+
+void dsrtL_open_tensor(lua_State *L); /* adds the tensor functions to the module table on top */
+void dsrtL_open_stream(lua_State *L);
+
+#endif

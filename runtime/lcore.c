@@ -1,0 +1,95 @@
+/*
+ * lcore.c - the Lua module dsrt.core: assembles the tensor and stream bindings and adds the
+ * device-level functions (memory statistics and limits, CUDA queries).
+ *
+ * `require "dsrt"` loads lua/dsrt/init.lua, which builds the user-facing module on top of this
+ * one; embedders that want only the C layer can require "dsrt.core" directly.
+ */
+#include <lauxlib.h>
+#include <lua.h>
+#include "dsrt.h"
+#include "err.h"
+#include "kernels.h"
+#include "lbind.h"
+
+/* dsrt.memory_stats([device]) -> {allocated=, reserved=, peak_allocated=, limit=, ...} in bytes */
+static int l_memory_stats(lua_State *L)
+{
+    int device = dsrtL_checkdevice(L, 1, dsrt_device_count() ? 0 : DSRT_CPU);
+    dsrt_mem_stats st;
+    if (dsrt_alloc_stats(device, &st)) return dsrtL_error(L);
+    lua_createtable(L, 0, 8);
+    char dev[16];
+    lua_pushstring(L, dsrt_device_str(device, dev));
+    lua_setfield(L, -2, "device");
+#define FIELD(name) (lua_pushinteger(L, (lua_Integer)st.name), lua_setfield(L, -2, #name))
+    FIELD(allocated); FIELD(reserved); FIELD(peak_allocated); FIELD(limit);
+    FIELD(allocations); FIELD(cache_hits); FIELD(device_mallocs);
+#undef FIELD
+    return 1;
+}
+
+/* dsrt.set_memory_limit(bytes | nil [, device]): cap on memory dsrt holds on the device */
+static int l_set_memory_limit(lua_State *L)
+{
+    lua_Integer bytes = luaL_optinteger(L, 1, 0);
+    if (bytes < 0) luaL_argerror(L, 1, "negative byte limit");
+    int device = dsrtL_checkdevice(L, 2, dsrt_device_count() ? 0 : DSRT_CPU);
+    if (dsrt_alloc_set_limit(device, (size_t)bytes)) return dsrtL_error(L);
+    return 0;
+}
+
+static int l_empty_cache(lua_State *L)
+{
+    if (dsrt_alloc_empty_cache(dsrtL_checkdevice(L, 1, dsrt_device_count() ? 0 : DSRT_CPU))) return dsrtL_error(L);
+    return 0;
+}
+
+static int l_cuda_available(lua_State *L)
+{
+    lua_pushboolean(L, dsrt_device_count() > 0);
+    return 1;
+}
+
+static int l_cuda_device_count(lua_State *L)
+{
+    lua_pushinteger(L, dsrt_device_count());
+    return 1;
+}
+
+/* dsrt.cuda.device_info([device]) -> {name=, total_memory=, free_memory=} */
+static int l_cuda_device_info(lua_State *L)
+{
+    int device = dsrtL_checkdevice(L, 1, 0);
+    if (device == DSRT_CPU) luaL_argerror(L, 1, "not a CUDA device");
+    char name[256];
+    size_t free_bytes, total;
+    if (dsrtk_device_name(device, name, sizeof name) || dsrtk_mem_info(device, &free_bytes, &total))
+        return luaL_error(L, "cuda.device_info: %s", dsrtk_error());
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "name");
+    lua_pushinteger(L, (lua_Integer)total);
+    lua_setfield(L, -2, "total_memory");
+    lua_pushinteger(L, (lua_Integer)free_bytes);
+    lua_setfield(L, -2, "free_memory");
+    return 1;
+}
+
+int luaopen_dsrt_core(lua_State *L)
+{
+    static const luaL_Reg functions[] = {
+        {"memory_stats", l_memory_stats}, {"set_memory_limit", l_set_memory_limit}, {"empty_cache", l_empty_cache},
+        {NULL, NULL}};
+    static const luaL_Reg cuda[] = {
+        {"available", l_cuda_available}, {"device_count", l_cuda_device_count}, {"device_info", l_cuda_device_info},
+        {NULL, NULL}};
+    luaL_newlib(L, functions);
+    dsrtL_open_tensor(L);
+    dsrtL_open_stream(L);
+    luaL_newlib(L, cuda);
+    lua_setfield(L, -2, "cuda");
+    lua_pushstring(L, DSRT_VERSION);
+    lua_setfield(L, -2, "version");
+    return 1;
+}
