@@ -95,5 +95,8 @@ demo: setup
 	@$(MAKE) --no-print-directory all
 	@$(BUILD)/dsrt scripts/demo.lua
 
+bench: all
+	@$(BUILD)/dsrt scripts/bench.lua
+
 clean:
 	rm -rf $(BUILD) build-asan
