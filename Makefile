@@ -39,8 +39,8 @@ LIB_OBJ := $(CORE_OBJ) $(KERNEL_OBJ)
 LUA_SRC := $(shell find lua -name '*.lua' | sort)
 C_TESTS := $(wildcard tests/c/test_*.c)
 
-.PHONY: all setup test test-c test-lua test-gpu asan demo bench clean
-all: $(BUILD)/dsrt $(BUILD)/libdsrt.a $(BUILD)/libdsrt.so $(BUILD)/dsrt/core.so $(BUILD)/test_c
+.PHONY: all setup test test-gpu asan demo bench clean
+all: $(BUILD)/dsrt $(BUILD)/libdsrt.a $(BUILD)/libdsrt.so $(BUILD)/lua/dsrt/core.so $(BUILD)/test_c
 	@[ "$(CUDA)" = 1 ] || echo "dsrt: nvcc not found, building for the CPU only"
 
 $(BUILD)/obj/runtime/%.o: runtime/%.c $(wildcard runtime/*.h) kernels/kernels.h
@@ -52,7 +52,7 @@ $(BUILD)/obj/kernels/%.o: kernels/%.cu $(wildcard kernels/*.cuh) kernels/kernels
 $(BUILD)/gen/lua_embedded.c: tools/embed_lua.lua $(LUA_SRC)
 	@mkdir -p $(@D)
 	lua5.4 tools/embed_lua.lua lua $@
-$(BUILD)/obj/gen/lua_embedded.o: $(BUILD)/gen/lua_embedded.c
+$(BUILD)/obj/gen/lua_embedded.o: $(BUILD)/gen/lua_embedded.c runtime/dsrt.h
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -61,16 +61,18 @@ $(BUILD)/libdsrt.a: $(LIB_OBJ)
 $(BUILD)/libdsrt.so: $(LIB_OBJ)
 	$(LINK) -shared -fopenmp $(SAN) -o $@ $^ $(CUDA_LIBS) $(LDLIBS)
 # stock lua5.4 finds luaopen_dsrt_core in dsrt/core.so on package.cpath
-$(BUILD)/dsrt/core.so: $(BUILD)/libdsrt.so
+$(BUILD)/lua/dsrt/core.so: $(BUILD)/libdsrt.so
 	@mkdir -p $(@D)
 	cp $< $@
 # Lua, lua-cjson, readline and OpenMP are linked statically: the program runs where none is installed
 $(BUILD)/dsrt: $(BUILD)/obj/runtime/main.o $(BUILD)/libdsrt.a
 	$(LINK) $(SAN) -o $@ $< $(BUILD)/libdsrt.a $(LUA_A) $(CJSON_A) \
 	  -Wl,-Bstatic -lreadline -ltinfo -lgomp -Wl,-Bdynamic $(CUDA_LIBS) $(LDLIBS)
-$(BUILD)/test_c: $(C_TESTS) tests/c/check.h $(BUILD)/libdsrt.a
-	$(LINK) $(CFLAGS:-Werror=) -Werror -o $@ $(C_TESTS) $(BUILD)/libdsrt.a $(LUA_A) \
-	  -fopenmp $(CUDA_LIBS) $(LDLIBS)
+$(BUILD)/obj/tests/%.o: tests/c/%.c tests/c/check.h $(wildcard runtime/*.h)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -c $< -o $@
+$(BUILD)/test_c: $(C_TESTS:tests/c/%.c=$(BUILD)/obj/tests/%.o) $(BUILD)/libdsrt.a
+	$(LINK) $(SAN) -fopenmp -o $@ $^ $(LUA_A) $(CUDA_LIBS) $(LDLIBS)
 
 setup:
 	@tools/setup.sh
@@ -80,9 +82,11 @@ test: setup
 	@$(MAKE) --no-print-directory all
 	@tools/total.sh "$(BUILD)/test_c" \
 	  "$(BUILD)/dsrt tests/run.lua tests/lua" \
-	  "env LUA_PATH=lua/?.lua;lua/?/init.lua;; LUA_CPATH=$(BUILD)/?.so;; lua5.4 tests/run.lua tests/lua/test_module.lua"
+	  "env LUA_PATH=lua/?.lua;lua/?/init.lua;; LUA_CPATH=$(BUILD)/lua/?.so;; lua5.4 tests/run.lua tests/lua/test_module.lua"
 
-test-gpu: all
+# test-gpu and bench run on the GPU machine over a build/ made here: they never rebuild there
+test-gpu:
+	@test -x $(BUILD)/dsrt || { echo "build first (make), then run make test-gpu where the GPU is"; exit 1; }
 	@tools/total.sh "$(BUILD)/test_c --gpu" "$(BUILD)/dsrt tests/run.lua tests/gpu"
 
 asan: setup
@@ -95,7 +99,8 @@ demo: setup
 	@$(MAKE) --no-print-directory all
 	@$(BUILD)/dsrt scripts/demo.lua
 
-bench: all
+bench:
+	@test -x $(BUILD)/dsrt || { echo "build first (make), then run make bench where the GPU is"; exit 1; }
 	@$(BUILD)/dsrt scripts/bench.lua
 
 clean:

@@ -29,7 +29,7 @@ dsrt_stream *dsrtL_checkstream(lua_State *L, int idx);
 void dsrtL_pushstream(lua_State *L, dsrt_stream *s); /* takes ownership */
 /* the current stream of a device (its default stream unless with_stream/set_stream said otherwise) */
 dsrt_stream *dsrtL_current_stream(lua_State *L, int device);
-int dsrtL_checkdevice(lua_State *L, int idx, int def); /* "cpu" | "cuda" | "cuda:N" | nil -> def */
+int dsrtL_checkdevice(lua_State *L, int idx, int def); /* "cpu" | "cuda" | "cuda:N" | N | nil -> def */
 
 void dsrtL_open_tensor(lua_State *L); /* adds the tensor functions to the module table on top */
 void dsrtL_open_stream(lua_State *L);

@@ -48,6 +48,12 @@ int dsrtL_checkdevice(lua_State *L, int idx, int def)
 {
     if (lua_isnoneornil(L, idx)) return def;
     int device;
+    if (lua_isinteger(L, idx)) { /* a bare N means cuda:N */
+        lua_Integer n = lua_tointeger(L, idx);
+        if (n < 0 || n >= DSRT_MAX_DEVICES) return luaL_error(L, "unknown device %d", (int)n);
+        if (dsrt_device_check((int)n)) return dsrtL_error(L);
+        return (int)n;
+    }
     if (dsrt_device_parse(luaL_checkstring(L, idx), &device)) return dsrtL_error(L);
     if (dsrt_device_check(device)) return dsrtL_error(L);
     return device;

@@ -20,6 +20,7 @@ int dsrtL_error(lua_State *L) { return luaL_error(L, "%s", dsrt_err_msg()); }
 dsrt_tensor *dsrtL_totensor(lua_State *L, int idx)
 {
     tensor_box *b = luaL_testudata(L, idx, DSRT_TENSOR_MT);
+    if (b && !b->t) luaL_error(L, "tensor was closed");
     return b ? b->t : NULL;
 }
 
@@ -779,7 +780,11 @@ static int l_index(lua_State *L)
     else if (!strcmp(key, "dtype")) lua_pushstring(L, dsrt_dtype_name(t->dtype));
     else if (!strcmp(key, "device")) lua_pushstring(L, dsrt_device_str(t->device, dev));
     else if (!strcmp(key, "ndim")) lua_pushinteger(L, t->ndim);
-    else if (!strcmp(key, "T") && t->ndim == 2) dsrtL_pushtensor(L, dsrt_tensor_transpose(t, 0, 1));
+    else if (!strcmp(key, "T")) { /* all dimensions reversed, as numpy */
+        int perm[DSRT_MAX_DIMS];
+        for (int d = 0; d < t->ndim; d++) perm[d] = t->ndim - 1 - d;
+        dsrtL_pushtensor(L, dsrt_tensor_permute(t, perm));
+    }
     else lua_pushnil(L);
     return 1;
 }
@@ -806,7 +811,7 @@ static int l_newindex(lua_State *L)
 
 static int l_is_tensor(lua_State *L)
 {
-    lua_pushboolean(L, dsrtL_totensor(L, 1) != NULL);
+    lua_pushboolean(L, luaL_testudata(L, 1, DSRT_TENSOR_MT) != NULL);
     return 1;
 }
 

@@ -119,7 +119,10 @@ int dsrt_op_copy(dsrt_tensor *dst, dsrt_tensor *src, dsrt_stream *s)
     dsrt_tensor *ts[2] = {dst, src};
     if (prepare("copy", s, ts, 2)) return -1;
     dsrt_tensor *e = dsrt_tensor_expand(src, dst->ndim, dst->shape);
-    if (!e) return -1;
+    if (!e) {
+        char a[96], b[96];
+        return dsrt_err("copy: %s does not broadcast to %s", dsrt_tensor_str(src, a, sizeof a), dsrt_tensor_str(dst, b, sizeof b));
+    }
     dsrt_view dv = dsrt_tensor_desc(dst), sv = dsrt_tensor_desc(e);
     int rc = 0;
     if (s->device == DSRT_CPU) cpu_copy(&dv, &sv);

@@ -1,0 +1,69 @@
+-- helpers.lua — assertions for test files: `local h = require "tests.helpers"`.
+--
+-- Each raises an error that says what was expected and what came instead, reported at the line
+-- of the test that called it, so a failure reads without opening this file.
+
+local helpers = {}
+
+-- Calls fn(...) and checks that it raises an error whose message matches the Lua pattern (when
+-- given). Returns the message, for further checks.
+function helpers.assert_error(fn, pattern, ...)
+  local ok, err = pcall(fn, ...)
+  if ok then error("expected an error" .. (pattern and " matching '" .. pattern .. "'" or ""), 2) end
+  local message = tostring(err)
+  if pattern and not message:find(pattern) then
+    error(string.format("error %q does not match '%s'", message, pattern), 2)
+  end
+  return message
+end
+
+-- Numbers, or arrays of them nested alike, agree within tol (default 1e-6) scaled by the size of
+-- the expected value: |actual - expected| <= tol * max(1, |expected|). NaN never agrees.
+function helpers.assert_close(actual, expected, tol, path)
+  tol = tol or 1e-6
+  path = path or ""
+  if type(expected) == "table" then
+    if type(actual) ~= "table" or #actual ~= #expected then
+      error(string.format("%s: expected %d values, got %s", path ~= "" and path or "value",
+                          #expected, type(actual) == "table" and #actual or type(actual)), 2)
+    end
+    for i = 1, #expected do
+      local ok, err = pcall(helpers.assert_close, actual[i], expected[i], tol, path .. "[" .. i .. "]")
+      if not ok then error(err, 2) end
+    end
+    return
+  end
+  if type(actual) ~= "number" or
+     not (math.abs(actual - expected) <= tol * math.max(1, math.abs(expected))) then
+    error(string.format("%s%s%s is not within %g of %s", path, path ~= "" and ": " or "",
+                        tostring(actual), tol, tostring(expected)), 2)
+  end
+end
+
+-- A string as Lua source, with \n rather than %q's backslash-newline so messages stay one line.
+local function show(value)
+  if type(value) ~= "string" then return tostring(value) end
+  return (string.format("%q", value):gsub("\\\n", "\\n"))
+end
+
+-- Values are equal; tables are compared key by key, and the first difference is named. A NaN
+-- equals a NaN, so exact comparisons of converted values hold for NaN codes too.
+function helpers.assert_equal(actual, expected, path)
+  path = path or ""
+  if type(actual) == "table" and type(expected) == "table" then
+    for k, v in pairs(expected) do
+      local ok, err = pcall(helpers.assert_equal, actual[k], v, path .. "[" .. tostring(k) .. "]")
+      if not ok then error(err, 2) end
+    end
+    for k in pairs(actual) do
+      if expected[k] == nil then
+        error(string.format("%s[%s]: unexpected %s", path, tostring(k), tostring(actual[k])), 2)
+      end
+    end
+  elseif actual ~= expected and not (actual ~= actual and expected ~= expected) then -- NaN equals NaN here
+    error(string.format("%s%sexpected %s, got %s", path, path ~= "" and ": " or "",
+                        show(expected), show(actual)), 2)
+  end
+end
+
+return helpers
