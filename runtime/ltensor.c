@@ -96,13 +96,33 @@ static int check_dtype_name(lua_State *L, const char *name)
     return (int)dt;
 }
 
+/* the name the running C function was called by, for errors about its options */
+static const char *function_name(lua_State *L)
+{
+    lua_Debug ar;
+    return lua_getstack(L, 0, &ar) && lua_getinfo(L, "n", &ar) && ar.name ? ar.name : "?";
+}
+
+/* Pushes field `key` of the options table at idx (nil when absent) after checking its type; the
+ * error names the function and the option, since the table is not itself an argument position. */
+static int opt_field(lua_State *L, int idx, const char *key, int type)
+{
+    int t = lua_getfield(L, idx, key);
+    if (t != LUA_TNIL && t != type)
+        luaL_error(L, "%s: option '%s' must be a %s, got %s", function_name(L), key, lua_typename(L, type),
+                   luaL_typename(L, -1));
+    return t != LUA_TNIL;
+}
+
 static tensor_opts check_opts(lua_State *L, int idx)
 {
     tensor_opts o = {0, 0, DSRT_F32, DSRT_CPU};
     if (lua_isnoneornil(L, idx)) return o;
     luaL_checktype(L, idx, LUA_TTABLE);
-    if (lua_getfield(L, idx, "dtype") != LUA_TNIL) o.has_dtype = 1, o.dtype = (dsrt_dtype)check_dtype_name(L, luaL_checkstring(L, -1));
+    if (opt_field(L, idx, "dtype", LUA_TSTRING)) o.has_dtype = 1, o.dtype = (dsrt_dtype)check_dtype_name(L, lua_tostring(L, -1));
     if (lua_getfield(L, idx, "device") != LUA_TNIL) {
+        if (!lua_isinteger(L, -1) && lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "%s: option 'device' must be a string or an integer, got %s", function_name(L), luaL_typename(L, -1));
         o.has_device = 1;
         o.device = dsrtL_checkdevice(L, lua_absindex(L, -1), DSRT_CPU);
     }
@@ -270,8 +290,9 @@ static int random_tensor(lua_State *L, int normal)
     uint64_t seed, offset = 0;
     int has_seed = 0;
     if (!lua_isnoneornil(L, oi)) {
-        has_seed = lua_getfield(L, oi, "seed") != LUA_TNIL;
-        if (has_seed) seed = (uint64_t)luaL_checkinteger(L, -1);
+        has_seed = opt_field(L, oi, "seed", LUA_TNUMBER);
+        if (has_seed && !lua_isinteger(L, -1)) luaL_error(L, "option 'seed' must be an integer");
+        if (has_seed) seed = (uint64_t)lua_tointeger(L, -1);
         lua_pop(L, 1);
     }
     if (!has_seed) rng_draw(L, dsrt_tensor_numel(t), &seed, &offset);
@@ -643,7 +664,10 @@ static int l_to(lua_State *L)
         if (o.has_dtype) dtype = o.dtype;
         lua_getfield(L, 2, "async");
         async = lua_toboolean(L, -1);
-        if (lua_getfield(L, 2, "stream") != LUA_TNIL) stream = dsrtL_checkstream(L, -1);
+        if (lua_getfield(L, 2, "stream") != LUA_TNIL) {
+            if (!luaL_testudata(L, -1, DSRT_STREAM_MT)) luaL_error(L, "to: option 'stream' must be a dsrt.stream");
+            stream = dsrtL_checkstream(L, -1);
+        }
         lua_pop(L, 2);
     } else {
         for (int i = 2; i <= lua_gettop(L); i++) {
@@ -652,8 +676,8 @@ static int l_to(lua_State *L)
             if (!dsrt_device_parse(what, &dev)) {
                 if (dsrt_device_check(dev)) return dsrtL_error(L);
                 device = dev;
-            } else {
-                dtype = (dsrt_dtype)check_dtype_name(L, what);
+            } else if (dsrt_dtype_from_name(what, &dtype)) {
+                luaL_error(L, "to: '%s' is neither a device (cpu, cuda, cuda:N) nor a dtype", what);
             }
         }
     }

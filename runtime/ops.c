@@ -134,6 +134,10 @@ int dsrt_op_copy(dsrt_tensor *dst, dsrt_tensor *src, dsrt_stream *s)
 int dsrt_op_fill(dsrt_tensor *dst, double value, dsrt_stream *s)
 {
     if (prepare("fill", s, &dst, 1)) return -1;
+    if (!dsrt_dtype_is_float(dst->dtype) && !(value > -9.3e18 && value < 9.3e18)) {
+        char buf[96];
+        return dsrt_err("fill: %g does not fit %s", value, dsrt_tensor_str(dst, buf, sizeof buf));
+    }
     dsrt_view dv = dsrt_tensor_desc(dst);
     if (s->device == DSRT_CPU) cpu_fill(&dv, value);
     else if (dsrtk_fill(s->device, &dv, value, s->handle)) return kernel_failed("fill");

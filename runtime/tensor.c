@@ -32,7 +32,7 @@ static dsrt_tensor *alloc_header(dsrt_storage *s, dsrt_dtype dtype, int ndim, co
     t->device = s->device;
     t->ndim = ndim;
     t->offset = offset;
-    memcpy(t->shape, shape, (size_t)ndim * sizeof *shape);
+    if (ndim) memcpy(t->shape, shape, (size_t)ndim * sizeof *shape);
     return t;
 }
 
@@ -99,7 +99,7 @@ dsrt_tensor *dsrt_tensor_from_storage(dsrt_storage *s, dsrt_dtype dtype, int ndi
     if (dsrt_check_shape(ndim, shape, "tensor") || check_bounds(s, dtype, ndim, shape, stride, offset)) return NULL;
     dsrt_tensor *t = alloc_header(s, dtype, ndim, shape, offset);
     if (!t) return NULL;
-    memcpy(t->stride, stride, (size_t)ndim * sizeof *stride);
+    if (ndim) memcpy(t->stride, stride, (size_t)ndim * sizeof *stride);
     dsrt_storage_retain(s);
     return t;
 }
