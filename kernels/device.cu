@@ -1,0 +1,286 @@
+/*
+ * device.cu - devices, memory, streams, events and copies over the CUDA runtime API, plus the
+ * error channel and view helpers the other kernel files share (common.cuh).
+ *
+ * What this file protects: the core must be able to treat a CUDA failure like any other error. So
+ * every runtime call here is checked, nothing aborts, and a failure leaves a message that says what
+ * was being done and what CUDA answered ("cudaMalloc of 1073741824 bytes on cuda:0: out of
+ * memory"). Out-of-memory gets its own code, DSRTK_OOM, because the caching allocator answers it
+ * by releasing its cache and trying again.
+ *
+ * Each function taking `dev` selects that device first: the core may call from any thread, and the
+ * CUDA runtime's current device is per thread. A missing driver or GPU is not an error for
+ * dsrtk_device_count, it is the CPU-only machine, and the answer is 0.
+ */
+#include <atomic>
+#include <stdarg.h>
+#include <stdio.h>
+#include "common.cuh"
+
+/* ---- the error channel ---- */
+
+static thread_local char error_message[512];
+
+const char *dsrtk_error(void) { return error_message; }
+
+int dsrtk_fail(int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(error_message, sizeof error_message, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+int dsrtk_check(cudaError_t err, const char *fmt, ...)
+{
+    if (err == cudaSuccess) return DSRTK_OK;
+    cudaGetLastError(); /* clears what is clearable; a sticky (context-killing) error stays */
+    char what[384];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    return dsrtk_fail(err == cudaErrorMemoryAllocation ? DSRTK_OOM : DSRTK_ERROR, "%s: %s", what,
+                      cudaGetErrorString(err));
+}
+
+/* ---- helpers shared by the launchers ---- */
+
+enum { MAX_CACHED_DEVICES = 64 };
+static std::atomic<int> multiprocessors[MAX_CACHED_DEVICES];
+
+int dsrtk_multiprocessors(int dev)
+{
+    int sms = dev >= 0 && dev < MAX_CACHED_DEVICES ? multiprocessors[dev].load(std::memory_order_relaxed) : 0;
+    if (sms > 0) return sms;
+    /* a failed query only costs occupancy: fall back to the H100/H200 count */
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
+        cudaGetLastError();
+        return 132;
+    }
+    if (dev >= 0 && dev < MAX_CACHED_DEVICES) multiprocessors[dev].store(sms, std::memory_order_relaxed);
+    return sms;
+}
+
+int dsrtk_grid_for(int dev, int64_t units, int block)
+{
+    int64_t wanted = (units + block - 1) / block, most = (int64_t)dsrtk_multiprocessors(dev) * (2048 / block) * 4;
+    if (wanted < 1) wanted = 1;
+    return (int)(wanted < most ? wanted : most);
+}
+
+int64_t dsrtk_numel(const dsrt_view *v)
+{
+    int64_t n = 1;
+    for (int d = 0; d < v->ndim; d++) n *= v->shape[d];
+    return n;
+}
+
+int dsrtk_is_contiguous(const dsrt_view *v)
+{
+    int64_t expected = 1;
+    for (int d = v->ndim - 1; d >= 0; d--) {
+        if (v->shape[d] == 1) continue; /* any stride walks a dimension of one the same */
+        if (v->stride[d] != expected) return 0;
+        expected *= v->shape[d];
+    }
+    return 1;
+}
+
+size_t dsrtk_dtype_size(int dtype)
+{
+    switch (dtype) {
+    case DSRT_F32: case DSRT_I32: return 4;
+    case DSRT_BF16: case DSRT_F16: return 2;
+    case DSRT_I64: return 8;
+    case DSRT_FP4E2M1: return 0;
+    default: return 1;
+    }
+}
+
+void dsrtk_coalesce(dsrt_view *const *views, int count)
+{
+    int64_t shape[DSRT_MAX_DIMS], stride[DSRTK_MAX_WALK][DSRT_MAX_DIMS];
+    int ndim = 0;
+    /* walk from the innermost dimension out, appending to or merging into the last kept one */
+    for (int d = views[0]->ndim - 1; d >= 0; d--) {
+        int64_t n = views[0]->shape[d];
+        if (n == 1) continue;
+        int merge = ndim > 0;
+        for (int k = 0; k < count && merge; k++)
+            merge = views[k]->stride[d] == stride[k][ndim - 1] * shape[ndim - 1];
+        if (merge) {
+            shape[ndim - 1] *= n;
+        } else {
+            shape[ndim] = n;
+            for (int k = 0; k < count; k++) stride[k][ndim] = views[k]->stride[d];
+            ndim++;
+        }
+    }
+    if (ndim == 0) { /* a single element */
+        shape[0] = 1;
+        for (int k = 0; k < count; k++) stride[k][0] = 0;
+        ndim = 1;
+    }
+    for (int k = 0; k < count; k++) {
+        views[k]->ndim = ndim;
+        for (int d = 0; d < ndim; d++) { /* kept innermost-first above */
+            views[k]->shape[d] = shape[ndim - 1 - d];
+            views[k]->stride[d] = stride[k][ndim - 1 - d];
+        }
+    }
+}
+
+/* ---- devices and memory ---- */
+
+int dsrtk_device_count(void)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+int dsrtk_device_name(int dev, char *buf, size_t len)
+{
+    DSRTK_SET_DEVICE(dev, "device_name");
+    cudaDeviceProp prop;
+    int st = dsrtk_check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties of cuda:%d", dev);
+    if (st) return st;
+    if (len > 0) snprintf(buf, len, "%s", prop.name);
+    return DSRTK_OK;
+}
+
+int dsrtk_mem_info(int dev, size_t *free_bytes, size_t *total_bytes)
+{
+    DSRTK_SET_DEVICE(dev, "mem_info");
+    return dsrtk_check(cudaMemGetInfo(free_bytes, total_bytes), "cudaMemGetInfo on cuda:%d", dev);
+}
+
+int dsrtk_malloc(int dev, void **ptr, size_t bytes)
+{
+    *ptr = NULL;
+    DSRTK_SET_DEVICE(dev, "malloc");
+    return dsrtk_check(cudaMalloc(ptr, bytes), "cudaMalloc of %zu bytes on cuda:%d", bytes, dev);
+}
+
+int dsrtk_free(int dev, void *ptr)
+{
+    DSRTK_SET_DEVICE(dev, "free");
+    return dsrtk_check(cudaFree(ptr), "cudaFree of %p on cuda:%d", ptr, dev);
+}
+
+int dsrtk_host_alloc(void **ptr, size_t bytes)
+{
+    *ptr = NULL;
+    /* portable: pinned for every device, so one staging buffer serves them all */
+    return dsrtk_check(cudaHostAlloc(ptr, bytes, cudaHostAllocPortable), "cudaHostAlloc of %zu pinned bytes",
+                       bytes);
+}
+
+int dsrtk_host_free(void *ptr)
+{
+    return dsrtk_check(cudaFreeHost(ptr), "cudaFreeHost of %p", ptr);
+}
+
+/* ---- streams and events ---- */
+
+int dsrtk_stream_create(int dev, void **stream)
+{
+    *stream = NULL;
+    DSRTK_SET_DEVICE(dev, "stream_create");
+    /* non-blocking: a dsrt stream must not serialise behind the legacy default stream; ordering
+     * between streams is what events are for */
+    cudaStream_t s;
+    int st = dsrtk_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate on cuda:%d", dev);
+    if (st == DSRTK_OK) *stream = s;
+    return st;
+}
+
+int dsrtk_stream_destroy(int dev, void *stream)
+{
+    DSRTK_SET_DEVICE(dev, "stream_destroy");
+    return dsrtk_check(cudaStreamDestroy((cudaStream_t)stream), "cudaStreamDestroy on cuda:%d", dev);
+}
+
+int dsrtk_stream_synchronize(int dev, void *stream)
+{
+    DSRTK_SET_DEVICE(dev, "stream_synchronize");
+    return dsrtk_check(cudaStreamSynchronize((cudaStream_t)stream), "cudaStreamSynchronize on cuda:%d", dev);
+}
+
+int dsrtk_event_create(int dev, void **event, int timing)
+{
+    *event = NULL;
+    DSRTK_SET_DEVICE(dev, "event_create");
+    /* timing costs a timestamp write and makes waits heavier; only benchmarks ask for it */
+    cudaEvent_t e;
+    int st = dsrtk_check(cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming),
+                         "cudaEventCreate on cuda:%d", dev);
+    if (st == DSRTK_OK) *event = e;
+    return st;
+}
+
+int dsrtk_event_destroy(int dev, void *event)
+{
+    DSRTK_SET_DEVICE(dev, "event_destroy");
+    return dsrtk_check(cudaEventDestroy((cudaEvent_t)event), "cudaEventDestroy on cuda:%d", dev);
+}
+
+int dsrtk_event_record(int dev, void *event, void *stream)
+{
+    DSRTK_SET_DEVICE(dev, "event_record");
+    return dsrtk_check(cudaEventRecord((cudaEvent_t)event, (cudaStream_t)stream), "cudaEventRecord on cuda:%d", dev);
+}
+
+int dsrtk_event_query(int dev, void *event)
+{
+    DSRTK_SET_DEVICE(dev, "event_query");
+    cudaError_t err = cudaEventQuery((cudaEvent_t)event);
+    if (err == cudaErrorNotReady) {
+        cudaGetLastError(); /* "not yet" is an answer, not a failure to carry forward */
+        return DSRTK_NOT_READY;
+    }
+    return dsrtk_check(err, "cudaEventQuery on cuda:%d", dev);
+}
+
+int dsrtk_event_synchronize(int dev, void *event)
+{
+    DSRTK_SET_DEVICE(dev, "event_synchronize");
+    return dsrtk_check(cudaEventSynchronize((cudaEvent_t)event), "cudaEventSynchronize on cuda:%d", dev);
+}
+
+int dsrtk_event_elapsed_ms(int dev, void *start, void *end, float *ms)
+{
+    DSRTK_SET_DEVICE(dev, "event_elapsed_ms");
+    return dsrtk_check(cudaEventElapsedTime(ms, (cudaEvent_t)start, (cudaEvent_t)end),
+                       "cudaEventElapsedTime on cuda:%d", dev);
+}
+
+int dsrtk_stream_wait_event(int dev, void *stream, void *event)
+{
+    DSRTK_SET_DEVICE(dev, "stream_wait_event");
+    return dsrtk_check(cudaStreamWaitEvent((cudaStream_t)stream, (cudaEvent_t)event, 0),
+                       "cudaStreamWaitEvent on cuda:%d", dev);
+}
+
+/* ---- copies ---- */
+
+int dsrtk_memcpy(int dev, void *dst, const void *src, size_t bytes, int kind, void *stream, int async)
+{
+    static const cudaMemcpyKind kinds[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice};
+    static const char *const names[] = {"host to device", "device to host", "device to device"};
+    if (kind < DSRTK_H2D || kind > DSRTK_D2D) return dsrtk_fail(DSRTK_ERROR, "memcpy: unknown copy kind %d", kind);
+    DSRTK_SET_DEVICE(dev, "memcpy");
+    cudaStream_t s = (cudaStream_t)stream;
+    /* A synchronous copy is still enqueued on the stream, so it lands after the work already
+     * queued there (the kernel that produced the bytes), then waits for it. */
+    int st = dsrtk_check(cudaMemcpyAsync(dst, src, bytes, kinds[kind], s), "cudaMemcpyAsync %s of %zu bytes on cuda:%d",
+                         names[kind], bytes, dev);
+    if (st || async) return st;
+    return dsrtk_check(cudaStreamSynchronize(s), "cudaStreamSynchronize after a %s copy of %zu bytes on cuda:%d",
+                       names[kind], bytes, dev);
+}
