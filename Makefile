@@ -92,7 +92,7 @@ test-gpu:
 asan: setup
 	@$(MAKE) --no-print-directory BUILD=build-asan CUDA=0 OPT=-O1 \
 	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" all
-	@ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=tools/lsan.supp tools/total.sh \
+	@ASAN_OPTIONS=detect_leaks=1 tools/total.sh \
 	  "build-asan/test_c" "build-asan/dsrt tests/run.lua tests/lua"
 
 demo: setup

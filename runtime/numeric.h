@@ -200,7 +200,8 @@ DSRT_HD int64_t dsrt_load_i64(const void *base, int dt, int64_t i)
     }
 }
 
-/* Stores wrap integers modulo their width as torch does; fp4 stores touch one nibble only. */
+/* Stores wrap integers modulo their width as torch does; fp4 stores touch one nibble only (on the
+ * GPU atomically, so any strided fp4 view can be written by many threads at once). */
 DSRT_HD void dsrt_store_f32(void *base, int dt, int64_t i, float v)
 {
     switch (dt) {
@@ -211,8 +212,17 @@ DSRT_HD void dsrt_store_f32(void *base, int dt, int64_t i, float v)
     case DSRT_F8E8M0: ((uint8_t *)base)[i] = dsrt_f32_to_e8m0(v); break;
     case DSRT_FP4E2M1: {
         uint8_t *p = (uint8_t *)base + (i >> 1);
+#ifdef __CUDA_ARCH__
+        /* the other nibble of the byte may be another thread's: update ours atomically, in the
+         * aligned word around it (device allocations are whole words) */
+        uint32_t *word = (uint32_t *)((uintptr_t)p & ~(uintptr_t)3);
+        int sh = (int)((uintptr_t)p & 3) * 8 + (int)(i & 1) * 4;
+        atomicAnd(word, ~(15u << sh));
+        atomicOr(word, (uint32_t)dsrt_f32_to_fp4(v) << sh);
+#else
         int sh = (int)(i & 1) * 4;
         *p = (uint8_t)((*p & ~(15u << sh)) | ((uint32_t)dsrt_f32_to_fp4(v) << sh));
+#endif
         break;
     }
     case DSRT_BOOL: ((uint8_t *)base)[i] = v != 0.0f; break;

@@ -41,9 +41,13 @@ static int prepare(const char *op, dsrt_stream *s, dsrt_tensor **ts, int n)
     return 0;
 }
 
+/* the launcher's message, led by the op's name unless the launcher already put it there */
 static int kernel_failed(const char *op)
 {
-    return dsrt_err("%s: %s", op, dsrtk_error());
+    const char *msg = dsrtk_error();
+    size_t n = strlen(op);
+    if (!strncmp(msg, op, n) && msg[n] == ':') return dsrt_err("%s", msg);
+    return dsrt_err("%s: %s", op, msg);
 }
 
 /* Broadcast shape of a and b (numpy rules), or -1 naming both shapes. */
@@ -250,7 +254,8 @@ dsrt_tensor *dsrt_op_binary_scalar(int op, dsrt_tensor *a, double x, int scalar_
     if (s->device != DSRT_CPU) {
         if (dsrtk_binary_scalar(s->device, op, &dv, &av, x, scalar_first, as_float, s->handle)) {
             dsrt_tensor_release(out);
-            return dsrt_err_null("%s: %s", name, dsrtk_error());
+            kernel_failed(name);
+            return NULL;
         }
         return out;
     }
@@ -284,7 +289,8 @@ dsrt_tensor *dsrt_op_unary(int op, dsrt_tensor *a, dsrt_stream *s)
     if (s->device != DSRT_CPU) {
         if (dsrtk_unary(s->device, op, &dv, &av, s->handle)) {
             dsrt_tensor_release(out);
-            return dsrt_err_null("%s: %s", name, dsrtk_error());
+            kernel_failed(name);
+            return NULL;
         }
         return out;
     }

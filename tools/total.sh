@@ -9,7 +9,7 @@ for cmd in "$@"; do
   line=$(grep -E '^[A-Za-z]*:? ?[0-9]+ passed, [0-9]+ failed' "$out" | tail -n 1)
   rm -f "$out"
   if [ -z "$line" ]; then echo "total: '$cmd' printed no result line (exit $rc)"; failed=$((failed+1)); status=1; continue; fi
-  p=$(sed -E 's/.*[^0-9]?([0-9]+) passed.*/\1/' <<<"$line"); f=$(sed -E 's/.* ([0-9]+) failed.*/\1/' <<<"$line")
+  p=$(grep -oE '[0-9]+ passed' <<<"$line" | grep -oE '[0-9]+'); f=$(grep -oE '[0-9]+ failed' <<<"$line" | grep -oE '[0-9]+')
   passed=$((passed+p)); failed=$((failed+f))
   [ "$rc" -eq 0 ] || status=1
 done
