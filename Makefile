@@ -40,7 +40,8 @@ LUA_SRC := $(shell find lua -name '*.lua' | sort)
 C_TESTS := $(wildcard tests/c/test_*.c)
 
 .PHONY: all setup test test-gpu asan demo bench clean
-all: $(BUILD)/dsrt $(BUILD)/libdsrt.a $(BUILD)/libdsrt.so $(BUILD)/lua/dsrt/core.so $(BUILD)/test_c
+all: $(BUILD)/dsrt $(BUILD)/libdsrt.a $(BUILD)/libdsrt.so $(BUILD)/lua/dsrt/core.so $(BUILD)/test_c \
+     $(BUILD)/embed_example
 	@[ "$(CUDA)" = 1 ] || echo "dsrt: nvcc not found, building for the CPU only"
 
 $(BUILD)/obj/runtime/%.o: runtime/%.c $(wildcard runtime/*.h) kernels/kernels.h
@@ -68,6 +69,10 @@ $(BUILD)/lua/dsrt/core.so: $(BUILD)/libdsrt.so
 $(BUILD)/dsrt: $(BUILD)/obj/runtime/main.o $(BUILD)/libdsrt.a
 	$(LINK) $(SAN) -o $@ $< $(BUILD)/libdsrt.a $(LUA_A) $(CJSON_A) \
 	  -Wl,-Bstatic -lreadline -ltinfo -lgomp -Wl,-Bdynamic $(CUDA_LIBS) $(LDLIBS)
+# the README's embedding example, built as a host would build it
+$(BUILD)/embed_example: examples/embed.c $(BUILD)/libdsrt.a
+	$(CC) $(CFLAGS) -c $< -o $(BUILD)/obj/embed.o
+	$(LINK) $(SAN) -fopenmp -o $@ $(BUILD)/obj/embed.o $(BUILD)/libdsrt.a $(LUA_A) $(CUDA_LIBS) $(LDLIBS)
 $(BUILD)/obj/tests/%.o: tests/c/%.c tests/c/check.h $(wildcard runtime/*.h)
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -c $< -o $@
