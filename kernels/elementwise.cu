@@ -19,10 +19,8 @@
  * traffic, take a vectorised kernel instead, and contiguous same-dtype copies and fills become
  * cudaMemcpyAsync / cudaMemsetAsync.
  *
- * fp4 outputs pack two elements per byte, so two threads writing the two nibbles of one byte would
- * race. A thread of the generic kernel therefore takes an even run of consecutive positions and
- * stores them one after the other, which gives it whole bytes when the output is contiguous with
- * an even offset (the only fp4 outputs the core makes); other fp4 outputs are refused.
+ * fp4 outputs pack two elements per byte; numeric.h's device store updates one nibble with atomics
+ * on the word around it, so any fp4 view, strided or at an odd offset, can be written in parallel.
  *
  * Reductions run along the last axis with one thread, one warp, one block or one cluster of blocks
  * per output row, depending on the row length and the number of rows, over a grid-stride loop of
@@ -58,22 +56,11 @@ static int check_same_shape(const char *what, const char *name, const dsrt_view 
     return DSRTK_OK;
 }
 
-/* Refuses fp4 outputs that a thread cannot own whole bytes of (see the top of the file). */
-static int check_output(const char *what, const dsrt_view *dst)
-{
-    int st = check_view(what, "the output", dst);
-    if (st) return st;
-    if (dst->dtype == DSRT_FP4E2M1 && !(dsrtk_is_contiguous(dst) && dst->offset % 2 == 0))
-        return dsrtk_fail(DSRTK_ERROR, "%s: an fp4 output must be contiguous and start on a byte (even offset)", what);
-    return DSRTK_OK;
-}
-
 /* ---- the generic map ---- */
 
 /* A thread takes MAP_RUN consecutive positions per step. It first issues the loads of all of them,
  * then converts, computes and stores them in order: the loads are in flight together instead of
- * one at a time. The run is even and starts even, so both nibbles of an fp4 output byte (contiguous,
- * even offset) belong to one thread, which stores them one after the other. */
+ * one at a time. */
 enum { MAP_RUN = 4 };
 
 /* An input element as loaded: its raw bits, converted only once every load of the run is issued.
@@ -188,7 +175,7 @@ static const void *element_address(const dsrt_view *v)
 
 int dsrtk_copy(int dev, const dsrt_view *dst, const dsrt_view *src, void *stream)
 {
-    int st = check_output("copy", dst);
+    int st = check_view("copy", "the output", dst);
     if (st || (st = check_same_shape("copy", "the source", src, dst))) return st;
     DSRTK_SET_DEVICE(dev, "copy");
     int64_t n = dsrtk_numel(dst);
@@ -233,7 +220,7 @@ struct FillBody {
 
 int dsrtk_fill(int dev, const dsrt_view *dst, double value, void *stream)
 {
-    int st = check_output("fill", dst);
+    int st = check_view("fill", "the output", dst);
     if (st) return st;
     DSRTK_SET_DEVICE(dev, "fill");
     int64_t n = dsrtk_numel(dst);
@@ -285,7 +272,7 @@ struct ArangeBody {
 
 int dsrtk_arange(int dev, const dsrt_view *dst, double start, double step, void *stream)
 {
-    int st = check_output("arange", dst);
+    int st = check_view("arange", "the output", dst);
     if (st) return st;
     DSRTK_SET_DEVICE(dev, "arange");
     ArangeBody body;
@@ -324,7 +311,7 @@ struct RandBody {
 int dsrtk_rand(int dev, const dsrt_view *dst, uint64_t seed, uint64_t offset, int normal, double a, double b,
                void *stream)
 {
-    int st = check_output("rand", dst);
+    int st = check_view("rand", "the output", dst);
     if (st) return st;
     DSRTK_SET_DEVICE(dev, "rand");
     RandBody body;
@@ -464,7 +451,7 @@ int dsrtk_binary(int dev, int op, const dsrt_view *dst, const dsrt_view *a, cons
                  void *stream)
 {
     if (op < 0 || op >= DSRT_NBINARY) return dsrtk_fail(DSRTK_ERROR, "binary: unknown operator %d", op);
-    int st = check_output("binary", dst);
+    int st = check_view("binary", "the output", dst);
     if (st || (st = check_same_shape("binary", "the first operand", a, dst)) ||
         (st = check_same_shape("binary", "the second operand", b, dst)))
         return st;
@@ -521,7 +508,7 @@ int dsrtk_binary_scalar(int dev, int op, const dsrt_view *dst, const dsrt_view *
                         int compute_float, void *stream)
 {
     if (op < 0 || op >= DSRT_NBINARY) return dsrtk_fail(DSRTK_ERROR, "binary_scalar: unknown operator %d", op);
-    int st = check_output("binary_scalar", dst);
+    int st = check_view("binary_scalar", "the output", dst);
     if (st || (st = check_same_shape("binary_scalar", "the operand", a, dst))) return st;
     DSRTK_SET_DEVICE(dev, "binary_scalar");
     int64_t n = dsrtk_numel(dst);
@@ -568,7 +555,7 @@ struct UnaryBody {
 int dsrtk_unary(int dev, int op, const dsrt_view *dst, const dsrt_view *a, void *stream)
 {
     if (op < 0 || op >= DSRT_NUNARY) return dsrtk_fail(DSRTK_ERROR, "unary: unknown operator %d", op);
-    int st = check_output("unary", dst);
+    int st = check_view("unary", "the output", dst);
     if (st || (st = check_same_shape("unary", "the operand", a, dst))) return st;
     DSRTK_SET_DEVICE(dev, "unary");
     int64_t n = dsrtk_numel(dst);
@@ -897,8 +884,6 @@ int dsrtk_reduce(int dev, int op, const dsrt_view *dst, const dsrt_view *src, vo
     if (op < 0 || op >= DSRT_NREDUCE) return dsrtk_fail(DSRTK_ERROR, "reduce: unknown reduction %d", op);
     int st = check_view("reduce", "the output", dst);
     if (st || (st = check_view("reduce", "the source", src))) return st;
-    /* one output per row: an fp4 output would put neighbouring rows' results in one byte */
-    if (dst->dtype == DSRT_FP4E2M1) return dsrtk_fail(DSRTK_ERROR, "reduce: fp4 outputs are not supported");
     ReduceArgs p;
     p.op = op;
     p.dst = *dst;
