@@ -633,6 +633,13 @@ static int l_squeeze(lua_State *L)
     return 1;
 }
 
+static int l_bitcast(lua_State *L)
+{
+    dsrt_tensor *t = dsrtL_checktensor(L, 1);
+    dsrtL_pushtensor(L, dsrt_tensor_bitcast(t, (dsrt_dtype)check_dtype_name(L, luaL_checkstring(L, 2))));
+    return 1;
+}
+
 static int l_contiguous(lua_State *L)
 {
     dsrt_tensor *t = dsrtL_checktensor(L, 1);
@@ -850,7 +857,7 @@ void dsrtL_open_tensor(lua_State *L)
         {"is_contiguous", l_is_contiguous}, {"totable", l_totable}, {"item", l_item},
         {"narrow", l_narrow}, {"select", l_select}, {"transpose", l_transpose}, {"permute", l_permute},
         {"view", l_view}, {"reshape", l_reshape}, {"flatten", l_flatten}, {"expand", l_expand},
-        {"unsqueeze", l_unsqueeze}, {"squeeze", l_squeeze}, {"contiguous", l_contiguous}, {"clone", l_clone},
+        {"unsqueeze", l_unsqueeze}, {"squeeze", l_squeeze}, {"bitcast", l_bitcast}, {"contiguous", l_contiguous}, {"clone", l_clone},
         {"to", l_to}, {"cpu", l_cpu}, {"cuda", l_cuda}, {"copy", l_copy}, {"fill", l_fill},
         {"add", l_add}, {"sub", l_sub}, {"mul", l_mul}, {"div", l_div}, {"idiv", l_idiv}, {"mod", l_mod},
         {"pow", l_pow}, {"maximum", l_maximum}, {"minimum", l_minimum}, {"eq", l_eq}, {"ne", l_ne},

@@ -147,9 +147,15 @@ const char *dsrt_tensor_str(const dsrt_tensor *t, char *buf, int len)
 
 /* ---- views ---- */
 
+static dsrt_tensor *derive_as(dsrt_tensor *t, dsrt_dtype dtype, int ndim, const int64_t *shape, const int64_t *stride,
+                              int64_t offset)
+{
+    return dsrt_tensor_from_storage(t->storage, dtype, ndim, shape, stride, offset);
+}
+
 static dsrt_tensor *derive(dsrt_tensor *t, int ndim, const int64_t *shape, const int64_t *stride, int64_t offset)
 {
-    return dsrt_tensor_from_storage(t->storage, t->dtype, ndim, shape, stride, offset);
+    return derive_as(t, t->dtype, ndim, shape, stride, offset);
 }
 
 static int check_dim(const dsrt_tensor *t, int dim, const char *op)
@@ -301,6 +307,26 @@ dsrt_tensor *dsrt_tensor_expand(dsrt_tensor *t, int ndim, const int64_t *shape)
         }
     }
     return derive(t, ndim, out_shape, stride, t->offset);
+}
+
+dsrt_tensor *dsrt_tensor_bitcast(dsrt_tensor *t, dsrt_dtype dtype)
+{
+    int from = dsrt_dtype_bits(t->dtype), to = dsrt_dtype_bits(dtype), last = t->ndim - 1;
+    char a[96];
+    if (from == to) return derive_as(t, dtype, t->ndim, t->shape, t->stride, t->offset);
+    if (last < 0 || (t->shape[last] != 1 && t->stride[last] != 1) || (t->offset * from) % to ||
+        (t->shape[last] * from) % to)
+        return dsrt_err_null("bitcast: %s cannot be read as %s (the last dimension must be contiguous, start on "
+                             "a %s element and hold whole %s elements)", dsrt_tensor_str(t, a, sizeof a),
+                             dsrt_dtype_name(dtype), dsrt_dtype_name(dtype), dsrt_dtype_name(dtype));
+    int64_t shape[DSRT_MAX_DIMS], stride[DSRT_MAX_DIMS];
+    for (int d = 0; d < last; d++) {
+        if ((t->stride[d] * from) % to) return dsrt_err_null("bitcast: the strides of %s do not fit %s",
+                                                             dsrt_tensor_str(t, a, sizeof a), dsrt_dtype_name(dtype));
+        shape[d] = t->shape[d], stride[d] = t->stride[d] * from / to;
+    }
+    shape[last] = t->shape[last] * from / to, stride[last] = 1;
+    return derive_as(t, dtype, t->ndim, shape, stride, t->offset * from / to);
 }
 
 dsrt_tensor *dsrt_tensor_contiguous(dsrt_tensor *t, dsrt_stream *stream)

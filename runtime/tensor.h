@@ -50,6 +50,10 @@ dsrt_tensor *dsrt_tensor_transpose(dsrt_tensor *t, int d0, int d1);
 dsrt_tensor *dsrt_tensor_permute(dsrt_tensor *t, const int *perm);
 dsrt_tensor *dsrt_tensor_view(dsrt_tensor *t, int ndim, const int64_t *shape); /* one -1 infers */
 dsrt_tensor *dsrt_tensor_expand(dsrt_tensor *t, int ndim, const int64_t *shape);
+/* The same bytes read as another dtype: the last dimension scales by the ratio of the bit widths
+ * (I8 [out, in/2] becomes fp4e2m1 [out, in], as the checkpoint packs FP4). Needs a contiguous last
+ * dimension that starts on a byte. */
+dsrt_tensor *dsrt_tensor_bitcast(dsrt_tensor *t, dsrt_dtype dtype);
 
 /* views when possible, copies otherwise (on `stream`, which must be of t's device) */
 dsrt_tensor *dsrt_tensor_contiguous(dsrt_tensor *t, dsrt_stream *stream);

@@ -483,4 +483,17 @@ test("a_view_keeps_the_storage_alive", function()
   assert_equal(v:totable(), { 2, 3, 4, 5 })
 end)
 
+test("bitcast_reads_packed_fp4_like_the_checkpoint", function()
+  -- I8 [out, in/2]: the low nibble is the even column (SPEC 2.1)
+  local packed = dsrt.tensor({ { 0x21, 0x9f }, { 0x70, 0x07 } }, { dtype = "u8" }):bitcast("i8")
+  local fp4 = packed:bitcast("fp4e2m1")
+  assert_equal(fp4.shape, { 2, 4 })
+  assert_equal(fp4:to("f32"):totable(), { { 0.5, 1, -6, -0.5 }, { 0, 6, 6, 0 } })
+  assert_equal(fp4:bitcast("u8"):totable(), { { 0x21, 0x9f }, { 0x70, 0x07 } })
+  assert_equal(dsrt.tensor({ 1.0, -2.0 }):bitcast("i32"):totable(), { 1065353216, -1073741824 })
+  assert_equal(dsrt.tensor({ 1.0 }):bitcast("bf16"):totable(), { 0, 1 })
+  assert_error(function() return packed:transpose(1, 2):bitcast("fp4e2m1") end, "bitcast: .*contiguous")
+  assert_error(function() return dsrt.zeros({ 3 }, { dtype = "bf16" }):bitcast("f32") end, "bitcast")
+end)
+
 return tests
