@@ -33,5 +33,6 @@ int dsrtL_checkdevice(lua_State *L, int idx, int def); /* "cpu" | "cuda" | "cuda
 
 void dsrtL_open_tensor(lua_State *L); /* adds the tensor functions to the module table on top */
 void dsrtL_open_stream(lua_State *L);
+void dsrtL_open_safetensors(lua_State *L); /* adds the file-mapping and writing primitives */
 
 #endif

@@ -63,6 +63,11 @@ report("sum f32 rows of 4096", time_ms(function() return x:view(-1, 4096):sum(2)
 report("sum f32 columns", time_ms(function() return x:view(-1, 4096):sum(1) end), 4 * n)
 report("argmax f32 rows of 129280", time_ms(function() return x:narrow(1, 1, 129280 * 64):view(64, 129280):argmax(2) end), 4 * 129280 * 64)
 
+local host = dsrt.full({quick and (1 << 26) or (1 << 29)}, 1.5) -- 2 GiB of pageable host memory
+report("upload host -> cuda (staged)", time_ms(function() return dsrt.upload({host}, dev, {progress = false}) end, 3),
+       host:nbytes())
+host = nil
+
 local m = quick and 2048 or 8192
 local a, b = dsrt.randn({m, m}, {device = dev, dtype = "bf16", seed = 4}), dsrt.randn({m, m}, {device = dev, dtype = "bf16", seed = 5})
 report(("matmul bf16 %d^3 (ceiling)"):format(m), time_ms(function() return dsrt.matmul(a, b) end), nil, 2 * m ^ 3)
