@@ -13,11 +13,12 @@
 int dsrt_check_shape(int ndim, const int64_t *shape, const char *op)
 {
     if (ndim < 0 || ndim > DSRT_MAX_DIMS) return dsrt_err("%s: %d dimensions (at most %d)", op, ndim, DSRT_MAX_DIMS);
-    int64_t numel = 1;
+    /* the product of the nonzero sizes bounds every stride, even of a tensor with no elements */
+    int64_t extent = 1;
     for (int d = 0; d < ndim; d++) {
         if (shape[d] < 0) return dsrt_err("%s: negative size %lld in dimension %d", op, (long long)shape[d], d + 1);
-        if (shape[d] && numel > (INT64_C(1) << 50) / shape[d]) return dsrt_err("%s: shape too large", op);
-        numel *= shape[d];
+        if (shape[d] && extent > (INT64_C(1) << 50) / shape[d]) return dsrt_err("%s: shape too large", op);
+        if (shape[d]) extent *= shape[d];
     }
     return 0;
 }
@@ -115,6 +116,7 @@ void dsrt_tensor_release(dsrt_tensor *t)
 
 int dsrt_tensor_is_contiguous(const dsrt_tensor *t)
 {
+    if (dsrt_tensor_numel(t) == 0) return 1;
     if (t->dtype == DSRT_FP4E2M1 && (t->offset & 1)) return 0;
     int64_t st = 1;
     for (int d = t->ndim - 1; d >= 0; d--) {

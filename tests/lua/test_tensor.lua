@@ -496,4 +496,10 @@ test("bitcast_reads_packed_fp4_like_the_checkpoint", function()
   assert_error(function() return dsrt.zeros({ 3 }, { dtype = "bf16" }):bitcast("f32") end, "bitcast")
 end)
 
+test("empty_tensors_are_contiguous_and_huge_empty_shapes_are_refused", function()
+  assert_equal(dsrt.zeros({ 2, 0, 3 }):is_contiguous(), true)
+  assert_equal(dsrt.zeros({ 2, 0, 3 }):transpose(1, 3):contiguous():is_contiguous(), true)
+  assert_error(function() return dsrt.empty({ 0, 1 << 40, 1 << 40 }) end, "shape too large")
+end)
+
 return tests
