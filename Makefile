@@ -102,7 +102,8 @@ asan: setup
 
 demo: setup
 	@$(MAKE) --no-print-directory all
-	@$(BUILD)/dsrt scripts/demo.lua
+	@test -f $(BUILD)/tiny/config.json || $(BUILD)/dsrt scripts/make_tiny_model.lua $(BUILD)/tiny --seed 1
+	@$(BUILD)/dsrt scripts/demo.lua $(BUILD)/tiny
 
 bench:
 	@test -x $(BUILD)/dsrt || { echo "build first (make), then run make bench where the GPU is"; exit 1; }

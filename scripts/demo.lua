@@ -21,3 +21,23 @@ local y = dsrt.with_stream(side, function() return (x * 2):sum(2) end)
 main:wait(side:record())            -- join
 print("row sums of 2x on a side stream:", y)
 print("memory:", ("%d bytes in use on %s"):format(dsrt.memory_stats(device).allocated, device))
+
+-- The default tiny model (make demo writes it with scripts/make_tiny_model.lua): a random DSV4
+-- checkpoint in the official format, bound to per-layer weight sets in their native formats.
+local model_dir = arg[1] or "build/tiny"
+local config = require "dsrt.dsv4.config"
+local memory = require "dsrt.dsv4.memory"
+local weights = require "dsrt.dsv4.weights"
+local cfg, w = weights.load(model_dir, {device = device})
+local kinds = {}
+for _, layer in ipairs(cfg.layers) do kinds[#kinds + 1] = layer.kind .. "/" .. layer.router end
+print(("\n%s: %d layers (%s) + %d MTP, dim %d, %d experts"):format(model_dir, #cfg.layers,
+  table.concat(kinds, " "), #cfg.mtp, cfg.dims.dim, cfg.dims.n_routed_experts))
+local wq = w.layers[1].attn.wq_a
+print(("layers.0.attn.wq_a: %s %s + %s scales; experts: %s"):format(wq.format, wq.weight.dtype, wq.scale.dtype,
+  w.layers[1].ffn.experts[1].w1.weight.dtype))
+local flash = config.load("tests/fixtures/config/flash_published.json")
+local e = memory.estimate(flash, {context = 65536, layout = "native"})
+print(("DeepSeek-V4-Flash: %s of weights, %s of KV per 64K-token sequence, %s read per decoded token"):format(
+  memory.format(e.weight_bytes), memory.format(e.kv_bytes), memory.format(memory.decode_weight_bytes(flash))))
+print("(text generation arrives with the model itself: see `issues`)")
