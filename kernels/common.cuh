@@ -1,6 +1,6 @@
 /*
- * common.cuh - what the kernel files share: the error channel, the launch shape and the
- * strided walk.
+ * common.cuh - what the kernel files share: the error channel, the launch shape, the strided walk
+ * and the element codecs of copies.
  *
  * Errors: a launcher never aborts and never prints. It leaves one message per host thread (a
  * thread_local buffer owned by device.cu) naming what it was doing and why CUDA refused, and
@@ -11,6 +11,10 @@
  * laid out alike in every operand (dsrtk_coalesce), so contiguous and most sliced or broadcast data
  * walks as one or two dimensions, and the device-side index computation (dsrtk_offsets) only pays
  * a division for each dimension left beyond the first.
+ *
+ * Copies: elementwise.cu's generic copy and transpose.cu's tiled one must give the same bits, so
+ * both load elements as raw bits (dsrtk_load_raw) and store them through dsrtk_store_copied, which
+ * converts only through numeric.h, exactly as the CPU does.
  */
 #ifndef DSRT_KERNELS_COMMON_CUH
 #define DSRT_KERNELS_COMMON_CUH
@@ -87,5 +91,70 @@ __device__ __forceinline__ void dsrtk_offsets(int64_t lin, const dsrt_view *cons
     }
     for (int k = 0; k < N; k++) idx[k] += lin * v[k]->stride[0]; /* what is left is the outermost index */
 }
+
+/* ---- element codecs of copies ---- */
+
+/* An input element as loaded: its raw bits, converted only once every load of a run is issued.
+ * For fp4 the bits are the whole byte, with the nibble meant (0 low, 1 high) in bit 8. */
+__device__ __forceinline__ uint64_t dsrtk_load_raw(const dsrt_view &v, int64_t i)
+{
+    switch (v.dtype) {
+    case DSRT_F32: case DSRT_I32: return ((const uint32_t *)v.data)[i];
+    case DSRT_BF16: case DSRT_F16: return ((const uint16_t *)v.data)[i];
+    case DSRT_I64: return ((const uint64_t *)v.data)[i];
+    case DSRT_FP4E2M1: return ((const uint8_t *)v.data)[i >> 1] | (uint64_t)(i & 1) << 8;
+    default: return ((const uint8_t *)v.data)[i];
+    }
+}
+
+/* The value of a loaded element, through numeric.h's own loads: the bits sit at offset 0 of a
+ * local (an fp4 nibble shifted there first), which the compiler keeps in a register. */
+__device__ __forceinline__ uint64_t dsrtk_element_bits(uint64_t raw, int dtype)
+{
+    return dtype == DSRT_FP4E2M1 ? (raw >> (4 * (raw >> 8))) & 15u : raw;
+}
+__device__ __forceinline__ float dsrtk_raw_f32(uint64_t raw, int dtype)
+{
+    uint64_t bits = dsrtk_element_bits(raw, dtype);
+    return dsrt_load_f32(&bits, dtype, 0);
+}
+__device__ __forceinline__ int64_t dsrtk_raw_i64(uint64_t raw, int dtype)
+{
+    uint64_t bits = dsrtk_element_bits(raw, dtype);
+    return dsrt_load_i64(&bits, dtype, 0);
+}
+
+/* How a copy converts: same dtype (not fp4) moves raw bits, NaN payloads included; integers
+ * travel as int64 and everything else as f32, as numeric.h's rules say. */
+enum { DSRTK_COPY_BITS, DSRTK_COPY_INT, DSRTK_COPY_FLOAT };
+static inline int dsrtk_copy_mode(int dst_dtype, int src_dtype)
+{
+    /* fp4 to fp4 needs the nibble-wise store; the f32 round trip is exact for every fp4 code */
+    if (dst_dtype == src_dtype && dst_dtype != DSRT_FP4E2M1) return DSRTK_COPY_BITS;
+    if (!dsrt_dtype_is_float(dst_dtype) && !dsrt_dtype_is_float(src_dtype)) return DSRTK_COPY_INT;
+    return DSRTK_COPY_FLOAT;
+}
+
+/* Stores the element loaded as `raw` (of dtype src_dtype) at element index `at` of dst. */
+__device__ __forceinline__ void dsrtk_store_copied(const dsrt_view &dst, int mode, int src_dtype, int64_t at, uint64_t raw)
+{
+    if (mode == DSRTK_COPY_BITS) {
+        switch (dst.dtype) {
+        case DSRT_F32: case DSRT_I32: ((uint32_t *)dst.data)[at] = (uint32_t)raw; break;
+        case DSRT_BF16: case DSRT_F16: ((uint16_t *)dst.data)[at] = (uint16_t)raw; break;
+        case DSRT_I64: ((uint64_t *)dst.data)[at] = raw; break;
+        default: ((uint8_t *)dst.data)[at] = (uint8_t)raw; break;
+        }
+    } else if (mode == DSRTK_COPY_INT) {
+        dsrt_store_i64(dst.data, dst.dtype, at, dsrtk_raw_i64(raw, src_dtype));
+    } else {
+        dsrt_store_f32(dst.data, dst.dtype, at, dsrtk_raw_f32(raw, src_dtype));
+    }
+}
+
+/* transpose.cu: copies through shared-memory tiles when the two coalesced views (of one shape)
+ * are contiguous along different dimensions, the case a strided walk reads or writes a word per
+ * memory transaction in. *taken is 0 (nothing launched) when the layouts are not that case. */
+int dsrtk_copy_tiled(int dev, const dsrt_view *dst, const dsrt_view *src, int mode, void *stream, int *taken);
 
 #endif

@@ -15,20 +15,32 @@
  * launch, so they cost branches, not divergence, and the file compiles to a handful of kernels
  * rather than one per dtype x dtype x op. Before launching, the host merges the dimensions all
  * operands stride alike (dsrtk_coalesce), so contiguous, sliced and row-broadcast data walks with
- * little or no index division. Contiguous same-dtype f32 and bf16 operators, the bulk of the
- * traffic, take a vectorised kernel instead, and contiguous same-dtype copies and fills become
- * cudaMemcpyAsync / cudaMemsetAsync.
+ * little or no index division.
+ *
+ * The bulk of the traffic takes vectorised kernels instead, each thread moving 16-byte vectors:
+ * conversions between contiguous f32, bf16, f16 and f8e4m3 (and from them to fp4), templated on
+ * the (source, destination) format pair; float operators on contiguous or row-broadcast f32, bf16
+ * and f16, templated on the format, with the operator chosen once per vector rather than once per
+ * element. Contiguous same-dtype copies and fills become cudaMemcpyAsync / cudaMemsetAsync, and
+ * copies between views contiguous along different dimensions go through transpose.cu's tiles.
  *
  * fp4 outputs pack two elements per byte; numeric.h's device store updates one nibble with atomics
  * on the word around it, so any fp4 view, strided or at an odd offset, can be written in parallel.
+ * The contiguous conversion builds whole bytes instead, which its threads own.
  *
  * Reductions run along the last axis with one thread, one warp, one block or one cluster of blocks
  * per output row, depending on the row length and the number of rows, over a grid-stride loop of
- * rows. Float sums accumulate in f32 in four running sums per thread, flushed into a total every
- * 64 steps, then combine as a tree, so the rounding error grows far slower than the row length.
+ * rows; a reduction over another axis (the last axis of a permuted view, with neighbouring rows
+ * starting at neighbouring elements) gives each thread a row instead, so warps read contiguous
+ * segments. Float sums accumulate in f32 in several running sums per thread, flushed into a total
+ * every 64 steps, then combine as a tree, so the rounding error grows far slower than the row
+ * length. Maxima and minima keep the first extreme position, NaN winning, whatever the order in
+ * which partial results meet.
  */
 #include <cooperative_groups.h>
 #include <math.h>
+#include <mutex>
+#include <type_traits>
 #include "common.cuh"
 
 /* ---- argument checks shared by the launchers ---- */
@@ -63,36 +75,6 @@ static int check_same_shape(const char *what, const char *name, const dsrt_view 
  * one at a time. */
 enum { MAP_RUN = 4 };
 
-/* An input element as loaded: its raw bits, converted only once every load of the run is issued.
- * For fp4 the bits are the whole byte, with the nibble meant (0 low, 1 high) in bit 8. */
-__device__ __forceinline__ uint64_t load_raw(const dsrt_view &v, int64_t i)
-{
-    switch (v.dtype) {
-    case DSRT_F32: case DSRT_I32: return ((const uint32_t *)v.data)[i];
-    case DSRT_BF16: case DSRT_F16: return ((const uint16_t *)v.data)[i];
-    case DSRT_I64: return ((const uint64_t *)v.data)[i];
-    case DSRT_FP4E2M1: return ((const uint8_t *)v.data)[i >> 1] | (uint64_t)(i & 1) << 8;
-    default: return ((const uint8_t *)v.data)[i];
-    }
-}
-
-/* The value of a loaded element, through numeric.h's own loads: the bits sit at offset 0 of a
- * local (an fp4 nibble shifted there first), which the compiler keeps in a register. */
-__device__ __forceinline__ uint64_t element_bits(uint64_t raw, int dtype)
-{
-    return dtype == DSRT_FP4E2M1 ? (raw >> (4 * (raw >> 8))) & 15u : raw;
-}
-__device__ __forceinline__ float raw_f32(uint64_t raw, int dtype)
-{
-    uint64_t bits = element_bits(raw, dtype);
-    return dsrt_load_f32(&bits, dtype, 0);
-}
-__device__ __forceinline__ int64_t raw_i64(uint64_t raw, int dtype)
-{
-    uint64_t bits = element_bits(raw, dtype);
-    return dsrt_load_i64(&bits, dtype, 0);
-}
-
 /* Body::load(lin, e) computes the output's element index and loads the inputs of row-major
  * position lin into e; Body::store(e) computes and stores the output. */
 template <class Body>
@@ -119,13 +101,143 @@ static int launch_map(int dev, const char *kernel_name, const Body &body, int64_
     return dsrtk_check_launch(kernel_name, dev);
 }
 
-/* ---- copy ---- */
+/* ---- branch-free codecs ---- */
 
-enum { COPY_BITS, COPY_INT, COPY_FLOAT };
+/* numeric.h's f8e4m3 and fp4 conversions branch on the value's range, and on real data those
+ * branches diverge in nearly every warp (one unit-normal value in 80 is an e4m3 subnormal); the
+ * vectorised kernels use these equivalents, built from selects, instead. Each was checked equal to
+ * its numeric.h counterpart on every input (all 2^32 floats, all 256 codes), on the CPU and on an
+ * H200. Their float arithmetic is exact or rounds once, to nearest even, exactly as numeric.h's
+ * integer rounding does: a product by a power of two is exact; adding 1.5 * 2^23 to a value below
+ * 2^22 rounds it to an integer; 2^e (1 + m) - 2^e is exact. (Whether the compiler fuses the
+ * product and the sum into an FMA does not matter: the product is exact.) f16's branches almost
+ * never diverge (its subnormals lie below 2^-14), so f16 keeps numeric.h's code. */
+__host__ __device__ __forceinline__ float e4m3_to_f32(uint32_t b)
+{
+    uint32_t sign = (b & 0x80u) << 24, em = b & 0x7fu;
+    float subnormal = dsrt_bits_f32((121u << 23) | (em << 20)) - 0.015625f; /* m * 2^-9 */
+    uint32_t magnitude = em == 0x7fu ? 0x7fc00000u : em < 8u ? dsrt_f32_bits(subnormal) : (em << 20) + (120u << 23);
+    return dsrt_bits_f32(sign | magnitude);
+}
+__host__ __device__ __forceinline__ uint32_t f32_to_e4m3(float f)
+{
+    uint32_t u = dsrt_f32_bits(f), sign = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
+    uint32_t normal = ((a + 0x7ffffu + ((a >> 20) & 1u) - 0x3c000000u) >> 20) & 0x7fu;
+    uint32_t subnormal = dsrt_f32_bits(dsrt_bits_f32(a) * 512.0f + 12582912.0f) - 0x4b400000u; /* |f| / 2^-9 */
+    return sign | (a >= 0x43f00000u ? 0x7fu : a < 0x3c800000u ? subnormal : normal);
+}
+/* e2m1: from 1 up, the code is the float's exponent and first mantissa bit rounded as one field,
+ * 2 for 1.0, at most 7; below 1, twice the value rounded to an integer. */
+__host__ __device__ __forceinline__ uint32_t f32_to_fp4(float f)
+{
+    uint32_t u = dsrt_f32_bits(f), a = u & 0x7fffffffu;
+    uint32_t normal = ((a + 0x1fffffu + ((a >> 22) & 1u)) >> 22) - 252u;
+    uint32_t small = dsrt_f32_bits(dsrt_bits_f32(a) * 2.0f + 12582912.0f) - 0x4b400000u;
+    uint32_t code = a < 0x3f800000u ? small : normal < 7u ? normal : 7u;
+    return a > 0x7f800000u ? 0u : code | ((u >> 28) & 8u); /* NaN is +0 */
+}
+
+/* ---- packed elements for the vectorised kernels ---- */
+
+/* Element formats of the vectorised kernels: bits per element and the conversions from and to
+ * f32, numeric.h's or their branch-free equivalents above. */
+struct F32Format {
+    enum { BITS = 32 };
+    static __device__ __forceinline__ float decode(uint32_t w) { return dsrt_bits_f32(w); }
+    static __device__ __forceinline__ uint32_t encode(float x) { return dsrt_f32_bits(x); }
+};
+struct BF16Format {
+    enum { BITS = 16 };
+    static __device__ __forceinline__ float decode(uint32_t w) { return dsrt_bf16_to_f32((uint16_t)w); }
+    static __device__ __forceinline__ uint32_t encode(float x) { return dsrt_f32_to_bf16(x); }
+};
+struct F16Format {
+    enum { BITS = 16 };
+    static __device__ __forceinline__ float decode(uint32_t w) { return dsrt_f16_to_f32((uint16_t)w); }
+    static __device__ __forceinline__ uint32_t encode(float x) { return dsrt_f32_to_f16(x); }
+};
+struct E4M3Format {
+    enum { BITS = 8 };
+    static __device__ __forceinline__ float decode(uint32_t w) { return e4m3_to_f32(w); }
+    static __device__ __forceinline__ uint32_t encode(float x) { return f32_to_e4m3(x); }
+};
+struct FP4Format { /* an output format only */
+    enum { BITS = 4 };
+    static __device__ __forceinline__ uint32_t encode(float x) { return f32_to_fp4(x); }
+};
+
+/* A thread's elements travel as an array of 32-bit words, moved with 16-byte accesses (or one
+ * access of 4 or 8 bytes). Every index below is a compile-time constant once the element loops
+ * unroll, so the arrays stay in registers. */
+template <int BYTES>
+__device__ __forceinline__ void load_words(const void *at, uint32_t (&w)[BYTES / 4])
+{
+    if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+        for (int k = 0; k < BYTES / 16; k++) {
+            uint4 v = ((const uint4 *)at)[k];
+            w[4 * k] = v.x, w[4 * k + 1] = v.y, w[4 * k + 2] = v.z, w[4 * k + 3] = v.w;
+        }
+    } else if constexpr (BYTES == 8) {
+        uint2 v = *(const uint2 *)at;
+        w[0] = v.x, w[1] = v.y;
+    } else {
+        static_assert(BYTES == 4, "4, 8 or a multiple of 16 bytes");
+        w[0] = *(const uint32_t *)at;
+    }
+}
+template <int BYTES>
+__device__ __forceinline__ void store_words(void *at, const uint32_t (&w)[BYTES / 4])
+{
+    if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+        for (int k = 0; k < BYTES / 16; k++) ((uint4 *)at)[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
+    } else {
+        static_assert(BYTES == 8, "8 bytes or a multiple of 16");
+        *(uint2 *)at = make_uint2(w[0], w[1]);
+    }
+}
+/* Element j of BITS bits in a word array, and the same placed into one (the array starts zeroed). */
+template <int BITS, int N>
+__device__ __forceinline__ uint32_t field(const uint32_t (&w)[N], int j)
+{
+    if constexpr (BITS == 32) return w[j];
+    else return (w[j * BITS / 32] >> (j * BITS % 32)) & ((1u << BITS) - 1u);
+}
+template <int BITS, int N>
+__device__ __forceinline__ void put_field(uint32_t (&w)[N], int j, uint32_t x)
+{
+    if constexpr (BITS == 32) w[j] = x;
+    else w[j * BITS / 32] |= x << (j * BITS % 32);
+}
+/* One element of BITS (8, 16 or 32) bits of a contiguous array, read or written alone. */
+template <int BITS>
+__device__ __forceinline__ uint32_t load_element(const void *base, int64_t i)
+{
+    if constexpr (BITS == 32) return ((const uint32_t *)base)[i];
+    else if constexpr (BITS == 16) return ((const uint16_t *)base)[i];
+    else return ((const uint8_t *)base)[i];
+}
+template <int BITS>
+__device__ __forceinline__ void store_element(void *base, int64_t i, uint32_t x)
+{
+    if constexpr (BITS == 32) ((uint32_t *)base)[i] = x;
+    else if constexpr (BITS == 16) ((uint16_t *)base)[i] = (uint16_t)x;
+    else ((uint8_t *)base)[i] = (uint8_t)x;
+}
+
+/* i mod n: 64-bit division is a long software sequence, and nearly every index fits 32 bits. */
+__device__ __forceinline__ int64_t wrap(int64_t i, int64_t n)
+{
+    if (((uint64_t)i | (uint64_t)n) >> 32 == 0) return (int64_t)((uint32_t)i % (uint32_t)n);
+    return i % n;
+}
+
+/* ---- copy ---- */
 
 struct CopyBody {
     dsrt_view dst, src;
-    int mode; /* COPY_BITS: same dtype (not fp4), moved as raw bits */
+    int mode; /* DSRTK_COPY_* */
     struct Loaded { int64_t at; uint64_t x; };
     __device__ void load(int64_t lin, Loaded &e) const
     {
@@ -133,23 +245,9 @@ struct CopyBody {
         int64_t at[2];
         dsrtk_offsets<2>(lin, v, at);
         e.at = at[0];
-        e.x = load_raw(src, at[1]);
+        e.x = dsrtk_load_raw(src, at[1]);
     }
-    __device__ void store(const Loaded &e) const
-    {
-        if (mode == COPY_BITS) {
-            switch (dst.dtype) {
-            case DSRT_F32: case DSRT_I32: ((uint32_t *)dst.data)[e.at] = (uint32_t)e.x; break;
-            case DSRT_BF16: case DSRT_F16: ((uint16_t *)dst.data)[e.at] = (uint16_t)e.x; break;
-            case DSRT_I64: ((uint64_t *)dst.data)[e.at] = e.x; break;
-            default: ((uint8_t *)dst.data)[e.at] = (uint8_t)e.x; break;
-            }
-        } else if (mode == COPY_INT) {
-            dsrt_store_i64(dst.data, dst.dtype, e.at, raw_i64(e.x, src.dtype));
-        } else {
-            dsrt_store_f32(dst.data, dst.dtype, e.at, raw_f32(e.x, src.dtype));
-        }
-    }
+    __device__ void store(const Loaded &e) const { dsrtk_store_copied(dst, mode, src.dtype, e.at, e.x); }
 };
 
 /* Both views contiguous and of one dtype: the bytes they cover are one block, ready for memcpy
@@ -173,6 +271,117 @@ static const void *element_address(const dsrt_view *v)
     return (const char *)v->data + (size ? (size_t)v->offset * size : (size_t)v->offset / 2);
 }
 
+/* ---- contiguous conversions ---- */
+
+/* Both views contiguous, from f32, bf16, f16 or f8e4m3 to another of them or to fp4 starting on a
+ * byte: each thread converts the E elements of one 16-byte destination vector (16 elements, 8
+ * bytes, for fp4), so that every store instruction of a warp writes one contiguous run; a thread
+ * storing several vectors would leave gaps between its neighbours' stores, which cost partial
+ * writes. The source side takes one access of 4 to 16 bytes, or several of 16 bytes that the
+ * warp's loads read whole between them. What the vectors cannot take (the tail, misaligned views)
+ * goes element by element through the same conversions. A thread builds whole fp4 bytes and
+ * stores them plainly: both nibbles are its own. Only an odd last element shares its byte with
+ * memory outside the view, and takes numeric.h's atomic nibble store. */
+struct ConvertArgs {
+    void *dst;       /* element 0 of each (for fp4 the byte holding it) */
+    const void *src;
+    int64_t n;
+    int aligned;     /* both views' vectors are aligned */
+};
+
+template <class From, class To> struct Conversion {
+    static constexpr int E = To::BITS >= 8 ? 128 / To::BITS : 16;
+    static constexpr int IN = E * From::BITS / 8, OUT = E * To::BITS / 8; /* bytes */
+};
+
+template <class From, class To>
+__global__ void __launch_bounds__(DSRTK_BLOCK, DSRTK_MIN_BLOCKS) convert_kernel(const __grid_constant__ ConvertArgs p)
+{
+    typedef Conversion<From, To> C;
+    constexpr int E = C::E;
+    int64_t chunks = (p.n + E - 1) / E;
+    for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < chunks; c += (int64_t)gridDim.x * blockDim.x) {
+        int64_t first = c * E;
+        bool whole = p.aligned && first + E <= p.n;
+        uint32_t in[C::IN / 4] = {}, out[C::OUT / 4] = {};
+        if (whole) {
+            load_words<C::IN>((const char *)p.src + c * C::IN, in);
+        } else {
+#pragma unroll
+            for (int j = 0; j < E; j++)
+                if (first + j < p.n) put_field<From::BITS>(in, j, load_element<From::BITS>(p.src, first + j));
+        }
+        float x[E];
+#pragma unroll
+        for (int j = 0; j < E; j++) {
+            x[j] = From::decode(field<From::BITS>(in, j));
+            put_field<To::BITS>(out, j, To::encode(x[j]));
+        }
+        if (whole) {
+            store_words<C::OUT>((char *)p.dst + c * C::OUT, out);
+        } else if constexpr (To::BITS == 4) {
+#pragma unroll
+            for (int j = 0; j < E; j += 2) {
+                if (first + j + 1 < p.n) ((uint8_t *)p.dst)[(first + j) / 2] = (uint8_t)field<8>(out, j / 2);
+                else if (first + j < p.n) dsrt_store_f32(p.dst, DSRT_FP4E2M1, first + j, x[j]);
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < E; j++)
+                if (first + j < p.n) store_element<To::BITS>(p.dst, first + j, field<To::BITS>(out, j));
+        }
+    }
+}
+
+template <class From, class To>
+static int launch_convert(int dev, ConvertArgs p, void *stream)
+{
+    if constexpr (std::is_same<From, To>::value) {
+        return dsrtk_fail(DSRTK_ERROR, "copy: no conversion from a dtype to itself"); /* dsrtk_copy copies bytes */
+    } else {
+        typedef Conversion<From, To> C;
+        p.aligned = (uintptr_t)p.src % (C::IN < 16 ? C::IN : 16) == 0 && (uintptr_t)p.dst % (C::OUT < 16 ? C::OUT : 16) == 0;
+        int grid = dsrtk_grid_for(dev, (p.n + C::E - 1) / C::E, DSRTK_BLOCK);
+        convert_kernel<From, To><<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(p);
+        return dsrtk_check_launch("convert_kernel", dev);
+    }
+}
+
+template <class From>
+static int convert_to(int dev, int dtype, const ConvertArgs &p, void *stream)
+{
+    switch (dtype) {
+    case DSRT_F32: return launch_convert<From, F32Format>(dev, p, stream);
+    case DSRT_BF16: return launch_convert<From, BF16Format>(dev, p, stream);
+    case DSRT_F16: return launch_convert<From, F16Format>(dev, p, stream);
+    case DSRT_F8E4M3: return launch_convert<From, E4M3Format>(dev, p, stream);
+    default: return launch_convert<From, FP4Format>(dev, p, stream);
+    }
+}
+
+static int is_vector_format(int dtype) { return dtype <= DSRT_F8E4M3; } /* f32, bf16, f16, f8e4m3 */
+
+/* Launches convert_kernel when the views qualify; *taken says whether it did. */
+static int try_convert(int dev, const dsrt_view *dst, const dsrt_view *src, int64_t n, void *stream, int *taken)
+{
+    *taken = 0;
+    if (dst->dtype == src->dtype || !is_vector_format(src->dtype) ||
+        !(is_vector_format(dst->dtype) || (dst->dtype == DSRT_FP4E2M1 && dst->offset % 2 == 0)) ||
+        !dsrtk_is_contiguous(dst) || !dsrtk_is_contiguous(src))
+        return DSRTK_OK;
+    *taken = 1;
+    ConvertArgs p;
+    p.dst = (void *)element_address(dst);
+    p.src = element_address(src);
+    p.n = n;
+    switch (src->dtype) {
+    case DSRT_F32: return convert_to<F32Format>(dev, dst->dtype, p, stream);
+    case DSRT_BF16: return convert_to<BF16Format>(dev, dst->dtype, p, stream);
+    case DSRT_F16: return convert_to<F16Format>(dev, dst->dtype, p, stream);
+    default: return convert_to<E4M3Format>(dev, dst->dtype, p, stream);
+    }
+}
+
 int dsrtk_copy(int dev, const dsrt_view *dst, const dsrt_view *src, void *stream)
 {
     int st = check_view("copy", "the output", dst);
@@ -185,17 +394,17 @@ int dsrtk_copy(int dev, const dsrt_view *dst, const dsrt_view *src, void *stream
         return dsrtk_check(cudaMemcpyAsync((void *)element_address(dst), element_address(src), bytes,
                                            cudaMemcpyDeviceToDevice, (cudaStream_t)stream),
                            "copy: cudaMemcpyAsync of %zu bytes on cuda:%d", bytes, dev);
+    int taken;
+    st = try_convert(dev, dst, src, n, stream, &taken);
+    if (st || taken) return st;
     CopyBody body;
     body.dst = *dst;
     body.src = *src;
-    /* Same dtype moves bits (NaN payloads included) unless fp4, whose nibbles need the
-     * read-modify-write store; the f32 round trip is exact for every fp4 code. Otherwise
-     * integers travel as int64 and everything else as f32, as numeric.h's rules say. */
-    if (dst->dtype == src->dtype && dst->dtype != DSRT_FP4E2M1) body.mode = COPY_BITS;
-    else if (!dsrt_dtype_is_float(dst->dtype) && !dsrt_dtype_is_float(src->dtype)) body.mode = COPY_INT;
-    else body.mode = COPY_FLOAT;
+    body.mode = dsrtk_copy_mode(dst->dtype, src->dtype);
     dsrt_view *walk[] = {&body.dst, &body.src};
     dsrtk_coalesce(walk, 2);
+    st = dsrtk_copy_tiled(dev, &body.dst, &body.src, body.mode, stream, &taken);
+    if (st || taken) return st;
     return launch_map(dev, "copy_kernel", body, n, stream);
 }
 
@@ -327,100 +536,156 @@ int dsrtk_rand(int dev, const dsrt_view *dst, uint64_t seed, uint64_t offset, in
     return launch_map(dev, "rand_kernel", body, n, stream);
 }
 
-/* ---- contiguous f32 / bf16 operators ---- */
+/* ---- contiguous and row-broadcast float operators ---- */
 
-/* The common case of binary, binary_scalar and unary: every operand contiguous and of the output's
- * dtype, f32 or bf16, float math. Each thread moves 16 bytes per operand per step (when all
- * operands are 16-byte aligned), which keeps enough loads in flight to reach HBM bandwidth. */
-enum { CONTIG_UNARY, CONTIG_BINARY, CONTIG_SCALAR };
+/* The common case of binary, binary_scalar and unary: float math, the output contiguous and of
+ * f32, bf16 or f16, and every tensor input of that dtype and either contiguous too or one row
+ * repeated down the output (the [rows, cols] + [cols] broadcast); binary_scalar's scalar is an
+ * input like the others. Each thread moves 16 bytes per tensor per step, and the operator is
+ * chosen once per step, outside the loop over the step's elements: the loop is straight-line code
+ * for the one operator, which the compiler interleaves across elements. What the vectors cannot
+ * take (a tail, a misaligned view, a row whose length is no multiple of the vector) goes element
+ * by element through the same code. */
+enum { OPERAND_FULL, OPERAND_ROW, OPERAND_SCALAR };
 
-struct ContiguousArgs {
-    void *dst;
-    const void *a, *b;
-    int64_t n;
-    int kind, op;
-    int scalar_first; /* CONTIG_SCALAR: s OP a rather than a OP s */
-    int aligned;
-    float s;
+struct Operand {
+    const void *data;
+    int mode;
+    int64_t period; /* OPERAND_ROW: the row's length; element i reads element i mod period */
+    float s;        /* OPERAND_SCALAR */
 };
 
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(uint16_t x) { return dsrt_bf16_to_f32(x); }
-__device__ __forceinline__ void narrow(float x, float *out) { *out = x; }
-__device__ __forceinline__ void narrow(float x, uint16_t *out) { *out = dsrt_f32_to_bf16(x); }
+struct OperatorArgs {
+    void *dst;
+    Operand a, b;
+    int64_t n;
+    int binary, op; /* binary: dst = a OP b, otherwise dst = OP a */
+    int aligned;    /* every tensor's vectors are 16-byte aligned, every row a whole number of them */
+};
 
-template <typename T> /* float, or uint16_t holding bf16 bits */
-__global__ void __launch_bounds__(DSRTK_BLOCK, DSRTK_MIN_BLOCKS) contiguous_float_kernel(const __grid_constant__ ContiguousArgs p)
+/* x[j] = OP x[j] (or x[j] OP y[j]) for the operator `op`, found by a chain of uniform branches
+ * once per call. Comparisons never come here: their output is bool. */
+template <int VEC, int OP = 0>
+__device__ __forceinline__ void unary_all(int op, float (&x)[VEC])
 {
-    constexpr int VEC = 16 / sizeof(T);
-    union Chunk { uint4 raw; T e[VEC]; };
-    const T *a = (const T *)p.a, *b = (const T *)p.b;
-    T *dst = (T *)p.dst;
-    int64_t chunks = (p.n + VEC - 1) / VEC;
-    for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < chunks; c += (int64_t)gridDim.x * blockDim.x) {
-        int64_t first = c * VEC;
-        int whole = p.aligned && first + VEC <= p.n;
-        Chunk x, y, out;
-        if (whole) {
-            x.raw = ((const uint4 *)a)[c];
-            if (p.kind == CONTIG_BINARY) y.raw = ((const uint4 *)b)[c];
-        } else {
-            x.raw = y.raw = make_uint4(0, 0, 0, 0);
-            for (int j = 0; j < VEC; j++)
-                if (first + j < p.n) {
-                    x.e[j] = a[first + j];
-                    if (p.kind == CONTIG_BINARY) y.e[j] = b[first + j];
-                }
-        }
+    if constexpr (OP + 1 < DSRT_NUNARY)
+        if (op != OP) return unary_all<VEC, OP + 1>(op, x);
+#pragma unroll
+    for (int j = 0; j < VEC; j++) x[j] = dsrt_unary_f32(OP, x[j]);
+}
+template <int VEC, int OP = 0>
+__device__ __forceinline__ void binary_all(int op, float (&x)[VEC], const float (&y)[VEC])
+{
+    if constexpr (OP + 1 < DSRT_OP_EQ)
+        if (op != OP) return binary_all<VEC, OP + 1>(op, x, y);
+#pragma unroll
+    for (int j = 0; j < VEC; j++) x[j] = dsrt_binary_f32(OP, x[j], y[j]);
+}
+
+/* The values of elements first .. first+VEC-1 (chunk c) of an input; `whole`: as one vector. */
+template <class Format, int VEC>
+__device__ __forceinline__ void load_operand(const Operand &o, int64_t c, int64_t first, bool whole, int64_t n,
+                                             float (&x)[VEC])
+{
+    if (o.mode == OPERAND_SCALAR) {
+#pragma unroll
+        for (int j = 0; j < VEC; j++) x[j] = o.s;
+    } else if (whole) {
+        uint32_t w[4];
+        load_words<16>((const uint4 *)o.data + (o.mode == OPERAND_ROW ? wrap(c, o.period / VEC) : c), w);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) x[j] = Format::decode(field<Format::BITS>(w, j));
+    } else {
 #pragma unroll
         for (int j = 0; j < VEC; j++) {
-            float r, u = widen(x.e[j]);
-            if (p.kind == CONTIG_UNARY) r = dsrt_unary_f32(p.op, u);
-            else if (p.kind == CONTIG_BINARY) r = dsrt_binary_f32(p.op, u, widen(y.e[j]));
-            else r = p.scalar_first ? dsrt_binary_f32(p.op, p.s, u) : dsrt_binary_f32(p.op, u, p.s);
-            narrow(r, &out.e[j]);
-        }
-        if (whole) {
-            ((uint4 *)dst)[c] = out.raw;
-        } else {
-            for (int j = 0; j < VEC; j++)
-                if (first + j < p.n) dst[first + j] = out.e[j];
+            int64_t i = first + j;
+            x[j] = 0.0f;
+            if (i < n) x[j] = Format::decode(load_element<Format::BITS>(o.data, o.mode == OPERAND_ROW ? wrap(i, o.period) : i));
         }
     }
 }
 
-/* Launches contiguous_float_kernel when the operands qualify; *taken says whether it did. */
-static int try_contiguous(int dev, int kind, int op, const dsrt_view *dst, const dsrt_view *a, const dsrt_view *b,
-                          float s, int scalar_first, int64_t n, void *stream, int *taken)
+template <class Format>
+__global__ void __launch_bounds__(DSRTK_BLOCK, DSRTK_MIN_BLOCKS) operator_kernel(const __grid_constant__ OperatorArgs p)
+{
+    constexpr int VEC = 128 / Format::BITS;
+    int64_t chunks = (p.n + VEC - 1) / VEC;
+    for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < chunks; c += (int64_t)gridDim.x * blockDim.x) {
+        int64_t first = c * VEC;
+        bool whole = p.aligned && first + VEC <= p.n;
+        float x[VEC], y[VEC];
+        load_operand<Format>(p.a, c, first, whole, p.n, x);
+        if (p.binary) {
+            load_operand<Format>(p.b, c, first, whole, p.n, y);
+            binary_all<VEC>(p.op, x, y);
+        } else {
+            unary_all<VEC>(p.op, x);
+        }
+        uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int j = 0; j < VEC; j++) put_field<Format::BITS>(w, j, Format::encode(x[j]));
+        if (whole) {
+            store_words<16>((uint4 *)p.dst + c, w);
+        } else {
+#pragma unroll
+            for (int j = 0; j < VEC; j++)
+                if (first + j < p.n) store_element<Format::BITS>(p.dst, first + j, field<Format::BITS>(w, j));
+        }
+    }
+}
+
+/* How `v`, coalesced together with the output (contiguous: one dimension of stride 1, or two of
+ * strides [cols, 1]), feeds operator_kernel; 0 when it cannot. */
+static int operand_from(const dsrt_view *v, const dsrt_view *dst, Operand *o)
+{
+    o->data = element_address(v);
+    o->period = 0;
+    o->s = 0.0f;
+    if (v->dtype != dst->dtype || v->stride[v->ndim - 1] != 1) return 0;
+    if (v->ndim == 1 || v->stride[0] == dst->stride[0]) o->mode = OPERAND_FULL;
+    else if (v->stride[0] == 0) o->mode = OPERAND_ROW, o->period = v->shape[1];
+    else return 0;
+    return 1;
+}
+
+/* Launches operator_kernel when the operands qualify (b NULL: unary, or with the scalar s);
+ * *taken says whether it did. */
+static int try_operator_kernel(int dev, int op, const dsrt_view *dst, const dsrt_view *a, const dsrt_view *b,
+                               int binary, float s, int scalar_first, int64_t n, void *stream, int *taken)
 {
     *taken = 0;
-    const dsrt_view *operands[3] = {dst, a, b};
-    int count = kind == CONTIG_BINARY ? 3 : 2;
-    if (dst->dtype != DSRT_F32 && dst->dtype != DSRT_BF16) return DSRTK_OK;
-    int aligned = 1;
-    for (int i = 0; i < count; i++) {
-        if (operands[i]->dtype != dst->dtype || !dsrtk_is_contiguous(operands[i])) return DSRTK_OK;
-        aligned &= ((uintptr_t)element_address(operands[i]) % 16) == 0;
+    int dt = dst->dtype;
+    if ((dt != DSRT_F32 && dt != DSRT_BF16 && dt != DSRT_F16) || (binary && dsrt_op_is_compare(op))) return DSRTK_OK;
+    dsrt_view views[3] = {*dst, *a, b ? *b : *a};
+    dsrt_view *walk[3] = {&views[0], &views[1], &views[2]};
+    dsrtk_coalesce(walk, b ? 3 : 2);
+    const dsrt_view *d = &views[0];
+    if (d->ndim > 2 || d->stride[d->ndim - 1] != 1 || (d->ndim == 2 && d->stride[0] != d->shape[1])) return DSRTK_OK;
+    OperatorArgs p = {};
+    if (!operand_from(&views[1], d, &p.a) || (b && !operand_from(&views[2], d, &p.b))) return DSRTK_OK;
+    if (binary && !b) { /* the scalar is the other input */
+        Operand scalar = {NULL, OPERAND_SCALAR, 0, s};
+        if (scalar_first) p.b = p.a, p.a = scalar;
+        else p.b = scalar;
     }
     *taken = 1;
-    ContiguousArgs p;
-    p.dst = (void *)element_address(dst);
-    p.a = element_address(a);
-    p.b = kind == CONTIG_BINARY ? element_address(b) : NULL;
+    p.dst = (void *)element_address(d);
     p.n = n;
-    p.kind = kind;
+    p.binary = binary;
     p.op = op;
-    p.scalar_first = scalar_first;
-    p.aligned = aligned;
-    p.s = s;
-    int vec = dst->dtype == DSRT_F32 ? 4 : 8;
+    int vec = dt == DSRT_F32 ? 4 : 8;
+    p.aligned = (uintptr_t)p.dst % 16 == 0;
+    for (const Operand *o : {&p.a, &p.b})
+        if (o->mode != OPERAND_SCALAR && (binary || o == &p.a))
+            p.aligned &= (uintptr_t)o->data % 16 == 0 && o->period % vec == 0;
     int grid = dsrtk_grid_for(dev, (n + vec - 1) / vec, DSRTK_BLOCK);
-    if (dst->dtype == DSRT_F32) {
-        contiguous_float_kernel<float><<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(p);
-        return dsrtk_check_launch("contiguous_float_kernel<f32>", dev);
+    cudaStream_t st = (cudaStream_t)stream;
+    switch (dt) {
+    case DSRT_F32: operator_kernel<F32Format><<<grid, DSRTK_BLOCK, 0, st>>>(p); break;
+    case DSRT_BF16: operator_kernel<BF16Format><<<grid, DSRTK_BLOCK, 0, st>>>(p); break;
+    default: operator_kernel<F16Format><<<grid, DSRTK_BLOCK, 0, st>>>(p); break;
     }
-    contiguous_float_kernel<uint16_t><<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(p);
-    return dsrtk_check_launch("contiguous_float_kernel<bf16>", dev);
+    return dsrtk_check_launch("operator_kernel", dev);
 }
 
 /* ---- binary ---- */
@@ -435,15 +700,15 @@ struct BinaryBody {
         int64_t at[3];
         dsrtk_offsets<3>(lin, v, at);
         e.at = at[0];
-        e.x = load_raw(a, at[1]);
-        e.y = load_raw(b, at[2]);
+        e.x = dsrtk_load_raw(a, at[1]);
+        e.y = dsrtk_load_raw(b, at[2]);
     }
     __device__ void store(const Loaded &e) const
     {
         if (compute_float)
-            dsrt_store_f32(dst.data, dst.dtype, e.at, dsrt_binary_f32(op, raw_f32(e.x, a.dtype), raw_f32(e.y, b.dtype)));
+            dsrt_store_f32(dst.data, dst.dtype, e.at, dsrt_binary_f32(op, dsrtk_raw_f32(e.x, a.dtype), dsrtk_raw_f32(e.y, b.dtype)));
         else
-            dsrt_store_i64(dst.data, dst.dtype, e.at, dsrt_binary_i64(op, raw_i64(e.x, a.dtype), raw_i64(e.y, b.dtype)));
+            dsrt_store_i64(dst.data, dst.dtype, e.at, dsrt_binary_i64(op, dsrtk_raw_i64(e.x, a.dtype), dsrtk_raw_i64(e.y, b.dtype)));
     }
 };
 
@@ -460,7 +725,7 @@ int dsrtk_binary(int dev, int op, const dsrt_view *dst, const dsrt_view *a, cons
     if (n == 0) return DSRTK_OK;
     if (compute_float) {
         int fast;
-        st = try_contiguous(dev, CONTIG_BINARY, op, dst, a, b, 0.0f, 0, n, stream, &fast);
+        st = try_operator_kernel(dev, op, dst, a, b, 1, 0.0f, 0, n, stream, &fast);
         if (st || fast) return st;
     }
     BinaryBody body;
@@ -488,16 +753,16 @@ struct BinaryScalarBody {
         int64_t at[2];
         dsrtk_offsets<2>(lin, v, at);
         e.at = at[0];
-        e.x = load_raw(a, at[1]);
+        e.x = dsrtk_load_raw(a, at[1]);
     }
     __device__ void store(const Loaded &e) const
     {
         if (compute_float) {
-            float x = raw_f32(e.x, a.dtype);
+            float x = dsrtk_raw_f32(e.x, a.dtype);
             float r = scalar_first ? dsrt_binary_f32(op, s_float, x) : dsrt_binary_f32(op, x, s_float);
             dsrt_store_f32(dst.data, dst.dtype, e.at, r);
         } else {
-            int64_t x = raw_i64(e.x, a.dtype);
+            int64_t x = dsrtk_raw_i64(e.x, a.dtype);
             int64_t r = scalar_first ? dsrt_binary_i64(op, s_int, x) : dsrt_binary_i64(op, x, s_int);
             dsrt_store_i64(dst.data, dst.dtype, e.at, r);
         }
@@ -515,7 +780,7 @@ int dsrtk_binary_scalar(int dev, int op, const dsrt_view *dst, const dsrt_view *
     if (n == 0) return DSRTK_OK;
     if (compute_float) {
         int fast;
-        st = try_contiguous(dev, CONTIG_SCALAR, op, dst, a, NULL, (float)s, scalar_first, n, stream, &fast);
+        st = try_operator_kernel(dev, op, dst, a, NULL, 1, (float)s, scalar_first, n, stream, &fast);
         if (st || fast) return st;
     }
     BinaryScalarBody body;
@@ -543,12 +808,12 @@ struct UnaryBody {
         int64_t at[2];
         dsrtk_offsets<2>(lin, v, at);
         e.at = at[0];
-        e.x = load_raw(a, at[1]);
+        e.x = dsrtk_load_raw(a, at[1]);
     }
     __device__ void store(const Loaded &e) const
     {
-        if (compute_int) dsrt_store_i64(dst.data, dst.dtype, e.at, dsrt_unary_i64(op, raw_i64(e.x, a.dtype)));
-        else dsrt_store_f32(dst.data, dst.dtype, e.at, dsrt_unary_f32(op, raw_f32(e.x, a.dtype)));
+        if (compute_int) dsrt_store_i64(dst.data, dst.dtype, e.at, dsrt_unary_i64(op, dsrtk_raw_i64(e.x, a.dtype)));
+        else dsrt_store_f32(dst.data, dst.dtype, e.at, dsrt_unary_f32(op, dsrtk_raw_f32(e.x, a.dtype)));
     }
 };
 
@@ -561,7 +826,7 @@ int dsrtk_unary(int dev, int op, const dsrt_view *dst, const dsrt_view *a, void 
     int64_t n = dsrtk_numel(dst);
     if (n == 0) return DSRTK_OK;
     int fast;
-    st = try_contiguous(dev, CONTIG_UNARY, op, dst, a, NULL, 0.0f, 0, n, stream, &fast);
+    st = try_operator_kernel(dev, op, dst, a, NULL, 0, 0.0f, 0, n, stream, &fast);
     if (st || fast) return st;
     UnaryBody body;
     body.dst = *dst;
@@ -652,8 +917,9 @@ struct LoadAnyInt {
     __device__ int64_t operator()(const void *d, int dt, int64_t i) const { return dsrt_load_i64(d, dt, i); }
 };
 
-/* Lane `lane` of a group of `width` reduces positions lane, lane+width, ... of the row at `base`. */
-template <class Load>
+/* Lane `lane` of a group of `width` reduces positions lane, lane+width, ... of the row at `base`,
+ * UNROLL loads in flight per step. */
+template <class Load, int UNROLL = 4>
 __device__ __forceinline__ Partial reduce_lane(const ReduceArgs &p, int64_t base, int64_t lane, int64_t width)
 {
     typedef typename Load::Value Value;
@@ -664,34 +930,41 @@ __device__ __forceinline__ Partial reduce_lane(const ReduceArgs &p, int64_t base
     Value cur = value_of(acc, Value());
     int64_t k = lane;
     if (is_sum(p.op)) {
-        /* four running sums, flushed into the total every 64 steps: short f32 chains */
-        Value sum[4] = {0, 0, 0, 0}, total = 0;
-        for (int steps = 1; k + 3 * width < p.length; k += 4 * width, steps++) {
-            Value x[4];
+        /* UNROLL running sums, flushed into the total every 64 steps: short f32 chains */
+        Value sum[UNROLL], total = 0;
 #pragma unroll
-            for (int j = 0; j < 4; j++) x[j] = load(data, dt, base + (k + j * width) * p.step);
+        for (int j = 0; j < UNROLL; j++) sum[j] = 0;
+        for (int steps = 1; k + (UNROLL - 1) * width < p.length; k += UNROLL * width, steps++) {
+            Value x[UNROLL];
 #pragma unroll
-            for (int j = 0; j < 4; j++) sum[j] = add(sum[j], x[j]);
+            for (int j = 0; j < UNROLL; j++) x[j] = load(data, dt, base + (k + j * width) * p.step);
+#pragma unroll
+            for (int j = 0; j < UNROLL; j++) sum[j] = add(sum[j], x[j]);
             if (steps % 64 == 0) {
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
+                for (int j = 0; j < UNROLL; j++) {
                     total = add(total, sum[j]);
                     sum[j] = 0;
                 }
             }
         }
         for (; k < p.length; k += width) sum[0] = add(sum[0], load(data, dt, base + k * p.step));
-        value_of(acc, Value()) = add(total, add(add(sum[0], sum[1]), add(sum[2], sum[3])));
+        /* pairwise: (s0 + s1) + (s2 + s3), ... */
+#pragma unroll
+        for (int h = 1; h < UNROLL; h *= 2)
+#pragma unroll
+            for (int j = 0; j + h < UNROLL; j += 2 * h) sum[j] = add(sum[j], sum[j + h]);
+        value_of(acc, Value()) = add(total, sum[0]);
         return acc;
     }
     /* extrema: positions only grow within a lane, so replaces() keeps the first */
     bool want_max = wants_max(p.op);
-    for (; k + 3 * width < p.length; k += 4 * width) {
-        Value x[4];
+    for (; k + (UNROLL - 1) * width < p.length; k += UNROLL * width) {
+        Value x[UNROLL];
 #pragma unroll
-        for (int j = 0; j < 4; j++) x[j] = load(data, dt, base + (k + j * width) * p.step);
+        for (int j = 0; j < UNROLL; j++) x[j] = load(data, dt, base + (k + j * width) * p.step);
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < UNROLL; j++)
             if (replaces(x[j], k + j * width, cur, acc.at, want_max)) { cur = x[j]; acc.at = k + j * width; }
     }
     for (; k < p.length; k += width) {
@@ -817,46 +1090,146 @@ __global__ void __launch_bounds__(1024, 1) reduce_cluster_kernel(const __grid_co
     }
 }
 
-/* Launches reduce_cluster_kernel with the widest cluster (at most `widest` blocks of 1024) that the
- * GPU can place; *launched is 0 when not even two-block clusters fit. */
+/* Outputs whose rows start at consecutive elements: a reduction over a dimension other than the
+ * last, which the core sends as a permuted view, so the reduced axis has a large stride. One row
+ * per warp would read a word per memory segment; here a warp takes 32 neighbouring outputs, a
+ * thread each, so each load of the warp is one contiguous segment. The block's warps, and the
+ * blocks of a cluster, split the reduced axis; their partials merge in shared memory, then
+ * through distributed shared memory into block 0, which stores. */
 template <class Load>
-static int launch_clusters(int dev, const ReduceArgs &p, int widest, cudaStream_t stream, int *launched)
+__global__ void __launch_bounds__(1024, 1) reduce_columns_kernel(const __grid_constant__ ReduceArgs p)
 {
-    *launched = 0;
+    typedef typename Load::Value Value;
+    /* 8 loads in flight per thread; 4 of int64, which would not fit the registers */
+    constexpr int unroll = sizeof(Value) == 4 ? 8 : 4;
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    __shared__ Partial partials[32][32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    int rank = (int)cluster.block_rank(), blocks = (int)cluster.num_blocks();
+    int64_t slices = (int64_t)blocks * warps, tiles = (p.outer + 31) / 32;
+    for (int64_t tile = blockIdx.x / blocks; tile < tiles; tile += gridDim.x / blocks) {
+        int64_t row = tile * 32 + lane;
+        Partial r = row < p.outer ? reduce_lane<Load, unroll>(p, row_start(p, row), (int64_t)rank * warps + warp, slices)
+                                  : neutral(p.op);
+        partials[warp][lane] = r;
+        __syncthreads();
+        if (warp == 0) {
+            for (int w = 1; w < warps; w++) merge<Value>(p.op, r, partials[w][lane]);
+            partials[0][lane] = r;
+        }
+        cluster.sync(); /* every block's result is written */
+        if (rank == 0 && warp == 0) {
+            for (int b = 1; b < blocks; b++) merge<Value>(p.op, r, *cluster.map_shared_rank(&partials[0][lane], b));
+            if (row < p.outer) store_result(p, row, r, Value());
+        }
+        cluster.sync(); /* and read, before the next tile overwrites it */
+    }
+}
+
+/* How many clusters of `cluster` blocks of `block` threads running `kernel` the current device
+ * places at once; 0 when none. The query costs more than the launch it serves, and its answer
+ * never changes, so answers are kept. */
+static int active_clusters(int dev, void (*kernel)(ReduceArgs), int block, int cluster)
+{
+    struct Answer {
+        int dev;
+        void (*kernel)(ReduceArgs);
+        int block, cluster, fits;
+    };
+    static std::mutex lock;
+    static Answer answers[64];
+    static int count;
+    std::lock_guard<std::mutex> guard(lock);
+    for (int i = 0; i < count; i++)
+        if (answers[i].dev == dev && answers[i].kernel == kernel && answers[i].block == block && answers[i].cluster == cluster)
+            return answers[i].fits;
+    int fits = 0;
+    /* beyond 8 blocks a cluster is "non-portable": Hopper places 16, other parts may not */
+    bool ok = cluster <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    if (ok) {
+        cudaLaunchAttribute attribute;
+        attribute.id = cudaLaunchAttributeClusterDimension;
+        attribute.val.clusterDim.x = cluster;
+        attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3(cluster);
+        config.blockDim = dim3(block);
+        config.attrs = &attribute;
+        config.numAttrs = 1;
+        ok = cudaOccupancyMaxActiveClusters(&fits, kernel, &config) == cudaSuccess;
+    }
+    if (!ok) { /* a refusal only means "none" */
+        cudaGetLastError();
+        fits = 0;
+    }
+    if (count < 64) answers[count++] = Answer{dev, kernel, block, cluster, fits};
+    return fits;
+}
+
+/* The widest cluster, from `widest` down to `narrowest` blocks, of which the device places at
+ * least `enough` at once; 0 when none. */
+static int fitting_cluster(int dev, void (*kernel)(ReduceArgs), int block, int widest, int narrowest, int64_t enough)
+{
+    for (int cluster = widest; cluster >= narrowest; cluster /= 2) {
+        int fits = active_clusters(dev, kernel, block, cluster);
+        if (fits > 0 && fits >= enough) return cluster;
+    }
+    return 0;
+}
+
+/* Launches `kernel` over `units` units of work (rows, tiles of columns), one per cluster of
+ * `cluster` blocks of `block` threads at a time. Always as a cluster launch, even of one block:
+ * the kernels synchronise and address their blocks through the cluster. */
+static int launch_clustered(int dev, void (*kernel)(ReduceArgs), const char *name, const ReduceArgs &p, int64_t units,
+                            int block, int cluster, cudaStream_t stream)
+{
     cudaLaunchAttribute attribute;
     attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = cluster;
     attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
     cudaLaunchConfig_t config = {};
-    config.blockDim = dim3(1024);
+    config.gridDim = dim3((unsigned)(units * cluster));
+    config.blockDim = dim3(block);
     config.stream = stream;
     config.attrs = &attribute;
     config.numAttrs = 1;
-    /* beyond 8 blocks a cluster is "non-portable": Hopper places 16, other parts may not */
-    if (widest > 8 && cudaFuncSetAttribute(reduce_cluster_kernel<Load>, cudaFuncAttributeNonPortableClusterSizeAllowed,
-                                           1) != cudaSuccess) {
-        cudaGetLastError();
-        widest = 8;
-    }
-    for (int cluster = widest; cluster >= 2; cluster /= 2) {
-        attribute.val.clusterDim.x = cluster;
-        config.gridDim = dim3((unsigned)(p.outer * cluster));
-        int fits = 0;
-        if (cudaOccupancyMaxActiveClusters(&fits, reduce_cluster_kernel<Load>, &config) != cudaSuccess) {
-            cudaGetLastError();
-            fits = 0;
-        }
-        if (fits == 0) continue;
-        *launched = 1;
-        int st = dsrtk_check(cudaLaunchKernelEx(&config, reduce_cluster_kernel<Load>, p),
-                             "launch of reduce_cluster_kernel (%d-block clusters) on cuda:%d", cluster, dev);
-        return st ? st : dsrtk_check_launch("reduce_cluster_kernel", dev);
-    }
-    return DSRTK_OK;
+    int st = dsrtk_check(cudaLaunchKernelEx(&config, kernel, p), "launch of %s (%d-block clusters) on cuda:%d", name,
+                         cluster, dev);
+    return st ? st : dsrtk_check_launch(name, dev);
+}
+
+/* Rows that start at consecutive elements, long enough for reduce_columns_kernel; rows of up to
+ * 16 already take a thread each, which reads them the same coalesced way. */
+static int columns_contiguous(const ReduceArgs &p)
+{
+    const dsrt_view &r = p.rows;
+    return p.length > 16 && p.step != 1 && r.stride[r.ndim - 1] == 1 && r.shape[r.ndim - 1] >= 32;
+}
+
+/* reduce_columns_kernel's shape: blocks of up to 32 warps, as wide as lets every tile of 32
+ * outputs run at once (a multiprocessor holds 32 warps of it), at least 8 warps while tiles are
+ * many; each thread given at least 128 elements; and clusters of blocks per tile while
+ * multiprocessors would be left idle. */
+template <class Load>
+static int launch_columns(int dev, const ReduceArgs &p, int sms, cudaStream_t stream)
+{
+    int64_t tiles = (p.outer + 31) / 32;
+    int warps = 32, widest = 1, cluster = 0;
+    while (warps > 8 && tiles * warps > (int64_t)sms * 32) warps /= 2;
+    while (warps > 1 && (int64_t)warps * 32 * 4 > p.length) warps /= 2;
+    while (widest < 8 && tiles * widest * 2 <= sms && (int64_t)widest * 2 * warps * 32 * 4 <= p.length) widest *= 2;
+    if (widest > 1) cluster = fitting_cluster(dev, reduce_columns_kernel<Load>, 32 * warps, widest, 2, tiles);
+    if (cluster == 0) cluster = 1;
+    int64_t most = (int64_t)sms * DSRTK_MIN_BLOCKS * 4; /* tiles beyond these are walked in a loop */
+    return launch_clustered(dev, reduce_columns_kernel<Load>, "reduce_columns_kernel", p, tiles < most ? tiles : most,
+                            32 * warps, cluster, stream);
 }
 
 template <class Load>
 static int launch_reduce(int dev, const ReduceArgs &p, cudaStream_t stream)
 {
+    int sms = dsrtk_multiprocessors(dev);
+    if (columns_contiguous(p)) return launch_columns<Load>(dev, p, sms, stream);
     if (p.length <= 16) {
         reduce_thread_kernel<Load><<<dsrtk_grid_for(dev, p.outer, DSRTK_BLOCK), DSRTK_BLOCK, 0, stream>>>(p);
         return dsrtk_check_launch("reduce_thread_kernel", dev);
@@ -866,12 +1239,11 @@ static int launch_reduce(int dev, const ReduceArgs &p, cudaStream_t stream)
         return dsrtk_check_launch("reduce_warp_kernel", dev);
     }
     /* fewer long rows than half the multiprocessors: a cluster per row, as wide as covers the GPU */
-    int sms = dsrtk_multiprocessors(dev);
     if (p.outer * 2 <= sms) {
-        int widest = 2, launched;
+        int widest = 2;
         while (widest < 16 && p.outer * widest * 2 <= sms) widest *= 2;
-        int st = launch_clusters<Load>(dev, p, widest, stream, &launched);
-        if (st || launched) return st;
+        int cluster = fitting_cluster(dev, reduce_cluster_kernel<Load>, 1024, widest, 2, 1);
+        if (cluster) return launch_clustered(dev, reduce_cluster_kernel<Load>, "reduce_cluster_kernel", p, p.outer, 1024, cluster, stream);
     }
     /* otherwise a block per row; the widest blocks while rows are few */
     int block = p.outer >= 1024 ? DSRTK_BLOCK : 1024;
