@@ -68,6 +68,7 @@ local ratios = {}
 for layer = 1, layers do ratios[layer] = raw.compress_ratios[layer] end
 for k = 1, raw.num_nextn_predict_layers do ratios[layers + k] = raw.compress_ratios[raw.num_hidden_layers + k] end
 raw.num_hidden_layers, raw.compress_ratios = layers, ratios
+raw.num_hash_layers = math.min(raw.num_hash_layers, layers) -- the config refuses more hash layers than layers
 local cfg = config.parse(raw, "flash, " .. layers .. " layers")
 
 local function elapsed_seconds(fn)
