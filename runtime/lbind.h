@@ -31,6 +31,10 @@ void dsrtL_pushstream(lua_State *L, dsrt_stream *s); /* takes ownership */
 dsrt_stream *dsrtL_current_stream(lua_State *L, int device);
 int dsrtL_checkdevice(lua_State *L, int idx, int def); /* "cpu" | "cuda" | "cuda:N" | N | nil -> def */
 
+/* Registers metatable `name` with the metamethods `meta` and the methods table `methods` (kept as
+ * the metatable's "methods" field, and as __index unless `meta` brings its own __index). */
+void dsrtL_newclass(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_Reg *methods);
+
 void dsrtL_open_tensor(lua_State *L); /* adds the tensor functions to the module table on top */
 void dsrtL_open_stream(lua_State *L);
 void dsrtL_open_safetensors(lua_State *L); /* adds the file-mapping and writing primitives */

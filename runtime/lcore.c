@@ -80,6 +80,21 @@ static int l_cuda_device_info(lua_State *L)
     return 1;
 }
 
+void dsrtL_newclass(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_Reg *methods)
+{
+    luaL_newmetatable(L, name);
+    luaL_setfuncs(L, meta, 0);
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    if (lua_getfield(L, -2, "__index") == LUA_TNIL) {
+        lua_pushvalue(L, -2);
+        lua_setfield(L, -4, "__index");
+    }
+    lua_pop(L, 1);
+    lua_setfield(L, -2, "methods");
+    lua_pop(L, 1);
+}
+
 typedef struct {
     const char *label;
     int shown;

@@ -195,16 +195,6 @@ static int l_writer_abort(lua_State *L)
     return 0;
 }
 
-static void new_class(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_Reg *methods)
-{
-    luaL_newmetatable(L, name);
-    luaL_setfuncs(L, meta, 0);
-    lua_newtable(L);
-    luaL_setfuncs(L, methods, 0);
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
-}
-
 void dsrtL_open_safetensors(lua_State *L)
 {
     static const luaL_Reg mapping_meta[] = {{"__gc", l_mapping_close}, {"__close", l_mapping_close}, {NULL, NULL}};
@@ -215,8 +205,8 @@ void dsrtL_open_safetensors(lua_State *L)
         {"write", l_writer_write}, {"commit", l_writer_commit}, {"abort", l_writer_abort}, {NULL, NULL}};
     static const luaL_Reg functions[] = {
         {"map", l_map}, {"json_members", l_json_members}, {"writer", l_writer}, {NULL, NULL}};
-    new_class(L, MAPPING_MT, mapping_meta, mapping_methods);
-    new_class(L, WRITER_MT, writer_meta, writer_methods);
+    dsrtL_newclass(L, MAPPING_MT, mapping_meta, mapping_methods);
+    dsrtL_newclass(L, WRITER_MT, writer_meta, writer_methods);
     luaL_newlib(L, functions);
     lua_setfield(L, -2, "safetensors");
 }

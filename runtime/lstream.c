@@ -255,16 +255,6 @@ static int l_synchronize(lua_State *L)
     return 0;
 }
 
-static void new_class(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_Reg *methods)
-{
-    luaL_newmetatable(L, name);
-    luaL_setfuncs(L, meta, 0);
-    lua_newtable(L);
-    luaL_setfuncs(L, methods, 0);
-    lua_setfield(L, -2, "methods");
-    lua_pop(L, 1);
-}
-
 void dsrtL_open_stream(lua_State *L)
 {
     static const luaL_Reg stream_meta[] = {
@@ -281,11 +271,7 @@ void dsrtL_open_stream(lua_State *L)
     static const luaL_Reg functions[] = {
         {"stream", l_stream}, {"event", l_event}, {"current_stream", l_current_stream},
         {"set_stream", l_set_stream}, {"synchronize", l_synchronize}, {NULL, NULL}};
-    new_class(L, DSRT_STREAM_MT, stream_meta, stream_methods);
-    new_class(L, DSRT_EVENT_MT, event_meta, event_methods);
-    luaL_getmetatable(L, DSRT_EVENT_MT);
-    lua_getfield(L, -1, "methods");
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
+    dsrtL_newclass(L, DSRT_STREAM_MT, stream_meta, stream_methods);
+    dsrtL_newclass(L, DSRT_EVENT_MT, event_meta, event_methods);
     luaL_setfuncs(L, functions, 0);
 }

@@ -872,10 +872,6 @@ void dsrtL_open_tensor(lua_State *L)
         {"matmul", l_matmul}, {"is_tensor", l_is_tensor},
         {"add", l_add}, {"sub", l_sub}, {"mul", l_mul}, {"div", l_div}, {"pow", l_pow},
         {"maximum", l_maximum}, {"minimum", l_minimum}, {NULL, NULL}};
-    luaL_newmetatable(L, DSRT_TENSOR_MT);
-    luaL_setfuncs(L, meta, 0);
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "methods");
-    lua_pop(L, 1);
+    dsrtL_newclass(L, DSRT_TENSOR_MT, meta, methods);
     luaL_setfuncs(L, functions, 0);
 }

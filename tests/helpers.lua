@@ -66,4 +66,31 @@ function helpers.assert_equal(actual, expected, path)
   end
 end
 
+-- A test file's list and the function that adds to it: tests, test = helpers.suite{gpu = true}.
+-- GPU suites fail each test at once, with a clear message, where there is no CUDA device.
+function helpers.suite(opts)
+  local tests = {}
+  local function test(name, fn)
+    if opts and opts.gpu then
+      local body = fn
+      fn = function()
+        assert(require("dsrt").cuda.available(), "no CUDA device: the GPU tests need one")
+        body()
+      end
+    end
+    tests[#tests + 1] = { name, fn }
+  end
+  return tests, test
+end
+
+-- Runs fn with the collector stopped, so that memory statistics move only by what fn does.
+function helpers.without_gc(fn)
+  collectgarbage()
+  collectgarbage()
+  collectgarbage("stop")
+  local ok, err = pcall(fn)
+  collectgarbage("restart")
+  if not ok then error(err, 0) end
+end
+
 return helpers

@@ -6,26 +6,11 @@ local dsrt = require "dsrt"
 local h = require "tests.helpers"
 local assert_error, assert_equal = h.assert_error, h.assert_equal
 
-local tests = {}
-local function test(name, fn)
-  tests[#tests + 1] = { name, function()
-    assert(dsrt.cuda.available(), "no CUDA device: the GPU tests need one")
-    fn()
-  end }
-end
-
-local function without_gc(fn)
-  collectgarbage()
-  collectgarbage()
-  collectgarbage("stop")
-  local ok, err = pcall(fn)
-  collectgarbage("restart")
-  if not ok then error(err, 0) end
-end
+local tests, test = h.suite{ gpu = true }
 
 local MiB = 2 ^ 20
 
-test("cache_hits_grow_across_repeated_allocations_of_one_size", function() without_gc(function()
+test("cache_hits_grow_across_repeated_allocations_of_one_size", function() h.without_gc(function()
   local first = dsrt.empty({ 3 * MiB // 4 + 1 }, { device = "cuda" }) -- a 4 MiB size class
   first:close()
   local m0 = dsrt.memory_stats("cuda")
@@ -135,7 +120,7 @@ test("stress_random_sizes_on_three_streams", function()
   assert_equal(m2.reserved, m2.allocated)
 end)
 
-test("stress_under_a_limit_fails_cleanly_and_recovers", function() without_gc(function()
+test("stress_under_a_limit_fails_cleanly_and_recovers", function() h.without_gc(function()
   dsrt.empty_cache("cuda")
   local base = dsrt.memory_stats("cuda")
   local limit = base.reserved + 256 * MiB

@@ -13,13 +13,7 @@ local dsrt = require "dsrt"
 local h = require "tests.helpers"
 local assert_error, assert_equal = h.assert_error, h.assert_equal
 
-local tests = {}
-local function test(name, fn)
-  tests[#tests + 1] = { name, function()
-    assert(dsrt.cuda.available(), "no CUDA device: the GPU tests need one")
-    fn()
-  end }
-end
+local tests, test = h.suite{ gpu = true }
 
 local seed = 7000
 local function next_seed() seed = seed + 1 return seed end
@@ -733,16 +727,7 @@ end)
 
 -- ---- memory ----
 
-local function without_gc(fn)
-  collectgarbage()
-  collectgarbage()
-  collectgarbage("stop")
-  local ok, err = pcall(fn)
-  collectgarbage("restart")
-  if not ok then error(err, 0) end
-end
-
-test("memory_stats_on_cuda", function() without_gc(function()
+test("memory_stats_on_cuda", function() h.without_gc(function()
   dsrt.synchronize("cuda")
   local m0 = dsrt.memory_stats("cuda")
   assert_equal(m0.device, "cuda:0")
@@ -766,7 +751,7 @@ test("memory_stats_on_cuda", function() without_gc(function()
   assert_equal(m4.reserved, m4.allocated)
 end) end)
 
-test("memory_limit_on_cuda_raises_out_of_memory_and_recovers", function() without_gc(function()
+test("memory_limit_on_cuda_raises_out_of_memory_and_recovers", function() h.without_gc(function()
   dsrt.empty_cache("cuda")
   local base = dsrt.memory_stats("cuda")
   dsrt.set_memory_limit(base.reserved + 64 * 2 ^ 20, "cuda")

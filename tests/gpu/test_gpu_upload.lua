@@ -5,13 +5,7 @@ local dsrt = require "dsrt"
 local h = require "tests.helpers"
 local assert_equal, assert_error = h.assert_equal, h.assert_error
 
-local tests = {}
-local function test(name, fn)
-  tests[#tests + 1] = { name, function()
-    assert(dsrt.cuda.available(), "no CUDA device: the GPU tests need one")
-    fn()
-  end }
-end
+local tests, test = h.suite{ gpu = true }
 
 -- every byte of b equals a's (compared as raw bytes, so NaN payloads count too)
 local function same_bytes(a, b)

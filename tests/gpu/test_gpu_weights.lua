@@ -14,13 +14,7 @@ local weights = require "dsrt.dsv4.weights"
 local h = require "tests.helpers"
 local assert_equal = h.assert_equal
 
-local tests = {}
-local function test(name, fn)
-  tests[#tests + 1] = { name, function()
-    assert(dsrt.cuda.available(), "no CUDA device: the GPU tests need one")
-    fn()
-  end }
-end
+local tests, test = h.suite{ gpu = true }
 
 -- the program running these tests, which runs scripts/make_tiny_model.lua
 local interpreter = arg and arg[-1]

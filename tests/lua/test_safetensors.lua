@@ -10,8 +10,7 @@ local assert_error, assert_equal = h.assert_error, h.assert_equal
 local st = dsrt.safetensors
 local native = require("dsrt.core").safetensors
 
-local tests = {}
-local function test(name, fn) tests[#tests + 1] = { name, fn } end
+local tests, test = h.suite()
 
 -- ---- files and bytes ----
 
@@ -84,16 +83,6 @@ local function pattern(dtype, shape, seed)
     bytes[i] = string.char(dtype == "bool" and b % 2 or b)
   end
   return from_bytes(dtype, shape, table.concat(bytes))
-end
-
--- runs fn with the collector stopped, so that memory statistics move only by what fn does
-local function without_gc(fn)
-  collectgarbage()
-  collectgarbage()
-  collectgarbage("stop")
-  local ok, err = pcall(fn)
-  collectgarbage("restart")
-  if not ok then error(err, 0) end
 end
 
 local function escape(s) return (s:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0")) end
@@ -259,7 +248,7 @@ test("tensors are views of the mapping: no copy, shared pages, the file untouche
     local path = folder .. "/big.safetensors"
     st.save(path, { w = dsrt.ones({ 512, 512 }, { dtype = "f32" }), b = dsrt.arange(7, { dtype = "bf16" }) })
     local file = st.open(path)
-    without_gc(function()
+    h.without_gc(function()
       local before = dsrt.memory_stats("cpu").allocated
       local a, b = file:get("w"), file:get("w")
       assert(a:is_contiguous())
@@ -302,7 +291,7 @@ test("a tensor misaligned in the file is copied into aligned memory", function()
     write_bytes(path, raw_file('{"a":' .. entry("U8", { 1 }, 0, 1) .. ',"b":' .. entry("F32", { 2 }, 1, 9) .. "}",
                                "\42" .. floats))
     local file = st.open(path)
-    without_gc(function()
+    h.without_gc(function()
       local before = dsrt.memory_stats("cpu").allocated
       assert_equal(file:get("a"):totable(), { 42 })
       assert_equal(dsrt.memory_stats("cpu").allocated, before)

@@ -5,17 +5,7 @@ local dsrt = require "dsrt"
 local h = require "tests.helpers"
 local assert_error, assert_equal = h.assert_error, h.assert_equal
 
-local tests = {}
-local function test(name, fn) tests[#tests + 1] = { name, fn } end
-
-local function without_gc(fn)
-  collectgarbage()
-  collectgarbage()
-  collectgarbage("stop")
-  local ok, err = pcall(fn)
-  collectgarbage("restart")
-  if not ok then error(err, 0) end
-end
+local tests, test = h.suite()
 
 -- ---- streams and events ----
 
@@ -156,7 +146,7 @@ end)
 
 -- ---- memory ----
 
-test("memory_stats_fields_and_accounting", function() without_gc(function()
+test("memory_stats_fields_and_accounting", function() h.without_gc(function()
   local m = dsrt.memory_stats("cpu")
   for _, k in ipairs({ "allocated", "reserved", "peak_allocated", "limit", "allocations", "cache_hits", "device_mallocs" }) do
     assert(math.type(m[k]) == "integer", k)
@@ -173,7 +163,7 @@ test("memory_stats_fields_and_accounting", function() without_gc(function()
   assert(m3.peak_allocated >= m2.allocated)
 end) end)
 
-test("cpu_memory_limit_raises_out_of_memory_and_recovers", function() without_gc(function()
+test("cpu_memory_limit_raises_out_of_memory_and_recovers", function() h.without_gc(function()
   local base = dsrt.memory_stats("cpu").allocated
   dsrt.set_memory_limit(base + 2 ^ 20, "cpu")
   local ok, err = pcall(function()

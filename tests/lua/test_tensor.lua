@@ -4,18 +4,7 @@ local dsrt = require "dsrt"
 local h = require "tests.helpers"
 local assert_error, assert_close, assert_equal = h.assert_error, h.assert_close, h.assert_equal
 
-local tests = {}
-local function test(name, fn) tests[#tests + 1] = { name, fn } end
-
--- runs fn with the collector stopped, so that memory statistics move only by what fn does
-local function without_gc(fn)
-  collectgarbage()
-  collectgarbage()
-  collectgarbage("stop")
-  local ok, err = pcall(fn)
-  collectgarbage("restart")
-  if not ok then error(err, 0) end
-end
+local tests, test = h.suite()
 
 -- ---- creation ----
 
@@ -457,7 +446,7 @@ test("fill_and_row_assignment", function()
   assert_equal(v:totable(), { 0, 3, 0, -1 })
 end)
 
-test("close_releases_memory_now", function() without_gc(function()
+test("close_releases_memory_now", function() h.without_gc(function()
   local before = dsrt.memory_stats("cpu").allocated
   local t = dsrt.zeros(1024, 1024)
   assert(dsrt.memory_stats("cpu").allocated >= before + 4 * 2 ^ 20)
