@@ -93,4 +93,41 @@ function helpers.without_gc(fn)
   if not ok then error(err, 0) end
 end
 
+-- The dsrt program running these tests (so `make asan` runs scripts under the sanitized build).
+function helpers.dsrt_bin()
+  local interpreter = arg and arg[-1]
+  return os.getenv("DSRT_BIN") or (interpreter and interpreter:find("dsrt$") and interpreter) or "build/dsrt"
+end
+
+function helpers.shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+
+function helpers.read_file(path)
+  local f = assert(io.open(path, "rb"))
+  local bytes = f:read("a")
+  f:close()
+  return bytes
+end
+
+-- A new empty folder, removed when the test run's state is closed (at exit).
+local folders = setmetatable({}, { __gc = function(list)
+  for _, folder in ipairs(list) do os.execute("rm -rf " .. helpers.shell_quote(folder)) end
+end })
+function helpers.temp_folder()
+  local folder = os.tmpname()
+  assert(os.remove(folder))
+  assert(os.execute("mkdir " .. helpers.shell_quote(folder)))
+  folders[#folders + 1] = folder
+  return folder
+end
+
+-- A tiny random checkpoint (scripts/make_tiny_model.lua) in a new temporary folder.
+function helpers.make_tiny_model(seed, tokenizer_option)
+  local folder = helpers.temp_folder()
+  local command = string.format("%s scripts/make_tiny_model.lua %s --seed %d %s >/dev/null",
+                                helpers.shell_quote(helpers.dsrt_bin()), helpers.shell_quote(folder), seed,
+                                tokenizer_option or "--no-tokenizer")
+  assert(os.execute(command), "make_tiny_model failed: " .. command)
+  return folder
+end
+
 return helpers

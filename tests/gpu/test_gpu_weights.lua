@@ -16,32 +16,12 @@ local assert_equal = h.assert_equal
 
 local tests, test = h.suite{ gpu = true }
 
--- the program running these tests, which runs scripts/make_tiny_model.lua
-local interpreter = arg and arg[-1]
-local BIN = os.getenv("DSRT_BIN") or (interpreter and interpreter:find("dsrt$") and interpreter) or "build/dsrt"
+local read_file = h.read_file
 
-local function shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
-
-local function read_file(path)
-  local f = assert(io.open(path, "rb"))
-  local text = f:read("a")
-  f:close()
-  return text
-end
-
--- The tiny checkpoint in a temporary folder, removed when this file's tests are collected.
-local folders = setmetatable({}, { __gc = function(list)
-  for _, folder in ipairs(list) do os.execute("rm -rf " .. shell_quote(folder)) end
-end })
+-- The tiny checkpoint, made once for the tests that read it.
 local tiny_folder
 local function tiny()
-  if not tiny_folder then
-    tiny_folder = os.tmpname()
-    assert(os.remove(tiny_folder))
-    folders[#folders + 1] = tiny_folder
-    assert(os.execute(string.format("%s scripts/make_tiny_model.lua %s --seed 5 --no-tokenizer >/dev/null",
-                                    shell_quote(BIN), shell_quote(tiny_folder))), "make_tiny_model failed")
-  end
+  tiny_folder = tiny_folder or h.make_tiny_model(5)
   return tiny_folder
 end
 

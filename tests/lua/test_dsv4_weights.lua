@@ -23,38 +23,8 @@ local function test(name, fn) tests[#tests + 1] = { name, fn } end
 local SEED = 3
 local FIXTURES = "tests/fixtures/config/"
 
--- the program running these tests (so `make asan` runs the script under the sanitized build)
-local interpreter = arg and arg[-1]
-local BIN = os.getenv("DSRT_BIN") or (interpreter and interpreter:find("dsrt$") and interpreter) or "build/dsrt"
-
-local function shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
-
-local function read_file(path)
-  local f = assert(io.open(path, "rb"))
-  local bytes = f:read("a")
-  f:close()
-  return bytes
-end
-
--- Temporary folders, removed when this file's tests are collected (or at exit).
-local folders = setmetatable({}, { __gc = function(list)
-  for _, folder in ipairs(list) do os.execute("rm -rf " .. shell_quote(folder)) end
-end })
-local function new_folder()
-  local folder = os.tmpname()
-  assert(os.remove(folder))
-  assert(os.execute("mkdir " .. shell_quote(folder)))
-  folders[#folders + 1] = folder
-  return folder
-end
-
-local function make_tiny_model(seed, tokenizer_option)
-  local folder = new_folder()
-  local command = string.format("%s scripts/make_tiny_model.lua %s --seed %d %s >/dev/null", shell_quote(BIN),
-                                shell_quote(folder), seed, tokenizer_option or "--no-tokenizer")
-  assert(os.execute(command), "make_tiny_model failed: " .. command)
-  return folder
-end
+local BIN, shell_quote, read_file, new_folder, make_tiny_model =
+  h.dsrt_bin(), h.shell_quote, h.read_file, h.temp_folder, h.make_tiny_model
 
 -- The tiny checkpoint, made once for the tests that read it.
 local tiny_folder
