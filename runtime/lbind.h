@@ -38,5 +38,7 @@ void dsrtL_newclass(lua_State *L, const char *name, const luaL_Reg *meta, const 
 void dsrtL_open_tensor(lua_State *L); /* adds the tensor functions to the module table on top */
 void dsrtL_open_stream(lua_State *L);
 void dsrtL_open_safetensors(lua_State *L); /* adds the file-mapping and writing primitives */
+void dsrtL_open_nn(lua_State *L);          /* adds core.nn: the model's numerical primitives */
+void dsrtL_open_layers(lua_State *L);      /* adds the layer objects (linear, moe, ...) */
 
 #endif

@@ -156,6 +156,8 @@ int luaopen_dsrt_core(lua_State *L)
     dsrtL_open_tensor(L);
     dsrtL_open_stream(L);
     dsrtL_open_safetensors(L);
+    dsrtL_open_nn(L);
+    dsrtL_open_layers(L);
     luaL_newlib(L, cuda);
     lua_setfield(L, -2, "cuda");
     lua_pushstring(L, DSRT_VERSION);

@@ -1,0 +1,695 @@
+/*
+ * nn.c - the CPU implementations of DeepSeek-V4's numerical primitives (nn.h).
+ *
+ * What this protects: these loops are the ground truth that the CUDA kernels and the composed
+ * model are tested against, so each one is written as the formula it implements (nn.h and the SPEC
+ * sections cited there), over contiguous f32 copies of its inputs, with every bf16 rounding point
+ * the reference has spelled out where it happens. The shared machinery (argument checks, the f32
+ * copies, the final rounding of a result) lives at the top so that each primitive reads as its
+ * numerics only. OpenMP spreads rows (or query rows × heads) over the cores.
+ */
+#include "nn.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "err.h"
+#include "ops.h"
+
+/* below this many elements of work a loop is not worth waking the OpenMP team for */
+enum { PARALLEL_MIN = 1 << 15 };
+
+/* a dimension check_arg accepts at any size */
+#define ANY_SIZE (-1)
+
+/* ---- arguments ---- */
+
+static int check_precision(const char *op, dsrt_precision prec)
+{
+    if (prec != DSRT_PREC_REFERENCE && prec != DSRT_PREC_FP32) return dsrt_err("%s: unknown precision %d", op, (int)prec);
+    return 0;
+}
+
+static int check_stream(const char *op, const dsrt_stream *s)
+{
+    char dev[16];
+    if (!s) return dsrt_err("%s: no stream given", op);
+    if (s->device != DSRT_CPU)
+        return dsrt_err("%s: only the CPU implementation exists so far (the stream is on %s)", op,
+                        dsrt_device_str(s->device, dev));
+    return 0;
+}
+
+/* t is on the stream's device, bf16/f32 (or, with `integer`, i32/i64), and has `ndim` dimensions
+ * (0: any number from 1) of sizes `shape` (NULL: any; ANY_SIZE entries: any). */
+static int check_arg(const char *op, const char *name, const dsrt_tensor *t, int integer, int ndim, const int64_t *shape,
+                     const dsrt_stream *s)
+{
+    char ts[128], dev[16];
+    if (!t) return dsrt_err("%s: %s is missing", op, name);
+    dsrt_tensor_str(t, ts, sizeof ts);
+    if (t->device != s->device)
+        return dsrt_err("%s: %s is %s, not on the stream's device %s", op, name, ts, dsrt_device_str(s->device, dev));
+    int dtype_ok = integer ? t->dtype == DSRT_I32 || t->dtype == DSRT_I64 : t->dtype == DSRT_BF16 || t->dtype == DSRT_F32;
+    if (!dtype_ok) return dsrt_err("%s: %s is %s, expected %s", op, name, ts, integer ? "i32 or i64" : "bf16 or f32");
+    if (ndim == 0) {
+        if (t->ndim < 1) return dsrt_err("%s: %s is %s, expected at least 1 dimension", op, name, ts);
+        return 0;
+    }
+    int ok = t->ndim == ndim;
+    for (int d = 0; ok && shape && d < ndim; d++) ok = shape[d] == ANY_SIZE || shape[d] == t->shape[d];
+    if (ok) return 0;
+    if (!shape) return dsrt_err("%s: %s is %s, expected %d dimensions", op, name, ts, ndim);
+    char want[DSRT_SHAPE_BUF];
+    int n = snprintf(want, sizeof want, "[");
+    for (int d = 0; d < ndim && n < (int)sizeof want; d++) {
+        if (shape[d] == ANY_SIZE) n += snprintf(want + n, sizeof want - (size_t)n, d ? ", *" : "*");
+        else n += snprintf(want + n, sizeof want - (size_t)n, d ? ", %lld" : "%lld", (long long)shape[d]);
+    }
+    if (n < (int)sizeof want) snprintf(want + n, sizeof want - (size_t)n, "]");
+    return dsrt_err("%s: %s is %s, expected shape %s", op, name, ts, want);
+}
+
+/* ---- values and results ---- */
+
+/* t's values as a contiguous f32 tensor: t itself when it already is one, else a converted copy */
+static dsrt_tensor *as_f32(dsrt_tensor *t, dsrt_stream *s)
+{
+    return t->dtype == DSRT_F32 ? dsrt_tensor_contiguous(t, s) : dsrt_tensor_to(t, t->device, DSRT_F32, s, 0);
+}
+
+static float *f32_data(const dsrt_tensor *t) { return (float *)t->storage->data + t->offset; }
+
+/* an integer tensor's values widened to int64 (malloc'd; free it), or NULL with a message */
+static int64_t *as_i64(const char *op, dsrt_tensor *t, dsrt_stream *s)
+{
+    dsrt_tensor *c = dsrt_tensor_contiguous(t, s);
+    if (!c) return NULL;
+    int64_t n = dsrt_tensor_numel(c);
+    int64_t *v = malloc((size_t)(n ? n : 1) * sizeof *v);
+    if (v)
+        for (int64_t i = 0; i < n; i++) v[i] = dsrt_load_i64(c->storage->data, c->dtype, c->offset + i);
+    dsrt_tensor_release(c);
+    return v ? v : dsrt_err_null("%s: out of memory", op);
+}
+
+static dsrt_tensor *new_f32(int ndim, const int64_t *shape, dsrt_stream *s)
+{
+    return dsrt_tensor_new(DSRT_F32, ndim, shape, DSRT_CPU, s);
+}
+
+/* An activation result computed in fp32, in the dtype of the precision: the reference rounds it to
+ * bf16 once, here. Takes ownership of `result` (NULL passes through). */
+static dsrt_tensor *finish(dsrt_tensor *result, dsrt_precision prec, dsrt_stream *s)
+{
+    if (!result || prec == DSRT_PREC_FP32) return result;
+    dsrt_tensor *out = dsrt_tensor_to(result, result->device, DSRT_BF16, s, 0);
+    dsrt_tensor_release(result);
+    return out;
+}
+
+static int64_t rows_of(const dsrt_tensor *t)
+{
+    int64_t n = t->shape[t->ndim - 1];
+    return n ? dsrt_tensor_numel(t) / n : 0;
+}
+
+static float round_bf16(float v) { return dsrt_bf16_to_f32(dsrt_f32_to_bf16(v)); }
+
+static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* mean of the fp32 squares of x[0..n), summed in double and rounded once to fp32 */
+static float mean_square(const float *x, int64_t n)
+{
+    double acc = 0;
+    for (int64_t j = 0; j < n; j++) acc += (double)(x[j] * x[j]);
+    return (float)(acc / (double)n);
+}
+
+/* ---- norms (SPEC §3.1-3.2) ---- */
+
+/* y = x·rsqrt(mean(x²) + eps) [·w] per row of d values, all fp32 */
+static void normalise_rows(const float *x, const float *w, int64_t rows, int64_t d, float eps, float *y)
+{
+#pragma omp parallel for if (rows * d > PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        float *yr = y + r * d;
+        float inv = 1.0f / sqrtf(mean_square(xr, d) + eps);
+        for (int64_t j = 0; j < d; j++) {
+            float v = xr[j] * inv;
+            yr[j] = w ? w[j] * v : v;
+        }
+    }
+}
+
+dsrt_tensor *dsrt_nn_rms_norm(dsrt_tensor *x, dsrt_tensor *weight, float eps, dsrt_precision prec, dsrt_stream *s)
+{
+    const char *op = "nn.rms_norm";
+    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return NULL;
+    int64_t d = x->shape[x->ndim - 1];
+    if (weight && check_arg(op, "weight", weight, 0, 1, &d, s)) return NULL;
+    dsrt_tensor *xv = as_f32(x, s), *wv = xv && weight ? as_f32(weight, s) : NULL;
+    dsrt_tensor *y = xv && (wv || !weight) ? new_f32(x->ndim, x->shape, s) : NULL;
+    if (y) normalise_rows(f32_data(xv), wv ? f32_data(wv) : NULL, rows_of(x), d, eps, f32_data(y));
+    dsrt_tensor_release(xv);
+    dsrt_tensor_release(wv);
+    return finish(y, prec, s);
+}
+
+/* the reference's bf16 evaluation of q·rsqrt(mean(q²) + eps), the five roundings of nn.h */
+static void normalise_rows_bf16(const float *x, int64_t rows, int64_t d, float eps, float *y)
+{
+#pragma omp parallel for if (rows * d > PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        double acc = 0;
+        for (int64_t j = 0; j < d; j++) acc += round_bf16(xr[j] * xr[j]);
+        float mean = round_bf16((float)(acc / (double)d));
+        float inv = round_bf16(1.0f / sqrtf(round_bf16(mean + eps)));
+        for (int64_t j = 0; j < d; j++) y[r * d + j] = xr[j] * inv; /* rounded to bf16 by finish() */
+    }
+}
+
+dsrt_tensor *dsrt_nn_head_rms_norm(dsrt_tensor *q, float eps, dsrt_precision prec, dsrt_stream *s)
+{
+    const char *op = "nn.head_rms_norm";
+    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "q", q, 0, 0, NULL, s)) return NULL;
+    int64_t d = q->shape[q->ndim - 1];
+    dsrt_tensor *qv = as_f32(q, s), *y = qv ? new_f32(q->ndim, q->shape, s) : NULL;
+    if (y && prec == DSRT_PREC_REFERENCE) normalise_rows_bf16(f32_data(qv), rows_of(q), d, eps, f32_data(y));
+    else if (y) normalise_rows(f32_data(qv), NULL, rows_of(q), d, eps, f32_data(y));
+    dsrt_tensor_release(qv);
+    return finish(y, prec, s);
+}
+
+/* ---- activation round trips (SPEC §3.3-3.4) ---- */
+
+typedef void (*row_roundtrip)(float *v, int n, int blk);
+static void q8_row(float *v, int n, int blk) { dsrt_q8_roundtrip(v, n, blk); }
+static void q4_row(float *v, int n, int blk) { (void)blk; dsrt_q4_roundtrip(v, n); }
+
+/* applies `trip` to columns [first, first + count) of every row of x, writing back into x */
+static int roundtrip_in_place(dsrt_tensor *x, int64_t first, int64_t count, int blk, row_roundtrip trip, dsrt_stream *s)
+{
+    dsrt_tensor *v = as_f32(x, s); /* x itself when it is contiguous f32: then the loop writes x */
+    if (!v) return -1;
+    int64_t n = x->shape[x->ndim - 1], rows = rows_of(x);
+    float *p = f32_data(v);
+#pragma omp parallel for if (rows * count > PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) trip(p + r * n + first, (int)count, blk);
+    int rc = v == x ? 0 : dsrt_op_copy(x, v, s); /* q·s is exact in bf16, so the copy back is too */
+    dsrt_tensor_release(v);
+    return rc;
+}
+
+/* the common checks of the two round trips; the row length must fit quant.h's int */
+static int check_roundtrip(const char *op, const dsrt_tensor *x, dsrt_precision prec, const dsrt_stream *s)
+{
+    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return -1;
+    if (x->shape[x->ndim - 1] > INT_MAX) {
+        char ts[128];
+        return dsrt_err("%s: x is %s, rows longer than %d", op, dsrt_tensor_str(x, ts, sizeof ts), INT_MAX);
+    }
+    return 0;
+}
+
+int dsrt_nn_quant_roundtrip_q8(dsrt_tensor *x, int blk, int64_t first, int64_t count, dsrt_precision prec,
+                               dsrt_stream *s)
+{
+    const char *op = "nn.quant_roundtrip_q8";
+    if (check_roundtrip(op, x, prec, s)) return -1;
+    char ts[128];
+    int64_t n = x->shape[x->ndim - 1];
+    if (blk < 1 || blk > 128) return dsrt_err("%s: block size %d outside 1..128", op, blk);
+    if (first < 0 || count < 0 || first > n - count)
+        return dsrt_err("%s: columns [%lld, %lld) are not within the %lld of x %s", op, (long long)first,
+                        (long long)(first + count), (long long)n, dsrt_tensor_str(x, ts, sizeof ts));
+    if (prec == DSRT_PREC_FP32 || count == 0) return 0;
+    return roundtrip_in_place(x, first, count, blk, q8_row, s);
+}
+
+int dsrt_nn_quant_roundtrip_q4(dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)
+{
+    const char *op = "nn.quant_roundtrip_q4";
+    if (check_roundtrip(op, x, prec, s)) return -1;
+    if (prec == DSRT_PREC_FP32) return 0;
+    return roundtrip_in_place(x, 0, x->shape[x->ndim - 1], 32, q4_row, s);
+}
+
+/* ---- RoPE (SPEC §3.6) ---- */
+
+static int rope_freqs(const char *op, double theta, const dsrt_yarn *yarn, float *freqs)
+{
+    if (!(theta > 1)) return dsrt_err("%s: theta must be > 1, got %g", op, theta);
+    if (yarn && !(yarn->factor > 0 && yarn->beta_fast > 0 && yarn->beta_slow > 0 && yarn->original_seq_len > 0))
+        return dsrt_err("%s: YaRN needs factor, beta_fast, beta_slow and original_seq_len > 0 (got %g, %g, %g, %lld)",
+                        op, yarn->factor, yarn->beta_fast, yarn->beta_slow, (long long)yarn->original_seq_len);
+    /* 1 / base^(arange(0, 64, 2) / 64) in fp32, as torch evaluates it */
+    for (int i = 0; i < DSRT_NN_ROPE_PAIRS; i++)
+        freqs[i] = 1.0f / powf((float)theta, (float)(2 * i) / (float)DSRT_NN_ROPE_DIMS);
+    if (!yarn) return 0;
+    /* the correction range in double (Python's math), c(n) = d·ln(L0/(2πn)) / (2·ln base) */
+    double dims = DSRT_NN_ROPE_DIMS, l0 = (double)yarn->original_seq_len;
+    double low = floor(dims * log(l0 / (yarn->beta_fast * 2 * M_PI)) / (2 * log(theta)));
+    double high = ceil(dims * log(l0 / (yarn->beta_slow * 2 * M_PI)) / (2 * log(theta)));
+    low = low > 0 ? low : 0;
+    high = high < dims - 1 ? high : dims - 1;
+    if (low == high) high += 0.001; /* the reference's guard against a zero-width ramp */
+    /* the ramp and the blend in fp32, in the reference's order of operations */
+    for (int i = 0; i < DSRT_NN_ROPE_PAIRS; i++) {
+        float ramp = ((float)i - (float)low) / (float)(high - low);
+        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+        float smooth = 1.0f - ramp;
+        freqs[i] = freqs[i] / (float)yarn->factor * (1.0f - smooth) + freqs[i] * smooth;
+    }
+    return 0;
+}
+
+int dsrt_nn_rope_freqs(double theta, const dsrt_yarn *yarn, float freqs[DSRT_NN_ROPE_PAIRS])
+{
+    return rope_freqs("nn.rope_freqs", theta, yarn, freqs);
+}
+
+dsrt_tensor *dsrt_nn_rope(dsrt_tensor *x, dsrt_tensor *positions, double theta, const dsrt_yarn *yarn, int inverse,
+                          dsrt_precision prec, dsrt_stream *s)
+{
+    const char *op = "nn.rope";
+    char ts[128];
+    float freqs[DSRT_NN_ROPE_PAIRS];
+    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return NULL;
+    if (x->ndim != 2 && x->ndim != 3)
+        return dsrt_err_null("%s: x is %s, expected [S, H, w] or [S, w]", op, dsrt_tensor_str(x, ts, sizeof ts));
+    int64_t S = x->shape[0], heads = x->ndim == 3 ? x->shape[1] : 1, w = x->shape[x->ndim - 1];
+    if (w < DSRT_NN_ROPE_DIMS)
+        return dsrt_err_null("%s: x is %s, its vectors are narrower than the %d rotated dims", op,
+                             dsrt_tensor_str(x, ts, sizeof ts), DSRT_NN_ROPE_DIMS);
+    if (check_arg(op, "positions", positions, 1, 1, &S, s) || rope_freqs(op, theta, yarn, freqs)) return NULL;
+    int64_t *pos = as_i64(op, positions, s);
+    if (!pos) return NULL;
+    for (int64_t i = 0; i < S; i++)
+        if (pos[i] < 0) {
+            long long bad = (long long)pos[i];
+            free(pos);
+            return dsrt_err_null("%s: positions[%lld] = %lld is negative", op, (long long)i, bad);
+        }
+    dsrt_tensor *xv = as_f32(x, s), *y = xv ? new_f32(x->ndim, x->shape, s) : NULL;
+    if (y) {
+        const float *px = f32_data(xv);
+        float *py = f32_data(y);
+        int64_t kept = w - DSRT_NN_ROPE_DIMS;
+#pragma omp parallel for if (S * heads * w > PARALLEL_MIN)
+        for (int64_t t = 0; t < S; t++) {
+            float cos_t[DSRT_NN_ROPE_PAIRS], sin_t[DSRT_NN_ROPE_PAIRS];
+            for (int i = 0; i < DSRT_NN_ROPE_PAIRS; i++) {
+                float angle = (float)pos[t] * freqs[i]; /* one fp32 product, as torch.outer */
+                cos_t[i] = cosf(angle);
+                sin_t[i] = sinf(angle);
+            }
+            for (int64_t h = 0; h < heads; h++) {
+                const float *v = px + (t * heads + h) * w;
+                float *o = py + (t * heads + h) * w;
+                memcpy(o, v, (size_t)kept * sizeof *o);
+                for (int i = 0; i < DSRT_NN_ROPE_PAIRS; i++) {
+                    float a = v[kept + 2 * i], b = v[kept + 2 * i + 1], c = cos_t[i], sn = sin_t[i];
+                    /* (a + jb)·(c ± js), fp32 */
+                    o[kept + 2 * i] = inverse ? a * c + b * sn : a * c - b * sn;
+                    o[kept + 2 * i + 1] = inverse ? b * c - a * sn : a * sn + b * c;
+                }
+            }
+        }
+    }
+    free(pos);
+    dsrt_tensor_release(xv);
+    return finish(y, prec, s);
+}
+
+/* ---- Hadamard rotation (SPEC §3.7) ---- */
+
+/* y = H_128·x / sqrt(128): in-place butterflies give Sylvester (natural) order */
+static void hadamard_row(const float *x, float *y)
+{
+    const float scale = 0.08838834764831845f; /* fp32(128^-0.5) */
+    memcpy(y, x, DSRT_NN_HADAMARD_DIM * sizeof *y);
+    for (int h = 1; h < DSRT_NN_HADAMARD_DIM; h *= 2)
+        for (int i = 0; i < DSRT_NN_HADAMARD_DIM; i += 2 * h)
+            for (int j = i; j < i + h; j++) {
+                float a = y[j], b = y[j + h];
+                y[j] = a + b;
+                y[j + h] = a - b;
+            }
+    for (int j = 0; j < DSRT_NN_HADAMARD_DIM; j++) y[j] *= scale;
+}
+
+dsrt_tensor *dsrt_nn_hadamard128(dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)
+{
+    const char *op = "nn.hadamard128";
+    char ts[128];
+    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return NULL;
+    if (x->shape[x->ndim - 1] != DSRT_NN_HADAMARD_DIM)
+        return dsrt_err_null("%s: x is %s, expected [..., %d]", op, dsrt_tensor_str(x, ts, sizeof ts),
+                             DSRT_NN_HADAMARD_DIM);
+    dsrt_tensor *xv = as_f32(x, s), *y = xv ? new_f32(x->ndim, x->shape, s) : NULL;
+    if (y) {
+        const float *px = f32_data(xv);
+        float *py = f32_data(y);
+        int64_t rows = rows_of(x);
+#pragma omp parallel for if (rows * DSRT_NN_HADAMARD_DIM > PARALLEL_MIN)
+        for (int64_t r = 0; r < rows; r++) hadamard_row(px + r * DSRT_NN_HADAMARD_DIM, py + r * DSRT_NN_HADAMARD_DIM);
+    }
+    dsrt_tensor_release(xv);
+    return finish(y, prec, s);
+}
+
+/* ---- sparse attention (SPEC §3.8) ---- */
+
+static float dot(const float *a, const float *b, int64_t n)
+{
+    double acc = 0;
+    for (int64_t i = 0; i < n; i++) acc += (double)a[i] * b[i];
+    return (float)acc;
+}
+
+/* One query row and head: the kernel's online softmax over blocks of the index list (nn.h).
+ * `o` receives the result (it is also the fp32 accumulator). */
+static void attend(const float *q, const float *pool, int64_t D, const int64_t *idx, int64_t K, float sink, float scale,
+                   int round_p, float *o)
+{
+    float score[DSRT_NN_ATTENTION_BLOCK];
+    float m = -INFINITY, den = 0;
+    memset(o, 0, (size_t)D * sizeof *o);
+    for (int64_t b0 = 0; b0 < K; b0 += DSRT_NN_ATTENTION_BLOCK) {
+        int64_t n = K - b0 < DSRT_NN_ATTENTION_BLOCK ? K - b0 : DSRT_NN_ATTENTION_BLOCK;
+        const int64_t *bi = idx + b0;
+        float m_new = m;
+        int valid = 0;
+        for (int64_t j = 0; j < n; j++) {
+            if (bi[j] < 0) continue;
+            score[j] = dot(q, pool + bi[j] * D, D) * scale;
+            m_new = fmaxf(m_new, score[j]);
+            valid++;
+        }
+        if (!valid) continue; /* the kernel would rescale by e^(-inf - -inf) here when m is still -inf */
+        float alpha = expf(m - m_new); /* 0 for the first block with a valid entry */
+        double block_sum = 0;
+        for (int64_t j = 0; j < n; j++) {
+            if (bi[j] < 0) continue;
+            float p = expf(score[j] - m_new);
+            block_sum += p;
+            score[j] = round_p ? round_bf16(p) : p; /* what the P·V product sees */
+        }
+        den = den * alpha + (float)block_sum;
+        for (int64_t c = 0; c < D; c++) o[c] *= alpha;
+        for (int64_t j = 0; j < n; j++) {
+            if (bi[j] < 0) continue;
+            const float *kv = pool + bi[j] * D;
+            for (int64_t c = 0; c < D; c++) o[c] += score[j] * kv[c];
+        }
+        m = m_new;
+    }
+    if (m == -INFINITY) return; /* no valid index: zeros */
+    den += expf(sink - m);      /* the sink: a zero-valued key, in the denominator only */
+    for (int64_t c = 0; c < D; c++) o[c] /= den;
+}
+
+dsrt_tensor *dsrt_nn_sparse_attention(dsrt_tensor *q, dsrt_tensor *pool, dsrt_tensor *indices, dsrt_tensor *sink,
+                                      float scale, dsrt_precision prec, dsrt_stream *s)
+{
+    const char *op = "nn.sparse_attention";
+    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "q", q, 0, 3, NULL, s)) return NULL;
+    int64_t S = q->shape[0], H = q->shape[1], D = q->shape[2];
+    int64_t pool_shape[2] = {ANY_SIZE, D}, index_shape[2] = {S, ANY_SIZE};
+    if (check_arg(op, "pool", pool, 0, 2, pool_shape, s) || check_arg(op, "indices", indices, 1, 2, index_shape, s) ||
+        check_arg(op, "sink", sink, 0, 1, &H, s))
+        return NULL;
+    int64_t N = pool->shape[0], K = indices->shape[1];
+    int64_t *idx = as_i64(op, indices, s);
+    if (!idx) return NULL;
+    for (int64_t i = 0; i < S * K; i++)
+        if (idx[i] < -1 || idx[i] >= N) {
+            char ps[128];
+            long long bad = (long long)idx[i];
+            free(idx);
+            return dsrt_err_null("%s: indices[%lld, %lld] = %lld is not a row of pool %s (nor -1, unused)", op,
+                                 (long long)(i / K), (long long)(i % K), bad, dsrt_tensor_str(pool, ps, sizeof ps));
+        }
+    dsrt_tensor *qv = as_f32(q, s), *pv = qv ? as_f32(pool, s) : NULL, *sv = pv ? as_f32(sink, s) : NULL;
+    dsrt_tensor *o = sv ? new_f32(3, q->shape, s) : NULL;
+    if (o) {
+        const float *pq = f32_data(qv), *pp = f32_data(pv), *ps = f32_data(sv);
+        float *po = f32_data(o);
+        int round_p = prec == DSRT_PREC_REFERENCE;
+#pragma omp parallel for schedule(dynamic) if (S * H * K * D > PARALLEL_MIN)
+        for (int64_t sh = 0; sh < S * H; sh++) {
+            int64_t t = sh / H, h = sh % H;
+            attend(pq + sh * D, pp, D, idx + t * K, K, ps[h], scale, round_p, po + sh * D);
+        }
+    }
+    free(idx);
+    dsrt_tensor_release(qv);
+    dsrt_tensor_release(pv);
+    dsrt_tensor_release(sv);
+    return finish(o, prec, s);
+}
+
+/* ---- hyper-connections (SPEC §3.9, §4, §5) ---- */
+
+/* hc_split_sinkhorn for one token, as the tilelang kernel (nn.h); comb is hc×hc row-major */
+static void sinkhorn_row(const float *mix, const float *scale, const float *base, int hc, int iters, float eps,
+                         float *pre, float *post, float *comb)
+{
+    for (int j = 0; j < hc; j++) {
+        pre[j] = sigmoid(mix[j] * scale[0] + base[j]) + eps;
+        post[j] = 2 * sigmoid(mix[hc + j] * scale[1] + base[hc + j]);
+    }
+    for (int i = 0; i < hc * hc; i++) comb[i] = mix[2 * hc + i] * scale[2] + base[2 * hc + i];
+    /* softmax over each row (max subtracted), then + eps */
+    for (int j = 0; j < hc; j++) {
+        float *row = comb + j * hc, mx = row[0], sum = 0;
+        for (int k = 1; k < hc; k++) mx = fmaxf(mx, row[k]);
+        for (int k = 0; k < hc; k++) {
+            row[k] = expf(row[k] - mx);
+            sum += row[k];
+        }
+        for (int k = 0; k < hc; k++) row[k] = row[k] / sum + eps;
+    }
+    for (int it = 0; it < iters; it++) {
+        if (it > 0) /* the first column normalisation follows the softmax directly */
+            for (int j = 0; j < hc; j++) {
+                float *row = comb + j * hc, sum = 0;
+                for (int k = 0; k < hc; k++) sum += row[k];
+                for (int k = 0; k < hc; k++) row[k] /= sum + eps;
+            }
+        for (int k = 0; k < hc; k++) {
+            float sum = 0;
+            for (int j = 0; j < hc; j++) sum += comb[j * hc + k];
+            for (int j = 0; j < hc; j++) comb[j * hc + k] /= sum + eps;
+        }
+    }
+}
+
+/* the parameter checks Sinkhorn needs: scale [3], base [(2+hc)·hc], iters >= 1 */
+static int check_sinkhorn_params(const char *op, const dsrt_tensor *scale, const dsrt_tensor *base, int hc, int iters,
+                                 const dsrt_stream *s)
+{
+    int64_t three = 3, mix = (int64_t)(2 + hc) * hc;
+    if (iters < 1) return dsrt_err("%s: Sinkhorn needs at least 1 iteration, got %d", op, iters);
+    return check_arg(op, "scale", scale, 0, 1, &three, s) || check_arg(op, "base", base, 0, 1, &mix, s) ? -1 : 0;
+}
+
+/* The outputs of a multi-result function: all set, or all NULL after a failure. */
+static int all_or_nothing(int rc, dsrt_tensor **a, dsrt_tensor **b, dsrt_tensor **c)
+{
+    if (rc || !*a || !*b || !*c) {
+        dsrt_tensor_release(*a);
+        dsrt_tensor_release(*b);
+        dsrt_tensor_release(*c);
+        *a = *b = *c = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+int dsrt_nn_sinkhorn(dsrt_tensor *mixes, dsrt_tensor *scale, dsrt_tensor *base, int hc, int iters, float eps,
+                     dsrt_stream *s, dsrt_tensor **pre, dsrt_tensor **post, dsrt_tensor **comb)
+{
+    const char *op = "nn.sinkhorn";
+    *pre = *post = *comb = NULL;
+    if (check_stream(op, s)) return -1;
+    if (hc < 1) return dsrt_err("%s: hc must be at least 1, got %d", op, hc);
+    int64_t mix_shape[2] = {ANY_SIZE, (int64_t)(2 + hc) * hc};
+    if (check_arg(op, "mixes", mixes, 0, 2, mix_shape, s) || check_sinkhorn_params(op, scale, base, hc, iters, s))
+        return -1;
+    int64_t T = mixes->shape[0], vec[2] = {T, hc}, mat[3] = {T, hc, hc};
+    dsrt_tensor *mv = as_f32(mixes, s), *sv = mv ? as_f32(scale, s) : NULL, *bv = sv ? as_f32(base, s) : NULL;
+    if (bv) {
+        *pre = new_f32(2, vec, s);
+        *post = new_f32(2, vec, s);
+        *comb = new_f32(3, mat, s);
+    }
+    if (*pre && *post && *comb) {
+        const float *pm = f32_data(mv), *ps = f32_data(sv), *pb = f32_data(bv);
+#pragma omp parallel for if (T * hc * hc * iters > PARALLEL_MIN)
+        for (int64_t t = 0; t < T; t++)
+            sinkhorn_row(pm + t * mix_shape[1], ps, pb, hc, iters, eps, f32_data(*pre) + t * hc,
+                         f32_data(*post) + t * hc, f32_data(*comb) + t * hc * hc);
+    }
+    dsrt_tensor_release(mv);
+    dsrt_tensor_release(sv);
+    dsrt_tensor_release(bv);
+    return all_or_nothing(!bv, pre, post, comb);
+}
+
+/* mixes [T, M] = (x·fnᵀ)·ρ for the flattened streams x [T, K] (f32, contiguous), with
+ * ρ = rsqrt(mean(x²) + norm_eps) per token: the GEMM first, the norm after (SPEC §5) */
+static dsrt_tensor *hc_mixes(dsrt_tensor *x, dsrt_tensor *fn, float norm_eps, dsrt_stream *s)
+{
+    int64_t T = x->shape[0], K = x->shape[1], M = fn->shape[0], shape[2] = {T, M};
+    dsrt_tensor *fv = as_f32(fn, s), *fv_t = fv ? dsrt_tensor_transpose(fv, 0, 1) : NULL;
+    dsrt_tensor *fn_t = fv_t ? dsrt_tensor_contiguous(fv_t, s) : NULL; /* [K, M], the GEMM's B */
+    dsrt_tensor *mixes = fn_t ? new_f32(2, shape, s) : NULL;
+    if (mixes) {
+        const float *px = f32_data(x);
+        float *pm = f32_data(mixes);
+        dsrt_gemm_f32(T, M, K, px, K, f32_data(fn_t), M, pm, M);
+        for (int64_t t = 0; t < T; t++) {
+            float rho = 1.0f / sqrtf(mean_square(px + t * K, K) + norm_eps);
+            for (int64_t i = 0; i < M; i++) pm[t * M + i] *= rho;
+        }
+    }
+    dsrt_tensor_release(fv);
+    dsrt_tensor_release(fv_t);
+    dsrt_tensor_release(fn_t);
+    return mixes;
+}
+
+/* u[t] = Σ_s w[t, s]·x[t, s] over the hc streams of d values, fp32, s in order */
+static void collapse(const float *x, const float *w, int64_t T, int hc, int64_t d, float *u)
+{
+#pragma omp parallel for if (T * hc * d > PARALLEL_MIN)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t c = 0; c < d; c++) {
+            float acc = 0;
+            for (int st = 0; st < hc; st++) acc += w[t * hc + st] * x[(t * hc + st) * d + c];
+            u[t * d + c] = acc;
+        }
+}
+
+/* the checks hc_pre and hc_head share: X [T, hc, d] with hc >= 1, fn [rows, hc·d]; sets hc and d */
+static int check_streams(const char *op, const dsrt_tensor *X, const dsrt_tensor *fn, int mix_per_hc, const dsrt_stream *s,
+                         int *hc, int64_t *d)
+{
+    char ts[128];
+    if (check_arg(op, "X", X, 0, 3, NULL, s)) return -1;
+    if (X->shape[1] < 1 || X->shape[1] > 1024)
+        return dsrt_err("%s: X is %s, expected [T, hc, d] with 1 <= hc <= 1024", op, dsrt_tensor_str(X, ts, sizeof ts));
+    *hc = (int)X->shape[1];
+    *d = X->shape[2];
+    int64_t fn_shape[2] = {mix_per_hc ? (int64_t)(2 + *hc) * *hc : *hc, *hc * *d};
+    return check_arg(op, "fn", fn, 0, 2, fn_shape, s);
+}
+
+int dsrt_nn_hc_pre(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps,
+                   float norm_eps, int iters, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **u,
+                   dsrt_tensor **post, dsrt_tensor **comb)
+{
+    const char *op = "nn.hc_pre";
+    int hc;
+    int64_t d;
+    *u = *post = *comb = NULL;
+    if (check_precision(op, prec) || check_stream(op, s) || check_streams(op, X, fn, 1, s, &hc, &d) ||
+        check_sinkhorn_params(op, scale, base, hc, iters, s))
+        return -1;
+    int64_t T = X->shape[0], flat[2] = {T, hc * d}, ushape[2] = {T, d};
+    dsrt_tensor *xv = as_f32(X, s), *x2 = xv ? dsrt_tensor_view(xv, 2, flat) : NULL;
+    dsrt_tensor *mixes = x2 ? hc_mixes(x2, fn, norm_eps, s) : NULL, *pre = NULL;
+    int rc = !mixes || dsrt_nn_sinkhorn(mixes, scale, base, hc, iters, hc_eps, s, &pre, post, comb);
+    if (!rc) *u = new_f32(2, ushape, s);
+    if (*u) collapse(f32_data(xv), f32_data(pre), T, hc, d, f32_data(*u));
+    *u = finish(*u, prec, s);
+    dsrt_tensor_release(xv);
+    dsrt_tensor_release(x2);
+    dsrt_tensor_release(mixes);
+    dsrt_tensor_release(pre);
+    return all_or_nothing(rc, u, post, comb);
+}
+
+dsrt_tensor *dsrt_nn_hc_post(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_tensor *comb,
+                             dsrt_precision prec, dsrt_stream *s)
+{
+    const char *op = "nn.hc_post";
+    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "X", X, 0, 3, NULL, s)) return NULL;
+    int64_t T = X->shape[0], hc = X->shape[1], d = X->shape[2];
+    int64_t fshape[2] = {T, d}, pshape[2] = {T, hc}, cshape[3] = {T, hc, hc};
+    if (check_arg(op, "f", f, 0, 2, fshape, s) || check_arg(op, "post", post, 0, 2, pshape, s) ||
+        check_arg(op, "comb", comb, 0, 3, cshape, s))
+        return NULL;
+    dsrt_tensor *fv = as_f32(f, s), *xv = fv ? as_f32(X, s) : NULL, *pv = xv ? as_f32(post, s) : NULL;
+    dsrt_tensor *cv = pv ? as_f32(comb, s) : NULL, *y = cv ? new_f32(3, X->shape, s) : NULL;
+    if (y) {
+        const float *pf = f32_data(fv), *px = f32_data(xv), *pp = f32_data(pv), *pc = f32_data(cv);
+        float *py = f32_data(y);
+#pragma omp parallel for if (T * hc * hc * d > PARALLEL_MIN)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t k = 0; k < hc; k++)
+                for (int64_t c = 0; c < d; c++) {
+                    float mixed = 0; /* Σ_j comb[j][k]·X_j: destination k reads column k */
+                    for (int64_t j = 0; j < hc; j++) mixed += pc[(t * hc + j) * hc + k] * px[(t * hc + j) * d + c];
+                    py[(t * hc + k) * d + c] = pp[t * hc + k] * pf[t * d + c] + mixed;
+                }
+    }
+    dsrt_tensor_release(fv);
+    dsrt_tensor_release(xv);
+    dsrt_tensor_release(pv);
+    dsrt_tensor_release(cv);
+    return finish(y, prec, s);
+}
+
+dsrt_tensor *dsrt_nn_hc_head(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps,
+                             float norm_eps, dsrt_precision prec, dsrt_stream *s)
+{
+    const char *op = "nn.hc_head";
+    int hc;
+    int64_t d, one = 1;
+    if (check_precision(op, prec) || check_stream(op, s) || check_streams(op, X, fn, 0, s, &hc, &d)) return NULL;
+    int64_t hc64 = hc;
+    if (check_arg(op, "scale", scale, 0, 1, &one, s) || check_arg(op, "base", base, 0, 1, &hc64, s)) return NULL;
+    int64_t T = X->shape[0], flat[2] = {T, hc * d}, yshape[2] = {T, d};
+    dsrt_tensor *xv = as_f32(X, s), *x2 = xv ? dsrt_tensor_view(xv, 2, flat) : NULL;
+    dsrt_tensor *mixes = x2 ? hc_mixes(x2, fn, norm_eps, s) : NULL;
+    dsrt_tensor *sv = mixes ? as_f32(scale, s) : NULL, *bv = sv ? as_f32(base, s) : NULL;
+    dsrt_tensor *y = bv ? new_f32(2, yshape, s) : NULL;
+    if (y) {
+        /* the weights overwrite the mixes: w_s = σ(mixes_s·scale + base_s) + hc_eps */
+        float *pw = f32_data(mixes);
+        const float *pb = f32_data(bv);
+        float sc = f32_data(sv)[0];
+        for (int64_t t = 0; t < T; t++)
+            for (int st = 0; st < hc; st++) pw[t * hc + st] = sigmoid(pw[t * hc + st] * sc + pb[st]) + hc_eps;
+        collapse(f32_data(xv), pw, T, hc, d, f32_data(y));
+    }
+    dsrt_tensor_release(xv);
+    dsrt_tensor_release(x2);
+    dsrt_tensor_release(mixes);
+    dsrt_tensor_release(sv);
+    dsrt_tensor_release(bv);
+    return finish(y, prec, s);
+}
+
+dsrt_tensor *dsrt_nn_hc_expand(dsrt_tensor *e, int hc, dsrt_stream *s)
+{
+    const char *op = "nn.hc_expand";
+    if (check_stream(op, s) || check_arg(op, "e", e, 0, 2, NULL, s)) return NULL;
+    if (hc < 1) return dsrt_err_null("%s: hc must be at least 1, got %d", op, hc);
+    int64_t T = e->shape[0], d = e->shape[1], one_stream[3] = {T, 1, d}, streams[3] = {T, hc, d};
+    dsrt_tensor *src = dsrt_tensor_reshape(e, 3, one_stream, s);
+    dsrt_tensor *X = src ? dsrt_tensor_new(e->dtype, 3, streams, DSRT_CPU, s) : NULL;
+    if (X && dsrt_op_copy(X, src, s)) { /* the copy broadcasts the one stream to hc */
+        dsrt_tensor_release(X);
+        X = NULL;
+    }
+    dsrt_tensor_release(src);
+    return X;
+}
