@@ -35,6 +35,11 @@ int dsrtL_checkdevice(lua_State *L, int idx, int def); /* "cpu" | "cuda" | "cuda
  * the metatable's "methods" field, and as __index unless `meta` brings its own __index). */
 void dsrtL_newclass(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_Reg *methods);
 
+/* The precision argument at idx: "reference" or "fp32"; `prefix` names the function in the error
+ * ("nn.rms_norm"). With `required` false, none/nil means "reference". */
+#include "quant.h"
+dsrt_precision dsrtL_checkprecision(lua_State *L, int idx, const char *prefix, int required);
+
 void dsrtL_open_tensor(lua_State *L); /* adds the tensor functions to the module table on top */
 void dsrtL_open_stream(lua_State *L);
 void dsrtL_open_safetensors(lua_State *L); /* adds the file-mapping and writing primitives */

@@ -14,6 +14,7 @@
 #include "upload.h"
 
 #include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 
 /* dsrt.memory_stats([device]) -> {allocated=, reserved=, peak_allocated=, limit=, ...} in bytes */
@@ -93,6 +94,20 @@ void dsrtL_newclass(lua_State *L, const char *name, const luaL_Reg *meta, const 
     lua_pop(L, 1);
     lua_setfield(L, -2, "methods");
     lua_pop(L, 1);
+}
+
+dsrt_precision dsrtL_checkprecision(lua_State *L, int idx, const char *prefix, int required)
+{
+    if (!required && lua_isnoneornil(L, idx)) return DSRT_PREC_REFERENCE;
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        const char *name = lua_tostring(L, idx);
+        if (!strcmp(name, "reference")) return DSRT_PREC_REFERENCE;
+        if (!strcmp(name, "fp32")) return DSRT_PREC_FP32;
+        luaL_error(L, "%s: precision (argument #%d) must be \"reference\" or \"fp32\", got \"%s\"", prefix, idx, name);
+    }
+    luaL_error(L, "%s: precision (argument #%d) must be \"reference\" or \"fp32\", got %s", prefix, idx,
+               lua_isnone(L, idx) ? "no value" : luaL_typename(L, idx));
+    return DSRT_PREC_REFERENCE;
 }
 
 typedef struct {

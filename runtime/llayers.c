@@ -48,13 +48,6 @@
 typedef struct { dsrt_linear *l; } linear_box;
 typedef struct { dsrt_moe *m; } moe_box;
 
-/* "reference" | "fp32", in the order of dsrt_precision */
-static dsrt_precision check_precision(lua_State *L, int idx)
-{
-    static const char *const names[] = {"reference", "fp32", NULL};
-    return (dsrt_precision)luaL_checkoption(L, idx, "reference", names);
-}
-
 /* ---- table fields ---- */
 
 /* Pushes t[key] and returns whether it is present; raises unless it is of `type` (or absent and
@@ -181,7 +174,7 @@ static int l_linear_forward(lua_State *L)
 {
     dsrt_linear *l = check_linear(L, 1);
     dsrt_tensor *x = dsrtL_checktensor(L, 2);
-    dsrt_precision prec = check_precision(L, 3);
+    dsrt_precision prec = dsrtL_checkprecision(L, 3, "linear:forward", 0);
     dsrtL_pushtensor(L, dsrt_linear_forward(l, x, prec, dsrtL_current_stream(L, x->device)));
     return 1;
 }
@@ -339,7 +332,7 @@ static int l_moe_forward(lua_State *L)
 {
     dsrt_moe *m = check_moe(L, 1);
     dsrt_tensor *x = dsrtL_checktensor(L, 2), *ids = opt_token_ids(L, 3);
-    dsrt_precision prec = check_precision(L, 4);
+    dsrt_precision prec = dsrtL_checkprecision(L, 4, "moe:forward", 0);
     dsrtL_pushtensor(L, dsrt_moe_forward(m, x, ids, prec, dsrtL_current_stream(L, x->device)));
     return 1;
 }

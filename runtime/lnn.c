@@ -27,19 +27,6 @@
 
 /* ---- arguments ---- */
 
-static dsrt_precision check_precision(lua_State *L, int idx, const char *fn)
-{
-    if (lua_type(L, idx) == LUA_TSTRING) {
-        const char *name = lua_tostring(L, idx);
-        if (!strcmp(name, "reference")) return DSRT_PREC_REFERENCE;
-        if (!strcmp(name, "fp32")) return DSRT_PREC_FP32;
-        luaL_error(L, "nn.%s: precision (argument #%d) must be \"reference\" or \"fp32\", got \"%s\"", fn, idx, name);
-    }
-    luaL_error(L, "nn.%s: precision (argument #%d) must be \"reference\" or \"fp32\", got %s", fn, idx,
-               lua_isnone(L, idx) ? "no value" : luaL_typename(L, idx));
-    return DSRT_PREC_REFERENCE;
-}
-
 static int check_int(lua_State *L, int idx)
 {
     lua_Integer v = luaL_checkinteger(L, idx);
@@ -94,7 +81,7 @@ static int l_rms_norm(lua_State *L)
 {
     dsrt_tensor *x = dsrtL_checktensor(L, 1), *weight = opt_tensor(L, 2);
     float eps = check_float(L, 3);
-    dsrtL_pushtensor(L, dsrt_nn_rms_norm(x, weight, eps, check_precision(L, 4, "rms_norm"), stream_for(L, x)));
+    dsrtL_pushtensor(L, dsrt_nn_rms_norm(x, weight, eps, dsrtL_checkprecision(L, 4, "nn.rms_norm", 1), stream_for(L, x)));
     return 1;
 }
 
@@ -102,7 +89,7 @@ static int l_head_rms_norm(lua_State *L)
 {
     dsrt_tensor *q = dsrtL_checktensor(L, 1);
     float eps = check_float(L, 2);
-    dsrtL_pushtensor(L, dsrt_nn_head_rms_norm(q, eps, check_precision(L, 3, "head_rms_norm"), stream_for(L, q)));
+    dsrtL_pushtensor(L, dsrt_nn_head_rms_norm(q, eps, dsrtL_checkprecision(L, 3, "nn.head_rms_norm", 1), stream_for(L, q)));
     return 1;
 }
 
@@ -111,7 +98,7 @@ static int l_quant_roundtrip_q8(lua_State *L)
     dsrt_tensor *x = dsrtL_checktensor(L, 1);
     int blk = check_int(L, 2);
     lua_Integer first = luaL_checkinteger(L, 3), count = luaL_checkinteger(L, 4);
-    dsrt_precision prec = check_precision(L, 5, "quant_roundtrip_q8");
+    dsrt_precision prec = dsrtL_checkprecision(L, 5, "nn.quant_roundtrip_q8", 1);
     if (dsrt_nn_quant_roundtrip_q8(x, blk, (int64_t)first - 1, (int64_t)count, prec, stream_for(L, x)))
         return dsrtL_error(L);
     lua_settop(L, 1);
@@ -121,7 +108,7 @@ static int l_quant_roundtrip_q8(lua_State *L)
 static int l_quant_roundtrip_q4(lua_State *L)
 {
     dsrt_tensor *x = dsrtL_checktensor(L, 1);
-    if (dsrt_nn_quant_roundtrip_q4(x, check_precision(L, 2, "quant_roundtrip_q4"), stream_for(L, x)))
+    if (dsrt_nn_quant_roundtrip_q4(x, dsrtL_checkprecision(L, 2, "nn.quant_roundtrip_q4", 1), stream_for(L, x)))
         return dsrtL_error(L);
     lua_settop(L, 1);
     return 1;
@@ -148,7 +135,7 @@ static int l_rope(lua_State *L)
     const dsrt_yarn *yarn = check_yarn(L, 4, "rope", &yarn_buf);
     if (!lua_isnoneornil(L, 5) && !lua_isboolean(L, 5)) luaL_typeerror(L, 5, "boolean (inverse)");
     int inverse = lua_toboolean(L, 5);
-    dsrt_precision prec = check_precision(L, 6, "rope");
+    dsrt_precision prec = dsrtL_checkprecision(L, 6, "nn.rope", 1);
     dsrtL_pushtensor(L, dsrt_nn_rope(x, positions, theta, yarn, inverse, prec, stream_for(L, x)));
     return 1;
 }
@@ -156,7 +143,7 @@ static int l_rope(lua_State *L)
 static int l_hadamard128(lua_State *L)
 {
     dsrt_tensor *x = dsrtL_checktensor(L, 1);
-    dsrtL_pushtensor(L, dsrt_nn_hadamard128(x, check_precision(L, 2, "hadamard128"), stream_for(L, x)));
+    dsrtL_pushtensor(L, dsrt_nn_hadamard128(x, dsrtL_checkprecision(L, 2, "nn.hadamard128", 1), stream_for(L, x)));
     return 1;
 }
 
@@ -165,7 +152,7 @@ static int l_sparse_attention(lua_State *L)
     dsrt_tensor *q = dsrtL_checktensor(L, 1), *pool = dsrtL_checktensor(L, 2), *indices = dsrtL_checktensor(L, 3);
     dsrt_tensor *sink = dsrtL_checktensor(L, 4);
     float scale = check_float(L, 5);
-    dsrt_precision prec = check_precision(L, 6, "sparse_attention");
+    dsrt_precision prec = dsrtL_checkprecision(L, 6, "nn.sparse_attention", 1);
     dsrtL_pushtensor(L, dsrt_nn_sparse_attention(q, pool, indices, sink, scale, prec, stream_for(L, q)));
     return 1;
 }
@@ -186,7 +173,7 @@ static int l_hc_pre(lua_State *L)
     dsrt_tensor *base = dsrtL_checktensor(L, 4);
     float hc_eps = check_float(L, 5), norm_eps = check_float(L, 6);
     int iters = check_int(L, 7);
-    dsrt_precision prec = check_precision(L, 8, "hc_pre");
+    dsrt_precision prec = dsrtL_checkprecision(L, 8, "nn.hc_pre", 1);
     dsrt_tensor *u, *post, *comb;
     int rc = dsrt_nn_hc_pre(X, fn, scale, base, hc_eps, norm_eps, iters, prec, stream_for(L, X), &u, &post, &comb);
     return push_three(L, rc, u, post, comb);
@@ -196,7 +183,7 @@ static int l_hc_post(lua_State *L)
 {
     dsrt_tensor *f = dsrtL_checktensor(L, 1), *X = dsrtL_checktensor(L, 2), *post = dsrtL_checktensor(L, 3);
     dsrt_tensor *comb = dsrtL_checktensor(L, 4);
-    dsrt_precision prec = check_precision(L, 5, "hc_post");
+    dsrt_precision prec = dsrtL_checkprecision(L, 5, "nn.hc_post", 1);
     dsrtL_pushtensor(L, dsrt_nn_hc_post(f, X, post, comb, prec, stream_for(L, f)));
     return 1;
 }
@@ -206,7 +193,7 @@ static int l_hc_head(lua_State *L)
     dsrt_tensor *X = dsrtL_checktensor(L, 1), *fn = dsrtL_checktensor(L, 2), *scale = dsrtL_checktensor(L, 3);
     dsrt_tensor *base = dsrtL_checktensor(L, 4);
     float hc_eps = check_float(L, 5), norm_eps = check_float(L, 6);
-    dsrt_precision prec = check_precision(L, 7, "hc_head");
+    dsrt_precision prec = dsrtL_checkprecision(L, 7, "nn.hc_head", 1);
     dsrtL_pushtensor(L, dsrt_nn_hc_head(X, fn, scale, base, hc_eps, norm_eps, prec, stream_for(L, X)));
     return 1;
 }

@@ -376,7 +376,7 @@ test("forward_errors_name_the_problem", function()
   assert_error(function() hashed:forward(x, dsrt.tensor({ 1, 2 })) end, "must have the leading shape of the input")
   assert_error(function() hashed:forward(x, dsrt.tensor({ 1.0, 2.0, 3.0 })) end, "must be i32 or i64")
   assert_error(function() learned:forward(input({ 3, 64 })) end, "must end in the layer's 128 input features")
-  assert_error(function() learned:forward(x, nil, "half") end, "invalid option 'half'")
+  assert_error(function() learned:forward(x, nil, "half") end, 'precision %(argument #4%) must be "reference" or "fp32", got "half"')
   assert_equal(learned:forward(x).dtype, "bf16") -- learned routing needs no ids; reference by default
 end)
 
