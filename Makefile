@@ -23,7 +23,7 @@ LDLIBS := -lm -ldl -lpthread
 NVCCFLAGS := -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a \
              -Xcompiler -fPIC,-Wall -Iruntime -Ikernels --expt-relaxed-constexpr
 
-CORE := err dtype alloc stream tensor ops gemm upload safetensors nn linear moe \
+CORE := err dtype alloc stream tensor ops gemm upload safetensors nn linear moe attention \
         ltensor lstream lsafetensors lnn llayers lcore host
 CORE_OBJ := $(CORE:%=$(BUILD)/obj/runtime/%.o) $(BUILD)/obj/gen/lua_embedded.o
 ifeq ($(CUDA),1)

@@ -31,6 +31,21 @@
  *   moe.dim, .n_routed, .n_activated, .score_func, .route_scale, .norm_topk_prob, .swiglu_limit,
  *   .routing ("hash" | "learned"), .aux_streams
  *
+ *   core.attention(layer_cfg, dims, attn, aux_streams) -> attention   (SPEC §6, attention.h)
+ *       layer_cfg: config.lua's cfg.layers[i] (ratio, rope = {theta, yarn = {factor,
+ *       original_seq_len, beta_fast, beta_slow} | false}); dims: cfg.dims (dim, n_heads, head_dim,
+ *       rope_dim, q_lora_rank, o_lora_rank, o_groups, window, index_n_heads, index_head_dim,
+ *       index_topk, norm_eps); attn: dsv4.weights' attn table {attn_sink, wq_a, q_norm, wq_b, wkv,
+ *       kv_norm, wo_a, wo_b, compressor = {wkv, wgate, ape, norm} | nil, indexer = {wq_b,
+ *       weights_proj, compressor} | nil}, linears as above (wo_a is made grouped by o_groups and
+ *       the compressors' wkv/wgate fp32_math here); aux_streams as for moe.
+ *   attention:forward(state, x [, precision]) -> y   x [S, dim] at positions [state:length(),
+ *       + S); y [S, dim] (bf16 reference, f32 fp32); precision must be the state's.
+ *   attention.ratio, .window, .dim, .aux_streams
+ *   core.attn_state(attention, {max_len =, slack = 0, precision = "reference", device = "cpu"})
+ *       -> state, the per-sequence caches of one layer (position-addressed, SPEC §6.9)
+ *   state:length(), state:truncate(n)   n >= length - slack (speculative decoding's rollback)
+ *
  * What this protects: a Lua table that does not describe a layer fails at construction with an
  * error naming the piece (the official tensor path, e.g. "experts.3.w2", 0-based as in the
  * checkpoint) and what is wrong with it. Objects are boxed before they exist and every C object
@@ -40,13 +55,18 @@
 #include <string.h>
 #include "err.h"
 #include "lbind.h"
+#include "attention.h"
 #include "moe.h"
 
 #define LINEAR_MT "dsrt.linear"
 #define MOE_MT "dsrt.moe"
+#define ATTENTION_MT "dsrt.attention"
+#define ATTN_STATE_MT "dsrt.attn_state"
 
 typedef struct { dsrt_linear *l; } linear_box;
 typedef struct { dsrt_moe *m; } moe_box;
+typedef struct { dsrt_attention *a; } attention_box;
+typedef struct { dsrt_attn_state *st; } attn_state_box;
 
 /* ---- table fields ---- */
 
@@ -235,6 +255,21 @@ static int l_linear_index(lua_State *L)
     return 1;
 }
 
+/* The aux stream list at idx as an array (a userdata left on the stack owns it) */
+static dsrt_stream **check_aux(lua_State *L, int idx, const char *what, int *n_aux)
+{
+    *n_aux = (int)luaL_len(L, idx);
+    dsrt_stream **aux = lua_newuserdatauv(L, sizeof *aux * (size_t)(*n_aux ? *n_aux : 1), 0);
+    for (int i = 0; i < *n_aux; i++) {
+        lua_geti(L, idx, i + 1);
+        if (!luaL_testudata(L, -1, DSRT_STREAM_MT))
+            luaL_error(L, "%s: aux_streams[%d] must be a dsrt.stream, got %s", what, i + 1, luaL_typename(L, -1));
+        aux[i] = dsrtL_checkstream(L, -1);
+        lua_pop(L, 1);
+    }
+    return aux;
+}
+
 /* ---- moe ---- */
 
 static dsrt_moe *check_moe(lua_State *L, int idx)
@@ -307,15 +342,8 @@ static int l_moe(lua_State *L)
     for (int i = 0; i < 3; i++) lua_rawseti(L, keep, ++kept);
     lua_pop(L, 1);
 
-    int n_aux = (int)luaL_len(L, 3);
-    dsrt_stream **aux = lua_newuserdatauv(L, sizeof *aux * (size_t)(n_aux ? n_aux : 1), 0);
-    for (int i = 0; i < n_aux; i++) {
-        lua_geti(L, 3, i + 1);
-        if (!luaL_testudata(L, -1, DSRT_STREAM_MT))
-            luaL_error(L, "%s: aux_streams[%d] must be a dsrt.stream, got %s", what, i + 1, luaL_typename(L, -1));
-        aux[i] = dsrtL_checkstream(L, -1);
-        lua_pop(L, 1);
-    }
+    int n_aux;
+    dsrt_stream **aux = check_aux(L, 3, what, &n_aux);
     moe_box *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->m = NULL;
     luaL_setmetatable(L, MOE_MT);
@@ -387,6 +415,220 @@ static int l_moe_index(lua_State *L)
     return 1;
 }
 
+/* ---- attention ---- */
+
+static dsrt_attention *check_attention(lua_State *L, int idx)
+{
+    attention_box *b = luaL_checkudata(L, idx, ATTENTION_MT);
+    if (!b->a) luaL_error(L, "attention was closed");
+    return b->a;
+}
+
+static dsrt_attn_state *check_attn_state(lua_State *L, int idx)
+{
+    attn_state_box *b = luaL_checkudata(L, idx, ATTN_STATE_MT);
+    if (!b->st) luaL_error(L, "attn_state was closed");
+    return b->st;
+}
+
+/* Builds the linear of the table t[key] with groups / fp32_math set (the checkpoint's tables do not
+ * say how the layer uses them) and leaves it on the stack. */
+static dsrt_linear *push_attn_linear(lua_State *L, int t, const char *key, const char *path, int groups, int fp32_math)
+{
+    char what[96];
+    snprintf(what, sizeof what, "core.attention: %s", path);
+    if (lua_getfield(L, t, key) != LUA_TTABLE) luaL_error(L, "%s: expected a linear table, got %s", what, luaL_typename(L, -1));
+    int src = lua_gettop(L);
+    lua_createtable(L, 0, 8);
+    for (lua_pushnil(L); lua_next(L, src);) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_settable(L, -4);
+    }
+    if (groups > 1) {
+        lua_pushinteger(L, groups);
+        lua_setfield(L, -2, "groups");
+    }
+    if (fp32_math) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "fp32_math");
+    }
+    dsrt_linear *l = push_linear(L, -1, what, 1);
+    lua_replace(L, src);
+    lua_pop(L, 1);
+    return l;
+}
+
+/* compressor = {wkv, wgate, ape, norm} of the table at t (its linears stay on the stack) */
+static void push_compressor(lua_State *L, int t, const char *path, dsrt_compressor_weights *c)
+{
+    char name[64], what[96];
+    snprintf(what, sizeof what, "core.attention: %s", path);
+    field_table(L, t, "compressor", what);
+    int comp = lua_gettop(L);
+    snprintf(what, sizeof what, "core.attention: %s.compressor", path);
+    c->ape = field_tensor(L, comp, "ape", 1, what);
+    c->norm = field_tensor(L, comp, "norm", 1, what);
+    snprintf(name, sizeof name, "%s.compressor.wkv", path);
+    c->wkv = push_attn_linear(L, comp, "wkv", name, 1, 1);
+    snprintf(name, sizeof name, "%s.compressor.wgate", path);
+    c->wgate = push_attn_linear(L, comp, "wgate", name, 1, 1);
+}
+
+static int l_attention(lua_State *L)
+{
+    const char *what = "core.attention";
+    luaL_checktype(L, 1, LUA_TTABLE);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    luaL_checktype(L, 4, LUA_TTABLE);
+    luaL_checkstack(L, 40, what);
+    dsrt_attn_config c = {0};
+    c.ratio = (int)field_integer(L, 1, "ratio", 0, 1, "core.attention: layer");
+    field_table(L, 1, "rope", "core.attention: layer");
+    c.rope_theta = field_number(L, -1, "theta", 0, 1, "core.attention: layer.rope");
+    if (lua_getfield(L, -1, "yarn") == LUA_TTABLE) {
+        int y = lua_gettop(L);
+        const char *yw = "core.attention: layer.rope.yarn";
+        c.has_yarn = 1;
+        c.yarn.factor = field_number(L, y, "factor", 0, 1, yw);
+        c.yarn.original_seq_len = field_integer(L, y, "original_seq_len", 0, 1, yw);
+        c.yarn.beta_fast = field_number(L, y, "beta_fast", 0, 1, yw);
+        c.yarn.beta_slow = field_number(L, y, "beta_slow", 0, 1, yw);
+    } else if (!lua_isnil(L, -1) && !(lua_isboolean(L, -1) && !lua_toboolean(L, -1))) {
+        luaL_error(L, "core.attention: layer.rope.yarn must be a table or false, got %s", luaL_typename(L, -1));
+    }
+    lua_pop(L, 2);
+    const char *dw = "core.attention: dims";
+    c.dim = (int)field_integer(L, 2, "dim", 0, 1, dw);
+    c.n_heads = (int)field_integer(L, 2, "n_heads", 0, 1, dw);
+    c.head_dim = (int)field_integer(L, 2, "head_dim", 0, 1, dw);
+    c.rope_dim = (int)field_integer(L, 2, "rope_dim", 0, 1, dw);
+    c.q_lora_rank = (int)field_integer(L, 2, "q_lora_rank", 0, 1, dw);
+    c.o_lora_rank = (int)field_integer(L, 2, "o_lora_rank", 0, 1, dw);
+    c.o_groups = (int)field_integer(L, 2, "o_groups", 0, 1, dw);
+    c.window = (int)field_integer(L, 2, "window", 0, 1, dw);
+    c.index_n_heads = (int)field_integer(L, 2, "index_n_heads", 0, c.ratio == 4, dw);
+    c.index_head_dim = (int)field_integer(L, 2, "index_head_dim", 0, c.ratio == 4, dw);
+    c.index_topk = (int)field_integer(L, 2, "index_topk", 0, c.ratio == 4, dw);
+    c.norm_eps = (float)field_number(L, 2, "norm_eps", 0, 1, dw);
+
+    dsrt_attn_weights w = {0};
+    const char *aw = "core.attention: attn";
+    w.attn_sink = field_tensor(L, 3, "attn_sink", 1, aw);
+    w.q_norm = field_tensor(L, 3, "q_norm", 1, aw);
+    w.kv_norm = field_tensor(L, 3, "kv_norm", 1, aw);
+    w.wq_a = push_attn_linear(L, 3, "wq_a", "wq_a", 1, 0);
+    w.wq_b = push_attn_linear(L, 3, "wq_b", "wq_b", 1, 0);
+    w.wkv = push_attn_linear(L, 3, "wkv", "wkv", 1, 0);
+    w.wo_a = push_attn_linear(L, 3, "wo_a", "wo_a", c.o_groups, 0);
+    w.wo_b = push_attn_linear(L, 3, "wo_b", "wo_b", 1, 0);
+    if (c.ratio > 0) push_compressor(L, 3, "attn", &w.compressor);
+    else if (lua_getfield(L, 3, "compressor") != LUA_TNIL) luaL_error(L, "%s: a window-only layer (ratio 0) has no compressor", aw);
+    if (c.ratio == 4) {
+        field_table(L, 3, "indexer", aw);
+        int ix = lua_gettop(L);
+        w.index_wq_b = push_attn_linear(L, ix, "wq_b", "indexer.wq_b", 1, 0);
+        w.index_weights_proj = push_attn_linear(L, ix, "weights_proj", "indexer.weights_proj", 1, 0);
+        push_compressor(L, ix, "indexer", &w.index_compressor);
+    } else if (lua_getfield(L, 3, "indexer") != LUA_TNIL) {
+        luaL_error(L, "%s: only ratio-4 layers have an indexer (ratio %d)", aw, c.ratio);
+    }
+    int n_aux;
+    dsrt_stream **aux = check_aux(L, 4, what, &n_aux);
+    attention_box *b = lua_newuserdatauv(L, sizeof *b, 1);
+    b->a = NULL;
+    luaL_setmetatable(L, ATTENTION_MT);
+    lua_pushvalue(L, 4);
+    lua_setiuservalue(L, -2, 1);
+    b->a = dsrt_attention_new(&c, &w, aux, n_aux);
+    if (!b->a) dsrtL_error(L);
+    return 1;
+}
+
+static int l_attention_forward(lua_State *L)
+{
+    dsrt_attention *a = check_attention(L, 1);
+    dsrt_attn_state *st = check_attn_state(L, 2);
+    dsrt_tensor *x = dsrtL_checktensor(L, 3);
+    dsrt_precision prec = lua_isnoneornil(L, 4) ? dsrt_attn_state_precision(st) : dsrtL_checkprecision(L, 4, "attention:forward", 1);
+    dsrtL_pushtensor(L, dsrt_attention_forward(a, st, x, prec, dsrtL_current_stream(L, x->device)));
+    return 1;
+}
+
+static int l_attention_gc(lua_State *L)
+{
+    attention_box *b = luaL_checkudata(L, 1, ATTENTION_MT);
+    dsrt_attention_release(b->a);
+    b->a = NULL;
+    return 0;
+}
+
+static int l_attention_tostring(lua_State *L)
+{
+    attention_box *b = luaL_checkudata(L, 1, ATTENTION_MT);
+    const dsrt_attn_config *c = b->a ? dsrt_attention_config(b->a) : NULL;
+    if (!c) lua_pushstring(L, "dsrt.attention (closed)");
+    else lua_pushfstring(L, "dsrt.attention(dim %d, %d heads, window %d, ratio %d)", c->dim, c->n_heads, c->window, c->ratio);
+    return 1;
+}
+
+static int l_attention_index(lua_State *L)
+{
+    dsrt_attention *a = check_attention(L, 1);
+    const char *key = luaL_checkstring(L, 2);
+    if (luaL_getmetafield(L, 1, "methods") != LUA_TNIL && lua_getfield(L, -1, key) != LUA_TNIL) return 1;
+    const dsrt_attn_config *c = dsrt_attention_config(a);
+    if (!strcmp(key, "ratio")) lua_pushinteger(L, c->ratio);
+    else if (!strcmp(key, "window")) lua_pushinteger(L, c->window);
+    else if (!strcmp(key, "dim")) lua_pushinteger(L, c->dim);
+    else if (!strcmp(key, "aux_streams")) lua_getiuservalue(L, 1, 1);
+    else lua_pushnil(L);
+    return 1;
+}
+
+static int l_attn_state(lua_State *L)
+{
+    const char *what = "core.attn_state";
+    dsrt_attention *a = check_attention(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int64_t max_len = field_integer(L, 2, "max_len", 0, 1, what);
+    int slack = (int)field_integer(L, 2, "slack", 0, 0, what);
+    lua_getfield(L, 2, "precision");
+    dsrt_precision prec = dsrtL_checkprecision(L, lua_gettop(L), what, 0);
+    lua_getfield(L, 2, "device");
+    int device = dsrtL_checkdevice(L, lua_gettop(L), DSRT_CPU);
+    lua_pop(L, 2);
+    attn_state_box *b = lua_newuserdatauv(L, sizeof *b, 1);
+    b->st = NULL;
+    luaL_setmetatable(L, ATTN_STATE_MT);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1);
+    b->st = dsrt_attn_state_new(a, max_len, slack, prec, device, dsrtL_current_stream(L, device));
+    if (!b->st) dsrtL_error(L);
+    return 1;
+}
+
+static int l_attn_state_length(lua_State *L)
+{
+    lua_pushinteger(L, dsrt_attn_state_length(check_attn_state(L, 1)));
+    return 1;
+}
+
+static int l_attn_state_truncate(lua_State *L)
+{
+    if (dsrt_attn_state_truncate(check_attn_state(L, 1), luaL_checkinteger(L, 2))) return dsrtL_error(L);
+    return 0;
+}
+
+static int l_attn_state_gc(lua_State *L)
+{
+    attn_state_box *b = luaL_checkudata(L, 1, ATTN_STATE_MT);
+    dsrt_attn_state_release(b->st);
+    b->st = NULL;
+    return 0;
+}
+
 void dsrtL_open_layers(lua_State *L)
 {
     static const luaL_Reg linear_meta[] = {{"__gc", l_linear_gc}, {"__close", l_linear_gc}, {"__tostring", l_linear_tostring},
@@ -395,8 +637,17 @@ void dsrtL_open_layers(lua_State *L)
     static const luaL_Reg moe_meta[] = {{"__gc", l_moe_gc}, {"__close", l_moe_gc}, {"__tostring", l_moe_tostring},
                                         {"__index", l_moe_index}, {NULL, NULL}};
     static const luaL_Reg moe_methods[] = {{"forward", l_moe_forward}, {"route", l_moe_route}, {"close", l_moe_gc}, {NULL, NULL}};
-    static const luaL_Reg functions[] = {{"linear", l_linear}, {"moe", l_moe}, {NULL, NULL}};
+    static const luaL_Reg attention_meta[] = {{"__gc", l_attention_gc}, {"__close", l_attention_gc},
+                                              {"__tostring", l_attention_tostring}, {"__index", l_attention_index}, {NULL, NULL}};
+    static const luaL_Reg attention_methods[] = {{"forward", l_attention_forward}, {"close", l_attention_gc}, {NULL, NULL}};
+    static const luaL_Reg state_meta[] = {{"__gc", l_attn_state_gc}, {"__close", l_attn_state_gc}, {NULL, NULL}};
+    static const luaL_Reg state_methods[] = {{"length", l_attn_state_length}, {"truncate", l_attn_state_truncate},
+                                             {"close", l_attn_state_gc}, {NULL, NULL}};
+    static const luaL_Reg functions[] = {{"linear", l_linear}, {"moe", l_moe}, {"attention", l_attention},
+                                         {"attn_state", l_attn_state}, {NULL, NULL}};
     dsrtL_newclass(L, LINEAR_MT, linear_meta, linear_methods);
     dsrtL_newclass(L, MOE_MT, moe_meta, moe_methods);
+    dsrtL_newclass(L, ATTENTION_MT, attention_meta, attention_methods);
+    dsrtL_newclass(L, ATTN_STATE_MT, state_meta, state_methods);
     luaL_setfuncs(L, functions, 0);
 }

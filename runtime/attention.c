@@ -1,0 +1,633 @@
+/*
+ * attention.c - the DeepSeek-V4 attention layer on the CPU (attention.h, SPEC §6).
+ *
+ * What this protects: one position-addressed implementation of §6 (query path, window KV, the
+ * compressors, the lightning indexer, sparse attention with the sink, the output path) whose result
+ * for a token depends only on its position and the tokens before it, never on how the sequence was
+ * cut into forward() calls, and whose state can be rolled back by up to `slack` positions exactly
+ * (SPEC §6.9).
+ *
+ * State (all host f32; in reference precision every stored value is bf16-exact, so f32 storage
+ * loses nothing):
+ *   window ring     window + slack rows of the KV latent, position t in row t mod (window + slack);
+ *   compressor ring coff·r + slack rows of (c_t, g_t + ape[t mod r]) (SPEC §6.5), position t in row
+ *                   t mod (coff·r + slack): an overlap entry j reads positions (j−1)r … jr+r−1, a
+ *                   plain one jr … jr+r−1, so the ring still holds them after a rollback by slack;
+ *   entries         compressed entry j in row j (capacity max_len / r + 1), written when position
+ *                   j·r + r − 1 is processed; the indexer has its own ring and key array.
+ * Truncation only lowers the length: rows of positions >= length are stale and get overwritten
+ * before anything reads them (entry j is visible only to queries t with j < (t+1) div r, i.e.
+ * after it has been re-emitted).
+ *
+ * A chunk of S tokens at positions [P, P+S):
+ *   - every projection runs once over the S rows (wq_a, wq_b, wkv, compressor wkv/wgate, indexer
+ *     wq_b and weights_proj, wo_a, wo_b);
+ *   - rows of a position p are read from the chunk's fresh buffers when p >= P and from the rings
+ *     otherwise, and the rings are written only after the whole chunk has been computed (its last
+ *     min(S, ring) positions). So a chunk longer than the window (or the compressor ring) never
+ *     overwrites what an earlier query of the same chunk needs, with no splitting;
+ *   - compressed entries j with P <= j·r + r − 1 < P + S are pooled from those rows and
+ *     post-processed together (they do not depend on each other);
+ *   - the attention pool is [window positions max(0, P−window+1) … P+S−1, entries 0 … (P+S) div r − 1]
+ *     and each query's index list is laid out as a function of its position only: its window
+ *     positions ascending, −1 up to `window` slots, then its compressed picks (all visible entries
+ *     ascending; ratio 4: the indexer's top-k in descending score, ties to the lower entry), −1
+ *     after. The blocked online softmax (nn.h) then sees the same list whatever the chunking, so
+ *     chunked prefill, one-shot prefill and decode agree exactly.
+ *
+ * Precision: reference follows SPEC §9.1 (the bf16 rounding points, Q8 on the latent's no-rope
+ * dims, Hadamard + Q4 in the indexer, indexer scores in bf16); fp32 is the same computation in f32
+ * with no round trips, no Hadamard and fp32 scores, as transformers in fp32 (SPEC §9.2 items 1, 2).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "attention.h"
+#include "err.h"
+
+struct dsrt_attention {
+    atomic_int refcount;
+    dsrt_attn_config cfg;
+    dsrt_attn_weights w;
+    int coff, device;
+    float *ape, *index_ape; /* f32 copies [ratio, coff·d] */
+    dsrt_stream **aux;
+    int n_aux;
+};
+
+/* one compressor's sequence state (SPEC §6.5) */
+typedef struct {
+    int d, ring;           /* entry width, rows of the (c, g) ring */
+    float *c, *g;          /* [ring, coff·d] */
+    float *entries;        /* [max_len / r + 1, d] */
+} comp_state;
+
+struct dsrt_attn_state {
+    dsrt_attention *a;
+    int64_t max_len, length;
+    int slack, window_rows;
+    dsrt_precision prec;
+    float *window;         /* [window + slack, head_dim] */
+    comp_state comp, index;
+};
+
+#define F32(t) ((float *)(t)->storage->data + (t)->offset)
+
+static float bf16r(float v) { return dsrt_bf16_to_f32(dsrt_f32_to_bf16(v)); }
+
+/* ---- construction ---- */
+
+static int check_linear(const dsrt_linear *l, const char *name, int64_t in, int64_t out, int groups, int fp32_math)
+{
+    if (!l) return dsrt_err("attention: %s is missing", name);
+    const dsrt_linear_config *c = &l->cfg;
+    if (c->in_features != in || c->out_features != out)
+        return dsrt_err("attention: %s maps %lld -> %lld features, expected %lld -> %lld", name, (long long)c->in_features,
+                        (long long)c->out_features, (long long)in, (long long)out);
+    if (c->groups != groups || c->fp32_math != fp32_math)
+        return dsrt_err("attention: %s has groups %d%s, expected groups %d%s", name, c->groups,
+                        c->fp32_math ? " and fp32_math" : "", groups, fp32_math ? " and fp32_math" : "");
+    if (l->weight->device != DSRT_CPU) return dsrt_err("attention: %s is not on the CPU (only the CPU is implemented)", name);
+    return 0;
+}
+
+/* a float tensor [n] or [rows, n] (rows 0: 1-D) on the CPU */
+static int check_vector(const dsrt_tensor *t, const char *name, int64_t rows, int64_t n)
+{
+    char tb[DSRT_SHAPE_BUF];
+    if (!t) return dsrt_err("attention: %s is missing", name);
+    int ok = dsrt_dtype_is_float(t->dtype) && t->device == DSRT_CPU &&
+             (rows ? t->ndim == 2 && t->shape[0] == rows && t->shape[1] == n : t->ndim == 1 && t->shape[0] == n);
+    if (!ok) {
+        if (rows) return dsrt_err("attention: %s %s, expected a float [%lld, %lld] on the CPU", name,
+                                  dsrt_tensor_str(t, tb, sizeof tb), (long long)rows, (long long)n);
+        return dsrt_err("attention: %s %s, expected a float [%lld] on the CPU", name, dsrt_tensor_str(t, tb, sizeof tb),
+                        (long long)n);
+    }
+    return 0;
+}
+
+static int check_compressor(const dsrt_compressor_weights *c, const char *prefix, int64_t dim, int ratio, int coff, int d)
+{
+    char name[64];
+    snprintf(name, sizeof name, "%s.wkv", prefix);
+    if (check_linear(c->wkv, name, dim, (int64_t)coff * d, 1, 1)) return -1;
+    snprintf(name, sizeof name, "%s.wgate", prefix);
+    if (check_linear(c->wgate, name, dim, (int64_t)coff * d, 1, 1)) return -1;
+    snprintf(name, sizeof name, "%s.ape", prefix);
+    if (check_vector(c->ape, name, ratio, (int64_t)coff * d)) return -1;
+    snprintf(name, sizeof name, "%s.norm", prefix);
+    return check_vector(c->norm, name, 0, d);
+}
+
+static int check_config(const dsrt_attn_config *c)
+{
+    if (c->dim < 1 || c->n_heads < 1 || c->q_lora_rank < 1 || c->o_lora_rank < 1 || c->window < 1 || c->ratio < 0)
+        return dsrt_err("attention: dims must be positive (dim %d, heads %d, q_lora_rank %d, o_lora_rank %d, window %d) "
+                        "and ratio >= 0 (got %d)", c->dim, c->n_heads, c->q_lora_rank, c->o_lora_rank, c->window, c->ratio);
+    if (c->rope_dim != DSRT_NN_ROPE_DIMS || c->head_dim < c->rope_dim)
+        return dsrt_err("attention: rope_dim %d / head_dim %d: RoPE rotates the trailing %d dims (SPEC §3.6)", c->rope_dim,
+                        c->head_dim, DSRT_NN_ROPE_DIMS);
+    if (c->o_groups < 1 || c->n_heads % c->o_groups)
+        return dsrt_err("attention: %d heads do not split into %d output groups", c->n_heads, c->o_groups);
+    if (c->ratio == 4 && (c->index_head_dim != DSRT_NN_HADAMARD_DIM || c->index_n_heads < 1 || c->index_topk < 1))
+        return dsrt_err("attention: the indexer needs index_head_dim %d (got %d), index_n_heads and index_topk >= 1",
+                        DSRT_NN_HADAMARD_DIM, c->index_head_dim);
+    return 0;
+}
+
+static float *ape_copy(const dsrt_tensor *ape)
+{
+    int64_t rows = ape->shape[0], cols = ape->shape[1];
+    float *p = malloc((size_t)(rows * cols) * sizeof *p);
+    if (!p) return dsrt_err_null("attention: out of host memory");
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++)
+            p[r * cols + c] = dsrt_load_f32(ape->storage->data, ape->dtype, ape->offset + r * ape->stride[0] + c * ape->stride[1]);
+    return p;
+}
+
+static void compressor_ref(dsrt_compressor_weights *c, int retain)
+{
+    void (*lin)(dsrt_linear *) = retain ? dsrt_linear_retain : dsrt_linear_release;
+    void (*ten)(dsrt_tensor *) = retain ? dsrt_tensor_retain : dsrt_tensor_release;
+    if (c->wkv) lin(c->wkv);
+    if (c->wgate) lin(c->wgate);
+    if (c->ape) ten(c->ape);
+    if (c->norm) ten(c->norm);
+}
+
+static void weights_ref(dsrt_attn_weights *w, int retain)
+{
+    void (*lin)(dsrt_linear *) = retain ? dsrt_linear_retain : dsrt_linear_release;
+    void (*ten)(dsrt_tensor *) = retain ? dsrt_tensor_retain : dsrt_tensor_release;
+    dsrt_linear *lins[] = {w->wq_a, w->wq_b, w->wkv, w->wo_a, w->wo_b, w->index_wq_b, w->index_weights_proj};
+    dsrt_tensor *tens[] = {w->q_norm, w->kv_norm, w->attn_sink};
+    for (size_t i = 0; i < sizeof lins / sizeof *lins; i++)
+        if (lins[i]) lin(lins[i]);
+    for (size_t i = 0; i < sizeof tens / sizeof *tens; i++)
+        if (tens[i]) ten(tens[i]);
+    compressor_ref(&w->compressor, retain);
+    compressor_ref(&w->index_compressor, retain);
+}
+
+dsrt_attention *dsrt_attention_new(const dsrt_attn_config *cfg, const dsrt_attn_weights *w, dsrt_stream *const *aux,
+                                   int n_aux)
+{
+    if (check_config(cfg)) return NULL;
+    const dsrt_attn_config *c = cfg;
+    int64_t hd = c->head_dim, heads = c->n_heads, G = c->o_groups;
+    int coff = c->ratio == 4 ? 2 : 1;
+    if (check_linear(w->wq_a, "wq_a", c->dim, c->q_lora_rank, 1, 0) ||
+        check_linear(w->wq_b, "wq_b", c->q_lora_rank, heads * hd, 1, 0) || check_linear(w->wkv, "wkv", c->dim, hd, 1, 0) ||
+        check_linear(w->wo_a, "wo_a", heads * hd, G * c->o_lora_rank, (int)G, 0) ||
+        check_linear(w->wo_b, "wo_b", G * c->o_lora_rank, c->dim, 1, 0) ||
+        check_vector(w->q_norm, "q_norm", 0, c->q_lora_rank) || check_vector(w->kv_norm, "kv_norm", 0, hd) ||
+        check_vector(w->attn_sink, "attn_sink", 0, heads))
+        return NULL;
+    if (c->ratio > 0 && check_compressor(&w->compressor, "compressor", c->dim, c->ratio, coff, (int)hd)) return NULL;
+    if (c->ratio == 0 && (w->compressor.wkv || w->compressor.wgate || w->compressor.ape || w->compressor.norm))
+        return dsrt_err_null("attention: a window-only layer (ratio 0) has no compressor, got compressor weights");
+    int indexer = c->ratio == 4;
+    if (indexer) {
+        if (check_linear(w->index_wq_b, "indexer.wq_b", c->q_lora_rank, (int64_t)c->index_n_heads * c->index_head_dim, 1, 0) ||
+            check_linear(w->index_weights_proj, "indexer.weights_proj", c->dim, c->index_n_heads, 1, 0) ||
+            check_compressor(&w->index_compressor, "indexer.compressor", c->dim, c->ratio, coff, c->index_head_dim))
+            return NULL;
+    } else if (w->index_wq_b || w->index_weights_proj || w->index_compressor.wkv) {
+        return dsrt_err_null("attention: only ratio-4 layers have an indexer (ratio %d), got indexer weights", c->ratio);
+    }
+    for (int i = 0; i < n_aux; i++)
+        if (!aux[i] || aux[i]->device != DSRT_CPU) return dsrt_err_null("attention: aux stream %d is missing or not on the CPU", i + 1);
+    dsrt_attention *a = calloc(1, sizeof *a);
+    if (!a) return dsrt_err_null("attention: out of host memory");
+    atomic_init(&a->refcount, 1);
+    a->cfg = *c;
+    a->coff = coff;
+    a->device = DSRT_CPU;
+    a->w = *w;
+    weights_ref(&a->w, 1);
+    a->aux = calloc((size_t)(n_aux ? n_aux : 1), sizeof *a->aux);
+    int ok = a->aux != NULL;
+    for (int i = 0; ok && i < n_aux; i++) {
+        a->aux[i] = aux[i];
+        dsrt_stream_retain(aux[i]);
+        a->n_aux = i + 1;
+    }
+    if (ok && c->ratio > 0) ok = (a->ape = ape_copy(w->compressor.ape)) != NULL;
+    if (ok && indexer) ok = (a->index_ape = ape_copy(w->index_compressor.ape)) != NULL;
+    if (!ok) {
+        if (!a->aux) dsrt_err("attention: out of host memory");
+        dsrt_attention_release(a);
+        return NULL;
+    }
+    return a;
+}
+
+const dsrt_attn_config *dsrt_attention_config(const dsrt_attention *a) { return &a->cfg; }
+
+void dsrt_attention_retain(dsrt_attention *a) { atomic_fetch_add(&a->refcount, 1); }
+
+void dsrt_attention_release(dsrt_attention *a)
+{
+    if (!a || atomic_fetch_sub(&a->refcount, 1) != 1) return;
+    weights_ref(&a->w, 0);
+    for (int i = 0; i < a->n_aux; i++) dsrt_stream_release(a->aux[i]);
+    free(a->aux);
+    free(a->ape);
+    free(a->index_ape);
+    free(a);
+}
+
+/* ---- state ---- */
+
+static int comp_state_init(comp_state *cs, int d, int ratio, int coff, int slack, int64_t max_len)
+{
+    cs->d = d;
+    cs->ring = coff * ratio + slack;
+    size_t ring = (size_t)cs->ring * (size_t)(coff * d);
+    cs->c = malloc(ring * sizeof(float));
+    cs->g = malloc(ring * sizeof(float));
+    cs->entries = malloc((size_t)(max_len / ratio + 1) * (size_t)d * sizeof(float));
+    return cs->c && cs->g && cs->entries ? 0 : dsrt_err("attention: out of host memory for the compressor state");
+}
+
+static void comp_state_free(comp_state *cs)
+{
+    free(cs->c);
+    free(cs->g);
+    free(cs->entries);
+}
+
+dsrt_attn_state *dsrt_attn_state_new(const dsrt_attention *a, int64_t max_len, int slack, dsrt_precision prec,
+                                     int device, dsrt_stream *s)
+{
+    char dev[16];
+    (void)s;
+    if (device != DSRT_CPU)
+        return dsrt_err_null("attn_state: state on %s is not implemented yet (CPU only)", dsrt_device_str(device, dev));
+    if (max_len < 1 || slack < 0)
+        return dsrt_err_null("attn_state: max_len %lld must be >= 1 and slack %d >= 0", (long long)max_len, slack);
+    const dsrt_attn_config *c = &a->cfg;
+    dsrt_attn_state *st = calloc(1, sizeof *st);
+    if (!st) return dsrt_err_null("attn_state: out of host memory");
+    st->a = (dsrt_attention *)a;
+    dsrt_attention_retain(st->a);
+    st->max_len = max_len;
+    st->slack = slack;
+    st->prec = prec;
+    st->window_rows = c->window + slack;
+    st->window = malloc((size_t)st->window_rows * (size_t)c->head_dim * sizeof(float));
+    int rc = st->window ? 0 : dsrt_err("attn_state: out of host memory");
+    if (!rc && c->ratio > 0) rc = comp_state_init(&st->comp, c->head_dim, c->ratio, a->coff, slack, max_len);
+    if (!rc && c->ratio == 4) rc = comp_state_init(&st->index, c->index_head_dim, c->ratio, a->coff, slack, max_len);
+    if (rc) {
+        dsrt_attn_state_release(st);
+        return NULL;
+    }
+    return st;
+}
+
+void dsrt_attn_state_release(dsrt_attn_state *st)
+{
+    if (!st) return;
+    free(st->window);
+    comp_state_free(&st->comp);
+    comp_state_free(&st->index);
+    dsrt_attention_release(st->a);
+    free(st);
+}
+
+int64_t dsrt_attn_state_length(const dsrt_attn_state *st) { return st->length; }
+
+dsrt_precision dsrt_attn_state_precision(const dsrt_attn_state *st) { return st->prec; }
+
+int dsrt_attn_state_truncate(dsrt_attn_state *st, int64_t length)
+{
+    if (length > st->length || length < 0 || length < st->length - st->slack)
+        return dsrt_err("attn_state: cannot truncate from %lld to %lld positions: the state rolls back by at most "
+                        "slack = %d positions", (long long)st->length, (long long)length, st->slack);
+    st->length = length;
+    return 0;
+}
+
+/* ---- helpers over f32 tensors ---- */
+
+static dsrt_tensor *new_f32(int ndim, int64_t d0, int64_t d1, int64_t d2, dsrt_stream *s)
+{
+    int64_t shape[3] = {d0, d1, d2};
+    return dsrt_tensor_new(DSRT_F32, ndim, shape, DSRT_CPU, s);
+}
+
+/* t (released) as a contiguous f32 tensor; NULL passes through */
+static dsrt_tensor *as_f32(dsrt_tensor *t, dsrt_stream *s)
+{
+    if (!t) return NULL;
+    dsrt_tensor *f = t->dtype == DSRT_F32 ? dsrt_tensor_contiguous(t, s) : dsrt_tensor_to(t, DSRT_CPU, DSRT_F32, s, 0);
+    dsrt_tensor_release(t);
+    return f;
+}
+
+/* an i64 tensor [n] of positions first, first + step, ... */
+static dsrt_tensor *positions(int64_t n, int64_t first, int64_t step, dsrt_stream *s)
+{
+    dsrt_tensor *p = dsrt_tensor_new(DSRT_I64, 1, &n, DSRT_CPU, s);
+    if (p)
+        for (int64_t i = 0; i < n; i++) ((int64_t *)p->storage->data)[p->offset + i] = first + i * step;
+    return p;
+}
+
+/* y = linear(x rows) as a new f32 [rows, out] tensor */
+static dsrt_tensor *project(dsrt_linear *l, const float *x, int64_t rows, dsrt_precision prec, dsrt_stream *s)
+{
+    dsrt_tensor *y = new_f32(2, rows, l->cfg.out_features, 0, s);
+    if (y && dsrt_linear_rows(l, x, rows, F32(y), prec, s)) {
+        dsrt_tensor_release(y);
+        return NULL;
+    }
+    return y;
+}
+
+/* RMS_w of t (released), as f32 */
+static dsrt_tensor *norm_f32(dsrt_tensor *t, dsrt_tensor *w, float eps, dsrt_precision prec, dsrt_stream *s)
+{
+    if (!t) return NULL;
+    dsrt_tensor *y = dsrt_nn_rms_norm(t, w, eps, prec, s);
+    dsrt_tensor_release(t);
+    return as_f32(y, s);
+}
+
+/* RoPE of t (released) at pos, as f32 */
+static dsrt_tensor *rope_f32(const dsrt_attn_config *c, dsrt_tensor *t, dsrt_tensor *pos, int inverse, dsrt_precision prec,
+                             dsrt_stream *s)
+{
+    if (!t) return NULL;
+    dsrt_tensor *y = dsrt_nn_rope(t, pos, c->rope_theta, c->has_yarn ? &c->yarn : NULL, inverse, prec, s);
+    dsrt_tensor_release(t);
+    return as_f32(y, s);
+}
+
+/* ---- compressor (SPEC §6.5) ---- */
+
+/* Emits the entries j with P <= j·r + r − 1 < P + S into cs->entries (rows no query has seen yet)
+ * and returns the chunk's (c, g + ape) rows in *c_rows, *g_rows, f32 [S, coff·d], for
+ * commit_rows once the whole forward has succeeded. x: f32 [S, dim]. `indexer`: Hadamard + Q4
+ * instead of Q8. */
+static int compress(dsrt_attention *a, comp_state *cs, dsrt_compressor_weights *w, const float *ape, const float *x,
+                    int64_t P, int64_t S, int indexer, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **c_rows,
+                    dsrt_tensor **g_rows)
+{
+    const dsrt_attn_config *cfg = &a->cfg;
+    int r = cfg->ratio, coff = a->coff, d = cs->d, width = coff * d;
+    dsrt_tensor *ct = project(w->wkv, x, S, DSRT_PREC_FP32, s); /* fp32 math (SPEC §3.5) */
+    dsrt_tensor *gt = ct ? project(w->wgate, x, S, DSRT_PREC_FP32, s) : NULL;
+    int64_t j0 = P / r, n = (P + S) / r - j0;
+    dsrt_tensor *E = gt ? new_f32(2, n, d, 0, s) : NULL;
+    dsrt_tensor *pos = E ? positions(n, j0 * r, r, s) : NULL;
+    if (!pos) goto fail;
+    float *c = F32(ct), *g = F32(gt);
+    for (int64_t i = 0; i < S; i++)
+        for (int k = 0; k < width; k++) g[i * width + k] += ape[((P + i) % r) * width + k];
+    /* the (c, g) row of position p, from the chunk or the ring */
+#define ROW(buf, kept, p) ((p) >= P ? (buf) + ((p) - P) * width : (kept) + ((p) % cs->ring) * width)
+#pragma omp parallel for if (n * d * r > (1 << 16))
+    for (int64_t e = 0; e < n; e++) {
+        int64_t j = j0 + e, first = coff == 2 && j > 0 ? (j - 1) * r : j * r, last = j * r + r;
+        float *out = F32(E) + e * d;
+        for (int ch = 0; ch < d; ch++) {
+            /* per-channel softmax over the window's slots: overlap (SPEC §6.5) takes the A half
+             * [0, d) of window j−1 and the B half [d, 2d) of window j */
+            float m = -INFINITY;
+            for (int64_t p = first; p < last; p++) {
+                int half = coff == 2 && p >= j * r ? d : 0;
+                float gv = ROW(g, cs->g, p)[half + ch];
+                m = gv > m ? gv : m;
+            }
+            double num = 0, den = 0;
+            for (int64_t p = first; p < last; p++) {
+                int half = coff == 2 && p >= j * r ? d : 0;
+                double wgt = expf(ROW(g, cs->g, p)[half + ch] - m);
+                den += wgt;
+                num += wgt * ROW(c, cs->c, p)[half + ch];
+            }
+            float v = (float)(num / den);
+            out[ch] = prec == DSRT_PREC_REFERENCE ? bf16r(v) : v; /* bf16(E) before the norm */
+        }
+    }
+    /* post-processing: RMS_w, RoPE at j·r, then Q8 (main) or Hadamard + Q4 (indexer; reference only) */
+    E = rope_f32(cfg, norm_f32(E, w->norm, cfg->norm_eps, prec, s), pos, 0, prec, s);
+    if (!E) goto fail;
+    if (!indexer && dsrt_nn_quant_roundtrip_q8(E, 64, 0, d - DSRT_NN_ROPE_DIMS, prec, s)) goto fail;
+    if (indexer && prec == DSRT_PREC_REFERENCE) {
+        dsrt_tensor *rotated = dsrt_nn_hadamard128(E, prec, s);
+        dsrt_tensor_release(E);
+        E = as_f32(rotated, s);
+        if (!E || dsrt_nn_quant_roundtrip_q4(E, prec, s)) goto fail;
+    }
+    memcpy(cs->entries + j0 * d, F32(E), (size_t)(n * d) * sizeof(float));
+#undef ROW
+    *c_rows = ct;
+    *g_rows = gt;
+    dsrt_tensor_release(E);
+    dsrt_tensor_release(pos);
+    return 0;
+fail:
+    dsrt_tensor_release(ct);
+    dsrt_tensor_release(gt);
+    dsrt_tensor_release(E);
+    dsrt_tensor_release(pos);
+    return -1;
+}
+
+/* the chunk's last min(S, ring) (c, g) rows (none when c is NULL) into the ring */
+static void commit_rows(comp_state *cs, int width, dsrt_tensor *c, dsrt_tensor *g, int64_t P, int64_t S)
+{
+    if (!c) return;
+    for (int64_t i = S > cs->ring ? S - cs->ring : 0; i < S; i++) {
+        memcpy(cs->c + ((P + i) % cs->ring) * width, F32(c) + i * width, (size_t)width * sizeof(float));
+        memcpy(cs->g + ((P + i) % cs->ring) * width, F32(g) + i * width, (size_t)width * sizeof(float));
+    }
+}
+
+/* ---- lightning indexer (SPEC §6.6) ---- */
+
+typedef struct {
+    float score;
+    int64_t j;
+} pick;
+
+/* descending score, ties to the lower entry */
+static int pick_order(const void *pa, const void *pb)
+{
+    const pick *a = pa, *b = pb;
+    if (a->score != b->score) return a->score > b->score ? -1 : 1;
+    return a->j < b->j ? -1 : a->j > b->j;
+}
+
+/* Writes each query's top-k visible entries (+ offset) into idx[i·K + first ...]. qr: f32 [S, q_lora]
+ * (the query path's normed low-rank q), x: f32 [S, dim]. */
+static int index_select(dsrt_attention *a, dsrt_attn_state *st, const float *qr, const float *x, int64_t P, int64_t S,
+                        dsrt_tensor *pos, int64_t *idx, int64_t K, int64_t first, int64_t offset, dsrt_stream *s,
+                        dsrt_tensor **c_rows, dsrt_tensor **g_rows)
+{
+    const dsrt_attn_config *c = &a->cfg;
+    dsrt_precision prec = st->prec;
+    int64_t IH = c->index_n_heads, ID = c->index_head_dim, topk = c->index_topk;
+    int ref = prec == DSRT_PREC_REFERENCE;
+    /* 1. qI = RoPE(wq_b·qr), then Hadamard + Q4 (reference only, SPEC §9.2 item 2) */
+    dsrt_tensor *q = project(a->w.index_wq_b, qr, S, prec, s), *w = NULL, *scratch = NULL;
+    if (q) {
+        dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, IH, ID});
+        dsrt_tensor_release(q);
+        q = rope_f32(c, v, pos, 0, prec, s);
+    }
+    if (q && ref) {
+        dsrt_tensor *rotated = dsrt_nn_hadamard128(q, prec, s);
+        dsrt_tensor_release(q);
+        q = as_f32(rotated, s);
+        if (q && dsrt_nn_quant_roundtrip_q4(q, prec, s)) goto fail;
+    }
+    /* 2. the indexer's keys; 3. head weights bf16(weights_proj·x)·ID^-½·IH^-½ */
+    if (!q || compress(a, &st->index, &a->w.index_compressor, a->index_ape, x, P, S, 1, prec, s, c_rows, g_rows)) goto fail;
+    if (!(w = project(a->w.index_weights_proj, x, S, prec, s))) goto fail;
+    float scale = (float)(1.0 / sqrt((double)ID) / sqrt((double)IH)), *wp = F32(w), *qp = F32(q);
+    for (int64_t i = 0; i < S * IH; i++) wp[i] = ref ? bf16r(wp[i] * scale) : wp[i] * scale;
+    int64_t n_max = (P + S) / c->ratio;
+    if (!(scratch = dsrt_tensor_new(DSRT_U8, 1, (int64_t[]){(n_max ? n_max : 1) * S * (int64_t)sizeof(pick)}, DSRT_CPU, s)))
+        goto fail;
+    const float *keys = st->index.entries;
+    /* 4. score[t, j] = Σ_h w[t,h]·ReLU(qI[t,h]·K_j), in bf16 in reference precision (bf16 dot
+     * products, ReLU and products; the head sum accumulated in fp32 and rounded once, as torch's
+     * bf16 sum); 5. the top k = min(topk, visible) of the visible entries j < (t+1) div r. */
+#pragma omp parallel for if (S * n_max * IH * ID > (1 << 18))
+    for (int64_t i = 0; i < S; i++) {
+        int64_t visible = (P + i + 1) / c->ratio, k = visible < topk ? visible : topk;
+        pick *picks = (pick *)scratch->storage->data + i * n_max;
+        for (int64_t j = 0; j < visible; j++) {
+            double sum = 0;
+            for (int64_t h = 0; h < IH; h++) {
+                const float *qh = qp + (i * IH + h) * ID, *kj = keys + j * ID;
+                double dot = 0;
+                for (int64_t e = 0; e < ID; e++) dot += (double)qh[e] * kj[e];
+                float dv = ref ? bf16r((float)dot) : (float)dot;
+                dv = dv > 0 ? dv : 0;
+                sum += ref ? bf16r(dv * wp[i * IH + h]) : (double)dv * wp[i * IH + h];
+            }
+            picks[j].score = ref ? bf16r((float)sum) : (float)sum;
+            picks[j].j = j;
+        }
+        qsort(picks, (size_t)visible, sizeof *picks, pick_order);
+        for (int64_t m = 0; m < k; m++) idx[i * K + first + m] = offset + picks[m].j;
+    }
+    dsrt_tensor_release(q);
+    dsrt_tensor_release(w);
+    dsrt_tensor_release(scratch);
+    return 0;
+fail:
+    dsrt_tensor_release(q);
+    dsrt_tensor_release(w);
+    dsrt_tensor_release(scratch);
+    return -1;
+}
+
+/* ---- forward ---- */
+
+static int check_forward(const dsrt_attention *a, const dsrt_attn_state *st, const dsrt_tensor *x, dsrt_precision prec,
+                         const dsrt_stream *s)
+{
+    char xb[DSRT_SHAPE_BUF];
+    if (st->a != a) return dsrt_err("attention: the state was made for another attention layer");
+    if (prec != st->prec)
+        return dsrt_err("attention: forward in %s precision with a state made for %s", prec == DSRT_PREC_FP32 ? "fp32" : "reference",
+                        st->prec == DSRT_PREC_FP32 ? "fp32" : "reference");
+    if (dsrt_linear_check_input(x, a->cfg.dim, a->device, s, "attention")) return -1;
+    if (x->ndim != 2 || x->shape[0] < 1)
+        return dsrt_err("attention: input %s, expected [S, %d] with S >= 1", dsrt_tensor_str(x, xb, sizeof xb), a->cfg.dim);
+    if (st->length + x->shape[0] > st->max_len)
+        return dsrt_err("attention: %lld new positions after %lld exceed the state's max_len %lld", (long long)x->shape[0],
+                        (long long)st->length, (long long)st->max_len);
+    return 0;
+}
+
+dsrt_tensor *dsrt_attention_forward(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec,
+                                    dsrt_stream *s)
+{
+    if (check_forward(a, st, x, prec, s)) return NULL;
+    const dsrt_attn_config *c = &a->cfg;
+    const dsrt_attn_weights *w = &a->w;
+    int64_t S = x->shape[0], P = st->length, H = c->n_heads, hd = c->head_dim, W = c->window, r = c->ratio;
+    dsrt_tensor *xf = dsrt_linear_input(x, s), *pos = positions(S, P, 1, s);
+    dsrt_tensor *qr = NULL, *q = NULL, *kv = NULL, *pool = NULL, *idx = NULL, *o = NULL, *z = NULL, *y = NULL, *out = NULL;
+    dsrt_tensor *cc = NULL, *cg = NULL, *ic = NULL, *ig = NULL; /* the compressors' pending (c, g) rows */
+    if (!xf || !pos) goto done;
+    const float *xp = F32(xf);
+    /* §6.1 query path: qr = RMS_w(wq_a·x), q = RoPE(head_norm(wq_b·qr)) */
+    qr = norm_f32(project(w->wq_a, xp, S, prec, s), w->q_norm, c->norm_eps, prec, s);
+    if (!qr || !(q = project(w->wq_b, F32(qr), S, prec, s))) goto done;
+    {
+        dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, H, hd}), *n = v ? dsrt_nn_head_rms_norm(v, c->norm_eps, prec, s) : NULL;
+        dsrt_tensor_release(v);
+        dsrt_tensor_release(q);
+        q = rope_f32(c, n, pos, 0, prec, s);
+    }
+    /* §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims in blocks of 64 */
+    kv = rope_f32(c, norm_f32(project(w->wkv, xp, S, prec, s), w->kv_norm, c->norm_eps, prec, s), pos, 0, prec, s);
+    if (!q || !kv || dsrt_nn_quant_roundtrip_q8(kv, 64, 0, hd - DSRT_NN_ROPE_DIMS, prec, s)) goto done;
+    /* §6.5 the chunk's compressed entries */
+    if (r > 0 && compress(a, &st->comp, (dsrt_compressor_weights *)&w->compressor, a->ape, xp, P, S, 0, prec, s, &cc, &cg))
+        goto done;
+
+    /* §6.4/§6.7 the pool [window positions base … P+S−1, entries 0 … n_entries−1] and the index lists */
+    int64_t base = P - W + 1 > 0 ? P - W + 1 : 0, n_win = P + S - base, n_entries = r > 0 ? (P + S) / r : 0;
+    int64_t n_comp = r == 4 ? c->index_topk : n_entries, K = W + n_comp;
+    if (!(pool = new_f32(2, n_win + n_entries, hd, 0, s)) || !(idx = dsrt_tensor_new(DSRT_I64, 2, (int64_t[]){S, K}, DSRT_CPU, s)))
+        goto done;
+    float *pp = F32(pool);
+    for (int64_t p = base; p < P + S; p++) {
+        const float *row = p >= P ? F32(kv) + (p - P) * hd : st->window + (p % st->window_rows) * hd;
+        memcpy(pp + (p - base) * hd, row, (size_t)hd * sizeof(float));
+    }
+    if (n_entries) memcpy(pp + n_win * hd, st->comp.entries, (size_t)(n_entries * hd) * sizeof(float));
+    int64_t *ip = (int64_t *)idx->storage->data;
+    for (int64_t i = 0; i < S * K; i++) ip[i] = -1;
+    for (int64_t i = 0; i < S; i++) {
+        int64_t t = P + i, lo = t - W + 1 > 0 ? t - W + 1 : 0;
+        for (int64_t p = lo; p <= t; p++) ip[i * K + p - lo] = p - base;
+        if (r > 0 && r != 4)
+            for (int64_t j = 0; j < (t + 1) / r; j++) ip[i * K + W + j] = n_win + j;
+    }
+    if (r == 4 && index_select(a, st, F32(qr), xp, P, S, pos, ip, K, W, n_win, s, &ic, &ig)) goto done;
+
+    /* §6.7 sparse attention with the sink; §6.8 inverse RoPE, grouped wo_a, wo_b */
+    o = dsrt_nn_sparse_attention(q, pool, idx, w->attn_sink, (float)(1.0 / sqrt((double)hd)), prec, s);
+    o = rope_f32(c, o, pos, 1, prec, s);
+    if (!o || !(z = project(w->wo_a, F32(o), S, prec, s)) || !(y = project(w->wo_b, F32(z), S, prec, s))) goto done;
+    out = prec == DSRT_PREC_REFERENCE ? dsrt_tensor_to(y, DSRT_CPU, DSRT_BF16, s, 0) : y;
+    if (out == y) dsrt_tensor_retain(y);
+    if (!out) goto done;
+
+    /* the rings take the chunk's rows last, once nothing can fail: nothing above read a slot this
+     * chunk overwrites, and a failed forward leaves the state as it was */
+    for (int64_t i = S > st->window_rows ? S - st->window_rows : 0; i < S; i++)
+        memcpy(st->window + ((P + i) % st->window_rows) * hd, F32(kv) + i * hd, (size_t)hd * sizeof(float));
+    commit_rows(&st->comp, a->coff * c->head_dim, cc, cg, P, S);
+    commit_rows(&st->index, a->coff * c->index_head_dim, ic, ig, P, S);
+    st->length = P + S;
+done:
+    dsrt_tensor_release(cc);
+    dsrt_tensor_release(cg);
+    dsrt_tensor_release(ic);
+    dsrt_tensor_release(ig);
+    dsrt_tensor_release(xf);
+    dsrt_tensor_release(pos);
+    dsrt_tensor_release(qr);
+    dsrt_tensor_release(q);
+    dsrt_tensor_release(kv);
+    dsrt_tensor_release(pool);
+    dsrt_tensor_release(idx);
+    dsrt_tensor_release(o);
+    dsrt_tensor_release(z);
+    dsrt_tensor_release(y);
+    return out;
+}
