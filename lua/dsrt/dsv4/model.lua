@@ -1,0 +1,227 @@
+-- dsrt.dsv4.model — the DeepSeek-V4 decoder composed from the layer objects, and its sessions.
+--
+--   local model = require("dsrt.dsv4.model").new(cfg, w, {device = "cpu", precision = "fp32"})
+--   local seq = model:session{max_len = 4096, slack = 16}
+--   local logits = model:forward(seq, {0, 17, 42})   -- f32 [3, vocab], one row per new position
+--   seq:truncate(2)                                  -- back to 2 positions (by at most `slack`)
+--   (dsrt.dsv4.load builds this, and attaches the MTP predictor of dsrt.dsv4.mtp as model.mtp.)
+--
+-- What it protects:
+--   - The wiring DESIGN.md exists for: the decoder makes ONE list of three aux streams
+--     (model.aux_streams) and hands that same table to every attention and MoE constructor. No
+--     layer makes streams; the composer owns them, so changing the wiring is an edit here.
+--   - The model-level forward of SPEC §4 and the block of SPEC §5, written once, in the order the
+--     SPEC gives, with the model's precision string handed to every op (never a default), so a
+--     model cannot run partly in a mode it did not ask for.
+--   - A session holds everything a sequence accumulates (one attention state per layer, the MTP
+--     layer's state, the pre-hc_head residuals MTP drafts from) addressed by absolute position, so
+--     that forward() continues at any position — a prompt in one call, in chunks or token by token
+--     gives the same logits — and truncate() rolls back exactly (SPEC §6.9).
+--   - Bad input is refused before any state moves: an empty chunk, an id outside the vocabulary
+--     (naming the id and its position), a chunk that would pass max_len.
+-- Logits are computed for every new position (the reference computes only the last, SPEC §4 step
+-- 6), so chunked prefill can be compared with one-shot prefill position by position.
+local dsrt = require "dsrt"
+local core = require "dsrt.core"
+
+local nn = core.nn
+
+local decoder = {}
+
+-- SPEC §10: the three auxiliary GEMM groups of an attention layer run on aux streams 0/1/2
+local AUX_STREAM_COUNT = 3
+local DEFAULT_SLACK = 16
+local PRECISIONS = { reference = true, fp32 = true }
+
+-- The model's activation dtype: bf16 in the reference numerics, f32 in fp32 (SPEC §9.1, nn.h).
+local function activation_dtype(precision) return precision == "fp32" and "f32" or "bf16" end
+
+--- ONE list of three aux streams on `device`, for every layer of one composed model (DESIGN.md).
+function decoder.aux_streams(device)
+  local streams = {}
+  for i = 1, AUX_STREAM_COUNT do streams[i] = dsrt.stream(device) end
+  return streams
+end
+
+-- ---- the block of SPEC §5 ----
+
+--- A block (SPEC §5) from a layer of cfg.layers / cfg.mtp and its weights (w.layers[i] / w.mtp[k]):
+--- the attention and MoE objects built with the given aux stream list, which the block records as
+--- block.aux_streams (the layer objects keep the same table).
+function decoder.block(cfg, layer, layer_weights, aux_streams)
+  return {
+    layer = layer,
+    hc_attn = layer_weights.hc_attn, attn_norm = layer_weights.attn_norm,
+    attention = core.attention(layer, cfg.dims, layer_weights.attn, aux_streams),
+    hc_ffn = layer_weights.hc_ffn, ffn_norm = layer_weights.ffn_norm,
+    moe = dsrt.moe(cfg.dims, layer_weights.ffn, aux_streams),
+    aux_streams = aux_streams,
+  }
+end
+
+-- hc_pre, then the sub-layer input RMS_w(u; norm) (SPEC §5); returns the normed input, post, comb.
+local function hc_pre_normed(dims, hc, norm_weight, X, precision)
+  local u, post, comb = nn.hc_pre(X, hc.fn, hc.scale, hc.base, dims.hc_eps, dims.norm_eps,
+                                  dims.hc_sinkhorn_iters, precision)
+  return nn.rms_norm(u, norm_weight, dims.norm_eps, precision), post, comb
+end
+
+--- SPEC §5 step 1 on residual streams X [S, hc, dim] at positions [state:length(), +S): returns
+--- the new X and advances the attention state. Alone, it is what fills an MTP layer's ring.
+function decoder.attention_half(dims, block, state, X, precision)
+  local x, post, comb = hc_pre_normed(dims, block.hc_attn, block.attn_norm, X, precision)
+  local a = block.attention:forward(state, x, precision)
+  return nn.hc_post(a, X, post, comb, precision)
+end
+
+--- SPEC §5 step 2: the MoE sub-layer; token_ids i64 [S] (hash routing reads them, SPEC §7.1).
+function decoder.ffn_half(dims, block, X, token_ids, precision)
+  local x, post, comb = hc_pre_normed(dims, block.hc_ffn, block.ffn_norm, X, precision)
+  local m = block.moe:forward(x, token_ids, precision)
+  return nn.hc_post(m, X, post, comb, precision)
+end
+
+--- The whole block (SPEC §5): X [S, hc, dim] -> X.
+function decoder.block_forward(dims, block, state, X, token_ids, precision)
+  X = decoder.attention_half(dims, block, state, X, precision)
+  return decoder.ffn_half(dims, block, X, token_ids, precision)
+end
+
+--- HC head collapse, final norm and LM head (SPEC §4 steps 4–6) of X [S, hc, dim] with one
+--- hc_head {fn, base, scale} and norm weight: f32 logits [S, vocab] for every row.
+function decoder.logits(dims, hc_head, norm_weight, head, X, precision)
+  local y = nn.hc_head(X, hc_head.fn, hc_head.scale, hc_head.base, dims.hc_eps, dims.norm_eps, precision)
+  y = nn.rms_norm(y, norm_weight, dims.norm_eps, precision)
+  return head:forward(y, precision)
+end
+
+--- embed[ids] (SPEC §4 step 1, no scaling) as [S, dim] in the model's activation dtype: one row
+--- copy per id (ids: Lua array of 0-based ids, already checked to be in the vocabulary).
+function decoder.embed(embed_weight, ids, precision)
+  local rows = dsrt.empty({ #ids, embed_weight.shape[2] },
+                          { dtype = activation_dtype(precision), device = embed_weight.device })
+  for i, id in ipairs(ids) do rows[i] = embed_weight[id + 1] end
+  return rows
+end
+
+-- ---- the model ----
+
+local Model = {}
+Model.__index = Model
+
+--- The decoder of cfg (dsrt.dsv4.config) over the weight set w (dsrt.dsv4.weights).
+--- opts: device (default "cpu"), precision ("reference" or "fp32", required).
+function decoder.new(cfg, w, opts)
+  if not PRECISIONS[opts.precision] then
+    error(string.format("dsv4.model: precision must be \"reference\" or \"fp32\", got %s", tostring(opts.precision)), 2)
+  end
+  local self = setmetatable({
+    cfg = cfg, dims = cfg.dims, weights = w, precision = opts.precision, device = opts.device or "cpu",
+  }, Model)
+  self.aux_streams = decoder.aux_streams(self.device)
+  self.blocks = {}
+  for i, layer in ipairs(cfg.layers) do
+    self.blocks[i] = decoder.block(cfg, layer, w.layers[i], self.aux_streams)
+  end
+  -- fp32 logits from the bf16 head (SPEC §4 step 6, §9.1), shared with the MTP predictor (SPEC §2.5)
+  self.head = dsrt.linear { weight = w.head, format = "bf16", fp32_math = true }
+  return self
+end
+
+-- ids (a Lua array or a 1-D integer tensor) as a Lua array, checked against the vocabulary and
+-- the session's room; `first` is the position of ids[1].
+local function checked_ids(ids, vocab, first, max_len)
+  if dsrt.is_tensor(ids) then
+    if ids:dim() ~= 1 or (ids.dtype ~= "i64" and ids.dtype ~= "i32") then
+      error(string.format("dsv4.model.forward: ids must be a 1-D i64/i32 tensor, got %s [%s]", ids.dtype,
+                          table.concat(ids.shape, ", ")), 3)
+    end
+    ids = ids:totable()
+  elseif type(ids) ~= "table" then
+    error("dsv4.model.forward: ids must be a Lua array of integers or an integer tensor, got " .. type(ids), 3)
+  end
+  if #ids == 0 then error("dsv4.model.forward: ids is empty (nothing to forward)", 3) end
+  for i, id in ipairs(ids) do
+    if math.type(id) ~= "integer" or id < 0 or id >= vocab then
+      error(string.format("dsv4.model.forward: ids[%d] = %s (position %d) is outside the vocabulary [0, %d)",
+                          i, tostring(id), first + i - 1, vocab), 3)
+    end
+  end
+  if first + #ids > max_len then
+    error(string.format("dsv4.model.forward: %d new ids at position %d would pass the session's max_len %d",
+                        #ids, first, max_len), 3)
+  end
+  return ids
+end
+
+-- a session made by this model's :session{...}; `what` names the caller in the message
+local function check_session(model, session, what)
+  if type(session) ~= "table" or session.model ~= model then
+    error(string.format("dsv4.model.%s: session must come from this model's :session{...}", what), 3)
+  end
+end
+
+--- The decoder over ids at positions [session:length(), +#ids): f32 logits [#ids, vocab], one row
+--- per new position; advances the session (and fills the MTP layer's ring, dsrt.dsv4.mtp).
+function Model:forward(session, ids)
+  check_session(self, session, "forward")
+  ids = checked_ids(ids, self.dims.vocab, session.positions, session.max_len)
+  local precision, dims = self.precision, self.dims
+  local token_ids = dsrt.tensor(ids, { dtype = "i64", device = self.device })
+  local X = nn.hc_expand(decoder.embed(self.weights.embed, ids, precision), dims.hc_mult)
+  for i, block in ipairs(self.blocks) do
+    X = decoder.block_forward(dims, block, session.states[i], X, token_ids, precision)
+  end
+  local first = session.positions
+  session.positions = first + #ids
+  if self.mtp then self.mtp:advance(session, X, ids, first) end
+  return decoder.logits(dims, self.weights.hc_head, self.weights.norm, self.head, X, precision)
+end
+
+--- Draft logits (f32 [1, vocab]) for the position after next, from the main model's pre-hc_head
+--- residual at the session's last position and next_id, the token that follows it (SPEC §8.1).
+function Model:draft(session, next_id)
+  if not self.mtp then error("dsv4.model.draft: the model was loaded without its MTP layers (mtp = false)", 2) end
+  check_session(self, session, "draft")
+  return self.mtp:draft(session, next_id)
+end
+
+-- ---- sessions ----
+
+local Session = {}
+Session.__index = Session
+
+--- A new sequence: opts.max_len (required) positions, rollback by up to opts.slack (default 16).
+function Model:session(opts)
+  opts = opts or {}
+  local max_len, slack = opts.max_len, opts.slack or DEFAULT_SLACK
+  if math.type(max_len) ~= "integer" or max_len < 1 then
+    error("dsv4.model.session: max_len must be a positive integer, got " .. tostring(max_len), 2)
+  end
+  if math.type(slack) ~= "integer" or slack < 0 then
+    error("dsv4.model.session: slack must be a non-negative integer, got " .. tostring(slack), 2)
+  end
+  local session = setmetatable({ model = self, max_len = max_len, slack = slack, positions = 0, states = {} }, Session)
+  for i, block in ipairs(self.blocks) do
+    session.states[i] = core.attn_state(block.attention, {
+      max_len = max_len, slack = slack, precision = self.precision, device = self.device,
+    })
+  end
+  if self.mtp then self.mtp:attach(session) end
+  return session
+end
+
+function Session:length() return self.positions end
+
+--- Back to n positions, as if the later ones had never been forwarded; n >= length - slack.
+function Session:truncate(n)
+  if math.type(n) ~= "integer" or n < 0 or n > self.positions or n < self.positions - self.slack then
+    error(string.format("dsv4.session.truncate: %s is outside [%d, %d] (length %d, slack %d)", tostring(n),
+                        math.max(0, self.positions - self.slack), self.positions, self.positions, self.slack), 2)
+  end
+  for _, state in ipairs(self.states) do state:truncate(n) end
+  self.positions = n
+  if self.model.mtp then self.model.mtp:truncate(self, n) end
+end
+
+return decoder

@@ -1,0 +1,131 @@
+-- dsrt.dsv4.mtp — the multi-token-prediction (MTP) predictor of DeepSeek-V4 (SPEC §8), composed
+-- from the same layer objects as the decoder (dsrt.dsv4.model), and its part of a session.
+--
+--   model.mtp = require("dsrt.dsv4.mtp").new(model, cfg, w)   -- dsrt.dsv4.load does this
+--   local draft = model:draft(seq, next_id)                   -- f32 [1, vocab]
+--
+-- What it protects:
+--   - The wiring DESIGN.md exists for: the predictor makes ONE list of three aux streams
+--     (predictor.aux_streams) and hands that same table to every MTP layer's constructor; the
+--     layers never make streams. It is a list of its own, not the decoder's.
+--   - SPEC §8.1, step by step: e = RMS_w(embed[n]; enorm), h_s = RMS_w(H_s; hnorm) per residual
+--     stream, X_s = h_proj(h_s) + e_proj(e), a full block, then the MTP layer's own hc_head, its
+--     norm (mtp.k.norm) and the decoder's LM head (shared, as the embedding: SPEC §2.5).
+--   - The MTP layer's window ring covers the same positions as the decoder (SPEC §8.2 "it must be
+--     filled over the prompt too"): the MTP input at position t needs the main model's residual H_t
+--     and the token at t + 1, so whenever the decoder advances, the ring is filled up to the
+--     decoder's last position minus one — only the attention half of the block runs there (the
+--     ring is the only state; the rest of the block would be thrown away). The last position's
+--     residual waits for draft(). Rollback keeps both in step.
+-- Only the first MTP layer drafts (DeepSeek-V4 has one; chaining layers for several draft tokens,
+-- SPEC §8.2, is not done here). The reference does not zero the embedding at position 0 as vLLM
+-- does (SPEC §8.2); neither does this.
+local dsrt = require "dsrt"
+local core = require "dsrt.core"
+local decoder = require "dsrt.dsv4.model"
+
+local nn = core.nn
+
+local mtp = {}
+
+local Predictor = {}
+Predictor.__index = Predictor
+
+--- The predictor of cfg.mtp / w.mtp, sharing model's embedding and LM head.
+function mtp.new(model, cfg, w)
+  local self = setmetatable({ model = model, dims = cfg.dims, precision = model.precision, device = model.device },
+                            Predictor)
+  self.aux_streams = decoder.aux_streams(self.device)
+  self.layers = {}
+  for k, layer in ipairs(cfg.mtp) do
+    local lw = w.mtp[k]
+    self.layers[k] = {
+      block = decoder.block(cfg, layer, lw, self.aux_streams),
+      e_proj = dsrt.linear(lw.e_proj), h_proj = dsrt.linear(lw.h_proj),
+      enorm = lw.enorm, hnorm = lw.hnorm, norm = lw.norm, hc_head = lw.hc_head,
+    }
+  end
+  return self
+end
+
+-- SPEC §8.1 steps 1–2: the MTP layer's input X [n, hc, dim] from the main residuals H [n, hc, dim]
+-- and the next tokens' ids (a Lua array of n ids).
+local function mtp_input(self, layer, H, next_ids)
+  local dims, precision = self.dims, self.precision
+  local e = nn.rms_norm(decoder.embed(self.model.weights.embed, next_ids, precision), layer.enorm, dims.norm_eps,
+                        precision)
+  local h = nn.rms_norm(H, layer.hnorm, dims.norm_eps, precision)
+  return layer.h_proj:forward(h, precision) + layer.e_proj:forward(e, precision):unsqueeze(2)
+end
+
+--- Gives a new session its MTP part: the first layer's attention state (one position more slack
+--- than the decoder's, as a draft puts it one position ahead) and the residuals H by position.
+function Predictor:attach(session)
+  session.mtp = {
+    state = core.attn_state(self.layers[1].block.attention, {
+      max_len = session.max_len, slack = session.slack + 1, precision = self.precision, device = self.device,
+    }),
+    residuals = {},   -- position -> the decoder's pre-hc_head residual [hc, dim] there
+    drafted_id = nil, -- the next_id of a draft that advanced the state past the decoder's length - 1
+  }
+end
+
+-- Undoes a draft whose position the decoder is about to fill with another token.
+local function undo_draft(part, last_position)
+  if part.state:length() > last_position then
+    part.state:truncate(last_position)
+  end
+  part.drafted_id = nil
+end
+
+--- After the decoder forwarded ids at positions [first, first + #ids) with pre-hc_head residuals
+--- X [#ids, hc, dim]: fills the MTP ring over every position whose next token is now known.
+function Predictor:advance(session, X, ids, first)
+  local part, S = session.mtp, #ids
+  if part.drafted_id ~= nil and part.drafted_id ~= ids[1] then undo_draft(part, first - 1) end
+  part.drafted_id = nil
+  local from, to = part.state:length(), first + S - 2 -- MTP positions to fill, inclusive
+  if to >= from then
+    local layer = self.layers[1]
+    local H = dsrt.empty({ to - from + 1, X.shape[2], X.shape[3] }, { dtype = X.dtype, device = X.device })
+    local next_ids = {}
+    for t = from, to do
+      local row = t - from + 1
+      H[row] = t < first and part.residuals[t] or X[t - first + 1]
+      next_ids[row] = ids[t + 1 - first + 1]
+    end
+    decoder.attention_half(self.dims, layer.block, part.state, mtp_input(self, layer, H, next_ids), self.precision)
+  end
+  for i = 1, S do part.residuals[first + i - 1] = X[i] end
+  -- rollback reaches back `slack` positions, and the residual before them feeds the MTP there
+  for t = first - session.slack - 1, first + S - session.slack - 2 do part.residuals[t] = nil end
+end
+
+--- Draft logits f32 [1, vocab] for the position after next_id (SPEC §8.1), from the decoder's
+--- residual at its last position; advances the MTP state by that position until the decoder moves.
+function Predictor:draft(session, next_id)
+  local vocab, last = self.dims.vocab, session.positions - 1
+  if last < 0 then error("dsv4.model.draft: the session is empty; forward a token first", 3) end
+  if math.type(next_id) ~= "integer" or next_id < 0 or next_id >= vocab then
+    error(string.format("dsv4.model.draft: next_id %s is outside the vocabulary [0, %d)", tostring(next_id), vocab), 3)
+  end
+  local part, layer, dims, precision = session.mtp, self.layers[1], self.dims, self.precision
+  undo_draft(part, last)
+  local H = part.residuals[last]:unsqueeze(1)
+  local X = mtp_input(self, layer, H, { next_id })
+  local token_ids = dsrt.tensor({ next_id }, { dtype = "i64", device = self.device })
+  X = decoder.block_forward(dims, layer.block, part.state, X, token_ids, precision)
+  part.drafted_id = next_id
+  return decoder.logits(dims, layer.hc_head, layer.norm, self.model.head, X, precision)
+end
+
+--- The session was truncated to n positions: the MTP state follows to n - 1.
+function Predictor:truncate(session, n)
+  local part = session.mtp
+  undo_draft(part, math.max(n - 1, 0))
+  for t in pairs(part.residuals) do
+    if t >= n then part.residuals[t] = nil end
+  end
+end
+
+return mtp
