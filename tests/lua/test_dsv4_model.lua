@@ -284,4 +284,22 @@ test("bad input raises a clear error and leaves the session as it was", function
   assert_error(dsv4.load, "weights must be \"file\" or \"random\"", tiny_dir, { precision = "fp32", weights = "x" })
 end)
 
+test("any compression ratio: ratios 8 and 64 run, and chunked prefill equals one-shot", function()
+  -- transformers builds only ratios 4 and 128; dsrt takes whatever compress_ratios says (plain
+  -- compressors for every ratio but 4). tiny_ratios.json: [0, 8, 4, 64 | MTP 0, 8], vocab 512.
+  -- with the indexer at the SPEC's 128 dims (its Hadamard is 128 wide, SPEC §3.7)
+  local raw = cjson.decode(h.read_file("tests/fixtures/config/tiny_ratios.json"))
+  raw.index_head_dim = 128
+  local path = h.temp_folder() .. "/config.json"
+  local f = assert(io.open(path, "w"))
+  f:write(cjson.encode(raw))
+  f:close()
+  local model = dsv4.load(path, { precision = "fp32", weights = "random", seed = 2, mtp = false })
+  local ids = {}
+  for i, id in ipairs(prompt(150, 5)) do ids[i] = id % 512 end
+  local one_shot = forward_in_chunks(model, ids, { 150 })
+  assert_rows_close(forward_in_chunks(model, ids, { 7, 1, 57, 64, 21 }), one_shot, TOLERANCE.fp32, "ratios 8/64")
+  assert(one_shot:abs():max():item() < math.huge, "finite logits")
+end)
+
 return tests
