@@ -20,11 +20,13 @@ SAN ?=
 CFLAGS := -std=c17 $(OPT) -g -Wall -Wextra -Werror -fPIC -fopenmp -D_GNU_SOURCE \
           -DDSRT_HAVE_CUDA=$(CUDA) -Iruntime -Ikernels -I$(LUA_INC) $(SAN)
 LDLIBS := -lm -ldl -lpthread
+# PCRE2 (the tokenizer's pre-tokenizer regexes) is linked statically, like Lua, for the GPU image
+PCRE2_A ?= /usr/lib/$(MULTIARCH)/libpcre2-8.a
 NVCCFLAGS := -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a \
              -Xcompiler -fPIC,-Wall -Iruntime -Ikernels --expt-relaxed-constexpr
 
-CORE := err dtype alloc stream tensor ops gemm upload safetensors nn linear moe attention \
-        ltensor lstream lsafetensors lnn llayers lcore host
+CORE := err dtype alloc stream tensor ops gemm upload safetensors nn linear moe attention tokenizer \
+        ltensor lstream lsafetensors lnn llayers ltokenizer lcore host
 CORE_OBJ := $(CORE:%=$(BUILD)/obj/runtime/%.o) $(BUILD)/obj/gen/lua_embedded.o
 ifeq ($(CUDA),1)
 KERNEL_SRC := $(wildcard kernels/*.cu)
@@ -61,24 +63,24 @@ $(BUILD)/obj/gen/lua_embedded.o: $(BUILD)/gen/lua_embedded.c runtime/dsrt.h
 $(BUILD)/libdsrt.a: $(LIB_OBJ)
 	rm -f $@ && ar rcs $@ $^
 $(BUILD)/libdsrt.so: $(LIB_OBJ)
-	$(LINK) -shared -fopenmp $(SAN) -o $@ $^ $(CUDA_LIBS) $(LDLIBS)
+	$(LINK) -shared -fopenmp $(SAN) -o $@ $^ $(PCRE2_A) $(CUDA_LIBS) $(LDLIBS)
 # stock lua5.4 finds luaopen_dsrt_core in dsrt/core.so on package.cpath
 $(BUILD)/lua/dsrt/core.so: $(BUILD)/libdsrt.so
 	@mkdir -p $(@D)
 	cp $< $@
 # Lua, lua-cjson, readline and OpenMP are linked statically: the program runs where none is installed
 $(BUILD)/dsrt: $(BUILD)/obj/runtime/main.o $(BUILD)/libdsrt.a
-	$(LINK) $(SAN) -o $@ $< $(BUILD)/libdsrt.a $(LUA_A) $(CJSON_A) \
+	$(LINK) $(SAN) -o $@ $< $(BUILD)/libdsrt.a $(PCRE2_A) $(LUA_A) $(CJSON_A) \
 	  -Wl,-Bstatic -lreadline -ltinfo -lgomp -Wl,-Bdynamic $(CUDA_LIBS) $(LDLIBS)
 # the README's embedding example, built as a host would build it
 $(BUILD)/embed_example: examples/embed.c $(BUILD)/libdsrt.a
 	$(CC) $(CFLAGS) -c $< -o $(BUILD)/obj/embed.o
-	$(LINK) $(SAN) -fopenmp -o $@ $(BUILD)/obj/embed.o $(BUILD)/libdsrt.a $(LUA_A) $(CUDA_LIBS) $(LDLIBS)
+	$(LINK) $(SAN) -fopenmp -o $@ $(BUILD)/obj/embed.o $(BUILD)/libdsrt.a $(PCRE2_A) $(LUA_A) $(CUDA_LIBS) $(LDLIBS)
 $(BUILD)/obj/tests/%.o: tests/c/%.c tests/c/check.h $(wildcard runtime/*.h)
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -c $< -o $@
 $(BUILD)/test_c: $(C_TESTS:tests/c/%.c=$(BUILD)/obj/tests/%.o) $(BUILD)/libdsrt.a
-	$(LINK) $(SAN) -fopenmp -o $@ $^ $(LUA_A) $(CUDA_LIBS) $(LDLIBS)
+	$(LINK) $(SAN) -fopenmp -o $@ $^ $(PCRE2_A) $(LUA_A) $(CUDA_LIBS) $(LDLIBS)
 
 setup:
 	@tools/setup.sh

@@ -6,6 +6,7 @@ local core = require "dsrt.core"
 local dsrt = {}
 for k, v in pairs(core) do dsrt[k] = v end
 dsrt.safetensors = require "dsrt.safetensors"
+dsrt.tokenizer = require "dsrt.tokenizer"
 
 --- Runs fn(...) with s as the current stream of s's device; the previous current stream is
 --- restored even when fn raises, and fn's results (or its error) pass through.
