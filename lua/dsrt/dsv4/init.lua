@@ -8,6 +8,7 @@
 --   local draft = model:draft(seq, 300)                -- MTP logits for the position after 300
 --   seq:truncate(2)
 --   dsv4.config, dsv4.weights, dsv4.memory             -- the modules themselves
+--   dsv4.chat.encode(messages, {thinking = false})     -- the chat prompt text (dsrt.dsv4.chat)
 --
 -- load options:
 --   device     "cpu" (default), "cuda", "cuda:N": where the weights and the work go
@@ -27,6 +28,7 @@ local model = require "dsrt.dsv4.model"
 local mtp = require "dsrt.dsv4.mtp"
 
 local dsv4 = { config = config, weights = weights, memory = memory }
+dsv4.chat = require "dsrt.dsv4.chat"
 
 local WEIGHT_SOURCES = { file = true, random = true }
 
