@@ -25,8 +25,8 @@ PCRE2_A ?= /usr/lib/$(MULTIARCH)/libpcre2-8.a
 NVCCFLAGS := -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a \
              -Xcompiler -fPIC,-Wall -Iruntime -Ikernels --expt-relaxed-constexpr
 
-CORE := err dtype alloc stream tensor ops gemm upload safetensors nn linear moe attention tokenizer \
-        ltensor lstream lsafetensors lnn llayers ltokenizer lcore host
+CORE := err dtype alloc stream tensor ops gemm upload safetensors nn linear moe attention tokenizer sampling \
+        ltensor lstream lsafetensors lnn llayers ltokenizer lsampling lcore host
 CORE_OBJ := $(CORE:%=$(BUILD)/obj/runtime/%.o) $(BUILD)/obj/gen/lua_embedded.o
 ifeq ($(CUDA),1)
 KERNEL_SRC := $(wildcard kernels/*.cu)

@@ -46,5 +46,6 @@ void dsrtL_open_safetensors(lua_State *L); /* adds the file-mapping and writing 
 void dsrtL_open_nn(lua_State *L);          /* adds core.nn: the model's numerical primitives */
 void dsrtL_open_layers(lua_State *L);      /* adds the layer objects (linear, moe, ...) */
 void dsrtL_open_tokenizer(lua_State *L);   /* adds the BPE tokenizer primitives */
+void dsrtL_open_sampling(lua_State *L);    /* adds the token sampler */
 
 #endif

@@ -174,6 +174,7 @@ int luaopen_dsrt_core(lua_State *L)
     dsrtL_open_nn(L);
     dsrtL_open_layers(L);
     dsrtL_open_tokenizer(L);
+    dsrtL_open_sampling(L);
     luaL_newlib(L, cuda);
     lua_setfield(L, -2, "cuda");
     lua_pushstring(L, DSRT_VERSION);

@@ -47,6 +47,7 @@ function dsv4.load(dir, opts)
   end
   local decoder = model.new(cfg, w, { device = device, precision = opts.precision })
   if w.mtp_bound then decoder.mtp = mtp.new(decoder, cfg, w) end
+  require("dsrt.dsv4.generate").attach(decoder, dir) -- :generate{...} and :stream{...} (generate.lua)
   return decoder
 end
 

@@ -1,0 +1,161 @@
+/*
+ * lsampling.c - the sampler (sampling.h) in Lua: dsrt.core.sample(logits, opts) -> i64 [B].
+ *
+ * opts: temperature (0 = greedy, the default), top_k (0 = off), top_p (1 = off), min_p (0 = off),
+ * repetition_penalty (1 = off), presence_penalty (0 = off) — each a number for every row or a
+ * list of one per row; seed (integer, default 0), step (integer >= 0, default 0); history = {ids}
+ * (every row) or {{ids of row 1}, {ids of row 2}, ...}. Every value is checked here or by
+ * dsrt_sample_params_check, so a bad option is a Lua error naming it, never a crash.
+ * Also core.wall_time(): monotonic seconds, for the generation loop's timings.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <time.h>
+#include "err.h"
+#include "lbind.h"
+#include "sampling.h"
+
+/* option `key` of the table at 2 for row r of B: a number, or a list of B numbers */
+static int opt_number(lua_State *L, const char *key, int64_t r, int64_t B, double def, double *v)
+{
+    int t = lua_getfield(L, 2, key);
+    if (t == LUA_TNIL) { lua_pop(L, 1); *v = def; return 0; }
+    if (t == LUA_TTABLE) {
+        lua_Integer n = luaL_len(L, -1);
+        if (n != B) return luaL_error(L, "sample: %s is a list of %d values for %d rows", key, (int)n, (int)B);
+        lua_geti(L, -1, r + 1);
+        lua_remove(L, -2);
+    }
+    if (!lua_isnumber(L, -1)) return luaL_error(L, "sample: %s must be a number, got %s", key, luaL_typename(L, -1));
+    *v = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    return 0;
+}
+
+static int64_t opt_integer(lua_State *L, const char *key, int64_t def)
+{
+    int t = lua_getfield(L, 2, key);
+    int64_t v = def;
+    if (t != LUA_TNIL) {
+        int ok;
+        v = lua_tointegerx(L, -1, &ok);
+        if (!ok) return luaL_error(L, "sample: %s must be an integer, got %s", key, lua_tostring(L, -1) ? lua_tostring(L, -1) : luaL_typename(L, -1));
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* a double as f32 without undefined behaviour: out of range becomes +-inf, NaN stays NaN */
+static float to_f32(double v)
+{
+    if (v > 3.4028234663852886e38) return (float)INFINITY;
+    if (v < -3.4028234663852886e38) return -(float)INFINITY;
+    return (float)v;
+}
+
+typedef struct { dsrt_sample_params *params; int64_t *off, *ids; } sample_bufs;
+
+static int bufs_gc(lua_State *L)
+{
+    sample_bufs *b = lua_touserdata(L, 1);
+    free(b->params); free(b->off); free(b->ids);
+    b->params = NULL; b->off = b->ids = NULL;
+    return 0;
+}
+
+static int l_sample(lua_State *L)
+{
+    dsrt_tensor *logits = dsrtL_checktensor(L, 1);
+    if (lua_isnoneornil(L, 2)) { lua_settop(L, 1); lua_newtable(L); }
+    luaL_checktype(L, 2, LUA_TTABLE);
+    if (logits->dtype != DSRT_F32 || (logits->ndim != 1 && logits->ndim != 2))
+        return luaL_error(L, "sample: logits must be an f32 tensor [B, V] or [V]");
+    int64_t B = logits->ndim == 2 ? logits->shape[0] : 1, V = logits->shape[logits->ndim - 1];
+    if (B < 1 || V < 1) return luaL_error(L, "sample: logits are empty");
+    /* buffers owned by a userdata, so that an error below frees them */
+    sample_bufs *b = lua_newuserdatauv(L, sizeof *b, 0);
+    b->params = NULL; b->off = b->ids = NULL;
+    lua_newtable(L);
+    lua_pushcfunction(L, bufs_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    b->params = malloc((size_t)B * sizeof *b->params);
+    b->off = malloc((size_t)(B + 1) * sizeof *b->off);
+    if (!b->params || !b->off) return luaL_error(L, "sample: out of memory");
+    for (int64_t r = 0; r < B; r++) {
+        double t, k, tp, mp, rp, pp;
+        opt_number(L, "temperature", r, B, 0.0, &t);
+        opt_number(L, "top_k", r, B, 0.0, &k);
+        opt_number(L, "top_p", r, B, 1.0, &tp);
+        opt_number(L, "min_p", r, B, 0.0, &mp);
+        opt_number(L, "repetition_penalty", r, B, 1.0, &rp);
+        opt_number(L, "presence_penalty", r, B, 0.0, &pp);
+        if (k != floor(k) || k < 0 || k > 9.2e18) return luaL_error(L, "sample: top_k must be an integer >= 0, got %f", k);
+        dsrt_sample_params *p = &b->params[r];
+        p->temperature = to_f32(t); p->top_k = (int64_t)k; p->top_p = to_f32(tp); p->min_p = to_f32(mp);
+        p->repetition_penalty = to_f32(rp); p->presence_penalty = to_f32(pp);
+        if (dsrt_sample_params_check(p, B > 1 ? r : -1)) return dsrtL_error(L);
+    }
+    int64_t seed = opt_integer(L, "seed", 0), step = opt_integer(L, "step", 0);
+    if (step < 0) return luaL_error(L, "sample: step must be >= 0, got %I", (lua_Integer)step);
+    /* history: {ids} for every row, or one list per row */
+    int ht = lua_getfield(L, 2, "history");
+    int64_t total = 0;
+    if (ht != LUA_TNIL && ht != LUA_TTABLE) return luaL_error(L, "sample: history must be a list of ids or a list of lists");
+    int per_row = 0;
+    if (ht == LUA_TTABLE) {
+        lua_geti(L, -1, 1);
+        per_row = lua_istable(L, -1);
+        lua_pop(L, 1);
+        if (per_row && luaL_len(L, -1) != B)
+            return luaL_error(L, "sample: history has %d lists for %d rows", (int)luaL_len(L, -1), (int)B);
+        if (per_row) {
+            for (int64_t r = 0; r < B; r++) {
+                if (lua_geti(L, -1, r + 1) != LUA_TTABLE) return luaL_error(L, "sample: history[%d] must be a list of ids", (int)(r + 1));
+                total += luaL_len(L, -1);
+                lua_pop(L, 1);
+            }
+        } else total = luaL_len(L, -1) * B;
+    }
+    b->ids = malloc((size_t)(total > 0 ? total : 1) * sizeof *b->ids);
+    if (!b->ids) return luaL_error(L, "sample: out of memory");
+    int64_t pos = 0;
+    for (int64_t r = 0; r < B; r++) {
+        b->off[r] = pos;
+        if (ht != LUA_TTABLE) continue;
+        if (per_row) lua_geti(L, -1, r + 1); else lua_pushvalue(L, -1);
+        int64_t n = luaL_len(L, -1);
+        for (int64_t j = 1; j <= n; j++) {
+            lua_geti(L, -1, j);
+            int ok;
+            lua_Integer id = lua_tointegerx(L, -1, &ok);
+            if (!ok) return luaL_error(L, "sample: history id %d of row %d is not an integer", (int)j, (int)(r + 1));
+            if (id < 0 || id >= V)
+                return luaL_error(L, "sample: history id %I of row %d is outside the vocabulary [0, %I)", id, (int)(r + 1), (lua_Integer)V);
+            b->ids[pos++] = id;
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+    b->off[B] = pos;
+    lua_pop(L, 1);
+    dsrt_stream *s = dsrtL_current_stream(L, logits->device);
+    dsrtL_pushtensor(L, dsrt_sample(logits, b->params, b->off, b->ids, (uint64_t)seed, (uint64_t)step, s));
+    return 1;
+}
+
+static int l_wall_time(lua_State *L)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec);
+    return 1;
+}
+
+void dsrtL_open_sampling(lua_State *L)
+{
+    lua_pushcfunction(L, l_sample);
+    lua_setfield(L, -2, "sample");
+    lua_pushcfunction(L, l_wall_time);
+    lua_setfield(L, -2, "wall_time");
+}

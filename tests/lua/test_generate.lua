@@ -1,0 +1,114 @@
+-- test_generate.lua — model:generate{...} and model:stream{...} (lua/dsrt/dsv4/generate.lua) on the
+-- tiny model with its tokenizer.
+--
+-- What it protects: generate and stream give the same tokens and text; max_tokens, stop strings
+-- (the text stops before them, streamed pieces never show them) and on_token (once per token,
+-- pieces joining to the text) behave as documented; several prompts at once equal each run alone
+-- (greedy and sampled); timings are present; bad input is a clear error.
+local core = require "dsrt.core"
+if core.attention == nil then return {} end
+
+local dsv4 = require "dsrt.dsv4"
+local h = require "tests.helpers"
+local assert_equal, assert_error = h.assert_equal, h.assert_error
+
+local tests, test = h.suite()
+
+local cached
+local function model()
+  if not cached then cached = dsv4.load(h.make_tiny_model(5, ""), { precision = "fp32" }) end
+  return cached
+end
+
+test("greedy generate equals stream; on_token once per token, pieces join to the text", function()
+  local m = model()
+  local pieces, calls = {}, 0
+  local r = m:generate { prompt = "The quick brown fox", max_tokens = 8,
+                         on_token = function(text, id) calls = calls + 1; pieces[#pieces + 1] = text end }
+  assert_equal(#r.ids, 8)
+  assert_equal(r.finish_reason, "length")
+  assert(calls >= 8, "on_token called " .. calls .. " times for 8 tokens")
+  assert_equal(table.concat(pieces), r.text)
+  local sids, stext = {}, {}
+  for text, id in m:stream { prompt = "The quick brown fox", max_tokens = 8 } do
+    if id then sids[#sids + 1] = id end
+    stext[#stext + 1] = text
+  end
+  assert_equal(sids, r.ids)
+  assert_equal(table.concat(stext), r.text)
+  -- ids in, same continuation
+  local tok = m._tokenizer
+  local ids = tok:encode("The quick brown fox")
+  table.insert(ids, 1, tok.bos_id)
+  assert_equal(m:generate { ids = ids, max_tokens = 8 }.ids, r.ids)
+end)
+
+test("max_tokens, seeds and timings", function()
+  local m = model()
+  local r = m:generate { prompt = "hello", max_tokens = 3, temperature = 1, seed = 4 }
+  assert_equal(#r.ids, 3)
+  assert_equal(m:generate { prompt = "hello", max_tokens = 3, temperature = 1, seed = 4 }.ids, r.ids)
+  local other = m:generate { prompt = "hello", max_tokens = 3, temperature = 1, seed = 5 }
+  assert(table.concat(other.ids, ",") ~= table.concat(r.ids, ","), "seeds 4 and 5 gave the same tokens")
+  local t = r.timings
+  for _, k in ipairs { "prompt_tokens", "prompt_seconds", "prompt_tokens_per_s", "decode_tokens",
+                       "decode_seconds", "decode_tokens_per_s" } do
+    assert(type(t[k]) == "number" and t[k] >= 0, "timings." .. k .. " missing")
+  end
+  assert_equal(t.prompt_tokens, #m._tokenizer:encode("hello") + 1)
+  assert_equal(t.decode_tokens, 3)
+  assert(t.prompt_tokens_per_s > 0, "prompt tokens/s is 0")
+end)
+
+test("a stop string ends generation; the text stops before it", function()
+  local m = model()
+  local full = m:generate { prompt = "Once upon", max_tokens = 12 }
+  -- a stop string from the middle of the greedy text
+  local text = full.text
+  local mid = math.max(2, #text // 2)
+  local stop = text:sub(mid, mid + 1)
+  local at = text:find(stop, 1, true)
+  local pieces = {}
+  local r = m:generate { prompt = "Once upon", max_tokens = 12, stop = { "\0never", stop },
+                         on_token = function(piece) pieces[#pieces + 1] = piece end }
+  assert_equal(r.finish_reason, "stop")
+  assert_equal(r.text, text:sub(1, at - 1))
+  assert_equal(table.concat(pieces), r.text)
+  assert(#r.ids < #full.ids or at + #stop - 1 >= #text - 8, "did not stop early")
+  local streamed = {}
+  for piece in m:stream { prompt = "Once upon", max_tokens = 12, stop = { stop } } do streamed[#streamed + 1] = piece end
+  assert_equal(table.concat(streamed), r.text)
+end)
+
+test("two prompts at once equal each run alone", function()
+  local m = model()
+  for _, temperature in ipairs { 0, 0.8 } do
+    local opts = { prompts = { "first prompt here", "a second, longer prompt than the first" }, max_tokens = 5,
+                   temperature = temperature, seed = 3 }
+    local both = m:generate(opts)
+    assert_equal(#both, 2)
+    for i, p in ipairs(opts.prompts) do
+      local alone = m:generate { prompt = p, max_tokens = 5, temperature = temperature, seed = 3 }
+      assert_equal(both[i].ids, alone.ids)
+      assert_equal(both[i].text, alone.text)
+    end
+  end
+end)
+
+test("bad input is a clear error", function()
+  local m = model()
+  assert_error(function() m:generate { prompt = "" } end, "prompt is empty")
+  assert_error(function() m:generate { ids = {} } end, "ids is empty")
+  assert_error(function() m:generate { ids = { 1, m.dims.vocab } } end, "outside the vocabulary")
+  assert_error(function() m:generate { ids = { 1, -1 } } end, "outside the vocabulary")
+  assert_error(function() m:generate { ids = { 1, 2, 3 }, max_len = 3 } end, "max_len")
+  assert_error(function() m:generate { prompt = "x", temperature = -1 } end, "temperature must be")
+  assert_error(function() m:generate { prompt = "x", top_p = 0 } end, "top_p")
+  assert_error(function() m:generate { prompt = "x", max_tokens = 0 } end, "max_tokens")
+  assert_error(function() m:generate { prompt = "x", ids = { 1 } } end, "exactly one")
+  assert_error(function() m:generate { prompt = "x", stop = { "" } } end, "stop%[1%]")
+  assert_error(function() m:stream { prompt = "", max_tokens = 2 } end, "prompt is empty")
+  assert_error(function() m:generate { prompts = {} } end, "prompts must be")
+end)
+
+return tests
