@@ -41,17 +41,13 @@ local e = memory.estimate(flash, {context = 65536, layout = "native"})
 print(("DeepSeek-V4-Flash: %s of weights, %s of KV per 64K-token sequence, %s read per decoded token"):format(
   memory.format(e.weight_bytes), memory.format(e.kv_bytes), memory.format(memory.decode_weight_bytes(flash))))
 
--- The model itself: a greedy continuation of a few token ids (text in and out arrives with the
--- tokenizer and sampling; see `issues`).
+-- The model itself: a streamed generation from a chat prompt (random weights: the text is noise,
+-- but every step - tokenizer, chat format, forward pass, sampler, streaming decoder - is real).
 local dsv4 = require "dsrt.dsv4"
 local model = dsv4.load(model_dir, {device = device, precision = "reference"})
-local seq = model:session{max_len = 256}
-local ids, next_ids = {0, 3923, 374, 264, 1296}, {}
-local logits = model:forward(seq, ids)
-for _ = 1, 8 do
-  local id = logits[logits.shape[1]]:argmax():item()
-  next_ids[#next_ids + 1] = id
-  logits = model:forward(seq, {id})
-end
-print(("greedy continuation of %s: %s (random weights: the ids mean nothing)"):format(
-  table.concat(ids, " "), table.concat(next_ids, " ")))
+local prompt = dsv4.chat.encode({{role = "user", content = "Hello! Who are you?"}})
+io.write(("\nprompt %q\nreply: "):format(prompt))
+local result = model:generate{prompt = prompt, max_tokens = 16, temperature = 0.8, seed = 1,
+                              on_token = function(text) io.write(text) io.flush() end}
+print(("\n(%s after %d tokens; prompt %.0f tokens/s, decode %.1f tokens/s on %s)"):format(result.finish_reason,
+  #result.ids, result.timings.prompt_tokens_per_s, result.timings.decode_tokens_per_s, device))

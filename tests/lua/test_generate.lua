@@ -5,6 +5,7 @@
 -- (the text stops before them, streamed pieces never show them) and on_token (once per token,
 -- pieces joining to the text) behave as documented; several prompts at once equal each run alone
 -- (greedy and sampled); timings are present; bad input is a clear error.
+local dsrt = require "dsrt"
 local core = require "dsrt.core"
 if core.attention == nil then return {} end
 
@@ -93,6 +94,17 @@ test("two prompts at once equal each run alone", function()
       assert_equal(both[i].text, alone.text)
     end
   end
+end)
+
+test("a text prompt gets one BOS: added when missing, never a second", function()
+  local m = model()
+  local tok = dsrt.tokenizer.load(m.dir .. "/tokenizer.json")
+  local plain = m:generate{ prompt = "Hello", max_tokens = 1 }
+  assert_equal(plain.timings.prompt_tokens, #tok:encode("Hello") + 1)
+  local chat = dsv4.chat.encode({ { role = "user", content = "Hello" } })
+  local ids = tok:encode(chat)
+  assert_equal(ids[1], tok.bos_id)
+  assert_equal(m:generate{ prompt = chat, max_tokens = 1 }.timings.prompt_tokens, #ids)
 end)
 
 test("bad input is a clear error", function()

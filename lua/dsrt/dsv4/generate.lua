@@ -11,7 +11,7 @@
 -- repetition_penalty, presence_penalty (dsrt.core.sample); seed (default 1); stop (a list of
 -- strings); tokenizer (default: <model folder>/tokenizer.json, needed for text in or out);
 -- on_token(text, id); max_len (the session's length, default: prompt + max_tokens); bos (default
--- true: a text prompt is preceded by tok.bos_id, as DeepSeek's tokenizer does; id prompts are
+-- true: a text prompt not already starting with it is preceded by tok.bos_id; id prompts are
 -- taken as they are).
 --
 -- Decisions:
@@ -107,7 +107,8 @@ local function prepare(model, opts, what)
     if type(p) == "string" then
       if p == "" then fail(what, "%s is empty", label) end
       ids = tok:encode(p)
-      if opts.bos ~= false and tok.bos_id then table.insert(ids, 1, tok.bos_id) end
+      -- never a second BOS: a chat-encoded prompt starts with one already (FORMATS.md §3)
+      if opts.bos ~= false and tok.bos_id and ids[1] ~= tok.bos_id then table.insert(ids, 1, tok.bos_id) end
     elseif type(p) == "table" then
       ids = {}
       for j, id in ipairs(p) do ids[j] = id end
