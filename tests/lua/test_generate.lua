@@ -107,6 +107,27 @@ test("a text prompt gets one BOS: added when missing, never a second", function(
   assert_equal(m:generate{ prompt = chat, max_tokens = 1 }.timings.prompt_tokens, #ids)
 end)
 
+test("scripts/chat.lua keeps the conversation: turn 2's reply is generated from both turns", function()
+  local m = model()
+  local command = ("printf 'Hello\\nAnd then?\\n/quit\\n' | %s scripts/chat.lua --model %s --max-tokens 4 --precision fp32 "
+                   .. "--temperature 0 2>/dev/null"):format(h.shell_quote(h.dsrt_bin()), h.shell_quote(m.dir))
+  local p = assert(io.popen(command))
+  local out = p:read("a")
+  assert(p:close(), "chat.lua failed")
+  local replies = {}
+  for reply in out:gmatch("> ([^\n]*)\n") do replies[#replies + 1] = reply end
+  assert_equal(#replies, 2)
+  local first = m:generate{ prompt = dsv4.chat.encode({ { role = "user", content = "Hello" } }), max_tokens = 4 }
+  assert_equal(replies[1], first.text)
+  local second = m:generate{ prompt = dsv4.chat.encode({ { role = "user", content = "Hello" },
+    { role = "assistant", content = first.text }, { role = "user", content = "And then?" } }), max_tokens = 4 }
+  assert_equal(replies[2], second.text)
+  local bad = io.popen(h.shell_quote(h.dsrt_bin()) .. " scripts/chat.lua 2>&1")
+  local message = bad:read("a")
+  local _, _, status = bad:close()
+  assert(message:find("%-%-model is required") and status == 2, message)
+end)
+
 test("bad input is a clear error", function()
   local m = model()
   assert_error(function() m:generate { prompt = "" } end, "prompt is empty")
