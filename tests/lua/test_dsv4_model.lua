@@ -284,6 +284,30 @@ test("bad input raises a clear error and leaves the session as it was", function
   assert_error(dsv4.load, "weights must be \"file\" or \"random\"", tiny_dir, { precision = "fp32", weights = "x" })
 end)
 
+test("forward_batch of several sessions equals forwarding each alone, MTP ring included", function()
+  for _, precision in ipairs({ "fp32", "reference" }) do
+    local model = tiny_model(precision, true)
+    local a, b = prompt(140, 3), prompt(9, 4)
+    local alone_a = model:forward(model:session { max_len = 256 }, a)
+    local sb = model:session { max_len = 256 }
+    local alone_b = model:forward(sb, b)
+    local draft_alone = model:draft(sb, 17)
+    local s1, s2 = model:session { max_len = 256 }, model:session { max_len = 256 }
+    local together = model:forward_batch({ s1, s2 }, { a, b })
+    assert_equal({ s1:length(), s2:length() }, { 140, 9 })
+    assert_equal(dsrt.max_abs_diff(together[1], alone_a), 0)
+    assert_equal(dsrt.max_abs_diff(together[2], alone_b), 0)
+    assert_equal(dsrt.max_abs_diff(model:draft(s2, 17), draft_alone), 0)
+    -- then a step of one token each, as generation does
+    local step = model:forward_batch({ s1, s2 }, { { 5 }, { 6 } })
+    assert_equal(step[2].shape, { 1, model.dims.vocab })
+  end
+  local model = tiny_model("fp32", false)
+  local s = model:session { max_len = 64 }
+  assert_error(model.forward_batch, "a session appears twice", model, { s, s }, { { 1 }, { 2 } })
+  assert_error(model.forward_batch, "one list of ids per session", model, { s }, {})
+end)
+
 test("any compression ratio: ratios 8 and 64 run, and chunked prefill equals one-shot", function()
   -- transformers builds only ratios 4 and 128; dsrt takes whatever compress_ratios says (plain
   -- compressors for every ratio but 4). tiny_ratios.json: [0, 8, 4, 64 | MTP 0, 8], vocab 512.

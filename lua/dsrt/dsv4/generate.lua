@@ -28,7 +28,8 @@
 --     over that sequence's own logits row, penalties over its prompt and generated ids; so a
 --     prompt gives the same tokens alone or among several.
 --   - Several prompts: each has its own session; each step forwards every unfinished sequence in
---     turn (on the CPU a separate forward per sequence; one batched forward is the GPU's job).
+--     one model:forward_batch (row-wise work once over all rows, attention per sequence), which
+--     gives each sequence exactly what it would get alone.
 --   - timings: prompt_seconds is the prefill forward; decode_seconds the rest (later forwards and
 --     all sampling but the first token's); decode_tokens the tokens sampled (an EOS included), and
 --     decode_tokens_per_s = (decode_tokens - 1) / decode_seconds (the first came with the prompt).
@@ -156,17 +157,17 @@ local function new_sequence(model, p, o)
   }
 end
 
--- emit(seq, text, id) is called for every token kept and for the last text (id nil)
-local function step(model, seq, o, emit)
+-- Samples seq's next token from its logits (the forward took `seconds`) and emits its text:
+-- emit(seq, text, id) is called for every token kept and for the last text (id nil).
+local function step(seq, logits, seconds, o, emit)
   local t0 = core.wall_time()
-  local logits = model:forward(seq.session, seq.pending)
   local row = logits:select(1, -1)
   local params = { seed = o.seed, step = seq.sampled, history = seq.history }
   for k, v in pairs(o.params) do params[k] = v end
   local id = core.sample(row, params):totable()[1]
   seq.sampled = seq.sampled + 1
-  local t1 = core.wall_time()
-  if seq.sampled == 1 then seq.prompt_seconds = t1 - t0 else seq.decode_seconds = seq.decode_seconds + (t1 - t0) end
+  local took = seconds + core.wall_time() - t0
+  if seq.sampled == 1 then seq.prompt_seconds = took else seq.decode_seconds = seq.decode_seconds + took end
 
   if id == seq.eos then seq.finish = "eos"
   else
@@ -221,15 +222,18 @@ local function run(model, o, emit)
     seqs[i] = new_sequence(model, p, o)
     seqs[i].index = i
   end
-  local active = true
-  while active do
-    active = false
+  while true do
+    local running, sessions, pending = {}, {}, {}
     for _, seq in ipairs(seqs) do
       if not seq.done then
-        step(model, seq, o, emit)
-        active = active or not seq.done
+        running[#running + 1], sessions[#sessions + 1], pending[#pending + 1] = seq, seq.session, seq.pending
       end
     end
+    if #running == 0 then break end
+    local t0 = core.wall_time()
+    local logits = model:forward_batch(sessions, pending) -- every unfinished sequence in one pass
+    local seconds = core.wall_time() - t0
+    for k, seq in ipairs(running) do step(seq, logits[k], seconds, o, emit) end
   end
   local results = {}
   for i, seq in ipairs(seqs) do results[i] = result(seq) end

@@ -68,9 +68,20 @@ end
 
 --- SPEC §5 step 1 on residual streams X [S, hc, dim] at positions [state:length(), +S): returns
 --- the new X and advances the attention state. Alone, it is what fills an MTP layer's ring.
-function decoder.attention_half(dims, block, state, X, precision)
+--- Several sequences at once: `state` is a list of states and spans[k] = {first row, rows} says
+--- which rows of X are sequence k's; every row-wise op runs once over all of them, attention per
+--- sequence on its own state.
+function decoder.attention_half(dims, block, state, X, precision, spans)
   local x, post, comb = hc_pre_normed(dims, block.hc_attn, block.attn_norm, X, precision)
-  local a = block.attention:forward(state, x, precision)
+  local a
+  if spans then
+    a = dsrt.empty(x.shape, { dtype = x.dtype, device = x.device })
+    for k, span in ipairs(spans) do
+      a:narrow(1, span[1], span[2]):copy(block.attention:forward(state[k], x:narrow(1, span[1], span[2]), precision))
+    end
+  else
+    a = block.attention:forward(state, x, precision)
+  end
   return nn.hc_post(a, X, post, comb, precision)
 end
 
@@ -81,9 +92,9 @@ function decoder.ffn_half(dims, block, X, token_ids, precision)
   return nn.hc_post(m, X, post, comb, precision)
 end
 
---- The whole block (SPEC §5): X [S, hc, dim] -> X.
-function decoder.block_forward(dims, block, state, X, token_ids, precision)
-  X = decoder.attention_half(dims, block, state, X, precision)
+--- The whole block (SPEC §5): X [S, hc, dim] -> X (spans as in attention_half).
+function decoder.block_forward(dims, block, state, X, token_ids, precision, spans)
+  X = decoder.attention_half(dims, block, state, X, precision, spans)
   return decoder.ffn_half(dims, block, X, token_ids, precision)
 end
 
@@ -164,18 +175,44 @@ end
 --- The decoder over ids at positions [session:length(), +#ids): f32 logits [#ids, vocab], one row
 --- per new position; advances the session (and fills the MTP layer's ring, dsrt.dsv4.mtp).
 function Model:forward(session, ids)
-  check_session(self, session, "forward")
-  ids = checked_ids(ids, self.dims.vocab, session.positions, session.max_len)
-  local precision, dims = self.precision, self.dims
-  local token_ids = dsrt.tensor(ids, { dtype = "i64", device = self.device })
-  local X = nn.hc_expand(decoder.embed(self.weights.embed, ids, precision), dims.hc_mult)
-  for i, block in ipairs(self.blocks) do
-    X = decoder.block_forward(dims, block, session.states[i], X, token_ids, precision)
+  return self:forward_batch({ session }, { ids })[1]
+end
+
+--- Several sequences in one pass: ids_list[k] continues sessions[k]. The row-wise work (embedding,
+--- HC, norms, every linear and the MoE) runs once over all rows, attention per sequence; returns a
+--- list of f32 logits [#ids_list[k], vocab], equal to forwarding each sequence alone.
+function Model:forward_batch(sessions, ids_list)
+  if type(sessions) ~= "table" or type(ids_list) ~= "table" or #sessions ~= #ids_list or #sessions == 0 then
+    error("dsv4.model.forward_batch: give one list of ids per session (two lists of equal, nonzero length)", 2)
   end
-  local first = session.positions
-  session.positions = first + #ids
-  if self.mtp then self.mtp:advance(session, X, ids, first) end
-  return decoder.logits(dims, self.weights.hc_head, self.weights.norm, self.head, X, precision)
+  local all, spans, states, checked = {}, {}, {}, {}
+  for k, session in ipairs(sessions) do
+    check_session(self, session, "forward")
+    for j = 1, k - 1 do
+      if sessions[j] == session then error("dsv4.model.forward_batch: a session appears twice", 2) end
+    end
+    local ids = checked_ids(ids_list[k], self.dims.vocab, session.positions, session.max_len)
+    checked[k] = ids
+    spans[k] = { #all + 1, #ids }
+    table.move(ids, 1, #ids, #all + 1, all)
+  end
+  local precision, dims = self.precision, self.dims
+  local token_ids = dsrt.tensor(all, { dtype = "i64", device = self.device })
+  local X = nn.hc_expand(decoder.embed(self.weights.embed, all, precision), dims.hc_mult)
+  local batched = #sessions > 1 and spans or nil
+  for i, block in ipairs(self.blocks) do
+    for k, session in ipairs(sessions) do states[k] = session.states[i] end
+    X = decoder.block_forward(dims, block, batched and states or states[1], X, token_ids, precision, batched)
+  end
+  for k, session in ipairs(sessions) do
+    local first = session.positions
+    session.positions = first + spans[k][2]
+    if self.mtp then self.mtp:advance(session, X:narrow(1, spans[k][1], spans[k][2]), checked[k], first) end
+  end
+  local logits = decoder.logits(dims, self.weights.hc_head, self.weights.norm, self.head, X, precision)
+  local out = {}
+  for k, span in ipairs(spans) do out[k] = logits:narrow(1, span[1], span[2]) end
+  return out
 end
 
 --- Draft logits (f32 [1, vocab]) for the position after next, from the main model's pre-hc_head
