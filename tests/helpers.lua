@@ -145,4 +145,12 @@ function helpers.deepseek_tokenizer()
   return deepseek_tokenizer
 end
 
+-- The leaves of nested tables (a tensor's totable()) as one flat array, in order.
+function helpers.flat(t, out)
+  out = out or {}
+  if type(t) ~= "table" then out[#out + 1] = t return out end
+  for _, v in ipairs(t) do helpers.flat(v, out) end
+  return out
+end
+
 return helpers

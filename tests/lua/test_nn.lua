@@ -19,12 +19,7 @@ local function randn(shape, dtype, std)
   return dsrt.randn(shape, { seed = next_seed, dtype = dtype or "bf16", std = std })
 end
 
-local function flat(t, out)
-  out = out or {}
-  if type(t) ~= "table" then out[#out + 1] = t return out end
-  for _, v in ipairs(t) do flat(v, out) end
-  return out
-end
+local flat = h.flat
 
 -- ---- calling convention ----
 

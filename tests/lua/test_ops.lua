@@ -23,12 +23,7 @@ local function map2(a, b, f)
   return out
 end
 
-local function flat(t, out)
-  out = out or {}
-  if type(t) ~= "table" then out[#out + 1] = t return out end
-  for _, v in ipairs(t) do flat(v, out) end
-  return out
-end
+local flat = h.flat
 
 -- ---- arithmetic ----
 
