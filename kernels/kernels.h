@@ -85,6 +85,27 @@ int dsrtk_matmul(int dev, int dtype, int64_t batch, int64_t m, int64_t n, int64_
                  const void *a, int64_t stride_a, const void *b, int64_t stride_b,
                  void *c, int64_t stride_c, void *stream);
 
+/* ---- sampling (kernels/sampling.cu): the token sampler of runtime/sampling.h ---- */
+/* end of sampling */
+
+/* ---- norm (kernels/norm.cu): RMSNorm, the per-head norm, RoPE, Hadamard, the Q8/Q4 round trips (runtime/nn.h) ---- */
+/* end of norm */
+
+/* ---- hc (kernels/hc.cu): Sinkhorn and the hyper-connection ops (runtime/nn.h) ---- */
+/* end of hc */
+
+/* ---- linear (kernels/linear.cu): the DSV4 linear layers in native weight formats (runtime/linear.h) ---- */
+/* end of linear */
+
+/* ---- moe (kernels/moe.cu): routing and the FP4 experts (runtime/moe.h) ---- */
+/* end of moe */
+
+/* ---- attention (kernels/attention.cu): sparse attention, rings, compressors, the indexer (runtime/attention.h) ---- */
+/* end of attention */
+
+/* ---- embedding (kernels/embedding.cu): the embedding gather ---- */
+/* end of embedding */
+
 #ifdef __cplusplus
 }
 #endif

@@ -185,3 +185,24 @@ int dsrtk_matmul(int dev, int dtype, int64_t batch, int64_t m, int64_t n, int64_
     (void)b; (void)stride_b; (void)c; (void)stride_c; (void)stream;
     return without_cuda(__func__);
 }
+
+/* ---- sampling ---- */
+/* end of sampling */
+
+/* ---- norm ---- */
+/* end of norm */
+
+/* ---- hc ---- */
+/* end of hc */
+
+/* ---- linear ---- */
+/* end of linear */
+
+/* ---- moe ---- */
+/* end of moe */
+
+/* ---- attention ---- */
+/* end of attention */
+
+/* ---- embedding ---- */
+/* end of embedding */

@@ -79,6 +79,18 @@ report(("matmul f32 %d^3 (no TF32)"):format(mf), time_ms(function() return dsrt.
 local bat = dsrt.randn({64, 512, 512}, {device = dev, dtype = "bf16", seed = 8})
 report("matmul bf16 batched 64x512^3", time_ms(function() return dsrt.matmul(bat, bat) end), nil, 2 * 64 * 512 ^ 3)
 
+-- Kernel families add their rows from scripts/bench/<family>.lua: each file returns a function
+-- taking {report = report, time_ms = time_ms, quick = quick, dev = dev}.
+for _, family in ipairs { "sampling", "nn", "linear", "moe", "attention" } do
+  local path = "scripts/bench/" .. family .. ".lua"
+  local f = io.open(path)
+  if f then
+    f:close()
+    dofile(path) { report = report, time_ms = time_ms, quick = quick, dev = dev }
+    collectgarbage()
+  end
+end
+
 local copy_gbs, mm_tflops = rows[1].gbs, nil
 for _, r in ipairs(rows) do if r.name:find("ceiling") and r.tflops then mm_tflops = r.tflops end end
 print(("\ndsrt %s core benchmark on %s, %s"):format(dsrt.version, info.name, os.date("%Y-%m-%d")))
