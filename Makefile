@@ -42,7 +42,7 @@ LIB_OBJ := $(CORE_OBJ) $(KERNEL_OBJ)
 LUA_SRC := $(shell find lua -name '*.lua' | sort)
 C_TESTS := $(wildcard tests/c/test_*.c)
 
-.PHONY: all setup test test-gpu asan demo bench clean
+.PHONY: all setup test test-gpu memcheck-gpu asan demo bench clean
 all: $(BUILD)/dsrt $(BUILD)/libdsrt.a $(BUILD)/libdsrt.so $(BUILD)/lua/dsrt/core.so $(BUILD)/test_c \
      $(BUILD)/embed_example
 	@[ "$(CUDA)" = 1 ] || echo "dsrt: nvcc not found, building for the CPU only"
@@ -95,7 +95,19 @@ test: setup
 # test-gpu and bench run on the GPU machine over a build/ made here: they never rebuild there
 test-gpu:
 	@test -x $(BUILD)/dsrt || { echo "build first (make), then run make test-gpu where the GPU is"; exit 1; }
-	@tools/total.sh "$(BUILD)/test_c --gpu" "$(BUILD)/dsrt tests/run.lua tests/gpu"
+	@tools/total.sh "$(BUILD)/test_c --gpu" "$(BUILD)/dsrt tests/run.lua tests/gpu" \
+	  "$(MAKE) --no-print-directory memcheck-gpu BUILD=$(BUILD)"
+
+# compute-sanitizer's memcheck over one full forward of the tiny model on CUDA (prefill, 2 decode steps,
+# an MTP draft: tests/gpu/model_forward.lua), counted as one test; skipped, saying so, without the tool
+SANITIZER ?= $(shell command -v compute-sanitizer 2>/dev/null || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+memcheck-gpu:
+	@if [ -z "$(SANITIZER)" ]; then echo "memcheck: compute-sanitizer not found, skipped"; echo "memcheck: 0 passed, 0 failed"; exit 0; fi; \
+	if ! { test -f $(BUILD)/tiny-memcheck/config.json || \
+	       $(BUILD)/dsrt scripts/make_tiny_model.lua $(BUILD)/tiny-memcheck --seed 3 --no-tokenizer >/dev/null; }; then \
+	  echo "memcheck: the tiny model could not be written"; echo "memcheck: 0 passed, 1 failed"; exit 1; fi; \
+	if "$(SANITIZER)" --tool memcheck --error-exitcode 1 $(BUILD)/dsrt tests/gpu/model_forward.lua $(BUILD)/tiny-memcheck; \
+	then echo "memcheck: 1 passed, 0 failed"; else echo "memcheck: 0 passed, 1 failed"; exit 1; fi
 
 asan: setup
 	@$(MAKE) --no-print-directory BUILD=build-asan CUDA=0 OPT=-O1 \
@@ -108,9 +120,13 @@ demo: setup
 	@test -f $(BUILD)/tiny/config.json || $(BUILD)/dsrt scripts/make_tiny_model.lua $(BUILD)/tiny --seed 1
 	@$(BUILD)/dsrt scripts/demo.lua $(BUILD)/tiny
 
+# BENCH_ARGS: --quick, --context N, --steps N (the DeepSeek-V4 slice and the transformers comparison)
 bench:
 	@test -x $(BUILD)/dsrt || { echo "build first (make), then run make bench where the GPU is"; exit 1; }
-	@$(BUILD)/dsrt scripts/bench.lua
+	@st=0; $(BUILD)/dsrt scripts/bench.lua $(filter --quick,$(BENCH_ARGS)) || st=1; \
+	$(BUILD)/dsrt scripts/bench_dsv4.lua $(BENCH_ARGS) || st=1; \
+	if python3 -c "import torch, transformers" 2>/dev/null; then python3 tests/oracle/bench_transformers.py $(BENCH_ARGS) || st=1; \
+	else echo "bench: python3 cannot import torch and transformers: the transformers comparison is skipped"; fi; exit $$st
 
 clean:
 	rm -rf $(BUILD) build-asan

@@ -86,24 +86,252 @@ int dsrtk_matmul(int dev, int dtype, int64_t batch, int64_t m, int64_t n, int64_
                  void *c, int64_t stride_c, void *stream);
 
 /* ---- sampling (kernels/sampling.cu): the token sampler of runtime/sampling.h ---- */
+/* One row's parameters as the kernels read them (uploaded by the core with the call): the fields
+ * of dsrt_sample_params, and the row's history hist[hist_begin .. hist_end) in the uploaded ids. */
+typedef struct {
+    float temperature, top_p, min_p, repetition_penalty, presence_penalty;
+    int32_t reserved;
+    int64_t top_k;
+    int64_t hist_begin, hist_end;
+} dsrtk_sample_row;
+/* Per-row status words written beside the ids: ids[r] is the sampled id when status[r] is OK; for
+ * a NaN it is the first NaN's id. */
+enum { DSRTK_SAMPLE_OK = 0, DSRTK_SAMPLE_NAN = 1, DSRTK_SAMPLE_NO_FINITE = 2 };
+/* Device workspace the launcher needs for B rows of V logits; `sorting` = some row has temperature
+ * > 0; `penalties` = some row has a penalty. Fails (B * V too large for the 64-bit sort keys) with
+ * a message. */
+int dsrtk_sample_workspace(int dev, int64_t B, int64_t V, int sorting, int penalties, size_t *bytes);
+/* logits: contiguous f32 [B, V] on the device; rows[B] and hist: device copies; out: device i64
+ * [2B], ids in out[0..B), status words in out[B..2B). Same arguments as dsrtk_sample_workspace. */
+int dsrtk_sample(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
+                 const int64_t *hist, int64_t max_hist, uint64_t seed, uint64_t step, int sorting, int penalties,
+                 void *workspace, size_t workspace_bytes, int64_t *out, void *stream);
 /* end of sampling */
 
 /* ---- norm (kernels/norm.cu): RMSNorm, the per-head norm, RoPE, Hadamard, the Q8/Q4 round trips (runtime/nn.h) ---- */
+/* Pointers are contiguous data of the dtype beside them (bf16 or f32 for values; i32/i64 for
+ * positions); outputs are new buffers of the dtype given (bf16 in reference precision, f32 else). */
+/* RMSNorm of x [rows, d] into y; w [d] or NULL. head_bf16: the head norm's five bf16 rounding
+ * points (nn.h dsrt_nn_head_rms_norm, reference), with w NULL. */
+int dsrtk_nn_rms_norm(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y, int y_dtype,
+                      int64_t rows, int64_t d, float eps, int head_bf16, void *stream);
+/* In place on x [rows, n]: the Q8 round trip of columns [first, first + count) in blocks of blk, or
+ * (q4) the Q4 round trip of whole rows in blocks of 32 (first 0, count n); quant.h's code. */
+int dsrtk_nn_roundtrip(int dev, void *x, int dtype, int64_t rows, int64_t n, int64_t first, int64_t count, int blk,
+                       int q4, void *stream);
+/* RoPE of x [S, heads, w] into y at positions pos [S]; freqs: the 32 host floats of dsrt_nn_rope_freqs */
+int dsrtk_nn_rope(int dev, const void *x, int x_dtype, void *y, int y_dtype, const void *pos, int pos_dtype,
+                  int64_t S, int64_t heads, int64_t w, const float *freqs, int inverse, void *stream);
+/* the normalised Hadamard transform of each 128-vector of x [rows, 128] into y */
+int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y, int y_dtype, int64_t rows, void *stream);
 /* end of norm */
 
 /* ---- hc (kernels/hc.cu): Sinkhorn and the hyper-connection ops (runtime/nn.h) ---- */
+/* Contiguous bf16/f32 inputs (dtype beside each pointer), hc <= 32 streams. pre/post/comb are f32. */
+int dsrtk_nn_sinkhorn(int dev, const void *mixes, int mixes_dtype, const void *scale, int scale_dtype,
+                      const void *base, int base_dtype, int64_t T, int hc, int iters, float eps, float *pre,
+                      float *post, float *comb, void *stream);
+/* hc_pre and hc_head split their fp32 GEMM over K = hc·d in chunks of DSRTK_NN_HC_CHUNK and need a
+ * workspace of dsrtk_nn_hc_workspace(T, M, K) doubles (M = (2+hc)·hc for hc_pre, hc for hc_head),
+ * allocated by the core on the stream. */
+#define DSRTK_NN_HC_CHUNK 512
+static inline int64_t dsrtk_nn_hc_splits(int64_t K) { return K > 0 ? (K + DSRTK_NN_HC_CHUNK - 1) / DSRTK_NN_HC_CHUNK : 1; }
+static inline int64_t dsrtk_nn_hc_workspace(int64_t T, int64_t M, int64_t K) { return T * dsrtk_nn_hc_splits(K) * (M + 1); }
+/* X [T, hc, d], fn [(2+hc)·hc, hc·d], scale [3], base [(2+hc)·hc] -> u [T, d] (u_dtype), post [T, hc], comb [T, hc, hc] */
+int dsrtk_nn_hc_pre(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
+                    int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d, float hc_eps,
+                    float norm_eps, int iters, double *work, void *u, int u_dtype, float *post, float *comb,
+                    void *stream);
+/* X [T, hc, d], fn [hc, hc·d], scale [1], base [hc] -> y [T, d] (y_dtype) */
+int dsrtk_nn_hc_head(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
+                     int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d, float hc_eps,
+                     float norm_eps, double *work, void *y, int y_dtype, void *stream);
+/* hc_post's operands: f [T, d], X [T, hc, d], post [T, hc], comb [T, hc, hc] */
+typedef struct {
+    const void *f, *X, *post, *comb;
+    int f_dtype, X_dtype, post_dtype, comb_dtype;
+} dsrtk_hc_post_args;
+/* hc_post then hc_pre in two launches: X_next [T, hc, d] = hc_post(...) in X_next_dtype, then hc_pre of
+ * it (u, post, comb as dsrtk_nn_hc_pre, workspace as hc_pre's); the same bits as the two launchers */
+int dsrtk_nn_hc_post_pre(int dev, const dsrtk_hc_post_args *post_args, void *X_next, int X_next_dtype,
+                         const void *fn, int fn_dtype, const void *scale, int scale_dtype, const void *base,
+                         int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps, int iters,
+                         double *work, void *u, int u_dtype, float *post, float *comb, void *stream);
+/* f [T, d], X [T, hc, d], post [T, hc], comb [T, hc, hc] -> y [T, hc, d] (y_dtype) */
+int dsrtk_nn_hc_post(int dev, const void *f, int f_dtype, const void *X, int X_dtype, const void *post,
+                     int post_dtype, const void *comb, int comb_dtype, void *y, int y_dtype, int64_t T, int hc,
+                     int64_t d, void *stream);
 /* end of hc */
 
 /* ---- linear (kernels/linear.cu): the DSV4 linear layers in native weight formats (runtime/linear.h) ---- */
+/* A linear's weight as the kernels read it. format: 0 bf16, 1 fp8 (e4m3), 2 fp4 (e2m1, two per byte,
+ * low nibble first) as dsrt_weight_format. Element (r, c) of the [out, in/groups] weight is at
+ * element r * ld + c of `weight` (fp4: nibbles; weight points at a whole byte). Scale element
+ * (r / block_rows, c / block_cols) is at scale[.. * scale_ld0 + .. * scale_ld1], dtype f8e8m0 or f32;
+ * scale is NULL for bf16. */
+typedef struct {
+    int format, groups, scale_dtype;
+    const void *weight;
+    int64_t ld;
+    const void *scale;
+    int64_t scale_ld0, scale_ld1, block_rows, block_cols;
+    int64_t out, in; /* features of the whole layer: out = groups · out_g, in = groups · in_g */
+} dsrtk_linear_weight;
+
+/* Bytes of device workspace dsrtk_linear needs for this call (0 is possible). */
+int dsrtk_linear_workspace(int dev, const dsrtk_linear_weight *w, int64_t rows, int x_dtype, int quantise,
+                           int y_dtype, size_t *bytes);
+/* y [rows, out] (f32 or bf16, contiguous) = x [rows, in] (f32 or bf16, contiguous) · Wᵀ per group,
+ * quantise != 0: the activation is Q8 round-tripped in blocks of 128 first (quant.h). Picks the
+ * decode GEMV (rows < 16), cuBLASLt FP8 block scaling (fp8, quantise, rows >= 16) or the tiled
+ * kernel. workspace: at least dsrtk_linear_workspace's bytes, 256-byte aligned. */
+int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise,
+                 void *y, int y_dtype, void *workspace, size_t workspace_bytes, void *stream);
 /* end of linear */
 
 /* ---- moe (kernels/moe.cu): routing and the FP4 experts (runtime/moe.h) ---- */
+/* One weight matrix [rows = out_features, cols = in_features] as the kernels read it: device
+ * pointers to the storages' data, offsets and strides in elements (nibbles for fp4), the scale
+ * covering block_rows x block_cols weights (scale NULL for bf16). vector: rows start 16-byte
+ * aligned, stride1 == 1 and cols % 32 == 0, so 32-column chunks load as 16-byte vectors. */
+typedef struct {
+    const void *weight, *scale;
+    int64_t offset, stride0, stride1;
+    int64_t scale_offset, scale_stride0, scale_stride1;
+    int32_t dtype, scale_dtype;      /* DSRT_BF16 | DSRT_F8E4M3 | DSRT_FP4E2M1; DSRT_F8E8M0 | DSRT_F32 */
+    int32_t block_rows, block_cols;
+    int32_t rows, cols;
+    int32_t vector, unused;
+} dsrtk_moe_matrix;
+
+/* The table moe.c builds once per layer: 3 matrices (w1, w2, w3) per set; sets 0..E-1 are the
+ * routed experts, set E the shared expert, set E+1 the gate (its w1; w2 and w3 unused). */
+enum { DSRTK_MOE_GATE, DSRTK_MOE_UP, DSRTK_MOE_DOWN };
+
+/* The grouped projection. Rows are grouped; group g = {set, first row, rows} from `groups`
+ * (device i32 [max_groups][3], *n_groups of them valid) or, when groups is NULL, the single group
+ * {single_set, 0, single_rows} (its rows sliced over the grid). Row r reads input row row_x[r] (r itself when row_x is NULL) of
+ * x (or of xq, the Q8 round trip of x, when the matrix quantises its input) and writes out row r:
+ *   GATE: out = x·W1ᵀ (f32)
+ *   UP:   out = h = silu(clamp(x·W1ᵀ)) · clamp(x·W3ᵀ) · row_weight[r] (r < n_weighted), moe.h's rules
+ *   DOWN: out = x·W2ᵀ (bf16-rounded values when reference)
+ * max_out / max_in: the widest output and input of any group (grid and shared-memory sizing);
+ * with groups, single_rows is the most rows a group is expected to hold (it sizes the batch of
+ * staged rows; more still work). */
+typedef struct {
+    int32_t mode, reference;
+    const dsrtk_moe_matrix *table;
+    const float *x, *xq;
+    int64_t x_ld;
+    const int32_t *row_x;
+    const float *row_weight;
+    int64_t n_weighted;
+    const int32_t *groups, *n_groups;
+    int32_t max_groups, single_set;
+    int64_t single_rows;
+    int32_t max_out, max_in;
+    float limit;
+    float *out;
+    int64_t out_ld;
+} dsrtk_moe_project_args;
+int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream);
+
+/* The Q8 round trip (quant.h, blocks of 128) in place on `rows` rows of n floats, ld apart. With
+ * groups given (as in the projection), only the rows of groups whose set's `slot` matrix is not
+ * bf16 are quantised: a bf16 linear takes its input as given. */
+int dsrtk_moe_q8_rows(int dev, float *x, int64_t rows, int64_t n, int64_t ld, const dsrtk_moe_matrix *table,
+                      const int32_t *groups, const int32_t *n_groups, int32_t max_groups, int slot, void *stream);
+
+/* Routing of `rows` tokens from the gate logits f32 [rows, n_routed] (moe.h's rules): ids i64 and
+ * weights f32 [rows, k], contiguous. Learned routing: bias (f32 view [n_routed]); hash routing:
+ * tid2eid (i32/i64 view [vocab, k], its ids already checked) and token_ids (a view of `rows`
+ * elements, row-major). A token id outside the vocabulary routes to expert 0 with NaN weights. */
+enum { DSRTK_MOE_SQRTSOFTPLUS, DSRTK_MOE_SIGMOID, DSRTK_MOE_SOFTMAX }; /* moe.h's dsrt_score_func, in order */
+typedef struct {
+    const float *logits;
+    int64_t rows;
+    int32_t n_routed, k, score_func, norm_topk_prob;
+    float route_scale;
+    int32_t hash;
+    dsrt_view bias, tid2eid, token_ids;
+    int64_t *ids;
+    float *weights;
+} dsrtk_moe_route_args;
+int dsrtk_moe_route(int dev, const dsrtk_moe_route_args *a, void *stream);
+
+/* Grouping by expert (a stable counting sort of the rows·k picks): routed rows 0..rows·k-1 in
+ * ascending expert id, each expert's picks in ascending pick order; shared rows rows·k + t.
+ * Writes groups [<= min(n_routed, rows·k) + 1][3] and *n_groups (set E = n_routed is the shared
+ * expert's group, last), row_token [rows·k + rows], row_weight [rows·k], pos_of_pick [rows·k]. */
+typedef struct {
+    const int64_t *ids;
+    const float *weights;
+    int64_t rows;
+    int32_t k, n_routed;
+    int32_t *groups, *n_groups, *row_token, *pos_of_pick;
+    float *row_weight;
+} dsrtk_moe_group_args;
+int dsrtk_moe_group(int dev, const dsrtk_moe_group_args *a, void *stream);
+
+/* y[t] = Σ routed rows of token t in ascending expert id (pos_of_pick order) + shared row, summed
+ * in f32 from 0, stored as out_dtype (DSRT_BF16 or DSRT_F32), contiguous [rows, dim]. */
+int dsrtk_moe_combine(int dev, const float *y, const int32_t *pos_of_pick, int64_t rows, int32_t k, int64_t dim,
+                      void *out, int out_dtype, void *stream);
 /* end of moe */
 
 /* ---- attention (kernels/attention.cu): sparse attention, rings, compressors, the indexer (runtime/attention.h) ---- */
+/* sparse attention (kernels/sparse_attention.cu): dsrt_nn_sparse_attention (runtime/nn.h) on CUDA.
+ * o [S, H, D] (bf16 or f32) = the sink attention of q [S, H, D] over pool [N, D] (K = V) through
+ * indices [S, K] (i32/i64, -1 unused), sink [H], in blocks of DSRT_NN_ATTENTION_BLOCK (64) entries,
+ * p rounded to bf16 when round_p (reference). q, pool, sink f32 or bf16; all views contiguous.
+ * A bad index (< -1 or >= N) is never read: its query row's outputs become NaN (checking on the
+ * host would need a synchronisation). Few query rows (decode) take a split path that needs
+ * `workspace` of the size _workspace gives (0: none) for the same S, H, D, K on the same device. */
+int dsrtk_sparse_attention_workspace(int dev, int64_t S, int64_t H, int64_t D, int64_t K, size_t *bytes);
+int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, const dsrt_view *pool,
+                           const dsrt_view *indices, const dsrt_view *sink, float scale, int round_p,
+                           void *workspace, size_t workspace_bytes, void *stream);
+/* end of sparse attention */
+/* The layer's own loops (runtime/attention.c); contiguous f32 rows unless said otherwise.
+ * ape_add: g[i, :] += ape[(P+i) mod r, :] for the chunk's S rows of `width` gates.
+ * compress_pool: out[e, :] (n entries j0+e of width d) = the per-channel softmax pool of the
+ *   compressor's slots (coff 2: overlap, ratio 4), reading the chunk's (c, g) rows [S, coff·d] for
+ *   positions >= P and the rings [ring, coff·d] (position p in row p mod ring) before; bf16-rounded
+ *   when round_bf16.
+ * ring_write: ring[(P+i) mod rows, :] = src[i, :] for the chunk's last min(S, rows) rows.
+ * gather_pool: pool [P+S-base + n_entries, hd] = window positions base … P+S-1 (fresh [S, hd] for
+ *   p >= P, the window ring before), then entries [n_entries, hd].
+ * index_lists: idx i64 [S, K]: the layer's index lists (window part, then the compressed part:
+ *   ratio 4: picks i32 [S, topk] + n_win, −1 kept; other ratios > 0: every visible entry).
+ * index_scores: scores [S, n_max] (visible entries only) of the lightning indexer from q [S, IH, ID],
+ *   keys [n_max, ID] (16-byte aligned), w [S, IH] (weights_proj's output, scaled here).
+ * topk: picks i32 [S, topk]: per query, the min(topk, visible) visible entries by descending
+ *   score, ties to the lower entry, −1 after. */
+int dsrtk_attn_ape_add(int dev, float *g, const float *ape, int64_t S, int64_t width, int64_t P, int64_t r, void *stream);
+int dsrtk_attn_compress_pool(int dev, float *out, const float *chunk_c, const float *chunk_g, const float *ring_c,
+                             const float *ring_g, int64_t ring, int64_t P, int64_t S, int64_t j0, int64_t n, int d, int r,
+                             int coff, int round_bf16, void *stream);
+int dsrtk_attn_ring_write(int dev, float *ring, int64_t rows, int64_t width, const float *src, int64_t P, int64_t S,
+                          void *stream);
+int dsrtk_attn_gather_pool(int dev, float *pool, const float *fresh, const float *window, int64_t window_rows,
+                           const float *entries, int64_t base, int64_t P, int64_t S, int64_t n_entries, int64_t hd,
+                           void *stream);
+int dsrtk_attn_index_lists(int dev, int64_t *idx, const int *picks, int64_t S, int64_t K, int64_t P, int64_t W,
+                           int64_t base, int64_t n_win, int64_t r, int64_t topk, void *stream);
+int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float *keys, const float *w, float scale,
+                            int64_t S, int64_t P, int64_t r, int IH, int ID, int64_t n_max, int ref, void *stream);
+int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t P, int64_t r, int64_t topk, int64_t n_max,
+                    void *stream);
 /* end of attention */
 
 /* ---- embedding (kernels/embedding.cu): the embedding gather ---- */
+/* dst[i, :] = weight[ids[i], :] converted to dst's dtype (runtime/ops.h dsrt_op_embedding; the CPU
+ * loop there is the reference). weight: a 2-D view of any float dtype but fp4; ids: n contiguous
+ * i32 or i64 (ids_dtype) values; dst: contiguous [n, weight cols] f32, bf16 or f16. Same dtypes copy
+ * raw bits, others convert through numeric.h. An id outside [0, rows) cannot raise an error
+ * without a synchronisation, so its row is written as NaN (the core checks host ids first). */
+int dsrtk_embedding(int dev, const dsrt_view *dst, const dsrt_view *weight, const void *ids, int ids_dtype,
+                    int64_t n, void *stream);
 /* end of embedding */
 
 #ifdef __cplusplus

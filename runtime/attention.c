@@ -1,5 +1,5 @@
 /*
- * attention.c - the DeepSeek-V4 attention layer on the CPU (attention.h, SPEC §6).
+ * attention.c - the DeepSeek-V4 attention layer on the CPU and on CUDA (attention.h, SPEC §6).
  *
  * What this protects: one position-addressed implementation of §6 (query path, window KV, the
  * compressors, the lightning indexer, sparse attention with the sink, the output path) whose result
@@ -35,6 +35,9 @@
  *     after. The blocked online softmax (nn.h) then sees the same list whatever the chunking, so
  *     chunked prefill, one-shot prefill and decode agree exactly.
  *
+ * CUDA: the same state as f32 device tensors and the same steps, the loops as kernels
+ * (kernels/attention.cu), with the aux-stream fan-out of SPEC §10; see "the CUDA path" below.
+ *
  * Precision: reference follows SPEC §9.1 (the bf16 rounding points, Q8 on the latent's no-rope
  * dims, Hadamard + Q4 in the indexer, indexer scores in bf16); fp32 is the same computation in f32
  * with no round trips, no Hadamard and fp32 scores, as transformers in fp32 (SPEC §9.2 items 1, 2).
@@ -45,15 +48,19 @@
 #include <string.h>
 #include "attention.h"
 #include "err.h"
+#include "kernels.h"
+#include "ops.h"
 
 struct dsrt_attention {
     atomic_int refcount;
     dsrt_attn_config cfg;
     dsrt_attn_weights w;
     int coff, device;
-    float *ape, *index_ape; /* f32 copies [ratio, coff·d] */
+    float *ape, *index_ape; /* f32 copies [ratio, coff·d] (CPU) */
+    dsrt_tensor *ape_t, *index_ape_t; /* the same as contiguous f32 tensors on the device (CUDA) */
     dsrt_stream **aux;
     int n_aux;
+    dsrt_event *ev[4];     /* CUDA with aux streams: the fan-out event, then one join event per aux stream */
 };
 
 /* one compressor's sequence state (SPEC §6.5) */
@@ -61,6 +68,7 @@ typedef struct {
     int d, ring;           /* entry width, rows of the (c, g) ring */
     float *c, *g;          /* [ring, coff·d] */
     float *entries;        /* [max_len / r + 1, d] */
+    dsrt_tensor *tc, *tg, *tentries; /* CUDA: the same three as f32 tensors on the device */
 } comp_state;
 
 struct dsrt_attn_state {
@@ -69,6 +77,8 @@ struct dsrt_attn_state {
     int slack, window_rows;
     dsrt_precision prec;
     float *window;         /* [window + slack, head_dim] */
+    dsrt_tensor *twindow;  /* CUDA: the window ring as an f32 tensor on the device */
+    int device;
     comp_state comp, index;
 };
 
@@ -78,8 +88,10 @@ static float bf16r(float v) { return dsrt_bf16_to_f32(dsrt_f32_to_bf16(v)); }
 
 /* ---- construction ---- */
 
-static int check_linear(const dsrt_linear *l, const char *name, int64_t in, int64_t out, int groups, int fp32_math)
+static int check_linear(const dsrt_linear *l, const char *name, int64_t in, int64_t out, int groups, int fp32_math,
+                        int device)
 {
+    char d1[16], d2[16];
     if (!l) return dsrt_err("attention: %s is missing", name);
     const dsrt_linear_config *c = &l->cfg;
     if (c->in_features != in || c->out_features != out)
@@ -88,37 +100,40 @@ static int check_linear(const dsrt_linear *l, const char *name, int64_t in, int6
     if (c->groups != groups || c->fp32_math != fp32_math)
         return dsrt_err("attention: %s has groups %d%s, expected groups %d%s", name, c->groups,
                         c->fp32_math ? " and fp32_math" : "", groups, fp32_math ? " and fp32_math" : "");
-    if (l->weight->device != DSRT_CPU) return dsrt_err("attention: %s is not on the CPU (only the CPU is implemented)", name);
+    if (l->weight->device != device)
+        return dsrt_err("attention: %s is on %s, the layer's weights (wq_a) on %s", name, dsrt_device_str(l->weight->device, d1),
+                        dsrt_device_str(device, d2));
     return 0;
 }
 
-/* a float tensor [n] or [rows, n] (rows 0: 1-D) on the CPU */
-static int check_vector(const dsrt_tensor *t, const char *name, int64_t rows, int64_t n)
+/* a float tensor [n] or [rows, n] (rows 0: 1-D) on the layer's device */
+static int check_vector(const dsrt_tensor *t, const char *name, int64_t rows, int64_t n, int device)
 {
-    char tb[DSRT_SHAPE_BUF];
+    char tb[DSRT_SHAPE_BUF], dev[16];
     if (!t) return dsrt_err("attention: %s is missing", name);
-    int ok = dsrt_dtype_is_float(t->dtype) && t->device == DSRT_CPU &&
+    int ok = dsrt_dtype_is_float(t->dtype) && t->device == device &&
              (rows ? t->ndim == 2 && t->shape[0] == rows && t->shape[1] == n : t->ndim == 1 && t->shape[0] == n);
     if (!ok) {
-        if (rows) return dsrt_err("attention: %s %s, expected a float [%lld, %lld] on the CPU", name,
-                                  dsrt_tensor_str(t, tb, sizeof tb), (long long)rows, (long long)n);
-        return dsrt_err("attention: %s %s, expected a float [%lld] on the CPU", name, dsrt_tensor_str(t, tb, sizeof tb),
-                        (long long)n);
+        if (rows) return dsrt_err("attention: %s %s, expected a float [%lld, %lld] on %s", name,
+                                  dsrt_tensor_str(t, tb, sizeof tb), (long long)rows, (long long)n, dsrt_device_str(device, dev));
+        return dsrt_err("attention: %s %s, expected a float [%lld] on %s", name, dsrt_tensor_str(t, tb, sizeof tb),
+                        (long long)n, dsrt_device_str(device, dev));
     }
     return 0;
 }
 
-static int check_compressor(const dsrt_compressor_weights *c, const char *prefix, int64_t dim, int ratio, int coff, int d)
+static int check_compressor(const dsrt_compressor_weights *c, const char *prefix, int64_t dim, int ratio, int coff, int d,
+                            int device)
 {
     char name[64];
     snprintf(name, sizeof name, "%s.wkv", prefix);
-    if (check_linear(c->wkv, name, dim, (int64_t)coff * d, 1, 1)) return -1;
+    if (check_linear(c->wkv, name, dim, (int64_t)coff * d, 1, 1, device)) return -1;
     snprintf(name, sizeof name, "%s.wgate", prefix);
-    if (check_linear(c->wgate, name, dim, (int64_t)coff * d, 1, 1)) return -1;
+    if (check_linear(c->wgate, name, dim, (int64_t)coff * d, 1, 1, device)) return -1;
     snprintf(name, sizeof name, "%s.ape", prefix);
-    if (check_vector(c->ape, name, ratio, (int64_t)coff * d)) return -1;
+    if (check_vector(c->ape, name, ratio, (int64_t)coff * d, device)) return -1;
     snprintf(name, sizeof name, "%s.norm", prefix);
-    return check_vector(c->norm, name, 0, d);
+    return check_vector(c->norm, name, 0, d, device);
 }
 
 static int check_config(const dsrt_attn_config *c)
@@ -179,33 +194,43 @@ dsrt_attention *dsrt_attention_new(const dsrt_attn_config *cfg, const dsrt_attn_
     const dsrt_attn_config *c = cfg;
     int64_t hd = c->head_dim, heads = c->n_heads, G = c->o_groups;
     int coff = c->ratio == 4 ? 2 : 1;
-    if (check_linear(w->wq_a, "wq_a", c->dim, c->q_lora_rank, 1, 0) ||
-        check_linear(w->wq_b, "wq_b", c->q_lora_rank, heads * hd, 1, 0) || check_linear(w->wkv, "wkv", c->dim, hd, 1, 0) ||
-        check_linear(w->wo_a, "wo_a", heads * hd, G * c->o_lora_rank, (int)G, 0) ||
-        check_linear(w->wo_b, "wo_b", G * c->o_lora_rank, c->dim, 1, 0) ||
-        check_vector(w->q_norm, "q_norm", 0, c->q_lora_rank) || check_vector(w->kv_norm, "kv_norm", 0, hd) ||
-        check_vector(w->attn_sink, "attn_sink", 0, heads))
+    /* every weight lives where wq_a does: the CPU, or one CUDA device */
+    int dev = w->wq_a ? w->wq_a->weight->device : DSRT_CPU;
+    char db[16];
+    if (check_linear(w->wq_a, "wq_a", c->dim, c->q_lora_rank, 1, 0, dev) ||
+        check_linear(w->wq_b, "wq_b", c->q_lora_rank, heads * hd, 1, 0, dev) ||
+        check_linear(w->wkv, "wkv", c->dim, hd, 1, 0, dev) ||
+        check_linear(w->wo_a, "wo_a", heads * hd, G * c->o_lora_rank, (int)G, 0, dev) ||
+        check_linear(w->wo_b, "wo_b", G * c->o_lora_rank, c->dim, 1, 0, dev) ||
+        check_vector(w->q_norm, "q_norm", 0, c->q_lora_rank, dev) || check_vector(w->kv_norm, "kv_norm", 0, hd, dev) ||
+        check_vector(w->attn_sink, "attn_sink", 0, heads, dev))
         return NULL;
-    if (c->ratio > 0 && check_compressor(&w->compressor, "compressor", c->dim, c->ratio, coff, (int)hd)) return NULL;
+    if (c->ratio > 0 && check_compressor(&w->compressor, "compressor", c->dim, c->ratio, coff, (int)hd, dev)) return NULL;
     if (c->ratio == 0 && (w->compressor.wkv || w->compressor.wgate || w->compressor.ape || w->compressor.norm))
         return dsrt_err_null("attention: a window-only layer (ratio 0) has no compressor, got compressor weights");
     int indexer = c->ratio == 4;
     if (indexer) {
-        if (check_linear(w->index_wq_b, "indexer.wq_b", c->q_lora_rank, (int64_t)c->index_n_heads * c->index_head_dim, 1, 0) ||
-            check_linear(w->index_weights_proj, "indexer.weights_proj", c->dim, c->index_n_heads, 1, 0) ||
-            check_compressor(&w->index_compressor, "indexer.compressor", c->dim, c->ratio, coff, c->index_head_dim))
+        if (check_linear(w->index_wq_b, "indexer.wq_b", c->q_lora_rank, (int64_t)c->index_n_heads * c->index_head_dim, 1, 0,
+                         dev) ||
+            check_linear(w->index_weights_proj, "indexer.weights_proj", c->dim, c->index_n_heads, 1, 0, dev) ||
+            check_compressor(&w->index_compressor, "indexer.compressor", c->dim, c->ratio, coff, c->index_head_dim, dev))
             return NULL;
     } else if (w->index_wq_b || w->index_weights_proj || w->index_compressor.wkv) {
         return dsrt_err_null("attention: only ratio-4 layers have an indexer (ratio %d), got indexer weights", c->ratio);
     }
     for (int i = 0; i < n_aux; i++)
-        if (!aux[i] || aux[i]->device != DSRT_CPU) return dsrt_err_null("attention: aux stream %d is missing or not on the CPU", i + 1);
+        if (!aux[i] || aux[i]->device != dev)
+            return dsrt_err_null("attention: aux stream %d is missing or not on %s, where the weights are", i + 1,
+                                 dsrt_device_str(dev, db));
+    /* SPEC §10: the three side GEMMs run on aux streams 0, 1, 2, or all on the caller's stream */
+    if (dev != DSRT_CPU && n_aux != 0 && n_aux != 3)
+        return dsrt_err_null("attention: a CUDA layer takes 3 aux streams (or none), got %d", n_aux);
     dsrt_attention *a = calloc(1, sizeof *a);
     if (!a) return dsrt_err_null("attention: out of host memory");
     atomic_init(&a->refcount, 1);
     a->cfg = *c;
     a->coff = coff;
-    a->device = DSRT_CPU;
+    a->device = dev;
     a->w = *w;
     weights_ref(&a->w, 1);
     a->aux = calloc((size_t)(n_aux ? n_aux : 1), sizeof *a->aux);
@@ -215,8 +240,22 @@ dsrt_attention *dsrt_attention_new(const dsrt_attn_config *cfg, const dsrt_attn_
         dsrt_stream_retain(aux[i]);
         a->n_aux = i + 1;
     }
-    if (ok && c->ratio > 0) ok = (a->ape = ape_copy(w->compressor.ape)) != NULL;
-    if (ok && indexer) ok = (a->index_ape = ape_copy(w->index_compressor.ape)) != NULL;
+    if (dev == DSRT_CPU) {
+        if (ok && c->ratio > 0) ok = (a->ape = ape_copy(w->compressor.ape)) != NULL;
+        if (ok && indexer) ok = (a->index_ape = ape_copy(w->index_compressor.ape)) != NULL;
+    } else if (ok) {
+        /* contiguous f32 ape on the device, made on the default stream and waited for here, so a
+         * forward on any stream reads finished copies (construction is allowed to wait) */
+        dsrt_stream *s0 = dsrt_stream_default(dev);
+        if (c->ratio > 0) ok = (a->ape_t = dsrt_linear_input(w->compressor.ape, s0)) != NULL;
+        if (ok && indexer) ok = (a->index_ape_t = dsrt_linear_input(w->index_compressor.ape, s0)) != NULL;
+        for (int i = 0; ok && n_aux && i < 4; i++) ok = (a->ev[i] = dsrt_event_new(dev, 0)) != NULL;
+        if (ok) ok = !dsrt_stream_synchronize(s0);
+        if (!ok) {
+            dsrt_attention_release(a);
+            return NULL;
+        }
+    }
     if (!ok) {
         if (!a->aux) dsrt_err("attention: out of host memory");
         dsrt_attention_release(a);
@@ -237,6 +276,10 @@ void dsrt_attention_release(dsrt_attention *a)
     free(a->aux);
     free(a->ape);
     free(a->index_ape);
+    dsrt_tensor_release(a->ape_t);
+    dsrt_tensor_release(a->index_ape_t);
+    for (int i = 0; i < 4; i++)
+        if (a->ev[i]) dsrt_event_release(a->ev[i]);
     free(a);
 }
 
@@ -253,20 +296,48 @@ static int comp_state_init(comp_state *cs, int d, int ratio, int coff, int slack
     return cs->c && cs->g && cs->entries ? 0 : dsrt_err("attention: out of host memory for the compressor state");
 }
 
+/* the CUDA state: the same buffers as f32 tensors on `device`, zeroed on s */
+static dsrt_tensor *state_tensor(int64_t rows, int64_t cols, int device, dsrt_stream *s)
+{
+    dsrt_tensor *t = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){rows, cols}, device, s);
+    if (t && dsrt_op_fill(t, 0, s)) {
+        dsrt_tensor_release(t);
+        return NULL;
+    }
+    return t;
+}
+
+static int comp_state_init_device(comp_state *cs, int d, int ratio, int coff, int slack, int64_t max_len, int device,
+                                  dsrt_stream *s)
+{
+    cs->d = d;
+    cs->ring = coff * ratio + slack;
+    cs->tc = state_tensor(cs->ring, (int64_t)coff * d, device, s);
+    cs->tg = cs->tc ? state_tensor(cs->ring, (int64_t)coff * d, device, s) : NULL;
+    cs->tentries = cs->tg ? state_tensor(max_len / ratio + 1, d, device, s) : NULL;
+    return cs->tentries ? 0 : -1;
+}
+
 static void comp_state_free(comp_state *cs)
 {
     free(cs->c);
     free(cs->g);
     free(cs->entries);
+    dsrt_tensor_release(cs->tc);
+    dsrt_tensor_release(cs->tg);
+    dsrt_tensor_release(cs->tentries);
 }
 
 dsrt_attn_state *dsrt_attn_state_new(const dsrt_attention *a, int64_t max_len, int slack, dsrt_precision prec,
                                      int device, dsrt_stream *s)
 {
-    char dev[16];
-    (void)s;
-    if (device != DSRT_CPU)
-        return dsrt_err_null("attn_state: state on %s is not implemented yet (CPU only)", dsrt_device_str(device, dev));
+    char dev[16], wdev[16];
+    if (device != a->device)
+        return dsrt_err_null("attn_state: a state on %s for a layer whose weights are on %s", dsrt_device_str(device, dev),
+                             dsrt_device_str(a->device, wdev));
+    if (s->device != device)
+        return dsrt_err_null("attn_state: the stream is on %s, the state on %s", dsrt_device_str(s->device, wdev),
+                             dsrt_device_str(device, dev));
     if (max_len < 1 || slack < 0)
         return dsrt_err_null("attn_state: max_len %lld must be >= 1 and slack %d >= 0", (long long)max_len, slack);
     const dsrt_attn_config *c = &a->cfg;
@@ -278,10 +349,23 @@ dsrt_attn_state *dsrt_attn_state_new(const dsrt_attention *a, int64_t max_len, i
     st->slack = slack;
     st->prec = prec;
     st->window_rows = c->window + slack;
-    st->window = malloc((size_t)st->window_rows * (size_t)c->head_dim * sizeof(float));
-    int rc = st->window ? 0 : dsrt_err("attn_state: out of host memory");
-    if (!rc && c->ratio > 0) rc = comp_state_init(&st->comp, c->head_dim, c->ratio, a->coff, slack, max_len);
-    if (!rc && c->ratio == 4) rc = comp_state_init(&st->index, c->index_head_dim, c->ratio, a->coff, slack, max_len);
+    st->device = device;
+    int rc;
+    if (device == DSRT_CPU) {
+        st->window = malloc((size_t)st->window_rows * (size_t)c->head_dim * sizeof(float));
+        rc = st->window ? 0 : dsrt_err("attn_state: out of host memory");
+        if (!rc && c->ratio > 0) rc = comp_state_init(&st->comp, c->head_dim, c->ratio, a->coff, slack, max_len);
+        if (!rc && c->ratio == 4) rc = comp_state_init(&st->index, c->index_head_dim, c->ratio, a->coff, slack, max_len);
+    } else {
+        /* zeroed (as the reference resets its states), then waited for: a forward may run on
+         * another stream than s, and must not race these fills */
+        st->twindow = state_tensor(st->window_rows, c->head_dim, device, s);
+        rc = st->twindow ? 0 : -1;
+        if (!rc && c->ratio > 0) rc = comp_state_init_device(&st->comp, c->head_dim, c->ratio, a->coff, slack, max_len, device, s);
+        if (!rc && c->ratio == 4)
+            rc = comp_state_init_device(&st->index, c->index_head_dim, c->ratio, a->coff, slack, max_len, device, s);
+        if (!rc) rc = dsrt_stream_synchronize(s);
+    }
     if (rc) {
         dsrt_attn_state_release(st);
         return NULL;
@@ -293,6 +377,7 @@ void dsrt_attn_state_release(dsrt_attn_state *st)
 {
     if (!st) return;
     free(st->window);
+    dsrt_tensor_release(st->twindow);
     comp_state_free(&st->comp);
     comp_state_free(&st->index);
     dsrt_attention_release(st->a);
@@ -324,7 +409,7 @@ static dsrt_tensor *new_f32(int ndim, int64_t d0, int64_t d1, int64_t d2, dsrt_s
 static dsrt_tensor *as_f32(dsrt_tensor *t, dsrt_stream *s)
 {
     if (!t) return NULL;
-    dsrt_tensor *f = t->dtype == DSRT_F32 ? dsrt_tensor_contiguous(t, s) : dsrt_tensor_to(t, DSRT_CPU, DSRT_F32, s, 0);
+    dsrt_tensor *f = t->dtype == DSRT_F32 ? dsrt_tensor_contiguous(t, s) : dsrt_tensor_to(t, t->device, DSRT_F32, s, 0);
     dsrt_tensor_release(t);
     return f;
 }
@@ -550,10 +635,274 @@ static int check_forward(const dsrt_attention *a, const dsrt_attn_state *st, con
     return 0;
 }
 
+/* ---- the CUDA path ----
+ *
+ * The same computation as the CPU forward above, step for step, with the state in device tensors
+ * and the host loops as kernels (kernels/attention.cu, each a transcription of the loop it
+ * replaces: compress's pooling and ape add, commit_rows and the window write, the pool and index
+ * lists, index_select's scores and sort). Sizes (S, P, the entry counts) are host integers, so
+ * every buffer is sized on the host and nothing waits for the device during a forward.
+ *
+ * Streams (SPEC §10, DESIGN.md): with 3 aux streams, phase 1 fans out from an event recorded on
+ * the caller's stream s: aux 0 runs the compressor's wkv/wgate (and its ape add), aux 1 the
+ * indexer's weights_proj, aux 2 the indexer-compressor's wkv/wgate, while s runs wq_a and wkv; s
+ * then waits on an event recorded on each aux stream. Phase 2 fans out again after the norms: aux
+ * 0 runs the whole indexer (ratio 4: wq_b, RoPE, Hadamard/Q4, the indexer compressor, scores and
+ * top-k) or the main compressor (other ratios), while s runs wq_b, the head norm and RoPE (and the
+ * main compressor for ratio 4); s joins before the pool is built. Without aux streams every step
+ * runs on s in the same order, so the numbers are the same either way (no kernel depends on
+ * which stream it runs on). Every tensor an aux stream touches is registered on that stream
+ * (dsrt_storage_use), and every result of an aux stream on s, so that the allocator, when the
+ * tensor is freed, records an event on both and never hands the block out while either may still
+ * use it (runtime/alloc.c). The join is issued whether or not the phase failed, so s never runs
+ * ahead of work still queued on an aux stream. */
+
+#define DEVF(t) ((float *)(t)->storage->data + (t)->offset)
+
+static int use_on(dsrt_tensor *t, dsrt_stream *s) { return t ? dsrt_storage_use(t->storage, s) : 0; }
+
+static int kernel_failed(void) { return dsrt_err("attention: %s", dsrtk_error()); }
+
+/* y = linear(x) as a contiguous f32 tensor on x's device */
+static dsrt_tensor *dlin(dsrt_linear *l, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)
+{
+    return x ? as_f32(dsrt_linear_forward(l, x, prec, s), s) : NULL;
+}
+
+/* an i64 tensor [n] of positions first, first + step, ... on the device */
+static dsrt_tensor *dpositions(int device, int64_t n, int64_t first, int64_t step, dsrt_stream *s)
+{
+    dsrt_tensor *p = dsrt_tensor_new(DSRT_I64, 1, &n, device, s);
+    if (p && dsrt_op_arange(p, (double)first, (double)step, s)) {
+        dsrt_tensor_release(p);
+        return NULL;
+    }
+    return p;
+}
+
+/* later work on `to` waits for what is queued on `from` now */
+static int order(dsrt_event *ev, dsrt_stream *from, dsrt_stream *to)
+{
+    return dsrt_event_record(ev, from) || dsrt_stream_wait(to, ev) ? -1 : 0;
+}
+
+/* the compressor's g rows += ape[t mod r] (SPEC §6.5), on s */
+static int add_ape(dsrt_attention *a, dsrt_tensor *g, dsrt_tensor *ape, int64_t P, dsrt_stream *s)
+{
+    if (!g || use_on(ape, s)) return -1;
+    if (dsrtk_attn_ape_add(s->device, DEVF(g), DEVF(ape), g->shape[0], g->shape[1], P, a->cfg.ratio, s->handle))
+        return kernel_failed();
+    return 0;
+}
+
+/* compress() on the device: the entries j with P <= j·r + r − 1 < P + S into cs->tentries, from
+ * the chunk's (c, g + ape) rows c, g [S, coff·d] and the rings. */
+static int compress_dev(dsrt_attention *a, comp_state *cs, dsrt_compressor_weights *w, dsrt_tensor *c, dsrt_tensor *g,
+                        int64_t P, int64_t S, int indexer, dsrt_precision prec, dsrt_stream *s)
+{
+    const dsrt_attn_config *cfg = &a->cfg;
+    int r = cfg->ratio, d = cs->d, dev = a->device;
+    int64_t j0 = P / r, n = (P + S) / r - j0;
+    if (n == 0) return 0;
+    dsrt_tensor *ts[] = {c, g, cs->tc, cs->tg, cs->tentries};
+    for (size_t i = 0; i < sizeof ts / sizeof *ts; i++)
+        if (use_on(ts[i], s)) return -1;
+    dsrt_tensor *E = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){n, d}, dev, s), *pos = NULL, *dst = NULL;
+    int rc = -1;
+    if (!E) goto done;
+    if (dsrtk_attn_compress_pool(dev, DEVF(E), DEVF(c), DEVF(g), DEVF(cs->tc), DEVF(cs->tg), cs->ring, P, S, j0, n, d, r,
+                                 a->coff, prec == DSRT_PREC_REFERENCE, s->handle)) {
+        kernel_failed();
+        goto done;
+    }
+    if (!(pos = dpositions(dev, n, j0 * r, r, s))) goto done;
+    E = rope_f32(cfg, norm_f32(E, w->norm, cfg->norm_eps, prec, s), pos, 0, prec, s);
+    if (!E) goto done;
+    if (!indexer && dsrt_nn_quant_roundtrip_q8(E, 64, 0, d - DSRT_NN_ROPE_DIMS, prec, s)) goto done;
+    if (indexer && prec == DSRT_PREC_REFERENCE) {
+        dsrt_tensor *rotated = dsrt_nn_hadamard128(E, prec, s);
+        dsrt_tensor_release(E);
+        E = as_f32(rotated, s);
+        if (!E || dsrt_nn_quant_roundtrip_q4(E, prec, s)) goto done;
+    }
+    if (!(dst = dsrt_tensor_narrow(cs->tentries, 0, j0, n))) goto done;
+    rc = dsrt_op_copy(dst, E, s);
+done:
+    dsrt_tensor_release(E);
+    dsrt_tensor_release(pos);
+    dsrt_tensor_release(dst);
+    return rc;
+}
+
+/* index_select() on the device: *picks = i32 [S, topk], each query's top-k visible entries
+ * (descending score, ties to the lower entry), −1 after. qr: f32 [S, q_lora]; w: weights_proj's
+ * output f32 [S, IH]; ic, ig: the indexer compressor's (c, g + ape) rows. */
+static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *qr, dsrt_tensor *w, dsrt_tensor *ic,
+                            dsrt_tensor *ig, dsrt_tensor *pos, int64_t P, int64_t S, dsrt_stream *s, dsrt_tensor **picks)
+{
+    const dsrt_attn_config *c = &a->cfg;
+    dsrt_precision prec = st->prec;
+    int64_t IH = c->index_n_heads, ID = c->index_head_dim, topk = c->index_topk, n_max = (P + S) / c->ratio;
+    int ref = prec == DSRT_PREC_REFERENCE, dev = a->device;
+    dsrt_tensor *scores = NULL, *out = NULL;
+    /* 1. qI = RoPE(wq_b·qr), then Hadamard + Q4 (reference only) */
+    dsrt_tensor *q = dlin(a->w.index_wq_b, qr, prec, s);
+    if (q) {
+        dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, IH, ID});
+        dsrt_tensor_release(q);
+        q = rope_f32(c, v, pos, 0, prec, s);
+    }
+    if (q && ref) {
+        dsrt_tensor *rotated = dsrt_nn_hadamard128(q, prec, s);
+        dsrt_tensor_release(q);
+        q = as_f32(rotated, s);
+        if (q && dsrt_nn_quant_roundtrip_q4(q, prec, s)) goto fail;
+    }
+    /* 2. the indexer's keys; 3.-5. scores and the top-k, as index_select() */
+    if (!q || compress_dev(a, &st->index, &a->w.index_compressor, ic, ig, P, S, 1, prec, s)) goto fail;
+    if (use_on(w, s) || use_on(st->index.tentries, s)) goto fail;
+    if (!(scores = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){S, n_max ? n_max : 1}, dev, s))) goto fail;
+    if (!(out = dsrt_tensor_new(DSRT_I32, 2, (int64_t[]){S, topk}, dev, s))) goto fail;
+    float scale = (float)(1.0 / sqrt((double)ID) / sqrt((double)IH));
+    if (dsrtk_attn_index_scores(dev, DEVF(scores), DEVF(q), DEVF(st->index.tentries), DEVF(w), scale, S, P, c->ratio,
+                                (int)IH, (int)ID, n_max ? n_max : 1, ref, s->handle) ||
+        dsrtk_attn_topk(dev, (int *)out->storage->data + out->offset, DEVF(scores), S, P, c->ratio, topk, n_max ? n_max : 1,
+                        s->handle)) {
+        kernel_failed();
+        goto fail;
+    }
+    dsrt_tensor_release(q);
+    dsrt_tensor_release(scores);
+    *picks = out;
+    return 0;
+fail:
+    dsrt_tensor_release(q);
+    dsrt_tensor_release(scores);
+    dsrt_tensor_release(out);
+    return -1;
+}
+
+static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec,
+                                 dsrt_stream *s)
+{
+    const dsrt_attn_config *c = &a->cfg;
+    dsrt_attn_weights *w = &a->w;
+    int dev = a->device, aux = a->n_aux == 3;
+    int64_t S = x->shape[0], P = st->length, H = c->n_heads, hd = c->head_dim, W = c->window, r = c->ratio;
+    dsrt_stream *s_comp = aux ? a->aux[0] : s, *s_wproj = aux ? a->aux[1] : s, *s_icomp = aux ? a->aux[2] : s;
+    dsrt_tensor *xf = dsrt_linear_input(x, s), *pos = dpositions(dev, S, P, 1, s);
+    dsrt_tensor *qa = NULL, *kvp = NULL, *qr = NULL, *q = NULL, *kv = NULL, *pool = NULL, *idx = NULL, *o = NULL, *z = NULL,
+                *y = NULL, *out = NULL, *picks = NULL, *wproj = NULL, *ov = NULL;
+    dsrt_tensor *cc = NULL, *cg = NULL, *ic = NULL, *ig = NULL; /* the compressors' (c, g + ape) rows */
+    int ok;
+    if (!xf || !pos) goto done;
+
+    /* phase 1 (SPEC §10): the side GEMMs on the aux streams, wq_a and wkv on s */
+    if (aux && (use_on(xf, s_comp) || use_on(xf, s_wproj) || use_on(xf, s_icomp) || dsrt_event_record(a->ev[0], s) ||
+                dsrt_stream_wait(s_comp, a->ev[0]) || dsrt_stream_wait(s_wproj, a->ev[0]) || dsrt_stream_wait(s_icomp, a->ev[0])))
+        goto done;
+    ok = 1;
+    if (r > 0) {
+        cc = dlin(w->compressor.wkv, xf, DSRT_PREC_FP32, s_comp); /* fp32 math (SPEC §3.5) */
+        cg = cc ? dlin(w->compressor.wgate, xf, DSRT_PREC_FP32, s_comp) : NULL;
+        ok = !add_ape(a, cg, a->ape_t, P, s_comp);
+    }
+    if (ok && r == 4) {
+        ok = (wproj = dlin(w->index_weights_proj, xf, prec, s_wproj)) != NULL;
+        ic = ok ? dlin(w->index_compressor.wkv, xf, DSRT_PREC_FP32, s_icomp) : NULL;
+        ig = ic ? dlin(w->index_compressor.wgate, xf, DSRT_PREC_FP32, s_icomp) : NULL;
+        ok = !add_ape(a, ig, a->index_ape_t, P, s_icomp);
+    }
+    if (ok) ok = (qa = dlin(w->wq_a, xf, prec, s)) && (kvp = dlin(w->wkv, xf, prec, s));
+    if (aux) {
+        /* join even after a failure: nothing on s may run ahead of queued aux work */
+        int joined = !order(a->ev[1], s_comp, s) && !order(a->ev[2], s_wproj, s) && !order(a->ev[3], s_icomp, s);
+        ok = ok && joined && !use_on(cc, s) && !use_on(cg, s) && !use_on(wproj, s) && !use_on(ic, s) && !use_on(ig, s);
+    }
+    if (!ok) goto done;
+
+    /* §6.1 qr = RMS_w(wq_a·x); §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims */
+    qr = norm_f32(qa, w->q_norm, c->norm_eps, prec, s);
+    qa = NULL;
+    kv = rope_f32(c, norm_f32(kvp, w->kv_norm, c->norm_eps, prec, s), pos, 0, prec, s);
+    kvp = NULL;
+    if (!qr || !kv || dsrt_nn_quant_roundtrip_q8(kv, 64, 0, hd - DSRT_NN_ROPE_DIMS, prec, s)) goto done;
+
+    /* phase 2: the indexer (ratio 4) or the compressor (other ratios) on aux 0, beside wq_b on s */
+    dsrt_stream *side = aux && r > 0 ? a->aux[0] : s;
+    if (side != s && (use_on(qr, side) || use_on(pos, side) || use_on(wproj, side) || use_on(ic, side) ||
+                      use_on(ig, side) || dsrt_event_record(a->ev[0], s) || dsrt_stream_wait(side, a->ev[0])))
+        goto done;
+    ok = 1;
+    if (r == 4) ok = !index_select_dev(a, st, qr, wproj, ic, ig, pos, P, S, side, &picks);
+    else if (r > 0) ok = !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, side);
+    if (ok && (q = dlin(w->wq_b, qr, prec, s))) {
+        dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, H, hd}), *n = v ? dsrt_nn_head_rms_norm(v, c->norm_eps, prec, s) : NULL;
+        dsrt_tensor_release(v);
+        dsrt_tensor_release(q);
+        q = rope_f32(c, n, pos, 0, prec, s);
+    }
+    ok = ok && q;
+    if (ok && r == 4) ok = !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, s);
+    if (side != s) ok = !order(a->ev[1], side, s) && ok && !use_on(picks, s);
+    if (!ok) goto done;
+
+    /* §6.4/§6.7 the pool [window positions base … P+S−1, entries 0 … n_entries−1] and the index lists */
+    int64_t base = P - W + 1 > 0 ? P - W + 1 : 0, n_win = P + S - base, n_entries = r > 0 ? (P + S) / r : 0;
+    int64_t n_comp = r == 4 ? c->index_topk : n_entries, K = W + n_comp;
+    if (use_on(st->twindow, s) || (r > 0 && (use_on(st->comp.tentries, s) || use_on(st->comp.tc, s) || use_on(st->comp.tg, s))) ||
+        (r == 4 && (use_on(st->index.tc, s) || use_on(st->index.tg, s))))
+        goto done;
+    if (!(pool = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){n_win + n_entries, hd}, dev, s)) ||
+        !(idx = dsrt_tensor_new(DSRT_I64, 2, (int64_t[]){S, K}, dev, s)))
+        goto done;
+    if (dsrtk_attn_gather_pool(dev, DEVF(pool), DEVF(kv), DEVF(st->twindow), st->window_rows,
+                               r > 0 ? DEVF(st->comp.tentries) : NULL, base, P, S, n_entries, hd, s->handle) ||
+        dsrtk_attn_index_lists(dev, (int64_t *)idx->storage->data + idx->offset,
+                               picks ? (const int *)picks->storage->data + picks->offset : NULL, S, K, P, W, base, n_win, r,
+                               c->index_topk, s->handle)) {
+        kernel_failed();
+        goto done;
+    }
+
+    /* §6.7 sparse attention with the sink; §6.8 inverse RoPE, grouped wo_a, wo_b */
+    o = dsrt_nn_sparse_attention(q, pool, idx, w->attn_sink, (float)(1.0 / sqrt((double)hd)), prec, s);
+    o = rope_f32(c, o, pos, 1, prec, s);
+    ov = o ? dsrt_tensor_view(o, 2, (int64_t[]){S, H * hd}) : NULL;
+    if (!ov || !(z = dlin(w->wo_a, ov, prec, s)) || !(y = dlin(w->wo_b, z, prec, s))) goto done;
+    out = prec == DSRT_PREC_REFERENCE ? dsrt_tensor_to(y, dev, DSRT_BF16, s, 0) : y;
+    if (out == y) dsrt_tensor_retain(y);
+    if (!out) goto done;
+
+    /* the rings take the chunk's rows last, as on the CPU (launch failures here are configuration
+     * errors the checks above rule out) */
+    if (dsrtk_attn_ring_write(dev, DEVF(st->twindow), st->window_rows, hd, DEVF(kv), P, S, s->handle) ||
+        (r > 0 && (dsrtk_attn_ring_write(dev, DEVF(st->comp.tc), st->comp.ring, a->coff * hd, DEVF(cc), P, S, s->handle) ||
+                   dsrtk_attn_ring_write(dev, DEVF(st->comp.tg), st->comp.ring, a->coff * hd, DEVF(cg), P, S, s->handle))) ||
+        (r == 4 &&
+         (dsrtk_attn_ring_write(dev, DEVF(st->index.tc), st->index.ring, a->coff * c->index_head_dim, DEVF(ic), P, S, s->handle) ||
+          dsrtk_attn_ring_write(dev, DEVF(st->index.tg), st->index.ring, a->coff * c->index_head_dim, DEVF(ig), P, S, s->handle)))) {
+        kernel_failed();
+        dsrt_tensor_release(out);
+        out = NULL;
+        goto done;
+    }
+    st->length = P + S;
+done:
+    {
+        dsrt_tensor *all[] = {cc, cg, ic, ig, xf, pos, qa, kvp, qr, q, kv, pool, idx, o, ov, z, y, picks, wproj};
+        for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
+    }
+    return out;
+}
+
+#undef DEVF
+
 dsrt_tensor *dsrt_attention_forward(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec,
                                     dsrt_stream *s)
 {
     if (check_forward(a, st, x, prec, s)) return NULL;
+    if (a->device != DSRT_CPU) return forward_cuda(a, st, x, prec, s);
     const dsrt_attn_config *c = &a->cfg;
     const dsrt_attn_weights *w = &a->w;
     int64_t S = x->shape[0], P = st->length, H = c->n_heads, hd = c->head_dim, W = c->window, r = c->ratio;

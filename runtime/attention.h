@@ -46,8 +46,11 @@ typedef struct {
 typedef struct dsrt_attention dsrt_attention;
 typedef struct dsrt_attn_state dsrt_attn_state;
 
-/* Checks every weight against the config (naming what is wrong) and retains them and the aux
- * streams (n_aux may be 0 on the CPU; on CUDA the layer expects 3, SPEC §10). */
+/* Checks every weight against the config (naming what is wrong; all on the CPU or all on one CUDA
+ * device, where wq_a is) and retains them and the aux streams. On the CPU any n_aux is accepted and
+ * unused; on CUDA n_aux is 3 (compressor, indexer weights_proj and indexer compressor GEMMs run on
+ * aux 0/1/2 beside wq_a/wkv, then the indexer on aux 0 beside wq_b, SPEC §10) or 0 (everything on
+ * the caller's stream, with bit-equal results). */
 dsrt_attention *dsrt_attention_new(const dsrt_attn_config *cfg, const dsrt_attn_weights *w, dsrt_stream *const *aux,
                                    int n_aux);
 void dsrt_attention_retain(dsrt_attention *a);
@@ -55,7 +58,8 @@ void dsrt_attention_release(dsrt_attention *a);
 const dsrt_attn_config *dsrt_attention_config(const dsrt_attention *a);
 
 /* State for sequences of up to max_len positions, rollback by up to `slack` positions, for
- * forwards in precision `prec` (its caches hold that precision's values; only the CPU so far). */
+ * forwards in precision `prec` (its caches hold that precision's values), on the layer's device
+ * (host memory, or device memory allocated on s; creating a CUDA state waits for s once). */
 dsrt_attn_state *dsrt_attn_state_new(const dsrt_attention *a, int64_t max_len, int slack, dsrt_precision prec,
                                      int device, dsrt_stream *s);
 void dsrt_attn_state_release(dsrt_attn_state *st);

@@ -8,10 +8,17 @@
  * exactly dequantised weights (dsrt_gemm_f32, the CPU matmul's kernel), one bf16 rounding of the
  * output. See linear.h for why that equals the reference's blocked FP8/FP4 GEMM up to the order of
  * fp32 additions.
+ *
+ * On CUDA the same computation runs in kernels/linear.cu (dsrtk_linear) straight from the native
+ * weight formats: the dequantised cache is never built for a CUDA weight (it would cost 4 bytes per
+ * weight element of device memory); the only device memory a forward takes besides its output is a
+ * per-call workspace for the prepared activation, sized by dsrtk_linear_workspace and released as
+ * soon as the work is queued (the allocator keeps it from reuse until the stream has passed it).
  */
 #include <stdlib.h>
 #include <string.h>
 #include "err.h"
+#include "kernels.h"
 #include "linear.h"
 #include "ops.h"
 
@@ -167,8 +174,8 @@ int dsrt_linear_rows(dsrt_linear *l, const float *x, int64_t rows, float *y, dsr
 {
     char dev[16];
     if (l->weight->device != DSRT_CPU)
-        return dsrt_err("linear: forward with weights on %s is not implemented yet (CPU only)",
-                        dsrt_device_str(l->weight->device, dev));
+        return dsrt_err("linear: the host-buffer interface needs weights on the CPU, these are on %s "
+                        "(use dsrt_linear_forward_into with device tensors)", dsrt_device_str(l->weight->device, dev));
     if (rows == 0) return 0;
     const float *wt = dequantised(l, s);
     if (!wt) return -1;
@@ -212,8 +219,93 @@ int dsrt_linear_check_input(const dsrt_tensor *x, int64_t width, int device, con
     if (x->device != device || s->device != device)
         return dsrt_err("%s: input %s, the weights (on %s) and the stream must be on one device", op, xb,
                         dsrt_device_str(device, dev));
-    if (device != DSRT_CPU) return dsrt_err("%s: forward on %s is not implemented yet (CPU only)", op, dsrt_device_str(device, dev));
     return 0;
+}
+
+/* the launcher's description of the layer's weight (device pointers at the tensors' offsets) */
+static dsrtk_linear_weight kernel_weight(const dsrt_linear *l)
+{
+    const dsrt_tensor *w = l->weight, *sc = l->scale;
+    dsrtk_linear_weight k = {0};
+    k.format = (int)l->cfg.format;
+    k.groups = l->cfg.groups;
+    k.out = l->cfg.out_features;
+    k.in = l->cfg.in_features;
+    k.ld = w->stride[0];
+    size_t bits = (size_t)dsrt_dtype_bits(w->dtype);
+    k.weight = (const char *)w->storage->data + (size_t)w->offset * bits / 8;
+    if (sc) {
+        k.scale = (const char *)sc->storage->data + (size_t)sc->offset * (size_t)dsrt_dtype_bits(sc->dtype) / 8;
+        k.scale_dtype = (int)sc->dtype;
+        k.scale_ld0 = sc->stride[0];
+        k.scale_ld1 = sc->stride[1];
+        k.block_rows = l->cfg.block_rows;
+        k.block_cols = l->cfg.block_cols;
+    }
+    return k;
+}
+
+/* y (contiguous, [rows, out] of the out dtype) from x (contiguous, bf16 or f32) on a CUDA device */
+static int cuda_rows(dsrt_linear *l, dsrt_tensor *x, int64_t rows, dsrt_tensor *y, dsrt_precision prec, dsrt_stream *s)
+{
+    char wb[DSRT_SHAPE_BUF], xb[DSRT_SHAPE_BUF];
+    const dsrt_tensor *w = l->weight;
+    if (w->stride[1] != 1 || (w->dtype == DSRT_FP4E2M1 && ((w->offset | w->stride[0]) & 1)))
+        return dsrt_err("linear: weight %s must have contiguous rows (starting on whole bytes for fp4) on %s",
+                        dsrt_tensor_str(w, wb, sizeof wb), "CUDA");
+    dsrt_tensor *ts[4] = {l->weight, l->scale, x, y};
+    for (int i = 0; i < 4; i++)
+        if (ts[i] && dsrt_storage_use(ts[i]->storage, s)) return -1;
+    if (rows == 0) return 0;
+    dsrtk_linear_weight k = kernel_weight(l);
+    int quant = quantises_activation(l, prec);
+    size_t bytes = 0;
+    if (dsrtk_linear_workspace(s->device, &k, rows, (int)x->dtype, quant, (int)y->dtype, &bytes))
+        return dsrt_err("linear: %s", dsrtk_error());
+    dsrt_tensor *ws = NULL;
+    if (bytes) {
+        int64_t n = (int64_t)bytes;
+        ws = dsrt_tensor_new(DSRT_U8, 1, &n, s->device, s);
+        if (!ws) return -1;
+    }
+    size_t xbits = (size_t)dsrt_dtype_bits(x->dtype), ybits = (size_t)dsrt_dtype_bits(y->dtype);
+    int rc = dsrtk_linear(s->device, &k, (const char *)x->storage->data + (size_t)x->offset * xbits / 8, (int)x->dtype, rows,
+                          quant, (char *)y->storage->data + (size_t)y->offset * ybits / 8, (int)y->dtype,
+                          ws ? ws->storage->data : NULL, bytes, s->handle);
+    dsrt_tensor_release(ws);
+    if (rc) {
+        const char *msg = dsrtk_error();
+        if (!strncmp(msg, "linear: ", 8)) msg += 8;
+        return dsrt_err("linear: %s %s, input %s: %s", dsrt_weight_format_name(l->cfg.format),
+                        dsrt_tensor_str(w, wb, sizeof wb), dsrt_tensor_str(x, xb, sizeof xb), msg);
+    }
+    return 0;
+}
+
+int dsrt_linear_forward_into(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *y, dsrt_precision prec, dsrt_stream *s)
+{
+    char xb[DSRT_SHAPE_BUF], yb[DSRT_SHAPE_BUF];
+    if (dsrt_linear_check_input(x, l->cfg.in_features, l->weight->device, s, "linear")) return -1;
+    dsrt_tensor_str(x, xb, sizeof xb);
+    dsrt_tensor_str(y, yb, sizeof yb);
+    int same = y->ndim == x->ndim && y->device == x->device && y->dtype == dsrt_linear_out_dtype(l, prec) &&
+               dsrt_tensor_is_contiguous(y) && y->shape[y->ndim - 1] == l->cfg.out_features;
+    for (int d = 0; same && d < x->ndim - 1; d++) same = y->shape[d] == x->shape[d];
+    if (!same)
+        return dsrt_err("linear: output %s for input %s must be a contiguous %s [..., %lld] on the input's device", yb, xb,
+                        dsrt_dtype_name(dsrt_linear_out_dtype(l, prec)), (long long)l->cfg.out_features);
+    if (x->device == DSRT_CPU) {
+        dsrt_tensor *r = dsrt_linear_forward(l, x, prec, s);
+        if (!r) return -1;
+        int rc = dsrt_op_copy(y, r, s);
+        dsrt_tensor_release(r);
+        return rc;
+    }
+    dsrt_tensor *xc = dsrt_tensor_contiguous(x, s);
+    if (!xc) return -1;
+    int rc = cuda_rows(l, xc, dsrt_tensor_numel(x) / l->cfg.in_features, y, prec, s);
+    dsrt_tensor_release(xc);
+    return rc;
 }
 
 dsrt_tensor *dsrt_linear_forward(dsrt_linear *l, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)
@@ -222,6 +314,14 @@ dsrt_tensor *dsrt_linear_forward(dsrt_linear *l, dsrt_tensor *x, dsrt_precision 
     int64_t shape[DSRT_MAX_DIMS];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = l->cfg.out_features;
+    if (x->device != DSRT_CPU) {
+        dsrt_tensor *y = dsrt_tensor_new(dsrt_linear_out_dtype(l, prec), x->ndim, shape, x->device, s);
+        if (y && dsrt_linear_forward_into(l, x, y, prec, s)) {
+            dsrt_tensor_release(y);
+            return NULL;
+        }
+        return y;
+    }
     dsrt_tensor *xf = dsrt_linear_input(x, s);
     dsrt_tensor *y = xf ? dsrt_tensor_new(DSRT_F32, x->ndim, shape, DSRT_CPU, s) : NULL;
     int rc = y ? dsrt_linear_rows(l, (const float *)xf->storage->data + xf->offset, dsrt_tensor_numel(x) / l->cfg.in_features,

@@ -29,9 +29,16 @@
  * the same in both precisions (dequantisation is exact), so one cache serves both; it costs 4 bytes
  * per weight element, which is what the CPU path, a reference for tests and tiny models, can afford.
  *
- * The layer holds references to its weight and scale tensors; forward runs on the CPU (CUDA weights
- * are accepted by the constructor and refused by forward until the kernels exist). Functions return
- * NULL / -1 with a message (err.h).
+ * On CUDA (kernels/linear.cu) the weight stays in its native format: no dequantised copy is ever
+ * kept in device memory. 1..15 rows run a memory-bound GEMV that dequantises 16-byte weight vectors
+ * in registers and applies each block's scale to the partial sum over the vector (exact: scales are
+ * powers of two); 16+ rows of a reference fp8 linear with 128x128 blocks run cuBLASLt FP8 with block
+ * scaling on the e4m3 codes of Q8(x) (the reference's own act_quant, so the same numbers up to the
+ * order of fp32 additions); everything else runs a tiled kernel over the exactly dequantised weight.
+ * The activation's Q8 round trip uses quant.h's functions, bit for bit the CPU's.
+ *
+ * The layer holds references to its weight and scale tensors. Functions return NULL / -1 with a
+ * message (err.h).
  */
 #ifndef DSRT_LINEAR_H
 #define DSRT_LINEAR_H
@@ -78,15 +85,22 @@ dsrt_dtype dsrt_linear_out_dtype(const dsrt_linear *l, dsrt_precision prec);
 /* x [..., in] bf16 or f32 -> y [..., out] of dsrt_linear_out_dtype, a new tensor. */
 dsrt_tensor *dsrt_linear_forward(dsrt_linear *l, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s);
 
+/* y = forward(x) written into a caller-given tensor: y contiguous, [..., out] with x's leading shape,
+ * of dsrt_linear_out_dtype, on x's device (CPU or CUDA). For layers built on linears that own their
+ * output buffers (e.g. the MoE writing an expert's rows into a slice of one buffer): on CUDA nothing
+ * is allocated but a bounded per-call workspace for the prepared activation. */
+int dsrt_linear_forward_into(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *y, dsrt_precision prec, dsrt_stream *s);
+
 /* Checks an input for a layer of `width` input features whose weights are on `device`: bf16 or
- * f32, [..., width], on that device with the stream, and the device is the CPU; errors name `op`. */
+ * f32, [..., width], on that device (CPU or CUDA) with the stream; errors name `op`. */
 int dsrt_linear_check_input(const dsrt_tensor *x, int64_t width, int device, const dsrt_stream *s, const char *op);
 /* x as a contiguous f32 tensor (x itself when it already is one): the rows dsrt_linear_rows reads */
 dsrt_tensor *dsrt_linear_input(dsrt_tensor *x, dsrt_stream *s);
 
 /* The same computation over host f32 buffers, for layers built on linears (the MoE): x [rows, in]
  * (left unchanged), y [rows, out] receives the values forward would return, as f32 (bf16 values in
- * reference mode). The weight must be on the CPU; scratch comes from the allocator on `s`. */
+ * reference mode). The weight must be on the CPU (device layers use dsrt_linear_forward_into);
+ * scratch comes from the allocator on `s`. */
 int dsrt_linear_rows(dsrt_linear *l, const float *x, int64_t rows, float *y, dsrt_precision prec, dsrt_stream *s);
 
 #endif

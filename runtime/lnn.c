@@ -17,6 +17,7 @@
  *   nn.hc_pre(X, fn, scale, base, hc_eps, norm_eps, iters, prec)         -> u, post, comb
  *   nn.hc_post(f, X, post, comb, prec)                 nn.hc_head(X, fn, scale, base, hc_eps, norm_eps, prec)
  *   nn.hc_expand(e, hc)
+ *   nn.hc_post_pre(f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, prec)  -> X', u, post', comb'
  * yarn = {factor = 16, original_seq_len = 65536, beta_fast = 32, beta_slow = 1}, or nil for none.
  */
 #include <limits.h>
@@ -198,6 +199,25 @@ static int l_hc_head(lua_State *L)
     return 1;
 }
 
+static int l_hc_post_pre(lua_State *L)
+{
+    dsrt_tensor *f = dsrtL_checktensor(L, 1), *X = dsrtL_checktensor(L, 2), *post = dsrtL_checktensor(L, 3);
+    dsrt_tensor *comb = dsrtL_checktensor(L, 4), *fn = dsrtL_checktensor(L, 5), *scale = dsrtL_checktensor(L, 6);
+    dsrt_tensor *base = dsrtL_checktensor(L, 7);
+    float hc_eps = check_float(L, 8), norm_eps = check_float(L, 9);
+    int iters = check_int(L, 10);
+    dsrt_precision prec = dsrtL_checkprecision(L, 11, "nn.hc_post_pre", 1);
+    dsrt_tensor *Xn, *u, *pn, *cn;
+    if (dsrt_nn_hc_post_pre(f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, prec, stream_for(L, f), &Xn, &u,
+                            &pn, &cn))
+        return dsrtL_error(L);
+    dsrtL_pushtensor(L, Xn);
+    dsrtL_pushtensor(L, u);
+    dsrtL_pushtensor(L, pn);
+    dsrtL_pushtensor(L, cn);
+    return 4;
+}
+
 static int l_hc_expand(lua_State *L)
 {
     dsrt_tensor *e = dsrtL_checktensor(L, 1);
@@ -212,7 +232,7 @@ void dsrtL_open_nn(lua_State *L)
         {"quant_roundtrip_q8", l_quant_roundtrip_q8}, {"quant_roundtrip_q4", l_quant_roundtrip_q4},
         {"rope_freqs", l_rope_freqs}, {"rope", l_rope}, {"hadamard128", l_hadamard128},
         {"sparse_attention", l_sparse_attention}, {"sinkhorn", l_sinkhorn}, {"hc_pre", l_hc_pre},
-        {"hc_post", l_hc_post}, {"hc_head", l_hc_head}, {"hc_expand", l_hc_expand}, {NULL, NULL}};
+        {"hc_post", l_hc_post}, {"hc_head", l_hc_head}, {"hc_expand", l_hc_expand}, {"hc_post_pre", l_hc_post_pre}, {NULL, NULL}};
     luaL_newlib(L, functions);
     lua_setfield(L, -2, "nn");
 }

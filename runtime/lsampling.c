@@ -1,5 +1,7 @@
 /*
- * lsampling.c - the sampler (sampling.h) in Lua: dsrt.core.sample(logits, opts) -> i64 [B].
+ * lsampling.c - the sampler (sampling.h) in Lua: dsrt.core.sample(logits, opts) -> i64 [B] on the
+ * logits' device (CPU or CUDA), and dsrt.core.sample_ids(logits, opts) -> a Lua list of the B ids
+ * (what generation wants: on CUDA only the ids cross to the host, one copy, no tensor).
  *
  * opts: temperature (0 = greedy, the default), top_k (0 = off), top_p (1 = off), min_p (0 = off),
  * repetition_penalty (1 = off), presence_penalty (0 = off) — each a number for every row or a
@@ -63,7 +65,7 @@ static int bufs_gc(lua_State *L)
     return 0;
 }
 
-static int l_sample(lua_State *L)
+static int sample_call(lua_State *L, int to_list)
 {
     dsrt_tensor *logits = dsrtL_checktensor(L, 1);
     if (lua_isnoneornil(L, 2)) { lua_settop(L, 1); lua_newtable(L); }
@@ -117,7 +119,7 @@ static int l_sample(lua_State *L)
             }
         } else total = luaL_len(L, -1) * B;
     }
-    b->ids = malloc((size_t)(total > 0 ? total : 1) * sizeof *b->ids);
+    b->ids = malloc((size_t)(total + B) * sizeof *b->ids); /* the history, then room for the sampled ids */
     if (!b->ids) return luaL_error(L, "sample: out of memory");
     int64_t pos = 0;
     for (int64_t r = 0; r < B; r++) {
@@ -140,9 +142,22 @@ static int l_sample(lua_State *L)
     b->off[B] = pos;
     lua_pop(L, 1);
     dsrt_stream *s = dsrtL_current_stream(L, logits->device);
-    dsrtL_pushtensor(L, dsrt_sample(logits, b->params, b->off, b->ids, (uint64_t)seed, (uint64_t)step, s));
+    if (!to_list) {
+        dsrtL_pushtensor(L, dsrt_sample(logits, b->params, b->off, b->ids, (uint64_t)seed, (uint64_t)step, s));
+        return 1;
+    }
+    int64_t *got = b->ids + total;
+    if (dsrt_sample_host(logits, b->params, b->off, b->ids, (uint64_t)seed, (uint64_t)step, s, got)) return dsrtL_error(L);
+    lua_createtable(L, (int)B, 0);
+    for (int64_t r = 0; r < B; r++) {
+        lua_pushinteger(L, (lua_Integer)got[r]);
+        lua_rawseti(L, -2, r + 1);
+    }
     return 1;
 }
+
+static int l_sample(lua_State *L) { return sample_call(L, 0); }
+static int l_sample_ids(lua_State *L) { return sample_call(L, 1); }
 
 static int l_wall_time(lua_State *L)
 {
@@ -156,6 +171,8 @@ void dsrtL_open_sampling(lua_State *L)
 {
     lua_pushcfunction(L, l_sample);
     lua_setfield(L, -2, "sample");
+    lua_pushcfunction(L, l_sample_ids);
+    lua_setfield(L, -2, "sample_ids");
     lua_pushcfunction(L, l_wall_time);
     lua_setfield(L, -2, "wall_time");
 }

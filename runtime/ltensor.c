@@ -786,6 +786,35 @@ static int l_matmul(lua_State *L)
     return 1;
 }
 
+/* dsrt.embedding(weight, ids [, dtype]): rows weight[ids] (0-based ids, as token ids are) as
+ * ids.shape + [cols] in dtype (default: the weight's when f32/bf16/f16, else f32), on the weight's
+ * device. ids: an i32/i64 tensor, or a Lua array of integers (sent up as i64 after the check). */
+static int l_embedding(lua_State *L)
+{
+    dsrt_tensor *w = dsrtL_checktensor(L, 1), *ids = dsrtL_totensor(L, 2);
+    dsrt_dtype dtype = w->dtype == DSRT_BF16 || w->dtype == DSRT_F16 ? w->dtype : DSRT_F32;
+    if (!lua_isnoneornil(L, 3) && dsrt_dtype_from_name(luaL_checkstring(L, 3), &dtype))
+        luaL_error(L, "embedding: unknown dtype '%s'", lua_tostring(L, 3));
+    lua_settop(L, 2);
+    if (!ids) {
+        if (!lua_istable(L, 2)) luaL_error(L, "embedding: ids must be a tensor or a Lua array of integers, got %s",
+                                           luaL_typename(L, 2));
+        int64_t n = (int64_t)luaL_len(L, 2);
+        ids = dsrtL_pushtensor(L, dsrt_tensor_new(DSRT_I64, 1, &n, DSRT_CPU, dsrtL_current_stream(L, DSRT_CPU)));
+        int64_t *p = (int64_t *)dsrt_tensor_desc(ids).data;
+        for (int64_t i = 0; i < n; i++) {
+            lua_geti(L, 2, i + 1);
+            int isint = 0;
+            lua_Integer v = lua_tointegerx(L, -1, &isint);
+            if (!isint) luaL_error(L, "embedding: ids[%d] is %s, not an integer", (int)(i + 1), luaL_typename(L, -1));
+            p[i] = v;
+            lua_pop(L, 1);
+        }
+    }
+    dsrtL_pushtensor(L, dsrt_op_embedding(w, ids, dtype, stream_of(L, w)));
+    return 1;
+}
+
 /* ---- metatable ---- */
 
 static int l_gc(lua_State *L)
@@ -869,7 +898,7 @@ void dsrtL_open_tensor(lua_State *L)
     static const luaL_Reg functions[] = {
         {"tensor", l_tensor}, {"zeros", l_zeros}, {"ones", l_ones}, {"full", l_full}, {"empty", l_empty},
         {"arange", l_arange}, {"rand", l_rand}, {"randn", l_randn}, {"manual_seed", l_manual_seed},
-        {"matmul", l_matmul}, {"is_tensor", l_is_tensor},
+        {"matmul", l_matmul}, {"is_tensor", l_is_tensor}, {"embedding", l_embedding},
         {"add", l_add}, {"sub", l_sub}, {"mul", l_mul}, {"div", l_div}, {"pow", l_pow},
         {"maximum", l_maximum}, {"minimum", l_minimum}, {NULL, NULL}};
     dsrtL_newclass(L, DSRT_TENSOR_MT, meta, methods);

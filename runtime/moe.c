@@ -7,12 +7,18 @@
  * counting sort, so each selected expert runs its three GEMMs once per call on the rows routed to
  * it, and its contributions are added to each token's fp32 accumulator in ascending expert order,
  * the order of the reference's loop, before the shared expert's.
+ *
+ * On CUDA the same steps run as kernels (kernels/moe.cu) over device buffers the allocator hands
+ * out on the caller's stream: gate logits, routing, a device counting sort into groups, w1/w3 with
+ * the SwiGLU, w2, the combine. Nothing waits for the device inside a forward; the one
+ * synchronising step is building the kernels' weight table (and checking tid2eid) on first use.
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "err.h"
+#include "kernels.h"
 #include "moe.h"
 #include "opmath.h"
 
@@ -138,6 +144,8 @@ dsrt_moe *dsrt_moe_new(const dsrt_moe_config *cfg, dsrt_tensor *gate_weight, dsr
     dsrt_moe *m = calloc(1, sizeof *m);
     if (!m) return dsrt_err_null("moe: out of host memory");
     atomic_init(&m->refcount, 1);
+    atomic_init(&m->cuda_table, NULL);
+    atomic_init(&m->cuda_stream_id, 0);
     m->cfg = *cfg;
     m->dim = dim;
     m->experts = calloc((size_t)cfg->n_routed, sizeof *m->experts);
@@ -177,6 +185,7 @@ void dsrt_moe_release(dsrt_moe *m)
     for (int e = 0; m->experts && e < m->cfg.n_routed; e++) release_swiglu(&m->experts[e]);
     release_swiglu(&m->shared);
     for (int i = 0; i < m->n_aux; i++) dsrt_stream_release(m->aux[i]);
+    dsrt_tensor_release(atomic_load(&m->cuda_table));
     free(m->aux);
     free(m->experts);
     free(m);
@@ -186,13 +195,19 @@ void dsrt_moe_release(dsrt_moe *m)
 
 static int check_inputs(const dsrt_moe *m, const dsrt_tensor *x, const dsrt_tensor *token_ids, const dsrt_stream *s)
 {
-    char xb[DSRT_SHAPE_BUF], ib[DSRT_SHAPE_BUF];
-    if (dsrt_linear_check_input(x, m->dim, m->gate->weight->device, s, "moe")) return -1;
+    char xb[DSRT_SHAPE_BUF], ib[DSRT_SHAPE_BUF], dev[16];
+    int device = m->gate->weight->device;
+    dsrt_tensor_str(x, xb, sizeof xb);
+    if (x->dtype != DSRT_BF16 && x->dtype != DSRT_F32) return dsrt_err("moe: input %s must be bf16 or f32", xb);
+    if (x->ndim < 1 || x->shape[x->ndim - 1] != m->dim)
+        return dsrt_err("moe: input %s must end in the layer's %lld input features", xb, (long long)m->dim);
+    if (x->device != device || s->device != device)
+        return dsrt_err("moe: input %s, the weights (on %s) and the stream must be on one device", xb,
+                        dsrt_device_str(device, dev));
     if (!token_ids) {
         if (m->tid2eid) return dsrt_err("moe: hash routing (tid2eid) needs the token ids");
         return 0;
     }
-    dsrt_tensor_str(x, xb, sizeof xb);
     dsrt_tensor_str(token_ids, ib, sizeof ib);
     if (token_ids->dtype != DSRT_I32 && token_ids->dtype != DSRT_I64)
         return dsrt_err("moe: token ids %s must be i32 or i64", ib);
@@ -291,6 +306,245 @@ static int route_rows(dsrt_moe *m, const float *x, int64_t rows, const dsrt_tens
     return 0;
 }
 
+/* ---- CUDA (kernels/moe.cu) ---- */
+
+/* the launcher's message, led by "moe:" once */
+static int kernel_failed(void)
+{
+    const char *msg = dsrtk_error();
+    return strncmp(msg, "moe:", 4) ? dsrt_err("moe: %s", msg) : dsrt_err("%s", msg);
+}
+
+static int fill_matrix(dsrtk_moe_matrix *d, const dsrt_linear *l, const char *what, int set, int slot)
+{
+    const dsrt_tensor *w = l->weight, *sc = l->scale;
+    const dsrt_linear_config *c = &l->cfg;
+    if (c->out_features > INT32_MAX || c->block_rows > INT32_MAX || c->block_cols > INT32_MAX)
+        return dsrt_err("moe: %s %d w%d: %lld output features or its scale blocks are too large for the CUDA kernels", what,
+                        set, slot + 1, (long long)c->out_features);
+    memset(d, 0, sizeof *d);
+    d->weight = w->storage->data;
+    d->offset = w->offset;
+    d->stride0 = w->stride[0];
+    d->stride1 = w->stride[1];
+    d->dtype = w->dtype;
+    d->rows = (int32_t)c->out_features;
+    d->cols = (int32_t)c->in_features;
+    d->block_rows = d->block_cols = 1;
+    if (sc) {
+        d->scale = sc->storage->data;
+        d->scale_offset = sc->offset;
+        d->scale_stride0 = sc->stride[0];
+        d->scale_stride1 = sc->stride[1];
+        d->scale_dtype = sc->dtype;
+        d->block_rows = (int32_t)c->block_rows;
+        d->block_cols = (int32_t)c->block_cols;
+    }
+    /* 32-column chunks as 16-byte loads: one scale per chunk, rows starting on 16 bytes */
+    int64_t bits = dsrt_dtype_bits(w->dtype);
+    d->vector = w->stride[1] == 1 && d->cols % 32 == 0 && (!sc || d->block_cols % 32 == 0) && (w->offset * bits) % 128 == 0 &&
+                (w->stride[0] * bits) % 128 == 0 && (uintptr_t)w->storage->data % 16 == 0;
+    return 0;
+}
+
+/* hash routing reads tid2eid on the device unchecked: every id is checked here, once */
+static int check_tid2eid(dsrt_moe *m, dsrt_stream *s)
+{
+    dsrt_tensor *t = dsrt_tensor_to(m->tid2eid, DSRT_CPU, m->tid2eid->dtype, s, 0);
+    if (!t) return -1;
+    int rc = 0;
+    for (int64_t r = 0; r < t->shape[0] && !rc; r++) {
+        for (int64_t j = 0; j < t->shape[1] && !rc; j++) {
+            int64_t e = dsrt_load_i64(t->storage->data, t->dtype, t->offset + r * t->stride[0] + j * t->stride[1]);
+            if (e < 0 || e >= m->cfg.n_routed)
+                rc = dsrt_err("moe: tid2eid[%lld] holds expert id %lld, outside [0, %d)", (long long)r, (long long)e,
+                              m->cfg.n_routed);
+        }
+    }
+    dsrt_tensor_release(t);
+    return rc;
+}
+
+/* The kernels' matrix table (kernels.h), built and uploaded once per layer; a racing builder's
+ * copy is dropped. */
+static const dsrtk_moe_matrix *cuda_table(dsrt_moe *m, dsrt_stream *s)
+{
+    dsrt_tensor *t = atomic_load(&m->cuda_table);
+    if (t) return (const dsrtk_moe_matrix *)t->storage->data;
+    int n = m->cfg.n_routed;
+    if (m->tid2eid && check_tid2eid(m, s)) return NULL;
+    int64_t count = 3 * ((int64_t)n + 2), bytes = count * (int64_t)sizeof(dsrtk_moe_matrix);
+    dsrtk_moe_matrix *host = calloc((size_t)count, sizeof *host);
+    if (!host) return dsrt_err_null("moe: out of host memory");
+    int rc = 0;
+    for (int e = 0; e <= n && !rc; e++) {
+        const dsrt_swiglu *w = e < n ? &m->experts[e] : &m->shared;
+        const char *what = e < n ? "expert" : "shared expert";
+        rc = fill_matrix(&host[3 * e], w->w1, what, e, 0) || fill_matrix(&host[3 * e + 1], w->w2, what, e, 1) ||
+             fill_matrix(&host[3 * e + 2], w->w3, what, e, 2);
+        /* w1 and w3 read one staged input: both take it as given (bf16) or both Q8 round-tripped */
+        if (!rc && (w->w1->cfg.format == DSRT_FORMAT_BF16) != (w->w3->cfg.format == DSRT_FORMAT_BF16))
+            rc = dsrt_err("moe: %s %d: w1 is %s and w3 %s; on CUDA both must be bf16 or both quantised", what, e,
+                          dsrt_weight_format_name(w->w1->cfg.format), dsrt_weight_format_name(w->w3->cfg.format));
+    }
+    for (int slot = 0; slot < 3 && !rc; slot++) rc = fill_matrix(&host[3 * (n + 1) + slot], m->gate, "gate", n + 1, 0);
+    dsrt_tensor *table = rc ? NULL : dsrt_tensor_new(DSRT_U8, 1, &bytes, s->device, s);
+    if (table && dsrtk_memcpy(s->device, table->storage->data, host, (size_t)bytes, DSRTK_H2D, s->handle, 0)) {
+        kernel_failed();
+        dsrt_tensor_release(table);
+        table = NULL;
+    }
+    free(host);
+    if (!table) return NULL;
+    if (!atomic_compare_exchange_strong(&m->cuda_table, &t, table)) {
+        dsrt_tensor_release(table);
+        table = t;
+    }
+    return (const dsrtk_moe_matrix *)table->storage->data;
+}
+
+static int use_linear(dsrt_linear *l, dsrt_stream *s)
+{
+    return dsrt_storage_use(l->weight->storage, s) || (l->scale && dsrt_storage_use(l->scale->storage, s));
+}
+
+/* Marks every weight as in use on s (so that freeing them waits for the queued kernels); only
+ * when s differs from the last stream this was done for. */
+static int use_weights(dsrt_moe *m, dsrt_stream *s)
+{
+    if (atomic_load(&m->cuda_stream_id) == s->id) return 0;
+    int rc = use_linear(m->gate, s) || (m->bias && dsrt_storage_use(m->bias->storage, s)) ||
+             (m->tid2eid && dsrt_storage_use(m->tid2eid->storage, s)) ||
+             dsrt_storage_use(atomic_load(&m->cuda_table)->storage, s);
+    for (int e = 0; e <= m->cfg.n_routed && !rc; e++) {
+        const dsrt_swiglu *w = e < m->cfg.n_routed ? &m->experts[e] : &m->shared;
+        rc = use_linear(w->w1, s) || use_linear(w->w2, s) || use_linear(w->w3, s);
+    }
+    if (!rc) atomic_store(&m->cuda_stream_id, s->id);
+    return rc;
+}
+
+static float *f32_data(dsrt_tensor *t) { return (float *)t->storage->data + t->offset; }
+static int32_t *i32_data(dsrt_tensor *t) { return (int32_t *)t->storage->data + t->offset; }
+
+static dsrt_tensor *device_buffer(dsrt_dtype dtype, int64_t n, dsrt_stream *s)
+{
+    return dsrt_tensor_new(dtype, 1, &n, s->device, s);
+}
+
+/* Gate logits and routing of the rows of xf (f32 contiguous [rows, dim] on the device) into ids
+ * i64 and weights f32 (contiguous, rows·k each). */
+static int cuda_route_rows(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *xf, int64_t rows, dsrt_tensor *token_ids,
+                           int64_t *ids, float *weights, dsrt_stream *s)
+{
+    const dsrt_moe_config *c = &m->cfg;
+    dsrt_tensor *logits = device_buffer(DSRT_F32, rows * c->n_routed, s);
+    if (!logits) return -1;
+    dsrtk_moe_project_args gate = {.mode = DSRTK_MOE_GATE, .table = table, .x = f32_data(xf), .x_ld = m->dim,
+                                   .single_set = c->n_routed + 1, .single_rows = rows, .max_out = c->n_routed,
+                                   .max_in = (int32_t)m->dim, .out = f32_data(logits), .out_ld = c->n_routed};
+    dsrtk_moe_route_args route = {.logits = f32_data(logits), .rows = rows, .n_routed = c->n_routed, .k = c->n_activated,
+                                  .score_func = (int32_t)c->score_func, .norm_topk_prob = c->norm_topk_prob,
+                                  .route_scale = c->route_scale, .hash = m->tid2eid != NULL, .ids = ids, .weights = weights};
+    if (m->tid2eid) {
+        route.tid2eid = dsrt_tensor_desc(m->tid2eid);
+        route.token_ids = dsrt_tensor_desc(token_ids);
+    } else {
+        route.bias = dsrt_tensor_desc(m->bias);
+    }
+    int rc = 0;
+    if (dsrtk_moe_project(s->device, &gate, s->handle) || dsrtk_moe_route(s->device, &route, s->handle)) rc = kernel_failed();
+    dsrt_tensor_release(logits);
+    return rc;
+}
+
+/* x as the f32 contiguous rows the kernels read, the table, and the weights marked in use */
+static dsrt_tensor *cuda_prepare(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_stream *s,
+                                 const dsrtk_moe_matrix **table)
+{
+    if (dsrt_device_check(s->device)) return NULL;
+    if (dsrt_tensor_numel(x) / m->dim > INT32_MAX / (m->cfg.n_activated + 1))
+        return dsrt_err_null("moe: %lld tokens are too many for one CUDA forward", (long long)(dsrt_tensor_numel(x) / m->dim));
+    *table = cuda_table(m, s);
+    if (!*table || use_weights(m, s) || dsrt_storage_use(x->storage, s) ||
+        (token_ids && dsrt_storage_use(token_ids->storage, s)))
+        return NULL;
+    return x->dtype == DSRT_F32 ? dsrt_tensor_contiguous(x, s) : dsrt_tensor_to(x, x->device, DSRT_F32, s, 0);
+}
+
+static int cuda_route(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_stream *s, dsrt_tensor *ids, dsrt_tensor *w)
+{
+    const dsrtk_moe_matrix *table;
+    int64_t rows = dsrt_tensor_numel(x) / m->dim;
+    dsrt_tensor *xf = cuda_prepare(m, x, token_ids, s, &table);
+    if (!xf) return -1;
+    int rc = rows ? cuda_route_rows(m, table, xf, rows, token_ids, (int64_t *)ids->storage->data, f32_data(w), s) : 0;
+    dsrt_tensor_release(xf);
+    return rc;
+}
+
+/* The whole layer on the device: route, group, w1/w3 + SwiGLU, w2, combine into y. */
+static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_precision prec, dsrt_stream *s, dsrt_tensor *y)
+{
+    const dsrt_moe_config *c = &m->cfg;
+    int n = c->n_routed, k = c->n_activated, reference = prec == DSRT_PREC_REFERENCE;
+    int64_t dim = m->dim, rows = dsrt_tensor_numel(x) / dim, picks = rows * k, all = picks + rows;
+    int64_t inter = m->experts[0].w1->cfg.out_features, shared_inter = m->shared.w1->cfg.out_features;
+    int64_t width = inter > shared_inter ? inter : shared_inter;
+    int32_t max_groups = (int32_t)((picks < n ? picks : n) + 1);
+    const dsrtk_moe_matrix *table;
+    dsrt_tensor *xf = cuda_prepare(m, x, token_ids, s, &table);
+    if (!xf) return -1;
+    if (!rows) {
+        dsrt_tensor_release(xf);
+        return 0;
+    }
+    int quantised_input = 0; /* does any w1 take the Q8 round trip of x? */
+    for (int e = 0; e <= n; e++)
+        quantised_input |= (e < n ? m->experts[e].w1 : m->shared.w1)->cfg.format != DSRT_FORMAT_BF16;
+    /* picks: ids i64, weights f32; index: groups, n_groups, row_token, pos_of_pick */
+    dsrt_tensor *ids = device_buffer(DSRT_I64, picks, s), *w = ids ? device_buffer(DSRT_F32, picks, s) : NULL;
+    dsrt_tensor *index = w ? device_buffer(DSRT_I32, 3 * (int64_t)max_groups + 1 + all + picks, s) : NULL;
+    dsrt_tensor *row_weight = index ? device_buffer(DSRT_F32, picks, s) : NULL;
+    dsrt_tensor *xq = row_weight && reference && quantised_input ? device_buffer(DSRT_F32, rows * dim, s) : NULL;
+    dsrt_tensor *h = row_weight && (xq || !reference || !quantised_input) ? device_buffer(DSRT_F32, all * width, s) : NULL;
+    dsrt_tensor *out = h ? device_buffer(DSRT_F32, all * dim, s) : NULL;
+    int rc = out ? 0 : -1;
+    if (!rc) rc = cuda_route_rows(m, table, xf, rows, token_ids, (int64_t *)ids->storage->data, f32_data(w), s);
+    if (!rc) {
+        int32_t *groups = i32_data(index), *n_groups = groups + 3 * max_groups, *row_token = n_groups + 1;
+        int32_t *pos_of_pick = row_token + all;
+        dsrtk_moe_group_args group = {.ids = (const int64_t *)ids->storage->data, .weights = f32_data(w), .rows = rows,
+                                      .k = k, .n_routed = n, .groups = groups, .n_groups = n_groups,
+                                      .row_token = row_token, .pos_of_pick = pos_of_pick, .row_weight = f32_data(row_weight)};
+        /* single_rows: no group holds more rows than there are tokens (but a malformed tid2eid row) */
+        dsrtk_moe_project_args up = {.mode = DSRTK_MOE_UP, .reference = reference, .table = table, .x = f32_data(xf),
+                                     .xq = xq ? f32_data(xq) : NULL, .x_ld = dim, .row_x = row_token,
+                                     .row_weight = f32_data(row_weight), .n_weighted = picks, .groups = groups,
+                                     .n_groups = n_groups, .max_groups = max_groups, .single_rows = rows,
+                                     .max_out = (int32_t)width, .max_in = (int32_t)dim, .limit = c->swiglu_limit,
+                                     .out = f32_data(h), .out_ld = width};
+        dsrtk_moe_project_args down = up;
+        down.mode = DSRTK_MOE_DOWN;
+        down.x = f32_data(h), down.xq = NULL, down.x_ld = width, down.row_x = NULL;
+        down.max_out = (int32_t)dim, down.max_in = (int32_t)width;
+        down.out = f32_data(out), down.out_ld = dim;
+        int dev = s->device;
+        void *st = s->handle;
+        if (dsrtk_moe_group(dev, &group, st) ||
+            (xq && (dsrtk_memcpy(dev, f32_data(xq), f32_data(xf), (size_t)(rows * dim) * sizeof(float), DSRTK_D2D, st, 1) ||
+                    dsrtk_moe_q8_rows(dev, f32_data(xq), rows, dim, dim, NULL, NULL, NULL, 0, 0, st))) ||
+            dsrtk_moe_project(dev, &up, st) ||
+            (reference && dsrtk_moe_q8_rows(dev, f32_data(h), all, width, width, table, groups, n_groups, max_groups, 1, st)) ||
+            dsrtk_moe_project(dev, &down, st) ||
+            dsrtk_moe_combine(dev, f32_data(out), pos_of_pick, rows, k, dim, y->storage->data, y->dtype, st))
+            rc = kernel_failed();
+    }
+    dsrt_tensor *temps[] = {xf, ids, w, index, row_weight, xq, h, out};
+    for (size_t i = 0; i < sizeof temps / sizeof *temps; i++) dsrt_tensor_release(temps[i]);
+    return rc;
+}
+
 int dsrt_moe_route(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_stream *s, dsrt_tensor **expert_ids,
                    dsrt_tensor **weights)
 {
@@ -299,6 +553,18 @@ int dsrt_moe_route(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_str
     int64_t shape[DSRT_MAX_DIMS];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = m->cfg.n_activated;
+    if (x->device != DSRT_CPU) {
+        dsrt_tensor *ids = dsrt_tensor_new(DSRT_I64, x->ndim, shape, x->device, s);
+        dsrt_tensor *w = ids ? dsrt_tensor_new(DSRT_F32, x->ndim, shape, x->device, s) : NULL;
+        if (!w || cuda_route(m, x, token_ids, s, ids, w)) {
+            dsrt_tensor_release(ids);
+            dsrt_tensor_release(w);
+            return -1;
+        }
+        *expert_ids = ids;
+        *weights = w;
+        return 0;
+    }
     dsrt_tensor *xf = dsrt_linear_input(x, s);
     dsrt_tensor *ids = xf ? dsrt_tensor_new(DSRT_I64, x->ndim, shape, DSRT_CPU, s) : NULL;
     dsrt_tensor *w = ids ? dsrt_tensor_new(DSRT_F32, x->ndim, shape, DSRT_CPU, s) : NULL;
@@ -410,6 +676,14 @@ static int combine_experts(dsrt_moe *m, const float *x, int64_t rows, const int6
 dsrt_tensor *dsrt_moe_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_precision prec, dsrt_stream *s)
 {
     if (check_inputs(m, x, token_ids, s)) return NULL;
+    if (x->device != DSRT_CPU) {
+        dsrt_tensor *y = dsrt_tensor_new(prec == DSRT_PREC_FP32 ? DSRT_F32 : DSRT_BF16, x->ndim, x->shape, x->device, s);
+        if (y && cuda_forward(m, x, token_ids, prec, s, y)) {
+            dsrt_tensor_release(y);
+            return NULL;
+        }
+        return y;
+    }
     int64_t dim = m->dim, rows = dsrt_tensor_numel(x) / dim, picks = rows * m->cfg.n_activated;
     int64_t index_len = 3 * picks + m->cfg.n_routed + 1; /* ids, buckets, starts, tokens */
     dsrt_tensor *xf = dsrt_linear_input(x, s);

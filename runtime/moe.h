@@ -26,6 +26,14 @@
  * linears runs as one GEMM per call, so every selected expert's weights are read once. A token that
  * selects one expert twice (a malformed tid2eid row) counts both selections.
  *
+ * On CUDA (kernels/moe.cu) the same rules run with no host synchronisation inside the layer: the
+ * expert ids stay on the device, picks are grouped by expert with a counting sort on the device,
+ * and the experts are read straight from their packed FP4 / FP8 / bf16 weights, each selected
+ * expert's once per batch of up to 8 of its rows. Results equal the CPU's up to the order of fp32
+ * additions inside dot products (ids exactly, barring exact near-ties of the scores); a token id
+ * outside the vocabulary (hash routing) cannot be reported without a synchronisation, so on CUDA
+ * it routes to expert 0 with NaN weights, which makes that token's output NaN.
+ *
  * The layer keeps the aux stream list it is given (DESIGN.md: whoever composes the model owns the
  * streams; a layer never creates them); the CPU forward does not use them.
  */
@@ -59,6 +67,10 @@ typedef struct dsrt_moe {
     dsrt_swiglu shared;
     dsrt_stream **aux;         /* the aux stream list given, retained */
     int n_aux;
+    /* CUDA layers: the kernels' matrix table (kernels.h dsrtk_moe_matrix, 3 per set: routed
+     * experts, shared expert, gate), built on the first CUDA forward; NULL until then */
+    _Atomic(dsrt_tensor *) cuda_table;
+    _Atomic uint64_t cuda_stream_id; /* the stream the weights were last marked in use on */
 } dsrt_moe;
 
 /* "sqrtsoftplus" | "sigmoid" | "softmax" */

@@ -15,7 +15,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "alloc.h"
+#include "dtype.h"
 #include "err.h"
+#include "kernels.h"
 #include "ops.h"
 
 /* below this many elements of work a loop is not worth waking the OpenMP team for */
@@ -39,6 +42,14 @@ static int check_stream(const char *op, const dsrt_stream *s)
     if (s->device != DSRT_CPU)
         return dsrt_err("%s: only the CPU implementation exists so far (the stream is on %s)", op,
                         dsrt_device_str(s->device, dev));
+    return 0;
+}
+
+/* The functions with a CUDA implementation take a stream of any device (check_stream above stays
+ * CPU-only for any function that has none yet). */
+static int check_any_stream(const char *op, const dsrt_stream *s)
+{
+    if (!s) return dsrt_err("%s: no stream given", op);
     return 0;
 }
 
@@ -110,6 +121,55 @@ static dsrt_tensor *finish(dsrt_tensor *result, dsrt_precision prec, dsrt_stream
     return out;
 }
 
+/* ---- the CUDA side ---- */
+
+/* A CUDA branch hands the launchers (kernels/norm.cu, kernels/hc.cu) contiguous operands in their own
+ * dtype (bf16 or f32: the kernels widen them as the CPU's as_f32 does), allocates every result and
+ * workspace on the stream through the core, and reports a launcher's failure under the op's name. */
+static int on_cuda(const dsrt_stream *s) { return s->device != DSRT_CPU; }
+
+/* t as a contiguous tensor of its dtype (t itself when it is one), its storage marked as used by s */
+static dsrt_tensor *dense(dsrt_tensor *t, dsrt_stream *s)
+{
+    dsrt_tensor *c = dsrt_tensor_contiguous(t, s);
+    if (c && dsrt_storage_use(c->storage, s)) {
+        dsrt_tensor_release(c);
+        return NULL;
+    }
+    return c;
+}
+
+static void *dev_data(const dsrt_tensor *t)
+{
+    return (char *)t->storage->data + dsrt_dtype_nbytes(t->dtype, t->offset);
+}
+
+static dsrt_tensor *new_on(dsrt_dtype dtype, int ndim, const int64_t *shape, dsrt_stream *s)
+{
+    return dsrt_tensor_new(dtype, ndim, shape, s->device, s);
+}
+
+/* the dtype of an activation result: bf16 in reference precision, f32 in fp32 */
+static dsrt_dtype act_dtype(dsrt_precision prec) { return prec == DSRT_PREC_REFERENCE ? DSRT_BF16 : DSRT_F32; }
+
+/* a launcher's status: 0, or -1 with its message led by the op's name */
+static int launched(const char *op, int status)
+{
+    if (!status) return 0;
+    const char *msg = dsrtk_error();
+    size_t n = strlen(op);
+    if (!strncmp(msg, op, n) && msg[n] == ':') return dsrt_err("%s", msg);
+    return dsrt_err("%s: %s", op, msg);
+}
+
+/* a double workspace of n values on the stream (the allocator has no f64 dtype: i64 has the size) */
+static dsrt_tensor *new_workspace(int64_t n, dsrt_stream *s) { return new_on(DSRT_I64, 1, &n, s); }
+
+static void release_all(dsrt_tensor **ts, int n)
+{
+    for (int i = 0; i < n; i++) dsrt_tensor_release(ts[i]);
+}
+
 static int64_t rows_of(const dsrt_tensor *t)
 {
     int64_t n = t->shape[t->ndim - 1];
@@ -145,12 +205,32 @@ static void normalise_rows(const float *x, const float *w, int64_t rows, int64_t
     }
 }
 
+/* RMSNorm or the head norm on CUDA (norm.cu's rms_norm_kernel): head_bf16 for the head norm's
+ * reference rounding points */
+static dsrt_tensor *rms_norm_cuda(const char *op, dsrt_tensor *x, dsrt_tensor *weight, float eps, int head_bf16,
+                                  dsrt_precision prec, dsrt_stream *s)
+{
+    int64_t d = x->shape[x->ndim - 1];
+    dsrt_tensor *xc = dense(x, s), *wc = xc && weight ? dense(weight, s) : NULL;
+    dsrt_tensor *y = xc && (wc || !weight) ? new_on(act_dtype(prec), x->ndim, x->shape, s) : NULL;
+    if (y && launched(op, dsrtk_nn_rms_norm(s->device, dev_data(xc), xc->dtype, wc ? dev_data(wc) : NULL,
+                                            wc ? wc->dtype : DSRT_F32, dev_data(y), y->dtype, rows_of(x), d, eps,
+                                            head_bf16, s->handle))) {
+        dsrt_tensor_release(y);
+        y = NULL;
+    }
+    dsrt_tensor_release(xc);
+    dsrt_tensor_release(wc);
+    return y;
+}
+
 dsrt_tensor *dsrt_nn_rms_norm(dsrt_tensor *x, dsrt_tensor *weight, float eps, dsrt_precision prec, dsrt_stream *s)
 {
     const char *op = "nn.rms_norm";
-    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return NULL;
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return NULL;
     int64_t d = x->shape[x->ndim - 1];
     if (weight && check_arg(op, "weight", weight, 0, 1, &d, s)) return NULL;
+    if (on_cuda(s)) return rms_norm_cuda(op, x, weight, eps, 0, prec, s);
     dsrt_tensor *xv = as_f32(x, s), *wv = xv && weight ? as_f32(weight, s) : NULL;
     dsrt_tensor *y = xv && (wv || !weight) ? new_f32(x->ndim, x->shape, s) : NULL;
     if (y) normalise_rows(f32_data(xv), wv ? f32_data(wv) : NULL, rows_of(x), d, eps, f32_data(y));
@@ -176,7 +256,8 @@ static void normalise_rows_bf16(const float *x, int64_t rows, int64_t d, float e
 dsrt_tensor *dsrt_nn_head_rms_norm(dsrt_tensor *q, float eps, dsrt_precision prec, dsrt_stream *s)
 {
     const char *op = "nn.head_rms_norm";
-    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "q", q, 0, 0, NULL, s)) return NULL;
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "q", q, 0, 0, NULL, s)) return NULL;
+    if (on_cuda(s)) return rms_norm_cuda(op, q, NULL, eps, prec == DSRT_PREC_REFERENCE, prec, s);
     int64_t d = q->shape[q->ndim - 1];
     dsrt_tensor *qv = as_f32(q, s), *y = qv ? new_f32(q->ndim, q->shape, s) : NULL;
     if (y && prec == DSRT_PREC_REFERENCE) normalise_rows_bf16(f32_data(qv), rows_of(q), d, eps, f32_data(y));
@@ -205,10 +286,24 @@ static int roundtrip_in_place(dsrt_tensor *x, int64_t first, int64_t count, int 
     return rc;
 }
 
+/* The round trip on CUDA (norm.cu's roundtrip_kernel, quant.h's code): in place when x is
+ * contiguous, else on a contiguous copy that is copied back, as the CPU does. */
+static int roundtrip_cuda(const char *op, dsrt_tensor *x, int64_t first, int64_t count, int blk, int q4, dsrt_stream *s)
+{
+    dsrt_tensor *c = dense(x, s);
+    if (!c) return -1;
+    int64_t n = x->shape[x->ndim - 1];
+    int rc = launched(op, dsrtk_nn_roundtrip(s->device, dev_data(c), c->dtype, rows_of(x), n, first, count, blk, q4,
+                                             s->handle));
+    if (!rc && c != x) rc = dsrt_op_copy(x, c, s);
+    dsrt_tensor_release(c);
+    return rc;
+}
+
 /* the common checks of the two round trips; the row length must fit quant.h's int */
 static int check_roundtrip(const char *op, const dsrt_tensor *x, dsrt_precision prec, const dsrt_stream *s)
 {
-    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return -1;
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return -1;
     if (x->shape[x->ndim - 1] > INT_MAX) {
         char ts[128];
         return dsrt_err("%s: x is %s, rows longer than %d", op, dsrt_tensor_str(x, ts, sizeof ts), INT_MAX);
@@ -228,6 +323,7 @@ int dsrt_nn_quant_roundtrip_q8(dsrt_tensor *x, int blk, int64_t first, int64_t c
         return dsrt_err("%s: columns [%lld, %lld) are not within the %lld of x %s", op, (long long)first,
                         (long long)(first + count), (long long)n, dsrt_tensor_str(x, ts, sizeof ts));
     if (prec == DSRT_PREC_FP32 || count == 0) return 0;
+    if (on_cuda(s)) return roundtrip_cuda(op, x, first, count, blk, 0, s);
     return roundtrip_in_place(x, first, count, blk, q8_row, s);
 }
 
@@ -236,6 +332,7 @@ int dsrt_nn_quant_roundtrip_q4(dsrt_tensor *x, dsrt_precision prec, dsrt_stream 
     const char *op = "nn.quant_roundtrip_q4";
     if (check_roundtrip(op, x, prec, s)) return -1;
     if (prec == DSRT_PREC_FP32) return 0;
+    if (on_cuda(s)) return roundtrip_cuda(op, x, 0, x->shape[x->ndim - 1], 32, 1, s);
     return roundtrip_in_place(x, 0, x->shape[x->ndim - 1], 32, q4_row, s);
 }
 
@@ -279,7 +376,7 @@ dsrt_tensor *dsrt_nn_rope(dsrt_tensor *x, dsrt_tensor *positions, double theta, 
     const char *op = "nn.rope";
     char ts[128];
     float freqs[DSRT_NN_ROPE_PAIRS];
-    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return NULL;
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return NULL;
     if (x->ndim != 2 && x->ndim != 3)
         return dsrt_err_null("%s: x is %s, expected [S, H, w] or [S, w]", op, dsrt_tensor_str(x, ts, sizeof ts));
     int64_t S = x->shape[0], heads = x->ndim == 3 ? x->shape[1] : 1, w = x->shape[x->ndim - 1];
@@ -287,6 +384,20 @@ dsrt_tensor *dsrt_nn_rope(dsrt_tensor *x, dsrt_tensor *positions, double theta, 
         return dsrt_err_null("%s: x is %s, its vectors are narrower than the %d rotated dims", op,
                              dsrt_tensor_str(x, ts, sizeof ts), DSRT_NN_ROPE_DIMS);
     if (check_arg(op, "positions", positions, 1, 1, &S, s) || rope_freqs(op, theta, yarn, freqs)) return NULL;
+    if (on_cuda(s)) {
+        /* the frequencies are the host's bits; positions are not checked for signs here (that would
+         * synchronise): a negative one rotates backwards, as the formula says */
+        dsrt_tensor *xc = dense(x, s), *pc = xc ? dense(positions, s) : NULL;
+        dsrt_tensor *y = pc ? new_on(act_dtype(prec), x->ndim, x->shape, s) : NULL;
+        if (y && launched(op, dsrtk_nn_rope(s->device, dev_data(xc), xc->dtype, dev_data(y), y->dtype, dev_data(pc),
+                                            pc->dtype, S, heads, w, freqs, inverse, s->handle))) {
+            dsrt_tensor_release(y);
+            y = NULL;
+        }
+        dsrt_tensor_release(xc);
+        dsrt_tensor_release(pc);
+        return y;
+    }
     int64_t *pos = as_i64(op, positions, s);
     if (!pos) return NULL;
     for (int64_t i = 0; i < S; i++)
@@ -347,10 +458,20 @@ dsrt_tensor *dsrt_nn_hadamard128(dsrt_tensor *x, dsrt_precision prec, dsrt_strea
 {
     const char *op = "nn.hadamard128";
     char ts[128];
-    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return NULL;
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return NULL;
     if (x->shape[x->ndim - 1] != DSRT_NN_HADAMARD_DIM)
         return dsrt_err_null("%s: x is %s, expected [..., %d]", op, dsrt_tensor_str(x, ts, sizeof ts),
                              DSRT_NN_HADAMARD_DIM);
+    if (on_cuda(s)) {
+        dsrt_tensor *xc = dense(x, s), *y = xc ? new_on(act_dtype(prec), x->ndim, x->shape, s) : NULL;
+        if (y && launched(op, dsrtk_nn_hadamard128(s->device, dev_data(xc), xc->dtype, dev_data(y), y->dtype,
+                                                   rows_of(x), s->handle))) {
+            dsrt_tensor_release(y);
+            y = NULL;
+        }
+        dsrt_tensor_release(xc);
+        return y;
+    }
     dsrt_tensor *xv = as_f32(x, s), *y = xv ? new_f32(x->ndim, x->shape, s) : NULL;
     if (y) {
         const float *px = f32_data(xv);
@@ -418,13 +539,39 @@ dsrt_tensor *dsrt_nn_sparse_attention(dsrt_tensor *q, dsrt_tensor *pool, dsrt_te
                                       float scale, dsrt_precision prec, dsrt_stream *s)
 {
     const char *op = "nn.sparse_attention";
-    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "q", q, 0, 3, NULL, s)) return NULL;
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "q", q, 0, 3, NULL, s)) return NULL;
     int64_t S = q->shape[0], H = q->shape[1], D = q->shape[2];
     int64_t pool_shape[2] = {ANY_SIZE, D}, index_shape[2] = {S, ANY_SIZE};
     if (check_arg(op, "pool", pool, 0, 2, pool_shape, s) || check_arg(op, "indices", indices, 1, 2, index_shape, s) ||
         check_arg(op, "sink", sink, 0, 1, &H, s))
         return NULL;
     int64_t N = pool->shape[0], K = indices->shape[1];
+    if (on_cuda(s)) {
+        /* kernels/sparse_attention.cu. The index values stay on the device (checking them here
+         * would synchronise): a bad one turns its query row's outputs into NaN instead of an error. */
+        dsrt_tensor *ts[6] = {dense(q, s), NULL, NULL, NULL, NULL, NULL}; /* q pool indices sink o workspace */
+        for (int i = 1; i < 4 && ts[i - 1]; i++) ts[i] = dense(i == 1 ? pool : i == 2 ? indices : sink, s);
+        size_t ws_bytes = 0;
+        int rc = ts[3] ? launched(op, dsrtk_sparse_attention_workspace(s->device, S, H, D, K, &ws_bytes)) : -1;
+        if (!rc) ts[4] = new_on(act_dtype(prec), 3, q->shape, s);
+        if (ts[4] && ws_bytes) {
+            int64_t n = (int64_t)ws_bytes;
+            ts[5] = new_on(DSRT_U8, 1, &n, s);
+        }
+        rc = !ts[4] || (ws_bytes && !ts[5]) || dsrt_storage_use(ts[4]->storage, s) ||
+             (ts[5] && dsrt_storage_use(ts[5]->storage, s));
+        if (!rc) {
+            dsrt_view vo = dsrt_tensor_desc(ts[4]), vq = dsrt_tensor_desc(ts[0]), vp = dsrt_tensor_desc(ts[1]);
+            dsrt_view vi = dsrt_tensor_desc(ts[2]), vs = dsrt_tensor_desc(ts[3]);
+            rc = launched(op, dsrtk_sparse_attention(s->device, &vo, &vq, &vp, &vi, &vs, scale, prec == DSRT_PREC_REFERENCE,
+                                                     ts[5] ? dev_data(ts[5]) : NULL, ws_bytes, s->handle));
+        }
+        dsrt_tensor *o = rc ? NULL : ts[4];
+        if (o) ts[4] = NULL;
+        release_all(ts, 6);
+        return o;
+    }
+    if (check_stream(op, s)) return NULL; /* the CPU from here on */
     int64_t *idx = as_i64(op, indices, s);
     if (!idx) return NULL;
     for (int64_t i = 0; i < S * K; i++)
@@ -517,12 +664,28 @@ int dsrt_nn_sinkhorn(dsrt_tensor *mixes, dsrt_tensor *scale, dsrt_tensor *base, 
 {
     const char *op = "nn.sinkhorn";
     *pre = *post = *comb = NULL;
-    if (check_stream(op, s)) return -1;
+    if (check_any_stream(op, s)) return -1;
     if (hc < 1) return dsrt_err("%s: hc must be at least 1, got %d", op, hc);
     int64_t mix_shape[2] = {ANY_SIZE, (int64_t)(2 + hc) * hc};
     if (check_arg(op, "mixes", mixes, 0, 2, mix_shape, s) || check_sinkhorn_params(op, scale, base, hc, iters, s))
         return -1;
     int64_t T = mixes->shape[0], vec[2] = {T, hc}, mat[3] = {T, hc, hc};
+    if (on_cuda(s)) { /* hc.cu's sinkhorn_kernel: one block per token, all iterations */
+        dsrt_tensor *ts[3] = {dense(mixes, s), NULL, NULL};
+        ts[1] = ts[0] ? dense(scale, s) : NULL;
+        ts[2] = ts[1] ? dense(base, s) : NULL;
+        if (ts[2]) {
+            *pre = new_on(DSRT_F32, 2, vec, s);
+            *post = new_on(DSRT_F32, 2, vec, s);
+            *comb = new_on(DSRT_F32, 3, mat, s);
+        }
+        int rc = !*pre || !*post || !*comb ||
+                 launched(op, dsrtk_nn_sinkhorn(s->device, dev_data(ts[0]), ts[0]->dtype, dev_data(ts[1]), ts[1]->dtype,
+                                                dev_data(ts[2]), ts[2]->dtype, T, hc, iters, eps, dev_data(*pre),
+                                                dev_data(*post), dev_data(*comb), s->handle));
+        release_all(ts, 3);
+        return all_or_nothing(rc, pre, post, comb);
+    }
     dsrt_tensor *mv = as_f32(mixes, s), *sv = mv ? as_f32(scale, s) : NULL, *bv = sv ? as_f32(base, s) : NULL;
     if (bv) {
         *pre = new_f32(2, vec, s);
@@ -599,10 +762,26 @@ int dsrt_nn_hc_pre(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_ten
     int hc;
     int64_t d;
     *u = *post = *comb = NULL;
-    if (check_precision(op, prec) || check_stream(op, s) || check_streams(op, X, fn, 1, s, &hc, &d) ||
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_streams(op, X, fn, 1, s, &hc, &d) ||
         check_sinkhorn_params(op, scale, base, hc, iters, s))
         return -1;
     int64_t T = X->shape[0], flat[2] = {T, hc * d}, ushape[2] = {T, d};
+    if (on_cuda(s)) {
+        int64_t vec[2] = {T, hc}, mat[3] = {T, hc, hc};
+        dsrt_tensor *ts[5] = {NULL};
+        int ok = (ts[0] = dense(X, s)) && (ts[1] = dense(fn, s)) && (ts[2] = dense(scale, s)) &&
+                 (ts[3] = dense(base, s)) &&
+                 (ts[4] = new_workspace(dsrtk_nn_hc_workspace(T, (int64_t)(2 + hc) * hc, hc * d), s)) &&
+                 (*u = new_on(act_dtype(prec), 2, ushape, s)) && (*post = new_on(DSRT_F32, 2, vec, s)) &&
+                 (*comb = new_on(DSRT_F32, 3, mat, s));
+        int rc = !ok || launched(op, dsrtk_nn_hc_pre(s->device, dev_data(ts[0]), ts[0]->dtype, dev_data(ts[1]),
+                                                     ts[1]->dtype, dev_data(ts[2]), ts[2]->dtype, dev_data(ts[3]),
+                                                     ts[3]->dtype, T, hc, d, hc_eps, norm_eps, iters, dev_data(ts[4]),
+                                                     dev_data(*u), (*u)->dtype, dev_data(*post), dev_data(*comb),
+                                                     s->handle));
+        release_all(ts, 5);
+        return all_or_nothing(rc, u, post, comb);
+    }
     dsrt_tensor *xv = as_f32(X, s), *x2 = xv ? dsrt_tensor_view(xv, 2, flat) : NULL;
     dsrt_tensor *mixes = x2 ? hc_mixes(x2, fn, norm_eps, s) : NULL, *pre = NULL;
     int rc = !mixes || dsrt_nn_sinkhorn(mixes, scale, base, hc, iters, hc_eps, s, &pre, post, comb);
@@ -620,12 +799,26 @@ dsrt_tensor *dsrt_nn_hc_post(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, 
                              dsrt_precision prec, dsrt_stream *s)
 {
     const char *op = "nn.hc_post";
-    if (check_precision(op, prec) || check_stream(op, s) || check_arg(op, "X", X, 0, 3, NULL, s)) return NULL;
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "X", X, 0, 3, NULL, s)) return NULL;
     int64_t T = X->shape[0], hc = X->shape[1], d = X->shape[2];
     int64_t fshape[2] = {T, d}, pshape[2] = {T, hc}, cshape[3] = {T, hc, hc};
     if (check_arg(op, "f", f, 0, 2, fshape, s) || check_arg(op, "post", post, 0, 2, pshape, s) ||
         check_arg(op, "comb", comb, 0, 3, cshape, s))
         return NULL;
+    if (on_cuda(s)) { /* hc.cu's post_kernel */
+        if (hc > INT_MAX) return dsrt_err_null("%s: %lld streams", op, (long long)hc);
+        dsrt_tensor *ts[4] = {NULL}, *y = NULL;
+        int ok = (ts[0] = dense(f, s)) && (ts[1] = dense(X, s)) && (ts[2] = dense(post, s)) &&
+                 (ts[3] = dense(comb, s)) && (y = new_on(act_dtype(prec), 3, X->shape, s));
+        if (ok && launched(op, dsrtk_nn_hc_post(s->device, dev_data(ts[0]), ts[0]->dtype, dev_data(ts[1]), ts[1]->dtype,
+                                                dev_data(ts[2]), ts[2]->dtype, dev_data(ts[3]), ts[3]->dtype,
+                                                dev_data(y), y->dtype, T, (int)hc, d, s->handle))) {
+            dsrt_tensor_release(y);
+            y = NULL;
+        }
+        release_all(ts, 4);
+        return y;
+    }
     dsrt_tensor *fv = as_f32(f, s), *xv = fv ? as_f32(X, s) : NULL, *pv = xv ? as_f32(post, s) : NULL;
     dsrt_tensor *cv = pv ? as_f32(comb, s) : NULL, *y = cv ? new_f32(3, X->shape, s) : NULL;
     if (y) {
@@ -647,16 +840,93 @@ dsrt_tensor *dsrt_nn_hc_post(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, 
     return finish(y, prec, s);
 }
 
+/* hc_post_pre on CUDA: hc.cu's mix kernel computes X' chunk by chunk, writes it and multiplies it
+ * with fn at once (one launch and one read of X' fewer than the two calls), then hc_pre's per-token
+ * kernel; the arguments are checked as the two functions check them. */
+static int hc_post_pre_cuda(const char *op, dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_tensor *comb,
+                            dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps, float norm_eps,
+                            int iters, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next, dsrt_tensor **u,
+                            dsrt_tensor **post_next, dsrt_tensor **comb_next)
+{
+    int hc;
+    int64_t d;
+    if (check_precision(op, prec) || check_streams(op, X, fn, 1, s, &hc, &d) ||
+        check_sinkhorn_params(op, scale, base, hc, iters, s))
+        return -1;
+    int64_t T = X->shape[0], fshape[2] = {T, d}, vec[2] = {T, hc}, mat[3] = {T, hc, hc};
+    if (check_arg(op, "f", f, 0, 2, fshape, s) || check_arg(op, "post", post, 0, 2, vec, s) ||
+        check_arg(op, "comb", comb, 0, 3, mat, s))
+        return -1;
+    dsrt_tensor *ts[7] = {NULL}, *Xn = NULL;
+    int ok = (ts[0] = dense(f, s)) && (ts[1] = dense(X, s)) && (ts[2] = dense(post, s)) && (ts[3] = dense(comb, s)) &&
+             (ts[4] = dense(fn, s)) && (ts[5] = dense(scale, s)) && (ts[6] = dense(base, s)) &&
+             (Xn = new_on(act_dtype(prec), 3, X->shape, s)) && (*u = new_on(act_dtype(prec), 2, fshape, s)) &&
+             (*post_next = new_on(DSRT_F32, 2, vec, s)) && (*comb_next = new_on(DSRT_F32, 3, mat, s));
+    dsrt_tensor *work = ok ? new_workspace(dsrtk_nn_hc_workspace(T, (int64_t)(2 + hc) * hc, hc * d), s) : NULL;
+    int rc = !work;
+    if (!rc) {
+        dsrtk_hc_post_args pa = {dev_data(ts[0]), dev_data(ts[1]), dev_data(ts[2]), dev_data(ts[3]),
+                                 ts[0]->dtype, ts[1]->dtype, ts[2]->dtype, ts[3]->dtype};
+        rc = launched(op, dsrtk_nn_hc_post_pre(s->device, &pa, dev_data(Xn), Xn->dtype, dev_data(ts[4]), ts[4]->dtype,
+                                               dev_data(ts[5]), ts[5]->dtype, dev_data(ts[6]), ts[6]->dtype, T, hc, d,
+                                               hc_eps, norm_eps, iters, dev_data(work), dev_data(*u), (*u)->dtype,
+                                               dev_data(*post_next), dev_data(*comb_next), s->handle));
+    }
+    release_all(ts, 7);
+    dsrt_tensor_release(work);
+    if (all_or_nothing(rc, u, post_next, comb_next)) {
+        dsrt_tensor_release(Xn);
+        return -1;
+    }
+    *X_next = Xn;
+    return 0;
+}
+
+/* On the CPU the composition of the two functions; on CUDA the fused kernels above. */
+int dsrt_nn_hc_post_pre(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_tensor *comb, dsrt_tensor *fn,
+                        dsrt_tensor *scale, dsrt_tensor *base, float hc_eps, float norm_eps, int iters,
+                        dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next, dsrt_tensor **u,
+                        dsrt_tensor **post_next, dsrt_tensor **comb_next)
+{
+    *X_next = *u = *post_next = *comb_next = NULL;
+    if (check_any_stream("nn.hc_post_pre", s)) return -1;
+    if (on_cuda(s))
+        return hc_post_pre_cuda("nn.hc_post_pre", f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, prec, s,
+                                X_next, u, post_next, comb_next);
+    dsrt_tensor *Xn = dsrt_nn_hc_post(f, X, post, comb, prec, s);
+    if (!Xn) return -1;
+    if (dsrt_nn_hc_pre(Xn, fn, scale, base, hc_eps, norm_eps, iters, prec, s, u, post_next, comb_next)) {
+        dsrt_tensor_release(Xn);
+        return -1;
+    }
+    *X_next = Xn;
+    return 0;
+}
+
 dsrt_tensor *dsrt_nn_hc_head(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps,
                              float norm_eps, dsrt_precision prec, dsrt_stream *s)
 {
     const char *op = "nn.hc_head";
     int hc;
     int64_t d, one = 1;
-    if (check_precision(op, prec) || check_stream(op, s) || check_streams(op, X, fn, 0, s, &hc, &d)) return NULL;
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_streams(op, X, fn, 0, s, &hc, &d)) return NULL;
     int64_t hc64 = hc;
     if (check_arg(op, "scale", scale, 0, 1, &one, s) || check_arg(op, "base", base, 0, 1, &hc64, s)) return NULL;
     int64_t T = X->shape[0], flat[2] = {T, hc * d}, yshape[2] = {T, d};
+    if (on_cuda(s)) { /* hc.cu: the split GEMM, then the weights and the collapse */
+        dsrt_tensor *ts[5] = {NULL}, *y = NULL;
+        int ok = (ts[0] = dense(X, s)) && (ts[1] = dense(fn, s)) && (ts[2] = dense(scale, s)) &&
+                 (ts[3] = dense(base, s)) && (ts[4] = new_workspace(dsrtk_nn_hc_workspace(T, hc, hc * d), s)) &&
+                 (y = new_on(act_dtype(prec), 2, yshape, s));
+        if (ok && launched(op, dsrtk_nn_hc_head(s->device, dev_data(ts[0]), ts[0]->dtype, dev_data(ts[1]), ts[1]->dtype,
+                                                dev_data(ts[2]), ts[2]->dtype, dev_data(ts[3]), ts[3]->dtype, T, hc, d,
+                                                hc_eps, norm_eps, dev_data(ts[4]), dev_data(y), y->dtype, s->handle))) {
+            dsrt_tensor_release(y);
+            y = NULL;
+        }
+        release_all(ts, 5);
+        return y;
+    }
     dsrt_tensor *xv = as_f32(X, s), *x2 = xv ? dsrt_tensor_view(xv, 2, flat) : NULL;
     dsrt_tensor *mixes = x2 ? hc_mixes(x2, fn, norm_eps, s) : NULL;
     dsrt_tensor *sv = mixes ? as_f32(scale, s) : NULL, *bv = sv ? as_f32(base, s) : NULL;
@@ -681,11 +951,11 @@ dsrt_tensor *dsrt_nn_hc_head(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale
 dsrt_tensor *dsrt_nn_hc_expand(dsrt_tensor *e, int hc, dsrt_stream *s)
 {
     const char *op = "nn.hc_expand";
-    if (check_stream(op, s) || check_arg(op, "e", e, 0, 2, NULL, s)) return NULL;
+    if (check_any_stream(op, s) || check_arg(op, "e", e, 0, 2, NULL, s)) return NULL;
     if (hc < 1) return dsrt_err_null("%s: hc must be at least 1, got %d", op, hc);
     int64_t T = e->shape[0], d = e->shape[1], one_stream[3] = {T, 1, d}, streams[3] = {T, hc, d};
     dsrt_tensor *src = dsrt_tensor_reshape(e, 3, one_stream, s);
-    dsrt_tensor *X = src ? dsrt_tensor_new(e->dtype, 3, streams, DSRT_CPU, s) : NULL;
+    dsrt_tensor *X = src ? dsrt_tensor_new(e->dtype, 3, streams, s->device, s) : NULL; /* either device */
     if (X && dsrt_op_copy(X, src, s)) { /* the copy broadcasts the one stream to hc */
         dsrt_tensor_release(X);
         X = NULL;

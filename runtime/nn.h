@@ -171,6 +171,14 @@ dsrt_tensor *dsrt_nn_hc_post(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, 
 dsrt_tensor *dsrt_nn_hc_head(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps,
                              float norm_eps, dsrt_precision prec, dsrt_stream *s);
 
+/* hc_post of one sub-layer followed by hc_pre of the next (SPEC §10, vLLM's fusion): sets *X_next =
+ * hc_post(f, X, post, comb) and (*u, *post_next, *comb_next) = hc_pre(*X_next, fn, scale, base, ...),
+ * exactly what the two calls return (reference: X_next is bf16 and hc_pre reads it so). */
+int dsrt_nn_hc_post_pre(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_tensor *comb, dsrt_tensor *fn,
+                        dsrt_tensor *scale, dsrt_tensor *base, float hc_eps, float norm_eps, int iters,
+                        dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next, dsrt_tensor **u,
+                        dsrt_tensor **post_next, dsrt_tensor **comb_next);
+
 /* HC expand (SPEC §4 step 2): X[t, s] = e[t] for the hc streams, e [T, d] -> X [T, hc, d], e's dtype
  * (an exact copy, so no precision). */
 dsrt_tensor *dsrt_nn_hc_expand(dsrt_tensor *e, int hc, dsrt_stream *s);

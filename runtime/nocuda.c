@@ -187,22 +187,229 @@ int dsrtk_matmul(int dev, int dtype, int64_t batch, int64_t m, int64_t n, int64_
 }
 
 /* ---- sampling ---- */
+int dsrtk_sample_workspace(int dev, int64_t B, int64_t V, int sorting, int penalties, size_t *bytes)
+{
+    (void)dev; (void)B; (void)V; (void)sorting; (void)penalties; (void)bytes;
+    return without_cuda(__func__);
+}
+
+int dsrtk_sample(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
+                 const int64_t *hist, int64_t max_hist, uint64_t seed, uint64_t step, int sorting, int penalties,
+                 void *workspace, size_t workspace_bytes, int64_t *out, void *stream)
+{
+    (void)dev; (void)logits; (void)B; (void)V; (void)rows; (void)hist; (void)max_hist; (void)seed; (void)step;
+    (void)sorting; (void)penalties; (void)workspace; (void)workspace_bytes; (void)out; (void)stream;
+    return without_cuda(__func__);
+}
 /* end of sampling */
 
 /* ---- norm ---- */
+int dsrtk_nn_rms_norm(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y, int y_dtype,
+                      int64_t rows, int64_t d, float eps, int head_bf16, void *stream)
+{
+    (void)dev; (void)x; (void)x_dtype; (void)w; (void)w_dtype; (void)y; (void)y_dtype; (void)rows; (void)d;
+    (void)eps; (void)head_bf16; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_nn_roundtrip(int dev, void *x, int dtype, int64_t rows, int64_t n, int64_t first, int64_t count, int blk,
+                       int q4, void *stream)
+{
+    (void)dev; (void)x; (void)dtype; (void)rows; (void)n; (void)first; (void)count; (void)blk; (void)q4; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_nn_rope(int dev, const void *x, int x_dtype, void *y, int y_dtype, const void *pos, int pos_dtype,
+                  int64_t S, int64_t heads, int64_t w, const float *freqs, int inverse, void *stream)
+{
+    (void)dev; (void)x; (void)x_dtype; (void)y; (void)y_dtype; (void)pos; (void)pos_dtype; (void)S; (void)heads;
+    (void)w; (void)freqs; (void)inverse; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y, int y_dtype, int64_t rows, void *stream)
+{
+    (void)dev; (void)x; (void)x_dtype; (void)y; (void)y_dtype; (void)rows; (void)stream;
+    return without_cuda(__func__);
+}
 /* end of norm */
 
 /* ---- hc ---- */
+int dsrtk_nn_sinkhorn(int dev, const void *mixes, int mixes_dtype, const void *scale, int scale_dtype,
+                      const void *base, int base_dtype, int64_t T, int hc, int iters, float eps, float *pre,
+                      float *post, float *comb, void *stream)
+{
+    (void)dev; (void)mixes; (void)mixes_dtype; (void)scale; (void)scale_dtype; (void)base; (void)base_dtype; (void)T;
+    (void)hc; (void)iters; (void)eps; (void)pre; (void)post; (void)comb; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_nn_hc_pre(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
+                    int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d, float hc_eps,
+                    float norm_eps, int iters, double *work, void *u, int u_dtype, float *post, float *comb,
+                    void *stream)
+{
+    (void)dev; (void)X; (void)X_dtype; (void)fn; (void)fn_dtype; (void)scale; (void)scale_dtype; (void)base;
+    (void)base_dtype; (void)T; (void)hc; (void)d; (void)hc_eps; (void)norm_eps; (void)iters; (void)work; (void)u;
+    (void)u_dtype; (void)post; (void)comb; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_nn_hc_head(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
+                     int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d, float hc_eps,
+                     float norm_eps, double *work, void *y, int y_dtype, void *stream)
+{
+    (void)dev; (void)X; (void)X_dtype; (void)fn; (void)fn_dtype; (void)scale; (void)scale_dtype; (void)base;
+    (void)base_dtype; (void)T; (void)hc; (void)d; (void)hc_eps; (void)norm_eps; (void)work; (void)y; (void)y_dtype;
+    (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_nn_hc_post_pre(int dev, const dsrtk_hc_post_args *post_args, void *X_next, int X_next_dtype,
+                         const void *fn, int fn_dtype, const void *scale, int scale_dtype, const void *base,
+                         int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps, int iters,
+                         double *work, void *u, int u_dtype, float *post, float *comb, void *stream)
+{
+    (void)dev; (void)post_args; (void)X_next; (void)X_next_dtype; (void)fn; (void)fn_dtype; (void)scale;
+    (void)scale_dtype; (void)base; (void)base_dtype; (void)T; (void)hc; (void)d; (void)hc_eps; (void)norm_eps;
+    (void)iters; (void)work; (void)u; (void)u_dtype; (void)post; (void)comb; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_nn_hc_post(int dev, const void *f, int f_dtype, const void *X, int X_dtype, const void *post,
+                     int post_dtype, const void *comb, int comb_dtype, void *y, int y_dtype, int64_t T, int hc,
+                     int64_t d, void *stream)
+{
+    (void)dev; (void)f; (void)f_dtype; (void)X; (void)X_dtype; (void)post; (void)post_dtype; (void)comb;
+    (void)comb_dtype; (void)y; (void)y_dtype; (void)T; (void)hc; (void)d; (void)stream;
+    return without_cuda(__func__);
+}
 /* end of hc */
 
 /* ---- linear ---- */
+int dsrtk_linear_workspace(int dev, const dsrtk_linear_weight *w, int64_t rows, int x_dtype, int quantise,
+                           int y_dtype, size_t *bytes)
+{
+    (void)dev; (void)w; (void)rows; (void)x_dtype; (void)quantise; (void)y_dtype; (void)bytes;
+    return without_cuda(__func__);
+}
+
+int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise,
+                 void *y, int y_dtype, void *workspace, size_t workspace_bytes, void *stream)
+{
+    (void)dev; (void)w; (void)x; (void)x_dtype; (void)rows; (void)quantise; (void)y; (void)y_dtype;
+    (void)workspace; (void)workspace_bytes; (void)stream;
+    return without_cuda(__func__);
+}
 /* end of linear */
 
 /* ---- moe ---- */
+int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream)
+{
+    (void)dev; (void)a; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_moe_q8_rows(int dev, float *x, int64_t rows, int64_t n, int64_t ld, const dsrtk_moe_matrix *table,
+                      const int32_t *groups, const int32_t *n_groups, int32_t max_groups, int slot, void *stream)
+{
+    (void)dev; (void)x; (void)rows; (void)n; (void)ld; (void)table; (void)groups; (void)n_groups; (void)max_groups;
+    (void)slot; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_moe_route(int dev, const dsrtk_moe_route_args *a, void *stream)
+{
+    (void)dev; (void)a; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_moe_group(int dev, const dsrtk_moe_group_args *a, void *stream)
+{
+    (void)dev; (void)a; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_moe_combine(int dev, const float *y, const int32_t *pos_of_pick, int64_t rows, int32_t k, int64_t dim,
+                      void *out, int out_dtype, void *stream)
+{
+    (void)dev; (void)y; (void)pos_of_pick; (void)rows; (void)k; (void)dim; (void)out; (void)out_dtype; (void)stream;
+    return without_cuda(__func__);
+}
 /* end of moe */
 
 /* ---- attention ---- */
+/* sparse attention */
+int dsrtk_sparse_attention_workspace(int dev, int64_t S, int64_t H, int64_t D, int64_t K, size_t *bytes)
+{
+    (void)dev; (void)S; (void)H; (void)D; (void)K;
+    *bytes = 0;
+    return without_cuda(__func__);
+}
+
+int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, const dsrt_view *pool,
+                           const dsrt_view *indices, const dsrt_view *sink, float scale, int round_p,
+                           void *workspace, size_t workspace_bytes, void *stream)
+{
+    (void)dev; (void)o; (void)q; (void)pool; (void)indices; (void)sink; (void)scale; (void)round_p;
+    (void)workspace; (void)workspace_bytes; (void)stream;
+    return without_cuda(__func__);
+}
+/* end of sparse attention */
+int dsrtk_attn_ape_add(int dev, float *g, const float *ape, int64_t S, int64_t width, int64_t P, int64_t r, void *stream)
+{
+    (void)dev, (void)g, (void)ape, (void)S, (void)width, (void)P, (void)r, (void)stream;
+    return without_cuda(__func__);
+}
+int dsrtk_attn_compress_pool(int dev, float *out, const float *chunk_c, const float *chunk_g, const float *ring_c,
+                             const float *ring_g, int64_t ring, int64_t P, int64_t S, int64_t j0, int64_t n, int d, int r,
+                             int coff, int round_bf16, void *stream)
+{
+    (void)dev, (void)out, (void)chunk_c, (void)chunk_g, (void)ring_c, (void)ring_g, (void)ring, (void)P, (void)S, (void)j0;
+    (void)n, (void)d, (void)r, (void)coff, (void)round_bf16, (void)stream;
+    return without_cuda(__func__);
+}
+int dsrtk_attn_ring_write(int dev, float *ring, int64_t rows, int64_t width, const float *src, int64_t P, int64_t S,
+                          void *stream)
+{
+    (void)dev, (void)ring, (void)rows, (void)width, (void)src, (void)P, (void)S, (void)stream;
+    return without_cuda(__func__);
+}
+int dsrtk_attn_gather_pool(int dev, float *pool, const float *fresh, const float *window, int64_t window_rows,
+                           const float *entries, int64_t base, int64_t P, int64_t S, int64_t n_entries, int64_t hd,
+                           void *stream)
+{
+    (void)dev, (void)pool, (void)fresh, (void)window, (void)window_rows, (void)entries, (void)base, (void)P, (void)S;
+    (void)n_entries, (void)hd, (void)stream;
+    return without_cuda(__func__);
+}
+int dsrtk_attn_index_lists(int dev, int64_t *idx, const int *picks, int64_t S, int64_t K, int64_t P, int64_t W,
+                           int64_t base, int64_t n_win, int64_t r, int64_t topk, void *stream)
+{
+    (void)dev, (void)idx, (void)picks, (void)S, (void)K, (void)P, (void)W, (void)base, (void)n_win, (void)r, (void)topk;
+    (void)stream;
+    return without_cuda(__func__);
+}
+int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float *keys, const float *w, float scale,
+                            int64_t S, int64_t P, int64_t r, int IH, int ID, int64_t n_max, int ref, void *stream)
+{
+    (void)dev, (void)scores, (void)q, (void)keys, (void)w, (void)scale, (void)S, (void)P, (void)r, (void)IH, (void)ID;
+    (void)n_max, (void)ref, (void)stream;
+    return without_cuda(__func__);
+}
+int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t P, int64_t r, int64_t topk, int64_t n_max,
+                    void *stream)
+{
+    (void)dev, (void)picks, (void)scores, (void)S, (void)P, (void)r, (void)topk, (void)n_max, (void)stream;
+    return without_cuda(__func__);
+}
 /* end of attention */
 
 /* ---- embedding ---- */
+int dsrtk_embedding(int dev, const dsrt_view *dst, const dsrt_view *weight, const void *ids, int ids_dtype,
+                    int64_t n, void *stream)
+{
+    (void)dev; (void)dst; (void)weight; (void)ids; (void)ids_dtype; (void)n; (void)stream;
+    return without_cuda(__func__);
+}
 /* end of embedding */

@@ -404,3 +404,94 @@ dsrt_tensor *dsrt_op_reduce(int op, dsrt_tensor *a, int dim, int keepdim, dsrt_s
     }
     return out;
 }
+
+/* ---- embedding gather ---- */
+
+/* The reference of kernels/embedding.cu: equal dtypes move raw bits (NaN payloads included), others
+ * convert through numeric.h. Ids are in range (checked by the caller). */
+static void cpu_embedding(const dsrt_view *dst, const dsrt_view *w, const void *ids, int ids_i64, int64_t n)
+{
+    int64_t cols = w->shape[1];
+    size_t esize = (size_t)dsrt_dtype_bits(w->dtype) / 8;
+    int same = dst->dtype == w->dtype;
+#pragma omp parallel for schedule(static) if (n * cols > 65536)
+    for (int64_t r = 0; r < n; r++) {
+        int64_t id = ids_i64 ? ((const int64_t *)ids)[r] : ((const int32_t *)ids)[r];
+        int64_t base = w->offset + id * w->stride[0], out = dst->offset + r * cols;
+        for (int64_t c = 0; c < cols; c++) {
+            int64_t at = base + c * w->stride[1];
+            if (same) memcpy((char *)dst->data + (out + c) * esize, (const char *)w->data + at * esize, esize);
+            else dsrt_store_f32(dst->data, dst->dtype, out + c, dsrt_load_f32(w->data, w->dtype, at));
+        }
+    }
+}
+
+/* Host ids: each in [0, rows), or an error naming the first one outside and its position. */
+static int check_host_ids(const dsrt_tensor *ids, const dsrt_tensor *weight)
+{
+    int64_t n = dsrt_tensor_numel(ids), rows = weight->shape[0];
+    dsrt_view v = dsrt_tensor_desc(ids);
+    for (int64_t i = 0; i < n; i++) {
+        int64_t id = dsrt_load_i64(v.data, v.dtype, dsrt_view_index(&v, i));
+        if (id < 0 || id >= rows) {
+            char sw[96];
+            return dsrt_err("embedding: ids[%lld] = %lld is outside the %lld rows of the weight %s", (long long)i + 1,
+                            (long long)id, (long long)rows, dsrt_tensor_str(weight, sw, sizeof sw));
+        }
+    }
+    return 0;
+}
+
+dsrt_tensor *dsrt_op_embedding(dsrt_tensor *weight, dsrt_tensor *ids, dsrt_dtype dtype, dsrt_stream *s)
+{
+    char sw[96], si[96], sd[16];
+    if (weight->ndim != 2 || !dsrt_dtype_is_float(weight->dtype) || weight->dtype == DSRT_FP4E2M1)
+        return dsrt_err_null("embedding: the weight must be a 2-D float tensor (not fp4), got %s",
+                             dsrt_tensor_str(weight, sw, sizeof sw));
+    if (ids->dtype != DSRT_I32 && ids->dtype != DSRT_I64)
+        return dsrt_err_null("embedding: ids must be i32 or i64, got %s", dsrt_tensor_str(ids, si, sizeof si));
+    if (dtype != DSRT_F32 && dtype != DSRT_BF16 && dtype != DSRT_F16)
+        return dsrt_err_null("embedding: the output dtype must be f32, bf16 or f16, got %s", dsrt_dtype_name(dtype));
+    if (ids->ndim + 1 > DSRT_MAX_DIMS)
+        return dsrt_err_null("embedding: ids %s have too many dimensions", dsrt_tensor_str(ids, si, sizeof si));
+    if (weight->device != s->device)
+        return dsrt_err_null("embedding: the weight %s is not on the stream's device %s",
+                             dsrt_tensor_str(weight, sw, sizeof sw), dsrt_device_str(s->device, sd));
+    /* host ids for a device weight are checked here and go up; device ids for a host weight are refused */
+    dsrt_tensor *moved = NULL;
+    if (ids->device != weight->device) {
+        if (ids->device != DSRT_CPU)
+            return dsrt_err_null("embedding: ids %s and the weight %s are on different devices",
+                                 dsrt_tensor_str(ids, si, sizeof si), dsrt_tensor_str(weight, sw, sizeof sw));
+        if (check_host_ids(ids, weight)) return NULL;
+        moved = dsrt_tensor_to(ids, weight->device, DSRT_I64, s, 0);
+        if (!moved) return NULL;
+        ids = moved;
+    } else if (ids->device == DSRT_CPU && check_host_ids(ids, weight)) {
+        return NULL;
+    }
+    dsrt_tensor *flat = dsrt_tensor_contiguous(ids, s);
+    dsrt_tensor_release(moved);
+    if (!flat) return NULL;
+    int64_t n = dsrt_tensor_numel(flat), shape[DSRT_MAX_DIMS];
+    for (int d = 0; d < flat->ndim; d++) shape[d] = flat->shape[d];
+    shape[flat->ndim] = weight->shape[1];
+    dsrt_tensor *ts[2] = {weight, flat};
+    dsrt_tensor *out = prepare("embedding", s, ts, 2) ? NULL : dsrt_tensor_new(dtype, flat->ndim + 1, shape, s->device, s);
+    int rc = out ? 0 : -1;
+    if (!rc && n > 0 && weight->shape[1] > 0) {
+        dsrt_view dv = dsrt_tensor_desc(out), wv = dsrt_tensor_desc(weight), iv = dsrt_tensor_desc(flat);
+        const void *id_data = (const char *)iv.data + iv.offset * (flat->dtype == DSRT_I64 ? 8 : 4);
+        dv.ndim = 2; /* [n, cols]: the output is contiguous */
+        dv.shape[0] = n, dv.shape[1] = weight->shape[1];
+        dv.stride[0] = weight->shape[1], dv.stride[1] = 1;
+        if (s->device == DSRT_CPU) cpu_embedding(&dv, &wv, id_data, flat->dtype == DSRT_I64, n);
+        else if (dsrtk_embedding(s->device, &dv, &wv, id_data, flat->dtype, n, s->handle)) rc = kernel_failed("embedding");
+    }
+    dsrt_tensor_release(flat);
+    if (rc) {
+        dsrt_tensor_release(out);
+        return NULL;
+    }
+    return out;
+}

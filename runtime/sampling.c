@@ -1,8 +1,15 @@
 /*
- * sampling.c - the CPU sampler (sampling.h says what it computes).
+ * sampling.c - the CPU sampler, and the host side of the CUDA one (sampling.h says what both
+ * compute; kernels/sampling.cu holds the kernels).
  *
  * What it protects: the same seed, step and logits give the same id everywhere, so the candidate
- * order is total (logit, then id) and the draw is the counter-based Philox of numeric.h.
+ * order is total (logit, then id), the draw is the counter-based Philox of numeric.h, p_i comes
+ * from sampling.h's own exp (libm's and CUDA's disagree in the last bit now and then) and every
+ * sum is added in candidate order. This file is the readable reference of the CUDA kernels.
+ *
+ * On CUDA the logits stay on the device: the row parameters and histories (small, host arrays)
+ * go up with the call, and only B ids and B status words come back, in one copy that also waits
+ * for the kernels, so a NaN row is reported here as on the CPU.
  */
 #include "sampling.h"
 #include <math.h>
@@ -10,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "err.h"
+#include "kernels.h"
 #include "numeric.h"
 
 dsrt_sample_params dsrt_sample_params_default(void)
@@ -91,7 +99,7 @@ static int sample_row(float *x, int64_t V, const dsrt_sample_params *p, const in
     double *pr = malloc((size_t)n * sizeof *pr);
     if (!pr) return dsrt_err("sample: out of memory");
     double z = 0.0;
-    for (int64_t i = 0; i < n; i++) { pr[i] = exp(((double)c[i].x - xmax) * inv_t); z += pr[i]; }
+    for (int64_t i = 0; i < n; i++) { pr[i] = dsrt_sample_exp(((double)c[i].x - xmax) * inv_t); z += pr[i]; }
     if (p->top_p < 1.0f) {
         double target = (double)p->top_p * z, cum = 0.0;
         int64_t m = 0;
@@ -141,29 +149,157 @@ int dsrt_sample_cpu(const float *logits, int64_t B, int64_t V, const dsrt_sample
     return rc;
 }
 
+/* ---- the CUDA path ---- */
+
+static int kernel_failed(void)
+{
+    const char *msg = dsrtk_error();
+    if (!strncmp(msg, "sample:", 7)) return dsrt_err("%s", msg);
+    return dsrt_err("sample: %s", msg);
+}
+
+/* c: contiguous f32 logits [B, V] on a CUDA device (the stream's). Writes the ids to host `ids`
+ * and, when `dev_out` is given, returns them as a device tensor there too. */
+static int sample_cuda(dsrt_tensor *c, int64_t B, int64_t V, const dsrt_sample_params *params,
+                       const int64_t *hist_off, const int64_t *hist_ids, uint64_t seed, uint64_t step,
+                       dsrt_stream *stream, int64_t *ids, dsrt_tensor **dev_out)
+{
+    int dev = c->device;
+    int sorting = 0, penalties = 0;
+    int64_t nhist = hist_off ? hist_off[B] - hist_off[0] : 0, max_hist = 0;
+    for (int64_t r = 0; r < B; r++) {
+        if (dsrt_sample_params_check(&params[r], B > 1 ? r : -1)) return -1;
+        int64_t h0 = hist_off ? hist_off[r] : 0, h1 = hist_off ? hist_off[r + 1] : 0;
+        if (h1 < h0) return dsrt_err("sample: the history offsets of row %lld decrease", (long long)r + 1);
+        for (int64_t j = h0; j < h1; j++)
+            if (hist_ids[j] < 0 || hist_ids[j] >= V)
+                return dsrt_err("sample: history id %lld of row %lld is outside the vocabulary [0, %lld)",
+                                (long long)hist_ids[j], (long long)r + 1, (long long)V);
+        if (params[r].temperature > 0.0f) sorting = 1;
+        if ((params[r].repetition_penalty != 1.0f || params[r].presence_penalty != 0.0f) && h1 > h0) penalties = 1;
+        if (h1 - h0 > max_hist) max_hist = h1 - h0;
+    }
+    size_t wbytes = 0;
+    if (dsrtk_sample_workspace(dev, B, V, sorting, penalties, &wbytes)) return kernel_failed();
+
+    /* the upload: B rows, then the history ids (rebased to 0) */
+    size_t rows_bytes = (size_t)B * sizeof(dsrtk_sample_row), up_bytes = rows_bytes + (size_t)nhist * sizeof(int64_t);
+    unsigned char *up = malloc(up_bytes);
+    int64_t *back = malloc((size_t)(2 * B) * sizeof *back);
+    dsrt_storage *up_dev = NULL, *work = NULL;
+    dsrt_tensor *out = NULL;
+    int rc = 0;
+    if (!up || !back) { rc = dsrt_err("sample: out of host memory for %lld rows", (long long)B); goto done; }
+    for (int64_t r = 0; r < B; r++) {
+        dsrtk_sample_row row;
+        memset(&row, 0, sizeof row);
+        row.temperature = params[r].temperature;
+        row.top_p = params[r].top_p;
+        row.min_p = params[r].min_p;
+        row.repetition_penalty = params[r].repetition_penalty;
+        row.presence_penalty = params[r].presence_penalty;
+        row.top_k = params[r].top_k;
+        row.hist_begin = hist_off ? hist_off[r] - hist_off[0] : 0;
+        row.hist_end = hist_off ? hist_off[r + 1] - hist_off[0] : 0;
+        memcpy(up + (size_t)r * sizeof row, &row, sizeof row);
+    }
+    if (nhist > 0) memcpy(up + rows_bytes, hist_ids + hist_off[0], (size_t)nhist * sizeof(int64_t));
+    int64_t shape[1] = {2 * B};
+    if (!(up_dev = dsrt_storage_new(dev, up_bytes, stream)) ||
+        (wbytes > 0 && !(work = dsrt_storage_new(dev, wbytes, stream))) ||
+        !(out = dsrt_tensor_new(DSRT_I64, 1, shape, dev, stream)) || dsrt_storage_use(c->storage, stream)) {
+        rc = -1;
+        goto done;
+    }
+    /* pageable source: the copy has consumed it when the call returns (and `up` lives to the end) */
+    if (dsrtk_memcpy(dev, up_dev->data, up, up_bytes, DSRTK_H2D, stream->handle, 1)) { rc = kernel_failed(); goto done; }
+    int64_t *out_data = (int64_t *)out->storage->data + out->offset;
+    if (dsrtk_sample(dev, (const float *)c->storage->data + c->offset, B, V, (const dsrtk_sample_row *)up_dev->data,
+                     (const int64_t *)((unsigned char *)up_dev->data + rows_bytes), max_hist, seed, step, sorting,
+                     penalties, work ? work->data : NULL, wbytes, out_data, stream->handle)) {
+        rc = kernel_failed();
+        goto done;
+    }
+    /* ids and status words in one copy, which waits for the kernels */
+    if (dsrtk_memcpy(dev, back, out_data, (size_t)(2 * B) * sizeof *back, DSRTK_D2H, stream->handle, 0)) {
+        rc = kernel_failed();
+        goto done;
+    }
+    for (int64_t r = 0; r < B && rc == 0; r++) {
+        if (back[B + r] == DSRTK_SAMPLE_NAN)
+            rc = dsrt_err("sample: row %lld has a NaN logit (id %lld)", (long long)r + 1, (long long)back[r]);
+        else if (back[B + r] == DSRTK_SAMPLE_NO_FINITE)
+            rc = dsrt_err("sample: row %lld has no finite logit", (long long)r + 1);
+        else if (back[B + r] != DSRTK_SAMPLE_OK || back[r] < 0 || back[r] >= V)
+            rc = dsrt_err("sample: the CUDA sampler returned status %lld and id %lld for row %lld (a bug)",
+                          (long long)back[B + r], (long long)back[r], (long long)r + 1);
+    }
+    if (rc == 0) {
+        if (ids) memcpy(ids, back, (size_t)B * sizeof *ids);
+        if (dev_out && !(*dev_out = dsrt_tensor_narrow(out, 0, 0, B))) rc = -1;
+    }
+done:
+    if (up_dev) dsrt_storage_release(up_dev);
+    if (work) dsrt_storage_release(work);
+    if (out) dsrt_tensor_release(out);
+    free(up);
+    free(back);
+    return rc;
+}
+
+/* the checks both forms share; returns the contiguous logits (a new reference) or NULL */
+static dsrt_tensor *sample_input(dsrt_tensor *logits, dsrt_stream *stream, int64_t *B, int64_t *V)
+{
+    char buf[128], d[16];
+    if (logits->dtype != DSRT_F32 || (logits->ndim != 1 && logits->ndim != 2))
+        return dsrt_err_null("sample: logits must be f32 [B, V] or [V], got %s", dsrt_tensor_str(logits, buf, sizeof buf));
+    if (logits->device != stream->device)
+        return dsrt_err_null("sample: logits %s are not on the stream's device %s", dsrt_tensor_str(logits, buf, sizeof buf),
+                             dsrt_device_str(stream->device, d));
+    *B = logits->ndim == 2 ? logits->shape[0] : 1;
+    *V = logits->shape[logits->ndim - 1];
+    if (*B < 1 || *V < 1) return dsrt_err_null("sample: logits must have at least one row and one column");
+    return dsrt_tensor_contiguous(logits, stream);
+}
+
+static int sample_cpu_tensor(dsrt_tensor *c, int64_t B, int64_t V, const dsrt_sample_params *params,
+                             const int64_t *hist_off, const int64_t *hist_ids, uint64_t seed, uint64_t step,
+                             dsrt_stream *stream, int64_t *ids)
+{
+    if (dsrt_stream_synchronize(stream)) return -1;
+    return dsrt_sample_cpu((const float *)c->storage->data + c->offset, B, V, params, hist_off, hist_ids, seed, step, ids);
+}
+
 dsrt_tensor *dsrt_sample(dsrt_tensor *logits, const dsrt_sample_params *params, const int64_t *hist_off,
                          const int64_t *hist_ids, uint64_t seed, uint64_t step, dsrt_stream *stream)
 {
-    if (logits->dtype != DSRT_F32 || (logits->ndim != 1 && logits->ndim != 2)) {
-        char buf[128];
-        dsrt_err("sample: logits must be f32 [B, V] or [V], got %s", dsrt_tensor_str(logits, buf, sizeof buf));
-        return NULL;
-    }
-    if (logits->device != DSRT_CPU) {
-        dsrt_err("sample: logits on a CUDA device are not supported yet (the CUDA sampler comes with the CUDA backend)");
-        return NULL;
-    }
-    int64_t B = logits->ndim == 2 ? logits->shape[0] : 1, V = logits->shape[logits->ndim - 1];
-    dsrt_tensor *c = dsrt_tensor_contiguous(logits, stream);
+    int64_t B, V;
+    dsrt_tensor *c = sample_input(logits, stream, &B, &V);
     if (!c) return NULL;
-    if (dsrt_stream_synchronize(stream)) { dsrt_tensor_release(c); return NULL; }
-    int64_t shape[1] = {B};
-    dsrt_tensor *out = dsrt_tensor_new(DSRT_I64, 1, shape, DSRT_CPU, stream);
-    if (out && dsrt_sample_cpu((const float *)c->storage->data + c->offset, B, V, params, hist_off, hist_ids, seed,
-                               step, (int64_t *)out->storage->data + out->offset)) {
-        dsrt_tensor_release(out);
-        out = NULL;
+    dsrt_tensor *out = NULL;
+    if (c->device != DSRT_CPU) {
+        if (sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, NULL, &out)) out = NULL;
+    } else {
+        int64_t shape[1] = {B};
+        out = dsrt_tensor_new(DSRT_I64, 1, shape, DSRT_CPU, stream);
+        if (out && sample_cpu_tensor(c, B, V, params, hist_off, hist_ids, seed, step, stream,
+                                     (int64_t *)out->storage->data + out->offset)) {
+            dsrt_tensor_release(out);
+            out = NULL;
+        }
     }
     dsrt_tensor_release(c);
     return out;
+}
+
+int dsrt_sample_host(dsrt_tensor *logits, const dsrt_sample_params *params, const int64_t *hist_off,
+                     const int64_t *hist_ids, uint64_t seed, uint64_t step, dsrt_stream *stream, int64_t *ids)
+{
+    int64_t B, V;
+    dsrt_tensor *c = sample_input(logits, stream, &B, &V);
+    if (!c) return -1;
+    int rc = c->device != DSRT_CPU ? sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, ids, NULL)
+                                   : sample_cpu_tensor(c, B, V, params, hist_off, hist_ids, seed, step, stream, ids);
+    dsrt_tensor_release(c);
+    return rc;
 }

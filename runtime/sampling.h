@@ -1,24 +1,74 @@
 /*
- * sampling.h - the token sampler: logits f32 [B, V] -> ids i64 [B].
+ * sampling.h - the token sampler: logits f32 [B, V] -> ids i64 [B], on the CPU or a CUDA device.
  *
- * One function, one definition, so that a device kernel can implement exactly the same thing
- * (the CUDA version comes with the CUDA backend). Per row r:
+ * One function, one definition, which the CPU (sampling.c) and the CUDA kernels
+ * (kernels/sampling.cu) implement alike, so that the same seed gives the same ids on both. Per row r:
  *   1. penalties over the row's history (each distinct id once): repetition_penalty divides a
  *      positive logit and multiplies a negative one (as Hugging Face), presence_penalty subtracts;
  *   2. temperature == 0: greedy, the argmax of the penalized logits (the first max wins); done;
- *   3. otherwise the candidates in a defined order: descending logit, ties by ascending id;
- *      p_i = exp((x_i - x_max) / temperature) (double);
- *   4. top_k > 0 keeps the first top_k; top_p keeps the smallest prefix whose renormalized
- *      cumulative probability reaches top_p (at least one); min_p drops tokens with
- *      p < min_p * p_max (the first candidate always stays);
+ *   3. otherwise the candidates in a defined order: descending logit, ties by ascending id
+ *      (-0 and +0 are equal); with +inf logits present (within top_k), u below picks uniformly
+ *      among them: candidate floor(u * count); otherwise
+ *      p_i = dsrt_sample_exp(((double)x_i - x_max) * (1.0 / (double)temperature)), the exp below
+ *      (double, the same IEEE operations on both sides, so p_i has the same bits everywhere);
+ *   4. top_k > 0 keeps the first top_k; top_p keeps the smallest prefix whose cumulative sum
+ *      (double, added in candidate order) reaches top_p * (their sum) (at least one); min_p
+ *      then drops, from the first candidate with p < min_p * p_max on, the rest (the first
+ *      candidate always stays);
  *   5. u = dsrt_rand_uniform(seed, step * B + r) (numeric.h: Philox, identical on CPU and GPU);
- *      the id is the first kept candidate whose cumulative probability exceeds u * (their sum).
+ *      the id is the first kept candidate whose cumulative probability (double, in candidate
+ *      order) exceeds u * (their sum, added in candidate order); should rounding leave none,
+ *      the last kept candidate with p > 0.
+ * Every sum is taken in candidate order from the first candidate, so equal inputs give equal
+ * sums on both sides and ties are decided the same way.
  * Logits that are NaN, or a row without a finite logit, are an error.
  */
 #ifndef DSRT_SAMPLING_H
 #define DSRT_SAMPLING_H
 
+#include <math.h>
 #include <stdint.h>
+#include "numeric.h"
+
+/* exp(a) for the sampler, a <= 0 (it is right up to a = 709): Cody-Waite reduction a = k ln2 + r,
+ * |r| <= ln2/2, the Taylor polynomial of degree 13 (truncation < 5e-18) by Horner, times 2^k;
+ * 0 where the result would leave the normal doubles (a <= -708). Within ~2 ulp of exp. Written
+ * with separately rounded operations only (nvcc would fuse a*b+c into an FMA, which rounds once),
+ * so gcc and nvcc compute the same bits; libm's exp and CUDA's differ in the last bit now and
+ * then, which would make a GPU draw differ from the CPU's on a rounding tie. */
+#ifdef __CUDA_ARCH__
+#define DSRT_SX_MUL(a, b) __dmul_rn((a), (b))
+#define DSRT_SX_ADD(a, b) __dadd_rn((a), (b))
+#else
+#define DSRT_SX_MUL(a, b) ((a) * (b))
+#define DSRT_SX_ADD(a, b) ((a) + (b))
+#endif
+DSRT_HD double dsrt_sample_exp(double a)
+{
+    if (!(a > -708.0)) return 0.0; /* -inf too */
+    const double ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10; /* fdlibm's split */
+    double k = floor(DSRT_SX_ADD(DSRT_SX_MUL(a, 1.4426950408889634), 0.5));
+    double r = DSRT_SX_ADD(DSRT_SX_ADD(a, -DSRT_SX_MUL(k, ln2_hi)), -DSRT_SX_MUL(k, ln2_lo));
+    /* Horner from 1/13! down to 1/1!, then + 1 */
+    double p = 1.6059043836821613e-10;
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 2.08767569878681e-09);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 2.505210838544172e-08);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 2.755731922398589e-07);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 2.7557319223985893e-06);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 2.48015873015873e-05);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 0.0001984126984126984);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 0.001388888888888889);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 0.008333333333333333);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 0.041666666666666664);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 0.16666666666666666);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 0.5);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 1.0);
+    p = DSRT_SX_ADD(DSRT_SX_MUL(p, r), 1.0);
+    return ldexp(p, (int)k); /* exact: the result is a normal double */
+}
+
+/* the rest is the C API, which the kernels do not need */
+#ifndef __CUDACC__
 #include "tensor.h"
 
 typedef struct {
@@ -43,10 +93,19 @@ int dsrt_sample_cpu(const float *logits, int64_t B, int64_t V, const dsrt_sample
                     const int64_t *hist_off, const int64_t *hist_ids, uint64_t seed, uint64_t step,
                     int64_t *out);
 
-/* The tensor form: logits f32 [B, V] or [V] (B = 1) on any device -> a new i64 [B] tensor on the
- * same device (NULL with a message). params, hist_off, hist_ids are host arrays as above. Only the
- * CPU is implemented yet: a CUDA tensor is an error until the CUDA backend brings its kernel. */
+/* The tensor form: logits f32 [B, V] or [V] (B = 1) on the CPU or a CUDA device -> a new i64 [B]
+ * tensor on the same device (NULL with a message). params, hist_off, hist_ids are host arrays as
+ * above; `stream` must be of the logits' device. On CUDA the kernels run on `stream` and the call
+ * waits for them: the per-row status words (NaN, no finite logit) come back with the ids, so that
+ * a bad row is an error here, never a silent id. The logits never leave the device. */
 dsrt_tensor *dsrt_sample(dsrt_tensor *logits, const dsrt_sample_params *params, const int64_t *hist_off,
                          const int64_t *hist_ids, uint64_t seed, uint64_t step, dsrt_stream *stream);
+
+/* The same, with the B ids written to host memory `ids` instead (what generation needs): on CUDA
+ * only the ids and status words cross to the host. Returns 0, or -1 with a message. */
+int dsrt_sample_host(dsrt_tensor *logits, const dsrt_sample_params *params, const int64_t *hist_off,
+                     const int64_t *hist_ids, uint64_t seed, uint64_t step, dsrt_stream *stream, int64_t *ids);
+
+#endif /* !__CUDACC__ */
 
 #endif

@@ -124,6 +124,16 @@ test("penalties change the choice as expected", function()
   assert_equal(ids(two, { presence_penalty = { 1, 0 }, history = { 0 } }), { 1, 0 })
 end)
 
+test("sample_ids returns sample's ids as a list, B = 1 and B > 1", function()
+  local x = dsrt.randn({ 5, 700 }, { seed = 9 })
+  for _, o in ipairs({ {}, { temperature = 0.8, top_p = 0.9, seed = 3, step = 2 },
+                       { temperature = 1, top_k = 5, presence_penalty = 1, history = { { 1 }, {}, { 2, 2 }, {}, { 7 } } } }) do
+    assert_equal(core.sample_ids(x, o), core.sample(x, o):totable())
+  end
+  assert_equal(core.sample_ids(f32({ 4, 9, 2 })), { 1 })
+  assert_error(function() core.sample_ids(f32({ 1, 0 / 0 })) end, "NaN")
+end)
+
 test("invalid parameters and inputs are clear errors", function()
   local x = f32({ 1, 2, 3 })
   assert_error(function() core.sample(x, { temperature = -1 }) end, "temperature must be a finite number >= 0")

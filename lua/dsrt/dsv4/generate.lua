@@ -24,9 +24,10 @@
 --     comes as a last call with id nil.
 --   - Ids the model has past the tokenizer's vocabulary (padding rows of the embedding) decode to
 --     "" (they stay in ids).
---   - Sampling: token t of a sequence is drawn with core.sample(row, {seed = seed, step = t - 1})
+--   - Sampling: token t of a sequence is drawn with core.sample_ids(row, {seed = seed, step = t - 1})
 --     over that sequence's own logits row, penalties over its prompt and generated ids; so a
---     prompt gives the same tokens alone or among several.
+--     prompt gives the same tokens alone or among several. The row is sampled where the model
+--     put it: on CUDA only the id comes back to the host, and it is the id the CPU would draw.
 --   - Several prompts: each has its own session; each step forwards every unfinished sequence in
 --     one model:forward_batch (row-wise work once over all rows, attention per sequence), which
 --     gives each sequence exactly what it would get alone.
@@ -164,7 +165,7 @@ local function step(seq, logits, seconds, o, emit)
   local row = logits:select(1, -1)
   local params = { seed = o.seed, step = seq.sampled, history = seq.history }
   for k, v in pairs(o.params) do params[k] = v end
-  local id = core.sample(row, params):totable()[1]
+  local id = core.sample_ids(row, params)[1]
   seq.sampled = seq.sampled + 1
   local took = seconds + core.wall_time() - t0
   if seq.sampled == 1 then seq.prompt_seconds = took else seq.decode_seconds = seq.decode_seconds + took end

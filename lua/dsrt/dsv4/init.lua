@@ -5,13 +5,15 @@
 --   local model = dsv4.load("model_dir", {device = "cpu", precision = "reference", mtp = true})
 --   local seq = model:session{max_len = 8192}
 --   local logits = model:forward(seq, {0, 100, 200})   -- f32 [3, vocab] for the new positions
+--   model:forward(seq, ids, {logits = "last"})         -- only the last row (a long prefill's choice)
 --   local draft = model:draft(seq, 300)                -- MTP logits for the position after 300
 --   seq:truncate(2)
 --   dsv4.config, dsv4.weights, dsv4.memory             -- the modules themselves
 --   dsv4.chat.encode(messages, {thinking = false})     -- the chat prompt text (dsrt.dsv4.chat)
 --
 -- load options:
---   device     "cpu" (default), "cuda", "cuda:N": where the weights and the work go
+--   device     "cpu" (default), "cuda", "cuda:N": where the weights and the work go; the same
+--              composition runs on both, only the ids (and sampled ids) cross to and from the host
 --   precision  "reference" (the official numerics, SPEC §9.1) or "fp32" (fp32, no round trips: the
 --              mode compared with transformers); required, so a model never runs in a mode nobody
 --              asked for

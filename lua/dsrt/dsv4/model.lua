@@ -106,13 +106,12 @@ function decoder.logits(dims, hc_head, norm_weight, head, X, precision)
   return head:forward(y, precision)
 end
 
---- embed[ids] (SPEC §4 step 1, no scaling) as [S, dim] in the model's activation dtype: one row
---- copy per id (ids: Lua array of 0-based ids, already checked to be in the vocabulary).
+--- embed[ids] (SPEC §4 step 1, no scaling) as [S, dim] in the model's activation dtype, in one
+--- gather (dsrt.embedding) on the weight's device. ids: a Lua array of 0-based ids (checked on the
+--- host and sent up) or a 1-D i64/i32 tensor on the weight's device (already checked: a device
+--- gather cannot raise, an id outside the vocabulary gives a row of NaN).
 function decoder.embed(embed_weight, ids, precision)
-  local rows = dsrt.empty({ #ids, embed_weight.shape[2] },
-                          { dtype = activation_dtype(precision), device = embed_weight.device })
-  for i, id in ipairs(ids) do rows[i] = embed_weight[id + 1] end
-  return rows
+  return dsrt.embedding(embed_weight, ids, activation_dtype(precision))
 end
 
 -- ---- the model ----
@@ -172,16 +171,26 @@ local function check_session(model, session, what)
   end
 end
 
+local LOGITS = { all = true, last = true, none = true }
+
 --- The decoder over ids at positions [session:length(), +#ids): f32 logits [#ids, vocab], one row
 --- per new position; advances the session (and fills the MTP layer's ring, dsrt.dsv4.mtp).
-function Model:forward(session, ids)
-  return self:forward_batch({ session }, { ids })[1]
+--- opts.logits: "all" (default), "last" (only the last position's row, [1, vocab], as the reference
+--- computes: a long prefill then skips the head GEMM over every other row and its
+--- #ids × vocab × 4 bytes of output) or "none" (no logits, nil: a prefill whose logits nobody reads).
+function Model:forward(session, ids, opts)
+  return self:forward_batch({ session }, { ids }, opts)[1]
 end
 
 --- Several sequences in one pass: ids_list[k] continues sessions[k]. The row-wise work (embedding,
 --- HC, norms, every linear and the MoE) runs once over all rows, attention per sequence; returns a
---- list of f32 logits [#ids_list[k], vocab], equal to forwarding each sequence alone.
-function Model:forward_batch(sessions, ids_list)
+--- list of f32 logits [#ids_list[k], vocab], equal to forwarding each sequence alone (opts.logits
+--- as in forward: "last" gives [1, vocab] per sequence, "none" an empty list).
+function Model:forward_batch(sessions, ids_list, opts)
+  local which = opts and opts.logits or "all"
+  if not LOGITS[which] then
+    error(string.format("dsv4.model.forward: logits must be \"all\", \"last\" or \"none\", got %s", tostring(which)), 2)
+  end
   if type(sessions) ~= "table" or type(ids_list) ~= "table" or #sessions ~= #ids_list or #sessions == 0 then
     error("dsv4.model.forward_batch: give one list of ids per session (two lists of equal, nonzero length)", 2)
   end
@@ -197,8 +206,9 @@ function Model:forward_batch(sessions, ids_list)
     table.move(ids, 1, #ids, #all + 1, all)
   end
   local precision, dims = self.precision, self.dims
+  -- the ids go up once, as one small i64 tensor; the embedding gather and hash routing read it there
   local token_ids = dsrt.tensor(all, { dtype = "i64", device = self.device })
-  local X = nn.hc_expand(decoder.embed(self.weights.embed, all, precision), dims.hc_mult)
+  local X = nn.hc_expand(decoder.embed(self.weights.embed, token_ids, precision), dims.hc_mult)
   local batched = #sessions > 1 and spans or nil
   for i, block in ipairs(self.blocks) do
     for k, session in ipairs(sessions) do states[k] = session.states[i] end
@@ -209,8 +219,22 @@ function Model:forward_batch(sessions, ids_list)
     session.positions = first + spans[k][2]
     if self.mtp then self.mtp:advance(session, X:narrow(1, spans[k][1], spans[k][2]), checked[k], first) end
   end
-  local logits = decoder.logits(dims, self.weights.hc_head, self.weights.norm, self.head, X, precision)
   local out = {}
+  if which == "none" then return out end
+  if which == "last" then
+    -- each sequence's last row of X (one row per sequence: a view when there is one sequence)
+    local last
+    if #spans == 1 then
+      last = X:narrow(1, spans[1][1] + spans[1][2] - 1, 1)
+    else
+      last = dsrt.empty({ #spans, X.shape[2], X.shape[3] }, { dtype = X.dtype, device = X.device })
+      for k, span in ipairs(spans) do last[k] = X[span[1] + span[2] - 1] end
+    end
+    local logits = decoder.logits(dims, self.weights.hc_head, self.weights.norm, self.head, last, precision)
+    for k = 1, #spans do out[k] = logits:narrow(1, k, 1) end
+    return out
+  end
+  local logits = decoder.logits(dims, self.weights.hc_head, self.weights.norm, self.head, X, precision)
   for k, span in ipairs(spans) do out[k] = logits:narrow(1, span[1], span[2]) end
   return out
 end

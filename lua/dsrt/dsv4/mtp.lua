@@ -87,17 +87,29 @@ function Predictor:advance(session, X, ids, first)
   local from, to = part.state:length(), first + S - 2 -- MTP positions to fill, inclusive
   if to >= from then
     local layer = self.layers[1]
-    local H = dsrt.empty({ to - from + 1, X.shape[2], X.shape[3] }, { dtype = X.dtype, device = X.device })
-    local next_ids = {}
-    for t = from, to do
-      local row = t - from + 1
-      H[row] = t < first and part.residuals[t] or X[t - first + 1]
-      next_ids[row] = ids[t + 1 - first + 1]
+    -- H: the kept residuals of positions before `first` (the previous call's last, normally), then
+    -- rows of X in one block: a view of X when there are none, one block copy otherwise (never a
+    -- copy per row: a prefill of S tokens would launch S copies on a GPU)
+    local count = to - from + 1
+    local older = math.max(0, math.min(to, first - 1) - from + 1)
+    local H
+    if older == 0 then
+      H = X:narrow(1, from - first + 1, count)
+    else
+      H = dsrt.empty({ count, X.shape[2], X.shape[3] }, { dtype = X.dtype, device = X.device })
+      for row = 1, older do H[row] = part.residuals[from + row - 1] end
+      if count > older then H:narrow(1, older + 1, count - older):copy(X:narrow(1, 1, count - older)) end
     end
+    local next_ids = {}
+    for t = from, to do next_ids[t - from + 1] = ids[t + 1 - first + 1] end
     decoder.attention_half(self.dims, layer.block, part.state, mtp_input(self, layer, H, next_ids), self.precision)
   end
-  for i = 1, S do part.residuals[first + i - 1] = X[i] end
-  -- rollback reaches back `slack` positions, and the residual before them feeds the MTP there
+  -- rollback reaches back `slack` positions, and the residual before them feeds the MTP there: only
+  -- the last slack + 1 positions are kept, as rows of one small copy (a view would keep the whole
+  -- of X — a long prefill's [S, hc, dim] — alive)
+  local keep = math.min(S, session.slack + 1)
+  local kept = X:narrow(1, S - keep + 1, keep):clone()
+  for i = 1, keep do part.residuals[first + S - keep + i - 1] = kept[i] end
   for t = first - session.slack - 1, first + S - session.slack - 2 do part.residuals[t] = nil end
 end
 

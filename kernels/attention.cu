@@ -1,0 +1,380 @@
+/*
+ * attention.cu - the host loops of the DSV4 attention layer (runtime/attention.c, SPEC §6) as
+ * kernels: the compressor's ape add, per-channel softmax pooling and ring writes, the attention
+ * pool gather and index-list construction, and the lightning indexer's scores and top-k.
+ *
+ * What this file protects: the CUDA layer gives the CPU layer's result, and its index lists have
+ * the CPU's layout, so the two are comparable and a chunked prefill equals a one-shot one equals
+ * decode on the GPU too. Each kernel is the corresponding loop of attention.c with one thread per
+ * output element (or one block per query row for the top-k), written with the same arithmetic in
+ * the same order:
+ *   - the ape add is one rounded f32 add, as the CPU's `g += ape` (bit-exact);
+ *   - pooling takes the f32 max, then Σ e^{g−m}·c and Σ e^{g−m} in double in slot order, exactly as
+ *     compress() does; only expf may differ from glibc's by an ulp (CUDA's is within 2 ulp);
+ *   - indexer scores: the 128-term dot products in double in dimension order, the head sum in
+ *     double in head order, with the CPU's bf16 rounding points in reference precision. Every
+ *     product of two f32 values is exact in double, so a fused multiply-add gives the same bits as
+ *     the CPU's multiply then add: the scores are bit-equal to index_select()'s, and so is the
+ *     top-k order (descending score, ties to the lower entry), which makes the picks equal too;
+ *   - ring writes, the pool gather and the index lists only move values.
+ * Nothing here allocates or synchronises; the caller (attention.c) owns every buffer and stream.
+ * All buffers are contiguous f32 (i64 for index lists, i32 for picks), row-major, as described
+ * at each launcher in kernels.h.
+ */
+#include <math.h>
+#include "common.cuh"
+
+static int bad_arg(const char *what, const char *why) { return dsrtk_fail(DSRTK_ERROR, "%s: %s", what, why); }
+
+/* f32 -> f64 kept inside the loop that uses it: a hoisted conversion of the 128 key values would
+ * take 256 registers and spill */
+__device__ __forceinline__ double widen(float x)
+{
+    double d;
+    asm volatile("cvt.f64.f32 %0, %1;" : "=d"(d) : "f"(x));
+    return d;
+}
+
+__device__ __forceinline__ float bf16_round(float v) { return dsrt_bf16_to_f32(dsrt_f32_to_bf16(v)); }
+
+/* ---- compressor (attention.c compress, commit_rows; SPEC §6.5) ---- */
+
+/* g[i, k] += ape[(P + i) mod r, k] for the chunk's S rows of `width` gates. */
+__global__ void __launch_bounds__(DSRTK_BLOCK) ape_add_kernel(float *g, const float *ape, int64_t S, int64_t width,
+                                                              int64_t P, int64_t r)
+{
+    int64_t n = S * width, step = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < n; at += step) {
+        int64_t i = at / width, k = at - i * width;
+        g[at] = __fadd_rn(g[at], ape[((P + i) % r) * width + k]);
+    }
+}
+
+int dsrtk_attn_ape_add(int dev, float *g, const float *ape, int64_t S, int64_t width, int64_t P, int64_t r, void *stream)
+{
+    if (S < 0 || width < 1 || P < 0 || r < 1) return bad_arg("attention.ape_add", "bad sizes");
+    if (S == 0) return DSRTK_OK;
+    DSRTK_SET_DEVICE(dev, "attention.ape_add");
+    int grid = dsrtk_grid_for(dev, S * width, DSRTK_BLOCK);
+    ape_add_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(g, ape, S, width, P, r);
+    return dsrtk_check_launch("attention.ape_add", dev);
+}
+
+/* One thread per (entry e, channel ch): entry j = j0 + e pools the slots of positions
+ * first … j·r + r − 1 (overlap: from (j−1)·r, the A half [0, d) of window j−1 and the B half
+ * [d, 2d) of window j), reading the chunk's rows for positions >= P and the ring otherwise. */
+__global__ void __launch_bounds__(DSRTK_BLOCK) pool_kernel(float *out, const float *cc, const float *cg, const float *rc,
+                                                           const float *rg, int64_t ring, int64_t P, int64_t j0, int64_t n,
+                                                           int d, int r, int coff, int round_bf16)
+{
+    int64_t total = n * d, step = (int64_t)gridDim.x * blockDim.x, width = (int64_t)coff * d;
+    for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
+        int64_t e = at / d, ch = at - e * d, j = j0 + e;
+        int64_t first = coff == 2 && j > 0 ? (j - 1) * r : j * r, last = j * r + r;
+        float m = -INFINITY;
+        for (int64_t p = first; p < last; p++) {
+            int64_t half = coff == 2 && p >= j * r ? d : 0;
+            const float *g = p >= P ? cg + (p - P) * width : rg + (p % ring) * width;
+            float gv = g[half + ch];
+            m = gv > m ? gv : m;
+        }
+        double num = 0, den = 0;
+        for (int64_t p = first; p < last; p++) {
+            int64_t half = coff == 2 && p >= j * r ? d : 0;
+            int64_t row = p >= P ? (p - P) * width : (p % ring) * width;
+            const float *g = p >= P ? cg : rg, *c = p >= P ? cc : rc;
+            double w = (double)expf(__fsub_rn(g[row + half + ch], m));
+            den = __dadd_rn(den, w);
+            num = __fma_rn(w, (double)c[row + half + ch], num); /* the product is exact in double */
+        }
+        float v = (float)__ddiv_rn(num, den);
+        out[at] = round_bf16 ? bf16_round(v) : v;
+    }
+}
+
+int dsrtk_attn_compress_pool(int dev, float *out, const float *chunk_c, const float *chunk_g, const float *ring_c,
+                             const float *ring_g, int64_t ring, int64_t P, int64_t S, int64_t j0, int64_t n, int d, int r,
+                             int coff, int round_bf16, void *stream)
+{
+    const char *what = "attention.compress_pool";
+    if (n < 0 || d < 1 || r < 1 || (coff != 1 && coff != 2) || ring < 1 || P < 0 || S < 0 || j0 < 0)
+        return bad_arg(what, "bad sizes");
+    /* every slot read lies in the chunk or in the ring's last `ring` positions before P */
+    int64_t oldest = coff == 2 && j0 > 0 ? (j0 - 1) * r : j0 * r;
+    if (n > 0 && ((j0 + n) * r > P + S || (oldest < P && P - oldest > ring)))
+        return bad_arg(what, "the entries' windows are not in the chunk and the ring");
+    if (n == 0) return DSRTK_OK;
+    DSRTK_SET_DEVICE(dev, what);
+    int grid = dsrtk_grid_for(dev, n * d, DSRTK_BLOCK);
+    pool_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(out, chunk_c, chunk_g, ring_c, ring_g, ring, P, j0, n, d,
+                                                                r, coff, round_bf16);
+    return dsrtk_check_launch(what, dev);
+}
+
+/* ring[(P + i) mod rows] = src[i] for the chunk's last min(S, rows) rows */
+__global__ void __launch_bounds__(DSRTK_BLOCK) ring_write_kernel(float *ring, const float *src, int64_t rows, int64_t width,
+                                                                 int64_t P, int64_t first, int64_t S)
+{
+    int64_t total = (S - first) * width, step = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
+        int64_t i = first + at / width, k = at % width;
+        ring[((P + i) % rows) * width + k] = src[i * width + k];
+    }
+}
+
+int dsrtk_attn_ring_write(int dev, float *ring, int64_t rows, int64_t width, const float *src, int64_t P, int64_t S,
+                          void *stream)
+{
+    if (rows < 1 || width < 1 || P < 0 || S < 0) return bad_arg("attention.ring_write", "bad sizes");
+    if (S == 0) return DSRTK_OK;
+    DSRTK_SET_DEVICE(dev, "attention.ring_write");
+    int64_t first = S > rows ? S - rows : 0;
+    int grid = dsrtk_grid_for(dev, (S - first) * width, DSRTK_BLOCK);
+    ring_write_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(ring, src, rows, width, P, first, S);
+    return dsrtk_check_launch("attention.ring_write", dev);
+}
+
+/* ---- the attention pool and index lists (attention.c forward; SPEC §6.4, §6.7) ---- */
+
+/* pool rows: window positions base … P+S−1 (fresh rows for p >= P, the ring before), then the
+ * entries 0 … n_entries−1 */
+__global__ void __launch_bounds__(DSRTK_BLOCK) gather_kernel(float *pool, const float *fresh, const float *window,
+                                                             int64_t window_rows, const float *entries, int64_t base,
+                                                             int64_t P, int64_t n_win, int64_t n_entries, int64_t hd)
+{
+    int64_t total = (n_win + n_entries) * hd, step = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
+        int64_t row = at / hd, k = at - row * hd;
+        float v;
+        if (row < n_win) {
+            int64_t p = base + row;
+            v = p >= P ? fresh[(p - P) * hd + k] : window[(p % window_rows) * hd + k];
+        } else {
+            v = entries[(row - n_win) * hd + k];
+        }
+        pool[at] = v;
+    }
+}
+
+int dsrtk_attn_gather_pool(int dev, float *pool, const float *fresh, const float *window, int64_t window_rows,
+                           const float *entries, int64_t base, int64_t P, int64_t S, int64_t n_entries, int64_t hd,
+                           void *stream)
+{
+    int64_t n_win = P + S - base;
+    if (hd < 1 || window_rows < 1 || base < 0 || base > P || S < 1 || n_entries < 0 || P - base > window_rows)
+        return bad_arg("attention.gather_pool", "bad sizes");
+    DSRTK_SET_DEVICE(dev, "attention.gather_pool");
+    int grid = dsrtk_grid_for(dev, (n_win + n_entries) * hd, DSRTK_BLOCK);
+    gather_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(pool, fresh, window, window_rows, entries, base, P,
+                                                                  n_win, n_entries, hd);
+    return dsrtk_check_launch("attention.gather_pool", dev);
+}
+
+/* idx[i, m] for query t = P + i: m < W: window positions lo … t (pool rows p − base), −1 after;
+ * m >= W: ratio 4: picks[i, m − W] + n_win (−1 stays −1); other ratios: the visible entries
+ * n_win + (m − W) for m − W < (t+1) div r; −1 elsewhere (ratio 0 has no compressed part). */
+__global__ void __launch_bounds__(DSRTK_BLOCK) index_kernel(int64_t *idx, const int *picks, int64_t S, int64_t K,
+                                                            int64_t P, int64_t W, int64_t base, int64_t n_win, int64_t r,
+                                                            int64_t topk)
+{
+    int64_t total = S * K, step = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
+        int64_t i = at / K, m = at - i * K, t = P + i, v = -1;
+        if (m < W) {
+            int64_t lo = t - W + 1 > 0 ? t - W + 1 : 0;
+            if (lo + m <= t) v = lo + m - base;
+        } else if (r == 4) {
+            if (m - W < topk) {
+                int pk = picks[i * topk + (m - W)];
+                if (pk >= 0) v = n_win + pk;
+            }
+        } else if (r > 0) {
+            if (m - W < (t + 1) / r) v = n_win + (m - W);
+        }
+        idx[at] = v;
+    }
+}
+
+int dsrtk_attn_index_lists(int dev, int64_t *idx, const int *picks, int64_t S, int64_t K, int64_t P, int64_t W,
+                           int64_t base, int64_t n_win, int64_t r, int64_t topk, void *stream)
+{
+    if (S < 1 || W < 1 || K < W || P < 0 || base < 0 || r < 0 || (r == 4 && (!picks || topk < 1 || K != W + topk)))
+        return bad_arg("attention.index_lists", "bad sizes");
+    DSRTK_SET_DEVICE(dev, "attention.index_lists");
+    int grid = dsrtk_grid_for(dev, S * K, DSRTK_BLOCK);
+    index_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(idx, picks, S, K, P, W, base, n_win, r, topk);
+    return dsrtk_check_launch("attention.index_lists", dev);
+}
+
+/* ---- lightning indexer (attention.c index_select; SPEC §6.6) ---- */
+
+enum { SCORE_BLOCK = 128, INDEX_DIM = 128 };
+
+/* score[i, j] = Σ_h w'[i,h]·ReLU(q[i,h]·K_j) for the visible entries j < (P+i+1) div r of query
+ * row i (blockIdx.x), one entry per thread. w' = w·scale (bf16-rounded in reference precision).
+ * q_i and w'_i sit in shared memory (IH·(128+1) floats), K_j in the thread's registers.
+ * Per query row and visible entry: 128·IH double FMAs, K_j read once (512 bytes). */
+__global__ void __launch_bounds__(SCORE_BLOCK) score_kernel(float *scores, const float *q, const float *keys,
+                                                            const float *w, float scale, int64_t P, int64_t r, int IH,
+                                                            int64_t n_max, int ref)
+{
+    extern __shared__ float smem[];
+    int64_t i = blockIdx.x, visible = (P + i + 1) / r, j = blockIdx.y * (int64_t)SCORE_BLOCK + threadIdx.x;
+    if (blockIdx.y * (int64_t)SCORE_BLOCK >= visible) return; /* uniform over the block */
+    float *qs = smem, *ws = smem + (int64_t)IH * INDEX_DIM;
+    for (int k = threadIdx.x; k < IH * INDEX_DIM; k += SCORE_BLOCK) qs[k] = q[i * IH * INDEX_DIM + k];
+    for (int h = threadIdx.x; h < IH; h += SCORE_BLOCK) {
+        float v = __fmul_rn(w[i * IH + h], scale);
+        ws[h] = ref ? bf16_round(v) : v;
+    }
+    __syncthreads();
+    if (j >= visible) return;
+    float kj[INDEX_DIM];
+    const float4 *k4 = (const float4 *)(keys + j * INDEX_DIM);
+#pragma unroll
+    for (int e = 0; e < INDEX_DIM / 4; e++) {
+        float4 v = k4[e];
+        kj[4 * e] = v.x, kj[4 * e + 1] = v.y, kj[4 * e + 2] = v.z, kj[4 * e + 3] = v.w;
+    }
+    double sum = 0;
+    for (int h = 0; h < IH; h++) {
+        const float *qh = qs + h * INDEX_DIM;
+        double dot = 0;
+#pragma unroll
+        for (int e = 0; e < INDEX_DIM; e++) dot = __fma_rn((double)qh[e], widen(kj[e]), dot); /* exact products */
+        float dv = ref ? bf16_round((float)dot) : (float)dot;
+        dv = dv > 0 ? dv : 0;
+        double term = ref ? (double)bf16_round(__fmul_rn(dv, ws[h])) : __dmul_rn((double)dv, (double)ws[h]);
+        sum = __dadd_rn(sum, term);
+    }
+    scores[i * n_max + j] = ref ? bf16_round((float)sum) : (float)sum;
+}
+
+int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float *keys, const float *w, float scale,
+                            int64_t S, int64_t P, int64_t r, int IH, int ID, int64_t n_max, int ref, void *stream)
+{
+    const char *what = "attention.index_scores";
+    if (ID != INDEX_DIM) return dsrtk_fail(DSRTK_ERROR, "%s: index_head_dim %d, the kernel is built for %d", what, ID, INDEX_DIM);
+    if (S < 1 || P < 0 || r < 1 || IH < 1 || n_max < (P + S) / r || n_max > (int64_t)65535 * SCORE_BLOCK)
+        return bad_arg(what, "bad sizes");
+    if (n_max == 0) return DSRTK_OK;
+    if (((uintptr_t)keys & 15) != 0) return bad_arg(what, "keys must be 16-byte aligned");
+    DSRTK_SET_DEVICE(dev, what);
+    size_t smem = (size_t)IH * (INDEX_DIM + 1) * sizeof(float);
+    if (smem > 200 * 1024) return dsrtk_fail(DSRTK_ERROR, "%s: %d indexer heads need %zu bytes of shared memory", what, IH, smem);
+    if (smem > 48 * 1024) {
+        int st = dsrtk_check(cudaFuncSetAttribute(score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                             "%s: shared memory of %zu bytes", what, smem);
+        if (st) return st;
+    }
+    dim3 grid((unsigned)S, (unsigned)((n_max + SCORE_BLOCK - 1) / SCORE_BLOCK));
+    score_kernel<<<grid, SCORE_BLOCK, smem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, P, r, IH, n_max, ref);
+    return dsrtk_check_launch(what, dev);
+}
+
+/* Top-k per query row: keys (descending score, then ascending entry) as one u64, so the CPU's
+ * order is the ascending order of unique keys. ±0 compare equal on the CPU, so −0 becomes +0. */
+__device__ __forceinline__ uint64_t topk_key(float s, int64_t j)
+{
+    uint32_t u = s == 0.0f ? 0u : dsrt_f32_bits(s);
+    uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return (uint64_t)(~ascending) << 32 | (uint64_t)j;
+}
+
+enum { TOPK_THREADS = 1024, TOPK_SMEM = 4096 };
+
+/* sorts keys[0, n2) ascending, n2 a power of two <= TOPK_SMEM (bitonic network) */
+__device__ void bitonic_sort(uint64_t *keys, int n2)
+{
+    for (int k = 2; k <= n2; k <<= 1)
+        for (int jj = k >> 1; jj > 0; jj >>= 1) {
+            for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+                int partner = i ^ jj;
+                if (partner > i) {
+                    uint64_t a = keys[i], b = keys[partner];
+                    int ascending = (i & k) == 0;
+                    if ((a > b) == ascending) keys[i] = b, keys[partner] = a;
+                }
+            }
+            __syncthreads();
+        }
+}
+
+/* One block per query row i: picks[i, m] = the m-th of the k = min(topk, visible) best entries,
+ * −1 for m >= k. At most TOPK_SMEM visible entries: all keys sorted in shared memory. More: an
+ * 8-bit radix select over the 64-bit keys finds the k-th smallest key exactly (keys are unique),
+ * the k keys up to it are gathered and sorted in shared memory (topk <= TOPK_SMEM). */
+__global__ void __launch_bounds__(TOPK_THREADS) topk_kernel(int *picks, const float *scores, int64_t P, int64_t r,
+                                                            int64_t topk, int64_t n_max)
+{
+    __shared__ uint64_t keys[TOPK_SMEM];
+    __shared__ unsigned hist[256];
+    __shared__ uint64_t prefix_s;
+    __shared__ int64_t remaining_s;
+    __shared__ unsigned count_s;
+    int64_t i = blockIdx.x, visible = (P + i + 1) / r, k = visible < topk ? visible : topk;
+    const float *row = scores + i * n_max;
+    int n;
+    if (visible <= TOPK_SMEM) {
+        n = (int)visible;
+        int n2 = 1;
+        while (n2 < n) n2 <<= 1;
+        for (int j = threadIdx.x; j < n2; j += blockDim.x) keys[j] = j < n ? topk_key(row[j], j) : ~(uint64_t)0;
+        __syncthreads();
+        bitonic_sort(keys, n2);
+    } else {
+        uint64_t prefix = 0, mask = 0;
+        if (threadIdx.x == 0) remaining_s = k;
+        for (int shift = 56; shift >= 0; shift -= 8) {
+            for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+            __syncthreads();
+            for (int64_t j = threadIdx.x; j < visible; j += blockDim.x) {
+                uint64_t key = topk_key(row[j], j);
+                if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                int64_t left = remaining_s;
+                int b = 0;
+                while (b < 255 && (int64_t)hist[b] < left) left -= hist[b++];
+                remaining_s = left;
+                prefix_s = prefix | (uint64_t)b << shift;
+            }
+            __syncthreads();
+            prefix = prefix_s;
+            mask |= (uint64_t)255 << shift;
+            __syncthreads();
+        }
+        /* prefix is now the k-th smallest key: gather the k keys <= it */
+        if (threadIdx.x == 0) count_s = 0;
+        __syncthreads();
+        for (int64_t j = threadIdx.x; j < visible; j += blockDim.x) {
+            uint64_t key = topk_key(row[j], j);
+            if (key <= prefix) {
+                unsigned at = atomicAdd(&count_s, 1u);
+                if (at < TOPK_SMEM) keys[at] = key;
+            }
+        }
+        __syncthreads();
+        n = (int)(count_s < (unsigned)TOPK_SMEM ? count_s : (unsigned)TOPK_SMEM);
+        int n2 = 1;
+        while (n2 < n) n2 <<= 1;
+        for (int j = n + threadIdx.x; j < n2; j += blockDim.x) keys[j] = ~(uint64_t)0;
+        __syncthreads();
+        bitonic_sort(keys, n2);
+    }
+    for (int64_t m = threadIdx.x; m < topk; m += blockDim.x)
+        picks[i * topk + m] = m < k && m < n ? (int)(keys[m] & 0xffffffffu) : -1;
+}
+
+int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t P, int64_t r, int64_t topk, int64_t n_max,
+                    void *stream)
+{
+    const char *what = "attention.topk";
+    if (S < 1 || P < 0 || r < 1 || topk < 1 || n_max < (P + S) / r) return bad_arg(what, "bad sizes");
+    if (topk > TOPK_SMEM) return dsrtk_fail(DSRTK_ERROR, "%s: index_topk %lld, at most %d on CUDA", what, (long long)topk, TOPK_SMEM);
+    if (n_max >= ((int64_t)1 << 31)) return bad_arg(what, "too many entries");
+    DSRTK_SET_DEVICE(dev, what);
+    topk_kernel<<<(unsigned)S, TOPK_THREADS, 0, (cudaStream_t)stream>>>(picks, scores, P, r, topk, n_max);
+    return dsrtk_check_launch(what, dev);
+}

@@ -1,0 +1,406 @@
+/*
+ * sampling.cu - the token sampler of runtime/sampling.h on a CUDA device.
+ *
+ * What this file protects: the same seed, step and logits give the same ids on the GPU as on the
+ * CPU (runtime/sampling.c, sample_row, is the readable reference of everything here), not just
+ * the same distribution. So nothing is approximated: p_i is sampling.h's dsrt_sample_exp (the
+ * same IEEE operations as the CPU's), every double sum is added in the CPU's order (candidate
+ * order, from the first candidate, one thread), and every comparison is the CPU's.
+ *
+ * Shape of the work, for B rows of V logits (V = 129,280 for DSV4):
+ *   1. (rows with penalties) the row's history ids are marked in a byte map [B, V] (zeroed first);
+ *      a marked logit is penalized when read. Penalizing is computed from the raw logit, so a
+ *      duplicate id in the history marks the same byte again, which is the CPU's "each distinct
+ *      id once" without a race.
+ *   2. scan: blocks of SCAN_CHUNK logits per row read the row once, coalesced: the first NaN's
+ *      id, the first maximum (argmax), and, when some row samples, a 64-bit sort key per logit:
+ *      row | descending logit | id. Greedy rows are done here (their id is the argmax).
+ *   3. (some row samples) one CUB radix sort of all B*V keys (stable by construction: the id is
+ *      in the key): every row's candidates in the CPU's order, descending logit, ties by id.
+ *   4. pick: a block per row combines the scan's partial results (status, greedy id) and, for a
+ *      sampling row, walks its sorted candidates: the block computes p_i for a stage of
+ *      candidates into shared memory in parallel, thread 0 adds them in order. min_p's cut (the
+ *      first candidate below min_p * p_max) is a parallel minimum, exact with no sum involved.
+ *
+ * Why a full sort rather than a top-p-bounded candidate set: top_p's threshold is top_p times the
+ * sum of ALL candidates' p, added in candidate order; a different order changes the last bits of
+ * that sum, which moves the cut on a rounding tie, so the exact answer needs the candidates in
+ * order. The sequential sums stop early, exactly: once p_i < z * 2^-56 (the candidates only get
+ * smaller), adding it and everything after leaves z unchanged to the bit.
+ *
+ * Cost (B = 64, V = 129,280): the scan reads 33 MB of logits and writes 66 MB of keys; the sort
+ * moves ~16 bytes per key per 8-bit digit over rb + 32 + 17 bits; the walks are O(V) dependent
+ * double adds on one thread per row (rows in parallel). Greedy-only calls skip steps 3 and the
+ * walks: they are one read of the logits.
+ *
+ * Errors: a row with a NaN or without a finite logit gets a status word beside its id, copied
+ * back by the core with the ids (the launcher never synchronises).
+ */
+#include <cub/device/device_radix_sort.cuh>
+#include <limits.h>
+#include <math.h>
+#include "common.cuh"
+#include "sampling.h"
+
+namespace {
+
+enum {
+    SCAN_BLOCK = 256,
+    SCAN_PER_THREAD = 16,
+    SCAN_CHUNK = SCAN_BLOCK * SCAN_PER_THREAD, /* logits per scan block */
+    MARK_BLOCK = 256,
+    PICK_BLOCK = 256,
+    STAGE = 2048 /* candidates whose p one walk step stages in shared memory (16 KB) */
+};
+
+/* one scan block's result for its chunk of a row */
+struct ScanPart {
+    float best;      /* the largest non-NaN logit (penalized) */
+    int32_t best_id; /* its first position */
+    int32_t nan_id;  /* the first NaN's position, INT_MAX if none */
+};
+
+/* where the pieces of the workspace lie */
+struct Layout {
+    int nchunks, idb, end_bit;
+    size_t part, marks, keys_in, keys_out, temp, temp_bytes, total;
+};
+
+__host__ __device__ inline int bits_for(int64_t n) /* bits to write 0 .. n-1 */
+{
+    int b = 0;
+    while (b < 63 && (int64_t(1) << b) < n) b++;
+    return b;
+}
+
+__device__ __forceinline__ bool row_penalized(const dsrtk_sample_row &p)
+{
+    return (p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f) && p.hist_end > p.hist_begin;
+}
+
+/* sampling.c's penalty, rounded as there (no FMA) */
+__device__ __forceinline__ float penalize(float v, const dsrtk_sample_row &p)
+{
+    v = v > 0.0f ? __fdiv_rn(v, p.repetition_penalty) : __fmul_rn(v, p.repetition_penalty);
+    return __fsub_rn(v, p.presence_penalty);
+}
+
+/* Keys ascend as logits descend: the float's bits mapped to an order-preserving unsigned (after
+ * -0 -> +0, which the CPU's comparison treats as equal), complemented. */
+__device__ __forceinline__ uint32_t desc_bits(float v)
+{
+    if (v == 0.0f) v = 0.0f;
+    uint32_t u = __float_as_uint(v);
+    uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ~ordered;
+}
+__device__ __forceinline__ float key_value(uint64_t key, int idb)
+{
+    uint32_t ordered = ~(uint32_t)(key >> idb);
+    uint32_t u = (ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered;
+    return __uint_as_float(u);
+}
+__device__ __forceinline__ int64_t key_id(uint64_t key, int idb) { return (int64_t)(key & ((1ull << idb) - 1)); }
+
+/* p of a candidate, as sampling.c computes pr[i] */
+__device__ __forceinline__ double key_prob(uint64_t key, int idb, double xmax, double inv_t)
+{
+    return dsrt_sample_exp(__dmul_rn(__dadd_rn((double)key_value(key, idb), -xmax), inv_t));
+}
+
+/* (v, i) beats (w, j): larger, or equal and first (the CPU's `x[i] > x[best]` from the left) */
+__device__ __forceinline__ bool beats(float v, int32_t i, float w, int32_t j) { return v > w || (v == w && i < j); }
+
+/* ---- 1. history marks ---- */
+
+__global__ void __launch_bounds__(MARK_BLOCK) sample_mark_kernel(const dsrtk_sample_row *rows, const int64_t *hist,
+                                                                 int64_t V, uint8_t *marks)
+{
+    const dsrtk_sample_row p = rows[blockIdx.y];
+    if (!row_penalized(p)) return;
+    uint8_t *m = marks + (int64_t)blockIdx.y * V;
+    for (int64_t j = p.hist_begin + (int64_t)blockIdx.x * MARK_BLOCK + threadIdx.x; j < p.hist_end;
+         j += (int64_t)gridDim.x * MARK_BLOCK) {
+        int64_t id = hist[j];
+        if (id >= 0 && id < V) m[id] = 1; /* checked on the host; the bound keeps a bad id harmless */
+    }
+}
+
+/* ---- 2. scan ---- */
+
+__global__ void __launch_bounds__(SCAN_BLOCK) sample_scan_kernel(const float *logits, int64_t V, int nchunks,
+                                                                 const dsrtk_sample_row *rows, const uint8_t *marks,
+                                                                 uint64_t *keys, int idb, ScanPart *parts)
+{
+    const int64_t r = blockIdx.y;
+    const dsrtk_sample_row p = rows[r];
+    const bool pen = marks != nullptr && row_penalized(p);
+    const float *x = logits + r * V;
+    const uint8_t *m = pen ? marks + r * V : nullptr;
+    uint64_t *k = keys ? keys + r * V : nullptr;
+    const uint64_t row_key = (uint64_t)r << (32 + idb);
+    const int64_t begin = (int64_t)blockIdx.x * SCAN_CHUNK, end = min(V, begin + (int64_t)SCAN_CHUNK);
+
+    float best = -INFINITY;
+    int32_t best_id = INT_MAX, nan_id = INT_MAX;
+#pragma unroll 4
+    for (int64_t i = begin + threadIdx.x; i < end; i += SCAN_BLOCK) {
+        float v = __ldg(x + i);
+        if (pen && m[i]) v = penalize(v, p);
+        if (isnan(v)) {
+            nan_id = min(nan_id, (int32_t)i);
+        } else if (beats(v, (int32_t)i, best, best_id)) {
+            best = v;
+            best_id = (int32_t)i;
+        }
+        if (k) k[i] = row_key | (uint64_t)desc_bits(v) << idb | (uint64_t)i;
+    }
+    /* block reduction: warps by shuffles, then the warps' results through shared memory */
+    for (int o = 16; o > 0; o >>= 1) {
+        float w = __shfl_down_sync(0xffffffffu, best, o);
+        int32_t j = __shfl_down_sync(0xffffffffu, best_id, o);
+        int32_t nj = __shfl_down_sync(0xffffffffu, nan_id, o);
+        if (beats(w, j, best, best_id)) best = w, best_id = j;
+        nan_id = min(nan_id, nj);
+    }
+    __shared__ ScanPart warp_part[SCAN_BLOCK / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_part[warp] = ScanPart{best, best_id, nan_id};
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        ScanPart s = warp_part[0];
+        for (int w = 1; w < SCAN_BLOCK / 32; w++) {
+            if (beats(warp_part[w].best, warp_part[w].best_id, s.best, s.best_id))
+                s.best = warp_part[w].best, s.best_id = warp_part[w].best_id;
+            s.nan_id = min(s.nan_id, warp_part[w].nan_id);
+        }
+        parts[r * nchunks + blockIdx.x] = s;
+    }
+}
+
+/* ---- 4. pick ---- */
+
+struct PickShared {
+    double stage[STAGE];
+    int stop, done;
+    unsigned long long cut;
+    int64_t n;
+    double z;
+};
+
+/* Calls f(i, p_i) on thread 0 for i = 0, 1, ... < n in order, until f returns false. Every thread
+ * of the block must call it (it synchronises). */
+template <class F>
+__device__ void walk(PickShared &sh, const uint64_t *k, int idb, int64_t n, double xmax, double inv_t, F f)
+{
+    __syncthreads(); /* everyone has read the previous walk's stop */
+    if (threadIdx.x == 0) sh.stop = 0;
+    for (int64_t base = 0; base < n; base += STAGE) {
+        const int len = (int)min((int64_t)STAGE, n - base);
+        for (int j = threadIdx.x; j < len; j += PICK_BLOCK) sh.stage[j] = key_prob(k[base + j], idb, xmax, inv_t);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int j = 0; j < len; j++)
+                if (!f(base + j, sh.stage[j])) { sh.stop = 1; break; }
+        }
+        __syncthreads();
+        /* thread 0 writes stop again (and the stage is rewritten) only past the next barrier,
+         * which every thread reaches after this read */
+        if (sh.stop) break;
+    }
+}
+
+/* z = sum of p over the first n candidates, in order, stopping exactly where nothing changes it */
+__device__ double ordered_sum(PickShared &sh, const uint64_t *k, int idb, int64_t n, double xmax, double inv_t)
+{
+    double z = 0.0;
+    walk(sh, k, idb, n, xmax, inv_t, [&](int64_t, double p) {
+        /* z >= 1 after the first candidate (p_0 = 1); p < z * 2^-56 is below a quarter ulp of z, and
+         * every later p is no larger (up to the exp's few ulps): z + p == z from here on */
+        if (p < __dmul_rn(z, 1.3877787807814457e-17)) return false; /* z * 2^-56, exact */
+        z += p;
+        return true;
+    });
+    if (threadIdx.x == 0) sh.z = z;
+    __syncthreads();
+    return sh.z;
+}
+
+__global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int64_t V, int nchunks,
+                                                                 const dsrtk_sample_row *rows, const ScanPart *parts,
+                                                                 const uint64_t *sorted, int idb, uint64_t seed,
+                                                                 uint64_t step, int64_t *out)
+{
+    __shared__ PickShared sh;
+    const int64_t r = blockIdx.x;
+    const dsrtk_sample_row p = rows[r];
+    int64_t *id_out = out + r, *status = out + B + r;
+    if (threadIdx.x == 0) {
+        ScanPart s = parts[r * nchunks];
+        for (int c = 1; c < nchunks; c++) {
+            const ScanPart &q = parts[r * nchunks + c];
+            if (beats(q.best, q.best_id, s.best, s.best_id)) s.best = q.best, s.best_id = q.best_id;
+            s.nan_id = min(s.nan_id, q.nan_id);
+        }
+        sh.done = 1;
+        if (s.nan_id != INT_MAX) *id_out = s.nan_id, *status = DSRTK_SAMPLE_NAN;
+        else if (s.best == -INFINITY) *id_out = 0, *status = DSRTK_SAMPLE_NO_FINITE;
+        else if (p.temperature == 0.0f || sorted == nullptr) *id_out = s.best_id, *status = DSRTK_SAMPLE_OK;
+        else sh.done = 0;
+    }
+    __syncthreads();
+    if (sh.done) return;
+
+    const uint64_t *k = sorted + r * V;
+    const int64_t n_all = p.top_k > 0 && p.top_k < V ? p.top_k : V;
+    const double xmax = key_value(k[0], idb);
+    const float u = dsrt_rand_uniform(seed, step * (uint64_t)B + (uint64_t)r);
+    if (xmax == INFINITY) { /* the +inf candidates only, equally likely (a rare case: one thread) */
+        if (threadIdx.x == 0) {
+            int64_t m = 0;
+            while (m < n_all && key_value(k[m], idb) == INFINITY) m++;
+            *id_out = key_id(k[(int64_t)((double)u * m)], idb);
+            *status = DSRTK_SAMPLE_OK;
+        }
+        return;
+    }
+    const double inv_t = 1.0 / (double)p.temperature;
+    int64_t n = n_all;
+    double z = 0.0;
+    bool z_known = false;
+    if (p.top_p < 1.0f) {
+        const double target = (double)p.top_p * ordered_sum(sh, k, idb, n, xmax, inv_t);
+        double cum = 0.0;
+        int64_t m = 0;
+        walk(sh, k, idb, n, xmax, inv_t, [&](int64_t, double q) {
+            cum += q;
+            m++;
+            return !(cum >= target);
+        });
+        if (threadIdx.x == 0) sh.n = m > 0 ? m : 1, sh.z = cum;
+        __syncthreads();
+        /* the kept prefix's sum is the cumulative sum just taken: the same additions in the same order */
+        n = sh.n;
+        z = sh.z;
+        z_known = true;
+    }
+    if (p.min_p > 0.0f) {
+        const double floor_p = (double)p.min_p * key_prob(k[0], idb, xmax, inv_t);
+        if (threadIdx.x == 0) sh.cut = (unsigned long long)n;
+        __syncthreads();
+        /* the first candidate from 1 on with p < floor_p: each thread's first is its smallest */
+        for (int64_t i = 1 + threadIdx.x; i < n; i += PICK_BLOCK) {
+            if ((unsigned long long)i >= sh.cut) break;
+            if (key_prob(k[i], idb, xmax, inv_t) < floor_p) {
+                atomicMin(&sh.cut, (unsigned long long)i);
+                break;
+            }
+        }
+        __syncthreads();
+        if ((int64_t)sh.cut != n) z_known = false;
+        n = (int64_t)sh.cut;
+    }
+    if (!z_known) z = ordered_sum(sh, k, idb, n, xmax, inv_t);
+
+    const double target = (double)u * z;
+    double cum = 0.0;
+    int64_t pick = 0;
+    walk(sh, k, idb, n, xmax, inv_t, [&](int64_t i, double q) {
+        cum += q;
+        if (cum > target) { pick = i; return false; }
+        if (q > 0.0) pick = i; /* rounding: the last nonzero candidate */
+        return true;
+    });
+    if (threadIdx.x == 0) {
+        *id_out = key_id(k[pick], idb);
+        *status = DSRTK_SAMPLE_OK;
+    }
+}
+
+size_t align_up(size_t x) { return (x + 255) & ~(size_t)255; }
+
+int plan(int dev, int64_t B, int64_t V, int sorting, int penalties, Layout *L)
+{
+    if (B < 1 || V < 1) return dsrtk_fail(DSRTK_ERROR, "sample: %lld rows of %lld logits", (long long)B, (long long)V);
+    if (B > 65535 || V >= INT_MAX || B * V > INT_MAX)
+        return dsrtk_fail(DSRTK_ERROR, "sample: %lld rows of %lld logits are more than the CUDA sampler takes "
+                          "(at most 65535 rows, 2^31 logits in all)", (long long)B, (long long)V);
+    L->nchunks = (int)((V + SCAN_CHUNK - 1) / SCAN_CHUNK);
+    L->idb = bits_for(V) > 0 ? bits_for(V) : 1;
+    L->end_bit = bits_for(B) + 32 + L->idb;
+    if (L->end_bit > 64)
+        return dsrtk_fail(DSRTK_ERROR, "sample: %lld rows of %lld logits do not fit the 64-bit sort keys "
+                          "(row and id bits must total <= 32)", (long long)B, (long long)V);
+    size_t n = (size_t)(B * V), at = 0;
+    L->part = at;
+    at = align_up(at + (size_t)B * L->nchunks * sizeof(ScanPart));
+    L->marks = at;
+    if (penalties) at = align_up(at + n);
+    L->keys_in = at;
+    L->keys_out = at;
+    L->temp = at;
+    L->temp_bytes = 0;
+    if (sorting) {
+        L->keys_out = at = align_up(at + n * sizeof(uint64_t));
+        L->temp = at = align_up(at + n * sizeof(uint64_t));
+        DSRTK_SET_DEVICE(dev, "sample");
+        int st = dsrtk_check(cub::DeviceRadixSort::SortKeys(nullptr, L->temp_bytes, (const uint64_t *)nullptr,
+                                                            (uint64_t *)nullptr, (int)n, 0, L->end_bit),
+                             "sample: sizing the radix sort of %zu keys on cuda:%d", n, dev);
+        if (st) return st;
+        at = align_up(at + L->temp_bytes);
+    }
+    L->total = at;
+    return DSRTK_OK;
+}
+
+} // namespace
+
+int dsrtk_sample_workspace(int dev, int64_t B, int64_t V, int sorting, int penalties, size_t *bytes)
+{
+    Layout L;
+    int st = plan(dev, B, V, sorting, penalties, &L);
+    if (st) return st;
+    *bytes = L.total;
+    return DSRTK_OK;
+}
+
+int dsrtk_sample(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
+                 const int64_t *hist, int64_t max_hist, uint64_t seed, uint64_t step, int sorting, int penalties,
+                 void *workspace, size_t workspace_bytes, int64_t *out, void *stream)
+{
+    Layout L;
+    int st = plan(dev, B, V, sorting, penalties, &L);
+    if (st) return st;
+    if (workspace_bytes < L.total || (L.total > 0 && !workspace))
+        return dsrtk_fail(DSRTK_ERROR, "sample: the workspace has %zu bytes, %zu needed", workspace_bytes, L.total);
+    if (!logits || !rows || !out) return dsrtk_fail(DSRTK_ERROR, "sample: a NULL logits, rows or output pointer");
+    DSRTK_SET_DEVICE(dev, "sample");
+    cudaStream_t s = (cudaStream_t)stream;
+    char *w = (char *)workspace;
+    ScanPart *parts = (ScanPart *)(w + L.part);
+    uint8_t *marks = nullptr;
+    if (penalties && max_hist > 0) {
+        marks = (uint8_t *)(w + L.marks);
+        st = dsrtk_check(cudaMemsetAsync(marks, 0, (size_t)(B * V), s), "sample: clearing the history marks on cuda:%d", dev);
+        if (st) return st;
+        int64_t gx = (max_hist + MARK_BLOCK - 1) / MARK_BLOCK;
+        dim3 grid((unsigned)(gx < 1024 ? gx : 1024), (unsigned)B);
+        sample_mark_kernel<<<grid, MARK_BLOCK, 0, s>>>(rows, hist, V, marks);
+        if ((st = dsrtk_check_launch("sample_mark_kernel", dev))) return st;
+    }
+    uint64_t *keys_in = sorting ? (uint64_t *)(w + L.keys_in) : nullptr;
+    uint64_t *keys_out = sorting ? (uint64_t *)(w + L.keys_out) : nullptr;
+    sample_scan_kernel<<<dim3((unsigned)L.nchunks, (unsigned)B), SCAN_BLOCK, 0, s>>>(logits, V, L.nchunks, rows, marks,
+                                                                                   keys_in, L.idb, parts);
+    if ((st = dsrtk_check_launch("sample_scan_kernel", dev))) return st;
+    if (sorting) {
+        size_t temp_bytes = L.temp_bytes;
+        st = dsrtk_check(cub::DeviceRadixSort::SortKeys(w + L.temp, temp_bytes, (const uint64_t *)keys_in, keys_out,
+                                                        (int)(B * V), 0, L.end_bit, s),
+                         "sample: radix sort of %lld keys on cuda:%d", (long long)(B * V), dev);
+        if (st) return st;
+    }
+    sample_pick_kernel<<<(unsigned)B, PICK_BLOCK, 0, s>>>(B, V, L.nchunks, rows, parts, keys_out, L.idb, seed, step, out);
+    return dsrtk_check_launch("sample_pick_kernel", dev);
+}

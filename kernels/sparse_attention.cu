@@ -1,0 +1,606 @@
+/*
+ * sparse_attention.cu - DSV4's sparse attention with the sink (SPEC §3.8) on CUDA: the kernels
+ * behind dsrt_nn_sparse_attention (runtime/nn.h) when the stream is a CUDA one.
+ *
+ * What this file protects: the reference kernel's numerics, which nn.c's attend() writes down and
+ * which this file must reproduce. Per query row t and head h, the index list is walked in blocks of
+ * ENTRIES = 64 (DSRT_NN_ATTENTION_BLOCK): s_j = fp32(q·kv_j)·scale, running max m, α = e^{m_old−m},
+ * p_j = e^{s_j−m}, den = den·α + Σp_j, acc = acc·α + Σ P(p_j)·kv_j with P the bf16 rounding in
+ * reference mode; at the end den += e^{sink−m} and o = acc/den. The bf16 rounding of p happens
+ * relative to the RUNNING max, so a block's probabilities depend on every block before it; both
+ * paths below keep that exactly (the split path computes the running max of every block first).
+ * Differences from the CPU: the dot product accumulates in fp32 (the CPU uses double), sums of p
+ * run as a warp tree (the CPU: double, in order) and expf is CUDA's (2 ulp): agreement is ~1e-6
+ * relative in fp32, a rare bf16 flip of one p in reference mode.
+ *
+ * The work: all heads of a query row share its index list, so a CTA takes one query row and a
+ * group of HEADS = 8 heads, stages the block's 64 gathered pool rows in shared memory ONCE (cp.async,
+ * in the pool's own dtype) and uses each row for the 8 heads:
+ *   - scores: warp w takes entries 8w..8w+7 for all 8 heads, each lane a 4-column slice of D, so a
+ *     lane holds 64 partial dots that one transposing warp reduction (62 shuffles) finishes;
+ *   - softmax step: warp h updates head h's running max, den and rounds its 64 p's;
+ *   - P·V: thread c owns column c of all 8 heads (accumulators in shared memory between blocks),
+ *     reading kv[e][c] once for 8 FMAs.
+ * Two launch shapes:
+ *   fused  (many rows: prefill): grid = S × ceil(H/8), each CTA walks all blocks in order.
+ *   split  (few rows: decode, S·groups < one wave): flash-decoding over the blocks, in 3 kernels:
+ *          scores_kernel writes every s_j (workspace [S, H, K]); block_kernel, one CTA per (row,
+ *          group, block), takes the running max M_b = max of the scores of blocks 0..b from the
+ *          workspace, so its P(e^{s_j − M_b}) are the fused path's, and writes its partial acc,
+ *          Σp and M_b; combine_kernel sums the blocks with weights e^{M_b − M}, which equals the
+ *          chain of α's (up to fp32 rounding).
+ * Bytes and FLOPs (Flash decode, S = 1, H = 64, D = 512, K = 640, bf16 pool): the floor is the
+ * gathered rows, 640 × 512 × 2 = 655 KB, plus q 64 KB; the work is 2 × 64 × 640 × 512 × 2 = 84 MFLOP.
+ * Each of the 8 head groups re-reads the rows (from L2 after the first), and block_kernel reads
+ * them again (L2). Prefill (S = 4096): 344 GFLOP on CUDA cores in fp32 (the fp32 mode needs fp32
+ * products; a bf16 mma.sync path for reference mode would be the next step).
+ *
+ * Index values are data on the device, so a bad one (< −1 or >= N) cannot be reported without a
+ * synchronisation: it is never dereferenced, and the outputs of its query row (for the heads of
+ * the CTA that saw it) become NaN, which no comparison passes.
+ */
+#include <math.h>
+#include "common.cuh"
+
+namespace {
+
+enum { ENTRIES = 64, HEADS = 8, THREADS = 256, WARPS = THREADS / 32, ENTRIES_PER_WARP = ENTRIES / WARPS };
+static_assert(HEADS == WARPS, "the softmax step gives each head of a group one warp");
+static_assert(ENTRIES_PER_WARP * HEADS == 64, "the score reduction leaves 2 of 64 values per lane");
+static_assert(ENTRIES == 2 * 32, "the softmax step gives each lane two entries");
+
+const unsigned FULL = 0xffffffffu;
+
+struct Args {
+    const void *q;    /* [S, H, D] f32 or bf16, contiguous */
+    const void *pool; /* [N, D] f32 or bf16, contiguous */
+    const void *idx;  /* [S, K] i32 or i64, contiguous */
+    const void *sink; /* [H] f32 or bf16 */
+    void *o;          /* [S, H, D] f32 or bf16 */
+    int sink_dtype, idx64, out_bf16, round_p, vec_rows;
+    int64_t S, H, D, N, K, D4; /* D4: D rounded up to 4, the row length in shared memory */
+    int64_t groups, nb;        /* ceil(H / HEADS), ceil(K / ENTRIES) */
+    float scale;
+    /* the split path's workspace */
+    float *scores;   /* [S, H, K] */
+    float *part_acc; /* [S, nb, H, D] */
+    float *part_m;   /* [S, nb, H] the running max after the block, -inf when it had no valid entry */
+    float *part_sum; /* [S, nb, H] its Σ p (unrounded), NaN after a bad index */
+};
+
+/* ---- shared memory (byte offsets, the same on host and device) ---- */
+
+struct Layout {
+    size_t q, acc, p, m, den, alpha, row, flag, kv, total;
+};
+__host__ __device__ inline size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
+__host__ __device__ inline Layout layout_for(int64_t D, int64_t D4, size_t pool_elem)
+{
+    Layout l;
+    l.q = 0;                                              /* float [HEADS][D4], q of the group */
+    l.acc = l.q + align16(sizeof(float) * HEADS * D4);    /* float [HEADS][D], the running acc */
+    l.p = l.acc + align16(sizeof(float) * HEADS * D);     /* float [ENTRIES][HEADS], s then P(p) */
+    l.m = l.p + sizeof(float) * ENTRIES * HEADS;          /* float [HEADS] running max */
+    l.den = l.m + align16(sizeof(float) * HEADS);         /* float [HEADS] running denominator */
+    l.alpha = l.den + align16(sizeof(float) * HEADS);     /* float [HEADS] this block's α */
+    l.row = l.alpha + align16(sizeof(float) * HEADS);     /* long long [ENTRIES] pool row or -1 */
+    l.flag = l.row + sizeof(long long) * ENTRIES;         /* int: a bad index was seen */
+    l.kv = l.flag + 16;                                   /* pool dtype [ENTRIES][D4] the block's rows */
+    l.total = l.kv + align16(pool_elem * ENTRIES * D4);
+    return l;
+}
+
+struct Shared {
+    float *q, *acc, *p, *m, *den, *alpha;
+    long long *row;
+    int *bad;
+    unsigned char *kv;
+};
+__device__ inline Shared shared_at(unsigned char *base, const Layout &l)
+{
+    Shared s;
+    s.q = (float *)(base + l.q);
+    s.acc = (float *)(base + l.acc);
+    s.p = (float *)(base + l.p);
+    s.m = (float *)(base + l.m);
+    s.den = (float *)(base + l.den);
+    s.alpha = (float *)(base + l.alpha);
+    s.row = (long long *)(base + l.row);
+    s.bad = (int *)(base + l.flag);
+    s.kv = base + l.kv;
+    return s;
+}
+
+/* ---- element access (uint16_t is bf16) ---- */
+
+__device__ __forceinline__ float elem(const float *p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float elem(const uint16_t *p, int64_t i) { return dsrt_bf16_to_f32(p[i]); }
+
+/* four consecutive elements, p 16-byte (f32) or 8-byte (bf16) aligned */
+__device__ __forceinline__ void load4(const float *p, float (&v)[4])
+{
+    float4 x = *(const float4 *)p;
+    v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+}
+__device__ __forceinline__ void load4(const uint16_t *p, float (&v)[4])
+{
+    uint2 x = *(const uint2 *)p; /* little endian: element 0 in the low half */
+    v[0] = __uint_as_float(x.x << 16), v[1] = __uint_as_float(x.x & 0xffff0000u);
+    v[2] = __uint_as_float(x.y << 16), v[3] = __uint_as_float(x.y & 0xffff0000u);
+}
+
+__device__ __forceinline__ float round_bf16(float x) { return dsrt_bf16_to_f32(dsrt_f32_to_bf16(x)); }
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+{
+    unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all()
+{
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+/* ---- the pieces of a block step ---- */
+
+/* q of row t, heads g·HEADS.., as f32 rows of D4 (zeros past D and past H) */
+template <class TQ>
+__device__ void load_q(const Args &a, int64_t t, int64_t g, float *q_s)
+{
+    const TQ *q = (const TQ *)a.q;
+    for (int64_t i = threadIdx.x; i < HEADS * a.D4; i += THREADS) {
+        int64_t h = i / a.D4, c = i - h * a.D4, hh = g * HEADS + h;
+        q_s[i] = hh < a.H && c < a.D ? elem(q, (t * a.H + hh) * a.D + c) : 0.0f;
+    }
+}
+
+/* Block b's indices into s.row (-1 where unused, past K, or bad) and its valid pool rows into s.kv.
+ * Returns (to every thread) whether any entry is valid; ends with the block synchronised. */
+template <class TP>
+__device__ int load_block(const Args &a, int64_t t, int64_t b, const Shared &s)
+{
+    long long r = -1;
+    if (threadIdx.x < ENTRIES) {
+        int64_t k = b * ENTRIES + threadIdx.x;
+        if (k < a.K) {
+            int64_t at = t * a.K + k;
+            r = a.idx64 ? ((const long long *)a.idx)[at] : (long long)((const int *)a.idx)[at];
+            if (r < -1 || r >= a.N) {
+                *s.bad = 1; /* every writer writes 1 */
+                r = -1;
+            }
+        }
+        s.row[threadIdx.x] = r;
+    }
+    int any = __syncthreads_or(r >= 0);
+    if (!any) return 0;
+    const TP *pool = (const TP *)a.pool;
+    TP *kv = (TP *)s.kv;
+    if (a.vec_rows) { /* rows of a multiple of 16 bytes, 16-byte aligned: D4 == D */
+        int64_t chunks = a.D * (int64_t)sizeof(TP) / 16;
+        for (int64_t i = threadIdx.x; i < ENTRIES * chunks; i += THREADS) {
+            int64_t e = i / chunks, ch = i - e * chunks;
+            long long row = s.row[e];
+            if (row >= 0) cp_async16((unsigned char *)(kv + e * a.D4) + 16 * ch,
+                                     (const unsigned char *)(pool + row * a.D) + 16 * ch);
+        }
+        cp_async_wait_all();
+    } else {
+        for (int64_t i = threadIdx.x; i < ENTRIES * a.D4; i += THREADS) {
+            int64_t e = i / a.D4, c = i - e * a.D4;
+            long long row = s.row[e];
+            if (row >= 0) kv[i] = c < a.D ? pool[row * a.D + c] : TP(0);
+        }
+    }
+    __syncthreads();
+    return 1;
+}
+
+/* one step of block_scores' reduction: N values per lane become N/2 (all indices compile-time) */
+template <int N>
+__device__ __forceinline__ void halve(float (&v)[ENTRIES_PER_WARP * HEADS], int lane, int o)
+{
+    const bool upper = lane & o;
+#pragma unroll
+    for (int i = 0; i < N / 2; i++) {
+        float send = upper ? v[i] : v[i + N / 2];
+        float keep = upper ? v[i + N / 2] : v[i];
+        v[i] = keep + __shfl_xor_sync(FULL, send, o);
+    }
+}
+
+/* s.p[e][h] = fp32(q_h · kv_e) · scale for the block's valid entries, -inf for the others.
+ * Warp w: entries 8w..8w+7, all 8 heads; lane l: columns 4l + 128i. Per lane and 4 columns: 8 loads
+ * of kv and 8 of q (shared) for 256 FMAs. */
+template <class TP>
+__device__ void block_scores(const Args &a, const Shared &s)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, e0 = warp * ENTRIES_PER_WARP;
+    const TP *kv = (const TP *)s.kv;
+    float v[ENTRIES_PER_WARP * HEADS]; /* v[e·HEADS + h] */
+#pragma unroll
+    for (int i = 0; i < ENTRIES_PER_WARP * HEADS; i++) v[i] = 0.0f;
+    for (int64_t c = 4 * lane; c < a.D4; c += 128) {
+        float x[ENTRIES_PER_WARP][4];
+#pragma unroll
+        for (int e = 0; e < ENTRIES_PER_WARP; e++) load4(kv + (e0 + e) * a.D4 + c, x[e]);
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) {
+            float4 qv = *(const float4 *)(s.q + h * a.D4 + c);
+#pragma unroll
+            for (int e = 0; e < ENTRIES_PER_WARP; e++) {
+                float d = v[e * HEADS + h];
+                d = fmaf(qv.x, x[e][0], d);
+                d = fmaf(qv.y, x[e][1], d);
+                d = fmaf(qv.z, x[e][2], d);
+                d = fmaf(qv.w, x[e][3], d);
+                v[e * HEADS + h] = d;
+            }
+        }
+    }
+    /* Transposing reduction: at offset o each lane keeps half of its values (the upper half where
+     * lane & o) and adds the partner's copy of that half, so 64 values over 32 lanes take
+     * 32 + 16 + 8 + 4 + 2 shuffles and lane l ends with the totals of values 2l and 2l + 1. */
+    halve<64>(v, lane, 16);
+    halve<32>(v, lane, 8);
+    halve<16>(v, lane, 4);
+    halve<8>(v, lane, 2);
+    halve<4>(v, lane, 1);
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int value = 2 * lane + i, e = e0 + value / HEADS, h = value % HEADS;
+        s.p[e * HEADS + h] = s.row[e] >= 0 ? __fmul_rn(v[i], a.scale) : -INFINITY;
+    }
+}
+
+/* Warp h (all lanes): the block's scores of head h in s.p[e][h] (-inf where invalid) become
+ * P(e^{s_e − m_new}) (0 where invalid), m_new = max(m_old, the block's max). Returns m_new and the
+ * block's Σ p before rounding (nn.c attend()'s m_new and block_sum). */
+__device__ float2 block_softmax(const Shared &s, int h, float m_old, int round_p)
+{
+    const int lane = threadIdx.x & 31;
+    const bool v0 = s.row[lane] >= 0, v1 = s.row[lane + 32] >= 0;
+    float s0 = s.p[lane * HEADS + h], s1 = s.p[(lane + 32) * HEADS + h];
+    float mx = fmaxf(s0, s1);
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, o));
+    float m_new = fmaxf(m_old, mx);
+    float p0 = v0 ? expf(s0 - m_new) : 0.0f, p1 = v1 ? expf(s1 - m_new) : 0.0f;
+    float sum = p0 + p1;
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) sum += __shfl_xor_sync(FULL, sum, o);
+    s.p[lane * HEADS + h] = round_p ? round_bf16(p0) : p0;
+    s.p[(lane + 32) * HEADS + h] = round_p ? round_bf16(p1) : p1;
+    return make_float2(m_new, sum);
+}
+
+/* acc[h][c] = acc[h][c]·α_h + Σ_e P(p_e,h)·kv_e[c] over the valid entries in order (attend()'s
+ * loop). Thread c owns column c of the 8 heads: one kv load, two broadcast float4 loads of p, 8 FMAs. */
+template <class TP>
+__device__ void block_pv(const Args &a, const Shared &s)
+{
+    const TP *kv = (const TP *)s.kv;
+    for (int64_t c = threadIdx.x; c < a.D; c += THREADS) {
+        float acc[HEADS];
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) acc[h] = s.acc[h * a.D + c] * s.alpha[h];
+        for (int e = 0; e < ENTRIES; e++) {
+            if (s.row[e] < 0) continue; /* the same for every thread */
+            float x = elem(kv, e * a.D4 + c);
+            float4 p0 = *(const float4 *)(s.p + e * HEADS), p1 = *(const float4 *)(s.p + e * HEADS + 4);
+            acc[0] = fmaf(p0.x, x, acc[0]);
+            acc[1] = fmaf(p0.y, x, acc[1]);
+            acc[2] = fmaf(p0.z, x, acc[2]);
+            acc[3] = fmaf(p0.w, x, acc[3]);
+            acc[4] = fmaf(p1.x, x, acc[4]);
+            acc[5] = fmaf(p1.y, x, acc[5]);
+            acc[6] = fmaf(p1.z, x, acc[6]);
+            acc[7] = fmaf(p1.w, x, acc[7]);
+        }
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) s.acc[h * a.D + c] = acc[h];
+    }
+}
+
+__device__ __forceinline__ void store_out(const Args &a, int64_t i, float v)
+{
+    if (a.out_bf16) ((uint16_t *)a.o)[i] = dsrt_f32_to_bf16(v);
+    else ((float *)a.o)[i] = v;
+}
+
+__device__ __forceinline__ float sink_of(const Args &a, int64_t h) { return dsrt_load_f32(a.sink, a.sink_dtype, h); }
+
+/* ---- fused: one CTA per (query row, head group), all blocks in order ---- */
+
+template <class TQ, class TP>
+__global__ void __launch_bounds__(THREADS, 1) fused_kernel(const __grid_constant__ Args a, const __grid_constant__ Layout l)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    const Shared s = shared_at(smem, l);
+    const int64_t t = blockIdx.x / a.groups, g = blockIdx.x % a.groups;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    load_q<TQ>(a, t, g, s.q);
+    for (int64_t i = threadIdx.x; i < HEADS * a.D; i += THREADS) s.acc[i] = 0.0f;
+    if (threadIdx.x < HEADS) s.m[threadIdx.x] = -INFINITY, s.den[threadIdx.x] = 0.0f;
+    if (threadIdx.x == 0) *s.bad = 0;
+    __syncthreads();
+    for (int64_t b = 0; b < a.nb; b++) {
+        if (!load_block<TP>(a, t, b, s)) continue; /* attend() skips a block without a valid entry */
+        block_scores<TP>(a, s);
+        __syncthreads();
+        float m_old = s.m[warp];
+        float2 r = block_softmax(s, warp, m_old, a.round_p);
+        if (lane == 0) {
+            float alpha = expf(m_old - r.x); /* 0 for the first block with a valid entry */
+            s.alpha[warp] = alpha;
+            s.den[warp] = fmaf(s.den[warp], alpha, r.y);
+            s.m[warp] = r.x;
+        }
+        __syncthreads();
+        block_pv<TP>(a, s);
+        __syncthreads(); /* before the next block's rows and p overwrite these */
+    }
+    if (threadIdx.x < HEADS && g * HEADS + threadIdx.x < a.H && s.m[threadIdx.x] != -INFINITY)
+        s.den[threadIdx.x] += expf(sink_of(a, g * HEADS + threadIdx.x) - s.m[threadIdx.x]); /* the sink */
+    __syncthreads();
+    const int bad = *s.bad;
+    for (int64_t i = threadIdx.x; i < HEADS * a.D; i += THREADS) {
+        int64_t h = i / a.D, c = i - h * a.D, hh = g * HEADS + h;
+        if (hh >= a.H) break; /* i only grows */
+        float v = bad ? NAN : s.m[h] == -INFINITY ? 0.0f : s.acc[i] / s.den[h];
+        store_out(a, (t * a.H + hh) * a.D + c, v);
+    }
+}
+
+/* ---- split: scores, then one CTA per block, then the combination ---- */
+
+/* grid (S·groups, nb): every s_j of the block into a.scores, -inf where the entry is not valid */
+template <class TQ, class TP>
+__global__ void __launch_bounds__(THREADS, 1) scores_kernel(const __grid_constant__ Args a, const __grid_constant__ Layout l)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    const Shared s = shared_at(smem, l);
+    const int64_t t = blockIdx.x / a.groups, g = blockIdx.x % a.groups, b = blockIdx.y;
+    load_q<TQ>(a, t, g, s.q);
+    if (threadIdx.x == 0) *s.bad = 0;
+    __syncthreads();
+    int any = load_block<TP>(a, t, b, s);
+    if (any) block_scores<TP>(a, s);
+    __syncthreads();
+    for (int i = threadIdx.x; i < ENTRIES * HEADS; i += THREADS) {
+        int64_t e = i / HEADS, h = i % HEADS, hh = g * HEADS + h, k = b * ENTRIES + e;
+        if (hh < a.H && k < a.K) a.scores[(t * a.H + hh) * a.K + k] = any ? s.p[i] : -INFINITY;
+    }
+}
+
+/* grid (S·groups, nb): block b's P·V relative to the running max M_b, into the partials */
+template <class TP>
+__global__ void __launch_bounds__(THREADS, 1) block_kernel(const __grid_constant__ Args a, const __grid_constant__ Layout l)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    const Shared s = shared_at(smem, l);
+    const int64_t t = blockIdx.x / a.groups, g = blockIdx.x % a.groups, b = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t hh = g * HEADS + warp; /* warp's head */
+    for (int64_t i = threadIdx.x; i < HEADS * a.D; i += THREADS) s.acc[i] = 0.0f;
+    if (threadIdx.x < HEADS) s.alpha[threadIdx.x] = 1.0f;
+    if (threadIdx.x == 0) *s.bad = 0;
+    __syncthreads();
+    int any = load_block<TP>(a, t, b, s);
+    /* the running max before this block: the max over blocks 0..b-1 of the head's scores */
+    const float *sc = a.scores + (t * a.H + (hh < a.H ? hh : 0)) * a.K;
+    float m_prev = -INFINITY;
+    if (hh < a.H)
+        for (int64_t k = lane; k < b * ENTRIES; k += 32) m_prev = fmaxf(m_prev, sc[k]);
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) m_prev = fmaxf(m_prev, __shfl_xor_sync(FULL, m_prev, o));
+    float2 r = make_float2(-INFINITY, 0.0f);
+    if (any) {
+        for (int e = lane; e < ENTRIES; e += 32) {
+            int64_t k = b * ENTRIES + e;
+            s.p[e * HEADS + warp] = hh < a.H && k < a.K && s.row[e] >= 0 ? sc[k] : -INFINITY;
+        }
+        __syncwarp();
+        r = block_softmax(s, warp, m_prev, a.round_p);
+    }
+    __syncthreads();
+    if (any) block_pv<TP>(a, s);
+    __syncthreads();
+    if (hh < a.H && lane == 0) {
+        int64_t at = (t * a.nb + b) * a.H + hh;
+        int bad = *s.bad;
+        a.part_m[at] = bad ? 0.0f : r.x; /* a bad index: a block that counts, with a NaN sum */
+        a.part_sum[at] = bad ? NAN : r.y;
+    }
+    for (int64_t i = threadIdx.x; i < HEADS * a.D; i += THREADS) {
+        int64_t h = i / a.D, c = i - h * a.D;
+        if (g * HEADS + h >= a.H) break;
+        a.part_acc[((t * a.nb + b) * a.H + g * HEADS + h) * a.D + c] = s.acc[i];
+    }
+}
+
+/* grid S·H, dynamic shared float[nb]: o = Σ_b w_b·acc_b / (Σ_b w_b·sum_b + e^{sink − M}),
+ * w_b = e^{M_b − M}, M the last running max; blocks without a valid entry are skipped */
+__global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant__ Args a)
+{
+    extern __shared__ float w[]; /* [nb] */
+    __shared__ float den_s;
+    const int64_t t = blockIdx.x / a.H, h = blockIdx.x % a.H;
+    const float *pm = a.part_m + t * a.nb * a.H + h, *ps = a.part_sum + t * a.nb * a.H + h;
+    float M = -INFINITY;
+    for (int64_t b = 0; b < a.nb; b++) M = fmaxf(M, pm[b * a.H]);
+    for (int64_t b = threadIdx.x; b < a.nb; b += THREADS) w[b] = pm[b * a.H] == -INFINITY ? 0.0f : expf(pm[b * a.H] - M);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float den = 0.0f;
+        for (int64_t b = 0; b < a.nb; b++)
+            if (pm[b * a.H] != -INFINITY) den = fmaf(w[b], ps[b * a.H], den);
+        den_s = den + expf(sink_of(a, h) - M);
+    }
+    __syncthreads();
+    const float den = den_s;
+    for (int64_t c = threadIdx.x; c < a.D; c += THREADS) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < a.nb; b++)
+            if (pm[b * a.H] != -INFINITY) acc = fmaf(w[b], a.part_acc[((t * a.nb + b) * a.H + h) * a.D + c], acc);
+        store_out(a, (t * a.H + h) * a.D + c, M == -INFINITY ? 0.0f : acc / den);
+    }
+}
+
+/* ---- host side ---- */
+
+const char *OP = "nn.sparse_attention";
+
+/* the split path for few rows: fewer fused CTAs than one wave, and more than one block to spread */
+bool use_split(int dev, int64_t S, int64_t H, int64_t K)
+{
+    int64_t groups = (H + HEADS - 1) / HEADS, nb = (K + ENTRIES - 1) / ENTRIES;
+    /* (combine_kernel keeps a weight per block in shared memory: at most 4096 blocks there) */
+    return nb > 1 && nb <= 4096 && S * groups < dsrtk_multiprocessors(dev);
+}
+
+struct Workspace {
+    size_t scores, part_acc, part_m, part_sum, total;
+};
+Workspace workspace_for(int64_t S, int64_t H, int64_t D, int64_t K)
+{
+    int64_t nb = (K + ENTRIES - 1) / ENTRIES;
+    auto round = [](size_t n) { return (n + 255) & ~(size_t)255; };
+    Workspace w;
+    w.scores = 0;
+    w.part_acc = w.scores + round(sizeof(float) * (size_t)(S * H * K));
+    w.part_m = w.part_acc + round(sizeof(float) * (size_t)(S * nb * H * D));
+    w.part_sum = w.part_m + round(sizeof(float) * (size_t)(S * nb * H));
+    w.total = w.part_sum + round(sizeof(float) * (size_t)(S * nb * H));
+    return w;
+}
+
+bool contiguous(const dsrt_view *v)
+{
+    int64_t st = 1;
+    for (int d = v->ndim - 1; d >= 0; d--) {
+        if (v->shape[d] != 1 && v->stride[d] != st) return false;
+        st *= v->shape[d];
+    }
+    return true;
+}
+
+size_t elem_size(int dtype) { return dtype == DSRT_F32 || dtype == DSRT_I32 ? 4 : dtype == DSRT_I64 ? 8 : 2; }
+const void *base_of(const dsrt_view *v) { return (const char *)v->data + (size_t)v->offset * elem_size(v->dtype); }
+
+int check_view(const char *name, const dsrt_view *v, int ndim, bool integer)
+{
+    bool dtype_ok = integer ? v->dtype == DSRT_I32 || v->dtype == DSRT_I64 : v->dtype == DSRT_F32 || v->dtype == DSRT_BF16;
+    if (v->ndim != ndim || !dtype_ok)
+        return dsrtk_fail(DSRTK_ERROR, "%s: %s must be a %d-dimensional %s tensor (got %d dimensions, dtype %d)", OP, name,
+                          ndim, integer ? "i32/i64" : "f32/bf16", v->ndim, v->dtype);
+    if (!contiguous(v)) return dsrtk_fail(DSRTK_ERROR, "%s: %s must be contiguous", OP, name);
+    return DSRTK_OK;
+}
+
+/* the one place a kernel template is picked by dtypes */
+template <template <class, class> class F, class... P>
+int by_dtypes(int q_dtype, int pool_dtype, P... p)
+{
+    if (q_dtype == DSRT_F32) return pool_dtype == DSRT_F32 ? F<float, float>::run(p...) : F<float, uint16_t>::run(p...);
+    return pool_dtype == DSRT_F32 ? F<uint16_t, float>::run(p...) : F<uint16_t, uint16_t>::run(p...);
+}
+
+template <class K>
+int launch(int dev, K kernel, const char *name, dim3 grid, size_t smem, const Args &a, const Layout &l, cudaStream_t st)
+{
+    if (smem > 48 * 1024) {
+        int st_ = dsrtk_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                              "%s: allowing %zu bytes of shared memory for %s", OP, smem, name);
+        if (st_) return st_;
+    }
+    kernel<<<grid, THREADS, smem, st>>>(a, l);
+    return dsrtk_check_launch(name, dev);
+}
+
+template <class TQ, class TP>
+struct Fused {
+    static int run(int dev, const Args *a, const Layout *l, cudaStream_t st)
+    {
+        return launch(dev, fused_kernel<TQ, TP>, "sparse_attention fused_kernel", dim3((unsigned)(a->S * a->groups)),
+                      l->total, *a, *l, st);
+    }
+};
+template <class TQ, class TP>
+struct Split {
+    static int run(int dev, const Args *a, const Layout *l, cudaStream_t st)
+    {
+        dim3 grid((unsigned)(a->S * a->groups), (unsigned)a->nb);
+        int rc = launch(dev, scores_kernel<TQ, TP>, "sparse_attention scores_kernel", grid, l->total, *a, *l, st);
+        if (!rc) rc = launch(dev, block_kernel<TP>, "sparse_attention block_kernel", grid, l->total, *a, *l, st);
+        if (rc) return rc;
+        combine_kernel<<<(unsigned)(a->S * a->H), THREADS, sizeof(float) * (size_t)a->nb, st>>>(*a);
+        return dsrtk_check_launch("sparse_attention combine_kernel", dev);
+    }
+};
+
+} /* namespace */
+
+extern "C" int dsrtk_sparse_attention_workspace(int dev, int64_t S, int64_t H, int64_t D, int64_t K, size_t *bytes)
+{
+    *bytes = 0;
+    if (S <= 0 || H <= 0 || D <= 0 || K < 0) return DSRTK_OK;
+    if (use_split(dev, S, H, K)) *bytes = workspace_for(S, H, D, K).total;
+    return DSRTK_OK;
+}
+
+extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, const dsrt_view *pool,
+                                      const dsrt_view *indices, const dsrt_view *sink, float scale, int round_p,
+                                      void *workspace, size_t workspace_bytes, void *stream)
+{
+    int rc;
+    if ((rc = check_view("o", o, 3, false)) || (rc = check_view("q", q, 3, false)) ||
+        (rc = check_view("pool", pool, 2, false)) || (rc = check_view("indices", indices, 2, true)) ||
+        (rc = check_view("sink", sink, 1, false)))
+        return rc;
+    const int64_t S = q->shape[0], H = q->shape[1], D = q->shape[2], N = pool->shape[0], K = indices->shape[1];
+    if (o->shape[0] != S || o->shape[1] != H || o->shape[2] != D || pool->shape[1] != D || indices->shape[0] != S ||
+        sink->shape[0] != H)
+        return dsrtk_fail(DSRTK_ERROR,
+                          "%s: shapes disagree: q [%lld, %lld, %lld], pool [%lld, %lld], indices [%lld, %lld], sink [%lld], "
+                          "o [%lld, %lld, %lld]", OP, (long long)S, (long long)H, (long long)D, (long long)N,
+                          (long long)pool->shape[1], (long long)indices->shape[0], (long long)K, (long long)sink->shape[0],
+                          (long long)o->shape[0], (long long)o->shape[1], (long long)o->shape[2]);
+    if (S == 0 || H == 0 || D == 0) return DSRTK_OK;
+    DSRTK_SET_DEVICE(dev, OP);
+
+    Args a = {};
+    a.q = base_of(q), a.pool = base_of(pool), a.idx = base_of(indices), a.sink = base_of(sink);
+    a.o = (void *)base_of(o);
+    a.sink_dtype = sink->dtype, a.idx64 = indices->dtype == DSRT_I64, a.out_bf16 = o->dtype == DSRT_BF16;
+    a.round_p = round_p != 0;
+    a.S = S, a.H = H, a.D = D, a.N = N, a.K = K, a.D4 = (D + 3) / 4 * 4;
+    a.groups = (H + HEADS - 1) / HEADS, a.nb = (K + ENTRIES - 1) / ENTRIES;
+    a.scale = scale;
+    size_t pe = elem_size(pool->dtype);
+    a.vec_rows = (D * (int64_t)pe) % 16 == 0 && (uintptr_t)a.pool % 16 == 0;
+    Layout l = layout_for(D, a.D4, pe);
+
+    int optin = 0;
+    if ((rc = dsrtk_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                          "%s: shared memory limit of cuda:%d", OP, dev)))
+        return rc;
+    if (l.total > (size_t)optin)
+        return dsrtk_fail(DSRTK_ERROR, "%s: vectors of %lld values need %zu bytes of shared memory per block, cuda:%d has %d",
+                          OP, (long long)D, l.total, dev, optin);
+    if (S * a.groups > INT32_MAX || S * H > INT32_MAX || a.nb > 65535)
+        return dsrtk_fail(DSRTK_ERROR, "%s: %lld query rows x %lld heads x %lld indices is beyond one launch", OP,
+                          (long long)S, (long long)H, (long long)K);
+
+    cudaStream_t st = (cudaStream_t)stream;
+    if (!use_split(dev, S, H, K)) return by_dtypes<Fused>(q->dtype, pool->dtype, dev, (const Args *)&a, (const Layout *)&l, st);
+
+    Workspace w = workspace_for(S, H, D, K);
+    if (!workspace || workspace_bytes < w.total)
+        return dsrtk_fail(DSRTK_ERROR, "%s: the workspace has %zu bytes, %zu needed (dsrtk_sparse_attention_workspace)", OP,
+                          workspace ? workspace_bytes : (size_t)0, w.total);
+    char *ws = (char *)workspace;
+    a.scores = (float *)(ws + w.scores), a.part_acc = (float *)(ws + w.part_acc);
+    a.part_m = (float *)(ws + w.part_m), a.part_sum = (float *)(ws + w.part_sum);
+    return by_dtypes<Split>(q->dtype, pool->dtype, dev, (const Args *)&a, (const Layout *)&l, st);
+}

@@ -1,0 +1,362 @@
+-- bench_dsv4.lua — DeepSeek-V4 on the GPU: a Flash-shaped slice with random weights, decode step and
+-- prefill timed against the card's own ceilings.
+--
+--   build/dsrt scripts/bench_dsv4.lua [--quick] [--context N] [--steps N] [--precision reference|fp32]
+--                                     [--device cuda|cpu] [--config DIR]
+--
+-- The slice (the whole 149 GB Flash does not fit one H200): Flash's config (SPEC §1.1) cut to its first
+-- four layers — 0 and 1 window-only with hash routing, 2 ratio-4 (CSA, lightning indexer; hash-routed,
+-- as layer 2 of Flash is), 3 ratio-128 (HCA, learned routing) — and the MTP layer, with the real
+-- 129280 × 4096 embedding and LM head and all 256 experts per layer; ≈20 GB of random weights drawn on
+-- the device (dsv4.load{weights = "random"}). --config DIR benchmarks another model folder's config
+-- instead (the tiny model, with --device cpu, is how this script is dry-run without a GPU).
+--
+-- What is measured, in this order:
+--   - the ceilings: a device-to-device copy of 1 GiB (bytes read + written per ms, the bandwidth a
+--     weight read can reach) and an FP8 dsrt.linear at 8192³ (tensor-core rate, activation
+--     quantisation included), next to the card's nominal dense FP8 rate;
+--   - prefill: one forward of `context` tokens (default 4096) on a fresh session, logits of the last
+--     position only (as the reference: SPEC §4 step 6), timed with CUDA events; tokens/s, and TFLOP/s
+--     against the FP8 ceiling — FLOPs counted per token as 2 × every linear weight a token multiplies
+--     (activated experts only) plus the attention's QKᵀ and PV over the keys each position sees, the
+--     indexer's scoring of the compressed keys, and the LM head once;
+--   - decode at batch 1 after that prefill: `steps` steps (20; --quick 5) after 3 warm-up steps, each
+--     through a benchmark-only loop that mirrors Model:forward_batch for one session (embedding, the
+--     blocks, the MTP ring fill, HC head + norm + LM head of the last row) with a CUDA event after
+--     each part — the model's own path is not slowed by any hook. Medians per part over the steps:
+--     per layer kind (window+hash, ratio-4 + indexer, ratio-128), the head, the MTP ring fill and the
+--     whole step, each against its floor: the weight bytes it must read per step (dsv4.memory's
+--     decode_weight_bytes, SPEC §11.2) ÷ the measured copy bandwidth;
+--   - the MTP draft step (model:draft), against its floor (decode_weight_bytes' mtp_step);
+--   - an estimate for the whole 43-layer Flash decode step: 2 window + 21 CSA + 20 HCA layers at the
+--     measured per-kind times, plus the head (KV traffic at 4K context is ~1% of the weight bytes).
+-- Prints a table last. Random weights: routing is data-dependent, but hash routing spreads tokens as
+-- the real tid2eid does and learned routing over random gates is near uniform.
+local dsrt = require "dsrt"
+local core = require "dsrt.core"
+local cjson = require "cjson"
+local dsv4 = require "dsrt.dsv4"
+local config = require "dsrt.dsv4.config"
+local memory = require "dsrt.dsv4.memory"
+local decoder = require "dsrt.dsv4.model"
+
+local nn = core.nn
+
+-- ---- options ----
+
+local opts = { quick = false, context = nil, steps = nil, precision = "reference", device = "cuda", config = nil }
+do
+  local i = 1
+  while i <= #arg do
+    local a = arg[i]
+    local function value()
+      i = i + 1
+      if arg[i] == nil then error("bench_dsv4: " .. a .. " needs a value", 0) end
+      return arg[i]
+    end
+    if a == "--quick" then opts.quick = true
+    elseif a == "--context" then opts.context = math.tointeger(tonumber(value()))
+    elseif a == "--steps" then opts.steps = math.tointeger(tonumber(value()))
+    elseif a == "--precision" then opts.precision = value()
+    elseif a == "--device" then opts.device = value()
+    elseif a == "--config" then opts.config = value()
+    else error("bench_dsv4: unknown option " .. a .. " (--quick, --context N, --steps N, --precision P, --device D, --config DIR)", 0) end
+    i = i + 1
+  end
+end
+opts.context = opts.context or (opts.quick and 1024 or 4096)
+opts.steps = opts.steps or (opts.quick and 5 or 20)
+if not opts.context or opts.context < 2 then error("bench_dsv4: --context must be an integer >= 2", 0) end
+if not opts.steps or opts.steps < 1 then error("bench_dsv4: --steps must be a positive integer", 0) end
+local dev = opts.device
+local on_gpu = dev:match("^cuda") ~= nil
+if on_gpu and not dsrt.cuda.available() then
+  io.stderr:write("bench_dsv4: no CUDA device\n")
+  os.exit(1)
+end
+
+local function median(xs)
+  local c = { table.unpack(xs) }
+  table.sort(c)
+  return c[(#c + 1) // 2]
+end
+
+-- CUDA events (on the CPU they time the wall clock)
+local function event() return dsrt.event(dev, { timing = true }) end
+
+local function time_ms(fn, runs)
+  runs = runs or (opts.quick and 3 or 10)
+  fn()
+  local a, b, samples = event(), event(), {}
+  for r = 1, runs do
+    a:record()
+    fn()
+    b:record()
+    b:synchronize()
+    samples[r] = a:elapsed(b)
+    collectgarbage("step")
+  end
+  return median(samples)
+end
+
+-- ---- the model ----
+
+local function temp_folder()
+  local folder = os.tmpname()
+  os.remove(folder)
+  assert(os.execute("mkdir " .. folder))
+  return folder
+end
+
+-- Flash's published config, cut to layers 0–3 and the MTP layer (SPEC §1.2)
+local function flash_slice_folder()
+  local f = assert(io.open("tests/fixtures/config/flash_published.json", "rb"))
+  local raw = cjson.decode(f:read("a"))
+  f:close()
+  raw.num_hidden_layers = 4
+  raw.compress_ratios = { 0, 0, 4, 128, 0 }
+  local folder = temp_folder()
+  local out = assert(io.open(folder .. "/config.json", "wb"))
+  out:write(cjson.encode(raw))
+  out:close()
+  return folder
+end
+
+local folder = opts.config or flash_slice_folder()
+local cfg = config.load(folder)
+local d = cfg.dims
+local info = on_gpu and dsrt.cuda.device_info() or { name = "cpu" }
+io.stderr:write(("bench_dsv4: %d layers + %d MTP of %s, %s precision, on %s\n"):format(
+  #cfg.layers, #cfg.mtp, opts.config or "the Flash slice", opts.precision, info.name))
+
+local rows = {}
+local function row(name, ms, floor_ms, extra)
+  rows[#rows + 1] = { name = name, ms = ms, floor = floor_ms, extra = extra or "" }
+end
+
+-- ---- ceilings ----
+
+local copy_elems = opts.quick and (1 << 26) or (1 << 28) -- bf16: 128 MiB / 512 MiB
+local big = dsrt.randn({ copy_elems }, { device = dev, dtype = "bf16", seed = 1 })
+local copy_ms = time_ms(function() return big:clone() end)
+local copy_gbs = 2 * big:nbytes() / copy_ms / 1e6 -- GB/s, bytes read + written
+big = nil
+collectgarbage()
+
+-- an FP8 linear [n, n] with e8m0 block scales over bf16 activations [n, n] (reference precision:
+-- the activations are quantised to e4m3 per 128, as every FP8 GEMM of the model)
+local n8 = on_gpu and (opts.quick and 4096 or 8192) or 512
+local fp8 = dsrt.linear {
+  weight = dsrt.randn({ n8, n8 }, { device = dev, seed = 2 }):to("f8e4m3"),
+  scale = dsrt.full({ n8 // 128, n8 // 128 }, 2 ^ -7, { device = dev, dtype = "f8e8m0" }),
+  format = "fp8",
+}
+local act = dsrt.randn({ n8, n8 }, { device = dev, dtype = "bf16", seed = 3 })
+local fp8_ms = time_ms(function() return fp8:forward(act, "reference") end)
+local fp8_tflops = 2 * n8 ^ 3 / fp8_ms / 1e9
+fp8, act = nil, nil
+collectgarbage()
+-- nominal dense FP8 rates (no sparsity) of the cards this runs on
+local NOMINAL_FP8 = { H200 = 1979, H100 = 1979 }
+local nominal = nil
+for card, rate in pairs(NOMINAL_FP8) do if info.name:find(card) then nominal = rate end end
+
+-- ---- FLOPs of the forward (for the prefill rate) ----
+
+-- 2 × the logical weights a token multiplies: every linear of the blocks (activated experts only,
+-- fp4 bytes hold two weights), the HC mixes; the embedding is a gather and the head runs once
+local function linear_flops_per_token(with_mtp)
+  local total = 0
+  for _, t in ipairs(memory.tensors(cfg, with_mtp)) do
+    local name = t.name
+    local is_weight = #t.shape == 2 and (name:match("%.weight$") or name:match("_fn$"))
+    local skip = name == "embed.weight" or name == "head.weight" or name:match("%.tid2eid$") or name:match("^mtp")
+    if is_weight and not skip then
+      local n = t.shape[1] * t.shape[2] * (t.dtype == "I8" and 2 or 1)
+      if t.decode == "activated" then n = n * d.n_activated_experts else n = n * t.count end
+      total = total + 2 * n
+    end
+  end
+  return total
+end
+
+-- attention at the position `pos` (0-based): QKᵀ and PV over the keys it sees, and on CSA layers the
+-- indexer's scores over every compressed key (SPEC §6.4–6.7)
+local function attention_flops(pos)
+  local total, per_key = 0, 2 * 2 * d.n_heads * d.head_dim
+  for _, layer in ipairs(cfg.layers) do
+    local keys = math.min(pos + 1, d.window)
+    if layer.kind ~= "window" then
+      local entries = (pos + 1) // layer.ratio
+      if layer.indexer then
+        total = total + 2 * d.index_n_heads * d.index_head_dim * entries
+        entries = math.min(entries, d.index_topk)
+      end
+      keys = keys + entries
+    end
+    total = total + per_key * keys
+  end
+  return total
+end
+
+local function prefill_flops(tokens)
+  local total = linear_flops_per_token(false) * tokens + 2 * d.vocab * d.dim
+  for pos = 0, tokens - 1 do total = total + attention_flops(pos) end
+  return total
+end
+
+-- ---- load ----
+
+local t0 = core.wall_time()
+local model = dsv4.load(folder, { device = dev, precision = opts.precision, weights = "random", seed = 1, mtp = true })
+dsrt.synchronize(dev)
+io.stderr:write(("bench_dsv4: random weights drawn in %.1f s\n"):format(core.wall_time() - t0))
+
+local function ids_of(n, seed)
+  local ids, x = {}, seed
+  for i = 1, n do
+    x = (x * 1103515245 + 12345) % 2147483648
+    ids[i] = x % d.vocab
+  end
+  return ids
+end
+
+-- ---- prefill ----
+
+local prompt = ids_of(opts.context, 7)
+local max_len = opts.context + opts.steps + 16
+local function prefill(seq)
+  local a, b = event(), event()
+  a:record()
+  local logits = model:forward(seq, prompt, { logits = "last" })
+  b:record()
+  b:synchronize()
+  return a:elapsed(b), logits
+end
+local seq = model:session{ max_len = max_len }
+local prefill_ms = prefill(seq) -- the first also warms up: its session is the one decode continues
+if not opts.quick then
+  local again = model:session{ max_len = max_len }
+  prefill_ms = prefill(again)
+  again = nil
+  collectgarbage()
+end
+local pf_flops = prefill_flops(opts.context)
+row(("prefill %d tokens"):format(opts.context), prefill_ms, nil,
+    ("%.0f tok/s, %.1f TFLOP/s = %.0f%% of FP8 dsrt.linear"):format(opts.context / prefill_ms * 1e3,
+      pf_flops / prefill_ms / 1e9, 100 * pf_flops / prefill_ms / 1e9 / fp8_tflops))
+
+-- ---- decode: the benchmark-only mirror of Model:forward_batch for one session ----
+
+-- the parts of a step between its events marks[p] and marks[p + 1]: p = 1 embedding, 1 + i block i,
+-- 2 + #blocks the MTP ring fill, 3 + #blocks HC head + norm + LM head
+local n_layers = #model.blocks
+local function decode_step(session, id, marks)
+  local precision, dims = model.precision, model.dims
+  local first = session.positions
+  marks[1]:record()
+  local token_ids = dsrt.tensor({ id }, { dtype = "i64", device = dev })
+  local X = nn.hc_expand(decoder.embed(model.weights.embed, token_ids, precision), dims.hc_mult)
+  marks[2]:record()
+  for i, block in ipairs(model.blocks) do
+    X = decoder.block_forward(dims, block, session.states[i], X, token_ids, precision)
+    marks[2 + i]:record()
+  end
+  session.positions = first + 1
+  if model.mtp then model.mtp:advance(session, X, { id }, first) end
+  marks[3 + n_layers]:record()
+  local logits = decoder.logits(dims, model.weights.hc_head, model.weights.norm, model.head, X, precision)
+  marks[4 + n_layers]:record()
+  return logits
+end
+
+local marks = {}
+for i = 1, 4 + n_layers do marks[i] = event() end
+local part_samples = {} -- part index -> list of ms
+local draft_samples = {}
+local draft_a, draft_b = event(), event()
+local ids = ids_of(opts.steps + 3, 11)
+for step = 1, opts.steps + 3 do
+  local logits = decode_step(seq, ids[step], marks)
+  marks[#marks]:synchronize()
+  -- the draft for the position after next, from the token just "sampled" (undone by the next step)
+  draft_a:record()
+  model:draft(seq, ids[step] % d.vocab)
+  draft_b:record()
+  draft_b:synchronize()
+  if step > 3 then
+    for p = 1, #marks - 1 do
+      part_samples[p] = part_samples[p] or {}
+      part_samples[p][#part_samples[p] + 1] = marks[p]:elapsed(marks[p + 1])
+    end
+    part_samples.total = part_samples.total or {}
+    part_samples.total[#part_samples.total + 1] = marks[1]:elapsed(marks[#marks])
+    draft_samples[#draft_samples + 1] = draft_a:elapsed(draft_b)
+  end
+  logits = nil
+  collectgarbage("step")
+end
+
+local total_bytes, detail = memory.decode_weight_bytes(cfg)
+local function floor_ms(bytes) return bytes / copy_gbs / 1e6 end
+local function ms_of(part) return median(part_samples[part]) end
+
+-- per layer kind: the mean over the layers of that kind (a median step each)
+local kinds, kind_order = {}, {}
+for i, layer in ipairs(cfg.layers) do
+  local key = layer.kind == "window" and "window" or layer.kind
+  local label = ({ window = "window", csa = "ratio-4 + indexer", hca = "ratio-128" })[layer.kind]
+  label = label .. (layer.router == "hash" and " (hash)" or " (learned)")
+  key = key .. "/" .. layer.router
+  if not kinds[key] then
+    kinds[key] = { label = label, ms = 0, bytes = 0, count = 0, kind = layer.kind }
+    kind_order[#kind_order + 1] = key
+  end
+  local k = kinds[key]
+  k.ms, k.bytes, k.count = k.ms + ms_of(1 + i), k.bytes + detail.layers[i], k.count + 1
+end
+for _, key in ipairs(kind_order) do
+  local k = kinds[key]
+  row(("decode: %s layer"):format(k.label), k.ms / k.count, floor_ms(k.bytes / k.count),
+      k.count > 1 and ("mean of %d layers"):format(k.count) or "")
+end
+local head_ms = ms_of(1) + ms_of(3 + n_layers)
+row("decode: embedding + HC head + norm + LM head", head_ms, floor_ms(detail.global))
+if model.mtp then row("decode: MTP ring fill (attention half)", ms_of(2 + n_layers), nil) end
+local step_ms = median(part_samples.total)
+row(("decode step, whole slice at context %d"):format(opts.context), step_ms, floor_ms(total_bytes),
+    ("%.1f tok/s"):format(1e3 / step_ms))
+if model.mtp and detail.mtp_step then
+  row("MTP draft step (block + LM head)", median(draft_samples), floor_ms(detail.mtp_step))
+end
+
+-- the whole Flash decode step from the per-kind times (Flash: 2 window, 21 CSA, 20 HCA layers)
+if not opts.config then
+  local flash = config.load("tests/fixtures/config/flash_published.json")
+  local flash_bytes = memory.decode_weight_bytes(flash)
+  local per = {}
+  for _, key in ipairs(kind_order) do
+    local k = kinds[key]
+    per[k.kind] = per[k.kind] or k.ms / k.count
+  end
+  local count = { window = 0, csa = 0, hca = 0 }
+  for _, layer in ipairs(flash.layers) do count[layer.kind] = count[layer.kind] + 1 end
+  local est = head_ms
+  for kind, c in pairs(count) do est = est + c * (per[kind] or 0) end
+  row(("Flash decode step, estimated (%d+%d+%d layers)"):format(count.window, count.csa, count.hca), est,
+      floor_ms(flash_bytes), ("%.1f tok/s"):format(1e3 / est))
+end
+
+-- ---- the table ----
+
+print(("\ndsrt %s DeepSeek-V4 benchmark on %s, %s; %s precision, %s, context %d, %d decode steps"):format(
+  dsrt.version, info.name, os.date("%Y-%m-%d"), opts.precision, opts.config or "Flash slice (layers 0-3 + MTP)",
+  opts.context, opts.steps))
+print(("ceilings: copy %.0f GB/s (read + write), FP8 dsrt.linear %d^3 %.0f TFLOP/s%s"):format(copy_gbs, n8,
+  fp8_tflops, nominal and (" (nominal dense FP8 %d TFLOP/s)"):format(nominal) or ""))
+print(("%-50s %10s %10s %8s  %s"):format("what", "ms", "floor ms", "% floor", "notes"))
+for _, r in ipairs(rows) do
+  print(("%-50s %10.3f %10s %8s  %s"):format(r.name, r.ms, r.floor and ("%.3f"):format(r.floor) or "",
+    r.floor and ("%.0f%%"):format(100 * r.floor / r.ms) or "", r.extra))
+end
+if not opts.config then os.execute("rm -rf " .. folder) end

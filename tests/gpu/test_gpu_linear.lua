@@ -1,0 +1,183 @@
+-- test_gpu_linear.lua — dsrt.linear on CUDA (kernels/linear.cu) against the CPU forward of the SAME
+-- layer built on CPU copies of the weights (runtime/linear.c, the reference), on fresh random
+-- weights, scales and inputs for every format (fp8 with e8m0 and f32 scales, fp4, bf16), fp32_math,
+-- the grouped wo_a, both precisions and rows {1, 2, 7, 15, 16, 17, 33, 130}: the decode GEMV (< 16
+-- rows), cuBLASLt FP8 block scaling (fp8 reference, in % 128 == 0, out % 16 == 0, 16+ rows) and the
+-- tiled kernel (the rest; shapes chosen to reach it at every row count: out not a multiple of 16,
+-- in not a multiple of the GEMV's 16-byte vector, grouped with 6 features per group).
+--
+-- Outputs come from an allocator cache stocked with 0xff blocks (NaN), so an element the kernels
+-- never write fails. Thresholds: f32 outputs rel_error <= 1e-5 (only the order of fp32 additions
+-- differs); bf16 outputs rel_error <= 1e-2 and every element within one bf16 step of the CPU's (a
+-- sum on either side of a rounding boundary). NaN never passes.
+--
+-- Run on the GPU machine: build/dsrt tests/run.lua tests/gpu/test_gpu_linear.lua
+local dsrt = require "dsrt"
+local h = require "tests.helpers"
+local assert_error = h.assert_error
+
+local tests, test = h.suite{ gpu = true }
+
+local seed = 9100
+local function next_seed() seed = seed + 1 return seed end
+
+local ROWS = { 1, 2, 7, 15, 16, 17, 33, 130 }
+
+-- stocks the CUDA cache with freed blocks of 0xff bytes around the size class of nbytes
+local function poison_cache(nbytes)
+  local n = math.max(nbytes, 1)
+  local blocks = {}
+  for i = 1, 2 do blocks[i] = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" }) end
+  dsrt.synchronize("cuda")
+  for _, b in ipairs(blocks) do b:close() end
+end
+
+-- a random layer description on the CPU: {weight =, scale =, format =, groups =, fp32_math =}
+local function random_linear(format, in_features, out_features, opts)
+  opts = opts or {}
+  local groups = opts.groups or 1
+  local cols = in_features // groups
+  local t = { format = format, groups = groups > 1 and groups or nil, fp32_math = opts.fp32_math or nil }
+  local w = dsrt.randn({ out_features, cols }, { seed = next_seed(), std = format == "bf16" and 0.05 or 2 })
+  if format == "fp8" then
+    t.weight = w:to("f8e4m3")
+    local sshape = { (out_features + 127) // 128, (cols + 127) // 128 }
+    local s = dsrt.rand(sshape, { seed = next_seed(), low = 0.002, high = 0.05 })
+    t.scale = opts.f32_scale and s or s:to("f8e8m0")
+  elseif format == "fp4" then
+    t.weight = w:to("fp4e2m1")
+    t.scale = dsrt.rand({ out_features, (cols + 31) // 32 }, { seed = next_seed(), low = 0.002, high = 0.05 }):to("f8e8m0")
+  else
+    t.weight = w:to("bf16")
+  end
+  return t
+end
+
+local function on_cuda(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = dsrt.is_tensor(v) and v:to("cuda") or v end
+  return c
+end
+
+-- bf16 values: within one bf16 step (of the larger magnitude) everywhere, or, for elements that
+-- are small through cancellation, within 2^-9 of the largest output: the GPU sums in another order
+-- than the CPU, and cuBLASLt's FP8 tensor cores accumulate each 128-wide block with fewer than
+-- fp32's bits before the block scale promotes it (DeepSeek-V3 report §3.3.2; the reference's own
+-- FP8 GEMM does the same), so a difference of ~1e-4 of the terms' magnitude is expected there.
+local function check_bf16_steps(got, want, what)
+  local g, w = got:to("f32"):reshape(-1):totable(), want:to("f32"):reshape(-1):totable()
+  local largest = 0
+  for i = 1, #w do largest = math.max(largest, math.abs(w[i])) end
+  local floor = largest * 2.0 ^ -9
+  for i = 1, #w do
+    local x, y = g[i], w[i]
+    local step = 2.0 ^ (math.floor(math.log(math.max(math.abs(x), math.abs(y), 1e-30), 2)) - 7)
+    if not (math.abs(x - y) <= math.max(step, floor)) then
+      error(string.format("%s: element %d is %s on cuda, %s on cpu (more than one bf16 step)", what, i,
+                          tostring(x), tostring(y)), 3)
+    end
+  end
+end
+
+local function check(got, want, what)
+  if not dsrt.is_tensor(got) or not got.device:match("^cuda") then error(what .. ": the result is not a CUDA tensor", 2) end
+  if got.dtype ~= want.dtype then error(string.format("%s: dtype %s on cuda, %s on cpu", what, got.dtype, want.dtype), 2) end
+  h.assert_equal(got.shape, want.shape, what .. ": shape")
+  local r = dsrt.rel_error(got:to("cpu"):to("f32"), want:to("f32"))
+  local tol = want.dtype == "f32" and 1e-5 or 1e-2
+  if not (r <= tol) then error(string.format("%s: rel_error %g > %g", what, r, tol), 2) end
+  if want.dtype == "bf16" then check_bf16_steps(got, want, what) end
+end
+
+-- every row count, both precisions, bf16 and f32 inputs: CUDA against the CPU forward
+local function compare(desc, what)
+  local cpu = dsrt.linear(desc)
+  local gpu = dsrt.linear(on_cuda(desc))
+  local width = cpu.in_features
+  for _, rows in ipairs(ROWS) do
+    for _, precision in ipairs { "reference", "fp32" } do
+      local xdtype = (rows % 2 == 0) and "f32" or "bf16"
+      local x = dsrt.randn({ rows, width }, { seed = next_seed(), dtype = xdtype })
+      local want = cpu:forward(x, precision)
+      local out_bytes = rows * cpu.out_features * 4
+      poison_cache(out_bytes)
+      local got = gpu:forward(x:to("cuda"), precision)
+      check(got, want, string.format("%s rows %d %s x %s", what, rows, precision, xdtype))
+    end
+  end
+end
+
+local CASES = {
+  -- fp8, 128x128 e8m0 blocks: GEMV and cuBLASLt; out % 16 ~= 0 -> tiled at 16+ rows
+  { "fp8 384->200", "fp8", 384, 200 },
+  { "fp8 384->272 (cuBLASLt, padded k-block rows)", "fp8", 384, 272 },
+  { "fp8 320->272 (partial k-block)", "fp8", 320, 272 },
+  { "fp8 1024->48", "fp8", 1024, 48 },
+  { "fp8 100->72 (tiled only)", "fp8", 100, 72 },
+  { "fp8 f32 scales 256->144", "fp8", 256, 144, { f32_scale = true } },
+  -- fp4, 1x32 e8m0 scales
+  { "fp4 320->200", "fp4", 320, 200 },
+  { "fp4 1056->24", "fp4", 1056, 24 },
+  { "fp4 80->40 (tiled only)", "fp4", 80, 40 },
+  -- bf16 and fp32_math
+  { "bf16 264->200", "bf16", 264, 200 },
+  { "bf16 100->30 (tiled only)", "bf16", 100, 30 },
+  { "bf16 fp32_math 264->100", "bf16", 264, 100, { fp32_math = true } },
+  { "bf16 fp32_math 4096->36", "bf16", 4096, 36, { fp32_math = true } },
+  -- the grouped wo_a
+  { "grouped fp8 4x128->4x64", "fp8", 512, 256, { groups = 4 } },
+  { "grouped bf16 4x72->4x20", "bf16", 288, 80, { groups = 4 } },
+  { "grouped bf16 3x64->3x6 (tiled only)", "bf16", 192, 18, { groups = 3 } },
+}
+
+for _, c in ipairs(CASES) do
+  test("cuda matches cpu: " .. c[1], function()
+    compare(random_linear(c[2], c[3], c[4], c[5]), c[1])
+  end)
+end
+
+test("cuda: Flash-sized decode shapes match cpu at 1 and 4 rows", function()
+  for _, c in ipairs {
+    { "fp8", 1024, 4096 }, { "fp4", 4096, 512 }, { "fp4", 2048, 1024 }, { "bf16", 4096, 520, { fp32_math = true } },
+  } do
+    local desc = random_linear(c[1], c[2], c[3], c[4])
+    local cpu, gpu = dsrt.linear(desc), dsrt.linear(on_cuda(desc))
+    for _, rows in ipairs { 1, 4 } do
+      for _, precision in ipairs { "reference", "fp32" } do
+        local x = dsrt.randn({ rows, c[2] }, { seed = next_seed(), dtype = "bf16" })
+        poison_cache(rows * c[3] * 4)
+        check(gpu:forward(x:to("cuda"), precision), cpu:forward(x, precision),
+              string.format("%s %d->%d rows %d %s", c[1], c[2], c[3], rows, precision))
+      end
+    end
+  end
+end)
+
+test("cuda: inputs of any layout and leading shape", function()
+  local desc = random_linear("fp8", 384, 200)
+  local cpu, gpu = dsrt.linear(desc), dsrt.linear(on_cuda(desc))
+  -- [2, 3, in] and a transposed (non-contiguous) [in, rows] view
+  local x3 = dsrt.randn({ 2, 3, 384 }, { seed = next_seed(), dtype = "bf16" })
+  check(gpu:forward(x3:to("cuda")), cpu:forward(x3), "3-d input")
+  local xt = dsrt.randn({ 384, 20 }, { seed = next_seed() })
+  check(gpu:forward(xt:to("cuda"):transpose(1, 2)), cpu:forward(xt:transpose(1, 2)), "transposed input")
+  -- an empty batch
+  local e = gpu:forward(dsrt.zeros({ 0, 384 }, { device = "cuda" }))
+  h.assert_equal(e.shape, { 0, 200 })
+end)
+
+test("cuda: errors name the op, the tensors and the devices", function()
+  local desc = random_linear("fp8", 256, 144)
+  local gpu = dsrt.linear(on_cuda(desc))
+  assert_error(function() return gpu:forward(dsrt.randn({ 2, 256 })) end, "one device")
+  assert_error(function() return gpu:forward(dsrt.randn({ 2, 255 }, { device = "cuda" })) end, "input features")
+  assert_error(function() return gpu:forward(dsrt.ones({ 2, 256 }, { device = "cuda", dtype = "i32" })) end,
+               "bf16 or f32")
+  local cpu = dsrt.linear(desc)
+  assert_error(function() return cpu:forward(dsrt.randn({ 2, 256 }, { device = "cuda" })) end, "one device")
+  -- weight on cuda, scale on the cpu
+  assert_error(function() return dsrt.linear { weight = desc.weight:to("cuda"), scale = desc.scale, format = "fp8" } end,
+               "different devices")
+end)
+
+return tests

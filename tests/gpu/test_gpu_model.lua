@@ -1,0 +1,316 @@
+-- test_gpu_model.lua — the whole DeepSeek-V4 model on CUDA (dsv4.load(dir, {device = "cuda"})), through
+-- the same Lua composition as on the CPU (lua/dsrt/dsv4/{model,mtp}.lua), against the CPU model — the
+-- reference every CUDA op is tested against — and against the transformers oracle fixture.
+--
+-- What it checks:
+--   - the embedding gather (dsrt.embedding) on CUDA equals the CPU loop bit for bit: every dtype pair,
+--     odd and vector-friendly widths, more rows than resident blocks, strided weights, i32/i64 ids on
+--     the device or on the host (checked there, then sent up); a device id outside the vocabulary
+--     gives a NaN row; wrong and mixed devices are clear errors;
+--   - the tiny model (every layer kind, MTP) in "reference" precision on CUDA against the CPU over one
+--     script of calls — a 300-token prefill (past the window, the ratio-128 compression and the
+--     indexer's top-64), a chunked prefill (1 + 40 + 130 + 129), decode steps, a truncate and a
+--     different continuation, MTP drafts (also after a draft the decoder did not take): logits rel
+--     error <= 2e-2 and the same argmax at >= 99% of the positions (bf16 activations and their
+--     rounding points on both sides, but fp32 sums in other orders, so a different bf16 rounding now
+--     and then, and an indexer or router near-tie may pick differently);
+--   - "fp32" precision on CUDA against tests/fixtures/dsv4_tiny (transformers 5.17 in fp32) with the
+--     tolerance the CPU test uses (meta.compare.tolerance, 1e-4 of each row's largest logit), for
+--     one-shot prefill, chunked prefill and decode steps;
+--   - greedy generation on CUDA gives the CPU's ids (tiny model, fp32), one prompt and several at once
+--     (forward_batch's spans on the device);
+--   - the decoder's results and states live on the device, and bad input is refused as on the CPU.
+-- Outputs are poisoned: before each CUDA run the allocator's cache is stocked with freed blocks of
+-- 0xff bytes (NaN in every float format) in the sizes of the logits, which is where they come from;
+-- NaN never passes (rel_error and the argmax count both see it).
+--
+-- Run on the GPU machine: build/dsrt tests/run.lua tests/gpu (part of make test-gpu).
+local dsrt = require "dsrt"
+local cjson = require "cjson"
+local h = require "tests.helpers"
+local assert_equal, assert_error = h.assert_equal, h.assert_error
+
+local tests, test = h.suite{ gpu = true }
+
+local dsv4 = require "dsrt.dsv4"
+
+-- stocks the CUDA cache with two freed blocks of 0xff bytes in the size class of nbytes
+local function poison_cache(nbytes)
+  local n = math.max(math.ceil(nbytes), 1)
+  local a = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
+  local b = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
+  dsrt.synchronize("cuda")
+  a:close()
+  b:close()
+end
+
+-- every element of got (on cuda) has the bits of want (on the cpu)
+local function assert_same_bits(got, want, what)
+  assert(got.device:match("^cuda"), what .. ": the result is not on cuda")
+  assert_equal({ got.dtype, got.shape }, { want.dtype, want.shape }, what)
+  local differing = got:bitcast("u8"):to("cpu"):ne(want:contiguous():bitcast("u8")):sum():item()
+  if differing ~= 0 then error(string.format("%s: %d bytes differ from the CPU's", what, differing), 2) end
+end
+
+-- ---- the embedding gather ----
+
+test("embedding_on_cuda_equals_the_cpu_loop_bit_for_bit", function()
+  local seed = 8100
+  -- widths: odd (generic loop), a multiple of 8 (vector paths), Flash's 4096
+  for _, shape in ipairs({ { 57, 37 }, { 300, 64 }, { 1000, 4096 }, { 129, 4100 } }) do
+    seed = seed + 1
+    local master = dsrt.randn(shape, { seed = seed })
+    local ids = {}
+    for i = 1, 23 do ids[i] = (i * 7919 + seed) % shape[1] end
+    ids[#ids + 1], ids[#ids + 2] = 0, shape[1] - 1
+    for _, wd in ipairs({ "f32", "bf16", "f16", "f8e4m3" }) do
+      local w_cpu = master:to(wd)
+      local w_gpu = w_cpu:to("cuda")
+      for _, od in ipairs({ "f32", "bf16", "f16" }) do
+        local want = dsrt.embedding(w_cpu, ids, od)
+        local what = string.format("%s[%d, %d] -> %s", wd, shape[1], shape[2], od)
+        poison_cache(want:nbytes())
+        assert_same_bits(dsrt.embedding(w_gpu, ids, od), want, what .. " (Lua ids)")
+        local dev_ids = dsrt.tensor(ids, { dtype = "i32", device = "cuda" })
+        poison_cache(want:nbytes())
+        assert_same_bits(dsrt.embedding(w_gpu, dev_ids, od), want, what .. " (i32 ids on cuda)")
+        assert_same_bits(dsrt.embedding(w_gpu, dev_ids:to("i64"), od), want, what .. " (i64 ids on cuda)")
+        assert_same_bits(dsrt.embedding(w_gpu, dsrt.tensor(ids, { dtype = "i64" }), od), want, what .. " (cpu ids)")
+      end
+    end
+  end
+end)
+
+test("embedding_on_cuda_many_rows_strided_weights_and_shapes", function()
+  -- more rows than resident blocks (a grid-stride loop over rows), narrow rows
+  local w = dsrt.randn({ 777, 24 }, { seed = 8201 }):to("bf16")
+  local ids = {}
+  for i = 1, 5003 do ids[i] = (i * 104729) % 777 end
+  local wg = w:to("cuda")
+  for _, od in ipairs({ "bf16", "f32" }) do
+    local want = dsrt.embedding(w, ids, od)
+    poison_cache(want:nbytes())
+    assert_same_bits(dsrt.embedding(wg, ids, od), want, "5003 rows -> " .. od)
+  end
+  -- a transposed weight (column stride > 1), a column slice (misaligned rows), ids of shape [2, 3]
+  local wt = dsrt.randn({ 40, 90 }, { seed = 8202 }):to("bf16")
+  local tg = wt:to("cuda"):transpose(1, 2)
+  local tc = wt:transpose(1, 2)
+  assert_same_bits(dsrt.embedding(tg, { 3, 89, 0 }, "f32"), dsrt.embedding(tc, { 3, 89, 0 }, "f32"), "transposed")
+  local sliced_cpu, sliced_gpu = w:narrow(2, 2, 16), wg:narrow(2, 2, 16)
+  assert_same_bits(dsrt.embedding(sliced_gpu, { 5, 6 }), dsrt.embedding(sliced_cpu, { 5, 6 }), "column slice")
+  local ids2 = dsrt.tensor({ { 1, 2, 3 }, { 776, 0, 9 } }, { dtype = "i64" })
+  assert_same_bits(dsrt.embedding(wg, ids2:to("cuda")), dsrt.embedding(w, ids2), "ids [2, 3]")
+  assert_equal(dsrt.embedding(wg, dsrt.empty({ 0 }, { dtype = "i64", device = "cuda" })).shape, { 0, 24 })
+end)
+
+test("embedding_on_cuda_bad_ids_and_devices", function()
+  local w = dsrt.randn({ 10, 16 }, { seed = 8301 }):to("bf16")
+  local wg = w:to("cuda")
+  -- host ids are checked before they go up
+  assert_error(dsrt.embedding, "embedding: ids%[2%] = 10 is outside the 10 rows of the weight bf16%[10, 16%] on cuda:0",
+               wg, { 1, 10 })
+  assert_error(dsrt.embedding, "ids%[1%] = %-3 is outside", wg, dsrt.tensor({ -3 }))
+  -- device ids cannot be checked without a synchronisation: their rows are NaN, the others exact
+  local rows = dsrt.embedding(wg, dsrt.tensor({ 2, 10, -1, 3 }, { device = "cuda" }), "f32"):to("cpu")
+  assert_equal(rows:ne(rows):sum(2):totable(), { 0, 16, 16, 0 })
+  assert_same_bits(dsrt.embedding(wg, dsrt.tensor({ 3 }, { device = "cuda" }), "f32"), dsrt.embedding(w, { 3 }, "f32"), "row 3")
+  -- device ids for a host weight: refused
+  assert_error(dsrt.embedding, "embedding: ids i64%[1%] on cuda:0 and the weight bf16%[10, 16%] on cpu are on different devices",
+               w, dsrt.tensor({ 1 }, { device = "cuda" }))
+  assert_error(dsrt.embedding, "output dtype must be f32, bf16 or f16", wg, { 1 }, "f8e4m3")
+  assert_error(dsrt.embedding, "not fp4", wg:to("fp4e2m1"), { 1 })
+end)
+
+-- ---- the tiny model: CUDA against the CPU ----
+
+local tiny_dir
+local function tiny() tiny_dir = tiny_dir or h.make_tiny_model(23) return tiny_dir end
+
+-- Deterministic ids spread over the vocabulary (a Lua array).
+local function prompt(n, seed)
+  local ids, x = {}, seed
+  for i = 1, n do
+    x = (x * 1103515245 + 12345) % 2147483648
+    ids[i] = x % 129280
+  end
+  return ids
+end
+
+local function slice(list, first, count) return table.move(list, first, first + count - 1, 1, {}) end
+
+-- One script of calls on a model: returns a list of {what, logits on the model's device}.
+local function script(model)
+  local out = {}
+  local function keep(what, logits) out[#out + 1] = { what, logits } end
+  local ids = prompt(300, 4242)
+  local vocab = 129280
+  poison_cache(300 * vocab * 4)
+  -- one-shot prefill past the window (128), the ratio-128 compression and the indexer's top-64
+  local seq = model:session{ max_len = 400, slack = 8 }
+  keep("prefill 300", model:forward(seq, ids))
+  keep("draft after prefill", model:draft(seq, 77))
+  -- decode steps continuing it (the first id is not the drafted one: the draft is undone)
+  for step = 1, 6 do
+    keep("decode " .. step, model:forward(seq, { (step * 31337) % vocab }))
+    keep("draft at decode " .. step, model:draft(seq, (step * 7) % vocab))
+  end
+  -- truncate back by 5 and continue differently
+  seq:truncate(302)
+  keep("after truncate", model:forward(seq, { 5, 6, 7 }))
+  keep("draft after truncate", model:draft(seq, 11))
+  keep("decode after truncate", model:forward(seq, { 11 }))
+  -- chunked prefill: 1 + 40 + 130 + 129 (chunks cross the window and the compressions)
+  local chunked = model:session{ max_len = 400 }
+  local at = 1
+  for _, n in ipairs({ 1, 40, 130, 129 }) do
+    poison_cache(n * vocab * 4)
+    keep("chunk of " .. n .. " at " .. (at - 1), model:forward(chunked, slice(ids, at, n)))
+    at = at + n
+  end
+  keep("draft after chunks", model:draft(chunked, 300))
+  return out
+end
+
+local MODEL_TOLERANCE, ARGMAX_AGREEMENT = 2e-2, 0.99
+
+test("tiny_model_reference_precision_on_cuda_matches_the_cpu", function()
+  local on_cpu = dsv4.load(tiny(), { device = "cpu", precision = "reference", mtp = true })
+  local want = script(on_cpu)
+  on_cpu = nil
+  collectgarbage()
+  local model = dsv4.load(tiny(), { device = "cuda", precision = "reference", mtp = true })
+  assert_equal(model.head.weight.device, "cuda:0")
+  local got = script(model)
+  assert_equal(#got, #want)
+  local positions, agree, worst, worst_what, over = 0, 0, 0, "", {}
+  for i, pair in ipairs(want) do
+    local what, w, g = pair[1], pair[2], got[i][2]
+    assert_equal(got[i][1], what)
+    assert(g.device:match("^cuda"), what .. ": logits are not on cuda")
+    assert_equal({ g.dtype, g.shape }, { "f32", w.shape }, what)
+    local gc = g:to("cpu")
+    local err = dsrt.rel_error(gc, w)
+    assert(err == err, what .. ": NaN in the CUDA logits")
+    if err > worst then worst, worst_what = err, what end
+    if err > MODEL_TOLERANCE then over[#over + 1] = ("%s %.2e"):format(what, err) end
+    positions = positions + w.shape[1]
+    agree = agree + gc:argmax(2):eq(w:argmax(2)):sum():item()
+  end
+  assert(worst <= MODEL_TOLERANCE, ("%s: logits relative error %.3e (limit %.0e); over the limit: %s"):format(
+    worst_what, worst, MODEL_TOLERANCE, table.concat(over, ", ")))
+  assert(agree >= ARGMAX_AGREEMENT * positions,
+         ("argmax agrees at %d of %d positions (need %.0f%%)"):format(agree, positions, 100 * ARGMAX_AGREEMENT))
+end)
+
+test("tiny_model_on_cuda_keeps_its_state_on_the_device_and_refuses_bad_input", function()
+  local model = dsv4.load(tiny(), { device = "cuda", precision = "reference", mtp = true })
+  local seq = model:session{ max_len = 16 }
+  assert_error(function() model:forward(seq, { 129280 }) end, "ids%[1%] = 129280 %(position 0%) is outside the vocabulary")
+  assert_error(function() model:forward(seq, prompt(17, 1)) end, "would pass the session's max_len 16")
+  assert_equal(seq:length(), 0)
+  local logits = model:forward(seq, { 1, 2, 3 })
+  assert_equal({ logits.device, logits.dtype, logits.shape }, { "cuda:0", "f32", { 3, 129280 } })
+  -- ids given as a device tensor are accepted too
+  local more = model:forward(seq, dsrt.tensor({ 4, 5 }, { device = "cuda" }))
+  assert_equal(more.shape, { 2, 129280 })
+  -- logits = "last" is the last row of "all" (the head GEMM over 1 row instead of 4 may sum in
+  -- another order on the GPU: fp32 closeness, the same argmax)
+  local a, b = model:session{ max_len = 16 }, model:session{ max_len = 16 }
+  local all = model:forward(a, { 9, 8, 7, 6 })
+  local last = model:forward(b, { 9, 8, 7, 6 }, { logits = "last" })
+  assert_equal({ last.device, last.shape }, { "cuda:0", { 1, 129280 } })
+  local err = dsrt.rel_error(last, all:narrow(1, 4, 1))
+  assert(err <= 1e-5, ("logits = \"last\" differs from the last row of \"all\" by %.2e"):format(err))
+  assert_equal(last:argmax(2):item(), all:narrow(1, 4, 1):argmax(2):item())
+  assert_equal(model:forward(model:session{ max_len = 4 }, { 1 }, { logits = "none" }), nil)
+  assert_error(function() model:forward(a, { 1 }, { logits = "first" }) end, "logits must be \"all\", \"last\" or \"none\"")
+  for _, state in ipairs(seq.states) do assert_equal(state:length(), 5) end
+  assert_equal(model:draft(seq, 6).device, "cuda:0")
+  -- a session of another model (here the CPU's) is refused
+  local cpu_model = dsv4.load(tiny(), { device = "cpu", precision = "reference", mtp = false })
+  assert_error(function() model:forward(cpu_model:session{ max_len = 4 }, { 1 }) end,
+               "session must come from this model")
+end)
+
+-- ---- fp32 on CUDA against transformers ----
+
+local FIXTURE = "tests/fixtures/dsv4_tiny"
+
+local function fixture_exists()
+  local f = io.open(FIXTURE .. "/config.json", "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
+if fixture_exists() then
+  local function meta() return cjson.decode(h.read_file(FIXTURE .. "/meta.json")) end
+  local expected_file
+  local function expected()
+    expected_file = expected_file or dsrt.safetensors.open(FIXTURE .. "/expected.safetensors")
+    return expected_file
+  end
+  local function ids_of(name) return expected():get(name):to("i64"):totable() end
+
+  -- every row within tolerance relative to the row's largest expected logit (test_dsv4_fixture.lua's rule)
+  local function assert_rows_close(got, want, tolerance, what)
+    assert(got.device:match("^cuda"), what .. ": logits are not on cuda")
+    got = got:to("cpu")
+    assert_equal(got.shape, want.shape)
+    local err = (got - want):abs():max(2) / want:abs():max(2)
+    local worst = err:max():item()
+    assert(worst == worst, what .. ": NaN in the CUDA logits")
+    assert(worst <= tolerance, ("%s: position %d is off by %.3e of its largest logit (limit %.0e)"):format(
+      what, err:argmax():item(), worst, tolerance))
+  end
+
+  local fp32_model
+  local function model()
+    fp32_model = fp32_model or dsv4.load(FIXTURE, { device = "cuda", precision = "fp32", mtp = false })
+    return fp32_model
+  end
+
+  test("fp32_on_cuda_matches_transformers_one_shot_chunked_and_decode", function()
+    local m = meta()
+    local tolerance = m.compare.tolerance
+    local vocab = expected():get("a.logits").shape[2]
+    -- a: one forward
+    poison_cache(m.sequence_length * vocab * 4)
+    local seq = model():session{ max_len = 512 }
+    assert_rows_close(model():forward(seq, ids_of("a.tokens")), expected():get("a.logits"), tolerance, "run a")
+    -- b: the chunks of b.chunks, in order
+    local ids, at = ids_of("b.tokens"), 1
+    local b_want = expected():get("b.logits")
+    seq = model():session{ max_len = 512 }
+    for _, n in ipairs(expected():get("b.chunks"):totable()) do
+      local out = model():forward(seq, table.move(ids, at, at + n - 1, 1, {}))
+      assert_rows_close(out, b_want:narrow(1, at, n), tolerance, ("run b, chunk of %d at %d"):format(n, at - 1))
+      at = at + n
+    end
+    -- c: prefill, then one token per call
+    ids = ids_of("c.tokens")
+    local prefill, c_want = m.runs.c.prefill, expected():get("c.logits")
+    seq = model():session{ max_len = 512 }
+    model():forward(seq, table.move(ids, 1, prefill, 1, {}), { logits = "none" })
+    local got = dsrt.empty(c_want.shape, { device = "cuda" })
+    for step = 1, c_want.shape[1] do got[step] = model():forward(seq, { ids[prefill + step] })[1] end
+    assert_rows_close(got, c_want, tolerance, "run c (decode steps)")
+  end)
+end
+
+-- ---- generation ----
+
+test("greedy_generation_on_cuda_gives_the_cpu_ids", function()
+  local on_cpu = dsv4.load(tiny(), { device = "cpu", precision = "fp32", mtp = false })
+  local on_gpu = dsv4.load(tiny(), { device = "cuda", precision = "fp32", mtp = false })
+  local p1, p2 = prompt(150, 99), prompt(37, 5)
+  local want = on_cpu:generate{ ids = p1, max_tokens = 12, temperature = 0 }
+  local got = on_gpu:generate{ ids = p1, max_tokens = 12, temperature = 0 }
+  assert_equal(got.ids, want.ids, "one prompt")
+  local want2 = on_cpu:generate{ prompts = { p1, p2 }, max_tokens = 8, temperature = 0 }
+  local got2 = on_gpu:generate{ prompts = { p1, p2 }, max_tokens = 8, temperature = 0 }
+  assert_equal(got2[1].ids, want2[1].ids, "prompts[1] of two")
+  assert_equal(got2[2].ids, want2[2].ids, "prompts[2] of two")
+end)
+
+return tests

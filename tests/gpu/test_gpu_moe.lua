@@ -1,0 +1,369 @@
+-- test_gpu_moe.lua — the MoE layer on CUDA (kernels/moe.cu) against its C implementation
+-- (runtime/moe.c): the same layer built from random CPU weights and from their CUDA copies, on fresh
+-- random inputs, in both precisions.
+--
+-- What is compared: routing (ids exactly, except where two experts' keys are a float rounding
+-- apart; weights rel 1e-5) and forward (fp32: rel_error <= 1e-5; reference: bf16 outputs
+-- rel_error <= 1e-2 and at least 90% of them bit-equal, which only holds when the rounding points
+-- are the CPU's). Sizes cross the kernels' tiles: 8 output features per block, 32-column chunks
+-- (a width that is not a multiple of 32 takes the scalar weight path), Q8 blocks of 128, 8 staged
+-- rows per batch, 32 picks per step of the grouping. Outputs come from an allocator cache stocked
+-- with NaN blocks; NaN never passes (rel_error is NaN then).
+--
+-- Run on the GPU machine: build/dsrt tests/run.lua tests/gpu/test_gpu_moe.lua
+local dsrt = require "dsrt"
+local h = require "tests.helpers"
+local assert_error, assert_equal = h.assert_error, h.assert_equal
+
+local tests, test = h.suite{ gpu = true }
+
+local seed = 8100
+local function next_seed() seed = seed + 1 return seed end
+
+local FP32_TOL, REFERENCE_TOL, WEIGHT_TOL, TIE_TOL = 1e-5, 1e-2, 1e-5, 1e-5
+local VOCAB = 1000
+
+-- ---- random layers ----
+
+-- 2^u for u uniform in [lo, hi), as an f8e8m0 tensor
+local function pow2_scales(shape, lo, hi)
+  return (dsrt.rand(shape, { seed = next_seed(), low = lo, high = hi }) * math.log(2)):exp():to("f8e8m0")
+end
+
+-- a linear table {weight, scale, format} of `format` mapping `cols` -> `rows` features
+local function random_linear(format, rows, cols)
+  if format == "fp4" then
+    return { format = "fp4", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 2.5 }):to("fp4e2m1"),
+             scale = pow2_scales({ rows, (cols + 31) // 32 }, -6, -3) }
+  elseif format == "fp8" then
+    return { format = "fp8", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 30 }):to("f8e4m3"),
+             scale = pow2_scales({ (rows + 127) // 128, (cols + 127) // 128 }, -9, -7) }
+  end
+  return { format = "bf16", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 1 / math.sqrt(cols) }):to("bf16") }
+end
+
+local function random_swiglu(format, dim, inter)
+  return { w1 = random_linear(format, inter, dim), w2 = random_linear(format, dim, inter), w3 = random_linear(format, inter, dim) }
+end
+
+-- opts: dim, inter, shared_inter, n (experts), k, routing ("learned" | "hash"), format, shared_format,
+-- score_func, norm_topk_prob, route_scale, swiglu_limit
+local function random_layer(opts)
+  local n, k, dim = opts.n or 12, opts.k or 3, opts.dim or 320
+  local gate = { weight = dsrt.randn({ n, dim }, { seed = next_seed(), std = 2 / math.sqrt(dim) }):to("bf16") }
+  if opts.routing == "hash" then
+    gate.tid2eid = (dsrt.rand({ VOCAB, k }, { seed = next_seed(), high = n }) // 1):to("i32")
+  else
+    gate.bias = dsrt.randn({ n }, { seed = next_seed(), std = 0.05 })
+  end
+  local experts = {}
+  for e = 1, n do experts[e] = random_swiglu(opts.format or "fp4", dim, opts.inter or 96) end
+  local ffn = { gate = gate, experts = experts,
+                shared_experts = random_swiglu(opts.shared_format or "fp8", dim, opts.shared_inter or opts.inter or 160) }
+  local dims = { n_routed_experts = n, n_activated_experts = k, score_func = opts.score_func or "sqrtsoftplus",
+                 route_scale = opts.route_scale or 1.5, norm_topk_prob = opts.norm_topk_prob,
+                 swiglu_limit = opts.swiglu_limit or 10 }
+  return dims, ffn
+end
+
+-- the same tables with every tensor copied to the GPU
+local function to_cuda(t)
+  if dsrt.is_tensor(t) then return t:to("cuda") end
+  if type(t) ~= "table" then return t end
+  local c = {}
+  for key, v in pairs(t) do c[key] = to_cuda(v) end
+  return c
+end
+
+local function cpu_streams() return { dsrt.stream("cpu"), dsrt.stream("cpu"), dsrt.stream("cpu") } end
+local function cuda_streams() return { dsrt.stream("cuda"), dsrt.stream("cuda"), dsrt.stream("cuda") } end
+
+-- the layer on both devices
+local function pair(opts)
+  local dims, ffn = random_layer(opts)
+  return dsrt.moe(dims, ffn, cpu_streams()), dsrt.moe(dims, to_cuda(ffn), cuda_streams()), dims, ffn
+end
+
+local function input(rows, dim, dtype)
+  return dsrt.randn({ rows, dim }, { seed = next_seed(), dtype = dtype or "bf16" })
+end
+
+local function token_ids(rows)
+  return (dsrt.rand({ rows }, { seed = next_seed(), high = VOCAB }) // 1):to("i64")
+end
+
+-- ---- poisoning ----
+
+-- stocks the CUDA cache with two freed blocks of 0xff bytes (NaN in every float format) per size
+local function poison_cache(sizes)
+  local blocks = {}
+  for _, bytes in ipairs(sizes) do
+    for _ = 1, 2 do blocks[#blocks + 1] = dsrt.full({ math.max(1, math.ceil(bytes)) }, 255, { dtype = "u8", device = "cuda" }) end
+  end
+  dsrt.synchronize("cuda")
+  for _, b in ipairs(blocks) do b:close() end
+end
+
+-- the output and the layer's scratch buffers of a forward over `rows` tokens
+local function poison_forward(rows, dims, dim, width)
+  local k, n = dims.n_activated_experts, dims.n_routed_experts
+  local all = rows * (k + 1)
+  poison_cache({ rows * dim * 2, rows * dim * 4, rows * n * 4, rows * k * 8, rows * k * 4, all * width * 4, all * dim * 4 })
+end
+
+-- ---- checks ----
+
+local function check_device(t, what)
+  if not dsrt.is_tensor(t) or not t.device:match("^cuda") then error(what .. ": the result is not a CUDA tensor", 3) end
+end
+
+-- The routing keys (score + bias, as moe.h defines them) of every expert, per token, from the CPU's
+-- f32 gate logits, in double: for judging whether two experts were a rounding apart.
+local function routing_keys(dims, ffn, x)
+  local logits = dsrt.matmul(x:to("f32"), ffn.gate.weight:to("f32"):transpose(1, 2)):totable()
+  local bias = ffn.gate.bias and ffn.gate.bias:totable()
+  local keys = {}
+  for t, row in ipairs(logits) do
+    local s = {}
+    if dims.score_func == "softmax" then
+      local max, sum = -math.huge, 0
+      for _, l in ipairs(row) do max = math.max(max, l) end
+      for e, l in ipairs(row) do s[e] = math.exp(l - max); sum = sum + s[e] end
+      for e = 1, #row do s[e] = s[e] / sum end
+    else
+      for e, l in ipairs(row) do
+        s[e] = dims.score_func == "sigmoid" and 1 / (1 + math.exp(-l)) or math.sqrt(math.log(1 + math.exp(l)))
+      end
+    end
+    for e = 1, #row do s[e] = s[e] + (bias and bias[e] or 0) end
+    keys[t] = s
+  end
+  return keys
+end
+
+-- ids equal, but where the two experts at a position have keys a float rounding apart
+local function check_ids(got, want, keys, what)
+  check_device(got, what)
+  assert_equal({ got.dtype, got.shape }, { want.dtype, want.shape }, what)
+  local g, w = got:to("cpu"):totable(), want:totable()
+  for t = 1, #w do
+    for j = 1, #w[t] do
+      local a, b = g[t][j], w[t][j]
+      if a ~= b then
+        local ka, kb = keys and keys[t][a + 1], keys and keys[t][b + 1]
+        if not (ka and kb and math.abs(ka - kb) <= TIE_TOL * math.max(1, math.abs(kb))) then
+          error(string.format("%s: token %d pick %d is expert %s on cuda, %s on cpu (keys %s, %s)", what, t, j,
+                              tostring(a), tostring(b), tostring(ka), tostring(kb)), 2)
+        end
+      end
+    end
+  end
+end
+
+local function check_rel(got, want, tol, what)
+  check_device(got, what)
+  assert_equal({ got.dtype, got.shape }, { want.dtype, want.shape }, what)
+  local r = dsrt.rel_error(got:to("cpu"), want)
+  if not (r <= tol) then error(string.format("%s: rel_error %g > %g", what, r, tol), 2) end
+  return r
+end
+
+-- reference outputs: close, and mostly bit-equal (the same rounding points)
+local function check_forward(got, want, precision, what)
+  if precision == "fp32" then return check_rel(got, want, FP32_TOL, what) end
+  check_rel(got, want, REFERENCE_TOL, what)
+  local g, w = got:to("cpu"):to("f32"), want:to("f32")
+  local equal = g:eq(w):sum():item() / w:numel()
+  if not (equal >= 0.9) then error(string.format("%s: only %.1f%% of the bf16 outputs equal the CPU's", what, 100 * equal), 2) end
+end
+
+-- forward on both devices (CUDA output poisoned first) and compare
+local function compare_forward(cpu, gpu, dims, x, ids, precision, what, width)
+  local want = cpu:forward(x, ids, precision)
+  poison_forward(x.shape[1], dims, x.shape[2], width)
+  local got = gpu:forward(x:to("cuda"), ids and ids:to("cuda"), precision)
+  check_forward(got, want, precision, what)
+  return got, want
+end
+
+local function compare_route(cpu, gpu, dims, ffn, x, ids, what)
+  local want_ids, want_w = cpu:route(x, ids)
+  poison_forward(x.shape[1], dims, x.shape[2], 1)
+  local got_ids, got_w = gpu:route(x:to("cuda"), ids and ids:to("cuda"))
+  check_ids(got_ids, want_ids, not ids and routing_keys(dims, ffn, x), what .. " ids")
+  check_rel(got_w, want_w, WEIGHT_TOL, what .. " weights")
+end
+
+-- ---- routing ----
+
+test("learned_routing_matches_the_cpu_for_every_score_function", function()
+  for _, changes in ipairs({
+    { score_func = "sqrtsoftplus" },
+    { score_func = "sigmoid" },
+    { score_func = "softmax" },
+    { score_func = "softmax", norm_topk_prob = true, route_scale = 2.5 },
+    { score_func = "sqrtsoftplus", norm_topk_prob = false },
+  }) do
+    changes.n, changes.k, changes.dim, changes.inter = 40, 6, 200, 32
+    local cpu, gpu, dims, ffn = pair(changes)
+    for _, rows in ipairs({ 1, 2, 17, 64 }) do
+      local x = input(rows, 200)
+      compare_route(cpu, gpu, dims, ffn, x, nil, string.format("%s norm %s T=%d", dims.score_func,
+                    tostring(changes.norm_topk_prob), rows))
+    end
+  end
+end)
+
+test("routing_over_256_experts_with_f32_input", function()
+  local cpu, gpu, dims, ffn = pair({ n = 256, k = 6, dim = 64, inter = 32, shared_inter = 32 })
+  for _, rows in ipairs({ 1, 5, 33 }) do
+    compare_route(cpu, gpu, dims, ffn, input(rows, 64, "f32"), nil, "256 experts T=" .. rows)
+  end
+end)
+
+test("hash_routing_matches_the_cpu", function()
+  local cpu, gpu, dims, ffn = pair({ routing = "hash", k = 4 })
+  for _, rows in ipairs({ 1, 16, 64 }) do
+    local x, ids = input(rows, 320), token_ids(rows)
+    local want_ids = cpu:route(x, ids)
+    local got_ids, got_w = gpu:route(x:to("cuda"), ids:to("cuda"))
+    check_ids(got_ids, want_ids, nil, "hash T=" .. rows)
+    check_rel(got_w, select(2, cpu:route(x, ids)), WEIGHT_TOL, "hash weights T=" .. rows)
+  end
+  -- i32 ids, a strided view of them
+  local x, ids = input(6, 320), token_ids(12):to("i32"):view(6, 2):select(2, 2)
+  check_ids(gpu:route(x:to("cuda"), ids:to("cuda")), cpu:route(x, ids), nil, "hash with strided i32 ids")
+  assert_equal(ffn.gate.tid2eid.dtype, "i32")
+end)
+
+-- ---- the layer ----
+
+test("forward_matches_the_cpu_at_every_batch_size_in_both_precisions", function()
+  local cpu, gpu, dims = pair({})
+  for _, rows in ipairs({ 1, 2, 5, 16, 17, 64 }) do
+    local x = input(rows, 320)
+    for _, precision in ipairs({ "fp32", "reference" }) do
+      compare_forward(cpu, gpu, dims, x, nil, precision, string.format("fp4 learned T=%d %s", rows, precision), 160)
+    end
+  end
+end)
+
+test("forward_with_hash_routing_and_every_score_function", function()
+  local cpu, gpu, dims = pair({ routing = "hash" })
+  for _, rows in ipairs({ 1, 16, 17 }) do
+    local x, ids = input(rows, 320), token_ids(rows)
+    for _, precision in ipairs({ "fp32", "reference" }) do
+      compare_forward(cpu, gpu, dims, x, ids, precision, string.format("hash T=%d %s", rows, precision), 160)
+    end
+  end
+  for _, score_func in ipairs({ "sigmoid", "softmax" }) do
+    local c, g, d = pair({ score_func = score_func })
+    for _, precision in ipairs({ "fp32", "reference" }) do
+      compare_forward(c, g, d, input(17, 320), nil, precision, score_func .. " " .. precision, 160)
+    end
+  end
+end)
+
+test("forward_with_fp8_and_bf16_experts", function()
+  for _, formats in ipairs({ { "fp8", "fp8" }, { "bf16", "fp8" }, { "fp4", "bf16" } }) do
+    local cpu, gpu, dims = pair({ format = formats[1], shared_format = formats[2], inter = 136, shared_inter = 136 })
+    for _, rows in ipairs({ 5, 17 }) do
+      local x = input(rows, 320, "f32")
+      for _, precision in ipairs({ "fp32", "reference" }) do
+        compare_forward(cpu, gpu, dims, x, nil, precision,
+                        string.format("%s experts, %s shared, T=%d %s", formats[1], formats[2], rows, precision), 136)
+      end
+    end
+  end
+end)
+
+test("forward_with_widths_off_the_32_column_chunks", function()
+  -- dim 200 and inter 76: every matrix takes the scalar weight path, and Q8 blocks end short
+  local cpu, gpu, dims = pair({ dim = 200, inter = 76, shared_inter = 52, k = 2, n = 9 })
+  for _, rows in ipairs({ 1, 17, 64 }) do
+    local x = input(rows, 200)
+    for _, precision in ipairs({ "fp32", "reference" }) do
+      compare_forward(cpu, gpu, dims, x, nil, precision, string.format("dim 200 T=%d %s", rows, precision), 76)
+    end
+  end
+end)
+
+test("clamp_and_route_scale_cases", function()
+  -- large inputs push the projections far past the limit; limit 0 means no clamp
+  for _, changes in ipairs({ { swiglu_limit = 10 }, { swiglu_limit = 0 }, { route_scale = 0 } }) do
+    local cpu, gpu, dims = pair(changes)
+    local x = input(9, 320) * 30
+    for _, precision in ipairs({ "fp32", "reference" }) do
+      compare_forward(cpu, gpu, dims, x, nil, precision,
+                      string.format("limit %s scale %s %s", tostring(dims.swiglu_limit), tostring(dims.route_scale), precision), 160)
+    end
+  end
+end)
+
+test("batched_forward_equals_token_by_token_on_cuda", function()
+  local _, gpu = pair({ routing = "hash" })
+  local x, ids = input(7, 320):to("cuda"), token_ids(7):to("cuda")
+  for _, precision in ipairs({ "fp32", "reference" }) do
+    local y = gpu:forward(x, ids, precision)
+    for t = 1, 7 do
+      local one = gpu:forward(x:narrow(1, t, 1), ids:narrow(1, t, 1), precision)
+      assert_equal(dsrt.max_abs_diff(one[1]:to("cpu"), y[t]:to("cpu")), 0, precision .. " token " .. t)
+    end
+  end
+end)
+
+test("leading_dimensions_and_empty_input", function()
+  local cpu, gpu, dims = pair({ routing = "hash" })
+  local x, ids = dsrt.randn({ 2, 3, 320 }, { seed = next_seed(), dtype = "bf16" }), token_ids(6):view(2, 3)
+  local got = compare_forward(cpu, gpu, dims, x:view(6, 320), ids:view(6), "reference", "flat", 160)
+  local shaped = gpu:forward(x:to("cuda"), ids:to("cuda"), "reference")
+  assert_equal(shaped.shape, { 2, 3, 320 })
+  assert_equal(dsrt.max_abs_diff(shaped:view(6, 320):to("cpu"), got:to("cpu")), 0)
+  local e_ids, e_w = gpu:route(x:to("cuda"), ids:to("cuda"))
+  assert_equal({ e_ids.shape, e_w.shape }, { { 2, 3, 3 }, { 2, 3, 3 } })
+  local empty = gpu:forward(dsrt.zeros({ 0, 320 }, { device = "cuda", dtype = "bf16" }),
+                            dsrt.zeros({ 0 }, { device = "cuda", dtype = "i64" }), "fp32")
+  assert_equal({ empty.shape, empty.dtype, empty.device }, { { 0, 320 }, "f32", "cuda:0" })
+end)
+
+test("nan_inputs_propagate_and_still_select_valid_experts", function()
+  local _, gpu = pair({})
+  local x = dsrt.full({ 3, 320 }, 0 / 0, { dtype = "bf16", device = "cuda" })
+  local ids = gpu:route(x)
+  assert(ids:min():item() >= 0 and ids:max():item() < 12, "invalid expert ids for NaN scores")
+  local y = gpu:forward(x, nil, "fp32")
+  assert_equal(y:ne(y):sum():item(), y:numel())
+end)
+
+test("token_ids_outside_the_vocabulary_give_nan_rows", function()
+  local _, gpu = pair({ routing = "hash" })
+  local x = input(3, 320):to("cuda")
+  local y = gpu:forward(x, dsrt.tensor({ 1, VOCAB, 2 }, { dtype = "i64", device = "cuda" }), "fp32"):to("cpu")
+  assert_equal(y[2]:ne(y[2]):sum():item(), 320)
+  assert_equal(y[1]:ne(y[1]):sum():item() + y[3]:ne(y[3]):sum():item(), 0)
+end)
+
+-- ---- errors ----
+
+test("errors_name_the_problem", function()
+  local cpu, gpu, dims, ffn = pair({ routing = "hash" })
+  local x, ids = input(3, 320), token_ids(3)
+  assert_error(function() gpu:forward(x, ids) end, "the weights %(on cuda:0%) and the stream must be on one device")
+  assert_error(function() cpu:forward(x:to("cuda"), ids:to("cuda")) end, "the weights %(on cpu%) and the stream")
+  assert_error(function() gpu:forward(x:to("cuda"), ids) end, "are on different devices")
+  assert_error(function() gpu:forward(input(3, 321):to("cuda"), ids:to("cuda")) end, "must end in the layer's 320 input features")
+  assert_error(function() gpu:forward(x:to("cuda")) end, "hash routing %(tid2eid%) needs the token ids")
+  assert_error(function() gpu:route(x:to("cuda"), ids:to("cuda"):to("f32")) end, "must be i32 or i64")
+  -- weights on two devices
+  local mixed = to_cuda(ffn)
+  mixed.experts[2] = ffn.experts[2]
+  assert_error(function() dsrt.moe(dims, mixed, cuda_streams()) end, "experts.1.w1 is on cpu, the gate on cuda:0")
+  assert_error(function() dsrt.moe(dims, to_cuda(ffn), cpu_streams()) end, "aux stream 1 is on cpu")
+  -- a tid2eid id outside the experts is refused on first use, before any kernel reads it
+  local bad = to_cuda(ffn)
+  bad.gate = { weight = bad.gate.weight, tid2eid = dsrt.full({ VOCAB, 3 }, 12, { dtype = "i32", device = "cuda" }) }
+  local layer = dsrt.moe(dims, bad, cuda_streams())
+  assert_error(function() layer:forward(x:to("cuda"), ids:to("cuda")) end, "holds expert id 12, outside %[0, 12%)")
+end)
+
+return tests

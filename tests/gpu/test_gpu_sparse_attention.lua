@@ -1,0 +1,182 @@
+-- test_gpu_sparse_attention.lua — nn.sparse_attention on CUDA (kernels/sparse_attention.cu) against
+-- its C implementation (runtime/nn.c attend()), on fresh random inputs.
+--   - shapes: S in {1, 3, 17, 130}, H in {1, 3, 64}, D in {5, 36, 64, 96, 512}, K in {1, 63, 64, 65,
+--     130, 640, 700}: across the 64-entry blocks, the 8-head groups, the 4-column slices of the
+--     score loop, rows of 16-byte multiples (cp.async) and not, and both launch shapes (few rows x
+--     groups: the split path with its workspace; many: the fused kernel);
+--   - indices: -1 scattered (~1 in 6), a whole row of -1 (zeros out, exactly), a whole 64-entry
+--     block of -1 inside a row (a skipped block), i32 and i64;
+--   - both precisions, q / pool in bf16 and f32 (mixed too), sink in f32 and bf16;
+--   - thresholds: fp32 rel_error <= 2e-5 (the GPU's dot products are fp32, the CPU's double);
+--     reference rel_error <= 4e-3 and every element within 1/64 of the largest output (one bf16
+--     rounding of the output, and a rare flip of one bf16-rounded p);
+--   - a bad index value gives NaN (the CUDA path cannot raise without a synchronisation);
+--   - errors: mixed devices, bad shapes and dtypes raise Lua errors naming the function.
+-- Outputs come from a cache stocked with freed NaN blocks (poison); NaN never passes.
+--
+-- Run on the GPU machine: build/dsrt tests/run.lua tests/gpu/test_gpu_sparse_attention.lua
+local dsrt = require "dsrt"
+local h = require "tests.helpers"
+local nn = dsrt.nn
+local assert_error, assert_equal = h.assert_error, h.assert_equal
+
+local tests, test = h.suite{ gpu = true }
+
+local seed = 13100
+local function next_seed() seed = seed + 1 return seed end
+
+-- stocks the CUDA cache with freed blocks of 0xff bytes (NaN) in the classes outputs come from
+local function poison(bytes)
+  for _, n in ipairs({ 1 << 12, 1 << 16, 1 << 20, bytes }) do
+    local a = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
+    local b = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
+    dsrt.synchronize("cuda")
+    a:close()
+    b:close()
+  end
+end
+
+-- indices [S, K] into a pool of N rows: random rows, -1 scattered, row 2 all -1 (when S > 1), and
+-- entries 65..128 of the last row -1 (a block without a valid entry, when K > 128)
+local function make_indices(S, K, N, dtype)
+  local s = next_seed()
+  local u = dsrt.rand({ S, K }, { seed = s }):totable()
+  local rows = {}
+  for t = 1, S do
+    local r = {}
+    for k = 1, K do
+      local x = u[t][k]
+      if x < 1 / 6 or (S > 1 and t == 2) or (t == S and K > 128 and k > 64 and k <= 128) then r[k] = -1
+      else r[k] = math.min(N - 1, math.floor((x - 1 / 6) / (5 / 6) * N)) end
+    end
+    rows[t] = r
+  end
+  return dsrt.tensor(rows, { dtype = dtype })
+end
+
+local function check(got, want, precision, what)
+  assert(got.device:match("^cuda"), what .. ": the result is not a CUDA tensor")
+  assert_equal(got.dtype, want.dtype, what .. ": dtype")
+  assert_equal(got.shape, want.shape, what .. ": shape")
+  local g, w = got:to("cpu"):to("f32"), want:to("f32")
+  local err = dsrt.rel_error(g, w)
+  local tol = precision == "fp32" and 2e-5 or 4e-3
+  if not (err <= tol) then error(string.format("%s: rel_error %g > %g", what, err, tol), 2) end
+  local worst, scale = dsrt.max_abs_diff(g, w), w:abs():max():item()
+  local limit = precision == "fp32" and 1e-4 * scale or scale / 64
+  if not (worst <= limit) then error(string.format("%s: worst element off by %g (largest %g)", what, worst, scale), 2) end
+  return g
+end
+
+-- one case: CPU vs CUDA on the same inputs, both precisions, the given dtypes
+local function case(S, H, D, K, opts)
+  opts = opts or {}
+  local N = opts.N or math.max(1, K + 37)
+  local q32 = dsrt.randn({ S, H, D }, { seed = next_seed() })
+  local pool32 = dsrt.randn({ N, D }, { seed = next_seed() })
+  local sink32 = dsrt.randn({ H }, { seed = next_seed(), std = 2 })
+  local idx = make_indices(S, K, N, opts.index_dtype or "i64")
+  local scale = 1 / math.sqrt(D)
+  local combos = opts.combos or {
+    { "reference", "bf16", "bf16", "f32" }, { "reference", "f32", "bf16", "bf16" },
+    { "fp32", "f32", "f32", "f32" }, { "fp32", "bf16", "f32", "bf16" },
+  }
+  for _, c in ipairs(combos) do
+    local precision, qd, pd, sd = c[1], c[2], c[3], c[4]
+    local q, pool, sink = q32:to(qd), pool32:to(pd), sink32:to(sd)
+    local want = nn.sparse_attention(q, pool, idx, sink, scale, precision)
+    poison(S * H * D * 4)
+    local got = nn.sparse_attention(q:to("cuda"), pool:to("cuda"), idx:to("cuda"), sink:to("cuda"), scale, precision)
+    local what = string.format("S=%d H=%d D=%d K=%d %s q %s pool %s sink %s", S, H, D, K, precision, qd, pd, sd)
+    local g = check(got, want, precision, what)
+    if S > 1 then -- row 2 has no valid index: exact zeros
+      assert_equal(g:narrow(1, 2, 1):abs():max():item(), 0, what .. ": the row without indices")
+    end
+  end
+end
+
+test("decode_flash_shape", function()
+  case(1, 64, 512, 640)
+  case(1, 64, 512, 700)
+end)
+
+test("few_rows_split_path", function()
+  case(3, 64, 512, 65)
+  case(3, 3, 96, 700)
+  case(1, 1, 64, 64)
+  case(3, 3, 5, 65, { index_dtype = "i32" })
+  case(17, 1, 36, 130)
+end)
+
+test("many_rows_fused_path", function()
+  case(17, 64, 64, 65)
+  case(130, 64, 64, 63, { index_dtype = "i32" })
+  case(130, 64, 96, 130)
+  case(17, 3, 512, 1)
+  case(130, 3, 36, 640, { combos = { { "reference", "bf16", "bf16", "f32" }, { "fp32", "f32", "f32", "f32" } } })
+end)
+
+test("single_block_and_tiny_pools", function()
+  case(3, 64, 512, 1, { N = 1 })
+  case(17, 64, 64, 64, { N = 3 })
+  case(130, 1, 512, 700, { combos = { { "reference", "bf16", "bf16", "f32" }, { "fp32", "f32", "f32", "f32" } } })
+end)
+
+test("strided_inputs", function()
+  -- q as a transposed view, pool as a column slice: the CUDA branch makes them contiguous
+  local S, H, D, K, N = 3, 5, 64, 130, 90
+  local qt = dsrt.randn({ H, S, D }, { seed = next_seed(), dtype = "bf16" }):transpose(1, 2)
+  local wide = dsrt.randn({ N, D + 7 }, { seed = next_seed(), dtype = "bf16" })
+  local pool = wide:narrow(2, 4, D)
+  local idx = make_indices(S, K, N, "i64")
+  local sink = dsrt.randn({ H }, { seed = next_seed() })
+  for _, precision in ipairs({ "reference", "fp32" }) do
+    local want = nn.sparse_attention(qt, pool, idx, sink, 0.125, precision)
+    poison(S * H * D * 4)
+    local got = nn.sparse_attention(qt:to("cuda"), pool:to("cuda"), idx:to("cuda"), sink:to("cuda"), 0.125, precision)
+    check(got, want, precision, "strided " .. precision)
+  end
+end)
+
+test("a_bad_index_gives_nan", function()
+  local S, H, D, N = 2, 3, 64, 10
+  local q = dsrt.randn({ S, H, D }, { seed = next_seed(), device = "cuda" })
+  local pool = dsrt.randn({ N, D }, { seed = next_seed(), device = "cuda" })
+  local sink = dsrt.zeros({ H }, { device = "cuda" })
+  for _, bad in ipairs({ N, -2 }) do
+    for _, K in ipairs({ 3, 200 }) do -- fused and split paths
+      local rows = { {}, {} }
+      for k = 1, K do rows[1][k], rows[2][k] = k % N, (k + 1) % N end
+      rows[2][K] = bad
+      local idx = dsrt.tensor(rows, { dtype = "i64", device = "cuda" })
+      local o = nn.sparse_attention(q, pool, idx, sink, 0.125, "fp32"):to("cpu")
+      for _, v in ipairs(h.flat(o:narrow(1, 1, 1):totable())) do assert(v == v, "a good row is NaN") end
+      for _, v in ipairs(h.flat(o:narrow(1, 2, 1):totable())) do assert(v ~= v, "the row with a bad index is not NaN") end
+    end
+  end
+end)
+
+test("errors", function()
+  local q = dsrt.randn({ 2, 3, 8 }, { seed = next_seed(), device = "cuda", dtype = "bf16" })
+  local pool = dsrt.randn({ 5, 8 }, { seed = next_seed(), device = "cuda", dtype = "bf16" })
+  local idx = dsrt.tensor({ { 0, 1 }, { 4, -1 } }, { device = "cuda" })
+  local sink = dsrt.zeros({ 3 }, { device = "cuda" })
+  assert_error(nn.sparse_attention, "nn.sparse_attention: pool is bf16%[5, 8%] on cpu, not on the stream's device cuda",
+               q, pool:to("cpu"), idx, sink, 0.3, "fp32")
+  assert_error(nn.sparse_attention, "nn.sparse_attention: sink is f32%[3%] on cpu, not on the stream's device cuda",
+               q, pool, idx, sink:to("cpu"), 0.3, "reference")
+  assert_error(nn.sparse_attention, "nn.sparse_attention: indices is i64%[2, 2%] on cuda:0, not on the stream's device cpu",
+               q:to("cpu"), pool:to("cpu"), idx, sink:to("cpu"), 0.3, "fp32")
+  assert_error(nn.sparse_attention, "nn.sparse_attention: pool is bf16%[5, 7%] on cuda:0, expected shape %[%*, 8%]",
+               q, pool:narrow(2, 1, 7), idx, sink, 0.3, "fp32")
+  assert_error(nn.sparse_attention, "nn.sparse_attention: indices is i64%[3, 2%] on cuda:0, expected shape %[2, %*%]",
+               q, pool, dsrt.zeros({ 3, 2 }, { dtype = "i64", device = "cuda" }), sink, 0.3, "fp32")
+  assert_error(nn.sparse_attention, "nn.sparse_attention: indices is f32%[2, 2%] on cuda:0, expected i32 or i64",
+               q, pool, idx:to("f32"), sink, 0.3, "fp32")
+  assert_error(nn.sparse_attention, "nn.sparse_attention: sink is f32%[4%] on cuda:0, expected shape %[3%]",
+               q, pool, idx, dsrt.zeros({ 4 }, { device = "cuda" }), 0.3, "fp32")
+  assert_error(nn.sparse_attention, "nn.sparse_attention: q is f16%[2, 3, 8%] on cuda:0, expected bf16 or f32",
+               q:to("f16"), pool, idx, sink, 0.3, "fp32")
+end)
+
+return tests
