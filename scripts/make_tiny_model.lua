@@ -1,6 +1,10 @@
 -- make_tiny_model.lua — writes a small random DeepSeek-V4 checkpoint folder in the official format.
 --
---   build/dsrt scripts/make_tiny_model.lua OUT_DIR [--seed N] [--tokenizer PATH | --no-tokenizer]
+--   build/dsrt scripts/make_tiny_model.lua OUT_DIR [--seed N] [--gain G] [--tokenizer PATH | --no-tokenizer]
+--
+-- --gain G (default 1) scales every linear weight's RMS (dsrt.dsv4.random): below 1 the model is
+-- calm, its logits moving smoothly with rounding, as the GPU tests need to compare precision
+-- "reference" across devices.
 --
 -- What it protects: everything that reads a real checkpoint (safetensors, config, weight binding,
 -- the layers, generation, `make demo`) can be run and tested on a file that has every feature of
@@ -80,19 +84,23 @@ local SHARDS = 2
 
 local function usage(message)
   io.stderr:write("make_tiny_model: " .. message .. "\n",
-                  "usage: build/dsrt scripts/make_tiny_model.lua OUT_DIR [--seed N] [--tokenizer PATH | --no-tokenizer]\n")
+                  "usage: build/dsrt scripts/make_tiny_model.lua OUT_DIR [--seed N] [--gain G] [--tokenizer PATH | --no-tokenizer]\n")
   os.exit(2)
 end
 
 local function shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
-local out_dir, seed, tokenizer = nil, 0, "fetch"
+local out_dir, seed, gain, tokenizer = nil, 0, 1, "fetch"
 local i = 1
 while i <= #arg do
   local a = arg[i]
   if a == "--seed" then
     seed = math.tointeger(tonumber(arg[i + 1] or ""))
     if not seed then usage("--seed needs an integer") end
+    i = i + 1
+  elseif a == "--gain" then
+    gain = tonumber(arg[i + 1] or "")
+    if not gain or not (gain > 0 and gain <= 4) then usage("--gain needs a number in (0, 4]") end
     i = i + 1
   elseif a == "--tokenizer" then
     tokenizer = arg[i + 1] or usage("--tokenizer needs a path")
@@ -122,7 +130,7 @@ end
 
 assert(os.execute("mkdir -p " .. shell_quote(out_dir)), "cannot create " .. out_dir)
 local cfg = config.parse(TINY_CONFIG, "tiny model")
-local files = weights.save(out_dir, TINY_CONFIG, random.tensors(cfg, { seed = seed, device = "cpu" }), { shards = SHARDS })
+local files = weights.save(out_dir, TINY_CONFIG, random.tensors(cfg, { seed = seed, gain = gain, device = "cpu" }), { shards = SHARDS })
 if tokenizer then
   local source = assert(io.open(tokenizer, "rb"))
   local text = source:read("a")

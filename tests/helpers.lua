@@ -120,12 +120,13 @@ function helpers.temp_folder()
   return folder
 end
 
--- A tiny random checkpoint (scripts/make_tiny_model.lua) in a new temporary folder.
-function helpers.make_tiny_model(seed, tokenizer_option)
+-- A tiny random checkpoint (scripts/make_tiny_model.lua) in a new temporary folder; gain (default
+-- 1) as the script's --gain.
+function helpers.make_tiny_model(seed, tokenizer_option, gain)
   local folder = helpers.temp_folder()
-  local command = string.format("%s scripts/make_tiny_model.lua %s --seed %d %s >/dev/null",
+  local command = string.format("%s scripts/make_tiny_model.lua %s --seed %d --gain %s %s >/dev/null",
                                 helpers.shell_quote(helpers.dsrt_bin()), helpers.shell_quote(folder), seed,
-                                tokenizer_option or "--no-tokenizer")
+                                gain or 1, tokenizer_option or "--no-tokenizer")
   assert(os.execute(command), "make_tiny_model failed: " .. command)
   return folder
 end

@@ -127,6 +127,16 @@ end)
 local tiny_dir
 local function tiny() tiny_dir = tiny_dir or h.make_tiny_model(23) return tiny_dir end
 
+-- Precision "reference" rounds to bf16 and e4m3 at the reference's points, and the GPU's fp32 sums
+-- (other orders, FP8 tensor cores) flip some of those roundings. The default tiny model (unit-gain
+-- random weights, 4 layers with hyper-connections) amplifies such flips: on the CPU its reference
+-- logits differ from its fp32 ones by 14% (82% argmax agreement), so a device comparison there
+-- measures the model's chaos, not the kernels (fp32 below holds the arithmetic to 1e-6). At gain
+-- 0.5 (make_tiny_model --gain) the same CPU comparison gives 1.7% and 98.5%: a model as smooth as a
+-- trained one, on which the issue's bar (2e-2, 99% argmax) tests the reference numerics on CUDA.
+local calm_dir
+local function calm_tiny() calm_dir = calm_dir or h.make_tiny_model(23, nil, 0.5) return calm_dir end
+
 -- Deterministic ids spread over the vocabulary (a Lua array).
 local function prompt(n, seed)
   local ids, x = {}, seed
@@ -175,11 +185,11 @@ end
 local MODEL_TOLERANCE, ARGMAX_AGREEMENT = 2e-2, 0.99
 
 test("tiny_model_reference_precision_on_cuda_matches_the_cpu", function()
-  local on_cpu = dsv4.load(tiny(), { device = "cpu", precision = "reference", mtp = true })
+  local on_cpu = dsv4.load(calm_tiny(), { device = "cpu", precision = "reference", mtp = true })
   local want = script(on_cpu)
   on_cpu = nil
   collectgarbage()
-  local model = dsv4.load(tiny(), { device = "cuda", precision = "reference", mtp = true })
+  local model = dsv4.load(calm_tiny(), { device = "cuda", precision = "reference", mtp = true })
   assert_equal(model.head.weight.device, "cuda:0")
   local got = script(model)
   assert_equal(#got, #want)

@@ -460,6 +460,35 @@ test("random_weights_have_the_documented_magnitudes", function()
   assert(embed_std > 0.95 and embed_std < 1.05, "embed std " .. embed_std)
 end)
 
+-- gain scales every linear exactly (FP8/FP4 through the scale exponent, bf16 through the std) and
+-- leaves every other tensor as it was
+test("random_weights_gain_scales_the_linears_only", function()
+  local cfg = small_config()
+  local a, b = weights.random(cfg, { seed = 5 }), weights.random(cfg, { seed = 5, gain = 0.5 })
+  local function walk(x, y, path, counts)
+    if dsrt.is_tensor(x) and (path:match("%.head$") or path:match("%.gate%.weight$")) then
+      -- bf16 linears held as plain tensors (the head, the router gate)
+      assert_equal(dsrt.max_abs_diff(x:to("f32") * 0.5, y:to("f32")), 0, path)
+      counts.linear = counts.linear + 1
+    elseif dsrt.is_tensor(x) then
+      assert(same_bytes(x, y), path .. " changed with the gain")
+      counts.other = counts.other + 1
+    elseif type(x) == "table" and x.format then
+      local dx, dy = weights.dequantise(x), weights.dequantise(y)
+      assert_equal(dsrt.max_abs_diff(dx * 0.5, dy), 0, path)
+      counts.linear = counts.linear + 1
+    elseif type(x) == "table" then
+      for k, v in pairs(x) do
+        if k ~= "tensors" then walk(v, y[k], path .. "." .. tostring(k), counts) end
+      end
+    end
+  end
+  local counts = { linear = 0, other = 0 }
+  walk(a, b, "w", counts)
+  assert(counts.linear > 100 and counts.other > 50, counts.linear .. " linears, " .. counts.other .. " others")
+  assert_error(random.tensors, "gain must be a number in %(0, 4%]", cfg, { gain = 0 })
+end)
+
 test("flash_base_and_bf16_only_variants_bind", function()
   -- Flash-Base: FP8 experts with f32 power-of-two scales (SPEC §1.4)
   local base_cfg, base_raw = small_config(function(raw) raw.expert_dtype = "fp8" end)

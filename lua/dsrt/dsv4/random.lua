@@ -90,10 +90,10 @@ local APE_STD = 0.1
 
 -- The quantisation of a block-scaled weight entry (memory.tensors form): the centre exponent E
 -- of its scales and the std of its codes, so that the dequantised RMS is 1/√in.
-local function quantisation(weight)
+local function quantisation(weight, gain)
   local format = weight.dtype == "I8" and "fp4" or "fp8"
   local in_features = format == "fp4" and 2 * weight.shape[2] or weight.shape[2]
-  local target = in_features ^ -0.5
+  local target = gain * in_features ^ -0.5
   local exponent = math.floor(math.log(target / (NOMINAL_CODE_STD[format] * SCALE_RMS), 2) + 0.5)
   return { exponent = exponent, code_std = target / (2.0 ^ exponent * SCALE_RMS) }
 end
@@ -144,15 +144,15 @@ end
 
 -- The tensor of one memory.tensors entry, in `shape` (the stored shape, with the expert count in
 -- front for batched experts). `entries` finds a scale's weight by name.
-local function generate(cfg, entry, entries, shape, rng)
+local function generate(cfg, entry, entries, shape, rng, gain)
   local name, dtype = entry.name, entry.dtype
   local function constant(value, dt) return dsrt.full(shape, value, { dtype = dt, device = rng.device }) end
   if name:match("%.scale$") then
-    return block_scales(shape, quantisation(entries[name:gsub("%.scale$", ".weight")]), dtype, rng)
+    return block_scales(shape, quantisation(entries[name:gsub("%.scale$", ".weight")], gain), dtype, rng)
   elseif dtype == "F8_E4M3" then
-    return normal(shape, quantisation(entry).code_std, "f8e4m3", rng)
+    return normal(shape, quantisation(entry, gain).code_std, "f8e4m3", rng)
   elseif dtype == "I8" then
-    return fp4_codes(shape, quantisation(entry), rng)
+    return fp4_codes(shape, quantisation(entry, gain), rng)
   elseif name:match("norm%.weight$") then
     return constant(1, "bf16")
   elseif name:match("hc_%a+_fn$") then
@@ -170,7 +170,7 @@ local function generate(cfg, entry, entries, shape, rng)
   elseif name == "embed.weight" then
     return normal(shape, 1, "bf16", rng)
   elseif dtype == "BF16" and name:match("%.weight$") then
-    return normal(shape, entry.shape[2] ^ -0.5, "bf16", rng)
+    return normal(shape, gain * entry.shape[2] ^ -0.5, "bf16", rng)
   end
   -- a tensor memory.tensors lists that this file has no rule for is a bug here, not a config problem
   error(string.format("dsv4.random: no rule for tensor %s (%s)", name, dtype), 0)
@@ -180,11 +180,17 @@ end
 --- has MTP layers), by official name, generated on opts.device (default "cpu") from opts.seed
 --- (default 0), in the dtype and stored shape a checkpoint holds it (memory.tensors): FP4 experts
 --- as i8 [out, in/2], tid2eid as i64. Routed experts are views of one tensor per layer and role.
+--- opts.gain (default 1) scales every linear weight's RMS (to gain/√in): below 1 each sub-layer
+--- adds less to the residual streams, so the logits depend smoothly on rounding (a model whose
+--- reference-precision logits can be compared across devices at a bf16-level tolerance).
 function random.tensors(cfg, opts)
   opts = opts or {}
-  local seed, device = opts.seed or 0, opts.device or "cpu"
+  local seed, device, gain = opts.seed or 0, opts.device or "cpu", opts.gain or 1
   if math.type(seed) ~= "integer" then
     error("dsv4.random: seed must be an integer, got " .. tostring(seed), 2)
+  end
+  if type(gain) ~= "number" or not (gain > 0 and gain <= 4) then
+    error("dsv4.random: gain must be a number in (0, 4], got " .. tostring(gain), 2)
   end
   local with_mtp = opts.mtp
   if with_mtp == nil then with_mtp = #cfg.mtp > 0 end
@@ -195,9 +201,9 @@ function random.tensors(cfg, opts)
   for _, entry in ipairs(list) do
     local rng = { seed = random.tensor_seed(seed, entry.name), device = device }
     if entry.count == 1 then
-      tensors[entry.name] = generate(cfg, entry, entries, entry.shape, rng)
+      tensors[entry.name] = generate(cfg, entry, entries, entry.shape, rng, gain)
     else
-      local batch = generate(cfg, entry, entries, { entry.count, table.unpack(entry.shape) }, rng)
+      local batch = generate(cfg, entry, entries, { entry.count, table.unpack(entry.shape) }, rng, gain)
       for e = 1, entry.count do
         tensors[(entry.name:gsub("{e}", tostring(e - 1)))] = batch[e]
       end
