@@ -5,6 +5,14 @@
  * serves only requests of exactly its class, so the cache cannot fragment into unusable pieces;
  * the limit and the retry-after-emptying bound the memory it can hold. CPU memory is not cached
  * (malloc already does that) but is counted and limited the same way.
+ *
+ * The cost that matters is the host's, per tensor: a decode step allocates and frees hundreds of
+ * small tensors, so the cache is hashed by size class (a take looks at one short list, not at
+ * every cached block), and a block used on its allocating stream alone is freed without an event:
+ * it keeps that stream (its home, retained) and is reused on it in stream order; only a take by
+ * another stream records an event on the home stream then - covering all work queued there so far,
+ * which includes every use before the free - and waits on it. Streams a storage was additionally
+ * used on (dsrt_storage_use) still get their event at the free.
  */
 #include "alloc.h"
 
@@ -16,22 +24,26 @@
 #include "kernels.h"
 
 #define MAX_PENDING (DSRT_STORAGE_STREAMS + 1)
+#define CACHE_BUCKETS 256
+
+/* Sizes are multiples of 512 below 1 MiB and of 2 MiB above: both kinds spread over the buckets. */
+static unsigned bucket_of(size_t size) { return (unsigned)(((size >> 9) ^ (size >> 21)) % CACHE_BUCKETS); }
 
 struct dsrt_block {
     void *ptr;
     size_t size;
     int device;
-    uint64_t stream_id;             /* the stream it was last handed out on */
-    void *events[MAX_PENDING];      /* recorded at free on each stream that used it */
+    dsrt_stream *home;              /* the stream it was last handed out on; retained while cached */
+    void *events[MAX_PENDING];      /* recorded at free on each other stream that used it */
     uint64_t event_stream[MAX_PENDING];
     int nevents;
-    dsrt_block *next;               /* in the cache list */
+    dsrt_block *next;               /* in its cache bucket */
 };
 
 typedef struct {
     pthread_mutex_t lock;
     dsrt_mem_stats stats;
-    dsrt_block *cache;              /* free blocks, most recently freed first */
+    dsrt_block *cache[CACHE_BUCKETS]; /* free blocks by size hash, most recently freed first */
     void *event_pool[64];
     int nevent_pool;
 } device_state;
@@ -81,24 +93,27 @@ static void event_put(device_state *st, int device, void *ev)
 /* Frees every cached block of a device; the caller holds the lock. */
 static void empty_cache_locked(device_state *st, int device)
 {
-    while (st->cache) {
-        dsrt_block *b = st->cache;
-        st->cache = b->next;
-        for (int i = 0; i < b->nevents; i++) event_put(st, device, b->events[i]);
-        dsrtk_free(device, b->ptr); /* cudaFree waits for the device: pending uses are over */
-        st->stats.reserved -= b->size;
-        free(b);
+    for (int k = 0; k < CACHE_BUCKETS; k++) {
+        while (st->cache[k]) {
+            dsrt_block *b = st->cache[k];
+            st->cache[k] = b->next;
+            for (int i = 0; i < b->nevents; i++) event_put(st, device, b->events[i]);
+            dsrtk_free(device, b->ptr); /* cudaFree waits for the device: pending uses are over */
+            dsrt_stream_release(b->home);
+            st->stats.reserved -= b->size;
+            free(b);
+        }
     }
 }
 
-/* Takes a cached block of exactly `size`, preferring one last used on `stream`. */
+/* Takes a cached block of exactly `size`, preferring one whose home is `stream`. */
 static dsrt_block *cache_take(device_state *st, size_t size, dsrt_stream *stream)
 {
     dsrt_block **best = NULL;
-    for (dsrt_block **p = &st->cache; *p; p = &(*p)->next) {
+    for (dsrt_block **p = &st->cache[bucket_of(size)]; *p; p = &(*p)->next) {
         if ((*p)->size != size) continue;
         if (!best) best = p;
-        if ((*p)->stream_id == stream->id) { best = p; break; }
+        if ((*p)->home->id == stream->id) { best = p; break; }
     }
     if (!best) return NULL;
     dsrt_block *b = *best;
@@ -106,9 +121,17 @@ static dsrt_block *cache_take(device_state *st, size_t size, dsrt_stream *stream
     return b;
 }
 
-/* Makes `stream` wait for what other streams still had queued on b when it was freed. */
+/* Makes `stream` wait for what other streams may still have queued on b (see the top). On
+ * failure b is left as it was, for the cache. */
 static int order_after_frees(device_state *st, dsrt_block *b, dsrt_stream *stream)
 {
+    if (b->home->id != stream->id) {
+        void *ev = event_get(st, b->device);
+        int rc = !ev || dsrtk_event_record(b->device, ev, b->home->handle) ||
+                 dsrtk_stream_wait_event(b->device, stream->handle, ev);
+        if (ev) event_put(st, b->device, ev); /* a recorded event may be reused: the wait is queued */
+        if (rc) return dsrt_err("allocator: %s", ev ? dsrtk_error() : "no event for a cross-stream reuse");
+    }
     int rc = 0;
     for (int i = 0; i < b->nevents; i++) {
         if (!rc && b->event_stream[i] != stream->id && dsrtk_stream_wait_event(b->device, stream->handle, b->events[i]))
@@ -116,7 +139,9 @@ static int order_after_frees(device_state *st, dsrt_block *b, dsrt_stream *strea
         event_put(st, b->device, b->events[i]);
     }
     b->nevents = 0;
-    b->stream_id = stream->id;
+    dsrt_stream_retain(stream);
+    dsrt_stream_release(b->home);
+    b->home = stream;
     return rc;
 }
 
@@ -126,7 +151,8 @@ static dsrt_block *device_alloc(device_state *st, int device, size_t size, dsrt_
     if (b) {
         st->stats.cache_hits++;
         if (order_after_frees(st, b, stream)) {
-            b->next = st->cache, st->cache = b;
+            unsigned k = bucket_of(b->size);
+            b->next = st->cache[k], st->cache[k] = b;
             return NULL;
         }
         return b;
@@ -156,16 +182,18 @@ static dsrt_block *device_alloc(device_state *st, int device, size_t size, dsrt_
         dsrtk_free(device, ptr);
         return dsrt_err_null("allocator: out of host memory");
     }
-    b->ptr = ptr, b->size = size, b->device = device, b->stream_id = stream->id;
+    dsrt_stream_retain(stream);
+    b->ptr = ptr, b->size = size, b->device = device, b->home = stream;
     st->stats.reserved += size;
     st->stats.device_mallocs++;
     return b;
 }
 
-/* Puts b back in the cache with an event on every stream that used it (see alloc.h). */
+/* Puts b back in the cache with an event on every stream but its home that used it (see the top;
+ * streams[0] is the allocating stream, the home). */
 static void block_free(device_state *st, dsrt_block *b, dsrt_storage *s)
 {
-    for (int i = 0; i < s->nstreams; i++) {
+    for (int i = 1; i < s->nstreams; i++) {
         void *ev = event_get(st, b->device);
         if (ev && !dsrtk_event_record(b->device, ev, s->streams[i]->handle)) {
             b->events[b->nevents] = ev;
@@ -174,8 +202,9 @@ static void block_free(device_state *st, dsrt_block *b, dsrt_storage *s)
             event_put(st, b->device, ev);
         }
     }
-    b->next = st->cache;
-    st->cache = b;
+    unsigned k = bucket_of(b->size);
+    b->next = st->cache[k];
+    st->cache[k] = b;
 }
 
 dsrt_storage *dsrt_storage_new(int device, size_t nbytes, dsrt_stream *stream)

@@ -4,10 +4,10 @@
  * Storage is the memory under tensors: allocator blocks, or memory owned by someone else (a file
  * mapping) with a release callback. Device memory is cached: a freed block goes back to a size
  * class list instead of cudaFree, because cudaMalloc/cudaFree synchronise the device and cost far
- * more than a decode step's kernels. Reuse is made safe with events, not host waits: when a block
- * is freed an event is recorded on every stream that used it, and whoever takes the block next
- * makes its own stream wait on those events (a GPU-side wait), so a block is never handed out while
- * queued work may still touch it.
+ * more than a decode step's kernels. Reuse is made safe with events, not host waits: a block taken
+ * by a stream other than the ones that used it makes that stream wait on events of theirs (a
+ * GPU-side wait; alloc.c says when they are recorded), so a block is never handed out while queued
+ * work may still touch it.
  *
  * A byte limit per device bounds reserved memory (cached + in use); going over it, or cudaMalloc
  * failing, first empties the cache and retries, then fails with a message - never aborts.
