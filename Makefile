@@ -125,6 +125,7 @@ bench:
 	@test -x $(BUILD)/dsrt || { echo "build first (make), then run make bench where the GPU is"; exit 1; }
 	@st=0; $(BUILD)/dsrt scripts/bench.lua $(filter --quick,$(BENCH_ARGS)) || st=1; \
 	$(BUILD)/dsrt scripts/bench_dsv4.lua $(BENCH_ARGS) || st=1; \
+	$(BUILD)/dsrt scripts/bench_speculative.lua $(filter --quick,$(BENCH_ARGS)) || st=1; \
 	if python3 -c "import torch, transformers" 2>/dev/null; then python3 tests/oracle/bench_transformers.py $(BENCH_ARGS) || st=1; \
 	else echo "bench: python3 cannot import torch and transformers: the transformers comparison is skipped"; fi; exit $$st
 

@@ -2,31 +2,47 @@
  * hc.cu - the Sinkhorn split and the hyper-connection ops (hc_pre, hc_post, hc_head) on CUDA
  * (runtime/nn.h; the C implementations in runtime/nn.c are the reference they are tested against).
  *
- * What this file protects: decode speed without giving up the CPU's numerics. At decode (T = 1..16
- * tokens of 4 streams × 4096) these ops are launch-latency bound, so hc_pre and hc_head are two
- * launches whatever T is, and hc_post is one:
- *   1. mix_kernel: the fp32 GEMM mixes = x·fnᵀ for the flattened streams x [T, K = hc·d] with
- *      fn [M, K], split over K in chunks of DSRTK_NN_HC_CHUNK so that even one token spreads over
- *      K / chunk blocks. Each block also sums its chunk's squares (for ρ). Partials go to a double
- *      workspace [T, splits, M + 1] that the core allocates (dsrtk_nn_hc_workspace).
- *   2. pre_kernel: per token, the partials summed over the splits in a fixed order (deterministic),
- *      ρ, the mixes, Sinkhorn with all its iterations (or hc_head's sigmoid weights), then the
- *      weighted sum u = Σ_s pre_s·X_s; for few tokens the collapse of one token spreads over several
- *      blocks, each redoing the (tiny) Sinkhorn rather than waiting for another launch.
+ * What this file protects: speed at both ends without giving up the CPU's numerics. hc_pre is
+ * mixes = x·fnᵀ for the flattened streams x [T, K = hc·d] and fn [M = (2+hc)·hc, K] (24 × 16384
+ * for the model), then per token ρ, Sinkhorn on the mixes and the collapse u = Σ_s pre_s·X_s. Two
+ * launches whatever T is:
+ *   1. the GEMM, split over K so that even one token spreads over the machine; partial dots (and
+ *      the partial Σx² for ρ) go to a double workspace [T, splits, M + 1] that the core allocates
+ *      (dsrtk_nn_hc_workspace). Two kernels, by size:
+ *        - split_kernel (decode, T < DSRTK_NN_HC_TC_MIN_T, and whatever the tensor cores cannot
+ *          take): blocks of (256 columns, up to 16 tokens), fn read once per token group;
+ *        - mix_tc_kernel (prefill, bf16 X): bf16 tensor cores (mma.sync m16n8k16) on fn split into
+ *          three bf16 planes fn = hi + mid + lo (fn_planes_kernel, once per call): a bf16 x times a
+ *          plane is exact in fp32, so the three products carry fn's 24 bits; the MMA sums them in
+ *          fp32. X is read once from HBM at full width, fn from shared memory.
+ *   2. pre_kernel: per token the partials summed over the splits in a fixed order (deterministic),
+ *      ρ and the mixes; blocks (token, part) compute only pre (hc sigmoids) and collapse their part
+ *      of the columns, one more block per token runs Sinkhorn (post, comb) beside them, in one warp
+ *      with the matrix in registers when hc² <= 32, so nothing waits for it.
  *
  * Numerics against nn.c: Sinkhorn, the weights and the collapse are the CPU's fp32 formulas in the
  * CPU's order with explicitly rounded intrinsics (no FMA contraction); e^x is evaluated in double and
  * rounded, where glibc's expf is within ~0.5 ulp: a rare one-ulp difference. The GEMM is where the two
  * sides really differ: the CPU accumulates each mix in fp32 in index order over K (dsrt_gemm_f32);
- * here each lane sums 16 products in fp32 (FMA) and the rest of the sum is a tree in double, which is
- * the more accurate of the two. The sum of squares is in double on both sides, as nn.c's mean_square.
+ * here fp32 partial sums of at most 1024 products (a tree of 8-product lane sums in split_kernel, the
+ * MMA's fp32 accumulation in mix_tc_kernel) meet in double, as accurate as the CPU's or more. The
+ * sum of squares is fp32 squares summed in double on both sides, as nn.c's mean_square.
  *
  * hc is limited to 32 streams here (the Sinkhorn matrix lives in shared memory); the model has 4.
  */
 #include <math.h>
 #include "common.cuh"
 
-enum { HC_MAX = 32, MIX_MAX = (2 + HC_MAX) * HC_MAX, MIX_THREADS = 256, PRE_THREADS = 256 };
+enum {
+    HC_MAX = 32,
+    MIX_MAX = (2 + HC_MAX) * HC_MAX,
+    SPLIT_THREADS = 256,           /* split_kernel: one column of the chunk per thread */
+    SPLIT_TOK = 16,                /* its most tokens per block */
+    TC_THREADS = 128,              /* mix_tc_kernel: 4 warps of 32 tokens */
+    TC_TOKENS = 128,               /* tokens per block */
+    TC_MAX_M = 24,                 /* three n-tiles of 8 mixes */
+    PRE_THREADS = 128,
+};
 
 static int check_float_dtype(const char *what, const char *name, int dtype)
 {
@@ -45,24 +61,59 @@ __device__ __forceinline__ void st(void *p, int dtype, int64_t i, float v)
     else ((uint16_t *)p)[i] = dsrt_f32_to_bf16(v);
 }
 
+/* Eight contiguous elements at element i of p (16-byte aligned): one 16-byte access for bf16, two
+ * for f32; the conversions are numeric.h's, as ld/st. */
+__device__ __forceinline__ void ld8(const void *p, int dtype, int64_t i, float (&v)[8])
+{
+    if (dtype == DSRT_F32) {
+        float4 a = ((const float4 *)p)[i / 4], b = ((const float4 *)p)[i / 4 + 1];
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+        uint4 a = ((const uint4 *)p)[i / 8];
+        uint32_t w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) v[2 * k] = dsrt_bits_f32(w[k] << 16), v[2 * k + 1] = dsrt_bits_f32(w[k] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void st8(void *p, int dtype, int64_t i, const float (&v)[8])
+{
+    if (dtype == DSRT_F32) {
+        ((float4 *)p)[i / 4] = make_float4(v[0], v[1], v[2], v[3]);
+        ((float4 *)p)[i / 4 + 1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+        uint32_t w[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) w[k] = dsrt_f32_to_bf16(v[2 * k]) | (uint32_t)dsrt_f32_to_bf16(v[2 * k + 1]) << 16;
+        ((uint4 *)p)[i / 8] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+
+static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
+
 /* e^x in double, rounded once to fp32 (see the file comment) */
 __device__ __forceinline__ float exp_f32(float x) { return (float)exp((double)x); }
 /* nn.c's sigmoid: 1/(1 + e^-x) in fp32 */
 __device__ __forceinline__ float sigmoid(float x) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, exp_f32(-x))); }
 
-/* ---- Sinkhorn (nn.c: sinkhorn_row) by the threads of a block ---- */
+/* nn.c sinkhorn_row's pre_j = σ(mix_j·scale_0 + base_j) + eps, also hc_head's weights */
+__device__ __forceinline__ float pre_weight(float mix, float s0, float base, float eps)
+{
+    return __fadd_rn(sigmoid(__fadd_rn(__fmul_rn(mix, s0), base)), eps);
+}
 
-/* mix [M] (shared) of one token -> pre [hc], post [hc], comb [hc·hc] (shared). Every step that the
- * CPU runs as a loop over a row or a column is run by one thread per row or column, in the CPU's
- * order; the element-wise divisions by the sums are spread over the block. All threads of the block
- * must call it (it has barriers). */
+/* ---- Sinkhorn (nn.c: sinkhorn_row) ---- */
+
+/* By the threads of a block, any hc <= HC_MAX: mix [M] (shared) of one token -> pre [hc], post
+ * [hc], comb [hc·hc] (shared). Every step that the CPU runs as a loop over a row or a column is run
+ * by one thread per row or column, in the CPU's order; the element-wise divisions by the sums are
+ * spread over the block. All threads of the block must call it (it has barriers). */
 __device__ void sinkhorn_block(const float *mix, const void *scale, int scale_dtype, const void *base, int base_dtype,
                                int hc, int iters, float eps, float *pre, float *post, float *comb, float *sums)
 {
     const int tid = threadIdx.x, nt = blockDim.x, hh = hc * hc;
     const float s0 = ld(scale, scale_dtype, 0), s1 = ld(scale, scale_dtype, 1), s2 = ld(scale, scale_dtype, 2);
     for (int j = tid; j < hc; j += nt) {
-        pre[j] = __fadd_rn(sigmoid(__fadd_rn(__fmul_rn(mix[j], s0), ld(base, base_dtype, j))), eps);
+        pre[j] = pre_weight(mix[j], s0, ld(base, base_dtype, j), eps);
         post[j] = __fmul_rn(2.0f, sigmoid(__fadd_rn(__fmul_rn(mix[hc + j], s1), ld(base, base_dtype, hc + j))));
     }
     for (int i = tid; i < hh; i += nt)
@@ -101,22 +152,77 @@ __device__ void sinkhorn_block(const float *mix, const void *scale, int scale_dt
     }
 }
 
-/* One block per token (grid-stride): the standalone split of given mixes. */
+/* The same by one warp for hc² <= 32 (the model's 4 streams), with no barrier: lane i holds C_jk
+ * for i = j·hc + k in a register; a row or column sum gathers its hc values with shuffles and adds
+ * them in the CPU's order (every lane of the row or column computes the same sum). 20 iterations
+ * cost ~40 × (hc shuffles + a division) instead of ~80 block barriers. Writes post [hc] and comb
+ * [hc·hc] (global) of the token; all 32 lanes must call it. */
+__device__ void sinkhorn_warp(const float *mix, const void *scale, int scale_dtype, const void *base, int base_dtype,
+                              int hc, int iters, float eps, float *post, float *comb)
+{
+    const unsigned full = 0xffffffffu;
+    const int lane = threadIdx.x & 31, hh = hc * hc;
+    const bool mine = lane < hh;
+    const int i = mine ? lane : 0, j = i / hc, k = i - j * hc; /* spare lanes shadow element 0 */
+    if (lane < hc)
+        post[lane] = __fmul_rn(2.0f, sigmoid(__fadd_rn(__fmul_rn(mix[hc + lane], ld(scale, scale_dtype, 1)),
+                                                       ld(base, base_dtype, hc + lane))));
+    float c = __fadd_rn(__fmul_rn(mix[2 * hc + i], ld(scale, scale_dtype, 2)), ld(base, base_dtype, 2 * hc + i));
+    /* the row softmax (max subtracted) + eps */
+    float mx = __shfl_sync(full, c, j * hc);
+    for (int kk = 1; kk < hc; kk++) mx = fmaxf(mx, __shfl_sync(full, c, j * hc + kk));
+    c = exp_f32(__fsub_rn(c, mx));
+    float sum = 0;
+    for (int kk = 0; kk < hc; kk++) sum = __fadd_rn(sum, __shfl_sync(full, c, j * hc + kk));
+    c = __fadd_rn(__fdiv_rn(c, sum), eps);
+    for (int it = 0; it < iters; it++) {
+        if (it > 0) {
+            sum = 0;
+            for (int kk = 0; kk < hc; kk++) sum = __fadd_rn(sum, __shfl_sync(full, c, j * hc + kk));
+            c = __fdiv_rn(c, __fadd_rn(sum, eps));
+        }
+        sum = 0;
+        for (int jj = 0; jj < hc; jj++) sum = __fadd_rn(sum, __shfl_sync(full, c, jj * hc + k));
+        c = __fdiv_rn(c, __fadd_rn(sum, eps));
+    }
+    if (mine) comb[i] = c;
+}
+
+/* Token t's Sinkhorn by the calling block: the warp version when it applies (warp 0 only), else the
+ * block version. mix is shared; sh_* are shared scratch for the block version. */
+__device__ void sinkhorn_token(const float *mix, const void *scale, int scale_dtype, const void *base, int base_dtype,
+                               int hc, int iters, float eps, int64_t t, float *pre, float *post, float *comb,
+                               float *sh_pre, float *sh_post, float *sh_comb, float *sh_sums)
+{
+    const int hh = hc * hc;
+    if (hh <= 32) { /* uniform over the block: no barrier below */
+        if (threadIdx.x < 32) {
+            sinkhorn_warp(mix, scale, scale_dtype, base, base_dtype, hc, iters, eps, post + t * hc, comb + t * hh);
+            if (pre && threadIdx.x < hc)
+                pre[t * hc + threadIdx.x] = pre_weight(mix[threadIdx.x], ld(scale, scale_dtype, 0),
+                                                       ld(base, base_dtype, threadIdx.x), eps);
+        }
+        return;
+    }
+    sinkhorn_block(mix, scale, scale_dtype, base, base_dtype, hc, iters, eps, sh_pre, sh_post, sh_comb, sh_sums);
+    for (int j = threadIdx.x; j < hc; j += blockDim.x) {
+        if (pre) pre[t * hc + j] = sh_pre[j];
+        post[t * hc + j] = sh_post[j];
+    }
+    for (int i = threadIdx.x; i < hh; i += blockDim.x) comb[t * hh + i] = sh_comb[i];
+}
+
+/* One block per token: the standalone split of given mixes. */
 __global__ void __launch_bounds__(64) sinkhorn_kernel(const void *mixes, int mixes_dtype, const void *scale,
-                                                      int scale_dtype, const void *base, int base_dtype, int64_t T,
-                                                      int hc, int iters, float eps, float *pre, float *post,
-                                                      float *comb)
+                                                      int scale_dtype, const void *base, int base_dtype, int hc,
+                                                      int iters, float eps, float *pre, float *post, float *comb)
 {
     __shared__ float mix[MIX_MAX], p[HC_MAX], q[HC_MAX], c[HC_MAX * HC_MAX], sums[HC_MAX];
-    const int M = (2 + hc) * hc, hh = hc * hc;
-    for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
-        for (int i = threadIdx.x; i < M; i += blockDim.x) mix[i] = ld(mixes, mixes_dtype, t * M + i);
-        __syncthreads();
-        sinkhorn_block(mix, scale, scale_dtype, base, base_dtype, hc, iters, eps, p, q, c, sums);
-        for (int j = threadIdx.x; j < hc; j += blockDim.x) pre[t * hc + j] = p[j], post[t * hc + j] = q[j];
-        for (int i = threadIdx.x; i < hh; i += blockDim.x) comb[t * hh + i] = c[i];
-        __syncthreads();
-    }
+    const int M = (2 + hc) * hc;
+    const int64_t t = blockIdx.x;
+    for (int i = threadIdx.x; i < M; i += blockDim.x) mix[i] = ld(mixes, mixes_dtype, t * M + i);
+    __syncthreads();
+    sinkhorn_token(mix, scale, scale_dtype, base, base_dtype, hc, iters, eps, t, pre, post, comb, p, q, c, sums);
 }
 
 static int check_hc(const char *what, int hc, int iters)
@@ -137,18 +243,18 @@ extern "C" int dsrtk_nn_sinkhorn(int dev, const void *mixes, int mixes_dtype, co
     if (!rc) rc = check_float_dtype(what, "base", base_dtype);
     if (rc) return rc;
     if (T <= 0) return DSRTK_OK;
+    if (T > INT32_MAX) return dsrtk_fail(DSRTK_ERROR, "%s: %lld tokens are too many for one launch", what, (long long)T);
     DSRTK_SET_DEVICE(dev, what);
-    int64_t grid = T < (1 << 30) ? T : (1 << 30);
-    sinkhorn_kernel<<<(unsigned)grid, 64, 0, (cudaStream_t)stream>>>(mixes, mixes_dtype, scale, scale_dtype, base,
-                                                                     base_dtype, T, hc, iters, eps, pre, post, comb);
+    sinkhorn_kernel<<<(unsigned)T, 64, 0, (cudaStream_t)stream>>>(mixes, mixes_dtype, scale, scale_dtype, base,
+                                                                  base_dtype, hc, iters, eps, pre, post, comb);
     return dsrtk_check_launch("sinkhorn_kernel", dev);
 }
 
 /* ---- hc_post's formula for one element (nn.c: dsrt_nn_hc_post) ---- */
 
 /* X'_k[c] = post_k·f[c] + Σ_j comb_jk·X_j[c] of token t: the sum over j in order from 0, then the
- * fp32 product added, the CPU's operations one for one. post_kernel unrolls the same sequence; the
- * fused hc_post_pre runs this one, so both give the same bits. */
+ * fp32 product added, the CPU's operations one for one. post_kernel and post_vec_kernel unroll the
+ * same sequence; the fused hc_post_pre runs this one, so all give the same bits. */
 __device__ __forceinline__ float post_value(const dsrtk_hc_post_args &a, int64_t t, int hc, int64_t d, int k, int64_t c)
 {
     float mixed = 0;
@@ -158,137 +264,356 @@ __device__ __forceinline__ float post_value(const dsrtk_hc_post_args &a, int64_t
     return __fadd_rn(__fmul_rn(ld(a.post, a.post_dtype, t * hc + k), ld(a.f, a.f_dtype, t * d + c)), mixed);
 }
 
-/* ---- the mixes GEMM, split over K ---- */
+/* ---- the mixes GEMM for few tokens (or f32 X), split over K ---- */
 
 /* Block (split, token group): columns [split·CHUNK, +CHUNK) of TOK tokens. The x chunk goes to shared
  * memory as f32 (its squares summed on the way, in double); then warp w takes rows m = w, w + 8, ...
- * of fn, each lane reading fn[m] coalesced and multiplying it with the TOK token chunks (fn is read
- * once per block and reused TOK times from registers), a warp tree finishing each dot product.
- * Cost: T·M·K FMAs, and fn (M·K·|fn| bytes) read ceil(T/TOK) times, from L2 after the first. */
-/* POST (hc_post_pre): the block first computes its chunk of X' = hc_post(f, X, post, comb) with
+ * of fn, lane l multiplying fn[m][l + 32i] (i < 8, coalesced) with the TOK token chunks (fn read once
+ * per block, reused TOK times from registers) in an fp32 chain of 8 products, a warp tree in fp32
+ * finishing each partial dot. Cost: T·M·K FMAs, fn (M·K·|fn| bytes) read ceil(T/TOK) times.
+ * POST (hc_post_pre): the block first computes its chunk of X' = hc_post(f, X, post, comb) with
  * post_value, writes it to X (X' here, of X_dtype) and takes the stored value (bf16-rounded in
- * reference precision, as hc_pre would read it back) as its x: X' is never read back for the GEMM.
- * Its own bytes: hc + 1 reads (L2 mostly) and one write per element of X'. */
+ * reference precision, as hc_pre would read it back) as its x: X' is never read back for the GEMM. */
 template <int TOK, bool POST>
-__global__ void __launch_bounds__(MIX_THREADS) mix_kernel(const void *X, int X_dtype, const void *fn, int fn_dtype,
-                                                          int64_t T, int64_t K, int M, int splits, double *work,
-                                                          const __grid_constant__ dsrtk_hc_post_args pa, int hc)
+__global__ void __launch_bounds__(SPLIT_THREADS) split_kernel(const void *X, int X_dtype, const void *fn, int fn_dtype,
+                                                              int64_t T, int64_t K, int M, int splits, double *part,
+                                                              const __grid_constant__ dsrtk_hc_post_args pa, int hc)
 {
+    static_assert(DSRTK_NN_HC_CHUNK == 8 * 32 && SPLIT_THREADS == DSRTK_NN_HC_CHUNK, "one column per thread, 8 per lane");
     __shared__ float xs[TOK][DSRTK_NN_HC_CHUNK];
-    __shared__ double sq[MIX_THREADS / 32][TOK];
+    __shared__ double sq[SPLIT_THREADS / 32][TOK];
     const int split = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t k0 = (int64_t)split * DSRTK_NN_HC_CHUNK, t0 = (int64_t)blockIdx.y * TOK;
     const int klen = (int)(K - k0 < DSRTK_NN_HC_CHUNK ? K - k0 : DSRTK_NN_HC_CHUNK);
-    double own[TOK];
+    const int k = threadIdx.x;
 #pragma unroll
     for (int t = 0; t < TOK; t++) {
-        own[t] = 0;
-        for (int k = threadIdx.x; k < DSRTK_NN_HC_CHUNK; k += MIX_THREADS) {
-            float v = 0.0f;
-            if (t0 + t < T && k < klen) {
-                const int64_t at = (t0 + t) * K + k0 + k;
-                if (POST) {
-                    const int64_t d = K / hc, s = (k0 + k) / d;
-                    float y = post_value(pa, t0 + t, hc, d, (int)s, k0 + k - s * d);
-                    st((void *)X, X_dtype, at, y);
-                    v = X_dtype == DSRT_F32 ? y : dsrt_bf16_to_f32(dsrt_f32_to_bf16(y)); /* what was stored */
-                } else {
-                    v = ld(X, X_dtype, at);
-                }
+        float v = 0.0f;
+        if (t0 + t < T && k < klen) {
+            const int64_t at = (t0 + t) * K + k0 + k;
+            if (POST) {
+                const int64_t d = K / hc, s = (k0 + k) / d;
+                float y = post_value(pa, t0 + t, hc, d, (int)s, k0 + k - s * d);
+                st((void *)X, X_dtype, at, y);
+                v = X_dtype == DSRT_F32 ? y : dsrt_bf16_to_f32(dsrt_f32_to_bf16(y)); /* what was stored */
+            } else {
+                v = ld(X, X_dtype, at);
             }
-            xs[t][k] = v;
-            own[t] += (double)__fmul_rn(v, v); /* nn.c's mean_square: fp32 squares, double sum */
         }
-    }
-#pragma unroll
-    for (int t = 0; t < TOK; t++) {
-        double v = own[t];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) sq[warp][t] = v;
+        xs[t][k] = v;
+        double own = (double)__fmul_rn(v, v); /* nn.c's mean_square: fp32 squares, double sum */
+        for (int o = 16; o > 0; o >>= 1) own += __shfl_xor_sync(0xffffffffu, own, o);
+        if (lane == 0) sq[warp][t] = own;
     }
     __syncthreads();
     if (threadIdx.x < TOK && t0 + threadIdx.x < T) {
         double v = 0;
-        for (int w = 0; w < MIX_THREADS / 32; w++) v += sq[w][threadIdx.x];
-        work[((t0 + threadIdx.x) * splits + split) * (M + 1) + M] = v;
+        for (int w = 0; w < SPLIT_THREADS / 32; w++) v += sq[w][threadIdx.x];
+        part[((t0 + threadIdx.x) * splits + split) * (M + 1) + M] = v;
     }
-    for (int m = warp; m < M; m += MIX_THREADS / 32) {
-        float acc[TOK];
-#pragma unroll
-        for (int t = 0; t < TOK; t++) acc[t] = 0;
+    for (int m = warp; m < M; m += SPLIT_THREADS / 32) {
         const int64_t row = (int64_t)m * K + k0;
-        for (int k = lane; k < klen; k += 32) {
-            float f = ld(fn, fn_dtype, row + k);
+        float f[8];
 #pragma unroll
-            for (int t = 0; t < TOK; t++) acc[t] = fmaf(f, xs[t][k], acc[t]);
-        }
+        for (int i = 0; i < 8; i++) f[i] = lane + 32 * i < klen ? ld(fn, fn_dtype, row + lane + 32 * i) : 0.0f;
 #pragma unroll
         for (int t = 0; t < TOK; t++) {
-            double v = acc[t];
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            if (lane == 0 && t0 + t < T) work[((t0 + t) * splits + split) * (M + 1) + m] = v;
+            float acc = 0;
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc = fmaf(f[i], xs[t][lane + 32 * i], acc);
+            for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            if (lane == 0 && t0 + t < T) part[((t0 + t) * splits + split) * (M + 1) + m] = acc;
         }
     }
 }
 
-/* ---- per token: the mixes, Sinkhorn or the head's weights, the collapse ---- */
+/* ---- the mixes GEMM for many tokens: bf16 tensor cores ---- */
 
-/* Block (token, part): the token's partials summed over the splits in order (double), then
- * mixes_m = fp32(dot_m)·ρ with ρ = 1/sqrt(fp32(Σx²/K) + norm_eps) (nn.c's hc_mixes), then the
- * weights, then u[c] = Σ_s w_s·X_s[c] (nn.c's collapse) over this part's columns. head: hc_head's
- * w_s = σ(mix_s·scale_0 + base_s) + hc_eps instead of Sinkhorn, no post/comb.
- * Bytes: X read once (T·K·|X|), u written once (T·d·|u|); the rest is small. */
+/* fn [M, K] (bf16 or f32) -> planes [3][PR][K] bf16 with PR = 8·ceil(M/8) rows (rows >= M zero):
+ * hi = bf16(v), mid = bf16(v − hi), lo = bf16(v − hi − mid). Each difference is exact in fp32
+ * (Sterbenz), so hi + mid + lo holds v's 24 bits (26 in all). 4·M·K bytes in, 6·PR·K out, once
+ * per call (1.5 MB for the model: ~1 µs). */
+__global__ void __launch_bounds__(DSRTK_BLOCK) fn_planes_kernel(const void *fn, int fn_dtype, int M, int PR, int64_t K,
+                                                                uint16_t *planes)
+{
+    const int64_t n = (int64_t)PR * K, plane = n;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t r = e / K;
+        float v = r < M ? ld(fn, fn_dtype, e) : 0.0f;
+        uint16_t hi = dsrt_f32_to_bf16(v);
+        float r1 = __fsub_rn(v, dsrt_bf16_to_f32(hi));
+        uint16_t mid = dsrt_f32_to_bf16(r1);
+        uint16_t lo = dsrt_f32_to_bf16(__fsub_rn(r1, dsrt_bf16_to_f32(mid)));
+        planes[e] = hi, planes[plane + e] = mid, planes[2 * plane + e] = lo;
+    }
+}
+
+/* D += A·B for one m16n8k16 tile: A 16 tokens × 16 k (row-major fragments), B 16 k × 8 mixes */
+__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* Block (token tile of 128, split of split_len columns, a multiple of 32 as K is). Warp w owns tokens
+ * tile + 32w .. +32 (two m-tiles of 16); per chunk of 32 columns lane (g = lane/4, q = lane%4) loads
+ * 16 bytes of X, columns 8q..8q+8 of rows g and g + 8 of each m-tile, straight from HBM into
+ * registers. The sum over k does not care in which order the columns come, so the MMA's k index is
+ * permuted alike for A and B: the words w0 w1 of that load are k-step 1's (a0|a2, a1|a3) fragments
+ * (logical k 2q, 2q+1 | 2q+8, 2q+9 = columns 8q..8q+3), w2 w3 k-step 2's, and B's fragments are the
+ * same 16 bytes of the fn plane's row n0 + g: (b0, b1) = (v0, v1), then (v2, v3). The planes' chunk
+ * (3·PR rows × 64 bytes) is staged in shared memory once per block, double-buffered with one
+ * barrier per chunk. Squares of x summed per lane in double, then over the 4 lanes of a row.
+ * Per token and column: 2 bytes of X from HBM; 3·2·PR FLOPs on tensor cores; fn from L2 once per
+ * block (T/128 · 3·PR·K·2 bytes in all, 72 MB at T = 4096: L2 traffic, not HBM). */
+template <int NT>
+__global__ void __launch_bounds__(TC_THREADS) mix_tc_kernel(const uint16_t *__restrict__ X, const uint16_t *__restrict__ planes,
+                                                            int64_t T, int64_t K, int M, int splits, int64_t split_len,
+                                                            double *__restrict__ part)
+{
+    constexpr int PR = 8 * NT, CHUNK_VECS = 3 * PR * 4; /* uint4s of B per chunk */
+    __shared__ uint4 bs[2][CHUNK_VECS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    const int split = blockIdx.y;
+    const int64_t k0 = (int64_t)split * split_len, k1 = k0 + split_len < K ? k0 + split_len : K;
+    const int chunks = (int)((k1 - k0) / 32);
+    const int64_t tw = (int64_t)blockIdx.x * TC_TOKENS + warp * 32;
+    const uint4 *xrow[2][2]; /* rows g and g + 8 of m-tiles 0 and 1, at column k0 + 8q; NULL past T */
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int64_t t = tw + 16 * mt + 8 * h + g;
+            xrow[mt][h] = t < T ? (const uint4 *)(X + t * K + k0 + 8 * q) : nullptr;
+        }
+    /* B's chunk c: uint4 u of the stage is plane p, row r, columns 8·(u % 4).. of the chunk */
+    auto load_b = [&](int c, uint4 (&v)[(CHUNK_VECS + TC_THREADS - 1) / TC_THREADS]) {
+#pragma unroll
+        for (int i = 0; i < (CHUNK_VECS + TC_THREADS - 1) / TC_THREADS; i++) {
+            const int u = threadIdx.x + i * TC_THREADS;
+            if (u < CHUNK_VECS) {
+                const int pr = u >> 2; /* p·PR + r */
+                v[i] = *(const uint4 *)(planes + (int64_t)pr * K + k0 + 32 * c + 8 * (u & 3));
+            }
+        }
+    };
+    auto store_b = [&](int buf, const uint4 (&v)[(CHUNK_VECS + TC_THREADS - 1) / TC_THREADS]) {
+#pragma unroll
+        for (int i = 0; i < (CHUNK_VECS + TC_THREADS - 1) / TC_THREADS; i++) {
+            const int u = threadIdx.x + i * TC_THREADS;
+            if (u < CHUNK_VECS) bs[buf][u] = v[i];
+        }
+    };
+    uint4 bnext[(CHUNK_VECS + TC_THREADS - 1) / TC_THREADS];
+    if (chunks > 0) {
+        load_b(0, bnext);
+        store_b(0, bnext);
+    }
+    __syncthreads();
+    float acc[2][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+    double sq[2][2] = {{0, 0}, {0, 0}};
+    for (int c = 0; c < chunks; c++) {
+        if (c + 1 < chunks) load_b(c + 1, bnext); /* in flight while this chunk computes */
+        uint4 a[2][2];
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) a[mt][h] = xrow[mt][h] ? xrow[mt][h][4 * c] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const uint32_t w[4] = {a[mt][h].x, a[mt][h].y, a[mt][h].z, a[mt][h].w};
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const float lo = dsrt_bits_f32(w[i] << 16), hi = dsrt_bits_f32(w[i] & 0xffff0000u);
+                    sq[mt][h] += (double)__fmul_rn(lo, lo);
+                    sq[mt][h] += (double)__fmul_rn(hi, hi);
+                }
+            }
+        const uint4 *b = bs[c & 1];
+#pragma unroll
+        for (int p = 0; p < 3; p++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                const uint4 v = b[(p * PR + nt * 8 + g) * 4 + q];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma_bf16(acc[mt][nt], a[mt][0].x, a[mt][1].x, a[mt][0].y, a[mt][1].y, v.x, v.y);
+                    mma_bf16(acc[mt][nt], a[mt][0].z, a[mt][1].z, a[mt][0].w, a[mt][1].w, v.z, v.w);
+                }
+            }
+        if (c + 1 < chunks) store_b((c + 1) & 1, bnext); /* that buffer's readers passed the last barrier */
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            double v = sq[mt][h];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            const int64_t t = tw + 16 * mt + 8 * h + g;
+            if (t >= T) continue;
+            double *out = part + (t * splits + split) * (M + 1);
+            if (q == 0) out[M] = v;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int i = 0; i < 2; i++) { /* C fragment: rows g | g + 8, columns 2q, 2q + 1 */
+                    const int m = nt * 8 + 2 * q + i;
+                    if (m < M) out[m] = acc[mt][nt][2 * h + i];
+                }
+        }
+}
+
+/* ---- per token: the mixes, the collapse, Sinkhorn ---- */
+
+/* Block (token, part): the token's partials summed over the splits in order (double; a warp per
+ * value, lanes over the splits, a fixed tree), then mixes_m = fp32(dot_m)·ρ with
+ * ρ = 1/sqrt(fp32(Σx²/K) + norm_eps) (nn.c's hc_mixes). Parts < parts_n: the weights
+ * w_s = σ(mix_s·scale_0 + base_s) + hc_eps (hc_pre's pre, also hc_head's weights) and
+ * u[c] = Σ_s w_s·X_s[c] (nn.c's collapse) over the part's columns, 8 at a time with 16-byte accesses
+ * when vec. Part parts_n (hc_pre only): Sinkhorn -> post, comb. Tokens run from the last one, whose
+ * X the GEMM read most recently (the most of it still in L2). Bytes: X once (T·K·|X|), u once. */
 __global__ void __launch_bounds__(PRE_THREADS) pre_kernel(const void *X, int X_dtype, const void *scale, int scale_dtype,
                                                           const void *base, int base_dtype, int64_t T, int hc,
                                                           int64_t d, float hc_eps, float norm_eps, int iters, int head,
-                                                          int splits, const double *work, void *u, int u_dtype,
-                                                          float *post, float *comb)
+                                                          int splits, const double *part, int parts_n, int vec,
+                                                          void *u, int u_dtype, float *post, float *comb)
 {
     __shared__ float mix[MIX_MAX], w[HC_MAX], q[HC_MAX], c[HC_MAX * HC_MAX], sums[HC_MAX];
     __shared__ double dots[MIX_MAX + 1];
-    const int M = head ? hc : (2 + hc) * hc, hh = hc * hc;
-    const int64_t K = (int64_t)hc * d, part_len = (d + gridDim.y - 1) / gridDim.y;
-    const int64_t c0 = blockIdx.y * part_len, c1 = c0 + part_len < d ? c0 + part_len : d;
-    for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
-        for (int m = threadIdx.x; m <= M; m += blockDim.x) {
-            double v = 0;
-            for (int sp = 0; sp < splits; sp++) v += work[(t * splits + sp) * (M + 1) + m];
-            dots[m] = v;
-        }
-        __syncthreads();
-        float rho = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn((float)(dots[M] / (double)K), norm_eps)));
+    const int M = head ? hc : (2 + hc) * hc, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const bool sinkhorn = (int)blockIdx.y == parts_n;
+    const int64_t t = T - 1 - blockIdx.x, K = (int64_t)hc * d;
+    /* the values this block needs: the hc pre dots and Σx², or all M + 1 */
+    const int nv = sinkhorn ? M + 1 : hc + 1;
+    for (int v = warp; v < nv; v += PRE_THREADS / 32) {
+        const int m = v < hc ? v : sinkhorn ? v : M; /* the collapse skips to Σx² after the hc pre dots */
+        double s = 0;
+        for (int sp = lane; sp < splits; sp += 32) s += part[(t * splits + sp) * (M + 1) + m];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) dots[m] = s;
+    }
+    __syncthreads();
+    const float rho = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn((float)(dots[M] / (double)K), norm_eps)));
+    if (sinkhorn) {
         for (int m = threadIdx.x; m < M; m += blockDim.x) mix[m] = __fmul_rn((float)dots[m], rho);
         __syncthreads();
-        if (head) {
-            float s0 = ld(scale, scale_dtype, 0);
-            for (int s = threadIdx.x; s < hc; s += blockDim.x)
-                w[s] = __fadd_rn(sigmoid(__fadd_rn(__fmul_rn(mix[s], s0), ld(base, base_dtype, s))), hc_eps);
-            __syncthreads();
-        } else {
-            sinkhorn_block(mix, scale, scale_dtype, base, base_dtype, hc, iters, hc_eps, w, q, c, sums);
-            if (blockIdx.y == 0) {
-                for (int j = threadIdx.x; j < hc; j += blockDim.x) post[t * hc + j] = q[j];
-                for (int i = threadIdx.x; i < hh; i += blockDim.x) comb[t * hh + i] = c[i];
+        sinkhorn_token(mix, scale, scale_dtype, base, base_dtype, hc, iters, hc_eps, t, NULL, post, comb, w, q, c, sums);
+        return;
+    }
+    const float s0 = ld(scale, scale_dtype, 0);
+    for (int s = threadIdx.x; s < hc; s += blockDim.x)
+        w[s] = pre_weight(__fmul_rn((float)dots[s], rho), s0, ld(base, base_dtype, s), hc_eps);
+    __syncthreads();
+    const int64_t part_len = (d + parts_n - 1) / parts_n;
+    const int64_t c0 = blockIdx.y * part_len, c1 = c0 + part_len < d ? c0 + part_len : d;
+    if (vec) { /* part_len and d multiples of 8 */
+        for (int64_t col = c0 + 8 * threadIdx.x; col < c1; col += 8 * PRE_THREADS) {
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, x[8];
+            for (int s = 0; s < hc; s++) {
+                ld8(X, X_dtype, (t * hc + s) * d + col, x);
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[s], x[i]));
             }
+            st8(u, u_dtype, t * d + col, acc);
         }
-        for (int64_t col = c0 + threadIdx.x; col < c1; col += blockDim.x) {
-            float acc = 0;
-            for (int s = 0; s < hc; s++) acc = __fadd_rn(acc, __fmul_rn(w[s], ld(X, X_dtype, (t * hc + s) * d + col)));
-            st(u, u_dtype, t * d + col, acc);
-        }
-        __syncthreads(); /* the shared arrays are rewritten for the next token */
+        return;
+    }
+    for (int64_t col = c0 + threadIdx.x; col < c1; col += PRE_THREADS) {
+        float acc = 0;
+        for (int s = 0; s < hc; s++) acc = __fadd_rn(acc, __fmul_rn(w[s], ld(X, X_dtype, (t * hc + s) * d + col)));
+        st(u, u_dtype, t * d + col, acc);
     }
 }
 
+/* ---- hc_post (nn.c: dsrt_nn_hc_post) ---- */
+
+/* One thread per (token, column c), all hc destinations: X'_k[c] = post_k·f[c] + Σ_j comb_jk·X_j[c],
+ * the sum over j in order from 0, then the fp32 product added, as the CPU (post_value). Any layout;
+ * the model's goes to post_vec_kernel. Bytes: (hc + 1)·T·d in, hc·T·d out: memory bound. */
+__global__ void __launch_bounds__(DSRTK_BLOCK) post_kernel(const __grid_constant__ dsrtk_hc_post_args a, void *y, int y_dtype, int64_t T,
+                                                           int hc, int64_t d)
+{
+    const int64_t n = T * d;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = e / d, col = e - t * d;
+        for (int k = 0; k < hc; k++) st(y, y_dtype, (t * hc + k) * d + col, post_value(a, t, hc, d, k, col));
+    }
+}
+
+/* post_kernel for HC streams (the model's 4), d % 8 == 0 and 16-byte aligned f, X, y: a thread takes
+ * 8 columns of a token with 16-byte loads and stores, the HC column vectors in registers; the very
+ * operations of post_value, so the same bits. comb and post (HC² + HC floats a token) come from L1. */
+template <int HC>
+__global__ void __launch_bounds__(DSRTK_BLOCK) post_vec_kernel(const __grid_constant__ dsrtk_hc_post_args a,
+                                                               void *y, int y_dtype,
+                                                               int64_t T, int64_t d)
+{
+    const int64_t dv = d / 8, n = T * dv;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = e / dv, col = 8 * (e - t * dv);
+        float f[8], x[HC][8];
+        ld8(a.f, a.f_dtype, t * d + col, f);
+#pragma unroll
+        for (int j = 0; j < HC; j++) ld8(a.X, a.X_dtype, (t * HC + j) * d + col, x[j]);
+#pragma unroll
+        for (int k = 0; k < HC; k++) {
+            float mixed[8] = {0, 0, 0, 0, 0, 0, 0, 0}, out[8];
+#pragma unroll
+            for (int j = 0; j < HC; j++) {
+                const float cjk = ld(a.comb, a.comb_dtype, (t * HC + j) * HC + k);
+#pragma unroll
+                for (int i = 0; i < 8; i++) mixed[i] = __fadd_rn(mixed[i], __fmul_rn(cjk, x[j][i]));
+            }
+            const float pk = ld(a.post, a.post_dtype, t * HC + k);
+#pragma unroll
+            for (int i = 0; i < 8; i++) out[i] = __fadd_rn(__fmul_rn(pk, f[i]), mixed[i]);
+            st8(y, y_dtype, (t * HC + k) * d + col, out);
+        }
+    }
+}
+
+static int launch_post(int dev, const dsrtk_hc_post_args &a, void *y, int y_dtype, int64_t T, int hc, int64_t d,
+                       cudaStream_t cs)
+{
+    if (hc == 4 && d % 8 == 0 && aligned16(a.f) && aligned16(a.X) && aligned16(y)) {
+        post_vec_kernel<4><<<dsrtk_grid_for(dev, T * (d / 8), DSRTK_BLOCK), DSRTK_BLOCK, 0, cs>>>(a, y, y_dtype, T, d);
+        return dsrtk_check_launch("post_vec_kernel", dev);
+    }
+    post_kernel<<<dsrtk_grid_for(dev, T * d, DSRTK_BLOCK), DSRTK_BLOCK, 0, cs>>>(a, y, y_dtype, T, hc, d);
+    return dsrtk_check_launch("post_kernel", dev);
+}
+
+static int check_post_args(const char *what, const dsrtk_hc_post_args &a)
+{
+    int rc = check_float_dtype(what, "f", a.f_dtype);
+    if (!rc) rc = check_float_dtype(what, "X", a.X_dtype);
+    if (!rc) rc = check_float_dtype(what, "post", a.post_dtype);
+    if (!rc) rc = check_float_dtype(what, "comb", a.comb_dtype);
+    return rc;
+}
+
+/* ---- the launchers ---- */
+
 template <int TOK>
-static void launch_mix(dim3 grid, cudaStream_t cs, const void *X, int X_dtype, const void *fn, int fn_dtype, int64_t T,
-                       int64_t K, int M, int splits, double *work, const dsrtk_hc_post_args *pa, int hc)
+static void launch_split(dim3 grid, cudaStream_t cs, const void *X, int X_dtype, const void *fn, int fn_dtype, int64_t T,
+                         int64_t K, int M, int splits, double *part, const dsrtk_hc_post_args *pa, int hc)
 {
     if (pa)
-        mix_kernel<TOK, true><<<grid, MIX_THREADS, 0, cs>>>(X, X_dtype, fn, fn_dtype, T, K, M, splits, work, *pa, hc);
+        split_kernel<TOK, true><<<grid, SPLIT_THREADS, 0, cs>>>(X, X_dtype, fn, fn_dtype, T, K, M, splits, part, *pa, hc);
     else
-        mix_kernel<TOK, false><<<grid, MIX_THREADS, 0, cs>>>(X, X_dtype, fn, fn_dtype, T, K, M, splits, work,
-                                                             dsrtk_hc_post_args{}, hc);
+        split_kernel<TOK, false><<<grid, SPLIT_THREADS, 0, cs>>>(X, X_dtype, fn, fn_dtype, T, K, M, splits, part,
+                                                                 dsrtk_hc_post_args{}, hc);
 }
 
 /* hc_pre (head 0), hc_head (head 1), or with pa hc_post_pre, whose X is the X' it writes */
@@ -298,10 +623,7 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
                       double *work, void *u, int u_dtype, float *post, float *comb, void *stream)
 {
     int rc = check_hc(what, hc, head ? 1 : iters);
-    if (!rc && pa) rc = check_float_dtype(what, "f", pa->f_dtype);
-    if (!rc && pa) rc = check_float_dtype(what, "X", pa->X_dtype);
-    if (!rc && pa) rc = check_float_dtype(what, "post", pa->post_dtype);
-    if (!rc && pa) rc = check_float_dtype(what, "comb", pa->comb_dtype);
+    if (!rc && pa) rc = check_post_args(what, *pa);
     if (!rc) rc = check_float_dtype(what, pa ? "X'" : "X", X_dtype);
     if (!rc) rc = check_float_dtype(what, "fn", fn_dtype);
     if (!rc) rc = check_float_dtype(what, "scale", scale_dtype);
@@ -309,35 +631,55 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
     if (!rc) rc = check_float_dtype(what, "u", u_dtype);
     if (rc) return rc;
     if (T <= 0) return DSRTK_OK;
+    if (T > INT32_MAX) return dsrtk_fail(DSRTK_ERROR, "%s: %lld tokens are too many for one launch", what, (long long)T);
     DSRTK_SET_DEVICE(dev, what);
     const int64_t K = (int64_t)hc * d;
     const int M = head ? hc : (2 + hc) * hc;
-    const int64_t splits = dsrtk_nn_hc_splits(K);
-    if (splits > 65535) return dsrtk_fail(DSRTK_ERROR, "%s: rows of %lld values are too long", what, (long long)K);
     cudaStream_t cs = (cudaStream_t)stream;
-    /* tokens per mix block: one at decode (splits alone fill the machine), more as T grows so fn's
-     * re-reads from L2 shrink */
-    if (T == 1) {
-        launch_mix<1>(dim3((unsigned)splits, 1), cs, X, X_dtype, fn, fn_dtype, T, K, M, (int)splits, work, pa, hc);
-    } else if (T <= 64) {
-        launch_mix<4>(dim3((unsigned)splits, (unsigned)((T + 3) / 4)), cs, X, X_dtype, fn, fn_dtype, T, K, M,
-                      (int)splits, work, pa, hc);
+    /* many tokens of bf16 X (the model's prefill, reference precision): the tensor-core GEMM, when
+     * the rows split into whole 32-column chunks of 16-byte-aligned data; hc_post_pre writes X'
+     * first (post_vec_kernel), then reads it back there */
+    const bool tc = T >= DSRTK_NN_HC_TC_MIN_T && M <= TC_MAX_M && K % 32 == 0 && K <= 65535LL * DSRTK_NN_HC_TC_SPLIT &&
+                    X_dtype == DSRT_BF16 && aligned16(X) && aligned16(work);
+    int splits;
+    double *part = work;
+    if (tc) {
+        if (pa && (rc = launch_post(dev, *pa, (void *)X, X_dtype, T, hc, d, cs))) return rc;
+        const int NT = (M + 7) / 8, PR = 8 * NT;
+        uint16_t *planes = (uint16_t *)work;
+        part = work + dsrtk_nn_hc_plane_doubles(M, K);
+        splits = (int)((K + DSRTK_NN_HC_TC_SPLIT - 1) / DSRTK_NN_HC_TC_SPLIT);
+        fn_planes_kernel<<<dsrtk_grid_for(dev, PR * K, DSRTK_BLOCK), DSRTK_BLOCK, 0, cs>>>(fn, fn_dtype, M, PR, K, planes);
+        if ((rc = dsrtk_check_launch("fn_planes_kernel", dev))) return rc;
+        const dim3 grid((unsigned)((T + TC_TOKENS - 1) / TC_TOKENS), (unsigned)splits);
+        const uint16_t *x16 = (const uint16_t *)X;
+        if (NT == 1) mix_tc_kernel<1><<<grid, TC_THREADS, 0, cs>>>(x16, planes, T, K, M, splits, DSRTK_NN_HC_TC_SPLIT, part);
+        else if (NT == 2) mix_tc_kernel<2><<<grid, TC_THREADS, 0, cs>>>(x16, planes, T, K, M, splits, DSRTK_NN_HC_TC_SPLIT, part);
+        else mix_tc_kernel<3><<<grid, TC_THREADS, 0, cs>>>(x16, planes, T, K, M, splits, DSRTK_NN_HC_TC_SPLIT, part);
+        rc = dsrtk_check_launch("mix_tc_kernel", dev);
     } else {
-        int64_t groups = (T + 7) / 8;
-        if (groups > 65535) return dsrtk_fail(DSRTK_ERROR, "%s: %lld tokens are too many for one launch", what, (long long)T);
-        launch_mix<8>(dim3((unsigned)splits, (unsigned)groups), cs, X, X_dtype, fn, fn_dtype, T, K, M, (int)splits,
-                      work, pa, hc);
+        const int64_t s64 = dsrtk_nn_hc_splits(K), groups = (T + SPLIT_TOK - 1) / SPLIT_TOK;
+        if (s64 > INT32_MAX || groups > 65535)
+            return dsrtk_fail(DSRTK_ERROR, "%s: %lld tokens of %lld values are too many for one launch", what,
+                              (long long)T, (long long)K);
+        splits = (int)s64;
+        /* tokens per block: all of them up to 16 (fn read once), then groups of 16 */
+        if (T == 1) launch_split<1>(dim3(splits, 1), cs, X, X_dtype, fn, fn_dtype, T, K, M, splits, part, pa, hc);
+        else if (T == 2) launch_split<2>(dim3(splits, 1), cs, X, X_dtype, fn, fn_dtype, T, K, M, splits, part, pa, hc);
+        else if (T <= 4) launch_split<4>(dim3(splits, 1), cs, X, X_dtype, fn, fn_dtype, T, K, M, splits, part, pa, hc);
+        else if (T <= 8) launch_split<8>(dim3(splits, 1), cs, X, X_dtype, fn, fn_dtype, T, K, M, splits, part, pa, hc);
+        else launch_split<SPLIT_TOK>(dim3(splits, (unsigned)groups), cs, X, X_dtype, fn, fn_dtype, T, K, M, splits, part, pa, hc);
+        rc = dsrtk_check_launch("split_kernel", dev);
     }
-    rc = dsrtk_check_launch("mix_kernel", dev);
     if (rc) return rc;
-    /* few tokens: split each token's columns over blocks of ~1024 so the collapse spreads out */
+    /* few tokens: each token's columns over blocks of 1024 (8 per thread) so the collapse spreads out */
     int64_t parts = T >= 64 ? 1 : (d + 1023) / 1024;
-    if (parts < 1) parts = 1;
     if (parts > 64) parts = 64;
-    int64_t grid = T < (1 << 30) ? T : (1 << 30);
-    pre_kernel<<<dim3((unsigned)grid, (unsigned)parts), PRE_THREADS, 0, cs>>>(
-        X, X_dtype, scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, (int)splits, work, u,
-        u_dtype, post, comb);
+    const int64_t part_len = (d + parts - 1) / parts;
+    const int vec = d % 8 == 0 && part_len % 8 == 0 && aligned16(X) && aligned16(u);
+    pre_kernel<<<dim3((unsigned)T, (unsigned)(parts + !head)), PRE_THREADS, 0, cs>>>(
+        X, X_dtype, scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits, part,
+        (int)parts, vec, u, u_dtype, post, comb);
     return dsrtk_check_launch("pre_kernel", dev);
 }
 
@@ -369,59 +711,17 @@ extern "C" int dsrtk_nn_hc_post_pre(int dev, const dsrtk_hc_post_args *post_args
                       base_dtype, T, hc, d, hc_eps, norm_eps, iters, 0, work, u, u_dtype, post, comb, stream);
 }
 
-/* ---- hc_post (nn.c: dsrt_nn_hc_post) ---- */
-
-/* One thread per (token, column c), all hc destinations: X'_k[c] = post_k·f[c] + Σ_j comb_jk·X_j[c],
- * the sum over j in order from 0, then the fp32 product added, as the CPU. HC > 0 fixes the stream
- * count (4 for the model) so the hc column values stay in registers; HC = 0 takes any hc, re-reading
- * them (from L1). Bytes: (hc + 1)·T·d in, hc·T·d out; 2hc² + 2hc FLOPs per column: memory bound. */
-template <int HC>
-__global__ void __launch_bounds__(DSRTK_BLOCK) post_kernel(const void *f, int f_dtype, const void *X, int X_dtype,
-                                                           const void *post, int post_dtype, const void *comb,
-                                                           int comb_dtype, void *y, int y_dtype, int64_t T, int hc_any,
-                                                           int64_t d)
-{
-    const int hc = HC > 0 ? HC : hc_any;
-    const int64_t n = T * d;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
-        int64_t t = e / d, col = e - t * d;
-        float fv = ld(f, f_dtype, e);
-        float xv[HC > 0 ? HC : 1];
-        if (HC > 0)
-#pragma unroll
-            for (int j = 0; j < (HC > 0 ? HC : 1); j++) xv[j] = ld(X, X_dtype, (t * hc + j) * d + col);
-        for (int k = 0; k < hc; k++) {
-            float mixed = 0;
-            for (int j = 0; j < hc; j++) {
-                float x = HC > 0 ? xv[j] : ld(X, X_dtype, (t * hc + j) * d + col);
-                mixed = __fadd_rn(mixed, __fmul_rn(ld(comb, comb_dtype, (t * hc + j) * hc + k), x));
-            }
-            st(y, y_dtype, (t * hc + k) * d + col, __fadd_rn(__fmul_rn(ld(post, post_dtype, t * hc + k), fv), mixed));
-        }
-    }
-}
-
 extern "C" int dsrtk_nn_hc_post(int dev, const void *f, int f_dtype, const void *X, int X_dtype, const void *post,
                                 int post_dtype, const void *comb, int comb_dtype, void *y, int y_dtype, int64_t T,
                                 int hc, int64_t d, void *stream)
 {
     const char *what = "nn.hc_post";
-    int rc = check_float_dtype(what, "f", f_dtype);
-    if (!rc) rc = check_float_dtype(what, "X", X_dtype);
-    if (!rc) rc = check_float_dtype(what, "post", post_dtype);
-    if (!rc) rc = check_float_dtype(what, "comb", comb_dtype);
+    const dsrtk_hc_post_args a = {f, X, post, comb, f_dtype, X_dtype, post_dtype, comb_dtype};
+    int rc = check_post_args(what, a);
     if (!rc) rc = check_float_dtype(what, "y", y_dtype);
     if (rc) return rc;
     if (hc < 1) return dsrtk_fail(DSRTK_ERROR, "%s: hc = %d", what, hc);
     if (T <= 0 || d <= 0) return DSRTK_OK;
     DSRTK_SET_DEVICE(dev, what);
-    int grid = dsrtk_grid_for(dev, T * d, DSRTK_BLOCK);
-    cudaStream_t cs = (cudaStream_t)stream;
-    if (hc == 4)
-        post_kernel<4><<<grid, DSRTK_BLOCK, 0, cs>>>(f, f_dtype, X, X_dtype, post, post_dtype, comb, comb_dtype, y, y_dtype,
-                                                     T, hc, d);
-    else
-        post_kernel<0><<<grid, DSRTK_BLOCK, 0, cs>>>(f, f_dtype, X, X_dtype, post, post_dtype, comb, comb_dtype, y, y_dtype,
-                                                     T, hc, d);
-    return dsrtk_check_launch("post_kernel", dev);
+    return launch_post(dev, a, y, y_dtype, T, hc, d, (cudaStream_t)stream);
 }

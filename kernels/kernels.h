@@ -106,6 +106,18 @@ int dsrtk_sample_workspace(int dev, int64_t B, int64_t V, int sorting, int penal
 int dsrtk_sample(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
                  const int64_t *hist, int64_t max_hist, uint64_t seed, uint64_t step, int sorting, int penalties,
                  void *workspace, size_t workspace_bytes, int64_t *out, void *stream);
+/* The processed distributions (runtime/sampling.h dsrt_sample_probs) instead of a draw: probs f32
+ * [B, V] on the device (written whole: zeros outside each row's candidates), status words in
+ * out[B..2B) as above (out[0..B) get the argmax). Workspace as dsrtk_sample_workspace. */
+int dsrtk_sample_probs(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
+                       const int64_t *hist, int64_t max_hist, int sorting, int penalties, void *workspace,
+                       size_t workspace_bytes, float *probs, int64_t *out, void *stream);
+/* The draft ids of one speculative verification, by value (at most DSRT_VERIFY_MAX_K = 32). */
+typedef struct { int64_t id[32]; } dsrtk_verify_drafts;
+/* Speculative verification (runtime/sampling.h dsrt_sample_verify): p f32 [k+1, V], q f32 [k, V] or
+ * NULL, contiguous on the device; out: device i64 [3] = accepted, next id, status (DSRTK_SAMPLE_OK). */
+int dsrtk_sample_verify(int dev, const float *p, const float *q, int64_t k, int64_t V, dsrtk_verify_drafts drafts,
+                        uint64_t seed, uint64_t step, int64_t *out, void *stream);
 /* end of sampling */
 
 /* ---- norm (kernels/norm.cu): RMSNorm, the per-head norm, RoPE, Hadamard, the Q8/Q4 round trips (runtime/nn.h) ---- */
@@ -131,12 +143,22 @@ int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y, int y_dty
 int dsrtk_nn_sinkhorn(int dev, const void *mixes, int mixes_dtype, const void *scale, int scale_dtype,
                       const void *base, int base_dtype, int64_t T, int hc, int iters, float eps, float *pre,
                       float *post, float *comb, void *stream);
-/* hc_pre and hc_head split their fp32 GEMM over K = hc·d in chunks of DSRTK_NN_HC_CHUNK and need a
- * workspace of dsrtk_nn_hc_workspace(T, M, K) doubles (M = (2+hc)·hc for hc_pre, hc for hc_head),
- * allocated by the core on the stream. */
-#define DSRTK_NN_HC_CHUNK 512
+/* hc_pre and hc_head split their GEMM over K = hc·d and need a workspace of
+ * dsrtk_nn_hc_workspace(T, M, K) doubles (M = (2+hc)·hc for hc_pre, hc for hc_head), allocated by the
+ * core on the stream: partial sums [T, splits, M + 1], splits of DSRTK_NN_HC_CHUNK columns (fewer
+ * than DSRTK_NN_HC_TC_MIN_T tokens, or f32) or of DSRTK_NN_HC_TC_SPLIT (the tensor-core GEMM for
+ * more tokens and M <= 24, which also keeps fn as three bf16 planes of 8·ceil(M/8) rows there). */
+#define DSRTK_NN_HC_CHUNK 256
+#define DSRTK_NN_HC_TC_SPLIT 1024
+#define DSRTK_NN_HC_TC_MIN_T 64
 static inline int64_t dsrtk_nn_hc_splits(int64_t K) { return K > 0 ? (K + DSRTK_NN_HC_CHUNK - 1) / DSRTK_NN_HC_CHUNK : 1; }
-static inline int64_t dsrtk_nn_hc_workspace(int64_t T, int64_t M, int64_t K) { return T * dsrtk_nn_hc_splits(K) * (M + 1); }
+/* the planes' size in doubles, even so that the partial sums after them stay 16-byte aligned */
+static inline int64_t dsrtk_nn_hc_plane_doubles(int64_t M, int64_t K) { return (3 * ((M + 7) / 8 * 8) * K * 2 + 15) / 16 * 2; }
+static inline int64_t dsrtk_nn_hc_workspace(int64_t T, int64_t M, int64_t K)
+{
+    int64_t partials = T * dsrtk_nn_hc_splits(K) * (M + 1); /* >= the tensor-core GEMM's, whose splits are longer */
+    return partials + (T >= DSRTK_NN_HC_TC_MIN_T && M <= 24 ? dsrtk_nn_hc_plane_doubles(M, K) : 0);
+}
 /* X [T, hc, d], fn [(2+hc)·hc, hc·d], scale [3], base [(2+hc)·hc] -> u [T, d] (u_dtype), post [T, hc], comb [T, hc, hc] */
 int dsrtk_nn_hc_pre(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
                     int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d, float hc_eps,
@@ -151,8 +173,9 @@ typedef struct {
     const void *f, *X, *post, *comb;
     int f_dtype, X_dtype, post_dtype, comb_dtype;
 } dsrtk_hc_post_args;
-/* hc_post then hc_pre in two launches: X_next [T, hc, d] = hc_post(...) in X_next_dtype, then hc_pre of
- * it (u, post, comb as dsrtk_nn_hc_pre, workspace as hc_pre's); the same bits as the two launchers */
+/* X_next [T, hc, d] = hc_post(...) in X_next_dtype, then hc_pre of it (u, post, comb as dsrtk_nn_hc_pre,
+ * workspace as hc_pre's): two launches for few tokens (the GEMM computes X' on the way), hc_post's
+ * kernel then hc_pre's for many; the same bits as the two launchers */
 int dsrtk_nn_hc_post_pre(int dev, const dsrtk_hc_post_args *post_args, void *X_next, int X_next_dtype,
                          const void *fn, int fn_dtype, const void *scale, int scale_dtype, const void *base,
                          int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps, int iters,
@@ -183,8 +206,10 @@ int dsrtk_linear_workspace(int dev, const dsrtk_linear_weight *w, int64_t rows, 
                            int y_dtype, size_t *bytes);
 /* y [rows, out] (f32 or bf16, contiguous) = x [rows, in] (f32 or bf16, contiguous) · Wᵀ per group,
  * quantise != 0: the activation is Q8 round-tripped in blocks of 128 first (quant.h). Picks the
- * decode GEMV (rows < 16), cuBLASLt FP8 block scaling (fp8, quantise, rows >= 16) or the tiled
- * kernel. workspace: at least dsrtk_linear_workspace's bytes, 256-byte aligned. */
+ * one-launch decode GEMV (rows <= 8, no workspace), cuBLASLt FP8 block scaling (fp8, quantise,
+ * rows > 8), cuBLAS over dequantised weight slabs (other rows > 8) or the tiled kernel. Any
+ * contiguous rows work (e.g. an expert's gathered rows). workspace: at least
+ * dsrtk_linear_workspace's bytes, 256-byte aligned. */
 int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise,
                  void *y, int y_dtype, void *workspace, size_t workspace_bytes, void *stream);
 /* end of linear */
@@ -208,10 +233,12 @@ typedef struct {
  * routed experts, set E the shared expert, set E+1 the gate (its w1; w2 and w3 unused). */
 enum { DSRTK_MOE_GATE, DSRTK_MOE_UP, DSRTK_MOE_DOWN };
 
-/* The grouped projection. Rows are grouped; group g = {set, first row, rows} from `groups`
+/* The grouped projection (decode and small batches: weights streamed once per batch of up to 8
+ * rows of a group). Rows are grouped; group g = {set, first row, rows} from `groups`
  * (device i32 [max_groups][3], *n_groups of them valid) or, when groups is NULL, the single group
- * {single_set, 0, single_rows} (its rows sliced over the grid). Row r reads input row row_x[r] (r itself when row_x is NULL) of
- * x (or of xq, the Q8 round trip of x, when the matrix quantises its input) and writes out row r:
+ * {single_set, 0, single_rows} (its rows sliced over the grid). Row r reads input row row_x[r] (r
+ * itself when row_x is NULL) of x (x_dtype DSRT_F32 or DSRT_BF16, rows x_ld elements apart), Q8
+ * round-tripped on the fly when `reference` and the matrix is FP8/FP4, and writes out row r:
  *   GATE: out = x·W1ᵀ (f32)
  *   UP:   out = h = silu(clamp(x·W1ᵀ)) · clamp(x·W3ᵀ) · row_weight[r] (r < n_weighted), moe.h's rules
  *   DOWN: out = x·W2ᵀ (bf16-rounded values when reference)
@@ -221,7 +248,8 @@ enum { DSRTK_MOE_GATE, DSRTK_MOE_UP, DSRTK_MOE_DOWN };
 typedef struct {
     int32_t mode, reference;
     const dsrtk_moe_matrix *table;
-    const float *x, *xq;
+    const void *x;
+    int32_t x_dtype, unused;
     int64_t x_ld;
     const int32_t *row_x;
     const float *row_weight;
@@ -236,11 +264,36 @@ typedef struct {
 } dsrtk_moe_project_args;
 int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream);
 
-/* The Q8 round trip (quant.h, blocks of 128) in place on `rows` rows of n floats, ld apart. With
- * groups given (as in the projection), only the rows of groups whose set's `slot` matrix is not
- * bf16 are quantised: a bf16 linear takes its input as given. */
-int dsrtk_moe_q8_rows(int dev, float *x, int64_t rows, int64_t n, int64_t ld, const dsrtk_moe_matrix *table,
-                      const int32_t *groups, const int32_t *n_groups, int32_t max_groups, int slot, void *stream);
+/* ---- prefill (tensor cores): the host reads the groups back once, then per group dequantises
+ * the set's matrices into a transient scratch and runs cuBLAS GEMMs on the gathered rows ---- */
+
+/* out [rows, cols] (out_dtype DSRT_BF16 or DSRT_F32, contiguous) row r = x row row_x[r] (x f32 or
+ * bf16, x_ld apart), Q8 round-tripped (blocks of 128) when q8. Exact in bf16 when q8 (e4m3 codes
+ * times powers of two) or when x is bf16. */
+int dsrtk_moe_gather(int dev, const void *x, int x_dtype, int64_t x_ld, const int32_t *row_x, int64_t rows, int64_t cols,
+                     int q8, void *out, int out_dtype, void *stream);
+
+/* Matrix `slot` of set `set` of the table dequantised exactly (code value times its scale, as
+ * linear.c's dequantise_transposed) into out [rows, cols] contiguous, out_dtype DSRT_BF16 (exact
+ * for FP4/FP8 codes with power-of-two scales, and for bf16) or DSRT_F32. rows, cols: the host's
+ * copy of the matrix's shape. */
+int dsrtk_moe_dequant(int dev, const dsrtk_moe_matrix *table, int set, int slot, int64_t rows, int64_t cols, void *out,
+                      int out_dtype, void *stream);
+
+/* C [m, n] (ldc, c_dtype) = A [m, k] (lda) · Wᵀ with W [n, k] contiguous, fp32 accumulation:
+ * ab_dtype DSRT_BF16 (c_dtype DSRT_BF16: one rounding of the fp32 sum, or DSRT_F32) or DSRT_F32
+ * (true fp32, no TF32). cuBLAS, one handle per device. */
+int dsrtk_moe_gemm(int dev, int ab_dtype, int64_t m, int64_t n, int64_t k, const void *a, int64_t lda, const void *w,
+                   void *c, int c_dtype, int64_t ldc, void *stream);
+
+/* The SwiGLU between the prefill GEMMs, moe.h's rules: gu row r holds g = x·W1ᵀ in columns
+ * [0, inter) and u = x·W3ᵀ in [inter, 2·inter) (inter: the row's set's, from the groups), gu_ld
+ * apart, dtype io_dtype (DSRT_BF16 in reference precision, DSRT_F32 in fp32); h row r (h_ld apart,
+ * io_dtype) = silu(clamp g)·clamp u · row_weight[r] (r < n_weighted), then in reference bf16
+ * and Q8 round-tripped (every w2 quantised). */
+int dsrtk_moe_swiglu(int dev, const void *gu, int64_t gu_ld, int64_t rows, const dsrtk_moe_matrix *table,
+                     const int32_t *groups, const int32_t *n_groups, const float *row_weight, int64_t n_weighted,
+                     float limit, int reference, void *h, int64_t h_ld, int io_dtype, void *stream);
 
 /* Routing of `rows` tokens from the gate logits f32 [rows, n_routed] (moe.h's rules): ids i64 and
  * weights f32 [rows, k], contiguous. Learned routing: bias (f32 view [n_routed]); hash routing:
@@ -274,8 +327,9 @@ typedef struct {
 int dsrtk_moe_group(int dev, const dsrtk_moe_group_args *a, void *stream);
 
 /* y[t] = Σ routed rows of token t in ascending expert id (pos_of_pick order) + shared row, summed
- * in f32 from 0, stored as out_dtype (DSRT_BF16 or DSRT_F32), contiguous [rows, dim]. */
-int dsrtk_moe_combine(int dev, const float *y, const int32_t *pos_of_pick, int64_t rows, int32_t k, int64_t dim,
+ * in f32 from 0, stored as out_dtype (DSRT_BF16 or DSRT_F32), contiguous [rows, dim]; y is
+ * [rows·(k+1), dim] of y_dtype (DSRT_F32 or DSRT_BF16). */
+int dsrtk_moe_combine(int dev, const void *y, int y_dtype, const int32_t *pos_of_pick, int64_t rows, int32_t k, int64_t dim,
                       void *out, int out_dtype, void *stream);
 /* end of moe */
 

@@ -4,45 +4,54 @@
  * with 1x32 e8m0 scales.
  *
  * What this file protects: the numerics of runtime/linear.c's CPU forward (dsrt_linear_rows), which
- * is the readable reference for every kernel here, without ever holding a dequantised copy of an
- * FP8/FP4 weight in device memory. The CPU computes y = bf16?( Σ_k a[k] · (W[n,k]·S) ) where a is x,
- * Q8 round-tripped in blocks of 128 (quant.h) when the layer quantises; here:
+ * is the readable reference for every kernel here. The CPU computes y = bf16?( Σ_k a[k] · (W[n,k]·S) )
+ * where a is x, Q8 round-tripped in blocks of 128 (quant.h) when the layer quantises. Every path
+ * below computes that sum from the same a and the same W·S; only the order of the fp32 additions
+ * differs (and, for cuBLASLt's FP8 tensor cores, the accumulator width inside a 128-block).
  *
- *   - prep_kernel writes a: x converted to f32 and, when asked, Q8 round-tripped with quant.h's own
- *     functions (the same amax, power-of-two scale, e4m3 rounding as dsrt_q8_block), so a is the
- *     CPU's bit for bit. For cuBLASLt it writes the (codes, scales) pair instead, which is the same
- *     value (q·s is exact).
- *   - gemv_kernel (1..15 rows, the decode step): memory-bound. Every weight byte is read once with
- *     16-byte streaming loads (L1 no-allocate, so the activation stays in L1), dequantised in
- *     registers; a 16-byte vector never straddles a scale block (checked on the host), so a partial
- *     dot product over the vector is multiplied by its block's scale once. Scales are powers of two
- *     (e8m0; f32 scales are used as they are) so p·S equals Σ a·(W·S) up to the order of fp32
- *     additions. Each lane owns whole vectors; the activation is stored permuted by prep_kernel so
- *     the lanes' float4 loads of it are coalesced (see gemv_pos). Warps of a block split K when there
- *     are few vectors per row, and their sums meet in shared memory in a fixed order.
- *     Per weight element: 1 byte (fp8) / 0.5 (fp4) / 2 (bf16) from HBM, 2·rows FLOPs.
- *   - prefill FP8 (16+ rows, reference, 128x128 blocks): cuBLASLt FP8 with block scaling exactly as
- *     FORMATS.md §1 measured it on Hopper: TN, A = W (BLK128x128_32F scales, rows padded to a
- *     multiple of 4 k-blocks), B = the e4m3 codes of x (VEC128_32F, token-contiguous scales), D bf16,
- *     tokens padded to a multiple of 16. Where cuBLASLt offers no algorithm the tiled kernel runs.
- *   - tiled_kernel (everything else): 64x64 output tiles, the weight dequantised exactly into shared
- *     memory element by element (the CPU's dequantise_transposed), fp32 FMA. Correct for every
- *     format, block shape, group count and stride the constructor accepts; not fast.
+ *   - gemv_kernel (1..8 rows, the decode step): ONE launch, no workspace. Each block stages the
+ *     activation it needs in shared memory (f32, Q8 round-tripped with quant.h's own functions, so
+ *     bit for bit the CPU's a), then streams every weight byte once with 16-byte loads (L1
+ *     no-allocate), dequantised in registers; a 16-byte vector never straddles a scale block
+ *     (checked on the host), so a partial dot product over the vector is multiplied by its block's
+ *     scale once (scales are powers of two for e8m0, so p·S equals Σ a·(W·S) up to the order of
+ *     fp32 additions; f32 scales are applied the same way, as a product after the sum).
+ *     Per weight element: 1 byte (fp8) / 0.5 (fp4) / 2 (bf16) from HBM and 2·rows FLOPs; the
+ *     activation (rows·in f32 in shared memory) is read from L2 once per block.
+ *   - prefill FP8 (9+ rows, reference, 128x128 blocks): cuBLASLt FP8 with block scaling exactly as
+ *     FORMATS.md §1 measured it on Hopper (TN, A = W with BLK128x128_32F scales, B = the e4m3 codes
+ *     of Q8(x) with VEC128_32F scales, D bf16, tokens padded to 16).
+ *   - prefill everything else (9+ rows): cuBLAS on tensor cores over the weight dequantised into a
+ *     transient slab of the workspace (at most SLAB_BYTES, one weight at a time, freed with the
+ *     workspace). bf16 route when a and W·S are exactly bf16: Q8 values (4-bit significands times
+ *     2^-22..2^127) and bf16 inputs are; e2m1·2^e always is, e4m3·2^e is unless 2^e < 2^-124; the
+ *     dequantiser flags any inexact element and the exact tiled kernel then recomputes y (it returns
+ *     at once when the flag is clear). bf16 products are exact in the tensor cores' fp32
+ *     accumulation, so this is the CPU's sum in another order. f32 route otherwise (fp32 precision
+ *     with f32 inputs, fp8 with f32 scales): true-fp32 cuBLAS (no TF32) on dequantised f32 slabs,
+ *     W·S rounded exactly as the CPU's dequantise_transposed rounds it.
+ *   - tiled_kernel (shapes the GEMV cannot vector-load, and the exactness fallback): 64x64 output
+ *     tiles, the weight dequantised element by element (the CPU's dequantise_transposed), fp32 FMA.
  *
  * Launchers never allocate (the workspace comes from the core, sized by dsrtk_linear_workspace) and
  * never synchronise.
  */
 #include <cublasLt.h>
+#include <cublas_v2.h>
 #include <cuda_fp16.h>
+#include <atomic>
 #include <mutex>
 #include "common.cuh"
 #include "../runtime/quant.h"
 
 enum { FMT_BF16 = 0, FMT_FP8 = 1, FMT_FP4 = 2 };
-enum { PATH_GEMV, PATH_LT, PATH_TILED };
-enum { GEMV_THREADS = 256, GEMV_WARPS = GEMV_THREADS / 32, GEMV_MAX_ROWS = 15, ACT_BLOCK = 128 };
+enum { PATH_GEMV, PATH_LT, PATH_BLAS, PATH_TILED };
+enum { GEMV_THREADS = 256, GEMV_WARPS = GEMV_THREADS / 32, GEMV_MAX_ROWS = 8, ACT_BLOCK = 128 };
+/* the staged activation: f32, at most this many bytes of dynamic shared memory (no opt-in needed) */
+enum { GEMV_X_BYTES = 47 * 1024 };
 enum { MAX_LT_DEVICES = 64 };
 static const size_t LT_WORKSPACE = (size_t)32 << 20; /* what cuBLAS recommends for Hopper */
+static const size_t SLAB_BYTES = (size_t)64 << 20;   /* the most dequantised weight held at once */
 
 static __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -54,91 +63,144 @@ static int vec_of(int format) { return format == FMT_FP8 ? 16 : format == FMT_FP
 
 struct Plan {
     int path;
-    int64_t seg, x_ld;        /* gemv: the permuted activation, per group and per token (floats) */
-    size_t x_bytes;           /* gemv / tiled: the prepared f32 activation at offset 0 (0: x used as is) */
-    int64_t mpad, kb, nb, ldw; /* lt */
-    size_t codes_off, xs_off, ws_off, d_off, lt_off, total;
+    int64_t kc;                 /* gemv: staged columns per chunk (a multiple of 32 vectors) */
+    int64_t mpad, kb, nb, ldw;  /* lt */
+    size_t codes_off, xs_off, ws_off, d_off, lt_off;
+    int bf16, x_prep, w_direct, y_tmp; /* blas: bf16 route; x prepared at x_off; W used as stored; f32 C then rounded */
+    int64_t slab_rows;          /* blas: weight rows dequantised per slab */
+    size_t x_off, w_off, c_off, flag_off;
+    size_t total;
 };
 
-static int gemv_fits(const dsrtk_linear_weight *w)
+static int gemv_fits(const dsrtk_linear_weight *w, int quantise)
 {
-    int64_t vec = vec_of(w->format), in_g = w->in / w->groups, out_g = w->out / w->groups;
-    size_t bytes_per_vec = 16;
-    if (in_g % vec || w->ld % vec || (uintptr_t)w->weight % bytes_per_vec) return 0;
+    int64_t vec = vec_of(w->format), in_g = w->in / w->groups;
+    if (in_g % vec || w->ld % vec || (uintptr_t)w->weight % 16) return 0;
     if (w->format != FMT_BF16 && (w->block_cols % vec || !w->scale)) return 0;
-    if (w->groups > 1 && out_g % 4) return 0; /* a warp's 2 or 4 features share one group */
+    /* Q8 blocks are the row's absolute 128-column blocks: a group must start on one */
+    if (quantise && w->groups > 1 && in_g % ACT_BLOCK) return 0;
     return 1;
 }
 
 static int lt_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise, int y_dtype)
 {
-    return rows >= 16 && quantise && w->format == FMT_FP8 && w->groups == 1 && w->block_rows == 128 &&
+    return rows > GEMV_MAX_ROWS && quantise && w->format == FMT_FP8 && w->groups == 1 && w->block_rows == 128 &&
            w->block_cols == 128 && y_dtype == DSRT_BF16 && w->out % 16 == 0 && w->in % ACT_BLOCK == 0 &&
            w->ld == w->in && (uintptr_t)w->weight % 16 == 0 && rows <= INT32_MAX;
 }
 
+static int64_t gemv_kc(const dsrtk_linear_weight *w, int mt)
+{
+    int64_t span = 32 * (int64_t)vec_of(w->format), in_g = w->in / w->groups;
+    int64_t most = GEMV_X_BYTES / 4 / mt / span * span, need = ceil_div(in_g, span) * span;
+    return need < most ? need : most;
+}
+
+static int gemv_mt(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
+
 static void make_plan(const dsrtk_linear_weight *w, int64_t rows, int x_dtype, int quantise, int y_dtype, Plan *p)
 {
     memset(p, 0, sizeof *p);
-    int64_t in = w->in, in_g = in / w->groups;
-    if (rows <= GEMV_MAX_ROWS && gemv_fits(w)) {
-        int64_t vec = vec_of(w->format);
+    int64_t in = w->in, in_g = in / w->groups, out_g = w->out / w->groups;
+    if (rows <= GEMV_MAX_ROWS && gemv_fits(w, quantise)) {
         p->path = PATH_GEMV;
-        p->seg = ceil_div(in_g / vec, 32) * 32 * vec;
-        p->x_ld = p->seg * w->groups;
-        p->x_bytes = align256((size_t)(rows * p->x_ld) * sizeof(float));
-        p->total = p->x_bytes;
+        p->kc = gemv_kc(w, gemv_mt(rows));
+        return; /* no workspace */
+    }
+    /* cuBLAS takes int sizes and leading dimensions */
+    if (rows <= GEMV_MAX_ROWS || rows > INT32_MAX || in > INT32_MAX || w->out > INT32_MAX || w->ld > INT32_MAX) {
+        p->path = PATH_TILED;
+        p->total = x_dtype == DSRT_F32 && !quantise ? 0 : align256((size_t)(rows * in) * sizeof(float));
         return;
     }
-    p->path = PATH_TILED;
-    p->x_bytes = x_dtype == DSRT_F32 && !quantise ? 0 : align256((size_t)(rows * in) * sizeof(float));
-    p->total = p->x_bytes;
-    if (!lt_fits(w, rows, quantise, y_dtype)) return;
-    p->path = PATH_LT;
-    p->mpad = ceil_div(rows, 16) * 16;
-    p->kb = in / ACT_BLOCK;
-    p->nb = ceil_div(w->out, 128);
-    p->ldw = ceil_div(p->kb, 4) * 4;
-    p->codes_off = 0;
-    p->xs_off = align256((size_t)(p->mpad * in));
-    p->ws_off = p->xs_off + align256((size_t)(p->kb * p->mpad) * sizeof(float));
-    p->d_off = p->ws_off + align256((size_t)(p->nb * p->ldw) * sizeof(float));
-    size_t d_bytes = p->mpad != rows ? align256((size_t)(p->mpad * w->out) * 2) : 0;
-    p->lt_off = p->d_off + d_bytes;
-    size_t lt_total = p->lt_off + LT_WORKSPACE;
-    /* the tiled fallback reuses the same workspace from offset 0 */
-    if (lt_total > p->total) p->total = lt_total;
+    if (lt_fits(w, rows, quantise, y_dtype)) {
+        p->path = PATH_LT;
+        p->mpad = ceil_div(rows, 16) * 16;
+        p->kb = in / ACT_BLOCK;
+        p->nb = ceil_div(w->out, 128);
+        p->ldw = ceil_div(p->kb, 4) * 4;
+        p->codes_off = 0;
+        p->xs_off = align256((size_t)(p->mpad * in));
+        p->ws_off = p->xs_off + align256((size_t)(p->kb * p->mpad) * sizeof(float));
+        p->d_off = p->ws_off + align256((size_t)(p->nb * p->ldw) * sizeof(float));
+        size_t d_bytes = p->mpad != rows ? align256((size_t)(p->mpad * w->out) * 2) : 0;
+        p->lt_off = p->d_off + d_bytes;
+        p->total = p->lt_off + LT_WORKSPACE;
+        /* where cuBLASLt offers no algorithm the blas route below runs in the same workspace */
+    }
+    Plan b;
+    memset(&b, 0, sizeof b);
+    b.path = PATH_BLAS;
+    int x_exact_bf16 = quantise || x_dtype == DSRT_BF16;
+    int w_exact_bf16 = w->format == FMT_BF16 || w->scale_dtype == DSRT_F8E8M0;
+    b.bf16 = x_exact_bf16 && w_exact_bf16;
+    size_t xe = b.bf16 ? 2 : 4;
+    /* x goes in as stored when it already has the route's dtype and needs no Q8 */
+    b.x_prep = quantise || (int)xe != (x_dtype == DSRT_BF16 ? 2 : 4);
+    b.w_direct = b.bf16 && w->format == FMT_BF16;
+    b.y_tmp = !b.bf16 && y_dtype == DSRT_BF16; /* f32 cuBLAS writes f32 only */
+    size_t off = 0;
+    b.x_off = off;
+    if (b.x_prep) off += align256((size_t)(rows * in) * xe);
+    b.c_off = off;
+    if (b.y_tmp) off += align256((size_t)(rows * w->out) * 4);
+    b.flag_off = off;
+    if (b.bf16 && !b.w_direct) off += 256;
+    b.w_off = off;
+    if (!b.w_direct) {
+        int64_t most = (int64_t)(SLAB_BYTES / ((size_t)in_g * xe));
+        b.slab_rows = most < 1 ? 1 : most < out_g ? most : out_g;
+        off += align256((size_t)(b.slab_rows * in_g) * xe);
+    }
+    b.total = off;
+    if (p->path == PATH_LT) {
+        b.path = PATH_LT;
+        b.mpad = p->mpad, b.kb = p->kb, b.nb = p->nb, b.ldw = p->ldw;
+        b.codes_off = p->codes_off, b.xs_off = p->xs_off, b.ws_off = p->ws_off, b.d_off = p->d_off, b.lt_off = p->lt_off;
+        if (p->total > b.total) b.total = p->total;
+    }
+    *p = b;
 }
 
-/* ---- activation preparation ---- */
+/* ---- activation preparation (prefill paths) ---- */
 
-enum { PREP_F32, PREP_CODES };
+enum { PREP_F32, PREP_BF16, PREP_CODES };
 
 struct PrepArgs {
     const void *x;
-    int x_dtype, quantise, mode, vec; /* vec 0: plain [rows, in] layout; else gemv_pos */
-    int64_t rows, in, in_g, seg, dst_ld;
-    float *dst;                       /* PREP_F32 */
+    int x_dtype, quantise, mode;
+    int64_t rows, in;
+    void *dst;                        /* PREP_F32 / PREP_BF16: [rows, in] */
     uint8_t *codes;                   /* PREP_CODES: [mpad, in] e4m3, scales [in/128, mpad] */
     float *xscale;
     int64_t mpad;
 };
 
-/* Where column c of a token's activation goes for the GEMV: per group a segment of whole spans of
- * 32 vectors; in a span, lane l's vector (VEC consecutive columns) is stored as VEC/4 float4s at
- * float4 positions j·32 + l, so when the 32 lanes read their j-th float4 they read 512 contiguous
- * bytes. */
-__device__ __forceinline__ int64_t gemv_pos(int64_t c, int64_t in_g, int64_t seg, int vec)
+/* The Q8 round trip of one block of 128 (or fewer) columns held 4 per lane, exactly as
+ * dsrt_q8_block (quant.h) computes it: the same amax, power-of-two scale and e4m3 rounding. The
+ * whole warp calls it. */
+__device__ __forceinline__ float q8_block_warp(float (&v)[4], const bool (&ok)[4], uint8_t (&code)[4])
 {
-    if (vec == 0) return c;
-    int64_t g = c / in_g, cc = c - g * in_g, span = 32 * (int64_t)vec;
-    int64_t s = cc / span, w = cc - s * span;
-    int64_t l = w / vec, r = w - l * vec;
-    return g * seg + s * span + ((r >> 2) * 32 + l) * 4 + (r & 3);
+    float amax = 1e-4f;
+    for (int e = 0; e < 4; e++) {
+        float m = v[e] < 0 ? -v[e] : v[e];
+        if (ok[e] && m > amax) amax = m;
+    }
+    for (int off = 16; off; off >>= 1) {
+        float o = __shfl_xor_sync(0xffffffffu, amax, off);
+        if (o > amax) amax = o;
+    }
+    float s = dsrt_pow2_ceil(amax * (1.0f / 448.0f));
+    for (int e = 0; e < 4; e++) {
+        float q = v[e] / s;
+        q = q > 448.0f ? 448.0f : q < -448.0f ? -448.0f : q;
+        code[e] = dsrt_f32_to_e4m3(q);
+        v[e] = dsrt_e4m3_to_f32(code[e]) * s;
+    }
+    return s;
 }
 
-/* One warp per (token, block of 128 columns): the block's Q8 round trip exactly as dsrt_q8_block
- * (quant.h) does it, lanes holding 4 elements each. */
+/* One warp per (token, block of 128 columns). */
 __global__ void __launch_bounds__(DSRTK_BLOCK) prep_kernel(const __grid_constant__ PrepArgs a)
 {
     const int lane = threadIdx.x & 31;
@@ -156,33 +218,16 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) prep_kernel(const __grid_constant
         }
         float s = 1.0f;
         uint8_t code[4] = {0, 0, 0, 0};
-        if (a.quantise) {
-            float amax = 1e-4f;
-            for (int e = 0; e < 4; e++) {
-                float m = v[e] < 0 ? -v[e] : v[e];
-                if (ok[e] && m > amax) amax = m;
-            }
-            for (int off = 16; off; off >>= 1) {
-                float o = __shfl_xor_sync(0xffffffffu, amax, off);
-                if (o > amax) amax = o;
-            }
-            s = dsrt_pow2_ceil(amax * (1.0f / 448.0f));
-            for (int e = 0; e < 4; e++) {
-                float q = v[e] / s;
-                q = q > 448.0f ? 448.0f : q < -448.0f ? -448.0f : q;
-                code[e] = dsrt_f32_to_e4m3(q);
-                v[e] = dsrt_e4m3_to_f32(code[e]) * s;
-            }
+        if (a.quantise) s = q8_block_warp(v, ok, code);
+        for (int e = 0; e < 4; e++) {
+            int64_t i = lane * 4 + e;
+            if (i >= len) continue;
+            int64_t at = t * a.in + c0 + i;
+            if (a.mode == PREP_CODES) a.codes[at] = ok[e] ? code[e] : 0;
+            else if (a.mode == PREP_BF16) ((uint16_t *)a.dst)[at] = dsrt_f32_to_bf16(v[e]); /* exact: see the top */
+            else ((float *)a.dst)[at] = v[e];
         }
-        if (a.mode == PREP_CODES) {
-            if (t >= a.rows) s = 1.0f; /* padding tokens: zero codes, unit scale */
-            for (int e = 0; e < 4; e++)
-                if (lane * 4 + e < len) a.codes[t * a.in + c0 + lane * 4 + e] = ok[e] ? code[e] : 0;
-            if (lane == 0) a.xscale[(c0 / ACT_BLOCK) * a.mpad + t] = s;
-        } else {
-            for (int e = 0; e < 4; e++)
-                if (ok[e]) a.dst[t * a.dst_ld + gemv_pos(c0 + lane * 4 + e, a.in_g, a.seg, a.vec)] = v[e];
-        }
+        if (a.mode == PREP_CODES && lane == 0) a.xscale[(c0 / ACT_BLOCK) * a.mpad + t] = t < a.rows ? s : 1.0f;
     }
 }
 
@@ -216,13 +261,16 @@ __device__ __forceinline__ float weight_at(const dsrtk_linear_weight &w, int64_t
 
 struct GemvArgs {
     dsrtk_linear_weight w;
-    const float *x; /* prepared, permuted: token t, group g at x + t·x_ld + g·seg */
-    int64_t x_ld, seg, rows;
+    const void *x;  /* [rows, in], bf16 or f32, as the caller gave it */
+    int x_dtype, quantise;
+    int64_t rows, kc; /* kc: staged columns per chunk (Plan.kc) */
     void *y;
-    int y_dtype, ks; /* ks warps of a block split one feature group's K */
+    int y_dtype;
+    int ks;           /* warps of a block splitting one feature group's K */
+    int vpb_shift;    /* log2 of 16-byte vectors per scale block along K; -1: not a power of two */
 };
 
-/* 16 bytes of weights, streamed: L1 no-allocate keeps the L1 for the activation */
+/* 16 bytes of weights, streamed: L1 no-allocate keeps the L1 for the scales */
 __device__ __forceinline__ uint4 load_stream(const void *p)
 {
     uint4 r;
@@ -240,151 +288,271 @@ __device__ __forceinline__ float2 half2_bits_to_float2(uint32_t bits)
     return __half22float2(__half2(raw));
 }
 
-/* Σ_j x[j]·W[j] over one 16-byte vector, in fp32. fp8: e4m3 pairs convert exactly to f16 pairs in
- * hardware. fp4: each nibble s|e1 e0 m placed as s at bit 15 and e1 e0 m at bits 11..9 of an f16 is
- * the e2m1 value times 2^-14 for normal and subnormal codes alike (both formats' subnormals scale
- * the same way), so the result is the true sum times 2^-14, undone by the caller (exact: a power of
- * two). bf16: the upper half of an f32. */
+/* p + Σ_j x[j]·W[j] over the VEC/4 weights of one 32-bit word of a vector, in fp32. fp8: e4m3
+ * pairs convert exactly to f16 pairs in hardware. fp4: each nibble s|e1 e0 m placed as s at bit 15
+ * and e1 e0 m at bits 11..9 of an f16 is the e2m1 value times 2^-14 for normal and subnormal codes
+ * alike (both formats' subnormals scale the same way), so the fp4 sum is the true sum times 2^-14,
+ * undone by the caller (exact: a power of two). bf16: the upper half of an f32. x[j] is the word's
+ * j-th column. */
 template <int FMT>
-__device__ __forceinline__ float vec_dot(const uint4 &wv, const float *x)
+__device__ __forceinline__ float word_dot(uint32_t word, const float *x, float p)
 {
-    const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
-    float p = 0.0f;
     if (FMT == FMT_FP8) {
 #pragma unroll
-        for (int q = 0; q < 4; q++) {
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                uint32_t pair;
-                unsigned short two = (unsigned short)(words[q] >> (16 * h));
-                asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(pair) : "h"(two));
-                float2 f = half2_bits_to_float2(pair); /* .x is the lower byte, the earlier column */
-                p = fmaf(x[4 * q + 2 * h], f.x, p);
-                p = fmaf(x[4 * q + 2 * h + 1], f.y, p);
-            }
+        for (int h = 0; h < 2; h++) {
+            uint32_t pair;
+            unsigned short two = (unsigned short)(word >> (16 * h));
+            asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(pair) : "h"(two));
+            float2 f = half2_bits_to_float2(pair); /* .x is the lower byte, the earlier column */
+            p = fmaf(x[2 * h], f.x, p);
+            p = fmaf(x[2 * h + 1], f.y, p);
         }
     } else if (FMT == FMT_FP4) {
 #pragma unroll
-        for (int q = 0; q < 4; q++) {
-#pragma unroll
-            for (int k = 0; k < 4; k++) { /* nibbles k (low half) and k + 4 (high half) of the word */
-                uint32_t t = words[q] >> (4 * k);
-                uint32_t bits = ((t << 9) & 0x0e000e00u) | ((t << 12) & 0x80008000u);
-                float2 f = half2_bits_to_float2(bits);
-                p = fmaf(x[8 * q + k], f.x, p);
-                p = fmaf(x[8 * q + k + 4], f.y, p);
-            }
+        for (int k = 0; k < 4; k++) { /* nibbles k (low half) and k + 4 (high half) of the word */
+            uint32_t t = word >> (4 * k);
+            uint32_t bits = ((t << 9) & 0x0e000e00u) | ((t << 12) & 0x80008000u);
+            float2 f = half2_bits_to_float2(bits);
+            p = fmaf(x[k], f.x, p);
+            p = fmaf(x[k + 4], f.y, p);
         }
     } else {
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            p = fmaf(x[2 * q], __uint_as_float(words[q] << 16), p);
-            p = fmaf(x[2 * q + 1], __uint_as_float(words[q] & 0xffff0000u), p);
-        }
+        p = fmaf(x[0], __uint_as_float(word << 16), p);
+        p = fmaf(x[1], __uint_as_float(word & 0xffff0000u), p);
     }
     return p;
 }
 
-/* A block of 8 warps works on tiles of FG·NW output features (FG = 8 / ks feature groups of NW
- * features; ks warps split each group's K). A lane holds NW weight vectors (NW 16-byte loads in
- * flight) and reuses each activation float4 for NW features; accumulators acc[feature][token]. */
-template <int FMT, int MT>
-__global__ void __launch_bounds__(GEMV_THREADS) gemv_kernel(const __grid_constant__ GemvArgs a)
+__device__ __forceinline__ uint32_t word_of(const uint4 &v, int q) { return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w; }
+
+/* Stages columns [c0, c0 + cols) of group g of every token in shared memory, Q8 round-tripped when
+ * asked (one warp per token and block of 128 columns, quant.h's arithmetic: q8_block_warp). The
+ * chunk starts on an absolute 128-column block (kc is a multiple of the span, a multiple of 128,
+ * and a quantised grouped layer has in_g % 128 == 0: gemv_fits), so these are the CPU's Q8 blocks.
+ * Layout: token t at xs + t·kc; in each span of 32 vectors, lane l's vector (VEC consecutive
+ * columns) lies as VEC/4 float4s at float4 positions j·32 + l, so when the 32 lanes read their j-th
+ * float4 they read 512 contiguous bytes (no bank conflicts). cols is a multiple of VEC (>= 8), so a
+ * lane's 4 columns are all in range or all out. */
+template <int VEC>
+__device__ __forceinline__ void stage_x(const GemvArgs &a, float *xs, int64_t g, int64_t c0, int64_t cols)
 {
-    constexpr int VEC = FMT == FMT_FP8 ? 16 : FMT == FMT_FP4 ? 32 : 8;
-    constexpr int NW = MT >= 8 ? 2 : 4;
+    constexpr int SPAN = 32 * VEC;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t in_g = a.w.in / a.w.groups, nblk = ceil_div(cols, ACT_BLOCK), units = a.rows * nblk;
+    for (int64_t u = warp; u < units; u += GEMV_WARPS) {
+        const int64_t t = u / nblk, cb = (u - t * nblk) * ACT_BLOCK;
+        const int64_t len = cols - cb < ACT_BLOCK ? cols - cb : ACT_BLOCK;
+        const int64_t src = t * a.w.in + g * in_g + c0 + cb + lane * 4;
+        float v[4];
+        bool ok[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            ok[e] = lane * 4 + e < len;
+            v[e] = ok[e] ? dsrt_load_f32(a.x, a.x_dtype, src + e) : 0.0f;
+        }
+        if (a.quantise) {
+            uint8_t code[4];
+            q8_block_warp(v, ok, code);
+        }
+        if (lane * 4 < len) {
+            const int cc = (int)cb + lane * 4, s = cc / SPAN, wi = cc - s * SPAN, l = wi / VEC, r = wi - l * VEC;
+            *(float4 *)(xs + t * a.kc + (int64_t)s * SPAN + ((r >> 2) * 32 + l) * 4) = make_float4(v[0], v[1], v[2], v[3]);
+        }
+    }
+}
+
+template <int FMT, int MT> struct GemvShape {
+    static constexpr int VEC = FMT == FMT_FP8 ? 16 : FMT == FMT_FP4 ? 32 : 8;
+    static constexpr int NW = MT <= 2 ? 4 : 2; /* features per warp: each x float4 serves NW of them */
+    static constexpr int U = NW == 4 ? 2 : 4;  /* vectors per feature in flight: NW·U = 8 loads a lane */
+};
+
+/* A block of 8 warps works on tiles of FG·NW output features of one group (FG = 8 / ks feature
+ * groups of NW features; ks warps split each group's K), looping over tiles (a persistent grid) and
+ * over K chunks of the staged activation. A lane keeps NW·U 16-byte weight loads in flight and
+ * reuses each activation float4 for NW features; accumulators acc[feature][token]. Sums meet in a
+ * fixed order (lanes by shuffle, k-slots in index order): the result does not depend on the grid.
+ * Per 16-byte vector and token: VEC FMAs, VEC/4 LDS.128, plus the dequantisation (fp8 1.5
+ * instructions a weight, fp4 ~3, bf16 1) shared by the tokens. */
+template <int FMT, int MT>
+__global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_kernel(const __grid_constant__ GemvArgs a)
+{
+    constexpr int VEC = GemvShape<FMT, MT>::VEC, NW = GemvShape<FMT, MT>::NW, U = GemvShape<FMT, MT>::U;
+    constexpr int SPAN = 32 * VEC;
+    extern __shared__ float4 xs4[];
+    float *xs = (float *)xs4;
     __shared__ float red[GEMV_WARPS][NW * MT];
     const dsrtk_linear_weight &w = a.w;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ks = a.ks, fg = warp / ks, kslot = warp % ks;
-    const int groups_per_block = GEMV_WARPS / ks;
-    const int64_t out = w.out, out_g = out / w.groups, in_g = w.in / w.groups, nvec = in_g / VEC;
-    const int64_t tile_features = (int64_t)groups_per_block * NW, ntiles = ceil_div(out, tile_features);
+    const int fgs = GEMV_WARPS / ks;
+    const int64_t out_g = w.out / w.groups, in_g = w.in / w.groups, kc = a.kc;
+    const int64_t tf = (int64_t)fgs * NW, tpg = ceil_div(out_g, tf), ntiles = tpg * w.groups;
+    const int64_t step = (int64_t)ks * 32;
     const size_t row_bytes = FMT == FMT_FP4 ? (size_t)w.ld / 2 : (size_t)w.ld * (FMT == FMT_FP8 ? 1 : 2);
     const char *wbase = (const char *)w.weight;
+    const bool one_chunk = kc >= in_g;
+    int64_t staged = -1; /* the group whose whole activation is in xs (one_chunk only) */
 
     for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-        const int64_t n0 = tile * tile_features + (int64_t)fg * NW;
+        const int64_t g = tile / tpg, tl0 = (tile - g * tpg) * tf, nl0 = tl0 + (int64_t)fg * NW;
+        const char *wrow = wbase + (size_t)(g * out_g + nl0) * row_bytes; /* feature i's row at + i·row_bytes */
+        int64_t srow[NW];
+        bool live[NW];
+#pragma unroll
+        for (int i = 0; i < NW; i++) {
+            const int64_t nl = nl0 + i, n = g * out_g + (nl < out_g ? nl : 0);
+            live[i] = nl < out_g;
+            srow[i] = FMT == FMT_BF16 ? 0 : n / w.block_rows * w.scale_ld0;
+        }
         float acc[NW][MT];
 #pragma unroll
         for (int i = 0; i < NW; i++)
 #pragma unroll
             for (int t = 0; t < MT; t++) acc[i][t] = 0.0f;
-        if (n0 < out) {
-            const int64_t g = n0 / out_g;
-            const float *xg = a.x + g * a.seg + lane * 4;
-            for (int64_t v = (int64_t)kslot * 32 + lane; v < nvec; v += (int64_t)ks * 32) {
-                uint4 wv[NW];
-                float sc[NW];
+
+        for (int64_t c0 = 0; c0 < in_g; c0 += kc) {
+            const int64_t cols = in_g - c0 < kc ? in_g - c0 : kc;
+            if (!one_chunk || staged != g) { /* block-uniform */
+                __syncthreads();             /* every warp is done reading the previous chunk */
+                stage_x<VEC>(a, xs, g, c0, cols);
+                __syncthreads();
+                staged = g;
+            }
+            const int64_t vbeg = c0 / VEC, vend = vbeg + cols / VEC;
+            for (int64_t v0 = vbeg + (int64_t)kslot * 32 + lane; v0 < vend; v0 += U * step) {
+                uint4 wv[U][NW];
+                float sc[U][NW];
 #pragma unroll
-                for (int i = 0; i < NW; i++) {
-                    int64_t n = n0 + i;
-                    if (n < out) {
-                        wv[i] = load_stream(wbase + (size_t)n * row_bytes + (size_t)v * 16);
-                        sc[i] = FMT == FMT_BF16 ? 1.0f : scale_at(w, n, v * VEC);
-                    } else {
-                        wv[i] = make_uint4(0, 0, 0, 0);
-                        sc[i] = 0.0f;
+                for (int u = 0; u < U; u++) {
+                    const int64_t v = v0 + u * step;
+#pragma unroll
+                    for (int i = 0; i < NW; i++) {
+                        if (live[i] && v < vend) {
+                            wv[u][i] = load_stream(wrow + (size_t)i * row_bytes + (size_t)v * 16);
+                            if (FMT == FMT_BF16) {
+                                sc[u][i] = 1.0f;
+                            } else {
+                                const int64_t cb = a.vpb_shift >= 0 ? v >> a.vpb_shift : v * VEC / w.block_cols;
+                                sc[u][i] = dsrt_load_f32(w.scale, w.scale_dtype, srow[i] + cb * w.scale_ld1);
+                            }
+                        } else {
+                            wv[u][i] = make_uint4(0, 0, 0, 0);
+                            sc[u][i] = 0.0f;
+                        }
                     }
                 }
-                const float *xv = xg + (v - lane) * VEC;
 #pragma unroll
-                for (int t = 0; t < MT; t++) {
-                    if (t < a.rows) {
-                        float xr[VEC];
+                for (int u = 0; u < U; u++) {
+                    const int64_t v = v0 + u * step;
+                    if (v >= vend) continue;
+                    /* (v - vbeg) % 32 == lane: the lane's own slot of its span; float4 j of the
+                     * vector (columns 4j..4j+3) at xv + j·128 */
+                    const float *xv = xs + ((v - vbeg) >> 5) * SPAN + lane * 4;
 #pragma unroll
-                        for (int j = 0; j < VEC / 4; j++) {
-                            float4 f = __ldg((const float4 *)(xv + t * a.x_ld + j * 128));
-                            xr[4 * j] = f.x, xr[4 * j + 1] = f.y, xr[4 * j + 2] = f.z, xr[4 * j + 3] = f.w;
+                    for (int t = 0; t < MT; t++) {
+                        if (t >= a.rows) continue;
+                        const float *xt = xv + t * kc;
+                        float p[NW];
+#pragma unroll
+                        for (int i = 0; i < NW; i++) p[i] = 0.0f;
+#pragma unroll
+                        for (int q = 0; q < 4; q++) { /* word q holds columns q·VEC/4 .. */
+                            float xq[VEC / 4];
+                            if constexpr (FMT == FMT_FP4) {
+                                const float4 lo = *(const float4 *)(xt + (2 * q) * 128);
+                                const float4 hi = *(const float4 *)(xt + (2 * q + 1) * 128);
+                                xq[0] = lo.x, xq[1] = lo.y, xq[2] = lo.z, xq[3] = lo.w;
+                                xq[4] = hi.x, xq[5] = hi.y, xq[6] = hi.z, xq[7] = hi.w;
+                            } else if constexpr (FMT == FMT_FP8) {
+                                const float4 f = *(const float4 *)(xt + q * 128);
+                                xq[0] = f.x, xq[1] = f.y, xq[2] = f.z, xq[3] = f.w;
+                            } else {
+                                const float2 f = *(const float2 *)(xt + (q >> 1) * 128 + (q & 1) * 2);
+                                xq[0] = f.x, xq[1] = f.y;
+                            }
+#pragma unroll
+                            for (int i = 0; i < NW; i++) p[i] = word_dot<FMT>(word_of(wv[u][i], q), xq, p[i]);
                         }
 #pragma unroll
                         for (int i = 0; i < NW; i++) {
-                            float p = vec_dot<FMT>(wv[i], xr);
-                            if (FMT == FMT_FP4) p *= 16384.0f; /* undo vec_dot's 2^-14 */
-                            if (FMT == FMT_BF16) acc[i][t] += p;
-                            else acc[i][t] = fmaf(p, sc[i], acc[i][t]);
+                            if (FMT == FMT_FP4) p[i] *= 16384.0f; /* undo word_dot's 2^-14 */
+                            if (FMT == FMT_BF16) acc[i][t] += p[i];
+                            else acc[i][t] = fmaf(p[i], sc[u][i], acc[i][t]);
                         }
                     }
                 }
             }
         }
+
 #pragma unroll
         for (int i = 0; i < NW; i++)
 #pragma unroll
             for (int t = 0; t < MT; t++) {
                 float s = acc[i][t];
                 for (int off = 16; off; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-                if (lane == 0) red[warp][i * MT + t] = s;
+                if (ks == 1) {
+                    if (lane == 0 && live[i] && t < a.rows) store_out(a.y, a.y_dtype, t * w.out + g * out_g + nl0 + i, s);
+                } else if (lane == 0) {
+                    red[warp][i * MT + t] = s;
+                }
             }
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < groups_per_block * NW * MT; idx += GEMV_THREADS) {
-            int f = idx / (NW * MT), rem = idx - f * (NW * MT), i = rem / MT, t = rem - i * MT;
-            int64_t n = tile * tile_features + (int64_t)f * NW + i;
-            float s = 0.0f;
-            for (int k = 0; k < ks; k++) s += red[f * ks + k][rem]; /* a fixed order: deterministic */
-            if (t < a.rows && n < out) store_out(a.y, a.y_dtype, t * out + n, s);
+        if (ks > 1) { /* block-uniform */
+            __syncthreads();
+            for (int idx = threadIdx.x; idx < fgs * NW * MT; idx += GEMV_THREADS) {
+                const int f = idx / (NW * MT), rem = idx - f * (NW * MT), i = rem / MT, t = rem - i * MT;
+                const int64_t nl = tl0 + (int64_t)f * NW + i;
+                float s = 0.0f;
+                for (int k = 0; k < ks; k++) s += red[f * ks + k][rem]; /* a fixed order: deterministic */
+                if (t < a.rows && nl < out_g) store_out(a.y, a.y_dtype, t * w.out + g * out_g + nl, s);
+            }
+            __syncthreads(); /* red is free for the next tile */
         }
-        __syncthreads();
     }
 }
 
+/* resident blocks of one GEMV instantiation per multiprocessor at the most shared memory it takes,
+ * asked once per device */
 template <int FMT, int MT>
-static int launch_gemv_mt(int dev, const GemvArgs &a, int64_t tile_features, cudaStream_t s)
+static int gemv_blocks_per_sm(int dev)
 {
-    int64_t ntiles = ceil_div(a.w.out, tile_features), most = (int64_t)dsrtk_multiprocessors(dev) * 8;
-    int grid = (int)(ntiles < most ? ntiles : most);
-    gemv_kernel<FMT, MT><<<grid, GEMV_THREADS, 0, s>>>(a);
+    static std::atomic<int> cache[MAX_LT_DEVICES];
+    int n = cache[dev].load(std::memory_order_relaxed);
+    if (n > 0) return n;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_kernel<FMT, MT>, GEMV_THREADS, GEMV_X_BYTES) != cudaSuccess ||
+        n < 1) {
+        cudaGetLastError();
+        n = 2; /* what __launch_bounds__ promises */
+    }
+    cache[dev].store(n, std::memory_order_relaxed);
+    return n;
+}
+
+/* ks: the fewest warps per feature group that still give every resident block a tile, while each
+ * k-slot keeps at least one vector a lane */
+template <int FMT, int MT>
+static int launch_gemv_mt(int dev, GemvArgs &a, cudaStream_t s)
+{
+    constexpr int VEC = GemvShape<FMT, MT>::VEC, NW = GemvShape<FMT, MT>::NW;
+    const int64_t out_g = a.w.out / a.w.groups, nvec = a.w.in / a.w.groups / VEC;
+    const int64_t resident = (int64_t)dsrtk_multiprocessors(dev) * gemv_blocks_per_sm<FMT, MT>(dev);
+    auto tiles = [&](int ks) { return ceil_div(out_g, (int64_t)(GEMV_WARPS / ks) * NW) * a.w.groups; };
+    a.ks = 1;
+    while (a.ks < GEMV_WARPS && tiles(a.ks) < resident && (int64_t)a.ks * 2 * 32 <= nvec) a.ks *= 2;
+    const int64_t ntiles = tiles(a.ks);
+    const int grid = (int)(ntiles < resident ? ntiles : resident);
+    gemv_kernel<FMT, MT><<<grid, GEMV_THREADS, (size_t)MT * (size_t)a.kc * sizeof(float), s>>>(a);
     return dsrtk_check_launch("linear gemv_kernel", dev);
 }
 
 template <int FMT>
-static int launch_gemv(int dev, const GemvArgs &a, cudaStream_t s)
+static int launch_gemv(int dev, GemvArgs &a, cudaStream_t s)
 {
-    int64_t groups_per_block = GEMV_WARPS / a.ks;
-    if (a.rows <= 1) return launch_gemv_mt<FMT, 1>(dev, a, groups_per_block * 4, s);
-    if (a.rows <= 2) return launch_gemv_mt<FMT, 2>(dev, a, groups_per_block * 4, s);
-    if (a.rows <= 4) return launch_gemv_mt<FMT, 4>(dev, a, groups_per_block * 4, s);
-    if (a.rows <= 8) return launch_gemv_mt<FMT, 8>(dev, a, groups_per_block * 2, s);
-    return launch_gemv_mt<FMT, 16>(dev, a, groups_per_block * 2, s);
+    switch (gemv_mt(a.rows)) {
+    case 1: return launch_gemv_mt<FMT, 1>(dev, a, s);
+    case 2: return launch_gemv_mt<FMT, 2>(dev, a, s);
+    case 4: return launch_gemv_mt<FMT, 4>(dev, a, s);
+    default: return launch_gemv_mt<FMT, 8>(dev, a, s);
+    }
 }
 
 /* ---- the tiled kernel ---- */
@@ -393,15 +561,18 @@ enum { TM = 64, TN = 64, TK = 16 };
 
 struct TiledArgs {
     dsrtk_linear_weight w;
-    const float *x; /* f32 [rows, in] with row stride x_ld */
+    const void *x; /* bf16 or f32 [rows, in] with row stride x_ld */
+    int x_dtype;
     int64_t x_ld, rows;
     void *y;
     int y_dtype;
+    const unsigned *only_if; /* when set, the kernel runs only if *only_if != 0 (the exactness fallback) */
 };
 
 /* grid (out_g / TN, rows / TM, groups); thread (tx, ty) computes outputs (ty + 16i, tx + 16j) */
 __global__ void __launch_bounds__(DSRTK_BLOCK) tiled_kernel(const __grid_constant__ TiledArgs a)
 {
+    if (a.only_if && *a.only_if == 0) return; /* block-uniform, before any barrier */
     __shared__ float as[TK][TM + 4];
     __shared__ float bs[TK][TN + 4];
     const dsrtk_linear_weight &w = a.w;
@@ -413,7 +584,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) tiled_kernel(const __grid_constan
         for (int e = tid; e < TM * TK; e += DSRTK_BLOCK) {
             int m = e / TK, k = e % TK;
             int64_t gm = m0 + m, gk = k0 + k;
-            as[k][m] = gm < a.rows && gk < in_g ? a.x[gm * a.x_ld + g * in_g + gk] : 0.0f;
+            as[k][m] = gm < a.rows && gk < in_g ? dsrt_load_f32(a.x, a.x_dtype, gm * a.x_ld + g * in_g + gk) : 0.0f;
         }
         for (int e = tid; e < TN * TK; e += DSRTK_BLOCK) {
             int n = e / TK, k = e % TK;
@@ -438,6 +609,122 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) tiled_kernel(const __grid_constan
             int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
             if (m < a.rows && n < out_g) store_out(a.y, a.y_dtype, m * w.out + g * out_g + n, acc[i][j]);
         }
+}
+
+/* ---- prefill through cuBLAS: weight slabs and rounding ---- */
+
+struct DequantArgs {
+    dsrtk_linear_weight w;
+    int64_t row0, nrows; /* weight rows row0 .. row0 + nrows - 1 (global rows; columns are group-local) */
+    void *dst;           /* [nrows, in_g], bf16 or f32 */
+    unsigned *inexact;   /* bf16: set to 1 when some W·S is not a bf16 value (NaN aside) */
+};
+
+/* dst = W·S of the slab, each element exactly as weight_at (the CPU's dequantise_transposed)
+ * computes it, then (bf16) rounded, which is exact when the value is a bf16 value; the flag says
+ * when it is not. One thread per run of 8 columns: one scale look-up for the run when it lies in
+ * one scale block (always, for 1x32 and 128x128 blocks), one 16-byte store (bf16) or two (f32).
+ * Bytes: 1 (fp8) / 0.5 (fp4) / 2 (bf16) read and 2 or 4 written per element. */
+template <bool BF16>
+__global__ void __launch_bounds__(DSRTK_BLOCK) dequant_kernel(const __grid_constant__ DequantArgs a)
+{
+    const dsrtk_linear_weight &w = a.w;
+    const int64_t in_g = w.in / w.groups, runs = ceil_div(in_g, 8), units = a.nrows * runs;
+    const uint8_t *codes = (const uint8_t *)w.weight;
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t r = u / runs, c0 = (u - r * runs) * 8, n = a.row0 + r;
+        const int len = in_g - c0 < 8 ? (int)(in_g - c0) : 8;
+        int64_t srow = 0, sb = 0;
+        float s0 = 1.0f;
+        bool one = true;
+        if (w.scale) {
+            srow = n / w.block_rows * w.scale_ld0;
+            sb = c0 / w.block_cols;
+            one = (c0 + len - 1) / w.block_cols == sb;
+            s0 = dsrt_load_f32(w.scale, w.scale_dtype, srow + sb * w.scale_ld1);
+        }
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            if (e >= len) {
+                v[e] = 0.0f;
+                continue;
+            }
+            const int64_t i = n * w.ld + c0 + e;
+            float x;
+            if (w.format == FMT_BF16) x = dsrt_bf16_to_f32(((const uint16_t *)w.weight)[i]);
+            else if (w.format == FMT_FP8) x = dsrt_e4m3_to_f32(codes[i]);
+            else x = dsrt_fp4_to_f32((uint8_t)((codes[i >> 1] >> ((i & 1) * 4)) & 15u));
+            if (w.scale) x *= one ? s0 : dsrt_load_f32(w.scale, w.scale_dtype, srow + ((c0 + e) / w.block_cols) * w.scale_ld1);
+            v[e] = x;
+        }
+        const int64_t at = r * in_g + c0;
+        if (BF16) {
+            uint16_t b[8];
+            bool bad = false;
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                b[e] = dsrt_f32_to_bf16(v[e]);
+                const float back = dsrt_bf16_to_f32(b[e]);
+                if (back != v[e] && v[e] == v[e]) bad = true;
+            }
+            if (bad) atomicOr(a.inexact, 1u);
+            uint16_t *d = (uint16_t *)a.dst + at;
+            if (len == 8 && in_g % 8 == 0) {
+                *(uint4 *)d = make_uint4(b[0] | (uint32_t)b[1] << 16, b[2] | (uint32_t)b[3] << 16, b[4] | (uint32_t)b[5] << 16,
+                                         b[6] | (uint32_t)b[7] << 16);
+            } else {
+                for (int e = 0; e < len; e++) d[e] = b[e];
+            }
+        } else {
+            float *d = (float *)a.dst + at;
+            if (len == 8 && in_g % 4 == 0) {
+                ((float4 *)d)[0] = make_float4(v[0], v[1], v[2], v[3]);
+                ((float4 *)d)[1] = make_float4(v[4], v[5], v[6], v[7]);
+            } else {
+                for (int e = 0; e < len; e++) d[e] = v[e];
+            }
+        }
+    }
+}
+
+/* y (bf16) = the f32 result rounded as the CPU rounds it */
+__global__ void __launch_bounds__(DSRTK_BLOCK) round_kernel(const float *c, uint16_t *y, int64_t n)
+{
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        y[i] = dsrt_f32_to_bf16(c[i]);
+}
+
+/* One cuBLAS handle per device, made on first use and kept (as gemm.cu does, for the same reasons);
+ * the device's mutex covers creation and each cublasSetStream + GEMM sequence. Default math (no
+ * TF32) and no reduced-precision split-k reductions. */
+static std::mutex blas_locks[MAX_LT_DEVICES];
+static cublasHandle_t blas_handles[MAX_LT_DEVICES];
+
+static int blas_check(cublasStatus_t status, const char *what, int dev)
+{
+    if (status == CUBLAS_STATUS_SUCCESS) return DSRTK_OK;
+    cudaGetLastError(); /* a CUDA failure under cuBLAS must not resurface at our next launch check */
+    return dsrtk_fail(status == CUBLAS_STATUS_ALLOC_FAILED ? DSRTK_OOM : DSRTK_ERROR, "linear: %s on cuda:%d: %s", what,
+                      dev, cublasGetStatusString(status));
+}
+
+static int blas_handle(int dev, cublasHandle_t *out)
+{
+    if (!blas_handles[dev]) {
+        cublasHandle_t h;
+        int st = blas_check(cublasCreate(&h), "cublasCreate", dev);
+        if (st) return st;
+        st = blas_check(cublasSetMathMode(h, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
+                        "cublasSetMathMode", dev);
+        if (st) {
+            cublasDestroy(h);
+            return st;
+        }
+        blas_handles[dev] = h;
+    }
+    *out = blas_handles[dev];
+    return DSRTK_OK;
 }
 
 /* ---- cuBLASLt FP8 with block scaling (prefill) ---- */
@@ -563,35 +850,101 @@ static int launch_prep(int dev, const PrepArgs &a, int64_t tokens, cudaStream_t 
     return dsrtk_check_launch("linear prep_kernel", dev);
 }
 
-/* the activation as f32 at ws (plain, or permuted for the GEMV), Q8 round-tripped when asked */
-static int prep_f32(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise,
-                    int vec, const Plan &p, float *dst, cudaStream_t s)
+/* the activation as [rows, in] f32 or bf16 at dst, Q8 round-tripped when asked */
+static int prep_plain(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise,
+                      int mode, void *dst, cudaStream_t s)
 {
     PrepArgs a = {};
-    a.x = x, a.x_dtype = x_dtype, a.quantise = quantise, a.mode = PREP_F32, a.vec = vec;
-    a.rows = rows, a.in = w->in, a.in_g = w->in / w->groups, a.seg = p.seg, a.dst_ld = vec ? p.x_ld : w->in, a.dst = dst;
+    a.x = x, a.x_dtype = x_dtype, a.quantise = quantise, a.mode = mode, a.rows = rows, a.in = w->in, a.dst = dst;
     return launch_prep(dev, a, rows, s);
 }
 
-static int run_tiled(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise,
-                     void *y, int y_dtype, char *ws, const Plan &p, cudaStream_t s)
+static int launch_tiled(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, void *y,
+                        int y_dtype, const unsigned *only_if, cudaStream_t s)
 {
     TiledArgs a = {};
-    a.w = *w, a.x_ld = w->in, a.rows = rows, a.y = y, a.y_dtype = y_dtype;
-    if (x_dtype == DSRT_F32 && !quantise) {
-        a.x = (const float *)x;
-    } else {
-        int st = prep_f32(dev, w, x, x_dtype, rows, quantise, 0, p, (float *)ws, s);
-        if (st) return st;
-        a.x = (const float *)ws;
-    }
+    a.w = *w, a.x = x, a.x_dtype = x_dtype, a.x_ld = w->in, a.rows = rows, a.y = y, a.y_dtype = y_dtype, a.only_if = only_if;
     int64_t out_g = w->out / w->groups;
-    dim3 grid((unsigned)ceil_div(out_g, TN), (unsigned)ceil_div(rows, TM), (unsigned)w->groups);
     if (ceil_div(rows, TM) > 65535 || w->groups > 65535 || ceil_div(out_g, TN) > INT32_MAX)
         return dsrtk_fail(DSRTK_ERROR, "linear: %lld rows x %lld features is too large a grid", (long long)rows,
                           (long long)w->out);
+    dim3 grid((unsigned)ceil_div(out_g, TN), (unsigned)ceil_div(rows, TM), (unsigned)w->groups);
     tiled_kernel<<<grid, DSRTK_BLOCK, 0, s>>>(a);
     return dsrtk_check_launch("linear tiled_kernel", dev);
+}
+
+static int run_tiled(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise,
+                     void *y, int y_dtype, char *ws, cudaStream_t s)
+{
+    if (x_dtype == DSRT_F32 && !quantise) return launch_tiled(dev, w, x, DSRT_F32, rows, y, y_dtype, NULL, s);
+    int st = prep_plain(dev, w, x, x_dtype, rows, quantise, PREP_F32, ws, s);
+    return st ? st : launch_tiled(dev, w, ws, DSRT_F32, rows, y, y_dtype, NULL, s);
+}
+
+/* Prefill through cuBLAS (see the top): per group, per slab of weight rows, y[:, slab] = a · slabᵀ,
+ * column-major as cuBLAS sees it: C[slab rows, rows] (ldc = out) = Aᵀ B with A the slab [in_g,
+ * slab rows] (lda = in_g, or the weight's ld when used as stored) and B = a [in_g, rows] (ldb = in).
+ * FLOPs 2·rows·out·in_g on tensor cores (bf16) or CUDA cores (f32); extra bytes: the slab written
+ * and read once (2 or 4 per weight element) and the prepared activation. */
+static int run_blas(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise,
+                    void *y, int y_dtype, char *ws, const Plan &p, cudaStream_t s)
+{
+    const int64_t in = w->in, in_g = in / w->groups, out = w->out, out_g = out / w->groups;
+    const size_t xe = p.bf16 ? 2 : 4;
+    const cudaDataType_t ab_type = p.bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    int st;
+    const void *a = x;
+    if (p.x_prep) {
+        if ((st = prep_plain(dev, w, x, x_dtype, rows, quantise, p.bf16 ? PREP_BF16 : PREP_F32, ws + p.x_off, s))) return st;
+        a = ws + p.x_off;
+    }
+    unsigned *inexact = p.bf16 && !p.w_direct ? (unsigned *)(ws + p.flag_off) : NULL;
+    if (inexact && (st = dsrtk_check(cudaMemsetAsync(inexact, 0, sizeof *inexact, s), "linear: clearing a flag on cuda:%d", dev)))
+        return st;
+    void *c = p.y_tmp ? (void *)(ws + p.c_off) : y;
+    const int c_dtype = p.y_tmp ? DSRT_F32 : y_dtype;
+    const size_t ce = c_dtype == DSRT_F32 ? 4 : 2;
+    const int64_t slab = p.w_direct ? out_g : p.slab_rows;
+    {
+        std::lock_guard<std::mutex> lock(blas_locks[dev]);
+        cublasHandle_t h;
+        if ((st = blas_handle(dev, &h)) || (st = blas_check(cublasSetStream(h, s), "cublasSetStream", dev))) return st;
+        const float one = 1.0f, zero = 0.0f;
+        for (int64_t g = 0; g < w->groups; g++) {
+            for (int64_t r0 = 0; r0 < out_g; r0 += slab) {
+                const int64_t nr = out_g - r0 < slab ? out_g - r0 : slab, row0 = g * out_g + r0;
+                const void *A;
+                int64_t lda;
+                if (p.w_direct) {
+                    A = (const char *)w->weight + (size_t)(row0 * w->ld) * 2;
+                    lda = w->ld;
+                } else {
+                    DequantArgs d = {};
+                    d.w = *w, d.row0 = row0, d.nrows = nr, d.dst = ws + p.w_off, d.inexact = inexact;
+                    int grid = dsrtk_grid_for(dev, nr * ceil_div(in_g, 8), DSRTK_BLOCK);
+                    if (p.bf16) dequant_kernel<true><<<grid, DSRTK_BLOCK, 0, s>>>(d);
+                    else dequant_kernel<false><<<grid, DSRTK_BLOCK, 0, s>>>(d);
+                    if ((st = dsrtk_check_launch("linear dequant_kernel", dev))) return st;
+                    A = ws + p.w_off;
+                    lda = in_g;
+                }
+                st = blas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, (int)rows, (int)in_g, &one, A, ab_type,
+                                             (int)lda, (const char *)a + (size_t)(g * in_g) * xe, ab_type, (int)in, &zero,
+                                             (char *)c + (size_t)row0 * ce, c_dtype == DSRT_F32 ? CUDA_R_32F : CUDA_R_16BF,
+                                             (int)out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                "cublasGemmEx", dev);
+                if (st) return st;
+            }
+        }
+    }
+    if (p.y_tmp) {
+        round_kernel<<<dsrtk_grid_for(dev, rows * out, DSRTK_BLOCK), DSRTK_BLOCK, 0, s>>>((const float *)c, (uint16_t *)y,
+                                                                                       rows * out);
+        if ((st = dsrtk_check_launch("linear round_kernel", dev))) return st;
+    }
+    /* some W·S was not a bf16 value: the exact kernel recomputes y (a no-op launch otherwise) */
+    if (inexact) return launch_tiled(dev, w, a, DSRT_BF16, rows, y, y_dtype, inexact, s);
+    return DSRTK_OK;
 }
 
 int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise, void *y,
@@ -611,22 +964,24 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
     char *ws = (char *)workspace;
 
     if (p.path == PATH_GEMV) {
-        st = prep_f32(dev, w, x, x_dtype, rows, quantise, vec_of(w->format), p, (float *)ws, s);
-        if (st) return st;
         GemvArgs a = {};
-        a.w = *w, a.x = (const float *)ws, a.x_ld = p.x_ld, a.seg = p.seg, a.rows = rows, a.y = y, a.y_dtype = y_dtype;
-        int64_t nvec = w->in / w->groups / vec_of(w->format);
-        a.ks = 1;
-        while (a.ks < GEMV_WARPS && (int64_t)a.ks * 64 <= nvec) a.ks *= 2;
+        a.w = *w, a.x = x, a.x_dtype = x_dtype, a.quantise = quantise, a.rows = rows, a.kc = p.kc, a.y = y, a.y_dtype = y_dtype;
+        a.vpb_shift = -1;
+        if (w->format != FMT_BF16) {
+            int64_t vpb = w->block_cols / vec_of(w->format);
+            if ((vpb & (vpb - 1)) == 0)
+                for (a.vpb_shift = 0; ((int64_t)1 << a.vpb_shift) < vpb; a.vpb_shift++) {}
+        }
         if (w->format == FMT_FP8) return launch_gemv<FMT_FP8>(dev, a, s);
         if (w->format == FMT_FP4) return launch_gemv<FMT_FP4>(dev, a, s);
         return launch_gemv<FMT_BF16>(dev, a, s);
     }
+    if (p.path == PATH_TILED) return run_tiled(dev, w, x, x_dtype, rows, quantise, y, y_dtype, ws, s);
 
     if (p.path == PATH_LT) {
         std::lock_guard<std::mutex> lock(lt_locks[dev]);
         PrepArgs a = {};
-        a.x = x, a.x_dtype = x_dtype, a.quantise = 1, a.mode = PREP_CODES, a.rows = rows, a.in = w->in, a.in_g = w->in;
+        a.x = x, a.x_dtype = x_dtype, a.quantise = 1, a.mode = PREP_CODES, a.rows = rows, a.in = w->in;
         a.codes = (uint8_t *)(ws + p.codes_off), a.xscale = (float *)(ws + p.xs_off), a.mpad = p.mpad;
         if ((st = launch_prep(dev, a, p.mpad, s))) return st;
         wscale_kernel<<<dsrtk_grid_for(dev, p.nb * p.ldw, DSRTK_BLOCK), DSRTK_BLOCK, 0, s>>>(*w, p.nb, p.kb, p.ldw,
@@ -642,5 +997,5 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
                                "linear: copy of %lld rows of the fp8 GEMM on cuda:%d", (long long)rows, dev);
         }
     }
-    return run_tiled(dev, w, x, x_dtype, rows, quantise, y, y_dtype, ws, p, s);
+    return run_blas(dev, w, x, x_dtype, rows, quantise, y, y_dtype, ws, p, s);
 }

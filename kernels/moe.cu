@@ -1,13 +1,14 @@
 /*
  * moe.cu - DeepSeek-V4's mixture-of-experts layer on the GPU (runtime/moe.h): the router (gate
  * logits, scores, top-k or hash selection, weights), the grouping of picks by expert, the SwiGLU
- * experts read straight from their packed FP4 / FP8 / bf16 weights, and the combine.
+ * experts read straight from their packed FP4 / FP8 / bf16 weights (decode) or through transient
+ * bf16 copies and cuBLAS tensor-core GEMMs (prefill), and the combine.
  *
  * What this file protects: the reference's MoE numerics (moe.h; the readable reference is
- * runtime/moe.c: route_rows, select_top, run_swiglu, combine_experts) computed without a
- * dequantised copy of any weight in device memory and without a host synchronisation inside the
- * layer: expert ids stay on the device, and every kernel is sized for the worst case and reads
- * the real counts from device memory.
+ * runtime/moe.c: route_rows, select_top, run_swiglu, combine_experts) without a host
+ * synchronisation inside a decode step: expert ids stay on the device, and every decode kernel is
+ * sized for the worst case and reads the real counts from device memory. Prefill (moe.c decides)
+ * reads the per-expert counts back once.
  *
  * Numerics against the C implementation:
  *   - the rounding points are the CPU's: projections' outputs bf16-rounded in reference precision,
@@ -17,24 +18,39 @@
  *     bias added in f32, top-k ties to the lower id, the weights' sum sequential over k), with
  *     exp and log1p computed in double and rounded once, which nearly always gives glibc's expf /
  *     log1pf bits (CUDA's own expf is up to 2 ulp off);
- *   - dot products are NOT in the CPU's order: each warp splits the input features over its 32
- *     lanes in 32-column chunks and sums the lanes as a fixed tree, so results are fp32
- *     reorderings (~1e-6 relative) of the CPU's, and independent of how tokens are batched
- *     (every row's sum has the same shape whichever batch slot it sits in).
+ *   - dot products are NOT in the CPU's order: the decode kernel sums each 32-column chunk of
+ *     code values times inputs, multiplies the chunk by its (power-of-two) scale, and sums the
+ *     lanes as a fixed tree; cuBLAS sums in its own order. Results are fp32 reorderings (~1e-6
+ *     relative) of the CPU's; the decode kernel's are independent of how tokens are batched.
+ *   - prefill's bf16 GEMMs are exact in their inputs: Q8 round-tripped rows and FP4/FP8 codes
+ *     times e8m0 scales are bf16 values, products are exact in the fp32 accumulator, and the
+ *     bf16 outputs are the reference's roundings of fp32 sums.
  *
- * The projection kernel (moe_project_kernel) serves the gate, w1/w3 + SwiGLU and w2: a block
- * takes 8 output features (one per warp) of one group of rows (an expert and the rows routed to
- * it), stages up to TB_MAX input rows in shared memory and streams the 8 weight rows once per
- * batch of rows, so at decode (a handful of rows per expert) every selected expert's weights are
- * read once. Per 32-column chunk a lane loads 16 bytes of fp4 (32 of fp8, 64 of bf16) and one
- * scale. Bytes per decode step (Flash, T = 1): 6 routed + 1 shared expert, each w1, w2, w3 of
- * 2048 x 4096: fp4 0.5 B + 1/32 B of scale per weight = 3 x 8.4M x 0.53 B = 13.4 MB per routed
- * expert, the fp8 shared expert 25.2 MB, the bf16 gate 2 MB: ~108 MB, ~25 us at 4.3 TB/s.
- * FLOPs: 2 per weight per row. Staged inputs are laid out with an XOR swizzle of the 16-byte
- * words inside each chunk, so the 32 lanes of a warp (each on its own chunk) read them without
- * bank conflicts.
+ * Decode (moe_project_kernel) serves the gate, w1/w3 + SwiGLU and w2: a block takes 8 output
+ * features (one per warp) of one group of rows (an expert and the rows routed to it), stages up to
+ * TB input rows in shared memory (Q8 round trip done while staging) and streams the 8 weight rows
+ * once per batch, so at decode every selected expert's weights are read once. Memory parallelism:
+ * each lane issues all its 16-byte loads of a round (4 chunks of fp4, 2 of fp8, 1 of bf16: 4 loads)
+ * before using any, and blocks are capped at 64 registers a thread so 4 blocks share a
+ * multiprocessor. ALU per fp4 weight: 1.5 integer ops (byte_perm of pre-shifted nibbles), one
+ * shared-memory LUT read, one FMA (the scale once per chunk); fp8: one cvt per 2 weights.
+ * Bytes per decode step (Flash, T = 1): 6 routed + 1 shared expert, each w1, w2, w3 of 2048 x
+ * 4096: fp4 0.5 B + 1/32 B of scale per weight = 3 x 8.4M x 0.53 B = 13.4 MB per routed expert,
+ * the fp8 shared expert 25.2 MB, the bf16 gate 2 MB: ~108 MB, ~27 us at 4 TB/s. FLOPs: 2 per
+ * weight per row. Staged inputs are laid out with an XOR swizzle of the 16-byte words inside each
+ * chunk, so the 32 lanes of a warp (each on its own chunk) read them without bank conflicts.
+ *
+ * Prefill (moe.c's cuda_prefill): gather + Q8 the rows by expert (bf16), per expert dequantise
+ * [w1; w3] into a bf16 scratch and run one GEMM [rows, dim] x [dim, 2 inter] with fp32
+ * accumulation into bf16, the SwiGLU kernel (weight, bf16, Q8), dequantise w2 and GEMM, the
+ * ordered combine. FLOPs (Flash, T = 4096): 2 x 7 x 4096 x 3 x 8.4M = 1.4 TFLOP; dequantising
+ * moves ~100 MB per expert (13 MB read, 50 MB written, read back by the GEMM).
  */
 #include <math.h>
+#include <mutex>
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include "common.cuh"
 #include "quant.h"
 
@@ -53,89 +69,240 @@ __device__ __forceinline__ float round_bf16(float v) { return dsrt_bf16_to_f32(d
 __device__ __forceinline__ float silu_f32(float x) { return x / (1.0f + exp_f32(-x)); }
 __device__ __forceinline__ float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 
-/* e4m3 code -> f32 without branches (elementwise.cu's e4m3_to_f32, checked there against
- * numeric.h's dsrt_e4m3_to_f32 on all 256 codes) */
-__device__ __forceinline__ float e4m3_value(uint32_t b)
+/* run_swiglu's element (moe.c): g, u the projections (already bf16 values in reference) */
+__device__ __forceinline__ float swiglu_f32(float g, float u, float limit)
 {
-    uint32_t sign = (b & 0x80u) << 24, em = b & 0x7fu;
-    float subnormal = dsrt_bits_f32((121u << 23) | (em << 20)) - 0.015625f; /* m * 2^-9 */
-    uint32_t magnitude = em == 0x7fu ? 0x7fc00000u : em < 8u ? dsrt_f32_bits(subnormal) : (em << 20) + (120u << 23);
-    return dsrt_bits_f32(sign | magnitude);
+    if (limit > 0) { /* comparisons keep NaN, as torch.clamp does */
+        u = u > limit ? limit : u < -limit ? -limit : u;
+        g = g > limit ? limit : g;
+    }
+    return silu_f32(g) * u;
+}
+
+/* An input element of x (f32 or bf16) */
+__device__ __forceinline__ float load_x(const void *x, int dtype, int64_t i)
+{
+    return dtype == DSRT_BF16 ? dsrt_bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+/* The Q8 round trip of one block of 128 values held 4 per lane (quant.h's dsrt_q8_roundtrip:
+ * dsrt_q8_block then decode); `valid` marks the block's elements (len < 128 at a row's end).
+ * Every lane of the warp must call it. */
+__device__ __forceinline__ void q8_warp(float (&v)[4], const bool (&valid)[4])
+{
+    float amax = 1e-4f; /* dsrt_q8_block: NaN never wins the comparison */
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float m = v[i] < 0 ? -v[i] : v[i];
+        if (valid[i] && m > amax) amax = m;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    float s = dsrt_pow2_ceil(amax * (1.0f / 448.0f));
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (!valid[i]) continue;
+        float q = v[i] / s;
+        q = q > 448.0f ? 448.0f : q < -448.0f ? -448.0f : q;
+        v[i] = dsrt_e4m3_to_f32(dsrt_f32_to_e4m3(q)) * s;
+    }
 }
 
 /* ---- weights ---- */
 
+/* scalar path: the scale of weight (row, col) */
 __device__ __forceinline__ float scale_at(const dsrtk_moe_matrix &m, int64_t row, int64_t col)
 {
     int64_t i = m.scale_offset + row / m.block_rows * m.scale_stride0 + col / m.block_cols * m.scale_stride1;
     return dsrt_load_f32(m.scale, m.scale_dtype, i);
 }
 
-/* The 32 weights of row `row`, columns 32c .. 32c+31, dequantised exactly as linear.c's
- * dequantise_transposed does (code value, times the scale when there is one); 0 past the last
- * column. */
-__device__ __forceinline__ void load_chunk(const dsrtk_moe_matrix &m, int64_t row, int c, const float *lut, float (&w)[CHUNK])
+/* Weight (row, col) dequantised exactly as linear.c's dequantise_transposed does (code value,
+ * times the scale when there is one); 0 past the last column. The path of matrices that are not
+ * `vector` (any stride, widths off the chunks). */
+__device__ __forceinline__ float weight_at(const dsrtk_moe_matrix &m, int64_t row, int64_t col)
 {
-    int64_t col0 = (int64_t)c * CHUNK;
-    if (m.vector) { /* the host checked: stride1 1, 16-byte aligned rows, cols % 32 == 0, block_cols % 32 == 0 */
-        int64_t first = m.offset + row * m.stride0 + col0;
-        if (m.dtype == DSRT_FP4E2M1) {
-            uint4 v = __ldg((const uint4 *)((const uint8_t *)m.weight + first / 2));
-            float s = scale_at(m, row, col0);
-            uint32_t word[4] = {v.x, v.y, v.z, v.w};
+    if (col >= m.cols) return 0.0f;
+    float v = dsrt_load_f32(m.weight, m.dtype, m.offset + row * m.stride0 + col * m.stride1);
+    return m.scale ? v * scale_at(m, row, col) : v;
+}
+
+/* fp4 LUT read: `off` is a code times 4 (the byte offset of its value in lut) */
+__device__ __forceinline__ float lut_at(const float *lut, uint32_t off)
+{
+    return *(const float *)((const char *)lut + off);
+}
+
+/* p[t] += Σ_i w_i · x[t][4q + i] over the 4 weights of float4 word q of a staged chunk */
+template <int TB>
+__device__ __forceinline__ void fma4(float w0, float w1, float w2, float w3, const float4 *x, int word, int per_row, int nb,
+                                     float (&p)[TB])
+{
 #pragma unroll
-            for (int i = 0; i < CHUNK; i++) w[i] = lut[(word[i / 8] >> (4 * (i % 8))) & 15u] * s;
-        } else if (m.dtype == DSRT_F8E4M3) {
-            const uint4 *p = (const uint4 *)((const uint8_t *)m.weight + first);
-            uint4 a = __ldg(p), b = __ldg(p + 1);
-            float s = scale_at(m, row, col0);
-            uint32_t word[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-            for (int i = 0; i < CHUNK; i++) w[i] = e4m3_value((word[i / 4] >> (8 * (i % 4))) & 0xffu) * s;
-        } else { /* bf16: no scale */
-            const uint4 *p = (const uint4 *)((const uint16_t *)m.weight + first);
-            uint32_t word[16];
-#pragma unroll
-            for (int q = 0; q < 4; q++) {
-                uint4 v = __ldg(p + q);
-                word[4 * q] = v.x, word[4 * q + 1] = v.y, word[4 * q + 2] = v.z, word[4 * q + 3] = v.w;
-            }
-#pragma unroll
-            for (int i = 0; i < CHUNK; i++) w[i] = dsrt_bits_f32(i % 2 ? word[i / 2] & 0xffff0000u : word[i / 2] << 16);
+    for (int t = 0; t < TB; t++) {
+        if (t < nb) {
+            float4 v = x[t * per_row + word];
+            float s = p[t];
+            s = fmaf(w0, v.x, s);
+            s = fmaf(w1, v.y, s);
+            s = fmaf(w2, v.z, s);
+            s = fmaf(w3, v.w, s);
+            p[t] = s;
         }
-        return;
-    }
-#pragma unroll
-    for (int i = 0; i < CHUNK; i++) {
-        int64_t col = col0 + i;
-        float v = 0.0f;
-        if (col < m.cols) {
-            v = dsrt_load_f32(m.weight, m.dtype, m.offset + row * m.stride0 + col * m.stride1);
-            if (m.scale) v *= scale_at(m, row, col);
-        }
-        w[i] = v;
     }
 }
 
-/* acc[t] += Σ_i w[i]·x[t][32c + i] for the staged rows t < nb; staged word q of chunk c sits at
- * q ^ (c & 7) */
-__device__ __forceinline__ void dot_chunk(const float (&w)[CHUNK], const float4 *xs, int c, int per_row, int nb,
-                                          float (&acc)[TB_MAX])
+/* acc[t] += s · Σ_i code_i · x[t][32c + i] for one chunk held in 4 (fp4), 8 (fp8) or 16 (bf16,
+ * s = 1) words; x points at the chunk's staged words, word q sitting at q ^ sw. */
+template <int TB>
+__device__ __forceinline__ void chunk_fp4(const uint32_t (&word)[4], float s, const float4 *x, int sw, int per_row, int nb,
+                                          const float *lut, float (&acc)[TB])
+{
+    float p[TB];
+#pragma unroll
+    for (int t = 0; t < TB; t++) p[t] = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+        /* byte b of lo / hi: the LUT offset of nibble 2b / 2b+1 of the word */
+        uint32_t lo = (word[w] << 2) & 0x3c3c3c3cu, hi = (word[w] >> 2) & 0x3c3c3c3cu;
+#pragma unroll
+        for (int half = 0; half < 2; half++) { /* float4 word 2w + half: nibbles 4 half .. 4 half + 3 */
+            float w0 = lut_at(lut, __byte_perm(lo, 0, 0x4440u | (2 * half))),
+                  w1 = lut_at(lut, __byte_perm(hi, 0, 0x4440u | (2 * half))),
+                  w2 = lut_at(lut, __byte_perm(lo, 0, 0x4440u | (2 * half + 1))),
+                  w3 = lut_at(lut, __byte_perm(hi, 0, 0x4440u | (2 * half + 1)));
+            fma4<TB>(w0, w1, w2, w3, x, (2 * w + half) ^ sw, per_row, nb, p);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TB; t++) acc[t] = fmaf(p[t], s, acc[t]);
+}
+
+__device__ __forceinline__ float2 e4m3x2(uint32_t two)
+{
+    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)two, __NV_E4M3); /* exact, NaN kept */
+    return __half22float2(*(const __half2 *)&h);
+}
+
+template <int TB>
+__device__ __forceinline__ void chunk_fp8(const uint32_t (&word)[8], float s, const float4 *x, int sw, int per_row, int nb,
+                                          float (&acc)[TB])
+{
+    float p[TB];
+#pragma unroll
+    for (int t = 0; t < TB; t++) p[t] = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 8; q++) {
+        float2 a = e4m3x2(word[q] & 0xffffu), b = e4m3x2(word[q] >> 16);
+        fma4<TB>(a.x, a.y, b.x, b.y, x, q ^ sw, per_row, nb, p);
+    }
+#pragma unroll
+    for (int t = 0; t < TB; t++) acc[t] = fmaf(p[t], s, acc[t]);
+}
+
+template <int TB>
+__device__ __forceinline__ void chunk_bf16(const uint32_t (&word)[16], const float4 *x, int sw, int per_row, int nb,
+                                           float (&acc)[TB])
 {
 #pragma unroll
-    for (int t = 0; t < TB_MAX; t++) {
-        if (t < nb) {
-            const float4 *x = xs + t * per_row + c * 8;
-            float s = acc[t];
+    for (int q = 0; q < 8; q++) {
+        uint32_t a = word[2 * q], b = word[2 * q + 1];
+        fma4<TB>(dsrt_bits_f32(a << 16), dsrt_bits_f32(a & 0xffff0000u), dsrt_bits_f32(b << 16),
+                 dsrt_bits_f32(b & 0xffff0000u), x, q ^ sw, per_row, nb, acc);
+    }
+}
+
+/* The scale of chunk c of a vector matrix's row (srow: its scale row's first index) */
+__device__ __forceinline__ float chunk_scale(const dsrtk_moe_matrix &m, int64_t srow, int c, int chunks_per_block)
+{
+    if (!m.scale) return 1.0f;
+    return dsrt_load_f32(m.scale, m.scale_dtype, srow + (int64_t)((unsigned)c / (unsigned)chunks_per_block) * m.scale_stride1);
+}
+
+/* acc[t] += row j of m · staged row t, this lane's chunks (lane, lane + 32, ...). Vector
+ * matrices load U chunks per round, all before any is used (several 16-byte loads in flight). */
+template <int TB>
+__device__ __forceinline__ void dot_row(const dsrtk_moe_matrix &m, int j, int chunks, const float4 *xs, int per_row, int nb,
+                                        const float *lut, float (&acc)[TB])
+{
+    int lane = threadIdx.x % 32;
+    if (!m.vector) {
+        for (int c = lane; c < chunks; c += 32) {
+            const float4 *x = xs + c * 8;
+            for (int q = 0; q < 8; q++) { /* 4 weights at a time: few registers on this cold path */
+                float w[4];
 #pragma unroll
-            for (int q = 0; q < 8; q++) {
-                float4 v = x[q ^ (c & 7)];
-                s = fmaf(w[4 * q], v.x, s);
-                s = fmaf(w[4 * q + 1], v.y, s);
-                s = fmaf(w[4 * q + 2], v.z, s);
-                s = fmaf(w[4 * q + 3], v.w, s);
+                for (int i = 0; i < 4; i++) w[i] = weight_at(m, j, (int64_t)c * CHUNK + 4 * q + i);
+                fma4<TB>(w[0], w[1], w[2], w[3], x, q ^ (c & 7), per_row, nb, acc);
             }
-            acc[t] = s;
+        }
+        return;
+    }
+    /* the host checked: stride1 1, 16-byte aligned rows, cols % 32 == 0, block_cols % 32 == 0 */
+    int64_t first = m.offset + (int64_t)j * m.stride0; /* in elements */
+    int64_t srow = m.scale ? m.scale_offset + (int64_t)(j / m.block_rows) * m.scale_stride0 : 0;
+    int cpb = m.scale ? m.block_cols / CHUNK : 1;
+    if (m.dtype == DSRT_FP4E2M1) {
+        enum { U = 4 };
+        const uint4 *row = (const uint4 *)((const uint8_t *)m.weight + first / 2);
+        for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+            uint32_t word[U][4];
+            float s[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int c = c0 + 32 * u;
+                uint4 v = make_uint4(0, 0, 0, 0);
+                s[u] = 0.0f;
+                if (c < chunks) v = __ldg(row + c), s[u] = chunk_scale(m, srow, c, cpb);
+                word[u][0] = v.x, word[u][1] = v.y, word[u][2] = v.z, word[u][3] = v.w;
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int c = c0 + 32 * u;
+                if (c < chunks) chunk_fp4<TB>(word[u], s[u], xs + c * 8, c & 7, per_row, nb, lut, acc);
+            }
+        }
+    } else if (m.dtype == DSRT_F8E4M3) {
+        enum { U = 2 };
+        const uint4 *row = (const uint4 *)((const uint8_t *)m.weight + first);
+        for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+            uint32_t word[U][8];
+            float s[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int c = c0 + 32 * u;
+                uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0;
+                s[u] = 0.0f;
+                if (c < chunks) v0 = __ldg(row + 2 * c), v1 = __ldg(row + 2 * c + 1), s[u] = chunk_scale(m, srow, c, cpb);
+                word[u][0] = v0.x, word[u][1] = v0.y, word[u][2] = v0.z, word[u][3] = v0.w;
+                word[u][4] = v1.x, word[u][5] = v1.y, word[u][6] = v1.z, word[u][7] = v1.w;
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int c = c0 + 32 * u;
+                if (c < chunks) chunk_fp8<TB>(word[u], s[u], xs + c * 8, c & 7, per_row, nb, acc);
+            }
+        }
+    } else { /* bf16: no scale */
+        enum { U = 1 };
+        const uint4 *row = (const uint4 *)((const uint16_t *)m.weight + first);
+        for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+            uint32_t word[U][16];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int c = c0 + 32 * u;
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    uint4 v = make_uint4(0, 0, 0, 0);
+                    if (c < chunks) v = __ldg(row + 4 * c + q);
+                    word[u][4 * q] = v.x, word[u][4 * q + 1] = v.y, word[u][4 * q + 2] = v.z, word[u][4 * q + 3] = v.w;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int c = c0 + 32 * u;
+                if (c < chunks) chunk_bf16<TB>(word[u], xs + c * 8, c & 7, per_row, nb, acc);
+            }
         }
     }
 }
@@ -148,10 +315,34 @@ __device__ __forceinline__ float warp_sum(float v)
     return v;
 }
 
-/* ---- the grouped projection ---- */
+/* ---- the grouped projection (decode) ---- */
 
-template <int MODE>
-__global__ void __launch_bounds__(BLOCK, 2) moe_project_kernel(const __grid_constant__ dsrtk_moe_project_args a, int tb)
+/* Stages nb input rows (from row `first`) into xs as chunks of 32 floats (zero past k_in), Q8
+ * round-tripped when q8: a warp per block of 128 columns of a row, 4 columns a lane. */
+__device__ __forceinline__ void stage_rows(float4 *xs, const dsrtk_moe_project_args &a, int64_t first, int nb, int k_in,
+                                           int chunks, bool q8)
+{
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, per_row = chunks * 8;
+    int blocks = (k_in + ACT_BLOCK - 1) / ACT_BLOCK;
+    for (int unit = warp; unit < nb * blocks; unit += WARPS) { /* warp-uniform: q8_warp's shuffles see every lane */
+        int t = unit / blocks, b = unit - t * blocks;
+        int64_t r = first + t, xr = a.row_x ? a.row_x[r] : r;
+        int col = b * ACT_BLOCK + 4 * lane;
+        float v[4];
+        bool valid[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            valid[i] = col + i < k_in;
+            v[i] = valid[i] ? load_x(a.x, a.x_dtype, xr * a.x_ld + col + i) : 0.0f;
+        }
+        if (q8) q8_warp(v, valid);
+        int c = col / CHUNK, q = lane & 7;
+        if (c < chunks) xs[t * per_row + c * 8 + (q ^ (c & 7))] = make_float4(v[0], v[1], v[2], v[3]);
+    }
+}
+
+template <int MODE, int TB>
+__global__ void __launch_bounds__(BLOCK, 4) moe_project_kernel(const __grid_constant__ dsrtk_moe_project_args a, int tb)
 {
     extern __shared__ float4 xs[];
     __shared__ float lut[16];
@@ -179,51 +370,29 @@ __global__ void __launch_bounds__(BLOCK, 2) moe_project_kernel(const __grid_cons
     bool active = j < n_out;
     int chunks = (k_in + CHUNK - 1) / CHUNK, per_row = chunks * 8;
     /* a bf16 linear takes its input as given; FP8/FP4 ones the Q8 round trip (linear.c) */
-    const float *x = a.xq && g0.dtype != DSRT_BF16 ? a.xq : a.x;
+    bool q8 = MODE != DSRTK_MOE_GATE && a.reference && g0.dtype != DSRT_BF16;
     for (int64_t b0 = 0; b0 < count; b0 += tb) {
         int nb = (int)(count - b0 < tb ? count - b0 : tb);
-        __syncthreads(); /* the previous batch is consumed (and the lut written) */
-        for (int i = threadIdx.x; i < nb * per_row; i += BLOCK) {
-            int t = i / per_row, rem = i - t * per_row, c = rem >> 3, q = rem & 7;
-            int64_t r = first + b0 + t, xr = a.row_x ? a.row_x[r] : r;
-            const float *src = x + xr * a.x_ld;
-            int col = c * CHUNK + q * 4;
-            float4 v;
-            v.x = col < k_in ? src[col] : 0.0f;
-            v.y = col + 1 < k_in ? src[col + 1] : 0.0f;
-            v.z = col + 2 < k_in ? src[col + 2] : 0.0f;
-            v.w = col + 3 < k_in ? src[col + 3] : 0.0f;
-            xs[t * per_row + c * 8 + (q ^ (c & 7))] = v;
-        }
+        __syncthreads(); /* the previous batch is consumed (and the lut and mats written) */
+        stage_rows(xs, a, first + b0, nb, k_in, chunks, q8);
         __syncthreads();
         if (!active) continue;
-        float acc0[TB_MAX], acc1[TB_MAX];
+        float acc0[TB], acc1[TB];
 #pragma unroll
-        for (int t = 0; t < TB_MAX; t++) acc0[t] = acc1[t] = 0.0f;
-        for (int c = lane; c < chunks; c += 32) {
-            float w[CHUNK];
-            load_chunk(m0, j, c, lut, w);
-            dot_chunk(w, xs, c, per_row, nb, acc0);
-            if (MODE == DSRTK_MOE_UP) {
-                load_chunk(m1, j, c, lut, w);
-                dot_chunk(w, xs, c, per_row, nb, acc1);
-            }
-        }
+        for (int t = 0; t < TB; t++) acc0[t] = acc1[t] = 0.0f;
+        dot_row<TB>(m0, j, chunks, xs, per_row, nb, lut, acc0);
+        if (MODE == DSRTK_MOE_UP) dot_row<TB>(m1, j, chunks, xs, per_row, nb, lut, acc1);
 #pragma unroll
-        for (int t = 0; t < TB_MAX; t++) {
+        for (int t = 0; t < TB; t++) {
             if (t >= nb) break;
             float v0 = warp_sum(acc0[t]), v1 = MODE == DSRTK_MOE_UP ? warp_sum(acc1[t]) : 0.0f;
             if (lane) continue;
             int64_t r = first + b0 + t;
             float out = v0;
             if (MODE == DSRTK_MOE_UP) { /* run_swiglu in moe.c */
-                float g = v0, u = v1, limit = a.limit;
+                float g = v0, u = v1;
                 if (a.reference) g = round_bf16(g), u = round_bf16(u); /* w1, w3 return bf16 */
-                if (limit > 0) { /* comparisons keep NaN, as torch.clamp does */
-                    u = u > limit ? limit : u < -limit ? -limit : u;
-                    g = g > limit ? limit : g;
-                }
-                float h = silu_f32(g) * u;
+                float h = swiglu_f32(g, u, a.limit);
                 if (r < a.n_weighted) h *= a.row_weight[r]; /* before w2, in fp32 (SPEC §7.2) */
                 out = a.reference ? round_bf16(h) : h;
             } else if (MODE == DSRTK_MOE_DOWN && a.reference) {
@@ -234,21 +403,35 @@ __global__ void __launch_bounds__(BLOCK, 2) moe_project_kernel(const __grid_cons
     }
 }
 
-template <int MODE>
+template <int MODE, int TB>
 static int launch_project(int dev, const dsrtk_moe_project_args *a, int tb, int grid_x, int grid_y, size_t smem,
                           cudaStream_t stream)
 {
-    int st = dsrtk_check(cudaFuncSetAttribute(moe_project_kernel<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                         "moe: projection shared memory of %zu bytes", smem);
-    if (st) return st;
-    moe_project_kernel<MODE><<<dim3(grid_x, grid_y), BLOCK, smem, stream>>>(*a, tb);
+    if (smem > 48 * 1024) { /* the opt-in above the default; small decode stages skip the call */
+        int st = dsrtk_check(cudaFuncSetAttribute(moe_project_kernel<MODE, TB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                  (int)smem),
+                             "moe: projection shared memory of %zu bytes", smem);
+        if (st) return st;
+    }
+    moe_project_kernel<MODE, TB><<<dim3(grid_x, grid_y), BLOCK, smem, stream>>>(*a, tb);
     return dsrtk_check_launch("moe_project_kernel", dev);
+}
+
+/* the staged-row count as a template: registers for exactly the rows a batch can hold */
+template <int MODE>
+static int launch_mode(int dev, const dsrtk_moe_project_args *a, int tb, int grid_x, int grid_y, size_t smem, cudaStream_t s)
+{
+    if (tb <= 1) return launch_project<MODE, 1>(dev, a, tb, grid_x, grid_y, smem, s);
+    if (tb <= 2) return launch_project<MODE, 2>(dev, a, tb, grid_x, grid_y, smem, s);
+    if (tb <= 4) return launch_project<MODE, 4>(dev, a, tb, grid_x, grid_y, smem, s);
+    return launch_project<MODE, TB_MAX>(dev, a, tb, grid_x, grid_y, smem, s);
 }
 
 int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream)
 {
     DSRTK_SET_DEVICE(dev, "moe projection");
     if (!a->table || !a->x || !a->out || a->max_out < 1 || a->max_in < 1 || a->single_rows < 0 ||
+        (a->x_dtype != DSRT_F32 && a->x_dtype != DSRT_BF16) ||
         (a->groups && (!a->n_groups || a->max_groups < 1 || a->max_groups > 65535)))
         return dsrtk_fail(DSRTK_ERROR, "moe: projection called with bad arguments (mode %d, %d outputs, %d inputs)", a->mode,
                           a->max_out, a->max_in);
@@ -268,83 +451,22 @@ int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream)
     }
     cudaStream_t s = (cudaStream_t)stream;
     switch (a->mode) {
-    case DSRTK_MOE_GATE: return launch_project<DSRTK_MOE_GATE>(dev, a, (int)tb, grid_x, grid_y, smem, s);
-    case DSRTK_MOE_UP: return launch_project<DSRTK_MOE_UP>(dev, a, (int)tb, grid_x, grid_y, smem, s);
-    case DSRTK_MOE_DOWN: return launch_project<DSRTK_MOE_DOWN>(dev, a, (int)tb, grid_x, grid_y, smem, s);
+    case DSRTK_MOE_GATE: return launch_mode<DSRTK_MOE_GATE>(dev, a, (int)tb, grid_x, grid_y, smem, s);
+    case DSRTK_MOE_UP: return launch_mode<DSRTK_MOE_UP>(dev, a, (int)tb, grid_x, grid_y, smem, s);
+    case DSRTK_MOE_DOWN: return launch_mode<DSRTK_MOE_DOWN>(dev, a, (int)tb, grid_x, grid_y, smem, s);
     default: return dsrtk_fail(DSRTK_ERROR, "moe: unknown projection mode %d", a->mode);
     }
-}
-
-/* ---- Q8 round trips of rows (quant.h's dsrt_q8_roundtrip, a warp per block of 128) ---- */
-
-__global__ void __launch_bounds__(DSRTK_BLOCK) moe_q8_kernel(float *x, int64_t rows, int64_t n, int64_t ld,
-                                                             const dsrtk_moe_matrix *table, const int32_t *groups,
-                                                             const int32_t *n_groups, int slot)
-{
-    int lane = threadIdx.x % 32;
-    int64_t blocks = (n + ACT_BLOCK - 1) / ACT_BLOCK, total = rows * blocks;
-    int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
-    for (int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; w < total; w += warps) {
-        int64_t r = w / blocks, b = w % blocks, len = n;
-        if (groups) { /* the row's group (groups are in ascending first row): its matrix decides */
-            int lo = 0, hi = *n_groups - 1;
-            while (lo < hi) {
-                int mid = (lo + hi + 1) / 2;
-                if (groups[3 * mid + 1] <= r) lo = mid;
-                else hi = mid - 1;
-            }
-            const dsrtk_moe_matrix &m = table[3 * groups[3 * lo] + slot];
-            if (m.dtype == DSRT_BF16) continue;
-            len = m.cols;
-        }
-        len -= b * ACT_BLOCK;
-        if (len <= 0) continue;
-        if (len > ACT_BLOCK) len = ACT_BLOCK;
-        float *p = x + r * ld + b * ACT_BLOCK, v[ACT_BLOCK / 32];
-        float amax = 1e-4f; /* dsrt_q8_block: NaN never wins the comparison */
-#pragma unroll
-        for (int i = 0; i < ACT_BLOCK / 32; i++) {
-            int e = lane + 32 * i;
-            v[i] = e < len ? p[e] : 0.0f;
-            float m = v[i] < 0 ? -v[i] : v[i];
-            if (m > amax) amax = m;
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        float s = dsrt_pow2_ceil(amax * (1.0f / 448.0f));
-#pragma unroll
-        for (int i = 0; i < ACT_BLOCK / 32; i++) {
-            int e = lane + 32 * i;
-            if (e >= len) continue;
-            float q = v[i] / s;
-            q = q > 448.0f ? 448.0f : q < -448.0f ? -448.0f : q;
-            p[e] = dsrt_e4m3_to_f32(dsrt_f32_to_e4m3(q)) * s;
-        }
-    }
-}
-
-int dsrtk_moe_q8_rows(int dev, float *x, int64_t rows, int64_t n, int64_t ld, const dsrtk_moe_matrix *table,
-                      const int32_t *groups, const int32_t *n_groups, int32_t max_groups, int slot, void *stream)
-{
-    DSRTK_SET_DEVICE(dev, "moe Q8");
-    if (rows == 0 || n == 0) return DSRTK_OK;
-    if (!x || (groups && (!table || !n_groups || max_groups < 1 || slot < 0 || slot > 2)))
-        return dsrtk_fail(DSRTK_ERROR, "moe: Q8 of %lld rows called with bad arguments", (long long)rows);
-    int64_t warps = rows * ((n + ACT_BLOCK - 1) / ACT_BLOCK);
-    int grid = dsrtk_grid_for(dev, warps * 32, DSRTK_BLOCK);
-    moe_q8_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(x, rows, n, ld, table, groups, n_groups, slot);
-    return dsrtk_check_launch("moe_q8_kernel", dev);
 }
 
 /* ---- routing (moe.c: score_row, select_top, route_rows), a warp per token ---- */
 
 __global__ void __launch_bounds__(128) moe_route_kernel(const __grid_constant__ dsrtk_moe_route_args a, int per_block)
 {
-    extern __shared__ float scores[];
+    extern __shared__ float scores[]; /* per warp: the n scores, then the n keys (score + bias) */
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = a.n_routed, k = a.k;
     int64_t t = (int64_t)blockIdx.x * per_block + warp;
     if (t >= a.rows) return; /* no block-wide barrier below */
-    float *row = scores + (size_t)warp * n;
+    float *row = scores + (size_t)warp * 2 * n, *keys = row + n;
     const float *logits = a.logits + t * n;
     for (int e = lane; e < n; e += 32) row[e] = logits[e];
     __syncwarp();
@@ -382,14 +504,18 @@ __global__ void __launch_bounds__(128) moe_route_kernel(const __grid_constant__ 
                                            a.tid2eid.offset + token * a.tid2eid.stride[0] + j * a.tid2eid.stride[1])
                            : 0;
     } else { /* top k of score + bias, descending, ties to the lower id, NaN as +inf */
+        for (int e = lane; e < n; e += 32) { /* the keys once: the k rounds below read shared memory only */
+            float key = row[e] + dsrt_load_f32(a.bias.data, a.bias.dtype, a.bias.offset + e * a.bias.stride[0]);
+            keys[e] = key != key ? INFINITY : key;
+        }
+        __syncwarp();
         int prev = -1;
         float prev_key = 0;
         for (int j = 0; j < k; j++) {
             int best = -1;
             float best_key = 0;
             for (int e = lane; e < n; e += 32) {
-                float key = row[e] + dsrt_load_f32(a.bias.data, a.bias.dtype, a.bias.offset + e * a.bias.stride[0]);
-                if (key != key) key = INFINITY;
+                float key = keys[e];
                 bool after_prev = prev < 0 || key < prev_key || (key == prev_key && e > prev);
                 if (after_prev && (best < 0 || key > best_key)) best = e, best_key = key;
             }
@@ -423,64 +549,111 @@ int dsrtk_moe_route(int dev, const dsrtk_moe_route_args *a, void *stream)
     if (!a->logits || !a->ids || !a->weights || a->n_routed < 1 || a->k < 1 || a->k > a->n_routed ||
         (a->hash ? !a->tid2eid.data || !a->token_ids.data : !a->bias.data))
         return dsrtk_fail(DSRTK_ERROR, "moe: routing called with bad arguments (%d experts, %d per token)", a->n_routed, a->k);
-    int per_block = (size_t)a->n_routed * 4 * sizeof(float) <= 48 * 1024 ? 4 : 1;
-    size_t smem = (size_t)per_block * a->n_routed * sizeof(float);
+    size_t per_warp = (size_t)a->n_routed * 2 * sizeof(float);
+    int per_block = per_warp * 4 <= 48 * 1024 ? 4 : 1;
+    size_t smem = (size_t)per_block * per_warp;
     if (smem > 48 * 1024)
         return dsrtk_fail(DSRTK_ERROR, "moe: routing over %d experts is not supported (at most %d)", a->n_routed,
-                          48 * 1024 / (int)sizeof(float));
+                          24 * 1024 / (int)sizeof(float));
     int64_t grid = (a->rows + per_block - 1) / per_block;
     if (grid > INT32_MAX) return dsrtk_fail(DSRTK_ERROR, "moe: %lld tokens are too many to route", (long long)a->rows);
     moe_route_kernel<<<(unsigned)grid, 32 * per_block, smem, (cudaStream_t)stream>>>(*a, per_block);
     return dsrtk_check_launch("moe_route_kernel", dev);
 }
 
-/* ---- grouping (moe.c: combine_experts' counting sort), one block ---- */
+/* ---- grouping (moe.c: combine_experts' counting sort), one block of up to 8 warps ----
+ * Warp w owns a contiguous slice of the picks and a row of per-expert counters: it counts its
+ * slice, a block-wide scan over experts turns the counters into each (warp, expert)'s first
+ * position (experts ascending, then warps ascending = picks ascending), and each warp fills its
+ * slice in order with its own cursors. Stable, no cross-warp races, no serial loop over experts. */
+
+/* exclusive scan of (a, b) over the block's threads (blockDim.x <= 1024); totals to *ta, *tb */
+__device__ __forceinline__ void block_scan2(int &a, int &b, int *ta, int *tb)
+{
+    __shared__ int wa[32], wb[32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+    int ia = a, ib = b;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        int ua = __shfl_up_sync(0xffffffffu, ia, off), ub = __shfl_up_sync(0xffffffffu, ib, off);
+        if (lane >= off) ia += ua, ib += ub;
+    }
+    if (lane == 31) wa[warp] = ia, wb[warp] = ib;
+    __syncthreads();
+    if (warp == 0) {
+        int sa = lane < warps ? wa[lane] : 0, sb = lane < warps ? wb[lane] : 0;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            int ua = __shfl_up_sync(0xffffffffu, sa, off), ub = __shfl_up_sync(0xffffffffu, sb, off);
+            if (lane >= off) sa += ua, sb += ub;
+        }
+        if (lane < warps) wa[lane] = sa, wb[lane] = sb; /* inclusive over warps */
+    }
+    __syncthreads();
+    int before_a = warp ? wa[warp - 1] : 0, before_b = warp ? wb[warp - 1] : 0;
+    *ta = wa[warps - 1], *tb = wb[warps - 1];
+    a = before_a + ia - a, b = before_b + ib - b;
+}
 
 __global__ void __launch_bounds__(DSRTK_BLOCK) moe_group_kernel(const __grid_constant__ dsrtk_moe_group_args a)
 {
-    extern __shared__ int cursor[];
-    int n = a.n_routed, lane = threadIdx.x % 32;
-    int64_t picks = a.rows * a.k;
-    for (int e = threadIdx.x; e < n; e += blockDim.x) cursor[e] = 0;
+    extern __shared__ int cnt[]; /* [warps][n] */
+    int n = a.n_routed, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    int threads = blockDim.x;
+    int64_t picks = a.rows * a.k, per = (picks + warps - 1) / warps;
+    int64_t p0 = warp * per, p1 = p0 + per < picks ? p0 + per : picks;
+    for (int i = threadIdx.x; i < warps * n; i += threads) cnt[i] = 0;
     __syncthreads();
-    for (int64_t p = threadIdx.x; p < picks; p += blockDim.x) atomicAdd(&cursor[a.ids[p]], 1);
+    for (int64_t p = p0 + lane; p < p1; p += 32) atomicAdd(&cnt[warp * n + (int)a.ids[p]], 1);
     __syncthreads();
-    if (threadIdx.x == 0) { /* counts -> starts, and the groups of the experts that have rows */
-        int g = 0, start = 0;
-        for (int e = 0; e < n; e++) {
-            int count = cursor[e];
-            if (count) {
-                a.groups[3 * g] = e, a.groups[3 * g + 1] = start, a.groups[3 * g + 2] = count;
-                g++;
-            }
-            cursor[e] = start;
-            start += count;
+    /* experts in contiguous runs per thread: rows and groups before each run by a block scan */
+    int per_e = (n + threads - 1) / threads, e0 = threadIdx.x * per_e, e1 = e0 + per_e < n ? e0 + per_e : n;
+    int rows = 0, groups = 0;
+    for (int e = e0; e < e1; e++) {
+        int total = 0;
+        for (int w = 0; w < warps; w++) total += cnt[w * n + e];
+        rows += total, groups += total > 0;
+    }
+    int all_rows, all_groups;
+    block_scan2(rows, groups, &all_rows, &all_groups);
+    for (int e = e0; e < e1; e++) { /* counts -> first positions; the groups of the experts with rows */
+        int total = 0;
+        for (int w = 0; w < warps; w++) {
+            int c = cnt[w * n + e];
+            cnt[w * n + e] = rows + total;
+            total += c;
         }
-        a.groups[3 * g] = n, a.groups[3 * g + 1] = (int)picks, a.groups[3 * g + 2] = (int)a.rows; /* the shared expert */
-        *a.n_groups = g + 1;
+        if (total) {
+            a.groups[3 * groups] = e, a.groups[3 * groups + 1] = rows, a.groups[3 * groups + 2] = total;
+            groups++;
+        }
+        rows += total;
+    }
+    if (threadIdx.x == 0) { /* the shared expert's group, last */
+        a.groups[3 * all_groups] = n, a.groups[3 * all_groups + 1] = all_rows, a.groups[3 * all_groups + 2] = (int)a.rows;
+        *a.n_groups = all_groups + 1;
     }
     __syncthreads();
-    if (threadIdx.x < 32) { /* a stable fill: 32 picks at a time, in order, by one warp */
-        for (int64_t base = 0; base < picks; base += 32) {
-            int64_t p = base + lane;
-            bool valid = p < picks;
-            int e = valid ? (int)a.ids[p] : -1 - lane; /* idle lanes match nobody */
-            unsigned same = __match_any_sync(0xffffffffu, e);
-            int leader = __ffs(same) - 1, rank = __popc(same & ((1u << lane) - 1u));
-            int at = valid && lane == leader ? cursor[e] : 0;
-            at = __shfl_sync(0xffffffffu, at, leader);
-            if (valid) {
-                int pos = at + rank;
-                a.row_token[pos] = (int)(p / a.k);
-                a.row_weight[pos] = a.weights[p];
-                a.pos_of_pick[p] = pos;
-            }
-            __syncwarp();
-            if (valid && lane == leader) cursor[e] = at + __popc(same);
-            __syncwarp();
+    int *cursor = cnt + warp * n;
+    for (int64_t base = p0; base < p1; base += 32) { /* a stable fill: 32 picks at a time, in order */
+        int64_t p = base + lane;
+        bool valid = p < p1;
+        int e = valid ? (int)a.ids[p] : -1 - lane; /* idle lanes match nobody */
+        unsigned same = __match_any_sync(0xffffffffu, e);
+        int leader = __ffs(same) - 1, rank = __popc(same & ((1u << lane) - 1u));
+        int at = valid && lane == leader ? cursor[e] : 0;
+        at = __shfl_sync(0xffffffffu, at, leader);
+        if (valid) {
+            int pos = at + rank;
+            a.row_token[pos] = (int)(p / a.k);
+            a.row_weight[pos] = a.weights[p];
+            a.pos_of_pick[p] = pos;
         }
+        __syncwarp();
+        if (valid && lane == leader) cursor[e] = at + __popc(same);
+        __syncwarp();
     }
-    for (int64_t t = threadIdx.x; t < a.rows; t += blockDim.x) a.row_token[picks + t] = (int)t;
+    for (int64_t t = threadIdx.x; t < a.rows; t += threads) a.row_token[picks + t] = (int)t;
 }
 
 int dsrtk_moe_group(int dev, const dsrtk_moe_group_args *a, void *stream)
@@ -491,10 +664,11 @@ int dsrtk_moe_group(int dev, const dsrtk_moe_group_args *a, void *stream)
         a->k < 1 || a->n_routed < 1 || a->rows * (a->k + 1) > INT32_MAX)
         return dsrtk_fail(DSRTK_ERROR, "moe: grouping of %lld tokens x %d experts called with bad arguments",
                           (long long)a->rows, a->k);
-    size_t smem = (size_t)a->n_routed * sizeof(int);
-    if (smem > 48 * 1024)
-        return dsrtk_fail(DSRTK_ERROR, "moe: grouping over %d experts is not supported", a->n_routed);
-    moe_group_kernel<<<1, DSRTK_BLOCK, smem, (cudaStream_t)stream>>>(*a);
+    int warps = (int)((48 * 1024 / sizeof(int)) / (size_t)a->n_routed);
+    if (warps > DSRTK_BLOCK / 32) warps = DSRTK_BLOCK / 32;
+    if (warps < 1) return dsrtk_fail(DSRTK_ERROR, "moe: grouping over %d experts is not supported", a->n_routed);
+    size_t smem = (size_t)warps * a->n_routed * sizeof(int);
+    moe_group_kernel<<<1, 32 * warps, smem, (cudaStream_t)stream>>>(*a);
     return dsrtk_check_launch("moe_group_kernel", dev);
 }
 
@@ -504,8 +678,8 @@ int dsrtk_moe_group(int dev, const dsrtk_moe_group_args *a, void *stream)
  * dynamic one sized k*4 bytes drew out-of-bounds vector reads under compute-sanitizer */
 #define MOE_COMBINE_MAX_K 64
 
-__global__ void __launch_bounds__(DSRTK_BLOCK) moe_combine_kernel(const float *y, const int32_t *pos_of_pick, int64_t rows,
-                                                                  int k, int64_t dim, void *out, int out_dtype)
+__global__ void __launch_bounds__(DSRTK_BLOCK) moe_combine_kernel(const void *y, int y_dtype, const int32_t *pos_of_pick,
+                                                                  int64_t rows, int k, int64_t dim, void *out, int out_dtype)
 {
     __shared__ int order[MOE_COMBINE_MAX_K];
     for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
@@ -518,28 +692,241 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_combine_kernel(const float *y
             }
         }
         __syncthreads();
-        const float *shared_row = y + (rows * k + t) * dim;
+        int64_t shared_row = (rows * k + t) * dim;
         for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
             float acc = 0.0f;
-            for (int i = 0; i < k; i++) acc += y[order[i] * dim + c];
-            acc += shared_row[c];
+            for (int i = 0; i < k; i++) acc += load_x(y, y_dtype, order[i] * dim + c);
+            acc += load_x(y, y_dtype, shared_row + c);
             if (out_dtype == DSRT_F32) ((float *)out)[t * dim + c] = acc;
             else ((uint16_t *)out)[t * dim + c] = dsrt_f32_to_bf16(acc);
         }
     }
 }
 
-int dsrtk_moe_combine(int dev, const float *y, const int32_t *pos_of_pick, int64_t rows, int32_t k, int64_t dim,
+int dsrtk_moe_combine(int dev, const void *y, int y_dtype, const int32_t *pos_of_pick, int64_t rows, int32_t k, int64_t dim,
                       void *out, int out_dtype, void *stream)
 {
     DSRTK_SET_DEVICE(dev, "moe combine");
     if (rows == 0 || dim == 0) return DSRTK_OK;
-    if (!y || !pos_of_pick || !out || k < 1 || (out_dtype != DSRT_F32 && out_dtype != DSRT_BF16))
+    if (!y || !pos_of_pick || !out || k < 1 || (out_dtype != DSRT_F32 && out_dtype != DSRT_BF16) ||
+        (y_dtype != DSRT_F32 && y_dtype != DSRT_BF16))
         return dsrtk_fail(DSRTK_ERROR, "moe: combine called with bad arguments");
     if (k > MOE_COMBINE_MAX_K)
         return dsrtk_fail(DSRTK_ERROR, "moe: combine of %d experts per token (at most %d)", k, MOE_COMBINE_MAX_K);
     int grid = rows < 65535 ? (int)rows : 65535;
-    moe_combine_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(y, pos_of_pick, rows, k, dim,
-                                                                                          out, out_dtype);
+    moe_combine_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(y, y_dtype, pos_of_pick, rows, k, dim, out, out_dtype);
     return dsrtk_check_launch("moe_combine_kernel", dev);
+}
+
+/* ---- prefill: gather, dequantise, GEMM, SwiGLU ---- */
+
+/* gather (+ Q8): a warp per block of 128 columns of an output row, 4 columns a lane */
+__global__ void __launch_bounds__(DSRTK_BLOCK) moe_gather_kernel(const void *x, int x_dtype, int64_t x_ld,
+                                                                 const int32_t *row_x, int64_t rows, int64_t cols, int q8,
+                                                                 void *out, int out_dtype)
+{
+    int lane = threadIdx.x % 32;
+    int64_t blocks = (cols + ACT_BLOCK - 1) / ACT_BLOCK, units = rows * blocks;
+    int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
+    for (int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; w < units; w += warps) { /* warp-uniform */
+        int64_t r = w / blocks, b = w % blocks, xr = row_x[r], col = b * ACT_BLOCK + 4 * lane;
+        float v[4];
+        bool valid[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            valid[i] = col + i < cols;
+            v[i] = valid[i] ? load_x(x, x_dtype, xr * x_ld + col + i) : 0.0f;
+        }
+        if (q8) q8_warp(v, valid);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (!valid[i]) continue;
+            if (out_dtype == DSRT_BF16) ((uint16_t *)out)[r * cols + col + i] = dsrt_f32_to_bf16(v[i]);
+            else ((float *)out)[r * cols + col + i] = v[i];
+        }
+    }
+}
+
+int dsrtk_moe_gather(int dev, const void *x, int x_dtype, int64_t x_ld, const int32_t *row_x, int64_t rows, int64_t cols,
+                     int q8, void *out, int out_dtype, void *stream)
+{
+    DSRTK_SET_DEVICE(dev, "moe gather");
+    if (rows == 0 || cols == 0) return DSRTK_OK;
+    if (!x || !row_x || !out || (x_dtype != DSRT_F32 && x_dtype != DSRT_BF16) || (out_dtype != DSRT_F32 && out_dtype != DSRT_BF16))
+        return dsrtk_fail(DSRTK_ERROR, "moe: gather of %lld rows called with bad arguments", (long long)rows);
+    int64_t units = rows * ((cols + ACT_BLOCK - 1) / ACT_BLOCK);
+    int grid = dsrtk_grid_for(dev, units * 32, DSRTK_BLOCK);
+    moe_gather_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(x, x_dtype, x_ld, row_x, rows, cols, q8, out, out_dtype);
+    return dsrtk_check_launch("moe_gather_kernel", dev);
+}
+
+/* dequantise: a thread per 32-column chunk of a row; 16-byte loads on vector matrices. Per Flash
+ * expert matrix: 4.2 MB of fp4 + scales read, 16.8 MB of bf16 written. */
+__global__ void __launch_bounds__(DSRTK_BLOCK) moe_dequant_kernel(const dsrtk_moe_matrix *table, int set, int slot, void *out,
+                                                                  int out_dtype)
+{
+    const dsrtk_moe_matrix &m = table[3 * set + slot];
+    int64_t chunks = (m.cols + CHUNK - 1) / CHUNK, units = (int64_t)m.rows * chunks;
+    for (int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+        int64_t row = u / chunks;
+        int c = (int)(u - row * chunks);
+        float w[CHUNK];
+        if (m.vector && m.dtype == DSRT_FP4E2M1) {
+            uint4 v = __ldg((const uint4 *)((const uint8_t *)m.weight + (m.offset + row * m.stride0) / 2) + c);
+            float s = m.scale ? scale_at(m, row, (int64_t)c * CHUNK) : 1.0f;
+            uint32_t word[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int i = 0; i < CHUNK; i++) w[i] = dsrt_fp4_to_f32((uint8_t)((word[i / 8] >> (4 * (i % 8))) & 15u)) * s;
+        } else {
+#pragma unroll
+            for (int i = 0; i < CHUNK; i++) w[i] = weight_at(m, row, (int64_t)c * CHUNK + i);
+        }
+        int64_t col0 = (int64_t)c * CHUNK;
+        bool full = col0 + CHUNK <= m.cols && m.cols % 8 == 0 && (uintptr_t)out % 16 == 0; /* whole 16-byte stores */
+        if (out_dtype == DSRT_BF16) {
+            uint16_t *o = (uint16_t *)out + row * m.cols + col0;
+            if (full) {
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    uint32_t p[4];
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        p[i] = dsrt_f32_to_bf16(w[8 * q + 2 * i]) | (uint32_t)dsrt_f32_to_bf16(w[8 * q + 2 * i + 1]) << 16;
+                    ((uint4 *)o)[q] = make_uint4(p[0], p[1], p[2], p[3]);
+                }
+            } else {
+                for (int i = 0; i < CHUNK && col0 + i < m.cols; i++) o[i] = dsrt_f32_to_bf16(w[i]);
+            }
+        } else {
+            float *o = (float *)out + row * m.cols + col0;
+            if (full) {
+#pragma unroll
+                for (int q = 0; q < 8; q++) ((float4 *)o)[q] = make_float4(w[4 * q], w[4 * q + 1], w[4 * q + 2], w[4 * q + 3]);
+            } else {
+                for (int i = 0; i < CHUNK && col0 + i < m.cols; i++) o[i] = w[i];
+            }
+        }
+    }
+}
+
+int dsrtk_moe_dequant(int dev, const dsrtk_moe_matrix *table, int set, int slot, int64_t rows, int64_t cols, void *out,
+                      int out_dtype, void *stream)
+{
+    DSRTK_SET_DEVICE(dev, "moe dequantise");
+    if (rows == 0 || cols == 0) return DSRTK_OK;
+    if (!table || !out || set < 0 || slot < 0 || slot > 2 || (out_dtype != DSRT_F32 && out_dtype != DSRT_BF16))
+        return dsrtk_fail(DSRTK_ERROR, "moe: dequantising set %d w%d called with bad arguments", set, slot + 1);
+    int grid = dsrtk_grid_for(dev, rows * ((cols + CHUNK - 1) / CHUNK), DSRTK_BLOCK);
+    moe_dequant_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(table, set, slot, out, out_dtype);
+    return dsrtk_check_launch("moe_dequant_kernel", dev);
+}
+
+/* cuBLAS: one handle per device, made on first use and kept (gemm.cu's reasons); no workspace, so
+ * GEMMs queued on different streams never share one. */
+enum { MAX_MOE_DEVICES = 64 };
+static std::mutex gemm_locks[MAX_MOE_DEVICES];
+static cublasHandle_t gemm_handles[MAX_MOE_DEVICES];
+
+static int moe_cublas_check(cublasStatus_t status, const char *what, int dev)
+{
+    if (status == CUBLAS_STATUS_SUCCESS) return DSRTK_OK;
+    cudaGetLastError(); /* a CUDA failure under cuBLAS must not resurface at our next launch check */
+    return dsrtk_fail(status == CUBLAS_STATUS_ALLOC_FAILED ? DSRTK_OOM : DSRTK_ERROR, "moe: %s on cuda:%d: %s", what, dev,
+                      cublasGetStatusString(status));
+}
+
+int dsrtk_moe_gemm(int dev, int ab_dtype, int64_t m, int64_t n, int64_t k, const void *a, int64_t lda, const void *w,
+                   void *c, int c_dtype, int64_t ldc, void *stream)
+{
+    if (dev < 0 || dev >= MAX_MOE_DEVICES) return dsrtk_fail(DSRTK_ERROR, "moe: no device cuda:%d", dev);
+    if (m == 0 || n == 0) return DSRTK_OK;
+    if (!a || !w || !c || k < 1 || lda < k || ldc < n || (ab_dtype != DSRT_BF16 && ab_dtype != DSRT_F32) ||
+        (c_dtype != DSRT_BF16 && c_dtype != DSRT_F32) || (ab_dtype == DSRT_F32 && c_dtype != DSRT_F32))
+        return dsrtk_fail(DSRTK_ERROR, "moe: GEMM %lld x %lld x %lld called with bad arguments", (long long)m, (long long)n,
+                          (long long)k);
+    DSRTK_SET_DEVICE(dev, "moe GEMM");
+    std::lock_guard<std::mutex> lock(gemm_locks[dev]);
+    int st;
+    if (!gemm_handles[dev]) {
+        cublasHandle_t h;
+        if ((st = moe_cublas_check(cublasCreate(&h), "cublasCreate", dev))) return st;
+        /* default math (no TF32) and no reduced-precision split-k reductions; no workspace */
+        st = moe_cublas_check(cublasSetMathMode(h, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
+                                                                  CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
+                              "cublasSetMathMode", dev);
+        if (!st) st = moe_cublas_check(cublasSetWorkspace(h, nullptr, 0), "cublasSetWorkspace", dev);
+        if (st) {
+            cublasDestroy(h);
+            return st;
+        }
+        gemm_handles[dev] = h;
+    }
+    cublasHandle_t h = gemm_handles[dev];
+    if ((st = moe_cublas_check(cublasSetStream(h, (cudaStream_t)stream), "cublasSetStream", dev))) return st;
+    /* column-major: Cᵀ [n, m] = W [n, k] (Wᵀ stored [k, n]: op T) · Aᵀ [k, m] (op N) */
+    cudaDataType_t ab = ab_dtype == DSRT_BF16 ? CUDA_R_16BF : CUDA_R_32F, ct = c_dtype == DSRT_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    const float one = 1.0f, zero = 0.0f;
+    return moe_cublas_check(cublasGemmEx_64(h, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, ab, k, a, ab, lda, &zero, c, ct, ldc,
+                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                            "cublasGemmEx", dev);
+}
+
+/* SwiGLU between the prefill GEMMs: a warp per block of 128 columns of a row, 4 a lane */
+__global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu, int64_t gu_ld, int64_t rows, int64_t width,
+                                                                 const dsrtk_moe_matrix *table, const int32_t *groups,
+                                                                 const int32_t *n_groups, const float *row_weight,
+                                                                 int64_t n_weighted, float limit, int reference, void *h,
+                                                                 int64_t h_ld, int io_dtype)
+{
+    int lane = threadIdx.x % 32;
+    int64_t blocks = (width + ACT_BLOCK - 1) / ACT_BLOCK, units = rows * blocks;
+    int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
+    for (int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; w < units; w += warps) { /* warp-uniform */
+        int64_t r = w / blocks, b = w % blocks;
+        int lo = 0, hi = *n_groups - 1; /* the row's group (ascending first rows) */
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (groups[3 * mid + 1] <= r) lo = mid;
+            else hi = mid - 1;
+        }
+        int64_t inter = table[3 * groups[3 * lo]].rows, col = b * ACT_BLOCK + 4 * lane;
+        if (b * ACT_BLOCK >= inter) continue; /* uniform */
+        float v[4];
+        bool valid[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            valid[i] = col + i < inter;
+            v[i] = 0.0f;
+            if (!valid[i]) continue;
+            float g = load_x(gu, io_dtype, r * gu_ld + col + i), u = load_x(gu, io_dtype, r * gu_ld + inter + col + i);
+            if (reference) g = round_bf16(g), u = round_bf16(u); /* w1, w3 return bf16 */
+            float x = swiglu_f32(g, u, limit);
+            if (r < n_weighted) x *= row_weight[r]; /* before w2, in fp32 (SPEC §7.2) */
+            v[i] = reference ? round_bf16(x) : x;
+        }
+        if (reference) q8_warp(v, valid); /* every w2 quantised (moe.c checks) */
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (!valid[i]) continue;
+            if (io_dtype == DSRT_BF16) ((uint16_t *)h)[r * h_ld + col + i] = dsrt_f32_to_bf16(v[i]);
+            else ((float *)h)[r * h_ld + col + i] = v[i];
+        }
+    }
+}
+
+int dsrtk_moe_swiglu(int dev, const void *gu, int64_t gu_ld, int64_t rows, const dsrtk_moe_matrix *table,
+                     const int32_t *groups, const int32_t *n_groups, const float *row_weight, int64_t n_weighted,
+                     float limit, int reference, void *h, int64_t h_ld, int io_dtype, void *stream)
+{
+    DSRTK_SET_DEVICE(dev, "moe SwiGLU");
+    if (rows == 0) return DSRTK_OK;
+    if (!gu || !table || !groups || !n_groups || !h || h_ld < 1 || gu_ld < 2 * h_ld ||
+        (io_dtype != DSRT_F32 && io_dtype != DSRT_BF16) || (n_weighted && !row_weight))
+        return dsrtk_fail(DSRTK_ERROR, "moe: SwiGLU of %lld rows called with bad arguments", (long long)rows);
+    int64_t units = rows * ((h_ld + ACT_BLOCK - 1) / ACT_BLOCK);
+    int grid = dsrtk_grid_for(dev, units * 32, DSRTK_BLOCK);
+    moe_swiglu_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(gu, gu_ld, rows, h_ld, table, groups, n_groups,
+                                                                      row_weight, n_weighted, limit, reference, h, h_ld,
+                                                                      io_dtype);
+    return dsrtk_check_launch("moe_swiglu_kernel", dev);
 }

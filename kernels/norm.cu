@@ -21,6 +21,13 @@
  * Inputs arrive contiguous (the core makes the copies), bf16 or f32, read through numeric.h's
  * loads; outputs are bf16 (reference precision) or f32, written through numeric.h's stores, the
  * same rounding the CPU's final conversion uses. Launchers never allocate and never synchronise.
+ *
+ * Speed: these ops are memory bound, so each has a path for the model's layouts (rows a multiple of
+ * 8 elements, 16-byte aligned) that moves 16 bytes per access and reads its input once: RMSNorm
+ * keeps the row in registers (a warp per row up to 1024, the block up to 8192), the round trips give
+ * a thread 8 elements and meet over a quantisation block with shuffles, RoPE takes 8 columns at a
+ * time and splits a position over several blocks when positions are few. Every other layout takes
+ * the one-element-at-a-time kernel, with the same operations, so both paths give the same bits.
  */
 #include <math.h>
 #include "common.cuh"
@@ -48,57 +55,6 @@ __device__ __forceinline__ void st(void *p, int dtype, int64_t i, float v)
 
 __device__ __forceinline__ float round_bf16(float v) { return dsrt_bf16_to_f32(dsrt_f32_to_bf16(v)); }
 
-/* Sum of a double over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
- * `scratch` holds 33 doubles of shared memory; the block must not use it again before a barrier. */
-__device__ double block_sum(double v, double *scratch)
-{
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double t = 0;
-        for (int w = 0; w < warps; w++) t += scratch[w];
-        scratch[32] = t;
-    }
-    __syncthreads();
-    double total = scratch[32];
-    __syncthreads(); /* scratch may be reused by the caller's next row */
-    return total;
-}
-
-/* ---- RMSNorm and the head norm (nn.c: normalise_rows, normalise_rows_bf16) ---- */
-
-/* One block per row (grid-stride over rows). Per row of d elements it reads x twice (the second
- * time from L1/L2) and writes y once: 2·d·in + d·out bytes, ~4 FLOPs an element: memory bound. */
-__global__ void __launch_bounds__(1024) rms_norm_kernel(const void *x, int x_dtype, const void *w, int w_dtype, void *y,
-                                                        int y_dtype, int64_t rows, int64_t d, float eps, int head_bf16)
-{
-    __shared__ double scratch[33];
-    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-        const int64_t base = r * d;
-        double acc = 0;
-        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-            float v = ld(x, x_dtype, base + j), sq = __fmul_rn(v, v);
-            acc += head_bf16 ? (double)round_bf16(sq) : (double)sq;
-        }
-        acc = block_sum(acc, scratch);
-        float inv;
-        if (head_bf16) { /* m = bf16(mean), me = bf16(m + eps), r = bf16(1/sqrt(me)) */
-            float mean = round_bf16((float)(acc / (double)d));
-            inv = round_bf16(__fdiv_rn(1.0f, __fsqrt_rn(round_bf16(__fadd_rn(mean, eps)))));
-        } else {
-            float mean = (float)(acc / (double)d);
-            inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
-        }
-        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-            float v = __fmul_rn(ld(x, x_dtype, base + j), inv);
-            if (w) v = __fmul_rn(ld(w, w_dtype, j), v);
-            st(y, y_dtype, base + j, v);
-        }
-    }
-}
-
 /* Eight contiguous elements at p + i (16-byte aligned): one 16-byte access for bf16, two for f32. */
 __device__ __forceinline__ void ld8(const void *p, int dtype, int64_t i, float (&v)[8])
 {
@@ -125,44 +81,109 @@ __device__ __forceinline__ void st8(void *p, int dtype, int64_t i, const float (
     }
 }
 
-/* rms_norm_kernel with 16-byte accesses, for d % 8 == 0 and 16-byte aligned x, w and y (the model's
- * rows): each element goes through the very same operations, so the bits are the same. */
-__global__ void __launch_bounds__(1024) rms_norm_vec_kernel(const void *x, int x_dtype, const void *w, int w_dtype,
-                                                            void *y, int y_dtype, int64_t rows, int64_t d, float eps,
-                                                            int head_bf16)
+/* Sum of a double over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+ * `scratch` holds 33 doubles of shared memory; the block must not use it again before a barrier. */
+__device__ double block_sum(double v, double *scratch)
+{
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0;
+        for (int w = 0; w < warps; w++) t += scratch[w];
+        scratch[32] = t;
+    }
+    __syncthreads();
+    double total = scratch[32];
+    __syncthreads(); /* scratch may be reused by the caller's next row */
+    return total;
+}
+
+/* ---- RMSNorm and the head norm (nn.c: normalise_rows, normalise_rows_bf16) ---- */
+
+/* the row's 1/rms from the double sum of its squares, in the CPU's operations */
+__device__ __forceinline__ float inv_rms(double acc, int64_t d, float eps, int head_bf16)
+{
+    if (head_bf16) { /* m = bf16(mean), me = bf16(m + eps), r = bf16(1/sqrt(me)) */
+        float mean = round_bf16((float)(acc / (double)d));
+        return round_bf16(__fdiv_rn(1.0f, __fsqrt_rn(round_bf16(__fadd_rn(mean, eps)))));
+    }
+    float mean = (float)(acc / (double)d);
+    return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+}
+
+/* the square the CPU adds: fp32, bf16-rounded for the head norm */
+__device__ __forceinline__ double square(float v, int head_bf16)
+{
+    float sq = __fmul_rn(v, v);
+    return head_bf16 ? (double)round_bf16(sq) : (double)sq;
+}
+
+/* Any layout: one block per row (grid-stride), x read twice (the second time from L1/L2). */
+__global__ void __launch_bounds__(1024) rms_norm_kernel(const void *x, int x_dtype, const void *w, int w_dtype, void *y,
+                                                        int y_dtype, int64_t rows, int64_t d, float eps, int head_bf16)
 {
     __shared__ double scratch[33];
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const int64_t base = r * d;
         double acc = 0;
-        for (int64_t j = 8 * (int64_t)threadIdx.x; j < d; j += 8 * (int64_t)blockDim.x) {
-            float v[8];
-            ld8(x, x_dtype, base + j, v);
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) acc += square(ld(x, x_dtype, base + j), head_bf16);
+        const float inv = inv_rms(block_sum(acc, scratch), d, eps, head_bf16);
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+            float v = __fmul_rn(ld(x, x_dtype, base + j), inv);
+            if (w) v = __fmul_rn(ld(w, w_dtype, j), v);
+            st(y, y_dtype, base + j, v);
+        }
+    }
+}
+
+/* Rows of d % 8 == 0 with 16-byte aligned x, w, y (the model's): a group of G threads per row (a warp
+ * for d <= 1024, the block of 256 for d <= 8192), each holding V vectors of 8
+ * in registers, so x is read from HBM once: d·|x| in, d·|y| out (+ w from L2). The sum of squares
+ * is per thread in double, then a shuffle tree (and block_sum across warps for G = 256); the
+ * elements go through rms_norm_kernel's very operations, so the bits are the same. */
+template <int G, int V>
+__global__ void __launch_bounds__(256) rms_norm_rows_kernel(const void *x, int x_dtype, const void *w, int w_dtype,
+                                                            void *y, int y_dtype, int64_t rows, int64_t d, float eps,
+                                                            int head_bf16)
+{
+    __shared__ double scratch[33];
+    constexpr int RPB = 256 / G; /* rows per block */
+    const int g = threadIdx.x % G;
+    for (int64_t r = blockIdx.x * (int64_t)RPB + threadIdx.x / G; r - threadIdx.x / G < rows; r += (int64_t)gridDim.x * RPB) {
+        /* the loop condition is uniform over the block (G = 256: one row) or the warp (G = 32) */
+        const bool live = r < rows;
+        const int64_t base = r * d;
+        float v[V][8];
+        double acc = 0;
 #pragma unroll
-            for (int k = 0; k < 8; k++) {
-                float sq = __fmul_rn(v[k], v[k]);
-                acc += head_bf16 ? (double)round_bf16(sq) : (double)sq;
+        for (int k = 0; k < V; k++) {
+            const int64_t j = 8 * (int64_t)(g + k * G);
+            if (live && j < d) {
+                ld8(x, x_dtype, base + j, v[k]);
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc += square(v[k][i], head_bf16);
             }
         }
-        acc = block_sum(acc, scratch);
-        float inv;
-        if (head_bf16) {
-            float mean = round_bf16((float)(acc / (double)d));
-            inv = round_bf16(__fdiv_rn(1.0f, __fsqrt_rn(round_bf16(__fadd_rn(mean, eps)))));
+        if (G == 32) {
+            for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
         } else {
-            float mean = (float)(acc / (double)d);
-            inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+            acc = block_sum(acc, scratch);
         }
-        for (int64_t j = 8 * (int64_t)threadIdx.x; j < d; j += 8 * (int64_t)blockDim.x) {
-            float v[8], wv[8];
-            ld8(x, x_dtype, base + j, v);
+        const float inv = inv_rms(acc, d, eps, head_bf16);
+#pragma unroll
+        for (int k = 0; k < V; k++) {
+            const int64_t j = 8 * (int64_t)(g + k * G);
+            if (!live || j >= d) continue;
+            float wv[8];
             if (w) ld8(w, w_dtype, j, wv);
 #pragma unroll
-            for (int k = 0; k < 8; k++) {
-                v[k] = __fmul_rn(v[k], inv);
-                if (w) v[k] = __fmul_rn(wv[k], v[k]);
+            for (int i = 0; i < 8; i++) {
+                v[k][i] = __fmul_rn(v[k][i], inv);
+                if (w) v[k][i] = __fmul_rn(wv[i], v[k][i]);
             }
-            st8(y, y_dtype, base + j, v);
+            st8(y, y_dtype, base + j, v[k]);
         }
     }
 }
@@ -177,6 +198,16 @@ static int row_block(int64_t d)
     return t < 32 ? 32 : (int)t;
 }
 
+template <int G, int V>
+static void launch_rows(int64_t rows, cudaStream_t cs, const void *x, int x_dtype, const void *w, int w_dtype, void *y,
+                        int y_dtype, int64_t d, float eps, int head_bf16)
+{
+    int64_t blocks = (rows + 256 / G - 1) / (256 / G);
+    if (blocks > (1 << 30)) blocks = 1 << 30;
+    rms_norm_rows_kernel<G, V><<<(unsigned)blocks, 256, 0, cs>>>(x, x_dtype, w, w_dtype, y, y_dtype, rows, d, eps,
+                                                                 head_bf16);
+}
+
 extern "C" int dsrtk_nn_rms_norm(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y,
                                  int y_dtype, int64_t rows, int64_t d, float eps, int head_bf16, void *stream)
 {
@@ -187,23 +218,31 @@ extern "C" int dsrtk_nn_rms_norm(int dev, const void *x, int x_dtype, const void
     if (rc) return rc;
     if (rows <= 0 || d <= 0) return DSRTK_OK;
     DSRTK_SET_DEVICE(dev, what);
-    int64_t grid = rows < (1 << 30) ? rows : (1 << 30);
-    int aligned = d % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)y % 16 == 0 && (!w || (uintptr_t)w % 16 == 0);
-    if (aligned) {
-        rms_norm_vec_kernel<<<(unsigned)grid, row_block(d / 4), 0, (cudaStream_t)stream>>>(
-            x, x_dtype, w, w_dtype, y, y_dtype, rows, d, eps, head_bf16);
-        return dsrtk_check_launch("rms_norm_vec_kernel", dev);
+    cudaStream_t cs = (cudaStream_t)stream;
+    const int aligned = d % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)y % 16 == 0 && (!w || (uintptr_t)w % 16 == 0);
+    const int64_t vecs = d / 8;
+    if (aligned && vecs <= 32 * 4) { /* a warp per row: the head norm's 512, the KV norm's */
+        if (vecs <= 32) launch_rows<32, 1>(rows, cs, x, x_dtype, w, w_dtype, y, y_dtype, d, eps, head_bf16);
+        else if (vecs <= 64) launch_rows<32, 2>(rows, cs, x, x_dtype, w, w_dtype, y, y_dtype, d, eps, head_bf16);
+        else launch_rows<32, 4>(rows, cs, x, x_dtype, w, w_dtype, y, y_dtype, d, eps, head_bf16);
+        return dsrtk_check_launch("rms_norm_rows_kernel", dev);
     }
-    rms_norm_kernel<<<(unsigned)grid, row_block(d), 0, (cudaStream_t)stream>>>(x, x_dtype, w, w_dtype, y, y_dtype, rows,
-                                                                               d, eps, head_bf16);
+    if (aligned && vecs <= 256 * 4) { /* a block per row: the model's 4096 */
+        if (vecs <= 256) launch_rows<256, 1>(rows, cs, x, x_dtype, w, w_dtype, y, y_dtype, d, eps, head_bf16);
+        else if (vecs <= 512) launch_rows<256, 2>(rows, cs, x, x_dtype, w, w_dtype, y, y_dtype, d, eps, head_bf16);
+        else launch_rows<256, 4>(rows, cs, x, x_dtype, w, w_dtype, y, y_dtype, d, eps, head_bf16);
+        return dsrtk_check_launch("rms_norm_rows_kernel", dev);
+    }
+    int64_t grid = rows < (1 << 30) ? rows : (1 << 30);
+    rms_norm_kernel<<<(unsigned)grid, row_block(d), 0, cs>>>(x, x_dtype, w, w_dtype, y, y_dtype, rows, d, eps, head_bf16);
     return dsrtk_check_launch("rms_norm_kernel", dev);
 }
 
 /* ---- Q8 / Q4 round trips (quant.h, nn.c: roundtrip_in_place) ---- */
 
-/* One thread per (row, block) of the columns [first, first + count): the block's values go to a
- * local array and through quant.h's own dsrt_q8_roundtrip / dsrt_q4_roundtrip, the functions the
- * CPU runs, so the result is bit-exact. In place: each thread owns its block's elements. */
+/* Any layout: one thread per (row, block) of the columns [first, first + count): the block's values
+ * go to a local array and through quant.h's own dsrt_q8_roundtrip / dsrt_q4_roundtrip, the functions
+ * the CPU runs, so the result is bit-exact. In place: each thread owns its block's elements. */
 __global__ void __launch_bounds__(DSRTK_BLOCK) roundtrip_kernel(void *x, int dtype, int64_t rows, int64_t n,
                                                                 int64_t first, int64_t count, int blk, int q4)
 {
@@ -220,6 +259,45 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) roundtrip_kernel(void *x, int dty
     }
 }
 
+/* The model's layouts (blk a power of two from 8 to 128; first, count, n multiples of 8; x 16-byte
+ * aligned): a thread per 8 elements with one 16-byte load and store, the L = blk/8 lanes of a block
+ * meeting with shuffles for its amax. The scale and the codes are quant.h's operations one for one
+ * (dsrt_q8_block / dsrt_q4_roundtrip): amax starts at the floor and takes every larger |x| (a max,
+ * so the order does not matter), s = pow2_ceil(amax·(1/max)), x/s clamped, coded, decoded, ×s.
+ * No grid-stride loop: every lane of a warp reaches the shuffles; lanes past the end, or past
+ * `count` in a short last block, load zeros (below the floor) and store nothing.
+ * Bytes: 2·count·|x| per row; the e4m3/e2m1 codecs are a few dozen integer ops an element. */
+template <bool Q4>
+__global__ void __launch_bounds__(DSRTK_BLOCK) roundtrip_vec_kernel(void *x, int dtype, int64_t rows, int64_t n,
+                                                                    int64_t first, int64_t count, int blk)
+{
+    const int L = blk / 8;
+    const int64_t per_row = (count + blk - 1) / blk * L, units = rows * per_row; /* whole blocks of lanes */
+    const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    const int64_t r = u < units ? u / per_row : 0, col = 8 * (u < units ? u % per_row : 0);
+    const bool have = u < units && col < count;
+    const int64_t at = r * n + first + col;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (have) ld8(x, dtype, at, v);
+    const float max_code = Q4 ? 6.0f : 448.0f;
+    float amax = Q4 ? 6.0f * 1.17549435e-38f : 1e-4f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        float a = v[i] < 0 ? -v[i] : v[i];
+        if (a > amax) amax = a;
+    }
+    for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float s = dsrt_pow2_ceil(amax * (1.0f / max_code));
+    if (!have) return;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        float q = v[i] / s;
+        q = q > max_code ? max_code : q < -max_code ? -max_code : q;
+        v[i] = Q4 ? dsrt_fp4_to_f32(dsrt_f32_to_fp4(q)) * s : dsrt_e4m3_to_f32(dsrt_f32_to_e4m3(q)) * s;
+    }
+    st8(x, dtype, at, v);
+}
+
 extern "C" int dsrtk_nn_roundtrip(int dev, void *x, int dtype, int64_t rows, int64_t n, int64_t first, int64_t count,
                                   int blk, int q4, void *stream)
 {
@@ -233,9 +311,17 @@ extern "C" int dsrtk_nn_roundtrip(int dev, void *x, int dtype, int64_t rows, int
                           (long long)(first + count), (long long)n);
     if (rows <= 0 || count == 0) return DSRTK_OK;
     DSRTK_SET_DEVICE(dev, what);
+    cudaStream_t cs = (cudaStream_t)stream;
+    const int64_t threads = rows * ((count + blk - 1) / blk) * (blk / 8), grid = (threads + DSRTK_BLOCK - 1) / DSRTK_BLOCK;
+    if (blk >= 8 && (blk & (blk - 1)) == 0 && first % 8 == 0 && count % 8 == 0 && n % 8 == 0 && (uintptr_t)x % 16 == 0 &&
+        grid < INT32_MAX) {
+        if (q4) roundtrip_vec_kernel<true><<<(unsigned)grid, DSRTK_BLOCK, 0, cs>>>(x, dtype, rows, n, first, count, blk);
+        else roundtrip_vec_kernel<false><<<(unsigned)grid, DSRTK_BLOCK, 0, cs>>>(x, dtype, rows, n, first, count, blk);
+        return dsrtk_check_launch("roundtrip_vec_kernel", dev);
+    }
     int64_t units = rows * ((count + blk - 1) / blk);
-    roundtrip_kernel<<<dsrtk_grid_for(dev, units, DSRTK_BLOCK), DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(
-        x, dtype, rows, n, first, count, blk, q4);
+    roundtrip_kernel<<<dsrtk_grid_for(dev, units, DSRTK_BLOCK), DSRTK_BLOCK, 0, cs>>>(x, dtype, rows, n, first, count,
+                                                                                     blk, q4);
     return dsrtk_check_launch("roundtrip_kernel", dev);
 }
 
@@ -245,41 +331,69 @@ struct RopeFreqs {
     float f[32]; /* DSRT_NN_ROPE_PAIRS, computed on the host by nn.c's rope_freqs: the CPU's bits */
 };
 
-/* One block per position t (grid-stride): 32 threads compute the token's cos/sin into shared
- * memory, then the block walks its heads × w outputs. θ = fp32(fp32(t)·f_i) exactly as the CPU;
- * cos and sin are evaluated in double and rounded (see the file comment). */
+/* (a + jb)·(c ± js) in fp32, the CPU's products and sums: the pair's two outputs */
+__device__ __forceinline__ void rotate(float a, float b, float cc, float ss, int inverse, float &o0, float &o1)
+{
+    o0 = inverse ? __fadd_rn(__fmul_rn(a, cc), __fmul_rn(b, ss)) : __fsub_rn(__fmul_rn(a, cc), __fmul_rn(b, ss));
+    o1 = inverse ? __fsub_rn(__fmul_rn(b, cc), __fmul_rn(a, ss)) : __fadd_rn(__fmul_rn(a, ss), __fmul_rn(b, cc));
+}
+
+/* Block (position t, part): 32 threads compute the token's cos/sin into shared memory, then the
+ * block walks its part of the heads × w outputs: VEC (w % 8 == 0, 16-byte aligned x and y) 8 at a
+ * time with 16-byte accesses (a vector lies wholly in the kept or the rotated columns, its pairs
+ * whole, as kept = w − 64 is a multiple of 8), else one at a time. θ = fp32(fp32(t)·f_i) exactly as
+ * the CPU; cos and sin are evaluated in double and rounded (see the file comment). Several parts a
+ * position when positions are few (decode), so that the grid fills the machine.
+ * Bytes: heads·w·(|x| + |y|) a position, 6 FLOPs a rotated pair: memory bound. */
+template <bool VEC>
 __global__ void __launch_bounds__(DSRTK_BLOCK) rope_kernel(const void *x, int x_dtype, void *y, int y_dtype,
-                                                           const void *pos, int pos_dtype, int64_t S, int64_t heads,
-                                                           int64_t w, const __grid_constant__ RopeFreqs freqs,
-                                                           int inverse)
+                                                           const void *pos, int pos_dtype, int64_t heads, int64_t w,
+                                                           const __grid_constant__ RopeFreqs freqs, int inverse)
 {
     __shared__ float cs[32], sn[32];
-    const int64_t kept = w - 64, row_elems = heads * w;
-    for (int64_t t = blockIdx.x; t < S; t += gridDim.x) {
-        __syncthreads(); /* the previous position's readers are done with cs/sn */
-        if (threadIdx.x < 32) {
-            int64_t p = pos_dtype == DSRT_I64 ? ((const int64_t *)pos)[t] : (int64_t)((const int32_t *)pos)[t];
-            float angle = __fmul_rn((float)p, freqs.f[threadIdx.x]); /* (float) of int64 rounds to nearest */
-            cs[threadIdx.x] = (float)cos((double)angle);
-            sn[threadIdx.x] = (float)sin((double)angle);
-        }
-        __syncthreads();
-        const int64_t base = t * row_elems;
-        for (int64_t e = threadIdx.x; e < row_elems; e += blockDim.x) {
-            int64_t c = e % w, at = base + e;
-            float out;
+    const int64_t t = blockIdx.x, kept = w - 64, row_elems = heads * w;
+    if (threadIdx.x < 32) {
+        int64_t p = pos_dtype == DSRT_I64 ? ((const int64_t *)pos)[t] : (int64_t)((const int32_t *)pos)[t];
+        float angle = __fmul_rn((float)p, freqs.f[threadIdx.x]); /* (float) of int64 rounds to nearest */
+        cs[threadIdx.x] = (float)cos((double)angle);
+        sn[threadIdx.x] = (float)sin((double)angle);
+    }
+    __syncthreads();
+    const int64_t base = t * row_elems;
+    if (VEC) {
+        const int64_t nv = row_elems / 8, wv = w / 8, per = (nv + gridDim.y - 1) / gridDim.y;
+        const int64_t v1 = (blockIdx.y + 1) * per < nv ? (blockIdx.y + 1) * per : nv;
+        for (int64_t v = blockIdx.y * per + threadIdx.x; v < v1; v += blockDim.x) {
+            const int64_t c = 8 * (v % wv), at = base + 8 * v;
+            float in[8], out[8];
+            ld8(x, x_dtype, at, in);
             if (c < kept) {
-                out = ld(x, x_dtype, at);
+#pragma unroll
+                for (int i = 0; i < 8; i++) out[i] = in[i];
             } else {
-                int64_t k = c - kept;
-                int i = (int)(k >> 1);
-                float a = ld(x, x_dtype, at - (k & 1)), b = ld(x, x_dtype, at - (k & 1) + 1), cc = cs[i], ss = sn[i];
-                /* (a + jb)·(c ± js) in fp32, the CPU's products and sums */
-                if (!(k & 1)) out = inverse ? __fadd_rn(__fmul_rn(a, cc), __fmul_rn(b, ss)) : __fsub_rn(__fmul_rn(a, cc), __fmul_rn(b, ss));
-                else out = inverse ? __fsub_rn(__fmul_rn(b, cc), __fmul_rn(a, ss)) : __fadd_rn(__fmul_rn(a, ss), __fmul_rn(b, cc));
+                const int i0 = (int)((c - kept) >> 1);
+#pragma unroll
+                for (int p = 0; p < 4; p++) rotate(in[2 * p], in[2 * p + 1], cs[i0 + p], sn[i0 + p], inverse, out[2 * p], out[2 * p + 1]);
             }
-            st(y, y_dtype, at, out);
+            st8(y, y_dtype, at, out);
         }
+        return;
+    }
+    const int64_t per = (row_elems + gridDim.y - 1) / gridDim.y;
+    const int64_t e1 = (blockIdx.y + 1) * per < row_elems ? (blockIdx.y + 1) * per : row_elems;
+    for (int64_t e = blockIdx.y * per + threadIdx.x; e < e1; e += blockDim.x) {
+        int64_t c = e % w, at = base + e;
+        float out;
+        if (c < kept) {
+            out = ld(x, x_dtype, at);
+        } else {
+            int64_t k = c - kept;
+            int i = (int)(k >> 1);
+            float o0, o1;
+            rotate(ld(x, x_dtype, at - (k & 1)), ld(x, x_dtype, at - (k & 1) + 1), cs[i], sn[i], inverse, o0, o1);
+            out = k & 1 ? o1 : o0;
+        }
+        st(y, y_dtype, at, out);
     }
 }
 
@@ -294,23 +408,58 @@ extern "C" int dsrtk_nn_rope(int dev, const void *x, int x_dtype, void *y, int y
         return dsrtk_fail(DSRTK_ERROR, "%s: positions have dtype %d, expected i32 or i64", what, pos_dtype);
     if (w < 64) return dsrtk_fail(DSRTK_ERROR, "%s: vectors of %lld, narrower than the 64 rotated dims", what, (long long)w);
     if (S <= 0 || heads <= 0) return DSRTK_OK;
+    if (S > INT32_MAX) return dsrtk_fail(DSRTK_ERROR, "%s: %lld positions are too many for one launch", what, (long long)S);
     DSRTK_SET_DEVICE(dev, what);
     RopeFreqs f;
     for (int i = 0; i < 32; i++) f.f[i] = freqs[i];
-    int64_t grid = S < (1 << 30) ? S : (1 << 30);
-    rope_kernel<<<(unsigned)grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(x, x_dtype, y, y_dtype, pos, pos_dtype, S,
-                                                                          heads, w, f, inverse);
+    const bool vec = w % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)y % 16 == 0;
+    /* parts per position: up to ~2 blocks a multiprocessor in all, at least 2 vectors (or elements) a thread */
+    const int64_t work = vec ? heads * w / 8 : heads * w;
+    int64_t parts = (2 * dsrtk_multiprocessors(dev) + S - 1) / S, most = (work + 2 * DSRTK_BLOCK - 1) / (2 * DSRTK_BLOCK);
+    if (parts > most) parts = most;
+    if (parts < 1) parts = 1;
+    if (parts > 65535) parts = 65535;
+    const dim3 grid((unsigned)S, (unsigned)parts);
+    cudaStream_t cs = (cudaStream_t)stream;
+    if (vec) rope_kernel<true><<<grid, DSRTK_BLOCK, 0, cs>>>(x, x_dtype, y, y_dtype, pos, pos_dtype, heads, w, f, inverse);
+    else rope_kernel<false><<<grid, DSRTK_BLOCK, 0, cs>>>(x, x_dtype, y, y_dtype, pos, pos_dtype, heads, w, f, inverse);
     return dsrtk_check_launch("rope_kernel", dev);
 }
 
 /* ---- Hadamard (nn.c: hadamard_row) ---- */
 
-/* One warp per 128-vector, lane l holding elements 4l..4l+3. Stage h pairs j with j + h (bit h of
- * j clear): y_j = a + b, y_{j+h} = a − b for a = y_j, b = y_{j+h}, the CPU's exact operations;
- * stages 1 and 2 stay in a thread, stages 4..64 exchange with lane l ^ (h/4). Then × fp32(128^-½).
+/* One warp per 128-vector, lane l holding elements 4l..4l+3 (one 8-byte bf16 or 16-byte f32 access
+ * when vec: x and y aligned so). Stage h pairs j with j + h (bit h of j clear): y_j = a + b,
+ * y_{j+h} = a − b for a = y_j, b = y_{j+h}, the CPU's exact operations; stages 1 and 2 stay in a
+ * thread, stages 4..64 exchange with lane l ^ (h/4). Then × fp32(128^-½).
  * 512 (f32) or 256 (bf16) bytes in and out per vector, ~900 FLOPs: memory bound. */
+__device__ __forceinline__ void ld4(const void *p, int dtype, int64_t i, int vec, float (&v)[4])
+{
+    if (vec && dtype == DSRT_F32) {
+        float4 a = ((const float4 *)p)[i / 4];
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+    } else if (vec) {
+        uint2 a = ((const uint2 *)p)[i / 4];
+        v[0] = dsrt_bits_f32(a.x << 16), v[1] = dsrt_bits_f32(a.x & 0xffff0000u);
+        v[2] = dsrt_bits_f32(a.y << 16), v[3] = dsrt_bits_f32(a.y & 0xffff0000u);
+    } else {
+        for (int k = 0; k < 4; k++) v[k] = ld(p, dtype, i + k);
+    }
+}
+__device__ __forceinline__ void st4(void *p, int dtype, int64_t i, int vec, const float (&v)[4])
+{
+    if (vec && dtype == DSRT_F32) {
+        ((float4 *)p)[i / 4] = make_float4(v[0], v[1], v[2], v[3]);
+    } else if (vec) {
+        ((uint2 *)p)[i / 4] = make_uint2(dsrt_f32_to_bf16(v[0]) | (uint32_t)dsrt_f32_to_bf16(v[1]) << 16,
+                                         dsrt_f32_to_bf16(v[2]) | (uint32_t)dsrt_f32_to_bf16(v[3]) << 16);
+    } else {
+        for (int k = 0; k < 4; k++) st(p, dtype, i + k, v[k]);
+    }
+}
+
 __global__ void __launch_bounds__(DSRTK_BLOCK) hadamard_kernel(const void *x, int x_dtype, void *y, int y_dtype,
-                                                               int64_t rows)
+                                                               int64_t rows, int vec_x, int vec_y)
 {
     const float scale = 0.08838834764831845f;
     const int lane = threadIdx.x & 31;
@@ -318,7 +467,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) hadamard_kernel(const void *x, in
     for (int64_t r = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
         float v[4];
         const int64_t at = r * 128 + 4 * lane;
-        for (int i = 0; i < 4; i++) v[i] = ld(x, x_dtype, at + i);
+        ld4(x, x_dtype, at, vec_x, v);
         /* h = 1: (0,1), (2,3); h = 2: (0,2), (1,3) */
         float a0 = v[0], a1 = v[1], a2 = v[2], a3 = v[3];
         v[0] = __fadd_rn(a0, a1), v[1] = __fsub_rn(a0, a1), v[2] = __fadd_rn(a2, a3), v[3] = __fsub_rn(a2, a3);
@@ -331,7 +480,8 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) hadamard_kernel(const void *x, in
                 v[i] = upper ? __fsub_rn(other, v[i]) : __fadd_rn(v[i], other);
             }
         }
-        for (int i = 0; i < 4; i++) st(y, y_dtype, at + i, __fmul_rn(v[i], scale));
+        for (int i = 0; i < 4; i++) v[i] = __fmul_rn(v[i], scale);
+        st4(y, y_dtype, at, vec_y, v);
     }
 }
 
@@ -344,7 +494,10 @@ extern "C" int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y
     if (rc) return rc;
     if (rows <= 0) return DSRTK_OK;
     DSRTK_SET_DEVICE(dev, what);
+    /* the vector accesses need 4 elements' alignment: 16 bytes for f32, 8 for bf16 */
+    const int vec_x = (uintptr_t)x % (x_dtype == DSRT_F32 ? 16 : 8) == 0;
+    const int vec_y = (uintptr_t)y % (y_dtype == DSRT_F32 ? 16 : 8) == 0;
     int grid = dsrtk_grid_for(dev, rows * 32, DSRTK_BLOCK);
-    hadamard_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(x, x_dtype, y, y_dtype, rows);
+    hadamard_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(x, x_dtype, y, y_dtype, rows, vec_x, vec_y);
     return dsrtk_check_launch("hadamard_kernel", dev);
 }

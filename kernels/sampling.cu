@@ -229,7 +229,7 @@ __device__ double ordered_sum(PickShared &sh, const uint64_t *k, int idb, int64_
 __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int64_t V, int nchunks,
                                                                  const dsrtk_sample_row *rows, const ScanPart *parts,
                                                                  const uint64_t *sorted, int idb, uint64_t seed,
-                                                                 uint64_t step, int64_t *out)
+                                                                 uint64_t step, int64_t *out, float *probs)
 {
     __shared__ PickShared sh;
     const int64_t r = blockIdx.x;
@@ -245,8 +245,10 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
         sh.done = 1;
         if (s.nan_id != INT_MAX) *id_out = s.nan_id, *status = DSRTK_SAMPLE_NAN;
         else if (s.best == -INFINITY) *id_out = 0, *status = DSRTK_SAMPLE_NO_FINITE;
-        else if (p.temperature == 0.0f || sorted == nullptr) *id_out = s.best_id, *status = DSRTK_SAMPLE_OK;
-        else sh.done = 0;
+        else if (p.temperature == 0.0f || sorted == nullptr) {
+            *id_out = s.best_id, *status = DSRTK_SAMPLE_OK;
+            if (probs) probs[r * V + s.best_id] = 1.0f; /* greedy: one-hot (the row was zeroed) */
+        } else sh.done = 0;
     }
     __syncthreads();
     if (sh.done) return;
@@ -261,6 +263,8 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
             while (m < n_all && key_value(k[m], idb) == INFINITY) m++;
             *id_out = key_id(k[(int64_t)((double)u * m)], idb);
             *status = DSRTK_SAMPLE_OK;
+            if (probs)
+                for (int64_t i = 0; i < m; i++) probs[r * V + key_id(k[i], idb)] = (float)(1.0 / (double)m);
         }
         return;
     }
@@ -301,6 +305,13 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
         n = (int64_t)sh.cut;
     }
     if (!z_known) z = ordered_sum(sh, k, idb, n, xmax, inv_t);
+
+    if (probs) { /* the distribution, not a draw: p_i / z at each kept candidate, as probs_row */
+        for (int64_t i = threadIdx.x; i < n; i += PICK_BLOCK)
+            probs[r * V + key_id(k[i], idb)] = __double2float_rn(__ddiv_rn(key_prob(k[i], idb, xmax, inv_t), z));
+        if (threadIdx.x == 0) *status = DSRTK_SAMPLE_OK, *id_out = key_id(k[0], idb);
+        return;
+    }
 
     const double target = (double)u * z;
     double cum = 0.0;
@@ -365,9 +376,12 @@ int dsrtk_sample_workspace(int dev, int64_t B, int64_t V, int sorting, int penal
     return DSRTK_OK;
 }
 
-int dsrtk_sample(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
-                 const int64_t *hist, int64_t max_hist, uint64_t seed, uint64_t step, int sorting, int penalties,
-                 void *workspace, size_t workspace_bytes, int64_t *out, void *stream)
+namespace {
+
+/* the launches of dsrtk_sample and dsrtk_sample_probs (probs != nullptr) */
+int sample_launch(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
+                  const int64_t *hist, int64_t max_hist, uint64_t seed, uint64_t step, int sorting, int penalties,
+                  void *workspace, size_t workspace_bytes, int64_t *out, float *probs, void *stream)
 {
     Layout L;
     int st = plan(dev, B, V, sorting, penalties, &L);
@@ -401,6 +415,125 @@ int dsrtk_sample(int dev, const float *logits, int64_t B, int64_t V, const dsrtk
                          "sample: radix sort of %lld keys on cuda:%d", (long long)(B * V), dev);
         if (st) return st;
     }
-    sample_pick_kernel<<<(unsigned)B, PICK_BLOCK, 0, s>>>(B, V, L.nchunks, rows, parts, keys_out, L.idb, seed, step, out);
+    if (probs) {
+        st = dsrtk_check(cudaMemsetAsync(probs, 0, (size_t)(B * V) * sizeof(float), s),
+                         "sample_probs: clearing the [%lld, %lld] output on cuda:%d", (long long)B, (long long)V, dev);
+        if (st) return st;
+    }
+    sample_pick_kernel<<<(unsigned)B, PICK_BLOCK, 0, s>>>(B, V, L.nchunks, rows, parts, keys_out, L.idb, seed, step, out,
+                                                         probs);
     return dsrtk_check_launch("sample_pick_kernel", dev);
+}
+
+} // namespace
+
+int dsrtk_sample(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
+                 const int64_t *hist, int64_t max_hist, uint64_t seed, uint64_t step, int sorting, int penalties,
+                 void *workspace, size_t workspace_bytes, int64_t *out, void *stream)
+{
+    return sample_launch(dev, logits, B, V, rows, hist, max_hist, seed, step, sorting, penalties, workspace,
+                         workspace_bytes, out, nullptr, stream);
+}
+
+int dsrtk_sample_probs(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
+                       const int64_t *hist, int64_t max_hist, int sorting, int penalties, void *workspace,
+                       size_t workspace_bytes, float *probs, int64_t *out, void *stream)
+{
+    if (!probs) return dsrtk_fail(DSRTK_ERROR, "sample_probs: a NULL output pointer");
+    return sample_launch(dev, logits, B, V, rows, hist, max_hist, 0, 0, sorting, penalties, workspace,
+                         workspace_bytes, out, probs, stream);
+}
+
+/* ---- speculative verification (runtime/sampling.c dsrt_sample_verify_cpu and draw_weights are the
+ * readable reference): one block decides, so the k acceptance tests and the draw stay in order.
+ * Thread 0 runs the acceptance tests (k <= 32 reads of p and q). Then the draw of sampling.h's
+ * dsrt_draw_weight order: thread c sums chunk c (dsrt_draw_chunk(V) consecutive ids, <= 1024 chunks)
+ * in id order, thread 0 adds the chunk sums in order, finds the chunk, walks it. Bytes: one read of
+ * a row of p (and q) per pass, 2 × 517 KB at V = 129,280 — a few microseconds from L2, where
+ * dsrt_sample_probs just wrote it; the walks are <= 1024 + C dependent double adds on one thread. */
+
+namespace {
+
+enum { VERIFY_BLOCK = DSRT_DRAW_MAX_CHUNKS };
+
+__global__ void __launch_bounds__(VERIFY_BLOCK) sample_verify_kernel(const float *p, const float *q, int64_t k,
+                                                                     int64_t V, dsrtk_verify_drafts drafts,
+                                                                     uint64_t seed, uint64_t step, int64_t *out)
+{
+    __shared__ double sums[DSRT_DRAW_MAX_CHUNKS];
+    __shared__ int64_t accepted;
+    __shared__ int use_p;
+    __shared__ double Z;
+    if (threadIdx.x == 0) {
+        int64_t a = 0;
+        for (; a < k; a++) {
+            const int64_t d = drafts.id[a];
+            const float pd = p[a * V + d], qd = q ? q[a * V + d] : 1.0f;
+            const float u = dsrt_rand_uniform(seed, 2 * (step + (uint64_t)a));
+            if (!(__dmul_rn((double)u, (double)qd) < (double)pd)) break;
+        }
+        accepted = a;
+        use_p = 0;
+    }
+    __syncthreads();
+    const int64_t a = accepted;
+    const float *row = p + a * V;
+    const float *qrow = a < k && q ? q + a * V : nullptr;
+    const int64_t q_id = a < k && !q ? drafts.id[a] : -1;
+    const int64_t C = dsrt_draw_chunk(V), nchunks = (V + C - 1) / C;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int64_t ch = threadIdx.x; ch < nchunks; ch += VERIFY_BLOCK) {
+            double acc = 0.0;
+            const int64_t end = min(V, (ch + 1) * C);
+            for (int64_t i = ch * C; i < end; i++) acc = __dadd_rn(acc, (double)dsrt_draw_weight(row, qrow, q_id, use_p, i));
+            sums[ch] = acc;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            double z = 0.0;
+            for (int64_t ch = 0; ch < nchunks; ch++) z = __dadd_rn(z, sums[ch]);
+            Z = z;
+            if (!(z > 0.0)) use_p = 1;
+        }
+        __syncthreads();
+        if (Z > 0.0) break; /* every thread reads the same Z */
+        __syncthreads();    /* everyone has read Z and use_p before the next pass rewrites sums */
+    }
+    if (threadIdx.x != 0) return;
+    const float u = dsrt_rand_uniform(seed, 2 * (step + (uint64_t)a) + 1);
+    const double target = __dmul_rn((double)u, Z);
+    double cum = 0.0;
+    int64_t ch = 0;
+    while (ch < nchunks && !(__dadd_rn(cum, sums[ch]) > target)) cum = __dadd_rn(cum, sums[ch++]);
+    int64_t lo = 0, hi = V, pick = -1;
+    if (ch < nchunks) {
+        lo = ch * C;
+        hi = min(V, lo + C);
+        for (int64_t i = lo; i < hi; i++) {
+            cum = __dadd_rn(cum, (double)dsrt_draw_weight(row, qrow, q_id, use_p, i));
+            if (cum > target) { pick = i; break; }
+        }
+    }
+    if (pick < 0)
+        for (int64_t i = hi - 1; i >= lo; i--)
+            if (dsrt_draw_weight(row, qrow, q_id, use_p, i) > 0.0f) { pick = i; break; }
+    out[0] = a;
+    out[1] = pick < 0 ? 0 : pick;
+    out[2] = DSRTK_SAMPLE_OK;
+}
+
+} // namespace
+
+int dsrtk_sample_verify(int dev, const float *p, const float *q, int64_t k, int64_t V, dsrtk_verify_drafts drafts,
+                        uint64_t seed, uint64_t step, int64_t *out, void *stream)
+{
+    if (!p || !out) return dsrtk_fail(DSRTK_ERROR, "sample_verify: a NULL p or output pointer");
+    if (k < 0 || k > 32 || V < 1)
+        return dsrtk_fail(DSRTK_ERROR, "sample_verify: %lld drafts over %lld ids (0 to 32 drafts, V >= 1)", (long long)k,
+                          (long long)V);
+    if ((V + dsrt_draw_chunk(V) - 1) / dsrt_draw_chunk(V) > DSRT_DRAW_MAX_CHUNKS)
+        return dsrtk_fail(DSRTK_ERROR, "sample_verify: %lld ids are more chunks than one block sums", (long long)V);
+    DSRTK_SET_DEVICE(dev, "sample_verify");
+    sample_verify_kernel<<<1, VERIFY_BLOCK, 0, (cudaStream_t)stream>>>(p, q, k, V, drafts, seed, step, out);
+    return dsrtk_check_launch("sample_verify_kernel", dev);
 }

@@ -7,33 +7,39 @@
  * ENTRIES = 64 (DSRT_NN_ATTENTION_BLOCK): s_j = fp32(q·kv_j)·scale, running max m, α = e^{m_old−m},
  * p_j = e^{s_j−m}, den = den·α + Σp_j, acc = acc·α + Σ P(p_j)·kv_j with P the bf16 rounding in
  * reference mode; at the end den += e^{sink−m} and o = acc/den. The bf16 rounding of p happens
- * relative to the RUNNING max, so a block's probabilities depend on every block before it; both
- * paths below keep that exactly (the split path computes the running max of every block first).
+ * relative to the RUNNING max, so a block's probabilities depend on every block before it; every
+ * path below keeps that exactly (the split path computes the running max of every block first).
  * Differences from the CPU: the dot product accumulates in fp32 (the CPU uses double), sums of p
  * run as a warp tree (the CPU: double, in order) and expf is CUDA's (2 ulp): agreement is ~1e-6
  * relative in fp32, a rare bf16 flip of one p in reference mode.
  *
- * The work: all heads of a query row share its index list, so a CTA takes one query row and a
- * group of HEADS = 8 heads, stages the block's 64 gathered pool rows in shared memory ONCE (cp.async,
- * in the pool's own dtype) and uses each row for the 8 heads:
- *   - scores: warp w takes entries 8w..8w+7 for all 8 heads, each lane a 4-column slice of D, so a
- *     lane holds 64 partial dots that one transposing warp reduction (62 shuffles) finishes;
- *   - softmax step: warp h updates head h's running max, den and rounds its 64 p's;
- *   - P·V: thread c owns column c of all 8 heads (accumulators in shared memory between blocks),
- *     reading kv[e][c] once for 8 FMAs.
- * Two launch shapes:
- *   fused  (many rows: prefill): grid = S × ceil(H/8), each CTA walks all blocks in order.
- *   split  (few rows: decode, S·groups < one wave): flash-decoding over the blocks, in 3 kernels:
- *          scores_kernel writes every s_j (workspace [S, H, K]); block_kernel, one CTA per (row,
- *          group, block), takes the running max M_b = max of the scores of blocks 0..b from the
- *          workspace, so its P(e^{s_j − M_b}) are the fused path's, and writes its partial acc,
- *          Σp and M_b; combine_kernel sums the blocks with weights e^{M_b − M}, which equals the
- *          chain of α's (up to fp32 rounding).
- * Bytes and FLOPs (Flash decode, S = 1, H = 64, D = 512, K = 640, bf16 pool): the floor is the
- * gathered rows, 640 × 512 × 2 = 655 KB, plus q 64 KB; the work is 2 × 64 × 640 × 512 × 2 = 84 MFLOP.
- * Each of the 8 head groups re-reads the rows (from L2 after the first), and block_kernel reads
- * them again (L2). Prefill (S = 4096): 344 GFLOP on CUDA cores in fp32 (the fp32 mode needs fp32
- * products; a bf16 mma.sync path for reference mode would be the next step).
+ * All heads of a query row share its index list, so a CTA takes one query row and a group of heads,
+ * stages the block's 64 gathered pool rows in shared memory ONCE (cp.async) and uses each row for
+ * every head of the group. Three launch shapes:
+ *   mma    (many rows, reference precision, q and pool bf16, D a multiple of 64 up to 512: prefill):
+ *          one CTA per (row, 16 heads), all blocks in order, both products on the tensor cores
+ *          (mma.sync m16n8k16 bf16 -> fp32). q and kv are bf16 already and P(p) is the bf16 value
+ *          the reference multiplies with, so the products are exact and only the fp32 summation
+ *          order differs from the CPU. The P·V accumulator lives in registers (mma C fragments).
+ *          Per block and CTA: 64 rows x D x 2 bytes in (64 KB at D = 512), 2 x 16 x 64 x D x 2 FLOPs
+ *          (2.1 MFLOP). Flash prefill S = 4096, H = 64, K = 640: 344 GFLOP, 10.7 GB of gathered rows
+ *          (mostly L2 hits: neighbouring rows share window entries).
+ *   fused  (many rows otherwise: fp32 precision or f32 inputs): one CTA per (row, 8 heads) on the
+ *          CUDA cores (fp32 products, as the fp32 mode needs):
+ *            - scores: warp w takes entries 8w..8w+7 for all 8 heads, each lane a 4-column slice of
+ *              D, so a lane holds 64 partial dots that one transposing warp reduction finishes;
+ *            - softmax step: warp h updates head h's running max, den and rounds its 64 p's;
+ *            - P·V: thread c owns column c of all 8 heads, reading kv[e][c] once for 8 FMAs.
+ *   split  (few rows: decode, S·groups < one wave): flash-decoding over the blocks in 2 kernels.
+ *          scores_kernel, one CTA per (row, 8 heads, block), writes every s_j and each block's max
+ *          (workspace); block_kernel, one CTA per (row, 8 heads, block), takes the running max
+ *          M_b = max of the block maxima 0..b, so its P(e^{s_j − M_b}) are the fused path's, and
+ *          writes its partial acc, Σp and M_b; the LAST of a (row, group)'s CTAs to finish (an
+ *          atomic ticket, zeroed by scores_kernel) sums the blocks with weights e^{M_b − M}, which
+ *          equals the chain of α's up to fp32 rounding. Flash decode (S = 1, H = 64, D = 512,
+ *          K = 640, bf16 pool): 8 x 10 CTAs per kernel; the floor is the gathered rows, 655 KB,
+ *          plus q 64 KB; both kernels re-read them (L2 after the first). Host side: shared-memory
+ *          attributes and device limits are cached, so a call costs two launches and nothing else.
  *
  * Index values are data on the device, so a bad one (< −1 or >= N) cannot be reported without a
  * synchronisation: it is never dereferenced, and the outputs of its query row (for the heads of
@@ -59,13 +65,15 @@ struct Args {
     void *o;          /* [S, H, D] f32 or bf16 */
     int sink_dtype, idx64, out_bf16, round_p, vec_rows;
     int64_t S, H, D, N, K, D4; /* D4: D rounded up to 4, the row length in shared memory */
-    int64_t groups, nb;        /* ceil(H / HEADS), ceil(K / ENTRIES) */
+    int64_t groups, nb;        /* ceil(H / HEADS) (the mma path: ceil(H / MMA_HEADS)), ceil(K / ENTRIES) */
     float scale;
     /* the split path's workspace */
     float *scores;   /* [S, H, K] */
+    float *bmax;     /* [S, nb, H] each block's max score, -inf when it has no valid entry */
     float *part_acc; /* [S, nb, H, D] */
     float *part_m;   /* [S, nb, H] the running max after the block, -inf when it had no valid entry */
     float *part_sum; /* [S, nb, H] its Σ p (unrounded), NaN after a bad index */
+    unsigned *done;  /* [S, groups] block_kernel CTAs finished (zeroed by scores_kernel) */
 };
 
 /* ---- shared memory (byte offsets, the same on host and device) ---- */
@@ -154,10 +162,12 @@ __device__ void load_q(const Args &a, int64_t t, int64_t g, float *q_s)
     }
 }
 
-/* Block b's indices into s.row (-1 where unused, past K, or bad) and its valid pool rows into s.kv.
+/* Block b's indices into s.row (-1 where unused, past K, or bad) and its valid pool rows into
+ * kv_s (rows of ld elements; zero_invalid: the rows of invalid entries are zeroed, for the tensor
+ * cores, which multiply them by p = 0 and must not meet stale NaN bits).
  * Returns (to every thread) whether any entry is valid; ends with the block synchronised. */
 template <class TP>
-__device__ int load_block(const Args &a, int64_t t, int64_t b, const Shared &s)
+__device__ int load_block(const Args &a, int64_t t, int64_t b, const Shared &s, TP *kv, int64_t ld, bool zero_invalid)
 {
     long long r = -1;
     if (threadIdx.x < ENTRIES) {
@@ -175,21 +185,21 @@ __device__ int load_block(const Args &a, int64_t t, int64_t b, const Shared &s)
     int any = __syncthreads_or(r >= 0);
     if (!any) return 0;
     const TP *pool = (const TP *)a.pool;
-    TP *kv = (TP *)s.kv;
-    if (a.vec_rows) { /* rows of a multiple of 16 bytes, 16-byte aligned: D4 == D */
+    if (a.vec_rows) { /* rows of a multiple of 16 bytes, 16-byte aligned (ld·sizeof(TP) too) */
         int64_t chunks = a.D * (int64_t)sizeof(TP) / 16;
         for (int64_t i = threadIdx.x; i < ENTRIES * chunks; i += THREADS) {
             int64_t e = i / chunks, ch = i - e * chunks;
             long long row = s.row[e];
-            if (row >= 0) cp_async16((unsigned char *)(kv + e * a.D4) + 16 * ch,
-                                     (const unsigned char *)(pool + row * a.D) + 16 * ch);
+            if (row >= 0) cp_async16((unsigned char *)(kv + e * ld) + 16 * ch, (const unsigned char *)(pool + row * a.D) + 16 * ch);
+            else if (zero_invalid) *(uint4 *)((unsigned char *)(kv + e * ld) + 16 * ch) = make_uint4(0, 0, 0, 0);
         }
         cp_async_wait_all();
     } else {
-        for (int64_t i = threadIdx.x; i < ENTRIES * a.D4; i += THREADS) {
-            int64_t e = i / a.D4, c = i - e * a.D4;
+        for (int64_t i = threadIdx.x; i < ENTRIES * ld; i += THREADS) {
+            int64_t e = i / ld, c = i - e * ld;
             long long row = s.row[e];
             if (row >= 0) kv[i] = c < a.D ? pool[row * a.D + c] : TP(0);
+            else if (zero_invalid) kv[i] = TP(0);
         }
     }
     __syncthreads();
@@ -325,7 +335,7 @@ __global__ void __launch_bounds__(THREADS, 1) fused_kernel(const __grid_constant
     if (threadIdx.x == 0) *s.bad = 0;
     __syncthreads();
     for (int64_t b = 0; b < a.nb; b++) {
-        if (!load_block<TP>(a, t, b, s)) continue; /* attend() skips a block without a valid entry */
+        if (!load_block<TP>(a, t, b, s, (TP *)s.kv, a.D4, false)) continue; /* attend() skips a block without a valid entry */
         block_scores<TP>(a, s);
         __syncthreads();
         float m_old = s.m[warp];
@@ -352,32 +362,44 @@ __global__ void __launch_bounds__(THREADS, 1) fused_kernel(const __grid_constant
     }
 }
 
-/* ---- split: scores, then one CTA per block, then the combination ---- */
+/* ---- split: scores, then one CTA per block; the last CTA of a (row, group) combines ---- */
 
-/* grid (S·groups, nb): every s_j of the block into a.scores, -inf where the entry is not valid */
+/* grid (S·groups, nb): every s_j of the block into a.scores, -inf where the entry is not valid, and
+ * the block's max per head into a.bmax; CTA (·, 0) zeroes its (row, group)'s ticket for block_kernel */
 template <class TQ, class TP>
 __global__ void __launch_bounds__(THREADS, 1) scores_kernel(const __grid_constant__ Args a, const __grid_constant__ Layout l)
 {
     extern __shared__ __align__(16) unsigned char smem[];
     const Shared s = shared_at(smem, l);
     const int64_t t = blockIdx.x / a.groups, g = blockIdx.x % a.groups, b = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (b == 0 && threadIdx.x == 0) a.done[blockIdx.x] = 0u; /* block_kernel runs after this kernel */
     load_q<TQ>(a, t, g, s.q);
     if (threadIdx.x == 0) *s.bad = 0;
     __syncthreads();
-    int any = load_block<TP>(a, t, b, s);
+    int any = load_block<TP>(a, t, b, s, (TP *)s.kv, a.D4, false);
     if (any) block_scores<TP>(a, s);
     __syncthreads();
     for (int i = threadIdx.x; i < ENTRIES * HEADS; i += THREADS) {
         int64_t e = i / HEADS, h = i % HEADS, hh = g * HEADS + h, k = b * ENTRIES + e;
         if (hh < a.H && k < a.K) a.scores[(t * a.H + hh) * a.K + k] = any ? s.p[i] : -INFINITY;
     }
+    /* warp h: the block's max of head h (invalid entries hold -inf) */
+    float mx = any ? fmaxf(s.p[lane * HEADS + warp], s.p[(lane + 32) * HEADS + warp]) : -INFINITY;
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, o));
+    if (lane == 0 && g * HEADS + warp < a.H) a.bmax[(t * a.nb + b) * a.H + g * HEADS + warp] = mx;
 }
 
-/* grid (S·groups, nb): block b's P·V relative to the running max M_b, into the partials */
+/* grid (S·groups, nb): block b's P·V relative to the running max M_b into the partials; the last
+ * CTA of the row and group to finish combines all blocks:
+ * o = Σ_b w_b·acc_b / (Σ_b w_b·sum_b + e^{sink − M}), w_b = e^{M_b − M}, M the last running max;
+ * blocks without a valid entry are skipped */
 template <class TP>
 __global__ void __launch_bounds__(THREADS, 1) block_kernel(const __grid_constant__ Args a, const __grid_constant__ Layout l)
 {
     extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ int last_s;
     const Shared s = shared_at(smem, l);
     const int64_t t = blockIdx.x / a.groups, g = blockIdx.x % a.groups, b = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -386,14 +408,14 @@ __global__ void __launch_bounds__(THREADS, 1) block_kernel(const __grid_constant
     if (threadIdx.x < HEADS) s.alpha[threadIdx.x] = 1.0f;
     if (threadIdx.x == 0) *s.bad = 0;
     __syncthreads();
-    int any = load_block<TP>(a, t, b, s);
-    /* the running max before this block: the max over blocks 0..b-1 of the head's scores */
-    const float *sc = a.scores + (t * a.H + (hh < a.H ? hh : 0)) * a.K;
+    int any = load_block<TP>(a, t, b, s, (TP *)s.kv, a.D4, false);
+    /* the running max before this block: the max of the head's block maxima 0..b-1 */
     float m_prev = -INFINITY;
     if (hh < a.H)
-        for (int64_t k = lane; k < b * ENTRIES; k += 32) m_prev = fmaxf(m_prev, sc[k]);
+        for (int64_t k = lane; k < b; k += 32) m_prev = fmaxf(m_prev, a.bmax[(t * a.nb + k) * a.H + hh]);
 #pragma unroll
     for (int o = 16; o >= 1; o >>= 1) m_prev = fmaxf(m_prev, __shfl_xor_sync(FULL, m_prev, o));
+    const float *sc = a.scores + (t * a.H + (hh < a.H ? hh : 0)) * a.K;
     float2 r = make_float2(-INFINITY, 0.0f);
     if (any) {
         for (int e = lane; e < ENTRIES; e += 32) {
@@ -406,44 +428,218 @@ __global__ void __launch_bounds__(THREADS, 1) block_kernel(const __grid_constant
     __syncthreads();
     if (any) block_pv<TP>(a, s);
     __syncthreads();
+    const int64_t part = (t * a.nb + b) * a.H;
     if (hh < a.H && lane == 0) {
-        int64_t at = (t * a.nb + b) * a.H + hh;
         int bad = *s.bad;
-        a.part_m[at] = bad ? 0.0f : r.x; /* a bad index: a block that counts, with a NaN sum */
-        a.part_sum[at] = bad ? NAN : r.y;
+        a.part_m[part + hh] = bad ? 0.0f : r.x; /* a bad index: a block that counts, with a NaN sum */
+        a.part_sum[part + hh] = bad ? NAN : r.y;
     }
     for (int64_t i = threadIdx.x; i < HEADS * a.D; i += THREADS) {
         int64_t h = i / a.D, c = i - h * a.D;
         if (g * HEADS + h >= a.H) break;
-        a.part_acc[((t * a.nb + b) * a.H + g * HEADS + h) * a.D + c] = s.acc[i];
+        a.part_acc[(part + g * HEADS + h) * a.D + c] = s.acc[i];
+    }
+
+    /* the ticket (threadfence reduction): the partials are visible device-wide before the count */
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_s = atomicAdd(&a.done[blockIdx.x], 1u) == (unsigned)(a.nb - 1);
+    __syncthreads();
+    if (!last_s) return;
+    __threadfence();
+    /* warp h: M and the denominator of head h (reads bypass L1: other CTAs wrote them) */
+    const float *pm = a.part_m + t * a.nb * a.H, *ps = a.part_sum + t * a.nb * a.H;
+    if (hh < a.H) {
+        float M = -INFINITY;
+        for (int64_t k = lane; k < a.nb; k += 32) M = fmaxf(M, __ldcg(pm + k * a.H + hh));
+#pragma unroll
+        for (int o = 16; o >= 1; o >>= 1) M = fmaxf(M, __shfl_xor_sync(FULL, M, o));
+        if (lane == 0) {
+            float den = 0.0f;
+            for (int64_t k = 0; k < a.nb; k++) {
+                float mk = __ldcg(pm + k * a.H + hh);
+                if (mk != -INFINITY) den = fmaf(expf(mk - M), __ldcg(ps + k * a.H + hh), den);
+            }
+            s.m[warp] = M;
+            s.den[warp] = den + expf(sink_of(a, hh) - M);
+        }
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < HEADS * a.D; i += THREADS) {
+        int64_t h = i / a.D, c = i - h * a.D, head = g * HEADS + h;
+        if (head >= a.H) break; /* i only grows */
+        const float M = s.m[h];
+        float acc = 0.0f;
+        for (int64_t k = 0; k < a.nb; k++) {
+            float mk = __ldcg(pm + k * a.H + head);
+            if (mk != -INFINITY) acc = fmaf(expf(mk - M), __ldcg(a.part_acc + ((t * a.nb + k) * a.H + head) * a.D + c), acc);
+        }
+        store_out(a, (t * a.H + head) * a.D + c, M == -INFINITY ? 0.0f : acc / s.den[h]);
     }
 }
 
-/* grid S·H, dynamic shared float[nb]: o = Σ_b w_b·acc_b / (Σ_b w_b·sum_b + e^{sink − M}),
- * w_b = e^{M_b − M}, M the last running max; blocks without a valid entry are skipped */
-__global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant__ Args a)
+/* ---- mma: one CTA per (query row, 16 heads), tensor-core products, all blocks in order ---- */
+
+enum { MMA_HEADS = 16, MMA_NT = 8 /* n-tiles of 8 columns per warp at D = 512 */, SC_LD = ENTRIES + 4, PB_LD = ENTRIES + 8 };
+static_assert(MMA_HEADS == 2 * WARPS, "the softmax step gives each warp two heads");
+static_assert(ENTRIES == 8 * WARPS, "the score step gives each warp one n-tile of 8 entries");
+
+/* shared memory of the mma kernel (byte offsets, the same on host and device); bf16 rows of
+ * DP = D + 8 elements: the 16-byte pad puts the 8 rows a fragment load touches in distinct banks */
+struct MmaLayout {
+    size_t q, kv, sc, pb, m, den, alpha, row, flag, total;
+};
+__host__ __device__ inline MmaLayout mma_layout_for(int64_t D)
 {
-    extern __shared__ float w[]; /* [nb] */
-    __shared__ float den_s;
-    const int64_t t = blockIdx.x / a.H, h = blockIdx.x % a.H;
-    const float *pm = a.part_m + t * a.nb * a.H + h, *ps = a.part_sum + t * a.nb * a.H + h;
-    float M = -INFINITY;
-    for (int64_t b = 0; b < a.nb; b++) M = fmaxf(M, pm[b * a.H]);
-    for (int64_t b = threadIdx.x; b < a.nb; b += THREADS) w[b] = pm[b * a.H] == -INFINITY ? 0.0f : expf(pm[b * a.H] - M);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float den = 0.0f;
-        for (int64_t b = 0; b < a.nb; b++)
-            if (pm[b * a.H] != -INFINITY) den = fmaf(w[b], ps[b * a.H], den);
-        den_s = den + expf(sink_of(a, h) - M);
+    const int64_t DP = D + 8;
+    MmaLayout l;
+    l.q = 0;                                                  /* bf16 [16][DP] q of the heads */
+    l.kv = l.q + align16(2 * MMA_HEADS * DP);                 /* bf16 [64][DP] the block's rows */
+    l.sc = l.kv + align16(2 * ENTRIES * DP);                  /* float [16][SC_LD] scores */
+    l.pb = l.sc + align16(sizeof(float) * MMA_HEADS * SC_LD); /* bf16 [16][PB_LD] P(p), the A operand */
+    l.m = l.pb + align16(2 * MMA_HEADS * PB_LD);              /* float [16] running max */
+    l.den = l.m + align16(sizeof(float) * MMA_HEADS);         /* float [16] running denominator */
+    l.alpha = l.den + align16(sizeof(float) * MMA_HEADS);     /* float [16] this block's α */
+    l.row = l.alpha + align16(sizeof(float) * MMA_HEADS);     /* long long [64] pool row or -1 */
+    l.flag = l.row + sizeof(long long) * ENTRIES;             /* int: a bad index was seen */
+    l.total = l.flag + 16;
+    return l;
+}
+
+__device__ __forceinline__ uint32_t lds32(const uint16_t *p) { return *(const uint32_t *)p; }
+
+/* D (fp32 16x8) += A (bf16 16x16, row) · B (bf16 16x8, col) */
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* four 8x8 bf16 matrices, transposed: lane l gives the address of row l % 8 of matrix l / 8 */
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *row)
+{
+    unsigned at = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+}
+
+/* Requires round_p, q and pool bf16, D % 64 == 0, D <= 512 (the host checks). Fragment layout of
+ * m16n8k16 (lane = 4·gid + qd): A rows gid and gid + 8, columns 2qd, 2qd + 1 (+ 8); B column gid,
+ * rows 2qd, 2qd + 1 (+ 8); C rows gid (c0, c1) and gid + 8 (c2, c3), columns 2qd, 2qd + 1.
+ *   scores: S[16 heads][64 entries] = Q[16][D] · KV^T: warp w the n-tile of entries 8w..8w+7,
+ *     D/16 k-steps; a B fragment is two 32-bit loads of row 8w + gid of kv (consecutive dims);
+ *   softmax: warp w heads 2w, 2w + 1, as block_softmax; P(p) as bf16 into pb (A operand);
+ *   P·V: O[16][D] += P[16][64] · KV[64][D]: warp w the D/64 n-tiles from column w·D/8, 4 k-steps;
+ *     B fragments by ldmatrix.trans of kv rows (entries along k), two n-tiles per ldmatrix.x4. */
+__global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__ Args a, const __grid_constant__ MmaLayout l)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    uint16_t *qb = (uint16_t *)(smem + l.q), *kvb = (uint16_t *)(smem + l.kv), *pb = (uint16_t *)(smem + l.pb);
+    float *sc = (float *)(smem + l.sc), *m_s = (float *)(smem + l.m), *den_s = (float *)(smem + l.den);
+    float *alpha_s = (float *)(smem + l.alpha);
+    Shared s = {};
+    s.row = (long long *)(smem + l.row);
+    s.bad = (int *)(smem + l.flag);
+    const int64_t t = blockIdx.x / a.groups, g = blockIdx.x % a.groups, D = a.D, DP = D + 8;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, qd = lane & 3;
+    const int nt = (int)(D / 64); /* this warp's n-tiles in P·V, columns from c_warp */
+    const int64_t c_warp = warp * (D / 8);
+    const uint16_t *q = (const uint16_t *)a.q;
+    for (int64_t i = threadIdx.x; i < MMA_HEADS * D; i += THREADS) {
+        int64_t h = i / D, c = i - h * D, hh = g * MMA_HEADS + h;
+        qb[h * DP + c] = hh < a.H ? q[(t * a.H + hh) * D + c] : (uint16_t)0;
     }
+    if (threadIdx.x < MMA_HEADS) m_s[threadIdx.x] = -INFINITY, den_s[threadIdx.x] = 0.0f;
+    if (threadIdx.x == 0) *s.bad = 0;
+    float acc[MMA_NT][4];
+#pragma unroll
+    for (int i = 0; i < MMA_NT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
     __syncthreads();
-    const float den = den_s;
-    for (int64_t c = threadIdx.x; c < a.D; c += THREADS) {
-        float acc = 0.0f;
-        for (int64_t b = 0; b < a.nb; b++)
-            if (pm[b * a.H] != -INFINITY) acc = fmaf(w[b], a.part_acc[((t * a.nb + b) * a.H + h) * a.D + c], acc);
-        store_out(a, (t * a.H + h) * a.D + c, M == -INFINITY ? 0.0f : acc / den);
+    for (int64_t b = 0; b < a.nb; b++) {
+        if (!load_block<uint16_t>(a, t, b, s, kvb, DP, true)) continue; /* attend() skips such a block */
+        { /* scores of entries 8·warp … 8·warp + 7 */
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const uint16_t *kr = kvb + (8 * warp + gid) * DP + 2 * qd;
+            const uint16_t *q0 = qb + gid * DP + 2 * qd, *q1 = qb + (gid + 8) * DP + 2 * qd;
+            for (int64_t k0 = 0; k0 < D; k0 += 16)
+                mma_bf16(d, lds32(q0 + k0), lds32(q1 + k0), lds32(q0 + k0 + 8), lds32(q1 + k0 + 8), lds32(kr + k0),
+                         lds32(kr + k0 + 8));
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int h = gid + (j >= 2 ? 8 : 0), e = 8 * warp + 2 * qd + (j & 1);
+                sc[h * SC_LD + e] = s.row[e] >= 0 ? __fmul_rn(d[j], a.scale) : -INFINITY;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int hw = 0; hw < 2; hw++) { /* softmax step of head h (block_softmax, P into pb) */
+            const int h = 2 * warp + hw;
+            const bool v0 = s.row[lane] >= 0, v1 = s.row[lane + 32] >= 0;
+            float s0 = sc[h * SC_LD + lane], s1 = sc[h * SC_LD + lane + 32];
+            float mx = fmaxf(s0, s1);
+#pragma unroll
+            for (int o = 16; o >= 1; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, o));
+            const float m_old = m_s[h], m_new = fmaxf(m_old, mx);
+            float p0 = v0 ? expf(s0 - m_new) : 0.0f, p1 = v1 ? expf(s1 - m_new) : 0.0f;
+            float sum = p0 + p1;
+#pragma unroll
+            for (int o = 16; o >= 1; o >>= 1) sum += __shfl_xor_sync(FULL, sum, o);
+            pb[h * PB_LD + lane] = dsrt_f32_to_bf16(p0); /* P: the reference's bf16 rounding */
+            pb[h * PB_LD + lane + 32] = dsrt_f32_to_bf16(p1);
+            __syncwarp();
+            if (lane == 0) {
+                float alpha = expf(m_old - m_new); /* 0 for the first block with a valid entry */
+                alpha_s[h] = alpha;
+                den_s[h] = fmaf(den_s[h], alpha, sum);
+                m_s[h] = m_new;
+            }
+        }
+        __syncthreads();
+        { /* acc = acc·α + P·V over this warp's columns */
+            const float a_lo = alpha_s[gid], a_hi = alpha_s[gid + 8];
+#pragma unroll
+            for (int i = 0; i < MMA_NT; i++) acc[i][0] *= a_lo, acc[i][1] *= a_lo, acc[i][2] *= a_hi, acc[i][3] *= a_hi;
+#pragma unroll
+            for (int ks = 0; ks < ENTRIES / 16; ks++) {
+                const uint16_t *p0 = pb + gid * PB_LD + 16 * ks + 2 * qd, *p1 = pb + (gid + 8) * PB_LD + 16 * ks + 2 * qd;
+                const uint32_t a0 = lds32(p0), a1 = lds32(p1), a2 = lds32(p0 + 8), a3 = lds32(p1 + 8);
+                /* ldmatrix rows: entry 16ks + (lane & 7) + 8·((lane >> 3) & 1), columns + 8·(lane >> 4) */
+                const uint16_t *vr = kvb + (16 * ks + (lane & 7) + 8 * ((lane >> 3) & 1)) * DP + c_warp + 8 * (lane >> 4);
+#pragma unroll
+                for (int i = 0; i < MMA_NT; i += 2) {
+                    if (i >= nt) break;
+                    uint32_t bf[4];
+                    ldmatrix_x4_trans(bf, vr + 8 * i);
+                    mma_bf16(acc[i], a0, a1, a2, a3, bf[0], bf[1]);
+                    mma_bf16(acc[i + 1], a0, a1, a2, a3, bf[2], bf[3]);
+                }
+            }
+        }
+        __syncthreads(); /* before the next block's rows and p overwrite these */
+    }
+    if (threadIdx.x < MMA_HEADS && g * MMA_HEADS + threadIdx.x < a.H && m_s[threadIdx.x] != -INFINITY)
+        den_s[threadIdx.x] += expf(sink_of(a, g * MMA_HEADS + threadIdx.x) - m_s[threadIdx.x]); /* the sink */
+    __syncthreads();
+    const int bad = *s.bad;
+#pragma unroll
+    for (int i = 0; i < MMA_NT; i++) {
+        if (i >= nt) break;
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int h = gid + 8 * half;
+            const int64_t hh = g * MMA_HEADS + h, c = c_warp + 8 * i + 2 * qd;
+            if (hh >= a.H) continue;
+            const float m = m_s[h], den = den_s[h];
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                float v = bad ? NAN : m == -INFINITY ? 0.0f : acc[i][2 * half + j] / den;
+                store_out(a, (t * a.H + hh) * D + c + j, v);
+            }
+        }
     }
 }
 
@@ -455,23 +651,24 @@ const char *OP = "nn.sparse_attention";
 bool use_split(int dev, int64_t S, int64_t H, int64_t K)
 {
     int64_t groups = (H + HEADS - 1) / HEADS, nb = (K + ENTRIES - 1) / ENTRIES;
-    /* (combine_kernel keeps a weight per block in shared memory: at most 4096 blocks there) */
-    return nb > 1 && nb <= 4096 && S * groups < dsrtk_multiprocessors(dev);
+    return nb > 1 && nb <= 65535 && S * groups < dsrtk_multiprocessors(dev);
 }
 
 struct Workspace {
-    size_t scores, part_acc, part_m, part_sum, total;
+    size_t scores, bmax, part_acc, part_m, part_sum, done, total;
 };
 Workspace workspace_for(int64_t S, int64_t H, int64_t D, int64_t K)
 {
-    int64_t nb = (K + ENTRIES - 1) / ENTRIES;
+    int64_t nb = (K + ENTRIES - 1) / ENTRIES, groups = (H + HEADS - 1) / HEADS;
     auto round = [](size_t n) { return (n + 255) & ~(size_t)255; };
     Workspace w;
     w.scores = 0;
-    w.part_acc = w.scores + round(sizeof(float) * (size_t)(S * H * K));
+    w.bmax = w.scores + round(sizeof(float) * (size_t)(S * H * K));
+    w.part_acc = w.bmax + round(sizeof(float) * (size_t)(S * nb * H));
     w.part_m = w.part_acc + round(sizeof(float) * (size_t)(S * nb * H * D));
     w.part_sum = w.part_m + round(sizeof(float) * (size_t)(S * nb * H));
-    w.total = w.part_sum + round(sizeof(float) * (size_t)(S * nb * H));
+    w.done = w.part_sum + round(sizeof(float) * (size_t)(S * nb * H));
+    w.total = w.done + round(sizeof(unsigned) * (size_t)(S * groups));
     return w;
 }
 
@@ -506,14 +703,60 @@ int by_dtypes(int q_dtype, int pool_dtype, P... p)
     return pool_dtype == DSRT_F32 ? F<uint16_t, float>::run(p...) : F<uint16_t, uint16_t>::run(p...);
 }
 
-template <class K>
-int launch(int dev, K kernel, const char *name, dim3 grid, size_t smem, const Args &a, const Layout &l, cudaStream_t st)
+/* Per-call host work is what a decode step pays for (the kernels take microseconds), so the
+ * device's shared-memory limit and each kernel's shared-memory attribute are asked for once per
+ * device: CACHED_DEVICES slots, racing writers store the same values. */
+enum { CACHED_DEVICES = 16, CACHED_KERNELS = 16 };
+static int optin_cache[CACHED_DEVICES];
+static struct {
+    const void *fn;
+    int bytes;
+} smem_cache[CACHED_DEVICES][CACHED_KERNELS];
+
+int shared_limit(int dev, int *optin)
 {
-    if (smem > 48 * 1024) {
-        int st_ = dsrtk_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                              "%s: allowing %zu bytes of shared memory for %s", OP, smem, name);
-        if (st_) return st_;
+    if (dev >= 0 && dev < CACHED_DEVICES && __atomic_load_n(&optin_cache[dev], __ATOMIC_RELAXED) > 0) {
+        *optin = __atomic_load_n(&optin_cache[dev], __ATOMIC_RELAXED);
+        return DSRTK_OK;
     }
+    int rc = dsrtk_check(cudaDeviceGetAttribute(optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                         "%s: shared memory limit of cuda:%d", OP, dev);
+    if (!rc && dev >= 0 && dev < CACHED_DEVICES) __atomic_store_n(&optin_cache[dev], *optin, __ATOMIC_RELAXED);
+    return rc;
+}
+
+/* allows `smem` dynamic bytes for kernel fn on dev (the current device), once per size */
+int allow_shared(int dev, const void *fn, size_t smem, const char *name)
+{
+    if (smem <= 48 * 1024) return DSRTK_OK;
+    int slot = -1;
+    if (dev >= 0 && dev < CACHED_DEVICES)
+        for (int i = 0; i < CACHED_KERNELS; i++) {
+            const void *f = __atomic_load_n(&smem_cache[dev][i].fn, __ATOMIC_ACQUIRE);
+            if (f == fn) {
+                if (__atomic_load_n(&smem_cache[dev][i].bytes, __ATOMIC_RELAXED) >= (int)smem) return DSRTK_OK;
+                slot = i;
+                break;
+            }
+            if (!f) {
+                slot = i;
+                break;
+            }
+        }
+    int rc = dsrtk_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                         "%s: allowing %zu bytes of shared memory for %s", OP, smem, name);
+    if (!rc && slot >= 0) {
+        __atomic_store_n(&smem_cache[dev][slot].bytes, (int)smem, __ATOMIC_RELAXED);
+        __atomic_store_n(&smem_cache[dev][slot].fn, fn, __ATOMIC_RELEASE);
+    }
+    return rc;
+}
+
+template <class K, class L>
+int launch(int dev, K kernel, const char *name, dim3 grid, size_t smem, const Args &a, const L &l, cudaStream_t st)
+{
+    int rc = allow_shared(dev, (const void *)kernel, smem, name);
+    if (rc) return rc;
     kernel<<<grid, THREADS, smem, st>>>(a, l);
     return dsrtk_check_launch(name, dev);
 }
@@ -532,10 +775,7 @@ struct Split {
     {
         dim3 grid((unsigned)(a->S * a->groups), (unsigned)a->nb);
         int rc = launch(dev, scores_kernel<TQ, TP>, "sparse_attention scores_kernel", grid, l->total, *a, *l, st);
-        if (!rc) rc = launch(dev, block_kernel<TP>, "sparse_attention block_kernel", grid, l->total, *a, *l, st);
-        if (rc) return rc;
-        combine_kernel<<<(unsigned)(a->S * a->H), THREADS, sizeof(float) * (size_t)a->nb, st>>>(*a);
-        return dsrtk_check_launch("sparse_attention combine_kernel", dev);
+        return rc ? rc : launch(dev, block_kernel<TP>, "sparse_attention block_kernel", grid, l->total, *a, *l, st);
     }
 };
 
@@ -582,9 +822,7 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
     Layout l = layout_for(D, a.D4, pe);
 
     int optin = 0;
-    if ((rc = dsrtk_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-                          "%s: shared memory limit of cuda:%d", OP, dev)))
-        return rc;
+    if ((rc = shared_limit(dev, &optin))) return rc;
     if (l.total > (size_t)optin)
         return dsrtk_fail(DSRTK_ERROR, "%s: vectors of %lld values need %zu bytes of shared memory per block, cuda:%d has %d",
                           OP, (long long)D, l.total, dev, optin);
@@ -593,14 +831,25 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
                           (long long)S, (long long)H, (long long)K);
 
     cudaStream_t st = (cudaStream_t)stream;
-    if (!use_split(dev, S, H, K)) return by_dtypes<Fused>(q->dtype, pool->dtype, dev, (const Args *)&a, (const Layout *)&l, st);
+    if (!use_split(dev, S, H, K)) {
+        /* the tensor cores where the operands are bf16 and P(p) is bf16 (reference precision) */
+        if (a.round_p && q->dtype == DSRT_BF16 && pool->dtype == DSRT_BF16 && D % 64 == 0 && D <= 64 * MMA_NT) {
+            MmaLayout ml = mma_layout_for(D);
+            a.groups = (H + MMA_HEADS - 1) / MMA_HEADS;
+            if (ml.total <= (size_t)optin)
+                return launch(dev, mma_kernel, "sparse_attention mma_kernel", dim3((unsigned)(S * a.groups)), ml.total, a,
+                              ml, st);
+            a.groups = (H + HEADS - 1) / HEADS;
+        }
+        return by_dtypes<Fused>(q->dtype, pool->dtype, dev, (const Args *)&a, (const Layout *)&l, st);
+    }
 
     Workspace w = workspace_for(S, H, D, K);
     if (!workspace || workspace_bytes < w.total)
         return dsrtk_fail(DSRTK_ERROR, "%s: the workspace has %zu bytes, %zu needed (dsrtk_sparse_attention_workspace)", OP,
                           workspace ? workspace_bytes : (size_t)0, w.total);
     char *ws = (char *)workspace;
-    a.scores = (float *)(ws + w.scores), a.part_acc = (float *)(ws + w.part_acc);
-    a.part_m = (float *)(ws + w.part_m), a.part_sum = (float *)(ws + w.part_sum);
+    a.scores = (float *)(ws + w.scores), a.bmax = (float *)(ws + w.bmax), a.part_acc = (float *)(ws + w.part_acc);
+    a.part_m = (float *)(ws + w.part_m), a.part_sum = (float *)(ws + w.part_sum), a.done = (unsigned *)(ws + w.done);
     return by_dtypes<Split>(q->dtype, pool->dtype, dev, (const Args *)&a, (const Layout *)&l, st);
 }

@@ -50,7 +50,8 @@ typedef struct dsrt_attn_state dsrt_attn_state;
  * device, where wq_a is) and retains them and the aux streams. On the CPU any n_aux is accepted and
  * unused; on CUDA n_aux is 3 (compressor, indexer weights_proj and indexer compressor GEMMs run on
  * aux 0/1/2 beside wq_a/wkv, then the indexer on aux 0 beside wq_b, SPEC §10) or 0 (everything on
- * the caller's stream, with bit-equal results). */
+ * the caller's stream, with bit-equal results). Chunks of fewer than 64 rows (decode) run on the
+ * caller's stream even with aux streams: there the fan-out's events cost more than it overlaps. */
 dsrt_attention *dsrt_attention_new(const dsrt_attn_config *cfg, const dsrt_attn_weights *w, dsrt_stream *const *aux,
                                    int n_aux);
 void dsrt_attention_retain(dsrt_attention *a);

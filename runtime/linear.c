@@ -11,9 +11,10 @@
  *
  * On CUDA the same computation runs in kernels/linear.cu (dsrtk_linear) straight from the native
  * weight formats: the dequantised cache is never built for a CUDA weight (it would cost 4 bytes per
- * weight element of device memory); the only device memory a forward takes besides its output is a
- * per-call workspace for the prepared activation, sized by dsrtk_linear_workspace and released as
- * soon as the work is queued (the allocator keeps it from reuse until the stream has passed it).
+ * weight element of device memory). A decode call (<= 8 rows) takes no workspace at all; a prefill
+ * call takes a per-call workspace (the prepared activation and at most one bounded slab of
+ * dequantised weight), sized by dsrtk_linear_workspace and released as soon as the work is queued
+ * (the allocator keeps it from reuse until the stream has passed it).
  */
 #include <stdlib.h>
 #include <string.h>

@@ -29,13 +29,15 @@
  * the same in both precisions (dequantisation is exact), so one cache serves both; it costs 4 bytes
  * per weight element, which is what the CPU path, a reference for tests and tiny models, can afford.
  *
- * On CUDA (kernels/linear.cu) the weight stays in its native format: no dequantised copy is ever
- * kept in device memory. 1..15 rows run a memory-bound GEMV that dequantises 16-byte weight vectors
- * in registers and applies each block's scale to the partial sum over the vector (exact: scales are
- * powers of two); 16+ rows of a reference fp8 linear with 128x128 blocks run cuBLASLt FP8 with block
- * scaling on the e4m3 codes of Q8(x) (the reference's own act_quant, so the same numbers up to the
- * order of fp32 additions); everything else runs a tiled kernel over the exactly dequantised weight.
- * The activation's Q8 round trip uses quant.h's functions, bit for bit the CPU's.
+ * On CUDA (kernels/linear.cu) no dequantised copy is ever KEPT in device memory. 1..8 rows run one
+ * memory-bound GEMV launch that stages the (Q8 round-tripped) activation in shared memory and
+ * dequantises 16-byte weight vectors in registers, applying each block's scale to the partial sum
+ * over the vector (exact: scales are powers of two); 9+ rows of a reference fp8 linear with 128x128
+ * blocks run cuBLASLt FP8 with block scaling on the e4m3 codes of Q8(x) (the reference's own
+ * act_quant, so the same numbers up to the order of fp32 additions); other 9+ row calls run cuBLAS
+ * over the weight dequantised exactly into a transient slab of the per-call workspace (bf16 tensor
+ * cores when activation and W·S are exactly bf16, true fp32 otherwise); odd shapes run a tiled
+ * kernel. The activation's Q8 round trip uses quant.h's functions, bit for bit the CPU's.
  *
  * The layer holds references to its weight and scale tensors. Functions return NULL / -1 with a
  * message (err.h).

@@ -9,6 +9,12 @@
  * (every row) or {{ids of row 1}, {ids of row 2}, ...}. Every value is checked here or by
  * dsrt_sample_params_check, so a bad option is a Lua error naming it, never a crash.
  * Also core.wall_time(): monotonic seconds, for the generation loop's timings.
+ *
+ * Speculative decoding (sampling.h): core.sample_probs(logits, opts) -> f32 [B, V] on the logits'
+ * device, the distribution the sampler would draw from with the same opts (seed and step play no
+ * part); core.sample_verify(p, drafts, {q = f32 [k, V], seed = s, step = t}) -> accepted, next_id:
+ * rejection sampling of the k draft ids against the target's p f32 [k + 1, V] (q absent: the drafts
+ * were deterministic proposals).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -65,7 +71,9 @@ static int bufs_gc(lua_State *L)
     return 0;
 }
 
-static int sample_call(lua_State *L, int to_list)
+enum { TO_TENSOR, TO_LIST, TO_PROBS };
+
+static int sample_call(lua_State *L, int mode)
 {
     dsrt_tensor *logits = dsrtL_checktensor(L, 1);
     if (lua_isnoneornil(L, 2)) { lua_settop(L, 1); lua_newtable(L); }
@@ -142,7 +150,11 @@ static int sample_call(lua_State *L, int to_list)
     b->off[B] = pos;
     lua_pop(L, 1);
     dsrt_stream *s = dsrtL_current_stream(L, logits->device);
-    if (!to_list) {
+    if (mode == TO_PROBS) {
+        dsrtL_pushtensor(L, dsrt_sample_probs(logits, b->params, b->off, b->ids, s));
+        return 1;
+    }
+    if (mode == TO_TENSOR) {
         dsrtL_pushtensor(L, dsrt_sample(logits, b->params, b->off, b->ids, (uint64_t)seed, (uint64_t)step, s));
         return 1;
     }
@@ -156,8 +168,44 @@ static int sample_call(lua_State *L, int to_list)
     return 1;
 }
 
-static int l_sample(lua_State *L) { return sample_call(L, 0); }
-static int l_sample_ids(lua_State *L) { return sample_call(L, 1); }
+static int l_sample(lua_State *L) { return sample_call(L, TO_TENSOR); }
+static int l_sample_ids(lua_State *L) { return sample_call(L, TO_LIST); }
+static int l_sample_probs(lua_State *L) { return sample_call(L, TO_PROBS); }
+
+/* sample_verify(p, drafts, {q = tensor, seed = s, step = t}) -> accepted, next_id */
+static int l_sample_verify(lua_State *L)
+{
+    dsrt_tensor *p = dsrtL_checktensor(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    if (lua_isnoneornil(L, 3)) { lua_settop(L, 2); lua_newtable(L); }
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_Integer k = luaL_len(L, 2);
+    if (k > DSRT_VERIFY_MAX_K)
+        return luaL_error(L, "sample_verify: %d drafts; one verification takes at most %d", (int)k, DSRT_VERIFY_MAX_K);
+    int64_t drafts[DSRT_VERIFY_MAX_K];
+    for (lua_Integer i = 1; i <= k; i++) {
+        lua_geti(L, 2, i);
+        int ok;
+        drafts[i - 1] = lua_tointegerx(L, -1, &ok);
+        if (!ok) return luaL_error(L, "sample_verify: draft %d is not an integer id", (int)i);
+        lua_pop(L, 1);
+    }
+    dsrt_tensor *q = NULL;
+    if (lua_getfield(L, 3, "q") != LUA_TNIL) q = dsrtL_checktensor(L, -1);
+    lua_pop(L, 1); /* the options table keeps q alive */
+    lua_settop(L, 3);
+    lua_pushvalue(L, 3);
+    lua_replace(L, 2); /* opt_integer reads the table at 2 */
+    int64_t seed = opt_integer(L, "seed", 0), step = opt_integer(L, "step", 0);
+    if (step < 0) return luaL_error(L, "sample_verify: step must be >= 0, got %I", (lua_Integer)step);
+    int64_t accepted = 0, next = 0;
+    if (dsrt_sample_verify(p, q, drafts, (int64_t)k, (uint64_t)seed, (uint64_t)step, dsrtL_current_stream(L, p->device),
+                           &accepted, &next))
+        return dsrtL_error(L);
+    lua_pushinteger(L, (lua_Integer)accepted);
+    lua_pushinteger(L, (lua_Integer)next);
+    return 2;
+}
 
 static int l_wall_time(lua_State *L)
 {
@@ -173,6 +221,10 @@ void dsrtL_open_sampling(lua_State *L)
     lua_setfield(L, -2, "sample");
     lua_pushcfunction(L, l_sample_ids);
     lua_setfield(L, -2, "sample_ids");
+    lua_pushcfunction(L, l_sample_probs);
+    lua_setfield(L, -2, "sample_probs");
+    lua_pushcfunction(L, l_sample_verify);
+    lua_setfield(L, -2, "sample_verify");
     lua_pushcfunction(L, l_wall_time);
     lua_setfield(L, -2, "wall_time");
 }

@@ -10,8 +10,10 @@
  *
  * On CUDA the same steps run as kernels (kernels/moe.cu) over device buffers the allocator hands
  * out on the caller's stream: gate logits, routing, a device counting sort into groups, w1/w3 with
- * the SwiGLU, w2, the combine. Nothing waits for the device inside a forward; the one
- * synchronising step is building the kernels' weight table (and checking tid2eid) on first use.
+ * the SwiGLU, w2, the combine. Nothing waits for the device inside a decode forward; a prefill
+ * (PREFILL_ROWS tokens or more) reads the per-expert counts back once to run each expert as GEMMs
+ * (cuda_prefill), and building the kernels' weight table (and checking tid2eid) synchronises once
+ * on first use.
  */
 #include <math.h>
 #include <stdio.h>
@@ -342,7 +344,8 @@ static int fill_matrix(dsrtk_moe_matrix *d, const dsrt_linear *l, const char *wh
     }
     /* 32-column chunks as 16-byte loads: one scale per chunk, rows starting on 16 bytes */
     int64_t bits = dsrt_dtype_bits(w->dtype);
-    d->vector = w->stride[1] == 1 && d->cols % 32 == 0 && (!sc || d->block_cols % 32 == 0) && (w->offset * bits) % 128 == 0 &&
+    d->vector = w->stride[1] == 1 && d->cols % 32 == 0 && (!sc || (d->block_cols >= 32 && d->block_cols % 32 == 0)) &&
+                (w->offset * bits) % 128 == 0 &&
                 (w->stride[0] * bits) % 128 == 0 && (uintptr_t)w->storage->data % 16 == 0;
     return 0;
 }
@@ -425,6 +428,7 @@ static int use_weights(dsrt_moe *m, dsrt_stream *s)
 }
 
 static float *f32_data(dsrt_tensor *t) { return (float *)t->storage->data + t->offset; }
+static void *x_data(dsrt_tensor *t) { return (char *)t->storage->data + t->offset * dsrt_dtype_bits(t->dtype) / 8; }
 static int32_t *i32_data(dsrt_tensor *t) { return (int32_t *)t->storage->data + t->offset; }
 
 static dsrt_tensor *device_buffer(dsrt_dtype dtype, int64_t n, dsrt_stream *s)
@@ -432,7 +436,7 @@ static dsrt_tensor *device_buffer(dsrt_dtype dtype, int64_t n, dsrt_stream *s)
     return dsrt_tensor_new(dtype, 1, &n, s->device, s);
 }
 
-/* Gate logits and routing of the rows of xf (f32 contiguous [rows, dim] on the device) into ids
+/* Gate logits and routing of the rows of xf (f32 or bf16 contiguous [rows, dim] on the device) into ids
  * i64 and weights f32 (contiguous, rows·k each). */
 static int cuda_route_rows(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *xf, int64_t rows, dsrt_tensor *token_ids,
                            int64_t *ids, float *weights, dsrt_stream *s)
@@ -440,7 +444,7 @@ static int cuda_route_rows(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tens
     const dsrt_moe_config *c = &m->cfg;
     dsrt_tensor *logits = device_buffer(DSRT_F32, rows * c->n_routed, s);
     if (!logits) return -1;
-    dsrtk_moe_project_args gate = {.mode = DSRTK_MOE_GATE, .table = table, .x = f32_data(xf), .x_ld = m->dim,
+    dsrtk_moe_project_args gate = {.mode = DSRTK_MOE_GATE, .table = table, .x = x_data(xf), .x_dtype = xf->dtype, .x_ld = m->dim,
                                    .single_set = c->n_routed + 1, .single_rows = rows, .max_out = c->n_routed,
                                    .max_in = (int32_t)m->dim, .out = f32_data(logits), .out_ld = c->n_routed};
     dsrtk_moe_route_args route = {.logits = f32_data(logits), .rows = rows, .n_routed = c->n_routed, .k = c->n_activated,
@@ -458,7 +462,8 @@ static int cuda_route_rows(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tens
     return rc;
 }
 
-/* x as the f32 contiguous rows the kernels read, the table, and the weights marked in use */
+/* x as the contiguous rows (bf16 or f32, read as they are) the kernels read, the table, and the
+ * weights marked in use */
 static dsrt_tensor *cuda_prepare(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_stream *s,
                                  const dsrtk_moe_matrix **table)
 {
@@ -469,7 +474,7 @@ static dsrt_tensor *cuda_prepare(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token
     if (!*table || use_weights(m, s) || dsrt_storage_use(x->storage, s) ||
         (token_ids && dsrt_storage_use(token_ids->storage, s)))
         return NULL;
-    return x->dtype == DSRT_F32 ? dsrt_tensor_contiguous(x, s) : dsrt_tensor_to(x, x->device, DSRT_F32, s, 0);
+    return x->dtype == DSRT_F32 || x->dtype == DSRT_BF16 ? dsrt_tensor_contiguous(x, s) : dsrt_tensor_to(x, x->device, DSRT_F32, s, 0);
 }
 
 static int cuda_route(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_stream *s, dsrt_tensor *ids, dsrt_tensor *w)
@@ -483,7 +488,87 @@ static int cuda_route(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_
     return rc;
 }
 
-/* The whole layer on the device: route, group, w1/w3 + SwiGLU, w2, combine into y. */
+/* From this many tokens on, the experts run as tensor-core GEMMs on transient dequantised copies
+ * (about 8 rows per expert at Flash's 6 of 256: there dequantising an expert costs less than the
+ * decode kernel's passes over its rows). */
+enum { PREFILL_ROWS = 256 };
+
+/* Can prefill run? fp32: always (f32 GEMMs on exact f32 copies). Reference: every matrix FP4/FP8
+ * with power-of-two (e8m0) scales, so the copies and the Q8'd inputs are exact in bf16. */
+static int prefill_ok(const dsrt_moe *m, int reference)
+{
+    if (!reference) return 1;
+    for (int e = 0; e <= m->cfg.n_routed; e++) {
+        const dsrt_swiglu *w = e < m->cfg.n_routed ? &m->experts[e] : &m->shared;
+        const dsrt_linear *all[3] = {w->w1, w->w2, w->w3};
+        for (int i = 0; i < 3; i++)
+            if (all[i]->cfg.format == DSRT_FORMAT_BF16 || !all[i]->scale || all[i]->scale->dtype != DSRT_F8E8M0) return 0;
+    }
+    return 1;
+}
+
+/* Prefill's experts, after the grouping: the groups read back once; x gathered (Q8'd) by group;
+ * per group [w1; w3] dequantised into a scratch and one GEMM into gu; the SwiGLU; per group w2
+ * dequantised and a GEMM into yr; the combine. Reference runs in bf16 (exact inputs, fp32
+ * accumulation, bf16 outputs = the reference's roundings), fp32 in f32. */
+static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *xf, int64_t rows, int reference,
+                        int32_t *groups_dev, int32_t max_groups, const int32_t *row_token, const int32_t *pos_of_pick,
+                        const float *row_weight, dsrt_stream *s, dsrt_tensor *y)
+{
+    int n = m->cfg.n_routed, k = m->cfg.n_activated, dev = s->device;
+    void *st = s->handle;
+    int64_t dim = m->dim, picks = rows * k, all = picks + rows;
+    int64_t inter = m->experts[0].w1->cfg.out_features, shared_inter = m->shared.w1->cfg.out_features;
+    int64_t width = inter > shared_inter ? inter : shared_inter;
+    dsrt_dtype io = reference ? DSRT_BF16 : DSRT_F32;
+    size_t es = (size_t)dsrt_dtype_bits(io) / 8;
+    int32_t *host = malloc((size_t)(3 * max_groups + 1) * sizeof *host);
+    if (!host) return dsrt_err("moe: out of host memory");
+    /* the one synchronisation of a prefill: the per-expert counts */
+    if (dsrtk_memcpy(dev, host, groups_dev, (size_t)(3 * max_groups + 1) * sizeof *host, DSRTK_D2H, st, 0)) {
+        free(host);
+        return kernel_failed();
+    }
+    int32_t n_groups = host[3 * max_groups];
+    int64_t scratch_len = 2 * width * dim;
+    dsrt_tensor *xg = device_buffer(io, all * dim, s), *scratch = xg ? device_buffer(io, scratch_len, s) : NULL;
+    dsrt_tensor *gu = scratch ? device_buffer(io, all * 2 * width, s) : NULL;
+    dsrt_tensor *h = gu ? device_buffer(io, all * width, s) : NULL, *yr = h ? device_buffer(io, all * dim, s) : NULL;
+    int rc = yr ? 0 : -1;
+    if (!rc && dsrtk_moe_gather(dev, x_data(xf), xf->dtype, dim, row_token, all, dim, reference, x_data(xg), io, st)) rc = -2;
+    for (int32_t g = 0; g < n_groups && !rc; g++) { /* [w1; w3] and one GEMM per group */
+        int set = host[3 * g];
+        int64_t first = host[3 * g + 1], count = host[3 * g + 2];
+        int64_t in = (set < n ? m->experts[set].w1 : m->shared.w1)->cfg.out_features;
+        char *w = x_data(scratch);
+        if (dsrtk_moe_dequant(dev, table, set, 0, in, dim, w, io, st) ||
+            dsrtk_moe_dequant(dev, table, set, 2, in, dim, w + (size_t)(in * dim) * es, io, st) ||
+            dsrtk_moe_gemm(dev, io, count, 2 * in, dim, (char *)x_data(xg) + (size_t)(first * dim) * es, dim, w,
+                           (char *)x_data(gu) + (size_t)(first * 2 * width) * es, io, 2 * width, st))
+            rc = -2;
+    }
+    if (!rc && dsrtk_moe_swiglu(dev, x_data(gu), 2 * width, all, table, groups_dev, groups_dev + 3 * max_groups, row_weight,
+                                picks, m->cfg.swiglu_limit, reference, x_data(h), width, io, st))
+        rc = -2;
+    for (int32_t g = 0; g < n_groups && !rc; g++) { /* w2 */
+        int set = host[3 * g];
+        int64_t first = host[3 * g + 1], count = host[3 * g + 2];
+        int64_t in = (set < n ? m->experts[set].w1 : m->shared.w1)->cfg.out_features;
+        if (dsrtk_moe_dequant(dev, table, set, 1, dim, in, x_data(scratch), io, st) ||
+            dsrtk_moe_gemm(dev, io, count, dim, in, (char *)x_data(h) + (size_t)(first * width) * es, width, x_data(scratch),
+                           (char *)x_data(yr) + (size_t)(first * dim) * es, io, dim, st))
+            rc = -2;
+    }
+    if (!rc && dsrtk_moe_combine(dev, x_data(yr), io, pos_of_pick, rows, k, dim, y->storage->data, y->dtype, st)) rc = -2;
+    if (rc == -2) rc = kernel_failed();
+    free(host);
+    dsrt_tensor *temps[] = {xg, scratch, gu, h, yr};
+    for (size_t i = 0; i < sizeof temps / sizeof *temps; i++) dsrt_tensor_release(temps[i]);
+    return rc;
+}
+
+/* The whole layer on the device: route, group, then w1/w3 + SwiGLU, w2 and the combine into y,
+ * by the decode kernels or, from PREFILL_ROWS tokens on, by cuda_prefill. */
 static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_precision prec, dsrt_stream *s, dsrt_tensor *y)
 {
     const dsrt_moe_config *c = &m->cfg;
@@ -499,17 +584,14 @@ static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsr
         dsrt_tensor_release(xf);
         return 0;
     }
-    int quantised_input = 0; /* does any w1 take the Q8 round trip of x? */
-    for (int e = 0; e <= n; e++)
-        quantised_input |= (e < n ? m->experts[e].w1 : m->shared.w1)->cfg.format != DSRT_FORMAT_BF16;
+    int prefill = rows >= PREFILL_ROWS && prefill_ok(m, reference);
     /* picks: ids i64, weights f32; index: groups, n_groups, row_token, pos_of_pick */
     dsrt_tensor *ids = device_buffer(DSRT_I64, picks, s), *w = ids ? device_buffer(DSRT_F32, picks, s) : NULL;
     dsrt_tensor *index = w ? device_buffer(DSRT_I32, 3 * (int64_t)max_groups + 1 + all + picks, s) : NULL;
     dsrt_tensor *row_weight = index ? device_buffer(DSRT_F32, picks, s) : NULL;
-    dsrt_tensor *xq = row_weight && reference && quantised_input ? device_buffer(DSRT_F32, rows * dim, s) : NULL;
-    dsrt_tensor *h = row_weight && (xq || !reference || !quantised_input) ? device_buffer(DSRT_F32, all * width, s) : NULL;
+    dsrt_tensor *h = row_weight && !prefill ? device_buffer(DSRT_F32, all * width, s) : NULL;
     dsrt_tensor *out = h ? device_buffer(DSRT_F32, all * dim, s) : NULL;
-    int rc = out ? 0 : -1;
+    int rc = row_weight && (prefill || out) ? 0 : -1;
     if (!rc) rc = cuda_route_rows(m, table, xf, rows, token_ids, (int64_t *)ids->storage->data, f32_data(w), s);
     if (!rc) {
         int32_t *groups = i32_data(index), *n_groups = groups + 3 * max_groups, *row_token = n_groups + 1;
@@ -517,30 +599,32 @@ static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsr
         dsrtk_moe_group_args group = {.ids = (const int64_t *)ids->storage->data, .weights = f32_data(w), .rows = rows,
                                       .k = k, .n_routed = n, .groups = groups, .n_groups = n_groups,
                                       .row_token = row_token, .pos_of_pick = pos_of_pick, .row_weight = f32_data(row_weight)};
-        /* single_rows: no group holds more rows than there are tokens (but a malformed tid2eid row) */
-        dsrtk_moe_project_args up = {.mode = DSRTK_MOE_UP, .reference = reference, .table = table, .x = f32_data(xf),
-                                     .xq = xq ? f32_data(xq) : NULL, .x_ld = dim, .row_x = row_token,
-                                     .row_weight = f32_data(row_weight), .n_weighted = picks, .groups = groups,
-                                     .n_groups = n_groups, .max_groups = max_groups, .single_rows = rows,
-                                     .max_out = (int32_t)width, .max_in = (int32_t)dim, .limit = c->swiglu_limit,
-                                     .out = f32_data(h), .out_ld = width};
-        dsrtk_moe_project_args down = up;
-        down.mode = DSRTK_MOE_DOWN;
-        down.x = f32_data(h), down.xq = NULL, down.x_ld = width, down.row_x = NULL;
-        down.max_out = (int32_t)dim, down.max_in = (int32_t)width;
-        down.out = f32_data(out), down.out_ld = dim;
         int dev = s->device;
         void *st = s->handle;
-        if (dsrtk_moe_group(dev, &group, st) ||
-            (xq && (dsrtk_memcpy(dev, f32_data(xq), f32_data(xf), (size_t)(rows * dim) * sizeof(float), DSRTK_D2D, st, 1) ||
-                    dsrtk_moe_q8_rows(dev, f32_data(xq), rows, dim, dim, NULL, NULL, NULL, 0, 0, st))) ||
-            dsrtk_moe_project(dev, &up, st) ||
-            (reference && dsrtk_moe_q8_rows(dev, f32_data(h), all, width, width, table, groups, n_groups, max_groups, 1, st)) ||
-            dsrtk_moe_project(dev, &down, st) ||
-            dsrtk_moe_combine(dev, f32_data(out), pos_of_pick, rows, k, dim, y->storage->data, y->dtype, st))
+        if (dsrtk_moe_group(dev, &group, st)) {
             rc = kernel_failed();
+        } else if (prefill) {
+            rc = cuda_prefill(m, table, xf, rows, reference, groups, max_groups, row_token, pos_of_pick, f32_data(row_weight),
+                              s, y);
+        } else {
+            /* single_rows: no group holds more rows than there are tokens (but a malformed tid2eid row) */
+            dsrtk_moe_project_args up = {.mode = DSRTK_MOE_UP, .reference = reference, .table = table, .x = x_data(xf),
+                                         .x_dtype = xf->dtype, .x_ld = dim, .row_x = row_token,
+                                         .row_weight = f32_data(row_weight), .n_weighted = picks, .groups = groups,
+                                         .n_groups = n_groups, .max_groups = max_groups, .single_rows = rows,
+                                         .max_out = (int32_t)width, .max_in = (int32_t)dim, .limit = c->swiglu_limit,
+                                         .out = f32_data(h), .out_ld = width};
+            dsrtk_moe_project_args down = up;
+            down.mode = DSRTK_MOE_DOWN;
+            down.x = f32_data(h), down.x_dtype = DSRT_F32, down.x_ld = width, down.row_x = NULL;
+            down.max_out = (int32_t)dim, down.max_in = (int32_t)width;
+            down.out = f32_data(out), down.out_ld = dim;
+            if (dsrtk_moe_project(dev, &up, st) || dsrtk_moe_project(dev, &down, st) ||
+                dsrtk_moe_combine(dev, f32_data(out), DSRT_F32, pos_of_pick, rows, k, dim, y->storage->data, y->dtype, st))
+                rc = kernel_failed();
+        }
     }
-    dsrt_tensor *temps[] = {xf, ids, w, index, row_weight, xq, h, out};
+    dsrt_tensor *temps[] = {xf, ids, w, index, row_weight, h, out};
     for (size_t i = 0; i < sizeof temps / sizeof *temps; i++) dsrt_tensor_release(temps[i]);
     return rc;
 }

@@ -26,10 +26,14 @@
  * linears runs as one GEMM per call, so every selected expert's weights are read once. A token that
  * selects one expert twice (a malformed tid2eid row) counts both selections.
  *
- * On CUDA (kernels/moe.cu) the same rules run with no host synchronisation inside the layer: the
- * expert ids stay on the device, picks are grouped by expert with a counting sort on the device,
- * and the experts are read straight from their packed FP4 / FP8 / bf16 weights, each selected
- * expert's once per batch of up to 8 of its rows. Results equal the CPU's up to the order of fp32
+ * On CUDA (kernels/moe.cu) the same rules run with no host synchronisation inside a decode step:
+ * the expert ids stay on the device, picks are grouped by expert with a counting sort on the
+ * device, and the experts are read straight from their packed FP4 / FP8 / bf16 weights, each
+ * selected expert's once per batch of up to 8 of its rows. From 256 tokens on (prefill) the
+ * per-expert counts are read back once and each expert runs as cuBLAS GEMMs on a transient
+ * dequantised copy: bf16 tensor cores in reference precision when every matrix is FP4/FP8 with
+ * e8m0 scales (the copies and the Q8'd inputs are exact in bf16), f32 GEMMs in fp32 precision,
+ * the decode kernels otherwise. Results equal the CPU's up to the order of fp32
  * additions inside dot products (ids exactly, barring exact near-ties of the scores); a token id
  * outside the vocabulary (hash routing) cannot be reported without a synchronisation, so on CUDA
  * it routes to expert 0 with NaN weights, which makes that token's output NaN.

@@ -840,9 +840,10 @@ dsrt_tensor *dsrt_nn_hc_post(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, 
     return finish(y, prec, s);
 }
 
-/* hc_post_pre on CUDA: hc.cu's mix kernel computes X' chunk by chunk, writes it and multiplies it
- * with fn at once (one launch and one read of X' fewer than the two calls), then hc_pre's per-token
- * kernel; the arguments are checked as the two functions check them. */
+/* hc_post_pre on CUDA: for few tokens hc.cu's split GEMM computes X' chunk by chunk, writes it and
+ * multiplies it with fn at once (one launch and one read of X' fewer than the two calls); for many,
+ * hc_post's kernel then hc_pre's tensor-core GEMM; then hc_pre's per-token kernel. The arguments are
+ * checked as the two functions check them. */
 static int hc_post_pre_cuda(const char *op, dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_tensor *comb,
                             dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps, float norm_eps,
                             int iters, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next, dsrt_tensor **u,

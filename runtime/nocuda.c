@@ -201,6 +201,22 @@ int dsrtk_sample(int dev, const float *logits, int64_t B, int64_t V, const dsrtk
     (void)sorting; (void)penalties; (void)workspace; (void)workspace_bytes; (void)out; (void)stream;
     return without_cuda(__func__);
 }
+
+int dsrtk_sample_probs(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
+                       const int64_t *hist, int64_t max_hist, int sorting, int penalties, void *workspace,
+                       size_t workspace_bytes, float *probs, int64_t *out, void *stream)
+{
+    (void)dev; (void)logits; (void)B; (void)V; (void)rows; (void)hist; (void)max_hist; (void)sorting;
+    (void)penalties; (void)workspace; (void)workspace_bytes; (void)probs; (void)out; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_sample_verify(int dev, const float *p, const float *q, int64_t k, int64_t V, dsrtk_verify_drafts drafts,
+                        uint64_t seed, uint64_t step, int64_t *out, void *stream)
+{
+    (void)dev; (void)p; (void)q; (void)k; (void)V; (void)drafts; (void)seed; (void)step; (void)out; (void)stream;
+    return without_cuda(__func__);
+}
 /* end of sampling */
 
 /* ---- norm ---- */
@@ -310,11 +326,35 @@ int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream)
     return without_cuda(__func__);
 }
 
-int dsrtk_moe_q8_rows(int dev, float *x, int64_t rows, int64_t n, int64_t ld, const dsrtk_moe_matrix *table,
-                      const int32_t *groups, const int32_t *n_groups, int32_t max_groups, int slot, void *stream)
+int dsrtk_moe_gather(int dev, const void *x, int x_dtype, int64_t x_ld, const int32_t *row_x, int64_t rows, int64_t cols,
+                     int q8, void *out, int out_dtype, void *stream)
 {
-    (void)dev; (void)x; (void)rows; (void)n; (void)ld; (void)table; (void)groups; (void)n_groups; (void)max_groups;
-    (void)slot; (void)stream;
+    (void)dev; (void)x; (void)x_dtype; (void)x_ld; (void)row_x; (void)rows; (void)cols; (void)q8; (void)out;
+    (void)out_dtype; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_moe_dequant(int dev, const dsrtk_moe_matrix *table, int set, int slot, int64_t rows, int64_t cols, void *out,
+                      int out_dtype, void *stream)
+{
+    (void)dev; (void)table; (void)set; (void)slot; (void)rows; (void)cols; (void)out; (void)out_dtype; (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_moe_gemm(int dev, int ab_dtype, int64_t m, int64_t n, int64_t k, const void *a, int64_t lda, const void *w,
+                   void *c, int c_dtype, int64_t ldc, void *stream)
+{
+    (void)dev; (void)ab_dtype; (void)m; (void)n; (void)k; (void)a; (void)lda; (void)w; (void)c; (void)c_dtype; (void)ldc;
+    (void)stream;
+    return without_cuda(__func__);
+}
+
+int dsrtk_moe_swiglu(int dev, const void *gu, int64_t gu_ld, int64_t rows, const dsrtk_moe_matrix *table,
+                     const int32_t *groups, const int32_t *n_groups, const float *row_weight, int64_t n_weighted,
+                     float limit, int reference, void *h, int64_t h_ld, int io_dtype, void *stream)
+{
+    (void)dev; (void)gu; (void)gu_ld; (void)rows; (void)table; (void)groups; (void)n_groups; (void)row_weight;
+    (void)n_weighted; (void)limit; (void)reference; (void)h; (void)h_ld; (void)io_dtype; (void)stream;
     return without_cuda(__func__);
 }
 
@@ -330,10 +370,10 @@ int dsrtk_moe_group(int dev, const dsrtk_moe_group_args *a, void *stream)
     return without_cuda(__func__);
 }
 
-int dsrtk_moe_combine(int dev, const float *y, const int32_t *pos_of_pick, int64_t rows, int32_t k, int64_t dim,
+int dsrtk_moe_combine(int dev, const void *y, int y_dtype, const int32_t *pos_of_pick, int64_t rows, int32_t k, int64_t dim,
                       void *out, int out_dtype, void *stream)
 {
-    (void)dev; (void)y; (void)pos_of_pick; (void)rows; (void)k; (void)dim; (void)out; (void)out_dtype; (void)stream;
+    (void)dev; (void)y; (void)y_dtype; (void)pos_of_pick; (void)rows; (void)k; (void)dim; (void)out; (void)out_dtype; (void)stream;
     return without_cuda(__func__);
 }
 /* end of moe */

@@ -20,6 +20,9 @@
 #include "kernels.h"
 #include "numeric.h"
 
+_Static_assert(sizeof(((dsrtk_verify_drafts *)0)->id) == DSRT_VERIFY_MAX_K * sizeof(int64_t),
+               "the CUDA verification takes DSRT_VERIFY_MAX_K draft ids by value");
+
 dsrt_sample_params dsrt_sample_params_default(void)
 {
     dsrt_sample_params p = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0.0f};
@@ -55,10 +58,22 @@ static int cand_cmp(const void *a, const void *b)
     return (p->id > q->id) - (p->id < q->id);
 }
 
-/* one row; x is a writable copy of the logits, seen a zeroed byte per id, c room for V candidates */
-static int sample_row(float *x, int64_t V, const dsrt_sample_params *p, const int64_t *hist, int64_t nhist,
-                      unsigned char *seen, cand *c, float u, int64_t row, int64_t *out)
+/* The processed distribution of one row (sampling.h steps 1–4), which both the draw and
+ * dsrt_sample_probs read, so the two can never disagree. x is a writable copy of the logits, seen a
+ * zeroed byte per id, c room for V candidates. */
+enum { ROW_GREEDY, ROW_INF, ROW_WEIGHTS };
+typedef struct {
+    int kind;
+    int64_t best; /* ROW_GREEDY: the argmax */
+    int64_t n;    /* ROW_INF: c[0..n) are the +inf candidates; ROW_WEIGHTS: c[0..n) are kept */
+    double *pr;   /* ROW_WEIGHTS: their p (malloc'd, the caller frees), summing to z in order */
+    double z;
+} row_dist;
+
+static int process_row(float *x, int64_t V, const dsrt_sample_params *p, const int64_t *hist, int64_t nhist,
+                       unsigned char *seen, cand *c, int64_t row, row_dist *d)
 {
+    d->pr = NULL;
     for (int64_t i = 0; i < V; i++)
         if (isnan(x[i])) return dsrt_err("sample: row %lld has a NaN logit (id %lld)", (long long)row + 1, (long long)i);
     for (int64_t j = 0; j < nhist; j++) {
@@ -82,7 +97,7 @@ static int sample_row(float *x, int64_t V, const dsrt_sample_params *p, const in
     for (int64_t i = 1; i < V; i++)
         if (x[i] > x[best]) best = i;
     if (x[best] == -INFINITY) return dsrt_err("sample: row %lld has no finite logit", (long long)row + 1);
-    if (p->temperature == 0.0f) { *out = best; return 0; }
+    if (p->temperature == 0.0f) { d->kind = ROW_GREEDY; d->best = best; return 0; }
 
     double xmax = x[best], inv_t = 1.0 / p->temperature;
     int64_t n = V;
@@ -93,7 +108,8 @@ static int sample_row(float *x, int64_t V, const dsrt_sample_params *p, const in
     if (isinf(xmax)) {
         int64_t m = 0;
         while (m < n && c[m].x == INFINITY) m++;
-        *out = c[(int64_t)((double)u * m)].id;
+        d->kind = ROW_INF;
+        d->n = m;
         return 0;
     }
     double *pr = malloc((size_t)n * sizeof *pr);
@@ -114,15 +130,48 @@ static int sample_row(float *x, int64_t V, const dsrt_sample_params *p, const in
     }
     z = 0.0;
     for (int64_t i = 0; i < n; i++) z += pr[i];
-    double target = (double)u * z, cum = 0.0;
+    d->kind = ROW_WEIGHTS;
+    d->n = n;
+    d->pr = pr;
+    d->z = z;
+    return 0;
+}
+
+/* one row's draw (sampling.h step 5) */
+static int sample_row(float *x, int64_t V, const dsrt_sample_params *p, const int64_t *hist, int64_t nhist,
+                      unsigned char *seen, cand *c, float u, int64_t row, int64_t *out)
+{
+    row_dist d;
+    if (process_row(x, V, p, hist, nhist, seen, c, row, &d)) return -1;
+    if (d.kind == ROW_GREEDY) { *out = d.best; return 0; }
+    if (d.kind == ROW_INF) { *out = c[(int64_t)((double)u * d.n)].id; return 0; }
+    double target = (double)u * d.z, cum = 0.0;
     int64_t pick = 0;
-    for (int64_t i = 0; i < n; i++) {
-        cum += pr[i];
+    for (int64_t i = 0; i < d.n; i++) {
+        cum += d.pr[i];
         if (cum > target) { pick = i; break; }
-        if (pr[i] > 0.0) pick = i; /* rounding: the last nonzero candidate */
+        if (d.pr[i] > 0.0) pick = i; /* rounding: the last nonzero candidate */
     }
-    free(pr);
+    free(d.pr);
     *out = c[pick].id;
+    return 0;
+}
+
+/* one row's processed distribution into out[V] (zeroed here) */
+static int probs_row(float *x, int64_t V, const dsrt_sample_params *p, const int64_t *hist, int64_t nhist,
+                     unsigned char *seen, cand *c, int64_t row, float *out)
+{
+    row_dist d;
+    if (process_row(x, V, p, hist, nhist, seen, c, row, &d)) return -1;
+    memset(out, 0, (size_t)V * sizeof *out);
+    if (d.kind == ROW_GREEDY) {
+        out[d.best] = 1.0f;
+    } else if (d.kind == ROW_INF) {
+        for (int64_t i = 0; i < d.n; i++) out[c[i].id] = (float)(1.0 / (double)d.n);
+    } else {
+        for (int64_t i = 0; i < d.n; i++) out[c[i].id] = (float)(d.pr[i] / d.z);
+        free(d.pr);
+    }
     return 0;
 }
 
@@ -149,20 +198,109 @@ int dsrt_sample_cpu(const float *logits, int64_t B, int64_t V, const dsrt_sample
     return rc;
 }
 
+int dsrt_sample_probs_cpu(const float *logits, int64_t B, int64_t V, const dsrt_sample_params *params,
+                          const int64_t *hist_off, const int64_t *hist_ids, float *out)
+{
+    if (B < 1 || V < 1) return dsrt_err("sample_probs: logits must have at least one row and one column");
+    for (int64_t r = 0; r < B; r++)
+        if (dsrt_sample_params_check(&params[r], B > 1 ? r : -1)) return -1;
+    float *x = malloc((size_t)V * sizeof *x);
+    unsigned char *seen = calloc((size_t)V, 1);
+    cand *c = malloc((size_t)V * sizeof *c);
+    int rc = 0;
+    if (!x || !seen || !c) rc = dsrt_err("sample_probs: out of memory for a row of %lld logits", (long long)V);
+    for (int64_t r = 0; r < B && rc == 0; r++) {
+        memcpy(x, logits + r * V, (size_t)V * sizeof *x);
+        int64_t h0 = hist_off ? hist_off[r] : 0, h1 = hist_off ? hist_off[r + 1] : 0;
+        rc = probs_row(x, V, &params[r], hist_ids + h0, h1 - h0, seen, c, r, out + r * V);
+    }
+    free(x);
+    free(seen);
+    free(c);
+    return rc;
+}
+
+/* ---- speculative verification (sampling.h), the readable reference of sample_verify_kernel ---- */
+
+/* the weighted draw of sampling.h (dsrt_draw_weight), in its fixed order */
+static int64_t draw_weights(const float *p, const float *q, int64_t q_id, int64_t V, float u)
+{
+    const int64_t C = dsrt_draw_chunk(V), nchunks = (V + C - 1) / C;
+    double sums[DSRT_DRAW_MAX_CHUNKS];
+    int use_p = 0;
+    double Z = 0.0;
+    for (int pass = 0; pass < 2; pass++) {
+        Z = 0.0;
+        for (int64_t ch = 0; ch < nchunks; ch++) {
+            double s = 0.0;
+            for (int64_t i = ch * C; i < V && i < (ch + 1) * C; i++) s += dsrt_draw_weight(p, q, q_id, use_p, i);
+            sums[ch] = s;
+        }
+        for (int64_t ch = 0; ch < nchunks; ch++) Z += sums[ch];
+        if (Z > 0.0) break;
+        use_p = 1; /* p <= q everywhere (p == q up to rounding): the residual is empty, draw from p */
+    }
+    const double target = (double)u * Z;
+    double cum = 0.0;
+    int64_t ch = 0;
+    while (ch < nchunks && !(cum + sums[ch] > target)) cum += sums[ch++];
+    int64_t lo = 0, hi = V; /* where the rounding fallback looks */
+    if (ch < nchunks) {
+        lo = ch * C;
+        hi = lo + C < V ? lo + C : V;
+        for (int64_t i = lo; i < hi; i++) {
+            cum += dsrt_draw_weight(p, q, q_id, use_p, i);
+            if (cum > target) return i;
+        }
+    }
+    for (int64_t i = hi - 1; i >= lo; i--)
+        if (dsrt_draw_weight(p, q, q_id, use_p, i) > 0.0f) return i;
+    return 0; /* unreachable: Z > 0 has a positive weight */
+}
+
+int dsrt_sample_verify_cpu(const float *p, const float *q, int64_t k, int64_t V, const int64_t *drafts, uint64_t seed,
+                           uint64_t step, int64_t *accepted, int64_t *next_id)
+{
+    int64_t a = 0;
+    for (; a < k; a++) {
+        const int64_t d = drafts[a];
+        const float pd = p[a * V + d], qd = q ? q[a * V + d] : 1.0f;
+        const float u = dsrt_rand_uniform(seed, 2 * (step + (uint64_t)a));
+        if (!((double)u * (double)qd < (double)pd)) break;
+    }
+    const float u = dsrt_rand_uniform(seed, 2 * (step + (uint64_t)a) + 1);
+    const float *qrow = a < k && q ? q + a * V : NULL;
+    const int64_t q_id = a < k && !q ? drafts[a] : -1;
+    *accepted = a;
+    *next_id = draw_weights(p + a * V, qrow, q_id, V, u);
+    return 0;
+}
+
+/* the CPU form over tensors: waits for the stream that produced p and q first */
+static int dsrt_sample_verify_cpu_checked(const float *p, const float *q, int64_t k, int64_t V, const int64_t *drafts,
+                                          uint64_t seed, uint64_t step, dsrt_stream *stream, int64_t *accepted,
+                                          int64_t *next_id)
+{
+    if (dsrt_stream_synchronize(stream)) return -1;
+    return dsrt_sample_verify_cpu(p, q, k, V, drafts, seed, step, accepted, next_id);
+}
+
 /* ---- the CUDA path ---- */
 
 static int kernel_failed(void)
 {
     const char *msg = dsrtk_error();
-    if (!strncmp(msg, "sample:", 7)) return dsrt_err("%s", msg);
+    if (!strncmp(msg, "sample", 6)) return dsrt_err("%s", msg); /* sample:, sample_probs:, sample_verify: */
     return dsrt_err("sample: %s", msg);
 }
 
 /* c: contiguous f32 logits [B, V] on a CUDA device (the stream's). Writes the ids to host `ids`
- * and, when `dev_out` is given, returns them as a device tensor there too. */
+ * and, when `dev_out` is given, returns them as a device tensor there too. With `probs` (a
+ * contiguous f32 [B, V] on the device) it writes the processed distributions there instead
+ * (dsrt_sample_probs): the same kernels, ending before the draw. */
 static int sample_cuda(dsrt_tensor *c, int64_t B, int64_t V, const dsrt_sample_params *params,
                        const int64_t *hist_off, const int64_t *hist_ids, uint64_t seed, uint64_t step,
-                       dsrt_stream *stream, int64_t *ids, dsrt_tensor **dev_out)
+                       dsrt_stream *stream, int64_t *ids, dsrt_tensor **dev_out, dsrt_tensor *probs)
 {
     int dev = c->device;
     int sorting = 0, penalties = 0;
@@ -214,9 +352,15 @@ static int sample_cuda(dsrt_tensor *c, int64_t B, int64_t V, const dsrt_sample_p
     /* pageable source: the copy has consumed it when the call returns (and `up` lives to the end) */
     if (dsrtk_memcpy(dev, up_dev->data, up, up_bytes, DSRTK_H2D, stream->handle, 1)) { rc = kernel_failed(); goto done; }
     int64_t *out_data = (int64_t *)out->storage->data + out->offset;
-    if (dsrtk_sample(dev, (const float *)c->storage->data + c->offset, B, V, (const dsrtk_sample_row *)up_dev->data,
-                     (const int64_t *)((unsigned char *)up_dev->data + rows_bytes), max_hist, seed, step, sorting,
-                     penalties, work ? work->data : NULL, wbytes, out_data, stream->handle)) {
+    if (probs ? dsrtk_sample_probs(dev, (const float *)c->storage->data + c->offset, B, V,
+                                   (const dsrtk_sample_row *)up_dev->data,
+                                   (const int64_t *)((unsigned char *)up_dev->data + rows_bytes), max_hist, sorting,
+                                   penalties, work ? work->data : NULL, wbytes,
+                                   (float *)probs->storage->data + probs->offset, out_data, stream->handle)
+              : dsrtk_sample(dev, (const float *)c->storage->data + c->offset, B, V,
+                             (const dsrtk_sample_row *)up_dev->data,
+                             (const int64_t *)((unsigned char *)up_dev->data + rows_bytes), max_hist, seed, step,
+                             sorting, penalties, work ? work->data : NULL, wbytes, out_data, stream->handle)) {
         rc = kernel_failed();
         goto done;
     }
@@ -278,7 +422,7 @@ dsrt_tensor *dsrt_sample(dsrt_tensor *logits, const dsrt_sample_params *params, 
     if (!c) return NULL;
     dsrt_tensor *out = NULL;
     if (c->device != DSRT_CPU) {
-        if (sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, NULL, &out)) out = NULL;
+        if (sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, NULL, &out, NULL)) out = NULL;
     } else {
         int64_t shape[1] = {B};
         out = dsrt_tensor_new(DSRT_I64, 1, shape, DSRT_CPU, stream);
@@ -298,8 +442,92 @@ int dsrt_sample_host(dsrt_tensor *logits, const dsrt_sample_params *params, cons
     int64_t B, V;
     dsrt_tensor *c = sample_input(logits, stream, &B, &V);
     if (!c) return -1;
-    int rc = c->device != DSRT_CPU ? sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, ids, NULL)
+    int rc = c->device != DSRT_CPU ? sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, ids, NULL, NULL)
                                    : sample_cpu_tensor(c, B, V, params, hist_off, hist_ids, seed, step, stream, ids);
     dsrt_tensor_release(c);
+    return rc;
+}
+
+dsrt_tensor *dsrt_sample_probs(dsrt_tensor *logits, const dsrt_sample_params *params, const int64_t *hist_off,
+                               const int64_t *hist_ids, dsrt_stream *stream)
+{
+    int64_t B, V;
+    dsrt_tensor *c = sample_input(logits, stream, &B, &V);
+    if (!c) return NULL;
+    int64_t shape[2] = {B, V};
+    dsrt_tensor *out = dsrt_tensor_new(DSRT_F32, 2, shape, c->device, stream);
+    int rc = out ? 0 : -1;
+    if (rc == 0 && c->device != DSRT_CPU) {
+        rc = sample_cuda(c, B, V, params, hist_off, hist_ids, 0, 0, stream, NULL, NULL, out);
+    } else if (rc == 0) {
+        rc = dsrt_stream_synchronize(stream);
+        if (rc == 0)
+            rc = dsrt_sample_probs_cpu((const float *)c->storage->data + c->offset, B, V, params, hist_off, hist_ids,
+                                       (float *)out->storage->data + out->offset);
+    }
+    dsrt_tensor_release(c);
+    if (rc && out) {
+        dsrt_tensor_release(out);
+        out = NULL;
+    }
+    return out;
+}
+
+int dsrt_sample_verify(dsrt_tensor *p, dsrt_tensor *q, const int64_t *drafts, int64_t k, uint64_t seed, uint64_t step,
+                       dsrt_stream *stream, int64_t *accepted, int64_t *next_id)
+{
+    char buf[128], buf2[128], d[16];
+    if (k < 0 || k > DSRT_VERIFY_MAX_K)
+        return dsrt_err("sample_verify: %lld drafts; one verification takes 0 to %d", (long long)k, DSRT_VERIFY_MAX_K);
+    if (p->dtype != DSRT_F32 || p->ndim != 2 || p->shape[0] != k + 1 || p->shape[1] < 1)
+        return dsrt_err("sample_verify: p must be f32 [k + 1, V] = [%lld, V] for %lld drafts, got %s", (long long)k + 1,
+                        (long long)k, dsrt_tensor_str(p, buf, sizeof buf));
+    const int64_t V = p->shape[1];
+    if (q && (q->dtype != DSRT_F32 || q->ndim != 2 || q->shape[0] != k || q->shape[1] != V))
+        return dsrt_err("sample_verify: q must be f32 [k, V] = [%lld, %lld] like p %s, got %s", (long long)k,
+                        (long long)V, dsrt_tensor_str(p, buf, sizeof buf), dsrt_tensor_str(q, buf2, sizeof buf2));
+    if (q && q->device != p->device)
+        return dsrt_err("sample_verify: p %s and q %s are on different devices", dsrt_tensor_str(p, buf, sizeof buf),
+                        dsrt_tensor_str(q, buf2, sizeof buf2));
+    if (p->device != stream->device)
+        return dsrt_err("sample_verify: p %s is not on the stream's device %s", dsrt_tensor_str(p, buf, sizeof buf),
+                        dsrt_device_str(stream->device, d));
+    for (int64_t i = 0; i < k; i++)
+        if (drafts[i] < 0 || drafts[i] >= V)
+            return dsrt_err("sample_verify: draft %lld is id %lld, outside the vocabulary [0, %lld)", (long long)i + 1,
+                            (long long)drafts[i], (long long)V);
+    dsrt_tensor *pc = dsrt_tensor_contiguous(p, stream), *qc = NULL;
+    if (!pc) return -1;
+    if (q && !(qc = dsrt_tensor_contiguous(q, stream))) {
+        dsrt_tensor_release(pc);
+        return -1;
+    }
+    const float *pd = (const float *)pc->storage->data + pc->offset;
+    const float *qd = qc ? (const float *)qc->storage->data + qc->offset : NULL;
+    int rc = 0;
+    if (pc->device == DSRT_CPU) {
+        rc = dsrt_sample_verify_cpu_checked(pd, qd, k, V, drafts, seed, step, stream, accepted, next_id);
+    } else {
+        int dev = pc->device;
+        dsrtk_verify_drafts ids;
+        memset(&ids, 0, sizeof ids);
+        for (int64_t i = 0; i < k; i++) ids.id[i] = drafts[i];
+        int64_t back[3] = {0, 0, -1};
+        dsrt_storage *out = dsrt_storage_new(dev, sizeof back, stream);
+        if (!out || dsrt_storage_use(pc->storage, stream) || (qc && dsrt_storage_use(qc->storage, stream))) rc = -1;
+        else if (dsrtk_sample_verify(dev, pd, qd, k, V, ids, seed, step, (int64_t *)out->data, stream->handle) ||
+                 dsrtk_memcpy(dev, back, out->data, sizeof back, DSRTK_D2H, stream->handle, 0))
+            rc = kernel_failed();
+        else if (back[2] != DSRTK_SAMPLE_OK || back[0] < 0 || back[0] > k || back[1] < 0 || back[1] >= V)
+            rc = dsrt_err("sample_verify: the CUDA kernel returned status %lld, %lld accepted, id %lld (a bug)",
+                          (long long)back[2], (long long)back[0], (long long)back[1]);
+        else {
+            *accepted = back[0];
+            *next_id = back[1];
+        }
+        if (out) dsrt_storage_release(out);
+    }
+    dsrt_tensor_release(pc);
+    if (qc) dsrt_tensor_release(qc);
     return rc;
 }

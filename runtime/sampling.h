@@ -67,6 +67,26 @@ DSRT_HD double dsrt_sample_exp(double a)
     return ldexp(p, (int)k); /* exact: the result is a normal double */
 }
 
+/* The weighted draw of speculative verification, one definition for gcc and nvcc: weights
+ * w_i = max(0, p_i - q_i) over i < V (q_i: q[i] when q is given, else 1 at q_id and 0 elsewhere;
+ * f32 subtraction; use_p: w_i = max(0, p_i)), summed in double in a fixed order: chunks of
+ * dsrt_draw_chunk(V) consecutive ids, each added from its first id on, then the chunk sums in
+ * chunk order (Z). Returns the first id whose running sum (the sums of the chunks before it, then
+ * its chunk's weights one by one) exceeds u * Z; rounding fallbacks are the last id with w > 0 of
+ * the chunk the chunk sums chose, or of the whole row. The chunks are what the CUDA kernel gives
+ * one thread each (at most DSRT_DRAW_MAX_CHUNKS). */
+#define DSRT_DRAW_MAX_CHUNKS 1024
+DSRT_HD int64_t dsrt_draw_chunk(int64_t V)
+{
+    int64_t c = (V + DSRT_DRAW_MAX_CHUNKS - 1) / DSRT_DRAW_MAX_CHUNKS;
+    return c < 256 ? 256 : c;
+}
+DSRT_HD float dsrt_draw_weight(const float *p, const float *q, int64_t q_id, int use_p, int64_t i)
+{
+    float w = use_p ? p[i] : p[i] - (q ? q[i] : (i == q_id ? 1.0f : 0.0f));
+    return w > 0.0f ? w : 0.0f; /* NaN -> 0 too */
+}
+
 /* the rest is the C API, which the kernels do not need */
 #ifndef __CUDACC__
 #include "tensor.h"
@@ -105,6 +125,41 @@ dsrt_tensor *dsrt_sample(dsrt_tensor *logits, const dsrt_sample_params *params, 
  * only the ids and status words cross to the host. Returns 0, or -1 with a message. */
 int dsrt_sample_host(dsrt_tensor *logits, const dsrt_sample_params *params, const int64_t *hist_off,
                      const int64_t *hist_ids, uint64_t seed, uint64_t step, dsrt_stream *stream, int64_t *ids);
+
+/* ---- the processed distribution and speculative verification (MTP drafts, issue 7) ----
+ *
+ * dsrt_sample_probs: the distribution the sampler draws from, per row: f32 [B, V] with, at each
+ * kept candidate of steps 1–4 above, p_i / z (p_i and z exactly the sampler's doubles, the quotient
+ * rounded once to f32), and 0 elsewhere. Greedy rows (temperature 0) are one-hot at the argmax; a
+ * row with +inf logits gives 1/m to each of its m +inf candidates. So a draw with
+ * dsrt_sample(seed, step) follows these weights exactly, and rejection sampling (below) can compare
+ * target and draft distributions as the sampler sees them. seed/step play no part. A new tensor on
+ * the logits' device (NULL with a message); on CUDA the logits never leave the device and the call
+ * waits only for the B status words. */
+dsrt_tensor *dsrt_sample_probs(dsrt_tensor *logits, const dsrt_sample_params *params, const int64_t *hist_off,
+                               const int64_t *hist_ids, dsrt_stream *stream);
+int dsrt_sample_probs_cpu(const float *logits, int64_t B, int64_t V, const dsrt_sample_params *params,
+                          const int64_t *hist_off, const int64_t *hist_ids, float *out);
+
+/* The most drafts one verification takes (the CUDA kernel gets the draft ids by value). */
+#define DSRT_VERIFY_MAX_K 32
+
+/* Speculative verification by rejection sampling (Leviathan et al. / Chen et al.; vLLM's
+ * rejection sampler): p f32 [k+1, V] the target's processed distributions (dsrt_sample_probs) at
+ * the k+1 verified positions, q f32 [k, V] the drafts' (NULL: each draft was a deterministic
+ * proposal, q = one-hot at it), drafts[k] the draft ids (host). For i = 0, 1, ...: draft i is
+ * accepted when u_i * q_i(d_i) < p_i(d_i) (in double: accept with probability min(1, p/q)),
+ *   u_i = dsrt_rand_uniform(seed, 2 * (step + i));
+ * at the first rejection i the next token is drawn from normalise(max(0, p_i - q_i)) (f32
+ * difference; p_i itself where that is all zero), after k acceptances from p_k, in both cases with
+ *   u = dsrt_rand_uniform(seed, 2 * (step + a) + 1), a = the number accepted,
+ * by dsrt_sample_draw_weights' fixed summation order. step is the index of the token row 0 decides,
+ * so a generation's counters never repeat. p and q on one device (CPU or CUDA): on CUDA one kernel
+ * decides and only *accepted and *next_id cross to the host. Returns 0, or -1 with a message. */
+int dsrt_sample_verify(dsrt_tensor *p, dsrt_tensor *q, const int64_t *drafts, int64_t k, uint64_t seed, uint64_t step,
+                       dsrt_stream *stream, int64_t *accepted, int64_t *next_id);
+int dsrt_sample_verify_cpu(const float *p, const float *q, int64_t k, int64_t V, const int64_t *drafts, uint64_t seed,
+                           uint64_t step, int64_t *accepted, int64_t *next_id);
 
 #endif /* !__CUDACC__ */
 

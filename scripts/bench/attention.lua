@@ -4,7 +4,8 @@
 -- of D = 512, K = 640 entries (window 128 + top-k 512) per query row:
 --   decode (S = 1) is memory bound: the bytes counted are those that must move, the gathered pool
 --   rows (K x D) once, q, the indices and the output; GB/s against the copy ceiling;
---   prefill (S = 4096) is compute bound: 4·S·H·K·D FLOPs (q·kv and p·v), TFLOP/s.
+--   prefill (S = 4096) is compute bound: 4·S·H·K·D FLOPs (q·kv and p·v), TFLOP/s; bf16 in reference
+--   precision runs on the tensor cores (mma.sync), f32 in fp32 precision on the CUDA cores.
 local function sparse_rows(ctx)
   local dsrt = require "dsrt"
   local nn = dsrt.nn
@@ -35,12 +36,17 @@ local function sparse_rows(ctx)
   report(("sparse_attn prefill bf16 S=%d K=%d"):format(S, K),
          time_ms(function() return nn.sparse_attention(q, pools.bf16, idx, sink, scale, "reference") end, ctx.quick and 3 or 5),
          nil, 4 * S * H * K * D)
+  local q32 = q:to("f32")
+  report(("sparse_attn prefill f32 S=%d K=%d"):format(S, K),
+         time_ms(function() return nn.sparse_attention(q32, pools.f32, idx, sink, scale, "fp32") end, ctx.quick and 3 or 5),
+         nil, 4 * S * H * K * D)
 end
 
 -- The attention layer (runtime/attention.c, SPEC §6) of the first Flash ratio-4 layer (CSA: the
 -- overlapping compressor and the lightning indexer, top-512) on random weights in the checkpoint's
 -- formats, one decode step at context 4096 (each run forwards position 4096 and truncates back),
--- with the 3 aux streams of SPEC §10 and without: the time per step, the overlap the streams buy.
+-- with the 3 aux streams of SPEC §10 and without: the time per step, the overlap the streams buy
+-- (none at decode, where the layer runs on one stream: runtime/attention.c AUX_MIN_ROWS).
 -- Bytes that must move: the layer's weights once, the KV rows attention reads (window 128 + top-k
 -- 512 f32 rows of 512) and the indexer keys it scores (1024 f32 rows of 128).
 local function layer_rows(ctx)

@@ -1,8 +1,8 @@
 -- scripts/bench/linear.lua - the DSV4 linear layers on CUDA (kernels/linear.cu), Flash-sized (SPEC §1.1).
 --
--- Decode (1 and 4 rows) is memory-bound: the rate counts the weight bytes that must move (codes plus
+-- Decode (1, 4 and 8 rows: one launch, no workspace) is memory-bound: the rate counts the weight bytes that must move (codes plus
 -- scales, read once), against the copy ceiling of scripts/bench.lua. Prefill (4096 rows) is
--- compute-bound: TFLOP/s of 2·M·N·K, next to a bf16 cuBLAS matmul of the same shape (the H200's
+-- compute-bound: TFLOP/s of 2·M·N·K (fp4: dequantise to a bf16 slab, then cuBLAS bf16), next to a bf16 cuBLAS matmul of the same shape (the H200's
 -- nominal dense FP8 peak is ~1979 TFLOP/s, bf16 ~989). Weights and inputs are random, never zeros.
 return function(ctx)
   local dsrt = require "dsrt"
@@ -34,13 +34,14 @@ return function(ctx)
   local decode = {
     { "fp8 wq_b 1024->32768", "fp8", 1024, 32768 },
     { "fp8 wkv 4096->512", "fp8", 4096, 512 },
+    { "fp8 wo_b 8192->4096", "fp8", 8192, 4096 },
     { "fp4 expert 4096->2048", "fp4", 4096, 2048 },
     { "fp4 expert 2048->4096", "fp4", 2048, 4096 },
     { "bf16 head 4096->129280 fp32m", "bf16", 4096, 129280, true },
   }
   for _, c in ipairs(decode) do
     local lin, bytes = layer(c[2], c[3], c[4], c[5])
-    for _, rows in ipairs { 1, 4 } do
+    for _, rows in ipairs { 1, 4, 8 } do
       local x = rnd({ rows, c[3] }):to("bf16")
       report(("linear %s x%d"):format(c[1], rows), time_ms(function() return lin:forward(x) end), bytes)
     end
@@ -58,7 +59,7 @@ return function(ctx)
     local wt = rnd({ n_in, n_out }, { std = 0.05 }):to("bf16")
     report(("  bf16 cuBLAS same shape"), time_ms(function() return dsrt.matmul(x, wt) end), nil, flops)
     local l4 = layer("fp4", n_in, n_out)
-    report(("linear fp4 prefill %dx%d->%d (tiled)"):format(m, n_in, n_out), time_ms(function() return l4:forward(x) end, 3),
+    report(("linear fp4 prefill %dx%d->%d (bf16 slab)"):format(m, n_in, n_out), time_ms(function() return l4:forward(x) end, 3),
            nil, flops)
     lin, l4, wt = nil, nil, nil
     collectgarbage()

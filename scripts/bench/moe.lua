@@ -5,7 +5,8 @@
 -- learned routing. Weights are random, made on the device.
 --   decode (T = 1, 4): memory-bound; GB/s over the weight bytes a step must read: each distinct
 --     selected expert's w1, w2, w3 with their scales, the shared expert's, the gate's;
---   prefill (T = 4096): TFLOP/s over 2 FLOPs per weight per routed or shared row, plus the gate.
+--   prefill (T = 4096): TFLOP/s over 2 FLOPs per weight per routed or shared row, plus the gate
+--     (reference: bf16 tensor-core GEMMs on dequantised copies; fp32: f32 GEMMs, no TF32).
 return function(ctx)
   local dsrt = require "dsrt"
   local dev = ctx.dev
@@ -67,4 +68,6 @@ return function(ctx)
   local flops = 2 * rows * (k + 1) * 3 * dim * inter + 2 * rows * n * dim
   ctx.report(("moe prefill T=%d reference"):format(rows),
              ctx.time_ms(function() return moe:forward(x, nil, "reference") end, 3), nil, flops)
+  ctx.report(("moe prefill T=%d fp32"):format(rows),
+             ctx.time_ms(function() return moe:forward(x, nil, "fp32") end, 3), nil, flops)
 end

@@ -4,7 +4,8 @@
 -- number to read) and prefill (T = 4096, bandwidth bound: GB/s against the copy ceiling).
 --
 -- Bytes are what must move: every input read once and every output written once (hc_pre reads X
--- once for the GEMM and again for the collapse, but counts it once; fn's re-reads from L2 are free).
+-- once for the GEMM and again for the collapse, but counts it once; fn's re-reads from L2 are free;
+-- the double partial sums of the split GEMM, T·splits·25·8 bytes, are not counted either).
 -- Called by scripts/bench.lua with ctx = {report, time_ms, quick, dev}.
 local dsrt = require "dsrt"
 local nn = dsrt.nn
@@ -37,6 +38,11 @@ return function(ctx)
     report(("nn.hc_post bf16 T=%d hc=%d d=%d"):format(T, HC, DIM),
            time_ms(function() return nn.hc_post(f, X, post, comb, "reference") end),
            T * DIM * 2 + 2 * T * K * 2 + T * (HC + HC * HC) * 4)
+    -- the fused pair (the model's step between two sublayers): X' written once, read back only for
+    -- many tokens; compare with the two rows above together
+    report(("nn.hc_post_pre bf16 T=%d hc=%d d=%d"):format(T, HC, DIM),
+           time_ms(function() return nn.hc_post_pre(f, X, post, comb, fn, scale, base, 1e-6, 1e-6, 20, "reference") end),
+           T * DIM * 2 + 2 * T * K * 2 + M * K * 4 + T * DIM * 2 + 2 * T * (HC + HC * HC) * 4, 2 * T * M * K)
     X, f, post, comb, x = nil, nil, nil, nil, nil
     collectgarbage()
   end

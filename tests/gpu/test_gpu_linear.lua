@@ -1,10 +1,13 @@
 -- test_gpu_linear.lua — dsrt.linear on CUDA (kernels/linear.cu) against the CPU forward of the SAME
 -- layer built on CPU copies of the weights (runtime/linear.c, the reference), on fresh random
 -- weights, scales and inputs for every format (fp8 with e8m0 and f32 scales, fp4, bf16), fp32_math,
--- the grouped wo_a, both precisions and rows {1, 2, 7, 15, 16, 17, 33, 130}: the decode GEMV (< 16
--- rows), cuBLASLt FP8 block scaling (fp8 reference, in % 128 == 0, out % 16 == 0, 16+ rows) and the
--- tiled kernel (the rest; shapes chosen to reach it at every row count: out not a multiple of 16,
--- in not a multiple of the GEMV's 16-byte vector, grouped with 6 features per group).
+-- the grouped wo_a, both precisions and rows {1, 2, 7, 8, 9, 15, 16, 17, 33, 130}: the one-launch
+-- decode GEMV (<= 8 rows; activation staged in shared memory, in several K chunks when in is wide:
+-- the fp8 1536 and fp4 2048/4096 cases at 5..8 rows; K split over warps for small out), cuBLASLt FP8
+-- block scaling (fp8 reference, in % 128 == 0, out % 16 == 0, 9+ rows), cuBLAS over dequantised
+-- weight slabs (everything else at 9+ rows: bf16 route, f32 route, f32 route with bf16 output, two
+-- slabs for a 65536-wide weight, and the exact fallback when a dequantised fp8 weight is not a bf16
+-- value) and the tiled kernel (shapes the GEMV cannot vector-load at <= 8 rows).
 --
 -- Outputs come from an allocator cache stocked with 0xff blocks (NaN), so an element the kernels
 -- never write fails. Thresholds: f32 outputs rel_error <= 1e-5 (only the order of fp32 additions
@@ -21,7 +24,7 @@ local tests, test = h.suite{ gpu = true }
 local seed = 9100
 local function next_seed() seed = seed + 1 return seed end
 
-local ROWS = { 1, 2, 7, 15, 16, 17, 33, 130 }
+local ROWS = { 1, 2, 7, 8, 9, 15, 16, 17, 33, 130 }
 
 -- stocks the CUDA cache with freed blocks of 0xff bytes around the size class of nbytes
 local function poison_cache(nbytes)
@@ -43,6 +46,8 @@ local function random_linear(format, in_features, out_features, opts)
     t.weight = w:to("f8e4m3")
     local sshape = { (out_features + 127) // 128, (cols + 127) // 128 }
     local s = dsrt.rand(sshape, { seed = next_seed(), low = 0.002, high = 0.05 })
+    -- tiny: 2^-126, where e4m3·S falls below bf16's subnormal grid (the cuBLAS route's exact fallback)
+    if opts.tiny_scale then s = dsrt.full(sshape, 2.0 ^ -126) end
     t.scale = opts.f32_scale and s or s:to("f8e8m0")
   elseif format == "fp4" then
     t.weight = w:to("fp4e2m1")
@@ -115,10 +120,13 @@ local CASES = {
   { "fp8 1024->48", "fp8", 1024, 48 },
   { "fp8 100->72 (tiled only)", "fp8", 100, 72 },
   { "fp8 f32 scales 256->144", "fp8", 256, 144, { f32_scale = true } },
+  { "fp8 1536->72 (GEMV in two staged chunks at 5-8 rows)", "fp8", 1536, 72 },
+  { "fp8 tiny scales 384->200 (not bf16 values: exact fallback)", "fp8", 384, 200, { tiny_scale = true } },
   -- fp4, 1x32 e8m0 scales
   { "fp4 320->200", "fp4", 320, 200 },
   { "fp4 1056->24", "fp4", 1056, 24 },
   { "fp4 80->40 (tiled only)", "fp4", 80, 40 },
+  { "fp4 2048->40 (GEMV in two staged chunks at 5-8 rows)", "fp4", 2048, 40 },
   -- bf16 and fp32_math
   { "bf16 264->200", "bf16", 264, 200 },
   { "bf16 100->30 (tiled only)", "bf16", 100, 30 },
@@ -136,13 +144,14 @@ for _, c in ipairs(CASES) do
   end)
 end
 
-test("cuda: Flash-sized decode shapes match cpu at 1 and 4 rows", function()
+test("cuda: Flash-sized decode shapes match cpu at 1, 4 and 8 rows", function()
   for _, c in ipairs {
-    { "fp8", 1024, 4096 }, { "fp4", 4096, 512 }, { "fp4", 2048, 1024 }, { "bf16", 4096, 520, { fp32_math = true } },
+    { "fp8", 1024, 4096 }, { "fp8", 4096, 512 }, { "fp4", 4096, 512 }, { "fp4", 2048, 1024 },
+    { "bf16", 4096, 520, { fp32_math = true } },
   } do
     local desc = random_linear(c[1], c[2], c[3], c[4])
     local cpu, gpu = dsrt.linear(desc), dsrt.linear(on_cuda(desc))
-    for _, rows in ipairs { 1, 4 } do
+    for _, rows in ipairs { 1, 4, 8 } do
       for _, precision in ipairs { "reference", "fp32" } do
         local x = dsrt.randn({ rows, c[2] }, { seed = next_seed(), dtype = "bf16" })
         poison_cache(rows * c[3] * 4)
@@ -150,6 +159,29 @@ test("cuda: Flash-sized decode shapes match cpu at 1 and 4 rows", function()
               string.format("%s %d->%d rows %d %s", c[1], c[2], c[3], rows, precision))
       end
     end
+  end
+end)
+
+test("cuda: Flash-sized fp4 prefill (cuBLAS bf16 on a dequantised slab) matches cpu", function()
+  local desc = random_linear("fp4", 2048, 1024)
+  local cpu, gpu = dsrt.linear(desc), dsrt.linear(on_cuda(desc))
+  for _, precision in ipairs { "reference", "fp32" } do
+    for _, xdtype in ipairs { "bf16", "f32" } do
+      local x = dsrt.randn({ 130, 2048 }, { seed = next_seed(), dtype = xdtype })
+      poison_cache(130 * 1024 * 4)
+      check(gpu:forward(x:to("cuda"), precision), cpu:forward(x, precision),
+            string.format("fp4 2048->1024 rows 130 %s x %s", precision, xdtype))
+    end
+  end
+end)
+
+test("cuda: a weight wider than one slab (f32 route in two slabs, bf16 route as stored)", function()
+  local desc = random_linear("bf16", 65536, 300, { fp32_math = true })
+  local cpu, gpu = dsrt.linear(desc), dsrt.linear(on_cuda(desc))
+  for _, xdtype in ipairs { "f32", "bf16" } do
+    local x = dsrt.randn({ 17, 65536 }, { seed = next_seed(), dtype = xdtype })
+    poison_cache(17 * 300 * 4)
+    check(gpu:forward(x:to("cuda")), cpu:forward(x), "bf16 65536->300 rows 17 x " .. xdtype)
   end
 end)
 

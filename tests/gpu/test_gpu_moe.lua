@@ -7,8 +7,10 @@
 -- rel_error <= 1e-2 and at least 90% of them bit-equal, which only holds when the rounding points
 -- are the CPU's). Sizes cross the kernels' tiles: 8 output features per block, 32-column chunks
 -- (a width that is not a multiple of 32 takes the scalar weight path), Q8 blocks of 128, 8 staged
--- rows per batch, 32 picks per step of the grouping. Outputs come from an allocator cache stocked
--- with NaN blocks; NaN never passes (rel_error is NaN then).
+-- rows per batch, 32 picks per step of the grouping, and the prefill threshold (moe.c PREFILL_ROWS =
+-- 256 tokens: from there on the experts run as cuBLAS GEMMs on dequantised copies, bf16 in
+-- reference precision when every matrix is FP4/FP8, f32 otherwise). Outputs come from an allocator
+-- cache stocked with NaN blocks; NaN never passes (rel_error is NaN then).
 --
 -- Run on the GPU machine: build/dsrt tests/run.lua tests/gpu/test_gpu_moe.lua
 local dsrt = require "dsrt"
@@ -108,7 +110,8 @@ end
 local function poison_forward(rows, dims, dim, width)
   local k, n = dims.n_activated_experts, dims.n_routed_experts
   local all = rows * (k + 1)
-  poison_cache({ rows * dim * 2, rows * dim * 4, rows * n * 4, rows * k * 8, rows * k * 4, all * width * 4, all * dim * 4 })
+  poison_cache({ rows * dim * 2, rows * dim * 4, rows * n * 4, rows * k * 8, rows * k * 4, all * width * 4, all * dim * 4,
+                 all * dim * 2, all * width * 2, all * width * 8 })
 end
 
 -- ---- checks ----
@@ -274,6 +277,41 @@ test("forward_with_fp8_and_bf16_experts", function()
                         string.format("%s experts, %s shared, T=%d %s", formats[1], formats[2], rows, precision), 136)
       end
     end
+  end
+end)
+
+test("prefill_gemms_match_the_cpu_around_the_threshold", function()
+  -- 255 tokens: the decode kernels; 256 and 300: gather, dequantise, GEMM, SwiGLU, GEMM, combine
+  local cpu, gpu, dims = pair({})
+  for _, rows in ipairs({ 255, 256, 300 }) do
+    local x = input(rows, 320)
+    for _, precision in ipairs({ "fp32", "reference" }) do
+      compare_forward(cpu, gpu, dims, x, nil, precision, string.format("prefill T=%d %s", rows, precision), 160)
+    end
+  end
+  -- hash routing, softmax scores, f32 input
+  local c, g, d = pair({ routing = "hash", score_func = "softmax" })
+  local x, ids = input(270, 320, "f32"), token_ids(270)
+  for _, precision in ipairs({ "fp32", "reference" }) do
+    compare_forward(c, g, d, x, ids, precision, "prefill hash softmax " .. precision, 160)
+  end
+end)
+
+test("prefill_with_bf16_and_fp8_experts_and_odd_widths", function()
+  -- bf16 experts: f32 GEMMs in fp32, the decode kernels in reference (the copies would not be exact)
+  for _, formats in ipairs({ { "fp8", "fp8" }, { "bf16", "fp8" }, { "fp4", "bf16" } }) do
+    local cpu, gpu, dims = pair({ format = formats[1], shared_format = formats[2], inter = 136, shared_inter = 136 })
+    local x = input(261, 320)
+    for _, precision in ipairs({ "fp32", "reference" }) do
+      compare_forward(cpu, gpu, dims, x, nil, precision,
+                      string.format("prefill %s experts, %s shared %s", formats[1], formats[2], precision), 136)
+    end
+  end
+  -- dim 200, inter 76 / 52: scalar dequantisation, short Q8 blocks, GEMMs on odd leading dimensions
+  local cpu, gpu, dims = pair({ dim = 200, inter = 76, shared_inter = 52, k = 2, n = 9 })
+  local x = input(290, 200)
+  for _, precision in ipairs({ "fp32", "reference" }) do
+    compare_forward(cpu, gpu, dims, x, nil, precision, "prefill dim 200 " .. precision, 76)
   end
 end)
 

@@ -1,7 +1,11 @@
 -- test_gpu_nn.lua — DeepSeek-V4's numerical primitives (runtime/nn.h) on CUDA (kernels/norm.cu,
 -- kernels/hc.cu) against their C implementations, on fresh random inputs at odd sizes that cross the
--- kernels' tiles (rows of 1..4097, the hc GEMM's K chunks of 512, 8 tokens per mix block, 1024 columns
--- per collapse block, Hadamard's warps), in both precisions, from contiguous and strided inputs.
+-- kernels' tiles and paths (RMSNorm's warp-per-row and block-per-row register paths and the generic one;
+-- the round trips' 16-byte path with short last blocks; RoPE's vector and scalar paths split over several
+-- blocks a position; the hc GEMM's 256-column splits and 16-token groups below 64 tokens, the tensor-core
+-- GEMM's 128-token tiles and 1024-column splits from 64, with 1, 2 and 3 n-tiles of mixes; the collapse's
+-- 1024-column parts; Sinkhorn in one warp (hc <= 5) or a block), in both precisions, from contiguous,
+-- strided and misaligned (offset) inputs.
 --
 -- Results of new tensors come from an allocator cache stocked with freed 0xff blocks (NaN in every
 -- float format); in-place round trips run on copies of one input. Thresholds, by what the arithmetic
@@ -95,11 +99,21 @@ local function strided_cuda(t)
   return t:transpose(1, 2):contiguous():to("cuda"):transpose(1, 2)
 end
 
+-- a contiguous CUDA copy of a CPU tensor that starts one element into its storage: no 16-byte
+-- alignment, so the kernels take their generic paths
+local function offset_cuda(t)
+  local flat = dsrt.zeros({ t:numel() + 1 }, { dtype = t.dtype }):to("cuda")
+  local view = flat:narrow(1, 2, t:numel()):view(table.unpack(t.shape))
+  view:copy(t:to("cuda"))
+  return view
+end
+
 -- ---- norms ----
 
 test("rms_norm_matches_cpu", function()
   for _, dt in ipairs({ "bf16", "f32" }) do
-    for _, size in ipairs({ { 1, 4096 }, { 3, 1 }, { 17, 31 }, { 5, 1000 }, { 2, 4097 }, { 2, 3, 257 } }) do
+    for _, size in ipairs({ { 1, 4096 }, { 3, 1 }, { 17, 31 }, { 5, 1000 }, { 2, 4097 }, { 2, 3, 257 }, { 37, 512 },
+                            { 4, 264 }, { 9, 64 }, { 3, 2048 }, { 2, 8192 }, { 2, 8200 }, { 11, 2, 2056 } }) do
       local x = randn(size, dt, 3)
       local d = size[#size]
       for _, wdt in ipairs({ "none", "bf16", "f32" }) do
@@ -113,16 +127,18 @@ test("rms_norm_matches_cpu", function()
       end
     end
   end
-  -- a strided input
+  -- a strided input, a misaligned one
   local x = randn({ 7, 600 }, "bf16")
+  local w = randn({ 600 }, "f32")
   for _, prec in ipairs(PRECS) do
     check_exact(nn.rms_norm(strided_cuda(x), nil, 1e-6, prec), nn.rms_norm(x, nil, 1e-6, prec), "rms_norm strided")
+    check_exact(nn.rms_norm(offset_cuda(x), w:to("cuda"), 1e-6, prec), nn.rms_norm(x, w, 1e-6, prec), "rms_norm offset")
   end
 end)
 
 test("head_rms_norm_matches_cpu", function()
   for _, dt in ipairs({ "bf16", "f32" }) do
-    for _, size in ipairs({ { 1, 64, 512 }, { 3, 5, 512 }, { 2, 3, 33 }, { 7, 1 } }) do
+    for _, size in ipairs({ { 1, 64, 512 }, { 3, 5, 512 }, { 2, 3, 33 }, { 7, 1 }, { 37, 3, 128 }, { 2, 1000 } }) do
       local q = randn(size, dt, 2)
       for _, prec in ipairs(PRECS) do
         poison_for(size, out_dtype(prec))
@@ -138,7 +154,8 @@ end)
 test("quant_roundtrip_q8_is_bit_exact", function()
   local cases = { -- shape, blk, first (1-based), count
     { { 5, 512 }, 64, 1, 448 }, { { 3, 130 }, 7, 4, 100 }, { { 2, 2, 256 }, 128, 1, 256 }, { { 4, 65 }, 64, 1, 65 },
-    { { 1, 9 }, 1, 2, 8 },
+    { { 1, 9 }, 1, 2, 8 }, { { 7, 520 }, 64, 9, 504 }, { { 3, 96 }, 16, 17, 80 }, { { 5, 64 }, 8, 1, 64 },
+    { { 2, 3, 384 }, 32, 1, 384 }, { { 33, 512 }, 64, 1, 512 },
   }
   for _, dt in ipairs({ "bf16", "f32" }) do
     for _, c in ipairs(cases) do
@@ -163,11 +180,16 @@ test("quant_roundtrip_q8_is_bit_exact", function()
   nn.quant_roundtrip_q8(want, 64, 1, 200, "reference")
   nn.quant_roundtrip_q8(got, 64, 1, 200, "reference")
   check_exact(got:contiguous(), want, "q8 strided")
+  -- a misaligned x takes the generic kernel
+  want, got = x:clone(), offset_cuda(x)
+  nn.quant_roundtrip_q8(want, 64, 1, 192, "reference")
+  nn.quant_roundtrip_q8(got, 64, 1, 192, "reference")
+  check_exact(got, want, "q8 offset")
 end)
 
 test("quant_roundtrip_q4_is_bit_exact", function()
   for _, dt in ipairs({ "bf16", "f32" }) do
-    for _, size in ipairs({ { 3, 128 }, { 2, 5, 128 }, { 7, 33 }, { 1, 1 }, { 64, 64, 128 } }) do
+    for _, size in ipairs({ { 3, 128 }, { 2, 5, 128 }, { 7, 33 }, { 1, 1 }, { 64, 64, 128 }, { 3, 200 }, { 5, 40 } }) do
       local x = randn(size, dt, 2)
       local flat = x:view(-1)
       flat[1] = 0.0
@@ -189,7 +211,7 @@ end)
 
 test("rope_matches_cpu", function()
   for _, dt in ipairs({ "bf16", "f32" }) do
-    for _, size in ipairs({ { 1, 64, 512 }, { 5, 3, 64 }, { 33, 192 }, { 4, 2, 100 } }) do
+    for _, size in ipairs({ { 1, 64, 512 }, { 5, 3, 64 }, { 33, 192 }, { 4, 2, 100 }, { 300, 2, 72 }, { 1, 40, 100 } }) do
       local S = size[1]
       local x = randn(size, dt)
       for _, pdt in ipairs({ "i32", "i64" }) do
@@ -214,6 +236,9 @@ test("rope_matches_cpu", function()
   local x, pos = randn({ 9, 70 }, "bf16"), dsrt.tensor({ 3, 1000, 7, 65535, 0, 12, 99, 100000, 5 })
   check_close(nn.rope(strided_cuda(x), pos:to("cuda"), 10000, nil, false, "reference"),
               nn.rope(x, pos, 10000, nil, false, "reference"), "rope strided")
+  local xa = randn({ 9, 72 }, "f32")
+  check_close(nn.rope(offset_cuda(xa), pos:to("cuda"), 10000, nil, true, "fp32"),
+              nn.rope(xa, pos, 10000, nil, true, "fp32"), "rope offset")
 end)
 
 test("hadamard128_is_bit_exact", function()
@@ -229,6 +254,12 @@ test("hadamard128_is_bit_exact", function()
   end
   local x = randn({ 5, 128 }, "f32")
   check_exact(nn.hadamard128(strided_cuda(x), "fp32"), nn.hadamard128(x, "fp32"), "hadamard128 strided")
+  for _, dt in ipairs({ "bf16", "f32" }) do
+    local xo = randn({ 7, 128 }, dt)
+    for _, prec in ipairs(PRECS) do
+      check_exact(nn.hadamard128(offset_cuda(xo), prec), nn.hadamard128(xo, prec), "hadamard128 offset " .. dt .. " " .. prec)
+    end
+  end
 end)
 
 -- ---- hyper-connections ----
@@ -267,10 +298,13 @@ test("sinkhorn_matches_cpu", function()
 end)
 
 test("hc_pre_matches_cpu", function()
-  -- T crosses the mix kernel's token groups (1, 4, 8 per block) and the collapse's column split;
-  -- hc·d crosses the 512-column K chunks
+  -- T < 64: the split GEMM's token counts (1, 2, 4, 8, 16 a block, then groups of 16), hc·d crossing its
+  -- 256-column splits, the collapse's 1024-column parts. T >= 64 with bf16 X and hc·d % 32 == 0: the
+  -- tensor-core GEMM (1024-column splits, the last one short; 128-token tiles, the last one partial;
+  -- 1, 2, 3 n-tiles for hc 2, 3, 4); else (f32 X, hc·d % 32 ~= 0, hc > 4) the split GEMM in groups.
   for _, case in ipairs({ { 1, 4, 4096 }, { 3, 4, 1100 }, { 16, 4, 129 }, { 70, 4, 300 }, { 2, 3, 1 }, { 5, 1, 700 },
-                          { 9, 6, 77 } }) do
+                          { 9, 6, 77 }, { 2, 4, 64 }, { 40, 4, 520 }, { 64, 4, 256 }, { 130, 4, 264 }, { 300, 4, 1024 },
+                          { 77, 3, 64 }, { 100, 2, 48 }, { 200, 6, 64 } }) do
     local T, hc, d = case[1], case[2], case[3]
     for _, dt in ipairs({ "bf16", "f32" }) do
       local X = randn({ T, hc, d }, dt, 2)
@@ -297,10 +331,19 @@ test("hc_pre_matches_cpu", function()
   check_close(u, uw, "hc_pre strided u")
   check_close(post, pw, "hc_pre strided post")
   check_close(comb, cw, "hc_pre strided comb")
+  -- a misaligned X of many tokens: the split GEMM, the scalar collapse
+  X = randn({ 70, 4, 64 }, "bf16")
+  fn, scale, base = hc_params(4, 64, false, "f32")
+  fnc, sc, bc = cuda_all(fn, scale, base)
+  u, post, comb = nn.hc_pre(offset_cuda(X), fnc, sc, bc, 1e-6, 1e-6, 20, "reference")
+  uw, pw, cw = nn.hc_pre(X, fn, scale, base, 1e-6, 1e-6, 20, "reference")
+  check_close(u, uw, "hc_pre offset u")
+  check_close(post, pw, "hc_pre offset post")
+  check_close(comb, cw, "hc_pre offset comb")
 end)
 
 test("hc_head_matches_cpu", function()
-  for _, case in ipairs({ { 1, 4, 4096 }, { 5, 4, 1100 }, { 70, 4, 129 }, { 3, 3, 5 } }) do
+  for _, case in ipairs({ { 1, 4, 4096 }, { 5, 4, 1100 }, { 70, 4, 129 }, { 3, 3, 5 }, { 100, 4, 256 }, { 65, 3, 96 } }) do
     local T, hc, d = case[1], case[2], case[3]
     for _, dt in ipairs({ "bf16", "f32" }) do
       local X = randn({ T, hc, d }, dt, 2)
@@ -316,7 +359,7 @@ test("hc_head_matches_cpu", function()
 end)
 
 test("hc_post_is_bit_exact", function()
-  for _, case in ipairs({ { 1, 4, 4096 }, { 3, 4, 1001 }, { 17, 3, 33 }, { 2, 1, 5 }, { 4, 7, 300 } }) do
+  for _, case in ipairs({ { 1, 4, 4096 }, { 3, 4, 1001 }, { 17, 3, 33 }, { 2, 1, 5 }, { 4, 7, 300 }, { 9, 4, 264 } }) do
     local T, hc, d = case[1], case[2], case[3]
     for _, dt in ipairs({ "bf16", "f32" }) do
       local f, X = randn({ T, d }, dt), randn({ T, hc, d }, dt)
@@ -332,6 +375,9 @@ test("hc_post_is_bit_exact", function()
   local f, X, post, comb = randn({ 3, 300 }), randn({ 3, 4, 300 }), randn({ 3, 4 }), randn({ 3, 4, 4 })
   check_exact(nn.hc_post(strided_cuda(f), X:to("cuda"), post:to("cuda"), comb:to("cuda"):transpose(2, 3), "fp32"),
               nn.hc_post(f, X, post, comb:transpose(2, 3):contiguous(), "fp32"), "hc_post strided")
+  -- a misaligned X: the generic kernel
+  check_exact(nn.hc_post(f:to("cuda"), offset_cuda(X), post:to("cuda"), comb:to("cuda"), "reference"),
+              nn.hc_post(f, X, post, comb, "reference"), "hc_post offset")
 end)
 
 test("hc_expand_on_cuda", function()
@@ -342,8 +388,10 @@ test("hc_expand_on_cuda", function()
 end)
 
 test("hc_post_pre_equals_the_two_calls", function()
-  -- T crosses the mix kernel's token groups, hc·d its K chunks (the fused kernel computes X' there)
-  for _, case in ipairs({ { 1, 4, 4096 }, { 5, 4, 130 }, { 70, 4, 257 }, { 3, 3, 1000 } }) do
+  -- T crosses the split GEMM's token groups, hc·d its K chunks (the fused kernel computes X' there);
+  -- from 64 tokens with hc·d % 32 == 0 hc_post's kernel runs first, then the tensor-core GEMM
+  for _, case in ipairs({ { 1, 4, 4096 }, { 5, 4, 130 }, { 70, 4, 257 }, { 3, 3, 1000 }, { 17, 4, 64 }, { 100, 4, 256 },
+                          { 130, 4, 264 } }) do
     local T, hc, d = case[1], case[2], case[3]
     local f, X = randn({ T, d }, "bf16"), randn({ T, hc, d }, "bf16")
     local post, comb = randn({ T, hc }):abs(), randn({ T, hc, hc }):abs()

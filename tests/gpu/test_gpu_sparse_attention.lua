@@ -1,9 +1,12 @@
 -- test_gpu_sparse_attention.lua — nn.sparse_attention on CUDA (kernels/sparse_attention.cu) against
 -- its C implementation (runtime/nn.c attend()), on fresh random inputs.
---   - shapes: S in {1, 3, 17, 130}, H in {1, 3, 64}, D in {5, 36, 64, 96, 512}, K in {1, 63, 64, 65,
---     130, 640, 700}: across the 64-entry blocks, the 8-head groups, the 4-column slices of the
---     score loop, rows of 16-byte multiples (cp.async) and not, and both launch shapes (few rows x
---     groups: the split path with its workspace; many: the fused kernel);
+--   - shapes: S in {1, 3, 17, 130, 140}, H in {1, 3, 19, 64}, D in {5, 36, 64, 96, 128, 192, 512},
+--     K in {1, 63, 64, 65, 130, 640, 700, 2100}: across the 64-entry blocks, the 8- and 16-head
+--     groups, the 4-column slices of the score loop, rows of 16-byte multiples (cp.async) and not,
+--     and the three launch shapes (few rows x groups: the split path with its workspace and its
+--     last-CTA combine, more than 32 blocks too; many rows in reference precision with bf16 q and
+--     pool and D a multiple of 64: the tensor-core kernel, odd and even n-tiles per warp, pool rows
+--     not 16-byte aligned; many rows otherwise: the fused kernel);
 --   - indices: -1 scattered (~1 in 6), a whole row of -1 (zeros out, exactly), a whole 64-entry
 --     block of -1 inside a row (a skipped block), i32 and i64;
 --   - both precisions, q / pool in bf16 and f32 (mixed too), sink in f32 and bf16;
@@ -114,6 +117,41 @@ test("many_rows_fused_path", function()
   case(130, 64, 96, 130)
   case(17, 3, 512, 1)
   case(130, 3, 36, 640, { combos = { { "reference", "bf16", "bf16", "f32" }, { "fp32", "f32", "f32", "f32" } } })
+end)
+
+test("many_rows_tensor_core_path", function()
+  local mma = { { "reference", "bf16", "bf16", "f32" }, { "reference", "bf16", "bf16", "bf16" } }
+  case(140, 19, 128, 200, { combos = mma })          -- 2 groups of 16 heads, the second partial
+  case(140, 64, 192, 65, { combos = mma, index_dtype = "i32" }) -- 3 n-tiles per warp
+  case(140, 3, 512, 700, { combos = mma, N = 5000 })  -- a skipped block, many blocks
+  case(17, 64, 64, 640, { combos = mma })             -- 1 n-tile per warp
+  -- pool rows at an odd offset (no cp.async), still bf16 and contiguous once the core copies them
+  local S, H, D, K, N = 140, 16, 128, 130, 300
+  local q = dsrt.randn({ S, H, D }, { seed = next_seed(), dtype = "bf16" })
+  local wide = dsrt.randn({ N * D + 1 }, { seed = next_seed(), dtype = "bf16" })
+  local idx = make_indices(S, K, N, "i64")
+  local sink = dsrt.randn({ H }, { seed = next_seed() })
+  local want = nn.sparse_attention(q, wide:narrow(1, 2, N * D):view(N, D), idx, sink, 0.1, "reference")
+  local gwide = wide:to("cuda")
+  poison(S * H * D * 4)
+  local got = nn.sparse_attention(q:to("cuda"), gwide:narrow(1, 2, N * D):view(N, D), idx:to("cuda"), sink:to("cuda"), 0.1,
+                                  "reference")
+  check(got, want, "reference", "tensor cores, pool at an odd offset")
+end)
+
+test("decode_many_blocks_and_repeated_calls", function()
+  -- 33 blocks: the split path's maxima loops wrap the 32 lanes; the tickets reset between calls
+  case(1, 64, 512, 2100, { combos = { { "reference", "bf16", "bf16", "f32" }, { "fp32", "f32", "f32", "f32" } } })
+  local q = dsrt.randn({ 1, 8, 64 }, { seed = next_seed(), dtype = "bf16" })
+  local pool = dsrt.randn({ 500, 64 }, { seed = next_seed(), dtype = "bf16" })
+  local idx = make_indices(1, 300, 500, "i64")
+  local sink = dsrt.randn({ 8 }, { seed = next_seed() })
+  local want = nn.sparse_attention(q, pool, idx, sink, 0.125, "reference")
+  local gq, gp, gi, gs = q:to("cuda"), pool:to("cuda"), idx:to("cuda"), sink:to("cuda")
+  for k = 1, 3 do
+    poison(8 * 64 * 4)
+    check(nn.sparse_attention(gq, gp, gi, gs, 0.125, "reference"), want, "reference", "repeated call " .. k)
+  end
 end)
 
 test("single_block_and_tiny_pools", function()

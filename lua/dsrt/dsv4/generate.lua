@@ -34,8 +34,20 @@
 --   - timings: prompt_seconds is the prefill forward; decode_seconds the rest (later forwards and
 --     all sampling but the first token's); decode_tokens the tokens sampled (an EOS included), and
 --     decode_tokens_per_s = (decode_tokens - 1) / decode_seconds (the first came with the prompt).
+--   - speculative = {k = 2} (or true: k = 2): MTP speculative decoding (dsrt.dsv4.speculative).
+--     After the prefill's token, each round drafts k' = min(k, tokens still wanted - 1, session room
+--     - 1) tokens with the MTP layer, verifies them in one forward and takes the accepted drafts and
+--     the next token (a round with k' = 0 is a plain step). Greedy output equals plain greedy
+--     output token for token; with temperature > 0 the tokens follow the same distribution as plain
+--     sampling (rejection sampling), not the same draws. Each token goes through the same EOS,
+--     stop-string and length checks as a plain one; tokens after the one that ends generation are
+--     dropped. Sessions get slack max(16, k + 1). Several prompts run one after another (each
+--     alone). The result gets r.speculative = {k, rounds, drafted, accepted, acceptance = {rate of
+--     draft position j accepted when proposed, j = 1..k}, mean_accepted_length = tokens per round
+--     (accepted drafts + 1, as vLLM reports it)}.
 local core = require "dsrt.core"
 local tokenizer = require "dsrt.tokenizer"
+local speculative = require "dsrt.dsv4.speculative"
 
 local generate = {}
 
@@ -98,6 +110,19 @@ local function prepare(model, opts, what)
   local ok, err = pcall(core.sample, core.tensor({ 0.0 }, { dtype = "f32" }), params)
   if not ok then fail(what, "%s", tostring(err)) end
 
+  local spec = opts.speculative
+  if spec == true then spec = {} end
+  if spec == false then spec = nil end
+  if spec ~= nil then
+    if type(spec) ~= "table" then fail(what, "speculative must be a table {k = n} or true, got %s", type(spec)) end
+    local k = spec.k == nil and 2 or spec.k
+    if math.type(k) ~= "integer" or k < 1 or k > speculative.MAX_K then
+      fail(what, "speculative.k must be an integer in [1, %d], got %s", speculative.MAX_K, tostring(spec.k))
+    end
+    if not model.mtp then fail(what, "speculative decoding needs the MTP layer (the model was loaded with mtp = false)") end
+    spec = { k = k }
+  end
+
   local any_text = false
   for _, p in ipairs(raw) do if type(p) == "string" then any_text = true end end
   local tok = get_tokenizer(model, opts, what, any_text)
@@ -133,7 +158,7 @@ local function prepare(model, opts, what)
   end
   return {
     prompts = prompts, max_tokens = max_tokens, seed = seed, stop = stop, params = params, tok = tok,
-    on_token = opts.on_token, batched = opts.prompts ~= nil,
+    on_token = opts.on_token, batched = opts.prompts ~= nil, spec = spec,
   }
 end
 
@@ -152,24 +177,19 @@ local function new_sequence(model, p, o)
   local eos = o.tok and o.tok.eos_id
   return {
     prompt = p.ids, history = { table.unpack(p.ids) }, ids = {}, pending = p.ids,
-    session = model:session { max_len = p.max_len }, max_len = p.max_len,
+    session = model:session { max_len = p.max_len, slack = o.spec and math.max(16, o.spec.k + 1) or nil },
+    max_len = p.max_len,
     decoder = o.tok and o.tok:decoder(), tok_n = o.tok and o.tok:vocab_size() or 0, full = "", emitted = 0, eos = eos, done = false,
     prompt_seconds = 0, decode_seconds = 0, sampled = 0,
   }
 end
 
--- Samples seq's next token from its logits (the forward took `seconds`) and emits its text:
--- emit(seq, text, id) is called for every token kept and for the last text (id nil).
-local function step(seq, logits, seconds, o, emit)
-  local t0 = core.wall_time()
-  local row = logits:select(1, -1)
-  local params = { seed = o.seed, step = seq.sampled, history = seq.history }
-  for k, v in pairs(o.params) do params[k] = v end
-  local id = core.sample_ids(row, params)[1]
-  seq.sampled = seq.sampled + 1
-  local took = seconds + core.wall_time() - t0
-  if seq.sampled == 1 then seq.prompt_seconds = took else seq.decode_seconds = seq.decode_seconds + took end
-
+-- Takes token id (the seq.sampled-th) and emits its text: emit(seq, text, id) is called for every
+-- token kept and for the last text (id nil). `length`: the session length plain decoding would
+-- have when this token was sampled (default: the session's; a speculative round takes several
+-- tokens after one forward).
+local function take(seq, id, o, emit, length)
+  length = length or seq.session:length()
   if id == seq.eos then seq.finish = "eos"
   else
     seq.ids[#seq.ids + 1] = id
@@ -192,7 +212,7 @@ local function step(seq, logits, seconds, o, emit)
       local upto = #seq.full - held_suffix(seq.full, o.stop)
       emit(seq, seq.full:sub(seq.emitted + 1, upto), id)
       seq.emitted = math.max(seq.emitted, upto)
-      if #seq.ids >= o.max_tokens or seq.session:length() + 1 > seq.max_len then seq.finish = "length" end
+      if #seq.ids >= o.max_tokens or length + 1 > seq.max_len then seq.finish = "length" end
     end
   end
   if seq.finish then
@@ -205,6 +225,52 @@ local function step(seq, logits, seconds, o, emit)
   end
 end
 
+-- Samples seq's next token from its logits (the forward took `seconds`) and takes it.
+local function step(seq, logits, seconds, o, emit)
+  local t0 = core.wall_time()
+  local row = logits:select(1, -1)
+  local params = { seed = o.seed, step = seq.sampled, history = seq.history }
+  for k, v in pairs(o.params) do params[k] = v end
+  local id = core.sample_ids(row, params)[1]
+  seq.sampled = seq.sampled + 1
+  local took = seconds + core.wall_time() - t0
+  if seq.sampled == 1 then seq.prompt_seconds = took else seq.decode_seconds = seq.decode_seconds + took end
+  take(seq, id, o, emit)
+end
+
+-- One speculative round for seq (its pending token sampled, not yet forwarded): draft, verify,
+-- take the accepted drafts and the next token.
+local function spec_round(model, seq, o, emit)
+  local t0 = core.wall_time()
+  local session, stats = seq.session, seq.spec
+  local length = session:length()
+  local k = math.min(o.spec.k, o.max_tokens - #seq.ids - 1, seq.max_len - length - 1)
+  if k < 1 then
+    local logits = model:forward(session, seq.pending)
+    step(seq, logits, core.wall_time() - t0, o, emit)
+    return
+  end
+  local opts = { history = seq.history, seed = o.seed, step = seq.sampled }
+  for key, v in pairs(o.params) do opts[key] = v end
+  local n = seq.pending[1]
+  local drafts, q = speculative.propose(model, session, n, k, opts)
+  opts.draft_probs = q
+  local ids = { n, table.unpack(drafts) }
+  local accepted, _, info = speculative.verify(model, session, ids, opts)
+  seq.decode_seconds = seq.decode_seconds + core.wall_time() - t0
+  stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + k, stats.accepted + accepted
+  stats.tokens = stats.tokens + accepted + 1
+  for j = 1, k do
+    stats.proposed_at[j] = stats.proposed_at[j] + 1
+    if j <= accepted then stats.accepted_at[j] = stats.accepted_at[j] + 1 end
+  end
+  for j, id in ipairs(info.tokens) do
+    if seq.done then break end
+    seq.sampled = seq.sampled + 1
+    take(seq, id, o, emit, length + j)
+  end
+end
+
 local function result(seq)
   local pt, ps, dt, ds = #seq.prompt, seq.prompt_seconds, seq.sampled, seq.decode_seconds
   return {
@@ -213,11 +279,35 @@ local function result(seq)
       prompt_tokens = pt, prompt_seconds = ps, prompt_tokens_per_s = ps > 0 and pt / ps or 0,
       decode_tokens = dt, decode_seconds = ds, decode_tokens_per_s = ds > 0 and (dt - 1) / ds or 0,
     },
+    speculative = seq.spec and (function(st)
+      local rates = {}
+      for j = 1, #st.proposed_at do rates[j] = st.proposed_at[j] > 0 and st.accepted_at[j] / st.proposed_at[j] or 0 end
+      return { k = #st.proposed_at, rounds = st.rounds, drafted = st.drafted, accepted = st.accepted,
+               acceptance = rates, mean_accepted_length = st.rounds > 0 and st.tokens / st.rounds or 0 }
+    end)(seq.spec) or nil,
   }
+end
+
+-- speculative decoding: each sequence alone, prefill and first token as plain, then rounds
+local function run_speculative(model, o, emit)
+  local results = {}
+  for i, p in ipairs(o.prompts) do
+    local seq = new_sequence(model, p, o)
+    seq.index = i
+    seq.spec = { rounds = 0, drafted = 0, accepted = 0, tokens = 0, proposed_at = {}, accepted_at = {} }
+    for j = 1, o.spec.k do seq.spec.proposed_at[j], seq.spec.accepted_at[j] = 0, 0 end
+    local t0 = core.wall_time()
+    local logits = model:forward(seq.session, seq.pending, { logits = "last" })
+    step(seq, logits, core.wall_time() - t0, o, emit)
+    while not seq.done do spec_round(model, seq, o, emit) end
+    results[i] = result(seq)
+  end
+  return o.batched and results or results[1]
 end
 
 -- runs all sequences to their end; emit as in step
 local function run(model, o, emit)
+  if o.spec then return run_speculative(model, o, emit) end
   local seqs = {}
   for i, p in ipairs(o.prompts) do
     seqs[i] = new_sequence(model, p, o)

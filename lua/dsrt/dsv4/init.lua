@@ -7,6 +7,8 @@
 --   local logits = model:forward(seq, {0, 100, 200})   -- f32 [3, vocab] for the new positions
 --   model:forward(seq, ids, {logits = "last"})         -- only the last row (a long prefill's choice)
 --   local draft = model:draft(seq, 300)                -- MTP logits for the position after 300
+--   model:verify(seq, {300, d1, d2})                   -- speculative verification (dsv4.speculative)
+--   model:generate{prompt = "Hi", speculative = {k = 2}} -- MTP speculative decoding
 --   seq:truncate(2)
 --   dsv4.config, dsv4.weights, dsv4.memory             -- the modules themselves
 --   dsv4.chat.encode(messages, {thinking = false})     -- the chat prompt text (dsrt.dsv4.chat)
@@ -31,6 +33,7 @@ local mtp = require "dsrt.dsv4.mtp"
 
 local dsv4 = { config = config, weights = weights, memory = memory }
 dsv4.chat = require "dsrt.dsv4.chat"
+dsv4.speculative = require "dsrt.dsv4.speculative"
 
 local WEIGHT_SOURCES = { file = true, random = true }
 

@@ -4,6 +4,7 @@
 --   local seq = model:session{max_len = 4096, slack = 16}
 --   local logits = model:forward(seq, {0, 17, 42})   -- f32 [3, vocab], one row per new position
 --   seq:truncate(2)                                  -- back to 2 positions (by at most `slack`)
+--   local n, next_id = model:verify(seq, {last, d1, d2}, opts) -- speculative (dsrt.dsv4.speculative)
 --   (dsrt.dsv4.load builds this, and attaches the MTP predictor of dsrt.dsv4.mtp as model.mtp.)
 --
 -- What it protects:
@@ -245,6 +246,23 @@ function Model:draft(session, next_id)
   if not self.mtp then error("dsv4.model.draft: the model was loaded without its MTP layers (mtp = false)", 2) end
   check_session(self, session, "draft")
   return self.mtp:draft(session, next_id)
+end
+
+--- The next draft of a chain (SPEC §8.2, vLLM's recursive MTP): f32 [1, vocab] for the position
+--- after `id`, the token chosen from the previous draft's logits (model:draft or draft_next).
+function Model:draft_next(session, id)
+  if not self.mtp then error("dsv4.model.draft_next: the model was loaded without its MTP layers (mtp = false)", 2) end
+  check_session(self, session, "draft_next")
+  return self.mtp:draft_next(session, id)
+end
+
+--- Speculative verification (dsrt.dsv4.speculative.verify): ids = {the last accepted token, not
+--- yet forwarded, then k drafts}; ONE forward of k + 1 positions, acceptance (greedy or rejection
+--- sampling with the sampler options in opts), truncation to the accepted length. Returns the
+--- number of drafts accepted, the next token (not forwarded) and {tokens = the new tokens, logits}.
+function Model:verify(session, ids, opts)
+  check_session(self, session, "verify")
+  return require("dsrt.dsv4.speculative").verify(self, session, ids, opts)
 end
 
 -- ---- sessions ----

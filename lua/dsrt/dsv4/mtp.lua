@@ -17,8 +17,15 @@
 --     decoder's last position minus one — only the attention half of the block runs there (the
 --     ring is the only state; the rest of the block would be thrown away). The last position's
 --     residual waits for draft(). Rollback keeps both in step.
--- Only the first MTP layer drafts (DeepSeek-V4 has one; chaining layers for several draft tokens,
--- SPEC §8.2, is not done here). The reference does not zero the embedding at position 0 as vLLM
+--   - Several drafts (speculative decoding, dsrt.dsv4.speculative) apply the one MTP layer
+--     recursively, as vLLM does (SPEC §8.2): draft_next(id) feeds the previous draft's own
+--     pre-hc_head residual with the embedding of the token drafted from it, one position further.
+--     Those later positions hold MTP residuals, not the decoder's, so the decoder's next forward
+--     undoes them (only the first draft's position, whose input was the decoder's own residual and
+--     the token the decoder then takes, is kept) and refills them from the decoder's residuals: the
+--     MTP state is always what non-speculative decoding would have left.
+-- Only the first MTP layer drafts (DeepSeek-V4 has one; chaining several MTP layers, SPEC §8.2,
+-- is not done here: draft_next reuses the first). The reference does not zero the embedding at position 0 as vLLM
 -- does (SPEC §8.2); neither does this.
 local dsrt = require "dsrt"
 local core = require "dsrt.core"
@@ -67,23 +74,28 @@ function Predictor:attach(session)
     }),
     residuals = {},   -- position -> the decoder's pre-hc_head residual [hc, dim] there
     drafted_id = nil, -- the next_id of a draft that advanced the state past the decoder's length - 1
+    chain = nil,      -- the last draft's pre-hc_head residual X [1, hc, dim] and its MTP position
   }
 end
 
--- Undoes a draft whose position the decoder is about to fill with another token.
-local function undo_draft(part, last_position)
-  if part.state:length() > last_position then
-    part.state:truncate(last_position)
+-- Undoes drafts: the MTP state back to `length` positions (when it is longer); forgets the chain.
+local function undo_draft(part, length)
+  if part.state:length() > length then
+    part.state:truncate(length)
   end
   part.drafted_id = nil
+  part.chain = nil
 end
 
 --- After the decoder forwarded ids at positions [first, first + #ids) with pre-hc_head residuals
 --- X [#ids, hc, dim]: fills the MTP ring over every position whose next token is now known.
 function Predictor:advance(session, X, ids, first)
   local part, S = session.mtp, #ids
-  if part.drafted_id ~= nil and part.drafted_id ~= ids[1] then undo_draft(part, first - 1) end
-  part.drafted_id = nil
+  if part.drafted_id ~= nil then
+    -- the first draft (position first - 1) stays when the decoder took its token; every later draft
+    -- position was computed from MTP residuals and is refilled below from the decoder's
+    undo_draft(part, part.drafted_id == ids[1] and first or first - 1)
+  end
   local from, to = part.state:length(), first + S - 2 -- MTP positions to fill, inclusive
   if to >= from then
     local layer = self.layers[1]
@@ -128,6 +140,32 @@ function Predictor:draft(session, next_id)
   local token_ids = dsrt.tensor({ next_id }, { dtype = "i64", device = self.device })
   X = decoder.block_forward(dims, layer.block, part.state, X, token_ids, precision)
   part.drafted_id = next_id
+  part.chain = { X = X, position = last }
+  return decoder.logits(dims, layer.hc_head, layer.norm, self.model.head, X, precision)
+end
+
+--- The next draft of a chain (vLLM's recursive MTP, SPEC §8.2): logits f32 [1, vocab] for the
+--- position after `id`, the token drafted from the previous draft's logits, from that draft's own
+--- pre-hc_head residual at the next MTP position. Advances the MTP state by one more position,
+--- which the decoder's next forward undoes (advance).
+function Predictor:draft_next(session, id)
+  local vocab, part = self.dims.vocab, session.mtp
+  if part.chain == nil then
+    error("dsv4.model.draft_next: no draft to continue; call model:draft(session, next_id) first", 3)
+  end
+  if math.type(id) ~= "integer" or id < 0 or id >= vocab then
+    error(string.format("dsv4.model.draft_next: id %s is outside the vocabulary [0, %d)", tostring(id), vocab), 3)
+  end
+  local position = part.chain.position + 1
+  if position + 1 > session.max_len then
+    error(string.format("dsv4.model.draft_next: a draft at position %d would pass the session's max_len %d",
+                        position + 1, session.max_len), 3)
+  end
+  local layer, dims, precision = self.layers[1], self.dims, self.precision
+  local X = mtp_input(self, layer, part.chain.X, { id })
+  local token_ids = dsrt.tensor({ id }, { dtype = "i64", device = self.device })
+  X = decoder.block_forward(dims, layer.block, part.state, X, token_ids, precision)
+  part.chain = { X = X, position = position }
   return decoder.logits(dims, layer.hc_head, layer.norm, self.model.head, X, precision)
 end
 
