@@ -403,11 +403,17 @@ __global__ void __launch_bounds__(BLOCK, 4) moe_project_kernel(const __grid_cons
     }
 }
 
+/* moe_project_kernel's own __shared__ arrays, bounded above */
+static const size_t STATIC_SHARED_BYTES = 16 * sizeof(float) + 2 * sizeof(dsrtk_moe_matrix) + 256;
+
 template <int MODE, int TB>
 static int launch_project(int dev, const dsrtk_moe_project_args *a, int tb, int grid_x, int grid_y, size_t smem,
                           cudaStream_t stream)
 {
-    if (smem > 48 * 1024) { /* the opt-in above the default; small decode stages skip the call */
+    /* the opt-in above the default 48 KiB, which counts the kernel's static shared memory (the
+     * lookup table and the two matrix descriptors) too: 3 staged rows of 4096 inputs are exactly
+     * 48 KiB of dynamic memory and failed without it; small decode stages skip the call */
+    if (smem + STATIC_SHARED_BYTES > 48 * 1024) {
         int st = dsrtk_check(cudaFuncSetAttribute(moe_project_kernel<MODE, TB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                   (int)smem),
                              "moe: projection shared memory of %zu bytes", smem);

@@ -251,6 +251,16 @@ test("forward_matches_the_cpu_at_every_batch_size_in_both_precisions", function(
   end
 end)
 
+-- Flash's width stages 1-8 rows of 4096 inputs (16 KiB each) in shared memory: 3 rows are exactly
+-- the 48 KiB default, which with the kernel's static arrays needs the opt-in (a launch failed there)
+test("forward_at_flash_width_for_every_staged_row_count", function()
+  local cpu, gpu, dims = pair({ dim = 4096, n = 4, k = 2, inter = 64, shared_inter = 64 })
+  for rows = 1, 9 do
+    local x = input(rows, 4096)
+    compare_forward(cpu, gpu, dims, x, nil, "reference", string.format("dim 4096 T=%d", rows), 4096)
+  end
+end)
+
 test("forward_with_hash_routing_and_every_score_function", function()
   local cpu, gpu, dims = pair({ routing = "hash" })
   for _, rows in ipairs({ 1, 16, 17 }) do
