@@ -213,12 +213,14 @@ dsrt_tensor *dsrt_linear_input(dsrt_tensor *x, dsrt_stream *s)
 int dsrt_linear_check_input(const dsrt_tensor *x, int64_t width, int device, const dsrt_stream *s, const char *op)
 {
     char xb[DSRT_SHAPE_BUF], dev[16];
-    dsrt_tensor_str(x, xb, sizeof xb);
-    if (x->dtype != DSRT_BF16 && x->dtype != DSRT_F32) return dsrt_err("%s: input %s must be bf16 or f32", op, xb);
+    if (x->dtype != DSRT_BF16 && x->dtype != DSRT_F32) return dsrt_err("%s: input %s must be bf16 or f32",
+                                                                       op, dsrt_tensor_str(x, xb, sizeof xb));
     if (x->ndim < 1 || x->shape[x->ndim - 1] != width)
-        return dsrt_err("%s: input %s must end in the layer's %lld input features", op, xb, (long long)width);
+        return dsrt_err("%s: input %s must end in the layer's %lld input features",
+                        op, dsrt_tensor_str(x, xb, sizeof xb), (long long)width);
     if (x->device != device || s->device != device)
-        return dsrt_err("%s: input %s, the weights (on %s) and the stream must be on one device", op, xb,
+        return dsrt_err("%s: input %s, the weights (on %s) and the stream must be on one device",
+                        op, dsrt_tensor_str(x, xb, sizeof xb),
                         dsrt_device_str(device, dev));
     return 0;
 }
@@ -287,13 +289,12 @@ int dsrt_linear_forward_into(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *y, dsr
 {
     char xb[DSRT_SHAPE_BUF], yb[DSRT_SHAPE_BUF];
     if (dsrt_linear_check_input(x, l->cfg.in_features, l->weight->device, s, "linear")) return -1;
-    dsrt_tensor_str(x, xb, sizeof xb);
-    dsrt_tensor_str(y, yb, sizeof yb);
     int same = y->ndim == x->ndim && y->device == x->device && y->dtype == dsrt_linear_out_dtype(l, prec) &&
                dsrt_tensor_is_contiguous(y) && y->shape[y->ndim - 1] == l->cfg.out_features;
     for (int d = 0; same && d < x->ndim - 1; d++) same = y->shape[d] == x->shape[d];
     if (!same)
-        return dsrt_err("linear: output %s for input %s must be a contiguous %s [..., %lld] on the input's device", yb, xb,
+        return dsrt_err("linear: output %s for input %s must be a contiguous %s [..., %lld] on the input's device",
+                        dsrt_tensor_str(y, yb, sizeof yb), dsrt_tensor_str(x, xb, sizeof xb),
                         dsrt_dtype_name(dsrt_linear_out_dtype(l, prec)), (long long)l->cfg.out_features);
     if (x->device == DSRT_CPU) {
         dsrt_tensor *r = dsrt_linear_forward(l, x, prec, s);

@@ -199,24 +199,28 @@ static int check_inputs(const dsrt_moe *m, const dsrt_tensor *x, const dsrt_tens
 {
     char xb[DSRT_SHAPE_BUF], ib[DSRT_SHAPE_BUF], dev[16];
     int device = m->gate->weight->device;
-    dsrt_tensor_str(x, xb, sizeof xb);
-    if (x->dtype != DSRT_BF16 && x->dtype != DSRT_F32) return dsrt_err("moe: input %s must be bf16 or f32", xb);
+    if (x->dtype != DSRT_BF16 && x->dtype != DSRT_F32) return dsrt_err("moe: input %s must be bf16 or f32",
+                                                                       dsrt_tensor_str(x, xb, sizeof xb));
     if (x->ndim < 1 || x->shape[x->ndim - 1] != m->dim)
-        return dsrt_err("moe: input %s must end in the layer's %lld input features", xb, (long long)m->dim);
+        return dsrt_err("moe: input %s must end in the layer's %lld input features",
+                        dsrt_tensor_str(x, xb, sizeof xb), (long long)m->dim);
     if (x->device != device || s->device != device)
-        return dsrt_err("moe: input %s, the weights (on %s) and the stream must be on one device", xb,
+        return dsrt_err("moe: input %s, the weights (on %s) and the stream must be on one device",
+                        dsrt_tensor_str(x, xb, sizeof xb),
                         dsrt_device_str(device, dev));
     if (!token_ids) {
         if (m->tid2eid) return dsrt_err("moe: hash routing (tid2eid) needs the token ids");
         return 0;
     }
-    dsrt_tensor_str(token_ids, ib, sizeof ib);
     if (token_ids->dtype != DSRT_I32 && token_ids->dtype != DSRT_I64)
-        return dsrt_err("moe: token ids %s must be i32 or i64", ib);
+        return dsrt_err("moe: token ids %s must be i32 or i64", dsrt_tensor_str(token_ids, ib, sizeof ib));
     int same_shape = token_ids->ndim == x->ndim - 1;
     for (int d = 0; same_shape && d < token_ids->ndim; d++) same_shape = token_ids->shape[d] == x->shape[d];
-    if (!same_shape) return dsrt_err("moe: token ids %s must have the leading shape of the input %s", ib, xb);
-    if (token_ids->device != x->device) return dsrt_err("moe: token ids %s and input %s are on different devices", ib, xb);
+    if (!same_shape) return dsrt_err("moe: token ids %s must have the leading shape of the input %s",
+                                     dsrt_tensor_str(token_ids, ib, sizeof ib), dsrt_tensor_str(x, xb, sizeof xb));
+    if (token_ids->device != x->device) return dsrt_err("moe: token ids %s and input %s are on different devices",
+                                                        dsrt_tensor_str(token_ids, ib, sizeof ib),
+                                                        dsrt_tensor_str(x, xb, sizeof xb));
     return 0;
 }
 

@@ -60,19 +60,21 @@ static int check_arg(const char *op, const char *name, const dsrt_tensor *t, int
 {
     char ts[128], dev[16];
     if (!t) return dsrt_err("%s: %s is missing", op, name);
-    dsrt_tensor_str(t, ts, sizeof ts);
     if (t->device != s->device)
-        return dsrt_err("%s: %s is %s, not on the stream's device %s", op, name, ts, dsrt_device_str(s->device, dev));
+        return dsrt_err("%s: %s is %s, not on the stream's device %s",
+                        op, name, dsrt_tensor_str(t, ts, sizeof ts), dsrt_device_str(s->device, dev));
     int dtype_ok = integer ? t->dtype == DSRT_I32 || t->dtype == DSRT_I64 : t->dtype == DSRT_BF16 || t->dtype == DSRT_F32;
-    if (!dtype_ok) return dsrt_err("%s: %s is %s, expected %s", op, name, ts, integer ? "i32 or i64" : "bf16 or f32");
+    if (!dtype_ok) return dsrt_err("%s: %s is %s, expected %s",
+                                   op, name, dsrt_tensor_str(t, ts, sizeof ts), integer ? "i32 or i64" : "bf16 or f32");
     if (ndim == 0) {
-        if (t->ndim < 1) return dsrt_err("%s: %s is %s, expected at least 1 dimension", op, name, ts);
+        if (t->ndim < 1) return dsrt_err("%s: %s is %s, expected at least 1 dimension",
+                                         op, name, dsrt_tensor_str(t, ts, sizeof ts));
         return 0;
     }
     int ok = t->ndim == ndim;
     for (int d = 0; ok && shape && d < ndim; d++) ok = shape[d] == ANY_SIZE || shape[d] == t->shape[d];
     if (ok) return 0;
-    if (!shape) return dsrt_err("%s: %s is %s, expected %d dimensions", op, name, ts, ndim);
+    if (!shape) return dsrt_err("%s: %s is %s, expected %d dimensions", op, name, dsrt_tensor_str(t, ts, sizeof ts), ndim);
     char want[DSRT_SHAPE_BUF];
     int n = snprintf(want, sizeof want, "[");
     for (int d = 0; d < ndim && n < (int)sizeof want; d++) {
@@ -80,7 +82,7 @@ static int check_arg(const char *op, const char *name, const dsrt_tensor *t, int
         else n += snprintf(want + n, sizeof want - (size_t)n, d ? ", %lld" : "%lld", (long long)shape[d]);
     }
     if (n < (int)sizeof want) snprintf(want + n, sizeof want - (size_t)n, "]");
-    return dsrt_err("%s: %s is %s, expected shape %s", op, name, ts, want);
+    return dsrt_err("%s: %s is %s, expected shape %s", op, name, dsrt_tensor_str(t, ts, sizeof ts), want);
 }
 
 /* ---- values and results ---- */
