@@ -12,6 +12,7 @@
  * CUDA runtime's current device is per thread. A missing driver or GPU is not an error for
  * dsrtk_device_count, it is the CPU-only machine, and the answer is 0.
  */
+#include <cuda_profiler_api.h>
 #include <atomic>
 #include <stdarg.h>
 #include <stdio.h>
@@ -152,6 +153,13 @@ int dsrtk_device_name(int dev, char *buf, size_t len)
     if (st) return st;
     if (len > 0) snprintf(buf, len, "%s", prop.name);
     return DSRTK_OK;
+}
+
+int dsrtk_profiler(int dev, int start)
+{
+    DSRTK_SET_DEVICE(dev, "profiler");
+    return start ? dsrtk_check(cudaProfilerStart(), "cudaProfilerStart on cuda:%d", dev)
+                 : dsrtk_check(cudaProfilerStop(), "cudaProfilerStop on cuda:%d", dev);
 }
 
 int dsrtk_mem_info(int dev, size_t *free_bytes, size_t *total_bytes)

@@ -32,6 +32,9 @@ const char *dsrtk_error(void); /* message of the last failure on this thread */
 int dsrtk_device_count(void); /* 0 when there is no driver, no GPU or no CUDA build */
 int dsrtk_device_name(int dev, char *buf, size_t len);
 int dsrtk_mem_info(int dev, size_t *free_bytes, size_t *total_bytes);
+/* cudaProfilerStart/Stop: brackets what a profiler started with "--profile-from-start off" (ncu,
+ * nsys) records, so a script can profile one decode step and not its set-up */
+int dsrtk_profiler(int dev, int start);
 int dsrtk_malloc(int dev, void **ptr, size_t bytes);
 int dsrtk_free(int dev, void *ptr);
 int dsrtk_host_alloc(void **ptr, size_t bytes); /* pinned */

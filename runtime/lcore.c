@@ -62,6 +62,17 @@ static int l_cuda_device_count(lua_State *L)
     return 1;
 }
 
+/* dsrt.cuda.profiler(true | false [, device]): cudaProfilerStart / Stop, for profilers run with
+ * capture from start off (ncu --profile-from-start off, nsys --capture-range=cudaProfilerApi) */
+static int l_cuda_profiler(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TBOOLEAN);
+    int device = dsrtL_checkdevice(L, 2, 0);
+    if (device == DSRT_CPU) luaL_argerror(L, 2, "not a CUDA device");
+    if (dsrtk_profiler(device, lua_toboolean(L, 1))) return luaL_error(L, "cuda.profiler: %s", dsrtk_error());
+    return 0;
+}
+
 /* dsrt.cuda.device_info([device]) -> {name=, total_memory=, free_memory=} */
 static int l_cuda_device_info(lua_State *L)
 {
@@ -166,7 +177,7 @@ int luaopen_dsrt_core(lua_State *L)
         {"upload", l_upload}, {NULL, NULL}};
     static const luaL_Reg cuda[] = {
         {"available", l_cuda_available}, {"device_count", l_cuda_device_count}, {"device_info", l_cuda_device_info},
-        {NULL, NULL}};
+        {"profiler", l_cuda_profiler}, {NULL, NULL}};
     luaL_newlib(L, functions);
     dsrtL_open_tensor(L);
     dsrtL_open_stream(L);

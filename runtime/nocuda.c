@@ -27,6 +27,12 @@ int dsrtk_device_name(int dev, char *buf, size_t len)
     return without_cuda(__func__);
 }
 
+int dsrtk_profiler(int dev, int start)
+{
+    (void)dev; (void)start;
+    return without_cuda(__func__);
+}
+
 int dsrtk_mem_info(int dev, size_t *free_bytes, size_t *total_bytes)
 {
     (void)dev; (void)free_bytes; (void)total_bytes;

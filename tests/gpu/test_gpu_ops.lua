@@ -780,6 +780,9 @@ test("device_info", function()
   assert(type(info.name) == "string" and #info.name > 0)
   assert(info.total_memory > 0 and info.free_memory <= info.total_memory)
   assert(dsrt.cuda.device_count() >= 1)
+  -- with no profiler attached, start and stop succeed and do nothing
+  dsrt.cuda.profiler(true)
+  dsrt.cuda.profiler(false)
 end)
 
 return tests

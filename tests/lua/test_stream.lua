@@ -200,6 +200,8 @@ test("cuda_is_not_available_here", function()
   assert_error(function() return dsrt.stream("cuda") end, "not available")
   assert_error(function() return dsrt.memory_stats("cuda") end, "not available")
   assert_error(function() return dsrt.cuda.device_info(0) end)
+  assert_error(function() return dsrt.cuda.profiler(true, "cpu") end, "not a CUDA device")
+  assert_error(function() return dsrt.cuda.profiler("on") end, "boolean expected")
   assert_equal(dsrt.ones(2):sum():item(), 2.0)
 end)
 
