@@ -17,6 +17,9 @@
  *     the CPU's multiply then add: the scores are bit-equal to index_select()'s, and so is the
  *     top-k order (descending score, ties to the lower entry), which makes the picks equal too;
  *   - ring writes, the pool gather and the index lists only move values.
+ * Decode (few query rows) has its own indexer score kernel, score_split_kernel: a CTA per 8 entries,
+ * a thread per (entry, head) dot, the head sum in order by one thread per entry: the same bits.
+ * The top-k's bitonic sort runs its stages with jj < 32 as warp shuffles: the same network.
  * Nothing here allocates or synchronises; the caller (attention.c) owns every buffer and stream.
  * All buffers are contiguous f32 (i64 for index lists, i32 for picks), row-major, as described
  * at each launcher in kernels.h.
@@ -250,6 +253,61 @@ __global__ void __launch_bounds__(SCORE_BLOCK) score_kernel(float *scores, const
     scores[i * n_max + j] = ref ? bf16_round((float)sum) : (float)sum;
 }
 
+/* The decode shape (few query rows): score_kernel above gives each visible entry one thread that
+ * walks all IH heads serially (Flash, 1 row x 1024 entries: 8 CTAs, 64 x 128 dependent double
+ * FMAs per thread). Here a CTA takes SPLIT_ENTRIES entries of one row and its threads take the
+ * (entry, head) pairs: each dot product is the same 128 double FMAs in dimension order, its term
+ * goes to shared memory, and one thread per entry sums the terms in head order, so the result is
+ * bit-equal to score_kernel's (and index_select()'s). q and the keys are widened to double once,
+ * in shared memory (rows padded to 129 doubles: the heads of a warp hit distinct banks).
+ * Flash decode: 128 CTAs; per CTA q 32 KB (L2) and 8 keys 4 KB; 8 x 64 x 128 double FMAs. */
+enum { SPLIT_ENTRIES = 8, SPLIT_THREADS = 256, PADDED_DIM = INDEX_DIM + 1 };
+
+static size_t score_split_smem(int IH)
+{
+    return sizeof(double) * ((size_t)SPLIT_ENTRIES * IH + (size_t)IH * PADDED_DIM + (size_t)SPLIT_ENTRIES * PADDED_DIM) +
+           sizeof(float) * (size_t)IH;
+}
+
+__global__ void __launch_bounds__(SPLIT_THREADS) score_split_kernel(float *scores, const float *q, const float *keys,
+                                                                    const float *w, float scale, int64_t P, int64_t r,
+                                                                    int IH, int64_t n_max, int ref)
+{
+    extern __shared__ double dsmem[];
+    double *terms = dsmem;                                  /* [SPLIT_ENTRIES][IH] */
+    double *qs = terms + (size_t)SPLIT_ENTRIES * IH;        /* [IH][PADDED_DIM] */
+    double *ks = qs + (size_t)IH * PADDED_DIM;              /* [SPLIT_ENTRIES][PADDED_DIM] */
+    float *ws = (float *)(ks + SPLIT_ENTRIES * PADDED_DIM); /* [IH] */
+    const int64_t i = blockIdx.x, visible = (P + i + 1) / r, j0 = blockIdx.y * (int64_t)SPLIT_ENTRIES;
+    if (j0 >= visible) return; /* uniform over the block */
+    const int ne = visible - j0 < SPLIT_ENTRIES ? (int)(visible - j0) : SPLIT_ENTRIES;
+    for (int k = threadIdx.x; k < IH * INDEX_DIM; k += SPLIT_THREADS)
+        qs[(k / INDEX_DIM) * PADDED_DIM + k % INDEX_DIM] = (double)q[i * IH * INDEX_DIM + k];
+    for (int k = threadIdx.x; k < ne * INDEX_DIM; k += SPLIT_THREADS)
+        ks[(k / INDEX_DIM) * PADDED_DIM + k % INDEX_DIM] = (double)keys[j0 * INDEX_DIM + k];
+    for (int h = threadIdx.x; h < IH; h += SPLIT_THREADS) {
+        float v = __fmul_rn(w[i * IH + h], scale);
+        ws[h] = ref ? bf16_round(v) : v;
+    }
+    __syncthreads();
+    for (int pr = threadIdx.x; pr < ne * IH; pr += SPLIT_THREADS) {
+        const int e = pr / IH, h = pr - e * IH;
+        const double *qh = qs + h * PADDED_DIM, *kj = ks + e * PADDED_DIM;
+        double dot = 0;
+#pragma unroll 16
+        for (int d = 0; d < INDEX_DIM; d++) dot = __fma_rn(qh[d], kj[d], dot); /* exact products */
+        float dv = ref ? bf16_round((float)dot) : (float)dot;
+        dv = dv > 0 ? dv : 0;
+        terms[e * IH + h] = ref ? (double)bf16_round(__fmul_rn(dv, ws[h])) : __dmul_rn((double)dv, (double)ws[h]);
+    }
+    __syncthreads();
+    if (threadIdx.x < ne) {
+        double sum = 0;
+        for (int h = 0; h < IH; h++) sum = __dadd_rn(sum, terms[threadIdx.x * IH + h]); /* head order */
+        scores[i * n_max + j0 + threadIdx.x] = ref ? bf16_round((float)sum) : (float)sum;
+    }
+}
+
 int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float *keys, const float *w, float scale,
                             int64_t S, int64_t P, int64_t r, int IH, int ID, int64_t n_max, int ref, void *stream)
 {
@@ -260,6 +318,20 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
     if (n_max == 0) return DSRTK_OK;
     if (((uintptr_t)keys & 15) != 0) return bad_arg(what, "keys must be 16-byte aligned");
     DSRTK_SET_DEVICE(dev, what);
+    const int64_t row_blocks = (n_max + SCORE_BLOCK - 1) / SCORE_BLOCK;
+    if (S * row_blocks < dsrtk_multiprocessors(dev) && n_max <= (int64_t)65535 * SPLIT_ENTRIES) {
+        /* fewer score_kernel CTAs than SMs: spread the heads too */
+        size_t ssmem = score_split_smem(IH);
+        if (ssmem > 200 * 1024) return dsrtk_fail(DSRTK_ERROR, "%s: %d indexer heads need %zu bytes of shared memory", what, IH, ssmem);
+        if (ssmem > 48 * 1024) {
+            int st = dsrtk_check(cudaFuncSetAttribute(score_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)ssmem),
+                                 "%s: shared memory of %zu bytes", what, ssmem);
+            if (st) return st;
+        }
+        dim3 sgrid((unsigned)S, (unsigned)((n_max + SPLIT_ENTRIES - 1) / SPLIT_ENTRIES));
+        score_split_kernel<<<sgrid, SPLIT_THREADS, ssmem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, P, r, IH, n_max, ref);
+        return dsrtk_check_launch(what, dev);
+    }
     size_t smem = (size_t)IH * (INDEX_DIM + 1) * sizeof(float);
     if (smem > 200 * 1024) return dsrtk_fail(DSRTK_ERROR, "%s: %d indexer heads need %zu bytes of shared memory", what, IH, smem);
     if (smem > 48 * 1024) {
@@ -283,21 +355,49 @@ __device__ __forceinline__ uint64_t topk_key(float s, int64_t j)
 
 enum { TOPK_THREADS = 1024, TOPK_SMEM = 4096 };
 
-/* sorts keys[0, n2) ascending, n2 a power of two <= TOPK_SMEM (bitonic network) */
+/* stages (k, jj0), (k, jj0/2), …, (k, 1) of the bitonic network on the key x of index i, jj0 < 32:
+ * the partner i ^ jj is in the same warp, so the exchange is a shuffle (the lower index keeps the
+ * min where the run ascends, the max where it descends: the compare-exchange of the network) */
+__device__ __forceinline__ uint64_t warp_stages(uint64_t x, int i, int k, int jj0)
+{
+    for (int jj = jj0; jj > 0; jj >>= 1) {
+        const uint64_t y = __shfl_xor_sync(0xffffffffu, x, jj);
+        const bool lower = (i & jj) == 0, ascending = (i & k) == 0;
+        x = lower == ascending ? (x < y ? x : y) : (x < y ? y : x);
+    }
+    return x;
+}
+
+/* Sorts keys[0, n2) ascending, n2 a power of two, 32 <= n2 <= TOPK_SMEM (bitonic network; the
+ * block's size a multiple of 32). The stages with jj < 32 run in registers, a 32-key segment per
+ * warp, so a sort of 1024 keys takes 21 barriers instead of 55; the others exchange through shared
+ * memory, one thread per compare-exchange pair. The same network as before, so the same order. */
 __device__ void bitonic_sort(uint64_t *keys, int n2)
 {
-    for (int k = 2; k <= n2; k <<= 1)
-        for (int jj = k >> 1; jj > 0; jj >>= 1) {
-            for (int i = threadIdx.x; i < n2; i += blockDim.x) {
-                int partner = i ^ jj;
-                if (partner > i) {
-                    uint64_t a = keys[i], b = keys[partner];
-                    int ascending = (i & k) == 0;
-                    if ((a > b) == ascending) keys[i] = b, keys[partner] = a;
-                }
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int seg = threadIdx.x >> 5; seg < n2 / 32; seg += warps) { /* k = 2 … 32: sort each segment */
+        const int i = seg * 32 + lane;
+        uint64_t x = keys[i];
+        for (int k = 2; k <= 32; k <<= 1) x = warp_stages(x, i, k, k >> 1);
+        keys[i] = x;
+    }
+    __syncthreads();
+    for (int k = 64; k <= n2; k <<= 1) {
+        for (int jj = k >> 1; jj >= 32; jj >>= 1) {
+            for (int pr = threadIdx.x; pr < n2 / 2; pr += blockDim.x) {
+                const int i = 2 * pr - (pr & (jj - 1)), partner = i + jj; /* i: pr with a 0 bit inserted at jj */
+                const uint64_t a = keys[i], b = keys[partner];
+                const bool ascending = (i & k) == 0;
+                if ((a > b) == ascending) keys[i] = b, keys[partner] = a;
             }
             __syncthreads();
         }
+        for (int seg = threadIdx.x >> 5; seg < n2 / 32; seg += warps) {
+            const int i = seg * 32 + lane;
+            keys[i] = warp_stages(keys[i], i, k, 16);
+        }
+        __syncthreads();
+    }
 }
 
 /* One block per query row i: picks[i, m] = the m-th of the k = min(topk, visible) best entries,
@@ -317,7 +417,7 @@ __global__ void __launch_bounds__(TOPK_THREADS) topk_kernel(int *picks, const fl
     int n;
     if (visible <= TOPK_SMEM) {
         n = (int)visible;
-        int n2 = 1;
+        int n2 = 32; /* bitonic_sort's smallest size: the padding keys sort last */
         while (n2 < n) n2 <<= 1;
         for (int j = threadIdx.x; j < n2; j += blockDim.x) keys[j] = j < n ? topk_key(row[j], j) : ~(uint64_t)0;
         __syncthreads();
@@ -357,7 +457,7 @@ __global__ void __launch_bounds__(TOPK_THREADS) topk_kernel(int *picks, const fl
         }
         __syncthreads();
         n = (int)(count_s < (unsigned)TOPK_SMEM ? count_s : (unsigned)TOPK_SMEM);
-        int n2 = 1;
+        int n2 = 32; /* bitonic_sort's smallest size: the padding keys sort last */
         while (n2 < n) n2 <<= 1;
         for (int j = n + threadIdx.x; j < n2; j += blockDim.x) keys[j] = ~(uint64_t)0;
         __syncthreads();

@@ -42,6 +42,7 @@ enum {
     TC_TOKENS = 128,               /* tokens per block */
     TC_MAX_M = 24,                 /* three n-tiles of 8 mixes */
     PRE_THREADS = 128,
+    PRE_BATCH = 8,                 /* pre_kernel: values per warp summed together (4 warps: 32 >= M + 1) */
 };
 
 static int check_float_dtype(const char *what, const char *name, int dtype)
@@ -154,13 +155,18 @@ __device__ void sinkhorn_block(const float *mix, const void *scale, int scale_dt
 
 /* The same by one warp for hc² <= 32 (the model's 4 streams), with no barrier: lane i holds C_jk
  * for i = j·hc + k in a register; a row or column sum gathers its hc values with shuffles and adds
- * them in the CPU's order (every lane of the row or column computes the same sum). 20 iterations
- * cost ~40 × (hc shuffles + a division) instead of ~80 block barriers. Writes post [hc] and comb
- * [hc·hc] (global) of the token; all 32 lanes must call it. */
+ * them in the CPU's order (every lane of the row or column computes the same sum). HC > 0 fixes hc
+ * at compile time (the model's 4): the loops unroll, so the hc shuffles of a sum are issued back to
+ * back and only the hc fp32 adds and the division stay serial (~40 × ~90 cycles for 20
+ * iterations, where the runtime-hc loops waited on each shuffle in turn); HC = 0 takes hc at run
+ * time. The same operations in the same order either way, so the same bits. Writes post [hc] and
+ * comb [hc·hc] (global) of the token; all 32 lanes must call it. */
+template <int HC>
 __device__ void sinkhorn_warp(const float *mix, const void *scale, int scale_dtype, const void *base, int base_dtype,
-                              int hc, int iters, float eps, float *post, float *comb)
+                              int hc_arg, int iters, float eps, float *post, float *comb)
 {
     const unsigned full = 0xffffffffu;
+    const int hc = HC > 0 ? HC : hc_arg;
     const int lane = threadIdx.x & 31, hh = hc * hc;
     const bool mine = lane < hh;
     const int i = mine ? lane : 0, j = i / hc, k = i - j * hc; /* spare lanes shadow element 0 */
@@ -170,18 +176,22 @@ __device__ void sinkhorn_warp(const float *mix, const void *scale, int scale_dty
     float c = __fadd_rn(__fmul_rn(mix[2 * hc + i], ld(scale, scale_dtype, 2)), ld(base, base_dtype, 2 * hc + i));
     /* the row softmax (max subtracted) + eps */
     float mx = __shfl_sync(full, c, j * hc);
+#pragma unroll
     for (int kk = 1; kk < hc; kk++) mx = fmaxf(mx, __shfl_sync(full, c, j * hc + kk));
     c = exp_f32(__fsub_rn(c, mx));
     float sum = 0;
+#pragma unroll
     for (int kk = 0; kk < hc; kk++) sum = __fadd_rn(sum, __shfl_sync(full, c, j * hc + kk));
     c = __fadd_rn(__fdiv_rn(c, sum), eps);
     for (int it = 0; it < iters; it++) {
         if (it > 0) {
             sum = 0;
+#pragma unroll
             for (int kk = 0; kk < hc; kk++) sum = __fadd_rn(sum, __shfl_sync(full, c, j * hc + kk));
             c = __fdiv_rn(c, __fadd_rn(sum, eps));
         }
         sum = 0;
+#pragma unroll
         for (int jj = 0; jj < hc; jj++) sum = __fadd_rn(sum, __shfl_sync(full, c, jj * hc + k));
         c = __fdiv_rn(c, __fadd_rn(sum, eps));
     }
@@ -197,7 +207,10 @@ __device__ void sinkhorn_token(const float *mix, const void *scale, int scale_dt
     const int hh = hc * hc;
     if (hh <= 32) { /* uniform over the block: no barrier below */
         if (threadIdx.x < 32) {
-            sinkhorn_warp(mix, scale, scale_dtype, base, base_dtype, hc, iters, eps, post + t * hc, comb + t * hh);
+            if (hc == 4)
+                sinkhorn_warp<4>(mix, scale, scale_dtype, base, base_dtype, hc, iters, eps, post + t * hc, comb + t * hh);
+            else
+                sinkhorn_warp<0>(mix, scale, scale_dtype, base, base_dtype, hc, iters, eps, post + t * hc, comb + t * hh);
             if (pre && threadIdx.x < hc)
                 pre[t * hc + threadIdx.x] = pre_weight(mix[threadIdx.x], ld(scale, scale_dtype, 0),
                                                        ld(base, base_dtype, threadIdx.x), eps);
@@ -496,12 +509,31 @@ __global__ void __launch_bounds__(PRE_THREADS) pre_kernel(const void *X, int X_d
     const int64_t t = T - 1 - blockIdx.x, K = (int64_t)hc * d;
     /* the values this block needs: the hc pre dots and Σx², or all M + 1 */
     const int nv = sinkhorn ? M + 1 : hc + 1;
-    for (int v = warp; v < nv; v += PRE_THREADS / 32) {
-        const int m = v < hc ? v : sinkhorn ? v : M; /* the collapse skips to Σx² after the hc pre dots */
-        double s = 0;
-        for (int sp = lane; sp < splits; sp += 32) s += part[(t * splits + sp) * (M + 1) + m];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0) dots[m] = s;
+    /* warp w takes values v = w + 4b (b < PRE_BATCH) at once: the loop over the splits is the outer
+     * one, so the PRE_BATCH loads of a split are in flight together (one memory round trip per 32
+     * splits instead of one per value); each value is still summed from 0 over sp = lane, lane + 32,
+     * ... then the same xor tree: the same bits as one value at a time */
+    for (int v0 = warp; v0 < nv; v0 += PRE_BATCH * (PRE_THREADS / 32)) {
+        double s[PRE_BATCH];
+        int mb[PRE_BATCH];
+#pragma unroll
+        for (int b = 0; b < PRE_BATCH; b++) {
+            const int v = v0 + b * (PRE_THREADS / 32);
+            s[b] = 0;
+            /* the collapse skips to Σx² after the hc pre dots; -1: past the values */
+            mb[b] = v >= nv ? -1 : v < hc ? v : sinkhorn ? v : M;
+        }
+        for (int sp = lane; sp < splits; sp += 32) {
+            const double *row = part + (t * splits + sp) * (M + 1);
+#pragma unroll
+            for (int b = 0; b < PRE_BATCH; b++)
+                if (mb[b] >= 0) s[b] += row[mb[b]];
+        }
+#pragma unroll
+        for (int b = 0; b < PRE_BATCH; b++) { /* mb[b] is uniform over the warp: all lanes shuffle */
+            for (int o = 16; o > 0; o >>= 1) s[b] += __shfl_xor_sync(0xffffffffu, s[b], o);
+            if (lane == 0 && mb[b] >= 0) dots[mb[b]] = s[b];
+        }
     }
     __syncthreads();
     const float rho = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn((float)(dots[M] / (double)K), norm_eps)));

@@ -17,7 +17,11 @@
  *     scale once (scales are powers of two for e8m0, so p·S equals Σ a·(W·S) up to the order of
  *     fp32 additions; f32 scales are applied the same way, as a product after the sum).
  *     Per weight element: 1 byte (fp8) / 0.5 (fp4) / 2 (bf16) from HBM and 2·rows FLOPs; the
- *     activation (rows·in f32 in shared memory) is read from L2 once per block.
+ *     activation (rows·in f32 in shared memory) is read from L2 once per block. Decode is latency-
+ *     bound at these sizes (4-32 MB), so each block asks the L2 (TMA bulk prefetch, no registers)
+ *     for its first tile's weight rows before staging the activation, and for its next tile's
+ *     while it multiplies: HBM streams from the first cycle instead of after staging, and the
+ *     register-bound loads mostly hit the L2. A hint only: the arithmetic is untouched.
  *   - prefill FP8 (9+ rows, reference, 128x128 blocks): cuBLASLt FP8 with block scaling exactly as
  *     FORMATS.md §1 measured it on Hopper (TN, A = W with BLK128x128_32F scales, B = the e4m3 codes
  *     of Q8(x) with VEC128_32F scales, D bf16, tokens padded to 16).
@@ -332,39 +336,68 @@ __device__ __forceinline__ uint32_t word_of(const uint4 &v, int q) { return q ==
  * Layout: token t at xs + t·kc; in each span of 32 vectors, lane l's vector (VEC consecutive
  * columns) lies as VEC/4 float4s at float4 positions j·32 + l, so when the 32 lanes read their j-th
  * float4 they read 512 contiguous bytes (no bank conflicts). cols is a multiple of VEC (>= 8), so a
- * lane's 4 columns are all in range or all out. */
-template <int VEC>
+ * lane's 4 columns are all in range or all out. A warp loads SB units before converting them, so
+ * their latencies overlap; the arithmetic of each unit is unchanged. */
+template <int VEC, int SB>
 __device__ __forceinline__ void stage_x(const GemvArgs &a, float *xs, int64_t g, int64_t c0, int64_t cols)
 {
     constexpr int SPAN = 32 * VEC;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t in_g = a.w.in / a.w.groups, nblk = ceil_div(cols, ACT_BLOCK), units = a.rows * nblk;
-    for (int64_t u = warp; u < units; u += GEMV_WARPS) {
-        const int64_t t = u / nblk, cb = (u - t * nblk) * ACT_BLOCK;
-        const int64_t len = cols - cb < ACT_BLOCK ? cols - cb : ACT_BLOCK;
-        const int64_t src = t * a.w.in + g * in_g + c0 + cb + lane * 4;
-        float v[4];
-        bool ok[4];
+    for (int64_t u0 = warp; u0 < units; u0 += SB * GEMV_WARPS) {
+        float v[SB][4];
+        bool ok[SB][4];
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            ok[e] = lane * 4 + e < len;
-            v[e] = ok[e] ? dsrt_load_f32(a.x, a.x_dtype, src + e) : 0.0f;
+        for (int j = 0; j < SB; j++) { /* unit u0 + j·WARPS; past the last unit nothing is loaded */
+            const int64_t u = u0 + (int64_t)j * GEMV_WARPS, t = u / nblk, cb = (u - t * nblk) * ACT_BLOCK;
+            const int64_t len = u >= units ? 0 : cols - cb < ACT_BLOCK ? cols - cb : ACT_BLOCK;
+            const int64_t src = t * a.w.in + g * in_g + c0 + cb + lane * 4;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                ok[j][e] = lane * 4 + e < len;
+                v[j][e] = ok[j][e] ? dsrt_load_f32(a.x, a.x_dtype, src + e) : 0.0f;
+            }
         }
-        if (a.quantise) {
-            uint8_t code[4];
-            q8_block_warp(v, ok, code);
+#pragma unroll
+        for (int j = 0; j < SB; j++) {
+            const int64_t u = u0 + (int64_t)j * GEMV_WARPS;
+            if (u >= units) break; /* warp-uniform: q8_block_warp needs the whole warp */
+            const int64_t t = u / nblk, cb = (u - t * nblk) * ACT_BLOCK;
+            const int64_t len = cols - cb < ACT_BLOCK ? cols - cb : ACT_BLOCK;
+            if (a.quantise) {
+                uint8_t code[4];
+                q8_block_warp(v[j], ok[j], code);
+            }
+            if (lane * 4 < len) {
+                const int cc = (int)cb + lane * 4, s = cc / SPAN, wi = cc - s * SPAN, l = wi / VEC, r = wi - l * VEC;
+                *(float4 *)(xs + t * a.kc + (int64_t)s * SPAN + ((r >> 2) * 32 + l) * 4) =
+                    make_float4(v[j][0], v[j][1], v[j][2], v[j][3]);
+            }
         }
-        if (lane * 4 < len) {
-            const int cc = (int)cb + lane * 4, s = cc / SPAN, wi = cc - s * SPAN, l = wi / VEC, r = wi - l * VEC;
-            *(float4 *)(xs + t * a.kc + (int64_t)s * SPAN + ((r >> 2) * 32 + l) * 4) = make_float4(v[0], v[1], v[2], v[3]);
-        }
+    }
+}
+
+static constexpr size_t PF_WAVE = (size_t)20 << 20; /* the most one wave of prefetches asks: see gemv_kernel */
+
+/* Asks the L2 for bytes [p, p + n) (p 16-byte aligned, n a multiple of 16): a TMA bulk prefetch,
+ * fire and forget, holding no registers; a hint only, so it cannot change any result. Issued in
+ * pieces of at most 32 KB. */
+__device__ __forceinline__ void prefetch_l2(const char *p, size_t n)
+{
+    for (size_t o = 0; o < n; o += 32768) {
+        const uint32_t len = (uint32_t)(n - o < 32768 ? n - o : 32768);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + o), "r"(len) : "memory");
     }
 }
 
 template <int FMT, int MT> struct GemvShape {
     static constexpr int VEC = FMT == FMT_FP8 ? 16 : FMT == FMT_FP4 ? 32 : 8;
-    static constexpr int NW = MT <= 2 ? 4 : 2; /* features per warp: each x float4 serves NW of them */
+    /* features per warp: each x float4 read from shared memory serves NW of them, so at 4 tokens
+     * NW = 4 halves the shared-memory traffic that bounds the multi-token GEMV (fp4 at 4 tokens
+     * and 8 tokens would spill: ptxas) */
+    static constexpr int NW = MT <= 2 || (MT == 4 && FMT != FMT_FP4) ? 4 : 2;
     static constexpr int U = NW == 4 ? 2 : 4;  /* vectors per feature in flight: NW·U = 8 loads a lane */
+    static constexpr int SB = FMT == FMT_FP4 || MT >= 4 ? 1 : 2; /* stage_x's batch: more spills (ptxas) */
 };
 
 /* A block of 8 warps works on tiles of FG·NW output features of one group (FG = 8 / ks feature
@@ -392,9 +425,25 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_kernel(const __grid_cons
     const char *wbase = (const char *)w.weight;
     const bool one_chunk = kc >= in_g;
     int64_t staged = -1; /* the group whose whole activation is in xs (one_chunk only) */
+    /* the weight rows of a tile (their in_g columns, a multiple of 16 bytes: gemv_fits), asked of
+     * the L2 one row a thread: the block's first tile before it stages the activation, and each
+     * next tile while this one is multiplied, so HBM streams without waiting for the block's loads
+     * (which hold registers and come in batches) and those loads mostly hit the L2. Only while
+     * one wave of tiles (a tile a block) is at most PF_WAVE bytes: two waves are in the L2 at once
+     * and must fit in it (50 MB), or the prefetched lines are evicted before use and HBM moves them
+     * twice (the bf16 head: 264 tiles of 256 KB). */
+    const size_t pf_bytes = (size_t)(in_g / VEC) * 16;
+    const bool pf = (size_t)gridDim.x * (size_t)tf * pf_bytes <= PF_WAVE;
+    auto prefetch_tile = [&](int64_t t) {
+        const int64_t pg = t / tpg, r0 = (t - pg * tpg) * tf;
+        for (int64_t r = threadIdx.x; r < tf; r += GEMV_THREADS)
+            if (r0 + r < out_g) prefetch_l2(wbase + (size_t)(pg * out_g + r0 + r) * row_bytes, pf_bytes);
+    };
 
     for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
         const int64_t g = tile / tpg, tl0 = (tile - g * tpg) * tf, nl0 = tl0 + (int64_t)fg * NW;
+        if (pf && tile == blockIdx.x) prefetch_tile(tile);
+        if (pf && tile + gridDim.x < ntiles) prefetch_tile(tile + gridDim.x);
         const char *wrow = wbase + (size_t)(g * out_g + nl0) * row_bytes; /* feature i's row at + i·row_bytes */
         int64_t srow[NW];
         bool live[NW];
@@ -414,7 +463,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_kernel(const __grid_cons
             const int64_t cols = in_g - c0 < kc ? in_g - c0 : kc;
             if (!one_chunk || staged != g) { /* block-uniform */
                 __syncthreads();             /* every warp is done reading the previous chunk */
-                stage_x<VEC>(a, xs, g, c0, cols);
+                stage_x<VEC, GemvShape<FMT, MT>::SB>(a, xs, g, c0, cols);
                 __syncthreads();
                 staged = g;
             }

@@ -30,16 +30,18 @@
  *              D, so a lane holds 64 partial dots that one transposing warp reduction finishes;
  *            - softmax step: warp h updates head h's running max, den and rounds its 64 p's;
  *            - P·V: thread c owns column c of all 8 heads, reading kv[e][c] once for 8 FMAs.
- *   split  (few rows: decode, S·groups < one wave): flash-decoding over the blocks in 2 kernels.
- *          scores_kernel, one CTA per (row, 8 heads, block), writes every s_j and each block's max
- *          (workspace); block_kernel, one CTA per (row, 8 heads, block), takes the running max
- *          M_b = max of the block maxima 0..b, so its P(e^{s_j − M_b}) are the fused path's, and
- *          writes its partial acc, Σp and M_b; the LAST of a (row, group)'s CTAs to finish (an
- *          atomic ticket, zeroed by scores_kernel) sums the blocks with weights e^{M_b − M}, which
- *          equals the chain of α's up to fp32 rounding. Flash decode (S = 1, H = 64, D = 512,
- *          K = 640, bf16 pool): 8 x 10 CTAs per kernel; the floor is the gathered rows, 655 KB,
- *          plus q 64 KB; both kernels re-read them (L2 after the first). Host side: shared-memory
- *          attributes and device limits are cached, so a call costs two launches and nothing else.
+ *   split  (few rows: decode, S·groups < one wave): flash-decoding over chunks of CHUNK = 16
+ *          entries (4 per block), three kernels, so a Flash decode call (S = 1, H = 64, D = 512,
+ *          K = 640) runs 8 x 40 = 320 CTAs instead of 8 x 10. scores_kernel, one CTA per (row,
+ *          8 heads, chunk), writes every s_j and each chunk's max (workspace); pv_kernel, one CTA
+ *          per (row, 8 heads, chunk), takes the running max M_b of the chunk's block b = the max of
+ *          the chunk maxima of blocks 0..b, so its P(e^{s_j − M_b}) are the fused path's exactly,
+ *          and writes its partial acc, Σp and M_b; combine_kernel, one CTA per (row, head), sums
+ *          the chunks with weights e^{M_b − M}, which equals the chain of α's up to fp32 rounding.
+ *          Bytes (Flash decode, f32 pool): the gathered rows, 1.3 MB, read by each of the 8 head
+ *          groups in both kernels (L2 after the first), q 128 KB per chunk column, partials
+ *          40 x 64 x 512 x 4 = 5.2 MB written and read once. Host side: shared-memory
+ *          attributes and device limits are cached, so a call costs three launches and nothing else.
  *
  * Index values are data on the device, so a bad one (< −1 or >= N) cannot be reported without a
  * synchronisation: it is never dereferenced, and the outputs of its query row (for the heads of
@@ -54,6 +56,9 @@ enum { ENTRIES = 64, HEADS = 8, THREADS = 256, WARPS = THREADS / 32, ENTRIES_PER
 static_assert(HEADS == WARPS, "the softmax step gives each head of a group one warp");
 static_assert(ENTRIES_PER_WARP * HEADS == 64, "the score reduction leaves 2 of 64 values per lane");
 static_assert(ENTRIES == 2 * 32, "the softmax step gives each lane two entries");
+enum { CHUNK = 16, CHUNKS_PER_BLOCK = ENTRIES / CHUNK }; /* the split path's unit of work */
+static_assert(ENTRIES % CHUNK == 0 && CHUNK % WARPS == 0, "a block is whole chunks, a chunk whole warps");
+static_assert(CHUNK * HEADS <= THREADS && CHUNK <= 32, "pv_kernel: one thread per (entry, head) of a chunk");
 
 const unsigned FULL = 0xffffffffu;
 
@@ -64,16 +69,16 @@ struct Args {
     const void *sink; /* [H] f32 or bf16 */
     void *o;          /* [S, H, D] f32 or bf16 */
     int sink_dtype, idx64, out_bf16, round_p, vec_rows;
+    int row4; /* pool rows can be read 4 elements at a time (load4's alignment) */
     int64_t S, H, D, N, K, D4; /* D4: D rounded up to 4, the row length in shared memory */
-    int64_t groups, nb;        /* ceil(H / HEADS) (the mma path: ceil(H / MMA_HEADS)), ceil(K / ENTRIES) */
+    int64_t groups, nb, nc;    /* ceil(H / HEADS) (the mma path: ceil(H / MMA_HEADS)), ceil(K / ENTRIES), ceil(K / CHUNK) */
     float scale;
     /* the split path's workspace */
     float *scores;   /* [S, H, K] */
-    float *bmax;     /* [S, nb, H] each block's max score, -inf when it has no valid entry */
-    float *part_acc; /* [S, nb, H, D] */
-    float *part_m;   /* [S, nb, H] the running max after the block, -inf when it had no valid entry */
-    float *part_sum; /* [S, nb, H] its Σ p (unrounded), NaN after a bad index */
-    unsigned *done;  /* [S, groups] block_kernel CTAs finished (zeroed by scores_kernel) */
+    float *cmax;     /* [S, nc, H] each chunk's max score, -inf when it has no valid entry */
+    float *part_acc; /* [S, nc, H, D] */
+    float *part_m;   /* [S, nc, H] the running max M_b of the chunk's block, -inf: no valid entry */
+    float *part_sum; /* [S, nc, H] its Σ p (unrounded), NaN after a bad index */
 };
 
 /* ---- shared memory (byte offsets, the same on host and device) ---- */
@@ -156,9 +161,10 @@ template <class TQ>
 __device__ void load_q(const Args &a, int64_t t, int64_t g, float *q_s)
 {
     const TQ *q = (const TQ *)a.q;
-    for (int64_t i = threadIdx.x; i < HEADS * a.D4; i += THREADS) {
-        int64_t h = i / a.D4, c = i - h * a.D4, hh = g * HEADS + h;
-        q_s[i] = hh < a.H && c < a.D ? elem(q, (t * a.H + hh) * a.D + c) : 0.0f;
+    for (int h = 0; h < HEADS; h++) { /* no 64-bit division per element: decode pays for it */
+        const int64_t hh = g * HEADS + h;
+        for (int64_t c = threadIdx.x; c < a.D4; c += THREADS)
+            q_s[h * a.D4 + c] = hh < a.H && c < a.D ? elem(q, (t * a.H + hh) * a.D + c) : 0.0f;
     }
 }
 
@@ -362,119 +368,211 @@ __global__ void __launch_bounds__(THREADS, 1) fused_kernel(const __grid_constant
     }
 }
 
-/* ---- split: scores, then one CTA per block; the last CTA of a (row, group) combines ---- */
+/* ---- split: scores, partial P·V per chunk, combine (three kernels, no tickets) ---- */
 
-/* grid (S·groups, nb): every s_j of the block into a.scores, -inf where the entry is not valid, and
- * the block's max per head into a.bmax; CTA (·, 0) zeroes its (row, group)'s ticket for block_kernel */
+/* The split path works on chunks of CHUNK entries (a block of ENTRIES is CHUNKS_PER_BLOCK chunks)
+ * so that a decode call spreads over S·groups·nc CTAs (Flash: 8 x 40 = 320) instead of S·groups·nb
+ * (8 x 10). The blocked softmax needs, per block b, the running max M_b = max of the scores of
+ * blocks 0..b: scores_kernel writes each chunk's max per head, and pv_kernel takes the max over the
+ * chunks of blocks 0..b, so P(e^{s − M_b}) are the fused path's values exactly (max is order-free).
+ * The per-block sums Σp and partial accumulators are split over the block's chunks, which only
+ * changes the fp32 summation order (as the old per-block split did for the α chain). */
+
+/* grid (S·groups, nc): s_j = fp32(q·kv_j)·scale of the chunk's entries into a.scores (-inf where
+ * the entry is not valid) and the chunk's max per head into a.cmax (-inf without a valid entry).
+ * Warp w: entries CHUNK/WARPS·w.., read straight from global memory (coalesced 16-byte slices
+ * per lane), dotted with the 8 heads' q in shared memory, one butterfly per head.
+ * Flash decode, f32 pool: per CTA 16 rows x 2 KB + q 16 KB (L2); 8 x 16 x 512 x 2 FLOPs. */
 template <class TQ, class TP>
-__global__ void __launch_bounds__(THREADS, 1) scores_kernel(const __grid_constant__ Args a, const __grid_constant__ Layout l)
+__global__ void __launch_bounds__(THREADS) scores_kernel(const __grid_constant__ Args a)
 {
     extern __shared__ __align__(16) unsigned char smem[];
-    const Shared s = shared_at(smem, l);
-    const int64_t t = blockIdx.x / a.groups, g = blockIdx.x % a.groups, b = blockIdx.y;
+    __shared__ float sc_s[CHUNK][HEADS];
+    float *q_s = (float *)smem; /* [HEADS][D4] */
+    const int64_t t = blockIdx.x / a.groups, g = blockIdx.x % a.groups, ch = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (b == 0 && threadIdx.x == 0) a.done[blockIdx.x] = 0u; /* block_kernel runs after this kernel */
-    load_q<TQ>(a, t, g, s.q);
-    if (threadIdx.x == 0) *s.bad = 0;
+    load_q<TQ>(a, t, g, q_s);
     __syncthreads();
-    int any = load_block<TP>(a, t, b, s, (TP *)s.kv, a.D4, false);
-    if (any) block_scores<TP>(a, s);
-    __syncthreads();
-    for (int i = threadIdx.x; i < ENTRIES * HEADS; i += THREADS) {
-        int64_t e = i / HEADS, h = i % HEADS, hh = g * HEADS + h, k = b * ENTRIES + e;
-        if (hh < a.H && k < a.K) a.scores[(t * a.H + hh) * a.K + k] = any ? s.p[i] : -INFINITY;
-    }
-    /* warp h: the block's max of head h (invalid entries hold -inf) */
-    float mx = any ? fmaxf(s.p[lane * HEADS + warp], s.p[(lane + 32) * HEADS + warp]) : -INFINITY;
+    const TP *pool = (const TP *)a.pool;
+    enum { EPW = CHUNK / WARPS }; /* entries per warp, dotted together so their loads overlap */
+    const int e0 = warp * EPW;
+    long long r[EPW]; /* the same in every lane */
 #pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, o));
-    if (lane == 0 && g * HEADS + warp < a.H) a.bmax[(t * a.nb + b) * a.H + g * HEADS + warp] = mx;
+    for (int j = 0; j < EPW; j++) {
+        const int64_t k = ch * CHUNK + e0 + j;
+        r[j] = -1;
+        if (k < a.K) {
+            int64_t at = t * a.K + k;
+            r[j] = a.idx64 ? ((const long long *)a.idx)[at] : (long long)((const int *)a.idx)[at];
+            if (r[j] < -1 || r[j] >= a.N) r[j] = -1; /* pv_kernel reports it */
+        }
+    }
+    float v[EPW][HEADS];
+#pragma unroll
+    for (int j = 0; j < EPW; j++)
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) v[j][h] = 0.0f;
+#pragma unroll 4
+    for (int64_t c = 4 * lane; c < a.D4; c += 128) {
+        float x[EPW][4];
+#pragma unroll
+        for (int j = 0; j < EPW; j++) {
+            const TP *row = pool + (r[j] >= 0 ? r[j] : 0) * a.D;
+            if (r[j] < 0) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
+            else if (a.row4) load4(row + c, x[j]);
+            else {
+#pragma unroll
+                for (int i = 0; i < 4; i++) x[j][i] = c + i < a.D ? elem(row, c + i) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) {
+            float4 qv = *(const float4 *)(q_s + h * a.D4 + c);
+#pragma unroll
+            for (int j = 0; j < EPW; j++) {
+                float d = v[j][h];
+                d = fmaf(qv.x, x[j][0], d);
+                d = fmaf(qv.y, x[j][1], d);
+                d = fmaf(qv.z, x[j][2], d);
+                d = fmaf(qv.w, x[j][3], d);
+                v[j][h] = d;
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < EPW; j++)
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) {
+            float d = v[j][h];
+#pragma unroll
+            for (int o = 16; o >= 1; o >>= 1) d += __shfl_xor_sync(FULL, d, o);
+            if (lane == h) sc_s[e0 + j][h] = r[j] >= 0 ? __fmul_rn(d, a.scale) : -INFINITY;
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < CHUNK * HEADS; i += THREADS) {
+        const int e = i / HEADS, h = i % HEADS;
+        const int64_t hh = g * HEADS + h, k = ch * CHUNK + e;
+        if (hh < a.H && k < a.K) a.scores[(t * a.H + hh) * a.K + k] = sc_s[e][h];
+    }
+    if (threadIdx.x < HEADS && g * HEADS + threadIdx.x < a.H) {
+        float mx = -INFINITY;
+        for (int e = 0; e < CHUNK; e++) mx = fmaxf(mx, sc_s[e][threadIdx.x]); /* -inf past K */
+        a.cmax[(t * a.nc + ch) * a.H + g * HEADS + threadIdx.x] = mx;
+    }
 }
 
-/* grid (S·groups, nb): block b's P·V relative to the running max M_b into the partials; the last
- * CTA of the row and group to finish combines all blocks:
- * o = Σ_b w_b·acc_b / (Σ_b w_b·sum_b + e^{sink − M}), w_b = e^{M_b − M}, M the last running max;
- * blocks without a valid entry are skipped */
+/* grid (S·groups, nc): chunk ch of block b = ch / CHUNKS_PER_BLOCK: p = e^{s − M_b} (P-rounded in
+ * reference mode, block_softmax's values) and its partial Σ_e P(p_e)·kv_e in entry order into
+ * a.part_acc, Σ p (unrounded) into a.part_sum and M_b into a.part_m (-inf: no valid entry, skipped
+ * by the combine; a bad index: 0 with a NaN sum, so its heads' outputs become NaN).
+ * Thread c owns column c of the 8 heads: per entry one kv load (coalesced) and 8 FMAs. */
 template <class TP>
-__global__ void __launch_bounds__(THREADS, 1) block_kernel(const __grid_constant__ Args a, const __grid_constant__ Layout l)
+__global__ void __launch_bounds__(THREADS) pv_kernel(const __grid_constant__ Args a)
 {
-    extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ int last_s;
-    const Shared s = shared_at(smem, l);
-    const int64_t t = blockIdx.x / a.groups, g = blockIdx.x % a.groups, b = blockIdx.y;
+    __shared__ float p_s[CHUNK][HEADS], raw_s[CHUNK][HEADS], mb_s[HEADS];
+    __shared__ long long row_s[CHUNK];
+    __shared__ int bad_s;
+    const int64_t t = blockIdx.x / a.groups, g = blockIdx.x % a.groups, ch = blockIdx.y;
+    const int64_t b = ch / CHUNKS_PER_BLOCK;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t hh = g * HEADS + warp; /* warp's head */
-    for (int64_t i = threadIdx.x; i < HEADS * a.D; i += THREADS) s.acc[i] = 0.0f;
-    if (threadIdx.x < HEADS) s.alpha[threadIdx.x] = 1.0f;
-    if (threadIdx.x == 0) *s.bad = 0;
+    if (threadIdx.x == 0) bad_s = 0;
     __syncthreads();
-    int any = load_block<TP>(a, t, b, s, (TP *)s.kv, a.D4, false);
-    /* the running max before this block: the max of the head's block maxima 0..b-1 */
-    float m_prev = -INFINITY;
-    if (hh < a.H)
-        for (int64_t k = lane; k < b; k += 32) m_prev = fmaxf(m_prev, a.bmax[(t * a.nb + k) * a.H + hh]);
-#pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) m_prev = fmaxf(m_prev, __shfl_xor_sync(FULL, m_prev, o));
-    const float *sc = a.scores + (t * a.H + (hh < a.H ? hh : 0)) * a.K;
-    float2 r = make_float2(-INFINITY, 0.0f);
-    if (any) {
-        for (int e = lane; e < ENTRIES; e += 32) {
-            int64_t k = b * ENTRIES + e;
-            s.p[e * HEADS + warp] = hh < a.H && k < a.K && s.row[e] >= 0 ? sc[k] : -INFINITY;
+    if (threadIdx.x < CHUNK) {
+        const int64_t k = ch * CHUNK + threadIdx.x;
+        long long r = -1;
+        if (k < a.K) {
+            int64_t at = t * a.K + k;
+            r = a.idx64 ? ((const long long *)a.idx)[at] : (long long)((const int *)a.idx)[at];
+            if (r < -1 || r >= a.N) {
+                bad_s = 1; /* every writer writes 1 */
+                r = -1;
+            }
         }
-        __syncwarp();
-        r = block_softmax(s, warp, m_prev, a.round_p);
+        row_s[threadIdx.x] = r;
+    }
+    { /* warp h: M_b of head h, the max over the chunks of blocks 0..b */
+        const int64_t hh = g * HEADS + warp, last = (b + 1) * CHUNKS_PER_BLOCK < a.nc ? (b + 1) * CHUNKS_PER_BLOCK : a.nc;
+        float mb = -INFINITY;
+        if (hh < a.H)
+            for (int64_t k = lane; k < last; k += 32) mb = fmaxf(mb, a.cmax[(t * a.nc + k) * a.H + hh]);
+#pragma unroll
+        for (int o = 16; o >= 1; o >>= 1) mb = fmaxf(mb, __shfl_xor_sync(FULL, mb, o));
+        if (lane == 0) mb_s[warp] = mb;
     }
     __syncthreads();
-    if (any) block_pv<TP>(a, s);
+    int any = 0;
+    for (int e = 0; e < CHUNK; e++) any |= row_s[e] >= 0;
+    if (threadIdx.x < CHUNK * HEADS) {
+        const int e = threadIdx.x / HEADS, h = threadIdx.x % HEADS;
+        const int64_t hh = g * HEADS + h, k = ch * CHUNK + e;
+        const bool valid = row_s[e] >= 0 && hh < a.H;
+        const float p = valid ? expf(a.scores[(t * a.H + hh) * a.K + k] - mb_s[h]) : 0.0f;
+        raw_s[e][h] = p;
+        p_s[e][h] = a.round_p ? round_bf16(p) : p;
+    }
     __syncthreads();
-    const int64_t part = (t * a.nb + b) * a.H;
-    if (hh < a.H && lane == 0) {
-        int bad = *s.bad;
-        a.part_m[part + hh] = bad ? 0.0f : r.x; /* a bad index: a block that counts, with a NaN sum */
-        a.part_sum[part + hh] = bad ? NAN : r.y;
+    const int bad = bad_s;
+    const int64_t part = (t * a.nc + ch) * a.H;
+    if (threadIdx.x < HEADS && g * HEADS + threadIdx.x < a.H) {
+        float sum = 0.0f;
+        for (int e = 0; e < CHUNK; e++) sum += raw_s[e][threadIdx.x];
+        a.part_m[part + g * HEADS + threadIdx.x] = bad ? 0.0f : any ? mb_s[threadIdx.x] : -INFINITY;
+        a.part_sum[part + g * HEADS + threadIdx.x] = bad ? NAN : sum;
     }
-    for (int64_t i = threadIdx.x; i < HEADS * a.D; i += THREADS) {
-        int64_t h = i / a.D, c = i - h * a.D;
-        if (g * HEADS + h >= a.H) break;
-        a.part_acc[(part + g * HEADS + h) * a.D + c] = s.acc[i];
+    if (!any && !bad) return; /* skipped by the combine: nothing to write */
+    const TP *pool = (const TP *)a.pool;
+    for (int64_t c = threadIdx.x; c < a.D; c += THREADS) {
+        float acc[HEADS];
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) acc[h] = 0.0f;
+        float x[CHUNK]; /* all loads first, so their latencies overlap */
+#pragma unroll
+        for (int e = 0; e < CHUNK; e++) x[e] = row_s[e] >= 0 ? elem(pool, row_s[e] * a.D + c) : 0.0f;
+#pragma unroll
+        for (int e = 0; e < CHUNK; e++) {
+            if (row_s[e] < 0) continue; /* the same for every thread; attend() skips the entry */
+#pragma unroll
+            for (int h = 0; h < HEADS; h++) acc[h] = fmaf(p_s[e][h], x[e], acc[h]);
+        }
+#pragma unroll
+        for (int h = 0; h < HEADS; h++)
+            if (g * HEADS + h < a.H) a.part_acc[(part + g * HEADS + h) * a.D + c] = acc[h];
     }
+}
 
-    /* the ticket (threadfence reduction): the partials are visible device-wide before the count */
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last_s = atomicAdd(&a.done[blockIdx.x], 1u) == (unsigned)(a.nb - 1);
-    __syncthreads();
-    if (!last_s) return;
-    __threadfence();
-    /* warp h: M and the denominator of head h (reads bypass L1: other CTAs wrote them) */
-    const float *pm = a.part_m + t * a.nb * a.H, *ps = a.part_sum + t * a.nb * a.H;
-    if (hh < a.H) {
+/* grid (S·H): o = Σ_ch w_ch·acc_ch / (Σ_ch w_ch·sum_ch + e^{sink − M}), w_ch = e^{M_ch − M}, M the
+ * max of the M_ch (the last running max), chunks with M_ch = -inf skipped; 0 when nothing was valid.
+ * Flash decode: 40 chunks x 2 KB of partials per (row, head), 64 CTAs. */
+__global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant__ Args a)
+{
+    __shared__ float M_s, den_s;
+    const int64_t t = blockIdx.x / a.H, hh = blockIdx.x % a.H;
+    const float *pm = a.part_m + t * a.nc * a.H + hh, *ps = a.part_sum + t * a.nc * a.H + hh;
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
         float M = -INFINITY;
-        for (int64_t k = lane; k < a.nb; k += 32) M = fmaxf(M, __ldcg(pm + k * a.H + hh));
+        for (int64_t k = lane; k < a.nc; k += 32) M = fmaxf(M, pm[k * a.H]);
 #pragma unroll
         for (int o = 16; o >= 1; o >>= 1) M = fmaxf(M, __shfl_xor_sync(FULL, M, o));
         if (lane == 0) {
             float den = 0.0f;
-            for (int64_t k = 0; k < a.nb; k++) {
-                float mk = __ldcg(pm + k * a.H + hh);
-                if (mk != -INFINITY) den = fmaf(expf(mk - M), __ldcg(ps + k * a.H + hh), den);
+            for (int64_t k = 0; k < a.nc; k++) {
+                const float mk = pm[k * a.H];
+                if (mk != -INFINITY) den = fmaf(expf(mk - M), ps[k * a.H], den);
             }
-            s.m[warp] = M;
-            s.den[warp] = den + expf(sink_of(a, hh) - M);
+            M_s = M;
+            den_s = den + expf(sink_of(a, hh) - M);
         }
     }
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < HEADS * a.D; i += THREADS) {
-        int64_t h = i / a.D, c = i - h * a.D, head = g * HEADS + h;
-        if (head >= a.H) break; /* i only grows */
-        const float M = s.m[h];
+    const float M = M_s, den = den_s;
+    for (int64_t c = threadIdx.x; c < a.D; c += THREADS) {
         float acc = 0.0f;
-        for (int64_t k = 0; k < a.nb; k++) {
-            float mk = __ldcg(pm + k * a.H + head);
-            if (mk != -INFINITY) acc = fmaf(expf(mk - M), __ldcg(a.part_acc + ((t * a.nb + k) * a.H + head) * a.D + c), acc);
+        for (int64_t k = 0; k < a.nc; k++) {
+            const float mk = pm[k * a.H];
+            if (mk != -INFINITY) acc = fmaf(expf(mk - M), a.part_acc[((t * a.nc + k) * a.H + hh) * a.D + c], acc);
         }
-        store_out(a, (t * a.H + head) * a.D + c, M == -INFINITY ? 0.0f : acc / s.den[h]);
+        store_out(a, (t * a.H + hh) * a.D + c, M == -INFINITY ? 0.0f : acc / den);
     }
 }
 
@@ -650,25 +748,24 @@ const char *OP = "nn.sparse_attention";
 /* the split path for few rows: fewer fused CTAs than one wave, and more than one block to spread */
 bool use_split(int dev, int64_t S, int64_t H, int64_t K)
 {
-    int64_t groups = (H + HEADS - 1) / HEADS, nb = (K + ENTRIES - 1) / ENTRIES;
-    return nb > 1 && nb <= 65535 && S * groups < dsrtk_multiprocessors(dev);
+    int64_t groups = (H + HEADS - 1) / HEADS, nb = (K + ENTRIES - 1) / ENTRIES, nc = (K + CHUNK - 1) / CHUNK;
+    return nb > 1 && nc <= 65535 && S * groups < dsrtk_multiprocessors(dev);
 }
 
 struct Workspace {
-    size_t scores, bmax, part_acc, part_m, part_sum, done, total;
+    size_t scores, cmax, part_acc, part_m, part_sum, total;
 };
 Workspace workspace_for(int64_t S, int64_t H, int64_t D, int64_t K)
 {
-    int64_t nb = (K + ENTRIES - 1) / ENTRIES, groups = (H + HEADS - 1) / HEADS;
+    int64_t nc = (K + CHUNK - 1) / CHUNK;
     auto round = [](size_t n) { return (n + 255) & ~(size_t)255; };
     Workspace w;
     w.scores = 0;
-    w.bmax = w.scores + round(sizeof(float) * (size_t)(S * H * K));
-    w.part_acc = w.bmax + round(sizeof(float) * (size_t)(S * nb * H));
-    w.part_m = w.part_acc + round(sizeof(float) * (size_t)(S * nb * H * D));
-    w.part_sum = w.part_m + round(sizeof(float) * (size_t)(S * nb * H));
-    w.done = w.part_sum + round(sizeof(float) * (size_t)(S * nb * H));
-    w.total = w.done + round(sizeof(unsigned) * (size_t)(S * groups));
+    w.cmax = w.scores + round(sizeof(float) * (size_t)(S * H * K));
+    w.part_acc = w.cmax + round(sizeof(float) * (size_t)(S * nc * H));
+    w.part_m = w.part_acc + round(sizeof(float) * (size_t)(S * nc * H * D));
+    w.part_sum = w.part_m + round(sizeof(float) * (size_t)(S * nc * H));
+    w.total = w.part_sum + round(sizeof(float) * (size_t)(S * nc * H));
     return w;
 }
 
@@ -769,13 +866,21 @@ struct Fused {
                       l->total, *a, *l, st);
     }
 };
+/* the split path: three launches, each kernel's grid spread over chunks (and rows, head groups) */
 template <class TQ, class TP>
 struct Split {
-    static int run(int dev, const Args *a, const Layout *l, cudaStream_t st)
+    static int run(int dev, const Args *a, const Layout *, cudaStream_t st)
     {
-        dim3 grid((unsigned)(a->S * a->groups), (unsigned)a->nb);
-        int rc = launch(dev, scores_kernel<TQ, TP>, "sparse_attention scores_kernel", grid, l->total, *a, *l, st);
-        return rc ? rc : launch(dev, block_kernel<TP>, "sparse_attention block_kernel", grid, l->total, *a, *l, st);
+        const dim3 grid((unsigned)(a->S * a->groups), (unsigned)a->nc);
+        const size_t q_bytes = sizeof(float) * HEADS * (size_t)a->D4;
+        int rc = allow_shared(dev, (const void *)scores_kernel<TQ, TP>, q_bytes, "sparse_attention scores_kernel");
+        if (rc) return rc;
+        scores_kernel<TQ, TP><<<grid, THREADS, q_bytes, st>>>(*a);
+        if ((rc = dsrtk_check_launch("sparse_attention scores_kernel", dev))) return rc;
+        pv_kernel<TP><<<grid, THREADS, 0, st>>>(*a);
+        if ((rc = dsrtk_check_launch("sparse_attention pv_kernel", dev))) return rc;
+        combine_kernel<<<(unsigned)(a->S * a->H), THREADS, 0, st>>>(*a);
+        return dsrtk_check_launch("sparse_attention combine_kernel", dev);
     }
 };
 
@@ -815,10 +920,11 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
     a.sink_dtype = sink->dtype, a.idx64 = indices->dtype == DSRT_I64, a.out_bf16 = o->dtype == DSRT_BF16;
     a.round_p = round_p != 0;
     a.S = S, a.H = H, a.D = D, a.N = N, a.K = K, a.D4 = (D + 3) / 4 * 4;
-    a.groups = (H + HEADS - 1) / HEADS, a.nb = (K + ENTRIES - 1) / ENTRIES;
+    a.groups = (H + HEADS - 1) / HEADS, a.nb = (K + ENTRIES - 1) / ENTRIES, a.nc = (K + CHUNK - 1) / CHUNK;
     a.scale = scale;
     size_t pe = elem_size(pool->dtype);
     a.vec_rows = (D * (int64_t)pe) % 16 == 0 && (uintptr_t)a.pool % 16 == 0;
+    a.row4 = D % 4 == 0 && (uintptr_t)a.pool % (4 * pe) == 0;
     Layout l = layout_for(D, a.D4, pe);
 
     int optin = 0;
@@ -849,7 +955,7 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
         return dsrtk_fail(DSRTK_ERROR, "%s: the workspace has %zu bytes, %zu needed (dsrtk_sparse_attention_workspace)", OP,
                           workspace ? workspace_bytes : (size_t)0, w.total);
     char *ws = (char *)workspace;
-    a.scores = (float *)(ws + w.scores), a.bmax = (float *)(ws + w.bmax), a.part_acc = (float *)(ws + w.part_acc);
-    a.part_m = (float *)(ws + w.part_m), a.part_sum = (float *)(ws + w.part_sum), a.done = (unsigned *)(ws + w.done);
+    a.scores = (float *)(ws + w.scores), a.cmax = (float *)(ws + w.cmax), a.part_acc = (float *)(ws + w.part_acc);
+    a.part_m = (float *)(ws + w.part_m), a.part_sum = (float *)(ws + w.part_sum);
     return by_dtypes<Split>(q->dtype, pool->dtype, dev, (const Args *)&a, (const Layout *)&l, st);
 }

@@ -443,6 +443,16 @@ static dsrt_tensor *norm_f32(dsrt_tensor *t, dsrt_tensor *w, float eps, dsrt_pre
     return as_f32(y, s);
 }
 
+/* RMS_w of t (released) as the norm gives it (bf16 in reference precision): for a next op that
+ * takes bf16 as well as f32 (an nn function, a linear), where a conversion would only cost a launch */
+static dsrt_tensor *norm_any(dsrt_tensor *t, dsrt_tensor *w, float eps, dsrt_precision prec, dsrt_stream *s)
+{
+    if (!t) return NULL;
+    dsrt_tensor *y = dsrt_nn_rms_norm(t, w, eps, prec, s);
+    dsrt_tensor_release(t);
+    return y;
+}
+
 /* RoPE of t (released) at pos, as f32 */
 static dsrt_tensor *rope_f32(const dsrt_attn_config *c, dsrt_tensor *t, dsrt_tensor *pos, int inverse, dsrt_precision prec,
                              dsrt_stream *s)
@@ -676,10 +686,19 @@ static int use_on(dsrt_tensor *t, dsrt_stream *s) { return t ? dsrt_storage_use(
 
 static int kernel_failed(void) { return dsrt_err("attention: %s", dsrtk_error()); }
 
-/* y = linear(x) as a contiguous f32 tensor on x's device */
+/* y = linear(x) as a contiguous f32 tensor on x's device: for the kernels here, which take f32 */
 static dsrt_tensor *dlin(dsrt_linear *l, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)
 {
     return x ? as_f32(dsrt_linear_forward(l, x, prec, s), s) : NULL;
+}
+
+/* y = linear(x) in the linear's output dtype (bf16 in reference precision), contiguous: for a next
+ * op that takes bf16 as well as f32 (an nn function, a linear). The values are bf16-exact either
+ * way, and those ops load either dtype into the same fp32 arithmetic, so skipping the f32
+ * conversion (a launch each, ~2.5 us at decode) changes no result. */
+static dsrt_tensor *dlin_any(dsrt_linear *l, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)
+{
+    return x ? dsrt_linear_forward(l, x, prec, s) : NULL;
 }
 
 /* an i64 tensor [n] of positions first, first + step, ... on the device */
@@ -729,7 +748,7 @@ static int compress_dev(dsrt_attention *a, comp_state *cs, dsrt_compressor_weigh
         goto done;
     }
     if (!(pos = dpositions(dev, n, j0 * r, r, s))) goto done;
-    E = rope_f32(cfg, norm_f32(E, w->norm, cfg->norm_eps, prec, s), pos, 0, prec, s);
+    E = rope_f32(cfg, norm_any(E, w->norm, cfg->norm_eps, prec, s), pos, 0, prec, s);
     if (!E) goto done;
     if (!indexer && dsrt_nn_quant_roundtrip_q8(E, 64, 0, d - DSRT_NN_ROPE_DIMS, prec, s)) goto done;
     if (indexer && prec == DSRT_PREC_REFERENCE) {
@@ -748,7 +767,7 @@ done:
 }
 
 /* index_select() on the device: *picks = i32 [S, topk], each query's top-k visible entries
- * (descending score, ties to the lower entry), −1 after. qr: f32 [S, q_lora]; w: weights_proj's
+ * (descending score, ties to the lower entry), −1 after. qr: bf16 or f32 [S, q_lora]; w: weights_proj's
  * output f32 [S, IH]; ic, ig: the indexer compressor's (c, g + ape) rows. */
 static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *qr, dsrt_tensor *w, dsrt_tensor *ic,
                             dsrt_tensor *ig, dsrt_tensor *pos, int64_t P, int64_t S, dsrt_stream *s, dsrt_tensor **picks)
@@ -759,7 +778,7 @@ static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor 
     int ref = prec == DSRT_PREC_REFERENCE, dev = a->device;
     dsrt_tensor *scores = NULL, *out = NULL;
     /* 1. qI = RoPE(wq_b·qr), then Hadamard + Q4 (reference only) */
-    dsrt_tensor *q = dlin(a->w.index_wq_b, qr, prec, s);
+    dsrt_tensor *q = dlin_any(a->w.index_wq_b, qr, prec, s);
     if (q) {
         dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, IH, ID});
         dsrt_tensor_release(q);
@@ -803,7 +822,8 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     int64_t S = x->shape[0], P = st->length, H = c->n_heads, hd = c->head_dim, W = c->window, r = c->ratio;
     int dev = a->device, aux = a->n_aux == 3 && S >= AUX_MIN_ROWS;
     dsrt_stream *s_comp = aux ? a->aux[0] : s, *s_wproj = aux ? a->aux[1] : s, *s_icomp = aux ? a->aux[2] : s;
-    dsrt_tensor *xf = dsrt_linear_input(x, s), *pos = dpositions(dev, S, P, 1, s);
+    /* x as given (bf16 in reference precision): only linears read it, and they take either dtype */
+    dsrt_tensor *xf = dsrt_tensor_contiguous(x, s), *pos = dpositions(dev, S, P, 1, s);
     dsrt_tensor *qa = NULL, *kvp = NULL, *qr = NULL, *q = NULL, *kv = NULL, *pool = NULL, *idx = NULL, *o = NULL, *z = NULL,
                 *y = NULL, *out = NULL, *picks = NULL, *wproj = NULL, *ov = NULL;
     dsrt_tensor *cc = NULL, *cg = NULL, *ic = NULL, *ig = NULL; /* the compressors' (c, g + ape) rows */
@@ -826,7 +846,7 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
         ig = ic ? dlin(w->index_compressor.wgate, xf, DSRT_PREC_FP32, s_icomp) : NULL;
         ok = !add_ape(a, ig, a->index_ape_t, P, s_icomp);
     }
-    if (ok) ok = (qa = dlin(w->wq_a, xf, prec, s)) && (kvp = dlin(w->wkv, xf, prec, s));
+    if (ok) ok = (qa = dlin_any(w->wq_a, xf, prec, s)) && (kvp = dlin_any(w->wkv, xf, prec, s));
     if (aux) {
         /* join even after a failure: nothing on s may run ahead of queued aux work */
         int joined = !order(a->ev[1], s_comp, s) && !order(a->ev[2], s_wproj, s) && !order(a->ev[3], s_icomp, s);
@@ -834,10 +854,12 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     }
     if (!ok) goto done;
 
-    /* §6.1 qr = RMS_w(wq_a·x); §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims */
-    qr = norm_f32(qa, w->q_norm, c->norm_eps, prec, s);
+    /* §6.1 qr = RMS_w(wq_a·x); §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims. qr
+     * feeds only linears (wq_b, the indexer's wq_b) and stays in the norm's dtype; kv is read by
+     * the kernels here (gather_pool, ring_write) and is f32 */
+    qr = norm_any(qa, w->q_norm, c->norm_eps, prec, s);
     qa = NULL;
-    kv = rope_f32(c, norm_f32(kvp, w->kv_norm, c->norm_eps, prec, s), pos, 0, prec, s);
+    kv = rope_f32(c, norm_any(kvp, w->kv_norm, c->norm_eps, prec, s), pos, 0, prec, s);
     kvp = NULL;
     if (!qr || !kv || dsrt_nn_quant_roundtrip_q8(kv, 64, 0, hd - DSRT_NN_ROPE_DIMS, prec, s)) goto done;
 
@@ -849,7 +871,7 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     ok = 1;
     if (r == 4) ok = !index_select_dev(a, st, qr, wproj, ic, ig, pos, P, S, side, &picks);
     else if (r > 0) ok = !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, side);
-    if (ok && (q = dlin(w->wq_b, qr, prec, s))) {
+    if (ok && (q = dlin_any(w->wq_b, qr, prec, s))) {
         dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, H, hd}), *n = v ? dsrt_nn_head_rms_norm(v, c->norm_eps, prec, s) : NULL;
         dsrt_tensor_release(v);
         dsrt_tensor_release(q);
@@ -891,10 +913,19 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     } else {
         o = dsrt_nn_sparse_attention(q, pool, idx, w->attn_sink, (float)(1.0 / sqrt((double)hd)), prec, s);
     }
-    o = rope_f32(c, o, pos, 1, prec, s);
+    /* o, z and y in the ops' own dtypes (bf16 in reference precision): the next op is a linear,
+     * and y is the output, bf16 in reference precision and f32 in fp32 */
+    if (o) {
+        dsrt_tensor *rotated = dsrt_nn_rope(o, pos, c->rope_theta, c->has_yarn ? &c->yarn : NULL, 1, prec, s);
+        dsrt_tensor_release(o);
+        o = rotated;
+    }
     ov = o ? dsrt_tensor_view(o, 2, (int64_t[]){S, H * hd}) : NULL;
-    if (!ov || !(z = dlin(w->wo_a, ov, prec, s)) || !(y = dlin(w->wo_b, z, prec, s))) goto done;
-    out = prec == DSRT_PREC_REFERENCE ? dsrt_tensor_to(y, dev, DSRT_BF16, s, 0) : y;
+    if (!ov || !(z = dlin_any(w->wo_a, ov, prec, s)) || !(y = dlin_any(w->wo_b, z, prec, s))) goto done;
+    {
+        dsrt_dtype want = prec == DSRT_PREC_REFERENCE ? DSRT_BF16 : DSRT_F32;
+        out = y->dtype == want ? y : dsrt_tensor_to(y, dev, want, s, 0);
+    }
     if (out == y) dsrt_tensor_retain(y);
     if (!out) goto done;
 

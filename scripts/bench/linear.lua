@@ -1,6 +1,6 @@
 -- scripts/bench/linear.lua - the DSV4 linear layers on CUDA (kernels/linear.cu), Flash-sized (SPEC §1.1).
 --
--- Decode (1, 4 and 8 rows: one launch, no workspace) is memory-bound: the rate counts the weight bytes that must move (codes plus
+-- Decode (1, 2, 4 and 8 rows: one launch, no workspace) is memory-bound: the rate counts the weight bytes that must move (codes plus
 -- scales, read once), against the copy ceiling of scripts/bench.lua. Prefill (4096 rows) is
 -- compute-bound: TFLOP/s of 2·M·N·K (fp4: dequantise to a bf16 slab, then cuBLAS bf16), next to a bf16 cuBLAS matmul of the same shape (the H200's
 -- nominal dense FP8 peak is ~1979 TFLOP/s, bf16 ~989). Weights and inputs are random, never zeros.
@@ -33,6 +33,7 @@ return function(ctx)
 
   local decode = {
     { "fp8 wq_b 1024->32768", "fp8", 1024, 32768 },
+    { "fp8 wq_a 4096->1024", "fp8", 4096, 1024 },
     { "fp8 wkv 4096->512", "fp8", 4096, 512 },
     { "fp8 wo_b 8192->4096", "fp8", 8192, 4096 },
     { "fp4 expert 4096->2048", "fp4", 4096, 2048 },
@@ -41,7 +42,7 @@ return function(ctx)
   }
   for _, c in ipairs(decode) do
     local lin, bytes = layer(c[2], c[3], c[4], c[5])
-    for _, rows in ipairs { 1, 4, 8 } do
+    for _, rows in ipairs { 1, 2, 4, 8 } do
       local x = rnd({ rows, c[3] }):to("bf16")
       report(("linear %s x%d"):format(c[1], rows), time_ms(function() return lin:forward(x) end), bytes)
     end

@@ -140,7 +140,7 @@ test("many_rows_tensor_core_path", function()
 end)
 
 test("decode_many_blocks_and_repeated_calls", function()
-  -- 33 blocks: the split path's maxima loops wrap the 32 lanes; the tickets reset between calls
+  -- 33 blocks (132 chunks): the split path's maxima loops wrap the 32 lanes; its workspace is reused
   case(1, 64, 512, 2100, { combos = { { "reference", "bf16", "bf16", "f32" }, { "fp32", "f32", "f32", "f32" } } })
   local q = dsrt.randn({ 1, 8, 64 }, { seed = next_seed(), dtype = "bf16" })
   local pool = dsrt.randn({ 500, 64 }, { seed = next_seed(), dtype = "bf16" })
@@ -151,6 +151,34 @@ test("decode_many_blocks_and_repeated_calls", function()
   for k = 1, 3 do
     poison(8 * 64 * 4)
     check(nn.sparse_attention(gq, gp, gi, gs, 0.125, "reference"), want, "reference", "repeated call " .. k)
+  end
+end)
+
+test("split_path_window_decode_and_empty_chunks", function()
+  case(1, 64, 512, 128) -- the window layer's decode: 2 blocks, 8 chunks of 16
+  case(2, 9, 40, 129)   -- one entry in the last chunk, a partial second head group
+  -- chunks without a valid entry inside blocks that have some (the running max skips them, the
+  -- chunks after them in the block still use the block's max), and a block of one valid entry
+  local S, H, D, K, N = 2, 11, 64, 200, 300
+  local q32 = dsrt.randn({ S, H, D }, { seed = next_seed() })
+  local pool32 = dsrt.randn({ N, D }, { seed = next_seed() })
+  local sink = dsrt.randn({ H }, { seed = next_seed(), std = 2 })
+  local u = dsrt.rand({ S, K }, { seed = next_seed() }):totable()
+  local rows = {}
+  for t = 1, S do
+    rows[t] = {}
+    for k = 1, K do
+      local empty = (k <= 16) or (k > 96 and k <= 112) or (k > 128 and k ~= 150 and k <= 192)
+      rows[t][k] = empty and -1 or math.floor(u[t][k] * (N - 1))
+    end
+  end
+  local idx = dsrt.tensor(rows, { dtype = "i32" })
+  for _, c in ipairs({ { "reference", "bf16" }, { "fp32", "f32" } }) do
+    local q, pool = q32:to(c[2]), pool32:to(c[2])
+    local want = nn.sparse_attention(q, pool, idx, sink, 0.125, c[1])
+    poison(S * H * D * 4)
+    local got = nn.sparse_attention(q:to("cuda"), pool:to("cuda"), idx:to("cuda"), sink:to("cuda"), 0.125, c[1])
+    check(got, want, c[1], "empty chunks " .. c[1])
   end
 end)
 
