@@ -17,11 +17,10 @@
  *     scale once (scales are powers of two for e8m0, so p·S equals Σ a·(W·S) up to the order of
  *     fp32 additions; f32 scales are applied the same way, as a product after the sum).
  *     Per weight element: 1 byte (fp8) / 0.5 (fp4) / 2 (bf16) from HBM and 2·rows FLOPs; the
- *     activation (rows·in f32 in shared memory) is read from L2 once per block. Decode is latency-
- *     bound at these sizes (4-32 MB), so each block asks the L2 (TMA bulk prefetch, no registers)
- *     for its first tile's weight rows before staging the activation, and for its next tile's
- *     while it multiplies: HBM streams from the first cycle instead of after staging, and the
- *     register-bound loads mostly hit the L2. A hint only: the arithmetic is untouched.
+ *     activation (rows·in f32 in shared memory) is read from L2 once per block. Measured on the
+ *     H200 (2026-11-28): the 1 GB bf16 head at 4.1 TB/s, but the 4-32 MB FP8 matrices of the
+ *     attention at 0.2-1 TB/s: a fixed cost of ~15-25 us per call that is not the bytes. (An L2
+ *     bulk prefetch of each block's next tile was tried and made it slower; removed.)
  *   - prefill FP8 (9+ rows, reference, 128x128 blocks): cuBLASLt FP8 with block scaling exactly as
  *     FORMATS.md §1 measured it on Hopper (TN, A = W with BLK128x128_32F scales, B = the e4m3 codes
  *     of Q8(x) with VEC128_32F scales, D bf16, tokens padded to 16).
@@ -377,19 +376,6 @@ __device__ __forceinline__ void stage_x(const GemvArgs &a, float *xs, int64_t g,
     }
 }
 
-static constexpr size_t PF_WAVE = (size_t)20 << 20; /* the most one wave of prefetches asks: see gemv_kernel */
-
-/* Asks the L2 for bytes [p, p + n) (p 16-byte aligned, n a multiple of 16): a TMA bulk prefetch,
- * fire and forget, holding no registers; a hint only, so it cannot change any result. Issued in
- * pieces of at most 32 KB. */
-__device__ __forceinline__ void prefetch_l2(const char *p, size_t n)
-{
-    for (size_t o = 0; o < n; o += 32768) {
-        const uint32_t len = (uint32_t)(n - o < 32768 ? n - o : 32768);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + o), "r"(len) : "memory");
-    }
-}
-
 template <int FMT, int MT> struct GemvShape {
     static constexpr int VEC = FMT == FMT_FP8 ? 16 : FMT == FMT_FP4 ? 32 : 8;
     /* features per warp: each x float4 read from shared memory serves NW of them, so at 4 tokens
@@ -425,25 +411,8 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_kernel(const __grid_cons
     const char *wbase = (const char *)w.weight;
     const bool one_chunk = kc >= in_g;
     int64_t staged = -1; /* the group whose whole activation is in xs (one_chunk only) */
-    /* the weight rows of a tile (their in_g columns, a multiple of 16 bytes: gemv_fits), asked of
-     * the L2 one row a thread: the block's first tile before it stages the activation, and each
-     * next tile while this one is multiplied, so HBM streams without waiting for the block's loads
-     * (which hold registers and come in batches) and those loads mostly hit the L2. Only while
-     * one wave of tiles (a tile a block) is at most PF_WAVE bytes: two waves are in the L2 at once
-     * and must fit in it (50 MB), or the prefetched lines are evicted before use and HBM moves them
-     * twice (the bf16 head: 264 tiles of 256 KB). */
-    const size_t pf_bytes = (size_t)(in_g / VEC) * 16;
-    const bool pf = (size_t)gridDim.x * (size_t)tf * pf_bytes <= PF_WAVE;
-    auto prefetch_tile = [&](int64_t t) {
-        const int64_t pg = t / tpg, r0 = (t - pg * tpg) * tf;
-        for (int64_t r = threadIdx.x; r < tf; r += GEMV_THREADS)
-            if (r0 + r < out_g) prefetch_l2(wbase + (size_t)(pg * out_g + r0 + r) * row_bytes, pf_bytes);
-    };
-
     for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
         const int64_t g = tile / tpg, tl0 = (tile - g * tpg) * tf, nl0 = tl0 + (int64_t)fg * NW;
-        if (pf && tile == blockIdx.x) prefetch_tile(tile);
-        if (pf && tile + gridDim.x < ntiles) prefetch_tile(tile + gridDim.x);
         const char *wrow = wbase + (size_t)(g * out_g + nl0) * row_bytes; /* feature i's row at + i·row_bytes */
         int64_t srow[NW];
         bool live[NW];
