@@ -31,7 +31,7 @@
  * hc is limited to 32 streams here (the Sinkhorn matrix lives in shared memory); the model has 4.
  */
 #include <math.h>
-#include "common.cuh"
+#include "act.cuh"
 
 enum {
     HC_MAX = 32,
@@ -44,50 +44,6 @@ enum {
     PRE_THREADS = 128,
     PRE_BATCH = 8,                 /* pre_kernel: values per warp summed together (4 warps: 32 >= M + 1) */
 };
-
-static int check_float_dtype(const char *what, const char *name, int dtype)
-{
-    if (dtype != DSRT_F32 && dtype != DSRT_BF16)
-        return dsrtk_fail(DSRTK_ERROR, "%s: %s has dtype %d, expected bf16 or f32", what, name, dtype);
-    return DSRTK_OK;
-}
-
-__device__ __forceinline__ float ld(const void *p, int dtype, int64_t i)
-{
-    return dtype == DSRT_F32 ? ((const float *)p)[i] : dsrt_bf16_to_f32(((const uint16_t *)p)[i]);
-}
-__device__ __forceinline__ void st(void *p, int dtype, int64_t i, float v)
-{
-    if (dtype == DSRT_F32) ((float *)p)[i] = v;
-    else ((uint16_t *)p)[i] = dsrt_f32_to_bf16(v);
-}
-
-/* Eight contiguous elements at element i of p (16-byte aligned): one 16-byte access for bf16, two
- * for f32; the conversions are numeric.h's, as ld/st. */
-__device__ __forceinline__ void ld8(const void *p, int dtype, int64_t i, float (&v)[8])
-{
-    if (dtype == DSRT_F32) {
-        float4 a = ((const float4 *)p)[i / 4], b = ((const float4 *)p)[i / 4 + 1];
-        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-    } else {
-        uint4 a = ((const uint4 *)p)[i / 8];
-        uint32_t w[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-        for (int k = 0; k < 4; k++) v[2 * k] = dsrt_bits_f32(w[k] << 16), v[2 * k + 1] = dsrt_bits_f32(w[k] & 0xffff0000u);
-    }
-}
-__device__ __forceinline__ void st8(void *p, int dtype, int64_t i, const float (&v)[8])
-{
-    if (dtype == DSRT_F32) {
-        ((float4 *)p)[i / 4] = make_float4(v[0], v[1], v[2], v[3]);
-        ((float4 *)p)[i / 4 + 1] = make_float4(v[4], v[5], v[6], v[7]);
-    } else {
-        uint32_t w[4];
-#pragma unroll
-        for (int k = 0; k < 4; k++) w[k] = dsrt_f32_to_bf16(v[2 * k]) | (uint32_t)dsrt_f32_to_bf16(v[2 * k + 1]) << 16;
-        ((uint4 *)p)[i / 8] = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-}
 
 static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
 
