@@ -93,6 +93,21 @@ function helpers.without_gc(fn)
   if not ok then error(err, 0) end
 end
 
+-- Stocks the CUDA allocator's cache with `copies` (default 2) freed blocks of 0xff bytes (NaN in
+-- every float format) in the size class of each of `sizes` (a byte count or a list of them), so a
+-- GPU result taken from the cache that a kernel forgot to write fails its comparison.
+function helpers.poison_cuda_cache(sizes, copies)
+  if type(sizes) == "number" then sizes = { sizes } end
+  local blocks = {}
+  for _, bytes in ipairs(sizes) do
+    for _ = 1, copies or 2 do
+      blocks[#blocks + 1] = require("dsrt").full({ math.max(1, math.ceil(bytes)) }, 255, { dtype = "u8", device = "cuda" })
+    end
+  end
+  require("dsrt").synchronize("cuda")
+  for _, b in ipairs(blocks) do b:close() end
+end
+
 -- The dsrt program running these tests (so `make asan` runs scripts under the sanitized build).
 function helpers.dsrt_bin()
   local interpreter = arg and arg[-1]

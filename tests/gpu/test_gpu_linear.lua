@@ -26,14 +26,7 @@ local function next_seed() seed = seed + 1 return seed end
 
 local ROWS = { 1, 2, 7, 8, 9, 15, 16, 17, 33, 130 }
 
--- stocks the CUDA cache with freed blocks of 0xff bytes around the size class of nbytes
-local function poison_cache(nbytes)
-  local n = math.max(nbytes, 1)
-  local blocks = {}
-  for i = 1, 2 do blocks[i] = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" }) end
-  dsrt.synchronize("cuda")
-  for _, b in ipairs(blocks) do b:close() end
-end
+local poison_cache = h.poison_cuda_cache
 
 -- a random layer description on the CPU: {weight =, scale =, format =, groups =, fp32_math =}
 local function random_linear(format, in_features, out_features, opts)

@@ -34,15 +34,7 @@ local tests, test = h.suite{ gpu = true }
 
 local dsv4 = require "dsrt.dsv4"
 
--- stocks the CUDA cache with two freed blocks of 0xff bytes in the size class of nbytes
-local function poison_cache(nbytes)
-  local n = math.max(math.ceil(nbytes), 1)
-  local a = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
-  local b = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
-  dsrt.synchronize("cuda")
-  a:close()
-  b:close()
-end
+local poison_cache = h.poison_cuda_cache
 
 -- every element of got (on cuda) has the bits of want (on the cpu)
 local function assert_same_bits(got, want, what)

@@ -96,15 +96,7 @@ end
 
 -- ---- poisoning ----
 
--- stocks the CUDA cache with two freed blocks of 0xff bytes (NaN in every float format) per size
-local function poison_cache(sizes)
-  local blocks = {}
-  for _, bytes in ipairs(sizes) do
-    for _ = 1, 2 do blocks[#blocks + 1] = dsrt.full({ math.max(1, math.ceil(bytes)) }, 255, { dtype = "u8", device = "cuda" }) end
-  end
-  dsrt.synchronize("cuda")
-  for _, b in ipairs(blocks) do b:close() end
-end
+local poison_cache = h.poison_cuda_cache
 
 -- the output and the layer's scratch buffers of a forward over `rows` tokens
 local function poison_forward(rows, dims, dim, width)

@@ -35,15 +35,7 @@ local function randn(shape, dtype, std)
   return dsrt.randn(shape, { seed = next_seed(), dtype = dtype or "f32", std = std })
 end
 
--- stocks the CUDA cache with two freed blocks of 0xff bytes in the size class of nbytes
-local function poison_cache(nbytes)
-  local n = math.max(math.ceil(nbytes), 1)
-  local a = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
-  local b = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
-  dsrt.synchronize("cuda")
-  a:close()
-  b:close()
-end
+local poison_cache = h.poison_cuda_cache
 local function poison_for(shape, dtype) poison_cache(numel(shape) * (dtype == "bf16" and 2 or 4)) end
 
 local function out_dtype(prec) return prec == "reference" and "bf16" or "f32" end

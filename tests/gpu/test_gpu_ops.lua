@@ -28,15 +28,7 @@ local function poisoned(shape, dtype)
   return dsrt.full(shape, POISON[dtype], { dtype = dtype, device = "cuda" })
 end
 
--- stocks the CUDA cache with two freed blocks of 0xff bytes in the size class of nbytes
-local function poison_cache(nbytes)
-  local n = math.max(nbytes, 1)
-  local a = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
-  local b = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
-  dsrt.synchronize("cuda")
-  a:close()
-  b:close()
-end
+local poison_cache = h.poison_cuda_cache
 
 local BYTES = { f32 = 4, bf16 = 2, f16 = 2, f8e4m3 = 1, f8e8m0 = 1, fp4e2m1 = 0.5, i8 = 1, u8 = 1, i32 = 4,
                 i64 = 8, bool = 1 }

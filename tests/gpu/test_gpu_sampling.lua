@@ -21,12 +21,7 @@ local tests, test = h.suite{ gpu = true }
 local seed = 9100
 local function next_seed() seed = seed + 1 return seed end
 
-local function poison_cache(nbytes)
-  local blocks = {}
-  for i = 1, 4 do blocks[i] = dsrt.full({ nbytes }, 255, { dtype = "u8", device = "cuda" }) end
-  dsrt.synchronize("cuda")
-  for i = 1, 4 do blocks[i]:close() end
-end
+local function poison_cache(nbytes) h.poison_cuda_cache(nbytes, 4) end
 
 local function rows_of(x) return x:dim() == 2 and x.shape[1] or 1 end
 

@@ -32,12 +32,7 @@ local seed = 9700
 local function next_seed() seed = seed + 1 return seed end
 
 -- the caching allocator's blocks of nbytes stocked with 0xff (NaN as f32, -1 as i64)
-local function poison_cache(nbytes)
-  local blocks = {}
-  for i = 1, 4 do blocks[i] = dsrt.full({ nbytes }, 255, { dtype = "u8", device = "cuda" }) end
-  dsrt.synchronize("cuda")
-  for i = 1, 4 do blocks[i]:close() end
-end
+local function poison_cache(nbytes) h.poison_cuda_cache(nbytes, 4) end
 
 -- random logits [B, V] with exact ties and some -inf
 local function logits(B, V)
