@@ -560,6 +560,28 @@ static int pick_order(const void *pa, const void *pb)
     return a->j < b->j ? -1 : a->j > b->j;
 }
 
+/* The indexer's query (SPEC §6.6) from wq_b's output q [S, IH·ID] (released; NULL passes through):
+ * RoPE, then Hadamard + Q4 in reference precision only (SPEC §9.2 item 2); f32 [S, IH, ID]. Shared by
+ * the CPU and the CUDA paths. */
+static dsrt_tensor *indexer_q(dsrt_attention *a, dsrt_tensor *q, dsrt_tensor *pos, int64_t S, dsrt_precision prec,
+                              dsrt_stream *s)
+{
+    const dsrt_attn_config *c = &a->cfg;
+    if (!q) return NULL;
+    dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, c->index_n_heads, c->index_head_dim});
+    dsrt_tensor_release(q);
+    q = rope_f32(c, v, pos, 0, prec, s);
+    if (!q || prec != DSRT_PREC_REFERENCE) return q;
+    dsrt_tensor *rotated = dsrt_nn_hadamard128(q, prec, s);
+    dsrt_tensor_release(q);
+    q = as_f32(rotated, s);
+    if (q && dsrt_nn_quant_roundtrip_q4(q, prec, s)) {
+        dsrt_tensor_release(q);
+        return NULL;
+    }
+    return q;
+}
+
 /* Writes each query's top-k visible entries (+ offset) into idx[i·K + first ...]. qr: f32 [S, q_lora]
  * (the query path's normed low-rank q), x: f32 [S, dim]. */
 static int index_select(dsrt_attention *a, dsrt_attn_state *st, const float *qr, const float *x, int64_t P, int64_t S,
@@ -571,18 +593,7 @@ static int index_select(dsrt_attention *a, dsrt_attn_state *st, const float *qr,
     int64_t IH = c->index_n_heads, ID = c->index_head_dim, topk = c->index_topk;
     int ref = prec == DSRT_PREC_REFERENCE;
     /* 1. qI = RoPE(wq_b·qr), then Hadamard + Q4 (reference only, SPEC §9.2 item 2) */
-    dsrt_tensor *q = project(a->w.index_wq_b, qr, S, prec, s), *w = NULL, *scratch = NULL;
-    if (q) {
-        dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, IH, ID});
-        dsrt_tensor_release(q);
-        q = rope_f32(c, v, pos, 0, prec, s);
-    }
-    if (q && ref) {
-        dsrt_tensor *rotated = dsrt_nn_hadamard128(q, prec, s);
-        dsrt_tensor_release(q);
-        q = as_f32(rotated, s);
-        if (q && dsrt_nn_quant_roundtrip_q4(q, prec, s)) goto fail;
-    }
+    dsrt_tensor *q = indexer_q(a, project(a->w.index_wq_b, qr, S, prec, s), pos, S, prec, s), *w = NULL, *scratch = NULL;
     /* 2. the indexer's keys; 3. head weights bf16(weights_proj·x)·ID^-½·IH^-½ */
     if (!q || compress(a, &st->index, &a->w.index_compressor, a->index_ape, x, P, S, 1, prec, s, c_rows, g_rows)) goto fail;
     if (!(w = project(a->w.index_weights_proj, x, S, prec, s))) goto fail;
@@ -778,18 +789,7 @@ static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor 
     int ref = prec == DSRT_PREC_REFERENCE, dev = a->device;
     dsrt_tensor *scores = NULL, *out = NULL;
     /* 1. qI = RoPE(wq_b·qr), then Hadamard + Q4 (reference only) */
-    dsrt_tensor *q = dlin_any(a->w.index_wq_b, qr, prec, s);
-    if (q) {
-        dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, IH, ID});
-        dsrt_tensor_release(q);
-        q = rope_f32(c, v, pos, 0, prec, s);
-    }
-    if (q && ref) {
-        dsrt_tensor *rotated = dsrt_nn_hadamard128(q, prec, s);
-        dsrt_tensor_release(q);
-        q = as_f32(rotated, s);
-        if (q && dsrt_nn_quant_roundtrip_q4(q, prec, s)) goto fail;
-    }
+    dsrt_tensor *q = indexer_q(a, dlin_any(a->w.index_wq_b, qr, prec, s), pos, S, prec, s);
     /* 2. the indexer's keys; 3.-5. scores and the top-k, as index_select() */
     if (!q || compress_dev(a, &st->index, &a->w.index_compressor, ic, ig, P, S, 1, prec, s)) goto fail;
     if (use_on(w, s) || use_on(st->index.tentries, s)) goto fail;

@@ -175,22 +175,26 @@ static int probs_row(float *x, int64_t V, const dsrt_sample_params *p, const int
     return 0;
 }
 
-int dsrt_sample_cpu(const float *logits, int64_t B, int64_t V, const dsrt_sample_params *params,
-                    const int64_t *hist_off, const int64_t *hist_ids, uint64_t seed, uint64_t step, int64_t *out)
+/* The per-row work of both CPU entry points: the checks, one row's scratch (a writable copy of the
+ * logits, a seen byte per id, V candidates), and the row's history; `row` does the rest. */
+typedef int (*row_fn)(float *x, int64_t V, const dsrt_sample_params *p, const int64_t *hist, int64_t nhist,
+                      unsigned char *seen, cand *c, int64_t r, void *ctx);
+
+static int each_row(const char *op, const float *logits, int64_t B, int64_t V, const dsrt_sample_params *params,
+                    const int64_t *hist_off, const int64_t *hist_ids, row_fn row, void *ctx)
 {
-    if (B < 1 || V < 1) return dsrt_err("sample: logits must have at least one row and one column");
+    if (B < 1 || V < 1) return dsrt_err("%s: logits must have at least one row and one column", op);
     for (int64_t r = 0; r < B; r++)
         if (dsrt_sample_params_check(&params[r], B > 1 ? r : -1)) return -1;
     float *x = malloc((size_t)V * sizeof *x);
     unsigned char *seen = calloc((size_t)V, 1);
     cand *c = malloc((size_t)V * sizeof *c);
     int rc = 0;
-    if (!x || !seen || !c) rc = dsrt_err("sample: out of memory for a row of %lld logits", (long long)V);
+    if (!x || !seen || !c) rc = dsrt_err("%s: out of memory for a row of %lld logits", op, (long long)V);
     for (int64_t r = 0; r < B && rc == 0; r++) {
         memcpy(x, logits + r * V, (size_t)V * sizeof *x);
         int64_t h0 = hist_off ? hist_off[r] : 0, h1 = hist_off ? hist_off[r + 1] : 0;
-        float u = dsrt_rand_uniform(seed, step * (uint64_t)B + (uint64_t)r);
-        rc = sample_row(x, V, &params[r], hist_ids + h0, h1 - h0, seen, c, u, r, &out[r]);
+        rc = row(x, V, &params[r], hist_ids + h0, h1 - h0, seen, c, r, ctx);
     }
     free(x);
     free(seen);
@@ -198,26 +202,33 @@ int dsrt_sample_cpu(const float *logits, int64_t B, int64_t V, const dsrt_sample
     return rc;
 }
 
+typedef struct { int64_t B; uint64_t seed, step; int64_t *out; } draw_ctx;
+
+static int draw_row(float *x, int64_t V, const dsrt_sample_params *p, const int64_t *hist, int64_t nhist,
+                    unsigned char *seen, cand *c, int64_t r, void *ctx)
+{
+    const draw_ctx *d = ctx;
+    float u = dsrt_rand_uniform(d->seed, d->step * (uint64_t)d->B + (uint64_t)r);
+    return sample_row(x, V, p, hist, nhist, seen, c, u, r, &d->out[r]);
+}
+
+int dsrt_sample_cpu(const float *logits, int64_t B, int64_t V, const dsrt_sample_params *params,
+                    const int64_t *hist_off, const int64_t *hist_ids, uint64_t seed, uint64_t step, int64_t *out)
+{
+    draw_ctx d = {B, seed, step, out};
+    return each_row("sample", logits, B, V, params, hist_off, hist_ids, draw_row, &d);
+}
+
+static int probs_of_row(float *x, int64_t V, const dsrt_sample_params *p, const int64_t *hist, int64_t nhist,
+                        unsigned char *seen, cand *c, int64_t r, void *ctx)
+{
+    return probs_row(x, V, p, hist, nhist, seen, c, r, (float *)ctx + r * V);
+}
+
 int dsrt_sample_probs_cpu(const float *logits, int64_t B, int64_t V, const dsrt_sample_params *params,
                           const int64_t *hist_off, const int64_t *hist_ids, float *out)
 {
-    if (B < 1 || V < 1) return dsrt_err("sample_probs: logits must have at least one row and one column");
-    for (int64_t r = 0; r < B; r++)
-        if (dsrt_sample_params_check(&params[r], B > 1 ? r : -1)) return -1;
-    float *x = malloc((size_t)V * sizeof *x);
-    unsigned char *seen = calloc((size_t)V, 1);
-    cand *c = malloc((size_t)V * sizeof *c);
-    int rc = 0;
-    if (!x || !seen || !c) rc = dsrt_err("sample_probs: out of memory for a row of %lld logits", (long long)V);
-    for (int64_t r = 0; r < B && rc == 0; r++) {
-        memcpy(x, logits + r * V, (size_t)V * sizeof *x);
-        int64_t h0 = hist_off ? hist_off[r] : 0, h1 = hist_off ? hist_off[r + 1] : 0;
-        rc = probs_row(x, V, &params[r], hist_ids + h0, h1 - h0, seen, c, r, out + r * V);
-    }
-    free(x);
-    free(seen);
-    free(c);
-    return rc;
+    return each_row("sample_probs", logits, B, V, params, hist_off, hist_ids, probs_of_row, out);
 }
 
 /* ---- speculative verification (sampling.h), the readable reference of sample_verify_kernel ---- */

@@ -34,7 +34,6 @@
 -- the real tid2eid does and learned routing over random gates is near uniform.
 local dsrt = require "dsrt"
 local core = require "dsrt.core"
-local cjson = require "cjson"
 local dsv4 = require "dsrt.dsv4"
 local config = require "dsrt.dsv4.config"
 local memory = require "dsrt.dsv4.memory"
@@ -101,28 +100,7 @@ end
 
 -- ---- the model ----
 
-local function temp_folder()
-  local folder = os.tmpname()
-  os.remove(folder)
-  assert(os.execute("mkdir " .. folder))
-  return folder
-end
-
--- Flash's published config, cut to layers 0–3 and the MTP layer (SPEC §1.2)
-local function flash_slice_folder()
-  local f = assert(io.open("tests/fixtures/config/flash_published.json", "rb"))
-  local raw = cjson.decode(f:read("a"))
-  f:close()
-  raw.num_hidden_layers = 4
-  raw.compress_ratios = { 0, 0, 4, 128, 0 }
-  local folder = temp_folder()
-  local out = assert(io.open(folder .. "/config.json", "wb"))
-  out:write(cjson.encode(raw))
-  out:close()
-  return folder
-end
-
-local folder = opts.config or flash_slice_folder()
+local folder = opts.config or dofile("scripts/flash_slice.lua")()
 local cfg = config.load(folder)
 local d = cfg.dims
 local info = on_gpu and dsrt.cuda.device_info() or { name = "cpu" }

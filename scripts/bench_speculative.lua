@@ -22,7 +22,6 @@
 -- --config DIR benchmarks another folder's config (the tiny model with --device cpu dry-runs it).
 local dsrt = require "dsrt"
 local core = require "dsrt.core"
-local cjson = require "cjson"
 local dsv4 = require "dsrt.dsv4"
 local speculative = require "dsrt.dsv4.speculative"
 
@@ -77,23 +76,7 @@ local function time_ms(fn, after)
   return median(samples)
 end
 
--- Flash's published config cut to layers 0–3 and the MTP layer (as scripts/bench_dsv4.lua)
-local function flash_slice_folder()
-  local f = assert(io.open("tests/fixtures/config/flash_published.json", "rb"))
-  local raw = cjson.decode(f:read("a"))
-  f:close()
-  raw.num_hidden_layers = 4
-  raw.compress_ratios = { 0, 0, 4, 128, 0 }
-  local folder = os.tmpname()
-  os.remove(folder)
-  assert(os.execute("mkdir " .. folder))
-  local out = assert(io.open(folder .. "/config.json", "wb"))
-  out:write(cjson.encode(raw))
-  out:close()
-  return folder
-end
-
-local folder = opts.config or flash_slice_folder()
+local folder = opts.config or dofile("scripts/flash_slice.lua")()
 local model = dsv4.load(folder, { device = dev, precision = opts.precision, weights = "random", seed = 1, mtp = true })
 local vocab = model.dims.vocab
 io.stderr:write(("bench_speculative: %s, %s precision, context %d, on %s\n"):format(opts.config or "the Flash slice",
