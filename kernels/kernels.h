@@ -229,7 +229,11 @@ typedef struct {
     int32_t dtype, scale_dtype;      /* DSRT_BF16 | DSRT_F8E4M3 | DSRT_FP4E2M1; DSRT_F8E8M0 | DSRT_F32 */
     int32_t block_rows, block_cols;
     int32_t rows, cols;
-    int32_t vector, unused;
+    int32_t vector;
+    /* FP8/FP4 that kernels/fp8mma.cuh's tensor-core tile reads: vector, cols % 64 == 0; fp8
+     * block_cols % 64 == 0; fp4 e8m0 scales, block_cols 32, scale_stride1 1, scale offset, stride0
+     * and pointer even (two scales read as one 16-bit word) */
+    int32_t mma;
 } dsrtk_moe_matrix;
 
 /* The table moe.c builds once per layer: 3 matrices (w1, w2, w3) per set; sets 0..E-1 are the
@@ -252,7 +256,8 @@ typedef struct {
     int32_t mode, reference;
     const dsrtk_moe_matrix *table;
     const void *x;
-    int32_t x_dtype, unused;
+    int32_t x_dtype;
+    int32_t tensor_cores; /* every matrix of every group is `mma`: UP and DOWN in reference run there */
     int64_t x_ld;
     const int32_t *row_x;
     const float *row_weight;

@@ -45,9 +45,11 @@
 #include <atomic>
 #include <mutex>
 #include "common.cuh"
+#include "fp8mma.cuh"
 #include "../runtime/quant.h"
 
 enum { FMT_BF16 = 0, FMT_FP8 = 1, FMT_FP4 = 2 };
+static_assert((int)FMT_FP8 == (int)MMA_FP8 && (int)FMT_FP4 == (int)MMA_FP4, "fp8mma.cuh names the formats as this file does");
 enum { PATH_GEMV, PATH_LT, PATH_BLAS, PATH_TILED };
 enum { GEMV_THREADS = 256, GEMV_WARPS = GEMV_THREADS / 32, GEMV_MAX_ROWS = 8, ACT_BLOCK = 128 };
 /* the staged activation: f32, at most this many bytes of dynamic shared memory (no opt-in needed) */
@@ -85,6 +87,42 @@ static int gemv_fits(const dsrtk_linear_weight *w, int quantise)
     return 1;
 }
 
+/* the tensor-core GEMV (fp8mma.cuh): blocks of MMA_MIN..MAX_WARPS warps, one 16-row tile each */
+enum { MMA_MAX_WARPS = 16, MMA_MIN_WARPS = 4, MMA_TARGET_WARPS = 2048 };
+static const size_t MMA_MAX_SMEM = 200 * 1024;
+
+static size_t mma_smem(int format, int64_t in_g, int64_t rows, int warps)
+{
+    return (size_t)(rows * mma_staged_ld(format, in_g)) + (size_t)(rows * ceil_div(in_g, ACT_BLOCK)) * 4 +
+           (size_t)warps * MMA_ROWS * MMA_TOKENS * 4;
+}
+
+/* the tensor-core GEMV takes Q8 activations times FP8/FP4 weights whose 64-column chunks load as
+ * whole vectors and stay inside one weight scale block */
+static int mma_gemv_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise)
+{
+    if (rows > GEMV_MAX_ROWS || mma_smem(w->format, w->in / w->groups, rows, MMA_MAX_WARPS) > MMA_MAX_SMEM) return 0;
+    if (!quantise || (w->format != FMT_FP8 && w->format != FMT_FP4) || !w->scale) return 0;
+    int64_t in_g = w->in / w->groups, row_bytes = w->format == FMT_FP8 ? w->ld : w->ld / 2;
+    if (in_g % MMA_CHUNK || row_bytes % 16 || (uintptr_t)w->weight % 16) return 0;
+    if (w->format == FMT_FP8 && w->block_cols % MMA_CHUNK) return 0;
+    /* fp4: one e8m0 scale per 32 columns, two adjacent ones per chunk read as one 16-bit word */
+    if (w->format == FMT_FP4 && (w->block_cols != 32 || w->scale_dtype != DSRT_F8E8M0 || w->scale_ld1 != 1 ||
+                                 w->scale_ld0 % 2 || (uintptr_t)w->scale % 2))
+        return 0;
+    return w->groups == 1 || in_g % ACT_BLOCK == 0; /* Q8 blocks are the row's absolute 128-column blocks */
+}
+
+/* warps per block: the fewest (at least MMA_MIN_WARPS) that give the grid MMA_TARGET_WARPS,
+ * while each warp keeps at least one chunk; a function of the shape only */
+static int mma_warps(const dsrtk_linear_weight *w)
+{
+    const int64_t tiles = ceil_div(w->out / w->groups, MMA_ROWS) * w->groups, nchunk = w->in / w->groups / MMA_CHUNK;
+    int warps = MMA_MIN_WARPS;
+    while (warps < MMA_MAX_WARPS && tiles * warps < MMA_TARGET_WARPS && warps * 2 <= nchunk) warps *= 2;
+    return warps;
+}
+
 static int lt_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise, int y_dtype)
 {
     return rows > GEMV_MAX_ROWS && quantise && w->format == FMT_FP8 && w->groups == 1 && w->block_rows == 128 &&
@@ -105,7 +143,7 @@ static void make_plan(const dsrtk_linear_weight *w, int64_t rows, int x_dtype, i
 {
     memset(p, 0, sizeof *p);
     int64_t in = w->in, in_g = in / w->groups, out_g = w->out / w->groups;
-    if (rows <= GEMV_MAX_ROWS && gemv_fits(w, quantise)) {
+    if (rows <= GEMV_MAX_ROWS && (mma_gemv_fits(w, rows, quantise) || gemv_fits(w, quantise))) {
         p->path = PATH_GEMV;
         p->kc = gemv_kc(w, gemv_mt(rows));
         return; /* no workspace */
@@ -179,30 +217,6 @@ struct PrepArgs {
     int64_t mpad;
 };
 
-/* The Q8 round trip of one block of 128 (or fewer) columns held 4 per lane, exactly as
- * dsrt_q8_block (quant.h) computes it: the same amax, power-of-two scale and e4m3 rounding. The
- * whole warp calls it. */
-__device__ __forceinline__ float q8_block_warp(float (&v)[4], const bool (&ok)[4], uint8_t (&code)[4])
-{
-    float amax = 1e-4f;
-    for (int e = 0; e < 4; e++) {
-        float m = v[e] < 0 ? -v[e] : v[e];
-        if (ok[e] && m > amax) amax = m;
-    }
-    for (int off = 16; off; off >>= 1) {
-        float o = __shfl_xor_sync(0xffffffffu, amax, off);
-        if (o > amax) amax = o;
-    }
-    float s = dsrt_pow2_ceil(amax * (1.0f / 448.0f));
-    for (int e = 0; e < 4; e++) {
-        float q = v[e] / s;
-        q = q > 448.0f ? 448.0f : q < -448.0f ? -448.0f : q;
-        code[e] = dsrt_f32_to_e4m3(q);
-        v[e] = dsrt_e4m3_to_f32(code[e]) * s;
-    }
-    return s;
-}
-
 /* One warp per (token, block of 128 columns). */
 __global__ void __launch_bounds__(DSRTK_BLOCK) prep_kernel(const __grid_constant__ PrepArgs a)
 {
@@ -272,16 +286,6 @@ struct GemvArgs {
     int ks;           /* warps of a block splitting one feature group's K */
     int vpb_shift;    /* log2 of 16-byte vectors per scale block along K; -1: not a power of two */
 };
-
-/* 16 bytes of weights, streamed: L1 no-allocate keeps the L1 for the scales */
-__device__ __forceinline__ uint4 load_stream(const void *p)
-{
-    uint4 r;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-        : "l"(p));
-    return r;
-}
 
 __device__ __forceinline__ float2 half2_bits_to_float2(uint32_t bits)
 {
@@ -571,6 +575,104 @@ static int launch_gemv(int dev, GemvArgs &a, cudaStream_t s)
     case 4: return launch_gemv_mt<FMT, 4>(dev, a, s);
     default: return launch_gemv_mt<FMT, 8>(dev, a, s);
     }
+}
+
+/* ---- the decode GEMV on FP8 tensor cores (fp8mma.cuh) ---- */
+
+/* Stages the Q8 codes of group g's activation (every token) and their block scales: one warp per
+ * (token, 128-column block), quant.h's arithmetic through q8_block_warp, so codes times scales
+ * are bit for bit the CPU's a. */
+template <int FMT>
+__device__ void mma_stage(const GemvArgs &a, uint8_t *xq, float *xsc, int64_t g, int64_t ld)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int64_t in_g = a.w.in / a.w.groups, nblk = ceil_div(in_g, ACT_BLOCK), units = a.rows * nblk;
+    for (int64_t u = warp; u < units; u += warps) {
+        const int64_t t = u / nblk, cb = (u - t * nblk) * ACT_BLOCK, len = in_g - cb < ACT_BLOCK ? in_g - cb : ACT_BLOCK;
+        float v[4];
+        bool ok[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            ok[e] = lane * 4 + e < len;
+            v[e] = ok[e] ? dsrt_load_f32(a.x, a.x_dtype, t * a.w.in + g * in_g + cb + lane * 4 + e) : 0.0f;
+        }
+        uint8_t code[4];
+        const float s = q8_block_warp(v, ok, code);
+        if (lane * 4 < len) mma_store_codes<FMT>(xq + t * ld + cb, lane, code); /* len % 64 == 0: all four or none */
+        if (lane == 0) xsc[t * nblk + cb / ACT_BLOCK] = s;
+    }
+}
+
+/* A block of `warps` warps computes one 16-row tile of one group; the warps split the 64-column
+ * chunks (mma_tile) and their partial sums meet in shared memory in warp order. The grid depends
+ * on the shape only, so a token's result does not depend on how many tokens share the call. Each
+ * lane issues its first weight loads before the activation is staged, so the staging hides under
+ * the first DRAM latency. */
+template <int FMT>
+__global__ void __launch_bounds__(MMA_MAX_WARPS * 32) mma_gemv_kernel(const __grid_constant__ GemvArgs a)
+{
+    extern __shared__ uint4 smem4[];
+    const dsrtk_linear_weight &w = a.w;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5, gq = lane >> 2, q = lane & 3;
+    const int64_t out_g = w.out / w.groups, in_g = w.in / w.groups, nblk = ceil_div(in_g, ACT_BLOCK), ld = a.kc;
+    const int64_t tpg = ceil_div(out_g, MMA_ROWS), g = blockIdx.x / tpg, r0 = (blockIdx.x - g * tpg) * MMA_ROWS;
+    uint8_t *xq = (uint8_t *)smem4;
+    float *xsc = (float *)(xq + a.rows * ld), *red = xsc + a.rows * nblk;
+
+    MmaRows r;
+    const int64_t ra = r0 + gq, rb = ra + 8;
+    r.live_a = ra < out_g, r.live_b = rb < out_g;
+    const int64_t na = g * out_g + (r.live_a ? ra : 0), nb = g * out_g + (r.live_b ? rb : 0);
+    const size_t row_bytes = FMT == FMT_FP4 ? (size_t)w.ld / 2 : (size_t)w.ld;
+    r.a = (const char *)w.weight + (size_t)na * row_bytes, r.b = (const char *)w.weight + (size_t)nb * row_bytes;
+    r.scale = w.scale, r.scale_dtype = w.scale_dtype, r.scale_ld1 = w.scale_ld1, r.block_cols = w.block_cols;
+    r.scale_a = na / w.block_rows * w.scale_ld0, r.scale_b = nb / w.block_rows * w.scale_ld0;
+    const int64_t nchunk = in_g / MMA_CHUNK;
+
+    MmaStep<FMT> st[MmaDepth<FMT>::U];
+    mma_load<FMT, MmaDepth<FMT>::U>(r, st, warp, warps, nchunk, q);
+    mma_stage<FMT>(a, xq, xsc, g, ld);
+    __syncthreads();
+
+    const int t0 = 2 * q, t1 = 2 * q + 1;
+    const MmaX x = {xq + (gq < a.rows ? gq : 0) * ld, gq < a.rows, t0 < a.rows ? xsc + t0 * nblk : nullptr,
+                    t1 < a.rows ? xsc + t1 * nblk : nullptr};
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma_tile<FMT>(r, st, nchunk, warp, warps, q, x, acc);
+
+    /* red[warp][row][token], then the warps' sums in warp order */
+    float *mine = red + warp * (MMA_ROWS * MMA_TOKENS);
+    mine[gq * MMA_TOKENS + t0] = acc[0];
+    mine[gq * MMA_TOKENS + t1] = acc[1];
+    mine[(gq + 8) * MMA_TOKENS + t0] = acc[2];
+    mine[(gq + 8) * MMA_TOKENS + t1] = acc[3];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < MMA_ROWS * a.rows; idx += blockDim.x) {
+        const int rr = idx / (int)a.rows, t = idx - rr * (int)a.rows;
+        if (r0 + rr >= out_g) continue;
+        float s = 0.0f;
+        for (int k = 0; k < warps; k++) s += red[k * (MMA_ROWS * MMA_TOKENS) + rr * MMA_TOKENS + t];
+        store_out(a.y, a.y_dtype, t * w.out + g * out_g + r0 + rr, s);
+    }
+}
+
+template <int FMT>
+static int launch_mma_gemv(int dev, GemvArgs &a, cudaStream_t s)
+{
+    static std::atomic<size_t> opted[MAX_LT_DEVICES];
+    const int64_t in_g = a.w.in / a.w.groups;
+    const int warps = mma_warps(&a.w);
+    a.kc = mma_staged_ld(FMT, in_g);
+    const size_t smem = mma_smem(FMT, in_g, a.rows, warps);
+    if (smem > 48 * 1024 && opted[dev].load(std::memory_order_relaxed) < smem) {
+        int st = dsrtk_check(cudaFuncSetAttribute(mma_gemv_kernel<FMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                             "linear: %zu bytes of shared memory for the tensor-core GEMV", smem);
+        if (st) return st;
+        opted[dev].store(smem, std::memory_order_relaxed);
+    }
+    const int64_t tiles = ceil_div(a.w.out / a.w.groups, MMA_ROWS) * a.w.groups;
+    mma_gemv_kernel<FMT><<<(unsigned)tiles, warps * 32, smem, s>>>(a);
+    return dsrtk_check_launch("linear mma_gemv_kernel", dev);
 }
 
 /* ---- the tiled kernel ---- */
@@ -990,6 +1092,8 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
             if ((vpb & (vpb - 1)) == 0)
                 for (a.vpb_shift = 0; ((int64_t)1 << a.vpb_shift) < vpb; a.vpb_shift++) {}
         }
+        if (mma_gemv_fits(w, rows, quantise))
+            return w->format == FMT_FP8 ? launch_mma_gemv<FMT_FP8>(dev, a, s) : launch_mma_gemv<FMT_FP4>(dev, a, s);
         if (w->format == FMT_FP8) return launch_gemv<FMT_FP8>(dev, a, s);
         if (w->format == FMT_FP4) return launch_gemv<FMT_FP4>(dev, a, s);
         return launch_gemv<FMT_BF16>(dev, a, s);

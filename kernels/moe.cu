@@ -55,7 +55,7 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include "common.cuh"
-#include "quant.h"
+#include "fp8mma.cuh"
 
 enum { WARPS = 8, BLOCK = WARPS * 32, TB_MAX = 8, CHUNK = 32 };
 enum { ACT_BLOCK = 128 }; /* linear.h's DSRT_ACT_BLOCK: the Q8 block of activations */
@@ -382,6 +382,36 @@ __device__ __forceinline__ void prefetch_row(const dsrtk_moe_matrix &m, int j, i
     }
 }
 
+/* The group this block serves: {set, first row, rows} from the device list, or its slice of the
+ * single group's rows; false when there is none (the whole block leaves) */
+__device__ __forceinline__ bool block_group(const dsrtk_moe_project_args &a, int *set, int64_t *first, int64_t *count)
+{
+    if (a.groups) {
+        const int g = blockIdx.y;
+        if (g >= *a.n_groups) return false;
+        *set = a.groups[3 * g], *first = a.groups[3 * g + 1], *count = a.groups[3 * g + 2];
+        return true;
+    }
+    const int64_t slice = (a.single_rows + gridDim.y - 1) / gridDim.y;
+    *set = a.single_set, *first = blockIdx.y * slice;
+    *count = a.single_rows - *first < slice ? a.single_rows - *first : slice;
+    return *count > 0;
+}
+
+/* Output row r's value from the projection sums (v1: w3's, UP only) */
+template <int MODE>
+__device__ __forceinline__ float project_out(const dsrtk_moe_project_args &a, int64_t r, float v0, float v1)
+{
+    if (MODE == DSRTK_MOE_UP) { /* run_swiglu in moe.c */
+        float g = v0, u = v1;
+        if (a.reference) g = round_bf16(g), u = round_bf16(u); /* w1, w3 return bf16 */
+        float h = swiglu_f32(g, u, a.limit);
+        if (r < a.n_weighted) h *= a.row_weight[r]; /* before w2, in fp32 (SPEC §7.2) */
+        return a.reference ? round_bf16(h) : h;
+    }
+    return MODE == DSRTK_MOE_DOWN && a.reference ? round_bf16(v0) : v0;
+}
+
 template <int MODE, int TB>
 __global__ void __launch_bounds__(BLOCK, 4) moe_project_kernel(const __grid_constant__ dsrtk_moe_project_args a, int tb)
 {
@@ -391,16 +421,7 @@ __global__ void __launch_bounds__(BLOCK, 4) moe_project_kernel(const __grid_cons
     if (threadIdx.x < 16) lut[threadIdx.x] = dsrt_fp4_to_f32((uint8_t)threadIdx.x);
     int set;
     int64_t first, count;
-    if (a.groups) {
-        int g = blockIdx.y;
-        if (g >= *a.n_groups) return; /* uniform: the whole block leaves */
-        set = a.groups[3 * g], first = a.groups[3 * g + 1], count = a.groups[3 * g + 2];
-    } else { /* one group, its rows sliced over blockIdx.y */
-        int64_t slice = (a.single_rows + gridDim.y - 1) / gridDim.y;
-        set = a.single_set, first = blockIdx.y * slice;
-        count = a.single_rows - first < slice ? a.single_rows - first : slice;
-        if (count <= 0) return; /* uniform */
-    }
+    if (!block_group(a, &set, &first, &count)) return; /* uniform: the whole block leaves */
     const dsrtk_moe_matrix &g0 = a.table[3 * set + (MODE == DSRTK_MOE_DOWN ? 1 : 0)];
     int n_out = g0.rows, k_in = g0.cols, row0 = blockIdx.x * WARPS;
     if (row0 >= n_out) return; /* uniform */
@@ -432,18 +453,8 @@ __global__ void __launch_bounds__(BLOCK, 4) moe_project_kernel(const __grid_cons
             if (t >= nb) break;
             float v0 = warp_sum(acc0[t]), v1 = MODE == DSRTK_MOE_UP ? warp_sum(acc1[t]) : 0.0f;
             if (lane) continue;
-            int64_t r = first + b0 + t;
-            float out = v0;
-            if (MODE == DSRTK_MOE_UP) { /* run_swiglu in moe.c */
-                float g = v0, u = v1;
-                if (a.reference) g = round_bf16(g), u = round_bf16(u); /* w1, w3 return bf16 */
-                float h = swiglu_f32(g, u, a.limit);
-                if (r < a.n_weighted) h *= a.row_weight[r]; /* before w2, in fp32 (SPEC §7.2) */
-                out = a.reference ? round_bf16(h) : h;
-            } else if (MODE == DSRTK_MOE_DOWN && a.reference) {
-                out = round_bf16(v0);
-            }
-            a.out[r * a.out_ld + j] = out;
+            const int64_t r = first + b0 + t;
+            a.out[r * a.out_ld + j] = project_out<MODE>(a, r, v0, v1);
         }
     }
 }
@@ -478,6 +489,139 @@ static int launch_mode(int dev, const dsrtk_moe_project_args *a, int tb, int gri
     return launch_project<MODE, TB_MAX>(dev, a, tb, grid_x, grid_y, smem, s);
 }
 
+/* ---- the grouped projection on FP8 tensor cores (fp8mma.cuh; reference precision) ---- */
+
+enum { MMA_WARPS_MIN = 4, MMA_WARPS_MAX = 8 };
+
+/* the shared memory of one block: staged codes (MMA_TOKENS rows, ld apart), their scales, the
+ * warps' partial sums (two matrices for UP) */
+static size_t mma_smem(int64_t ld, int64_t k_in, int warps, int mode)
+{
+    return (size_t)(MMA_TOKENS * ld) + (size_t)(MMA_TOKENS * ((k_in + ACT_BLOCK - 1) / ACT_BLOCK)) * 4 +
+           (size_t)warps * MMA_ROWS * MMA_TOKENS * 4 * (mode == DSRTK_MOE_UP ? 2 : 1);
+}
+
+/* Row j of matrix m as fp8mma.cuh reads it, for rows j (a) and j + 8 (b) of a tile */
+__device__ __forceinline__ MmaRows mma_rows(const dsrtk_moe_matrix &m, int ja, int jb)
+{
+    MmaRows r;
+    r.live_a = ja < m.rows, r.live_b = jb < m.rows;
+    const int64_t na = r.live_a ? ja : 0, nb = r.live_b ? jb : 0;
+    const int bits = m.dtype == DSRT_FP4E2M1 ? 4 : 8;
+    r.a = (const char *)m.weight + (m.offset + na * m.stride0) * bits / 8;
+    r.b = (const char *)m.weight + (m.offset + nb * m.stride0) * bits / 8;
+    r.scale = m.scale, r.scale_dtype = m.scale_dtype, r.scale_ld1 = m.scale_stride1, r.block_cols = m.block_cols;
+    r.scale_a = m.scale_offset + na / m.block_rows * m.scale_stride0;
+    r.scale_b = m.scale_offset + nb / m.block_rows * m.scale_stride0;
+    return r;
+}
+
+/* One 16-row tile of one group's matrices (w1 and w3 for UP, w2 for DOWN), the group's rows in
+ * batches of MMA_TOKENS: stage their Q8 codes, run the tile per matrix, sum the warps' parts in
+ * warp order, then project_out. The first matrix's first weight loads go out before the staging. */
+template <int MODE, int FMT>
+__device__ __noinline__ void mma_project(const dsrtk_moe_project_args &a, const dsrtk_moe_matrix &m0,
+                                            const dsrtk_moe_matrix &m1, int64_t first, int64_t count, uint8_t *xq)
+{
+    constexpr int U = MmaDepth<FMT>::U;
+    const int64_t ld = mma_staged_ld(FMT, a.max_in);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5, gq = lane >> 2, q = lane & 3;
+    const int k_in = m0.cols, nblk = (k_in + ACT_BLOCK - 1) / ACT_BLOCK, row0 = blockIdx.x * MMA_ROWS;
+    const int64_t nchunk = k_in / MMA_CHUNK;
+    float *xsc = (float *)(xq + MMA_TOKENS * ld), *red = xsc + MMA_TOKENS * nblk;
+    const MmaRows r0 = mma_rows(m0, row0 + gq, row0 + gq + 8);
+    MmaStep<FMT> st[U];
+    for (int64_t b0 = 0; b0 < count; b0 += MMA_TOKENS) {
+        const int nb = (int)(count - b0 < MMA_TOKENS ? count - b0 : MMA_TOKENS);
+        mma_load<FMT, U>(r0, st, warp, warps, nchunk, q);
+        __syncthreads(); /* the previous batch is consumed */
+        for (int u = warp; u < nb * nblk; u += warps) { /* stage: a warp per (row, 128-column block) */
+            const int t = u / nblk, cb = (u - t * nblk) * ACT_BLOCK, len = k_in - cb < ACT_BLOCK ? k_in - cb : ACT_BLOCK;
+            const int64_t r = first + b0 + t, xr = a.row_x ? a.row_x[r] : r;
+            float v[4];
+            bool ok[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                ok[e] = lane * 4 + e < len;
+                v[e] = ok[e] ? load_x(a.x, a.x_dtype, xr * a.x_ld + cb + lane * 4 + e) : 0.0f;
+            }
+            uint8_t code[4];
+            const float s = q8_block_warp(v, ok, code);
+            if (lane * 4 < len) mma_store_codes<FMT>(xq + t * ld + cb, lane, code); /* len % 64 == 0 */
+            if (lane == 0) xsc[t * nblk + cb / ACT_BLOCK] = s;
+        }
+        __syncthreads();
+        const int t0 = 2 * q, t1 = 2 * q + 1;
+        const MmaX x = {xq + (gq < nb ? gq : 0) * ld, gq < nb, t0 < nb ? xsc + t0 * nblk : nullptr,
+                        t1 < nb ? xsc + t1 * nblk : nullptr};
+        float acc[2][4] = {};
+        mma_tile<FMT>(r0, st, nchunk, warp, warps, q, x, acc[0]);
+        if (MODE == DSRTK_MOE_UP) {
+            const MmaRows r1 = mma_rows(m1, row0 + gq, row0 + gq + 8);
+            mma_load<FMT, U>(r1, st, warp, warps, nchunk, q);
+            mma_tile<FMT>(r1, st, nchunk, warp, warps, q, x, acc[1]);
+        }
+        /* red[matrix][warp][row][token], then the warps' sums in warp order */
+        for (int k = 0; k < (MODE == DSRTK_MOE_UP ? 2 : 1); k++) {
+            float *mine = red + (k * warps + warp) * (MMA_ROWS * MMA_TOKENS);
+            mine[gq * MMA_TOKENS + t0] = acc[k][0];
+            mine[gq * MMA_TOKENS + t1] = acc[k][1];
+            mine[(gq + 8) * MMA_TOKENS + t0] = acc[k][2];
+            mine[(gq + 8) * MMA_TOKENS + t1] = acc[k][3];
+        }
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < MMA_ROWS * nb; idx += blockDim.x) {
+            const int rr = idx / nb, t = idx - rr * nb, j = row0 + rr;
+            if (j >= m0.rows) continue;
+            float v[2] = {0.0f, 0.0f};
+            for (int k = 0; k < (MODE == DSRTK_MOE_UP ? 2 : 1); k++)
+                for (int w = 0; w < warps; w++) v[k] += red[(k * warps + w) * (MMA_ROWS * MMA_TOKENS) + rr * MMA_TOKENS + t];
+            const int64_t r = first + b0 + t;
+            a.out[r * a.out_ld + j] = project_out<MODE>(a, r, v[0], v[1]);
+        }
+    }
+}
+
+template <int MODE>
+__global__ void __launch_bounds__(MMA_WARPS_MAX * 32, 2) moe_mma_kernel(const __grid_constant__ dsrtk_moe_project_args a)
+{
+    extern __shared__ uint4 smem4[];
+    int set;
+    int64_t first, count;
+    if (!block_group(a, &set, &first, &count)) return; /* uniform */
+    const dsrtk_moe_matrix &m0 = a.table[3 * set + (MODE == DSRTK_MOE_DOWN ? 1 : 0)], &m1 = a.table[3 * set + 2];
+    if ((int)blockIdx.x * MMA_ROWS >= m0.rows) return; /* uniform */
+    if (m0.dtype == DSRT_FP4E2M1) mma_project<MODE, MMA_FP4>(a, m0, m1, first, count, (uint8_t *)smem4);
+    else mma_project<MODE, MMA_FP8>(a, m0, m1, first, count, (uint8_t *)smem4);
+}
+
+/* warps per block: a function of the widest input only (never of the rows), so a row's result
+ * does not depend on the batch */
+static int mma_warps(int max_in)
+{
+    int warps = MMA_WARPS_MIN;
+    while (warps < MMA_WARPS_MAX && warps * 2 * 2 * MmaDepth<MMA_FP8>::U * MMA_CHUNK <= max_in) warps *= 2;
+    return warps;
+}
+
+template <int MODE>
+static int launch_mma(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
+{
+    const int warps = mma_warps(a->max_in);
+    /* fp8 and fp4 sets share the launch: the wider staging pitch serves both */
+    /* fp8 and fp4 sets share the launch, each with its own staging pitch */
+    const int64_t ld8 = mma_staged_ld(MMA_FP8, a->max_in), ld4 = mma_staged_ld(MMA_FP4, a->max_in);
+    const size_t smem = mma_smem(ld8 > ld4 ? ld8 : ld4, a->max_in, warps, MODE);
+    if (smem > 48 * 1024) {
+        int st = dsrtk_check(cudaFuncSetAttribute(moe_mma_kernel<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                             "moe: tensor-core projection shared memory of %zu bytes", smem);
+        if (st) return st;
+    }
+    const int grid_x = (a->max_out + MMA_ROWS - 1) / MMA_ROWS;
+    moe_mma_kernel<MODE><<<dim3(grid_x, a->max_groups), warps * 32, smem, s>>>(*a);
+    return dsrtk_check_launch("moe_mma_kernel", dev);
+}
+
 int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream)
 {
     DSRTK_SET_DEVICE(dev, "moe projection");
@@ -487,6 +631,11 @@ int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream)
         return dsrtk_fail(DSRTK_ERROR, "moe: projection called with bad arguments (mode %d, %d outputs, %d inputs)", a->mode,
                           a->max_out, a->max_in);
     if (!a->groups && a->single_rows == 0) return DSRTK_OK;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (a->tensor_cores && a->reference && a->groups) {
+        if (a->mode == DSRTK_MOE_UP) return launch_mma<DSRTK_MOE_UP>(dev, a, s);
+        if (a->mode == DSRTK_MOE_DOWN) return launch_mma<DSRTK_MOE_DOWN>(dev, a, s);
+    }
     size_t row_bytes = (size_t)((a->max_in + CHUNK - 1) / CHUNK) * CHUNK * sizeof(float);
     if (row_bytes > (size_t)STAGE_BYTES)
         return dsrtk_fail(DSRTK_ERROR, "moe: inputs of %d features are too wide to stage (at most %d)", a->max_in,
@@ -500,7 +649,6 @@ int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream)
         int64_t slices = (a->single_rows + 4 * tb - 1) / (4 * tb);
         grid_y = (int)(slices < 65535 ? slices : 65535);
     }
-    cudaStream_t s = (cudaStream_t)stream;
     switch (a->mode) {
     case DSRTK_MOE_GATE: return launch_mode<DSRTK_MOE_GATE>(dev, a, (int)tb, grid_x, grid_y, smem, s);
     case DSRTK_MOE_UP: return launch_mode<DSRTK_MOE_UP>(dev, a, (int)tb, grid_x, grid_y, smem, s);

@@ -147,6 +147,7 @@ dsrt_moe *dsrt_moe_new(const dsrt_moe_config *cfg, dsrt_tensor *gate_weight, dsr
     if (!m) return dsrt_err_null("moe: out of host memory");
     atomic_init(&m->refcount, 1);
     atomic_init(&m->cuda_table, NULL);
+    atomic_init(&m->cuda_tensor_cores, 0);
     atomic_init(&m->cuda_stream_id, 0);
     m->cfg = *cfg;
     m->dim = dim;
@@ -351,6 +352,10 @@ static int fill_matrix(dsrtk_moe_matrix *d, const dsrt_linear *l, const char *wh
     d->vector = w->stride[1] == 1 && d->cols % 32 == 0 && (!sc || (d->block_cols >= 32 && d->block_cols % 32 == 0)) &&
                 (w->offset * bits) % 128 == 0 &&
                 (w->stride[0] * bits) % 128 == 0 && (uintptr_t)w->storage->data % 16 == 0;
+    int fp8 = w->dtype == DSRT_F8E4M3 && d->block_cols % 64 == 0;
+    int fp4 = w->dtype == DSRT_FP4E2M1 && sc && sc->dtype == DSRT_F8E8M0 && d->block_cols == 32 && sc->stride[1] == 1 &&
+              sc->offset % 2 == 0 && sc->stride[0] % 2 == 0 && (uintptr_t)sc->storage->data % 2 == 0;
+    d->mma = d->vector && sc && d->cols % 64 == 0 && (fp8 || fp4);
     return 0;
 }
 
@@ -383,12 +388,13 @@ static const dsrtk_moe_matrix *cuda_table(dsrt_moe *m, dsrt_stream *s)
     int64_t count = 3 * ((int64_t)n + 2), bytes = count * (int64_t)sizeof(dsrtk_moe_matrix);
     dsrtk_moe_matrix *host = calloc((size_t)count, sizeof *host);
     if (!host) return dsrt_err_null("moe: out of host memory");
-    int rc = 0;
+    int rc = 0, tensor_cores = 1;
     for (int e = 0; e <= n && !rc; e++) {
         const dsrt_swiglu *w = e < n ? &m->experts[e] : &m->shared;
         const char *what = e < n ? "expert" : "shared expert";
         rc = fill_matrix(&host[3 * e], w->w1, what, e, 0) || fill_matrix(&host[3 * e + 1], w->w2, what, e, 1) ||
              fill_matrix(&host[3 * e + 2], w->w3, what, e, 2);
+        if (!rc) tensor_cores = tensor_cores && host[3 * e].mma && host[3 * e + 1].mma && host[3 * e + 2].mma;
         /* w1 and w3 read one staged input: both take it as given (bf16) or both Q8 round-tripped */
         if (!rc && (w->w1->cfg.format == DSRT_FORMAT_BF16) != (w->w3->cfg.format == DSRT_FORMAT_BF16))
             rc = dsrt_err("moe: %s %d: w1 is %s and w3 %s; on CUDA both must be bf16 or both quantised", what, e,
@@ -403,6 +409,7 @@ static const dsrtk_moe_matrix *cuda_table(dsrt_moe *m, dsrt_stream *s)
     }
     free(host);
     if (!table) return NULL;
+    atomic_store(&m->cuda_tensor_cores, tensor_cores); /* a racing builder stores the same */
     if (!atomic_compare_exchange_strong(&m->cuda_table, &t, table)) {
         dsrt_tensor_release(table);
         table = t;
@@ -613,7 +620,8 @@ static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsr
         } else {
             /* single_rows: no group holds more rows than there are tokens (but a malformed tid2eid row) */
             dsrtk_moe_project_args up = {.mode = DSRTK_MOE_UP, .reference = reference, .table = table, .x = x_data(xf),
-                                         .x_dtype = xf->dtype, .x_ld = dim, .row_x = row_token,
+                                         .x_dtype = xf->dtype, .tensor_cores = atomic_load(&m->cuda_tensor_cores),
+                                         .x_ld = dim, .row_x = row_token,
                                          .row_weight = f32_data(row_weight), .n_weighted = picks, .groups = groups,
                                          .n_groups = n_groups, .max_groups = max_groups, .single_rows = rows,
                                          .max_out = (int32_t)width, .max_in = (int32_t)dim, .limit = c->swiglu_limit,
