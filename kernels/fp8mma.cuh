@@ -1,64 +1,79 @@
 /*
- * fp8mma.cuh - the FP8 tensor-core dot products of the decode GEMVs (linear.cu, moe.cu): a warp
- * multiplies a tile of 16 weight rows by up to 8 Q8-quantised activation rows with
- * mma.sync m16n8k32 e4m3 x e4m3 -> f32, straight from the weight bytes in registers.
+ * fp8mma.cuh - the tensor-core tile of the decode GEMVs (linear.cu, moe.cu): a warp multiplies 16
+ * rows of an FP8 or FP4 weight matrix by up to 8 Q8-quantised activation rows with mma.sync
+ * m16n8k16 f16 x f16 -> f32, straight from the weight bytes in registers.
  *
- * Why: a decode GEMV that dequantises each FP8 weight in CUDA cores pays a conversion per weight
- * (cvt e4m3x2 -> f16x2, then f16 -> f32), and Hopper converts 16 values per clock per SM where
- * HBM delivers ~17 weight bytes per clock per SM: the conversions, not the bytes, bounded the old
- * kernels (FP8 GEMVs at 0.1-1.1 TB/s, FP4 experts at 0.5 TB/s on the H200). Here one instruction
- * consumes 512 weights. What this file protects is that the products are the reference's: the Q8
- * activation IS e4m3 codes times a power-of-two block scale (quant.h), FP8 weights are e4m3 codes
- * times their block scale, and FP4 codes are e4m3 codes times 2^6 (below), so
+ * Why: a decode GEMV that dequantises each weight to f32 in CUDA cores pays ~1.5 conversions per
+ * weight (cvt e4m3x2 -> f16x2, then f16 -> f32) at 16 a clock per SM, where HBM delivers ~17
+ * weight bytes a clock per SM: the conversions, not the bytes, bounded the old kernels (FP8 GEMVs
+ * at 0.1-1.1 TB/s, FP4 experts at 0.5 TB/s on the H200). Here the tensor cores take f16: FP8 costs
+ * one cvt per two weights, FP4 a few integer ops per eight and no cvt at all. (Hopper has no
+ * mma.sync for e4m3: ptxas lowers it to f16 HMMA and converts BOTH operands at every call, the
+ * staged activations included; measured no faster than the f32 path.)
+ *
+ * What this file protects is that the products are the reference's. The Q8 activation IS e4m3
+ * codes times a power-of-two block scale (quant.h); e4m3 codes are exact in f16 and are staged so.
+ * FP8 weights are e4m3 codes (exact in f16) times their block scale; FP4 codes placed in an f16 as
+ * below are e2m1 · 2^-14 exactly. f16 products are exact in the fp32 accumulator, so
  *     y[n, t] = Σ_blocks ( Σ_k code_w[n, k] · code_x[t, k] ) · s_w(n, block) · s_x(t, block)
- * is the CPU's Σ a·(W·S) with the sum taken in another order: each tensor-core sum covers at most
- * 64 columns inside one scale block (its accumulator keeps fewer than fp32's bits, as in the
- * reference's own FP8 GEMM; DeepSeek-V3 report §3.3.2) and is promoted to fp32 at once.
+ * is the CPU's Σ a·(W·S) with the fp32 sum taken in another order: each tensor-core sum covers 16
+ * or 32 columns inside one scale block and is promoted with its scales at once.
  *
  * The k-order of an mma is free as long as the A (weights) and B (activations) fragments agree, so
- * each lane feeds the tensor core the bytes it loaded, and the activation codes are staged in the
- * matching order. Fragment layout (PTX ISA, m16n8k32 .e4m3): lane = 4·g + q; A regs a0/a2 hold row
- * g, a1/a3 row g + 8, each 4 k-slots (a0/a1: q·4.., a2/a3: 16 + q·4..); B regs b0/b1 hold token g,
- * k-slots q·4.. and 16 + q·4..; C c0, c1 = (row g, tokens 2q, 2q + 1), c2, c3 = (row g + 8, same).
- *
- * FP4 e2m1 nibble s e1 e0 m becomes the e4m3 byte s 0 0 e1 e0 m 0 0: exponent field e, mantissa m/2,
- * so normal codes read 2^(e-7)(1 + m/2) = e2m1 · 2^-6 and the subnormal (e = 0) reads m/2 · 2^-6
- * too; exact, the 2^6 goes into the scale.
+ * each lane feeds the tensor core the weights it loaded, and the activations are staged in the
+ * matching order. Fragment layout (PTX ISA, m16n8k16 .f16): lane = 4·g + q; A regs a0/a2 hold row g,
+ * a1/a3 row g + 8, two k-slots each (a0/a1: 2q, 2q + 1; a2/a3: 8 + 2q, 9 + 2q); B regs b0/b1 hold
+ * token g at the same k-slots; C c0, c1 = (row g, tokens 2q, 2q + 1), c2, c3 = (row g + 8, same).
+ *   - fp8: a lane loads 16 bytes of row g and of row g + 8, columns 16q..16q+15 of a 64-column
+ *     chunk, and cvt turns byte pairs (4i, 4i + 1) and (4i + 2, 4i + 3) into a0 and a2 of the
+ *     chunk's i-th mma; the activations keep their natural order.
+ *   - fp4: a lane loads 8 bytes of each row (columns 16q..16q+15) and swaps a word with lane q ^ 2
+ *     (fp4_exchange) so that every mma stays inside one 32-column scale block; a word's nibbles k
+ *     and k + 4 become one f16 pair (fp4_to_f16); the activations are staged per 8-column group in
+ *     the order 0 4 1 5 2 6 3 7 to match.
  */
 #ifndef DSRT_KERNELS_FP8MMA_CUH
 #define DSRT_KERNELS_FP8MMA_CUH
 
 #include <stdint.h>
+#include <cuda_fp16.h>
 #include "../runtime/quant.h"
 
-/* c += A·B over 32 k-slots, e4m3 inputs, f32 accumulator */
-__device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1)
+/* c += A·B over 16 k-slots, f16 inputs, f32 accumulator */
+__device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1)
 {
-    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
                  "{%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-/* The 8 e2m1 nibbles of a word (low nibble = even column) as e4m3 bytes (value · 2^-6): the even
- * columns 0, 2, 4, 6 in `even`, the odd ones in `odd`, byte j of each from byte j of the word. */
-__device__ __forceinline__ void fp4_to_e4m3(uint32_t w, uint32_t &even, uint32_t &odd)
+/* two e4m3 bytes (the low one first) as an f16 pair, exactly */
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two)
 {
-    even = ((w << 4) & 0x80808080u) | ((w << 2) & 0x1c1c1c1cu);
-    odd = (w & 0x80808080u) | ((w >> 2) & 0x1c1c1c1cu);
+    uint32_t r;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"((unsigned short)two));
+    return r;
 }
-/* the factor fp4_to_e4m3's codes are scaled down by */
-#define FP4_AS_E4M3_SCALE 64.0f
 
-/* Where staged activation column c (of an 8-column group) lies for an FP4 matrix: the group's even
- * columns first, then its odd ones, matching fp4_to_e4m3's two words. */
-__device__ __forceinline__ int fp4_staged_column(int c) { return (c & ~7) | ((c & 1) << 2) | ((c & 7) >> 1); }
+/* Nibbles k (low half) and k + 4 (high half) of a word as f16: s at bit 15, e1 e0 m at bits
+ * 11..9 reads 2^(e-15)(1 + m/2) = e2m1 · 2^-14 for normal codes, and the subnormal (e = 0) reads
+ * m/2 · 2^-14 too: exact, the 2^14 goes into the scale. */
+__device__ __forceinline__ uint32_t fp4_to_f16(uint32_t w, int k)
+{
+    const uint32_t t = w >> (4 * k);
+    return ((t << 9) & 0x0e000e00u) | ((t << 12) & 0x80008000u);
+}
+#define FP4_AS_F16_SCALE 16384.0f
+
+/* Where staged activation column c of an 8-column group lies for an FP4 matrix: the order
+ * 0 4 1 5 2 6 3 7, fp4_to_f16's pairs */
+__device__ __forceinline__ int fp4_staged_column(int c) { return (c & ~7) | ((c & 3) << 1) | ((c >> 2) & 1); }
 
 /* FP4 exchange: lane q of a quad loaded the 16 columns [16q, 16q + 16) of a 64-column chunk (two
- * 32-column scale blocks) as words lo, hi. Every mma must stay inside one scale block, so lanes q
- * and q ^ 2 swap a word: afterwards `first` holds 8 columns of block 0 and `second` the same 8
- * columns of block 1, at offset fp4_lane_group(q) in the block. */
+ * 32-column scale blocks) as words lo, hi. Lanes q and q ^ 2 swap a word: afterwards `first` holds
+ * 8 columns of block 0 and `second` the same 8 columns of block 1, at offset fp4_lane_group(q). */
 __device__ __forceinline__ void fp4_exchange(uint32_t lo, uint32_t hi, int q, uint32_t &first, uint32_t &second)
 {
     const uint32_t other = __shfl_xor_sync(0xffffffffu, q < 2 ? hi : lo, 2);
@@ -67,36 +82,54 @@ __device__ __forceinline__ void fp4_exchange(uint32_t lo, uint32_t hi, int q, ui
 }
 __device__ __forceinline__ int fp4_lane_group(int q) { return q < 2 ? 16 * q : 16 * (q - 2) + 8; }
 
-/* The Q8 round trip of one block of 128 (or fewer) columns held 4 per lane, exactly as
- * dsrt_q8_block (quant.h) computes it: the same amax, power-of-two scale and e4m3 rounding. v
- * becomes the round-tripped values, code their e4m3 bytes; returns the block's scale. The whole
- * warp calls it. */
-__device__ __forceinline__ float q8_block_warp(float (&v)[4], const bool (&ok)[4], uint8_t (&code)[4])
+/* Q8 of one block of 128 (or fewer) columns held 4 per lane, exactly as dsrt_q8_block (quant.h)
+ * computes it: the same amax and power-of-two scale s, then the e4m3 codes of clamp(v / s). Two
+ * shortcuts give the same bits: v / s equals v · (1 / s) because 1 / s is a power of two, exact
+ * (2^-127 as a subnormal), and the hardware's cvt.rn.satfinite to e4m3 is quant.h's clamp to
+ * ±448 and round to nearest even. Returns s; codes holds the lane's 4 e4m3 bytes (byte e is
+ * column 4·lane + e). The whole warp calls it. */
+__device__ __forceinline__ float q8_codes_warp(const float (&v)[4], const bool (&ok)[4], uint32_t &codes)
 {
     float amax = 1e-4f;
+#pragma unroll
     for (int e = 0; e < 4; e++) {
         float m = v[e] < 0 ? -v[e] : v[e];
         if (ok[e] && m > amax) amax = m;
     }
+#pragma unroll
     for (int off = 16; off; off >>= 1) {
         float o = __shfl_xor_sync(0xffffffffu, amax, off);
         if (o > amax) amax = o;
     }
-    float s = dsrt_pow2_ceil(amax * (1.0f / 448.0f));
+    const float s = dsrt_pow2_ceil(amax * (1.0f / 448.0f));
+    const int e = (int)((dsrt_f32_bits(s) >> 23) & 0xffu) - 127; /* s = 2^e, e in [-126, 127] */
+    const float inv = e == 127 ? dsrt_bits_f32(0x00400000u) : dsrt_bits_f32((uint32_t)(127 - e) << 23);
+    unsigned short lo, hi;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(v[1] * inv), "f"(v[0] * inv));
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(v[3] * inv), "f"(v[2] * inv));
+    codes = (uint32_t)lo | (uint32_t)hi << 16;
+    return s;
+}
+
+/* The Q8 round trip of the block: v becomes codes times scale (q8_codes_warp), code its bytes */
+__device__ __forceinline__ float q8_block_warp(float (&v)[4], const bool (&ok)[4], uint8_t (&code)[4])
+{
+    uint32_t codes;
+    const float s = q8_codes_warp(v, ok, codes);
+#pragma unroll
     for (int e = 0; e < 4; e++) {
-        float q = v[e] / s;
-        q = q > 448.0f ? 448.0f : q < -448.0f ? -448.0f : q;
-        code[e] = dsrt_f32_to_e4m3(q);
+        code[e] = (uint8_t)(codes >> (8 * e));
         v[e] = dsrt_e4m3_to_f32(code[e]) * s;
     }
     return s;
 }
 
-/* weights, streamed: L1 no-allocate keeps the L1 for the scales */
+/* weights, streamed: L1 no-allocate keeps the L1 for the scales. volatile: issued where written,
+ * ahead of the tensor-core work on the previous buffer (mma_stream), never sunk to its first use */
 __device__ __forceinline__ uint4 load_stream(const void *p)
 {
     uint4 r;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
         : "l"(p));
     return r;
@@ -104,7 +137,7 @@ __device__ __forceinline__ uint4 load_stream(const void *p)
 __device__ __forceinline__ uint2 load_stream8(const void *p)
 {
     uint2 r;
-    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
     return r;
 }
 
@@ -112,6 +145,8 @@ __device__ __forceinline__ uint2 load_stream8(const void *p)
 
 enum { MMA_ROWS = 16, MMA_CHUNK = 64, MMA_TOKENS = 8 };
 enum { MMA_FP8 = 1, MMA_FP4 = 2 }; /* linear.cu's FMT_FP8 / FMT_FP4 */
+/* a block's warps: 8, in teams of ks (a power of two) that split a tile's chunks */
+enum { MMA_WARPS = 8 };
 
 /* Where a lane's two rows (g and g + 8) of the tile live. Weights: row starts in bytes (a dead
  * row, past the matrix, reads nothing). Scales: fp8 f32 or e8m0, one per (row block, block_cols
@@ -121,40 +156,40 @@ struct MmaRows {
     const char *a, *b;
     bool live_a, live_b;
     const void *scale;
-    int scale_dtype;
     int64_t scale_a, scale_b, scale_ld1, block_cols;
 };
 
-/* A lane's step: 16 rows x 64 columns. fp8: 16 bytes of row g and of row g + 8 (columns 16q..16q+15
- * of the chunk: two mmas) and their scales; fp4: 8 bytes of each (columns 16q..16q+15, then
- * fp4_exchange) and the four e8m0 bytes (row g blocks 0, 1, row g + 8 blocks 0, 1) in one word. */
+/* A lane's chunk: fp8 16 bytes of row g and of row g + 8 and their scales; fp4 8 bytes of each
+ * and the four e8m0 bytes (row g blocks 0, 1, row g + 8 blocks 0, 1) in one word. */
 template <int FMT> struct MmaStep;
 template <> struct MmaStep<MMA_FP8> { uint4 a, b; float sa, sb; };
 template <> struct MmaStep<MMA_FP4> { uint2 a, b; uint32_t scales; };
-/* steps in flight per lane: 128 (fp8) / 64 (fp4) weight bytes */
-template <int FMT> struct MmaDepth { static constexpr int U = FMT == MMA_FP8 ? 4 : 8; };
+/* chunks per step: each of mma_stream's two buffers holds 32 (fp8) / 32 (fp4) weight bytes a lane */
+template <int FMT> struct MmaDepth { static constexpr int U = FMT == MMA_FP8 ? 2 : 4; };
 
-__device__ __forceinline__ float mma_weight_scale(const void *scale, int dtype, int64_t i)
+/* the scales' dtype, a template argument: DSRT_F32 or DSRT_F8E8M0 (fp4: always e8m0) */
+template <int SF>
+__device__ __forceinline__ float mma_weight_scale(const void *scale, int64_t i)
 {
-    return dtype == DSRT_F32 ? ((const float *)scale)[i] : dsrt_e8m0_to_f32(((const uint8_t *)scale)[i]);
+    return SF == DSRT_F32 ? ((const float *)scale)[i] : dsrt_e8m0_to_f32(((const uint8_t *)scale)[i]);
 }
 
-/* Issues the loads of chunks c0, c0 + stride, ... (U of them, those below nchunk) */
-template <int FMT, int U>
-__device__ __forceinline__ void mma_load(const MmaRows &r, MmaStep<FMT> (&st)[U], int64_t c0, int64_t stride,
-                                         int64_t nchunk, int q)
+/* Issues the loads of chunks c0 .. c0 + U - 1 (those below nchunk): U·64 contiguous columns of
+ * each row, whole 128-byte lines of an fp8 row */
+template <int FMT, int SF, int U>
+__device__ __forceinline__ void mma_load(const MmaRows &r, MmaStep<FMT> (&st)[U], int c0, int nchunk, int q)
 {
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        const int64_t c = c0 + u * stride;
+        const int c = c0 + u;
         if (c >= nchunk) break;
         if constexpr (FMT == MMA_FP8) {
             const size_t off = (size_t)c * MMA_CHUNK + q * 16;
             st[u].a = r.live_a ? load_stream(r.a + off) : make_uint4(0, 0, 0, 0);
             st[u].b = r.live_b ? load_stream(r.b + off) : make_uint4(0, 0, 0, 0);
-            const int64_t cb = c * MMA_CHUNK / r.block_cols * r.scale_ld1;
-            st[u].sa = r.live_a ? mma_weight_scale(r.scale, r.scale_dtype, r.scale_a + cb) : 0.0f;
-            st[u].sb = r.live_b ? mma_weight_scale(r.scale, r.scale_dtype, r.scale_b + cb) : 0.0f;
+            const int64_t cb = (int64_t)c * MMA_CHUNK / r.block_cols * r.scale_ld1;
+            st[u].sa = r.live_a ? mma_weight_scale<SF>(r.scale, r.scale_a + cb) : 0.0f;
+            st[u].sb = r.live_b ? mma_weight_scale<SF>(r.scale, r.scale_b + cb) : 0.0f;
         } else {
             const size_t off = (size_t)c * (MMA_CHUNK / 2) + q * 8;
             st[u].a = r.live_a ? load_stream8(r.a + off) : make_uint2(0, 0);
@@ -167,32 +202,36 @@ __device__ __forceinline__ void mma_load(const MmaRows &r, MmaStep<FMT> (&st)[U]
     }
 }
 
-/* The staged tokens as a lane reads them: token g's codes (row; has_x false past the last token)
- * and the Q8 scales of tokens 2q and 2q + 1 (NULL past the last), one per 128 columns. */
+/* The staged tokens as a lane reads them: token g's f16 values and the Q8 scales of tokens 2q and
+ * 2q + 1, one per 128 columns; tokens past the last read the staging's zero row (mma_stage). */
 struct MmaX {
-    const uint8_t *row;
-    bool has_x;
+    const __half *row;
     const float *s0, *s1;
 };
 
-/* acc (the C fragment: rows g, g + 8 x tokens 2q, 2q + 1) += the steps' products, each promoted
- * to fp32 with its weight and activation scales at once */
+/* acc (the C fragment: rows g, g + 8 x tokens 2q, 2q + 1) += the chunks' products, each mma's sum
+ * promoted to fp32 with its weight and activation scales at once */
 template <int FMT, int U>
-__device__ __forceinline__ void mma_accumulate(const MmaStep<FMT> (&st)[U], int64_t c0, int64_t stride, int64_t nchunk,
-                                               int q, const MmaX &x, float (&acc)[4])
+__device__ __forceinline__ void mma_accumulate(const MmaStep<FMT> (&st)[U], int c0, int nchunk, int q, const MmaX &x,
+                                               float (&acc)[4])
 {
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        const int64_t c = c0 + u * stride;
+        const int c = c0 + u;
         if (c >= nchunk) break;
-        const int64_t col = c * MMA_CHUNK;
-        const float x0 = x.s0 ? x.s0[col / 128] : 0.0f, x1 = x.s1 ? x.s1[col / 128] : 0.0f;
+        const int col = c * MMA_CHUNK;
+        const float x0 = x.s0[col / 128], x1 = x.s1[col / 128];
+        float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if constexpr (FMT == MMA_FP8) {
-            const uint4 xv = x.has_x ? *(const uint4 *)(x.row + col + q * 16) : make_uint4(0, 0, 0, 0);
-            const uint4 A = st[u].a, B = st[u].b;
-            float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            mma_e4m3(p, A.x, B.x, A.y, B.y, xv.x, xv.y);
-            mma_e4m3(p, A.z, B.z, A.w, B.w, xv.z, xv.w);
+            /* the lane's 16 columns of token g, as the weights' byte order */
+            const uint4 xv[2] = {*(const uint4 *)(x.row + col + q * 16), *(const uint4 *)(x.row + col + q * 16 + 8)};
+            const uint32_t xw[8] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w};
+            const uint32_t aw[4] = {st[u].a.x, st[u].a.y, st[u].a.z, st[u].a.w};
+            const uint32_t bw[4] = {st[u].b.x, st[u].b.y, st[u].b.z, st[u].b.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++) /* word i: columns 4i..4i+3 of the lane's 16 */
+                mma_f16(p, e4m3x2_to_f16x2(aw[i]), e4m3x2_to_f16x2(bw[i]), e4m3x2_to_f16x2(aw[i] >> 16),
+                        e4m3x2_to_f16x2(bw[i] >> 16), xw[2 * i], xw[2 * i + 1]);
             acc[0] = fmaf(p[0], st[u].sa * x0, acc[0]);
             acc[1] = fmaf(p[1], st[u].sa * x1, acc[1]);
             acc[2] = fmaf(p[2], st[u].sb * x0, acc[2]);
@@ -202,53 +241,175 @@ __device__ __forceinline__ void mma_accumulate(const MmaStep<FMT> (&st)[U], int6
             fp4_exchange(st[u].a.x, st[u].a.y, q, a_blk[0], a_blk[1]);
             fp4_exchange(st[u].b.x, st[u].b.y, q, b_blk[0], b_blk[1]);
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const uint2 xv = x.has_x ? *(const uint2 *)(x.row + col + h * 32 + fp4_lane_group(q)) : make_uint2(0, 0);
-                uint32_t ae, ao, be, bo;
-                fp4_to_e4m3(a_blk[h], ae, ao);
-                fp4_to_e4m3(b_blk[h], be, bo);
-                float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                mma_e4m3(p, ae, be, ao, bo, xv.x, xv.y);
-                const float sa = dsrt_e8m0_to_f32((uint8_t)(st[u].scales >> (8 * h))) * FP4_AS_E4M3_SCALE;
-                const float sb = dsrt_e8m0_to_f32((uint8_t)(st[u].scales >> (16 + 8 * h))) * FP4_AS_E4M3_SCALE;
-                acc[0] = fmaf(p[0], sa * x0, acc[0]);
-                acc[1] = fmaf(p[1], sa * x1, acc[1]);
-                acc[2] = fmaf(p[2], sb * x0, acc[2]);
-                acc[3] = fmaf(p[3], sb * x1, acc[3]);
+            for (int h = 0; h < 2; h++) { /* block h: 8 columns a lane, two mmas */
+                const uint4 xv = *(const uint4 *)(x.row + col + h * 32 + fp4_lane_group(q));
+                float ph[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                mma_f16(ph, fp4_to_f16(a_blk[h], 0), fp4_to_f16(b_blk[h], 0), fp4_to_f16(a_blk[h], 1), fp4_to_f16(b_blk[h], 1),
+                        xv.x, xv.y);
+                mma_f16(ph, fp4_to_f16(a_blk[h], 2), fp4_to_f16(b_blk[h], 2), fp4_to_f16(a_blk[h], 3), fp4_to_f16(b_blk[h], 3),
+                        xv.z, xv.w);
+                const float sa = dsrt_e8m0_to_f32((uint8_t)(st[u].scales >> (8 * h))) * FP4_AS_F16_SCALE;
+                const float sb = dsrt_e8m0_to_f32((uint8_t)(st[u].scales >> (16 + 8 * h))) * FP4_AS_F16_SCALE;
+                acc[0] = fmaf(ph[0], sa * x0, acc[0]);
+                acc[1] = fmaf(ph[1], sa * x1, acc[1]);
+                acc[2] = fmaf(ph[2], sb * x0, acc[2]);
+                acc[3] = fmaf(ph[3], sb * x1, acc[3]);
             }
         }
     }
 }
 
-/* A warp's share of the tile: chunks warp, warp + warps, ... U at a time; `first` holds the first
- * U steps, already loaded (issued before the caller staged the activations). */
-template <int FMT>
-__device__ __forceinline__ void mma_tile(const MmaRows &r, MmaStep<FMT> (&first)[MmaDepth<FMT>::U], int64_t nchunk,
-                                         int warp, int warps, int q, const MmaX &x, float (&acc)[4])
+/* The persistent walk of one warp (linear.cu, moe.cu) over its tiles 0..n_tiles-1 (the caller
+ * maps them to rows): per tile MATS matrices (UP runs w1 then w3 on the same rows), per matrix
+ * `rounds` steps of U adjacent chunks, from chunk (kslot + round·ks)·U. Two register buffers: a step's
+ * weight loads are in flight while the previous step meets the tensor cores, across tile
+ * boundaries, so a warp keeps HBM busy from its first load to its last. rows_of(tile, matrix) is
+ * asked once per (tile, matrix); buf[0] holds the first step, loaded by the caller (before it
+ * staged the activations) from rows_of(0, 0). After a tile's last step finish(tile, acc) runs. */
+template <int FMT, int SF, int U, int MATS, class RowsOf, class Finish>
+__device__ __forceinline__ void mma_stream(MmaStep<FMT> (&buf)[2][U], int n_tiles, int rounds, int ks, int kslot, int nchunk,
+                                           int q, const MmaX &x, RowsOf rows_of, Finish finish)
 {
-    constexpr int U = MmaDepth<FMT>::U;
-    for (int64_t i0 = 0; warp + i0 * warps < nchunk; i0 += U) {
-        if (i0) mma_load<FMT, U>(r, first, warp + i0 * warps, warps, nchunk, q);
-        mma_accumulate<FMT, U>(first, warp + i0 * warps, warps, nchunk, q, x, acc);
-    }
-}
-
-/* Stores a lane's 4 codes (columns 4·lane.. of a 128-column block at `block`) in the staged order */
-template <int FMT>
-__device__ __forceinline__ void mma_store_codes(uint8_t *block, int lane, const uint8_t (&code)[4])
-{
-    if (FMT == MMA_FP8) {
-        *(uint32_t *)(block + lane * 4) =
-            (uint32_t)code[0] | (uint32_t)code[1] << 8 | (uint32_t)code[2] << 16 | (uint32_t)code[3] << 24;
-    } else {
+    struct Pos { int tile, mat, round; };
+    auto next = [&](Pos p) {
+        if (++p.round == rounds) {
+            p.round = 0;
+            if (++p.mat == MATS) p.mat = 0, p.tile++;
+        }
+        return p;
+    };
+    float acc[MATS][4] = {};
+    auto run = [&](const MmaStep<FMT>(&b)[U], Pos p) {
+        const int c0 = (kslot + p.round * ks) * U;
+        if (MATS == 1 || p.mat == 0) mma_accumulate<FMT, U>(b, c0, nchunk, q, x, acc[0]);
+        else mma_accumulate<FMT, U>(b, c0, nchunk, q, x, acc[MATS - 1]);
+        if (p.mat == MATS - 1 && p.round == rounds - 1) {
+            finish(p.tile, acc);
 #pragma unroll
-        for (int e = 0; e < 4; e++) block[fp4_staged_column(lane * 4 + e)] = code[e];
+            for (int m = 0; m < MATS; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.0f;
+        }
+    };
+    auto load = [&](MmaStep<FMT>(&b)[U], Pos p, MmaRows &rows) {
+        if (p.round == 0) rows = rows_of(p.tile, p.mat);
+        mma_load<FMT, SF, U>(rows, b, (kslot + p.round * ks) * U, nchunk, q);
+    };
+    MmaRows rows = rows_of(0, 0);
+    Pos run_at = {0, 0, 0}, load_at = run_at;
+    while (run_at.tile < n_tiles) {
+        load_at = next(load_at);
+        if (load_at.tile < n_tiles) load(buf[1], load_at, rows);
+        run(buf[0], run_at);
+        run_at = next(run_at);
+        if (run_at.tile >= n_tiles) break;
+        load_at = next(load_at);
+        if (load_at.tile < n_tiles) load(buf[0], load_at, rows);
+        run(buf[1], run_at);
+        run_at = next(run_at);
     }
 }
 
-/* staged codes of a token `ld` bytes apart, ld ≡ 64 (fp8) / 32 (fp4) mod 128: the tokens a
- * quarter-warp (fp8, 16-byte reads) or half-warp (fp4, 8-byte reads) touches fall in different
- * banks */
-__host__ __device__ inline int64_t mma_staged_ld(int fmt, int64_t cols) { return (cols + 127) / 128 * 128 + (fmt == MMA_FP8 ? 64 : 32); }
+/* The end of a tile in a team of ks warps: emit(row in tile, token, sums[MATS]) for every row of
+ * the tile and token below ntok. ks == 1: straight from the C fragment; otherwise the warps' parts
+ * meet in red (the team's MATS·ks·128 floats) and are summed in kslot order, between named
+ * barriers (id team + 1) of the team's threads. */
+template <int MATS, class Emit>
+__device__ __forceinline__ void mma_team_finish(const float (&acc)[MATS][4], int ks, int team, int kslot, float *red, int ntok,
+                                                Emit emit)
+{
+    const int lane = threadIdx.x & 31, gq = lane >> 2, q = lane & 3, t0 = 2 * q, t1 = 2 * q + 1;
+    if (ks == 1) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int t = i & 1 ? t1 : t0;
+            if (t >= ntok) continue;
+            float v[MATS];
+#pragma unroll
+            for (int m = 0; m < MATS; m++) v[m] = acc[m][i];
+            emit(gq + (i >> 1) * 8, t, v);
+        }
+        return;
+    }
+    float *mine = red + kslot * (MATS * MMA_ROWS * MMA_TOKENS);
+#pragma unroll
+    for (int m = 0; m < MATS; m++) {
+        float *part = mine + m * (MMA_ROWS * MMA_TOKENS);
+        part[gq * MMA_TOKENS + t0] = acc[m][0];
+        part[gq * MMA_TOKENS + t1] = acc[m][1];
+        part[(gq + 8) * MMA_TOKENS + t0] = acc[m][2];
+        part[(gq + 8) * MMA_TOKENS + t1] = acc[m][3];
+    }
+    asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(ks * 32) : "memory");
+    for (int idx = kslot * 32 + lane; idx < MMA_ROWS * ntok; idx += ks * 32) {
+        const int rr = idx / ntok, t = idx - rr * ntok;
+        float v[MATS];
+#pragma unroll
+        for (int m = 0; m < MATS; m++) {
+            v[m] = 0.0f;
+            for (int k = 0; k < ks; k++) v[m] += red[(k * MATS + m) * (MMA_ROWS * MMA_TOKENS) + rr * MMA_TOKENS + t];
+        }
+        emit(rr, t, v);
+    }
+    asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(ks * 32) : "memory");
+}
+
+/* Stores a lane's 4 codes (columns 4·lane.. of a 128-column block at `block`) in the staged order,
+ * as f16 values (exact) */
+template <int FMT>
+__device__ __forceinline__ void mma_store_codes(__half *block, int lane, uint32_t codes)
+{
+    const uint32_t h01 = e4m3x2_to_f16x2(codes), h23 = e4m3x2_to_f16x2(codes >> 16);
+    if (FMT == MMA_FP8) {
+        *(uint2 *)(block + lane * 4) = make_uint2(h01, h23);
+    } else {
+        unsigned short *b = (unsigned short *)block;
+        b[fp4_staged_column(lane * 4)] = (unsigned short)h01;
+        b[fp4_staged_column(lane * 4 + 1)] = (unsigned short)(h01 >> 16);
+        b[fp4_staged_column(lane * 4 + 2)] = (unsigned short)h23;
+        b[fp4_staged_column(lane * 4 + 3)] = (unsigned short)(h23 >> 16);
+    }
+}
+
+/* Stages the Q8 codes of `rows` activation rows of `cols` columns (cols % 64 == 0) at xq (row t at
+ * t·ld halves, row `rows` zeros) and their block scales at xsc (row t's at t·ceil(cols/128), row
+ * `rows` zeros): one warp per (row,
+ * 128-column block), quant.h's arithmetic through q8_block_warp, so codes times scales are bit for
+ * bit the CPU's Q8 values. load(t, col) reads an input element. A warp issues the loads of SB
+ * units before rounding any: one L2 round trip per SB units, not per unit. */
+template <int FMT, class Load>
+__device__ __forceinline__ void mma_stage(int rows, int cols, int64_t ld, __half *xq, float *xsc, Load load)
+{
+    enum { SB = 4 };
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int nblk = (cols + 127) / 128, units = rows * nblk;
+    /* row `rows`: zeros, what tokens past the last read */
+    for (int i = threadIdx.x; i < ld; i += blockDim.x) xq[rows * ld + i] = __float2half_rn(0.0f);
+    for (int i = threadIdx.x; i < nblk; i += blockDim.x) xsc[rows * nblk + i] = 0.0f;
+    for (int u0 = warp; u0 < units; u0 += SB * warps) {
+        float v[SB][4];
+        bool ok[SB][4];
+#pragma unroll
+        for (int j = 0; j < SB; j++) {
+            const int u = u0 + j * warps, t = u / nblk, cb = (u - t * nblk) * 128;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                ok[j][e] = u < units && cb + lane * 4 + e < cols;
+                v[j][e] = ok[j][e] ? load(t, cb + lane * 4 + e) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < SB; j++) {
+            const int u = u0 + j * warps, t = u / nblk, cb = (u - t * nblk) * 128;
+            if (u >= units) break; /* warp-uniform: q8_block_warp needs the whole warp */
+            uint32_t codes;
+            const float s = q8_codes_warp(v[j], ok[j], codes);
+            if (cb + lane * 4 < cols) mma_store_codes<FMT>(xq + t * ld + cb, lane, codes); /* all four or none */
+            if (lane == 0) xsc[t * nblk + cb / 128] = s;
+        }
+    }
+}
+
+/* The staging pitch in halves: ld·2 ≡ 16 (fp8: 16-byte reads at 32-byte steps) / 64 (fp4: 16-byte
+ * reads, 64 bytes a token) mod 128, so the tokens a quarter-warp reads fall in different banks */
+__host__ __device__ inline int64_t mma_staged_ld(int fmt, int64_t cols) { return (cols + 63) / 64 * 64 + (fmt == MMA_FP8 ? 8 : 32); }
 
 #endif

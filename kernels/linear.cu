@@ -87,13 +87,13 @@ static int gemv_fits(const dsrtk_linear_weight *w, int quantise)
     return 1;
 }
 
-/* the tensor-core GEMV (fp8mma.cuh): blocks of MMA_MIN..MAX_WARPS warps, one 16-row tile each */
-enum { MMA_MAX_WARPS = 16, MMA_MIN_WARPS = 4, MMA_TARGET_WARPS = 2048 };
+/* the tensor-core GEMV (fp8mma.cuh): persistent blocks of MMA_WARPS warps */
 static const size_t MMA_MAX_SMEM = 200 * 1024;
 
 static size_t mma_smem(int format, int64_t in_g, int64_t rows, int warps)
 {
-    return (size_t)(rows * mma_staged_ld(format, in_g)) + (size_t)(rows * ceil_div(in_g, ACT_BLOCK)) * 4 +
+    /* rows + 1: the staging's zero row */
+    return (size_t)((rows + 1) * mma_staged_ld(format, in_g)) * 2 + (size_t)((rows + 1) * ceil_div(in_g, ACT_BLOCK)) * 4 +
            (size_t)warps * MMA_ROWS * MMA_TOKENS * 4;
 }
 
@@ -101,7 +101,8 @@ static size_t mma_smem(int format, int64_t in_g, int64_t rows, int warps)
  * whole vectors and stay inside one weight scale block */
 static int mma_gemv_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise)
 {
-    if (rows > GEMV_MAX_ROWS || mma_smem(w->format, w->in / w->groups, rows, MMA_MAX_WARPS) > MMA_MAX_SMEM) return 0;
+    if (rows > GEMV_MAX_ROWS || mma_smem(w->format, w->in / w->groups, MMA_TOKENS, MMA_WARPS) > MMA_MAX_SMEM) return 0;
+    if (w->out > INT32_MAX || w->in > INT32_MAX || w->block_rows > INT32_MAX) return 0; /* MmaGemvArgs' int sizes */
     if (!quantise || (w->format != FMT_FP8 && w->format != FMT_FP4) || !w->scale) return 0;
     int64_t in_g = w->in / w->groups, row_bytes = w->format == FMT_FP8 ? w->ld : w->ld / 2;
     if (in_g % MMA_CHUNK || row_bytes % 16 || (uintptr_t)w->weight % 16) return 0;
@@ -113,15 +114,6 @@ static int mma_gemv_fits(const dsrtk_linear_weight *w, int64_t rows, int quantis
     return w->groups == 1 || in_g % ACT_BLOCK == 0; /* Q8 blocks are the row's absolute 128-column blocks */
 }
 
-/* warps per block: the fewest (at least MMA_MIN_WARPS) that give the grid MMA_TARGET_WARPS,
- * while each warp keeps at least one chunk; a function of the shape only */
-static int mma_warps(const dsrtk_linear_weight *w)
-{
-    const int64_t tiles = ceil_div(w->out / w->groups, MMA_ROWS) * w->groups, nchunk = w->in / w->groups / MMA_CHUNK;
-    int warps = MMA_MIN_WARPS;
-    while (warps < MMA_MAX_WARPS && tiles * warps < MMA_TARGET_WARPS && warps * 2 <= nchunk) warps *= 2;
-    return warps;
-}
 
 static int lt_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise, int y_dtype)
 {
@@ -579,99 +571,117 @@ static int launch_gemv(int dev, GemvArgs &a, cudaStream_t s)
 
 /* ---- the decode GEMV on FP8 tensor cores (fp8mma.cuh) ---- */
 
-/* Stages the Q8 codes of group g's activation (every token) and their block scales: one warp per
- * (token, 128-column block), quant.h's arithmetic through q8_block_warp, so codes times scales
- * are bit for bit the CPU's a. */
-template <int FMT>
-__device__ void mma_stage(const GemvArgs &a, uint8_t *xq, float *xsc, int64_t g, int64_t ld)
-{
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const int64_t in_g = a.w.in / a.w.groups, nblk = ceil_div(in_g, ACT_BLOCK), units = a.rows * nblk;
-    for (int64_t u = warp; u < units; u += warps) {
-        const int64_t t = u / nblk, cb = (u - t * nblk) * ACT_BLOCK, len = in_g - cb < ACT_BLOCK ? in_g - cb : ACT_BLOCK;
-        float v[4];
-        bool ok[4];
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            ok[e] = lane * 4 + e < len;
-            v[e] = ok[e] ? dsrt_load_f32(a.x, a.x_dtype, t * a.w.in + g * in_g + cb + lane * 4 + e) : 0.0f;
-        }
-        uint8_t code[4];
-        const float s = q8_block_warp(v, ok, code);
-        if (lane * 4 < len) mma_store_codes<FMT>(xq + t * ld + cb, lane, code); /* len % 64 == 0: all four or none */
-        if (lane == 0) xsc[t * nblk + cb / ACT_BLOCK] = s;
-    }
-}
+/* What the tensor-core GEMV reads, every derived size computed on the host (32-bit where the
+ * sizes allow: mma_gemv_fits), so a warp spends its instructions on the weights */
+struct MmaGemvArgs {
+    const void *weight, *scale, *x;
+    void *y;
+    int x_dtype, y_dtype, rows;
+    int groups, out, out_g, in, in_g;
+    int tpg, nchunk, nblk, ks, teams, rounds, block_rows;
+    int64_t ld, row_bytes, scale_ld0, scale_ld1, block_cols; /* ld: the staging pitch in halves */
+};
 
-/* A block of `warps` warps computes one 16-row tile of one group; the warps split the 64-column
- * chunks (mma_tile) and their partial sums meet in shared memory in warp order. The grid depends
- * on the shape only, so a token's result does not depend on how many tokens share the call. Each
- * lane issues its first weight loads before the activation is staged, so the staging hides under
- * the first DRAM latency. */
-template <int FMT>
-__global__ void __launch_bounds__(MMA_MAX_WARPS * 32) mma_gemv_kernel(const __grid_constant__ GemvArgs a)
+/* Persistent: a block serves one group (blockIdx.x % groups) and stages that group's activation
+ * once. Its MMA_WARPS warps form teams of ks; a team takes the group's 16-row tiles team_id,
+ * team_id + teams, ..., its warps split each tile's 64-column chunks, and mma_stream walks them
+ * with the weight loads of the next step always in flight. The first loads go out before the
+ * staging. ks and the grid depend on the shape and the device only, so a token's result does not
+ * depend on how many tokens share the call. */
+template <int FMT, int SF>
+__global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_constant__ MmaGemvArgs a)
 {
+    constexpr int U = MmaDepth<FMT>::U;
     extern __shared__ uint4 smem4[];
-    const dsrtk_linear_weight &w = a.w;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5, gq = lane >> 2, q = lane & 3;
-    const int64_t out_g = w.out / w.groups, in_g = w.in / w.groups, nblk = ceil_div(in_g, ACT_BLOCK), ld = a.kc;
-    const int64_t tpg = ceil_div(out_g, MMA_ROWS), g = blockIdx.x / tpg, r0 = (blockIdx.x - g * tpg) * MMA_ROWS;
-    uint8_t *xq = (uint8_t *)smem4;
-    float *xsc = (float *)(xq + a.rows * ld), *red = xsc + a.rows * nblk;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, q = lane & 3;
+    const int team = warp / a.ks, kslot = warp - team * a.ks;
+    const int g = (int)blockIdx.x % a.groups, team_id = (int)blockIdx.x / a.groups * a.teams + team;
+    const int n_teams = (int)gridDim.x / a.groups * a.teams;
+    const int my_tiles = team_id < a.tpg ? (a.tpg - team_id + n_teams - 1) / n_teams : 0;
+    __half *xq = (__half *)smem4;
+    float *xsc = (float *)(xq + (a.rows + 1) * a.ld), *red = xsc + (a.rows + 1) * a.nblk;
+    auto rows_of = [&](int tile, int) {
+        const int ra = (team_id + tile * n_teams) * MMA_ROWS + gq, rb = ra + 8;
+        MmaRows r;
+        r.live_a = ra < a.out_g, r.live_b = rb < a.out_g;
+        const int na = g * a.out_g + (r.live_a ? ra : 0), nb = g * a.out_g + (r.live_b ? rb : 0);
+        r.a = (const char *)a.weight + na * a.row_bytes, r.b = (const char *)a.weight + nb * a.row_bytes;
+        r.scale = a.scale, r.scale_ld1 = a.scale_ld1, r.block_cols = a.block_cols;
+        r.scale_a = na / a.block_rows * a.scale_ld0, r.scale_b = nb / a.block_rows * a.scale_ld0;
+        return r;
+    };
 
-    MmaRows r;
-    const int64_t ra = r0 + gq, rb = ra + 8;
-    r.live_a = ra < out_g, r.live_b = rb < out_g;
-    const int64_t na = g * out_g + (r.live_a ? ra : 0), nb = g * out_g + (r.live_b ? rb : 0);
-    const size_t row_bytes = FMT == FMT_FP4 ? (size_t)w.ld / 2 : (size_t)w.ld;
-    r.a = (const char *)w.weight + (size_t)na * row_bytes, r.b = (const char *)w.weight + (size_t)nb * row_bytes;
-    r.scale = w.scale, r.scale_dtype = w.scale_dtype, r.scale_ld1 = w.scale_ld1, r.block_cols = w.block_cols;
-    r.scale_a = na / w.block_rows * w.scale_ld0, r.scale_b = nb / w.block_rows * w.scale_ld0;
-    const int64_t nchunk = in_g / MMA_CHUNK;
-
-    MmaStep<FMT> st[MmaDepth<FMT>::U];
-    mma_load<FMT, MmaDepth<FMT>::U>(r, st, warp, warps, nchunk, q);
-    mma_stage<FMT>(a, xq, xsc, g, ld);
+    MmaStep<FMT> buf[2][U];
+    if (my_tiles) mma_load<FMT, SF, U>(rows_of(0, 0), buf[0], kslot * U, a.nchunk, q);
+    const int64_t x0 = (int64_t)g * a.in_g;
+    if (a.x_dtype == DSRT_BF16)
+        mma_stage<FMT>(a.rows, a.in_g, a.ld, xq, xsc, [&](int t, int c) {
+            return dsrt_bf16_to_f32(((const uint16_t *)a.x)[(int64_t)t * a.in + x0 + c]);
+        });
+    else
+        mma_stage<FMT>(a.rows, a.in_g, a.ld, xq, xsc, [&](int t, int c) { return ((const float *)a.x)[(int64_t)t * a.in + x0 + c]; });
     __syncthreads();
 
     const int t0 = 2 * q, t1 = 2 * q + 1;
-    const MmaX x = {xq + (gq < a.rows ? gq : 0) * ld, gq < a.rows, t0 < a.rows ? xsc + t0 * nblk : nullptr,
-                    t1 < a.rows ? xsc + t1 * nblk : nullptr};
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    mma_tile<FMT>(r, st, nchunk, warp, warps, q, x, acc);
-
-    /* red[warp][row][token], then the warps' sums in warp order */
-    float *mine = red + warp * (MMA_ROWS * MMA_TOKENS);
-    mine[gq * MMA_TOKENS + t0] = acc[0];
-    mine[gq * MMA_TOKENS + t1] = acc[1];
-    mine[(gq + 8) * MMA_TOKENS + t0] = acc[2];
-    mine[(gq + 8) * MMA_TOKENS + t1] = acc[3];
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < MMA_ROWS * a.rows; idx += blockDim.x) {
-        const int rr = idx / (int)a.rows, t = idx - rr * (int)a.rows;
-        if (r0 + rr >= out_g) continue;
-        float s = 0.0f;
-        for (int k = 0; k < warps; k++) s += red[k * (MMA_ROWS * MMA_TOKENS) + rr * MMA_TOKENS + t];
-        store_out(a.y, a.y_dtype, t * w.out + g * out_g + r0 + rr, s);
-    }
+    const MmaX x = {xq + (gq < a.rows ? gq : a.rows) * a.ld, xsc + (t0 < a.rows ? t0 : a.rows) * a.nblk,
+                    xsc + (t1 < a.rows ? t1 : a.rows) * a.nblk};
+    float *team_red = red + team * a.ks * (MMA_ROWS * MMA_TOKENS);
+    mma_stream<FMT, SF, U, 1>(buf, my_tiles, a.rounds, a.ks, kslot, a.nchunk, q, x, rows_of,
+                          [&](int tile, const float(&acc)[1][4]) {
+                              const int r0 = (team_id + tile * n_teams) * MMA_ROWS;
+                              mma_team_finish<1>(acc, a.ks, team, kslot, team_red, a.rows, [&](int rr, int t, const float(&v)[1]) {
+                                  if (r0 + rr < a.out_g) store_out(a.y, a.y_dtype, (int64_t)t * a.out + g * a.out_g + r0 + rr, v[0]);
+                              });
+                          });
 }
 
-template <int FMT>
-static int launch_mma_gemv(int dev, GemvArgs &a, cudaStream_t s)
+/* resident blocks of one instantiation per multiprocessor at `smem` bytes, asked once per device */
+template <int FMT, int SF>
+static int mma_blocks_per_sm(int dev, size_t smem)
 {
-    static std::atomic<size_t> opted[MAX_LT_DEVICES];
-    const int64_t in_g = a.w.in / a.w.groups;
-    const int warps = mma_warps(&a.w);
-    a.kc = mma_staged_ld(FMT, in_g);
-    const size_t smem = mma_smem(FMT, in_g, a.rows, warps);
-    if (smem > 48 * 1024 && opted[dev].load(std::memory_order_relaxed) < smem) {
-        int st = dsrtk_check(cudaFuncSetAttribute(mma_gemv_kernel<FMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                             "linear: %zu bytes of shared memory for the tensor-core GEMV", smem);
-        if (st) return st;
-        opted[dev].store(smem, std::memory_order_relaxed);
+    static std::atomic<int> cache[MAX_LT_DEVICES];
+    int n = cache[dev].load(std::memory_order_relaxed);
+    if (n > 0) return n;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mma_gemv_kernel<FMT, SF>, MMA_WARPS * 32, smem) != cudaSuccess || n < 1) {
+        cudaGetLastError();
+        n = 1;
     }
-    const int64_t tiles = ceil_div(a.w.out / a.w.groups, MMA_ROWS) * a.w.groups;
-    mma_gemv_kernel<FMT><<<(unsigned)tiles, warps * 32, smem, s>>>(a);
+    cache[dev].store(n, std::memory_order_relaxed);
+    return n;
+}
+
+template <int FMT, int SF>
+static int launch_mma_gemv(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, void *y,
+                           int y_dtype, cudaStream_t s)
+{
+    static std::atomic<int> opted[MAX_LT_DEVICES];
+    if (!opted[dev].load(std::memory_order_relaxed)) {
+        int st = dsrtk_check(cudaFuncSetAttribute(mma_gemv_kernel<FMT, SF>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MMA_MAX_SMEM),
+                             "linear: %zu bytes of shared memory for the tensor-core GEMV", MMA_MAX_SMEM);
+        if (st) return st;
+        opted[dev].store(1, std::memory_order_relaxed);
+    }
+    MmaGemvArgs a = {};
+    a.weight = w->weight, a.scale = w->scale, a.x = x, a.y = y;
+    a.x_dtype = x_dtype, a.y_dtype = y_dtype, a.rows = (int)rows;
+    a.groups = w->groups, a.out = (int)w->out, a.out_g = (int)(w->out / w->groups), a.in = (int)w->in, a.in_g = (int)(w->in / w->groups);
+    a.tpg = (int)ceil_div(a.out_g, MMA_ROWS), a.nchunk = a.in_g / MMA_CHUNK, a.nblk = (int)ceil_div(a.in_g, ACT_BLOCK);
+    a.block_rows = (int)w->block_rows;
+    a.ld = mma_staged_ld(FMT, a.in_g), a.row_bytes = FMT == FMT_FP4 ? w->ld / 2 : w->ld;
+    a.scale_ld0 = w->scale_ld0, a.scale_ld1 = w->scale_ld1, a.block_cols = w->block_cols;
+    /* the plan from the shape and the device only (never the rows): blocks that fit with 8 tokens
+     * staged, and the smallest team that still gives every resident warp work */
+    const size_t full = mma_smem(FMT, a.in_g, MMA_TOKENS, MMA_WARPS);
+    const int64_t resident = (int64_t)dsrtk_multiprocessors(dev) * mma_blocks_per_sm<FMT, SF>(dev, full);
+    a.ks = 1;
+    while (a.ks < MMA_WARPS && (int64_t)a.tpg * a.groups * a.ks < resident * MMA_WARPS && a.ks * 2 <= a.nchunk) a.ks *= 2;
+    a.teams = MMA_WARPS / a.ks;
+    a.rounds = (int)ceil_div(ceil_div(a.nchunk, a.ks), MmaDepth<FMT>::U);
+    int64_t per_group = resident / a.groups;
+    const int64_t needed = ceil_div((int64_t)a.tpg * a.ks, MMA_WARPS);
+    if (per_group > needed) per_group = needed;
+    if (per_group < 1) per_group = 1;
+    mma_gemv_kernel<FMT, SF><<<(unsigned)(per_group * a.groups), MMA_WARPS * 32, mma_smem(FMT, a.in_g, rows, MMA_WARPS), s>>>(a);
     return dsrtk_check_launch("linear mma_gemv_kernel", dev);
 }
 
@@ -1093,7 +1103,9 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
                 for (a.vpb_shift = 0; ((int64_t)1 << a.vpb_shift) < vpb; a.vpb_shift++) {}
         }
         if (mma_gemv_fits(w, rows, quantise))
-            return w->format == FMT_FP8 ? launch_mma_gemv<FMT_FP8>(dev, a, s) : launch_mma_gemv<FMT_FP4>(dev, a, s);
+            return w->format == FMT_FP4        ? launch_mma_gemv<FMT_FP4, DSRT_F8E8M0>(dev, w, x, x_dtype, rows, y, y_dtype, s)
+                   : w->scale_dtype == DSRT_F32 ? launch_mma_gemv<FMT_FP8, DSRT_F32>(dev, w, x, x_dtype, rows, y, y_dtype, s)
+                                                : launch_mma_gemv<FMT_FP8, DSRT_F8E8M0>(dev, w, x, x_dtype, rows, y, y_dtype, s);
         if (w->format == FMT_FP8) return launch_gemv<FMT_FP8>(dev, a, s);
         if (w->format == FMT_FP4) return launch_gemv<FMT_FP4>(dev, a, s);
         return launch_gemv<FMT_BF16>(dev, a, s);

@@ -88,27 +88,12 @@ __device__ __forceinline__ float load_x(const void *x, int dtype, int64_t i)
     return dtype == DSRT_BF16 ? dsrt_bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
 
-/* The Q8 round trip of one block of 128 values held 4 per lane (quant.h's dsrt_q8_roundtrip:
- * dsrt_q8_block then decode); `valid` marks the block's elements (len < 128 at a row's end).
- * Every lane of the warp must call it. */
+/* The Q8 round trip of one block of 128 values held 4 per lane (quant.h's dsrt_q8_roundtrip):
+ * fp8mma.cuh's q8_block_warp, the codes not kept. Every lane of the warp must call it. */
 __device__ __forceinline__ void q8_warp(float (&v)[4], const bool (&valid)[4])
 {
-    float amax = 1e-4f; /* dsrt_q8_block: NaN never wins the comparison */
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        float m = v[i] < 0 ? -v[i] : v[i];
-        if (valid[i] && m > amax) amax = m;
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    float s = dsrt_pow2_ceil(amax * (1.0f / 448.0f));
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        if (!valid[i]) continue;
-        float q = v[i] / s;
-        q = q > 448.0f ? 448.0f : q < -448.0f ? -448.0f : q;
-        v[i] = dsrt_e4m3_to_f32(dsrt_f32_to_e4m3(q)) * s;
-    }
+    uint8_t code[4];
+    q8_block_warp(v, valid, code);
 }
 
 /* ---- weights ---- */
@@ -491,134 +476,112 @@ static int launch_mode(int dev, const dsrtk_moe_project_args *a, int tb, int gri
 
 /* ---- the grouped projection on FP8 tensor cores (fp8mma.cuh; reference precision) ---- */
 
-enum { MMA_WARPS_MIN = 4, MMA_WARPS_MAX = 8 };
-
 /* the shared memory of one block: staged codes (MMA_TOKENS rows, ld apart), their scales, the
  * warps' partial sums (two matrices for UP) */
-static size_t mma_smem(int64_t ld, int64_t k_in, int warps, int mode)
+static size_t mma_smem(int64_t ld, int64_t k_in, int mode)
 {
-    return (size_t)(MMA_TOKENS * ld) + (size_t)(MMA_TOKENS * ((k_in + ACT_BLOCK - 1) / ACT_BLOCK)) * 4 +
-           (size_t)warps * MMA_ROWS * MMA_TOKENS * 4 * (mode == DSRTK_MOE_UP ? 2 : 1);
+    /* MMA_TOKENS + 1: the staging's zero row */
+    return (size_t)((MMA_TOKENS + 1) * ld) * 2 + (size_t)((MMA_TOKENS + 1) * ((k_in + ACT_BLOCK - 1) / ACT_BLOCK)) * 4 +
+           (size_t)MMA_WARPS * MMA_ROWS * MMA_TOKENS * 4 * (mode == DSRTK_MOE_UP ? 2 : 1);
 }
 
-/* Row j of matrix m as fp8mma.cuh reads it, for rows j (a) and j + 8 (b) of a tile */
-__device__ __forceinline__ MmaRows mma_rows(const dsrtk_moe_matrix &m, int ja, int jb)
+/* Rows ja (a) and jb (b) of matrix m as fp8mma.cuh reads them */
+__device__ __forceinline__ MmaRows mma_rows(const dsrtk_moe_matrix &m, int64_t ja, int64_t jb)
 {
     MmaRows r;
     r.live_a = ja < m.rows, r.live_b = jb < m.rows;
-    const int64_t na = r.live_a ? ja : 0, nb = r.live_b ? jb : 0;
+    const int na = r.live_a ? (int)ja : 0, nb = r.live_b ? (int)jb : 0;
     const int bits = m.dtype == DSRT_FP4E2M1 ? 4 : 8;
-    r.a = (const char *)m.weight + (m.offset + na * m.stride0) * bits / 8;
-    r.b = (const char *)m.weight + (m.offset + nb * m.stride0) * bits / 8;
-    r.scale = m.scale, r.scale_dtype = m.scale_dtype, r.scale_ld1 = m.scale_stride1, r.block_cols = m.block_cols;
+    r.a = (const char *)m.weight + (m.offset + (int64_t)na * m.stride0) * bits / 8;
+    r.b = (const char *)m.weight + (m.offset + (int64_t)nb * m.stride0) * bits / 8;
+    r.scale = m.scale, r.scale_ld1 = m.scale_stride1, r.block_cols = m.block_cols;
     r.scale_a = m.scale_offset + na / m.block_rows * m.scale_stride0;
     r.scale_b = m.scale_offset + nb / m.block_rows * m.scale_stride0;
     return r;
 }
 
-/* One 16-row tile of one group's matrices (w1 and w3 for UP, w2 for DOWN), the group's rows in
- * batches of MMA_TOKENS: stage their Q8 codes, run the tile per matrix, sum the warps' parts in
- * warp order, then project_out. The first matrix's first weight loads go out before the staging. */
-template <int MODE, int FMT>
+/* One group's projection, its rows in batches of MMA_TOKENS: stage their Q8 codes, then the
+ * block's teams walk the group's 16-row tiles (mma_stream: UP runs w1 then w3 on each tile) and
+ * each tile ends in project_out. The first weight loads of a batch go out before its staging. */
+template <int MODE, int FMT, int SF>
 __device__ __noinline__ void mma_project(const dsrtk_moe_project_args &a, const dsrtk_moe_matrix &m0,
-                                            const dsrtk_moe_matrix &m1, int64_t first, int64_t count, uint8_t *xq)
+                                         const dsrtk_moe_matrix &m1, int64_t first, int64_t count, __half *xq, int ks)
 {
-    constexpr int U = MmaDepth<FMT>::U;
+    constexpr int U = MmaDepth<FMT>::U, MATS = MODE == DSRTK_MOE_UP ? 2 : 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, q = lane & 3;
+    const int team = warp / ks, kslot = warp - team * ks, teams = MMA_WARPS / ks;
     const int64_t ld = mma_staged_ld(FMT, a.max_in);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5, gq = lane >> 2, q = lane & 3;
-    const int k_in = m0.cols, nblk = (k_in + ACT_BLOCK - 1) / ACT_BLOCK, row0 = blockIdx.x * MMA_ROWS;
-    const int64_t nchunk = k_in / MMA_CHUNK;
-    float *xsc = (float *)(xq + MMA_TOKENS * ld), *red = xsc + MMA_TOKENS * nblk;
-    const MmaRows r0 = mma_rows(m0, row0 + gq, row0 + gq + 8);
-    MmaStep<FMT> st[U];
+    const int k_in = m0.cols, nblk = (k_in + ACT_BLOCK - 1) / ACT_BLOCK;
+    const int nchunk = k_in / MMA_CHUNK, rounds = ((nchunk + ks - 1) / ks + U - 1) / U;
+    const int64_t team_id = (int64_t)blockIdx.x * teams + team, n_teams = (int64_t)gridDim.x * teams;
+    const int64_t tiles = (m0.rows + MMA_ROWS - 1) / MMA_ROWS;
+    const int my_tiles = team_id < tiles ? (int)((tiles - team_id + n_teams - 1) / n_teams) : 0;
+    float *xsc = (float *)(xq + (MMA_TOKENS + 1) * ld), *red = xsc + (MMA_TOKENS + 1) * nblk;
+    float *team_red = red + team * ks * MATS * (MMA_ROWS * MMA_TOKENS);
+    auto tile_row = [&](int64_t tile) { return (team_id + tile * n_teams) * MMA_ROWS; };
+    auto rows_of = [&](int tile, int mat) {
+        const int64_t j = tile_row(tile) + gq;
+        return mma_rows(mat ? m1 : m0, j, j + 8);
+    };
+    MmaStep<FMT> buf[2][U];
     for (int64_t b0 = 0; b0 < count; b0 += MMA_TOKENS) {
         const int nb = (int)(count - b0 < MMA_TOKENS ? count - b0 : MMA_TOKENS);
-        mma_load<FMT, U>(r0, st, warp, warps, nchunk, q);
+        if (my_tiles) mma_load<FMT, SF, U>(rows_of(0, 0), buf[0], kslot * U, nchunk, q);
         __syncthreads(); /* the previous batch is consumed */
-        for (int u = warp; u < nb * nblk; u += warps) { /* stage: a warp per (row, 128-column block) */
-            const int t = u / nblk, cb = (u - t * nblk) * ACT_BLOCK, len = k_in - cb < ACT_BLOCK ? k_in - cb : ACT_BLOCK;
+        mma_stage<FMT>(nb, k_in, ld, xq, xsc, [&](int64_t t, int64_t c) {
             const int64_t r = first + b0 + t, xr = a.row_x ? a.row_x[r] : r;
-            float v[4];
-            bool ok[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                ok[e] = lane * 4 + e < len;
-                v[e] = ok[e] ? load_x(a.x, a.x_dtype, xr * a.x_ld + cb + lane * 4 + e) : 0.0f;
-            }
-            uint8_t code[4];
-            const float s = q8_block_warp(v, ok, code);
-            if (lane * 4 < len) mma_store_codes<FMT>(xq + t * ld + cb, lane, code); /* len % 64 == 0 */
-            if (lane == 0) xsc[t * nblk + cb / ACT_BLOCK] = s;
-        }
+            return load_x(a.x, a.x_dtype, xr * a.x_ld + c);
+        });
         __syncthreads();
         const int t0 = 2 * q, t1 = 2 * q + 1;
-        const MmaX x = {xq + (gq < nb ? gq : 0) * ld, gq < nb, t0 < nb ? xsc + t0 * nblk : nullptr,
-                        t1 < nb ? xsc + t1 * nblk : nullptr};
-        float acc[2][4] = {};
-        mma_tile<FMT>(r0, st, nchunk, warp, warps, q, x, acc[0]);
-        if (MODE == DSRTK_MOE_UP) {
-            const MmaRows r1 = mma_rows(m1, row0 + gq, row0 + gq + 8);
-            mma_load<FMT, U>(r1, st, warp, warps, nchunk, q);
-            mma_tile<FMT>(r1, st, nchunk, warp, warps, q, x, acc[1]);
-        }
-        /* red[matrix][warp][row][token], then the warps' sums in warp order */
-        for (int k = 0; k < (MODE == DSRTK_MOE_UP ? 2 : 1); k++) {
-            float *mine = red + (k * warps + warp) * (MMA_ROWS * MMA_TOKENS);
-            mine[gq * MMA_TOKENS + t0] = acc[k][0];
-            mine[gq * MMA_TOKENS + t1] = acc[k][1];
-            mine[(gq + 8) * MMA_TOKENS + t0] = acc[k][2];
-            mine[(gq + 8) * MMA_TOKENS + t1] = acc[k][3];
-        }
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < MMA_ROWS * nb; idx += blockDim.x) {
-            const int rr = idx / nb, t = idx - rr * nb, j = row0 + rr;
-            if (j >= m0.rows) continue;
-            float v[2] = {0.0f, 0.0f};
-            for (int k = 0; k < (MODE == DSRTK_MOE_UP ? 2 : 1); k++)
-                for (int w = 0; w < warps; w++) v[k] += red[(k * warps + w) * (MMA_ROWS * MMA_TOKENS) + rr * MMA_TOKENS + t];
-            const int64_t r = first + b0 + t;
-            a.out[r * a.out_ld + j] = project_out<MODE>(a, r, v[0], v[1]);
-        }
+        const MmaX x = {xq + (gq < nb ? gq : nb) * ld, xsc + (t0 < nb ? t0 : nb) * nblk, xsc + (t1 < nb ? t1 : nb) * nblk};
+        mma_stream<FMT, SF, U, MATS>(buf, my_tiles, rounds, ks, kslot, nchunk, q, x, rows_of,
+                                 [&](int tile, const float(&acc)[MATS][4]) {
+                                     const int64_t r0 = tile_row(tile);
+                                     mma_team_finish<MATS>(acc, ks, team, kslot, team_red, nb, [&](int rr, int t, const float(&v)[MATS]) {
+                                         const int64_t j = r0 + rr, r = first + b0 + t;
+                                         if (j < m0.rows) a.out[r * a.out_ld + j] = project_out<MODE>(a, r, v[0], v[MATS - 1]);
+                                     });
+                                 });
     }
 }
 
 template <int MODE>
-__global__ void __launch_bounds__(MMA_WARPS_MAX * 32, 2) moe_mma_kernel(const __grid_constant__ dsrtk_moe_project_args a)
+__global__ void __launch_bounds__(MMA_WARPS * 32, 2) moe_mma_kernel(const __grid_constant__ dsrtk_moe_project_args a, int ks)
 {
     extern __shared__ uint4 smem4[];
     int set;
     int64_t first, count;
     if (!block_group(a, &set, &first, &count)) return; /* uniform */
     const dsrtk_moe_matrix &m0 = a.table[3 * set + (MODE == DSRTK_MOE_DOWN ? 1 : 0)], &m1 = a.table[3 * set + 2];
-    if ((int)blockIdx.x * MMA_ROWS >= m0.rows) return; /* uniform */
-    if (m0.dtype == DSRT_FP4E2M1) mma_project<MODE, MMA_FP4>(a, m0, m1, first, count, (uint8_t *)smem4);
-    else mma_project<MODE, MMA_FP8>(a, m0, m1, first, count, (uint8_t *)smem4);
-}
-
-/* warps per block: a function of the widest input only (never of the rows), so a row's result
- * does not depend on the batch */
-static int mma_warps(int max_in)
-{
-    int warps = MMA_WARPS_MIN;
-    while (warps < MMA_WARPS_MAX && warps * 2 * 2 * MmaDepth<MMA_FP8>::U * MMA_CHUNK <= max_in) warps *= 2;
-    return warps;
+    __half *xq = (__half *)smem4;
+    if (m0.dtype == DSRT_FP4E2M1) mma_project<MODE, MMA_FP4, DSRT_F8E8M0>(a, m0, m1, first, count, xq, ks);
+    else if (m0.scale_dtype == DSRT_F32) mma_project<MODE, MMA_FP8, DSRT_F32>(a, m0, m1, first, count, xq, ks);
+    else mma_project<MODE, MMA_FP8, DSRT_F8E8M0>(a, m0, m1, first, count, xq, ks);
 }
 
 template <int MODE>
 static int launch_mma(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
 {
-    const int warps = mma_warps(a->max_in);
-    /* fp8 and fp4 sets share the launch: the wider staging pitch serves both */
     /* fp8 and fp4 sets share the launch, each with its own staging pitch */
     const int64_t ld8 = mma_staged_ld(MMA_FP8, a->max_in), ld4 = mma_staged_ld(MMA_FP4, a->max_in);
-    const size_t smem = mma_smem(ld8 > ld4 ? ld8 : ld4, a->max_in, warps, MODE);
+    const size_t smem = mma_smem(ld8 > ld4 ? ld8 : ld4, a->max_in, MODE);
     if (smem > 48 * 1024) {
         int st = dsrtk_check(cudaFuncSetAttribute(moe_mma_kernel<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                              "moe: tensor-core projection shared memory of %zu bytes", smem);
         if (st) return st;
     }
-    const int grid_x = (a->max_out + MMA_ROWS - 1) / MMA_ROWS;
-    moe_mma_kernel<MODE><<<dim3(grid_x, a->max_groups), warps * 32, smem, s>>>(*a);
+    /* teams from the matrix shape only (never the rows), so a row's result does not depend on
+     * the batch: enough warps on a group's tiles to spread one expert over the GPU */
+    const int64_t tiles = (a->max_out + MMA_ROWS - 1) / MMA_ROWS, nchunk = a->max_in / MMA_CHUNK;
+    int ks = 1;
+    while (ks < MMA_WARPS && tiles * ks < 1024 && ks * 2 <= nchunk) ks *= 2;
+    /* blocks: two per multiprocessor (the launch bounds) shared by the groups */
+    int64_t per_group = 2 * (int64_t)dsrtk_multiprocessors(dev) / a->max_groups;
+    const int64_t needed = (tiles * ks + MMA_WARPS - 1) / MMA_WARPS;
+    if (per_group > needed) per_group = needed;
+    if (per_group < 1) per_group = 1;
+    moe_mma_kernel<MODE><<<dim3((unsigned)per_group, a->max_groups), MMA_WARPS * 32, smem, s>>>(*a, ks);
     return dsrtk_check_launch("moe_mma_kernel", dev);
 }
 
