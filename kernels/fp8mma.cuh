@@ -28,9 +28,9 @@
  *     chunk, and cvt turns byte pairs (4i, 4i + 1) and (4i + 2, 4i + 3) into a0 and a2 of the
  *     chunk's i-th mma; the activations keep their natural order.
  *   - fp4: a lane loads 8 bytes of each row (columns 16q..16q+15) and swaps a word with lane q ^ 2
- *     (fp4_exchange) so that every mma stays inside one 32-column scale block; a word's nibbles k
- *     and k + 4 become one f16 pair (fp4_to_f16); the activations are staged per 8-column group in
- *     the order 0 4 1 5 2 6 3 7 to match.
+ *     (fp4_exchange) so that every mma stays inside one 32-column scale block; a word's eight
+ *     nibbles become four f16 pairs (fp4_to_f16); the activations are staged per 8-column group in
+ *     the order 0 2 4 6 1 3 5 7 to match.
  */
 #ifndef DSRT_KERNELS_FP8MMA_CUH
 #define DSRT_KERNELS_FP8MMA_CUH
@@ -57,19 +57,24 @@ __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two)
     return r;
 }
 
-/* Nibbles k (low half) and k + 4 (high half) of a word as f16: s at bit 15, e1 e0 m at bits
- * 11..9 reads 2^(e-15)(1 + m/2) = e2m1 · 2^-14 for normal codes, and the subnormal (e = 0) reads
- * m/2 · 2^-14 too: exact, the 2^14 goes into the scale. */
-__device__ __forceinline__ uint32_t fp4_to_f16(uint32_t w, int k)
+/* The 8 e2m1 nibbles of a word (low nibble = even column) as four f16 pairs, (0, 2) (4, 6) (1, 3)
+ * (5, 7) by column: an f16 whose high byte is s 0 0 0 e1 e0 m 0 and low byte zero reads
+ * 2^(e-15)(1 + m/2) = e2m1 · 2^-14 for normal codes, and the subnormal (e = 0) reads m/2 · 2^-14
+ * too: exact, the 2^14 goes into the scale. Eleven integer ops per eight weights. */
+__device__ __forceinline__ void fp4_to_f16(uint32_t w, uint32_t (&p)[4])
 {
-    const uint32_t t = w >> (4 * k);
-    return ((t << 9) & 0x0e000e00u) | ((t << 12) & 0x80008000u);
+    const uint32_t even = ((w << 1) & 0x0e0e0e0eu) | ((w << 4) & 0x80808080u); /* byte j: column 2j's high byte */
+    const uint32_t odd = ((w >> 3) & 0x0e0e0e0eu) | (w & 0x80808080u);        /* byte j: column 2j + 1's */
+    p[0] = __byte_perm(even, 0, 0x1404);
+    p[1] = __byte_perm(even, 0, 0x3424);
+    p[2] = __byte_perm(odd, 0, 0x1404);
+    p[3] = __byte_perm(odd, 0, 0x3424);
 }
 #define FP4_AS_F16_SCALE 16384.0f
 
 /* Where staged activation column c of an 8-column group lies for an FP4 matrix: the order
- * 0 4 1 5 2 6 3 7, fp4_to_f16's pairs */
-__device__ __forceinline__ int fp4_staged_column(int c) { return (c & ~7) | ((c & 3) << 1) | ((c >> 2) & 1); }
+ * 0 2 4 6 1 3 5 7, fp4_to_f16's pairs */
+__device__ __forceinline__ int fp4_staged_column(int c) { return (c & ~7) | ((c & 1) << 2) | ((c & 7) >> 1); }
 
 /* FP4 exchange: lane q of a quad loaded the 16 columns [16q, 16q + 16) of a 64-column chunk (two
  * 32-column scale blocks) as words lo, hi. Lanes q and q ^ 2 swap a word: afterwards `first` holds
@@ -243,11 +248,12 @@ __device__ __forceinline__ void mma_accumulate(const MmaStep<FMT> (&st)[U], int 
 #pragma unroll
             for (int h = 0; h < 2; h++) { /* block h: 8 columns a lane, two mmas */
                 const uint4 xv = *(const uint4 *)(x.row + col + h * 32 + fp4_lane_group(q));
+                uint32_t pa[4], pb[4];
+                fp4_to_f16(a_blk[h], pa);
+                fp4_to_f16(b_blk[h], pb);
                 float ph[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                mma_f16(ph, fp4_to_f16(a_blk[h], 0), fp4_to_f16(b_blk[h], 0), fp4_to_f16(a_blk[h], 1), fp4_to_f16(b_blk[h], 1),
-                        xv.x, xv.y);
-                mma_f16(ph, fp4_to_f16(a_blk[h], 2), fp4_to_f16(b_blk[h], 2), fp4_to_f16(a_blk[h], 3), fp4_to_f16(b_blk[h], 3),
-                        xv.z, xv.w);
+                mma_f16(ph, pa[0], pb[0], pa[1], pb[1], xv.x, xv.y);
+                mma_f16(ph, pa[2], pb[2], pa[3], pb[3], xv.z, xv.w);
                 const float sa = dsrt_e8m0_to_f32((uint8_t)(st[u].scales >> (8 * h))) * FP4_AS_F16_SCALE;
                 const float sb = dsrt_e8m0_to_f32((uint8_t)(st[u].scales >> (16 + 8 * h))) * FP4_AS_F16_SCALE;
                 acc[0] = fmaf(ph[0], sa * x0, acc[0]);
@@ -352,12 +358,11 @@ __device__ __forceinline__ void mma_team_finish(const float (&acc)[MATS][4], int
     asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(ks * 32) : "memory");
 }
 
-/* Stores a lane's 4 codes (columns 4·lane.. of a 128-column block at `block`) in the staged order,
- * as f16 values (exact) */
+/* Stores a lane's 4 f16 values (columns 4·lane.. of a 128-column block at `block`, as two pairs)
+ * in the staged order */
 template <int FMT>
-__device__ __forceinline__ void mma_store_codes(__half *block, int lane, uint32_t codes)
+__device__ __forceinline__ void mma_store_f16(__half *block, int lane, uint32_t h01, uint32_t h23)
 {
-    const uint32_t h01 = e4m3x2_to_f16x2(codes), h23 = e4m3x2_to_f16x2(codes >> 16);
     if (FMT == MMA_FP8) {
         *(uint2 *)(block + lane * 4) = make_uint2(h01, h23);
     } else {
@@ -369,13 +374,36 @@ __device__ __forceinline__ void mma_store_codes(__half *block, int lane, uint32_
     }
 }
 
-/* Stages the Q8 codes of `rows` activation rows of `cols` columns (cols % 64 == 0) at xq (row t at
- * t·ld halves, row `rows` zeros) and their block scales at xsc (row t's at t·ceil(cols/128), row
- * `rows` zeros): one warp per (row,
- * 128-column block), quant.h's arithmetic through q8_block_warp, so codes times scales are bit for
- * bit the CPU's Q8 values. load(t, col) reads an input element. A warp issues the loads of SB
- * units before rounding any: one L2 round trip per SB units, not per unit. */
-template <int FMT, class Load>
+/* The f16 scaling of one block of bf16 values held 4 per lane (the activations of an FP8 matrix
+ * the reference runs in bf16, e.g. wo_a): s = 2^(e - 15) for the block's largest magnitude in
+ * [2^e, 2^(e+1)), so every v / s lies below 2^16 (bf16's largest such value is 65280, an f16).
+ * bf16 carries 8 significant bits, so v / s is an f16 exactly when |v / s| >= 2^-17, that is for
+ * every |v| >= 2^-32 of the block's largest; smaller ones round by less than 2^-41 of it, far
+ * below fp32's own summation noise. Returns s; h01, h23 the f16 pairs of v / s. */
+__device__ __forceinline__ float f16_block_warp(const float (&v)[4], uint32_t &h01, uint32_t &h23)
+{
+    float amax = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) amax = fmaxf(amax, fabsf(v[e]));
+#pragma unroll
+    for (int off = 16; off; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    int e = (int)((dsrt_f32_bits(amax) >> 23) & 0xffu) - 127 - 15;
+    e = e < -126 ? -126 : e > 127 ? 127 : e;
+    const float s = dsrt_bits_f32((uint32_t)(e + 127) << 23);
+    const float inv = e == 127 ? dsrt_bits_f32(0x00400000u) : dsrt_bits_f32((uint32_t)(127 - e) << 23);
+    const __half2 a = __floats2half2_rn(v[0] * inv, v[1] * inv), b = __floats2half2_rn(v[2] * inv, v[3] * inv);
+    h01 = *(const uint32_t *)&a, h23 = *(const uint32_t *)&b;
+    return s;
+}
+
+/* Stages `rows` activation rows of `cols` columns (cols % 64 == 0) as f16 at xq (row t at t·ld
+ * halves, row `rows` zeros) with one scale per 128-column block at xsc (row t's at
+ * t·ceil(cols/128), row `rows` zeros): one warp per (row, 128-column block). Q8: the Q8 codes and
+ * scales, quant.h's arithmetic through q8_codes_warp, so codes times scales are bit for bit the
+ * CPU's Q8 values; otherwise the bf16 inputs scaled into f16 (f16_block_warp). load(t, col) reads
+ * an input element. A warp issues the loads of SB units before converting any: one L2 round trip
+ * per SB units, not per unit. */
+template <int FMT, bool Q8, class Load>
 __device__ __forceinline__ void mma_stage(int rows, int cols, int64_t ld, __half *xq, float *xsc, Load load)
 {
     enum { SB = 4 };
@@ -399,10 +427,17 @@ __device__ __forceinline__ void mma_stage(int rows, int cols, int64_t ld, __half
 #pragma unroll
         for (int j = 0; j < SB; j++) {
             const int u = u0 + j * warps, t = u / nblk, cb = (u - t * nblk) * 128;
-            if (u >= units) break; /* warp-uniform: q8_block_warp needs the whole warp */
-            uint32_t codes;
-            const float s = q8_codes_warp(v[j], ok[j], codes);
-            if (cb + lane * 4 < cols) mma_store_codes<FMT>(xq + t * ld + cb, lane, codes); /* all four or none */
+            if (u >= units) break; /* warp-uniform: the block's amax needs the whole warp */
+            uint32_t h01, h23;
+            float s;
+            if (Q8) {
+                uint32_t codes;
+                s = q8_codes_warp(v[j], ok[j], codes);
+                h01 = e4m3x2_to_f16x2(codes), h23 = e4m3x2_to_f16x2(codes >> 16); /* exact */
+            } else {
+                s = f16_block_warp(v[j], h01, h23);
+            }
+            if (cb + lane * 4 < cols) mma_store_f16<FMT>(xq + t * ld + cb, lane, h01, h23); /* all four or none */
             if (lane == 0) xsc[t * nblk + cb / 128] = s;
         }
     }

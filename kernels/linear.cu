@@ -97,13 +97,15 @@ static size_t mma_smem(int format, int64_t in_g, int64_t rows, int warps)
            (size_t)warps * MMA_ROWS * MMA_TOKENS * 4;
 }
 
-/* the tensor-core GEMV takes Q8 activations times FP8/FP4 weights whose 64-column chunks load as
- * whole vectors and stay inside one weight scale block */
-static int mma_gemv_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise)
+/* the tensor-core GEMV takes FP8/FP4 weights whose 64-column chunks load as whole vectors and stay
+ * inside one weight scale block, times Q8 activations or (FP8) bf16 ones */
+static int mma_gemv_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise, int x_dtype)
 {
     if (rows > GEMV_MAX_ROWS || mma_smem(w->format, w->in / w->groups, MMA_TOKENS, MMA_WARPS) > MMA_MAX_SMEM) return 0;
     if (w->out > INT32_MAX || w->in > INT32_MAX || w->block_rows > INT32_MAX) return 0; /* MmaGemvArgs' int sizes */
-    if (!quantise || (w->format != FMT_FP8 && w->format != FMT_FP4) || !w->scale) return 0;
+    if ((w->format != FMT_FP8 && w->format != FMT_FP4) || !w->scale) return 0;
+    /* unquantised: FP8 weights times bf16 activations, scaled into f16 (f16_block_warp) */
+    if (!quantise && (w->format != FMT_FP8 || x_dtype != DSRT_BF16)) return 0;
     int64_t in_g = w->in / w->groups, row_bytes = w->format == FMT_FP8 ? w->ld : w->ld / 2;
     if (in_g % MMA_CHUNK || row_bytes % 16 || (uintptr_t)w->weight % 16) return 0;
     if (w->format == FMT_FP8 && w->block_cols % MMA_CHUNK) return 0;
@@ -135,7 +137,7 @@ static void make_plan(const dsrtk_linear_weight *w, int64_t rows, int x_dtype, i
 {
     memset(p, 0, sizeof *p);
     int64_t in = w->in, in_g = in / w->groups, out_g = w->out / w->groups;
-    if (rows <= GEMV_MAX_ROWS && (mma_gemv_fits(w, rows, quantise) || gemv_fits(w, quantise))) {
+    if (rows <= GEMV_MAX_ROWS && (mma_gemv_fits(w, rows, quantise, x_dtype) || gemv_fits(w, quantise))) {
         p->path = PATH_GEMV;
         p->kc = gemv_kc(w, gemv_mt(rows));
         return; /* no workspace */
@@ -588,7 +590,7 @@ struct MmaGemvArgs {
  * with the weight loads of the next step always in flight. The first loads go out before the
  * staging. ks and the grid depend on the shape and the device only, so a token's result does not
  * depend on how many tokens share the call. */
-template <int FMT, int SF>
+template <int FMT, int SF, bool Q8>
 __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_constant__ MmaGemvArgs a)
 {
     constexpr int U = MmaDepth<FMT>::U;
@@ -615,11 +617,11 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
     if (my_tiles) mma_load<FMT, SF, U>(rows_of(0, 0), buf[0], kslot * U, a.nchunk, q);
     const int64_t x0 = (int64_t)g * a.in_g;
     if (a.x_dtype == DSRT_BF16)
-        mma_stage<FMT>(a.rows, a.in_g, a.ld, xq, xsc, [&](int t, int c) {
+        mma_stage<FMT, Q8>(a.rows, a.in_g, a.ld, xq, xsc, [&](int t, int c) {
             return dsrt_bf16_to_f32(((const uint16_t *)a.x)[(int64_t)t * a.in + x0 + c]);
         });
-    else
-        mma_stage<FMT>(a.rows, a.in_g, a.ld, xq, xsc, [&](int t, int c) { return ((const float *)a.x)[(int64_t)t * a.in + x0 + c]; });
+    else /* f32 inputs come quantised (mma_gemv_fits) */
+        mma_stage<FMT, true>(a.rows, a.in_g, a.ld, xq, xsc, [&](int t, int c) { return ((const float *)a.x)[(int64_t)t * a.in + x0 + c]; });
     __syncthreads();
 
     const int t0 = 2 * q, t1 = 2 * q + 1;
@@ -636,13 +638,13 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
 }
 
 /* resident blocks of one instantiation per multiprocessor at `smem` bytes, asked once per device */
-template <int FMT, int SF>
+template <int FMT, int SF, bool Q8>
 static int mma_blocks_per_sm(int dev, size_t smem)
 {
     static std::atomic<int> cache[MAX_LT_DEVICES];
     int n = cache[dev].load(std::memory_order_relaxed);
     if (n > 0) return n;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mma_gemv_kernel<FMT, SF>, MMA_WARPS * 32, smem) != cudaSuccess || n < 1) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mma_gemv_kernel<FMT, SF, Q8>, MMA_WARPS * 32, smem) != cudaSuccess || n < 1) {
         cudaGetLastError();
         n = 1;
     }
@@ -650,13 +652,13 @@ static int mma_blocks_per_sm(int dev, size_t smem)
     return n;
 }
 
-template <int FMT, int SF>
+template <int FMT, int SF, bool Q8>
 static int launch_mma_gemv(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, void *y,
                            int y_dtype, cudaStream_t s)
 {
     static std::atomic<int> opted[MAX_LT_DEVICES];
     if (!opted[dev].load(std::memory_order_relaxed)) {
-        int st = dsrtk_check(cudaFuncSetAttribute(mma_gemv_kernel<FMT, SF>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MMA_MAX_SMEM),
+        int st = dsrtk_check(cudaFuncSetAttribute(mma_gemv_kernel<FMT, SF, Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MMA_MAX_SMEM),
                              "linear: %zu bytes of shared memory for the tensor-core GEMV", MMA_MAX_SMEM);
         if (st) return st;
         opted[dev].store(1, std::memory_order_relaxed);
@@ -672,7 +674,7 @@ static int launch_mma_gemv(int dev, const dsrtk_linear_weight *w, const void *x,
     /* the plan from the shape and the device only (never the rows): blocks that fit with 8 tokens
      * staged, and the smallest team that still gives every resident warp work */
     const size_t full = mma_smem(FMT, a.in_g, MMA_TOKENS, MMA_WARPS);
-    const int64_t resident = (int64_t)dsrtk_multiprocessors(dev) * mma_blocks_per_sm<FMT, SF>(dev, full);
+    const int64_t resident = (int64_t)dsrtk_multiprocessors(dev) * mma_blocks_per_sm<FMT, SF, Q8>(dev, full);
     a.ks = 1;
     while (a.ks < MMA_WARPS && (int64_t)a.tpg * a.groups * a.ks < resident * MMA_WARPS && a.ks * 2 <= a.nchunk) a.ks *= 2;
     a.teams = MMA_WARPS / a.ks;
@@ -681,8 +683,20 @@ static int launch_mma_gemv(int dev, const dsrtk_linear_weight *w, const void *x,
     const int64_t needed = ceil_div((int64_t)a.tpg * a.ks, MMA_WARPS);
     if (per_group > needed) per_group = needed;
     if (per_group < 1) per_group = 1;
-    mma_gemv_kernel<FMT, SF><<<(unsigned)(per_group * a.groups), MMA_WARPS * 32, mma_smem(FMT, a.in_g, rows, MMA_WARPS), s>>>(a);
+    mma_gemv_kernel<FMT, SF, Q8><<<(unsigned)(per_group * a.groups), MMA_WARPS * 32, mma_smem(FMT, a.in_g, rows, MMA_WARPS), s>>>(a);
     return dsrtk_check_launch("linear mma_gemv_kernel", dev);
+}
+
+/* the instantiation for the weight's format and scales and the activation's treatment */
+static int launch_mma(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise, void *y,
+                      int y_dtype, cudaStream_t s)
+{
+    if (w->format == FMT_FP4) return launch_mma_gemv<FMT_FP4, DSRT_F8E8M0, true>(dev, w, x, x_dtype, rows, y, y_dtype, s);
+    if (w->scale_dtype == DSRT_F32)
+        return quantise ? launch_mma_gemv<FMT_FP8, DSRT_F32, true>(dev, w, x, x_dtype, rows, y, y_dtype, s)
+                        : launch_mma_gemv<FMT_FP8, DSRT_F32, false>(dev, w, x, x_dtype, rows, y, y_dtype, s);
+    return quantise ? launch_mma_gemv<FMT_FP8, DSRT_F8E8M0, true>(dev, w, x, x_dtype, rows, y, y_dtype, s)
+                    : launch_mma_gemv<FMT_FP8, DSRT_F8E8M0, false>(dev, w, x, x_dtype, rows, y, y_dtype, s);
 }
 
 /* ---- the tiled kernel ---- */
@@ -1102,10 +1116,8 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
             if ((vpb & (vpb - 1)) == 0)
                 for (a.vpb_shift = 0; ((int64_t)1 << a.vpb_shift) < vpb; a.vpb_shift++) {}
         }
-        if (mma_gemv_fits(w, rows, quantise))
-            return w->format == FMT_FP4        ? launch_mma_gemv<FMT_FP4, DSRT_F8E8M0>(dev, w, x, x_dtype, rows, y, y_dtype, s)
-                   : w->scale_dtype == DSRT_F32 ? launch_mma_gemv<FMT_FP8, DSRT_F32>(dev, w, x, x_dtype, rows, y, y_dtype, s)
-                                                : launch_mma_gemv<FMT_FP8, DSRT_F8E8M0>(dev, w, x, x_dtype, rows, y, y_dtype, s);
+        if (mma_gemv_fits(w, rows, quantise, x_dtype))
+            return launch_mma(dev, w, x, x_dtype, rows, quantise, y, y_dtype, s);
         if (w->format == FMT_FP8) return launch_gemv<FMT_FP8>(dev, a, s);
         if (w->format == FMT_FP4) return launch_gemv<FMT_FP4>(dev, a, s);
         return launch_gemv<FMT_BF16>(dev, a, s);

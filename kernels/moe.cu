@@ -505,7 +505,8 @@ __device__ __forceinline__ MmaRows mma_rows(const dsrtk_moe_matrix &m, int64_t j
  * each tile ends in project_out. The first weight loads of a batch go out before its staging. */
 template <int MODE, int FMT, int SF>
 __device__ __noinline__ void mma_project(const dsrtk_moe_project_args &a, const dsrtk_moe_matrix &m0,
-                                         const dsrtk_moe_matrix &m1, int64_t first, int64_t count, __half *xq, int ks)
+                                         const dsrtk_moe_matrix &m1, int64_t first, int64_t count, __half *xq, int ks,
+                                         int slot, int slots)
 {
     constexpr int U = MmaDepth<FMT>::U, MATS = MODE == DSRTK_MOE_UP ? 2 : 1;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, q = lane & 3;
@@ -513,7 +514,7 @@ __device__ __noinline__ void mma_project(const dsrtk_moe_project_args &a, const 
     const int64_t ld = mma_staged_ld(FMT, a.max_in);
     const int k_in = m0.cols, nblk = (k_in + ACT_BLOCK - 1) / ACT_BLOCK;
     const int nchunk = k_in / MMA_CHUNK, rounds = ((nchunk + ks - 1) / ks + U - 1) / U;
-    const int64_t team_id = (int64_t)blockIdx.x * teams + team, n_teams = (int64_t)gridDim.x * teams;
+    const int64_t team_id = ((int64_t)slot * gridDim.x + blockIdx.x) * teams + team, n_teams = (int64_t)slots * gridDim.x * teams;
     const int64_t tiles = (m0.rows + MMA_ROWS - 1) / MMA_ROWS;
     const int my_tiles = team_id < tiles ? (int)((tiles - team_id + n_teams - 1) / n_teams) : 0;
     float *xsc = (float *)(xq + (MMA_TOKENS + 1) * ld), *red = xsc + (MMA_TOKENS + 1) * nblk;
@@ -528,7 +529,7 @@ __device__ __noinline__ void mma_project(const dsrtk_moe_project_args &a, const 
         const int nb = (int)(count - b0 < MMA_TOKENS ? count - b0 : MMA_TOKENS);
         if (my_tiles) mma_load<FMT, SF, U>(rows_of(0, 0), buf[0], kslot * U, nchunk, q);
         __syncthreads(); /* the previous batch is consumed */
-        mma_stage<FMT>(nb, k_in, ld, xq, xsc, [&](int64_t t, int64_t c) {
+        mma_stage<FMT, true>(nb, k_in, ld, xq, xsc, [&](int64_t t, int64_t c) {
             const int64_t r = first + b0 + t, xr = a.row_x ? a.row_x[r] : r;
             return load_x(a.x, a.x_dtype, xr * a.x_ld + c);
         });
@@ -550,14 +551,17 @@ template <int MODE>
 __global__ void __launch_bounds__(MMA_WARPS * 32, 2) moe_mma_kernel(const __grid_constant__ dsrtk_moe_project_args a, int ks)
 {
     extern __shared__ uint4 smem4[];
-    int set;
-    int64_t first, count;
-    if (!block_group(a, &set, &first, &count)) return; /* uniform */
+    /* block rows y past the groups all serve the last group, the shared expert: it holds every row
+     * and, in FP8, twice the bytes of an FP4 expert, so it gets the spare blocks (slots) */
+    const int n = *a.n_groups, g = (int)blockIdx.y < n ? (int)blockIdx.y : n - 1;
+    const int slot = (int)blockIdx.y - g, slots = g == n - 1 ? (int)gridDim.y - g : 1;
+    const int set = a.groups[3 * g];
+    const int64_t first = a.groups[3 * g + 1], count = a.groups[3 * g + 2];
     const dsrtk_moe_matrix &m0 = a.table[3 * set + (MODE == DSRTK_MOE_DOWN ? 1 : 0)], &m1 = a.table[3 * set + 2];
     __half *xq = (__half *)smem4;
-    if (m0.dtype == DSRT_FP4E2M1) mma_project<MODE, MMA_FP4, DSRT_F8E8M0>(a, m0, m1, first, count, xq, ks);
-    else if (m0.scale_dtype == DSRT_F32) mma_project<MODE, MMA_FP8, DSRT_F32>(a, m0, m1, first, count, xq, ks);
-    else mma_project<MODE, MMA_FP8, DSRT_F8E8M0>(a, m0, m1, first, count, xq, ks);
+    if (m0.dtype == DSRT_FP4E2M1) mma_project<MODE, MMA_FP4, DSRT_F8E8M0>(a, m0, m1, first, count, xq, ks, slot, slots);
+    else if (m0.scale_dtype == DSRT_F32) mma_project<MODE, MMA_FP8, DSRT_F32>(a, m0, m1, first, count, xq, ks, slot, slots);
+    else mma_project<MODE, MMA_FP8, DSRT_F8E8M0>(a, m0, m1, first, count, xq, ks, slot, slots);
 }
 
 template <int MODE>
@@ -575,13 +579,15 @@ static int launch_mma(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
      * the batch: enough warps on a group's tiles to spread one expert over the GPU */
     const int64_t tiles = (a->max_out + MMA_ROWS - 1) / MMA_ROWS, nchunk = a->max_in / MMA_CHUNK;
     int ks = 1;
-    while (ks < MMA_WARPS && tiles * ks < 1024 && ks * 2 <= nchunk) ks *= 2;
-    /* blocks: two per multiprocessor (the launch bounds) shared by the groups */
-    int64_t per_group = 2 * (int64_t)dsrtk_multiprocessors(dev) / a->max_groups;
+    while (ks < MMA_WARPS && tiles * ks < 256 && ks * 2 <= nchunk) ks *= 2;
+    /* blocks: two per multiprocessor (the launch bounds) shared by the groups and one spare row
+     * of them for the shared expert */
+    const int rows_y = a->max_groups < 65535 ? a->max_groups + 1 : a->max_groups;
+    int64_t per_group = 2 * (int64_t)dsrtk_multiprocessors(dev) / rows_y;
     const int64_t needed = (tiles * ks + MMA_WARPS - 1) / MMA_WARPS;
     if (per_group > needed) per_group = needed;
     if (per_group < 1) per_group = 1;
-    moe_mma_kernel<MODE><<<dim3((unsigned)per_group, a->max_groups), MMA_WARPS * 32, smem, s>>>(*a, ks);
+    moe_mma_kernel<MODE><<<dim3((unsigned)per_group, rows_y), MMA_WARPS * 32, smem, s>>>(*a, ks);
     return dsrtk_check_launch("moe_mma_kernel", dev);
 }
 
