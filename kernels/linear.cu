@@ -9,18 +9,23 @@
  * below computes that sum from the same a and the same W·S; only the order of the fp32 additions
  * differs (and, for cuBLASLt's FP8 tensor cores, the accumulator width inside a 128-block).
  *
- *   - gemv_kernel (1..8 rows, the decode step): ONE launch, no workspace. Each block stages the
- *     activation it needs in shared memory (f32, Q8 round-tripped with quant.h's own functions, so
- *     bit for bit the CPU's a), then streams every weight byte once with 16-byte loads (L1
- *     no-allocate), dequantised in registers; a 16-byte vector never straddles a scale block
- *     (checked on the host), so a partial dot product over the vector is multiplied by its block's
- *     scale once (scales are powers of two for e8m0, so p·S equals Σ a·(W·S) up to the order of
- *     fp32 additions; f32 scales are applied the same way, as a product after the sum).
- *     Per weight element: 1 byte (fp8) / 0.5 (fp4) / 2 (bf16) from HBM and 2·rows FLOPs; the
- *     activation (rows·in f32 in shared memory) is read from L2 once per block. Measured on the
- *     H200 (2026-11-28): the 1 GB bf16 head at 4.1 TB/s, but the 4-32 MB FP8 matrices of the
- *     attention at 0.2-1 TB/s: a fixed cost of ~15-25 us per call that is not the bytes. (An L2
- *     bulk prefetch of each block's next tile was tried and made it slower; removed.)
+ *   - mma_gemv_kernel (1..8 rows, the decode step, FP8/FP4 weights times Q8 activations, or FP8
+ *     weights times bf16 ones): ONE launch, no workspace, the weights fed to f16 tensor cores
+ *     from registers (fp8mma.cuh says why and proves the products exact). Persistent blocks stage
+ *     the activation once; teams of warps walk 16-row tiles with the next weight loads always in
+ *     flight. Measured on the H200 (2026-11-28, ncu, warm, real clocks): wq_b 1024->32768 32 MB in
+ *     17 us, wo_b 8192->4096 in 20 us, wkv 4096->512 in 9 us (the old CUDA-core kernel: 35, 45,
+ *     16 us: it converted every weight to f32, ~1.5 conversions at 16 a clock per SM).
+ *   - gemv_kernel (1..8 rows, everything else: bf16 weights such as the LM head, f32 or
+ *     unquantised activations, widths off the 64-column chunks): each block stages the activation
+ *     it needs in shared memory (f32, Q8 round-tripped with quant.h's arithmetic, so bit for bit
+ *     the CPU's a), then streams every weight byte once with 16-byte loads (L1 no-allocate),
+ *     dequantised in registers; a 16-byte vector never straddles a scale block (checked on the
+ *     host), so a partial dot product over the vector is multiplied by its block's scale once
+ *     (scales are powers of two for e8m0, so p·S equals Σ a·(W·S) up to the order of fp32
+ *     additions; f32 scales are applied the same way, as a product after the sum). Per weight
+ *     element: 1 byte (fp8) / 0.5 (fp4) / 2 (bf16) from HBM and 2·rows FLOPs. The 1 GB bf16 head
+ *     streams at 4.1 TB/s through it.
  *   - prefill FP8 (9+ rows, reference, 128x128 blocks): cuBLASLt FP8 with block scaling exactly as
  *     FORMATS.md §1 measured it on Hopper (TN, A = W with BLK128x128_32F scales, B = the e4m3 codes
  *     of Q8(x) with VEC128_32F scales, D bf16, tokens padded to 16).

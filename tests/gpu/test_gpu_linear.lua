@@ -1,9 +1,10 @@
 -- test_gpu_linear.lua — dsrt.linear on CUDA (kernels/linear.cu) against the CPU forward of the SAME
 -- layer built on CPU copies of the weights (runtime/linear.c, the reference), on fresh random
 -- weights, scales and inputs for every format (fp8 with e8m0 and f32 scales, fp4, bf16), fp32_math,
--- the grouped wo_a, both precisions and rows {1, 2, 7, 8, 9, 15, 16, 17, 33, 130}: the one-launch
--- decode GEMV (<= 8 rows; activation staged in shared memory, in several K chunks when in is wide:
--- the fp8 1536 and fp4 2048/4096 cases at 5..8 rows; K split over warps for small out), cuBLASLt FP8
+-- the grouped wo_a, both precisions and rows {1, 2, 7, 8, 9, 15, 16, 17, 33, 130}: the decode GEMVs
+-- (<= 8 rows: the tensor-core one for FP8/FP4 weights with 64-column chunks, Q8 activations or bf16
+-- ones for FP8 (the fp32 rows with bf16 x), and the CUDA-core one for the rest: bf16 weights, f32
+-- activations unquantised, widths off the chunks such as fp4 1056), cuBLASLt FP8
 -- block scaling (fp8 reference, in % 128 == 0, out % 16 == 0, 9+ rows), cuBLAS over dequantised
 -- weight slabs (everything else at 9+ rows: bf16 route, f32 route, f32 route with bf16 output, two
 -- slabs for a 65536-wide weight, and the exact fallback when a dequantised fp8 weight is not a bf16
@@ -150,6 +151,26 @@ test("cuda: Flash-sized decode shapes match cpu at 1, 4 and 8 rows", function()
         poison_cache(rows * c[3] * 4)
         check(gpu:forward(x:to("cuda"), precision), cpu:forward(x, precision),
               string.format("%s %d->%d rows %d %s", c[1], c[2], c[3], rows, precision))
+      end
+    end
+  end
+end)
+
+-- the tensor-core GEMV (kernels/fp8mma.cuh) plans its grid from the shape alone: a token's result
+-- must be the same bits whether it comes alone or with up to 7 others (speculative verify relies on it)
+test("cuda: decode GEMV results do not depend on the batch", function()
+  for _, c in ipairs {
+    { "fp8", 1024, 4096 }, { "fp8", 4096, 512 }, { "fp4", 4096, 512 }, { "fp8", 512, 256, { groups = 4 } },
+  } do
+    local desc = random_linear(c[1], c[2], c[3], c[4])
+    local gpu = dsrt.linear(on_cuda(desc))
+    local x = dsrt.randn({ 8, c[2] }, { seed = next_seed(), dtype = "bf16" }):to("cuda")
+    for _, precision in ipairs { "reference", "fp32" } do
+      local all = gpu:forward(x, precision):to("cpu")
+      for _, t in ipairs { 1, 3, 8 } do
+        local one = gpu:forward(x:narrow(1, t, 1), precision):to("cpu")
+        h.assert_equal(dsrt.max_abs_diff(one[1], all[t]), 0,
+                       string.format("%s %d->%d %s token %d alone vs in 8", c[1], c[2], c[3], precision, t))
       end
     end
   end
