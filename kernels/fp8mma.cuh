@@ -21,9 +21,7 @@
  *
  * The k-order of an mma is free as long as the A (weights) and B (activations) fragments agree, so
  * each lane feeds the tensor core the weights it loaded, and the activations are staged in the
- * matching order. Fragment layout (PTX ISA, m16n8k16 .f16): lane = 4·g + q; A regs a0/a2 hold row g,
- * a1/a3 row g + 8, two k-slots each (a0/a1: 2q, 2q + 1; a2/a3: 8 + 2q, 9 + 2q); B regs b0/b1 hold
- * token g at the same k-slots; C c0, c1 = (row g, tokens 2q, 2q + 1), c2, c3 = (row g + 8, same).
+ * matching order (fragment layout: mma.cuh).
  *   - fp8: a lane loads 16 bytes of row g and of row g + 8, columns 16q..16q+15 of a 64-column
  *     chunk, and cvt turns byte pairs (4i, 4i + 1) and (4i + 2, 4i + 3) into a0 and a2 of the
  *     chunk's i-th mma; the activations keep their natural order.
@@ -38,16 +36,7 @@
 #include <stdint.h>
 #include <cuda_fp16.h>
 #include "../runtime/quant.h"
-
-/* c += A·B over 16 k-slots, f16 inputs, f32 accumulator */
-__device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                        uint32_t b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+#include "mma.cuh"
 
 /* two e4m3 bytes (the low one first) as an f16 pair, exactly */
 __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two)

@@ -11,40 +11,33 @@
  * with the operands swapped and no transposes: cuBLAS (m', n', k') = (n, m, k), first operand B
  * with leading dimension n, second A with leading dimension k, result leading dimension n.
  *
- * Handles: a cuBLAS handle is bound to the device that was current when it was made and is costly
- * to create, so there is one per device, made on first use and kept for the process (destroying it
- * at exit could race the CUDA runtime's own teardown). One mutex per device covers its creation
- * and each cublasSetStream + GEMM pair, because the stream is handle state that another host thread
- * could change between the two calls.
+ * Handles: blas.cuh's one handle per device, shared with linear.cu and moe.cu, defined here.
  */
-#include <cublas_v2.h>
-#include <mutex>
 #include "common.cuh"
+#include "blas.cuh"
 
-enum { MAX_GEMM_DEVICES = 64 };
+static std::mutex locks[BLAS_MAX_DEVICES];
+static cublasHandle_t handles[BLAS_MAX_DEVICES];
 
-static std::mutex handle_locks[MAX_GEMM_DEVICES];
-static cublasHandle_t handles[MAX_GEMM_DEVICES];
+std::mutex &blas_lock(int dev) { return locks[dev]; }
 
-static int cublas_check(cublasStatus_t status, const char *what, int dev)
+int blas_check(cublasStatus_t status, const char *who, const char *what, int dev)
 {
     if (status == CUBLAS_STATUS_SUCCESS) return DSRTK_OK;
     cudaGetLastError(); /* a CUDA failure under cuBLAS must not resurface at our next launch check */
-    return dsrtk_fail(status == CUBLAS_STATUS_ALLOC_FAILED ? DSRTK_OOM : DSRTK_ERROR, "matmul: %s on cuda:%d: %s", what,
+    return dsrtk_fail(status == CUBLAS_STATUS_ALLOC_FAILED ? DSRTK_OOM : DSRTK_ERROR, "%s: %s on cuda:%d: %s", who, what,
                       dev, cublasGetStatusString(status));
 }
 
-/* With the device's lock held: its handle, created on first use. */
-static int handle_for(int dev, cublasHandle_t *handle)
+int blas_handle(int dev, void *stream, const char *who, cublasHandle_t *handle)
 {
     if (!handles[dev]) {
         cublasHandle_t h;
-        int st = cublas_check(cublasCreate(&h), "cublasCreate", dev);
+        int st = blas_check(cublasCreate(&h), who, "cublasCreate", dev);
         if (st) return st;
-        /* default math (no TF32) and no reduced-precision split-k reductions: see the top */
-        st = cublas_check(cublasSetMathMode(h, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
-                                                              CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
-                          "cublasSetMathMode", dev);
+        st = blas_check(cublasSetMathMode(h, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
+                        who, "cublasSetMathMode", dev);
+        if (!st) st = blas_check(cublasSetWorkspace(h, nullptr, 0), who, "cublasSetWorkspace", dev);
         if (st) {
             cublasDestroy(h);
             return st;
@@ -52,7 +45,7 @@ static int handle_for(int dev, cublasHandle_t *handle)
         handles[dev] = h;
     }
     *handle = handles[dev];
-    return DSRTK_OK;
+    return blas_check(cublasSetStream(*handle, (cudaStream_t)stream), who, "cublasSetStream", dev);
 }
 
 int dsrtk_matmul(int dev, int dtype, int64_t batch, int64_t m, int64_t n, int64_t k, const void *a, int64_t stride_a,
@@ -64,7 +57,7 @@ int dsrtk_matmul(int dev, int dtype, int64_t batch, int64_t m, int64_t n, int64_
     if (batch < 0 || m < 0 || n < 0 || k < 0 || stride_a < 0 || stride_b < 0 || stride_c < 0)
         return dsrtk_fail(DSRTK_ERROR, "matmul: negative size or stride (batch %lld, %lld x %lld x %lld)",
                           (long long)batch, (long long)m, (long long)n, (long long)k);
-    if (dev < 0 || dev >= MAX_GEMM_DEVICES) return dsrtk_fail(DSRTK_ERROR, "matmul: no device cuda:%d", dev);
+    if (dev < 0 || dev >= BLAS_MAX_DEVICES) return dsrtk_fail(DSRTK_ERROR, "matmul: no device cuda:%d", dev);
     if (batch == 0 || m == 0 || n == 0) return DSRTK_OK;
     /* every batch writes its own C: a shared one would be a race, not a broadcast */
     if (batch > 1 && stride_c < m * n)
@@ -79,13 +72,13 @@ int dsrtk_matmul(int dev, int dtype, int64_t batch, int64_t m, int64_t n, int64_
                            "matmul: cudaMemset2DAsync of %lld empty products on cuda:%d", (long long)batch, dev);
     }
 
-    std::lock_guard<std::mutex> lock(handle_locks[dev]);
+    std::lock_guard<std::mutex> lock(blas_lock(dev));
     cublasHandle_t handle;
-    int st = handle_for(dev, &handle);
-    if (st || (st = cublas_check(cublasSetStream(handle, s), "cublasSetStream", dev))) return st;
+    int st = blas_handle(dev, s, "matmul", &handle);
+    if (st) return st;
     const float one = 1.0f, zero = 0.0f;
-    return cublas_check(cublasGemmStridedBatchedEx_64(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, &one, b, type, n,
+    return blas_check(cublasGemmStridedBatchedEx_64(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, &one, b, type, n,
                                                       stride_b, a, type, k, stride_a, &zero, c, type, n, stride_c,
                                                       batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                        "cublasGemmStridedBatchedEx", dev);
+                      "matmul", "cublasGemmStridedBatchedEx", dev);
 }

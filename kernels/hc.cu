@@ -32,6 +32,7 @@
  */
 #include <math.h>
 #include "act.cuh"
+#include "mma.cuh"
 
 enum {
     HC_MAX = 32,
@@ -315,16 +316,6 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) fn_planes_kernel(const void *fn, 
         uint16_t lo = dsrt_f32_to_bf16(__fsub_rn(r1, dsrt_bf16_to_f32(mid)));
         planes[e] = hi, planes[plane + e] = mid, planes[2 * plane + e] = lo;
     }
-}
-
-/* D += A·B for one m16n8k16 tile: A 16 tokens × 16 k (row-major fragments), B 16 k × 8 mixes */
-__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 /* Block (token tile of 128, split of split_len columns, a multiple of 32 as K is). Warp w owns tokens

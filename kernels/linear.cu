@@ -50,6 +50,7 @@
 #include <atomic>
 #include <mutex>
 #include "common.cuh"
+#include "blas.cuh"
 #include "fp8mma.cuh"
 #include "../runtime/quant.h"
 
@@ -844,38 +845,6 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) round_kernel(const float *c, uint
         y[i] = dsrt_f32_to_bf16(c[i]);
 }
 
-/* One cuBLAS handle per device, made on first use and kept (as gemm.cu does, for the same reasons);
- * the device's mutex covers creation and each cublasSetStream + GEMM sequence. Default math (no
- * TF32) and no reduced-precision split-k reductions. */
-static std::mutex blas_locks[MAX_LT_DEVICES];
-static cublasHandle_t blas_handles[MAX_LT_DEVICES];
-
-static int blas_check(cublasStatus_t status, const char *what, int dev)
-{
-    if (status == CUBLAS_STATUS_SUCCESS) return DSRTK_OK;
-    cudaGetLastError(); /* a CUDA failure under cuBLAS must not resurface at our next launch check */
-    return dsrtk_fail(status == CUBLAS_STATUS_ALLOC_FAILED ? DSRTK_OOM : DSRTK_ERROR, "linear: %s on cuda:%d: %s", what,
-                      dev, cublasGetStatusString(status));
-}
-
-static int blas_handle(int dev, cublasHandle_t *out)
-{
-    if (!blas_handles[dev]) {
-        cublasHandle_t h;
-        int st = blas_check(cublasCreate(&h), "cublasCreate", dev);
-        if (st) return st;
-        st = blas_check(cublasSetMathMode(h, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
-                        "cublasSetMathMode", dev);
-        if (st) {
-            cublasDestroy(h);
-            return st;
-        }
-        blas_handles[dev] = h;
-    }
-    *out = blas_handles[dev];
-    return DSRTK_OK;
-}
-
 /* ---- cuBLASLt FP8 with block scaling (prefill) ---- */
 
 /* fp32 weight scales [nb, ldw] (k-block contiguous, rows padded to a multiple of 4: FORMATS.md §1) */
@@ -1055,9 +1024,9 @@ static int run_blas(int dev, const dsrtk_linear_weight *w, const void *x, int x_
     const size_t ce = c_dtype == DSRT_F32 ? 4 : 2;
     const int64_t slab = p.w_direct ? out_g : p.slab_rows;
     {
-        std::lock_guard<std::mutex> lock(blas_locks[dev]);
+        std::lock_guard<std::mutex> lock(blas_lock(dev)); /* blas.cuh: the shared handle */
         cublasHandle_t h;
-        if ((st = blas_handle(dev, &h)) || (st = blas_check(cublasSetStream(h, s), "cublasSetStream", dev))) return st;
+        if ((st = blas_handle(dev, s, "linear", &h))) return st;
         const float one = 1.0f, zero = 0.0f;
         for (int64_t g = 0; g < w->groups; g++) {
             for (int64_t r0 = 0; r0 < out_g; r0 += slab) {
@@ -1081,7 +1050,7 @@ static int run_blas(int dev, const dsrtk_linear_weight *w, const void *x, int x_
                                              (int)lda, (const char *)a + (size_t)(g * in_g) * xe, ab_type, (int)in, &zero,
                                              (char *)c + (size_t)row0 * ce, c_dtype == DSRT_F32 ? CUDA_R_32F : CUDA_R_16BF,
                                              (int)out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                                "cublasGemmEx", dev);
+                                "linear", "cublasGemmEx", dev);
                 if (st) return st;
             }
         }

@@ -62,6 +62,7 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include "common.cuh"
+#include "blas.cuh"
 #include "fp8mma.cuh"
 
 enum { WARPS = 8, BLOCK = WARPS * 32, TB_MAX = 8, CHUNK = 32 };
@@ -1012,54 +1013,26 @@ int dsrtk_moe_dequant(int dev, const dsrtk_moe_matrix *table, int set, int slot,
     return dsrtk_check_launch("moe_dequant_kernel", dev);
 }
 
-/* cuBLAS: one handle per device, made on first use and kept (gemm.cu's reasons); no workspace, so
- * GEMMs queued on different streams never share one. */
-enum { MAX_MOE_DEVICES = 64 };
-static std::mutex gemm_locks[MAX_MOE_DEVICES];
-static cublasHandle_t gemm_handles[MAX_MOE_DEVICES];
-
-static int moe_cublas_check(cublasStatus_t status, const char *what, int dev)
-{
-    if (status == CUBLAS_STATUS_SUCCESS) return DSRTK_OK;
-    cudaGetLastError(); /* a CUDA failure under cuBLAS must not resurface at our next launch check */
-    return dsrtk_fail(status == CUBLAS_STATUS_ALLOC_FAILED ? DSRTK_OOM : DSRTK_ERROR, "moe: %s on cuda:%d: %s", what, dev,
-                      cublasGetStatusString(status));
-}
-
 int dsrtk_moe_gemm(int dev, int ab_dtype, int64_t m, int64_t n, int64_t k, const void *a, int64_t lda, const void *w,
                    void *c, int c_dtype, int64_t ldc, void *stream)
 {
-    if (dev < 0 || dev >= MAX_MOE_DEVICES) return dsrtk_fail(DSRTK_ERROR, "moe: no device cuda:%d", dev);
+    if (dev < 0 || dev >= BLAS_MAX_DEVICES) return dsrtk_fail(DSRTK_ERROR, "moe: no device cuda:%d", dev);
     if (m == 0 || n == 0) return DSRTK_OK;
     if (!a || !w || !c || k < 1 || lda < k || ldc < n || (ab_dtype != DSRT_BF16 && ab_dtype != DSRT_F32) ||
         (c_dtype != DSRT_BF16 && c_dtype != DSRT_F32) || (ab_dtype == DSRT_F32 && c_dtype != DSRT_F32))
         return dsrtk_fail(DSRTK_ERROR, "moe: GEMM %lld x %lld x %lld called with bad arguments", (long long)m, (long long)n,
                           (long long)k);
     DSRTK_SET_DEVICE(dev, "moe GEMM");
-    std::lock_guard<std::mutex> lock(gemm_locks[dev]);
-    int st;
-    if (!gemm_handles[dev]) {
-        cublasHandle_t h;
-        if ((st = moe_cublas_check(cublasCreate(&h), "cublasCreate", dev))) return st;
-        /* default math (no TF32) and no reduced-precision split-k reductions; no workspace */
-        st = moe_cublas_check(cublasSetMathMode(h, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
-                                                                  CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
-                              "cublasSetMathMode", dev);
-        if (!st) st = moe_cublas_check(cublasSetWorkspace(h, nullptr, 0), "cublasSetWorkspace", dev);
-        if (st) {
-            cublasDestroy(h);
-            return st;
-        }
-        gemm_handles[dev] = h;
-    }
-    cublasHandle_t h = gemm_handles[dev];
-    if ((st = moe_cublas_check(cublasSetStream(h, (cudaStream_t)stream), "cublasSetStream", dev))) return st;
+    std::lock_guard<std::mutex> lock(blas_lock(dev)); /* blas.cuh: the shared handle */
+    cublasHandle_t h;
+    int st = blas_handle(dev, stream, "moe", &h);
+    if (st) return st;
     /* column-major: Cᵀ [n, m] = W [n, k] (Wᵀ stored [k, n]: op T) · Aᵀ [k, m] (op N) */
     cudaDataType_t ab = ab_dtype == DSRT_BF16 ? CUDA_R_16BF : CUDA_R_32F, ct = c_dtype == DSRT_BF16 ? CUDA_R_16BF : CUDA_R_32F;
     const float one = 1.0f, zero = 0.0f;
-    return moe_cublas_check(cublasGemmEx_64(h, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, ab, k, a, ab, lda, &zero, c, ct, ldc,
-                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                            "cublasGemmEx", dev);
+    return blas_check(cublasGemmEx_64(h, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, ab, k, a, ab, lda, &zero, c, ct, ldc,
+                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                      "moe", "cublasGemmEx", dev);
 }
 
 /* SwiGLU between the prefill GEMMs: a warp per block of 128 columns of a row, 4 a lane */

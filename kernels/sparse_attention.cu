@@ -49,6 +49,7 @@
  */
 #include <math.h>
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace {
 
@@ -605,16 +606,6 @@ __host__ __device__ inline MmaLayout mma_layout_for(int64_t D)
 }
 
 __device__ __forceinline__ uint32_t lds32(const uint16_t *p) { return *(const uint32_t *)p; }
-
-/* D (fp32 16x8) += A (bf16 16x16, row) · B (bf16 16x8, col) */
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 /* four 8x8 bf16 matrices, transposed: lane l gives the address of row l % 8 of matrix l / 8 */
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *row)

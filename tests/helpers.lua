@@ -169,4 +169,51 @@ function helpers.flat(t, out)
   return out
 end
 
+-- Runs fn with speculative.propose replaced by one that plants drafts from a known continuation
+-- (draft j of the round at opts.step is continuation[opts.step + j]), wrong on purpose wherever
+-- (position + salt) % 5 == 0, so verify meets both accepted and rejected drafts. real_chain: the
+-- real proposer still runs first (its MTP state is what verify rolls back). The real proposer is
+-- back in place afterwards, whether fn failed or not.
+function helpers.with_planted_drafts(continuation, salt, real_chain, fn)
+  local speculative = require "dsrt.dsv4.speculative"
+  local real = speculative.propose
+  speculative.propose = function(model, session, next_id, k, opts)
+    if real_chain then real(model, session, next_id, k, opts) end
+    local drafts = {}
+    for j = 1, k do
+      local at = opts.step + j
+      local id = continuation[at] or 0
+      if (at + salt) % 5 == 0 then id = (id + 1) % model.dims.vocab end
+      drafts[j] = id
+    end
+    return drafts, nil
+  end
+  local ok, err = pcall(fn)
+  speculative.propose = real
+  if not ok then error(err, 0) end
+end
+
+-- The MoE router's scores (moe.h: softmax, sigmoid or sqrtsoftplus of the gate logits) per token,
+-- in plain Lua doubles from the f32 gate logits of x: the references the MoE tests judge by.
+function helpers.moe_scores(score_func, ffn, x)
+  local dsrt = require "dsrt"
+  local logits = dsrt.matmul(x:to("f32"), ffn.gate.weight:to("f32"):transpose(1, 2)):totable()
+  local scores = {}
+  for t, row in ipairs(logits) do
+    local s = {}
+    if score_func == "softmax" then
+      local max, sum = -math.huge, 0
+      for _, l in ipairs(row) do max = math.max(max, l) end
+      for e, l in ipairs(row) do s[e] = math.exp(l - max); sum = sum + s[e] end
+      for e = 1, #row do s[e] = s[e] / sum end
+    else
+      for e, l in ipairs(row) do
+        s[e] = score_func == "sigmoid" and 1 / (1 + math.exp(-l)) or math.sqrt(math.log(1 + math.exp(l)))
+      end
+    end
+    scores[t] = s
+  end
+  return scores
+end
+
 return helpers

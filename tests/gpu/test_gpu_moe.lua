@@ -115,23 +115,10 @@ end
 -- The routing keys (score + bias, as moe.h defines them) of every expert, per token, from the CPU's
 -- f32 gate logits, in double: for judging whether two experts were a rounding apart.
 local function routing_keys(dims, ffn, x)
-  local logits = dsrt.matmul(x:to("f32"), ffn.gate.weight:to("f32"):transpose(1, 2)):totable()
   local bias = ffn.gate.bias and ffn.gate.bias:totable()
-  local keys = {}
-  for t, row in ipairs(logits) do
-    local s = {}
-    if dims.score_func == "softmax" then
-      local max, sum = -math.huge, 0
-      for _, l in ipairs(row) do max = math.max(max, l) end
-      for e, l in ipairs(row) do s[e] = math.exp(l - max); sum = sum + s[e] end
-      for e = 1, #row do s[e] = s[e] / sum end
-    else
-      for e, l in ipairs(row) do
-        s[e] = dims.score_func == "sigmoid" and 1 / (1 + math.exp(-l)) or math.sqrt(math.log(1 + math.exp(l)))
-      end
-    end
-    for e = 1, #row do s[e] = s[e] + (bias and bias[e] or 0) end
-    keys[t] = s
+  local keys = h.moe_scores(dims.score_func, ffn, x)
+  for _, s in ipairs(keys) do
+    for e = 1, #s do s[e] = s[e] + (bias and bias[e] or 0) end
   end
   return keys
 end

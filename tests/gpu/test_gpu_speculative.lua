@@ -158,23 +158,7 @@ local function prompt(n, s)
   return ids
 end
 
-local function with_planted_drafts(continuation, salt, fn)
-  local real = speculative.propose
-  speculative.propose = function(model, session, next_id, k, opts)
-    real(model, session, next_id, k, opts)
-    local drafts = {}
-    for j = 1, k do
-      local at = opts.step + j
-      local id = continuation[at] or 0
-      if (at + salt) % 5 == 0 then id = (id + 1) % model.dims.vocab end
-      drafts[j] = id
-    end
-    return drafts, nil
-  end
-  local ok, err = pcall(fn)
-  speculative.propose = real
-  if not ok then error(err, 0) end
-end
+local with_planted_drafts = h.with_planted_drafts
 
 test("speculative greedy equals plain greedy on CUDA, k = 1, 2, 3, both precisions", function()
   for _, precision in ipairs { "fp32", "reference" } do
@@ -182,7 +166,7 @@ test("speculative greedy equals plain greedy on CUDA, k = 1, 2, 3, both precisio
     local ids = prompt(110, 1)
     local want = m:generate { ids = ids, max_tokens = 150 }.ids
     for k = 1, 3 do
-      with_planted_drafts(want, k, function()
+      with_planted_drafts(want, k, true, function()
         local r = m:generate { ids = ids, max_tokens = 150, speculative = { k = k } }
         assert_equal(r.ids, want, precision .. " planted k = " .. k)
         assert(r.speculative.accepted > 0, "no planted draft was accepted")

@@ -61,28 +61,16 @@ end
 
 -- Routing in plain Lua (double arithmetic) from the f32 gate logits: 0-based ids and weights per token.
 local function lua_routing(d, ffn, x, ids)
-  local logits = dsrt.matmul(x:to("f32"), ffn.gate.weight:to("f32"):transpose(1, 2)):totable()
   local bias = ffn.gate.bias and ffn.gate.bias:totable()
   local id_list = ids and ids:totable()
   local routes = {}
-  for t, row in ipairs(logits) do
-    local score = {}
-    if d.score_func == "softmax" then
-      local max, sum = -math.huge, 0
-      for _, l in ipairs(row) do max = math.max(max, l) end
-      for e, l in ipairs(row) do score[e] = math.exp(l - max); sum = sum + score[e] end
-      for e = 1, #row do score[e] = score[e] / sum end
-    else
-      for e, l in ipairs(row) do
-        score[e] = d.score_func == "sigmoid" and 1 / (1 + math.exp(-l)) or math.sqrt(math.log(1 + math.exp(l)))
-      end
-    end
+  for t, score in ipairs(h.moe_scores(d.score_func, ffn, x)) do
     local selected = {}
     if ffn.gate.tid2eid then
       selected = ffn.gate.tid2eid[id_list[t] + 1]:totable()
     else
       local order = {}
-      for e = 1, #row do order[e] = e end
+      for e = 1, #score do order[e] = e end
       table.sort(order, function(a, b)
         local ka, kb = score[a] + bias[a], score[b] + bias[b]
         return ka > kb or (ka == kb and a < b)

@@ -57,23 +57,7 @@ end
 -- generate with speculative.propose replaced: the drafts become the plain continuation, wrong
 -- wherever (index + salt) % 5 == 0; with real_chain the real MTP chain runs first (its state must
 -- then be undone as always)
-local function with_planted_drafts(continuation, salt, real_chain, fn)
-  local real = speculative.propose
-  speculative.propose = function(model, session, next_id, k, opts)
-    if real_chain then real(model, session, next_id, k, opts) end
-    local drafts = {}
-    for j = 1, k do
-      local at = opts.step + j -- 1-based index into the continuation of the token draft j proposes
-      local id = continuation[at] or 0
-      if (at + salt) % 5 == 0 then id = (id + 1) % model.dims.vocab end
-      drafts[j] = id
-    end
-    return drafts, nil
-  end
-  local ok, err = pcall(fn)
-  speculative.propose = real
-  if not ok then error(err, 0) end
-end
+local with_planted_drafts = h.with_planted_drafts
 
 test("speculative greedy equals plain greedy over 100 tokens, k = 1, 2, 3 (planted drafts)", function()
   local m, want = tiny("fp32"), plain_greedy("fp32", PROMPT, NEW)
