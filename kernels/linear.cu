@@ -678,11 +678,12 @@ static int launch_mma_gemv(int dev, const dsrtk_linear_weight *w, const void *x,
     a.ld = mma_staged_ld(FMT, a.in_g), a.row_bytes = FMT == FMT_FP4 ? w->ld / 2 : w->ld;
     a.scale_ld0 = w->scale_ld0, a.scale_ld1 = w->scale_ld1, a.block_cols = w->block_cols;
     /* the plan from the shape and the device only (never the rows): blocks that fit with 8 tokens
-     * staged, and the smallest team that still gives every resident warp work */
+     * staged, and the smallest team that still gives half the resident warps work (measured on
+     * the H200: a team that splits a tile in two costs its reduction more than the idle warps) */
     const size_t full = mma_smem(FMT, a.in_g, MMA_TOKENS, MMA_WARPS);
     const int64_t resident = (int64_t)dsrtk_multiprocessors(dev) * mma_blocks_per_sm<FMT, SF, Q8>(dev, full);
     a.ks = 1;
-    while (a.ks < MMA_WARPS && (int64_t)a.tpg * a.groups * a.ks < resident * MMA_WARPS && a.ks * 2 <= a.nchunk) a.ks *= 2;
+    while (a.ks < MMA_WARPS && (int64_t)a.tpg * a.groups * a.ks * 2 < resident * MMA_WARPS && a.ks * 2 <= a.nchunk) a.ks *= 2;
     a.teams = MMA_WARPS / a.ks;
     a.rounds = (int)ceil_div(ceil_div(a.nchunk, a.ks), MmaDepth<FMT>::U);
     int64_t per_group = resident / a.groups;
