@@ -13,9 +13,10 @@
  *     weights times bf16 ones): ONE launch, no workspace, the weights fed to f16 tensor cores
  *     from registers (fp8mma.cuh says why and proves the products exact). Persistent blocks stage
  *     the activation once; teams of warps walk 16-row tiles with the next weight loads always in
- *     flight. Measured on the H200 (2026-11-28, ncu, warm, real clocks): wq_b 1024->32768 32 MB in
- *     17 us, wo_b 8192->4096 in 20 us, wkv 4096->512 in 9 us (the old CUDA-core kernel: 35, 45,
- *     16 us: it converted every weight to f32, ~1.5 conversions at 16 a clock per SM).
+ *     flight. Measured on the H200 (2026-11-28, ncu inside a decode step, warm, real clocks):
+ *     wq_b 1024->32768 (32 MB) 17 us, wo_b 8192->4096 20 us, wkv 4096->512 9 us; by CUDA events
+ *     (make bench) wq_b 30 -> 20 us and wo_b 39 -> 24 us against the CUDA-core kernel below, which
+ *     converts every weight to f32 (~1.5 conversions at 16 a clock per SM).
  *   - gemv_kernel (1..8 rows, everything else: bf16 weights such as the LM head, f32 or
  *     unquantised activations, widths off the 64-column chunks): each block stages the activation
  *     it needs in shared memory (f32, Q8 round-tripped with quant.h's arithmetic, so bit for bit
