@@ -9,7 +9,7 @@
  * at 0.1-1.1 TB/s, FP4 experts at 0.5 TB/s on the H200). Here the tensor cores take f16: FP8 costs
  * one cvt per two weights, FP4 a few integer ops per eight and no cvt at all. (Hopper has no
  * mma.sync for e4m3: ptxas lowers it to f16 HMMA and converts BOTH operands at every call, the
- * staged activations included; measured no faster than the f32 path.)
+ * staged activations included: measured barely faster than the f32 path.)
  *
  * What this file protects is that the products are the reference's. The Q8 activation IS e4m3
  * codes times a power-of-two block scale (quant.h); e4m3 codes are exact in f16 and are staged so.
@@ -158,7 +158,7 @@ struct MmaRows {
 template <int FMT> struct MmaStep;
 template <> struct MmaStep<MMA_FP8> { uint4 a, b; float sa, sb; };
 template <> struct MmaStep<MMA_FP4> { uint2 a, b; uint32_t scales; };
-/* chunks per step: each of mma_stream's two buffers holds 32 (fp8) / 32 (fp4) weight bytes a lane */
+/* chunks per step: each of mma_stream's two buffers holds 64 weight bytes a lane (fp8: 2 chunks, fp4: 4) */
 template <int FMT> struct MmaDepth { static constexpr int U = FMT == MMA_FP8 ? 2 : 4; };
 
 /* the scales' dtype, a template argument: DSRT_F32 or DSRT_F8E8M0 (fp4: always e8m0) */

@@ -585,7 +585,8 @@ static int launch_mma(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
         if (st) return st;
     }
     /* teams from the matrix shape only (never the rows), so a row's result does not depend on
-     * the batch: enough warps on a group's tiles to spread one expert over the GPU */
+     * the batch: ks warps split a tile until a group has 256 warp-tiles (measured on the H200:
+     * splitting further costs the teams' reductions more than the extra warps bring) */
     const int64_t tiles = (a->max_out + MMA_ROWS - 1) / MMA_ROWS, nchunk = a->max_in / MMA_CHUNK;
     int ks = 1;
     while (ks < MMA_WARPS && tiles * ks < 256 && ks * 2 <= nchunk) ks *= 2;
