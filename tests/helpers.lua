@@ -216,4 +216,18 @@ function helpers.moe_scores(score_func, ffn, x)
   return scores
 end
 
+-- n deterministic token ids spread over DSV4's vocabulary (a Lua array), from seed: prompts for the
+-- model tests that CPU and GPU, plain and speculative runs can share
+function helpers.prompt_ids(n, seed)
+  local ids, x = {}, seed
+  for i = 1, n do
+    x = (x * 1103515245 + 12345) % 2147483648
+    ids[i] = x % 129280
+  end
+  return ids
+end
+
+-- list[first .. first + count - 1] as a new array
+function helpers.slice(list, first, count) return table.move(list, first, first + count - 1, 1, {}) end
+
 return helpers

@@ -131,17 +131,9 @@ local function tiny() tiny_dir = tiny_dir or h.make_tiny_model(23) return tiny_d
 local calm_dir
 local function calm_tiny() calm_dir = calm_dir or h.make_tiny_model(23, nil, 0.25) return calm_dir end
 
--- Deterministic ids spread over the vocabulary (a Lua array).
-local function prompt(n, seed)
-  local ids, x = {}, seed
-  for i = 1, n do
-    x = (x * 1103515245 + 12345) % 2147483648
-    ids[i] = x % 129280
-  end
-  return ids
-end
+local prompt = h.prompt_ids
 
-local function slice(list, first, count) return table.move(list, first, first + count - 1, 1, {}) end
+local slice = h.slice
 
 -- One script of calls on a model: returns a list of {what, logits on the model's device}.
 local function script(model)

@@ -149,14 +149,7 @@ local function tiny(precision)
   return models[precision]
 end
 
-local function prompt(n, s)
-  local ids, x = {}, s
-  for i = 1, n do
-    x = (x * 1103515245 + 12345) % 2147483648
-    ids[i] = x % 129280
-  end
-  return ids
-end
+local prompt = h.prompt_ids
 
 local with_planted_drafts = h.with_planted_drafts
 

@@ -44,19 +44,9 @@ local function tiny_model(precision, with_mtp)
   return models[key]
 end
 
--- Deterministic ids spread over the vocabulary (a Lua array).
-local function prompt(n, seed)
-  local ids, x = {}, seed
-  for i = 1, n do
-    x = (x * 1103515245 + 12345) % 2147483648
-    ids[i] = x % 129280
-  end
-  return ids
-end
+local prompt = h.prompt_ids
 
-local function slice(list, first, count)
-  return table.move(list, first, first + count - 1, 1, {})
-end
+local slice = h.slice
 
 -- Logits of ids forwarded in chunks of the given sizes, gathered into one [#ids, vocab] tensor.
 local function forward_in_chunks(model, ids, sizes)

@@ -33,15 +33,7 @@ local function tiny(precision)
   return models[precision]
 end
 
--- deterministic ids spread over the vocabulary
-local function prompt(n, seed)
-  local ids, x = {}, seed
-  for i = 1, n do
-    x = (x * 1103515245 + 12345) % 2147483648
-    ids[i] = x % 129280
-  end
-  return ids
-end
+local prompt = h.prompt_ids
 
 local PROMPT, NEW = 110, 100 -- positions 110..210: the window wraps at 128, the ratio-128 entry at 127
 
