@@ -131,9 +131,7 @@ local function tiny() tiny_dir = tiny_dir or h.make_tiny_model(23) return tiny_d
 local calm_dir
 local function calm_tiny() calm_dir = calm_dir or h.make_tiny_model(23, nil, 0.25) return calm_dir end
 
-local prompt = h.prompt_ids
-
-local slice = h.slice
+local prompt, slice = h.prompt_ids, h.slice
 
 -- One script of calls on a model: returns a list of {what, logits on the model's device}.
 local function script(model)

@@ -149,9 +149,7 @@ local function tiny(precision)
   return models[precision]
 end
 
-local prompt = h.prompt_ids
-
-local with_planted_drafts = h.with_planted_drafts
+local prompt, with_planted_drafts = h.prompt_ids, h.with_planted_drafts
 
 test("speculative greedy equals plain greedy on CUDA, k = 1, 2, 3, both precisions", function()
   for _, precision in ipairs { "fp32", "reference" } do

@@ -44,9 +44,7 @@ local function tiny_model(precision, with_mtp)
   return models[key]
 end
 
-local prompt = h.prompt_ids
-
-local slice = h.slice
+local prompt, slice = h.prompt_ids, h.slice
 
 -- Logits of ids forwarded in chunks of the given sizes, gathered into one [#ids, vocab] tensor.
 local function forward_in_chunks(model, ids, sizes)
