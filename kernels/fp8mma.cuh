@@ -143,14 +143,15 @@ enum { MMA_FP8 = 1, MMA_FP4 = 2 }; /* linear.cu's FMT_FP8 / FMT_FP4 */
 enum { MMA_WARPS = 8 };
 
 /* Where a lane's two rows (g and g + 8) of the tile live. Weights: row starts in bytes (a dead
- * row, past the matrix, reads nothing). Scales: fp8 f32 or e8m0, one per (row block, block_cols
- * columns), block_cols a multiple of 64; fp4 e8m0 one per 32 columns, contiguous along k, the
- * row's first scale at an even index (two read as one 16-bit word). */
+ * row, past the matrix, reads nothing). Scales: fp8 f32 or e8m0, one per (row block, 2^chunk_shift
+ * chunks of 64 columns); fp4 e8m0 one per 32 columns, contiguous along k, the row's first scale at
+ * an even index (two read as one 16-bit word). */
 struct MmaRows {
     const char *a, *b;
     bool live_a, live_b;
     const void *scale;
-    int64_t scale_a, scale_b, scale_ld1, block_cols;
+    int64_t scale_a, scale_b, scale_ld1;
+    int chunk_shift;
 };
 
 /* A lane's chunk: fp8 16 bytes of row g and of row g + 8 and their scales; fp4 8 bytes of each
@@ -181,7 +182,7 @@ __device__ __forceinline__ void mma_load(const MmaRows &r, MmaStep<FMT> (&st)[U]
             const size_t off = (size_t)c * MMA_CHUNK + q * 16;
             st[u].a = r.live_a ? load_stream(r.a + off) : make_uint4(0, 0, 0, 0);
             st[u].b = r.live_b ? load_stream(r.b + off) : make_uint4(0, 0, 0, 0);
-            const int64_t cb = (int64_t)c * MMA_CHUNK / r.block_cols * r.scale_ld1;
+            const int64_t cb = (int64_t)(c >> r.chunk_shift) * r.scale_ld1;
             st[u].sa = r.live_a ? mma_weight_scale<SF>(r.scale, r.scale_a + cb) : 0.0f;
             st[u].sb = r.live_b ? mma_weight_scale<SF>(r.scale, r.scale_b + cb) : 0.0f;
         } else {

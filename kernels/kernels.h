@@ -231,7 +231,7 @@ typedef struct {
     int32_t rows, cols;
     int32_t vector;
     /* FP8/FP4 that kernels/fp8mma.cuh's tensor-core tile reads: vector, cols % 64 == 0; fp8
-     * block_cols % 64 == 0; fp4 e8m0 scales, block_cols 32, scale_stride1 1, scale offset, stride0
+     * block_cols 64·2^k; fp4 e8m0 scales, block_cols 32, scale_stride1 1, scale offset, stride0
      * and pointer even (two scales read as one 16-bit word) */
     int32_t mma;
 } dsrtk_moe_matrix;

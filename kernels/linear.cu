@@ -115,7 +115,8 @@ static int mma_gemv_fits(const dsrtk_linear_weight *w, int64_t rows, int quantis
     if (!quantise && (w->format != FMT_FP8 || x_dtype != DSRT_BF16)) return 0;
     int64_t in_g = w->in / w->groups, row_bytes = w->format == FMT_FP8 ? w->ld : w->ld / 2;
     if (in_g % MMA_CHUNK || row_bytes % 16 || (uintptr_t)w->weight % 16) return 0;
-    if (w->format == FMT_FP8 && w->block_cols % MMA_CHUNK) return 0;
+    /* fp8: 2^k chunks of 64 columns per scale block (a shift finds a chunk's block) */
+    if (w->format == FMT_FP8 && (w->block_cols % MMA_CHUNK || (w->block_cols / MMA_CHUNK) & (w->block_cols / MMA_CHUNK - 1))) return 0;
     /* fp4: one e8m0 scale per 32 columns, two adjacent ones per chunk read as one 16-bit word */
     if (w->format == FMT_FP4 && (w->block_cols != 32 || w->scale_dtype != DSRT_F8E8M0 || w->scale_ld1 != 1 ||
                                  w->scale_ld0 % 2 || (uintptr_t)w->scale % 2))
@@ -588,7 +589,8 @@ struct MmaGemvArgs {
     int x_dtype, y_dtype, rows;
     int groups, out, out_g, in, in_g;
     int tpg, nchunk, nblk, ks, teams, rounds, block_rows;
-    int64_t ld, row_bytes, scale_ld0, scale_ld1, block_cols; /* ld: the staging pitch in halves */
+    int64_t ld, row_bytes, scale_ld0, scale_ld1; /* ld: the staging pitch in halves */
+    int chunk_shift;                            /* log2 of the 64-column chunks per scale block */
 };
 
 /* Persistent: a block serves one group (blockIdx.x % groups) and stages that group's activation
@@ -615,7 +617,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
         r.live_a = ra < a.out_g, r.live_b = rb < a.out_g;
         const int na = g * a.out_g + (r.live_a ? ra : 0), nb = g * a.out_g + (r.live_b ? rb : 0);
         r.a = (const char *)a.weight + na * a.row_bytes, r.b = (const char *)a.weight + nb * a.row_bytes;
-        r.scale = a.scale, r.scale_ld1 = a.scale_ld1, r.block_cols = a.block_cols;
+        r.scale = a.scale, r.scale_ld1 = a.scale_ld1, r.chunk_shift = a.chunk_shift;
         r.scale_a = na / a.block_rows * a.scale_ld0, r.scale_b = nb / a.block_rows * a.scale_ld0;
         return r;
     };
@@ -677,7 +679,8 @@ static int launch_mma_gemv(int dev, const dsrtk_linear_weight *w, const void *x,
     a.tpg = (int)ceil_div(a.out_g, MMA_ROWS), a.nchunk = a.in_g / MMA_CHUNK, a.nblk = (int)ceil_div(a.in_g, ACT_BLOCK);
     a.block_rows = (int)w->block_rows;
     a.ld = mma_staged_ld(FMT, a.in_g), a.row_bytes = FMT == FMT_FP4 ? w->ld / 2 : w->ld;
-    a.scale_ld0 = w->scale_ld0, a.scale_ld1 = w->scale_ld1, a.block_cols = w->block_cols;
+    a.scale_ld0 = w->scale_ld0, a.scale_ld1 = w->scale_ld1;
+    for (a.chunk_shift = 0; ((int64_t)MMA_CHUNK << a.chunk_shift) < w->block_cols; a.chunk_shift++) {}
     /* the plan from the shape and the device only (never the rows): blocks that fit with 8 tokens
      * staged, and the smallest team that still gives half the resident warps work (measured on
      * the H200: a team that splits a tile in two costs its reduction more than the idle warps) */

@@ -503,7 +503,7 @@ __device__ __forceinline__ MmaRows mma_rows(const dsrtk_moe_matrix &m, int64_t j
     const int bits = m.dtype == DSRT_FP4E2M1 ? 4 : 8;
     r.a = (const char *)m.weight + (m.offset + (int64_t)na * m.stride0) * bits / 8;
     r.b = (const char *)m.weight + (m.offset + (int64_t)nb * m.stride0) * bits / 8;
-    r.scale = m.scale, r.scale_ld1 = m.scale_stride1, r.block_cols = m.block_cols;
+    r.scale = m.scale, r.scale_ld1 = m.scale_stride1, r.chunk_shift = __ffs(m.block_cols / MMA_CHUNK) - 1; /* fp8: a power of two */
     r.scale_a = m.scale_offset + na / m.block_rows * m.scale_stride0;
     r.scale_b = m.scale_offset + nb / m.block_rows * m.scale_stride0;
     return r;

@@ -352,7 +352,7 @@ static int fill_matrix(dsrtk_moe_matrix *d, const dsrt_linear *l, const char *wh
     d->vector = w->stride[1] == 1 && d->cols % 32 == 0 && (!sc || (d->block_cols >= 32 && d->block_cols % 32 == 0)) &&
                 (w->offset * bits) % 128 == 0 &&
                 (w->stride[0] * bits) % 128 == 0 && (uintptr_t)w->storage->data % 16 == 0;
-    int fp8 = w->dtype == DSRT_F8E4M3 && d->block_cols % 64 == 0;
+    int fp8 = w->dtype == DSRT_F8E4M3 && d->block_cols % 64 == 0 && ((d->block_cols / 64) & (d->block_cols / 64 - 1)) == 0;
     int fp4 = w->dtype == DSRT_FP4E2M1 && sc && sc->dtype == DSRT_F8E8M0 && d->block_cols == 32 && sc->stride[1] == 1 &&
               sc->offset % 2 == 0 && sc->stride[0] % 2 == 0 && (uintptr_t)sc->storage->data % 2 == 0;
     d->mma = d->vector && sc && d->cols % 64 == 0 && (fp8 || fp4);
