@@ -199,9 +199,17 @@ __device__ void walk(PickShared &sh, const uint64_t *k, int idb, int64_t n, doub
         const int len = (int)min((int64_t)STAGE, n - base);
         for (int j = threadIdx.x; j < len; j += PICK_BLOCK) sh.stage[j] = key_prob(k[base + j], idb, xmax, inv_t);
         __syncthreads();
-        if (threadIdx.x == 0) {
-            for (int j = 0; j < len; j++)
-                if (!f(base + j, sh.stage[j])) { sh.stop = 1; break; }
+        if (threadIdx.x == 0) { /* 8 shared-memory reads in flight ahead of the dependent adds */
+            bool go = true;
+            for (int j0 = 0; go && j0 < len; j0 += 8) {
+                double v[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) v[u] = j0 + u < len ? sh.stage[j0 + u] : 0.0;
+#pragma unroll
+                for (int u = 0; u < 8; u++)
+                    if (go && j0 + u < len && !f(base + j0 + u, v[u])) go = false;
+            }
+            if (!go) sh.stop = 1;
         }
         __syncthreads();
         /* thread 0 writes stop again (and the stage is rewritten) only past the next barrier,
@@ -217,8 +225,9 @@ __device__ double ordered_sum(PickShared &sh, const uint64_t *k, int idb, int64_
     walk(sh, k, idb, n, xmax, inv_t, [&](int64_t, double p) {
         /* z >= 1 after the first candidate (p_0 = 1); p < z * 2^-56 is below a quarter ulp of z, and
          * every later p is no larger (up to the exp's few ulps): z + p == z from here on */
+        const double next = z + p; /* issued beside the test: the chain per candidate is one add */
         if (p < __dmul_rn(z, 1.3877787807814457e-17)) return false; /* z * 2^-56, exact */
-        z += p;
+        z = next;
         return true;
     });
     if (threadIdx.x == 0) sh.z = z;
