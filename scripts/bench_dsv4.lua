@@ -43,26 +43,9 @@ local nn = core.nn
 
 -- ---- options ----
 
-local opts = { quick = false, context = nil, steps = nil, precision = "reference", device = "cuda", config = nil }
-do
-  local i = 1
-  while i <= #arg do
-    local a = arg[i]
-    local function value()
-      i = i + 1
-      if arg[i] == nil then error("bench_dsv4: " .. a .. " needs a value", 0) end
-      return arg[i]
-    end
-    if a == "--quick" then opts.quick = true
-    elseif a == "--context" then opts.context = math.tointeger(tonumber(value()))
-    elseif a == "--steps" then opts.steps = math.tointeger(tonumber(value()))
-    elseif a == "--precision" then opts.precision = value()
-    elseif a == "--device" then opts.device = value()
-    elseif a == "--config" then opts.config = value()
-    else error("bench_dsv4: unknown option " .. a .. " (--quick, --context N, --steps N, --precision P, --device D, --config DIR)", 0) end
-    i = i + 1
-  end
-end
+local opts = dofile("scripts/bench_options.lua")("bench_dsv4", arg,
+  { quick = "flag", context = "int", steps = "int", precision = "string", device = "string", config = "string" },
+  { precision = "reference", device = "cuda" })
 opts.context = opts.context or (opts.quick and 1024 or 4096)
 opts.steps = opts.steps or (opts.quick and 5 or 20)
 if not opts.context or opts.context < 2 then error("bench_dsv4: --context must be an integer >= 2", 0) end

@@ -25,25 +25,9 @@ local core = require "dsrt.core"
 local dsv4 = require "dsrt.dsv4"
 local speculative = require "dsrt.dsv4.speculative"
 
-local opts = { quick = false, context = nil, precision = "reference", device = "cuda", config = nil }
-do
-  local i = 1
-  while i <= #arg do
-    local a = arg[i]
-    local function value()
-      i = i + 1
-      if arg[i] == nil then error("bench_speculative: " .. a .. " needs a value", 0) end
-      return arg[i]
-    end
-    if a == "--quick" then opts.quick = true
-    elseif a == "--context" then opts.context = math.tointeger(tonumber(value()))
-    elseif a == "--precision" then opts.precision = value()
-    elseif a == "--device" then opts.device = value()
-    elseif a == "--config" then opts.config = value()
-    else error("bench_speculative: unknown option " .. a .. " (--quick, --context N, --precision P, --device D, --config DIR)", 0) end
-    i = i + 1
-  end
-end
+local opts = dofile("scripts/bench_options.lua")("bench_speculative", arg,
+  { quick = "flag", context = "int", precision = "string", device = "string", config = "string" },
+  { precision = "reference", device = "cuda" })
 opts.context = opts.context or (opts.quick and 1024 or 4096)
 if not opts.context or opts.context < 2 then error("bench_speculative: --context must be an integer >= 2", 0) end
 local dev = opts.device
