@@ -230,4 +230,12 @@ end
 -- list[first .. first + count - 1] as a new array
 function helpers.slice(list, first, count) return table.move(list, first, first + count - 1, 1, {}) end
 
+-- Every row of actual within tol of expected's, relative to that row's norm; NaN fails
+function helpers.assert_rows_close(actual, expected, tol, what)
+  helpers.assert_equal(actual.shape, expected.shape, what)
+  assert(actual:ne(actual):sum():item() == 0, what .. ": NaN")
+  local err = ((((actual - expected) ^ 2):sum(2) / (expected ^ 2):sum(2)):sqrt()):max():item()
+  if not (err <= tol) then error(string.format("%s: rel err %g > %g", what, err, tol), 2) end
+end
+
 return helpers

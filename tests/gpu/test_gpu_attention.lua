@@ -72,15 +72,7 @@ local function inputs(S, precision)
 end
 
 -- stocks the CUDA cache with freed blocks of NaN in the size classes the layer allocates from
-local function poison()
-  for _, n in ipairs({ 1 << 12, 1 << 16, 1 << 20, 1 << 22 }) do
-    local a = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
-    local b = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
-    dsrt.synchronize("cuda")
-    a:close()
-    b:close()
-  end
-end
+local function poison() h.poison_cuda_cache({ 1 << 12, 1 << 16, 1 << 20, 1 << 22 }) end
 
 local function check_close(got, want, precision, what)
   assert(got.device:match("^cuda"), what .. ": the result is not a CUDA tensor")

@@ -29,15 +29,7 @@ local seed = 13100
 local function next_seed() seed = seed + 1 return seed end
 
 -- stocks the CUDA cache with freed blocks of 0xff bytes (NaN) in the classes outputs come from
-local function poison(bytes)
-  for _, n in ipairs({ 1 << 12, 1 << 16, 1 << 20, bytes }) do
-    local a = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
-    local b = dsrt.full({ n }, 255, { dtype = "u8", device = "cuda" })
-    dsrt.synchronize("cuda")
-    a:close()
-    b:close()
-  end
-end
+local function poison(bytes) h.poison_cuda_cache({ 1 << 12, 1 << 16, 1 << 20, bytes }) end
 
 -- indices [S, K] into a pool of N rows: random rows, -1 scattered, row 2 all -1 (when S > 1), and
 -- entries 65..128 of the last row -1 (a block without a valid entry, when K > 128)

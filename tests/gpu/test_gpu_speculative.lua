@@ -168,12 +168,7 @@ test("speculative greedy equals plain greedy on CUDA, k = 1, 2, 3, both precisio
   end
 end)
 
-local function assert_rows_close(actual, expected, tol, what)
-  assert_equal(actual.shape, expected.shape, what)
-  assert(actual:ne(actual):sum():item() == 0, what .. ": NaN")
-  local err = ((((actual - expected) ^ 2):sum(2) / (expected ^ 2):sum(2)):sqrt()):max():item()
-  if not (err <= tol) then error(string.format("%s: rel err %g > %g", what, err, tol), 2) end
-end
+local assert_rows_close = h.assert_rows_close
 
 test("verify on CUDA: the continuation is accepted whole, a wrong draft j accepts j - 1; rollback is exact", function()
   for _, precision in ipairs { "fp32", "reference" } do

@@ -140,13 +140,7 @@ test("verify: the known continuation is accepted whole; a wrong draft j accepts 
   end
 end)
 
--- every row within tol of expected's, relative to the row's norm; NaN fails
-local function assert_rows_close(actual, expected, tol, what)
-  assert_equal(actual.shape, expected.shape, what)
-  assert(actual:ne(actual):sum():item() == 0, what .. ": NaN")
-  local err = ((((actual - expected) ^ 2):sum(2) / (expected ^ 2):sum(2)):sqrt()):max():item()
-  if not (err <= tol) then error(string.format("%s: rel err %g > %g", what, err, tol), 2) end
-end
+local assert_rows_close = h.assert_rows_close
 
 test("after drafts, a rejecting verify and its rollback, decoder and MTP equal a session that never went ahead", function()
   -- the round spans positions 125..128: the window wraps and the ratio-128 compressor emits at 127
