@@ -219,8 +219,11 @@ local function decode_step(session, id, marks)
   local token_ids = dsrt.tensor({ id }, { dtype = "i64", device = dev })
   local X = nn.hc_expand(decoder.embed(model.weights.embed, token_ids, precision), dims.hc_mult)
   marks[2]:record()
+  -- each block's last hc_post runs fused into the next block's first hc_pre (the last one's alone)
+  local carry
   for i, block in ipairs(model.blocks) do
-    X = decoder.block_forward(dims, block, session.states[i], X, token_ids, precision)
+    X, carry = decoder.block_forward(dims, block, session.states[i], X, carry, token_ids, precision)
+    if i == n_layers then X = decoder.settle(X, carry, precision) end
     marks[2 + i]:record()
   end
   session.positions = first + 1

@@ -60,20 +60,27 @@ function decoder.block(cfg, layer, layer_weights, aux_streams)
   }
 end
 
--- hc_pre, then the sub-layer input RMS_w(u; norm) (SPEC §5); returns the normed input, post, comb.
-local function hc_pre_normed(dims, hc, norm_weight, X, precision)
-  local u, post, comb = nn.hc_pre(X, hc.fn, hc.scale, hc.base, dims.hc_eps, dims.norm_eps,
-                                  dims.hc_sinkhorn_iters, precision)
-  return nn.rms_norm(u, norm_weight, dims.norm_eps, precision), post, comb
+-- The sub-layer input RMS_w(u; norm) (SPEC §5) of the residual streams X. With `carry` = {f, post,
+-- comb}, the previous sub-layer's output f whose hc_post has not been applied yet, X is first
+-- brought up to date: nn.hc_post_pre fuses that hc_post with this hc_pre (on CUDA one launch and
+-- one read of X fewer; the same bits as the two calls). Returns the normed input, post, comb and
+-- the up-to-date X.
+local function sublayer_input(dims, hc, norm_weight, X, carry, precision)
+  local u, post, comb
+  if carry then
+    X, u, post, comb = nn.hc_post_pre(carry[1], X, carry[2], carry[3], hc.fn, hc.scale, hc.base, dims.hc_eps,
+                                      dims.norm_eps, dims.hc_sinkhorn_iters, precision)
+  else
+    u, post, comb = nn.hc_pre(X, hc.fn, hc.scale, hc.base, dims.hc_eps, dims.norm_eps, dims.hc_sinkhorn_iters,
+                              precision)
+  end
+  return nn.rms_norm(u, norm_weight, dims.norm_eps, precision), post, comb, X
 end
 
---- SPEC §5 step 1 on residual streams X [S, hc, dim] at positions [state:length(), +S): returns
---- the new X and advances the attention state. Alone, it is what fills an MTP layer's ring.
---- Several sequences at once: `state` is a list of states and spans[k] = {first row, rows} says
---- which rows of X are sequence k's; every row-wise op runs once over all of them, attention per
---- sequence on its own state.
-function decoder.attention_half(dims, block, state, X, precision, spans)
-  local x, post, comb = hc_pre_normed(dims, block.hc_attn, block.attn_norm, X, precision)
+-- the attention sub-layer's output f, post, comb and the up-to-date X (spans as in block_forward)
+local function attention_sublayer(dims, block, state, X, carry, precision, spans)
+  local x, post, comb
+  x, post, comb, X = sublayer_input(dims, block.hc_attn, block.attn_norm, X, carry, precision)
   local a
   if spans then
     a = dsrt.empty(x.shape, { dtype = x.dtype, device = x.device })
@@ -83,20 +90,33 @@ function decoder.attention_half(dims, block, state, X, precision, spans)
   else
     a = block.attention:forward(state, x, precision)
   end
-  return nn.hc_post(a, X, post, comb, precision)
+  return a, post, comb, X
 end
 
---- SPEC §5 step 2: the MoE sub-layer; token_ids i64 [S] (hash routing reads them, SPEC §7.1).
-function decoder.ffn_half(dims, block, X, token_ids, precision)
-  local x, post, comb = hc_pre_normed(dims, block.hc_ffn, block.ffn_norm, X, precision)
-  local m = block.moe:forward(x, token_ids, precision)
-  return nn.hc_post(m, X, post, comb, precision)
+--- SPEC §5 step 1 on residual streams X [S, hc, dim] at positions [state:length(), +S), for the
+--- attention state's advance alone (what fills an MTP layer's ring): the sub-layer's output is not
+--- mixed back into X, which nothing would read.
+function decoder.attention_advance(dims, block, state, X, precision)
+  attention_sublayer(dims, block, state, X, nil, precision)
 end
 
---- The whole block (SPEC §5): X [S, hc, dim] -> X (spans as in attention_half).
-function decoder.block_forward(dims, block, state, X, token_ids, precision, spans)
-  X = decoder.attention_half(dims, block, state, X, precision, spans)
-  return decoder.ffn_half(dims, block, X, token_ids, precision)
+--- The whole block (SPEC §5) with its last hc_post left to the next block: X [S, hc, dim] and the
+--- previous block's carry (nil for the first) -> X, carry. decoder.settle(X, carry) applies the
+--- last one; until then X lags one sub-layer behind, so only the next block or settle may read it.
+--- token_ids i64 [S] (hash routing reads them, SPEC §7.1). Several sequences at once: `state` is a
+--- list of states and spans[k] = {first row, rows} says which rows of X are sequence k's; every
+--- row-wise op runs once over all of them, attention per sequence on its own state.
+function decoder.block_forward(dims, block, state, X, carry, token_ids, precision, spans)
+  local a, post, comb
+  a, post, comb, X = attention_sublayer(dims, block, state, X, carry, precision, spans)
+  local x
+  x, post, comb, X = sublayer_input(dims, block.hc_ffn, block.ffn_norm, X, { a, post, comb }, precision)
+  return X, { block.moe:forward(x, token_ids, precision), post, comb }
+end
+
+--- X brought up to date with a block's carry (decoder.block_forward)
+function decoder.settle(X, carry, precision)
+  return nn.hc_post(carry[1], X, carry[2], carry[3], precision)
 end
 
 --- HC head collapse, final norm and LM head (SPEC §4 steps 4–6) of X [S, hc, dim] with one
@@ -211,10 +231,12 @@ function Model:forward_batch(sessions, ids_list, opts)
   local token_ids = dsrt.tensor(all, { dtype = "i64", device = self.device })
   local X = nn.hc_expand(decoder.embed(self.weights.embed, token_ids, precision), dims.hc_mult)
   local batched = #sessions > 1 and spans or nil
+  local carry
   for i, block in ipairs(self.blocks) do
     for k, session in ipairs(sessions) do states[k] = session.states[i] end
-    X = decoder.block_forward(dims, block, batched and states or states[1], X, token_ids, precision, batched)
+    X, carry = decoder.block_forward(dims, block, batched and states or states[1], X, carry, token_ids, precision, batched)
   end
+  X = decoder.settle(X, carry, precision)
   for k, session in ipairs(sessions) do
     local first = session.positions
     session.positions = first + spans[k][2]

@@ -114,7 +114,7 @@ function Predictor:advance(session, X, ids, first)
     end
     local next_ids = {}
     for t = from, to do next_ids[t - from + 1] = ids[t + 1 - first + 1] end
-    decoder.attention_half(self.dims, layer.block, part.state, mtp_input(self, layer, H, next_ids), self.precision)
+    decoder.attention_advance(self.dims, layer.block, part.state, mtp_input(self, layer, H, next_ids), self.precision)
   end
   -- rollback reaches back `slack` positions, and the residual before them feeds the MTP there: only
   -- the last slack + 1 positions are kept, as rows of one small copy (a view would keep the whole
@@ -138,7 +138,9 @@ function Predictor:draft(session, next_id)
   local H = part.residuals[last]:unsqueeze(1)
   local X = mtp_input(self, layer, H, { next_id })
   local token_ids = dsrt.tensor({ next_id }, { dtype = "i64", device = self.device })
-  X = decoder.block_forward(dims, layer.block, part.state, X, token_ids, precision)
+  local carry
+  X, carry = decoder.block_forward(dims, layer.block, part.state, X, nil, token_ids, precision)
+  X = decoder.settle(X, carry, precision)
   part.drafted_id = next_id
   part.chain = { X = X, position = last }
   return decoder.logits(dims, layer.hc_head, layer.norm, self.model.head, X, precision)
@@ -164,7 +166,9 @@ function Predictor:draft_next(session, id)
   local layer, dims, precision = self.layers[1], self.dims, self.precision
   local X = mtp_input(self, layer, part.chain.X, { id })
   local token_ids = dsrt.tensor({ id }, { dtype = "i64", device = self.device })
-  X = decoder.block_forward(dims, layer.block, part.state, X, token_ids, precision)
+  local carry
+  X, carry = decoder.block_forward(dims, layer.block, part.state, X, nil, token_ids, precision)
+  X = decoder.settle(X, carry, precision)
   part.chain = { X = X, position = position }
   return decoder.logits(dims, layer.hc_head, layer.norm, self.model.head, X, precision)
 end
