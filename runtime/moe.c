@@ -422,11 +422,9 @@ static int use_linear(dsrt_linear *l, dsrt_stream *s)
     return dsrt_storage_use(l->weight->storage, s) || (l->scale && dsrt_storage_use(l->scale->storage, s));
 }
 
-/* Marks every weight as in use on s (so that freeing them waits for the queued kernels); only
- * when s differs from the last stream this was done for. */
-static int use_weights(dsrt_moe *m, dsrt_stream *s)
+/* Marks every weight as in use on s, so that freeing them waits for the kernels queued there */
+static int mark_weights(dsrt_moe *m, dsrt_stream *s)
 {
-    if (atomic_load(&m->cuda_stream_id) == s->id) return 0;
     int rc = use_linear(m->gate, s) || (m->bias && dsrt_storage_use(m->bias->storage, s)) ||
              (m->tid2eid && dsrt_storage_use(m->tid2eid->storage, s)) ||
              dsrt_storage_use(atomic_load(&m->cuda_table)->storage, s);
@@ -434,6 +432,14 @@ static int use_weights(dsrt_moe *m, dsrt_stream *s)
         const dsrt_swiglu *w = e < m->cfg.n_routed ? &m->experts[e] : &m->shared;
         rc = use_linear(w->w1, s) || use_linear(w->w2, s) || use_linear(w->w3, s);
     }
+    return rc;
+}
+
+/* mark_weights, only when s differs from the last stream this was done for (a decode step's cost) */
+static int use_weights(dsrt_moe *m, dsrt_stream *s)
+{
+    if (atomic_load(&m->cuda_stream_id) == s->id) return 0;
+    int rc = mark_weights(m, s);
     if (!rc) atomic_store(&m->cuda_stream_id, s->id);
     return rc;
 }
@@ -518,9 +524,63 @@ static int prefill_ok(const dsrt_moe *m, int reference)
     return 1;
 }
 
+/* Prefill's experts run on lanes: the caller's stream and the aux streams, group g on lane
+ * g mod lanes with the lane's own scratch. A group holds ~100 of 4096 rows, so one GEMM covers
+ * only a quarter of the GPU (N / 128 output tiles) and the dequantisation before it is a pass over
+ * memory: lanes run them side by side. Forking and joining the lanes costs one event per lane. */
+enum { MAX_LANES = 4 };
+typedef struct {
+    int n, forked;
+    dsrt_stream *stream[MAX_LANES];
+    dsrt_event *done[MAX_LANES]; /* done[0]: the fork, recorded on the caller's stream */
+} lanes;
+
+static void lanes_free(lanes *l)
+{
+    for (int i = 0; i < MAX_LANES; i++) dsrt_event_release(l->done[i]);
+}
+
+/* the caller's stream s and up to MAX_LANES - 1 aux streams; the tensors ts used on all of them */
+static int lanes_open(lanes *l, dsrt_moe *m, dsrt_stream *s, dsrt_tensor *const *ts, int nts)
+{
+    memset(l, 0, sizeof *l);
+    l->stream[l->n++] = s;
+    for (int i = 0; i < m->n_aux && l->n < MAX_LANES; i++) l->stream[l->n++] = m->aux[i];
+    for (int i = 0; i < l->n; i++)
+        if (!(l->done[i] = dsrt_event_new(s->device, 0))) return -1;
+    for (int i = 1; i < l->n; i++) {
+        if (mark_weights(m, l->stream[i])) return -1;
+        for (int t = 0; t < nts; t++)
+            if (dsrt_storage_use(ts[t]->storage, l->stream[i])) return -1;
+    }
+    return 0;
+}
+
+/* later work on every lane waits for what is queued on the caller's stream */
+static int lanes_fork(lanes *l)
+{
+    if (l->n > 1 && dsrt_event_record(l->done[0], l->stream[0])) return -1;
+    l->forked = 1;
+    for (int i = 1; i < l->n; i++)
+        if (dsrt_stream_wait(l->stream[i], l->done[0])) return -1;
+    return 0;
+}
+
+/* later work on the caller's stream waits for every lane; called after any failure too, so that
+ * nothing on the caller's stream runs ahead of queued lane work */
+static int lanes_join(lanes *l)
+{
+    int rc = 0;
+    if (!l->forked) return 0;
+    l->forked = 0;
+    for (int i = 1; i < l->n; i++)
+        if (dsrt_event_record(l->done[i], l->stream[i]) || dsrt_stream_wait(l->stream[0], l->done[i])) rc = -1;
+    return rc;
+}
+
 /* Prefill's experts, after the grouping: the groups read back once; x gathered (Q8'd) by group;
- * per group [w1; w3] dequantised into a scratch and one GEMM into gu; the SwiGLU; per group w2
- * dequantised and a GEMM into yr; the combine. Reference runs in bf16 (exact inputs, fp32
+ * per group [w1; w3] dequantised into its lane's scratch and one GEMM into gu; the SwiGLU; per
+ * group w2 dequantised and a GEMM into yr; the combine. Reference runs in bf16 (exact inputs, fp32
  * accumulation, bf16 outputs = the reference's roundings), fp32 in f32. */
 static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *xf, int64_t rows, int reference,
                         int32_t *groups_dev, int32_t max_groups, const int32_t *row_token, const int32_t *pos_of_pick,
@@ -542,39 +602,50 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
     }
     int32_t n_groups = host[3 * max_groups];
     int64_t scratch_len = 2 * width * dim;
-    dsrt_tensor *xg = device_buffer(io, all * dim, s), *scratch = xg ? device_buffer(io, scratch_len, s) : NULL;
-    dsrt_tensor *gu = scratch ? device_buffer(io, all * 2 * width, s) : NULL;
-    dsrt_tensor *h = gu ? device_buffer(io, all * width, s) : NULL, *yr = h ? device_buffer(io, all * dim, s) : NULL;
-    int rc = yr ? 0 : -1;
+    lanes l = {0};
+    /* bufs: xg, gu, h, yr, then one scratch per lane */
+    dsrt_tensor *bufs[4 + MAX_LANES] = {NULL};
+    int nbufs = 4 + (1 + m->n_aux < MAX_LANES ? 1 + m->n_aux : MAX_LANES), rc = 0;
+    int64_t lens[4] = {all * dim, all * 2 * width, all * width, all * dim};
+    for (int i = 0; i < nbufs && !rc; i++)
+        if (!(bufs[i] = device_buffer(io, i < 4 ? lens[i] : scratch_len, s))) rc = -1;
+    dsrt_tensor *xg = bufs[0], *gu = bufs[1], *h = bufs[2], *yr = bufs[3], *const *scratch = bufs + 4;
+    if (!rc) rc = lanes_open(&l, m, s, bufs, nbufs);
     if (!rc && dsrtk_moe_gather(dev, x_data(xf), xf->dtype, dim, row_token, all, dim, reference, x_data(xg), io, st)) rc = -2;
+    if (!rc && lanes_fork(&l)) rc = -1;
     for (int32_t g = 0; g < n_groups && !rc; g++) { /* [w1; w3] and one GEMM per group */
-        int set = host[3 * g];
+        int set = host[3 * g], lane = g % l.n;
+        void *ls = l.stream[lane]->handle;
         int64_t first = host[3 * g + 1], count = host[3 * g + 2];
         int64_t in = (set < n ? m->experts[set].w1 : m->shared.w1)->cfg.out_features;
-        char *w = x_data(scratch);
-        if (dsrtk_moe_dequant(dev, table, set, 0, in, dim, w, io, st) ||
-            dsrtk_moe_dequant(dev, table, set, 2, in, dim, w + (size_t)(in * dim) * es, io, st) ||
+        char *w = x_data(scratch[lane]);
+        if (dsrtk_moe_dequant(dev, table, set, 0, in, dim, w, io, ls) ||
+            dsrtk_moe_dequant(dev, table, set, 2, in, dim, w + (size_t)(in * dim) * es, io, ls) ||
             dsrtk_moe_gemm(dev, io, count, 2 * in, dim, (char *)x_data(xg) + (size_t)(first * dim) * es, dim, w,
-                           (char *)x_data(gu) + (size_t)(first * 2 * width) * es, io, 2 * width, st))
+                           (char *)x_data(gu) + (size_t)(first * 2 * width) * es, io, 2 * width, ls))
             rc = -2;
     }
+    if (lanes_join(&l) && !rc) rc = -1;
     if (!rc && dsrtk_moe_swiglu(dev, x_data(gu), 2 * width, all, table, groups_dev, groups_dev + 3 * max_groups, row_weight,
                                 picks, m->cfg.swiglu_limit, reference, x_data(h), width, io, st))
         rc = -2;
+    if (!rc && lanes_fork(&l)) rc = -1;
     for (int32_t g = 0; g < n_groups && !rc; g++) { /* w2 */
-        int set = host[3 * g];
+        int set = host[3 * g], lane = g % l.n;
+        void *ls = l.stream[lane]->handle;
         int64_t first = host[3 * g + 1], count = host[3 * g + 2];
         int64_t in = (set < n ? m->experts[set].w1 : m->shared.w1)->cfg.out_features;
-        if (dsrtk_moe_dequant(dev, table, set, 1, dim, in, x_data(scratch), io, st) ||
-            dsrtk_moe_gemm(dev, io, count, dim, in, (char *)x_data(h) + (size_t)(first * width) * es, width, x_data(scratch),
-                           (char *)x_data(yr) + (size_t)(first * dim) * es, io, dim, st))
+        if (dsrtk_moe_dequant(dev, table, set, 1, dim, in, x_data(scratch[lane]), io, ls) ||
+            dsrtk_moe_gemm(dev, io, count, dim, in, (char *)x_data(h) + (size_t)(first * width) * es, width,
+                           x_data(scratch[lane]), (char *)x_data(yr) + (size_t)(first * dim) * es, io, dim, ls))
             rc = -2;
     }
+    if (lanes_join(&l) && !rc) rc = -1;
     if (!rc && dsrtk_moe_combine(dev, x_data(yr), io, pos_of_pick, rows, k, dim, y->storage->data, y->dtype, st)) rc = -2;
     if (rc == -2) rc = kernel_failed();
     free(host);
-    dsrt_tensor *temps[] = {xg, scratch, gu, h, yr};
-    for (size_t i = 0; i < sizeof temps / sizeof *temps; i++) dsrt_tensor_release(temps[i]);
+    lanes_free(&l);
+    for (int i = 0; i < nbufs; i++) dsrt_tensor_release(bufs[i]);
     return rc;
 }
 
