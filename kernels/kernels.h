@@ -139,6 +139,19 @@ int dsrtk_nn_rope(int dev, const void *x, int x_dtype, void *y, int y_dtype, con
                   int64_t S, int64_t heads, int64_t w, const float *freqs, int inverse, void *stream);
 /* the normalised Hadamard transform of each 128-vector of x [rows, 128] into y */
 int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y, int y_dtype, int64_t rows, void *stream);
+/* RoPE folded into another kernel: the 32 host floats of dsrt_nn_rope_freqs, and the positions as
+ * a progression (row t of the call at first + t·step), which is all the attention layer uses, so
+ * no positions tensor is made for it */
+typedef struct {
+    float freqs[32];
+    int64_t first, step;
+} dsrtk_rope;
+/* nn.h dsrt_nn_norm_rope: y f32 [S, heads, width] = post(RoPE(norm(x))) of x [S, heads, width]
+ * (width a multiple of 8 from 64 to 1024); norm and post take nn.h's dsrt_nn_norm / dsrt_nn_post
+ * values, w [width] (RMS only) or NULL; ref: reference precision's rounding points and round trips. */
+int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, float *y, int64_t S,
+                       int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post, int ref,
+                       void *stream);
 /* end of norm */
 
 /* ---- hc (kernels/hc.cu): Sinkhorn and the hyper-connection ops (runtime/nn.h) ---- */
@@ -346,13 +359,15 @@ int dsrtk_moe_combine(int dev, const void *y, int y_dtype, const int32_t *pos_of
  * o [S, H, D] (bf16 or f32) = the sink attention of q [S, H, D] over pool [N, D] (K = V) through
  * indices [S, K] (i32/i64, -1 unused), sink [H], in blocks of DSRT_NN_ATTENTION_BLOCK (64) entries,
  * p rounded to bf16 when round_p (reference). q, pool, sink f32 or bf16; all views contiguous.
+ * derotate (or NULL): then the inverse RoPE of o's last 64 columns (D >= 64), as dsrtk_nn_rope
+ * would apply it to the stored o (dsrt_nn_sparse_attention_inverse_rope).
  * A bad index (< -1 or >= N) is never read: its query row's outputs become NaN (checking on the
  * host would need a synchronisation). Few query rows (decode) take a split path that needs
  * `workspace` of the size _workspace gives (0: none) for the same S, H, D, K on the same device. */
 int dsrtk_sparse_attention_workspace(int dev, int64_t S, int64_t H, int64_t D, int64_t K, size_t *bytes);
 int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, const dsrt_view *pool,
                            const dsrt_view *indices, const dsrt_view *sink, float scale, int round_p,
-                           void *workspace, size_t workspace_bytes, void *stream);
+                           const dsrtk_rope *derotate, void *workspace, size_t workspace_bytes, void *stream);
 /* end of sparse attention */
 /* The layer's own loops (runtime/attention.c); contiguous f32 rows unless said otherwise.
  * ape_add: g[i, :] += ape[(P+i) mod r, :] for the chunk's S rows of `width` gates.

@@ -254,6 +254,15 @@ int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y, int y_dty
     (void)dev; (void)x; (void)x_dtype; (void)y; (void)y_dtype; (void)rows; (void)stream;
     return without_cuda(__func__);
 }
+
+int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, float *y, int64_t S,
+                       int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post, int ref,
+                       void *stream)
+{
+    (void)dev; (void)x; (void)x_dtype; (void)w; (void)w_dtype; (void)y; (void)S; (void)heads; (void)width; (void)norm;
+    (void)eps; (void)rope; (void)post; (void)ref; (void)stream;
+    return without_cuda(__func__);
+}
 /* end of norm */
 
 /* ---- hc ---- */
@@ -395,9 +404,9 @@ int dsrtk_sparse_attention_workspace(int dev, int64_t S, int64_t H, int64_t D, i
 
 int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, const dsrt_view *pool,
                            const dsrt_view *indices, const dsrt_view *sink, float scale, int round_p,
-                           void *workspace, size_t workspace_bytes, void *stream)
+                           const dsrtk_rope *derotate, void *workspace, size_t workspace_bytes, void *stream)
 {
-    (void)dev; (void)o; (void)q; (void)pool; (void)indices; (void)sink; (void)scale; (void)round_p;
+    (void)dev; (void)o; (void)q; (void)pool; (void)indices; (void)sink; (void)scale; (void)round_p; (void)derotate;
     (void)workspace; (void)workspace_bytes; (void)stream;
     return without_cuda(__func__);
 }
