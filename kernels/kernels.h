@@ -375,11 +375,12 @@ int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, cons
  *   compressor's slots (coff 2: overlap, ratio 4), reading the chunk's (c, g) rows [S, coff·d] for
  *   positions >= P and the rings [ring, coff·d] (position p in row p mod ring) before; bf16-rounded
  *   when round_bf16.
- * ring_write: ring[(P+i) mod rows, :] = src[i, :] for the chunk's last min(S, rows) rows.
- * gather_pool: pool [P+S-base + n_entries, hd] = window positions base … P+S-1 (fresh [S, hd] for
- *   p >= P, the window ring before), then entries [n_entries, hd].
- * index_lists: idx i64 [S, K]: the layer's index lists (window part, then the compressed part:
- *   ratio 4: picks i32 [S, topk] + n_win, −1 kept; other ratios > 0: every visible entry).
+ * ring_writes: for each of the n (<= DSRTK_MAX_RING_WRITES) rings, ring[(P+i) mod rows, :] =
+ *   src[i, :] for the chunk's last min(S, rows) rows, all in one launch.
+ * gather: pool [P+S-base + n_entries, hd] = window positions base … P+S-1 (fresh [S, hd] for
+ *   p >= P, the window ring before), then entries [n_entries, hd]; and, in the same launch, idx
+ *   i64 [S, K]: the layer's index lists (window part, then the compressed part: ratio 4: picks i32
+ *   [S, topk] + n_win, −1 kept; other ratios > 0: every visible entry), n_win = P+S-base.
  * index_scores: scores [S, n_max] (visible entries only) of the lightning indexer from q [S, IH, ID],
  *   keys [n_max, ID] (16-byte aligned), w [S, IH] (weights_proj's output, scaled here).
  * topk: picks i32 [S, topk]: per query, the min(topk, visible) visible entries by descending
@@ -388,13 +389,16 @@ int dsrtk_attn_ape_add(int dev, float *g, const float *ape, int64_t S, int64_t w
 int dsrtk_attn_compress_pool(int dev, float *out, const float *chunk_c, const float *chunk_g, const float *ring_c,
                              const float *ring_g, int64_t ring, int64_t P, int64_t S, int64_t j0, int64_t n, int d, int r,
                              int coff, int round_bf16, void *stream);
-int dsrtk_attn_ring_write(int dev, float *ring, int64_t rows, int64_t width, const float *src, int64_t P, int64_t S,
-                          void *stream);
-int dsrtk_attn_gather_pool(int dev, float *pool, const float *fresh, const float *window, int64_t window_rows,
-                           const float *entries, int64_t base, int64_t P, int64_t S, int64_t n_entries, int64_t hd,
-                           void *stream);
-int dsrtk_attn_index_lists(int dev, int64_t *idx, const int *picks, int64_t S, int64_t K, int64_t P, int64_t W,
-                           int64_t base, int64_t n_win, int64_t r, int64_t topk, void *stream);
+enum { DSRTK_MAX_RING_WRITES = 5 }; /* the window, the compressor's c and g, the indexer's c and g */
+typedef struct {
+    float *ring;
+    const float *src;
+    int64_t rows, width;
+} dsrtk_ring_write;
+int dsrtk_attn_ring_writes(int dev, const dsrtk_ring_write *writes, int n, int64_t P, int64_t S, void *stream);
+int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, const float *window, int64_t window_rows,
+                      const float *entries, const int *picks, int64_t base, int64_t P, int64_t S, int64_t n_entries,
+                      int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, void *stream);
 int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float *keys, const float *w, float scale,
                             int64_t S, int64_t P, int64_t r, int IH, int ID, int64_t n_max, int ref, void *stream);
 int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t P, int64_t r, int64_t topk, int64_t n_max,

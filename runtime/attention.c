@@ -834,7 +834,7 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
 
     /* §6.1 qr = RMS_w(wq_a·x); §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims, one
      * fused pass. qr feeds only linears (wq_b, the indexer's wq_b) and stays in the norm's dtype;
-     * kv is read by the kernels here (gather_pool, ring_write) and is f32 */
+     * kv is read by the kernels here (gather, ring_writes) and is f32 */
     qr = norm_any(qa, w->q_norm, c->norm_eps, prec, s);
     qa = NULL;
     kv = norm_rope(c, kvp, DSRT_NN_NORM_RMS, w->kv_norm, P, 1, latent_post(0, prec), prec, s);
@@ -868,11 +868,10 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     if (!(pool = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){n_win + n_entries, hd}, dev, s)) ||
         !(idx = dsrt_tensor_new(DSRT_I64, 2, (int64_t[]){S, K}, dev, s)))
         goto done;
-    if (dsrtk_attn_gather_pool(dev, DEVF(pool), DEVF(kv), DEVF(st->twindow), st->window_rows,
-                               r > 0 ? DEVF(st->comp.tentries) : NULL, base, P, S, n_entries, hd, s->handle) ||
-        dsrtk_attn_index_lists(dev, (int64_t *)idx->storage->data + idx->offset,
-                               picks ? (const int *)picks->storage->data + picks->offset : NULL, S, K, P, W, base, n_win, r,
-                               c->index_topk, s->handle)) {
+    if (dsrtk_attn_gather(dev, DEVF(pool), (int64_t *)idx->storage->data + idx->offset, DEVF(kv), DEVF(st->twindow),
+                          st->window_rows, r > 0 ? DEVF(st->comp.tentries) : NULL,
+                          picks ? (const int *)picks->storage->data + picks->offset : NULL, base, P, S, n_entries, hd, K, W, r,
+                          c->index_topk, s->handle)) {
         kernel_failed();
         goto done;
     }
@@ -902,14 +901,19 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     if (out == y) dsrt_tensor_retain(y);
     if (!out) goto done;
 
-    /* the rings take the chunk's rows last, as on the CPU (launch failures here are configuration
-     * errors the checks above rule out) */
-    if (dsrtk_attn_ring_write(dev, DEVF(st->twindow), st->window_rows, hd, DEVF(kv), P, S, s->handle) ||
-        (r > 0 && (dsrtk_attn_ring_write(dev, DEVF(st->comp.tc), st->comp.ring, a->coff * hd, DEVF(cc), P, S, s->handle) ||
-                   dsrtk_attn_ring_write(dev, DEVF(st->comp.tg), st->comp.ring, a->coff * hd, DEVF(cg), P, S, s->handle))) ||
-        (r == 4 &&
-         (dsrtk_attn_ring_write(dev, DEVF(st->index.tc), st->index.ring, a->coff * c->index_head_dim, DEVF(ic), P, S, s->handle) ||
-          dsrtk_attn_ring_write(dev, DEVF(st->index.tg), st->index.ring, a->coff * c->index_head_dim, DEVF(ig), P, S, s->handle)))) {
+    /* the rings take the chunk's rows last, as on the CPU, all in one launch (launch failures here
+     * are configuration errors the checks above rule out) */
+    dsrtk_ring_write rings[DSRTK_MAX_RING_WRITES] = {{DEVF(st->twindow), DEVF(kv), st->window_rows, hd}};
+    int n_rings = 1;
+    if (r > 0) {
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->comp.tc), DEVF(cc), st->comp.ring, a->coff * hd};
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->comp.tg), DEVF(cg), st->comp.ring, a->coff * hd};
+    }
+    if (r == 4) {
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->index.tc), DEVF(ic), st->index.ring, a->coff * c->index_head_dim};
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->index.tg), DEVF(ig), st->index.ring, a->coff * c->index_head_dim};
+    }
+    if (dsrtk_attn_ring_writes(dev, rings, n_rings, P, S, s->handle)) {
         kernel_failed();
         dsrt_tensor_release(out);
         out = NULL;

@@ -424,27 +424,21 @@ int dsrtk_attn_compress_pool(int dev, float *out, const float *chunk_c, const fl
     (void)n, (void)d, (void)r, (void)coff, (void)round_bf16, (void)stream;
     return without_cuda(__func__);
 }
-int dsrtk_attn_ring_write(int dev, float *ring, int64_t rows, int64_t width, const float *src, int64_t P, int64_t S,
-                          void *stream)
+int dsrtk_attn_ring_writes(int dev, const dsrtk_ring_write *writes, int n, int64_t P, int64_t S, void *stream)
 {
-    (void)dev, (void)ring, (void)rows, (void)width, (void)src, (void)P, (void)S, (void)stream;
+    (void)dev, (void)writes, (void)n, (void)P, (void)S, (void)stream;
     return without_cuda(__func__);
 }
-int dsrtk_attn_gather_pool(int dev, float *pool, const float *fresh, const float *window, int64_t window_rows,
-                           const float *entries, int64_t base, int64_t P, int64_t S, int64_t n_entries, int64_t hd,
-                           void *stream)
+
+int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, const float *window, int64_t window_rows,
+                      const float *entries, const int *picks, int64_t base, int64_t P, int64_t S, int64_t n_entries,
+                      int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, void *stream)
 {
-    (void)dev, (void)pool, (void)fresh, (void)window, (void)window_rows, (void)entries, (void)base, (void)P, (void)S;
-    (void)n_entries, (void)hd, (void)stream;
+    (void)dev, (void)pool, (void)idx, (void)fresh, (void)window, (void)window_rows, (void)entries, (void)picks, (void)base;
+    (void)P, (void)S, (void)n_entries, (void)hd, (void)K, (void)W, (void)r, (void)topk, (void)stream;
     return without_cuda(__func__);
 }
-int dsrtk_attn_index_lists(int dev, int64_t *idx, const int *picks, int64_t S, int64_t K, int64_t P, int64_t W,
-                           int64_t base, int64_t n_win, int64_t r, int64_t topk, void *stream)
-{
-    (void)dev, (void)idx, (void)picks, (void)S, (void)K, (void)P, (void)W, (void)base, (void)n_win, (void)r, (void)topk;
-    (void)stream;
-    return without_cuda(__func__);
-}
+
 int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float *keys, const float *w, float scale,
                             int64_t S, int64_t P, int64_t r, int IH, int ID, int64_t n_max, int ref, void *stream)
 {
