@@ -146,12 +146,22 @@ typedef struct {
     float freqs[32];
     int64_t first, step;
 } dsrtk_rope;
+/* a plain RMSNorm that rides in dsrtk_nn_norm_rope's launch: y [rows, width] (y_dtype) = RMS_w(x),
+ * w [width] or NULL, width a multiple of 8 up to 1024 (nn.h dsrt_nn_q_kv_norm's qr) */
+typedef struct {
+    const void *x, *w;
+    void *y;
+    int x_dtype, w_dtype, y_dtype;
+    int64_t rows, width;
+} dsrtk_norm_job;
 /* nn.h dsrt_nn_norm_rope: y f32 [S, heads, width] = post(RoPE(norm(x))) of x [S, heads, width]
  * (width a multiple of 8 from 64 to 1024); norm and post take nn.h's dsrt_nn_norm / dsrt_nn_post
- * values, w [width] (RMS only) or NULL; ref: reference precision's rounding points and round trips. */
+ * values, w [width] (RMS only) or NULL; ref: reference precision's rounding points and round trips.
+ * also (or NULL): a second, plain RMSNorm in the same launch, with the same eps. Every pointer
+ * 16-byte aligned (the bits are those of the separate ops' aligned paths). */
 int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, float *y, int64_t S,
                        int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post, int ref,
-                       void *stream);
+                       const dsrtk_norm_job *also, void *stream);
 /* end of norm */
 
 /* ---- hc (kernels/hc.cu): Sinkhorn and the hyper-connection ops (runtime/nn.h) ---- */

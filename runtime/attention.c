@@ -439,16 +439,6 @@ static dsrt_tensor *norm_f32(dsrt_tensor *t, dsrt_tensor *w, float eps, dsrt_pre
     return as_f32(y, s);
 }
 
-/* RMS_w of t (released) as the norm gives it (bf16 in reference precision): for a next op that
- * takes bf16 as well as f32 (an nn function, a linear), where a conversion would only cost a launch */
-static dsrt_tensor *norm_any(dsrt_tensor *t, dsrt_tensor *w, float eps, dsrt_precision prec, dsrt_stream *s)
-{
-    if (!t) return NULL;
-    dsrt_tensor *y = dsrt_nn_rms_norm(t, w, eps, prec, s);
-    dsrt_tensor_release(t);
-    return y;
-}
-
 static const dsrt_yarn *yarn_of(const dsrt_attn_config *c) { return c->has_yarn ? &c->yarn : NULL; }
 
 /* t (released) normed, rotated by the layer's RoPE at positions first, first + step, … and
@@ -832,14 +822,12 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     }
     if (!ok) goto done;
 
-    /* §6.1 qr = RMS_w(wq_a·x); §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims, one
-     * fused pass. qr feeds only linears (wq_b, the indexer's wq_b) and stays in the norm's dtype;
-     * kv is read by the kernels here (gather, ring_writes) and is f32 */
-    qr = norm_any(qa, w->q_norm, c->norm_eps, prec, s);
-    qa = NULL;
-    kv = norm_rope(c, kvp, DSRT_NN_NORM_RMS, w->kv_norm, P, 1, latent_post(0, prec), prec, s);
-    kvp = NULL;
-    if (!qr || !kv) goto done;
+    /* §6.1 qr = RMS_w(wq_a·x); §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims: one
+     * launch. qr feeds only linears (wq_b, the indexer's wq_b) and stays in the norm's dtype; kv
+     * is read by the kernels here (gather, ring_writes) and is f32 */
+    if (dsrt_nn_q_kv_norm(qa, w->q_norm, kvp, w->kv_norm, c->norm_eps, P, 1, c->rope_theta, yarn_of(c), latent_post(0, prec),
+                          prec, s, &qr, &kv))
+        goto done;
 
     /* phase 2: the indexer (ratio 4) or the compressor (other ratios) on aux 0, beside wq_b on s */
     dsrt_stream *side = aux && r > 0 ? a->aux[0] : s;

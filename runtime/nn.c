@@ -629,20 +629,23 @@ static int check_progression(const char *op, int64_t S, int64_t first, int64_t s
     return 0;
 }
 
-/* those positions as an i64 tensor on the CPU, for dsrt_nn_rope */
+/* those positions as an i64 tensor on the stream's device, for dsrt_nn_rope */
 static dsrt_tensor *progression(int64_t S, int64_t first, int64_t step, dsrt_stream *s)
 {
-    dsrt_tensor *p = dsrt_tensor_new(DSRT_I64, 1, &S, DSRT_CPU, s);
-    if (p)
-        for (int64_t t = 0; t < S; t++) ((int64_t *)p->storage->data)[p->offset + t] = first + t * step;
+    dsrt_tensor *p = new_on(DSRT_I64, 1, &S, s);
+    if (p && dsrt_op_arange(p, (double)first, (double)step, s)) {
+        dsrt_tensor_release(p);
+        return NULL;
+    }
     return p;
 }
 
-/* The CPU's norm_rope: the ops themselves, one after the other, so the result is theirs by
- * construction (kernels/norm.cu's norm_rope_kernel is tested against it) */
-static dsrt_tensor *norm_rope_cpu(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *weight, float eps, int64_t first,
-                                  int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
-                                  dsrt_precision prec, dsrt_stream *s)
+/* norm_rope as the ops themselves, one after the other, so the result is theirs by construction:
+ * the CPU's implementation, and CUDA's for data the fused kernel does not take (kernels/norm.cu's
+ * norm_rope_kernel is tested against it) */
+static dsrt_tensor *norm_rope_by_steps(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *weight, float eps, int64_t first,
+                                       int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
+                                       dsrt_precision prec, dsrt_stream *s)
 {
     dsrt_tensor *n = x;
     if (norm == DSRT_NN_NORM_RMS) n = dsrt_nn_rms_norm(x, weight, eps, prec, s);
@@ -672,41 +675,115 @@ static dsrt_tensor *norm_rope_cpu(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor
     return y;
 }
 
+/* norm_rope's arguments (x and weight named `name` and `wname`), under the name of the op that
+ * takes them; the RoPE frequencies and positions into *rope */
+static int check_norm_rope(const char *op, const char *name, const char *wname, dsrt_tensor *x, dsrt_nn_norm norm,
+                           dsrt_tensor *weight, int64_t first, int64_t step, double theta, const dsrt_yarn *yarn,
+                           dsrt_nn_post post, dsrt_stream *s, dsrtk_rope *rope)
+{
+    char ts[128];
+    if (check_arg(op, name, x, 0, 0, NULL, s)) return -1;
+    if (x->ndim != 2 && x->ndim != 3)
+        return dsrt_err("%s: %s is %s, expected [S, H, w] or [S, w]", op, name, dsrt_tensor_str(x, ts, sizeof ts));
+    int64_t w = x->shape[x->ndim - 1];
+    if (w % 8 || w < DSRT_NN_ROPE_DIMS || w > 1024)
+        return dsrt_err("%s: %s is %s, expected vectors of a multiple of 8 from %d to 1024 values", op, name,
+                        dsrt_tensor_str(x, ts, sizeof ts), DSRT_NN_ROPE_DIMS);
+    if ((unsigned)norm > DSRT_NN_NORM_HEAD || (unsigned)post > DSRT_NN_POST_HADAMARD_Q4)
+        return dsrt_err("%s: unknown norm %d or post-processing %d", op, (int)norm, (int)post);
+    if (weight && norm != DSRT_NN_NORM_RMS) return dsrt_err("%s: only the RMS norm takes a weight", op);
+    if (weight && check_arg(op, wname, weight, 0, 1, &w, s)) return -1;
+    if (post == DSRT_NN_POST_HADAMARD_Q4 && w != DSRT_NN_HADAMARD_DIM)
+        return dsrt_err("%s: %s is %s, the Hadamard rotation takes vectors of %d", op, name,
+                        dsrt_tensor_str(x, ts, sizeof ts), DSRT_NN_HADAMARD_DIM);
+    if (check_progression(op, x->shape[0], first, step) || rope_freqs(op, theta, yarn, rope->freqs)) return -1;
+    rope->first = first, rope->step = step;
+    return 0;
+}
+
+/* The fused kernel reproduces the separate ops where they take their 16-byte paths, which needs
+ * the data so aligned (every row then is too, widths being multiples of 8); the dense copies of
+ * strided data are. NULL (no weight) passes. */
+static int fusable(const dsrt_tensor *t) { return !t || (uintptr_t)dev_data(t) % 16 == 0; }
+
 dsrt_tensor *dsrt_nn_norm_rope(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *weight, float eps, int64_t first,
                                int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
                                dsrt_precision prec, dsrt_stream *s)
 {
     const char *op = "nn.norm_rope";
-    char ts[128];
     dsrtk_rope rope;
-    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "x", x, 0, 0, NULL, s)) return NULL;
-    if (x->ndim != 2 && x->ndim != 3)
-        return dsrt_err_null("%s: x is %s, expected [S, H, w] or [S, w]", op, dsrt_tensor_str(x, ts, sizeof ts));
-    int64_t S = x->shape[0], heads = x->ndim == 3 ? x->shape[1] : 1, w = x->shape[x->ndim - 1];
-    if (w % 8 || w < DSRT_NN_ROPE_DIMS || w > 1024)
-        return dsrt_err_null("%s: x is %s, expected vectors of a multiple of 8 from %d to 1024 values", op,
-                             dsrt_tensor_str(x, ts, sizeof ts), DSRT_NN_ROPE_DIMS);
-    if ((unsigned)norm > DSRT_NN_NORM_HEAD || (unsigned)post > DSRT_NN_POST_HADAMARD_Q4)
-        return dsrt_err_null("%s: unknown norm %d or post-processing %d", op, (int)norm, (int)post);
-    if (weight && norm != DSRT_NN_NORM_RMS) return dsrt_err_null("%s: only the RMS norm takes a weight", op);
-    if (weight && check_arg(op, "weight", weight, 0, 1, &w, s)) return NULL;
-    if (post == DSRT_NN_POST_HADAMARD_Q4 && w != DSRT_NN_HADAMARD_DIM)
-        return dsrt_err_null("%s: x is %s, the Hadamard rotation takes vectors of %d", op, dsrt_tensor_str(x, ts, sizeof ts),
-                             DSRT_NN_HADAMARD_DIM);
-    if (check_progression(op, S, first, step) || rope_freqs(op, theta, yarn, rope.freqs)) return NULL;
-    if (!on_cuda(s)) return norm_rope_cpu(x, norm, weight, eps, first, step, theta, yarn, post, prec, s);
-    rope.first = first, rope.step = step;
-    dsrt_tensor *xc = dense(x, s), *wc = xc && weight ? dense(weight, s) : NULL;
-    dsrt_tensor *y = xc && (wc || !weight) ? new_on(DSRT_F32, x->ndim, x->shape, s) : NULL;
-    if (y && launched(op, dsrtk_nn_norm_rope(s->device, dev_data(xc), xc->dtype, wc ? dev_data(wc) : NULL,
-                                             wc ? wc->dtype : DSRT_F32, dev_data(y), S, heads, w, (int)norm, eps, &rope,
-                                             (int)post, prec == DSRT_PREC_REFERENCE, s->handle))) {
-        dsrt_tensor_release(y);
-        y = NULL;
+    if (check_precision(op, prec) || check_any_stream(op, s) ||
+        check_norm_rope(op, "x", "weight", x, norm, weight, first, step, theta, yarn, post, s, &rope))
+        return NULL;
+    if (!on_cuda(s)) return norm_rope_by_steps(x, norm, weight, eps, first, step, theta, yarn, post, prec, s);
+    dsrt_tensor *xc = dense(x, s), *wc = xc && weight ? dense(weight, s) : NULL, *y = NULL;
+    if (xc && (wc || !weight) && !(fusable(xc) && fusable(wc))) {
+        y = norm_rope_by_steps(xc, norm, wc, eps, first, step, theta, yarn, post, prec, s);
+    } else if (xc && (wc || !weight) && (y = new_on(DSRT_F32, x->ndim, x->shape, s))) {
+        int64_t heads = x->ndim == 3 ? x->shape[1] : 1, w = x->shape[x->ndim - 1];
+        if (launched(op, dsrtk_nn_norm_rope(s->device, dev_data(xc), xc->dtype, wc ? dev_data(wc) : NULL,
+                                            wc ? wc->dtype : DSRT_F32, dev_data(y), x->shape[0], heads, w, (int)norm, eps,
+                                            &rope, (int)post, prec == DSRT_PREC_REFERENCE, NULL, s->handle))) {
+            dsrt_tensor_release(y);
+            y = NULL;
+        }
     }
     dsrt_tensor_release(xc);
     dsrt_tensor_release(wc);
     return y;
+}
+
+int dsrt_nn_q_kv_norm(dsrt_tensor *qa, dsrt_tensor *q_weight, dsrt_tensor *kv, dsrt_tensor *kv_weight, float eps,
+                      int64_t first, int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
+                      dsrt_precision prec, dsrt_stream *s, dsrt_tensor **qr, dsrt_tensor **kv_out)
+{
+    const char *op = "nn.q_kv_norm";
+    dsrtk_rope rope;
+    *qr = *kv_out = NULL;
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "qa", qa, 0, 0, NULL, s) ||
+        check_norm_rope(op, "kv", "kv_weight", kv, DSRT_NN_NORM_RMS, kv_weight, first, step, theta, yarn, post, s, &rope))
+        return -1;
+    int64_t dq = qa->shape[qa->ndim - 1];
+    if (q_weight && check_arg(op, "q_weight", q_weight, 0, 1, &dq, s)) return -1;
+    /* one launch for aligned data (the dense copies of qa, q_weight, kv, kv_weight in ts) whose qa
+     * rows fit a warp (norm_rope_kernel's second norm); else the two ops */
+    dsrt_tensor *ts[4] = {NULL, NULL, NULL, NULL};
+    int fused = on_cuda(s) && dq % 8 == 0 && dq <= 1024;
+    for (int i = 0; fused && i < 4; i++) {
+        dsrt_tensor *t = i == 0 ? qa : i == 1 ? q_weight : i == 2 ? kv : kv_weight;
+        fused = !t || ((ts[i] = dense(t, s)) && fusable(ts[i]));
+    }
+    if (!fused) { /* (a dense copy that failed fails again there, with its message) */
+        release_all(ts, 4);
+        *qr = dsrt_nn_rms_norm(qa, q_weight, eps, prec, s);
+        *kv_out = *qr ? dsrt_nn_norm_rope(kv, DSRT_NN_NORM_RMS, kv_weight, eps, first, step, theta, yarn, post, prec, s)
+                      : NULL;
+        if (*kv_out) return 0;
+        dsrt_tensor_release(*qr);
+        *qr = NULL;
+        return -1;
+    }
+    dsrt_tensor *q_out = new_on(act_dtype(prec), qa->ndim, qa->shape, s);
+    dsrt_tensor *y = q_out ? new_on(DSRT_F32, kv->ndim, kv->shape, s) : NULL;
+    int rc = -1;
+    if (y) {
+        dsrtk_norm_job also = {dev_data(ts[0]), ts[1] ? dev_data(ts[1]) : NULL, dev_data(q_out), ts[0]->dtype,
+                               ts[1] ? ts[1]->dtype : DSRT_F32, q_out->dtype, rows_of(qa), dq};
+        int64_t heads = kv->ndim == 3 ? kv->shape[1] : 1, w = kv->shape[kv->ndim - 1];
+        rc = launched(op, dsrtk_nn_norm_rope(s->device, dev_data(ts[2]), ts[2]->dtype, ts[3] ? dev_data(ts[3]) : NULL,
+                                             ts[3] ? ts[3]->dtype : DSRT_F32, dev_data(y), kv->shape[0], heads, w,
+                                             DSRT_NN_NORM_RMS, eps, &rope, (int)post, prec == DSRT_PREC_REFERENCE, &also,
+                                             s->handle));
+    }
+    release_all(ts, 4);
+    if (rc) {
+        dsrt_tensor_release(q_out);
+        dsrt_tensor_release(y);
+        return -1;
+    }
+    *qr = q_out;
+    *kv_out = y;
+    return 0;
 }
 
 dsrt_tensor *dsrt_nn_sparse_attention_inverse_rope(dsrt_tensor *q, dsrt_tensor *pool, dsrt_tensor *indices,

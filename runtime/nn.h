@@ -161,13 +161,21 @@ typedef enum {
  * calls give, returned as a new contiguous f32 tensor in both precisions (in reference precision
  * its values are bf16-exact, so nothing is lost and the attention kernels can take it as it is).
  * w must be a multiple of 8 from 64 to 1024 (the model's 512 and 128; 128 with HADAMARD_Q4), a
- * weight goes only with DSRT_NN_NORM_RMS. On CUDA it is one kernel (kernels/norm.cu), which gives
- * the separate ops' bits wherever they take their vector paths (16-byte aligned rows, as the
- * model's are); from misaligned data the norm's sum of squares may be added in another order,
- * which both sides round once to fp32 (nn.h's "long reductions"). */
+ * weight goes only with DSRT_NN_NORM_RMS. On CUDA it is one kernel (kernels/norm.cu) that repeats
+ * the separate kernels' operations on 16-byte aligned data (the model's, and any dense copy);
+ * misaligned data goes through the separate ops, so the bits are theirs either way. */
 dsrt_tensor *dsrt_nn_norm_rope(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *weight, float eps, int64_t first,
                                int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
                                dsrt_precision prec, dsrt_stream *s);
+
+/* The attention layer's two norms after wq_a and wkv (SPEC §6.1 step 1, §6.2), in one launch on
+ * CUDA, as vLLM fuses them: *qr = dsrt_nn_rms_norm(qa, q_weight, eps, prec) (qa [..., dq]) and
+ * *kv_out = dsrt_nn_norm_rope(kv, DSRT_NN_NORM_RMS, kv_weight, eps, first, step, theta, yarn,
+ * post, prec), exactly what those calls give. Rows of qa wider than 1024 or not a multiple of 8,
+ * and misaligned data, go through the two calls. Returns 0, or -1 with both results NULL. */
+int dsrt_nn_q_kv_norm(dsrt_tensor *qa, dsrt_tensor *q_weight, dsrt_tensor *kv, dsrt_tensor *kv_weight, float eps,
+                      int64_t first, int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
+                      dsrt_precision prec, dsrt_stream *s, dsrt_tensor **qr, dsrt_tensor **kv_out);
 
 /* dsrt_nn_sparse_attention(q, pool, indices, sink, scale, prec) followed by the inverse RoPE of its
  * output at positions[t] = first + t·step (>= 0; SPEC §6.8 step 1: dsrt_nn_rope(o, positions,

@@ -14,10 +14,11 @@
 --   - more than 4096 visible indexer entries (the top-k's radix-select path), fp32;
 --   - errors: mixed devices, a state or input on the wrong device, a wrong aux stream list;
 --   - the fused passes the layer runs (nn.norm_rope: the KV row's norm, RoPE and Q8, the query's
---     head norm and RoPE, a compressed entry's, the indexer's RoPE, Hadamard and Q4;
---     nn.sparse_attention_inverse_rope: the output's inverse RoPE inside the attention kernels)
---     give the bits of the separate CUDA ops they replace, on fresh random inputs at odd sizes, in
---     every launch shape, both precisions; misaligned and strided inputs give the aligned bits.
+--     head norm and RoPE, a compressed entry's, the indexer's RoPE, Hadamard and Q4; nn.q_kv_norm:
+--     q_norm in the KV row's launch; nn.sparse_attention_inverse_rope: the output's inverse RoPE
+--     inside the attention kernels) give the bits of the separate CUDA ops they replace, on fresh
+--     random inputs at odd sizes, in every launch shape, both precisions; misaligned and strided
+--     inputs too.
 -- Outputs come from a cache stocked with NaN blocks (poison), so an element a kernel forgot to
 -- write fails; NaN never passes (rel_error is NaN then).
 --
@@ -275,12 +276,13 @@ test("norm_rope_gives_the_bits_of_the_separate_ops", function()
 end)
 
 test("norm_rope_from_misaligned_and_strided_inputs", function()
-  -- one warp a row whatever the layout: a misaligned or strided x gives the aligned x's bits
+  -- a strided x is made dense (the fused kernel), a misaligned one goes through the separate ops:
+  -- the bits of the separate ops on the aligned x either way
   for _, prec in ipairs(PRECISIONS) do
     for _, c in ipairs({ { { 5, 512 }, "rms", "q8" }, { { 7, 128 }, "none", "hadamard_q4" }, { { 3, 200 }, "head", "none" } }) do
       local shape, norm, post = c[1], c[2], c[3]
       local x = norm_rope_input(shape, "bf16")
-      local want = nn.norm_rope(x:to("cuda"), nil, norm, 1e-6, 11, 1, 10000, nil, post, prec)
+      local want = norm_rope_by_steps(x:to("cuda"), nil, norm, 1e-6, 11, 1, 10000, nil, post, prec)
       local flat = dsrt.zeros({ x:numel() + 1 }, { dtype = "bf16" }):to("cuda")
       local offset = flat:narrow(1, 2, x:numel()):view(table.unpack(shape))
       offset:copy(x:to("cuda"))
@@ -290,6 +292,45 @@ test("norm_rope_from_misaligned_and_strided_inputs", function()
       h.poison_cuda_cache(x:numel() * 4)
       check_bits(nn.norm_rope(strided, nil, norm, 1e-6, 11, 1, 10000, nil, post, prec), want, "norm_rope strided " .. prec)
     end
+  end
+end)
+
+test("q_kv_norm_gives_the_bits_of_the_two_norms", function()
+  -- qa rows of 1024 (Flash's q_lora_rank: 4 vectors a lane), 200, 64 in the KV row's launch, with
+  -- other row counts than kv's; 1536 (too wide for a warp) and misaligned data through the two ops
+  local cases = { -- qa shape, kv shape, q weight dtype, kv weight dtype, post
+    { { 1, 1024 }, { 1, 512 }, "bf16", "bf16", "q8" }, { { 37, 1024 }, { 37, 512 }, "f32", nil, "q8" },
+    { { 5, 200 }, { 3, 2, 128 }, nil, "f32", "hadamard_q4" }, { { 9, 64 }, { 1, 512 }, "bf16", "bf16", "none" },
+    { { 2, 1536 }, { 2, 512 }, "bf16", "bf16", "q8" },
+  }
+  for k, c in ipairs(cases) do
+    local qshape, kshape, qwd, kwd, post = c[1], c[2], c[3], c[4], c[5]
+    for _, dt in ipairs({ "bf16", "f32" }) do
+      local qa, kv = norm_rope_input(qshape, dt):to("cuda"), norm_rope_input(kshape, dt):to("cuda")
+      local qw = qwd and fused_randn({ qshape[#qshape] }, qwd):to("cuda") or nil
+      local kw = kwd and fused_randn({ kshape[#kshape] }, kwd):to("cuda") or nil
+      for j, prec in ipairs(PRECISIONS) do
+        local rope = FUSED_ROPES[(k + j) % #FUSED_ROPES + 1]
+        local theta, yarn, first, step = rope[1], rope[2], rope[3], rope[4]
+        local want_q = nn.rms_norm(qa, qw, 1e-6, prec)
+        local want_kv = norm_rope_by_steps(kv, kw, "rms", 1e-6, first, step, theta, yarn, post, prec)
+        h.poison_cuda_cache({ qa:numel() * 4, kv:numel() * 4 })
+        local qr, got_kv = nn.q_kv_norm(qa, qw, kv, kw, 1e-6, first, step, theta, yarn, post, prec)
+        local what = string.format("q_kv_norm qa %s kv %s %s %s", table.concat(qshape, "x"), table.concat(kshape, "x"), dt, prec)
+        check_bits(qr, want_q, what .. ": qr")
+        check_bits(got_kv, want_kv, what .. ": kv")
+      end
+    end
+  end
+  -- a misaligned qa
+  local qa, kv = norm_rope_input({ 3, 1024 }, "bf16"), norm_rope_input({ 3, 512 }, "bf16"):to("cuda")
+  local flat = dsrt.zeros({ qa:numel() + 1 }, { dtype = "bf16" }):to("cuda")
+  local offset = flat:narrow(1, 2, qa:numel()):view(3, 1024)
+  offset:copy(qa:to("cuda"))
+  for _, prec in ipairs(PRECISIONS) do
+    local qr, got_kv = nn.q_kv_norm(offset, nil, kv, nil, 1e-6, 4, 1, 10000, nil, "q8", prec)
+    check_bits(qr, nn.rms_norm(qa:to("cuda"), nil, 1e-6, prec), "q_kv_norm misaligned qa " .. prec)
+    check_bits(got_kv, norm_rope_by_steps(kv, nil, "rms", 1e-6, 4, 1, 10000, nil, "q8", prec), "q_kv_norm misaligned kv " .. prec)
   end
 end)
 

@@ -1,8 +1,8 @@
 -- test_nn.lua — dsrt.nn (runtime/lnn.c over runtime/nn.c) from Lua: the calling convention (tensors,
 -- scalars, then the precision string last), result shapes and dtypes per precision, the in-place
 -- round trips, small cases against plain-Lua arithmetic, identities (inverse RoPE, H·H = I, hc_post
--- with the identity mix), the attention layer's fused passes (norm_rope, sparse_attention_inverse_rope)
--- equal to the separate ops, bit for bit, and the error messages, which must name the function and
+-- with the identity mix), the attention layer's fused passes (norm_rope, q_kv_norm,
+-- sparse_attention_inverse_rope) equal to the separate ops, bit for bit, and the error messages, which must name the function and
 -- the shapes. The numerics in depth are tests/c/test_nn.c's.
 local dsrt = require "dsrt"
 local h = require "tests.helpers"
@@ -274,6 +274,26 @@ test("norm_rope_is_the_separate_ops", function()
       assert_equal(m * 8, math.floor(m * 8), "an e4m3 mantissa")
     end
   end
+end)
+
+test("q_kv_norm_is_the_two_ops", function()
+  for _, c in ipairs({ { { 3, 1024 }, { 3, 512 }, "f32", "bf16", "q8" }, { { 2, 200 }, { 5, 2, 128 }, nil, nil, "hadamard_q4" } }) do
+    local qa, kv = randn(c[1], "bf16", 3), randn(c[2], "bf16", 3)
+    local qw = c[3] and randn({ c[1][#c[1]] }, c[3]) or nil
+    local kw = c[4] and randn({ c[2][#c[2]] }, c[4]) or nil
+    for _, prec in ipairs({ "reference", "fp32" }) do
+      local qr, k = nn.q_kv_norm(qa, qw, kv, kw, 1e-6, 70001, 1, 160000, FLASH_YARN, c[5], prec)
+      assert_equal(qr.dtype, prec == "reference" and "bf16" or "f32")
+      assert_equal(k.dtype, "f32")
+      assert_equal(qr:totable(), nn.rms_norm(qa, qw, 1e-6, prec):totable(), prec)
+      assert_equal(k:totable(), nn.norm_rope(kv, kw, "rms", 1e-6, 70001, 1, 160000, FLASH_YARN, c[5], prec):totable(), prec)
+    end
+  end
+  local qa, kv = randn({ 2, 64 }), randn({ 2, 64 })
+  assert_error(nn.q_kv_norm, "nn.q_kv_norm: q_weight is f32%[32%] on cpu, expected shape %[64%]", qa, dsrt.ones({ 32 }), kv,
+               nil, 1e-6, 0, 1, 10000, nil, "q8", "fp32")
+  assert_error(nn.q_kv_norm, "nn.q_kv_norm: kv is bf16%[2, 60%] on cpu, expected vectors of a multiple of 8", qa, nil,
+               randn({ 2, 60 }), nil, 1e-6, 0, 1, 10000, nil, "q8", "fp32")
 end)
 
 test("sparse_attention_inverse_rope_is_the_two_ops", function()
