@@ -16,7 +16,9 @@
  *     product of two f32 values is exact in double, so a fused multiply-add gives the same bits as
  *     the CPU's multiply then add: the scores are bit-equal to index_select()'s, and so is the
  *     top-k order (descending score, ties to the lower entry), which makes the picks equal too;
- *   - ring writes, the pool gather and the index lists only move values.
+ *   - ring writes, the pool gather and the index lists only move values. A decode step is bound
+ *     by launches, so the pool and the index lists are one launch, and so are all the rings'
+ *     writes.
  * Decode (few query rows) has its own indexer score kernel, score_split_kernel: a CTA per 8 entries,
  * a thread per (entry, head) dot, the head sum in order by one thread per entry: the same bits.
  * The top-k's bitonic sort runs its stages with jj < 32 as warp shuffles: the same network.
@@ -114,99 +116,116 @@ int dsrtk_attn_compress_pool(int dev, float *out, const float *chunk_c, const fl
     return dsrtk_check_launch(what, dev);
 }
 
-/* ring[(P + i) mod rows] = src[i] for the chunk's last min(S, rows) rows */
-__global__ void __launch_bounds__(DSRTK_BLOCK) ring_write_kernel(float *ring, const float *src, int64_t rows, int64_t width,
-                                                                 int64_t P, int64_t first, int64_t S)
+/* Every ring of the layer in one launch: ring k gets rows[(P + i) mod rows_k] = src_k[i] for the
+ * chunk's last min(S, rows_k) rows. The rings are distinct buffers, so their writes are independent;
+ * one grid-stride loop over the concatenated elements (start[k] … start[k+1]) costs one launch where
+ * a decode step paid one per ring (up to five). */
+struct RingWrites {
+    dsrtk_ring_write w[DSRTK_MAX_RING_WRITES];
+    int64_t start[DSRTK_MAX_RING_WRITES + 1], first[DSRTK_MAX_RING_WRITES];
+    int n;
+    int64_t P;
+};
+
+__global__ void __launch_bounds__(DSRTK_BLOCK) ring_write_kernel(const __grid_constant__ RingWrites rw)
 {
-    int64_t total = (S - first) * width, step = (int64_t)gridDim.x * blockDim.x;
+    const int64_t total = rw.start[rw.n], step = (int64_t)gridDim.x * blockDim.x;
     for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
-        int64_t i = first + at / width, k = at % width;
-        ring[((P + i) % rows) * width + k] = src[i * width + k];
+        int k = 0;
+        while (at >= rw.start[k + 1]) k++;
+        const dsrtk_ring_write &w = rw.w[k];
+        const int64_t e = at - rw.start[k], i = rw.first[k] + e / w.width, c = e % w.width;
+        w.ring[((rw.P + i) % w.rows) * w.width + c] = w.src[i * w.width + c];
     }
 }
 
-int dsrtk_attn_ring_write(int dev, float *ring, int64_t rows, int64_t width, const float *src, int64_t P, int64_t S,
-                          void *stream)
+int dsrtk_attn_ring_writes(int dev, const dsrtk_ring_write *writes, int n, int64_t P, int64_t S, void *stream)
 {
-    if (rows < 1 || width < 1 || P < 0 || S < 0) return bad_arg("attention.ring_write", "bad sizes");
-    if (S == 0) return DSRTK_OK;
-    DSRTK_SET_DEVICE(dev, "attention.ring_write");
-    int64_t first = S > rows ? S - rows : 0;
-    int grid = dsrtk_grid_for(dev, (S - first) * width, DSRTK_BLOCK);
-    ring_write_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(ring, src, rows, width, P, first, S);
-    return dsrtk_check_launch("attention.ring_write", dev);
+    const char *what = "attention.ring_writes";
+    if (n < 1 || n > DSRTK_MAX_RING_WRITES || P < 0 || S < 0) return bad_arg(what, "bad sizes");
+    RingWrites rw;
+    rw.n = n, rw.P = P, rw.start[0] = 0;
+    for (int k = 0; k < n; k++) {
+        const dsrtk_ring_write &w = writes[k];
+        if (w.rows < 1 || w.width < 1) return bad_arg(what, "bad sizes");
+        rw.w[k] = w;
+        rw.first[k] = S > w.rows ? S - w.rows : 0;
+        rw.start[k + 1] = rw.start[k] + (S - rw.first[k]) * w.width;
+    }
+    if (rw.start[n] == 0) return DSRTK_OK;
+    DSRTK_SET_DEVICE(dev, what);
+    int grid = dsrtk_grid_for(dev, rw.start[n], DSRTK_BLOCK);
+    ring_write_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(rw);
+    return dsrtk_check_launch(what, dev);
 }
 
 /* ---- the attention pool and index lists (attention.c forward; SPEC §6.4, §6.7) ---- */
 
-/* pool rows: window positions base … P+S−1 (fresh rows for p >= P, the ring before), then the
- * entries 0 … n_entries−1 */
-__global__ void __launch_bounds__(DSRTK_BLOCK) gather_kernel(float *pool, const float *fresh, const float *window,
-                                                             int64_t window_rows, const float *entries, int64_t base,
-                                                             int64_t P, int64_t n_win, int64_t n_entries, int64_t hd)
-{
-    int64_t total = (n_win + n_entries) * hd, step = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
-        int64_t row = at / hd, k = at - row * hd;
-        float v;
-        if (row < n_win) {
-            int64_t p = base + row;
-            v = p >= P ? fresh[(p - P) * hd + k] : window[(p % window_rows) * hd + k];
-        } else {
-            v = entries[(row - n_win) * hd + k];
-        }
-        pool[at] = v;
-    }
-}
+struct GatherArgs {
+    float *pool;
+    int64_t *idx;
+    const float *fresh, *window, *entries;
+    const int *picks;
+    int64_t window_rows, base, P, S, n_win, n_entries, hd, K, W, r, topk;
+};
 
-int dsrtk_attn_gather_pool(int dev, float *pool, const float *fresh, const float *window, int64_t window_rows,
-                           const float *entries, int64_t base, int64_t P, int64_t S, int64_t n_entries, int64_t hd,
-                           void *stream)
-{
-    int64_t n_win = P + S - base;
-    if (hd < 1 || window_rows < 1 || base < 0 || base > P || S < 1 || n_entries < 0 || P - base > window_rows)
-        return bad_arg("attention.gather_pool", "bad sizes");
-    DSRTK_SET_DEVICE(dev, "attention.gather_pool");
-    int grid = dsrtk_grid_for(dev, (n_win + n_entries) * hd, DSRTK_BLOCK);
-    gather_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(pool, fresh, window, window_rows, entries, base, P,
-                                                                  n_win, n_entries, hd);
-    return dsrtk_check_launch("attention.gather_pool", dev);
-}
-
-/* idx[i, m] for query t = P + i: m < W: window positions lo … t (pool rows p − base), −1 after;
+/* One launch, one grid-stride loop over both outputs: first the pool's elements, then the index
+ * lists'.
+ * pool rows: window positions base … P+S−1 (fresh rows for p >= P, the ring before), then the
+ * entries 0 … n_entries−1.
+ * idx[i, m] for query t = P + i: m < W: window positions lo … t (pool rows p − base), −1 after;
  * m >= W: ratio 4: picks[i, m − W] + n_win (−1 stays −1); other ratios: the visible entries
  * n_win + (m − W) for m − W < (t+1) div r; −1 elsewhere (ratio 0 has no compressed part). */
-__global__ void __launch_bounds__(DSRTK_BLOCK) index_kernel(int64_t *idx, const int *picks, int64_t S, int64_t K,
-                                                            int64_t P, int64_t W, int64_t base, int64_t n_win, int64_t r,
-                                                            int64_t topk)
+__global__ void __launch_bounds__(DSRTK_BLOCK) gather_kernel(const __grid_constant__ GatherArgs a)
 {
-    int64_t total = S * K, step = (int64_t)gridDim.x * blockDim.x;
+    const int64_t n_pool = (a.n_win + a.n_entries) * a.hd, total = n_pool + a.S * a.K;
+    const int64_t step = (int64_t)gridDim.x * blockDim.x;
     for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
-        int64_t i = at / K, m = at - i * K, t = P + i, v = -1;
-        if (m < W) {
-            int64_t lo = t - W + 1 > 0 ? t - W + 1 : 0;
-            if (lo + m <= t) v = lo + m - base;
-        } else if (r == 4) {
-            if (m - W < topk) {
-                int pk = picks[i * topk + (m - W)];
-                if (pk >= 0) v = n_win + pk;
+        if (at < n_pool) {
+            int64_t row = at / a.hd, k = at - row * a.hd;
+            float v;
+            if (row < a.n_win) {
+                int64_t p = a.base + row;
+                v = p >= a.P ? a.fresh[(p - a.P) * a.hd + k] : a.window[(p % a.window_rows) * a.hd + k];
+            } else {
+                v = a.entries[(row - a.n_win) * a.hd + k];
             }
-        } else if (r > 0) {
-            if (m - W < (t + 1) / r) v = n_win + (m - W);
+            a.pool[at] = v;
+            continue;
         }
-        idx[at] = v;
+        const int64_t e = at - n_pool, i = e / a.K, m = e - i * a.K, t = a.P + i;
+        int64_t v = -1;
+        if (m < a.W) {
+            int64_t lo = t - a.W + 1 > 0 ? t - a.W + 1 : 0;
+            if (lo + m <= t) v = lo + m - a.base;
+        } else if (a.r == 4) {
+            if (m - a.W < a.topk) {
+                int pk = a.picks[i * a.topk + (m - a.W)];
+                if (pk >= 0) v = a.n_win + pk;
+            }
+        } else if (a.r > 0) {
+            if (m - a.W < (t + 1) / a.r) v = a.n_win + (m - a.W);
+        }
+        a.idx[e] = v;
     }
 }
 
-int dsrtk_attn_index_lists(int dev, int64_t *idx, const int *picks, int64_t S, int64_t K, int64_t P, int64_t W,
-                           int64_t base, int64_t n_win, int64_t r, int64_t topk, void *stream)
+int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, const float *window, int64_t window_rows,
+                    const float *entries, const int *picks, int64_t base, int64_t P, int64_t S, int64_t n_entries,
+                    int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, void *stream)
 {
-    if (S < 1 || W < 1 || K < W || P < 0 || base < 0 || r < 0 || (r == 4 && (!picks || topk < 1 || K != W + topk)))
-        return bad_arg("attention.index_lists", "bad sizes");
-    DSRTK_SET_DEVICE(dev, "attention.index_lists");
-    int grid = dsrtk_grid_for(dev, S * K, DSRTK_BLOCK);
-    index_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(idx, picks, S, K, P, W, base, n_win, r, topk);
-    return dsrtk_check_launch("attention.index_lists", dev);
+    const char *what = "attention.gather";
+    if (hd < 1 || window_rows < 1 || base < 0 || base > P || S < 1 || n_entries < 0 || P - base > window_rows ||
+        W < 1 || K < W || r < 0 || (r == 4 && (!picks || topk < 1 || K != W + topk)))
+        return bad_arg(what, "bad sizes");
+    GatherArgs a;
+    a.pool = pool, a.idx = idx, a.fresh = fresh, a.window = window, a.entries = entries, a.picks = picks;
+    a.window_rows = window_rows, a.base = base, a.P = P, a.S = S, a.n_win = P + S - base, a.n_entries = n_entries;
+    a.hd = hd, a.K = K, a.W = W, a.r = r, a.topk = topk;
+    DSRTK_SET_DEVICE(dev, what);
+    int grid = dsrtk_grid_for(dev, (a.n_win + n_entries) * hd + S * K, DSRTK_BLOCK);
+    gather_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(a);
+    return dsrtk_check_launch(what, dev);
 }
 
 /* ---- lightning indexer (attention.c index_select; SPEC §6.6) ---- */

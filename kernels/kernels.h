@@ -139,6 +139,29 @@ int dsrtk_nn_rope(int dev, const void *x, int x_dtype, void *y, int y_dtype, con
                   int64_t S, int64_t heads, int64_t w, const float *freqs, int inverse, void *stream);
 /* the normalised Hadamard transform of each 128-vector of x [rows, 128] into y */
 int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y, int y_dtype, int64_t rows, void *stream);
+/* RoPE folded into another kernel: the 32 host floats of dsrt_nn_rope_freqs, and the positions as
+ * a progression (row t of the call at first + t·step), which is all the attention layer uses, so
+ * no positions tensor is made for it */
+typedef struct {
+    float freqs[32];
+    int64_t first, step;
+} dsrtk_rope;
+/* a plain RMSNorm that rides in dsrtk_nn_norm_rope's launch: y [rows, width] (y_dtype) = RMS_w(x),
+ * w [width] or NULL, width a multiple of 8 up to 1024 (nn.h dsrt_nn_q_kv_norm's qr) */
+typedef struct {
+    const void *x, *w;
+    void *y;
+    int x_dtype, w_dtype, y_dtype;
+    int64_t rows, width;
+} dsrtk_norm_job;
+/* nn.h dsrt_nn_norm_rope: y f32 [S, heads, width] = post(RoPE(norm(x))) of x [S, heads, width]
+ * (width a multiple of 8 from 64 to 1024); norm and post take nn.h's dsrt_nn_norm / dsrt_nn_post
+ * values, w [width] (RMS only) or NULL; ref: reference precision's rounding points and round trips.
+ * also (or NULL): a second, plain RMSNorm in the same launch, with the same eps. Every pointer
+ * 16-byte aligned (the bits are those of the separate ops' aligned paths). */
+int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, float *y, int64_t S,
+                       int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post, int ref,
+                       const dsrtk_norm_job *also, void *stream);
 /* end of norm */
 
 /* ---- hc (kernels/hc.cu): Sinkhorn and the hyper-connection ops (runtime/nn.h) ---- */
@@ -346,13 +369,15 @@ int dsrtk_moe_combine(int dev, const void *y, int y_dtype, const int32_t *pos_of
  * o [S, H, D] (bf16 or f32) = the sink attention of q [S, H, D] over pool [N, D] (K = V) through
  * indices [S, K] (i32/i64, -1 unused), sink [H], in blocks of DSRT_NN_ATTENTION_BLOCK (64) entries,
  * p rounded to bf16 when round_p (reference). q, pool, sink f32 or bf16; all views contiguous.
+ * derotate (or NULL): then the inverse RoPE of o's last 64 columns (D >= 64), as dsrtk_nn_rope
+ * would apply it to the stored o (dsrt_nn_sparse_attention_inverse_rope).
  * A bad index (< -1 or >= N) is never read: its query row's outputs become NaN (checking on the
  * host would need a synchronisation). Few query rows (decode) take a split path that needs
  * `workspace` of the size _workspace gives (0: none) for the same S, H, D, K on the same device. */
 int dsrtk_sparse_attention_workspace(int dev, int64_t S, int64_t H, int64_t D, int64_t K, size_t *bytes);
 int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, const dsrt_view *pool,
                            const dsrt_view *indices, const dsrt_view *sink, float scale, int round_p,
-                           void *workspace, size_t workspace_bytes, void *stream);
+                           const dsrtk_rope *derotate, void *workspace, size_t workspace_bytes, void *stream);
 /* end of sparse attention */
 /* The layer's own loops (runtime/attention.c); contiguous f32 rows unless said otherwise.
  * ape_add: g[i, :] += ape[(P+i) mod r, :] for the chunk's S rows of `width` gates.
@@ -360,11 +385,12 @@ int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, cons
  *   compressor's slots (coff 2: overlap, ratio 4), reading the chunk's (c, g) rows [S, coff·d] for
  *   positions >= P and the rings [ring, coff·d] (position p in row p mod ring) before; bf16-rounded
  *   when round_bf16.
- * ring_write: ring[(P+i) mod rows, :] = src[i, :] for the chunk's last min(S, rows) rows.
- * gather_pool: pool [P+S-base + n_entries, hd] = window positions base … P+S-1 (fresh [S, hd] for
- *   p >= P, the window ring before), then entries [n_entries, hd].
- * index_lists: idx i64 [S, K]: the layer's index lists (window part, then the compressed part:
- *   ratio 4: picks i32 [S, topk] + n_win, −1 kept; other ratios > 0: every visible entry).
+ * ring_writes: for each of the n (<= DSRTK_MAX_RING_WRITES) rings, ring[(P+i) mod rows, :] =
+ *   src[i, :] for the chunk's last min(S, rows) rows, all in one launch.
+ * gather: pool [P+S-base + n_entries, hd] = window positions base … P+S-1 (fresh [S, hd] for
+ *   p >= P, the window ring before), then entries [n_entries, hd]; and, in the same launch, idx
+ *   i64 [S, K]: the layer's index lists (window part, then the compressed part: ratio 4: picks i32
+ *   [S, topk] + n_win, −1 kept; other ratios > 0: every visible entry), n_win = P+S-base.
  * index_scores: scores [S, n_max] (visible entries only) of the lightning indexer from q [S, IH, ID],
  *   keys [n_max, ID] (16-byte aligned), w [S, IH] (weights_proj's output, scaled here).
  * topk: picks i32 [S, topk]: per query, the min(topk, visible) visible entries by descending
@@ -373,13 +399,16 @@ int dsrtk_attn_ape_add(int dev, float *g, const float *ape, int64_t S, int64_t w
 int dsrtk_attn_compress_pool(int dev, float *out, const float *chunk_c, const float *chunk_g, const float *ring_c,
                              const float *ring_g, int64_t ring, int64_t P, int64_t S, int64_t j0, int64_t n, int d, int r,
                              int coff, int round_bf16, void *stream);
-int dsrtk_attn_ring_write(int dev, float *ring, int64_t rows, int64_t width, const float *src, int64_t P, int64_t S,
-                          void *stream);
-int dsrtk_attn_gather_pool(int dev, float *pool, const float *fresh, const float *window, int64_t window_rows,
-                           const float *entries, int64_t base, int64_t P, int64_t S, int64_t n_entries, int64_t hd,
-                           void *stream);
-int dsrtk_attn_index_lists(int dev, int64_t *idx, const int *picks, int64_t S, int64_t K, int64_t P, int64_t W,
-                           int64_t base, int64_t n_win, int64_t r, int64_t topk, void *stream);
+enum { DSRTK_MAX_RING_WRITES = 5 }; /* the window, the compressor's c and g, the indexer's c and g */
+typedef struct {
+    float *ring;
+    const float *src;
+    int64_t rows, width;
+} dsrtk_ring_write;
+int dsrtk_attn_ring_writes(int dev, const dsrtk_ring_write *writes, int n, int64_t P, int64_t S, void *stream);
+int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, const float *window, int64_t window_rows,
+                      const float *entries, const int *picks, int64_t base, int64_t P, int64_t S, int64_t n_entries,
+                      int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, void *stream);
 int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float *keys, const float *w, float scale,
                             int64_t S, int64_t P, int64_t r, int IH, int ID, int64_t n_max, int ref, void *stream);
 int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t P, int64_t r, int64_t topk, int64_t n_max,

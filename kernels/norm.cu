@@ -28,9 +28,16 @@
  * a thread 8 elements and meet over a quantisation block with shuffles, RoPE takes 8 columns at a
  * time and splits a position over several blocks when positions are few. Every other layout takes
  * the one-element-at-a-time kernel, with the same operations, so both paths give the same bits.
+ *
+ * The attention layer's pass after a projection (norm_rope_kernel, nn.h dsrt_nn_norm_rope) chains
+ * RMSNorm or the head norm, RoPE and the Q8 or Hadamard + Q4 round trip with the vector in one
+ * warp's registers, each step the very operations of the kernel above that it replaces (RoPE's are
+ * rope.cuh's, shared with sparse_attention.cu), so the chain gives their bits and a decode step
+ * pays one launch where it paid three to six.
  */
 #include <math.h>
 #include "act.cuh"
+#include "rope.cuh"
 #include "../runtime/quant.h"
 
 /* ---- shared pieces ---- */
@@ -283,17 +290,6 @@ extern "C" int dsrtk_nn_roundtrip(int dev, void *x, int dtype, int64_t rows, int
 
 /* ---- RoPE (nn.c: dsrt_nn_rope) ---- */
 
-struct RopeFreqs {
-    float f[32]; /* DSRT_NN_ROPE_PAIRS, computed on the host by nn.c's rope_freqs: the CPU's bits */
-};
-
-/* (a + jb)·(c ± js) in fp32, the CPU's products and sums: the pair's two outputs */
-__device__ __forceinline__ void rotate(float a, float b, float cc, float ss, int inverse, float &o0, float &o1)
-{
-    o0 = inverse ? __fadd_rn(__fmul_rn(a, cc), __fmul_rn(b, ss)) : __fsub_rn(__fmul_rn(a, cc), __fmul_rn(b, ss));
-    o1 = inverse ? __fsub_rn(__fmul_rn(b, cc), __fmul_rn(a, ss)) : __fadd_rn(__fmul_rn(a, ss), __fmul_rn(b, cc));
-}
-
 /* Block (position t, part): 32 threads compute the token's cos/sin into shared memory, then the
  * block walks its part of the heads × w outputs: VEC (w % 8 == 0, 16-byte aligned x and y) 8 at a
  * time with 16-byte accesses (a vector lies wholly in the kept or the rotated columns, its pairs
@@ -310,9 +306,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) rope_kernel(const void *x, int x_
     const int64_t t = blockIdx.x, kept = w - 64, row_elems = heads * w;
     if (threadIdx.x < 32) {
         int64_t p = pos_dtype == DSRT_I64 ? ((const int64_t *)pos)[t] : (int64_t)((const int32_t *)pos)[t];
-        float angle = __fmul_rn((float)p, freqs.f[threadIdx.x]); /* (float) of int64 rounds to nearest */
-        cs[threadIdx.x] = (float)cos((double)angle);
-        sn[threadIdx.x] = (float)sin((double)angle);
+        rope_cos_sin(p, freqs.f[threadIdx.x], cs[threadIdx.x], sn[threadIdx.x]);
     }
     __syncthreads();
     const int64_t base = t * row_elems;
@@ -329,7 +323,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) rope_kernel(const void *x, int x_
             } else {
                 const int i0 = (int)((c - kept) >> 1);
 #pragma unroll
-                for (int p = 0; p < 4; p++) rotate(in[2 * p], in[2 * p + 1], cs[i0 + p], sn[i0 + p], inverse, out[2 * p], out[2 * p + 1]);
+                for (int p = 0; p < 4; p++) rope_rotate(in[2 * p], in[2 * p + 1], cs[i0 + p], sn[i0 + p], inverse, out[2 * p], out[2 * p + 1]);
             }
             st8(y, y_dtype, at, out);
         }
@@ -346,7 +340,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) rope_kernel(const void *x, int x_
             int64_t k = c - kept;
             int i = (int)(k >> 1);
             float o0, o1;
-            rotate(ld(x, x_dtype, at - (k & 1)), ld(x, x_dtype, at - (k & 1) + 1), cs[i], sn[i], inverse, o0, o1);
+            rope_rotate(ld(x, x_dtype, at - (k & 1)), ld(x, x_dtype, at - (k & 1) + 1), cs[i], sn[i], inverse, o0, o1);
             out = k & 1 ? o1 : o0;
         }
         st(y, y_dtype, at, out);
@@ -456,4 +450,268 @@ extern "C" int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y
     int grid = dsrtk_grid_for(dev, rows * 32, DSRTK_BLOCK);
     hadamard_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(x, x_dtype, y, y_dtype, rows, vec_x, vec_y);
     return dsrtk_check_launch("hadamard_kernel", dev);
+}
+
+/* ---- the attention layer's passes after a projection (nn.c: dsrt_nn_norm_rope, dsrt_nn_q_kv_norm) ---- */
+
+/* Kinds of the pass's steps, the values of nn.h's dsrt_nn_norm and dsrt_nn_post (kernels.h) */
+enum { NORM_NONE = 0, NORM_RMS = 1, NORM_HEAD = 2 };
+enum { POST_NONE = 0, POST_Q8 = 1, POST_HADAMARD_Q4 = 2 };
+
+struct NormRopeArgs {
+    const void *x, *w; /* x [rows, width] (rows = S·heads), w [width] or NULL: contiguous, 16-byte aligned */
+    float *y;          /* [rows, width] */
+    int x_dtype, w_dtype, norm, post, ref;
+    int64_t rows, heads, width, first, step; /* row r is at position first + (r / heads)·step */
+    float eps;
+    dsrtk_norm_job also; /* warps past `rows`: its plain RMSNorm (also.rows 0: none) */
+};
+
+/* the lane's share of a row in registers: the 8-element vectors lane, lane + 32, … (zeros past
+ * width), the layout of rms_norm_rows_kernel<32, V> */
+template <int V>
+__device__ __forceinline__ void load_row(const void *x, int dtype, int64_t base, int64_t width, int lane, float (&v)[V][8])
+{
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        const int64_t j = 8 * (int64_t)(lane + 32 * k);
+        if (j < width) {
+            ld8(x, dtype, base + j, v[k]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[k][i] = 0.0f;
+        }
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void store_row(void *y, int dtype, int64_t base, int64_t width, int lane, const float (&v)[V][8])
+{
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        const int64_t j = 8 * (int64_t)(lane + 32 * k);
+        if (j < width) st8(y, dtype, base + j, v[k]);
+    }
+}
+
+/* RMSNorm of a row as load_row holds it (w [width] or NULL; head_bf16: the head norm's reference
+ * rounding points), in rms_norm_rows_kernel<32, V>'s very operations: each lane's double sum of
+ * squares in the same order, the same shuffle tree, the same 1/rms and products */
+template <int V>
+__device__ __forceinline__ void norm_row(float (&v)[V][8], const void *w, int w_dtype, int64_t width, float eps,
+                                         int head_bf16, int lane)
+{
+    double acc = 0;
+#pragma unroll
+    for (int k = 0; k < V; k++)
+        if (8 * (int64_t)(lane + 32 * k) < width)
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc += square(v[k][i], head_bf16);
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    const float inv = inv_rms(acc, width, eps, head_bf16);
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        const int64_t j = 8 * (int64_t)(lane + 32 * k);
+        if (j >= width) continue;
+        float wv[8];
+        if (w) ld8(w, w_dtype, j, wv);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            v[k][i] = __fmul_rn(v[k][i], inv);
+            if (w) v[k][i] = __fmul_rn(wv[i], v[k][i]);
+        }
+    }
+}
+
+/* The norm -> RoPE -> round trip sequence of one vector in one warp, each step the very
+ * operations of the separate kernel it replaces on the model's aligned rows, so the result has
+ * their bits:
+ *   - the norm (norm_row) as rms_norm_rows_kernel<32, V>, the path dsrtk_nn_rms_norm takes for
+ *     16-byte aligned rows of width <= 1024, rounded to bf16 in reference precision as its bf16
+ *     output is;
+ *   - RoPE of the last 64 columns (whole vectors, pairs whole as width − 64 is a multiple of 8):
+ *     rope.cuh's cos/sin and rotation at the row's position, every value rounded to bf16 in
+ *     reference precision as rope_kernel's bf16 output is;
+ *   - Q8 (reference): the 8 lanes of a block of 64 columns meet for its amax with shuffles, as
+ *     roundtrip_vec_kernel's lanes do (columns past width − 64 count as the floor, as its lanes past
+ *     `count` do), then quant.h's scale and codes;
+ *   - Hadamard + Q4 (width 128, lanes 0..15 hold it): the butterflies of hadamard_kernel, stages
+ *     1, 2, 4 inside a lane and 8 … 64 with the lane l ^ (h/8), each y_j = a + b, y_{j+h} = a − b
+ *     on the same operands, × fp32(128^-½), rounded to bf16 in reference precision; then Q4 over
+ *     blocks of 32 (4 lanes) as roundtrip_vec_kernel<true>.
+ * Output f32 (the values are bf16-exact in reference precision). Warps past the last row do
+ * a.also's plain RMSNorm (norm_row, stored in its dtype as rms_norm_rows_kernel stores), so the
+ * layer's q_norm rides in the KV row's launch. A warp per row, 8 rows a block; a warp past all
+ * rows returns whole, so every shuffle has its full warp.
+ * Bytes: width·(|x| + 4) a row (+ w from L2); decode's rows are 1 (the KV row) or the heads. */
+template <int V, int V2>
+__global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ NormRopeArgs a,
+                                                        const __grid_constant__ RopeFreqs f)
+{
+    const int lane = threadIdx.x & 31;
+    const int64_t r = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= a.rows) {
+        constexpr int U = V2 > 0 ? V2 : 1; /* V2 == 0: no second norm compiled in */
+        if (V2 > 0 && r < a.rows + a.also.rows) {
+            const int64_t base = (r - a.rows) * a.also.width;
+            float u[U][8];
+            load_row<U>(a.also.x, a.also.x_dtype, base, a.also.width, lane, u);
+            norm_row<U>(u, a.also.w, a.also.w_dtype, a.also.width, a.eps, 0, lane);
+            store_row<U>(a.also.y, a.also.y_dtype, base, a.also.width, lane, u);
+        }
+        return;
+    }
+    const int64_t base = r * a.width, kept = a.width - 64;
+    float v[V][8];
+    load_row<V>(a.x, a.x_dtype, base, a.width, lane, v);
+    if (a.norm != NORM_NONE) {
+        norm_row<V>(v, a.w, a.w_dtype, a.width, a.eps, a.norm == NORM_HEAD && a.ref, lane);
+        if (a.ref)
+#pragma unroll
+            for (int k = 0; k < V; k++)
+#pragma unroll
+                for (int i = 0; i < 8; i++) v[k][i] = round_bf16(v[k][i]);
+    }
+    const int64_t p = a.first + r / a.heads * a.step;
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        const int64_t j = 8 * (int64_t)(lane + 32 * k);
+        if (j >= kept && j < a.width) {
+            const int i0 = (int)((j - kept) >> 1);
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                float cs, sn;
+                rope_cos_sin(p, f.f[i0 + q], cs, sn);
+                rope_rotate(v[k][2 * q], v[k][2 * q + 1], cs, sn, 0, v[k][2 * q], v[k][2 * q + 1]);
+            }
+        }
+        if (a.ref)
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[k][i] = round_bf16(v[k][i]);
+    }
+    if (a.post == POST_Q8 && a.ref) {
+#pragma unroll
+        for (int k = 0; k < V; k++) {
+            const bool in = 8 * (int64_t)(lane + 32 * k) < kept;
+            float amax = 1e-4f;
+            if (in)
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    float m = v[k][i] < 0 ? -v[k][i] : v[k][i];
+                    if (m > amax) amax = m;
+                }
+            for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            const float s = dsrt_pow2_ceil(amax * (1.0f / 448.0f));
+            if (in)
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    float q = v[k][i] / s;
+                    q = q > 448.0f ? 448.0f : q < -448.0f ? -448.0f : q;
+                    v[k][i] = dsrt_e4m3_to_f32(dsrt_f32_to_e4m3(q)) * s;
+                }
+        }
+    }
+    if (a.post == POST_HADAMARD_Q4) { /* V == 1, width 128: the host checks */
+        float *u = v[0];
+#pragma unroll
+        for (int h = 1; h < 8; h *= 2)
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                if (!(i & h)) {
+                    const float x0 = u[i], x1 = u[i + h];
+                    u[i] = __fadd_rn(x0, x1);
+                    u[i + h] = __fsub_rn(x0, x1);
+                }
+        for (int h = 8; h < 128; h *= 2) {
+            const int upper = (8 * lane) & h; /* bit h of every element this lane holds */
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const float other = __shfl_xor_sync(0xffffffffu, u[i], h >> 3);
+                u[i] = upper ? __fsub_rn(other, u[i]) : __fadd_rn(u[i], other);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            u[i] = __fmul_rn(u[i], 0.08838834764831845f);
+            if (a.ref) u[i] = round_bf16(u[i]);
+        }
+        if (a.ref) {
+            float amax = 6.0f * 1.17549435e-38f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                float m = u[i] < 0 ? -u[i] : u[i];
+                if (m > amax) amax = m;
+            }
+            for (int o = 1; o < 4; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            const float s = dsrt_pow2_ceil(amax * (1.0f / 6.0f));
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                float q = u[i] / s;
+                q = q > 6.0f ? 6.0f : q < -6.0f ? -6.0f : q;
+                u[i] = dsrt_fp4_to_f32(dsrt_f32_to_fp4(q)) * s;
+            }
+        }
+    }
+    store_row<V>(a.y, DSRT_F32, base, a.width, lane, v);
+}
+
+/* the vectors a lane holds for rows of `width` (<= 1024): rms_norm_cuda's choice, which the bits
+ * depend on */
+static int lane_vectors(int64_t width) { return width <= 256 ? 1 : width <= 512 ? 2 : 4; }
+
+template <int V>
+static void launch_norm_rope(int v2, unsigned blocks, cudaStream_t cs, const NormRopeArgs &a, const RopeFreqs &f)
+{
+    if (v2 == 0) norm_rope_kernel<V, 0><<<blocks, 256, 0, cs>>>(a, f);
+    else if (v2 == 1) norm_rope_kernel<V, 1><<<blocks, 256, 0, cs>>>(a, f);
+    else if (v2 == 2) norm_rope_kernel<V, 2><<<blocks, 256, 0, cs>>>(a, f);
+    else norm_rope_kernel<V, 4><<<blocks, 256, 0, cs>>>(a, f);
+}
+
+static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
+
+extern "C" int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, float *y, int64_t S,
+                                  int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post,
+                                  int ref, const dsrtk_norm_job *also, void *stream)
+{
+    const char *what = "nn.norm_rope";
+    int rc = check_float_dtype(what, "x", x_dtype);
+    if (!rc && w) rc = check_float_dtype(what, "weight", w_dtype);
+    if (!rc && also) rc = check_float_dtype(what, "the second norm's x", also->x_dtype);
+    if (!rc && also && also->w) rc = check_float_dtype(what, "the second norm's weight", also->w_dtype);
+    if (!rc && also) rc = check_float_dtype(what, "the second norm's y", also->y_dtype);
+    if (rc) return rc;
+    if (width % 8 || width < 64 || width > 1024 || (also && (also->width % 8 || also->width < 8 || also->width > 1024)))
+        return dsrtk_fail(DSRTK_ERROR, "%s: vectors of %lld (and %lld), expected multiples of 8 up to 1024, from 64", what,
+                          (long long)width, also ? (long long)also->width : 0LL);
+    if (norm < NORM_NONE || norm > NORM_HEAD || post < POST_NONE || post > POST_HADAMARD_Q4 || (w && norm != NORM_RMS) ||
+        (post == POST_HADAMARD_Q4 && width != 128))
+        return dsrtk_fail(DSRTK_ERROR, "%s: norm %d, post %d with%s weight on vectors of %lld", what, norm, post,
+                          w ? "" : "out", (long long)width);
+    if (!aligned16(x) || !aligned16(w) || !aligned16(y) ||
+        (also && (!aligned16(also->x) || !aligned16(also->w) || !aligned16(also->y))))
+        return dsrtk_fail(DSRTK_ERROR, "%s: the data must be 16-byte aligned", what);
+    const int64_t rows = S > 0 && heads > 0 ? S * heads : 0, rows2 = also && also->rows > 0 ? also->rows : 0;
+    const int64_t blocks = (rows + rows2 + 7) / 8;
+    if (blocks == 0) return DSRTK_OK;
+    if (blocks > INT32_MAX)
+        return dsrtk_fail(DSRTK_ERROR, "%s: %lld rows are too many for one launch", what, (long long)(rows + rows2));
+    DSRTK_SET_DEVICE(dev, what);
+    NormRopeArgs a;
+    a.x = x, a.w = w, a.y = y;
+    a.x_dtype = x_dtype, a.w_dtype = w_dtype, a.norm = norm, a.post = post, a.ref = ref != 0;
+    a.rows = rows, a.heads = heads, a.width = width, a.first = rope->first, a.step = rope->step;
+    a.eps = eps;
+    a.also = also ? *also : dsrtk_norm_job{};
+    a.also.rows = rows2;
+    RopeFreqs f;
+    for (int i = 0; i < 32; i++) f.f[i] = rope->freqs[i];
+    const int v2 = rows2 ? lane_vectors(also->width) : 0;
+    cudaStream_t cs = (cudaStream_t)stream;
+    switch (lane_vectors(width)) {
+    case 1: launch_norm_rope<1>(v2, (unsigned)blocks, cs, a, f); break;
+    case 2: launch_norm_rope<2>(v2, (unsigned)blocks, cs, a, f); break;
+    default: launch_norm_rope<4>(v2, (unsigned)blocks, cs, a, f); break;
+    }
+    return dsrtk_check_launch("norm_rope_kernel", dev);
 }

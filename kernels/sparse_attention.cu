@@ -43,6 +43,13 @@
  *          40 x 64 x 512 x 4 = 5.2 MB written and read once. Host side: shared-memory
  *          attributes and device limits are cached, so a call costs three launches and nothing else.
  *
+ * The inverse RoPE of the output (SPEC §6.8, dsrt_nn_sparse_attention_inverse_rope) happens where
+ * each path stores its output, with rope.cuh's arithmetic on the values as they would be stored
+ * (bf16-rounded for a bf16 output): the tensor-core path holds both values of a pair in one
+ * thread, the fused path reads the pair's other value from shared memory, combine_kernel gathers
+ * the last 64 columns in shared memory for its first warp. So the rotated output has the bits of
+ * nn.rope applied to the stored one, and decode pays no launch for it.
+ *
  * Index values are data on the device, so a bad one (< −1 or >= N) cannot be reported without a
  * synchronisation: it is never dereferenced, and the outputs of its query row (for the heads of
  * the CTA that saw it) become NaN, which no comparison passes.
@@ -50,6 +57,7 @@
 #include <math.h>
 #include "common.cuh"
 #include "mma.cuh"
+#include "rope.cuh"
 
 namespace {
 
@@ -74,6 +82,10 @@ struct Args {
     int64_t S, H, D, N, K, D4; /* D4: D rounded up to 4, the row length in shared memory */
     int64_t groups, nb, nc;    /* ceil(H / HEADS) (the mma path: ceil(H / MMA_HEADS)), ceil(K / ENTRIES), ceil(K / CHUNK) */
     float scale;
+    /* the inverse RoPE of the output (derotate_pair), when `rope` */
+    int rope;
+    int64_t rope_first, rope_step; /* query row t is at position rope_first + t·rope_step */
+    RopeFreqs freqs;
     /* the split path's workspace */
     float *scores;   /* [S, H, K] */
     float *cmax;     /* [S, nc, H] each chunk's max score, -inf when it has no valid entry */
@@ -327,6 +339,18 @@ __device__ __forceinline__ void store_out(const Args &a, int64_t i, float v)
 
 __device__ __forceinline__ float sink_of(const Args &a, int64_t h) { return dsrt_load_f32(a.sink, a.sink_dtype, h); }
 
+/* The inverse RoPE (SPEC §6.8) of the output pair (v0, v1) at columns kept + k, kept + k + 1 of
+ * query row t (k even, kept = D − 64), as dsrtk_nn_rope would apply it to the stored output: each
+ * value as stored (bf16-rounded for a bf16 output), rotated by rope.cuh's arithmetic; store_out
+ * then rounds the result as rope_kernel's store does. */
+__device__ __forceinline__ void derotate_pair(const Args &a, int64_t t, int64_t k, float &v0, float &v1)
+{
+    if (a.out_bf16) v0 = round_bf16(v0), v1 = round_bf16(v1);
+    float cs, sn;
+    rope_cos_sin(a.rope_first + t * a.rope_step, a.freqs.f[k >> 1], cs, sn);
+    rope_rotate(v0, v1, cs, sn, 1, v0, v1);
+}
+
 /* ---- fused: one CTA per (query row, head group), all blocks in order ---- */
 
 template <class TQ, class TP>
@@ -361,10 +385,18 @@ __global__ void __launch_bounds__(THREADS, 1) fused_kernel(const __grid_constant
         s.den[threadIdx.x] += expf(sink_of(a, g * HEADS + threadIdx.x) - s.m[threadIdx.x]); /* the sink */
     __syncthreads();
     const int bad = *s.bad;
+    const int64_t kept = a.D - 64;
     for (int64_t i = threadIdx.x; i < HEADS * a.D; i += THREADS) {
         int64_t h = i / a.D, c = i - h * a.D, hh = g * HEADS + h;
         if (hh >= a.H) break; /* i only grows */
         float v = bad ? NAN : s.m[h] == -INFINITY ? 0.0f : s.acc[i] / s.den[h];
+        if (a.rope && c >= kept) { /* the pair's other value from shared memory: the same expression */
+            const int64_t k = c - kept, mate = k & 1 ? i - 1 : i + 1;
+            const float w = bad ? NAN : s.m[h] == -INFINITY ? 0.0f : s.acc[mate] / s.den[h];
+            float v0 = k & 1 ? w : v, v1 = k & 1 ? v : w;
+            derotate_pair(a, t, k & ~(int64_t)1, v0, v1);
+            v = k & 1 ? v1 : v0;
+        }
         store_out(a, (t * a.H + hh) * a.D + c, v);
     }
 }
@@ -543,10 +575,12 @@ __global__ void __launch_bounds__(THREADS) pv_kernel(const __grid_constant__ Arg
 
 /* grid (S·H): o = Σ_ch w_ch·acc_ch / (Σ_ch w_ch·sum_ch + e^{sink − M}), w_ch = e^{M_ch − M}, M the
  * max of the M_ch (the last running max), chunks with M_ch = -inf skipped; 0 when nothing was valid.
+ * With a.rope the last 64 columns meet in shared memory and the first warp de-rotates their pairs
+ * (derotate_pair), so decode's inverse RoPE costs no launch of its own.
  * Flash decode: 40 chunks x 2 KB of partials per (row, head), 64 CTAs. */
 __global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant__ Args a)
 {
-    __shared__ float M_s, den_s;
+    __shared__ float M_s, den_s, rot[64];
     const int64_t t = blockIdx.x / a.H, hh = blockIdx.x % a.H;
     const float *pm = a.part_m + t * a.nc * a.H + hh, *ps = a.part_sum + t * a.nc * a.H + hh;
     if (threadIdx.x < 32) {
@@ -573,7 +607,18 @@ __global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant_
             const float mk = pm[k * a.H];
             if (mk != -INFINITY) acc = fmaf(expf(mk - M), a.part_acc[((t * a.nc + k) * a.H + hh) * a.D + c], acc);
         }
-        store_out(a, (t * a.H + hh) * a.D + c, M == -INFINITY ? 0.0f : acc / den);
+        const float v = M == -INFINITY ? 0.0f : acc / den;
+        if (a.rope && c >= a.D - 64) rot[c - (a.D - 64)] = v;
+        else store_out(a, (t * a.H + hh) * a.D + c, v);
+    }
+    if (!a.rope) return;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const int64_t at = (t * a.H + hh) * a.D + a.D - 64 + 2 * threadIdx.x;
+        float v0 = rot[2 * threadIdx.x], v1 = rot[2 * threadIdx.x + 1];
+        derotate_pair(a, t, 2 * threadIdx.x, v0, v1);
+        store_out(a, at, v0);
+        store_out(a, at + 1, v1);
     }
 }
 
@@ -723,11 +768,13 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
             const int64_t hh = g * MMA_HEADS + h, c = c_warp + 8 * i + 2 * qd;
             if (hh >= a.H) continue;
             const float m = m_s[h], den = den_s[h];
+            float v[2];
 #pragma unroll
-            for (int j = 0; j < 2; j++) {
-                float v = bad ? NAN : m == -INFINITY ? 0.0f : acc[i][2 * half + j] / den;
-                store_out(a, (t * a.H + hh) * D + c + j, v);
-            }
+            for (int j = 0; j < 2; j++) v[j] = bad ? NAN : m == -INFINITY ? 0.0f : acc[i][2 * half + j] / den;
+            /* c is even and so is D − 64 (D % 64 == 0): (c, c + 1) is a RoPE pair */
+            if (a.rope && c >= D - 64) derotate_pair(a, t, c - (D - 64), v[0], v[1]);
+            store_out(a, (t * a.H + hh) * D + c, v[0]);
+            store_out(a, (t * a.H + hh) * D + c + 1, v[1]);
         }
     }
 }
@@ -887,7 +934,7 @@ extern "C" int dsrtk_sparse_attention_workspace(int dev, int64_t S, int64_t H, i
 
 extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, const dsrt_view *pool,
                                       const dsrt_view *indices, const dsrt_view *sink, float scale, int round_p,
-                                      void *workspace, size_t workspace_bytes, void *stream)
+                                      const dsrtk_rope *derotate, void *workspace, size_t workspace_bytes, void *stream)
 {
     int rc;
     if ((rc = check_view("o", o, 3, false)) || (rc = check_view("q", q, 3, false)) ||
@@ -902,6 +949,9 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
                           "o [%lld, %lld, %lld]", OP, (long long)S, (long long)H, (long long)D, (long long)N,
                           (long long)pool->shape[1], (long long)indices->shape[0], (long long)K, (long long)sink->shape[0],
                           (long long)o->shape[0], (long long)o->shape[1], (long long)o->shape[2]);
+    if (derotate && D < 64)
+        return dsrtk_fail(DSRTK_ERROR, "%s: vectors of %lld, narrower than the 64 dims the inverse RoPE rotates", OP,
+                          (long long)D);
     if (S == 0 || H == 0 || D == 0) return DSRTK_OK;
     DSRTK_SET_DEVICE(dev, OP);
 
@@ -913,6 +963,10 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
     a.S = S, a.H = H, a.D = D, a.N = N, a.K = K, a.D4 = (D + 3) / 4 * 4;
     a.groups = (H + HEADS - 1) / HEADS, a.nb = (K + ENTRIES - 1) / ENTRIES, a.nc = (K + CHUNK - 1) / CHUNK;
     a.scale = scale;
+    if (derotate) {
+        a.rope = 1, a.rope_first = derotate->first, a.rope_step = derotate->step;
+        for (int i = 0; i < 32; i++) a.freqs.f[i] = derotate->freqs[i];
+    }
     size_t pe = elem_size(pool->dtype);
     a.vec_rows = (D * (int64_t)pe) % 16 == 0 && (uintptr_t)a.pool % 16 == 0;
     a.row4 = D % 4 == 0 && (uintptr_t)a.pool % (4 * pe) == 0;

@@ -37,6 +37,11 @@
  *
  * CUDA: the same state as f32 device tensors and the same steps, the loops as kernels
  * (kernels/attention.cu), with the aux-stream fan-out of SPEC §10; see "the CUDA path" below.
+ * Both paths post-process a projection's rows with nn.h's fused ops: dsrt_nn_norm_rope (norm,
+ * RoPE, then Q8 or Hadamard + Q4: the query, the window KV, compressed entries, the indexer's
+ * query) and dsrt_nn_sparse_attention_inverse_rope (attention and the output's inverse RoPE),
+ * which give the separate ops' bits in one launch each on CUDA. Their positions are progressions
+ * (P, P + 1, … or j·r, (j+1)·r, …), so no positions tensor is made.
  *
  * Precision: reference follows SPEC §9.1 (the bf16 rounding points, Q8 on the latent's no-rope
  * dims, Hadamard + Q4 in the indexer, indexer scores in bf16); fp32 is the same computation in f32
@@ -414,15 +419,6 @@ static dsrt_tensor *as_f32(dsrt_tensor *t, dsrt_stream *s)
     return f;
 }
 
-/* an i64 tensor [n] of positions first, first + step, ... */
-static dsrt_tensor *positions(int64_t n, int64_t first, int64_t step, dsrt_stream *s)
-{
-    dsrt_tensor *p = dsrt_tensor_new(DSRT_I64, 1, &n, DSRT_CPU, s);
-    if (p)
-        for (int64_t i = 0; i < n; i++) ((int64_t *)p->storage->data)[p->offset + i] = first + i * step;
-    return p;
-}
-
 /* y = linear(x rows) as a new f32 [rows, out] tensor */
 static dsrt_tensor *project(dsrt_linear *l, const float *x, int64_t rows, dsrt_precision prec, dsrt_stream *s)
 {
@@ -443,24 +439,37 @@ static dsrt_tensor *norm_f32(dsrt_tensor *t, dsrt_tensor *w, float eps, dsrt_pre
     return as_f32(y, s);
 }
 
-/* RMS_w of t (released) as the norm gives it (bf16 in reference precision): for a next op that
- * takes bf16 as well as f32 (an nn function, a linear), where a conversion would only cost a launch */
-static dsrt_tensor *norm_any(dsrt_tensor *t, dsrt_tensor *w, float eps, dsrt_precision prec, dsrt_stream *s)
+static const dsrt_yarn *yarn_of(const dsrt_attn_config *c) { return c->has_yarn ? &c->yarn : NULL; }
+
+/* t (released) normed, rotated by the layer's RoPE at positions first, first + step, … and
+ * post-processed (nn.h dsrt_nn_norm_rope), as f32: every projection's rows before they are
+ * attended or stored (the query, the window KV, compressed entries, the indexer's query) */
+static dsrt_tensor *norm_rope(const dsrt_attn_config *c, dsrt_tensor *t, dsrt_nn_norm norm, dsrt_tensor *weight,
+                              int64_t first, int64_t step, dsrt_nn_post post, dsrt_precision prec, dsrt_stream *s)
 {
     if (!t) return NULL;
-    dsrt_tensor *y = dsrt_nn_rms_norm(t, w, eps, prec, s);
+    dsrt_tensor *y = dsrt_nn_norm_rope(t, norm, weight, c->norm_eps, first, step, c->rope_theta, yarn_of(c), post, prec, s);
     dsrt_tensor_release(t);
     return y;
 }
 
-/* RoPE of t (released) at pos, as f32 */
-static dsrt_tensor *rope_f32(const dsrt_attn_config *c, dsrt_tensor *t, dsrt_tensor *pos, int inverse, dsrt_precision prec,
-                             dsrt_stream *s)
+/* sparse attention with the sink, then the inverse RoPE at the queries' positions P, P + 1, …
+ * (SPEC §6.7, §6.8 step 1), in the op's dtype (bf16 in reference precision) */
+static dsrt_tensor *attend(const dsrt_attention *a, dsrt_tensor *q, dsrt_tensor *pool, dsrt_tensor *idx, int64_t P,
+                           dsrt_precision prec, dsrt_stream *s)
 {
-    if (!t) return NULL;
-    dsrt_tensor *y = dsrt_nn_rope(t, pos, c->rope_theta, c->has_yarn ? &c->yarn : NULL, inverse, prec, s);
-    dsrt_tensor_release(t);
-    return as_f32(y, s);
+    const dsrt_attn_config *c = &a->cfg;
+    return dsrt_nn_sparse_attention_inverse_rope(q, pool, idx, a->w.attn_sink, (float)(1.0 / sqrt((double)c->head_dim)), P,
+                                                 1, c->rope_theta, yarn_of(c), prec, s);
+}
+
+/* what follows RoPE on a latent vector: the main KV latent's Q8 (window rows and compressed
+ * entries, SPEC §6.2, §6.5), the indexer's Hadamard + Q4 (its query and keys, §6.6) in reference
+ * precision only (SPEC §9.2 item 2) */
+static dsrt_nn_post latent_post(int indexer, dsrt_precision prec)
+{
+    if (!indexer) return DSRT_NN_POST_Q8;
+    return prec == DSRT_PREC_REFERENCE ? DSRT_NN_POST_HADAMARD_Q4 : DSRT_NN_POST_NONE;
 }
 
 /* ---- compressor (SPEC §6.5) ---- */
@@ -479,8 +488,7 @@ static int compress(dsrt_attention *a, comp_state *cs, dsrt_compressor_weights *
     dsrt_tensor *gt = ct ? project(w->wgate, x, S, DSRT_PREC_FP32, s) : NULL;
     int64_t j0 = P / r, n = (P + S) / r - j0;
     dsrt_tensor *E = gt ? new_f32(2, n, d, 0, s) : NULL;
-    dsrt_tensor *pos = E ? positions(n, j0 * r, r, s) : NULL;
-    if (!pos) goto fail;
+    if (!E) goto fail;
     float *c = F32(ct), *g = F32(gt);
     for (int64_t i = 0; i < S; i++)
         for (int k = 0; k < width; k++) g[i * width + k] += ape[((P + i) % r) * width + k];
@@ -511,27 +519,18 @@ static int compress(dsrt_attention *a, comp_state *cs, dsrt_compressor_weights *
         }
     }
     /* post-processing: RMS_w, RoPE at j·r, then Q8 (main) or Hadamard + Q4 (indexer; reference only) */
-    E = rope_f32(cfg, norm_f32(E, w->norm, cfg->norm_eps, prec, s), pos, 0, prec, s);
+    E = norm_rope(cfg, E, DSRT_NN_NORM_RMS, w->norm, j0 * r, r, latent_post(indexer, prec), prec, s);
     if (!E) goto fail;
-    if (!indexer && dsrt_nn_quant_roundtrip_q8(E, 64, 0, d - DSRT_NN_ROPE_DIMS, prec, s)) goto fail;
-    if (indexer && prec == DSRT_PREC_REFERENCE) {
-        dsrt_tensor *rotated = dsrt_nn_hadamard128(E, prec, s);
-        dsrt_tensor_release(E);
-        E = as_f32(rotated, s);
-        if (!E || dsrt_nn_quant_roundtrip_q4(E, prec, s)) goto fail;
-    }
     memcpy(cs->entries + j0 * d, F32(E), (size_t)(n * d) * sizeof(float));
 #undef ROW
     *c_rows = ct;
     *g_rows = gt;
     dsrt_tensor_release(E);
-    dsrt_tensor_release(pos);
     return 0;
 fail:
     dsrt_tensor_release(ct);
     dsrt_tensor_release(gt);
     dsrt_tensor_release(E);
-    dsrt_tensor_release(pos);
     return -1;
 }
 
@@ -560,32 +559,22 @@ static int pick_order(const void *pa, const void *pb)
     return a->j < b->j ? -1 : a->j > b->j;
 }
 
-/* The indexer's query (SPEC §6.6) from wq_b's output q [S, IH·ID] (released; NULL passes through):
- * RoPE, then Hadamard + Q4 in reference precision only (SPEC §9.2 item 2); f32 [S, IH, ID]. Shared by
- * the CPU and the CUDA paths. */
-static dsrt_tensor *indexer_q(dsrt_attention *a, dsrt_tensor *q, dsrt_tensor *pos, int64_t S, dsrt_precision prec,
-                              dsrt_stream *s)
+/* The indexer's query (SPEC §6.6) from wq_b's output q [S, IH·ID] (released; NULL passes through)
+ * for positions P … P+S−1: RoPE, then Hadamard + Q4 in reference precision only (SPEC §9.2 item 2);
+ * f32 [S, IH, ID]. Shared by the CPU and the CUDA paths. */
+static dsrt_tensor *indexer_q(dsrt_attention *a, dsrt_tensor *q, int64_t P, int64_t S, dsrt_precision prec, dsrt_stream *s)
 {
     const dsrt_attn_config *c = &a->cfg;
     if (!q) return NULL;
     dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, c->index_n_heads, c->index_head_dim});
     dsrt_tensor_release(q);
-    q = rope_f32(c, v, pos, 0, prec, s);
-    if (!q || prec != DSRT_PREC_REFERENCE) return q;
-    dsrt_tensor *rotated = dsrt_nn_hadamard128(q, prec, s);
-    dsrt_tensor_release(q);
-    q = as_f32(rotated, s);
-    if (q && dsrt_nn_quant_roundtrip_q4(q, prec, s)) {
-        dsrt_tensor_release(q);
-        return NULL;
-    }
-    return q;
+    return norm_rope(c, v, DSRT_NN_NORM_NONE, NULL, P, 1, latent_post(1, prec), prec, s);
 }
 
 /* Writes each query's top-k visible entries (+ offset) into idx[i·K + first ...]. qr: f32 [S, q_lora]
  * (the query path's normed low-rank q), x: f32 [S, dim]. */
 static int index_select(dsrt_attention *a, dsrt_attn_state *st, const float *qr, const float *x, int64_t P, int64_t S,
-                        dsrt_tensor *pos, int64_t *idx, int64_t K, int64_t first, int64_t offset, dsrt_stream *s,
+                        int64_t *idx, int64_t K, int64_t first, int64_t offset, dsrt_stream *s,
                         dsrt_tensor **c_rows, dsrt_tensor **g_rows)
 {
     const dsrt_attn_config *c = &a->cfg;
@@ -593,7 +582,7 @@ static int index_select(dsrt_attention *a, dsrt_attn_state *st, const float *qr,
     int64_t IH = c->index_n_heads, ID = c->index_head_dim, topk = c->index_topk;
     int ref = prec == DSRT_PREC_REFERENCE;
     /* 1. qI = RoPE(wq_b·qr), then Hadamard + Q4 (reference only, SPEC §9.2 item 2) */
-    dsrt_tensor *q = indexer_q(a, project(a->w.index_wq_b, qr, S, prec, s), pos, S, prec, s), *w = NULL, *scratch = NULL;
+    dsrt_tensor *q = indexer_q(a, project(a->w.index_wq_b, qr, S, prec, s), P, S, prec, s), *w = NULL, *scratch = NULL;
     /* 2. the indexer's keys; 3. head weights bf16(weights_proj·x)·ID^-½·IH^-½ */
     if (!q || compress(a, &st->index, &a->w.index_compressor, a->index_ape, x, P, S, 1, prec, s, c_rows, g_rows)) goto fail;
     if (!(w = project(a->w.index_weights_proj, x, S, prec, s))) goto fail;
@@ -712,17 +701,6 @@ static dsrt_tensor *dlin_any(dsrt_linear *l, dsrt_tensor *x, dsrt_precision prec
     return x ? dsrt_linear_forward(l, x, prec, s) : NULL;
 }
 
-/* an i64 tensor [n] of positions first, first + step, ... on the device */
-static dsrt_tensor *dpositions(int device, int64_t n, int64_t first, int64_t step, dsrt_stream *s)
-{
-    dsrt_tensor *p = dsrt_tensor_new(DSRT_I64, 1, &n, device, s);
-    if (p && dsrt_op_arange(p, (double)first, (double)step, s)) {
-        dsrt_tensor_release(p);
-        return NULL;
-    }
-    return p;
-}
-
 /* later work on `to` waits for what is queued on `from` now */
 static int order(dsrt_event *ev, dsrt_stream *from, dsrt_stream *to)
 {
@@ -750,7 +728,7 @@ static int compress_dev(dsrt_attention *a, comp_state *cs, dsrt_compressor_weigh
     dsrt_tensor *ts[] = {c, g, cs->tc, cs->tg, cs->tentries};
     for (size_t i = 0; i < sizeof ts / sizeof *ts; i++)
         if (use_on(ts[i], s)) return -1;
-    dsrt_tensor *E = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){n, d}, dev, s), *pos = NULL, *dst = NULL;
+    dsrt_tensor *E = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){n, d}, dev, s), *dst = NULL;
     int rc = -1;
     if (!E) goto done;
     if (dsrtk_attn_compress_pool(dev, DEVF(E), DEVF(c), DEVF(g), DEVF(cs->tc), DEVF(cs->tg), cs->ring, P, S, j0, n, d, r,
@@ -758,21 +736,11 @@ static int compress_dev(dsrt_attention *a, comp_state *cs, dsrt_compressor_weigh
         kernel_failed();
         goto done;
     }
-    if (!(pos = dpositions(dev, n, j0 * r, r, s))) goto done;
-    E = rope_f32(cfg, norm_any(E, w->norm, cfg->norm_eps, prec, s), pos, 0, prec, s);
-    if (!E) goto done;
-    if (!indexer && dsrt_nn_quant_roundtrip_q8(E, 64, 0, d - DSRT_NN_ROPE_DIMS, prec, s)) goto done;
-    if (indexer && prec == DSRT_PREC_REFERENCE) {
-        dsrt_tensor *rotated = dsrt_nn_hadamard128(E, prec, s);
-        dsrt_tensor_release(E);
-        E = as_f32(rotated, s);
-        if (!E || dsrt_nn_quant_roundtrip_q4(E, prec, s)) goto done;
-    }
-    if (!(dst = dsrt_tensor_narrow(cs->tentries, 0, j0, n))) goto done;
+    E = norm_rope(cfg, E, DSRT_NN_NORM_RMS, w->norm, j0 * r, r, latent_post(indexer, prec), prec, s);
+    if (!E || !(dst = dsrt_tensor_narrow(cs->tentries, 0, j0, n))) goto done;
     rc = dsrt_op_copy(dst, E, s);
 done:
     dsrt_tensor_release(E);
-    dsrt_tensor_release(pos);
     dsrt_tensor_release(dst);
     return rc;
 }
@@ -781,7 +749,7 @@ done:
  * (descending score, ties to the lower entry), −1 after. qr: bf16 or f32 [S, q_lora]; w: weights_proj's
  * output f32 [S, IH]; ic, ig: the indexer compressor's (c, g + ape) rows. */
 static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *qr, dsrt_tensor *w, dsrt_tensor *ic,
-                            dsrt_tensor *ig, dsrt_tensor *pos, int64_t P, int64_t S, dsrt_stream *s, dsrt_tensor **picks)
+                            dsrt_tensor *ig, int64_t P, int64_t S, dsrt_stream *s, dsrt_tensor **picks)
 {
     const dsrt_attn_config *c = &a->cfg;
     dsrt_precision prec = st->prec;
@@ -789,7 +757,7 @@ static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor 
     int ref = prec == DSRT_PREC_REFERENCE, dev = a->device;
     dsrt_tensor *scores = NULL, *out = NULL;
     /* 1. qI = RoPE(wq_b·qr), then Hadamard + Q4 (reference only) */
-    dsrt_tensor *q = indexer_q(a, dlin_any(a->w.index_wq_b, qr, prec, s), pos, S, prec, s);
+    dsrt_tensor *q = indexer_q(a, dlin_any(a->w.index_wq_b, qr, prec, s), P, S, prec, s);
     /* 2. the indexer's keys; 3.-5. scores and the top-k, as index_select() */
     if (!q || compress_dev(a, &st->index, &a->w.index_compressor, ic, ig, P, S, 1, prec, s)) goto fail;
     if (use_on(w, s) || use_on(st->index.tentries, s)) goto fail;
@@ -823,12 +791,12 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     int dev = a->device, aux = a->n_aux == 3 && S >= AUX_MIN_ROWS;
     dsrt_stream *s_comp = aux ? a->aux[0] : s, *s_wproj = aux ? a->aux[1] : s, *s_icomp = aux ? a->aux[2] : s;
     /* x as given (bf16 in reference precision): only linears read it, and they take either dtype */
-    dsrt_tensor *xf = dsrt_tensor_contiguous(x, s), *pos = dpositions(dev, S, P, 1, s);
+    dsrt_tensor *xf = dsrt_tensor_contiguous(x, s);
     dsrt_tensor *qa = NULL, *kvp = NULL, *qr = NULL, *q = NULL, *kv = NULL, *pool = NULL, *idx = NULL, *o = NULL, *z = NULL,
                 *y = NULL, *out = NULL, *picks = NULL, *wproj = NULL, *ov = NULL;
     dsrt_tensor *cc = NULL, *cg = NULL, *ic = NULL, *ig = NULL; /* the compressors' (c, g + ape) rows */
     int ok;
-    if (!xf || !pos) goto done;
+    if (!xf) goto done;
 
     /* phase 1 (SPEC §10): the side GEMMs on the aux streams, wq_a and wkv on s */
     if (aux && (use_on(xf, s_comp) || use_on(xf, s_wproj) || use_on(xf, s_icomp) || dsrt_event_record(a->ev[0], s) ||
@@ -854,28 +822,25 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     }
     if (!ok) goto done;
 
-    /* §6.1 qr = RMS_w(wq_a·x); §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims. qr
-     * feeds only linears (wq_b, the indexer's wq_b) and stays in the norm's dtype; kv is read by
-     * the kernels here (gather_pool, ring_write) and is f32 */
-    qr = norm_any(qa, w->q_norm, c->norm_eps, prec, s);
-    qa = NULL;
-    kv = rope_f32(c, norm_any(kvp, w->kv_norm, c->norm_eps, prec, s), pos, 0, prec, s);
-    kvp = NULL;
-    if (!qr || !kv || dsrt_nn_quant_roundtrip_q8(kv, 64, 0, hd - DSRT_NN_ROPE_DIMS, prec, s)) goto done;
+    /* §6.1 qr = RMS_w(wq_a·x); §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims: one
+     * launch. qr feeds only linears (wq_b, the indexer's wq_b) and stays in the norm's dtype; kv
+     * is read by the kernels here (gather, ring_writes) and is f32 */
+    if (dsrt_nn_q_kv_norm(qa, w->q_norm, kvp, w->kv_norm, c->norm_eps, P, 1, c->rope_theta, yarn_of(c), latent_post(0, prec),
+                          prec, s, &qr, &kv))
+        goto done;
 
     /* phase 2: the indexer (ratio 4) or the compressor (other ratios) on aux 0, beside wq_b on s */
     dsrt_stream *side = aux && r > 0 ? a->aux[0] : s;
-    if (side != s && (use_on(qr, side) || use_on(pos, side) || use_on(wproj, side) || use_on(ic, side) ||
+    if (side != s && (use_on(qr, side) || use_on(wproj, side) || use_on(ic, side) ||
                       use_on(ig, side) || dsrt_event_record(a->ev[0], s) || dsrt_stream_wait(side, a->ev[0])))
         goto done;
     ok = 1;
-    if (r == 4) ok = !index_select_dev(a, st, qr, wproj, ic, ig, pos, P, S, side, &picks);
+    if (r == 4) ok = !index_select_dev(a, st, qr, wproj, ic, ig, P, S, side, &picks);
     else if (r > 0) ok = !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, side);
-    if (ok && (q = dlin_any(w->wq_b, qr, prec, s))) {
-        dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, H, hd}), *n = v ? dsrt_nn_head_rms_norm(v, c->norm_eps, prec, s) : NULL;
-        dsrt_tensor_release(v);
+    if (ok && (q = dlin_any(w->wq_b, qr, prec, s))) { /* §6.1 steps 3-4: the head norm and RoPE, one fused pass */
+        dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, H, hd});
         dsrt_tensor_release(q);
-        q = rope_f32(c, n, pos, 0, prec, s);
+        q = norm_rope(c, v, DSRT_NN_NORM_HEAD, NULL, P, 1, DSRT_NN_POST_NONE, prec, s);
     }
     ok = ok && q;
     if (ok && r == 4) ok = !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, s);
@@ -891,35 +856,30 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     if (!(pool = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){n_win + n_entries, hd}, dev, s)) ||
         !(idx = dsrt_tensor_new(DSRT_I64, 2, (int64_t[]){S, K}, dev, s)))
         goto done;
-    if (dsrtk_attn_gather_pool(dev, DEVF(pool), DEVF(kv), DEVF(st->twindow), st->window_rows,
-                               r > 0 ? DEVF(st->comp.tentries) : NULL, base, P, S, n_entries, hd, s->handle) ||
-        dsrtk_attn_index_lists(dev, (int64_t *)idx->storage->data + idx->offset,
-                               picks ? (const int *)picks->storage->data + picks->offset : NULL, S, K, P, W, base, n_win, r,
-                               c->index_topk, s->handle)) {
+    if (dsrtk_attn_gather(dev, DEVF(pool), (int64_t *)idx->storage->data + idx->offset, DEVF(kv), DEVF(st->twindow),
+                          st->window_rows, r > 0 ? DEVF(st->comp.tentries) : NULL,
+                          picks ? (const int *)picks->storage->data + picks->offset : NULL, base, P, S, n_entries, hd, K, W, r,
+                          c->index_topk, s->handle)) {
         kernel_failed();
         goto done;
     }
 
-    /* §6.7 sparse attention with the sink; §6.8 inverse RoPE, grouped wo_a, wo_b. A reference
-     * chunk of many rows hands q and the pool over as bf16, which sends sparse attention to its
-     * tensor-core path (kernels/sparse_attention.cu); every value is bf16-exact in reference
-     * precision, so the conversion loses nothing and costs two conversions of ~S·H·hd and
-     * ~(S + window + entries)·hd values against the ~10x faster attention. */
+    /* §6.7 sparse attention with the sink; §6.8 inverse RoPE (the attention kernels rotate their
+     * output as they store it), grouped wo_a, wo_b. A reference chunk of many rows hands q and the
+     * pool over as bf16, which sends sparse attention to its tensor-core path
+     * (kernels/sparse_attention.cu); every value is bf16-exact in reference precision, so the
+     * conversion loses nothing and costs two conversions of ~S·H·hd and ~(S + window + entries)·hd
+     * values against the ~10x faster attention. */
     if (prec == DSRT_PREC_REFERENCE && S >= MMA_MIN_ROWS) {
         dsrt_tensor *q16 = dsrt_tensor_to(q, dev, DSRT_BF16, s, 0), *pool16 = q16 ? dsrt_tensor_to(pool, dev, DSRT_BF16, s, 0) : NULL;
-        if (pool16) o = dsrt_nn_sparse_attention(q16, pool16, idx, w->attn_sink, (float)(1.0 / sqrt((double)hd)), prec, s);
+        if (pool16) o = attend(a, q16, pool16, idx, P, prec, s);
         dsrt_tensor_release(q16);
         dsrt_tensor_release(pool16);
     } else {
-        o = dsrt_nn_sparse_attention(q, pool, idx, w->attn_sink, (float)(1.0 / sqrt((double)hd)), prec, s);
+        o = attend(a, q, pool, idx, P, prec, s);
     }
     /* o, z and y in the ops' own dtypes (bf16 in reference precision): the next op is a linear,
      * and y is the output, bf16 in reference precision and f32 in fp32 */
-    if (o) {
-        dsrt_tensor *rotated = dsrt_nn_rope(o, pos, c->rope_theta, c->has_yarn ? &c->yarn : NULL, 1, prec, s);
-        dsrt_tensor_release(o);
-        o = rotated;
-    }
     ov = o ? dsrt_tensor_view(o, 2, (int64_t[]){S, H * hd}) : NULL;
     if (!ov || !(z = dlin_any(w->wo_a, ov, prec, s)) || !(y = dlin_any(w->wo_b, z, prec, s))) goto done;
     {
@@ -929,14 +889,19 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     if (out == y) dsrt_tensor_retain(y);
     if (!out) goto done;
 
-    /* the rings take the chunk's rows last, as on the CPU (launch failures here are configuration
-     * errors the checks above rule out) */
-    if (dsrtk_attn_ring_write(dev, DEVF(st->twindow), st->window_rows, hd, DEVF(kv), P, S, s->handle) ||
-        (r > 0 && (dsrtk_attn_ring_write(dev, DEVF(st->comp.tc), st->comp.ring, a->coff * hd, DEVF(cc), P, S, s->handle) ||
-                   dsrtk_attn_ring_write(dev, DEVF(st->comp.tg), st->comp.ring, a->coff * hd, DEVF(cg), P, S, s->handle))) ||
-        (r == 4 &&
-         (dsrtk_attn_ring_write(dev, DEVF(st->index.tc), st->index.ring, a->coff * c->index_head_dim, DEVF(ic), P, S, s->handle) ||
-          dsrtk_attn_ring_write(dev, DEVF(st->index.tg), st->index.ring, a->coff * c->index_head_dim, DEVF(ig), P, S, s->handle)))) {
+    /* the rings take the chunk's rows last, as on the CPU, all in one launch (launch failures here
+     * are configuration errors the checks above rule out) */
+    dsrtk_ring_write rings[DSRTK_MAX_RING_WRITES] = {{DEVF(st->twindow), DEVF(kv), st->window_rows, hd}};
+    int n_rings = 1;
+    if (r > 0) {
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->comp.tc), DEVF(cc), st->comp.ring, a->coff * hd};
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->comp.tg), DEVF(cg), st->comp.ring, a->coff * hd};
+    }
+    if (r == 4) {
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->index.tc), DEVF(ic), st->index.ring, a->coff * c->index_head_dim};
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->index.tg), DEVF(ig), st->index.ring, a->coff * c->index_head_dim};
+    }
+    if (dsrtk_attn_ring_writes(dev, rings, n_rings, P, S, s->handle)) {
         kernel_failed();
         dsrt_tensor_release(out);
         out = NULL;
@@ -945,7 +910,7 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     st->length = P + S;
 done:
     {
-        dsrt_tensor *all[] = {cc, cg, ic, ig, xf, pos, qa, kvp, qr, q, kv, pool, idx, o, ov, z, y, picks, wproj};
+        dsrt_tensor *all[] = {cc, cg, ic, ig, xf, qa, kvp, qr, q, kv, pool, idx, o, ov, z, y, picks, wproj};
         for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
     }
     return out;
@@ -961,23 +926,22 @@ dsrt_tensor *dsrt_attention_forward(dsrt_attention *a, dsrt_attn_state *st, dsrt
     const dsrt_attn_config *c = &a->cfg;
     const dsrt_attn_weights *w = &a->w;
     int64_t S = x->shape[0], P = st->length, H = c->n_heads, hd = c->head_dim, W = c->window, r = c->ratio;
-    dsrt_tensor *xf = dsrt_linear_input(x, s), *pos = positions(S, P, 1, s);
+    dsrt_tensor *xf = dsrt_linear_input(x, s);
     dsrt_tensor *qr = NULL, *q = NULL, *kv = NULL, *pool = NULL, *idx = NULL, *o = NULL, *z = NULL, *y = NULL, *out = NULL;
     dsrt_tensor *cc = NULL, *cg = NULL, *ic = NULL, *ig = NULL; /* the compressors' pending (c, g) rows */
-    if (!xf || !pos) goto done;
+    if (!xf) goto done;
     const float *xp = F32(xf);
     /* §6.1 query path: qr = RMS_w(wq_a·x), q = RoPE(head_norm(wq_b·qr)) */
     qr = norm_f32(project(w->wq_a, xp, S, prec, s), w->q_norm, c->norm_eps, prec, s);
     if (!qr || !(q = project(w->wq_b, F32(qr), S, prec, s))) goto done;
     {
-        dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, H, hd}), *n = v ? dsrt_nn_head_rms_norm(v, c->norm_eps, prec, s) : NULL;
-        dsrt_tensor_release(v);
+        dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, H, hd});
         dsrt_tensor_release(q);
-        q = rope_f32(c, n, pos, 0, prec, s);
+        q = norm_rope(c, v, DSRT_NN_NORM_HEAD, NULL, P, 1, DSRT_NN_POST_NONE, prec, s);
     }
     /* §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims in blocks of 64 */
-    kv = rope_f32(c, norm_f32(project(w->wkv, xp, S, prec, s), w->kv_norm, c->norm_eps, prec, s), pos, 0, prec, s);
-    if (!q || !kv || dsrt_nn_quant_roundtrip_q8(kv, 64, 0, hd - DSRT_NN_ROPE_DIMS, prec, s)) goto done;
+    kv = norm_rope(c, project(w->wkv, xp, S, prec, s), DSRT_NN_NORM_RMS, w->kv_norm, P, 1, latent_post(0, prec), prec, s);
+    if (!q || !kv) goto done;
     /* §6.5 the chunk's compressed entries */
     if (r > 0 && compress(a, &st->comp, (dsrt_compressor_weights *)&w->compressor, a->ape, xp, P, S, 0, prec, s, &cc, &cg))
         goto done;
@@ -1001,11 +965,10 @@ dsrt_tensor *dsrt_attention_forward(dsrt_attention *a, dsrt_attn_state *st, dsrt
         if (r > 0 && r != 4)
             for (int64_t j = 0; j < (t + 1) / r; j++) ip[i * K + W + j] = n_win + j;
     }
-    if (r == 4 && index_select(a, st, F32(qr), xp, P, S, pos, ip, K, W, n_win, s, &ic, &ig)) goto done;
+    if (r == 4 && index_select(a, st, F32(qr), xp, P, S, ip, K, W, n_win, s, &ic, &ig)) goto done;
 
     /* §6.7 sparse attention with the sink; §6.8 inverse RoPE, grouped wo_a, wo_b */
-    o = dsrt_nn_sparse_attention(q, pool, idx, w->attn_sink, (float)(1.0 / sqrt((double)hd)), prec, s);
-    o = rope_f32(c, o, pos, 1, prec, s);
+    o = as_f32(attend(a, q, pool, idx, P, prec, s), s);
     if (!o || !(z = project(w->wo_a, F32(o), S, prec, s)) || !(y = project(w->wo_b, F32(z), S, prec, s))) goto done;
     out = prec == DSRT_PREC_REFERENCE ? dsrt_tensor_to(y, DSRT_CPU, DSRT_BF16, s, 0) : y;
     if (out == y) dsrt_tensor_retain(y);
@@ -1024,7 +987,6 @@ done:
     dsrt_tensor_release(ic);
     dsrt_tensor_release(ig);
     dsrt_tensor_release(xf);
-    dsrt_tensor_release(pos);
     dsrt_tensor_release(qr);
     dsrt_tensor_release(q);
     dsrt_tensor_release(kv);

@@ -13,12 +13,18 @@
  *   nn.quant_roundtrip_q8(x, blk, first, count, prec)  nn.quant_roundtrip_q4(x, prec)   -> x, rewritten
  *   nn.rope_freqs(theta [, yarn])                      nn.rope(x, positions, theta, yarn|nil, inverse, prec)
  *   nn.hadamard128(x, prec)                            nn.sparse_attention(q, pool, indices, sink, scale, prec)
+ *   nn.norm_rope(x, weight|nil, norm, eps, first, step, theta, yarn|nil, post, prec)     -> f32
+ *   nn.q_kv_norm(qa, q_weight|nil, kv, kv_weight|nil, eps, first, step, theta, yarn|nil, post, prec) -> qr, kv
+ *   nn.sparse_attention_inverse_rope(q, pool, indices, sink, scale, first, step, theta, yarn|nil, prec)
  *   nn.sinkhorn(mixes, scale, base, hc, iters, eps)                      -> pre, post, comb
  *   nn.hc_pre(X, fn, scale, base, hc_eps, norm_eps, iters, prec)         -> u, post, comb
  *   nn.hc_post(f, X, post, comb, prec)                 nn.hc_head(X, fn, scale, base, hc_eps, norm_eps, prec)
  *   nn.hc_expand(e, hc)
  *   nn.hc_post_pre(f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, prec)  -> X', u, post', comb'
  * yarn = {factor = 16, original_seq_len = 65536, beta_fast = 32, beta_slow = 1}, or nil for none.
+ * The fused ops take positions as the progression first, first + step, ... (one per index of the
+ * first dimension); norm_rope's norm is "rms", "head" or "none", its post "q8", "hadamard_q4" or
+ * "none" (nn.h's dsrt_nn_norm and dsrt_nn_post).
  */
 #include <limits.h>
 #include <string.h>
@@ -158,6 +164,65 @@ static int l_sparse_attention(lua_State *L)
     return 1;
 }
 
+/* the post-processing option of the fused passes, in dsrt_nn_post's order */
+static dsrt_nn_post check_post(lua_State *L, int idx)
+{
+    static const char *const posts[] = {"none", "q8", "hadamard_q4", NULL};
+    return (dsrt_nn_post)luaL_checkoption(L, idx, NULL, posts);
+}
+
+static int l_norm_rope(lua_State *L)
+{
+    static const char *const norms[] = {"none", "rms", "head", NULL}; /* dsrt_nn_norm order */
+    dsrt_tensor *x = dsrtL_checktensor(L, 1), *weight = opt_tensor(L, 2);
+    dsrt_nn_norm norm = (dsrt_nn_norm)luaL_checkoption(L, 3, NULL, norms);
+    float eps = check_float(L, 4);
+    lua_Integer first = luaL_checkinteger(L, 5), step = luaL_checkinteger(L, 6);
+    double theta = luaL_checknumber(L, 7);
+    dsrt_yarn yarn_buf;
+    const dsrt_yarn *yarn = check_yarn(L, 8, "norm_rope", &yarn_buf);
+    dsrt_nn_post post = check_post(L, 9);
+    dsrt_precision prec = dsrtL_checkprecision(L, 10, "nn.norm_rope", 1);
+    dsrtL_pushtensor(L, dsrt_nn_norm_rope(x, norm, weight, eps, (int64_t)first, (int64_t)step, theta, yarn, post, prec,
+                                          stream_for(L, x)));
+    return 1;
+}
+
+static int l_q_kv_norm(lua_State *L)
+{
+    dsrt_tensor *qa = dsrtL_checktensor(L, 1), *q_weight = opt_tensor(L, 2), *kv = dsrtL_checktensor(L, 3);
+    dsrt_tensor *kv_weight = opt_tensor(L, 4);
+    float eps = check_float(L, 5);
+    lua_Integer first = luaL_checkinteger(L, 6), step = luaL_checkinteger(L, 7);
+    double theta = luaL_checknumber(L, 8);
+    dsrt_yarn yarn_buf;
+    const dsrt_yarn *yarn = check_yarn(L, 9, "q_kv_norm", &yarn_buf);
+    dsrt_nn_post post = check_post(L, 10);
+    dsrt_precision prec = dsrtL_checkprecision(L, 11, "nn.q_kv_norm", 1);
+    dsrt_tensor *qr, *kv_out;
+    if (dsrt_nn_q_kv_norm(qa, q_weight, kv, kv_weight, eps, (int64_t)first, (int64_t)step, theta, yarn, post, prec,
+                          stream_for(L, qa), &qr, &kv_out))
+        return dsrtL_error(L);
+    dsrtL_pushtensor(L, qr);
+    dsrtL_pushtensor(L, kv_out);
+    return 2;
+}
+
+static int l_sparse_attention_inverse_rope(lua_State *L)
+{
+    dsrt_tensor *q = dsrtL_checktensor(L, 1), *pool = dsrtL_checktensor(L, 2), *indices = dsrtL_checktensor(L, 3);
+    dsrt_tensor *sink = dsrtL_checktensor(L, 4);
+    float scale = check_float(L, 5);
+    lua_Integer first = luaL_checkinteger(L, 6), step = luaL_checkinteger(L, 7);
+    double theta = luaL_checknumber(L, 8);
+    dsrt_yarn yarn_buf;
+    const dsrt_yarn *yarn = check_yarn(L, 9, "sparse_attention_inverse_rope", &yarn_buf);
+    dsrt_precision prec = dsrtL_checkprecision(L, 10, "nn.sparse_attention_inverse_rope", 1);
+    dsrtL_pushtensor(L, dsrt_nn_sparse_attention_inverse_rope(q, pool, indices, sink, scale, (int64_t)first, (int64_t)step,
+                                                              theta, yarn, prec, stream_for(L, q)));
+    return 1;
+}
+
 static int l_sinkhorn(lua_State *L)
 {
     dsrt_tensor *mixes = dsrtL_checktensor(L, 1), *scale = dsrtL_checktensor(L, 2), *base = dsrtL_checktensor(L, 3);
@@ -231,7 +296,8 @@ void dsrtL_open_nn(lua_State *L)
         {"rms_norm", l_rms_norm}, {"head_rms_norm", l_head_rms_norm},
         {"quant_roundtrip_q8", l_quant_roundtrip_q8}, {"quant_roundtrip_q4", l_quant_roundtrip_q4},
         {"rope_freqs", l_rope_freqs}, {"rope", l_rope}, {"hadamard128", l_hadamard128},
-        {"sparse_attention", l_sparse_attention}, {"sinkhorn", l_sinkhorn}, {"hc_pre", l_hc_pre},
+        {"sparse_attention", l_sparse_attention}, {"norm_rope", l_norm_rope}, {"q_kv_norm", l_q_kv_norm},
+        {"sparse_attention_inverse_rope", l_sparse_attention_inverse_rope}, {"sinkhorn", l_sinkhorn}, {"hc_pre", l_hc_pre},
         {"hc_post", l_hc_post}, {"hc_head", l_hc_head}, {"hc_expand", l_hc_expand}, {"hc_post_pre", l_hc_post_pre}, {NULL, NULL}};
     luaL_newlib(L, functions);
     lua_setfield(L, -2, "nn");

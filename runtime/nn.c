@@ -537,43 +537,57 @@ static void attend(const float *q, const float *pool, int64_t D, const int64_t *
     for (int64_t c = 0; c < D; c++) o[c] /= den;
 }
 
+/* the arguments of sparse attention, checked under the name of the op that takes them */
+static int check_attention(const char *op, dsrt_tensor *q, dsrt_tensor *pool, dsrt_tensor *indices, dsrt_tensor *sink,
+                           dsrt_precision prec, dsrt_stream *s)
+{
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "q", q, 0, 3, NULL, s)) return -1;
+    int64_t pool_shape[2] = {ANY_SIZE, q->shape[2]}, index_shape[2] = {q->shape[0], ANY_SIZE};
+    if (check_arg(op, "pool", pool, 0, 2, pool_shape, s) || check_arg(op, "indices", indices, 1, 2, index_shape, s) ||
+        check_arg(op, "sink", sink, 0, 1, &q->shape[1], s))
+        return -1;
+    return 0;
+}
+
+/* Sparse attention on CUDA (kernels/sparse_attention.cu), with the inverse RoPE of its output
+ * when `derotate`. The index values stay on the device (checking them here would synchronise): a
+ * bad one turns its query row's outputs into NaN instead of an error. */
+static dsrt_tensor *sparse_attention_cuda(const char *op, dsrt_tensor *q, dsrt_tensor *pool, dsrt_tensor *indices,
+                                          dsrt_tensor *sink, float scale, const dsrtk_rope *derotate, dsrt_precision prec,
+                                          dsrt_stream *s)
+{
+    int64_t S = q->shape[0], H = q->shape[1], D = q->shape[2], K = indices->shape[1];
+    dsrt_tensor *ts[6] = {dense(q, s), NULL, NULL, NULL, NULL, NULL}; /* q pool indices sink o workspace */
+    for (int i = 1; i < 4 && ts[i - 1]; i++) ts[i] = dense(i == 1 ? pool : i == 2 ? indices : sink, s);
+    size_t ws_bytes = 0;
+    int rc = ts[3] ? launched(op, dsrtk_sparse_attention_workspace(s->device, S, H, D, K, &ws_bytes)) : -1;
+    if (!rc) ts[4] = new_on(act_dtype(prec), 3, q->shape, s);
+    if (ts[4] && ws_bytes) {
+        int64_t n = (int64_t)ws_bytes;
+        ts[5] = new_on(DSRT_U8, 1, &n, s);
+    }
+    rc = !ts[4] || (ws_bytes && !ts[5]) || dsrt_storage_use(ts[4]->storage, s) ||
+         (ts[5] && dsrt_storage_use(ts[5]->storage, s));
+    if (!rc) {
+        dsrt_view vo = dsrt_tensor_desc(ts[4]), vq = dsrt_tensor_desc(ts[0]), vp = dsrt_tensor_desc(ts[1]);
+        dsrt_view vi = dsrt_tensor_desc(ts[2]), vs = dsrt_tensor_desc(ts[3]);
+        rc = launched(op, dsrtk_sparse_attention(s->device, &vo, &vq, &vp, &vi, &vs, scale, prec == DSRT_PREC_REFERENCE,
+                                                 derotate, ts[5] ? dev_data(ts[5]) : NULL, ws_bytes, s->handle));
+    }
+    dsrt_tensor *o = rc ? NULL : ts[4];
+    if (o) ts[4] = NULL;
+    release_all(ts, 6);
+    return o;
+}
+
 dsrt_tensor *dsrt_nn_sparse_attention(dsrt_tensor *q, dsrt_tensor *pool, dsrt_tensor *indices, dsrt_tensor *sink,
                                       float scale, dsrt_precision prec, dsrt_stream *s)
 {
     const char *op = "nn.sparse_attention";
-    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "q", q, 0, 3, NULL, s)) return NULL;
-    int64_t S = q->shape[0], H = q->shape[1], D = q->shape[2];
-    int64_t pool_shape[2] = {ANY_SIZE, D}, index_shape[2] = {S, ANY_SIZE};
-    if (check_arg(op, "pool", pool, 0, 2, pool_shape, s) || check_arg(op, "indices", indices, 1, 2, index_shape, s) ||
-        check_arg(op, "sink", sink, 0, 1, &H, s))
-        return NULL;
-    int64_t N = pool->shape[0], K = indices->shape[1];
-    if (on_cuda(s)) {
-        /* kernels/sparse_attention.cu. The index values stay on the device (checking them here
-         * would synchronise): a bad one turns its query row's outputs into NaN instead of an error. */
-        dsrt_tensor *ts[6] = {dense(q, s), NULL, NULL, NULL, NULL, NULL}; /* q pool indices sink o workspace */
-        for (int i = 1; i < 4 && ts[i - 1]; i++) ts[i] = dense(i == 1 ? pool : i == 2 ? indices : sink, s);
-        size_t ws_bytes = 0;
-        int rc = ts[3] ? launched(op, dsrtk_sparse_attention_workspace(s->device, S, H, D, K, &ws_bytes)) : -1;
-        if (!rc) ts[4] = new_on(act_dtype(prec), 3, q->shape, s);
-        if (ts[4] && ws_bytes) {
-            int64_t n = (int64_t)ws_bytes;
-            ts[5] = new_on(DSRT_U8, 1, &n, s);
-        }
-        rc = !ts[4] || (ws_bytes && !ts[5]) || dsrt_storage_use(ts[4]->storage, s) ||
-             (ts[5] && dsrt_storage_use(ts[5]->storage, s));
-        if (!rc) {
-            dsrt_view vo = dsrt_tensor_desc(ts[4]), vq = dsrt_tensor_desc(ts[0]), vp = dsrt_tensor_desc(ts[1]);
-            dsrt_view vi = dsrt_tensor_desc(ts[2]), vs = dsrt_tensor_desc(ts[3]);
-            rc = launched(op, dsrtk_sparse_attention(s->device, &vo, &vq, &vp, &vi, &vs, scale, prec == DSRT_PREC_REFERENCE,
-                                                     ts[5] ? dev_data(ts[5]) : NULL, ws_bytes, s->handle));
-        }
-        dsrt_tensor *o = rc ? NULL : ts[4];
-        if (o) ts[4] = NULL;
-        release_all(ts, 6);
-        return o;
-    }
+    if (check_attention(op, q, pool, indices, sink, prec, s)) return NULL;
+    if (on_cuda(s)) return sparse_attention_cuda(op, q, pool, indices, sink, scale, NULL, prec, s);
     if (check_stream(op, s)) return NULL; /* the CPU from here on */
+    int64_t S = q->shape[0], H = q->shape[1], D = q->shape[2], N = pool->shape[0], K = indices->shape[1];
     int64_t *idx = as_i64(op, indices, s);
     if (!idx) return NULL;
     for (int64_t i = 0; i < S * K; i++)
@@ -601,6 +615,201 @@ dsrt_tensor *dsrt_nn_sparse_attention(dsrt_tensor *q, dsrt_tensor *pool, dsrt_te
     dsrt_tensor_release(pv);
     dsrt_tensor_release(sv);
     return finish(o, prec, s);
+}
+
+/* ---- the attention layer's fused passes ---- */
+
+/* The positions first + t·step, t < S, are all >= 0 (as dsrt_nn_rope requires of its positions;
+ * the two ends bound a progression) */
+static int check_progression(const char *op, int64_t S, int64_t first, int64_t step)
+{
+    if (first < 0 || (S > 1 && first + (S - 1) * step < 0))
+        return dsrt_err("%s: the positions first + t·step (first %lld, step %lld, t < %lld) include negative ones", op,
+                        (long long)first, (long long)step, (long long)S);
+    return 0;
+}
+
+/* those positions as an i64 tensor on the stream's device, for dsrt_nn_rope */
+static dsrt_tensor *progression(int64_t S, int64_t first, int64_t step, dsrt_stream *s)
+{
+    dsrt_tensor *p = new_on(DSRT_I64, 1, &S, s);
+    if (p && dsrt_op_arange(p, (double)first, (double)step, s)) {
+        dsrt_tensor_release(p);
+        return NULL;
+    }
+    return p;
+}
+
+/* norm_rope as the ops themselves, one after the other, so the result is theirs by construction:
+ * the CPU's implementation, and CUDA's for data the fused kernel does not take (kernels/norm.cu's
+ * norm_rope_kernel is tested against it) */
+static dsrt_tensor *norm_rope_by_steps(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *weight, float eps, int64_t first,
+                                       int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
+                                       dsrt_precision prec, dsrt_stream *s)
+{
+    dsrt_tensor *n = x;
+    if (norm == DSRT_NN_NORM_RMS) n = dsrt_nn_rms_norm(x, weight, eps, prec, s);
+    else if (norm == DSRT_NN_NORM_HEAD) n = dsrt_nn_head_rms_norm(x, eps, prec, s);
+    else dsrt_tensor_retain(x);
+    dsrt_tensor *pos = n ? progression(x->shape[0], first, step, s) : NULL;
+    dsrt_tensor *r = pos ? dsrt_nn_rope(n, pos, theta, yarn, 0, prec, s) : NULL; /* a new tensor: x stays as it is */
+    dsrt_tensor *y = r ? as_f32(r, s) : NULL;
+    dsrt_tensor_release(n);
+    dsrt_tensor_release(pos);
+    dsrt_tensor_release(r);
+    int64_t w = x->shape[x->ndim - 1];
+    if (y && post == DSRT_NN_POST_Q8 && dsrt_nn_quant_roundtrip_q8(y, 64, 0, w - DSRT_NN_ROPE_DIMS, prec, s)) {
+        dsrt_tensor_release(y);
+        return NULL;
+    }
+    if (y && post == DSRT_NN_POST_HADAMARD_Q4) {
+        dsrt_tensor *h = dsrt_nn_hadamard128(y, prec, s);
+        dsrt_tensor_release(y);
+        y = h ? as_f32(h, s) : NULL;
+        dsrt_tensor_release(h);
+        if (y && dsrt_nn_quant_roundtrip_q4(y, prec, s)) {
+            dsrt_tensor_release(y);
+            return NULL;
+        }
+    }
+    return y;
+}
+
+/* norm_rope's arguments (x and weight named `name` and `wname`), under the name of the op that
+ * takes them; the RoPE frequencies and positions into *rope */
+static int check_norm_rope(const char *op, const char *name, const char *wname, dsrt_tensor *x, dsrt_nn_norm norm,
+                           dsrt_tensor *weight, int64_t first, int64_t step, double theta, const dsrt_yarn *yarn,
+                           dsrt_nn_post post, dsrt_stream *s, dsrtk_rope *rope)
+{
+    char ts[128];
+    if (check_arg(op, name, x, 0, 0, NULL, s)) return -1;
+    if (x->ndim != 2 && x->ndim != 3)
+        return dsrt_err("%s: %s is %s, expected [S, H, w] or [S, w]", op, name, dsrt_tensor_str(x, ts, sizeof ts));
+    int64_t w = x->shape[x->ndim - 1];
+    if (w % 8 || w < DSRT_NN_ROPE_DIMS || w > 1024)
+        return dsrt_err("%s: %s is %s, expected vectors of a multiple of 8 from %d to 1024 values", op, name,
+                        dsrt_tensor_str(x, ts, sizeof ts), DSRT_NN_ROPE_DIMS);
+    if ((unsigned)norm > DSRT_NN_NORM_HEAD || (unsigned)post > DSRT_NN_POST_HADAMARD_Q4)
+        return dsrt_err("%s: unknown norm %d or post-processing %d", op, (int)norm, (int)post);
+    if (weight && norm != DSRT_NN_NORM_RMS) return dsrt_err("%s: only the RMS norm takes a weight", op);
+    if (weight && check_arg(op, wname, weight, 0, 1, &w, s)) return -1;
+    if (post == DSRT_NN_POST_HADAMARD_Q4 && w != DSRT_NN_HADAMARD_DIM)
+        return dsrt_err("%s: %s is %s, the Hadamard rotation takes vectors of %d", op, name,
+                        dsrt_tensor_str(x, ts, sizeof ts), DSRT_NN_HADAMARD_DIM);
+    if (check_progression(op, x->shape[0], first, step) || rope_freqs(op, theta, yarn, rope->freqs)) return -1;
+    rope->first = first, rope->step = step;
+    return 0;
+}
+
+/* The fused kernel reproduces the separate ops where they take their 16-byte paths, which needs
+ * the data so aligned (every row then is too, widths being multiples of 8); the dense copies of
+ * strided data are. NULL (no weight) passes. */
+static int fusable(const dsrt_tensor *t) { return !t || (uintptr_t)dev_data(t) % 16 == 0; }
+
+dsrt_tensor *dsrt_nn_norm_rope(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *weight, float eps, int64_t first,
+                               int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
+                               dsrt_precision prec, dsrt_stream *s)
+{
+    const char *op = "nn.norm_rope";
+    dsrtk_rope rope;
+    if (check_precision(op, prec) || check_any_stream(op, s) ||
+        check_norm_rope(op, "x", "weight", x, norm, weight, first, step, theta, yarn, post, s, &rope))
+        return NULL;
+    if (!on_cuda(s)) return norm_rope_by_steps(x, norm, weight, eps, first, step, theta, yarn, post, prec, s);
+    dsrt_tensor *xc = dense(x, s), *wc = xc && weight ? dense(weight, s) : NULL, *y = NULL;
+    if (xc && (wc || !weight) && !(fusable(xc) && fusable(wc))) {
+        y = norm_rope_by_steps(xc, norm, wc, eps, first, step, theta, yarn, post, prec, s);
+    } else if (xc && (wc || !weight) && (y = new_on(DSRT_F32, x->ndim, x->shape, s))) {
+        int64_t heads = x->ndim == 3 ? x->shape[1] : 1, w = x->shape[x->ndim - 1];
+        if (launched(op, dsrtk_nn_norm_rope(s->device, dev_data(xc), xc->dtype, wc ? dev_data(wc) : NULL,
+                                            wc ? wc->dtype : DSRT_F32, dev_data(y), x->shape[0], heads, w, (int)norm, eps,
+                                            &rope, (int)post, prec == DSRT_PREC_REFERENCE, NULL, s->handle))) {
+            dsrt_tensor_release(y);
+            y = NULL;
+        }
+    }
+    dsrt_tensor_release(xc);
+    dsrt_tensor_release(wc);
+    return y;
+}
+
+int dsrt_nn_q_kv_norm(dsrt_tensor *qa, dsrt_tensor *q_weight, dsrt_tensor *kv, dsrt_tensor *kv_weight, float eps,
+                      int64_t first, int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
+                      dsrt_precision prec, dsrt_stream *s, dsrt_tensor **qr, dsrt_tensor **kv_out)
+{
+    const char *op = "nn.q_kv_norm";
+    dsrtk_rope rope;
+    *qr = *kv_out = NULL;
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_arg(op, "qa", qa, 0, 0, NULL, s) ||
+        check_norm_rope(op, "kv", "kv_weight", kv, DSRT_NN_NORM_RMS, kv_weight, first, step, theta, yarn, post, s, &rope))
+        return -1;
+    int64_t dq = qa->shape[qa->ndim - 1];
+    if (q_weight && check_arg(op, "q_weight", q_weight, 0, 1, &dq, s)) return -1;
+    /* one launch for aligned data (the dense copies of qa, q_weight, kv, kv_weight in ts) whose qa
+     * rows fit a warp (norm_rope_kernel's second norm); else the two ops */
+    dsrt_tensor *ts[4] = {NULL, NULL, NULL, NULL};
+    int fused = on_cuda(s) && dq % 8 == 0 && dq <= 1024;
+    for (int i = 0; fused && i < 4; i++) {
+        dsrt_tensor *t = i == 0 ? qa : i == 1 ? q_weight : i == 2 ? kv : kv_weight;
+        fused = !t || ((ts[i] = dense(t, s)) && fusable(ts[i]));
+    }
+    if (!fused) { /* (a dense copy that failed fails again there, with its message) */
+        release_all(ts, 4);
+        *qr = dsrt_nn_rms_norm(qa, q_weight, eps, prec, s);
+        *kv_out = *qr ? dsrt_nn_norm_rope(kv, DSRT_NN_NORM_RMS, kv_weight, eps, first, step, theta, yarn, post, prec, s)
+                      : NULL;
+        if (*kv_out) return 0;
+        dsrt_tensor_release(*qr);
+        *qr = NULL;
+        return -1;
+    }
+    dsrt_tensor *q_out = new_on(act_dtype(prec), qa->ndim, qa->shape, s);
+    dsrt_tensor *y = q_out ? new_on(DSRT_F32, kv->ndim, kv->shape, s) : NULL;
+    int rc = -1;
+    if (y) {
+        dsrtk_norm_job also = {dev_data(ts[0]), ts[1] ? dev_data(ts[1]) : NULL, dev_data(q_out), ts[0]->dtype,
+                               ts[1] ? ts[1]->dtype : DSRT_F32, q_out->dtype, rows_of(qa), dq};
+        int64_t heads = kv->ndim == 3 ? kv->shape[1] : 1, w = kv->shape[kv->ndim - 1];
+        rc = launched(op, dsrtk_nn_norm_rope(s->device, dev_data(ts[2]), ts[2]->dtype, ts[3] ? dev_data(ts[3]) : NULL,
+                                             ts[3] ? ts[3]->dtype : DSRT_F32, dev_data(y), kv->shape[0], heads, w,
+                                             DSRT_NN_NORM_RMS, eps, &rope, (int)post, prec == DSRT_PREC_REFERENCE, &also,
+                                             s->handle));
+    }
+    release_all(ts, 4);
+    if (rc) {
+        dsrt_tensor_release(q_out);
+        dsrt_tensor_release(y);
+        return -1;
+    }
+    *qr = q_out;
+    *kv_out = y;
+    return 0;
+}
+
+dsrt_tensor *dsrt_nn_sparse_attention_inverse_rope(dsrt_tensor *q, dsrt_tensor *pool, dsrt_tensor *indices,
+                                                   dsrt_tensor *sink, float scale, int64_t first, int64_t step,
+                                                   double theta, const dsrt_yarn *yarn, dsrt_precision prec,
+                                                   dsrt_stream *s)
+{
+    const char *op = "nn.sparse_attention_inverse_rope";
+    char ts[128];
+    dsrtk_rope rope;
+    if (check_attention(op, q, pool, indices, sink, prec, s)) return NULL;
+    if (q->shape[2] < DSRT_NN_ROPE_DIMS)
+        return dsrt_err_null("%s: q is %s, its vectors are narrower than the %d rotated dims", op,
+                             dsrt_tensor_str(q, ts, sizeof ts), DSRT_NN_ROPE_DIMS);
+    if (check_progression(op, q->shape[0], first, step) || rope_freqs(op, theta, yarn, rope.freqs)) return NULL;
+    if (on_cuda(s)) {
+        rope.first = first, rope.step = step;
+        return sparse_attention_cuda(op, q, pool, indices, sink, scale, &rope, prec, s);
+    }
+    /* the CPU: the two ops */
+    dsrt_tensor *o = dsrt_nn_sparse_attention(q, pool, indices, sink, scale, prec, s);
+    dsrt_tensor *pos = o ? progression(q->shape[0], first, step, s) : NULL;
+    dsrt_tensor *y = pos ? dsrt_nn_rope(o, pos, theta, yarn, 1, prec, s) : NULL;
+    dsrt_tensor_release(o);
+    dsrt_tensor_release(pos);
+    return y;
 }
 
 /* ---- hyper-connections (SPEC §3.9, §4, §5) ---- */

@@ -136,6 +136,56 @@ dsrt_tensor *dsrt_nn_hadamard128(dsrt_tensor *x, dsrt_precision prec, dsrt_strea
 dsrt_tensor *dsrt_nn_sparse_attention(dsrt_tensor *q, dsrt_tensor *pool, dsrt_tensor *indices, dsrt_tensor *sink,
                                       float scale, dsrt_precision prec, dsrt_stream *s);
 
+/* ---- the attention layer's fused passes ---- */
+
+/* The norm that dsrt_nn_norm_rope applies first */
+typedef enum {
+    DSRT_NN_NORM_NONE, /* none */
+    DSRT_NN_NORM_RMS,  /* dsrt_nn_rms_norm(x, weight, eps) (weight may be NULL) */
+    DSRT_NN_NORM_HEAD  /* dsrt_nn_head_rms_norm(x, eps) (no weight) */
+} dsrt_nn_norm;
+
+/* What dsrt_nn_norm_rope applies after RoPE */
+typedef enum {
+    DSRT_NN_POST_NONE,        /* nothing */
+    DSRT_NN_POST_Q8,          /* dsrt_nn_quant_roundtrip_q8(y, 64, 0, w − 64): the KV latent's no-rope dims */
+    DSRT_NN_POST_HADAMARD_Q4  /* y = dsrt_nn_hadamard128(y), then dsrt_nn_quant_roundtrip_q4(y) (w = 128) */
+} dsrt_nn_post;
+
+/* What the attention layer does to a projection's rows before they are attended or cached (the
+ * query's head norm and RoPE, SPEC §6.1 steps 3-4; the window KV's norm, RoPE and Q8, §6.2; a
+ * compressed entry's, §6.5; the indexer query's RoPE, Hadamard and Q4, §6.6 step 1), as one op:
+ *     y = post(dsrt_nn_rope(norm(x), positions, theta, yarn, 0, prec))
+ * with positions[t] = first + t·step (t the first index of x [S, w] or [S, H, w]; they must be
+ * >= 0), norm and post as their enums say, each step in precision prec. The result is what those
+ * calls give, returned as a new contiguous f32 tensor in both precisions (in reference precision
+ * its values are bf16-exact, so nothing is lost and the attention kernels can take it as it is).
+ * w must be a multiple of 8 from 64 to 1024 (the model's 512 and 128; 128 with HADAMARD_Q4), a
+ * weight goes only with DSRT_NN_NORM_RMS. On CUDA it is one kernel (kernels/norm.cu) that repeats
+ * the separate kernels' operations on 16-byte aligned data (the model's, and any dense copy);
+ * misaligned data goes through the separate ops, so the bits are theirs either way. */
+dsrt_tensor *dsrt_nn_norm_rope(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *weight, float eps, int64_t first,
+                               int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
+                               dsrt_precision prec, dsrt_stream *s);
+
+/* The attention layer's two norms after wq_a and wkv (SPEC §6.1 step 1, §6.2), in one launch on
+ * CUDA, as vLLM fuses them: *qr = dsrt_nn_rms_norm(qa, q_weight, eps, prec) (qa [..., dq]) and
+ * *kv_out = dsrt_nn_norm_rope(kv, DSRT_NN_NORM_RMS, kv_weight, eps, first, step, theta, yarn,
+ * post, prec), exactly what those calls give. Rows of qa wider than 1024 or not a multiple of 8,
+ * and misaligned data, go through the two calls. Returns 0, or -1 with both results NULL. */
+int dsrt_nn_q_kv_norm(dsrt_tensor *qa, dsrt_tensor *q_weight, dsrt_tensor *kv, dsrt_tensor *kv_weight, float eps,
+                      int64_t first, int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
+                      dsrt_precision prec, dsrt_stream *s, dsrt_tensor **qr, dsrt_tensor **kv_out);
+
+/* dsrt_nn_sparse_attention(q, pool, indices, sink, scale, prec) followed by the inverse RoPE of its
+ * output at positions[t] = first + t·step (>= 0; SPEC §6.8 step 1: dsrt_nn_rope(o, positions,
+ * theta, yarn, 1, prec)), the result of those two calls (D >= 64). On CUDA the attention kernels
+ * rotate their outputs as they store them, with no pass of their own. */
+dsrt_tensor *dsrt_nn_sparse_attention_inverse_rope(dsrt_tensor *q, dsrt_tensor *pool, dsrt_tensor *indices,
+                                                   dsrt_tensor *sink, float scale, int64_t first, int64_t step,
+                                                   double theta, const dsrt_yarn *yarn, dsrt_precision prec,
+                                                   dsrt_stream *s);
+
 /* ---- hyper-connections (SPEC §3.9, §4 step 4, §5) ---- */
 
 /* The Sinkhorn split (hc_split_sinkhorn, SPEC §3.9), all fp32, of mixes [T, (2+hc)·hc] with

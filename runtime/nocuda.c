@@ -254,6 +254,15 @@ int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y, int y_dty
     (void)dev; (void)x; (void)x_dtype; (void)y; (void)y_dtype; (void)rows; (void)stream;
     return without_cuda(__func__);
 }
+
+int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, float *y, int64_t S,
+                       int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post, int ref,
+                       const dsrtk_norm_job *also, void *stream)
+{
+    (void)dev; (void)x; (void)x_dtype; (void)w; (void)w_dtype; (void)y; (void)S; (void)heads; (void)width; (void)norm;
+    (void)eps; (void)rope; (void)post; (void)ref; (void)also; (void)stream;
+    return without_cuda(__func__);
+}
 /* end of norm */
 
 /* ---- hc ---- */
@@ -395,9 +404,9 @@ int dsrtk_sparse_attention_workspace(int dev, int64_t S, int64_t H, int64_t D, i
 
 int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, const dsrt_view *pool,
                            const dsrt_view *indices, const dsrt_view *sink, float scale, int round_p,
-                           void *workspace, size_t workspace_bytes, void *stream)
+                           const dsrtk_rope *derotate, void *workspace, size_t workspace_bytes, void *stream)
 {
-    (void)dev; (void)o; (void)q; (void)pool; (void)indices; (void)sink; (void)scale; (void)round_p;
+    (void)dev; (void)o; (void)q; (void)pool; (void)indices; (void)sink; (void)scale; (void)round_p; (void)derotate;
     (void)workspace; (void)workspace_bytes; (void)stream;
     return without_cuda(__func__);
 }
@@ -415,27 +424,21 @@ int dsrtk_attn_compress_pool(int dev, float *out, const float *chunk_c, const fl
     (void)n, (void)d, (void)r, (void)coff, (void)round_bf16, (void)stream;
     return without_cuda(__func__);
 }
-int dsrtk_attn_ring_write(int dev, float *ring, int64_t rows, int64_t width, const float *src, int64_t P, int64_t S,
-                          void *stream)
+int dsrtk_attn_ring_writes(int dev, const dsrtk_ring_write *writes, int n, int64_t P, int64_t S, void *stream)
 {
-    (void)dev, (void)ring, (void)rows, (void)width, (void)src, (void)P, (void)S, (void)stream;
+    (void)dev, (void)writes, (void)n, (void)P, (void)S, (void)stream;
     return without_cuda(__func__);
 }
-int dsrtk_attn_gather_pool(int dev, float *pool, const float *fresh, const float *window, int64_t window_rows,
-                           const float *entries, int64_t base, int64_t P, int64_t S, int64_t n_entries, int64_t hd,
-                           void *stream)
+
+int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, const float *window, int64_t window_rows,
+                      const float *entries, const int *picks, int64_t base, int64_t P, int64_t S, int64_t n_entries,
+                      int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, void *stream)
 {
-    (void)dev, (void)pool, (void)fresh, (void)window, (void)window_rows, (void)entries, (void)base, (void)P, (void)S;
-    (void)n_entries, (void)hd, (void)stream;
+    (void)dev, (void)pool, (void)idx, (void)fresh, (void)window, (void)window_rows, (void)entries, (void)picks, (void)base;
+    (void)P, (void)S, (void)n_entries, (void)hd, (void)K, (void)W, (void)r, (void)topk, (void)stream;
     return without_cuda(__func__);
 }
-int dsrtk_attn_index_lists(int dev, int64_t *idx, const int *picks, int64_t S, int64_t K, int64_t P, int64_t W,
-                           int64_t base, int64_t n_win, int64_t r, int64_t topk, void *stream)
-{
-    (void)dev, (void)idx, (void)picks, (void)S, (void)K, (void)P, (void)W, (void)base, (void)n_win, (void)r, (void)topk;
-    (void)stream;
-    return without_cuda(__func__);
-}
+
 int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float *keys, const float *w, float scale,
                             int64_t S, int64_t P, int64_t r, int IH, int ID, int64_t n_max, int ref, void *stream)
 {

@@ -12,7 +12,13 @@
 --   - a layer with 3 aux streams and one with none over the same weights give bit-equal outputs
 --     (SPEC §10: only the streams differ, never the arithmetic);
 --   - more than 4096 visible indexer entries (the top-k's radix-select path), fp32;
---   - errors: mixed devices, a state or input on the wrong device, a wrong aux stream list.
+--   - errors: mixed devices, a state or input on the wrong device, a wrong aux stream list;
+--   - the fused passes the layer runs (nn.norm_rope: the KV row's norm, RoPE and Q8, the query's
+--     head norm and RoPE, a compressed entry's, the indexer's RoPE, Hadamard and Q4; nn.q_kv_norm:
+--     q_norm in the KV row's launch; nn.sparse_attention_inverse_rope: the output's inverse RoPE
+--     inside the attention kernels) give the bits of the separate CUDA ops they replace, on fresh
+--     random inputs at odd sizes, in every launch shape, both precisions; misaligned and strided
+--     inputs too.
 -- Outputs come from a cache stocked with NaN blocks (poison), so an element a kernel forgot to
 -- write fails; NaN never passes (rel_error is NaN then).
 --
@@ -28,6 +34,7 @@ local tests, test = h.suite{ gpu = true }
 local WINDOW, CSA, HCA = 1, 2, 3 -- tiny layer indices (1-based) of each kind
 local KINDS = { WINDOW, CSA, HCA }
 local PRECISIONS = { "fp32", "reference" }
+local FLASH_YARN = { factor = 16, original_seq_len = 65536, beta_fast = 32, beta_slow = 1 }
 
 local folder, cfg, w_cpu, w_cuda
 local function tiny()
@@ -177,6 +184,198 @@ test("indexer_top_k_beyond_shared_memory_matches_cpu", function()
   -- 16400 positions: 4100 visible entries, more than the 4096 the shared-memory sort holds, so
   -- the top-k takes its radix-select path (then three decode steps on it)
   compare_steps(CSA, "fp32", { 16400, 1, 1, 1 }, 16500, 0, false)
+end)
+
+-- ---- the layer's fused passes against the separate ops they replace, bit for bit ----
+
+local fused_seed = 9700
+local function fused_randn(shape, dtype, std)
+  fused_seed = fused_seed + 1
+  return dsrt.randn(shape, { seed = fused_seed, dtype = dtype or "f32", std = std })
+end
+
+-- positions first, first + step, ... for S rows on the GPU, as nn.rope takes them
+local function positions(S, first, step) return dsrt.arange(first, first + S * step, step, { device = "cuda" }) end
+
+-- equal values (as the CUDA results' f32 widening shows them), no NaN in the fused result
+local function check_bits(got, want, what)
+  assert(got.device:match("^cuda"), what .. ": the fused result is not a CUDA tensor")
+  assert_equal(got.dtype, want.dtype, what .. ": dtype")
+  assert_equal(got.shape, want.shape, what .. ": shape")
+  local g, w = got:to("cpu"):to("f32"), want:to("cpu"):to("f32")
+  local nan = g:ne(g):sum():item()
+  if nan > 0 then error(string.format("%s: %d NaN in the fused result", what, nan), 2) end
+  local differ = g:ne(w):sum():item()
+  if differ > 0 then
+    local d = (g - w):abs():view(-1)
+    local i = d:argmax(1):item() + 1
+    error(string.format("%s: %d of %d elements differ; element %d is %.9g fused, %.9g by the separate ops", what, differ,
+                        w:numel(), i, g:view(-1)[i]:item(), w:view(-1)[i]:item()), 2)
+  end
+end
+
+-- nn.norm_rope as the separate CUDA ops the layer ran before (nn.h dsrt_nn_norm_rope)
+local function norm_rope_by_steps(x, weight, norm, eps, first, step, theta, yarn, post, prec)
+  local n = norm == "rms" and nn.rms_norm(x, weight, eps, prec) or norm == "head" and nn.head_rms_norm(x, eps, prec) or x
+  local y = nn.rope(n, positions(x:size(1), first, step), theta, yarn, false, prec):to("f32")
+  if post == "q8" then
+    nn.quant_roundtrip_q8(y, 64, 1, x:size(x:dim()) - 64, prec)
+  elseif post == "hadamard_q4" then
+    y = nn.hadamard128(y, prec):to("f32")
+    nn.quant_roundtrip_q4(y, prec)
+  end
+  return y
+end
+
+-- values that reach the kernels' corners: a zero row (1/rms of eps alone), a row with one huge and
+-- one tiny element (squares over ~20 binades: the double sum's order matters), exact zeros
+local function norm_rope_input(shape, dtype)
+  local x = fused_randn(shape, "f32", 3)
+  local w = shape[#shape]
+  local rows = x:view(-1, w)
+  if rows:size(1) > 1 then rows:narrow(1, 2, 1):fill(0) end
+  local flat = x:view(-1)
+  flat[1], flat[2], flat[3] = 3000, 1e-4, 0
+  return x:to(dtype)
+end
+
+local FUSED_ROPES = { -- theta, yarn, first, step: decode-like, a compressor's j·r (YaRN), far positions
+  { 10000, nil, 0, 1 }, { 160000, FLASH_YARN, 260, 4 }, { 10000, nil, 1000003, 1 }, { 160000, FLASH_YARN, 65408, 128 },
+}
+
+test("norm_rope_gives_the_bits_of_the_separate_ops", function()
+  -- the layer's rows ([1, 512] decode KV, [S, H, 512] queries, [n, 512 | 128] entries, [S, IH, 128]
+  -- indexer queries) and odd ones: short last Q8 blocks (200, 1000), no Q8 column (64), 2 and 4
+  -- vectors a lane (1000), warps past the last row (rows not a multiple of 8)
+  local shapes = { { 1, 512 }, { 1, 7, 512 }, { 3, 64, 512 }, { 37, 512 }, { 5, 3, 128 }, { 9, 128 }, { 4, 200 },
+                   { 3, 1000 }, { 2, 64 }, { 6, 3, 72 } }
+  local norms = { { "rms", "bf16" }, { "rms", "f32" }, { "rms", nil }, { "head", nil }, { "none", nil } }
+  local k = 0
+  for _, shape in ipairs(shapes) do
+    local w = shape[#shape]
+    local posts = w == 128 and { "none", "q8", "hadamard_q4" } or { "none", "q8" }
+    for _, dt in ipairs({ "bf16", "f32" }) do
+      local x = norm_rope_input(shape, dt):to("cuda")
+      for _, nm in ipairs(norms) do
+        local weight = nm[2] and fused_randn({ w }, nm[2]):to("cuda") or nil
+        for _, post in ipairs(posts) do
+          for _, prec in ipairs(PRECISIONS) do
+            k = k + 1
+            local rope = FUSED_ROPES[k % #FUSED_ROPES + 1]
+            local theta, yarn, first, step = rope[1], rope[2], rope[3], rope[4]
+            local want = norm_rope_by_steps(x, weight, nm[1], 1e-6, first, step, theta, yarn, post, prec)
+            h.poison_cuda_cache(x:numel() * 4)
+            local got = nn.norm_rope(x, weight, nm[1], 1e-6, first, step, theta, yarn, post, prec)
+            check_bits(got, want, string.format("norm_rope %s %s %s w %s %s %s pos %d+%d", table.concat(shape, "x"), dt,
+                                                nm[1], tostring(nm[2]), post, prec, first, step))
+          end
+        end
+      end
+    end
+  end
+end)
+
+test("norm_rope_from_misaligned_and_strided_inputs", function()
+  -- a strided x is made dense (the fused kernel), a misaligned one goes through the separate ops:
+  -- the bits of the separate ops on the aligned x either way
+  for _, prec in ipairs(PRECISIONS) do
+    for _, c in ipairs({ { { 5, 512 }, "rms", "q8" }, { { 7, 128 }, "none", "hadamard_q4" }, { { 3, 200 }, "head", "none" } }) do
+      local shape, norm, post = c[1], c[2], c[3]
+      local x = norm_rope_input(shape, "bf16")
+      local want = norm_rope_by_steps(x:to("cuda"), nil, norm, 1e-6, 11, 1, 10000, nil, post, prec)
+      local flat = dsrt.zeros({ x:numel() + 1 }, { dtype = "bf16" }):to("cuda")
+      local offset = flat:narrow(1, 2, x:numel()):view(table.unpack(shape))
+      offset:copy(x:to("cuda"))
+      local strided = x:transpose(1, 2):contiguous():to("cuda"):transpose(1, 2)
+      h.poison_cuda_cache(x:numel() * 4)
+      check_bits(nn.norm_rope(offset, nil, norm, 1e-6, 11, 1, 10000, nil, post, prec), want, "norm_rope misaligned " .. prec)
+      h.poison_cuda_cache(x:numel() * 4)
+      check_bits(nn.norm_rope(strided, nil, norm, 1e-6, 11, 1, 10000, nil, post, prec), want, "norm_rope strided " .. prec)
+    end
+  end
+end)
+
+test("q_kv_norm_gives_the_bits_of_the_two_norms", function()
+  -- qa rows of 1024 (Flash's q_lora_rank: 4 vectors a lane), 200, 64 in the KV row's launch, with
+  -- other row counts than kv's; 1536 (too wide for a warp) and misaligned data through the two ops
+  local cases = { -- qa shape, kv shape, q weight dtype, kv weight dtype, post
+    { { 1, 1024 }, { 1, 512 }, "bf16", "bf16", "q8" }, { { 37, 1024 }, { 37, 512 }, "f32", nil, "q8" },
+    { { 5, 200 }, { 3, 2, 128 }, nil, "f32", "hadamard_q4" }, { { 9, 64 }, { 1, 512 }, "bf16", "bf16", "none" },
+    { { 2, 1536 }, { 2, 512 }, "bf16", "bf16", "q8" },
+  }
+  for k, c in ipairs(cases) do
+    local qshape, kshape, qwd, kwd, post = c[1], c[2], c[3], c[4], c[5]
+    for _, dt in ipairs({ "bf16", "f32" }) do
+      local qa, kv = norm_rope_input(qshape, dt):to("cuda"), norm_rope_input(kshape, dt):to("cuda")
+      local qw = qwd and fused_randn({ qshape[#qshape] }, qwd):to("cuda") or nil
+      local kw = kwd and fused_randn({ kshape[#kshape] }, kwd):to("cuda") or nil
+      for j, prec in ipairs(PRECISIONS) do
+        local rope = FUSED_ROPES[(k + j) % #FUSED_ROPES + 1]
+        local theta, yarn, first, step = rope[1], rope[2], rope[3], rope[4]
+        local want_q = nn.rms_norm(qa, qw, 1e-6, prec)
+        local want_kv = norm_rope_by_steps(kv, kw, "rms", 1e-6, first, step, theta, yarn, post, prec)
+        h.poison_cuda_cache({ qa:numel() * 4, kv:numel() * 4 })
+        local qr, got_kv = nn.q_kv_norm(qa, qw, kv, kw, 1e-6, first, step, theta, yarn, post, prec)
+        local what = string.format("q_kv_norm qa %s kv %s %s %s", table.concat(qshape, "x"), table.concat(kshape, "x"), dt, prec)
+        check_bits(qr, want_q, what .. ": qr")
+        check_bits(got_kv, want_kv, what .. ": kv")
+      end
+    end
+  end
+  -- a misaligned qa
+  local qa, kv = norm_rope_input({ 3, 1024 }, "bf16"), norm_rope_input({ 3, 512 }, "bf16"):to("cuda")
+  local flat = dsrt.zeros({ qa:numel() + 1 }, { dtype = "bf16" }):to("cuda")
+  local offset = flat:narrow(1, 2, qa:numel()):view(3, 1024)
+  offset:copy(qa:to("cuda"))
+  for _, prec in ipairs(PRECISIONS) do
+    local qr, got_kv = nn.q_kv_norm(offset, nil, kv, nil, 1e-6, 4, 1, 10000, nil, "q8", prec)
+    check_bits(qr, nn.rms_norm(qa:to("cuda"), nil, 1e-6, prec), "q_kv_norm misaligned qa " .. prec)
+    check_bits(got_kv, norm_rope_by_steps(kv, nil, "rms", 1e-6, 4, 1, 10000, nil, "q8", prec), "q_kv_norm misaligned kv " .. prec)
+  end
+end)
+
+-- indices [S, K] into N rows: random rows, ~1 in 6 unused, row 2 all unused (zeros out)
+local function attention_indices(S, K, N)
+  local u = fused_randn({ S, K }):totable()
+  local rows = {}
+  for t = 1, S do
+    local r = {}
+    for j = 1, K do
+      local p = 0.5 * (1 + math.tanh(u[t][j])) -- in (0, 1)
+      r[j] = (p < 1 / 6 or (S > 1 and t == 2)) and -1 or math.min(N - 1, math.floor((p - 1 / 6) / (5 / 6) * N))
+    end
+    rows[t] = r
+  end
+  return dsrt.tensor(rows, { dtype = "i64" })
+end
+
+test("sparse_attention_inverse_rope_gives_the_bits_of_the_two_ops", function()
+  -- each launch shape of kernels/sparse_attention.cu: split (few rows: decode), fused (K <= 64 or
+  -- many rows x head groups), tensor cores (many rows, reference, bf16 q and pool, D % 64 == 0); odd
+  -- D = 65 and 97 put the rotated pairs at odd columns
+  local cases = { -- S, H, D, K, q and pool dtype
+    { 1, 64, 512, 640, "f32" }, { 1, 64, 512, 200, "bf16" }, { 3, 3, 96, 700, "f32" }, { 1, 5, 65, 130, "f32" },
+    { 17, 64, 64, 65, "f32" }, { 5, 3, 97, 40, "bf16" }, { 140, 3, 97, 130, "f32" },
+    { 140, 19, 128, 200, "bf16" }, { 140, 3, 512, 700, "bf16" },
+  }
+  for _, c in ipairs(cases) do
+    local S, H, D, K, dt = c[1], c[2], c[3], c[4], c[5]
+    local N = K + 37
+    local q = fused_randn({ S, H, D }, dt):to("cuda")
+    local pool = fused_randn({ N, D }, dt):to("cuda")
+    local sink = fused_randn({ H }, "f32", 2):to("cuda")
+    local idx = attention_indices(S, K, N):to("cuda")
+    for k, prec in ipairs(PRECISIONS) do
+      local rope = FUSED_ROPES[(S + k) % #FUSED_ROPES + 1]
+      local theta, yarn, first, step = rope[1], rope[2], rope[3], rope[4]
+      local scale = 1 / math.sqrt(D)
+      local o = nn.sparse_attention(q, pool, idx, sink, scale, prec)
+      local want = nn.rope(o, positions(S, first, step), theta, yarn, true, prec)
+      h.poison_cuda_cache(S * H * D * 4)
+      local got = nn.sparse_attention_inverse_rope(q, pool, idx, sink, scale, first, step, theta, yarn, prec)
+      check_bits(got, want, string.format("sparse_attention_inverse_rope S=%d H=%d D=%d K=%d %s %s", S, H, D, K, dt, prec))
+    end
+  end
 end)
 
 test("errors_name_the_problem", function()

@@ -1,8 +1,9 @@
 -- test_nn.lua — dsrt.nn (runtime/lnn.c over runtime/nn.c) from Lua: the calling convention (tensors,
 -- scalars, then the precision string last), result shapes and dtypes per precision, the in-place
 -- round trips, small cases against plain-Lua arithmetic, identities (inverse RoPE, H·H = I, hc_post
--- with the identity mix), and the error messages, which must name the function and the shapes.
--- The numerics in depth are tests/c/test_nn.c's.
+-- with the identity mix), the attention layer's fused passes (norm_rope, q_kv_norm,
+-- sparse_attention_inverse_rope) equal to the separate ops, bit for bit, and the error messages, which must name the function and
+-- the shapes. The numerics in depth are tests/c/test_nn.c's.
 local dsrt = require "dsrt"
 local h = require "tests.helpers"
 local assert_error, assert_close, assert_equal = h.assert_error, h.assert_close, h.assert_equal
@@ -213,6 +214,130 @@ test("sparse_attention_against_plain_lua", function()
   -- a row without a valid index gives zeros
   local none = nn.sparse_attention(q, pool, dsrt.full({ S, 3 }, -1, { dtype = "i64" }), sink, scale, "fp32")
   assert_equal(none:abs():sum():item(), 0)
+end)
+
+-- ---- the attention layer's fused passes ----
+
+-- positions first, first + step, ... for S rows, as nn.rope takes them
+local function progression(S, first, step)
+  local p = {}
+  for t = 1, S do p[t] = first + (t - 1) * step end
+  return dsrt.tensor(p, { dtype = "i64" })
+end
+
+-- norm_rope spelled out as the separate ops (nn.h dsrt_nn_norm_rope)
+local function norm_rope_by_steps(x, weight, norm, eps, first, step, theta, yarn, post, prec)
+  local n = norm == "rms" and nn.rms_norm(x, weight, eps, prec) or norm == "head" and nn.head_rms_norm(x, eps, prec) or x
+  local y = nn.rope(n, progression(x:size(1), first, step), theta, yarn, false, prec):to("f32")
+  if post == "q8" then
+    nn.quant_roundtrip_q8(y, 64, 1, x:size(x:dim()) - 64, prec)
+  elseif post == "hadamard_q4" then
+    y = nn.hadamard128(y, prec):to("f32")
+    nn.quant_roundtrip_q4(y, prec)
+  end
+  return y
+end
+
+test("norm_rope_is_the_separate_ops", function()
+  local cases = { -- shape, norm, weight dtype, post
+    { { 3, 512 }, "rms", "f32", "q8" }, { { 2, 5, 512 }, "head", nil, "none" }, { { 4, 2, 128 }, "none", nil, "hadamard_q4" },
+    { { 3, 128 }, "rms", "bf16", "hadamard_q4" }, { { 5, 200 }, "rms", nil, "q8" }, { { 1, 64 }, "head", nil, "q8" },
+  }
+  for _, c in ipairs(cases) do
+    local shape, norm, wdt, post = c[1], c[2], c[3], c[4]
+    local w = wdt and randn({ shape[#shape] }, wdt) or nil
+    for _, dt in ipairs({ "bf16", "f32" }) do
+      local x = randn(shape, dt, 3)
+      local before = x:to("f32")
+      for _, prec in ipairs({ "reference", "fp32" }) do
+        for _, rope in ipairs({ { 10000, nil, 0, 1 }, { 160000, FLASH_YARN, 70001, 4 } }) do
+          local theta, yarn, first, step = rope[1], rope[2], rope[3], rope[4]
+          local got = nn.norm_rope(x, w, norm, 1e-6, first, step, theta, yarn, post, prec)
+          local what = string.format("%s %s %s %s %s", table.concat(shape, "x"), dt, norm, post, prec)
+          assert_equal(got.dtype, "f32", what)
+          assert_equal(got.shape, shape, what)
+          assert_equal(got:totable(), norm_rope_by_steps(x, w, norm, 1e-6, first, step, theta, yarn, post, prec):totable(), what)
+          assert_equal(x:to("f32"):totable(), before:totable(), what .. ": x is left as it was")
+        end
+      end
+    end
+  end
+  -- the steps happen: a normed and rotated row of a [S, w] x has rms 1 and differs from x's
+  local x = randn({ 2, 512 }, "f32", 5)
+  local y = nn.norm_rope(x, nil, "rms", 1e-6, 3, 1, 10000, nil, "none", "fp32")
+  assert_close((y * y):mean():item(), 1, 1e-5)
+  -- reference: the Q8 columns hold e4m3 × 2^k values (e4m3 has 3 mantissa bits), the rope dims bf16
+  local q8 = nn.norm_rope(x, nil, "rms", 1e-6, 3, 1, 10000, nil, "q8", "reference")
+  for _, v in ipairs(q8:narrow(2, 1, 448):contiguous():view(-1):totable()) do
+    if v ~= 0 then
+      local m = math.abs(v) / 2 ^ math.floor(math.log(math.abs(v), 2))
+      assert_equal(m * 8, math.floor(m * 8), "an e4m3 mantissa")
+    end
+  end
+end)
+
+test("q_kv_norm_is_the_two_ops", function()
+  for _, c in ipairs({ { { 3, 1024 }, { 3, 512 }, "f32", "bf16", "q8" }, { { 2, 200 }, { 5, 2, 128 }, nil, nil, "hadamard_q4" } }) do
+    local qa, kv = randn(c[1], "bf16", 3), randn(c[2], "bf16", 3)
+    local qw = c[3] and randn({ c[1][#c[1]] }, c[3]) or nil
+    local kw = c[4] and randn({ c[2][#c[2]] }, c[4]) or nil
+    for _, prec in ipairs({ "reference", "fp32" }) do
+      local qr, k = nn.q_kv_norm(qa, qw, kv, kw, 1e-6, 70001, 1, 160000, FLASH_YARN, c[5], prec)
+      assert_equal(qr.dtype, prec == "reference" and "bf16" or "f32")
+      assert_equal(k.dtype, "f32")
+      assert_equal(qr:totable(), nn.rms_norm(qa, qw, 1e-6, prec):totable(), prec)
+      assert_equal(k:totable(), nn.norm_rope(kv, kw, "rms", 1e-6, 70001, 1, 160000, FLASH_YARN, c[5], prec):totable(), prec)
+    end
+  end
+  local qa, kv = randn({ 2, 64 }), randn({ 2, 64 })
+  assert_error(nn.q_kv_norm, "nn.q_kv_norm: q_weight is f32%[32%] on cpu, expected shape %[64%]", qa, dsrt.ones({ 32 }), kv,
+               nil, 1e-6, 0, 1, 10000, nil, "q8", "fp32")
+  assert_error(nn.q_kv_norm, "nn.q_kv_norm: kv is bf16%[2, 60%] on cpu, expected vectors of a multiple of 8", qa, nil,
+               randn({ 2, 60 }), nil, 1e-6, 0, 1, 10000, nil, "q8", "fp32")
+end)
+
+test("sparse_attention_inverse_rope_is_the_two_ops", function()
+  local S, H, D = 3, 2, 96
+  local q, pool = randn({ S, H, D }), randn({ 9, D })
+  local idx = dsrt.tensor({ { 0, -1, 3, 8 }, { -1, -1, -1, -1 }, { 5, 1, 2, -1 } })
+  local sink = dsrt.tensor({ 0.5, -2 })
+  for _, prec in ipairs({ "reference", "fp32" }) do
+    for _, rope in ipairs({ { 10000, nil, 0, 1 }, { 160000, FLASH_YARN, 131, 1 } }) do
+      local got = nn.sparse_attention_inverse_rope(q, pool, idx, sink, 0.1, rope[3], rope[4], rope[1], rope[2], prec)
+      local want = nn.rope(nn.sparse_attention(q, pool, idx, sink, 0.1, prec), progression(S, rope[3], rope[4]), rope[1],
+                           rope[2], true, prec)
+      assert_equal(got.dtype, prec == "reference" and "bf16" or "f32")
+      assert_equal(got:totable(), want:totable(), prec)
+    end
+  end
+end)
+
+test("fused_pass_errors_name_the_problem", function()
+  local x = randn({ 3, 512 })
+  assert_error(nn.norm_rope, "nn.norm_rope: x is bf16%[3, 100%] on cpu, expected vectors of a multiple of 8 from 64 to 1024",
+               randn({ 3, 100 }), nil, "rms", 1e-6, 0, 1, 10000, nil, "none", "fp32")
+  assert_error(nn.norm_rope, "nn.norm_rope: x is bf16%[3, 512%] on cpu, the Hadamard rotation takes vectors of 128",
+               x, nil, "rms", 1e-6, 0, 1, 10000, nil, "hadamard_q4", "fp32")
+  assert_error(nn.norm_rope, "nn.norm_rope: only the RMS norm takes a weight", x, dsrt.ones({ 512 }), "head", 1e-6, 0, 1,
+               10000, nil, "none", "fp32")
+  assert_error(nn.norm_rope, "nn.norm_rope: weight is f32%[500%] on cpu, expected shape %[512%]", x, dsrt.ones({ 500 }),
+               "rms", 1e-6, 0, 1, 10000, nil, "none", "fp32")
+  assert_error(nn.norm_rope, "nn.norm_rope: the positions first %+ t·step %(first 1, step %-1, t < 3%) include negative ones",
+               x, nil, "rms", 1e-6, 1, -1, 10000, nil, "none", "fp32")
+  assert_error(nn.norm_rope, "invalid option 'q4'", x, nil, "rms", 1e-6, 0, 1, 10000, nil, "q4", "fp32")
+  assert_error(nn.norm_rope, "invalid option 'layer'", x, nil, "layer", 1e-6, 0, 1, 10000, nil, "none", "fp32")
+  assert_error(nn.norm_rope, "nn.norm_rope: theta must be > 1", x, nil, "rms", 1e-6, 0, 1, 1, nil, "none", "fp32")
+  assert_error(nn.norm_rope, 'nn.norm_rope: precision %(argument #10%)', x, nil, "rms", 1e-6, 0, 1, 10000, nil, "none")
+  local q, pool, sink = randn({ 2, 3, 32 }), randn({ 5, 32 }), dsrt.zeros({ 3 })
+  local idx = dsrt.tensor({ { 0, 1 }, { 4, -1 } })
+  assert_error(nn.sparse_attention_inverse_rope,
+               "nn.sparse_attention_inverse_rope: q is bf16%[2, 3, 32%] on cpu, its vectors are narrower than the 64 rotated dims",
+               q, pool, idx, sink, 0.3, 0, 1, 10000, nil, "fp32")
+  assert_error(nn.sparse_attention_inverse_rope,
+               "nn.sparse_attention_inverse_rope: pool is bf16%[5, 32%] on cpu, expected shape %[%*, 64%]",
+               randn({ 2, 3, 64 }), pool, idx, sink, 0.3, 0, 1, 10000, nil, "fp32")
+  assert_error(nn.sparse_attention_inverse_rope, "nn.sparse_attention_inverse_rope: the positions",
+               randn({ 2, 3, 64 }), randn({ 5, 64 }), idx, sink, 0.3, -5, 1, 10000, nil, "fp32")
 end)
 
 -- ---- hyper-connections ----
