@@ -1231,36 +1231,50 @@ int dsrtk_moe_router(int dev, const dsrtk_moe_router_args *a, void *stream)
 }
 
 /* ---- combine (moe.c: add_rows in combine_experts' order) ----
- * A grid of (column tiles, tokens): every block sorts its token's k positions (k <= 64, one
- * thread, shared memory) and each thread sums one column in that fixed order (ascending
- * positions, then the shared row) from 0 in f32, so results do not depend on the tiling. At
- * decode (Flash, T = 1) 16 blocks of 256 columns replace one block walking 4096 columns: bytes
- * (k + 1) x dim x 4 read + dim x 4 written = 131 KB, well under 1 us of DRAM. */
+ * A grid of (column tiles, tokens): every block orders its token's k positions (k <= 64) and each
+ * thread sums one column in that fixed order (ascending positions, then the shared row) from 0 in
+ * f32, so results do not depend on the tiling. The positions are loaded by k threads at once and
+ * each placed by its rank (they are distinct: a row each), not sorted by one thread load after
+ * load; a column's k + 1 values are loaded before they are added. At decode (Flash, T = 1) 16
+ * blocks of 256 columns replace one block walking 4096 columns: bytes (k + 1) x dim x 4 read +
+ * dim x 4 written = 131 KB, well under 1 us of DRAM. */
 
-/* experts per token the combine sorts in shared memory (Flash: 6); a fixed array, because a
+/* experts per token the combine orders in shared memory (Flash: 6); fixed arrays, because a
  * dynamic one sized k*4 bytes drew out-of-bounds vector reads under compute-sanitizer */
 #define MOE_COMBINE_MAX_K 64
+enum { COMBINE_U = 8 /* a column's routed rows loaded at once */ };
 
 __global__ void __launch_bounds__(DSRTK_BLOCK) moe_combine_kernel(const void *y, int y_dtype, const int32_t *pos_of_pick,
                                                                   int64_t rows, int k, int64_t dim, void *out, int out_dtype)
 {
-    __shared__ int order[MOE_COMBINE_MAX_K];
+    __shared__ int pos[MOE_COMBINE_MAX_K], order[MOE_COMBINE_MAX_K];
     int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; /* one column per thread, grid-strided below */
+    const int i = threadIdx.x;
     for (int64_t t = blockIdx.y; t < rows; t += gridDim.y) {
         __syncthreads(); /* the previous token's order is consumed */
-        if (threadIdx.x == 0) { /* positions ascending = experts ascending, then picks ascending */
-            for (int i = 0; i < k; i++) {
-                int v = pos_of_pick[t * k + i], j = i;
-                for (; j > 0 && order[j - 1] > v; j--) order[j] = order[j - 1];
-                order[j] = v;
-            }
+        int mine = 0;
+        if (i < k) pos[i] = mine = pos_of_pick[t * k + i];
+        __syncthreads();
+        if (i < k) { /* positions ascending = experts ascending, then picks ascending */
+            int rank = 0;
+            for (int j = 0; j < k; j++) rank += pos[j] < mine;
+            order[rank] = mine;
         }
         __syncthreads();
         int64_t shared_row = (rows * k + t) * dim;
         for (int64_t col = c; col < dim; col += (int64_t)gridDim.x * blockDim.x) {
+            const float shared = load_x(y, y_dtype, shared_row + col);
             float acc = 0.0f;
-            for (int i = 0; i < k; i++) acc += load_x(y, y_dtype, order[i] * dim + col);
-            acc += load_x(y, y_dtype, shared_row + col);
+            for (int i0 = 0; i0 < k; i0 += COMBINE_U) {
+                float v[COMBINE_U];
+#pragma unroll
+                for (int u = 0; u < COMBINE_U; u++)
+                    v[u] = i0 + u < k ? load_x(y, y_dtype, (int64_t)order[i0 + u] * dim + col) : 0.0f;
+#pragma unroll
+                for (int u = 0; u < COMBINE_U; u++)
+                    if (i0 + u < k) acc += v[u];
+            }
+            acc += shared;
             if (out_dtype == DSRT_F32) ((float *)out)[t * dim + col] = acc;
             else ((uint16_t *)out)[t * dim + col] = dsrt_f32_to_bf16(acc);
         }
