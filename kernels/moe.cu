@@ -925,7 +925,12 @@ static int launch_group(int dev, const GroupArgs *a, cudaStream_t stream)
  * Where the device cannot hold the grid at once or offers no cooperative launch, the gate
  * projection, moe_route_kernel and moe_group_kernel run instead, with the same results. */
 
-enum { ROUTER_WARPS = 8, ROUTER_THREADS = ROUTER_WARPS * 32, GATE_U = 4 /* chunks a lane loads at once */ };
+enum {
+    ROUTER_WARPS = 8,
+    ROUTER_THREADS = ROUTER_WARPS * 32,
+    GATE_U = 4, /* gate chunks a lane loads at once */
+    SCORE_U = 8 /* scores a thread of block 0 loads at once: Flash's 8 tokens x 256 in one round */
+};
 
 __host__ __device__ __forceinline__ size_t align16(size_t bytes) { return (bytes + 15) & ~(size_t)15; }
 
@@ -1120,11 +1125,23 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __g
     cooperative_groups::this_grid().sync(); /* every score written (and block 0's inputs in place) */
     if (blockIdx.x) return;
 
+    /* the scores [rows, n] into shared memory, by the whole block with its loads in flight together
+     * (written by other blocks: read from L2) */
+    for (int i0 = threadIdx.x; i0 < rows * n; i0 += SCORE_U * ROUTER_THREADS) {
+        float v[SCORE_U];
+#pragma unroll
+        for (int u = 0; u < SCORE_U; u++) {
+            const int i = i0 + u * ROUTER_THREADS;
+            v[u] = i < rows * n ? __ldcg(r.logits + i) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < SCORE_U; u++)
+            if (i0 + u * ROUTER_THREADS < rows * n) score[i0 + u * ROUTER_THREADS] = v[u];
+    }
+    __syncthreads();
     if (warp < rows) { /* moe_route_kernel's steps for token `warp` */
         const int t = warp;
         float *row = score + t * n;
-        for (int e = lane; e < n; e += 32) row[e] = __ldcg(r.logits + (int64_t)t * n + e); /* written by other blocks: from L2 */
-        __syncwarp();
         if (r.score_func == DSRTK_MOE_SOFTMAX) softmax_warp(row, n, lane);
         int *sel = pick_e + t * k;
         bool ok = true;
