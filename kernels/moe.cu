@@ -726,8 +726,16 @@ __device__ void top_k_warp(uint32_t *keys, int n, int k, int lane, int *sel)
 __device__ void weights_warp(const float *row, const int *sel, int k, bool valid, int norm, float scale, int lane, int64_t *ids,
                              float *weights, float *pick_w)
 {
+    enum { U = 8 }; /* picks read at once: the sum waits on one round of reads, not on k */
     float sum = 0;
-    for (int j = 0; j < k; j++) sum += valid ? row[sel[j]] : NAN;
+    for (int j0 = 0; j0 < k; j0 += U) {
+        float s[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) s[u] = j0 + u < k ? row[sel[j0 + u]] : 0.0f;
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (j0 + u < k) sum += valid ? s[u] : NAN;
+    }
     for (int j = lane; j < k; j += 32) {
         float w = valid ? row[sel[j]] : NAN;
         if (norm) w /= sum;
