@@ -1088,15 +1088,11 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __g
     uint32_t *keys = (uint32_t *)(smem + L.keys);
     int *pick_e = (int *)(smem + L.pick_e), *valid = (int *)(smem + L.valid);
     const int first = blockIdx.x * per_block, end = first + per_block < n ? first + per_block : n;
-    /* block 0's warps without a gate row load the routing's inputs during the gate; when every warp has one, all do after */
-    const bool spare = per_block < ROUTER_WARPS;
 
     int j = first + warp;
     uint32_t word[GATE_U][16];
     if (g.vector && j < end) load_gate_chunks(g, j, lane, chunks, word); /* in flight during the staging */
     stage_x(staged, a.x, a.x_dtype, a.x_ld, rows, g.cols, chunks);
-    if (blockIdx.x == 0 && spare && warp >= per_block)
-        router_inputs(r, threadIdx.x - 32 * per_block, ROUTER_THREADS - 32 * per_block, bias, pick_e, valid);
     __syncthreads();
 
     for (bool loaded = g.vector; j < end; j += ROUTER_WARPS, loaded = false) {
@@ -1128,7 +1124,11 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __g
         if (lane < rows)
             r.logits[(int64_t)lane * n + j] = r.score_func == DSRTK_MOE_SOFTMAX ? mine : score_of(r.score_func, mine);
     }
-    if (blockIdx.x == 0 && !spare) router_inputs(r, threadIdx.x, ROUTER_THREADS, bias, pick_e, valid);
+    /* block 0's warps without a gate row get here at once and load the routing's inputs while the
+     * others run the gate; when every warp has a row, all load them after */
+    const int helpers = per_block < ROUTER_WARPS ? ROUTER_THREADS - 32 * per_block : ROUTER_THREADS;
+    if (blockIdx.x == 0 && (int)threadIdx.x >= ROUTER_THREADS - helpers)
+        router_inputs(r, threadIdx.x - (ROUTER_THREADS - helpers), helpers, bias, pick_e, valid);
 
     cooperative_groups::this_grid().sync(); /* every score written (and block 0's inputs in place) */
     if (blockIdx.x) return;
