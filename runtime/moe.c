@@ -10,10 +10,10 @@
  *
  * On CUDA the same steps run as kernels (kernels/moe.cu) over device buffers the allocator hands
  * out on the caller's stream: the router (gate logits, routing, a device counting sort into groups:
- * one kernel at decode), w1/w3 with the SwiGLU, w2, the combine. Nothing waits for the device inside a decode forward; a prefill
- * (PREFILL_ROWS tokens or more) reads the per-expert counts back once to run each expert as GEMMs
- * (cuda_prefill), and building the kernels' weight table (and checking tid2eid) synchronises once
- * on first use.
+ * one kernel at decode), w1/w3 with the SwiGLU, w2, the combine. Nothing waits for the device
+ * inside a decode forward; a prefill (PREFILL_ROWS tokens or more) reads the per-expert counts
+ * back once to run each expert as GEMMs (cuda_prefill), and building the kernels' weight table
+ * (and checking tid2eid) synchronises once on first use.
  */
 #include <math.h>
 #include <stdio.h>
@@ -587,8 +587,8 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
     return rc;
 }
 
-/* The whole layer on the device: the router (route and group), then w1/w3 + SwiGLU, w2 and the combine into y,
- * by the decode kernels or, from PREFILL_ROWS tokens on, by cuda_prefill. */
+/* The whole layer on the device: the router (route and group), then w1/w3 + SwiGLU, w2 and the
+ * combine into y, by the decode kernels or, from PREFILL_ROWS tokens on, by cuda_prefill. */
 static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_precision prec, dsrt_stream *s, dsrt_tensor *y)
 {
     const dsrt_moe_config *c = &m->cfg;
