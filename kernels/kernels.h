@@ -326,13 +326,14 @@ int dsrtk_moe_swiglu(int dev, const void *gu, int64_t gu_ld, int64_t rows, const
                      const int32_t *groups, const int32_t *n_groups, const float *row_weight, int64_t n_weighted,
                      float limit, int reference, void *h, int64_t h_ld, int io_dtype, void *stream);
 
-/* Routing of `rows` tokens from the gate logits f32 [rows, n_routed] (moe.h's rules): ids i64 and
- * weights f32 [rows, k], contiguous. Learned routing: bias (f32 view [n_routed]); hash routing:
- * tid2eid (i32/i64 view [vocab, k], its ids already checked) and token_ids (a view of `rows`
- * elements, row-major). A token id outside the vocabulary routes to expert 0 with NaN weights. */
+/* Routing of `rows` tokens from their gate logits (moe.h's rules): ids i64 and weights f32
+ * [rows, k], contiguous. Learned routing: bias (f32 view [n_routed]); hash routing: tid2eid
+ * (i32/i64 view [vocab, k], its ids already checked) and token_ids (a view of `rows` elements,
+ * row-major). A token id outside the vocabulary routes to expert 0 with NaN weights. logits: an
+ * f32 scratch [rows, n_routed] for the router's gate (its contents afterwards are not defined). */
 enum { DSRTK_MOE_SQRTSOFTPLUS, DSRTK_MOE_SIGMOID, DSRTK_MOE_SOFTMAX }; /* moe.h's dsrt_score_func, in order */
 typedef struct {
-    const float *logits;
+    float *logits;
     int64_t rows;
     int32_t n_routed, k, score_func, norm_topk_prob;
     float route_scale;
@@ -341,21 +342,27 @@ typedef struct {
     int64_t *ids;
     float *weights;
 } dsrtk_moe_route_args;
-int dsrtk_moe_route(int dev, const dsrtk_moe_route_args *a, void *stream);
 
-/* Grouping by expert (a stable counting sort of the rows·k picks): routed rows 0..rows·k-1 in
+/* The router: gate logits x·Wᵀ in f32 (gate: the gate's matrix, bf16 [n_routed, dim], by value;
+ * table: the device table holding it as set n_routed + 1), then route's ids and weights of x's
+ * route.rows rows (x_dtype DSRT_F32 or DSRT_BF16, x_ld apart), then, when groups is not NULL, the
+ * grouping by expert (a stable counting sort of the rows·k picks): routed rows 0..rows·k-1 in
  * ascending expert id, each expert's picks in ascending pick order; shared rows rows·k + t.
- * Writes groups [<= min(n_routed, rows·k) + 1][3] and *n_groups (set E = n_routed is the shared
- * expert's group, last), row_token [rows·k + rows], row_weight [rows·k], pos_of_pick [rows·k]. */
+ * Writes groups [<= min(n_routed, rows·k) + 1][3] ({set, first row, rows}) and *n_groups (set
+ * n_routed is the shared expert's group, last), row_token [rows·k + rows], row_weight [rows·k],
+ * pos_of_pick [rows·k]. Decode sizes (kernels/moe.cu says which) run as one kernel, others as
+ * three; the results are the same. */
 typedef struct {
-    const int64_t *ids;
-    const float *weights;
-    int64_t rows;
-    int32_t k, n_routed;
+    dsrtk_moe_matrix gate;
+    const dsrtk_moe_matrix *table;
+    const void *x;
+    int32_t x_dtype;
+    int64_t x_ld;
+    dsrtk_moe_route_args route;
     int32_t *groups, *n_groups, *row_token, *pos_of_pick;
     float *row_weight;
-} dsrtk_moe_group_args;
-int dsrtk_moe_group(int dev, const dsrtk_moe_group_args *a, void *stream);
+} dsrtk_moe_router_args;
+int dsrtk_moe_router(int dev, const dsrtk_moe_router_args *a, void *stream);
 
 /* y[t] = Σ routed rows of token t in ascending expert id (pos_of_pick order) + shared row, summed
  * in f32 from 0, stored as out_dtype (DSRT_BF16 or DSRT_F32), contiguous [rows, dim]; y is

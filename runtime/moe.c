@@ -9,11 +9,11 @@
  * the order of the reference's loop, before the shared expert's.
  *
  * On CUDA the same steps run as kernels (kernels/moe.cu) over device buffers the allocator hands
- * out on the caller's stream: gate logits, routing, a device counting sort into groups, w1/w3 with
- * the SwiGLU, w2, the combine. Nothing waits for the device inside a decode forward; a prefill
- * (PREFILL_ROWS tokens or more) reads the per-expert counts back once to run each expert as GEMMs
- * (cuda_prefill), and building the kernels' weight table (and checking tid2eid) synchronises once
- * on first use.
+ * out on the caller's stream: the router (gate logits, routing, a device counting sort into groups:
+ * one kernel at decode), w1/w3 with the SwiGLU, w2, the combine. Nothing waits for the device
+ * inside a decode forward; a prefill (PREFILL_ROWS tokens or more) reads the per-expert counts
+ * back once to run each expert as GEMMs (cuda_prefill), and building the kernels' weight table
+ * (and checking tid2eid) synchronises once on first use.
  */
 #include <math.h>
 #include <stdio.h>
@@ -453,28 +453,37 @@ static dsrt_tensor *device_buffer(dsrt_dtype dtype, int64_t n, dsrt_stream *s)
     return dsrt_tensor_new(dtype, 1, &n, s->device, s);
 }
 
-/* Gate logits and routing of the rows of xf (f32 or bf16 contiguous [rows, dim] on the device) into ids
- * i64 and weights f32 (contiguous, rows·k each). */
+/* Where the router groups the picks (kernels.h dsrtk_moe_router_args) */
+typedef struct {
+    int32_t *groups, *n_groups, *row_token, *pos_of_pick;
+    float *row_weight;
+} cuda_groups;
+
+/* The router over the rows of xf (f32 or bf16 contiguous [rows, dim] on the device): gate logits,
+ * ids i64 and weights f32 (contiguous, rows·k each) and, when g is not NULL, the grouping. */
 static int cuda_route_rows(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *xf, int64_t rows, dsrt_tensor *token_ids,
-                           int64_t *ids, float *weights, dsrt_stream *s)
+                           int64_t *ids, float *weights, const cuda_groups *g, dsrt_stream *s)
 {
     const dsrt_moe_config *c = &m->cfg;
+    dsrtk_moe_router_args r = {.table = table, .x = x_data(xf), .x_dtype = xf->dtype, .x_ld = m->dim};
+    /* the gate's matrix by value: the kernel starts its weight loads without reading the table first */
+    if (fill_matrix(&r.gate, m->gate, "gate", c->n_routed + 1, 0)) return -1;
     dsrt_tensor *logits = device_buffer(DSRT_F32, rows * c->n_routed, s);
     if (!logits) return -1;
-    dsrtk_moe_project_args gate = {.mode = DSRTK_MOE_GATE, .table = table, .x = x_data(xf), .x_dtype = xf->dtype, .x_ld = m->dim,
-                                   .single_set = c->n_routed + 1, .single_rows = rows, .max_out = c->n_routed,
-                                   .max_in = (int32_t)m->dim, .out = f32_data(logits), .out_ld = c->n_routed};
-    dsrtk_moe_route_args route = {.logits = f32_data(logits), .rows = rows, .n_routed = c->n_routed, .k = c->n_activated,
-                                  .score_func = (int32_t)c->score_func, .norm_topk_prob = c->norm_topk_prob,
-                                  .route_scale = c->route_scale, .hash = m->tid2eid != NULL, .ids = ids, .weights = weights};
+    r.route = (dsrtk_moe_route_args){.logits = f32_data(logits), .rows = rows, .n_routed = c->n_routed, .k = c->n_activated,
+                                     .score_func = (int32_t)c->score_func, .norm_topk_prob = c->norm_topk_prob,
+                                     .route_scale = c->route_scale, .hash = m->tid2eid != NULL, .ids = ids, .weights = weights};
     if (m->tid2eid) {
-        route.tid2eid = dsrt_tensor_desc(m->tid2eid);
-        route.token_ids = dsrt_tensor_desc(token_ids);
+        r.route.tid2eid = dsrt_tensor_desc(m->tid2eid);
+        r.route.token_ids = dsrt_tensor_desc(token_ids);
     } else {
-        route.bias = dsrt_tensor_desc(m->bias);
+        r.route.bias = dsrt_tensor_desc(m->bias);
     }
-    int rc = 0;
-    if (dsrtk_moe_project(s->device, &gate, s->handle) || dsrtk_moe_route(s->device, &route, s->handle)) rc = kernel_failed();
+    if (g) {
+        r.groups = g->groups, r.n_groups = g->n_groups, r.row_token = g->row_token, r.pos_of_pick = g->pos_of_pick;
+        r.row_weight = g->row_weight;
+    }
+    int rc = dsrtk_moe_router(s->device, &r, s->handle) ? kernel_failed() : 0;
     dsrt_tensor_release(logits);
     return rc;
 }
@@ -500,7 +509,7 @@ static int cuda_route(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_
     int64_t rows = dsrt_tensor_numel(x) / m->dim;
     dsrt_tensor *xf = cuda_prepare(m, x, token_ids, s, &table);
     if (!xf) return -1;
-    int rc = rows ? cuda_route_rows(m, table, xf, rows, token_ids, (int64_t *)ids->storage->data, f32_data(w), s) : 0;
+    int rc = rows ? cuda_route_rows(m, table, xf, rows, token_ids, (int64_t *)ids->storage->data, f32_data(w), NULL, s) : 0;
     dsrt_tensor_release(xf);
     return rc;
 }
@@ -649,8 +658,8 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
     return rc;
 }
 
-/* The whole layer on the device: route, group, then w1/w3 + SwiGLU, w2 and the combine into y,
- * by the decode kernels or, from PREFILL_ROWS tokens on, by cuda_prefill. */
+/* The whole layer on the device: the router (route and group), then w1/w3 + SwiGLU, w2 and the
+ * combine into y, by the decode kernels or, from PREFILL_ROWS tokens on, by cuda_prefill. */
 static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_precision prec, dsrt_stream *s, dsrt_tensor *y)
 {
     const dsrt_moe_config *c = &m->cfg;
@@ -674,17 +683,14 @@ static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsr
     dsrt_tensor *h = row_weight && !prefill ? device_buffer(DSRT_F32, all * width, s) : NULL;
     dsrt_tensor *out = h ? device_buffer(DSRT_F32, all * dim, s) : NULL;
     int rc = row_weight && (prefill || out) ? 0 : -1;
-    if (!rc) rc = cuda_route_rows(m, table, xf, rows, token_ids, (int64_t *)ids->storage->data, f32_data(w), s);
     if (!rc) {
         int32_t *groups = i32_data(index), *n_groups = groups + 3 * max_groups, *row_token = n_groups + 1;
         int32_t *pos_of_pick = row_token + all;
-        dsrtk_moe_group_args group = {.ids = (const int64_t *)ids->storage->data, .weights = f32_data(w), .rows = rows,
-                                      .k = k, .n_routed = n, .groups = groups, .n_groups = n_groups,
-                                      .row_token = row_token, .pos_of_pick = pos_of_pick, .row_weight = f32_data(row_weight)};
+        cuda_groups grouping = {groups, n_groups, row_token, pos_of_pick, f32_data(row_weight)};
         int dev = s->device;
         void *st = s->handle;
-        if (dsrtk_moe_group(dev, &group, st)) {
-            rc = kernel_failed();
+        if (cuda_route_rows(m, table, xf, rows, token_ids, (int64_t *)ids->storage->data, f32_data(w), &grouping, s)) {
+            rc = -1;
         } else if (prefill) {
             rc = cuda_prefill(m, table, xf, rows, reference, groups, max_groups, row_token, pos_of_pick, f32_data(row_weight),
                               s, y);

@@ -373,13 +373,7 @@ int dsrtk_moe_swiglu(int dev, const void *gu, int64_t gu_ld, int64_t rows, const
     return without_cuda(__func__);
 }
 
-int dsrtk_moe_route(int dev, const dsrtk_moe_route_args *a, void *stream)
-{
-    (void)dev; (void)a; (void)stream;
-    return without_cuda(__func__);
-}
-
-int dsrtk_moe_group(int dev, const dsrtk_moe_group_args *a, void *stream)
+int dsrtk_moe_router(int dev, const dsrtk_moe_router_args *a, void *stream)
 {
     (void)dev; (void)a; (void)stream;
     return without_cuda(__func__);

@@ -7,9 +7,11 @@
 -- rel_error <= 1e-2 and at least 90% of them bit-equal, which only holds when the rounding points
 -- are the CPU's). Sizes cross the kernels' tiles: 8 output features per block, 32-column chunks
 -- (a width that is not a multiple of 32 takes the scalar weight path), Q8 blocks of 128, 8 staged
--- rows per batch, 32 picks per step of the grouping, and the prefill threshold (moe.c PREFILL_ROWS =
--- 256 tokens: from there on the experts run as cuBLAS GEMMs on dequantised copies, bf16 in
--- reference precision when every matrix is FP4/FP8, f32 otherwise). Outputs come from an allocator
+-- rows per batch, 32 picks per step of the grouping, the one-kernel router's limits (8 tokens, 256
+-- picks; its results must equal the three-kernel path's bit for bit), and the prefill threshold
+-- (moe.c PREFILL_ROWS = 256 tokens: from there on the experts run as cuBLAS GEMMs on dequantised
+-- copies, bf16 in reference precision when every matrix is FP4/FP8, f32 otherwise). Exact ties of
+-- the routing keys must go to the lower expert id on both devices. Outputs come from an allocator
 -- cache stocked with NaN blocks; NaN never passes (rel_error is NaN then).
 --
 -- Run on the GPU machine: build/dsrt tests/run.lua tests/gpu/test_gpu_moe.lua
@@ -81,10 +83,11 @@ local function cpu_streams() return { dsrt.stream("cpu"), dsrt.stream("cpu"), ds
 local function cuda_streams() return { dsrt.stream("cuda"), dsrt.stream("cuda"), dsrt.stream("cuda") } end
 
 -- the layer on both devices
-local function pair(opts)
-  local dims, ffn = random_layer(opts)
+local function build(dims, ffn)
   return dsrt.moe(dims, ffn, cpu_streams()), dsrt.moe(dims, to_cuda(ffn), cuda_streams()), dims, ffn
 end
+
+local function pair(opts) return build(random_layer(opts)) end
 
 local function input(rows, dim, dtype)
   return dsrt.randn({ rows, dim }, { seed = next_seed(), dtype = dtype or "bf16" })
@@ -216,6 +219,149 @@ test("hash_routing_matches_the_cpu", function()
   local x, ids = input(6, 320), token_ids(12):to("i32"):view(6, 2):select(2, 2)
   check_ids(gpu:route(x:to("cuda"), ids:to("cuda")), cpu:route(x, ids), nil, "hash with strided i32 ids")
   assert_equal(ffn.gate.tid2eid.dtype, "i32")
+end)
+
+-- ---- the decode router ----
+-- Up to 8 tokens (and 256 picks) route through one cooperative kernel (moe.cu moe_router_kernel:
+-- the gate over the whole GPU, then one block routes and groups); more tokens through the gate
+-- projection, moe_route_kernel and moe_group_kernel. Both must give the CPU's routing and each
+-- other's bits: slices of 1..8 rows of a 24-row batch are checked against the CPU and, exactly,
+-- against the batch's rows.
+
+local function exact(got, want, what)
+  check_device(got, what)
+  assert_equal({ got.dtype, got.shape }, { want.dtype, want.shape }, what)
+  local g, w = got:to("cpu"), want:to("cpu")
+  if g.dtype == "f32" then g, w = g:bitcast("i32"), w:bitcast("i32") end -- bits: NaN equals only the same NaN
+  local same = g:eq(w):sum():item()
+  if same ~= w:numel() then error(string.format("%s: %d of %d values differ", what, w:numel() - same, w:numel()), 2) end
+end
+
+-- route on both devices: slices of 1..8 rows against the CPU and against the 24-row batch on CUDA
+local function check_router_slices(cpu, gpu, dims, ffn, x, ids, what)
+  local dim = x.shape[2]
+  poison_forward(24, dims, dim, 1)
+  local all_ids, all_w = gpu:route(x:to("cuda"), ids and ids:to("cuda"))
+  for rows = 1, 8 do
+    local first = 1 + (rows * 5) % (25 - rows) -- slices start at odd rows too: x read at an offset
+    local xs, is = x:narrow(1, first, rows), ids and ids:narrow(1, first, rows)
+    local label = string.format("%s T=%d", what, rows)
+    compare_route(cpu, gpu, dims, ffn, xs, is, label)
+    poison_forward(rows, dims, dim, 1)
+    local got_ids, got_w = gpu:route(xs:to("cuda"), is and is:to("cuda"))
+    exact(got_ids, all_ids:narrow(1, first, rows), label .. " ids vs the 24-token path")
+    exact(got_w, all_w:narrow(1, first, rows), label .. " weights vs the 24-token path")
+  end
+end
+
+test("router_at_1_to_8_tokens_matches_the_cpu_and_the_many_token_path", function()
+  for _, opts in ipairs({
+    { n = 12, k = 3, dim = 320 },                                  -- fewer experts than a warp has lanes
+    { n = 37, k = 5, dim = 200, score_func = "sigmoid" },          -- 37 blocks of one gate row
+    { n = 9, k = 2, dim = 198, score_func = "softmax" },           -- dim % 32 and % 4: the scalar gate, scalar staging
+    { n = 300, k = 7, dim = 96, norm_topk_prob = false },          -- lanes with 9 and 10 experts, 3 rows a block
+    { n = 40, k = 6, dim = 512, dtype = "f32", score_func = "softmax", norm_topk_prob = true, route_scale = 2.5 },
+    { n = 256, k = 6, dim = 4096 },                                -- Flash's gate
+  }) do
+    opts.inter, opts.shared_inter = 32, 32
+    local cpu, gpu, dims, ffn = pair(opts)
+    check_router_slices(cpu, gpu, dims, ffn, input(24, opts.dim, opts.dtype), nil,
+                        string.format("n %d k %d dim %d %s", opts.n, opts.k, opts.dim, dims.score_func))
+  end
+end)
+
+test("router_hash_routing_at_1_to_8_tokens", function()
+  local cpu, gpu, dims, ffn = pair({ routing = "hash", n = 40, k = 6, dim = 264, inter = 32, shared_inter = 32 })
+  check_router_slices(cpu, gpu, dims, ffn, input(24, 264), token_ids(24), "hash")
+  -- i32 ids through a strided view
+  local x, ids = input(5, 264), token_ids(10):to("i32"):view(5, 2):select(2, 1)
+  check_ids(gpu:route(x:to("cuda"), ids:to("cuda")), cpu:route(x, ids), nil, "hash with strided i32 ids")
+end)
+
+-- gate rows repeated R times (copy r of row g is expert r·G + g: copies on the same lane and on
+-- others), with equal biases: exact ties, which must go to the lower id on both devices
+local function tied_layer(G, R, opts)
+  local dims, ffn = random_layer(opts)
+  local dim = opts.dim
+  local base = dsrt.randn({ 1, G, dim }, { seed = next_seed(), std = 2 / math.sqrt(dim) })
+  ffn.gate.weight = base:expand(R, G, dim):reshape(R * G, dim):to("bf16")
+  ffn.gate.bias = dsrt.randn({ 1, G }, { seed = next_seed(), std = 0.05 }):expand(R, G):reshape(R * G)
+  return dims, ffn
+end
+
+test("router_ties_go_to_the_lower_expert_id", function()
+  -- n 64 = 16 groups of 4 tied experts, k 6: ties inside the top 6 and across its edge
+  local cpu, gpu, dims, ffn = build(tied_layer(16, 4, { n = 64, k = 6, dim = 128, inter = 32, shared_inter = 32 }))
+  for rows = 1, 8 do
+    local x = input(rows, 128)
+    poison_forward(rows, dims, 128, 1)
+    local got_ids = gpu:route(x:to("cuda"))
+    exact(got_ids, cpu:route(x), "tied groups T=" .. rows)
+  end
+  check_router_slices(cpu, gpu, dims, ffn, input(24, 128), nil, "tied groups")
+  -- sigmoid saturates to 1 for large logits: many experts tie at exactly 1 with a zero bias
+  local sat_dims, sat_ffn = random_layer({ n = 80, k = 8, dim = 64, inter = 32, shared_inter = 32, score_func = "sigmoid" })
+  sat_ffn.gate.bias = dsrt.zeros({ 80 })
+  local c, g = build(sat_dims, sat_ffn)
+  for rows = 1, 8 do
+    local x = input(rows, 64) * 200
+    local want_ids, want_w = c:route(x)
+    poison_forward(rows, sat_dims, 64, 1)
+    local got_ids, got_w = g:route(x:to("cuda"))
+    exact(got_ids, want_ids, "saturated sigmoid T=" .. rows)
+    check_rel(got_w, want_w, WEIGHT_TOL, "saturated sigmoid weights T=" .. rows)
+  end
+end)
+
+test("router_with_more_gate_rows_than_a_block_has_warps", function()
+  -- 1100 experts: 9 gate rows a block on a 132-multiprocessor GPU (warps take two); k 32 at 8
+  -- tokens is 256 picks, the most the one-kernel router groups, k 33 goes to the three kernels
+  for _, k in ipairs({ 32, 33 }) do
+    local cpu, gpu, dims, ffn = pair({ n = 1100, k = k, dim = 64, inter = 16, shared_inter = 16 })
+    for _, rows in ipairs({ 1, 3, 8 }) do
+      local x = input(rows, 64)
+      compare_route(cpu, gpu, dims, ffn, x, nil, string.format("1100 experts k %d T=%d", k, rows))
+      compare_forward(cpu, gpu, dims, x, nil, "fp32", string.format("1100 experts k %d T=%d forward", k, rows), 16)
+    end
+  end
+end)
+
+test("forward_through_the_router_equals_the_many_token_path_bit_for_bit", function()
+  -- inter 128: every matrix on fp8mma.cuh's tensor-core tile in reference precision; 198: the scalar paths
+  for _, opts in ipairs({ { n = 40, k = 6 }, { routing = "hash", n = 40, k = 6 }, { n = 40, k = 6, inter = 128, shared_inter = 128 },
+                          { n = 9, k = 2, dim = 198, inter = 40 } }) do
+    local dim = opts.dim or 320
+    local cpu, gpu, dims = pair(opts)
+    local x, ids = input(24, dim), opts.routing and token_ids(24)
+    for _, precision in ipairs({ "fp32", "reference" }) do
+      local all = gpu:forward(x:to("cuda"), ids and ids:to("cuda"), precision)
+      for rows = 1, 8 do
+        local first = 1 + (rows * 7) % (25 - rows)
+        local xs, is = x:narrow(1, first, rows), ids and ids:narrow(1, first, rows)
+        local what = string.format("%s n %d T=%d %s", opts.routing or "learned", opts.n, rows, precision)
+        local got = compare_forward(cpu, gpu, dims, xs, is, precision, what, 160)
+        exact(got, all:narrow(1, first, rows), what .. " vs the 24-token path")
+      end
+    end
+  end
+end)
+
+test("hash_rows_that_pick_one_expert_twice", function()
+  -- a malformed tid2eid row counts both picks (moe.h): groups of two rows from one token
+  local dims, ffn = random_layer({ routing = "hash", n = 12, k = 4 })
+  local t = ffn.gate.tid2eid:to("i64"):totable()
+  t[1] = { 5, 5, 5, 5 }
+  t[2] = { 0, 11, 0, 11 }
+  t[3] = { 11, 3, 3, 0 }
+  ffn.gate.tid2eid = dsrt.tensor(t, { dtype = "i32" })
+  local cpu, gpu = build(dims, ffn)
+  for _, rows in ipairs({ 1, 3, 8, 12 }) do
+    local ids = dsrt.tensor({ 0, 1, 2, 0, 2, 1, 0, 4, 1, 2, 0, 1 }, { dtype = "i64" }):narrow(1, 1, rows)
+    local x = input(rows, 320)
+    for _, precision in ipairs({ "fp32", "reference" }) do
+      compare_forward(cpu, gpu, dims, x, ids, precision, string.format("repeated picks T=%d %s", rows, precision), 160)
+    end
+  end
 end)
 
 -- ---- the layer ----
