@@ -699,22 +699,64 @@ __device__ __forceinline__ void lane_best(const uint32_t *keys, int n, int lane,
     }
 }
 
+/* A round of select_top over the lanes' best keys: the largest key, then the lowest id holding it
+ * (two redux instructions, no shuffle tree) */
+__device__ __forceinline__ int warp_best(uint32_t best, int best_e)
+{
+    const uint32_t top = __reduce_max_sync(0xffffffffu, best);
+    return (int)__reduce_min_sync(0xffffffffu, best == top ? (unsigned)best_e : 0xffffffffu);
+}
+
 /* select_top: sel [k] the experts of the k largest keys [n] (order_key values, consumed), in
- * descending order, ties to the lower id. Each lane keeps the best of its experts; a round takes
- * the warp's best by two redux instructions (the largest key, then the lowest id holding it) and
- * only the lane that held it looks again, so no round walks all n keys or shuffles 5 times. */
+ * descending order, ties to the lower id. Each lane holds its experts (lane, lane + 32, ...); a
+ * round takes the warp's best (warp_best) and only the lane that held it moves on: up to
+ * 32 * TOPK_REGS experts its keys sit sorted in registers and it pops the first, beyond that it
+ * looks through its keys in shared memory again. */
+enum { TOPK_REGS = 8 };
+
 __device__ void top_k_warp(uint32_t *keys, int n, int k, int lane, int *sel)
 {
-    uint32_t best;
-    int best_e;
-    lane_best(keys, n, lane, best, best_e);
-    for (int j = 0; j < k; j++) { /* k <= n: every round finds an unpicked expert (its key > 0) */
-        const uint32_t top = __reduce_max_sync(0xffffffffu, best);
-        const int win = (int)__reduce_min_sync(0xffffffffu, best == top ? (unsigned)best_e : 0xffffffffu);
-        if (lane == 0) sel[j] = win;
-        if ((win & 31) == lane) {
-            keys[win] = 0;
-            lane_best(keys, n, lane, best, best_e);
+    if (n <= 32 * TOPK_REGS) {
+        uint32_t key[TOPK_REGS];
+        int id[TOPK_REGS];
+#pragma unroll
+        for (int i = 0; i < TOPK_REGS; i++) {
+            id[i] = lane + 32 * i;
+            key[i] = id[i] < n ? keys[id[i]] : 0;
+        }
+        /* odd-even transposition, swapping only on a strictly larger key: stable, so equal keys
+         * keep their ascending ids */
+#pragma unroll
+        for (int pass = 0; pass < TOPK_REGS; pass++) {
+#pragma unroll
+            for (int i = pass & 1; i + 1 < TOPK_REGS; i += 2) {
+                const bool swap = key[i + 1] > key[i];
+                const uint32_t ka = key[i], kb = key[i + 1];
+                const int ia = id[i], ib = id[i + 1];
+                key[i] = swap ? kb : ka, key[i + 1] = swap ? ka : kb;
+                id[i] = swap ? ib : ia, id[i + 1] = swap ? ia : ib;
+            }
+        }
+        for (int j = 0; j < k; j++) { /* k <= n: every round finds an unpicked expert (its key > 0) */
+            const int win = warp_best(key[0], id[0]);
+            if (lane == 0) sel[j] = win;
+            if ((win & 31) == lane) {
+#pragma unroll
+                for (int i = 0; i + 1 < TOPK_REGS; i++) key[i] = key[i + 1], id[i] = id[i + 1];
+                key[TOPK_REGS - 1] = 0;
+            }
+        }
+    } else {
+        uint32_t best;
+        int best_e;
+        lane_best(keys, n, lane, best, best_e);
+        for (int j = 0; j < k; j++) {
+            const int win = warp_best(best, best_e);
+            if (lane == 0) sel[j] = win;
+            if ((win & 31) == lane) {
+                keys[win] = 0;
+                lane_best(keys, n, lane, best, best_e);
+            }
         }
     }
     __syncwarp();
