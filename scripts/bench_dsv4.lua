@@ -26,7 +26,9 @@
 --     each part — the model's own path is not slowed by any hook. Medians per part over the steps:
 --     per layer kind (window+hash, ratio-4 + indexer, ratio-128), the head, the MTP ring fill and the
 --     whole step, each against its floor: the weight bytes it must read per step (dsv4.memory's
---     decode_weight_bytes, SPEC §11.2) ÷ the measured copy bandwidth;
+--     decode_weight_bytes, SPEC §11.2) ÷ the measured copy bandwidth. The whole step is plain
+--     decoding's (a session made with mtp = false, as generate{} without speculation makes, skips
+--     the ring fill: the step less that part); the step of a session that drafts is shown beside it;
 --   - the MTP draft step (model:draft), against its floor (decode_weight_bytes' mtp_step);
 --   - an estimate for the whole 43-layer Flash decode step: 2 window + 21 CSA + 20 HCA layers at the
 --     measured per-kind times, plus the head (KV traffic at 4K context is ~1% of the weight bytes).
@@ -287,9 +289,17 @@ end
 local head_ms = ms_of(1) + ms_of(3 + n_layers)
 row("decode: embedding + HC head + norm + LM head", head_ms, floor_ms(detail.global))
 if model.mtp then row("decode: MTP ring fill (attention half)", ms_of(2 + n_layers), nil) end
-local step_ms = median(part_samples.total)
+-- plain decoding: the step less the ring fill, per step, then the median
+local plain = {}
+for i, total in ipairs(part_samples.total) do
+  plain[i] = total - (model.mtp and part_samples[2 + n_layers][i] or 0)
+end
+local step_ms = median(plain)
 row(("decode step, whole slice at context %d"):format(opts.context), step_ms, floor_ms(total_bytes),
     ("%.1f tok/s"):format(1e3 / step_ms))
+if model.mtp then
+  row("decode step of a session that drafts (+ MTP ring fill)", median(part_samples.total), nil, "")
+end
 if model.mtp and detail.mtp_step then
   row("MTP draft step (block + LM head)", median(draft_samples), floor_ms(detail.mtp_step))
 end

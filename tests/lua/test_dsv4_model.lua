@@ -122,6 +122,22 @@ test("truncate + continue equals never having gone ahead, decoder and MTP draft"
   assert_rows_close(model:draft(rolled, 123), model:draft(straight, 123), TOLERANCE.fp32, "draft after truncate")
 end)
 
+test("a session made with mtp = false forwards the same logits, skips the MTP state and cannot draft", function()
+  local model = tiny_model("fp32", true)
+  local ids, more = prompt(60, 6), prompt(3, 7)
+  local with, without = model:session { max_len = 128 }, model:session { max_len = 128, mtp = false }
+  assert(without.mtp == nil, "no MTP state kept")
+  for _, chunk in ipairs({ ids, more }) do
+    local a, b = model:forward(with, chunk), model:forward(without, chunk)
+    assert_equal(a:ne(b):sum():item(), 0, "logits with and without the MTP state")
+  end
+  without:truncate(61)
+  assert_equal(without:length(), 61)
+  assert_error(function() model:draft(without, 5) end, "dsv4.model.draft: the session was made with mtp = false")
+  assert_error(function() model:draft_next(without, 5) end, "dsv4.model.draft_next: the session was made with mtp = false")
+  assert_error(function() model:session { max_len = 8, mtp = 1 } end, "dsv4.model.session: mtp must be a boolean, got number")
+end)
+
 -- ---- aux streams ----
 
 local function assert_one_list_of_three(list, what)

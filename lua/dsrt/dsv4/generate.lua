@@ -177,7 +177,9 @@ local function new_sequence(model, p, o)
   local eos = o.tok and o.tok.eos_id
   return {
     prompt = p.ids, history = { table.unpack(p.ids) }, ids = {}, pending = p.ids,
-    session = model:session { max_len = p.max_len, slack = o.spec and math.max(16, o.spec.k + 1) or nil },
+    -- the MTP layer's state only when this sequence drafts: plain decoding skips its fill
+    session = model:session { max_len = p.max_len, slack = o.spec and math.max(16, o.spec.k + 1) or nil,
+                              mtp = o.spec ~= nil },
     max_len = p.max_len,
     decoder = o.tok and o.tok:decoder(), tok_n = o.tok and o.tok:vocab_size() or 0, full = "", emitted = 0, eos = eos, done = false,
     prompt_seconds = 0, decode_seconds = 0, sampled = 0,

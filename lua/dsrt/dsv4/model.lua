@@ -192,6 +192,13 @@ local function check_session(model, session, what)
   end
 end
 
+-- a session that keeps the MTP layer's state (not made with mtp = false)
+local function check_mtp_state(session, what)
+  if not session.mtp then
+    error(string.format("dsv4.model.%s: the session was made with mtp = false and keeps no MTP state", what), 3)
+  end
+end
+
 local LOGITS = { all = true, last = true, none = true }
 
 --- The decoder over ids at positions [session:length(), +#ids): f32 logits [#ids, vocab], one row
@@ -240,7 +247,7 @@ function Model:forward_batch(sessions, ids_list, opts)
   for k, session in ipairs(sessions) do
     local first = session.positions
     session.positions = first + spans[k][2]
-    if self.mtp then self.mtp:advance(session, X:narrow(1, spans[k][1], spans[k][2]), checked[k], first) end
+    if session.mtp then self.mtp:advance(session, X:narrow(1, spans[k][1], spans[k][2]), checked[k], first) end
   end
   local out = {}
   if which == "none" then return out end
@@ -267,6 +274,7 @@ end
 function Model:draft(session, next_id)
   if not self.mtp then error("dsv4.model.draft: the model was loaded without its MTP layers (mtp = false)", 2) end
   check_session(self, session, "draft")
+  check_mtp_state(session, "draft")
   return self.mtp:draft(session, next_id)
 end
 
@@ -275,6 +283,7 @@ end
 function Model:draft_next(session, id)
   if not self.mtp then error("dsv4.model.draft_next: the model was loaded without its MTP layers (mtp = false)", 2) end
   check_session(self, session, "draft_next")
+  check_mtp_state(session, "draft_next")
   return self.mtp:draft_next(session, id)
 end
 
@@ -293,9 +302,15 @@ local Session = {}
 Session.__index = Session
 
 --- A new sequence: opts.max_len (required) positions, rollback by up to opts.slack (default 16).
+--- opts.mtp (default true when the model has its MTP layer): keep the MTP layer's state, filled at
+--- every forward, so the session can draft (model:draft, speculative decoding). A session that
+--- will never draft says mtp = false and skips that fill: about a tenth of a decode step.
 function Model:session(opts)
   opts = opts or {}
   local max_len, slack = opts.max_len, opts.slack or DEFAULT_SLACK
+  if opts.mtp ~= nil and type(opts.mtp) ~= "boolean" then
+    error("dsv4.model.session: mtp must be a boolean, got " .. type(opts.mtp), 2)
+  end
   if math.type(max_len) ~= "integer" or max_len < 1 then
     error("dsv4.model.session: max_len must be a positive integer, got " .. tostring(max_len), 2)
   end
@@ -308,7 +323,7 @@ function Model:session(opts)
       max_len = max_len, slack = slack, precision = self.precision, device = self.device,
     })
   end
-  if self.mtp then self.mtp:attach(session) end
+  if self.mtp and opts.mtp ~= false then self.mtp:attach(session) end
   return session
 end
 
@@ -322,7 +337,7 @@ function Session:truncate(n)
   end
   for _, state in ipairs(self.states) do state:truncate(n) end
   self.positions = n
-  if self.model.mtp then self.model.mtp:truncate(self, n) end
+  if self.mtp then self.model.mtp:truncate(self, n) end
 end
 
 return decoder
