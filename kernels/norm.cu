@@ -530,8 +530,8 @@ __device__ __forceinline__ void norm_row(float (&v)[V][8], const void *w, int w_
  *     16-byte aligned rows of width <= 1024, rounded to bf16 in reference precision as its bf16
  *     output is;
  *   - RoPE of the last 64 columns (whole vectors, pairs whole as width − 64 is a multiple of 8):
- *     rope.cuh's cos/sin and rotation at the row's position, every value rounded to bf16 in
- *     reference precision as rope_kernel's bf16 output is;
+ *     rope.cuh's cos/sin (lane l computes pair l's) and rotation at the row's position, every value
+ *     rounded to bf16 in reference precision as rope_kernel's bf16 output is;
  *   - Q8 (reference): the 8 lanes of a block of 64 columns meet for its amax with shuffles, as
  *     roundtrip_vec_kernel's lanes do (columns past width − 64 count as the floor, as its lanes past
  *     `count` do), then quant.h's scale and codes;
@@ -572,20 +572,23 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
 #pragma unroll
                 for (int i = 0; i < 8; i++) v[k][i] = round_bf16(v[k][i]);
     }
-    const int64_t p = a.first + r / a.heads * a.step;
+    /* RoPE: lane l computes pair l's cos and sin (one of each, as rope_kernel's 32 threads do), the
+     * lanes holding the rotated vectors take theirs with shuffles */
+    float my_cs, my_sn;
+    rope_cos_sin(a.first + r / a.heads * a.step, f.f[lane], my_cs, my_sn);
 #pragma unroll
     for (int k = 0; k < V; k++) {
         const int64_t j = 8 * (int64_t)(lane + 32 * k);
-        if (j >= kept && j < a.width) {
-            const int i0 = (int)((j - kept) >> 1);
+        if (kept < 256 * (k + 1) && kept + 64 > 256 * k) { /* uniform: some lane's vector k is rotated */
+            const bool rot = j >= kept && j < a.width;
+            const int i0 = rot ? (int)((j - kept) >> 1) : 0;
 #pragma unroll
             for (int q = 0; q < 4; q++) {
-                float cs, sn;
-                rope_cos_sin(p, f.f[i0 + q], cs, sn);
-                rope_rotate(v[k][2 * q], v[k][2 * q + 1], cs, sn, 0, v[k][2 * q], v[k][2 * q + 1]);
+                const float cs = __shfl_sync(0xffffffffu, my_cs, i0 + q), sn = __shfl_sync(0xffffffffu, my_sn, i0 + q);
+                if (rot) rope_rotate(v[k][2 * q], v[k][2 * q + 1], cs, sn, 0, v[k][2 * q], v[k][2 * q + 1]);
             }
         }
-        if (a.ref)
+        if (a.ref && j < a.width)
 #pragma unroll
             for (int i = 0; i < 8; i++) v[k][i] = round_bf16(v[k][i]);
     }

@@ -339,16 +339,23 @@ __device__ __forceinline__ void store_out(const Args &a, int64_t i, float v)
 
 __device__ __forceinline__ float sink_of(const Args &a, int64_t h) { return dsrt_load_f32(a.sink, a.sink_dtype, h); }
 
-/* The inverse RoPE (SPEC §6.8) of the output pair (v0, v1) at columns kept + k, kept + k + 1 of
- * query row t (k even, kept = D − 64), as dsrtk_nn_rope would apply it to the stored output: each
- * value as stored (bf16-rounded for a bf16 output), rotated by rope.cuh's arithmetic; store_out
- * then rounds the result as rope_kernel's store does. */
-__device__ __forceinline__ void derotate_pair(const Args &a, int64_t t, int64_t k, float &v0, float &v1)
+/* The cos and sin of query row t's 32 RoPE pairs into table[0..32) and table[32..64): one pair a
+ * thread for the 32 threads from `first`, as rope_kernel's 32 threads compute them (the caller
+ * synchronises before reading). */
+__device__ __forceinline__ void rope_table(const Args &a, int64_t t, unsigned first, float *table)
+{
+    const unsigned i = threadIdx.x - first; /* wraps past 32 below `first` */
+    if (a.rope && i < 32) rope_cos_sin(a.rope_first + t * a.rope_step, a.freqs.f[i], table[i], table[32 + i]);
+}
+
+/* The inverse RoPE (SPEC §6.8) of the output pair (v0, v1) at columns kept + k, kept + k + 1 of a
+ * query row (k even, kept = D − 64; table: rope_table's), as dsrtk_nn_rope would apply it to the
+ * stored output: each value as stored (bf16-rounded for a bf16 output), rotated by rope.cuh's
+ * arithmetic; store_out then rounds the result as rope_kernel's store does. */
+__device__ __forceinline__ void derotate_pair(const Args &a, const float *table, int64_t k, float &v0, float &v1)
 {
     if (a.out_bf16) v0 = round_bf16(v0), v1 = round_bf16(v1);
-    float cs, sn;
-    rope_cos_sin(a.rope_first + t * a.rope_step, a.freqs.f[k >> 1], cs, sn);
-    rope_rotate(v0, v1, cs, sn, 1, v0, v1);
+    rope_rotate(v0, v1, table[k >> 1], table[32 + (k >> 1)], 1, v0, v1);
 }
 
 /* ---- fused: one CTA per (query row, head group), all blocks in order ---- */
@@ -383,6 +390,7 @@ __global__ void __launch_bounds__(THREADS, 1) fused_kernel(const __grid_constant
     }
     if (threadIdx.x < HEADS && g * HEADS + threadIdx.x < a.H && s.m[threadIdx.x] != -INFINITY)
         s.den[threadIdx.x] += expf(sink_of(a, g * HEADS + threadIdx.x) - s.m[threadIdx.x]); /* the sink */
+    rope_table(a, t, 32, s.p); /* s.p is free after the last block; warp 1, beside the sink's warp 0 */
     __syncthreads();
     const int bad = *s.bad;
     const int64_t kept = a.D - 64;
@@ -394,7 +402,7 @@ __global__ void __launch_bounds__(THREADS, 1) fused_kernel(const __grid_constant
             const int64_t k = c - kept, mate = k & 1 ? i - 1 : i + 1;
             const float w = bad ? NAN : s.m[h] == -INFINITY ? 0.0f : s.acc[mate] / s.den[h];
             float v0 = k & 1 ? w : v, v1 = k & 1 ? v : w;
-            derotate_pair(a, t, k & ~(int64_t)1, v0, v1);
+            derotate_pair(a, s.p, k & ~(int64_t)1, v0, v1);
             v = k & 1 ? v1 : v0;
         }
         store_out(a, (t * a.H + hh) * a.D + c, v);
@@ -576,11 +584,12 @@ __global__ void __launch_bounds__(THREADS) pv_kernel(const __grid_constant__ Arg
 /* grid (S·H): o = Σ_ch w_ch·acc_ch / (Σ_ch w_ch·sum_ch + e^{sink − M}), w_ch = e^{M_ch − M}, M the
  * max of the M_ch (the last running max), chunks with M_ch = -inf skipped; 0 when nothing was valid.
  * With a.rope the last 64 columns meet in shared memory and the first warp de-rotates their pairs
- * (derotate_pair), so decode's inverse RoPE costs no launch of its own.
+ * (derotate_pair, a pair a thread, each with its own cos and sin), so decode's inverse RoPE costs
+ * no launch of its own.
  * Flash decode: 40 chunks x 2 KB of partials per (row, head), 64 CTAs. */
 __global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant__ Args a)
 {
-    __shared__ float M_s, den_s, rot[64];
+    __shared__ float M_s, den_s, rot[64], table[64];
     const int64_t t = blockIdx.x / a.H, hh = blockIdx.x % a.H;
     const float *pm = a.part_m + t * a.nc * a.H + hh, *ps = a.part_sum + t * a.nc * a.H + hh;
     if (threadIdx.x < 32) {
@@ -612,11 +621,12 @@ __global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant_
         else store_out(a, (t * a.H + hh) * a.D + c, v);
     }
     if (!a.rope) return;
+    rope_table(a, t, 0, table);
     __syncthreads();
     if (threadIdx.x < 32) {
         const int64_t at = (t * a.H + hh) * a.D + a.D - 64 + 2 * threadIdx.x;
         float v0 = rot[2 * threadIdx.x], v1 = rot[2 * threadIdx.x + 1];
-        derotate_pair(a, t, 2 * threadIdx.x, v0, v1);
+        derotate_pair(a, table, 2 * threadIdx.x, v0, v1);
         store_out(a, at, v0);
         store_out(a, at + 1, v1);
     }
@@ -757,6 +767,7 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
     }
     if (threadIdx.x < MMA_HEADS && g * MMA_HEADS + threadIdx.x < a.H && m_s[threadIdx.x] != -INFINITY)
         den_s[threadIdx.x] += expf(sink_of(a, g * MMA_HEADS + threadIdx.x) - m_s[threadIdx.x]); /* the sink */
+    rope_table(a, t, 32, sc); /* sc is free after the last block; warp 1, beside the sink's warp 0 */
     __syncthreads();
     const int bad = *s.bad;
 #pragma unroll
@@ -772,7 +783,7 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
 #pragma unroll
             for (int j = 0; j < 2; j++) v[j] = bad ? NAN : m == -INFINITY ? 0.0f : acc[i][2 * half + j] / den;
             /* c is even and so is D − 64 (D % 64 == 0): (c, c + 1) is a RoPE pair */
-            if (a.rope && c >= D - 64) derotate_pair(a, t, c - (D - 64), v[0], v[1]);
+            if (a.rope && c >= D - 64) derotate_pair(a, sc, c - (D - 64), v[0], v[1]);
             store_out(a, (t * a.H + hh) * D + c, v[0]);
             store_out(a, (t * a.H + hh) * D + c + 1, v[1]);
         }

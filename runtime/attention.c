@@ -149,6 +149,8 @@ static int check_config(const dsrt_attn_config *c)
     if (c->rope_dim != DSRT_NN_ROPE_DIMS || c->head_dim < c->rope_dim)
         return dsrt_err("attention: rope_dim %d / head_dim %d: RoPE rotates the trailing %d dims (SPEC §3.6)", c->rope_dim,
                         c->head_dim, DSRT_NN_ROPE_DIMS);
+    if (c->head_dim % 8 || c->head_dim > 1024) /* dsrt_nn_norm_rope's vectors (DSV4: 512) */
+        return dsrt_err("attention: head_dim %d must be a multiple of 8 up to 1024", c->head_dim);
     if (c->o_groups < 1 || c->n_heads % c->o_groups)
         return dsrt_err("attention: %d heads do not split into %d output groups", c->n_heads, c->o_groups);
     if (c->ratio == 4 && (c->index_head_dim != DSRT_NN_HADAMARD_DIM || c->index_n_heads < 1 || c->index_topk < 1))

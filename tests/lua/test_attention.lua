@@ -241,6 +241,10 @@ test("errors_name_the_problem", function()
   broken.compressor = w.layers[CSA].attn.compressor
   assert_error(build(broken), "compressor.wkv maps 128 %-> 1024 features, expected 128 %-> 512")
   assert_error(function() dsrt.attention(cfg.layers[WINDOW], cfg.dims, a, {}) end, "a window%-only layer %(ratio 0%) has no compressor")
+  local odd = {}
+  for k, v in pairs(cfg.dims) do odd[k] = v end
+  odd.head_dim = 100
+  assert_error(function() dsrt.attention(cfg.layers[HCA], odd, a, {}) end, "attention: head_dim 100 must be a multiple of 8 up to 1024")
 end)
 
 return tests
