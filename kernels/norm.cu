@@ -76,6 +76,19 @@ __device__ __forceinline__ float inv_rms(double acc, int64_t d, float eps, int h
     return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
 }
 
+/* eight values of a row times its 1/rms, then (w non-NULL) by the weights at column j, each an fp32
+ * product as the CPU rounds it */
+__device__ __forceinline__ void norm_scale8(float (&v)[8], float inv, const void *w, int w_dtype, int64_t j)
+{
+    float wv[8];
+    if (w) ld8(w, w_dtype, j, wv);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        v[i] = __fmul_rn(v[i], inv);
+        if (w) v[i] = __fmul_rn(wv[i], v[i]);
+    }
+}
+
 /* the square the CPU adds: fp32, bf16-rounded for the head norm */
 __device__ __forceinline__ double square(float v, int head_bf16)
 {
@@ -139,13 +152,7 @@ __global__ void __launch_bounds__(256) rms_norm_rows_kernel(const void *x, int x
         for (int k = 0; k < V; k++) {
             const int64_t j = 8 * (int64_t)(g + k * G);
             if (!live || j >= d) continue;
-            float wv[8];
-            if (w) ld8(w, w_dtype, j, wv);
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                v[k][i] = __fmul_rn(v[k][i], inv);
-                if (w) v[k][i] = __fmul_rn(wv[i], v[k][i]);
-            }
+            norm_scale8(v[k], inv, w, w_dtype, j);
             st8(y, y_dtype, base + j, v[k]);
         }
     }
@@ -513,13 +520,7 @@ __device__ __forceinline__ void norm_row(float (&v)[V][8], const void *w, int w_
     for (int k = 0; k < V; k++) {
         const int64_t j = 8 * (int64_t)(lane + 32 * k);
         if (j >= width) continue;
-        float wv[8];
-        if (w) ld8(w, w_dtype, j, wv);
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            v[k][i] = __fmul_rn(v[k][i], inv);
-            if (w) v[k][i] = __fmul_rn(wv[i], v[k][i]);
-        }
+        norm_scale8(v[k], inv, w, w_dtype, j);
     }
 }
 

@@ -171,20 +171,34 @@ static dsrt_nn_post check_post(lua_State *L, int idx)
     return (dsrt_nn_post)luaL_checkoption(L, idx, NULL, posts);
 }
 
+/* The positions first, first + step, ... and the RoPE parameters theta, yarn of the fused passes,
+ * from the Lua arguments idx .. idx + 3 */
+typedef struct {
+    int64_t first, step;
+    double theta;
+    dsrt_yarn yarn_buf;
+    const dsrt_yarn *yarn;
+} rope_args;
+
+static void check_rope_args(lua_State *L, int idx, const char *fn, rope_args *r)
+{
+    r->first = (int64_t)luaL_checkinteger(L, idx);
+    r->step = (int64_t)luaL_checkinteger(L, idx + 1);
+    r->theta = luaL_checknumber(L, idx + 2);
+    r->yarn = check_yarn(L, idx + 3, fn, &r->yarn_buf);
+}
+
 static int l_norm_rope(lua_State *L)
 {
     static const char *const norms[] = {"none", "rms", "head", NULL}; /* dsrt_nn_norm order */
     dsrt_tensor *x = dsrtL_checktensor(L, 1), *weight = opt_tensor(L, 2);
     dsrt_nn_norm norm = (dsrt_nn_norm)luaL_checkoption(L, 3, NULL, norms);
     float eps = check_float(L, 4);
-    lua_Integer first = luaL_checkinteger(L, 5), step = luaL_checkinteger(L, 6);
-    double theta = luaL_checknumber(L, 7);
-    dsrt_yarn yarn_buf;
-    const dsrt_yarn *yarn = check_yarn(L, 8, "norm_rope", &yarn_buf);
+    rope_args r;
+    check_rope_args(L, 5, "norm_rope", &r);
     dsrt_nn_post post = check_post(L, 9);
     dsrt_precision prec = dsrtL_checkprecision(L, 10, "nn.norm_rope", 1);
-    dsrtL_pushtensor(L, dsrt_nn_norm_rope(x, norm, weight, eps, (int64_t)first, (int64_t)step, theta, yarn, post, prec,
-                                          stream_for(L, x)));
+    dsrtL_pushtensor(L, dsrt_nn_norm_rope(x, norm, weight, eps, r.first, r.step, r.theta, r.yarn, post, prec, stream_for(L, x)));
     return 1;
 }
 
@@ -193,15 +207,13 @@ static int l_q_kv_norm(lua_State *L)
     dsrt_tensor *qa = dsrtL_checktensor(L, 1), *q_weight = opt_tensor(L, 2), *kv = dsrtL_checktensor(L, 3);
     dsrt_tensor *kv_weight = opt_tensor(L, 4);
     float eps = check_float(L, 5);
-    lua_Integer first = luaL_checkinteger(L, 6), step = luaL_checkinteger(L, 7);
-    double theta = luaL_checknumber(L, 8);
-    dsrt_yarn yarn_buf;
-    const dsrt_yarn *yarn = check_yarn(L, 9, "q_kv_norm", &yarn_buf);
+    rope_args r;
+    check_rope_args(L, 6, "q_kv_norm", &r);
     dsrt_nn_post post = check_post(L, 10);
     dsrt_precision prec = dsrtL_checkprecision(L, 11, "nn.q_kv_norm", 1);
     dsrt_tensor *qr, *kv_out;
-    if (dsrt_nn_q_kv_norm(qa, q_weight, kv, kv_weight, eps, (int64_t)first, (int64_t)step, theta, yarn, post, prec,
-                          stream_for(L, qa), &qr, &kv_out))
+    if (dsrt_nn_q_kv_norm(qa, q_weight, kv, kv_weight, eps, r.first, r.step, r.theta, r.yarn, post, prec, stream_for(L, qa),
+                          &qr, &kv_out))
         return dsrtL_error(L);
     dsrtL_pushtensor(L, qr);
     dsrtL_pushtensor(L, kv_out);
@@ -213,13 +225,11 @@ static int l_sparse_attention_inverse_rope(lua_State *L)
     dsrt_tensor *q = dsrtL_checktensor(L, 1), *pool = dsrtL_checktensor(L, 2), *indices = dsrtL_checktensor(L, 3);
     dsrt_tensor *sink = dsrtL_checktensor(L, 4);
     float scale = check_float(L, 5);
-    lua_Integer first = luaL_checkinteger(L, 6), step = luaL_checkinteger(L, 7);
-    double theta = luaL_checknumber(L, 8);
-    dsrt_yarn yarn_buf;
-    const dsrt_yarn *yarn = check_yarn(L, 9, "sparse_attention_inverse_rope", &yarn_buf);
+    rope_args r;
+    check_rope_args(L, 6, "sparse_attention_inverse_rope", &r);
     dsrt_precision prec = dsrtL_checkprecision(L, 10, "nn.sparse_attention_inverse_rope", 1);
-    dsrtL_pushtensor(L, dsrt_nn_sparse_attention_inverse_rope(q, pool, indices, sink, scale, (int64_t)first, (int64_t)step,
-                                                              theta, yarn, prec, stream_for(L, q)));
+    dsrtL_pushtensor(L, dsrt_nn_sparse_attention_inverse_rope(q, pool, indices, sink, scale, r.first, r.step, r.theta, r.yarn, prec,
+                                                              stream_for(L, q)));
     return 1;
 }
 

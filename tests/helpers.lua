@@ -238,4 +238,25 @@ function helpers.assert_rows_close(actual, expected, tol, what)
   if not (err <= tol) then error(string.format("%s: rel err %g > %g", what, err, tol), 2) end
 end
 
+-- The positions first, first + step, ... (S of them) as an i64 tensor on `device`
+function helpers.progression(S, first, step, device)
+  local p = {}
+  for t = 1, S do p[t] = first + (t - 1) * step end
+  return require("dsrt").tensor(p, { dtype = "i64", device = device })
+end
+
+-- nn.norm_rope spelled out as the separate ops it fuses (nn.h dsrt_nn_norm_rope), on x's device
+function helpers.norm_rope_by_steps(x, weight, norm, eps, first, step, theta, yarn, post, prec)
+  local nn = require("dsrt.core").nn
+  local n = norm == "rms" and nn.rms_norm(x, weight, eps, prec) or norm == "head" and nn.head_rms_norm(x, eps, prec) or x
+  local y = nn.rope(n, helpers.progression(x:size(1), first, step, x.device), theta, yarn, false, prec):to("f32")
+  if post == "q8" then
+    nn.quant_roundtrip_q8(y, 64, 1, x:size(x:dim()) - 64, prec)
+  elseif post == "hadamard_q4" then
+    y = nn.hadamard128(y, prec):to("f32")
+    nn.quant_roundtrip_q4(y, prec)
+  end
+  return y
+end
+
 return helpers

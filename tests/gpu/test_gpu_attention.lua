@@ -195,7 +195,7 @@ local function fused_randn(shape, dtype, std)
 end
 
 -- positions first, first + step, ... for S rows on the GPU, as nn.rope takes them
-local function positions(S, first, step) return dsrt.arange(first, first + S * step, step, { device = "cuda" }) end
+local function positions(S, first, step) return h.progression(S, first, step, "cuda") end
 
 -- equal values (as the CUDA results' f32 widening shows them), no NaN in the fused result
 local function check_bits(got, want, what)
@@ -214,18 +214,7 @@ local function check_bits(got, want, what)
   end
 end
 
--- nn.norm_rope as the separate CUDA ops the layer ran before (nn.h dsrt_nn_norm_rope)
-local function norm_rope_by_steps(x, weight, norm, eps, first, step, theta, yarn, post, prec)
-  local n = norm == "rms" and nn.rms_norm(x, weight, eps, prec) or norm == "head" and nn.head_rms_norm(x, eps, prec) or x
-  local y = nn.rope(n, positions(x:size(1), first, step), theta, yarn, false, prec):to("f32")
-  if post == "q8" then
-    nn.quant_roundtrip_q8(y, 64, 1, x:size(x:dim()) - 64, prec)
-  elseif post == "hadamard_q4" then
-    y = nn.hadamard128(y, prec):to("f32")
-    nn.quant_roundtrip_q4(y, prec)
-  end
-  return y
-end
+local norm_rope_by_steps = h.norm_rope_by_steps
 
 -- values that reach the kernels' corners: a zero row (1/rms of eps alone), a row with one huge and
 -- one tiny element (squares over ~20 binades: the double sum's order matters), exact zeros

@@ -219,24 +219,7 @@ end)
 -- ---- the attention layer's fused passes ----
 
 -- positions first, first + step, ... for S rows, as nn.rope takes them
-local function progression(S, first, step)
-  local p = {}
-  for t = 1, S do p[t] = first + (t - 1) * step end
-  return dsrt.tensor(p, { dtype = "i64" })
-end
-
--- norm_rope spelled out as the separate ops (nn.h dsrt_nn_norm_rope)
-local function norm_rope_by_steps(x, weight, norm, eps, first, step, theta, yarn, post, prec)
-  local n = norm == "rms" and nn.rms_norm(x, weight, eps, prec) or norm == "head" and nn.head_rms_norm(x, eps, prec) or x
-  local y = nn.rope(n, progression(x:size(1), first, step), theta, yarn, false, prec):to("f32")
-  if post == "q8" then
-    nn.quant_roundtrip_q8(y, 64, 1, x:size(x:dim()) - 64, prec)
-  elseif post == "hadamard_q4" then
-    y = nn.hadamard128(y, prec):to("f32")
-    nn.quant_roundtrip_q4(y, prec)
-  end
-  return y
-end
+local progression, norm_rope_by_steps = h.progression, h.norm_rope_by_steps
 
 test("norm_rope_is_the_separate_ops", function()
   local cases = { -- shape, norm, weight dtype, post
