@@ -304,18 +304,26 @@ int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream);
 int dsrtk_moe_gather(int dev, const void *x, int x_dtype, int64_t x_ld, const int32_t *row_x, int64_t rows, int64_t cols,
                      int q8, void *out, int out_dtype, void *stream);
 
-/* Matrix `slot` of set `set` of the table dequantised exactly (code value times its scale, as
- * linear.c's dequantise_transposed) into out [rows, cols] contiguous, out_dtype DSRT_BF16 (exact
- * for FP4/FP8 codes with power-of-two scales, and for bf16) or DSRT_F32. rows, cols: the host's
- * copy of the matrix's shape. */
-int dsrtk_moe_dequant(int dev, const dsrtk_moe_matrix *table, int set, int slot, int64_t rows, int64_t cols, void *out,
-                      int out_dtype, void *stream);
+/* Prefill's experts go in slabs of at most DSRTK_MOE_SLAB groups: one dequantisation launch and one
+ * grouped GEMM call a slab, not one each per expert (the host's per-call cost bounded a prefill). */
+enum { DSRTK_MOE_SLAB = 8 };
 
-/* C [m, n] (ldc, c_dtype) = A [m, k] (lda) · Wᵀ with W [n, k] contiguous, fp32 accumulation:
- * ab_dtype DSRT_BF16 (c_dtype DSRT_BF16: one rounding of the fp32 sum, or DSRT_F32) or DSRT_F32
- * (true fp32, no TF32). cuBLAS, one handle per device. */
-int dsrtk_moe_gemm(int dev, int ab_dtype, int64_t m, int64_t n, int64_t k, const void *a, int64_t lda, const void *w,
-                   void *c, int c_dtype, int64_t ldc, void *stream);
+/* Groups g0 .. g1 - 1 of the grouping (groups, as dsrtk_moe_project reads it; device memory) with
+ * their set's matrices dequantised exactly (code value times its scale, as linear.c's
+ * dequantise_transposed) into out, group g0 + i's at i·stride elements: UP [w1; w3] (w3's rows after
+ * w1's), DOWN w2, each contiguous [rows, cols]; out_dtype DSRT_BF16 (exact for FP4/FP8 codes with
+ * power-of-two scales, and for bf16) or DSRT_F32. max_units: the most rows x 32-column chunks of any
+ * group's matrices (grid sizing). */
+int dsrtk_moe_dequant_groups(int dev, const dsrtk_moe_matrix *table, const int32_t *groups, int g0, int g1, int mode,
+                             int64_t max_units, int64_t stride, void *out, int out_dtype, void *stream);
+
+/* For i < count (at most DSRTK_MOE_SLAB): C_i [m_i, n_i] (ldc, c_dtype) = A_i [m_i, k_i] (lda) · W_iᵀ
+ * with W_i [n_i, k_i] contiguous, fp32 accumulation: ab_dtype DSRT_BF16 (c_dtype DSRT_BF16: one
+ * rounding of the fp32 sum, or DSRT_F32) or DSRT_F32 (true fp32, no TF32). a, w, c: host arrays of
+ * device pointers, sent to ptrs (device memory for 3·count pointers, not reused by the caller
+ * before this call's work on `stream` is done). One cuBLAS grouped call, one handle per device. */
+int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const int *n, const int *k, const void *const *a, int lda,
+                          const void *const *w, void *const *c, int c_dtype, int ldc, void **ptrs, void *stream);
 
 /* The SwiGLU between the prefill GEMMs, moe.h's rules: gu row r holds g = x·W1ᵀ in columns
  * [0, inter) and u = x·W3ᵀ in [inter, 2·inter) (inter: the row's set's, from the groups), gu_ld

@@ -1409,86 +1409,120 @@ int dsrtk_moe_gather(int dev, const void *x, int x_dtype, int64_t x_ld, const in
 }
 
 /* dequantise: a thread per 32-column chunk of a row; 16-byte loads on vector matrices. Per Flash
- * expert matrix: 4.2 MB of fp4 + scales read, 16.8 MB of bf16 written. */
-__global__ void __launch_bounds__(DSRTK_BLOCK) moe_dequant_kernel(const dsrtk_moe_matrix *table, int set, int slot, void *out,
-                                                                  int out_dtype)
+ * expert matrix: 4.2 MB of fp4 + scales read, 16.8 MB of bf16 written. Row `row` of m, chunk c,
+ * into row orow of out (m.cols wide). */
+__device__ __forceinline__ void dequant_chunk(const dsrtk_moe_matrix &m, int64_t row, int c, void *out, int64_t orow,
+                                              int out_dtype)
 {
-    const dsrtk_moe_matrix &m = table[3 * set + slot];
-    int64_t chunks = (m.cols + CHUNK - 1) / CHUNK, units = (int64_t)m.rows * chunks;
-    for (int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
-        int64_t row = u / chunks;
-        int c = (int)(u - row * chunks);
-        float w[CHUNK];
-        if (m.vector && m.dtype == DSRT_FP4E2M1) {
-            uint4 v = __ldg((const uint4 *)((const uint8_t *)m.weight + (m.offset + row * m.stride0) / 2) + c);
-            float s = m.scale ? scale_at(m, row, (int64_t)c * CHUNK) : 1.0f;
-            uint32_t word[4] = {v.x, v.y, v.z, v.w};
+    float w[CHUNK];
+    if (m.vector && m.dtype == DSRT_FP4E2M1) {
+        uint4 v = __ldg((const uint4 *)((const uint8_t *)m.weight + (m.offset + row * m.stride0) / 2) + c);
+        float s = m.scale ? scale_at(m, row, (int64_t)c * CHUNK) : 1.0f;
+        uint32_t word[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-            for (int i = 0; i < CHUNK; i++) w[i] = dsrt_fp4_to_f32((uint8_t)((word[i / 8] >> (4 * (i % 8))) & 15u)) * s;
+        for (int i = 0; i < CHUNK; i++) w[i] = dsrt_fp4_to_f32((uint8_t)((word[i / 8] >> (4 * (i % 8))) & 15u)) * s;
+    } else {
+#pragma unroll
+        for (int i = 0; i < CHUNK; i++) w[i] = weight_at(m, row, (int64_t)c * CHUNK + i);
+    }
+    int64_t col0 = (int64_t)c * CHUNK;
+    bool full = col0 + CHUNK <= m.cols && m.cols % 8 == 0 && (uintptr_t)out % 16 == 0; /* whole 16-byte stores */
+    if (out_dtype == DSRT_BF16) {
+        uint16_t *o = (uint16_t *)out + orow * m.cols + col0;
+        if (full) {
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                uint32_t p[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    p[i] = dsrt_f32_to_bf16(w[8 * q + 2 * i]) | (uint32_t)dsrt_f32_to_bf16(w[8 * q + 2 * i + 1]) << 16;
+                ((uint4 *)o)[q] = make_uint4(p[0], p[1], p[2], p[3]);
+            }
         } else {
-#pragma unroll
-            for (int i = 0; i < CHUNK; i++) w[i] = weight_at(m, row, (int64_t)c * CHUNK + i);
+            for (int i = 0; i < CHUNK && col0 + i < m.cols; i++) o[i] = dsrt_f32_to_bf16(w[i]);
         }
-        int64_t col0 = (int64_t)c * CHUNK;
-        bool full = col0 + CHUNK <= m.cols && m.cols % 8 == 0 && (uintptr_t)out % 16 == 0; /* whole 16-byte stores */
-        if (out_dtype == DSRT_BF16) {
-            uint16_t *o = (uint16_t *)out + row * m.cols + col0;
-            if (full) {
+    } else {
+        float *o = (float *)out + orow * m.cols + col0;
+        if (full) {
 #pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    uint32_t p[4];
-#pragma unroll
-                    for (int i = 0; i < 4; i++)
-                        p[i] = dsrt_f32_to_bf16(w[8 * q + 2 * i]) | (uint32_t)dsrt_f32_to_bf16(w[8 * q + 2 * i + 1]) << 16;
-                    ((uint4 *)o)[q] = make_uint4(p[0], p[1], p[2], p[3]);
-                }
-            } else {
-                for (int i = 0; i < CHUNK && col0 + i < m.cols; i++) o[i] = dsrt_f32_to_bf16(w[i]);
-            }
+            for (int q = 0; q < 8; q++) ((float4 *)o)[q] = make_float4(w[4 * q], w[4 * q + 1], w[4 * q + 2], w[4 * q + 3]);
         } else {
-            float *o = (float *)out + row * m.cols + col0;
-            if (full) {
-#pragma unroll
-                for (int q = 0; q < 8; q++) ((float4 *)o)[q] = make_float4(w[4 * q], w[4 * q + 1], w[4 * q + 2], w[4 * q + 3]);
-            } else {
-                for (int i = 0; i < CHUNK && col0 + i < m.cols; i++) o[i] = w[i];
-            }
+            for (int i = 0; i < CHUNK && col0 + i < m.cols; i++) o[i] = w[i];
         }
     }
 }
 
-int dsrtk_moe_dequant(int dev, const dsrtk_moe_matrix *table, int set, int slot, int64_t rows, int64_t cols, void *out,
-                      int out_dtype, void *stream)
+/* A slab of groups, one per blockIdx.y: group g0 + y's set's [w1; w3] (UP) or w2 (DOWN) into
+ * out + y·stride elements, the rows of w3 after those of w1 */
+__global__ void __launch_bounds__(DSRTK_BLOCK) moe_dequant_groups_kernel(const dsrtk_moe_matrix *table, const int32_t *groups,
+                                                                         int g0, int mode, int64_t stride, void *out,
+                                                                         int out_dtype)
 {
-    DSRTK_SET_DEVICE(dev, "moe dequantise");
-    if (rows == 0 || cols == 0) return DSRTK_OK;
-    if (!table || !out || set < 0 || slot < 0 || slot > 2 || (out_dtype != DSRT_F32 && out_dtype != DSRT_BF16))
-        return dsrtk_fail(DSRTK_ERROR, "moe: dequantising set %d w%d called with bad arguments", set, slot + 1);
-    int grid = dsrtk_grid_for(dev, rows * ((cols + CHUNK - 1) / CHUNK), DSRTK_BLOCK);
-    moe_dequant_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(table, set, slot, out, out_dtype);
-    return dsrtk_check_launch("moe_dequant_kernel", dev);
+    const int set = groups[3 * (g0 + (int)blockIdx.y)];
+    const dsrtk_moe_matrix &first = table[3 * set + (mode == DSRTK_MOE_DOWN ? 1 : 0)], &second = table[3 * set + 2];
+    const int64_t chunks = (first.cols + CHUNK - 1) / CHUNK, rows = first.rows + (mode == DSRTK_MOE_UP ? second.rows : 0);
+    void *o = (char *)out + (size_t)blockIdx.y * (size_t)stride * (out_dtype == DSRT_BF16 ? 2 : 4);
+    for (int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; u < rows * chunks; u += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = u / chunks;
+        const int c = (int)(u - row * chunks);
+        if (row < first.rows) dequant_chunk(first, row, c, o, row, out_dtype);
+        else dequant_chunk(second, row - first.rows, c, o, row, out_dtype);
+    }
 }
 
-int dsrtk_moe_gemm(int dev, int ab_dtype, int64_t m, int64_t n, int64_t k, const void *a, int64_t lda, const void *w,
-                   void *c, int c_dtype, int64_t ldc, void *stream)
+int dsrtk_moe_dequant_groups(int dev, const dsrtk_moe_matrix *table, const int32_t *groups, int g0, int g1, int mode,
+                             int64_t max_units, int64_t stride, void *out, int out_dtype, void *stream)
+{
+    DSRTK_SET_DEVICE(dev, "moe dequantise");
+    if (g1 <= g0) return DSRTK_OK;
+    if (!table || !groups || !out || g0 < 0 || g1 - g0 > 65535 || (mode != DSRTK_MOE_UP && mode != DSRTK_MOE_DOWN) ||
+        (out_dtype != DSRT_F32 && out_dtype != DSRT_BF16) || max_units < 1)
+        return dsrtk_fail(DSRTK_ERROR, "moe: dequantising groups %d..%d called with bad arguments", g0, g1 - 1);
+    /* a multiprocessor's worth of blocks in all, shared by the groups */
+    const int64_t per_group = ((int64_t)dsrtk_multiprocessors(dev) * 8 + (g1 - g0) - 1) / (g1 - g0);
+    const int64_t wanted = (max_units + DSRTK_BLOCK - 1) / DSRTK_BLOCK;
+    const dim3 grid((unsigned)(wanted < per_group ? wanted : per_group), (unsigned)(g1 - g0));
+    moe_dequant_groups_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(table, groups, g0, mode, stride, out, out_dtype);
+    return dsrtk_check_launch("moe_dequant_groups_kernel", dev);
+}
+
+int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const int *n, const int *k, const void *const *a, int lda,
+                          const void *const *w, void *const *c, int c_dtype, int ldc, void **ptrs, void *stream)
 {
     if (dev < 0 || dev >= BLAS_MAX_DEVICES) return dsrtk_fail(DSRTK_ERROR, "moe: no device cuda:%d", dev);
-    if (m == 0 || n == 0) return DSRTK_OK;
-    if (!a || !w || !c || k < 1 || lda < k || ldc < n || (ab_dtype != DSRT_BF16 && ab_dtype != DSRT_F32) ||
-        (c_dtype != DSRT_BF16 && c_dtype != DSRT_F32) || (ab_dtype == DSRT_F32 && c_dtype != DSRT_F32))
-        return dsrtk_fail(DSRTK_ERROR, "moe: GEMM %lld x %lld x %lld called with bad arguments", (long long)m, (long long)n,
-                          (long long)k);
+    if (count == 0) return DSRTK_OK;
+    if (count < 0 || count > DSRTK_MOE_SLAB || !a || !w || !c || !ptrs ||
+        (ab_dtype != DSRT_BF16 && ab_dtype != DSRT_F32) || (c_dtype != DSRT_BF16 && c_dtype != DSRT_F32) ||
+        (ab_dtype == DSRT_F32 && c_dtype != DSRT_F32))
+        return dsrtk_fail(DSRTK_ERROR, "moe: %d grouped GEMMs called with bad arguments", count);
+    for (int i = 0; i < count; i++)
+        if (m[i] < 1 || n[i] < 1 || k[i] < 1 || lda < k[i] || ldc < n[i])
+            return dsrtk_fail(DSRTK_ERROR, "moe: grouped GEMM %d of %d x %d x %d called with bad arguments", i, m[i], n[i], k[i]);
     DSRTK_SET_DEVICE(dev, "moe GEMM");
+    /* the pointer arrays go up first: cuBLAS reads them on the device. Staged from pageable host
+     * memory, so the host arrays are free again when the call returns. */
+    const void *host[3 * DSRTK_MOE_SLAB];
+    for (int i = 0; i < count; i++) host[i] = w[i], host[count + i] = a[i], host[2 * count + i] = c[i];
+    int st = dsrtk_memcpy(dev, ptrs, host, sizeof(void *) * 3 * (size_t)count, DSRTK_H2D, stream, 1);
+    if (st) return st;
     std::lock_guard<std::mutex> lock(blas_lock(dev)); /* blas.cuh: the shared handle */
     cublasHandle_t h;
-    int st = blas_handle(dev, stream, "moe", &h);
-    if (st) return st;
-    /* column-major: Cᵀ [n, m] = W [n, k] (Wᵀ stored [k, n]: op T) · Aᵀ [k, m] (op N) */
+    if ((st = blas_handle(dev, stream, "moe", &h))) return st;
+    /* column-major, per group: Cᵀ [n, m] = W [n, k] (Wᵀ stored [k, n]: op T) · Aᵀ [k, m] (op N) */
     cudaDataType_t ab = ab_dtype == DSRT_BF16 ? CUDA_R_16BF : CUDA_R_32F, ct = c_dtype == DSRT_BF16 ? CUDA_R_16BF : CUDA_R_32F;
-    const float one = 1.0f, zero = 0.0f;
-    return blas_check(cublasGemmEx_64(h, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, ab, k, a, ab, lda, &zero, c, ct, ldc,
-                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                      "moe", "cublasGemmEx", dev);
+    cublasOperation_t ta[DSRTK_MOE_SLAB], tb[DSRTK_MOE_SLAB];
+    int lda_[DSRTK_MOE_SLAB], ldc_[DSRTK_MOE_SLAB], ones[DSRTK_MOE_SLAB];
+    float alpha[DSRTK_MOE_SLAB], beta[DSRTK_MOE_SLAB];
+    for (int i = 0; i < count; i++) {
+        ta[i] = CUBLAS_OP_T, tb[i] = CUBLAS_OP_N, lda_[i] = lda, ldc_[i] = ldc, ones[i] = 1;
+        alpha[i] = 1.0f, beta[i] = 0.0f;
+    }
+    void **dp = ptrs;
+    /* W_i is contiguous [n_i, k_i]: its leading dimension is k_i */
+    return blas_check(cublasGemmGroupedBatchedEx(h, ta, tb, n, m, k, alpha, (const void *const *)dp, ab, k,
+                                                 (const void *const *)(dp + count), ab, lda_, beta, dp + 2 * count, ct, ldc_,
+                                                 count, ones, CUBLAS_COMPUTE_32F),
+                      "moe", "cublasGemmGroupedBatchedEx", dev);
 }
 
 /* SwiGLU between the prefill GEMMs: a warp per block of 128 columns of a row, 4 a lane */

@@ -533,11 +533,12 @@ static int prefill_ok(const dsrt_moe *m, int reference)
     return 1;
 }
 
-/* Prefill's experts run on lanes: the caller's stream and the aux streams, group g on lane
- * g mod lanes with the lane's own scratch. A group holds ~100 of 4096 rows, so one GEMM covers
- * only a quarter of the GPU (N / 128 output tiles) and the dequantisation before it is a pass over
- * memory: lanes run them side by side. Forking and joining the lanes costs one event per lane. */
-enum { MAX_LANES = 4 };
+/* Prefill's experts run in slabs of DSRTK_MOE_SLAB groups (one dequantisation launch and one grouped
+ * GEMM a slab: per-expert calls, five a group, left the GPU waiting on the host) on lanes: the
+ * caller's stream and an aux stream, slab j on lane j mod lanes with the lane's own scratch, so
+ * one slab's dequantisation runs beside the other's GEMMs. Forking and joining the lanes costs one
+ * event per lane. Scratch: one slab of [w1; w3] per lane (Flash: 8 x 32 MiB in bf16, twice). */
+enum { MAX_LANES = 2 };
 typedef struct {
     int n, forked;
     dsrt_stream *stream[MAX_LANES];
@@ -587,21 +588,63 @@ static int lanes_join(lanes *l)
     return rc;
 }
 
+/* What a prefill phase multiplies: UP gu = xg·[w1; w3]ᵀ, DOWN yr = h·w2ᵀ, each group's rows with
+ * its set's matrices */
+typedef struct {
+    int mode;
+    dsrt_tensor *in, *out;  /* rows of the groups, in_ld and out_ld elements apart */
+    int64_t in_ld, out_ld;
+    int64_t stride;         /* elements between a slab's dequantised matrices */
+} phase;
+
+/* One phase over the groups (host: the groups' {set, first row, rows}), slab by slab on the lanes */
+static int prefill_phase(dsrt_moe *m, const dsrtk_moe_matrix *table, int32_t *groups_dev, const int32_t *host,
+                         int32_t n_groups, const phase *ph, lanes *l, dsrt_tensor *const *scratch, dsrt_tensor *ptrs,
+                         dsrt_dtype io)
+{
+    int n = m->cfg.n_routed, dev = l->stream[0]->device;
+    size_t es = (size_t)dsrt_dtype_bits(io) / 8;
+    for (int32_t g0 = 0, slab = 0; g0 < n_groups; g0 += DSRTK_MOE_SLAB, slab++) {
+        int g1 = g0 + DSRTK_MOE_SLAB < n_groups ? g0 + DSRTK_MOE_SLAB : n_groups, lane = slab % l->n;
+        void *ls = l->stream[lane]->handle;
+        char *w = x_data(scratch[lane]);
+        int rows[DSRTK_MOE_SLAB], outs[DSRTK_MOE_SLAB], depth[DSRTK_MOE_SLAB];
+        const void *a[DSRTK_MOE_SLAB], *wp[DSRTK_MOE_SLAB];
+        void *c[DSRTK_MOE_SLAB];
+        int64_t max_units = 1;
+        for (int i = 0; i < g1 - g0; i++) {
+            const int32_t *g = host + 3 * (g0 + i);
+            int64_t inter = (g[0] < n ? m->experts[g[0]].w1 : m->shared.w1)->cfg.out_features;
+            /* UP: [2·inter, dim] over dim-wide rows; DOWN: [dim, inter] over inter-wide rows */
+            int64_t w_rows = ph->mode == DSRTK_MOE_UP ? 2 * inter : m->dim, w_cols = ph->mode == DSRTK_MOE_UP ? m->dim : inter;
+            int64_t units = w_rows * ((w_cols + 31) / 32);
+            if (units > max_units) max_units = units;
+            rows[i] = g[2], outs[i] = (int)w_rows, depth[i] = (int)w_cols;
+            a[i] = (char *)x_data(ph->in) + (size_t)(g[1] * ph->in_ld) * es;
+            wp[i] = w + (size_t)(i * ph->stride) * es;
+            c[i] = (char *)x_data(ph->out) + (size_t)(g[1] * ph->out_ld) * es;
+        }
+        if (dsrtk_moe_dequant_groups(dev, table, groups_dev, g0, g1, ph->mode, max_units, ph->stride, w, io, ls) ||
+            dsrtk_moe_gemm_groups(dev, io, g1 - g0, rows, outs, depth, a, (int)ph->in_ld, wp, c, io, (int)ph->out_ld,
+                                  (void **)x_data(ptrs) + 3 * DSRTK_MOE_SLAB * lane, ls))
+            return kernel_failed();
+    }
+    return 0;
+}
+
 /* Prefill's experts, after the grouping: the groups read back once; x gathered (Q8'd) by group;
- * per group [w1; w3] dequantised into its lane's scratch and one GEMM into gu; the SwiGLU; per
- * group w2 dequantised and a GEMM into yr; the combine. Reference runs in bf16 (exact inputs, fp32
- * accumulation, bf16 outputs = the reference's roundings), fp32 in f32. */
+ * the UP phase into gu; the SwiGLU; the DOWN phase into yr; the combine. Reference runs in bf16
+ * (exact inputs, fp32 accumulation, bf16 outputs = the reference's roundings), fp32 in f32. */
 static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *xf, int64_t rows, int reference,
                         int32_t *groups_dev, int32_t max_groups, const int32_t *row_token, const int32_t *pos_of_pick,
                         const float *row_weight, dsrt_stream *s, dsrt_tensor *y)
 {
-    int n = m->cfg.n_routed, k = m->cfg.n_activated, dev = s->device;
+    int k = m->cfg.n_activated, dev = s->device;
     void *st = s->handle;
     int64_t dim = m->dim, picks = rows * k, all = picks + rows;
     int64_t inter = m->experts[0].w1->cfg.out_features, shared_inter = m->shared.w1->cfg.out_features;
     int64_t width = inter > shared_inter ? inter : shared_inter;
     dsrt_dtype io = reference ? DSRT_BF16 : DSRT_F32;
-    size_t es = (size_t)dsrt_dtype_bits(io) / 8;
     int32_t *host = malloc((size_t)(3 * max_groups + 1) * sizeof *host);
     if (!host) return dsrt_err("moe: out of host memory");
     /* the one synchronisation of a prefill: the per-expert counts */
@@ -610,48 +653,31 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
         return kernel_failed();
     }
     int32_t n_groups = host[3 * max_groups];
-    int64_t scratch_len = 2 * width * dim;
     lanes l = {0};
-    /* bufs: xg, gu, h, yr, then one scratch per lane */
-    dsrt_tensor *bufs[4 + MAX_LANES] = {NULL};
-    int nbufs = 4 + (1 + m->n_aux < MAX_LANES ? 1 + m->n_aux : MAX_LANES), rc = 0;
-    int64_t lens[4] = {all * dim, all * 2 * width, all * width, all * dim};
+    /* bufs: xg, gu, h, yr, the lanes' grouped-GEMM pointers (i64 holds a pointer), one scratch per lane */
+    enum { XG, GU, H, YR, PTRS, SCRATCH };
+    int nlanes = 1 + m->n_aux < MAX_LANES ? 1 + m->n_aux : MAX_LANES, nbufs = SCRATCH + nlanes, rc = 0;
+    int64_t slab = DSRTK_MOE_SLAB * 2 * width * dim;
+    int64_t lens[SCRATCH + MAX_LANES] = {all * dim, all * 2 * width, all * width, all * dim, 3 * DSRTK_MOE_SLAB * MAX_LANES};
+    dsrt_tensor *bufs[SCRATCH + MAX_LANES] = {NULL};
     for (int i = 0; i < nbufs && !rc; i++)
-        if (!(bufs[i] = device_buffer(io, i < 4 ? lens[i] : scratch_len, s))) rc = -1;
-    dsrt_tensor *xg = bufs[0], *gu = bufs[1], *h = bufs[2], *yr = bufs[3], *const *scratch = bufs + 4;
+        if (!(bufs[i] = device_buffer(i == PTRS ? DSRT_I64 : io, i < SCRATCH ? lens[i] : slab, s))) rc = -1;
     if (!rc) rc = lanes_open(&l, m, s, bufs, nbufs);
-    if (!rc && dsrtk_moe_gather(dev, x_data(xf), xf->dtype, dim, row_token, all, dim, reference, x_data(xg), io, st)) rc = -2;
+    if (!rc && dsrtk_moe_gather(dev, x_data(xf), xf->dtype, dim, row_token, all, dim, reference, x_data(bufs[XG]), io, st))
+        rc = kernel_failed();
+    phase up = {DSRTK_MOE_UP, bufs[XG], bufs[GU], dim, 2 * width, 2 * width * dim};
+    phase down = {DSRTK_MOE_DOWN, bufs[H], bufs[YR], width, dim, dim * width};
     if (!rc && lanes_fork(&l)) rc = -1;
-    for (int32_t g = 0; g < n_groups && !rc; g++) { /* [w1; w3] and one GEMM per group */
-        int set = host[3 * g], lane = g % l.n;
-        void *ls = l.stream[lane]->handle;
-        int64_t first = host[3 * g + 1], count = host[3 * g + 2];
-        int64_t in = (set < n ? m->experts[set].w1 : m->shared.w1)->cfg.out_features;
-        char *w = x_data(scratch[lane]);
-        if (dsrtk_moe_dequant(dev, table, set, 0, in, dim, w, io, ls) ||
-            dsrtk_moe_dequant(dev, table, set, 2, in, dim, w + (size_t)(in * dim) * es, io, ls) ||
-            dsrtk_moe_gemm(dev, io, count, 2 * in, dim, (char *)x_data(xg) + (size_t)(first * dim) * es, dim, w,
-                           (char *)x_data(gu) + (size_t)(first * 2 * width) * es, io, 2 * width, ls))
-            rc = -2;
-    }
+    if (!rc) rc = prefill_phase(m, table, groups_dev, host, n_groups, &up, &l, bufs + SCRATCH, bufs[PTRS], io);
     if (lanes_join(&l) && !rc) rc = -1;
-    if (!rc && dsrtk_moe_swiglu(dev, x_data(gu), 2 * width, all, table, groups_dev, groups_dev + 3 * max_groups, row_weight,
-                                picks, m->cfg.swiglu_limit, reference, x_data(h), width, io, st))
-        rc = -2;
+    if (!rc && dsrtk_moe_swiglu(dev, x_data(bufs[GU]), 2 * width, all, table, groups_dev, groups_dev + 3 * max_groups, row_weight,
+                                picks, m->cfg.swiglu_limit, reference, x_data(bufs[H]), width, io, st))
+        rc = kernel_failed();
     if (!rc && lanes_fork(&l)) rc = -1;
-    for (int32_t g = 0; g < n_groups && !rc; g++) { /* w2 */
-        int set = host[3 * g], lane = g % l.n;
-        void *ls = l.stream[lane]->handle;
-        int64_t first = host[3 * g + 1], count = host[3 * g + 2];
-        int64_t in = (set < n ? m->experts[set].w1 : m->shared.w1)->cfg.out_features;
-        if (dsrtk_moe_dequant(dev, table, set, 1, dim, in, x_data(scratch[lane]), io, ls) ||
-            dsrtk_moe_gemm(dev, io, count, dim, in, (char *)x_data(h) + (size_t)(first * width) * es, width,
-                           x_data(scratch[lane]), (char *)x_data(yr) + (size_t)(first * dim) * es, io, dim, ls))
-            rc = -2;
-    }
+    if (!rc) rc = prefill_phase(m, table, groups_dev, host, n_groups, &down, &l, bufs + SCRATCH, bufs[PTRS], io);
     if (lanes_join(&l) && !rc) rc = -1;
-    if (!rc && dsrtk_moe_combine(dev, x_data(yr), io, pos_of_pick, rows, k, dim, y->storage->data, y->dtype, st)) rc = -2;
-    if (rc == -2) rc = kernel_failed();
+    if (!rc && dsrtk_moe_combine(dev, x_data(bufs[YR]), io, pos_of_pick, rows, k, dim, y->storage->data, y->dtype, st))
+        rc = kernel_failed();
     free(host);
     lanes_free(&l);
     for (int i = 0; i < nbufs; i++) dsrt_tensor_release(bufs[i]);

@@ -349,18 +349,19 @@ int dsrtk_moe_gather(int dev, const void *x, int x_dtype, int64_t x_ld, const in
     return without_cuda(__func__);
 }
 
-int dsrtk_moe_dequant(int dev, const dsrtk_moe_matrix *table, int set, int slot, int64_t rows, int64_t cols, void *out,
-                      int out_dtype, void *stream)
+int dsrtk_moe_dequant_groups(int dev, const dsrtk_moe_matrix *table, const int32_t *groups, int g0, int g1, int mode,
+                             int64_t max_units, int64_t stride, void *out, int out_dtype, void *stream)
 {
-    (void)dev; (void)table; (void)set; (void)slot; (void)rows; (void)cols; (void)out; (void)out_dtype; (void)stream;
+    (void)dev; (void)table; (void)groups; (void)g0; (void)g1; (void)mode; (void)max_units; (void)stride; (void)out;
+    (void)out_dtype; (void)stream;
     return without_cuda(__func__);
 }
 
-int dsrtk_moe_gemm(int dev, int ab_dtype, int64_t m, int64_t n, int64_t k, const void *a, int64_t lda, const void *w,
-                   void *c, int c_dtype, int64_t ldc, void *stream)
+int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const int *n, const int *k, const void *const *a, int lda,
+                          const void *const *w, void *const *c, int c_dtype, int ldc, void **ptrs, void *stream)
 {
-    (void)dev; (void)ab_dtype; (void)m; (void)n; (void)k; (void)a; (void)lda; (void)w; (void)c; (void)c_dtype; (void)ldc;
-    (void)stream;
+    (void)dev; (void)ab_dtype; (void)count; (void)m; (void)n; (void)k; (void)a; (void)lda; (void)w; (void)c; (void)c_dtype;
+    (void)ldc; (void)ptrs; (void)stream;
     return without_cuda(__func__);
 }
 

@@ -433,8 +433,9 @@ test("prefill_gemms_match_the_cpu_around_the_threshold", function()
 end)
 
 test("prefill_on_the_aux_streams_equals_one_stream_bit_for_bit", function()
-  -- with aux streams the experts' GEMMs run on four lanes side by side (moe.c cuda_prefill); each
-  -- GEMM is the same call on another stream, so the result may not change by a bit
+  -- with aux streams the experts' slabs run on two lanes side by side (moe.c cuda_prefill); each
+  -- slab is the same calls on another stream, so the result may not change by a bit. 24 experts
+  -- and the shared one: 4 slabs of up to 8 groups (DSRTK_MOE_SLAB), the last one short
   local dims, ffn = random_layer({ n = 24, k = 4 })
   local dev = to_cuda(ffn)
   local lanes, alone = dsrt.moe(dims, dev, cuda_streams()), dsrt.moe(dims, dev, {})
