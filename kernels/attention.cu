@@ -129,6 +129,7 @@ struct RingWrites {
 
 __global__ void __launch_bounds__(DSRTK_BLOCK) ring_write_kernel(const __grid_constant__ RingWrites rw)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     const int64_t total = rw.start[rw.n], step = (int64_t)gridDim.x * blockDim.x;
     for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
         int k = 0;
@@ -155,7 +156,7 @@ int dsrtk_attn_ring_writes(int dev, const dsrtk_ring_write *writes, int n, int64
     if (rw.start[n] == 0) return DSRTK_OK;
     DSRTK_SET_DEVICE(dev, what);
     int grid = dsrtk_grid_for(dev, rw.start[n], DSRTK_BLOCK);
-    ring_write_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(rw);
+    (void)dsrtk_launch_dependent(ring_write_kernel, dim3(grid), dim3(DSRTK_BLOCK), 0, (cudaStream_t)stream, rw);
     return dsrtk_check_launch(what, dev);
 }
 
@@ -178,6 +179,7 @@ struct GatherArgs {
  * n_win + (m − W) for m − W < (t+1) div r; −1 elsewhere (ratio 0 has no compressed part). */
 __global__ void __launch_bounds__(DSRTK_BLOCK) gather_kernel(const __grid_constant__ GatherArgs a)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     const int64_t n_pool = (a.n_win + a.n_entries) * a.hd, total = n_pool + a.S * a.K;
     const int64_t step = (int64_t)gridDim.x * blockDim.x;
     for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
@@ -224,7 +226,7 @@ int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, co
     a.hd = hd, a.K = K, a.W = W, a.r = r, a.topk = topk;
     DSRTK_SET_DEVICE(dev, what);
     int grid = dsrtk_grid_for(dev, (a.n_win + n_entries) * hd + S * K, DSRTK_BLOCK);
-    gather_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(a);
+    (void)dsrtk_launch_dependent(gather_kernel, dim3(grid), dim3(DSRTK_BLOCK), 0, (cudaStream_t)stream, a);
     return dsrtk_check_launch(what, dev);
 }
 

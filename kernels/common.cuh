@@ -39,6 +39,31 @@ int dsrtk_check(cudaError_t err, const char *fmt, ...) __attribute__((format(pri
     dsrtk_check(cudaGetLastError(), "launch of %s on cuda:%d", (kernel_name), (dev))
 
 /* cudaSetDevice first: every launcher works on the device it is told, whatever thread calls it. */
+/* ---- programmatic dependent launch ----
+ * A kernel launched by dsrtk_launch_dependent may start while the stream's previous kernel is
+ * still finishing (its launch and first instructions overlap that kernel's tail: at decode, ~130
+ * small kernels a step, each paid a launch gap). The price is a rule the kernel must keep: before
+ * dsrtk_wait_producer() returns it reads nothing any earlier work may have written (weights
+ * included: a user may have just computed them) and writes nothing; it may compute addresses and
+ * prefetch into L2, which is coherent with every write. Launched otherwise, the wait is a no-op. */
+__device__ __forceinline__ void dsrtk_wait_producer() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void dsrtk_prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+/* cudaLaunchKernelEx with the attribute; a refused launch is also the thread's last error, which
+ * dsrtk_check_launch reads, as after <<<>>> */
+template <class... Params, class... Args>
+static inline cudaError_t dsrtk_launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                                                 Args... args)
+{
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = smem, config.stream = s;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &attr, config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 #define DSRTK_SET_DEVICE(dev, what)                                                       \
     do {                                                                                  \
         int set_device_status_ = dsrtk_check(cudaSetDevice(dev), "%s: cudaSetDevice(%d)", \

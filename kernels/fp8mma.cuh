@@ -36,6 +36,7 @@
 #include <stdint.h>
 #include <cuda_fp16.h>
 #include "../runtime/quant.h"
+#include "common.cuh"
 #include "mma.cuh"
 
 /* two e4m3 bytes (the low one first) as an f16 pair, exactly */
@@ -194,6 +195,19 @@ __device__ __forceinline__ void mma_load(const MmaRows &r, MmaStep<FMT> (&st)[U]
             const uint32_t sb = r.live_b ? *(const unsigned short *)(sc + r.scale_b + 2 * c) : 0u;
             st[u].scales = sa | sb << 16;
         }
+    }
+}
+
+/* L2 prefetches of the lines mma_load reads for chunks c0 .. c0 + n - 1, one lane a quad (a quad's
+ * loads of a row share their lines): what a kernel may do before dsrtk_wait_producer (common.cuh) */
+template <int FMT>
+__device__ __forceinline__ void mma_prefetch(const MmaRows &r, int c0, int n, int nchunk, int q)
+{
+    if (q) return;
+    for (int c = c0; c < c0 + n && c < nchunk; c++) {
+        const size_t off = FMT == MMA_FP8 ? (size_t)c * MMA_CHUNK : (size_t)c * (MMA_CHUNK / 2);
+        if (r.live_a) dsrtk_prefetch_l2(r.a + off);
+        if (r.live_b) dsrtk_prefetch_l2(r.b + off);
     }
 }
 

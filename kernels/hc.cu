@@ -249,6 +249,7 @@ __global__ void __launch_bounds__(SPLIT_THREADS) split_kernel(const void *X, int
                                                               int64_t T, int64_t K, int M, int splits, double *part,
                                                               const __grid_constant__ dsrtk_hc_post_args pa, int hc)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     static_assert(DSRTK_NN_HC_CHUNK == 8 * 32 && SPLIT_THREADS == DSRTK_NN_HC_CHUNK, "one column per thread, 8 per lane");
     __shared__ float xs[TOK][DSRTK_NN_HC_CHUNK];
     __shared__ double sq[SPLIT_THREADS / 32][TOK];
@@ -449,6 +450,7 @@ __global__ void __launch_bounds__(PRE_THREADS) pre_kernel(const void *X, int X_d
                                                           int splits, const double *part, int parts_n, int vec,
                                                           void *u, int u_dtype, float *post, float *comb)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     __shared__ float mix[MIX_MAX], w[HC_MAX], q[HC_MAX], c[HC_MAX * HC_MAX], sums[HC_MAX];
     __shared__ double dots[MIX_MAX + 1];
     const int M = head ? hc : (2 + hc) * hc, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -538,6 +540,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) post_vec_kernel(const __grid_cons
                                                                void *y, int y_dtype,
                                                                int64_t T, int64_t d)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     const int64_t dv = d / 8, n = T * dv;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
         const int64_t t = e / dv, col = 8 * (e - t * dv);
@@ -566,7 +569,8 @@ static int launch_post(int dev, const dsrtk_hc_post_args &a, void *y, int y_dtyp
                        cudaStream_t cs)
 {
     if (hc == 4 && d % 8 == 0 && aligned16(a.f) && aligned16(a.X) && aligned16(y)) {
-        post_vec_kernel<4><<<dsrtk_grid_for(dev, T * (d / 8), DSRTK_BLOCK), DSRTK_BLOCK, 0, cs>>>(a, y, y_dtype, T, d);
+        (void)dsrtk_launch_dependent(post_vec_kernel<4>, dim3(dsrtk_grid_for(dev, T * (d / 8), DSRTK_BLOCK)), dim3(DSRTK_BLOCK), 0,
+                                     cs, a, y, y_dtype, T, d);
         return dsrtk_check_launch("post_vec_kernel", dev);
     }
     post_kernel<<<dsrtk_grid_for(dev, T * d, DSRTK_BLOCK), DSRTK_BLOCK, 0, cs>>>(a, y, y_dtype, T, hc, d);
@@ -589,10 +593,11 @@ static void launch_split(dim3 grid, cudaStream_t cs, const void *X, int X_dtype,
                          int64_t K, int M, int splits, double *part, const dsrtk_hc_post_args *pa, int hc)
 {
     if (pa)
-        split_kernel<TOK, true><<<grid, SPLIT_THREADS, 0, cs>>>(X, X_dtype, fn, fn_dtype, T, K, M, splits, part, *pa, hc);
+        (void)dsrtk_launch_dependent(split_kernel<TOK, true>, grid, dim3(SPLIT_THREADS), 0, cs, X, X_dtype, fn, fn_dtype, T, K, M,
+                                     splits, part, *pa, hc);
     else
-        split_kernel<TOK, false><<<grid, SPLIT_THREADS, 0, cs>>>(X, X_dtype, fn, fn_dtype, T, K, M, splits, part,
-                                                                 dsrtk_hc_post_args{}, hc);
+        (void)dsrtk_launch_dependent(split_kernel<TOK, false>, grid, dim3(SPLIT_THREADS), 0, cs, X, X_dtype, fn, fn_dtype, T, K, M,
+                                     splits, part, dsrtk_hc_post_args{}, hc);
 }
 
 /* hc_pre (head 0), hc_head (head 1), or with pa hc_post_pre, whose X is the X' it writes */
@@ -656,7 +661,7 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
     if (parts > 64) parts = 64;
     const int64_t part_len = (d + parts - 1) / parts;
     const int vec = d % 8 == 0 && part_len % 8 == 0 && aligned16(X) && aligned16(u);
-    pre_kernel<<<dim3((unsigned)T, (unsigned)(parts + !head)), PRE_THREADS, 0, cs>>>(
+    (void)dsrtk_launch_dependent(pre_kernel, dim3((unsigned)T, (unsigned)(parts + !head)), dim3(PRE_THREADS), 0, cs,
         X, X_dtype, scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits, part,
         (int)parts, vec, u, u_dtype, post, comb);
     return dsrtk_check_launch("pre_kernel", dev);

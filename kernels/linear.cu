@@ -408,6 +408,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_kernel(const __grid_cons
     float *xs = (float *)xs4;
     __shared__ float red[GEMV_WARPS][NW * MT];
     const dsrtk_linear_weight &w = a.w;
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ks = a.ks, fg = warp / ks, kslot = warp % ks;
     const int fgs = GEMV_WARPS / ks;
     const int64_t out_g = w.out / w.groups, in_g = w.in / w.groups, kc = a.kc;
@@ -564,8 +565,9 @@ static int launch_gemv_mt(int dev, GemvArgs &a, cudaStream_t s)
     while (a.ks < GEMV_WARPS && tiles(a.ks) < resident && (int64_t)a.ks * 2 * 32 <= nvec) a.ks *= 2;
     const int64_t ntiles = tiles(a.ks);
     const int grid = (int)(ntiles < resident ? ntiles : resident);
-    gemv_kernel<FMT, MT><<<grid, GEMV_THREADS, (size_t)MT * (size_t)a.kc * sizeof(float), s>>>(a);
-    return dsrtk_check_launch("linear gemv_kernel", dev);
+    return dsrtk_check(dsrtk_launch_dependent(gemv_kernel<FMT, MT>, dim3(grid), dim3(GEMV_THREADS),
+                                              (size_t)MT * (size_t)a.kc * sizeof(float), s, a),
+                       "launch of linear gemv_kernel on cuda:%d", dev);
 }
 
 template <int FMT>
@@ -622,7 +624,11 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
         return r;
     };
 
+    /* launched dependent (common.cuh): the first two steps' weights head for L2 while the
+     * producer of x finishes, then the loads and the staging */
     MmaStep<FMT> buf[2][U];
+    if (my_tiles) mma_prefetch<FMT>(rows_of(0, 0), kslot * U, 2 * U, a.nchunk, q);
+    dsrtk_wait_producer();
     if (my_tiles) mma_load<FMT, SF, U>(rows_of(0, 0), buf[0], kslot * U, a.nchunk, q);
     const int64_t x0 = (int64_t)g * a.in_g;
     if (a.x_dtype == DSRT_BF16)
@@ -694,8 +700,9 @@ static int launch_mma_gemv(int dev, const dsrtk_linear_weight *w, const void *x,
     const int64_t needed = ceil_div((int64_t)a.tpg * a.ks, MMA_WARPS);
     if (per_group > needed) per_group = needed;
     if (per_group < 1) per_group = 1;
-    mma_gemv_kernel<FMT, SF, Q8><<<(unsigned)(per_group * a.groups), MMA_WARPS * 32, mma_smem(FMT, a.in_g, rows, MMA_WARPS), s>>>(a);
-    return dsrtk_check_launch("linear mma_gemv_kernel", dev);
+    return dsrtk_check(dsrtk_launch_dependent(mma_gemv_kernel<FMT, SF, Q8>, dim3((unsigned)(per_group * a.groups)),
+                                              dim3(MMA_WARPS * 32), mma_smem(FMT, a.in_g, rows, MMA_WARPS), s, a),
+                       "launch of linear mma_gemv_kernel on cuda:%d", dev);
 }
 
 /* the instantiation for the weight's format and scales and the activation's treatment */

@@ -570,6 +570,7 @@ template <int MODE>
 __global__ void __launch_bounds__(MMA_WARPS * 32, 2) moe_mma_kernel(const __grid_constant__ dsrtk_moe_project_args a, int ks)
 {
     extern __shared__ uint4 smem4[];
+    dsrtk_wait_producer(); /* launched dependent (common.cuh); the groups come from the router */
     /* block rows y past the groups all serve the last group, the shared expert: it holds every row
      * and, in FP8, twice the bytes of an FP4 expert, so it gets the spare blocks (slots) */
     const int n = *a.n_groups, g = (int)blockIdx.y < n ? (int)blockIdx.y : n - 1;
@@ -607,8 +608,9 @@ static int launch_mma(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
     const int64_t needed = (tiles * ks + MMA_WARPS - 1) / MMA_WARPS;
     if (per_group > needed) per_group = needed;
     if (per_group < 1) per_group = 1;
-    moe_mma_kernel<MODE><<<dim3((unsigned)per_group, rows_y), MMA_WARPS * 32, smem, s>>>(*a, ks);
-    return dsrtk_check_launch("moe_mma_kernel", dev);
+    return dsrtk_check(dsrtk_launch_dependent(moe_mma_kernel<MODE>, dim3((unsigned)per_group, rows_y), dim3(MMA_WARPS * 32),
+                                              smem, s, *a, ks),
+                       "launch of moe_mma_kernel on cuda:%d", dev);
 }
 
 int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream)
@@ -1314,6 +1316,7 @@ enum { COMBINE_U = 8 /* a column's routed rows loaded at once */ };
 __global__ void __launch_bounds__(DSRTK_BLOCK) moe_combine_kernel(const void *y, int y_dtype, const int32_t *pos_of_pick,
                                                                   int64_t rows, int k, int64_t dim, void *out, int out_dtype)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     __shared__ int pos[MOE_COMBINE_MAX_K], order[MOE_COMBINE_MAX_K];
     int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; /* one column per thread, grid-strided below */
     const int i = threadIdx.x;
@@ -1361,8 +1364,8 @@ int dsrtk_moe_combine(int dev, const void *y, int y_dtype, const int32_t *pos_of
     /* column tiles (at most 64: wider rows loop) times tokens (at most 65535: more loop) */
     int64_t tiles = (dim + DSRTK_BLOCK - 1) / DSRTK_BLOCK;
     int grid_x = tiles < 64 ? (int)tiles : 64, grid_y = rows < 65535 ? (int)rows : 65535;
-    moe_combine_kernel<<<dim3(grid_x, grid_y), DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(y, y_dtype, pos_of_pick, rows, k, dim,
-                                                                                       out, out_dtype);
+    (void)dsrtk_launch_dependent(moe_combine_kernel, dim3(grid_x, grid_y), dim3(DSRTK_BLOCK), 0, (cudaStream_t)stream, y, y_dtype,
+                                 pos_of_pick, rows, k, dim, out, out_dtype);
     return dsrtk_check_launch("moe_combine_kernel", dev);
 }
 

@@ -124,6 +124,7 @@ __global__ void __launch_bounds__(256) rms_norm_rows_kernel(const void *x, int x
                                                             void *y, int y_dtype, int64_t rows, int64_t d, float eps,
                                                             int head_bf16)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     __shared__ double scratch[33];
     constexpr int RPB = 256 / G; /* rows per block */
     const int g = threadIdx.x % G;
@@ -174,8 +175,8 @@ static void launch_rows(int64_t rows, cudaStream_t cs, const void *x, int x_dtyp
 {
     int64_t blocks = (rows + 256 / G - 1) / (256 / G);
     if (blocks > (1 << 30)) blocks = 1 << 30;
-    rms_norm_rows_kernel<G, V><<<(unsigned)blocks, 256, 0, cs>>>(x, x_dtype, w, w_dtype, y, y_dtype, rows, d, eps,
-                                                                 head_bf16);
+    (void)dsrtk_launch_dependent(rms_norm_rows_kernel<G, V>, dim3((unsigned)blocks), dim3(256), 0, cs, x, x_dtype, w, w_dtype, y,
+                                 y_dtype, rows, d, eps, head_bf16);
 }
 
 extern "C" int dsrtk_nn_rms_norm(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y,
@@ -549,6 +550,7 @@ template <int V, int V2>
 __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ NormRopeArgs a,
                                                         const __grid_constant__ RopeFreqs f)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     const int lane = threadIdx.x & 31;
     const int64_t r = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= a.rows) {
@@ -666,10 +668,10 @@ static int lane_vectors(int64_t width) { return width <= 256 ? 1 : width <= 512 
 template <int V>
 static void launch_norm_rope(int v2, unsigned blocks, cudaStream_t cs, const NormRopeArgs &a, const RopeFreqs &f)
 {
-    if (v2 == 0) norm_rope_kernel<V, 0><<<blocks, 256, 0, cs>>>(a, f);
-    else if (v2 == 1) norm_rope_kernel<V, 1><<<blocks, 256, 0, cs>>>(a, f);
-    else if (v2 == 2) norm_rope_kernel<V, 2><<<blocks, 256, 0, cs>>>(a, f);
-    else norm_rope_kernel<V, 4><<<blocks, 256, 0, cs>>>(a, f);
+    if (v2 == 0) (void)dsrtk_launch_dependent(norm_rope_kernel<V, 0>, dim3(blocks), dim3(256), 0, cs, a, f);
+    else if (v2 == 1) (void)dsrtk_launch_dependent(norm_rope_kernel<V, 1>, dim3(blocks), dim3(256), 0, cs, a, f);
+    else if (v2 == 2) (void)dsrtk_launch_dependent(norm_rope_kernel<V, 2>, dim3(blocks), dim3(256), 0, cs, a, f);
+    else (void)dsrtk_launch_dependent(norm_rope_kernel<V, 4>, dim3(blocks), dim3(256), 0, cs, a, f);
 }
 
 static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }

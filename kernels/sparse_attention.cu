@@ -427,6 +427,7 @@ __global__ void __launch_bounds__(THREADS, 1) fused_kernel(const __grid_constant
 template <class TQ, class TP>
 __global__ void __launch_bounds__(THREADS) scores_kernel(const __grid_constant__ Args a)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ float sc_s[CHUNK][HEADS];
     float *q_s = (float *)smem; /* [HEADS][D4] */
@@ -510,6 +511,7 @@ __global__ void __launch_bounds__(THREADS) scores_kernel(const __grid_constant__
 template <class TP>
 __global__ void __launch_bounds__(THREADS) pv_kernel(const __grid_constant__ Args a)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     __shared__ float p_s[CHUNK][HEADS], raw_s[CHUNK][HEADS], mb_s[HEADS];
     __shared__ long long row_s[CHUNK];
     __shared__ int bad_s;
@@ -589,6 +591,7 @@ __global__ void __launch_bounds__(THREADS) pv_kernel(const __grid_constant__ Arg
  * Flash decode: 40 chunks x 2 KB of partials per (row, head), 64 CTAs. */
 __global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant__ Args a)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     __shared__ float M_s, den_s, rot[64], table[64];
     const int64_t t = blockIdx.x / a.H, hh = blockIdx.x % a.H;
     const float *pm = a.part_m + t * a.nc * a.H + hh, *ps = a.part_sum + t * a.nc * a.H + hh;
@@ -924,11 +927,11 @@ struct Split {
         const size_t q_bytes = sizeof(float) * HEADS * (size_t)a->D4;
         int rc = allow_shared(dev, (const void *)scores_kernel<TQ, TP>, q_bytes, "sparse_attention scores_kernel");
         if (rc) return rc;
-        scores_kernel<TQ, TP><<<grid, THREADS, q_bytes, st>>>(*a);
+        (void)dsrtk_launch_dependent(scores_kernel<TQ, TP>, grid, dim3(THREADS), q_bytes, st, *a);
         if ((rc = dsrtk_check_launch("sparse_attention scores_kernel", dev))) return rc;
-        pv_kernel<TP><<<grid, THREADS, 0, st>>>(*a);
+        (void)dsrtk_launch_dependent(pv_kernel<TP>, grid, dim3(THREADS), 0, st, *a);
         if ((rc = dsrtk_check_launch("sparse_attention pv_kernel", dev))) return rc;
-        combine_kernel<<<(unsigned)(a->S * a->H), THREADS, 0, st>>>(*a);
+        (void)dsrtk_launch_dependent(combine_kernel, dim3((unsigned)(a->S * a->H)), dim3(THREADS), 0, st, *a);
         return dsrtk_check_launch("sparse_attention combine_kernel", dev);
     }
 };
