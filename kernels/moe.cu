@@ -60,11 +60,12 @@
  * weight per row. Staged inputs are laid out with an XOR swizzle of the 16-byte words inside each
  * chunk, so the 32 lanes of a warp (each on its own chunk) read them without bank conflicts.
  *
- * Prefill (moe.c's cuda_prefill): gather + Q8 the rows by expert (bf16), per expert dequantise
- * [w1; w3] into a bf16 scratch and run one GEMM [rows, dim] x [dim, 2 inter] with fp32
- * accumulation into bf16, the SwiGLU kernel (weight, bf16, Q8), dequantise w2 and GEMM, the
- * ordered combine. FLOPs (Flash, T = 4096): 2 x 7 x 4096 x 3 x 8.4M = 1.4 TFLOP; dequantising
- * moves ~100 MB per expert (13 MB read, 50 MB written, read back by the GEMM).
+ * Prefill (moe.c's cuda_prefill): gather + Q8 the rows by expert (bf16); per slab of up to
+ * DSRTK_MOE_SLAB experts, one launch dequantises each one's [w1; w3] into a bf16 scratch and one
+ * grouped cuBLAS call runs their GEMMs [rows, dim] x [dim, 2 inter] with fp32 accumulation into
+ * bf16; the SwiGLU kernel (weight, bf16, Q8); w2 the same way; the ordered combine. FLOPs (Flash,
+ * T = 4096): 2 x 7 x 4096 x 3 x 8.4M = 1.4 TFLOP; dequantising moves ~100 MB per expert (13 MB
+ * read, 50 MB written, read back by the GEMM): ~26 GB a layer, what bounds it now.
  */
 #include <cooperative_groups.h>
 #include <math.h>
