@@ -125,6 +125,13 @@ function Predictor:advance(session, X, ids, first)
   for t = first - session.slack - 1, first + S - session.slack - 2 do part.residuals[t] = nil end
 end
 
+-- The MTP layer's block over one draft position, its last hc_post applied (nothing follows it)
+local function draft_block(dims, layer, part, X, token_ids, precision)
+  local carry
+  X, carry = decoder.block_forward(dims, layer.block, part.state, X, nil, token_ids, precision)
+  return decoder.settle(X, carry, precision)
+end
+
 --- Draft logits f32 [1, vocab] for the position after next_id (SPEC §8.1), from the decoder's
 --- residual at its last position; advances the MTP state by that position until the decoder moves.
 function Predictor:draft(session, next_id)
@@ -138,9 +145,7 @@ function Predictor:draft(session, next_id)
   local H = part.residuals[last]:unsqueeze(1)
   local X = mtp_input(self, layer, H, { next_id })
   local token_ids = dsrt.tensor({ next_id }, { dtype = "i64", device = self.device })
-  local carry
-  X, carry = decoder.block_forward(dims, layer.block, part.state, X, nil, token_ids, precision)
-  X = decoder.settle(X, carry, precision)
+  X = draft_block(dims, layer, part, X, token_ids, precision)
   part.drafted_id = next_id
   part.chain = { X = X, position = last }
   return decoder.logits(dims, layer.hc_head, layer.norm, self.model.head, X, precision)
@@ -166,9 +171,7 @@ function Predictor:draft_next(session, id)
   local layer, dims, precision = self.layers[1], self.dims, self.precision
   local X = mtp_input(self, layer, part.chain.X, { id })
   local token_ids = dsrt.tensor({ id }, { dtype = "i64", device = self.device })
-  local carry
-  X, carry = decoder.block_forward(dims, layer.block, part.state, X, nil, token_ids, precision)
-  X = decoder.settle(X, carry, precision)
+  X = draft_block(dims, layer, part, X, token_ids, precision)
   part.chain = { X = X, position = position }
   return decoder.logits(dims, layer.hc_head, layer.norm, self.model.head, X, precision)
 end
