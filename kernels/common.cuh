@@ -38,7 +38,6 @@ int dsrtk_check(cudaError_t err, const char *fmt, ...) __attribute__((format(pri
 #define dsrtk_check_launch(kernel_name, dev) \
     dsrtk_check(cudaGetLastError(), "launch of %s on cuda:%d", (kernel_name), (dev))
 
-/* cudaSetDevice first: every launcher works on the device it is told, whatever thread calls it. */
 /* ---- programmatic dependent launch ----
  * A kernel launched by dsrtk_launch_dependent may start while the stream's previous kernel is
  * still finishing (its launch and first instructions overlap that kernel's tail: at decode, ~130
@@ -64,6 +63,7 @@ static inline cudaError_t dsrtk_launch_dependent(void (*kernel)(Params...), dim3
     return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
+/* cudaSetDevice first: every launcher works on the device it is told, whatever thread calls it. */
 #define DSRTK_SET_DEVICE(dev, what)                                                       \
     do {                                                                                  \
         int set_device_status_ = dsrtk_check(cudaSetDevice(dev), "%s: cudaSetDevice(%d)", \
