@@ -120,11 +120,12 @@ DSRT_HD uint8_t dsrt_f32_to_e4m3(float f)
 }
 
 /* ---- f8 e8m0fnu ---- */
+/* 2^(b - 127); b = 0 is 2^-127, an f32 subnormal (0x00400000), b = 255 NaN (0x7fc00000): both
+ * are b << 23 with bit 22 set. No branch: the decode GEMVs convert a scale every 32-64 weights. */
 DSRT_HD float dsrt_e8m0_to_f32(uint8_t b)
 {
-    if (b == 0xff) return dsrt_bits_f32(0x7fc00000u);
-    if (b == 0) return dsrt_bits_f32(0x00400000u); /* 2^-127 is an f32 subnormal */
-    return dsrt_bits_f32((uint32_t)b << 23);
+    const uint32_t special = (uint8_t)(b + 1u) <= 1u; /* b is 0 or 255 */
+    return dsrt_bits_f32((uint32_t)b << 23 | special << 22);
 }
 DSRT_HD uint8_t dsrt_f32_to_e8m0(float f)
 {
