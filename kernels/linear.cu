@@ -615,13 +615,10 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
     float *xsc = (float *)(xq + (a.rows + 1) * a.ld), *red = xsc + (a.rows + 1) * a.nblk;
     auto rows_of = [&](int tile, int) {
         const int ra = (team_id + tile * n_teams) * MMA_ROWS + gq, rb = ra + 8;
-        MmaRows r;
-        r.live_a = ra < a.out_g, r.live_b = rb < a.out_g;
-        const int na = g * a.out_g + (r.live_a ? ra : 0), nb = g * a.out_g + (r.live_b ? rb : 0);
-        r.a = (const char *)a.weight + na * a.row_bytes, r.b = (const char *)a.weight + nb * a.row_bytes;
-        r.scale = a.scale, r.scale_ld1 = a.scale_ld1, r.chunk_shift = a.chunk_shift;
-        r.scale_a = na / a.block_rows * a.scale_ld0, r.scale_b = nb / a.block_rows * a.scale_ld0;
-        return r;
+        const int na = g * a.out_g + (ra < a.out_g ? ra : 0), nb = g * a.out_g + (rb < a.out_g ? rb : 0);
+        return mma_rows_at<FMT, SF>((const char *)a.weight + na * a.row_bytes, (const char *)a.weight + nb * a.row_bytes,
+                                    a.scale, na / a.block_rows * a.scale_ld0, nb / a.block_rows * a.scale_ld0, a.scale_ld1,
+                                    a.chunk_shift, q);
     };
 
     /* launched dependent (common.cuh): the first two steps' weights head for L2 while the
@@ -629,7 +626,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
     MmaStep<FMT> buf[2][U];
     if (my_tiles) mma_prefetch<FMT>(rows_of(0, 0), kslot * U, 2 * U, a.nchunk, q);
     dsrtk_wait_producer();
-    if (my_tiles) mma_load<FMT, SF, U>(rows_of(0, 0), buf[0], kslot * U, a.nchunk, q);
+    if (my_tiles) mma_load<FMT, SF, U>(rows_of(0, 0), buf[0], kslot * U, a.nchunk);
     const int64_t x0 = (int64_t)g * a.in_g;
     if (a.x_dtype == DSRT_BF16)
         mma_stage<FMT, Q8>(a.rows, a.in_g, a.ld, xq, xsc, [&](int t, int c) {

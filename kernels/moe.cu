@@ -505,19 +505,17 @@ static size_t mma_smem(int64_t ld, int64_t k_in, int mode)
            (size_t)MMA_WARPS * MMA_ROWS * MMA_TOKENS * 4 * (mode == DSRTK_MOE_UP ? 2 : 1);
 }
 
-/* Rows ja (a) and jb (b) of matrix m as fp8mma.cuh reads them */
-__device__ __forceinline__ MmaRows mma_rows(const dsrtk_moe_matrix &m, int64_t ja, int64_t jb)
+/* Rows ja (a) and jb (b) of matrix m as fp8mma.cuh reads them (a row past the matrix reads row 0) */
+template <int FMT, int SF>
+__device__ __forceinline__ MmaRows mma_rows(const dsrtk_moe_matrix &m, int64_t ja, int64_t jb, int q)
 {
-    MmaRows r;
-    r.live_a = ja < m.rows, r.live_b = jb < m.rows;
-    const int na = r.live_a ? (int)ja : 0, nb = r.live_b ? (int)jb : 0;
-    const int bits = m.dtype == DSRT_FP4E2M1 ? 4 : 8;
-    r.a = (const char *)m.weight + (m.offset + (int64_t)na * m.stride0) * bits / 8;
-    r.b = (const char *)m.weight + (m.offset + (int64_t)nb * m.stride0) * bits / 8;
-    r.scale = m.scale, r.scale_ld1 = m.scale_stride1, r.chunk_shift = __ffs(m.block_cols / MMA_CHUNK) - 1; /* fp8: a power of two */
-    r.scale_a = m.scale_offset + na / m.block_rows * m.scale_stride0;
-    r.scale_b = m.scale_offset + nb / m.block_rows * m.scale_stride0;
-    return r;
+    const int na = ja < m.rows ? (int)ja : 0, nb = jb < m.rows ? (int)jb : 0;
+    const int bits = FMT == MMA_FP4 ? 4 : 8;
+    return mma_rows_at<FMT, SF>((const char *)m.weight + (m.offset + (int64_t)na * m.stride0) * bits / 8,
+                                (const char *)m.weight + (m.offset + (int64_t)nb * m.stride0) * bits / 8, m.scale,
+                                m.scale_offset + na / m.block_rows * m.scale_stride0,
+                                m.scale_offset + nb / m.block_rows * m.scale_stride0, m.scale_stride1,
+                                __ffs(m.block_cols / MMA_CHUNK) - 1 /* fp8: a power of two */, q);
 }
 
 /* One group's projection, its rows in batches of MMA_TOKENS: stage their Q8 codes, then the
@@ -542,12 +540,12 @@ __device__ __noinline__ void mma_project(const dsrtk_moe_project_args &a, const 
     auto tile_row = [&](int64_t tile) { return (team_id + tile * n_teams) * MMA_ROWS; };
     auto rows_of = [&](int tile, int mat) {
         const int64_t j = tile_row(tile) + gq;
-        return mma_rows(mat ? m1 : m0, j, j + 8);
+        return mma_rows<FMT, SF>(mat ? m1 : m0, j, j + 8, q);
     };
     MmaStep<FMT> buf[2][U];
     for (int64_t b0 = 0; b0 < count; b0 += MMA_TOKENS) {
         const int nb = (int)(count - b0 < MMA_TOKENS ? count - b0 : MMA_TOKENS);
-        if (my_tiles) mma_load<FMT, SF, U>(rows_of(0, 0), buf[0], kslot * U, nchunk, q);
+        if (my_tiles) mma_load<FMT, SF, U>(rows_of(0, 0), buf[0], kslot * U, nchunk);
         __syncthreads(); /* the previous batch is consumed */
         mma_stage<FMT, true>(nb, k_in, ld, xq, xsc, [&](int64_t t, int64_t c) {
             const int64_t r = first + b0 + t, xr = a.row_x ? a.row_x[r] : r;
