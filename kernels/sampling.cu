@@ -18,9 +18,12 @@
  *   3. (some row samples) one CUB radix sort of all B*V keys (stable by construction: the id is
  *      in the key): every row's candidates in the CPU's order, descending logit, ties by id.
  *   4. pick: a block per row combines the scan's partial results (status, greedy id) and, for a
- *      sampling row, walks its sorted candidates: the block computes p_i for a stage of
- *      candidates into shared memory in parallel, thread 0 adds them in order. min_p's cut (the
- *      first candidate below min_p * p_max) is a parallel minimum, exact with no sum involved.
+ *      sampling row, walks its sorted candidates once (prefix_sums): the block computes p_i for a
+ *      stage of candidates into shared memory in parallel, thread 0 adds them in order and keeps
+ *      every running sum (in the sort's input keys, free once sorted). Every sum the CPU takes is
+ *      one of those running sums, so top_p's cut and the draw are searches over them
+ *      (first_reached). min_p's cut (the first candidate below min_p * p_max) is a parallel
+ *      minimum, exact with no sum involved.
  *
  * Why a full sort rather than a top-p-bounded candidate set: top_p's threshold is top_p times the
  * sum of ALL candidates' p, added in candidate order; a different order changes the last bits of
@@ -29,9 +32,11 @@
  * smaller), adding it and everything after leaves z unchanged to the bit.
  *
  * Cost (B = 64, V = 129,280): the scan reads 33 MB of logits and writes 66 MB of keys; the sort
- * moves ~16 bytes per key per 8-bit digit over rb + 32 + 17 bits; the walks are O(V) dependent
- * double adds on one thread per row (rows in parallel). Greedy-only calls skip steps 3 and the
- * walks: they are one read of the logits.
+ * moves ~16 bytes per key per 8-bit digit over rb + 32 + 17 bits; the walk is O(V) dependent
+ * double adds on one thread per row (rows in parallel), which bounds a call: measured on the H200
+ * at B = 1, T = 0.7, top_p = 0.9, 5.47 ms with three walks whose every add waited on a stop test
+ * (the total, the cut, the draw), 1.54 ms with one walk of bare adds and two searches. Greedy-only
+ * calls skip steps 3 and 4's walk: they are one read of the logits.
  *
  * Errors: a row with a NaN or without a finite logit gets a status word beside its id, copied
  * back by the core with the ids (the launcher never synchronises).
@@ -218,27 +223,80 @@ __device__ void walk(PickShared &sh, const uint64_t *k, int idb, int64_t n, doub
     }
 }
 
-/* z = sum of p over the first n candidates, in order, stopping exactly where nothing changes it */
-__device__ double ordered_sum(PickShared &sh, const uint64_t *k, int idb, int64_t n, double xmax, double inv_t)
+/* The running sums of p over the candidates, in order: P(i) = p_0 + ... + p_i, the CPU's additions
+ * (sampling.c adds in candidate order from the first), stored at pre[i] for i < sh.n, P(i) = sh.z
+ * from there on. Every sum the CPU takes is one of them: top_p's total, the cumulative sum that
+ * finds its cut, the kept prefix's sum, the draw's walk; so one sequential pass serves them all and
+ * the rest are searches. The pass stops exactly where nothing changes the sum: p < z * 2^-56 is below
+ * a quarter ulp of z (>= 1 after p_0 = 1), and every later p is no larger (up to the exp's few ulps),
+ * so z + p == z from there on. */
+__device__ void prefix_sums(PickShared &sh, const uint64_t *k, int idb, int64_t n, double xmax, double inv_t, double *pre)
 {
     double z = 0.0;
-    walk(sh, k, idb, n, xmax, inv_t, [&](int64_t, double p) {
-        /* z >= 1 after the first candidate (p_0 = 1); p < z * 2^-56 is below a quarter ulp of z, and
-         * every later p is no larger (up to the exp's few ulps): z + p == z from here on */
-        const double next = z + p; /* issued beside the test: the chain per candidate is one add */
-        if (p < __dmul_rn(z, 1.3877787807814457e-17)) return false; /* z * 2^-56, exact */
-        z = next;
-        return true;
-    });
-    if (threadIdx.x == 0) sh.z = z;
-    __syncthreads();
-    return sh.z;
+    int64_t stored = 0;
+    if (threadIdx.x == 0) sh.stop = 0;
+    for (int64_t base = 0; base < n; base += STAGE) {
+        const int len = (int)min((int64_t)STAGE, n - base);
+        for (int j = threadIdx.x; j < len; j += PICK_BLOCK) sh.stage[j] = key_prob(k[base + j], idb, xmax, inv_t);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            /* 8 shared-memory reads in flight, then 8 dependent adds: the chain is the adds alone.
+             * The stop is tested at each group's first candidate only: adding the rest of a group
+             * past the exact stop leaves z as it is, by the same argument. */
+            int j = 0;
+            for (; j < len; j += 8) {
+                double v[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) v[u] = j + u < len ? sh.stage[j + u] : 0.0;
+                if (v[0] < __dmul_rn(z, 1.3877787807814457e-17)) break; /* z * 2^-56, exact: stop */
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    z += v[u];
+                    if (j + u < len) sh.stage[j + u] = z;
+                }
+            }
+            j = j < len ? j : len;
+            sh.n = base + j, sh.z = z;
+            if (j < len) sh.stop = 1;
+        }
+        __syncthreads();
+        stored = sh.n;
+        for (int j = threadIdx.x; j < stored - base; j += PICK_BLOCK) pre[base + j] = sh.stage[j];
+        const bool stop = sh.stop;
+        __syncthreads(); /* the stage is read before the next one overwrites it, and pre is written */
+        if (stop) break;
+    }
+}
+
+/* P(i) of prefix_sums */
+__device__ __forceinline__ double prefix_at(const double *pre, int64_t stored, double total, int64_t i)
+{
+    return i < stored ? pre[i] : total;
+}
+
+/* The first i < n with reached(P(i)) (reached is monotone: false up to some i, true from there;
+ * P never decreases), n if none. The block samples PICK_BLOCK evenly spaced points of the range
+ * at a time: three rounds for V = 129,280. Every thread must call it. */
+template <class Reached>
+__device__ int64_t first_reached(const double *pre, int64_t stored, double total, int64_t n, Reached reached)
+{
+    int64_t lo = 0, hi = n; /* the answer lies in [lo, hi]: nothing below lo is reached, hi is (or is n) */
+    while (lo < hi) {
+        const int64_t step = (hi - lo + PICK_BLOCK - 1) / PICK_BLOCK, i = lo + threadIdx.x * step;
+        const int points = (int)((hi - lo + step - 1) / step);
+        const int below = __syncthreads_count(i < hi && !reached(prefix_at(pre, stored, total, i)));
+        if (below == 0) return lo;
+        const int64_t last_below = lo + (int64_t)(below - 1) * step;
+        if (below < points) hi = last_below + step;
+        lo = last_below + 1;
+    }
+    return lo;
 }
 
 __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int64_t V, int nchunks,
                                                                  const dsrtk_sample_row *rows, const ScanPart *parts,
-                                                                 const uint64_t *sorted, int idb, uint64_t seed,
-                                                                 uint64_t step, int64_t *out, float *probs)
+                                                                 const uint64_t *sorted, double *pre_all, int idb,
+                                                                 uint64_t seed, uint64_t step, int64_t *out, float *probs)
 {
     __shared__ PickShared sh;
     const int64_t r = blockIdx.x;
@@ -278,30 +336,13 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
         return;
     }
     const double inv_t = 1.0 / (double)p.temperature;
-    int64_t n = n_all;
-    double z = 0.0;
-    bool z_known = false;
-    if (p.top_p < 1.0f) {
-        const double target = (double)p.top_p * ordered_sum(sh, k, idb, n, xmax, inv_t);
-        double cum = 0.0;
-        int64_t m = 0;
-        walk(sh, k, idb, n, xmax, inv_t, [&](int64_t, double q) {
-            cum += q;
-            m++;
-            return !(cum >= target);
-        });
-        if (threadIdx.x == 0) sh.n = m > 0 ? m : 1, sh.z = cum;
-        __syncthreads();
-        /* the kept prefix's sum is the cumulative sum just taken: the same additions in the same order */
-        n = sh.n;
-        z = sh.z;
-        z_known = true;
-    }
-    if (p.min_p > 0.0f) {
+    /* min_p: the first candidate from 1 on with p < min_p * p_max, a parallel minimum (no sum) */
+    auto min_p_cut = [&](int64_t n) {
         const double floor_p = (double)p.min_p * key_prob(k[0], idb, xmax, inv_t);
+        __syncthreads(); /* sh.cut's last readers are done */
         if (threadIdx.x == 0) sh.cut = (unsigned long long)n;
         __syncthreads();
-        /* the first candidate from 1 on with p < floor_p: each thread's first is its smallest */
+        /* each thread's first is its smallest */
         for (int64_t i = 1 + threadIdx.x; i < n; i += PICK_BLOCK) {
             if ((unsigned long long)i >= sh.cut) break;
             if (key_prob(k[i], idb, xmax, inv_t) < floor_p) {
@@ -310,10 +351,22 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
             }
         }
         __syncthreads();
-        if ((int64_t)sh.cut != n) z_known = false;
-        n = (int64_t)sh.cut;
+        return (int64_t)sh.cut;
+    };
+    /* the CPU cuts top_k, then top_p, then min_p; without top_p the sums need only the kept ones */
+    int64_t n = n_all;
+    if (p.top_p >= 1.0f && p.min_p > 0.0f) n = min_p_cut(n);
+    double *pre = pre_all + r * V;
+    prefix_sums(sh, k, idb, n, xmax, inv_t, pre);
+    const int64_t stored = sh.n;
+    const double total = sh.z;
+    if (p.top_p < 1.0f) { /* the CPU's cumulative sum up to the first that reaches top_p of the total */
+        const double target = (double)p.top_p * total;
+        const int64_t at = first_reached(pre, stored, total, n, [&](double cum) { return cum >= target; });
+        n = at < n ? at + 1 : n;
+        if (p.min_p > 0.0f) n = min_p_cut(n);
     }
-    if (!z_known) z = ordered_sum(sh, k, idb, n, xmax, inv_t);
+    const double z = prefix_at(pre, stored, total, n - 1); /* the kept prefix's sum */
 
     if (probs) { /* the distribution, not a draw: p_i / z at each kept candidate, as probs_row */
         for (int64_t i = threadIdx.x; i < n; i += PICK_BLOCK)
@@ -322,15 +375,17 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
         return;
     }
 
+    /* the draw: the first candidate whose cumulative sum passes u * z (u < 1 and P(n - 1) = z, so
+     * there is one); the CPU's walk would otherwise take the last nonzero candidate */
     const double target = (double)u * z;
-    double cum = 0.0;
-    int64_t pick = 0;
-    walk(sh, k, idb, n, xmax, inv_t, [&](int64_t i, double q) {
-        cum += q;
-        if (cum > target) { pick = i; return false; }
-        if (q > 0.0) pick = i; /* rounding: the last nonzero candidate */
-        return true;
-    });
+    int64_t pick = first_reached(pre, stored, total, n, [&](double cum) { return cum > target; });
+    if (pick == n) {
+        pick = 0;
+        walk(sh, k, idb, n, xmax, inv_t, [&](int64_t i, double q) {
+            if (q > 0.0) pick = i;
+            return true;
+        });
+    }
     if (threadIdx.x == 0) {
         *id_out = key_id(k[pick], idb);
         *status = DSRTK_SAMPLE_OK;
@@ -429,8 +484,9 @@ int sample_launch(int dev, const float *logits, int64_t B, int64_t V, const dsrt
                          "sample_probs: clearing the [%lld, %lld] output on cuda:%d", (long long)B, (long long)V, dev);
         if (st) return st;
     }
-    sample_pick_kernel<<<(unsigned)B, PICK_BLOCK, 0, s>>>(B, V, L.nchunks, rows, parts, keys_out, L.idb, seed, step, out,
-                                                         probs);
+    /* the sorted keys are in keys_out: keys_in holds the candidates' running sums from here */
+    sample_pick_kernel<<<(unsigned)B, PICK_BLOCK, 0, s>>>(B, V, L.nchunks, rows, parts, keys_out, (double *)keys_in, L.idb,
+                                                         seed, step, out, probs);
     return dsrtk_check_launch("sample_pick_kernel", dev);
 }
 
