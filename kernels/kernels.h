@@ -325,6 +325,16 @@ int dsrtk_moe_dequant_groups(int dev, const dsrtk_moe_matrix *table, const int32
 int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const int *n, const int *k, const void *const *a, int lda,
                           const void *const *w, void *const *c, int c_dtype, int ldc, void **ptrs, void *stream);
 
+/* Prefill's expert GEMMs straight from the packed weights, when every matrix of the table is
+ * `mma` (reference precision): for each of the n_tiles tiles (device i32 pairs {group, first row of
+ * the tile within the group}, a tile up to 64 of the group's rows), out rows = in rows · Wᵀ, W the
+ * group's set's [w1; w3] (UP: w3's outputs after w1's) or w2 (DOWN); in and out bf16, in_ld and
+ * out_ld elements apart (in_ld a multiple of 8, in 16-byte aligned), out the bf16 rounding of the
+ * fp32 sum. max_out: the most outputs of any set (grid sizing). */
+int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t *groups, const int32_t *tiles,
+                           int64_t n_tiles, int mode, int64_t max_out, const void *in, int64_t in_ld, void *out,
+                           int64_t out_ld, void *stream);
+
 /* The SwiGLU between the prefill GEMMs, moe.h's rules: gu row r holds g = x·W1ᵀ in columns
  * [0, inter) and u = x·W3ᵀ in [inter, 2·inter) (inter: the row's set's, from the groups), gu_ld
  * apart, dtype io_dtype (DSRT_BF16 in reference precision, DSRT_F32 in fp32); h row r (h_ld apart,

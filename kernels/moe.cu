@@ -71,6 +71,7 @@
 #include <math.h>
 #include <mutex>
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include "common.cuh"
@@ -1525,6 +1526,297 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
                                                  (const void *const *)(dp + count), ab, lda_, beta, dp + 2 * count, ct, ldc_,
                                                  count, ones, CUBLAS_COMPUTE_32F),
                       "moe", "cublasGemmGroupedBatchedEx", dev);
+}
+
+/* ---- prefill straight from the packed weights (reference precision, every matrix `mma`) ----
+ *
+ * moe_prefill_gemm_kernel: a block computes a 128-row x 128-column tile of one group's output,
+ * out = in · Wᵀ, W the set's [w1; w3] (UP) or w2 (DOWN) read as packed FP4 / FP8 bytes. Its K
+ * loop runs 64 columns a step through a 3-stage cp.async ring (the inputs' bf16 rows and the
+ * weights' raw bytes, issued two steps ahead). Each step every thread turns one 32-column chunk
+ * of one weight row into bf16 for the NEXT step, a quarter of it beside each of the step's four
+ * k16 rounds of mma.sync, so the conversion's integer work overlaps the tensor cores and one
+ * barrier a step orders both. Tiles in shared memory hold XOR-swizzled 16-byte chunks, so
+ * ldmatrix and the conversion's stores have no bank conflicts. 8 warps, 2 x 4, each 64 x 32.
+ *
+ * The budget that shaped it is shared-memory bandwidth (128 B a clock per multiprocessor against
+ * one m16n8k16 every ~1.7 clocks): ldmatrix costs 1.5 wavefronts per mma with 64 x 32 warp tiles
+ * (2 with 32 x 32), the converted tile's stores 0.25, the input rows' copies 0.25. A byte LUT for
+ * FP4 (the first version: 64 x 128 tiles, 32 x 32 warps) added ~3.5 wavefronts of bank conflicts
+ * per lookup and ran at 26% of the tensor pipe (ncu, H200, Flash UP at T = 4096: 9.6 ms).
+ * FP4 codes therefore convert in integer ops (pg_fp4_pair); FP8 (the shared expert, one set of
+ * 257) keeps a LUT, which also keeps e4m3's NaN codes NaN.
+ *
+ * Numerics: the slab path's. Inputs are the gathered Q8 round-tripped rows (exact in bf16); a
+ * weight is code x 2^e, exact in bf16; products are exact in the fp32 accumulators; the output is
+ * the bf16 rounding of the fp32 sum (a reordering of the CPU's, as cuBLAS's is).
+ *
+ * Why not the slabs: they wrote every selected expert's weights out as bf16 (50 MB for a Flash
+ * expert's [w1; w3]) and read them back, ~26 GB a layer at 4096 tokens; here the weights are read
+ * once per 128 rows of a group and the bytes that move are the packed ones. FLOPs (Flash,
+ * T = 4096): 1.4 TFLOP a layer.
+ */
+enum { PG_M = 128, PG_N = 128, PG_K = 64, PG_STAGES = 3, PG_THREADS = 256, PG_WARP_M = 64, PG_WARP_N = 32 };
+
+struct PgShared {
+    uint16_t a[PG_STAGES][PG_M * PG_K];  /* input rows, bf16, swizzled 16-byte chunks */
+    uint4 raw[PG_STAGES][2][PG_THREADS]; /* each thread's weight bytes of a step (fp4: plane 0 only) */
+    uint16_t b[2][PG_N * PG_K];          /* the converted weights, bf16, swizzled like a */
+    uint32_t lut8[256];                  /* e4m3 byte -> bf16 in the low half */
+};
+
+/* element offset of 16-byte chunk c of row r in a 64-column bf16 tile */
+__device__ __forceinline__ int pg_swizzle(int r, int c) { return r * PG_K + ((c ^ (r & 7)) << 3); }
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+{
+    unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *row)
+{
+    unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b)
+{
+    __nv_bfloat162 r = __hmul2(*(const __nv_bfloat162 *)&a, *(const __nv_bfloat162 *)&b);
+    return *(const uint32_t *)&r;
+}
+
+/* bf16 pair of 2^p, -133 <= p <= 127 (exact: below -126 the subnormals) */
+__device__ __forceinline__ uint32_t pow2_bf16x2(int p)
+{
+    const uint32_t h = p >= -126 ? (uint32_t)(p + 127) << 7 : 0x40u >> (-127 - p);
+    return h * 0x10001u;
+}
+
+/* A chunk's e8m0 scale as the bf16 multipliers its converted codes take. FP4 codes convert as
+ * code · 2^-126 and FP8 codes from a LUT as code: 2^(e - 127) · 2^126 (or 2^(e - 127)) is one
+ * multiply while it fits bf16, else two (first 2^126, or 2^0). e = 255 is NaN. */
+struct PgScale {
+    uint32_t first, second; /* second == 0: one multiply */
+};
+
+__device__ __forceinline__ PgScale pg_scale_of(uint32_t e, bool fp8)
+{
+    PgScale s;
+    const int p = (int)e - 127 + (fp8 ? 0 : 126);
+    s.second = 0;
+    if (e == 255) s.first = 0x7fc07fc0u;
+    else if (p <= 127) s.first = pow2_bf16x2(p);
+    else s.first = pow2_bf16x2(126), s.second = pow2_bf16x2(p - 126);
+    return s;
+}
+
+__device__ __forceinline__ uint32_t pg_scaled(uint32_t v, const PgScale &s)
+{
+    v = bf16x2_mul(v, s.first);
+    return s.second ? bf16x2_mul(v, s.second) : v;
+}
+
+/* FP4 byte i of w (low nibble = the earlier column) as a bf16 pair of code · 2^-126: a code
+ * s e1 e0 m becomes the bf16 bits s 0000000 e1 e0 m 000000, which read 2^(e - 127)(1 + m/2) =
+ * e2m1 · 2^-126 for e > 0, and the subnormal m · 2^-127 = e2m1 · 2^-126 for e = 0. Five integer
+ * ops a pair, no shared memory. */
+__device__ __forceinline__ uint32_t pg_fp4_pair(uint32_t w, int i)
+{
+    const uint32_t t = __byte_perm(w, 0, 0x4440u | (uint32_t)i);
+    return ((t * 0x01001000u) & 0x80008000u) | ((t * 0x00040040u) & 0x01c001c0u);
+}
+
+/* The weight row a converting thread owns for a block: its bytes, format and scale row */
+struct PgRow {
+    const uint8_t *w, *scale; /* the row's first byte; its scale row's first byte */
+    int64_t scale_stride1;    /* bytes between the scales of successive scale blocks along K */
+    int shift;                /* log2(block_cols / 32): chunk -> scale block */
+    bool fp8;
+};
+
+__device__ __forceinline__ PgRow pg_row(const dsrtk_moe_matrix &m, int64_t row)
+{
+    PgRow r;
+    r.fp8 = m.dtype == DSRT_F8E4M3;
+    r.w = (const uint8_t *)m.weight + (r.fp8 ? m.offset + row * m.stride0 : (m.offset + row * m.stride0) / 2);
+    r.scale = (const uint8_t *)m.scale + m.scale_offset + row / m.block_rows * m.scale_stride0;
+    r.scale_stride1 = m.scale_stride1;
+    r.shift = 31 - __clz(m.block_cols / 32);
+    return r;
+}
+
+/* a step's cp.async: the thread's weight chunk (16 fp4 bytes or 32 fp8 bytes) and four 16-byte
+ * chunks of input rows (rows past the group's read its last, never stored) */
+__device__ __forceinline__ void pg_issue(PgShared &s, int stage, int kt, const PgRow &wr, int half, const uint16_t *in,
+                                         int64_t in_ld, int64_t row0, int rows)
+{
+    const int t = threadIdx.x;
+    if (wr.fp8) {
+        const uint8_t *p = wr.w + (int64_t)kt * PG_K + 32 * half;
+        cp_async16(&s.raw[stage][0][t], p);
+        cp_async16(&s.raw[stage][1][t], p + 16);
+    } else {
+        cp_async16(&s.raw[stage][0][t], wr.w + (int64_t)kt * (PG_K / 2) + 16 * half);
+    }
+#pragma unroll
+    for (int i = 0; i < PG_M * PG_K / 8 / PG_THREADS; i++) {
+        const int id = t + i * PG_THREADS, r = id >> 3, c = id & 7;
+        const int64_t src = (row0 + (r < rows ? r : rows - 1)) * in_ld + (int64_t)kt * PG_K + 8 * c;
+        cp_async16(&s.a[stage][pg_swizzle(r, c)], in + src);
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+__device__ __forceinline__ PgScale pg_scale(const PgRow &wr, int kt, int half)
+{
+    const int chunk = kt * (PG_K / 32) + half;
+    return pg_scale_of(__ldg(wr.scale + (int64_t)(chunk >> wr.shift) * wr.scale_stride1), wr.fp8);
+}
+
+/* quarter q of the thread's chunk of step `stage` (its 8 columns 8q .. 8q + 7) -> bf16 chunk
+ * 4·half + q of row r of tile b */
+__device__ __forceinline__ void pg_convert(const PgShared &s, int stage, uint16_t *b, int r, int half, bool fp8,
+                                           const PgScale &scale, int q)
+{
+    const int t = threadIdx.x;
+    uint32_t o[4];
+    if (fp8) { /* bytes 8q .. 8q + 7 of the 32 */
+        const uint4 v = s.raw[stage][q >> 1][t];
+        const uint32_t lo = q & 1 ? v.z : v.x, hi = q & 1 ? v.w : v.y;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const uint32_t word = i < 2 ? lo : hi, sh = 16 * (i & 1);
+            o[i] = __byte_perm(s.lut8[(word >> sh) & 255], s.lut8[(word >> (sh + 8)) & 255], 0x5410);
+        }
+    } else { /* word q of the 16 bytes */
+        const uint4 v = s.raw[stage][0][t];
+        const uint32_t w = q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[i] = pg_fp4_pair(w, i);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) o[i] = pg_scaled(o[i], scale);
+    *(uint4 *)&b[pg_swizzle(r, 4 * half + q)] = make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+/* tiles: n_tiles pairs {group, first row of the tile within the group}; block b computes
+ * columns 128·(b mod n_col_tiles) .. of tile b / n_col_tiles */
+__global__ void __launch_bounds__(PG_THREADS, 2)
+    moe_prefill_gemm_kernel(const dsrtk_moe_matrix *table, const int32_t *groups, const int32_t *tiles, int n_col_tiles,
+                            int mode, const uint16_t *in, int64_t in_ld, uint16_t *out, int64_t out_ld)
+{
+    extern __shared__ __align__(16) unsigned char pg_smem[];
+    PgShared &s = *(PgShared *)pg_smem;
+    const int tile = blockIdx.x / n_col_tiles, n0 = (int)(blockIdx.x % n_col_tiles) * PG_N;
+    const int g = tiles[2 * tile], m0 = tiles[2 * tile + 1];
+    const int set = groups[3 * g], rows_left = groups[3 * g + 2] - m0, rows = rows_left < PG_M ? rows_left : PG_M;
+    const int64_t row0 = groups[3 * g + 1] + (int64_t)m0;
+    const dsrtk_moe_matrix &first = table[3 * set + (mode == DSRTK_MOE_DOWN ? 1 : 0)], &second = table[3 * set + 2];
+    const int n_out = first.rows + (mode == DSRTK_MOE_UP ? second.rows : 0);
+    if (n0 >= n_out) return; /* a narrower set than the launch's widest */
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int wm = warp / (PG_N / PG_WARP_N), wn = warp % (PG_N / PG_WARP_N);
+    enum { MI = PG_WARP_M / 16, NJ = PG_WARP_N / 8 };
+
+    /* the weight row this thread converts (rows past the matrix read its last; never stored) */
+    const int br = t >> 1, half = t & 1;
+    const int n = n0 + br < n_out ? n0 + br : n_out - 1;
+    const PgRow wr = n < first.rows ? pg_row(first, n) : pg_row(second, n - first.rows);
+    const int nk = first.cols / PG_K;
+    if (half == 0) /* the row's scales into L2 before the loop needs them */
+        for (int64_t off = 0; off <= (int64_t)((2 * nk - 1) >> wr.shift) * wr.scale_stride1; off += 128)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(wr.scale + off));
+    s.lut8[t] = dsrt_f32_to_bf16(dsrt_e4m3_to_f32((uint8_t)t));
+
+    for (int kt = 0; kt < PG_STAGES - 1; kt++) {
+        if (kt < nk) pg_issue(s, kt, kt, wr, half, in, in_ld, row0, rows);
+        else asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    PgScale scale = pg_scale(wr, 0, half);
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PG_STAGES - 2) : "memory");
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < 4; q++) pg_convert(s, 0, s.b[0], br, half, wr.fp8, scale, q);
+    if (nk > 1) scale = pg_scale(wr, 1, half);
+
+    float acc[MI][NJ][4] = {};
+    for (int kt = 0; kt < nk; kt++) {
+        PgScale next_scale = {0, 0};
+        if (kt + 2 < nk) next_scale = pg_scale(wr, kt + 2, half); /* used a step later */
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(PG_STAGES - 3) : "memory");
+        __syncthreads(); /* step kt + 1 landed everywhere; every warp is past step kt - 1 */
+        if (kt + PG_STAGES - 1 < nk)
+            pg_issue(s, (kt + PG_STAGES - 1) % PG_STAGES, kt + PG_STAGES - 1, wr, half, in, in_ld, row0, rows);
+        else asm volatile("cp.async.commit_group;\n" ::: "memory");
+        const bool convert = kt + 1 < nk;
+        const uint16_t *a = s.a[kt % PG_STAGES], *b = s.b[kt & 1];
+#pragma unroll
+        for (int ks = 0; ks < PG_K / 16; ks++) {
+            uint32_t af[MI][4], bf[NJ / 2][4];
+#pragma unroll
+            for (int i = 0; i < MI; i++) {
+                const int r = wm * PG_WARP_M + i * 16 + (lane & 15);
+                ldmatrix_x4(af[i], &a[pg_swizzle(r, 2 * ks + (lane >> 4))]);
+            }
+#pragma unroll
+            for (int j = 0; j < NJ / 2; j++) {
+                const int r = wn * PG_WARP_N + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+                ldmatrix_x4(bf[j], &b[pg_swizzle(r, 2 * ks + ((lane >> 3) & 1))]);
+            }
+            if (convert) pg_convert(s, (kt + 1) % PG_STAGES, s.b[(kt + 1) & 1], br, half, wr.fp8, scale, ks);
+#pragma unroll
+            for (int i = 0; i < MI; i++)
+#pragma unroll
+                for (int j = 0; j < NJ; j++)
+                    mma_bf16(acc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], bf[j >> 1][2 * (j & 1)],
+                             bf[j >> 1][2 * (j & 1) + 1]);
+        }
+        scale = next_scale;
+    }
+
+    /* bf16 roundings of the fp32 sums; c0, c1 at (row g, columns 2q, 2q + 1), c2, c3 at row g + 8 */
+    const int gq = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int i = 0; i < MI; i++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = wm * PG_WARP_M + i * 16 + gq + 8 * h;
+            if (r >= rows) continue;
+            uint16_t *o = out + (row0 + r) * out_ld + n0;
+#pragma unroll
+            for (int j = 0; j < NJ; j++) {
+                const int c = wn * PG_WARP_N + j * 8 + 2 * q;
+                const uint16_t lo = dsrt_f32_to_bf16(acc[i][j][2 * h]), hi = dsrt_f32_to_bf16(acc[i][j][2 * h + 1]);
+                if (n0 + c + 1 < n_out && out_ld % 2 == 0) *(uint32_t *)&o[c] = lo | (uint32_t)hi << 16;
+                else {
+                    if (n0 + c < n_out) o[c] = lo;
+                    if (n0 + c + 1 < n_out) o[c + 1] = hi;
+                }
+            }
+        }
+    }
+}
+
+int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t *groups, const int32_t *tiles,
+                           int64_t n_tiles, int mode, int64_t max_out, const void *in, int64_t in_ld, void *out,
+                           int64_t out_ld, void *stream)
+{
+    DSRTK_SET_DEVICE(dev, "moe prefill GEMM");
+    if (n_tiles == 0) return DSRTK_OK;
+    const int64_t col_tiles = (max_out + PG_N - 1) / PG_N;
+    if (!table || !groups || !tiles || !in || !out || n_tiles < 0 || max_out < 1 || in_ld % 8 || (uintptr_t)in % 16 ||
+        (uintptr_t)out % 4 || (mode != DSRTK_MOE_UP && mode != DSRTK_MOE_DOWN) || n_tiles * col_tiles > INT32_MAX)
+        return dsrtk_fail(DSRTK_ERROR, "moe: prefill GEMM of %lld tiles called with bad arguments", (long long)n_tiles);
+    const size_t smem = sizeof(PgShared);
+    int st = dsrtk_check(cudaFuncSetAttribute(moe_prefill_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                         "moe: prefill GEMM shared memory of %zu bytes", smem);
+    if (st) return st;
+    moe_prefill_gemm_kernel<<<(unsigned)(n_tiles * col_tiles), PG_THREADS, smem, (cudaStream_t)stream>>>(
+        table, groups, tiles, (int)col_tiles, mode, (const uint16_t *)in, in_ld, (uint16_t *)out, out_ld);
+    return dsrtk_check_launch("moe_prefill_gemm_kernel", dev);
 }
 
 /* SwiGLU between the prefill GEMMs: a warp per block of 128 columns of a row, 4 a lane */

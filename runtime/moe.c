@@ -632,14 +632,37 @@ static int prefill_phase(dsrt_moe *m, const dsrtk_moe_matrix *table, int32_t *gr
     return 0;
 }
 
+/* The direct path's tiles: {group, first row} for every 128 rows of every group, uploaded to tiles
+ * (device i32, room for rows / 128 + n_groups pairs) */
+static int upload_tiles(const int32_t *host, int32_t n_groups, dsrt_tensor *tiles, int64_t *n_tiles, dsrt_stream *s)
+{
+    enum { TILE_ROWS = 128 }; /* kernels/moe.cu PG_M */
+    int64_t n = 0, cap = tiles->shape[0] / 2;
+    for (int32_t g = 0; g < n_groups; g++) n += (host[3 * g + 2] + TILE_ROWS - 1) / TILE_ROWS;
+    if (n > cap) return dsrt_err("moe: %lld prefill tiles for room of %lld", (long long)n, (long long)cap);
+    int32_t *list = malloc((size_t)(2 * n + 1) * sizeof *list);
+    if (!list) return dsrt_err("moe: out of host memory");
+    int64_t i = 0;
+    for (int32_t g = 0; g < n_groups; g++)
+        for (int32_t r = 0; r < host[3 * g + 2]; r += TILE_ROWS) list[2 * i] = g, list[2 * i + 1] = r, i++;
+    int rc = dsrtk_memcpy(s->device, tiles->storage->data, list, (size_t)(2 * n) * sizeof *list, DSRTK_H2D, s->handle, 0)
+                 ? kernel_failed()
+                 : 0;
+    free(list);
+    *n_tiles = n;
+    return rc;
+}
+
 /* Prefill's experts, after the grouping: the groups read back once; x gathered (Q8'd) by group;
  * the UP phase into gu; the SwiGLU; the DOWN phase into yr; the combine. Reference runs in bf16
- * (exact inputs, fp32 accumulation, bf16 outputs = the reference's roundings), fp32 in f32. */
+ * (exact inputs, fp32 accumulation, bf16 outputs = the reference's roundings), fp32 in f32.
+ * Reference precision with every matrix `mma` (FP4/FP8 the tensor-core tile reads) multiplies
+ * straight from the packed weights (dsrtk_moe_prefill_gemm); the rest goes through the slabs. */
 static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *xf, int64_t rows, int reference,
                         int32_t *groups_dev, int32_t max_groups, const int32_t *row_token, const int32_t *pos_of_pick,
                         const float *row_weight, dsrt_stream *s, dsrt_tensor *y)
 {
-    int k = m->cfg.n_activated, dev = s->device;
+    int k = m->cfg.n_activated, dev = s->device, direct = reference && atomic_load(&m->cuda_tensor_cores);
     void *st = s->handle;
     int64_t dim = m->dim, picks = rows * k, all = picks + rows;
     int64_t inter = m->experts[0].w1->cfg.out_features, shared_inter = m->shared.w1->cfg.out_features;
@@ -654,28 +677,41 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
     }
     int32_t n_groups = host[3 * max_groups];
     lanes l = {0};
-    /* bufs: xg, gu, h, yr, the lanes' grouped-GEMM pointers (i64 holds a pointer), one scratch per lane */
-    enum { XG, GU, H, YR, PTRS, SCRATCH };
-    int nlanes = 1 + m->n_aux < MAX_LANES ? 1 + m->n_aux : MAX_LANES, nbufs = SCRATCH + nlanes, rc = 0;
-    int64_t slab = DSRTK_MOE_SLAB * 2 * width * dim;
-    int64_t lens[SCRATCH + MAX_LANES] = {all * dim, all * 2 * width, all * width, all * dim, 3 * DSRTK_MOE_SLAB * MAX_LANES};
+    /* bufs: xg, gu, h, yr; the direct path's tiles, or the lanes' grouped-GEMM pointers (i64 holds a
+     * pointer) and one scratch per lane */
+    enum { XG, GU, H, YR, PTRS, SCRATCH, TILES = PTRS };
+    int nlanes = 1 + m->n_aux < MAX_LANES ? 1 + m->n_aux : MAX_LANES, nbufs = direct ? TILES + 1 : SCRATCH + nlanes, rc = 0;
+    int64_t slab = DSRTK_MOE_SLAB * 2 * width * dim, n_tiles = 0;
+    int64_t lens[SCRATCH + MAX_LANES] = {all * dim, all * 2 * width, all * width, all * dim,
+                                         direct ? 2 * (all / 128 + max_groups) : 3 * DSRTK_MOE_SLAB * MAX_LANES};
     dsrt_tensor *bufs[SCRATCH + MAX_LANES] = {NULL};
-    for (int i = 0; i < nbufs && !rc; i++)
-        if (!(bufs[i] = device_buffer(i == PTRS ? DSRT_I64 : io, i < SCRATCH ? lens[i] : slab, s))) rc = -1;
-    if (!rc) rc = lanes_open(&l, m, s, bufs, nbufs);
+    for (int i = 0; i < nbufs && !rc; i++) {
+        dsrt_dtype dt = i == PTRS ? (direct ? DSRT_I32 : DSRT_I64) : io;
+        if (!(bufs[i] = device_buffer(dt, i < SCRATCH ? lens[i] : slab, s))) rc = -1;
+    }
+    if (!rc && !direct) rc = lanes_open(&l, m, s, bufs, nbufs);
+    if (!rc && direct) rc = upload_tiles(host, n_groups, bufs[TILES], &n_tiles, s);
     if (!rc && dsrtk_moe_gather(dev, x_data(xf), xf->dtype, dim, row_token, all, dim, reference, x_data(bufs[XG]), io, st))
         rc = kernel_failed();
     phase up = {DSRTK_MOE_UP, bufs[XG], bufs[GU], dim, 2 * width, 2 * width * dim};
     phase down = {DSRTK_MOE_DOWN, bufs[H], bufs[YR], width, dim, dim * width};
-    if (!rc && lanes_fork(&l)) rc = -1;
-    if (!rc) rc = prefill_phase(m, table, groups_dev, host, n_groups, &up, &l, bufs + SCRATCH, bufs[PTRS], io);
-    if (lanes_join(&l) && !rc) rc = -1;
-    if (!rc && dsrtk_moe_swiglu(dev, x_data(bufs[GU]), 2 * width, all, table, groups_dev, groups_dev + 3 * max_groups, row_weight,
-                                picks, m->cfg.swiglu_limit, reference, x_data(bufs[H]), width, io, st))
-        rc = kernel_failed();
-    if (!rc && lanes_fork(&l)) rc = -1;
-    if (!rc) rc = prefill_phase(m, table, groups_dev, host, n_groups, &down, &l, bufs + SCRATCH, bufs[PTRS], io);
-    if (lanes_join(&l) && !rc) rc = -1;
+    const phase *phases[2] = {&up, &down};
+    for (int p = 0; p < 2 && !rc; p++) {
+        const phase *ph = phases[p];
+        if (direct) {
+            if (dsrtk_moe_prefill_gemm(dev, table, groups_dev, x_data(bufs[TILES]), n_tiles, ph->mode, ph->out_ld, x_data(ph->in), ph->in_ld,
+                                       x_data(ph->out), ph->out_ld, st))
+                rc = kernel_failed();
+        } else {
+            if (lanes_fork(&l)) rc = -1;
+            if (!rc) rc = prefill_phase(m, table, groups_dev, host, n_groups, ph, &l, bufs + SCRATCH, bufs[PTRS], io);
+            if (lanes_join(&l) && !rc) rc = -1;
+        }
+        if (!rc && p == 0 &&
+            dsrtk_moe_swiglu(dev, x_data(bufs[GU]), 2 * width, all, table, groups_dev, groups_dev + 3 * max_groups, row_weight,
+                             picks, m->cfg.swiglu_limit, reference, x_data(bufs[H]), width, io, st))
+            rc = kernel_failed();
+    }
     if (!rc && dsrtk_moe_combine(dev, x_data(bufs[YR]), io, pos_of_pick, rows, k, dim, y->storage->data, y->dtype, st))
         rc = kernel_failed();
     free(host);

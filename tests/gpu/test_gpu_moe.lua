@@ -9,8 +9,10 @@
 -- (a width that is not a multiple of 32 takes the scalar weight path), Q8 blocks of 128, 8 staged
 -- rows per batch, 32 picks per step of the grouping, the one-kernel router's limits (8 tokens, 256
 -- picks; its results must equal the three-kernel path's bit for bit), and the prefill threshold
--- (moe.c PREFILL_ROWS = 256 tokens: from there on the experts run as cuBLAS GEMMs on dequantised
--- copies, bf16 in reference precision when every matrix is FP4/FP8, f32 otherwise). Exact ties of
+-- (moe.c PREFILL_ROWS = 256 tokens: from there on the experts run as GEMMs, straight from the
+-- packed weights in reference precision when every matrix is FP4/FP8 at widths that are multiples
+-- of 64, else as cuBLAS GEMMs on dequantised copies, bf16 in reference precision when every matrix
+-- is FP4/FP8, f32 otherwise). Exact ties of
 -- the routing keys must go to the lower expert id on both devices. Outputs come from an allocator
 -- cache stocked with NaN blocks; NaN never passes (rel_error is NaN then).
 --
@@ -429,6 +431,27 @@ test("prefill_gemms_match_the_cpu_around_the_threshold", function()
   local x, ids = input(270, 320, "f32"), token_ids(270)
   for _, precision in ipairs({ "fp32", "reference" }) do
     compare_forward(c, g, d, x, ids, precision, "prefill hash softmax " .. precision, 160)
+  end
+end)
+
+test("prefill_from_the_packed_weights_matches_the_cpu", function()
+  -- every matrix `mma` (widths multiples of 64): reference prefill multiplies straight from the
+  -- FP4 / FP8 bytes (moe.cu moe_prefill_gemm_kernel, 64 x 128 tiles): groups end in short tiles,
+  -- the shared expert spans several, dim 320 leaves DOWN's last column tile half full, K runs from
+  -- one step (inter 64) to five (dim 320), and a narrower set skips the launch's widest tiles
+  for _, c in ipairs({
+    { format = "fp4", shared_format = "fp8", inter = 128, shared_inter = 192 },
+    { format = "fp8", shared_format = "fp8", inter = 64, shared_inter = 128, n = 7, k = 2 },
+    { format = "fp4", shared_format = "fp4", inter = 192, shared_inter = 64, routing = "hash", score_func = "softmax" },
+  }) do
+    c.dim, c.n, c.k = 320, c.n or 12, c.k or 3
+    local cpu, gpu, dims = pair(c)
+    for _, rows in ipairs({ 256, 333 }) do
+      local x, ids = input(rows, 320), c.routing == "hash" and token_ids(rows) or nil
+      compare_forward(cpu, gpu, dims, x, ids, "reference",
+                      string.format("packed prefill %s experts, %s shared, inter %d/%d, T=%d", c.format, c.shared_format,
+                                    c.inter, c.shared_inter, rows), math.max(c.inter, c.shared_inter))
+    end
   end
 end)
 
