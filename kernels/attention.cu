@@ -329,6 +329,103 @@ __global__ void __launch_bounds__(SPLIT_THREADS) score_split_kernel(float *score
     }
 }
 
+/* The prefill shape (many query rows), on the FP64 tensor cores: a CTA takes one query row i and
+ * DMMA_ENTRIES entries; its 4 warps take 16 heads each and run the row's [IH, 128] · [128, 64]
+ * product as DMMA m8n8k4 (double products and sums). Every product of two f32 values is exact in
+ * double, and so is every partial sum whose terms span fewer than ~29 binades (the indexer's
+ * inputs are FP4 round trips, blocks of 32: 2-bit codes times scales a few binades apart): then
+ * the order of the sum cannot change it and the dots are score_kernel's. From there the terms are
+ * score_kernel's arithmetic, summed over heads in head order by one thread per entry.
+ * q sits in shared memory as f32 (rows padded to 132: a fragment's 8 rows hit distinct banks),
+ * the entries as double (padded to 132 doubles likewise); the terms reuse the entries' space.
+ * Measured on the H200 (Flash prefill, 4096 rows x 1024 entries, 64 heads): score_kernel 9.1 ms,
+ * this kernel: see dsrtk_attn_index_scores. */
+enum { DMMA_ENTRIES = 64, DMMA_WARPS = 4, DMMA_HEADS = 64, DMMA_PAD = INDEX_DIM + 4 };
+
+static size_t score_dmma_smem()
+{
+    return sizeof(float) * ((size_t)DMMA_HEADS * DMMA_PAD + DMMA_HEADS) + sizeof(double) * (size_t)DMMA_ENTRIES * DMMA_PAD;
+}
+
+__device__ __forceinline__ void dmma_884(double (&c)[2], double a, double b)
+{
+    asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
+                 : "+d"(c[0]), "+d"(c[1])
+                 : "d"(a), "d"(b));
+}
+
+__global__ void __launch_bounds__(DMMA_WARPS * 32, 2) score_dmma_kernel(float *scores, const float *q, const float *keys,
+                                                                        const float *w, float scale, int64_t P, int64_t r,
+                                                                        int IH, int64_t n_max, int ref)
+{
+    extern __shared__ double dmma_smem[];
+    double *ks = dmma_smem;                                         /* [DMMA_ENTRIES][DMMA_PAD] */
+    float *qs = (float *)(ks + (size_t)DMMA_ENTRIES * DMMA_PAD);    /* [DMMA_HEADS][DMMA_PAD] */
+    float *ws = qs + (size_t)DMMA_HEADS * DMMA_PAD;                 /* [DMMA_HEADS] */
+    const int64_t i = blockIdx.x, visible = (P + i + 1) / r, j0 = blockIdx.y * (int64_t)DMMA_ENTRIES;
+    if (j0 >= visible) return; /* uniform over the block */
+    const int ne = visible - j0 < DMMA_ENTRIES ? (int)(visible - j0) : DMMA_ENTRIES;
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, g = lane >> 2, c = lane & 3;
+    for (int k = t; k < IH * INDEX_DIM / 4; k += DMMA_WARPS * 32) {
+        const float4 v = ((const float4 *)(q + i * IH * INDEX_DIM))[k];
+        float *d = qs + (4 * k / INDEX_DIM) * DMMA_PAD + 4 * k % INDEX_DIM;
+        d[0] = v.x, d[1] = v.y, d[2] = v.z, d[3] = v.w;
+    }
+    for (int k = t; k < DMMA_ENTRIES * INDEX_DIM / 4; k += DMMA_WARPS * 32) {
+        const int e = 4 * k / INDEX_DIM, at = 4 * k % INDEX_DIM;
+        const float4 v = ((const float4 *)(keys + (j0 + (e < ne ? e : ne - 1)) * INDEX_DIM))[at / 4];
+        double *d = ks + e * DMMA_PAD + at;
+        d[0] = v.x, d[1] = v.y, d[2] = v.z, d[3] = v.w;
+    }
+    for (int h = t; h < IH; h += DMMA_WARPS * 32) {
+        float v = __fmul_rn(w[i * IH + h], scale);
+        ws[h] = ref ? bf16_round(v) : v;
+    }
+    __syncthreads();
+    /* warp: heads 16·warp .. + 15 (two 8-head tiles, those past IH skipped) x the 64 entries */
+    const int h0 = 16 * warp;
+    const bool second = h0 + 8 < IH;
+    double acc[2][DMMA_ENTRIES / 8][2] = {};
+    if (h0 < IH) {
+#pragma unroll 4
+        for (int k0 = 0; k0 < INDEX_DIM; k0 += 4) {
+            const double a0 = qs[(h0 + g) * DMMA_PAD + k0 + c], a1 = second ? qs[(h0 + 8 + g) * DMMA_PAD + k0 + c] : 0.0;
+#pragma unroll
+            for (int n = 0; n < DMMA_ENTRIES / 8; n++) {
+                const double b = ks[(8 * n + g) * DMMA_PAD + k0 + c];
+                dmma_884(acc[0][n], a0, b);
+                if (second) dmma_884(acc[1][n], a1, b);
+            }
+        }
+    }
+    __syncthreads(); /* the entries are consumed: their space takes the terms [entry][head] */
+    double *terms = ks;
+    if (h0 < IH) {
+#pragma unroll
+        for (int m = 0; m < 2; m++) {
+            const int h = h0 + 8 * m + g;
+            if (m == 1 && !second) continue;
+#pragma unroll
+            for (int n = 0; n < DMMA_ENTRIES / 8; n++) {
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    const double dot = acc[m][n][u];
+                    float dv = ref ? bf16_round((float)dot) : (float)dot;
+                    dv = dv > 0 ? dv : 0;
+                    terms[(8 * n + 2 * c + u) * DMMA_HEADS + h] =
+                        ref ? (double)bf16_round(__fmul_rn(dv, ws[h])) : __dmul_rn((double)dv, (double)ws[h]);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (t < ne) {
+        double sum = 0;
+        for (int h = 0; h < IH; h++) sum = __dadd_rn(sum, terms[t * DMMA_HEADS + h]); /* head order */
+        scores[i * n_max + j0 + t] = ref ? bf16_round((float)sum) : (float)sum;
+    }
+}
+
 int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float *keys, const float *w, float scale,
                             int64_t S, int64_t P, int64_t r, int IH, int ID, int64_t n_max, int ref, void *stream)
 {
@@ -351,6 +448,15 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
         }
         dim3 sgrid((unsigned)S, (unsigned)((n_max + SPLIT_ENTRIES - 1) / SPLIT_ENTRIES));
         score_split_kernel<<<sgrid, SPLIT_THREADS, ssmem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, P, r, IH, n_max, ref);
+        return dsrtk_check_launch(what, dev);
+    }
+    if (IH <= DMMA_HEADS && IH % 8 == 0 && ((uintptr_t)q & 15) == 0) {
+        const size_t dsmem = score_dmma_smem();
+        int st = dsrtk_check(cudaFuncSetAttribute(score_dmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dsmem),
+                             "%s: shared memory of %zu bytes", what, dsmem);
+        if (st) return st;
+        dim3 dgrid((unsigned)S, (unsigned)((n_max + DMMA_ENTRIES - 1) / DMMA_ENTRIES));
+        score_dmma_kernel<<<dgrid, DMMA_WARPS * 32, dsmem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, P, r, IH, n_max, ref);
         return dsrtk_check_launch(what, dev);
     }
     size_t smem = (size_t)IH * (INDEX_DIM + 1) * sizeof(float);

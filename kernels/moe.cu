@@ -17,7 +17,8 @@
  * the experts. It replaces three launches of 32, 1 and 1 blocks (ncu, H200, Flash, T = 1: the
  * gate 9.9 us, routing 8.5-13.6 us, grouping 4.0 us per layer). More tokens still run those
  * three (moe_project_kernel for the gate, moe_route_kernel, moe_group_kernel); both paths share
- * the dot product's order and the routing code, so they give the same bits.
+ * the dot product's order and the routing code, so they give the same bits. From GATE_GEMM_ROWS
+ * bf16 tokens on (prefill) the gate is one cuBLAS GEMM instead (gate_gemm).
  *
  * Numerics against the C implementation:
  *   - the rounding points are the CPU's: projections' outputs bf16-rounded in reference precision,
@@ -1273,6 +1274,37 @@ static int launch_router(int dev, const dsrtk_moe_router_args *a, cudaStream_t s
                        (int)ROUTER_THREADS, dev);
 }
 
+/* The gate of many bf16 tokens as one cuBLAS GEMM: bf16 products are exact in its fp32
+ * accumulators, so the logits are fp32 reorderings of the CPU's, as the kernel's are. Measured on
+ * the H200 (Flash, T = 4096): moe_project_kernel's gate, which streams the 2 MB gate once per 8
+ * tokens, took 2.6 ms a layer. f32 tokens keep the kernel (no f32 copy of the gate is kept). */
+enum { GATE_GEMM_ROWS = 64 };
+
+static bool gate_by_gemm(const dsrtk_moe_router_args *a)
+{
+    const dsrtk_moe_matrix &g = a->gate;
+    return a->route.rows >= GATE_GEMM_ROWS && a->x_dtype == DSRT_BF16 && g.stride1 == 1 && g.stride0 >= g.cols &&
+           a->x_ld >= g.cols && g.stride0 <= INT32_MAX && a->x_ld <= INT32_MAX && a->route.rows <= INT32_MAX;
+}
+
+static int gate_gemm(int dev, const dsrtk_moe_router_args *a, void *stream)
+{
+    const dsrtk_moe_matrix &g = a->gate;
+    const dsrtk_moe_route_args *r = &a->route;
+    if (dev < 0 || dev >= BLAS_MAX_DEVICES) return dsrtk_fail(DSRTK_ERROR, "moe: no device cuda:%d", dev);
+    std::lock_guard<std::mutex> lock(blas_lock(dev)); /* blas.cuh: the shared handle */
+    cublasHandle_t h;
+    int st = blas_handle(dev, stream, "moe", &h);
+    if (st) return st;
+    const float one = 1.0f, zero = 0.0f;
+    /* column-major: logitsᵀ [n_routed, rows] = W [n_routed, dim] (stored [dim, n_routed]: op T) · xᵀ */
+    return blas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, r->n_routed, (int)r->rows, g.cols, &one,
+                                   (const uint16_t *)g.weight + g.offset, CUDA_R_16BF, (int)g.stride0, a->x, CUDA_R_16BF,
+                                   (int)a->x_ld, &zero, r->logits, CUDA_R_32F, r->n_routed, CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT),
+                      "moe", "cublasGemmEx (gate)", dev);
+}
+
 int dsrtk_moe_router(int dev, const dsrtk_moe_router_args *a, void *stream)
 {
     DSRTK_SET_DEVICE(dev, "moe router");
@@ -1289,10 +1321,15 @@ int dsrtk_moe_router(int dev, const dsrtk_moe_router_args *a, void *stream)
     cudaStream_t s = (cudaStream_t)stream;
     int launched, st = launch_router(dev, a, s, &launched);
     if (st || launched) return st;
-    dsrtk_moe_project_args gate = {.mode = DSRTK_MOE_GATE, .table = a->table, .x = a->x, .x_dtype = a->x_dtype,
-                                   .x_ld = a->x_ld, .single_set = r->n_routed + 1, .single_rows = r->rows,
-                                   .max_out = r->n_routed, .max_in = a->gate.cols, .out = r->logits, .out_ld = r->n_routed};
-    if ((st = dsrtk_moe_project(dev, &gate, stream)) || (st = launch_route(dev, r, s))) return st;
+    if (gate_by_gemm(a)) {
+        st = gate_gemm(dev, a, stream);
+    } else {
+        dsrtk_moe_project_args gate = {.mode = DSRTK_MOE_GATE, .table = a->table, .x = a->x, .x_dtype = a->x_dtype,
+                                       .x_ld = a->x_ld, .single_set = r->n_routed + 1, .single_rows = r->rows,
+                                       .max_out = r->n_routed, .max_in = a->gate.cols, .out = r->logits, .out_ld = r->n_routed};
+        st = dsrtk_moe_project(dev, &gate, stream);
+    }
+    if (st || (st = launch_route(dev, r, s))) return st;
     if (!a->groups) return DSRTK_OK;
     GroupArgs group = {r->ids, r->weights, r->rows, r->k, r->n_routed, a->groups, a->n_groups, a->row_token, a->pos_of_pick,
                        a->row_weight};
@@ -1547,6 +1584,13 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
  * FP4 codes therefore convert in integer ops (pg_fp4_pair); FP8 (the shared expert, one set of
  * 257) keeps a LUT, which also keeps e4m3's NaN codes NaN.
  *
+ * Measured (ncu, H200, Flash layer at T = 4096, base clocks): UP 6.7 ms, DOWN 3.4 ms, the tensor
+ * pipe 38% busy, issue slots 48%; ~490 instructions a warp a step against 64 mma, most of them the
+ * conversion, which a block pays once per 128 rows (a Flash expert gets ~96 of 4096 tokens, so
+ * taller tiles would mostly multiply padding). No faster: 4 stages at one block a multiprocessor
+ * (8.4 ms), one input row a thread in the copies (7.3: 16 lines a warp instruction instead of 4),
+ * skipping the mma of 16-row fragments past a group's rows (7.0: spills at the register cap).
+ *
  * Numerics: the slab path's. Inputs are the gathered Q8 round-tripped rows (exact in bf16); a
  * weight is code x 2^e, exact in bf16; products are exact in the fp32 accumulators; the output is
  * the bf16 rounding of the fp32 sum (a reordering of the CPU's, as cuBLAS's is).
@@ -1649,7 +1693,8 @@ __device__ __forceinline__ PgRow pg_row(const dsrtk_moe_matrix &m, int64_t row)
 }
 
 /* a step's cp.async: the thread's weight chunk (16 fp4 bytes or 32 fp8 bytes) and four 16-byte
- * chunks of input rows (rows past the group's read its last, never stored) */
+ * chunks of input rows, 8 lanes a row (a warp's copy reads 4 whole 128-byte lines; rows past the
+ * group's read its last, never stored) */
 __device__ __forceinline__ void pg_issue(PgShared &s, int stage, int kt, const PgRow &wr, int half, const uint16_t *in,
                                          int64_t in_ld, int64_t row0, int rows)
 {
@@ -1676,10 +1721,11 @@ __device__ __forceinline__ PgScale pg_scale(const PgRow &wr, int kt, int half)
     return pg_scale_of(__ldg(wr.scale + (int64_t)(chunk >> wr.shift) * wr.scale_stride1), wr.fp8);
 }
 
-/* quarter q of the thread's chunk of step `stage` (its 8 columns 8q .. 8q + 7) -> bf16 chunk
- * 4·half + q of row r of tile b */
-__device__ __forceinline__ void pg_convert(const PgShared &s, int stage, uint16_t *b, int r, int half, bool fp8,
-                                           const PgScale &scale, int q)
+/* quarter q of the thread's chunk of step `stage` (its 8 columns 8q .. 8q + 7) -> the bf16 chunk at
+ * element `at` of tile b */
+template <bool TWO_MULTIPLIES>
+__device__ __forceinline__ void pg_convert_quarter(const PgShared &s, int stage, uint16_t *b, int at, bool fp8,
+                                                   const PgScale &scale, int q)
 {
     const int t = threadIdx.x;
     uint32_t o[4];
@@ -1692,14 +1738,23 @@ __device__ __forceinline__ void pg_convert(const PgShared &s, int stage, uint16_
             o[i] = __byte_perm(s.lut8[(word >> sh) & 255], s.lut8[(word >> (sh + 8)) & 255], 0x5410);
         }
     } else { /* word q of the 16 bytes */
-        const uint4 v = s.raw[stage][0][t];
-        const uint32_t w = q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
+        const uint32_t w = ((const uint32_t *)&s.raw[stage][0][t])[q];
 #pragma unroll
         for (int i = 0; i < 4; i++) o[i] = pg_fp4_pair(w, i);
     }
 #pragma unroll
-    for (int i = 0; i < 4; i++) o[i] = pg_scaled(o[i], scale);
-    *(uint4 *)&b[pg_swizzle(r, 4 * half + q)] = make_uint4(o[0], o[1], o[2], o[3]);
+    for (int i = 0; i < 4; i++) {
+        o[i] = bf16x2_mul(o[i], scale.first);
+        if (TWO_MULTIPLIES) o[i] = bf16x2_mul(o[i], scale.second);
+    }
+    *(uint4 *)&b[at] = make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+__device__ __forceinline__ void pg_convert(const PgShared &s, int stage, uint16_t *b, int at, bool fp8, const PgScale &scale,
+                                           int q)
+{
+    if (scale.second) pg_convert_quarter<true>(s, stage, b, at, fp8, scale, q); /* a scale past 2^1 on FP4: rare */
+    else pg_convert_quarter<false>(s, stage, b, at, fp8, scale, q);
 }
 
 /* tiles: n_tiles pairs {group, first row of the tile within the group}; block b computes
@@ -1730,6 +1785,14 @@ __global__ void __launch_bounds__(PG_THREADS, 2)
         for (int64_t off = 0; off <= (int64_t)((2 * nk - 1) >> wr.shift) * wr.scale_stride1; off += 128)
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wr.scale + off));
     s.lut8[t] = dsrt_f32_to_bf16(dsrt_e4m3_to_f32((uint8_t)t));
+    /* lane-constant offsets of the ldmatrix rows for each k16 round (row & 7 == lane & 7 in both
+     * tiles) */
+    int a_at[PG_K / 16], b_at[PG_K / 16];
+#pragma unroll
+    for (int ks = 0; ks < PG_K / 16; ks++) {
+        a_at[ks] = pg_swizzle(wm * PG_WARP_M + (lane & 15), 2 * ks + (lane >> 4));
+        b_at[ks] = pg_swizzle(wn * PG_WARP_N + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1));
+    }
 
     for (int kt = 0; kt < PG_STAGES - 1; kt++) {
         if (kt < nk) pg_issue(s, kt, kt, wr, half, in, in_ld, row0, rows);
@@ -1739,34 +1802,30 @@ __global__ void __launch_bounds__(PG_THREADS, 2)
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PG_STAGES - 2) : "memory");
     __syncthreads();
 #pragma unroll
-    for (int q = 0; q < 4; q++) pg_convert(s, 0, s.b[0], br, half, wr.fp8, scale, q);
+    for (int q = 0; q < 4; q++) pg_convert(s, 0, s.b[0], pg_swizzle(br, 4 * half + q), wr.fp8, scale, q);
     if (nk > 1) scale = pg_scale(wr, 1, half);
 
     float acc[MI][NJ][4] = {};
+    int stage = 0; /* kt % PG_STAGES */
     for (int kt = 0; kt < nk; kt++) {
         PgScale next_scale = {0, 0};
         if (kt + 2 < nk) next_scale = pg_scale(wr, kt + 2, half); /* used a step later */
         asm volatile("cp.async.wait_group %0;\n" ::"n"(PG_STAGES - 3) : "memory");
         __syncthreads(); /* step kt + 1 landed everywhere; every warp is past step kt - 1 */
-        if (kt + PG_STAGES - 1 < nk)
-            pg_issue(s, (kt + PG_STAGES - 1) % PG_STAGES, kt + PG_STAGES - 1, wr, half, in, in_ld, row0, rows);
+        const int ahead = stage == 0 ? PG_STAGES - 1 : stage - 1, next = stage == PG_STAGES - 1 ? 0 : stage + 1;
+        if (kt + PG_STAGES - 1 < nk) pg_issue(s, ahead, kt + PG_STAGES - 1, wr, half, in, in_ld, row0, rows);
         else asm volatile("cp.async.commit_group;\n" ::: "memory");
         const bool convert = kt + 1 < nk;
-        const uint16_t *a = s.a[kt % PG_STAGES], *b = s.b[kt & 1];
+        const uint16_t *a = s.a[stage], *b = s.b[kt & 1];
+        uint16_t *b_next = s.b[(kt + 1) & 1];
 #pragma unroll
         for (int ks = 0; ks < PG_K / 16; ks++) {
             uint32_t af[MI][4], bf[NJ / 2][4];
 #pragma unroll
-            for (int i = 0; i < MI; i++) {
-                const int r = wm * PG_WARP_M + i * 16 + (lane & 15);
-                ldmatrix_x4(af[i], &a[pg_swizzle(r, 2 * ks + (lane >> 4))]);
-            }
+            for (int i = 0; i < MI; i++) ldmatrix_x4(af[i], &a[a_at[ks] + i * 16 * PG_K]);
 #pragma unroll
-            for (int j = 0; j < NJ / 2; j++) {
-                const int r = wn * PG_WARP_N + j * 16 + (lane & 7) + ((lane >> 4) << 3);
-                ldmatrix_x4(bf[j], &b[pg_swizzle(r, 2 * ks + ((lane >> 3) & 1))]);
-            }
-            if (convert) pg_convert(s, (kt + 1) % PG_STAGES, s.b[(kt + 1) & 1], br, half, wr.fp8, scale, ks);
+            for (int j = 0; j < NJ / 2; j++) ldmatrix_x4(bf[j], &b[b_at[ks] + j * 16 * PG_K]);
+            if (convert) pg_convert(s, next, b_next, pg_swizzle(br, 4 * half + ks), wr.fp8, scale, ks);
 #pragma unroll
             for (int i = 0; i < MI; i++)
 #pragma unroll
@@ -1775,9 +1834,10 @@ __global__ void __launch_bounds__(PG_THREADS, 2)
                              bf[j >> 1][2 * (j & 1) + 1]);
         }
         scale = next_scale;
+        stage = next;
     }
 
-    /* bf16 roundings of the fp32 sums; c0, c1 at (row g, columns 2q, 2q + 1), c2, c3 at row g + 8 */
+/* bf16 roundings of the fp32 sums; c0, c1 at (row g, columns 2q, 2q + 1), c2, c3 at row g + 8 */
     const int gq = lane >> 2, q = lane & 3;
 #pragma unroll
     for (int i = 0; i < MI; i++) {
