@@ -1,7 +1,8 @@
 /*
  * act.cuh - loads and stores of activations, which the nn kernels take as bf16 or f32 (nn.h): an
- * element at a time, or eight contiguous ones with 16-byte accesses. The conversions are
- * numeric.h's, so a value round-trips exactly as on the CPU. Shared by norm.cu and hc.cu.
+ * element at a time, or four / eight contiguous ones with 8- or 16-byte accesses. The conversions
+ * are numeric.h's, so a value round-trips exactly as on the CPU. Shared by norm.cu, hc.cu, and the
+ * Q8 passes of linear.cu and moe.cu (a warp per row, a lane 4 columns of each block of 128).
  */
 #ifndef DSRTK_ACT_CUH
 #define DSRTK_ACT_CUH
@@ -9,7 +10,7 @@
 #include "common.cuh"
 
 /* launcher side: an activation's dtype must be one of the two */
-static int check_float_dtype(const char *what, const char *name, int dtype)
+static inline int check_float_dtype(const char *what, const char *name, int dtype)
 {
     if (dtype != DSRT_F32 && dtype != DSRT_BF16)
         return dsrtk_fail(DSRTK_ERROR, "%s: %s has dtype %d, expected bf16 or f32", what, name, dtype);
@@ -53,5 +54,61 @@ __device__ __forceinline__ void st8(void *p, int dtype, int64_t i, const float (
         ((uint4 *)p)[i / 8] = make_uint4(w[0], w[1], w[2], w[3]);
     }
 }
+
+/* Four contiguous elements at element i of p (i a multiple of 4, p 16-byte aligned): one 8-byte
+ * access for bf16, one 16-byte access for f32. */
+__device__ __forceinline__ void ld4(const void *p, int dtype, int64_t i, float (&v)[4])
+{
+    if (dtype == DSRT_F32) {
+        float4 a = ((const float4 *)p)[i / 4];
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+    } else {
+        uint2 a = ((const uint2 *)p)[i / 4];
+        v[0] = dsrt_bits_f32(a.x << 16), v[1] = dsrt_bits_f32(a.x & 0xffff0000u);
+        v[2] = dsrt_bits_f32(a.y << 16), v[3] = dsrt_bits_f32(a.y & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void st4(void *p, int dtype, int64_t i, const float (&v)[4])
+{
+    if (dtype == DSRT_F32) {
+        ((float4 *)p)[i / 4] = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        ((uint2 *)p)[i / 4] = make_uint2(dsrt_f32_to_bf16(v[0]) | (uint32_t)dsrt_f32_to_bf16(v[1]) << 16,
+                                         dsrt_f32_to_bf16(v[2]) | (uint32_t)dsrt_f32_to_bf16(v[3]) << 16);
+    }
+}
+
+/* A lane's four columns col .. col + 3 of a row of `cols` elements starting at element `row` of p:
+ * one access when all four exist and `vec` (p 16-byte aligned, row a multiple of 4), else one at a
+ * time; ok[e] says which exist, the others read 0. */
+__device__ __forceinline__ void ld4_row(const void *p, int dtype, int64_t row, int64_t col, int64_t cols, bool vec,
+                                        float (&v)[4], bool (&ok)[4])
+{
+#pragma unroll
+    for (int e = 0; e < 4; e++) ok[e] = col + e < cols;
+    if (vec && ok[3]) {
+        ld4(p, dtype, row + col, v);
+        return;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++) v[e] = ok[e] ? ld(p, dtype, row + col + e) : 0.0f;
+}
+__device__ __forceinline__ void st4_row(void *p, int dtype, int64_t row, int64_t col, int64_t cols, bool vec,
+                                        const float (&v)[4])
+{
+    if (vec && col + 3 < cols) {
+        st4(p, dtype, row + col, v);
+        return;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+        if (col + e < cols) st(p, dtype, row + col + e, v[e]);
+}
+
+/* the launchers' test for ld4_row / st4_row's `vec`: a 16-byte aligned base, rows 4 elements apart */
+static inline bool act_vec(const void *p, int64_t ld) { return (uintptr_t)p % 16 == 0 && ld % 4 == 0; }
+
+/* blocks of 128 a warp's row pass keeps in flight at once */
+enum { ACT_U = 4 };
 
 #endif

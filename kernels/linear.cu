@@ -51,6 +51,7 @@
 #include <atomic>
 #include <mutex>
 #include "common.cuh"
+#include "act.cuh"
 #include "blas.cuh"
 #include "fp8mma.cuh"
 #include "../runtime/quant.h"
@@ -217,36 +218,47 @@ struct PrepArgs {
     uint8_t *codes;                   /* PREP_CODES: [mpad, in] e4m3, scales [in/128, mpad] */
     float *xscale;
     int64_t mpad;
+    bool vec; /* x, dst and codes take act.cuh's 4-element accesses */
 };
 
-/* One warp per (token, block of 128 columns). */
+/* A warp per token, ACT_U blocks of 128 columns in flight at once, 4 columns a lane (act.cuh);
+ * PREP_CODES tokens past rows (the padding up to mpad) get zero codes and scale 1. */
 __global__ void __launch_bounds__(DSRTK_BLOCK) prep_kernel(const __grid_constant__ PrepArgs a)
 {
     const int lane = threadIdx.x & 31;
-    const int64_t nblk = ceil_div(a.in, ACT_BLOCK), tokens = a.mode == PREP_CODES ? a.mpad : a.rows;
-    const int64_t units = tokens * nblk, nwarps = (int64_t)gridDim.x * (blockDim.x / 32);
-    for (int64_t u = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; u < units; u += nwarps) {
-        int64_t t = u / nblk, c0 = (u - t * nblk) * ACT_BLOCK;
-        int64_t len = a.in - c0 < ACT_BLOCK ? a.in - c0 : ACT_BLOCK;
-        float v[4];
-        bool ok[4];
-        for (int e = 0; e < 4; e++) {
-            int64_t i = lane * 4 + e;
-            ok[e] = t < a.rows && i < len;
-            v[e] = ok[e] ? dsrt_load_f32(a.x, a.x_dtype, t * a.in + c0 + i) : 0.0f;
+    const int64_t tokens = a.mode == PREP_CODES ? a.mpad : a.rows, nwarps = (int64_t)gridDim.x * (blockDim.x / 32);
+    for (int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < tokens; t += nwarps) {
+        const bool real = t < a.rows;
+        for (int64_t c0 = 0; c0 < a.in; c0 += ACT_U * ACT_BLOCK) {
+            float v[ACT_U][4];
+            bool ok[ACT_U][4];
+#pragma unroll
+            for (int u = 0; u < ACT_U; u++) {
+                const int64_t col = c0 + u * ACT_BLOCK + 4 * lane;
+                if (real) ld4_row(a.x, a.x_dtype, t * a.in, col, a.in, a.vec, v[u], ok[u]);
+                else
+#pragma unroll
+                    for (int e = 0; e < 4; e++) v[u][e] = 0.0f, ok[u][e] = false;
+            }
+#pragma unroll
+            for (int u = 0; u < ACT_U; u++) {
+                const int64_t b0 = c0 + u * ACT_BLOCK, col = b0 + 4 * lane;
+                if (b0 >= a.in) break; /* uniform */
+                float s = 1.0f;
+                uint8_t code[4] = {0, 0, 0, 0};
+                if (a.quantise) s = q8_block_warp(v[u], ok[u], code);
+                if (a.mode == PREP_CODES) {
+                    uint8_t *dst = a.codes + t * a.in + col;
+                    if (a.vec && col + 3 < a.in) *(uint32_t *)dst = code[0] | code[1] << 8 | code[2] << 16 | (uint32_t)code[3] << 24;
+                    else
+                        for (int e = 0; e < 4 && col + e < a.in; e++) dst[e] = code[e];
+                    if (lane == 0) a.xscale[(b0 / ACT_BLOCK) * a.mpad + t] = real ? s : 1.0f;
+                } else {
+                    /* exact in bf16: see the top */
+                    st4_row(a.dst, a.mode == PREP_BF16 ? DSRT_BF16 : DSRT_F32, t * a.in, col, a.in, a.vec, v[u]);
+                }
+            }
         }
-        float s = 1.0f;
-        uint8_t code[4] = {0, 0, 0, 0};
-        if (a.quantise) s = q8_block_warp(v, ok, code);
-        for (int e = 0; e < 4; e++) {
-            int64_t i = lane * 4 + e;
-            if (i >= len) continue;
-            int64_t at = t * a.in + c0 + i;
-            if (a.mode == PREP_CODES) a.codes[at] = ok[e] ? code[e] : 0;
-            else if (a.mode == PREP_BF16) ((uint16_t *)a.dst)[at] = dsrt_f32_to_bf16(v[e]); /* exact: see the top */
-            else ((float *)a.dst)[at] = v[e];
-        }
-        if (a.mode == PREP_CODES && lane == 0) a.xscale[(c0 / ACT_BLOCK) * a.mpad + t] = t < a.rows ? s : 1.0f;
     }
 }
 
@@ -972,8 +984,9 @@ int dsrtk_linear_workspace(int dev, const dsrtk_linear_weight *w, int64_t rows, 
 
 static int launch_prep(int dev, const PrepArgs &a, int64_t tokens, cudaStream_t s)
 {
-    int64_t units = tokens * ceil_div(a.in, ACT_BLOCK) * 32;
-    prep_kernel<<<dsrtk_grid_for(dev, units, DSRTK_BLOCK), DSRTK_BLOCK, 0, s>>>(a);
+    PrepArgs b = a;
+    b.vec = act_vec(a.x, a.in) && (a.mode == PREP_CODES ? (uintptr_t)a.codes % 4 == 0 : act_vec(a.dst, a.in));
+    prep_kernel<<<dsrtk_grid_for(dev, tokens * 32, DSRTK_BLOCK), DSRTK_BLOCK, 0, s>>>(b);
     return dsrtk_check_launch("linear prep_kernel", dev);
 }
 

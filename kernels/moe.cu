@@ -76,6 +76,7 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include "common.cuh"
+#include "act.cuh"
 #include "blas.cuh"
 #include "fp8mma.cuh"
 
@@ -1409,28 +1410,25 @@ int dsrtk_moe_combine(int dev, const void *y, int y_dtype, const int32_t *pos_of
 /* ---- prefill: gather, dequantise, GEMM, SwiGLU ---- */
 
 /* gather (+ Q8): a warp per block of 128 columns of an output row, 4 columns a lane */
+/* a warp per row, ACT_U blocks of 128 columns in flight at once (act.cuh) */
 __global__ void __launch_bounds__(DSRTK_BLOCK) moe_gather_kernel(const void *x, int x_dtype, int64_t x_ld,
                                                                  const int32_t *row_x, int64_t rows, int64_t cols, int q8,
-                                                                 void *out, int out_dtype)
+                                                                 void *out, int out_dtype, bool vec_x, bool vec_out)
 {
-    int lane = threadIdx.x % 32;
-    int64_t blocks = (cols + ACT_BLOCK - 1) / ACT_BLOCK, units = rows * blocks;
-    int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
-    for (int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; w < units; w += warps) { /* warp-uniform */
-        int64_t r = w / blocks, b = w % blocks, xr = row_x[r], col = b * ACT_BLOCK + 4 * lane;
-        float v[4];
-        bool valid[4];
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
+    for (int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; r < rows; r += warps) { /* warp-uniform */
+        const int64_t xr = row_x[r];
+        for (int64_t c0 = 0; c0 < cols; c0 += ACT_U * ACT_BLOCK) {
+            float v[ACT_U][4];
+            bool valid[ACT_U][4];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            valid[i] = col + i < cols;
-            v[i] = valid[i] ? load_x(x, x_dtype, xr * x_ld + col + i) : 0.0f;
-        }
-        if (q8) q8_warp(v, valid);
+            for (int u = 0; u < ACT_U; u++) ld4_row(x, x_dtype, xr * x_ld, c0 + u * ACT_BLOCK + 4 * lane, cols, vec_x, v[u], valid[u]);
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            if (!valid[i]) continue;
-            if (out_dtype == DSRT_BF16) ((uint16_t *)out)[r * cols + col + i] = dsrt_f32_to_bf16(v[i]);
-            else ((float *)out)[r * cols + col + i] = v[i];
+            for (int u = 0; u < ACT_U; u++) {
+                if (q8) q8_warp(v[u], valid[u]);
+                st4_row(out, out_dtype, r * cols, c0 + u * ACT_BLOCK + 4 * lane, cols, vec_out, v[u]);
+            }
         }
     }
 }
@@ -1442,9 +1440,9 @@ int dsrtk_moe_gather(int dev, const void *x, int x_dtype, int64_t x_ld, const in
     if (rows == 0 || cols == 0) return DSRTK_OK;
     if (!x || !row_x || !out || (x_dtype != DSRT_F32 && x_dtype != DSRT_BF16) || (out_dtype != DSRT_F32 && out_dtype != DSRT_BF16))
         return dsrtk_fail(DSRTK_ERROR, "moe: gather of %lld rows called with bad arguments", (long long)rows);
-    int64_t units = rows * ((cols + ACT_BLOCK - 1) / ACT_BLOCK);
-    int grid = dsrtk_grid_for(dev, units * 32, DSRTK_BLOCK);
-    moe_gather_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(x, x_dtype, x_ld, row_x, rows, cols, q8, out, out_dtype);
+    int grid = dsrtk_grid_for(dev, rows * 32, DSRTK_BLOCK);
+    moe_gather_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(x, x_dtype, x_ld, row_x, rows, cols, q8, out, out_dtype,
+                                                                      act_vec(x, x_ld), act_vec(out, cols));
     return dsrtk_check_launch("moe_gather_kernel", dev);
 }
 
@@ -1879,45 +1877,50 @@ int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t
     return dsrtk_check_launch("moe_prefill_gemm_kernel", dev);
 }
 
-/* SwiGLU between the prefill GEMMs: a warp per block of 128 columns of a row, 4 a lane */
-__global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu, int64_t gu_ld, int64_t rows, int64_t width,
+/* SwiGLU between the prefill GEMMs: a warp per row (its group found once), ACT_U / 2 blocks of 128
+ * columns in flight at once, 4 columns a lane */
+__global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu, int64_t gu_ld, int64_t rows,
                                                                  const dsrtk_moe_matrix *table, const int32_t *groups,
                                                                  const int32_t *n_groups, const float *row_weight,
                                                                  int64_t n_weighted, float limit, int reference, void *h,
-                                                                 int64_t h_ld, int io_dtype)
+                                                                 int64_t h_ld, int io_dtype, bool vec)
 {
-    int lane = threadIdx.x % 32;
-    int64_t blocks = (width + ACT_BLOCK - 1) / ACT_BLOCK, units = rows * blocks;
-    int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
-    for (int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; w < units; w += warps) { /* warp-uniform */
-        int64_t r = w / blocks, b = w % blocks;
+    enum { U = ACT_U / 2 }; /* two loads a block: g and u */
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
+    for (int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; r < rows; r += warps) { /* warp-uniform */
         int lo = 0, hi = *n_groups - 1; /* the row's group (ascending first rows) */
         while (lo < hi) {
             int mid = (lo + hi + 1) / 2;
             if (groups[3 * mid + 1] <= r) lo = mid;
             else hi = mid - 1;
         }
-        int64_t inter = table[3 * groups[3 * lo]].rows, col = b * ACT_BLOCK + 4 * lane;
-        if (b * ACT_BLOCK >= inter) continue; /* uniform */
-        float v[4];
-        bool valid[4];
+        const int64_t inter = table[3 * groups[3 * lo]].rows;
+        const bool vec_row = vec && inter % 4 == 0; /* u's columns start 4-aligned too */
+        const float weight = r < n_weighted ? row_weight[r] : 1.0f;
+        for (int64_t c0 = 0; c0 < inter; c0 += U * ACT_BLOCK) {
+            float g[U][4], u[U][4];
+            bool valid[U][4];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            valid[i] = col + i < inter;
-            v[i] = 0.0f;
-            if (!valid[i]) continue;
-            float g = load_x(gu, io_dtype, r * gu_ld + col + i), u = load_x(gu, io_dtype, r * gu_ld + inter + col + i);
-            if (reference) g = round_bf16(g), u = round_bf16(u); /* w1, w3 return bf16 */
-            float x = swiglu_f32(g, u, limit);
-            if (r < n_weighted) x *= row_weight[r]; /* before w2, in fp32 (SPEC §7.2) */
-            v[i] = reference ? round_bf16(x) : x;
-        }
-        if (reference) q8_warp(v, valid); /* every w2 quantised (moe.c checks) */
+            for (int k = 0; k < U; k++) {
+                const int64_t col = c0 + k * ACT_BLOCK + 4 * lane;
+                ld4_row(gu, io_dtype, r * gu_ld, col, inter, vec_row, g[k], valid[k]);
+                ld4_row(gu, io_dtype, r * gu_ld + inter, col, inter, vec_row, u[k], valid[k]);
+            }
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            if (!valid[i]) continue;
-            if (io_dtype == DSRT_BF16) ((uint16_t *)h)[r * h_ld + col + i] = dsrt_f32_to_bf16(v[i]);
-            else ((float *)h)[r * h_ld + col + i] = v[i];
+            for (int k = 0; k < U; k++) {
+                float v[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    float gi = g[k][i], ui = u[k][i];
+                    if (reference) gi = round_bf16(gi), ui = round_bf16(ui); /* w1, w3 return bf16 */
+                    float x = swiglu_f32(gi, ui, limit);
+                    if (r < n_weighted) x *= weight; /* before w2, in fp32 (SPEC §7.2) */
+                    v[i] = !valid[k][i] ? 0.0f : reference ? round_bf16(x) : x;
+                }
+                if (reference) q8_warp(v, valid[k]); /* every w2 quantised (moe.c checks) */
+                st4_row(h, io_dtype, r * h_ld, c0 + k * ACT_BLOCK + 4 * lane, inter, vec_row, v);
+            }
         }
     }
 }
@@ -1931,10 +1934,9 @@ int dsrtk_moe_swiglu(int dev, const void *gu, int64_t gu_ld, int64_t rows, const
     if (!gu || !table || !groups || !n_groups || !h || h_ld < 1 || gu_ld < 2 * h_ld ||
         (io_dtype != DSRT_F32 && io_dtype != DSRT_BF16) || (n_weighted && !row_weight))
         return dsrtk_fail(DSRTK_ERROR, "moe: SwiGLU of %lld rows called with bad arguments", (long long)rows);
-    int64_t units = rows * ((h_ld + ACT_BLOCK - 1) / ACT_BLOCK);
-    int grid = dsrtk_grid_for(dev, units * 32, DSRTK_BLOCK);
-    moe_swiglu_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(gu, gu_ld, rows, h_ld, table, groups, n_groups,
-                                                                      row_weight, n_weighted, limit, reference, h, h_ld,
-                                                                      io_dtype);
+    int grid = dsrtk_grid_for(dev, rows * 32, DSRTK_BLOCK);
+    moe_swiglu_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(gu, gu_ld, rows, table, groups, n_groups, row_weight,
+                                                                      n_weighted, limit, reference, h, h_ld, io_dtype,
+                                                                      act_vec(gu, gu_ld) && act_vec(h, h_ld));
     return dsrtk_check_launch("moe_swiglu_kernel", dev);
 }
