@@ -295,8 +295,9 @@ typedef struct {
 } dsrtk_moe_project_args;
 int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream);
 
-/* ---- prefill (tensor cores): the host reads the groups back once, then per group dequantises
- * the set's matrices into a transient scratch and runs cuBLAS GEMMs on the gathered rows ---- */
+/* ---- prefill (tensor cores): the host reads the groups back once, then runs each phase's GEMMs
+ * on the gathered rows, straight from the packed weights (dsrtk_moe_prefill_gemm) or through
+ * dequantised slabs and cuBLAS ---- */
 
 /* out [rows, cols] (out_dtype DSRT_BF16 or DSRT_F32, contiguous) row r = x row row_x[r] (x f32 or
  * bf16, x_ld apart), Q8 round-tripped (blocks of 128) when q8. Exact in bf16 when q8 (e4m3 codes

@@ -1,8 +1,9 @@
 /*
  * moe.cu - DeepSeek-V4's mixture-of-experts layer on the GPU (runtime/moe.h): the router (gate
  * logits, scores, top-k or hash selection, weights), the grouping of picks by expert, the SwiGLU
- * experts read straight from their packed FP4 / FP8 / bf16 weights (decode) or through transient
- * bf16 copies and cuBLAS tensor-core GEMMs (prefill), and the combine.
+ * experts read straight from their packed FP4 / FP8 / bf16 weights (decode, and prefill's tiled
+ * tensor-core GEMMs) or through transient copies and cuBLAS GEMMs (the other prefills), and the
+ * combine.
  *
  * What this file protects: the reference's MoE numerics (moe.h; the readable reference is
  * runtime/moe.c: route_rows, select_top, run_swiglu, combine_experts) without a host
@@ -61,12 +62,14 @@
  * weight per row. Staged inputs are laid out with an XOR swizzle of the 16-byte words inside each
  * chunk, so the 32 lanes of a warp (each on its own chunk) read them without bank conflicts.
  *
- * Prefill (moe.c's cuda_prefill): gather + Q8 the rows by expert (bf16); per slab of up to
- * DSRTK_MOE_SLAB experts, one launch dequantises each one's [w1; w3] into a bf16 scratch and one
- * grouped cuBLAS call runs their GEMMs [rows, dim] x [dim, 2 inter] with fp32 accumulation into
- * bf16; the SwiGLU kernel (weight, bf16, Q8); w2 the same way; the ordered combine. FLOPs (Flash,
- * T = 4096): 2 x 7 x 4096 x 3 x 8.4M = 1.4 TFLOP; dequantising moves ~100 MB per expert (13 MB
- * read, 50 MB written, read back by the GEMM): ~26 GB a layer, what bounds it now.
+ * Prefill (moe.c's cuda_prefill): gather + Q8 the rows by expert (bf16); UP gu = xg·[w1; w3]ᵀ
+ * per group; the SwiGLU kernel (weight, bf16, Q8); DOWN yr = h·w2ᵀ; the ordered combine. In
+ * reference precision with every matrix `mma` the GEMMs read the packed weights themselves
+ * (moe_prefill_gemm_kernel, below); otherwise (fp32 precision, bf16 experts, widths off 64) per
+ * slab of up to DSRTK_MOE_SLAB experts one launch dequantises each one's matrices into a scratch
+ * and one grouped cuBLAS call runs their GEMMs with fp32 accumulation. FLOPs (Flash, T = 4096):
+ * 2 x 7 x 4096 x 3 x 8.4M = 1.4 TFLOP a layer. Measured (H200, make bench, T = 4096): 20.2 ms with
+ * the bf16 slabs (~26 GB of copies a layer), 8.9 ms now (162 TFLOP/s; the two GEMMs ~8 ms).
  */
 #include <cooperative_groups.h>
 #include <math.h>

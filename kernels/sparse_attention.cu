@@ -204,18 +204,25 @@ __device__ int load_block(const Args &a, int64_t t, int64_t b, const Shared &s, 
     int any = __syncthreads_or(r >= 0);
     if (!any) return 0;
     const TP *pool = (const TP *)a.pool;
+    /* index math in 32 bits (a block is at most 64 rows of 2 KB in shared memory): a 64-bit
+     * division per 16-byte chunk cost more issue slots than the block's mma */
     if (a.vec_rows) { /* rows of a multiple of 16 bytes, 16-byte aligned (ld·sizeof(TP) too) */
-        int64_t chunks = a.D * (int64_t)sizeof(TP) / 16;
-        for (int64_t i = threadIdx.x; i < ENTRIES * chunks; i += THREADS) {
-            int64_t e = i / chunks, ch = i - e * chunks;
+        const int chunks = (int)(a.D * (int64_t)sizeof(TP) / 16);
+        auto copy = [&](int e, int ch) {
             long long row = s.row[e];
             if (row >= 0) cp_async16((unsigned char *)(kv + e * ld) + 16 * ch, (const unsigned char *)(pool + row * a.D) + 16 * ch);
             else if (zero_invalid) *(uint4 *)((unsigned char *)(kv + e * ld) + 16 * ch) = make_uint4(0, 0, 0, 0);
+        };
+        if (THREADS % chunks == 0) { /* a thread keeps its chunk column: no division in the loop */
+            for (int e = threadIdx.x / chunks; e < ENTRIES; e += THREADS / chunks) copy(e, threadIdx.x % chunks);
+        } else {
+            for (int i = threadIdx.x; i < ENTRIES * chunks; i += THREADS) copy(i / chunks, i % chunks);
         }
         cp_async_wait_all();
     } else {
-        for (int64_t i = threadIdx.x; i < ENTRIES * ld; i += THREADS) {
-            int64_t e = i / ld, c = i - e * ld;
+        const int width = (int)ld;
+        for (int i = threadIdx.x; i < ENTRIES * width; i += THREADS) {
+            const int e = i / width, c = i - e * width;
             long long row = s.row[e];
             if (row >= 0) kv[i] = c < a.D ? pool[row * a.D + c] : TP(0);
             else if (zero_invalid) kv[i] = TP(0);
@@ -696,8 +703,9 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
     const int nt = (int)(D / 64); /* this warp's n-tiles in P·V, columns from c_warp */
     const int64_t c_warp = warp * (D / 8);
     const uint16_t *q = (const uint16_t *)a.q;
-    for (int64_t i = threadIdx.x; i < MMA_HEADS * D; i += THREADS) {
-        int64_t h = i / D, c = i - h * D, hh = g * MMA_HEADS + h;
+    for (int i = threadIdx.x; i < MMA_HEADS * (int)D; i += THREADS) { /* 32-bit index math: D <= 512 */
+        const int h = i / (int)D, c = i - h * (int)D;
+        const int64_t hh = g * MMA_HEADS + h;
         qb[h * DP + c] = hh < a.H ? q[(t * a.H + hh) * D + c] : (uint16_t)0;
     }
     if (threadIdx.x < MMA_HEADS) m_s[threadIdx.x] = -INFINITY, den_s[threadIdx.x] = 0.0f;
@@ -708,13 +716,23 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
     __syncthreads();
     for (int64_t b = 0; b < a.nb; b++) {
         if (!load_block<uint16_t>(a, t, b, s, kvb, DP, true)) continue; /* attend() skips such a block */
-        { /* scores of entries 8·warp … 8·warp + 7 */
-            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        { /* scores of entries 8·warp … 8·warp + 7: four independent mma chains (k-steps mod 4; D is
+             * a multiple of 64), summed at the end, so the k-loop is not one chain of D/16 mma
+             * latencies */
+            float dc[4][4] = {};
             const uint16_t *kr = kvb + (8 * warp + gid) * DP + 2 * qd;
             const uint16_t *q0 = qb + gid * DP + 2 * qd, *q1 = qb + (gid + 8) * DP + 2 * qd;
-            for (int64_t k0 = 0; k0 < D; k0 += 16)
-                mma_bf16(d, lds32(q0 + k0), lds32(q1 + k0), lds32(q0 + k0 + 8), lds32(q1 + k0 + 8), lds32(kr + k0),
-                         lds32(kr + k0 + 8));
+            for (int k0 = 0; k0 < (int)D; k0 += 64) {
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    const int k = k0 + 16 * c;
+                    mma_bf16(dc[c], lds32(q0 + k), lds32(q1 + k), lds32(q0 + k + 8), lds32(q1 + k + 8), lds32(kr + k),
+                             lds32(kr + k + 8));
+                }
+            }
+            float d[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) d[j] = (dc[0][j] + dc[1][j]) + (dc[2][j] + dc[3][j]);
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 int h = gid + (j >= 2 ? 8 : 0), e = 8 * warp + 2 * qd + (j & 1);
