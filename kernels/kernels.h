@@ -328,10 +328,12 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
 
 /* Prefill's expert GEMMs straight from the packed weights, when every matrix of the table is
  * `mma` (reference precision): for each of the n_tiles tiles (device i32 pairs {group, first row of
- * the tile within the group}, a tile up to 64 of the group's rows), out rows = in rows · Wᵀ, W the
+ * the tile within the group}, a tile up to DSRTK_MOE_TILE_ROWS of the group's rows), out rows =
+ * in rows · Wᵀ, W the
  * group's set's [w1; w3] (UP: w3's outputs after w1's) or w2 (DOWN); in and out bf16, in_ld and
  * out_ld elements apart (in_ld a multiple of 8, in 16-byte aligned), out the bf16 rounding of the
  * fp32 sum. max_out: the most outputs of any set (grid sizing). */
+enum { DSRTK_MOE_TILE_ROWS = 128 };
 int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t *groups, const int32_t *tiles,
                            int64_t n_tiles, int mode, int64_t max_out, const void *in, int64_t in_ld, void *out,
                            int64_t out_ld, void *stream);

@@ -1601,7 +1601,7 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
  * once per 128 rows of a group and the bytes that move are the packed ones. FLOPs (Flash,
  * T = 4096): 1.4 TFLOP a layer.
  */
-enum { PG_M = 128, PG_N = 128, PG_K = 64, PG_STAGES = 3, PG_THREADS = 256, PG_WARP_M = 64, PG_WARP_N = 32 };
+enum { PG_M = DSRTK_MOE_TILE_ROWS, PG_N = 128, PG_K = 64, PG_STAGES = 3, PG_THREADS = 256, PG_WARP_M = 64, PG_WARP_N = 32 };
 
 struct PgShared {
     uint16_t a[PG_STAGES][PG_M * PG_K];  /* input rows, bf16, swizzled 16-byte chunks */
@@ -1641,8 +1641,9 @@ __device__ __forceinline__ uint32_t pow2_bf16x2(int p)
 }
 
 /* A chunk's e8m0 scale as the bf16 multipliers its converted codes take. FP4 codes convert as
- * code · 2^-126 and FP8 codes from a LUT as code: 2^(e - 127) · 2^126 (or 2^(e - 127)) is one
- * multiply while it fits bf16, else two (first 2^126, or 2^0). e = 255 is NaN. */
+ * code · 2^-126 and take 2^(e - 127 + 126), one bf16 while e <= 128, else two: 2^126, then
+ * 2^(e - 127). FP8 codes convert as code (the LUT) and take 2^(e - 127), always one. e = 255 is
+ * NaN. */
 struct PgScale {
     uint32_t first, second; /* second == 0: one multiply */
 };
@@ -1656,12 +1657,6 @@ __device__ __forceinline__ PgScale pg_scale_of(uint32_t e, bool fp8)
     else if (p <= 127) s.first = pow2_bf16x2(p);
     else s.first = pow2_bf16x2(126), s.second = pow2_bf16x2(p - 126);
     return s;
-}
-
-__device__ __forceinline__ uint32_t pg_scaled(uint32_t v, const PgScale &s)
-{
-    v = bf16x2_mul(v, s.first);
-    return s.second ? bf16x2_mul(v, s.second) : v;
 }
 
 /* FP4 byte i of w (low nibble = the earlier column) as a bf16 pair of code · 2^-126: a code

@@ -632,19 +632,18 @@ static int prefill_phase(dsrt_moe *m, const dsrtk_moe_matrix *table, int32_t *gr
     return 0;
 }
 
-/* The direct path's tiles: {group, first row} for every 128 rows of every group, uploaded to tiles
- * (device i32, room for rows / 128 + n_groups pairs) */
+/* The direct path's tiles: {group, first row} for every DSRTK_MOE_TILE_ROWS rows of every group,
+ * uploaded to tiles (device i32, room for rows / DSRTK_MOE_TILE_ROWS + n_groups pairs) */
 static int upload_tiles(const int32_t *host, int32_t n_groups, dsrt_tensor *tiles, int64_t *n_tiles, dsrt_stream *s)
 {
-    enum { TILE_ROWS = 128 }; /* kernels/moe.cu PG_M */
     int64_t n = 0, cap = tiles->shape[0] / 2;
-    for (int32_t g = 0; g < n_groups; g++) n += (host[3 * g + 2] + TILE_ROWS - 1) / TILE_ROWS;
+    for (int32_t g = 0; g < n_groups; g++) n += (host[3 * g + 2] + DSRTK_MOE_TILE_ROWS - 1) / DSRTK_MOE_TILE_ROWS;
     if (n > cap) return dsrt_err("moe: %lld prefill tiles for room of %lld", (long long)n, (long long)cap);
     int32_t *list = malloc((size_t)(2 * n + 1) * sizeof *list);
     if (!list) return dsrt_err("moe: out of host memory");
     int64_t i = 0;
     for (int32_t g = 0; g < n_groups; g++)
-        for (int32_t r = 0; r < host[3 * g + 2]; r += TILE_ROWS) list[2 * i] = g, list[2 * i + 1] = r, i++;
+        for (int32_t r = 0; r < host[3 * g + 2]; r += DSRTK_MOE_TILE_ROWS) list[2 * i] = g, list[2 * i + 1] = r, i++;
     int rc = dsrtk_memcpy(s->device, tiles->storage->data, list, (size_t)(2 * n) * sizeof *list, DSRTK_H2D, s->handle, 0)
                  ? kernel_failed()
                  : 0;
@@ -683,7 +682,7 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
     int nlanes = 1 + m->n_aux < MAX_LANES ? 1 + m->n_aux : MAX_LANES, nbufs = direct ? TILES + 1 : SCRATCH + nlanes, rc = 0;
     int64_t slab = DSRTK_MOE_SLAB * 2 * width * dim, n_tiles = 0;
     int64_t lens[SCRATCH + MAX_LANES] = {all * dim, all * 2 * width, all * width, all * dim,
-                                         direct ? 2 * (all / 128 + max_groups) : 3 * DSRTK_MOE_SLAB * MAX_LANES};
+                                         direct ? 2 * (all / DSRTK_MOE_TILE_ROWS + max_groups) : 3 * DSRTK_MOE_SLAB * MAX_LANES};
     dsrt_tensor *bufs[SCRATCH + MAX_LANES] = {NULL};
     for (int i = 0; i < nbufs && !rc; i++) {
         dsrt_dtype dt = i == PTRS ? (direct ? DSRT_I32 : DSRT_I64) : io;
@@ -698,9 +697,9 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
     const phase *phases[2] = {&up, &down};
     for (int p = 0; p < 2 && !rc; p++) {
         const phase *ph = phases[p];
-        if (direct) {
-            if (dsrtk_moe_prefill_gemm(dev, table, groups_dev, x_data(bufs[TILES]), n_tiles, ph->mode, ph->out_ld, x_data(ph->in), ph->in_ld,
-                                       x_data(ph->out), ph->out_ld, st))
+        if (direct) { /* out_ld is the widest set's outputs: 2·width (UP), dim (DOWN) */
+            if (dsrtk_moe_prefill_gemm(dev, table, groups_dev, x_data(bufs[TILES]), n_tiles, ph->mode, ph->out_ld,
+                                       x_data(ph->in), ph->in_ld, x_data(ph->out), ph->out_ld, st))
                 rc = kernel_failed();
         } else {
             if (lanes_fork(&l)) rc = -1;

@@ -108,6 +108,16 @@ function helpers.poison_cuda_cache(sizes, copies)
   for _, b in ipairs(blocks) do b:close() end
 end
 
+-- A nested table of tensors (a layer's weights) with every tensor copied to the GPU; other values
+-- are kept as they are.
+function helpers.to_cuda(t)
+  if require("dsrt").is_tensor(t) then return t:to("cuda") end
+  if type(t) ~= "table" then return t end
+  local c = {}
+  for key, v in pairs(t) do c[key] = helpers.to_cuda(v) end
+  return c
+end
+
 -- The dsrt program running these tests (so `make asan` runs scripts under the sanitized build).
 function helpers.dsrt_bin()
   local interpreter = arg and arg[-1]

@@ -208,15 +208,8 @@ test("indexer_with_flash_64_heads_matches_cpu", function()
     weights_proj = { format = "bf16", weight = dsrt.randn({ 64, c.dims.dim }, { seed = 9651, std = 0.1 }):to("bf16") },
     compressor = w.layers[CSA].attn.indexer.compressor,
   }
-  local function to_cuda(t)
-    if dsrt.is_tensor(t) then return t:to("cuda") end
-    if type(t) ~= "table" then return t end
-    local out = {}
-    for k, v in pairs(t) do out[k] = to_cuda(v) end
-    return out
-  end
   local cl = dsrt.attention(c.layers[CSA], dims, attn, {})
-  local gl = dsrt.attention(c.layers[CSA], dims, to_cuda(attn), {})
+  local gl = dsrt.attention(c.layers[CSA], dims, h.to_cuda(attn), {})
   do
     local precision = "fp32"
     local cs, gs = state(cl, precision, "cpu", 700), state(gl, precision, "cuda", 700)

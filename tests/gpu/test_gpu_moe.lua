@@ -72,14 +72,7 @@ local function random_layer(opts)
   return dims, ffn
 end
 
--- the same tables with every tensor copied to the GPU
-local function to_cuda(t)
-  if dsrt.is_tensor(t) then return t:to("cuda") end
-  if type(t) ~= "table" then return t end
-  local c = {}
-  for key, v in pairs(t) do c[key] = to_cuda(v) end
-  return c
-end
+local to_cuda = h.to_cuda
 
 local function cpu_streams() return { dsrt.stream("cpu"), dsrt.stream("cpu"), dsrt.stream("cpu") } end
 local function cuda_streams() return { dsrt.stream("cuda"), dsrt.stream("cuda"), dsrt.stream("cuda") } end
