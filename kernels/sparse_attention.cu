@@ -17,13 +17,17 @@
  * stages the block's 64 gathered pool rows in shared memory ONCE (cp.async) and uses each row for
  * every head of the group. Three launch shapes:
  *   mma    (many rows, reference precision, q and pool bf16, D a multiple of 64 up to 512: prefill):
- *          one CTA per (row, 16 heads), all blocks in order, both products on the tensor cores
+ *          one CTA per (row, 32 heads), all blocks in order, both products on the tensor cores
  *          (mma.sync m16n8k16 bf16 -> fp32). q and kv are bf16 already and P(p) is the bf16 value
  *          the reference multiplies with, so the products are exact and only the fp32 summation
  *          order differs from the CPU. The P·V accumulator lives in registers (mma C fragments).
- *          Per block and CTA: 64 rows x D x 2 bytes in (64 KB at D = 512), 2 x 16 x 64 x D x 2 FLOPs
- *          (2.1 MFLOP). Flash prefill S = 4096, H = 64, K = 640: 344 GFLOP, 10.7 GB of gathered rows
- *          (mostly L2 hits: neighbouring rows share window entries).
+ *          Per block and CTA: 64 rows x D x 2 bytes in (64 KB at D = 512), 2 x 32 x 64 x D x 2 FLOPs
+ *          (4.2 MFLOP). Flash prefill S = 4096, H = 64, K = 640: 344 GFLOP, 5.4 GB of gathered rows
+ *          (mostly L2 hits: neighbouring rows share window entries). Shared memory, not the tensor
+ *          cores, bounds it: with 16 heads a CTA (H200, same S, H, K) it took 5.96 ms, 4.70 once the
+ *          gather's index math was 32-bit and the scores ran as independent chains, 3.44 with 32
+ *          heads a CTA: each block's rows staged once per 32 heads, each kv fragment serving two
+ *          m-tiles (126 registers, 111 KB of shared memory, still two CTAs a multiprocessor).
  *   fused  (many rows otherwise: fp32 precision or f32 inputs): one CTA per (row, 8 heads) on the
  *          CUDA cores (fp32 products, as the fp32 mode needs):
  *            - scores: warp w takes entries 8w..8w+7 for all 8 heads, each lane a 4-column slice of
@@ -642,10 +646,15 @@ __global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant_
     }
 }
 
-/* ---- mma: one CTA per (query row, 16 heads), tensor-core products, all blocks in order ---- */
+/* ---- mma: one CTA per (query row, 32 heads), tensor-core products, all blocks in order ---- */
 
-enum { MMA_HEADS = 16, MMA_NT = 8 /* n-tiles of 8 columns per warp at D = 512 */, SC_LD = ENTRIES + 4, PB_LD = ENTRIES + 8 };
-static_assert(MMA_HEADS == 2 * WARPS, "the softmax step gives each warp two heads");
+enum {
+    MMA_HEADS = 32,             /* heads a CTA: one block's gathered rows serve them all */
+    MMA_MI = MMA_HEADS / 16,    /* m-tiles of 16 heads */
+    MMA_NT = 8,                 /* n-tiles of 8 columns per warp at D = 512 */
+    SC_LD = ENTRIES + 4, PB_LD = ENTRIES + 8
+};
+static_assert(MMA_HEADS % WARPS == 0 && MMA_HEADS % 16 == 0, "the softmax step gives each warp whole heads");
 static_assert(ENTRIES == 8 * WARPS, "the score step gives each warp one n-tile of 8 entries");
 
 /* shared memory of the mma kernel (byte offsets, the same on host and device); bf16 rows of
@@ -657,13 +666,13 @@ __host__ __device__ inline MmaLayout mma_layout_for(int64_t D)
 {
     const int64_t DP = D + 8;
     MmaLayout l;
-    l.q = 0;                                                  /* bf16 [16][DP] q of the heads */
+    l.q = 0;                                                  /* bf16 [MMA_HEADS][DP] q of the heads */
     l.kv = l.q + align16(2 * MMA_HEADS * DP);                 /* bf16 [64][DP] the block's rows */
-    l.sc = l.kv + align16(2 * ENTRIES * DP);                  /* float [16][SC_LD] scores */
-    l.pb = l.sc + align16(sizeof(float) * MMA_HEADS * SC_LD); /* bf16 [16][PB_LD] P(p), the A operand */
-    l.m = l.pb + align16(2 * MMA_HEADS * PB_LD);              /* float [16] running max */
-    l.den = l.m + align16(sizeof(float) * MMA_HEADS);         /* float [16] running denominator */
-    l.alpha = l.den + align16(sizeof(float) * MMA_HEADS);     /* float [16] this block's α */
+    l.sc = l.kv + align16(2 * ENTRIES * DP);                  /* float [MMA_HEADS][SC_LD] scores */
+    l.pb = l.sc + align16(sizeof(float) * MMA_HEADS * SC_LD); /* bf16 [MMA_HEADS][PB_LD] P(p), the A operand */
+    l.m = l.pb + align16(2 * MMA_HEADS * PB_LD);              /* float [MMA_HEADS] running max */
+    l.den = l.m + align16(sizeof(float) * MMA_HEADS);         /* float [MMA_HEADS] running denominator */
+    l.alpha = l.den + align16(sizeof(float) * MMA_HEADS);     /* float [MMA_HEADS] this block's α */
     l.row = l.alpha + align16(sizeof(float) * MMA_HEADS);     /* long long [64] pool row or -1 */
     l.flag = l.row + sizeof(long long) * ENTRIES;             /* int: a bad index was seen */
     l.total = l.flag + 16;
@@ -684,11 +693,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *
 /* Requires round_p, q and pool bf16, D % 64 == 0, D <= 512 (the host checks). Fragment layout of
  * m16n8k16 (lane = 4·gid + qd): A rows gid and gid + 8, columns 2qd, 2qd + 1 (+ 8); B column gid,
  * rows 2qd, 2qd + 1 (+ 8); C rows gid (c0, c1) and gid + 8 (c2, c3), columns 2qd, 2qd + 1.
- *   scores: S[16 heads][64 entries] = Q[16][D] · KV^T: warp w the n-tile of entries 8w..8w+7,
- *     D/16 k-steps; a B fragment is two 32-bit loads of row 8w + gid of kv (consecutive dims);
- *   softmax: warp w heads 2w, 2w + 1, as block_softmax; P(p) as bf16 into pb (A operand);
- *   P·V: O[16][D] += P[16][64] · KV[64][D]: warp w the D/64 n-tiles from column w·D/8, 4 k-steps;
- *     B fragments by ldmatrix.trans of kv rows (entries along k), two n-tiles per ldmatrix.x4. */
+ *   scores: S[32 heads][64 entries] = Q[32][D] · KV^T: warp w the n-tile of entries 8w..8w+7 for
+ *     both m-tiles of 16 heads, D/16 k-steps; a B fragment is two 32-bit loads of row 8w + gid of
+ *     kv (consecutive dims), used by both tiles;
+ *   softmax: warp w heads 4w .. 4w + 3, as block_softmax; P(p) as bf16 into pb (A operand);
+ *   P·V: O[32][D] += P[32][64] · KV[64][D]: warp w the D/64 n-tiles from column w·D/8, 4 k-steps;
+ *     B fragments by ldmatrix.trans of kv rows (entries along k), two n-tiles per ldmatrix.x4,
+ *     each for both m-tiles. */
 __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__ Args a, const __grid_constant__ MmaLayout l)
 {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -710,39 +721,40 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
     }
     if (threadIdx.x < MMA_HEADS) m_s[threadIdx.x] = -INFINITY, den_s[threadIdx.x] = 0.0f;
     if (threadIdx.x == 0) *s.bad = 0;
-    float acc[MMA_NT][4];
-#pragma unroll
-    for (int i = 0; i < MMA_NT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    float acc[MMA_MI][MMA_NT][4] = {};
     __syncthreads();
     for (int64_t b = 0; b < a.nb; b++) {
         if (!load_block<uint16_t>(a, t, b, s, kvb, DP, true)) continue; /* attend() skips such a block */
-        { /* scores of entries 8·warp … 8·warp + 7: four independent mma chains (k-steps mod 4; D is
-             * a multiple of 64), summed at the end, so the k-loop is not one chain of D/16 mma
-             * latencies */
-            float dc[4][4] = {};
+        { /* scores of entries 8·warp … 8·warp + 7 for every m-tile of 16 heads: two independent mma
+             * chains a tile (k-steps mod 2), summed at the end, so the k-loop is not one chain of
+             * D/16 mma latencies; the entries' fragment serves every tile */
+            float dc[MMA_MI][2][4] = {};
             const uint16_t *kr = kvb + (8 * warp + gid) * DP + 2 * qd;
-            const uint16_t *q0 = qb + gid * DP + 2 * qd, *q1 = qb + (gid + 8) * DP + 2 * qd;
-            for (int k0 = 0; k0 < (int)D; k0 += 64) {
+            for (int k0 = 0; k0 < (int)D; k0 += 32) {
 #pragma unroll
-                for (int c = 0; c < 4; c++) {
+                for (int c = 0; c < 2; c++) {
                     const int k = k0 + 16 * c;
-                    mma_bf16(dc[c], lds32(q0 + k), lds32(q1 + k), lds32(q0 + k + 8), lds32(q1 + k + 8), lds32(kr + k),
-                             lds32(kr + k + 8));
+                    const uint32_t b0 = lds32(kr + k), b1 = lds32(kr + k + 8);
+#pragma unroll
+                    for (int mi = 0; mi < MMA_MI; mi++) {
+                        const uint16_t *q0 = qb + (16 * mi + gid) * DP + 2 * qd + k, *q1 = q0 + 8 * DP;
+                        mma_bf16(dc[mi][c], lds32(q0), lds32(q1), lds32(q0 + 8), lds32(q1 + 8), b0, b1);
+                    }
                 }
             }
-            float d[4];
 #pragma unroll
-            for (int j = 0; j < 4; j++) d[j] = (dc[0][j] + dc[1][j]) + (dc[2][j] + dc[3][j]);
+            for (int mi = 0; mi < MMA_MI; mi++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                int h = gid + (j >= 2 ? 8 : 0), e = 8 * warp + 2 * qd + (j & 1);
-                sc[h * SC_LD + e] = s.row[e] >= 0 ? __fmul_rn(d[j], a.scale) : -INFINITY;
-            }
+                for (int j = 0; j < 4; j++) {
+                    const int h = 16 * mi + gid + (j >= 2 ? 8 : 0), e = 8 * warp + 2 * qd + (j & 1);
+                    const float d = dc[mi][0][j] + dc[mi][1][j];
+                    sc[h * SC_LD + e] = s.row[e] >= 0 ? __fmul_rn(d, a.scale) : -INFINITY;
+                }
         }
         __syncthreads();
 #pragma unroll
-        for (int hw = 0; hw < 2; hw++) { /* softmax step of head h (block_softmax, P into pb) */
-            const int h = 2 * warp + hw;
+        for (int hw = 0; hw < MMA_HEADS / WARPS; hw++) { /* softmax step of head h (block_softmax, P into pb) */
+            const int h = MMA_HEADS / WARPS * warp + hw;
             const bool v0 = s.row[lane] >= 0, v1 = s.row[lane + 32] >= 0;
             float s0 = sc[h * SC_LD + lane], s1 = sc[h * SC_LD + lane + 32];
             float mx = fmaxf(s0, s1);
@@ -764,14 +776,22 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
             }
         }
         __syncthreads();
-        { /* acc = acc·α + P·V over this warp's columns */
-            const float a_lo = alpha_s[gid], a_hi = alpha_s[gid + 8];
+        { /* acc = acc·α + P·V over this warp's columns, each V fragment serving every m-tile */
 #pragma unroll
-            for (int i = 0; i < MMA_NT; i++) acc[i][0] *= a_lo, acc[i][1] *= a_lo, acc[i][2] *= a_hi, acc[i][3] *= a_hi;
+            for (int mi = 0; mi < MMA_MI; mi++) {
+                const float a_lo = alpha_s[16 * mi + gid], a_hi = alpha_s[16 * mi + gid + 8];
+#pragma unroll
+                for (int i = 0; i < MMA_NT; i++)
+                    acc[mi][i][0] *= a_lo, acc[mi][i][1] *= a_lo, acc[mi][i][2] *= a_hi, acc[mi][i][3] *= a_hi;
+            }
 #pragma unroll
             for (int ks = 0; ks < ENTRIES / 16; ks++) {
-                const uint16_t *p0 = pb + gid * PB_LD + 16 * ks + 2 * qd, *p1 = pb + (gid + 8) * PB_LD + 16 * ks + 2 * qd;
-                const uint32_t a0 = lds32(p0), a1 = lds32(p1), a2 = lds32(p0 + 8), a3 = lds32(p1 + 8);
+                uint32_t pa[MMA_MI][4];
+#pragma unroll
+                for (int mi = 0; mi < MMA_MI; mi++) {
+                    const uint16_t *p0 = pb + (16 * mi + gid) * PB_LD + 16 * ks + 2 * qd, *p1 = p0 + 8 * PB_LD;
+                    pa[mi][0] = lds32(p0), pa[mi][1] = lds32(p1), pa[mi][2] = lds32(p0 + 8), pa[mi][3] = lds32(p1 + 8);
+                }
                 /* ldmatrix rows: entry 16ks + (lane & 7) + 8·((lane >> 3) & 1), columns + 8·(lane >> 4) */
                 const uint16_t *vr = kvb + (16 * ks + (lane & 7) + 8 * ((lane >> 3) & 1)) * DP + c_warp + 8 * (lane >> 4);
 #pragma unroll
@@ -779,8 +799,11 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
                     if (i >= nt) break;
                     uint32_t bf[4];
                     ldmatrix_x4_trans(bf, vr + 8 * i);
-                    mma_bf16(acc[i], a0, a1, a2, a3, bf[0], bf[1]);
-                    mma_bf16(acc[i + 1], a0, a1, a2, a3, bf[2], bf[3]);
+#pragma unroll
+                    for (int mi = 0; mi < MMA_MI; mi++) {
+                        mma_bf16(acc[mi][i], pa[mi][0], pa[mi][1], pa[mi][2], pa[mi][3], bf[0], bf[1]);
+                        mma_bf16(acc[mi][i + 1], pa[mi][0], pa[mi][1], pa[mi][2], pa[mi][3], bf[2], bf[3]);
+                    }
                 }
             }
         }
@@ -792,21 +815,24 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
     __syncthreads();
     const int bad = *s.bad;
 #pragma unroll
-    for (int i = 0; i < MMA_NT; i++) {
-        if (i >= nt) break;
+    for (int mi = 0; mi < MMA_MI; mi++) {
 #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const int h = gid + 8 * half;
-            const int64_t hh = g * MMA_HEADS + h, c = c_warp + 8 * i + 2 * qd;
-            if (hh >= a.H) continue;
-            const float m = m_s[h], den = den_s[h];
-            float v[2];
+        for (int i = 0; i < MMA_NT; i++) {
+            if (i >= nt) break;
 #pragma unroll
-            for (int j = 0; j < 2; j++) v[j] = bad ? NAN : m == -INFINITY ? 0.0f : acc[i][2 * half + j] / den;
-            /* c is even and so is D − 64 (D % 64 == 0): (c, c + 1) is a RoPE pair */
-            if (a.rope && c >= D - 64) derotate_pair(a, sc, c - (D - 64), v[0], v[1]);
-            store_out(a, (t * a.H + hh) * D + c, v[0]);
-            store_out(a, (t * a.H + hh) * D + c + 1, v[1]);
+            for (int half = 0; half < 2; half++) {
+                const int h = 16 * mi + gid + 8 * half;
+                const int64_t hh = g * MMA_HEADS + h, c = c_warp + 8 * i + 2 * qd;
+                if (hh >= a.H) continue;
+                const float m = m_s[h], den = den_s[h];
+                float v[2];
+#pragma unroll
+                for (int j = 0; j < 2; j++) v[j] = bad ? NAN : m == -INFINITY ? 0.0f : acc[mi][i][2 * half + j] / den;
+                /* c is even and so is D − 64 (D % 64 == 0): (c, c + 1) is a RoPE pair */
+                if (a.rope && c >= D - 64) derotate_pair(a, sc, c - (D - 64), v[0], v[1]);
+                store_out(a, (t * a.H + hh) * D + c, v[0]);
+                store_out(a, (t * a.H + hh) * D + c + 1, v[1]);
+            }
         }
     }
 }

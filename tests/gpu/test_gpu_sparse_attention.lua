@@ -1,7 +1,7 @@
 -- test_gpu_sparse_attention.lua — nn.sparse_attention on CUDA (kernels/sparse_attention.cu) against
 -- its C implementation (runtime/nn.c attend()), on fresh random inputs.
---   - shapes: S in {1, 3, 17, 130, 140}, H in {1, 3, 19, 64}, D in {5, 36, 64, 96, 128, 192, 512},
---     K in {1, 63, 64, 65, 130, 640, 700, 2100}: across the 64-entry blocks, the 8- and 16-head
+--   - shapes: S in {1, 3, 17, 130, 140}, H in {1, 3, 19, 40, 64}, D in {5, 36, 64, 96, 128, 192, 512},
+--     K in {1, 63, 64, 65, 130, 640, 700, 2100}: across the 64-entry blocks, the 8- and 32-head
 --     groups, the 4-column slices of the score loop, rows of 16-byte multiples (cp.async) and not,
 --     and the three launch shapes (few rows x groups: the split path with its workspace and its
 --     last-CTA combine, more than 32 blocks too; many rows in reference precision with bf16 q and
@@ -113,7 +113,8 @@ end)
 
 test("many_rows_tensor_core_path", function()
   local mma = { { "reference", "bf16", "bf16", "f32" }, { "reference", "bf16", "bf16", "bf16" } }
-  case(140, 19, 128, 200, { combos = mma })          -- 2 groups of 16 heads, the second partial
+  case(140, 19, 128, 200, { combos = mma })          -- 1 group of 32 heads, its second m-tile partial
+  case(140, 40, 128, 200, { combos = mma })          -- 2 groups, the second's first m-tile partial, its second empty
   case(140, 64, 192, 65, { combos = mma, index_dtype = "i32" }) -- 3 n-tiles per warp
   case(140, 3, 512, 700, { combos = mma, N = 5000 })  -- a skipped block, many blocks
   case(17, 64, 64, 640, { combos = mma })             -- 1 n-tile per warp
