@@ -50,7 +50,7 @@ __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two)
 /* The 8 e2m1 nibbles of a word (low nibble = even column) as four f16 pairs, (0, 2) (4, 6) (1, 3)
  * (5, 7) by column: an f16 whose high byte is s 0 0 0 e1 e0 m 0 and low byte zero reads
  * 2^(e-15)(1 + m/2) = e2m1 · 2^-14 for normal codes, and the subnormal (e = 0) reads m/2 · 2^-14
- * too: exact, the 2^14 goes into the scale. Eleven integer ops per eight weights. */
+ * too: exact, the 2^14 goes into the scale (FP4_AS_F16_LOG2). Eleven integer ops per eight weights. */
 __device__ __forceinline__ void fp4_to_f16(uint32_t w, uint32_t (&p)[4])
 {
     const uint32_t even = ((w << 1) & 0x0e0e0e0eu) | ((w << 4) & 0x80808080u); /* byte j: column 2j's high byte */
@@ -60,7 +60,7 @@ __device__ __forceinline__ void fp4_to_f16(uint32_t w, uint32_t (&p)[4])
     p[2] = __byte_perm(odd, 0, 0x1404);
     p[3] = __byte_perm(odd, 0, 0x3424);
 }
-#define FP4_AS_F16_SCALE 16384.0f
+enum { FP4_AS_F16_LOG2 = 14 }; /* fp4_to_f16's values are e2m1 · 2^-14 */
 
 /* Where staged activation column c of an 8-column group lies for an FP4 matrix: the order
  * 0 2 4 6 1 3 5 7, fp4_to_f16's pairs */
@@ -139,6 +139,35 @@ __device__ __forceinline__ uint2 load_stream8(const void *p)
     return r;
 }
 
+/* weight scales, read-only: raw bits into registers, decoded only where used (mma_accumulate). An
+ * instruction that reads a loaded register makes the warp wait for the load there, so a decode (or
+ * a byte merge) beside the load would put one memory round trip per step on the warp's critical
+ * path: ncu found the FP4 experts' step waiting on exactly that (H200, 2026-11-28). */
+__device__ __forceinline__ uint32_t load_scale8(const void *p)
+{
+    uint32_t r;
+    asm volatile("ld.global.nc.u8 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint32_t load_scale16(const void *p)
+{
+    unsigned short r;
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint32_t load_scale32(const void *p)
+{
+    uint32_t r;
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint2 load_scale64(const void *p)
+{
+    uint2 r;
+    asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    return r;
+}
+
 /* ---- the warp tile: 16 rows of one matrix times up to 8 staged tokens ---- */
 
 enum { MMA_ROWS = 16, MMA_CHUNK = 64, MMA_TOKENS = 8 };
@@ -157,6 +186,7 @@ struct MmaRows {
     const char *a, *b;
     const char *sa, *sb;
     int scale_ld1, chunk_shift;
+    bool scale_words; /* fp4: both scale rows 8-byte aligned, a step's 8 scale bytes a row read as one */
 };
 
 template <int FMT, int SF>
@@ -169,26 +199,36 @@ __device__ __forceinline__ MmaRows mma_rows_at(const char *row_a, const char *ro
     r.a = row_a + lane, r.b = row_b + lane;
     r.sa = (const char *)scale + scale_a * ES, r.sb = (const char *)scale + scale_b * ES;
     r.scale_ld1 = (int)(scale_ld1 * ES), r.chunk_shift = chunk_shift;
+    r.scale_words = (((uintptr_t)r.sa | (uintptr_t)r.sb) & 7) == 0;
     return r;
 }
 
-/* A lane's chunk: fp8 16 bytes of row g and of row g + 8 and their scales; fp4 8 bytes of each
- * and the four e8m0 bytes (row g blocks 0, 1, row g + 8 blocks 0, 1) in one word. */
+/* A lane's chunk: fp8 16 bytes of row g and of row g + 8 and the raw bits of their scales (f32 or
+ * e8m0); fp4 8 bytes of each row and one word of e8m0 scales. The fp4 scale words of a step (U = 4
+ * chunks, two 32-column blocks each) are by row, not by chunk: step[0] and step[1] hold row g's
+ * eight bytes (chunks 0-1, 2-3: byte 2u + h is chunk u's block h), step[2] and step[3] row g + 8's,
+ * so that each row's eight come in one load (fp4_scale_of reads them back). */
 template <int FMT> struct MmaStep;
-template <> struct MmaStep<MMA_FP8> { uint4 a, b; float sa, sb; };
+template <> struct MmaStep<MMA_FP8> { uint4 a, b; uint32_t sa, sb; };
 template <> struct MmaStep<MMA_FP4> { uint2 a, b; uint32_t scales; };
 /* chunks per step: each of mma_stream's two buffers holds 64 weight bytes a lane (fp8: 2 chunks, fp4: 4) */
 template <int FMT> struct MmaDepth { static constexpr int U = FMT == MMA_FP8 ? 2 : 4; };
 
-/* the scale at p: SF is DSRT_F32 or DSRT_F8E8M0 (fp4: always e8m0) */
+/* the scale from its raw bits: SF is DSRT_F32 or DSRT_F8E8M0 (fp4: always e8m0) */
 template <int SF>
-__device__ __forceinline__ float mma_weight_scale(const char *p)
+__device__ __forceinline__ float mma_weight_scale(uint32_t bits)
 {
-    return SF == DSRT_F32 ? *(const float *)p : dsrt_e8m0_to_f32(*(const uint8_t *)p);
+    return SF == DSRT_F32 ? __uint_as_float(bits) : dsrt_e8m0_to_f32((uint8_t)bits);
+}
+
+/* fp4: the e8m0 byte of chunk u (of the step), block h, of row g (row 0) or g + 8 (row 1) */
+__device__ __forceinline__ uint32_t fp4_scale_of(const MmaStep<MMA_FP4> (&st)[4], int u, int h, int row)
+{
+    return (st[2 * row + (u >> 1)].scales >> (16 * (u & 1) + 8 * h)) & 0xffu;
 }
 
 /* Issues the loads of chunks c0 .. c0 + U - 1 (those below nchunk): U·64 contiguous columns of
- * each row, whole 128-byte lines of an fp8 row */
+ * each row, whole 128-byte lines of an fp8 row, and their scales */
 template <int FMT, int SF, int U>
 __device__ __forceinline__ void mma_load(const MmaRows &r, MmaStep<FMT> (&st)[U], int c0, int nchunk)
 {
@@ -202,13 +242,28 @@ __device__ __forceinline__ void mma_load(const MmaRows &r, MmaStep<FMT> (&st)[U]
             st[u].a = load_stream(pa + u * BYTES);
             st[u].b = load_stream(pb + u * BYTES);
             const int s = (c >> r.chunk_shift) * r.scale_ld1;
-            st[u].sa = mma_weight_scale<SF>(r.sa + s);
-            st[u].sb = mma_weight_scale<SF>(r.sb + s);
+            st[u].sa = SF == DSRT_F32 ? load_scale32(r.sa + s) : load_scale8(r.sa + s);
+            st[u].sb = SF == DSRT_F32 ? load_scale32(r.sb + s) : load_scale8(r.sb + s);
         } else {
             st[u].a = load_stream8(pa + u * BYTES);
             st[u].b = load_stream8(pb + u * BYTES);
-            const uint32_t sa = *(const unsigned short *)(r.sa + 2 * c), sb = *(const unsigned short *)(r.sb + 2 * c);
-            st[u].scales = sa | sb << 16;
+        }
+    }
+    if constexpr (FMT == MMA_FP4) {
+        static_assert(U == 4, "fp4 scale words: a step is four chunks");
+        if (r.scale_words && c0 + U <= nchunk) {
+            const uint2 sa = load_scale64(r.sa + 2 * c0), sb = load_scale64(r.sb + 2 * c0);
+            st[0].scales = sa.x, st[1].scales = sa.y, st[2].scales = sb.x, st[3].scales = sb.y;
+        } else { /* odd shapes: a 16-bit word a chunk, merged here (the wait is paid on these only) */
+            uint32_t w[2][U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const bool in = c0 + u < nchunk;
+                w[0][u] = in ? load_scale16(r.sa + 2 * (c0 + u)) : 0u;
+                w[1][u] = in ? load_scale16(r.sb + 2 * (c0 + u)) : 0u;
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) st[i].scales = w[i >> 1][2 * (i & 1)] | w[i >> 1][2 * (i & 1) + 1] << 16;
         }
     }
 }
@@ -226,55 +281,91 @@ __device__ __forceinline__ void mma_prefetch(const MmaRows &r, int c0, int n, in
     }
 }
 
-/* The staged tokens as a lane reads them: token g's f16 values and the Q8 scales of tokens 2q and
- * 2q + 1, one per 128 columns; tokens past the last read the staging's zero row (mma_stage). */
+/* The staged tokens as a lane reads them, as shared-memory addresses (32 bits: three registers, not
+ * six, where every register counts): token g's f16 values and the Q8 scales of tokens 2q and 2q + 1,
+ * one per 128 columns; tokens past the last read the staging's zero row (mma_stage). */
 struct MmaX {
-    const __half *row;
-    const float *s0, *s1;
+    uint32_t row, s0, s1;
 };
+__device__ __forceinline__ MmaX mma_x(const __half *row, const float *s0, const float *s1)
+{
+    return {(uint32_t)__cvta_generic_to_shared(row), (uint32_t)__cvta_generic_to_shared(s0),
+            (uint32_t)__cvta_generic_to_shared(s1)};
+}
+__device__ __forceinline__ float lds_f32(uint32_t at)
+{
+    float r;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(r) : "r"(at));
+    return r;
+}
+__device__ __forceinline__ uint4 lds_u128(uint32_t at)
+{
+    uint4 r;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(at));
+    return r;
+}
+
+/* Weight scales as a step uses them, from their raw bits, in two or three integer operations where
+ * dsrt_e8m0_to_f32 takes seven (ncu, H200: the scales were a third of the FP4 experts' decode
+ * instructions). They give dsrt_e8m0_to_f32's values (times 2^14 for fp4) for every byte but
+ * e8m0's NaN (255), which they read as inf: mma_accumulate puts the NaN back per row, once a step.
+ *   fp8: 2^(b - 127), b = 0 the subnormal 2^-127 through an integer max;
+ *   fp4: 2^(b - 127) · 2^FP4_AS_F16_LOG2 = 2^(b - 113), a normal float up to b = 240 and inf past it
+ *        (2^128 overflows, as the product it replaces did). */
+__device__ __forceinline__ float e8m0_scale(uint32_t b) { return __uint_as_float(max(b << 23, 0x00400000u)); }
+__device__ __forceinline__ float e8m0_fp4_scale(uint32_t b) { return __uint_as_float(min(b, 241u) * 0x800000u + ((uint32_t)FP4_AS_F16_LOG2 << 23)); }
+/* whether a word of e8m0 bytes holds a NaN (0xff): the zero-byte test on its complement */
+__device__ __forceinline__ bool e8m0_has_nan(uint32_t w) { return ((~w - 0x01010101u) & w & 0x80808080u) != 0; }
 
 /* acc (the C fragment: rows g, g + 8 x tokens 2q, 2q + 1) += the chunks' products, each mma's sum
  * promoted to fp32 with its weight and activation scales at once */
-template <int FMT, int U>
+template <int FMT, int SF, int U>
 __device__ __forceinline__ void mma_accumulate(const MmaStep<FMT> (&st)[U], int c0, int nchunk, int q, const MmaX &x,
                                                float (&acc)[4])
 {
+    bool nan_a = false, nan_b = false;
 #pragma unroll
     for (int u = 0; u < U; u++) {
         const int c = c0 + u;
         if (c >= nchunk) break;
         const int col = c * MMA_CHUNK;
-        const float x0 = x.s0[col / 128], x1 = x.s1[col / 128];
-        float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const float x0 = lds_f32(x.s0 + col / 128 * 4), x1 = lds_f32(x.s1 + col / 128 * 4);
         if constexpr (FMT == MMA_FP8) {
             /* the lane's 16 columns of token g, as the weights' byte order */
-            const uint4 xv[2] = {*(const uint4 *)(x.row + col + q * 16), *(const uint4 *)(x.row + col + q * 16 + 8)};
+            const uint4 xv[2] = {lds_u128(x.row + 2 * (col + q * 16)), lds_u128(x.row + 2 * (col + q * 16 + 8))};
             const uint32_t xw[8] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w};
             const uint32_t aw[4] = {st[u].a.x, st[u].a.y, st[u].a.z, st[u].a.w};
             const uint32_t bw[4] = {st[u].b.x, st[u].b.y, st[u].b.z, st[u].b.w};
+            float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int i = 0; i < 4; i++) /* word i: columns 4i..4i+3 of the lane's 16 */
                 mma_f16(p, e4m3x2_to_f16x2(aw[i]), e4m3x2_to_f16x2(bw[i]), e4m3x2_to_f16x2(aw[i] >> 16),
                         e4m3x2_to_f16x2(bw[i] >> 16), xw[2 * i], xw[2 * i + 1]);
-            acc[0] = fmaf(p[0], st[u].sa * x0, acc[0]);
-            acc[1] = fmaf(p[1], st[u].sa * x1, acc[1]);
-            acc[2] = fmaf(p[2], st[u].sb * x0, acc[2]);
-            acc[3] = fmaf(p[3], st[u].sb * x1, acc[3]);
+            float sa, sb;
+            if constexpr (SF == DSRT_F32) {
+                sa = __uint_as_float(st[u].sa), sb = __uint_as_float(st[u].sb);
+            } else {
+                sa = e8m0_scale(st[u].sa), sb = e8m0_scale(st[u].sb);
+                nan_a |= st[u].sa == 0xffu, nan_b |= st[u].sb == 0xffu;
+            }
+            acc[0] = fmaf(p[0], sa * x0, acc[0]);
+            acc[1] = fmaf(p[1], sa * x1, acc[1]);
+            acc[2] = fmaf(p[2], sb * x0, acc[2]);
+            acc[3] = fmaf(p[3], sb * x1, acc[3]);
         } else {
             uint32_t a_blk[2], b_blk[2];
             fp4_exchange(st[u].a.x, st[u].a.y, q, a_blk[0], a_blk[1]);
             fp4_exchange(st[u].b.x, st[u].b.y, q, b_blk[0], b_blk[1]);
 #pragma unroll
             for (int h = 0; h < 2; h++) { /* block h: 8 columns a lane, two mmas */
-                const uint4 xv = *(const uint4 *)(x.row + col + h * 32 + fp4_lane_group(q));
+                const uint4 xv = lds_u128(x.row + 2 * (col + h * 32 + fp4_lane_group(q)));
                 uint32_t pa[4], pb[4];
                 fp4_to_f16(a_blk[h], pa);
                 fp4_to_f16(b_blk[h], pb);
                 float ph[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 mma_f16(ph, pa[0], pb[0], pa[1], pb[1], xv.x, xv.y);
                 mma_f16(ph, pa[2], pb[2], pa[3], pb[3], xv.z, xv.w);
-                const float sa = dsrt_e8m0_to_f32((uint8_t)(st[u].scales >> (8 * h))) * FP4_AS_F16_SCALE;
-                const float sb = dsrt_e8m0_to_f32((uint8_t)(st[u].scales >> (16 + 8 * h))) * FP4_AS_F16_SCALE;
+                const float sa = e8m0_fp4_scale(fp4_scale_of(st, u, h, 0)), sb = e8m0_fp4_scale(fp4_scale_of(st, u, h, 1));
                 acc[0] = fmaf(ph[0], sa * x0, acc[0]);
                 acc[1] = fmaf(ph[1], sa * x1, acc[1]);
                 acc[2] = fmaf(ph[2], sb * x0, acc[2]);
@@ -282,6 +373,12 @@ __device__ __forceinline__ void mma_accumulate(const MmaStep<FMT> (&st)[U], int 
             }
         }
     }
+    if constexpr (FMT == MMA_FP4) { /* the step's scale words, by row (MmaStep); bytes past nchunk are 0 */
+        nan_a = e8m0_has_nan(st[0].scales) || e8m0_has_nan(st[1].scales);
+        nan_b = e8m0_has_nan(st[2].scales) || e8m0_has_nan(st[3].scales);
+    }
+    if (nan_a) acc[0] = acc[1] = NAN; /* what a NaN scale makes of the row's sums (the reference's too) */
+    if (nan_b) acc[2] = acc[3] = NAN;
 }
 
 /* The persistent walk of one warp (linear.cu, moe.cu) over its tiles 0..n_tiles-1 (the caller
@@ -307,8 +404,8 @@ __device__ __forceinline__ void mma_stream(MmaStep<FMT> (&buf)[2][U], int n_tile
     float acc[MATS][4] = {};
     auto run = [&](const MmaStep<FMT>(&b)[U], Pos p) {
         const int c0 = (kslot + p.round * ks) * U;
-        if (MATS == 1 || p.mat == 0) mma_accumulate<FMT, U>(b, c0, nchunk, q, x, acc[0]);
-        else mma_accumulate<FMT, U>(b, c0, nchunk, q, x, acc[MATS - 1]);
+        if (MATS == 1 || p.mat == 0) mma_accumulate<FMT, SF, U>(b, c0, nchunk, q, x, acc[0]);
+        else mma_accumulate<FMT, SF, U>(b, c0, nchunk, q, x, acc[MATS - 1]);
         if (p.mat == MATS - 1 && p.round == rounds - 1) {
             finish(p.tile, acc);
 #pragma unroll

@@ -559,7 +559,7 @@ __device__ __noinline__ void mma_project(const dsrtk_moe_project_args &a, const 
         });
         __syncthreads();
         const int t0 = 2 * q, t1 = 2 * q + 1;
-        const MmaX x = {xq + (gq < nb ? gq : nb) * ld, xsc + (t0 < nb ? t0 : nb) * nblk, xsc + (t1 < nb ? t1 : nb) * nblk};
+        const MmaX x = mma_x(xq + (gq < nb ? gq : nb) * ld, xsc + (t0 < nb ? t0 : nb) * nblk, xsc + (t1 < nb ? t1 : nb) * nblk);
         mma_stream<FMT, SF, U, MATS>(buf, my_tiles, rounds, ks, kslot, nchunk, q, x, rows_of,
                                  [&](int tile, const float(&acc)[MATS][4]) {
                                      const int64_t r0 = tile_row(tile);

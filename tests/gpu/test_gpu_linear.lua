@@ -138,6 +138,40 @@ for _, c in ipairs(CASES) do
   end)
 end
 
+-- e8m0 scale bytes at the ends of the range, which the decode GEMVs decode in a short form
+-- (fp8mma.cuh): 2^-127 (byte 0) stays a scale, not zero, and NaN (255) makes its rows NaN, as on
+-- the cpu; the other rows as usual. fp4 at 2048 columns reads a step's scales as one word a row
+-- (8-byte aligned rows), at 320 a chunk at a time.
+test("cuda matches cpu: e8m0 scale bytes 0 and 255 (NaN) in the decode GEMVs", function()
+  for _, c in ipairs { { "fp8", 320, 2 }, { "fp4", 320, 77 }, { "fp4", 2048, 77 } } do
+    local format, width, nan_row = c[1], c[2], c[3]
+    local desc = random_linear(format, width, 200)
+    desc.scale[1]:narrow(1, 2, 1):fill(2.0 ^ -127)
+    desc.scale[nan_row]:narrow(1, 1, 1):fill(0 / 0)
+    local cpu, gpu = dsrt.linear(desc), dsrt.linear(on_cuda(desc))
+    for _, rows in ipairs { 1, 3, 8 } do
+      local what = string.format("%s %d->200 rows %d", format, width, rows)
+      local x = dsrt.randn({ rows, width }, { seed = next_seed(), dtype = "bf16" })
+      local want = cpu:forward(x, "reference"):to("f32"):reshape(-1):totable()
+      poison_cache(rows * 200 * 4)
+      local got = gpu:forward(x:to("cuda"), "reference"):to("cpu"):to("f32"):reshape(-1):totable()
+      local nans, err, norm = 0, 0, 0
+      for i = 1, #want do
+        local w, g = want[i], got[i]
+        if w ~= w then
+          nans = nans + 1
+          if g == g then error(string.format("%s: element %d is %s on cuda, NaN on cpu", what, i, g)) end
+        else
+          if g ~= g then error(string.format("%s: element %d is NaN on cuda, %s on cpu", what, i, w)) end
+          err, norm = err + (g - w) ^ 2, norm + w ^ 2
+        end
+      end
+      assert(nans > 0 and nans < #want, what .. ": the NaN scale gave some NaN rows, not all")
+      assert(math.sqrt(err / norm) <= 1e-2, what .. ": rel_error " .. math.sqrt(err / norm))
+    end
+  end
+end)
+
 test("cuda: Flash-sized decode shapes match cpu at 1, 4 and 8 rows", function()
   for _, c in ipairs {
     { "fp8", 1024, 4096 }, { "fp8", 4096, 512 }, { "fp4", 4096, 512 }, { "fp4", 2048, 1024 },
