@@ -236,6 +236,22 @@ int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, co
 
 enum { SCORE_BLOCK = 128, INDEX_DIM = 128 };
 
+/* The indexer's arithmetic after the dot products (attention.c's index_select), one definition for
+ * the three score kernels below: w' = w·scale, a head's term w'·ReLU(q·K) and the score from the
+ * terms' sum, in double with the reference's bf16 roundings when ref. */
+__device__ __forceinline__ float index_weight(float w, float scale, int ref)
+{
+    const float v = __fmul_rn(w, scale);
+    return ref ? bf16_round(v) : v;
+}
+__device__ __forceinline__ double index_term(double dot, float w, int ref)
+{
+    float dv = ref ? bf16_round((float)dot) : (float)dot;
+    dv = dv > 0 ? dv : 0;
+    return ref ? (double)bf16_round(__fmul_rn(dv, w)) : __dmul_rn((double)dv, (double)w);
+}
+__device__ __forceinline__ float index_score(double sum, int ref) { return ref ? bf16_round((float)sum) : (float)sum; }
+
 /* score[i, j] = Σ_h w'[i,h]·ReLU(q[i,h]·K_j) for the visible entries j < (P+i+1) div r of query
  * row i (blockIdx.x), one entry per thread. w' = w·scale (bf16-rounded in reference precision).
  * q_i and w'_i sit in shared memory (IH·(128+1) floats), K_j in the thread's registers.
@@ -250,8 +266,7 @@ __global__ void __launch_bounds__(SCORE_BLOCK) score_kernel(float *scores, const
     float *qs = smem, *ws = smem + (int64_t)IH * INDEX_DIM;
     for (int k = threadIdx.x; k < IH * INDEX_DIM; k += SCORE_BLOCK) qs[k] = q[i * IH * INDEX_DIM + k];
     for (int h = threadIdx.x; h < IH; h += SCORE_BLOCK) {
-        float v = __fmul_rn(w[i * IH + h], scale);
-        ws[h] = ref ? bf16_round(v) : v;
+        ws[h] = index_weight(w[i * IH + h], scale, ref);
     }
     __syncthreads();
     if (j >= visible) return;
@@ -268,12 +283,9 @@ __global__ void __launch_bounds__(SCORE_BLOCK) score_kernel(float *scores, const
         double dot = 0;
 #pragma unroll
         for (int e = 0; e < INDEX_DIM; e++) dot = __fma_rn((double)qh[e], widen(kj[e]), dot); /* exact products */
-        float dv = ref ? bf16_round((float)dot) : (float)dot;
-        dv = dv > 0 ? dv : 0;
-        double term = ref ? (double)bf16_round(__fmul_rn(dv, ws[h])) : __dmul_rn((double)dv, (double)ws[h]);
-        sum = __dadd_rn(sum, term);
+        sum = __dadd_rn(sum, index_term(dot, ws[h], ref));
     }
-    scores[i * n_max + j] = ref ? bf16_round((float)sum) : (float)sum;
+    scores[i * n_max + j] = index_score(sum, ref);
 }
 
 /* The decode shape (few query rows): score_kernel above gives each visible entry one thread that
@@ -309,8 +321,7 @@ __global__ void __launch_bounds__(SPLIT_THREADS) score_split_kernel(float *score
     for (int k = threadIdx.x; k < ne * INDEX_DIM; k += SPLIT_THREADS)
         ks[(k / INDEX_DIM) * PADDED_DIM + k % INDEX_DIM] = (double)keys[j0 * INDEX_DIM + k];
     for (int h = threadIdx.x; h < IH; h += SPLIT_THREADS) {
-        float v = __fmul_rn(w[i * IH + h], scale);
-        ws[h] = ref ? bf16_round(v) : v;
+        ws[h] = index_weight(w[i * IH + h], scale, ref);
     }
     __syncthreads();
     for (int pr = threadIdx.x; pr < ne * IH; pr += SPLIT_THREADS) {
@@ -319,15 +330,13 @@ __global__ void __launch_bounds__(SPLIT_THREADS) score_split_kernel(float *score
         double dot = 0;
 #pragma unroll 16
         for (int d = 0; d < INDEX_DIM; d++) dot = __fma_rn(qh[d], kj[d], dot); /* exact products */
-        float dv = ref ? bf16_round((float)dot) : (float)dot;
-        dv = dv > 0 ? dv : 0;
-        terms[e * IH + h] = ref ? (double)bf16_round(__fmul_rn(dv, ws[h])) : __dmul_rn((double)dv, (double)ws[h]);
+        terms[e * IH + h] = index_term(dot, ws[h], ref);
     }
     __syncthreads();
     if (threadIdx.x < ne) {
         double sum = 0;
         for (int h = 0; h < IH; h++) sum = __dadd_rn(sum, terms[threadIdx.x * IH + h]); /* head order */
-        scores[i * n_max + j0 + threadIdx.x] = ref ? bf16_round((float)sum) : (float)sum;
+        scores[i * n_max + j0 + threadIdx.x] = index_score(sum, ref);
     }
 }
 
@@ -381,8 +390,7 @@ __global__ void __launch_bounds__(DMMA_WARPS * 32, 2) score_dmma_kernel(float *s
         d[0] = v.x, d[1] = v.y, d[2] = v.z, d[3] = v.w;
     }
     for (int h = t; h < IH; h += DMMA_WARPS * 32) {
-        float v = __fmul_rn(w[i * IH + h], scale);
-        ws[h] = ref ? bf16_round(v) : v;
+        ws[h] = index_weight(w[i * IH + h], scale, ref);
     }
     __syncthreads();
     /* warp: heads 16·warp .. + 15 (two 8-head tiles, those past IH skipped) x the 64 entries */
@@ -412,11 +420,7 @@ __global__ void __launch_bounds__(DMMA_WARPS * 32, 2) score_dmma_kernel(float *s
             for (int n = 0; n < DMMA_ENTRIES / 8; n++) {
 #pragma unroll
                 for (int u = 0; u < 2; u++) {
-                    const double dot = acc[m][n][u];
-                    float dv = ref ? bf16_round((float)dot) : (float)dot;
-                    dv = dv > 0 ? dv : 0;
-                    terms[(8 * n + 2 * c + u) * DMMA_HEADS + h] =
-                        ref ? (double)bf16_round(__fmul_rn(dv, ws[h])) : __dmul_rn((double)dv, (double)ws[h]);
+                    terms[(8 * n + 2 * c + u) * DMMA_HEADS + h] = index_term(acc[m][n][u], ws[h], ref);
                 }
             }
         }
@@ -425,7 +429,7 @@ __global__ void __launch_bounds__(DMMA_WARPS * 32, 2) score_dmma_kernel(float *s
     if (t < ne) {
         double sum = 0;
         for (int h = 0; h < IH; h++) sum = __dadd_rn(sum, terms[t * DMMA_HEADS + h]); /* head order */
-        scores[i * n_max + j0 + t] = ref ? bf16_round((float)sum) : (float)sum;
+        scores[i * n_max + j0 + t] = index_score(sum, ref);
     }
 }
 
@@ -453,7 +457,8 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
         score_split_kernel<<<sgrid, SPLIT_THREADS, ssmem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, P, r, IH, n_max, ref);
         return dsrtk_check_launch(what, dev);
     }
-    if (IH <= DMMA_HEADS && IH % 8 == 0 && ((uintptr_t)q & 15) == 0) {
+    /* each kernel's grid y counts its own entry blocks: the DMMA one's, of 64, must fit too */
+    if (IH <= DMMA_HEADS && IH % 8 == 0 && ((uintptr_t)q & 15) == 0 && n_max <= (int64_t)65535 * DMMA_ENTRIES) {
         const size_t dsmem = score_dmma_smem();
         int st = dsrtk_check(cudaFuncSetAttribute(score_dmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dsmem),
                              "%s: shared memory of %zu bytes", what, dsmem);

@@ -178,10 +178,18 @@ template <class TQ>
 __device__ void load_q(const Args &a, int64_t t, int64_t g, float *q_s)
 {
     const TQ *q = (const TQ *)a.q;
-    for (int h = 0; h < HEADS; h++) { /* no 64-bit division per element: decode pays for it */
-        const int64_t hh = g * HEADS + h;
-        for (int64_t c = threadIdx.x; c < a.D4; c += THREADS)
-            q_s[h * a.D4 + c] = hh < a.H && c < a.D ? elem(q, (t * a.H + hh) * a.D + c) : 0.0f;
+    /* the group's HEADS values of a column loaded together, then stored: one round trip to L2 per
+     * column a thread, not per value (decode's scores_kernel waited on 16 in turn); no 64-bit
+     * division per element */
+    for (int64_t c = threadIdx.x; c < a.D4; c += THREADS) {
+        float v[HEADS];
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) {
+            const int64_t hh = g * HEADS + h;
+            v[h] = hh < a.H && c < a.D ? elem(q, (t * a.H + hh) * a.D + c) : 0.0f;
+        }
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) q_s[h * a.D4 + c] = v[h];
     }
 }
 
@@ -444,22 +452,21 @@ __global__ void __launch_bounds__(THREADS) scores_kernel(const __grid_constant__
     float *q_s = (float *)smem; /* [HEADS][D4] */
     const int64_t t = blockIdx.x / a.groups, g = blockIdx.x % a.groups, ch = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    load_q<TQ>(a, t, g, q_s);
-    __syncthreads();
     const TP *pool = (const TP *)a.pool;
     enum { EPW = CHUNK / WARPS }; /* entries per warp, dotted together so their loads overlap */
     const int e0 = warp * EPW;
-    long long r[EPW]; /* the same in every lane */
+    long long r[EPW]; /* the same in every lane; loaded before q and checked after, so the two
+                         round trips overlap */
 #pragma unroll
     for (int j = 0; j < EPW; j++) {
-        const int64_t k = ch * CHUNK + e0 + j;
-        r[j] = -1;
-        if (k < a.K) {
-            int64_t at = t * a.K + k;
-            r[j] = a.idx64 ? ((const long long *)a.idx)[at] : (long long)((const int *)a.idx)[at];
-            if (r[j] < -1 || r[j] >= a.N) r[j] = -1; /* pv_kernel reports it */
-        }
+        const int64_t k = ch * CHUNK + e0 + j, at = t * a.K + (k < a.K ? k : 0);
+        r[j] = k >= a.K ? -1 : a.idx64 ? ((const long long *)a.idx)[at] : (long long)((const int *)a.idx)[at];
     }
+    load_q<TQ>(a, t, g, q_s);
+#pragma unroll
+    for (int j = 0; j < EPW; j++)
+        if (r[j] < -1 || r[j] >= a.N) r[j] = -1; /* pv_kernel reports it */
+    __syncthreads();
     float v[EPW][HEADS];
 #pragma unroll
     for (int j = 0; j < EPW; j++)
@@ -530,6 +537,10 @@ __global__ void __launch_bounds__(THREADS) pv_kernel(const __grid_constant__ Arg
     const int64_t b = ch / CHUNKS_PER_BLOCK;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (threadIdx.x == 0) bad_s = 0;
+    /* thread (e, h)'s score, loaded before the barriers (scores_kernel wrote every entry below K) */
+    const int pe = threadIdx.x / HEADS, ph = threadIdx.x % HEADS;
+    const int64_t pk = ch * CHUNK + pe, phh = g * HEADS + ph;
+    const float score = threadIdx.x < CHUNK * HEADS && pk < a.K && phh < a.H ? a.scores[(t * a.H + phh) * a.K + pk] : -INFINITY;
     __syncthreads();
     if (threadIdx.x < CHUNK) {
         const int64_t k = ch * CHUNK + threadIdx.x;
@@ -557,12 +568,10 @@ __global__ void __launch_bounds__(THREADS) pv_kernel(const __grid_constant__ Arg
     int any = 0;
     for (int e = 0; e < CHUNK; e++) any |= row_s[e] >= 0;
     if (threadIdx.x < CHUNK * HEADS) {
-        const int e = threadIdx.x / HEADS, h = threadIdx.x % HEADS;
-        const int64_t hh = g * HEADS + h, k = ch * CHUNK + e;
-        const bool valid = row_s[e] >= 0 && hh < a.H;
-        const float p = valid ? expf(a.scores[(t * a.H + hh) * a.K + k] - mb_s[h]) : 0.0f;
-        raw_s[e][h] = p;
-        p_s[e][h] = a.round_p ? round_bf16(p) : p;
+        const bool valid = row_s[pe] >= 0 && phh < a.H;
+        const float p = valid ? expf(score - mb_s[ph]) : 0.0f;
+        raw_s[pe][ph] = p;
+        p_s[pe][ph] = a.round_p ? round_bf16(p) : p;
     }
     __syncthreads();
     const int bad = bad_s;
