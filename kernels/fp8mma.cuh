@@ -140,9 +140,10 @@ __device__ __forceinline__ uint2 load_stream8(const void *p)
 }
 
 /* weight scales, read-only: raw bits into registers, decoded only where used (mma_accumulate). An
- * instruction that reads a loaded register makes the warp wait for the load there, so a decode (or
- * a byte merge) beside the load would put one memory round trip per step on the warp's critical
- * path: ncu found the FP4 experts' step waiting on exactly that (H200, 2026-11-28). */
+ * instruction that reads a loaded register makes the warp wait for the load there: ncu showed the
+ * FP4 experts' steps stalled on the byte merge that used to sit beside these loads (H200,
+ * 2026-11-28). Moving it (and the decode) to the use was worth ~2% of the projection, not more: the
+ * step's own weight loads are what the warps wait on. */
 __device__ __forceinline__ uint32_t load_scale8(const void *p)
 {
     uint32_t r;
