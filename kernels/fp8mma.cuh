@@ -215,13 +215,6 @@ template <> struct MmaStep<MMA_FP4> { uint2 a, b; uint32_t scales; };
 /* chunks per step: each of mma_stream's two buffers holds 64 weight bytes a lane (fp8: 2 chunks, fp4: 4) */
 template <int FMT> struct MmaDepth { static constexpr int U = FMT == MMA_FP8 ? 2 : 4; };
 
-/* the scale from its raw bits: SF is DSRT_F32 or DSRT_F8E8M0 (fp4: always e8m0) */
-template <int SF>
-__device__ __forceinline__ float mma_weight_scale(uint32_t bits)
-{
-    return SF == DSRT_F32 ? __uint_as_float(bits) : dsrt_e8m0_to_f32((uint8_t)bits);
-}
-
 /* fp4: the e8m0 byte of chunk u (of the step), block h, of row g (row 0) or g + 8 (row 1) */
 __device__ __forceinline__ uint32_t fp4_scale_of(const MmaStep<MMA_FP4> (&st)[4], int u, int h, int row)
 {

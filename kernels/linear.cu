@@ -650,7 +650,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
 
     const int t0 = 2 * q, t1 = 2 * q + 1;
     const MmaX x = mma_x(xq + (gq < a.rows ? gq : a.rows) * a.ld, xsc + (t0 < a.rows ? t0 : a.rows) * a.nblk,
-                    xsc + (t1 < a.rows ? t1 : a.rows) * a.nblk);
+                         xsc + (t1 < a.rows ? t1 : a.rows) * a.nblk);
     float *team_red = red + team * a.ks * (MMA_ROWS * MMA_TOKENS);
     mma_stream<FMT, SF, U, 1>(buf, my_tiles, a.rounds, a.ks, kslot, a.nchunk, q, x, rows_of,
                           [&](int tile, const float(&acc)[1][4]) {

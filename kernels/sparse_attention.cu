@@ -662,7 +662,7 @@ __global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant_
             for (int j = 0; j < LOADS; j++)
                 if (k0 + j < a.nc && w_s[k0 + j] != -INFINITY) acc = fmaf(w_s[k0 + j], v[j], acc);
         }
-    const float v = M == -INFINITY ? 0.0f : acc / den;
+        const float v = M == -INFINITY ? 0.0f : acc / den;
         if (a.rope && c >= a.D - 64) rot[c - (a.D - 64)] = v;
         else store_out(a, (t * a.H + hh) * a.D + c, v);
     }
