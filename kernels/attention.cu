@@ -50,6 +50,7 @@ __device__ __forceinline__ float bf16_round(float v) { return dsrt_bf16_to_f32(d
 __global__ void __launch_bounds__(DSRTK_BLOCK) ape_add_kernel(float *g, const float *ape, int64_t S, int64_t width,
                                                               int64_t P, int64_t r)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     int64_t n = S * width, step = (int64_t)gridDim.x * blockDim.x;
     for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < n; at += step) {
         int64_t i = at / width, k = at - i * width;
@@ -63,7 +64,7 @@ int dsrtk_attn_ape_add(int dev, float *g, const float *ape, int64_t S, int64_t w
     if (S == 0) return DSRTK_OK;
     DSRTK_SET_DEVICE(dev, "attention.ape_add");
     int grid = dsrtk_grid_for(dev, S * width, DSRTK_BLOCK);
-    ape_add_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(g, ape, S, width, P, r);
+    (void)dsrtk_launch_dependent(ape_add_kernel, dim3(grid), dim3(DSRTK_BLOCK), 0, (cudaStream_t)stream, g, ape, S, width, P, r);
     return dsrtk_check_launch("attention.ape_add", dev);
 }
 
@@ -308,6 +309,7 @@ __global__ void __launch_bounds__(SPLIT_THREADS) score_split_kernel(float *score
                                                                     const float *w, float scale, int64_t P, int64_t r,
                                                                     int IH, int64_t n_max, int ref)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     extern __shared__ double dsmem[];
     double *terms = dsmem;                                  /* [SPLIT_ENTRIES][IH] */
     double *qs = terms + (size_t)SPLIT_ENTRIES * IH;        /* [IH][PADDED_DIM] */
@@ -454,7 +456,8 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
             if (st) return st;
         }
         dim3 sgrid((unsigned)S, (unsigned)((n_max + SPLIT_ENTRIES - 1) / SPLIT_ENTRIES));
-        score_split_kernel<<<sgrid, SPLIT_THREADS, ssmem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, P, r, IH, n_max, ref);
+        (void)dsrtk_launch_dependent(score_split_kernel, sgrid, dim3(SPLIT_THREADS), ssmem, (cudaStream_t)stream, scores, q, keys, w,
+                                     scale, P, r, IH, n_max, ref);
         return dsrtk_check_launch(what, dev);
     }
     /* each kernel's grid y counts its own entry blocks: the DMMA one's, of 64, must fit too */
@@ -542,6 +545,7 @@ __device__ void bitonic_sort(uint64_t *keys, int n2)
 __global__ void __launch_bounds__(TOPK_THREADS) topk_kernel(int *picks, const float *scores, int64_t P, int64_t r,
                                                             int64_t topk, int64_t n_max)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     __shared__ uint64_t keys[TOPK_SMEM];
     __shared__ unsigned hist[256];
     __shared__ uint64_t prefix_s;
@@ -610,6 +614,7 @@ int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t
     if (topk > TOPK_SMEM) return dsrtk_fail(DSRTK_ERROR, "%s: index_topk %lld, at most %d on CUDA", what, (long long)topk, TOPK_SMEM);
     if (n_max >= ((int64_t)1 << 31)) return bad_arg(what, "too many entries");
     DSRTK_SET_DEVICE(dev, what);
-    topk_kernel<<<(unsigned)S, TOPK_THREADS, 0, (cudaStream_t)stream>>>(picks, scores, P, r, topk, n_max);
+    (void)dsrtk_launch_dependent(topk_kernel, dim3((unsigned)S), dim3(TOPK_THREADS), 0, (cudaStream_t)stream, picks, scores, P, r,
+                                 topk, n_max);
     return dsrtk_check_launch(what, dev);
 }
