@@ -166,6 +166,13 @@ local function compare_forward(cpu, gpu, dims, x, ids, precision, what, width)
   return got, want
 end
 
+-- compare_forward in both precisions, what naming the case (the precision is appended)
+local function compare_both(cpu, gpu, dims, x, ids, what, width)
+  for _, precision in ipairs({ "fp32", "reference" }) do
+    compare_forward(cpu, gpu, dims, x, ids, precision, what .. " " .. precision, width)
+  end
+end
+
 local function compare_route(cpu, gpu, dims, ffn, x, ids, what)
   local want_ids, want_w = cpu:route(x, ids)
   poison_forward(x.shape[1], dims, x.shape[2], 1)
@@ -353,9 +360,7 @@ test("hash_rows_that_pick_one_expert_twice", function()
   for _, rows in ipairs({ 1, 3, 8, 12 }) do
     local ids = dsrt.tensor({ 0, 1, 2, 0, 2, 1, 0, 4, 1, 2, 0, 1 }, { dtype = "i64" }):narrow(1, 1, rows)
     local x = input(rows, 320)
-    for _, precision in ipairs({ "fp32", "reference" }) do
-      compare_forward(cpu, gpu, dims, x, ids, precision, string.format("repeated picks T=%d %s", rows, precision), 160)
-    end
+    compare_both(cpu, gpu, dims, x, ids, string.format("repeated picks T=%d", rows), 160)
   end
 end)
 
@@ -365,9 +370,7 @@ test("forward_matches_the_cpu_at_every_batch_size_in_both_precisions", function(
   local cpu, gpu, dims = pair({})
   for _, rows in ipairs({ 1, 2, 5, 16, 17, 64 }) do
     local x = input(rows, 320)
-    for _, precision in ipairs({ "fp32", "reference" }) do
-      compare_forward(cpu, gpu, dims, x, nil, precision, string.format("fp4 learned T=%d %s", rows, precision), 160)
-    end
+    compare_both(cpu, gpu, dims, x, nil, string.format("fp4 learned T=%d", rows), 160)
   end
 end)
 
@@ -385,13 +388,11 @@ test("forward_with_hash_routing_and_every_score_function", function()
   local cpu, gpu, dims = pair({ routing = "hash" })
   for _, rows in ipairs({ 1, 16, 17 }) do
     local x, ids = input(rows, 320), token_ids(rows)
-    for _, precision in ipairs({ "fp32", "reference" }) do
-      compare_forward(cpu, gpu, dims, x, ids, precision, string.format("hash T=%d %s", rows, precision), 160)
-    end
+    compare_both(cpu, gpu, dims, x, ids, string.format("hash T=%d", rows), 160)
   end
   for _, score_func in ipairs({ "sigmoid", "softmax" }) do
     local c, g, d = pair({ score_func = score_func })
-    for _, precision in ipairs({ "fp32", "reference" }) do
+    for _, precision in ipairs({ "fp32", "reference" }) do -- a fresh input for each precision
       compare_forward(c, g, d, input(17, 320), nil, precision, score_func .. " " .. precision, 160)
     end
   end
@@ -402,10 +403,7 @@ test("forward_with_fp8_and_bf16_experts", function()
     local cpu, gpu, dims = pair({ format = formats[1], shared_format = formats[2], inter = 136, shared_inter = 136 })
     for _, rows in ipairs({ 5, 17 }) do
       local x = input(rows, 320, "f32")
-      for _, precision in ipairs({ "fp32", "reference" }) do
-        compare_forward(cpu, gpu, dims, x, nil, precision,
-                        string.format("%s experts, %s shared, T=%d %s", formats[1], formats[2], rows, precision), 136)
-      end
+      compare_both(cpu, gpu, dims, x, nil, string.format("%s experts, %s shared, T=%d", formats[1], formats[2], rows), 136)
     end
   end
 end)
@@ -415,16 +413,12 @@ test("prefill_gemms_match_the_cpu_around_the_threshold", function()
   local cpu, gpu, dims = pair({})
   for _, rows in ipairs({ 255, 256, 300 }) do
     local x = input(rows, 320)
-    for _, precision in ipairs({ "fp32", "reference" }) do
-      compare_forward(cpu, gpu, dims, x, nil, precision, string.format("prefill T=%d %s", rows, precision), 160)
-    end
+    compare_both(cpu, gpu, dims, x, nil, string.format("prefill T=%d", rows), 160)
   end
   -- hash routing, softmax scores, f32 input
   local c, g, d = pair({ routing = "hash", score_func = "softmax" })
   local x, ids = input(270, 320, "f32"), token_ids(270)
-  for _, precision in ipairs({ "fp32", "reference" }) do
-    compare_forward(c, g, d, x, ids, precision, "prefill hash softmax " .. precision, 160)
-  end
+  compare_both(c, g, d, x, ids, "prefill hash softmax", 160)
 end)
 
 test("prefill_from_the_packed_weights_matches_the_cpu", function()
@@ -473,17 +467,12 @@ test("prefill_with_bf16_and_fp8_experts_and_odd_widths", function()
   for _, formats in ipairs({ { "fp8", "fp8" }, { "bf16", "fp8" }, { "fp4", "bf16" } }) do
     local cpu, gpu, dims = pair({ format = formats[1], shared_format = formats[2], inter = 136, shared_inter = 136 })
     local x = input(261, 320)
-    for _, precision in ipairs({ "fp32", "reference" }) do
-      compare_forward(cpu, gpu, dims, x, nil, precision,
-                      string.format("prefill %s experts, %s shared %s", formats[1], formats[2], precision), 136)
-    end
+    compare_both(cpu, gpu, dims, x, nil, string.format("prefill %s experts, %s shared", formats[1], formats[2]), 136)
   end
   -- dim 200, inter 76 / 52: scalar dequantisation, short Q8 blocks, GEMMs on odd leading dimensions
   local cpu, gpu, dims = pair({ dim = 200, inter = 76, shared_inter = 52, k = 2, n = 9 })
   local x = input(290, 200)
-  for _, precision in ipairs({ "fp32", "reference" }) do
-    compare_forward(cpu, gpu, dims, x, nil, precision, "prefill dim 200 " .. precision, 76)
-  end
+  compare_both(cpu, gpu, dims, x, nil, "prefill dim 200", 76)
 end)
 
 test("forward_with_widths_off_the_32_column_chunks", function()
@@ -491,9 +480,7 @@ test("forward_with_widths_off_the_32_column_chunks", function()
   local cpu, gpu, dims = pair({ dim = 200, inter = 76, shared_inter = 52, k = 2, n = 9 })
   for _, rows in ipairs({ 1, 17, 64 }) do
     local x = input(rows, 200)
-    for _, precision in ipairs({ "fp32", "reference" }) do
-      compare_forward(cpu, gpu, dims, x, nil, precision, string.format("dim 200 T=%d %s", rows, precision), 76)
-    end
+    compare_both(cpu, gpu, dims, x, nil, string.format("dim 200 T=%d", rows), 76)
   end
 end)
 
@@ -502,10 +489,7 @@ test("clamp_and_route_scale_cases", function()
   for _, changes in ipairs({ { swiglu_limit = 10 }, { swiglu_limit = 0 }, { route_scale = 0 } }) do
     local cpu, gpu, dims = pair(changes)
     local x = input(9, 320) * 30
-    for _, precision in ipairs({ "fp32", "reference" }) do
-      compare_forward(cpu, gpu, dims, x, nil, precision,
-                      string.format("limit %s scale %s %s", tostring(dims.swiglu_limit), tostring(dims.route_scale), precision), 160)
-    end
+    compare_both(cpu, gpu, dims, x, nil, string.format("limit %s scale %s", tostring(dims.swiglu_limit), tostring(dims.route_scale)), 160)
   end
 end)
 
