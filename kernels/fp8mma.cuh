@@ -376,42 +376,40 @@ __device__ __forceinline__ void mma_accumulate(const MmaStep<FMT> (&st)[U], int 
 }
 
 /* The persistent walk of one warp (linear.cu, moe.cu) over its tiles 0..n_tiles-1 (the caller
- * maps them to rows): per tile MATS matrices (UP runs w1 then w3 on the same rows), per matrix
- * `rounds` steps of U adjacent chunks, from chunk (kslot + round·ks)·U. Two register buffers: a step's
- * weight loads are in flight while the previous step meets the tensor cores, across tile
- * boundaries, so a warp keeps HBM busy from its first load to its last. rows_of(tile, matrix) is
- * asked once per (tile, matrix); buf[0] holds the first step, loaded by the caller (before it
- * staged the activations) from rows_of(0, 0). After a tile's last step finish(tile, acc) runs.
- * (L2 prefetches of the steps 2-8 ahead of the loads were measured on the H200: 10% slower.) */
-template <int FMT, int SF, int U, int MATS, class RowsOf, class Finish>
+ * maps them to rows), per tile `rounds` steps of U adjacent chunks, from chunk
+ * (kslot + round·ks)·U. Two register buffers: a step's weight loads are in flight while the
+ * previous step meets the tensor cores, across tile boundaries, so a warp keeps HBM busy from its
+ * first load to its last. rows_of(tile) is asked once per tile; buf[0] holds the first step,
+ * loaded by the caller (before it staged the activations) from rows_of(0). After a tile's last
+ * step finish(tile, acc) runs. (L2 prefetches of the steps 2-8 ahead of the loads were measured on
+ * the H200: 10% slower.)
+ *
+ * Whatever a caller keeps live across the walk (its captures) shares the registers with the two
+ * buffers: should ptxas move any of it to local memory, its reload queues behind the step's
+ * weight loads and the warp waits for the loads it has just issued (moe.cu's mma_project). */
+template <int FMT, int SF, int U, class RowsOf, class Finish>
 __device__ __forceinline__ void mma_stream(MmaStep<FMT> (&buf)[2][U], int n_tiles, int rounds, int ks, int kslot, int nchunk,
                                            int q, const MmaX &x, RowsOf rows_of, Finish finish)
 {
-    struct Pos { int tile, mat, round; };
+    struct Pos { int tile, round; };
     auto next = [&](Pos p) {
-        if (++p.round == rounds) {
-            p.round = 0;
-            if (++p.mat == MATS) p.mat = 0, p.tile++;
-        }
+        if (++p.round == rounds) p.round = 0, p.tile++;
         return p;
     };
-    float acc[MATS][4] = {};
+    float acc[4] = {};
     auto run = [&](const MmaStep<FMT>(&b)[U], Pos p) {
-        const int c0 = (kslot + p.round * ks) * U;
-        if (MATS == 1 || p.mat == 0) mma_accumulate<FMT, SF, U>(b, c0, nchunk, q, x, acc[0]);
-        else mma_accumulate<FMT, SF, U>(b, c0, nchunk, q, x, acc[MATS - 1]);
-        if (p.mat == MATS - 1 && p.round == rounds - 1) {
+        mma_accumulate<FMT, SF, U>(b, (kslot + p.round * ks) * U, nchunk, q, x, acc);
+        if (p.round == rounds - 1) {
             finish(p.tile, acc);
-#pragma unroll
-            for (int m = 0; m < MATS; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.0f;
+            acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
         }
     };
     auto load = [&](MmaStep<FMT>(&b)[U], Pos p, MmaRows &rows) {
-        if (p.round == 0) rows = rows_of(p.tile, p.mat);
+        if (p.round == 0) rows = rows_of(p.tile);
         mma_load<FMT, SF, U>(rows, b, (kslot + p.round * ks) * U, nchunk);
     };
-    MmaRows rows = rows_of(0, 0);
-    Pos run_at = {0, 0, 0}, load_at = run_at;
+    MmaRows rows = rows_of(0);
+    Pos run_at = {0, 0}, load_at = run_at;
     while (run_at.tile < n_tiles) {
         load_at = next(load_at);
         if (load_at.tile < n_tiles) load(buf[1], load_at, rows);
@@ -425,45 +423,32 @@ __device__ __forceinline__ void mma_stream(MmaStep<FMT> (&buf)[2][U], int n_tile
     }
 }
 
-/* The end of a tile in a team of ks warps: emit(row in tile, token, sums[MATS]) for every row of
- * the tile and token below ntok. ks == 1: straight from the C fragment; otherwise the warps' parts
- * meet in red (the team's MATS·ks·128 floats) and are summed in kslot order, between named
- * barriers (id team + 1) of the team's threads. */
-template <int MATS, class Emit>
-__device__ __forceinline__ void mma_team_finish(const float (&acc)[MATS][4], int ks, int team, int kslot, float *red, int ntok,
-                                                Emit emit)
+/* The end of a tile in a team of ks warps: emit(row in tile, token, sum) for every row of the tile
+ * and token below ntok. ks == 1: straight from the C fragment; otherwise the warps' parts meet in
+ * red (the team's ks·128 floats) and are summed in kslot order, between named barriers (id
+ * team + 1) of the team's threads. */
+template <class Emit>
+__device__ __forceinline__ void mma_team_finish(const float (&acc)[4], int ks, int team, int kslot, float *red, int ntok, Emit emit)
 {
     const int lane = threadIdx.x & 31, gq = lane >> 2, q = lane & 3, t0 = 2 * q, t1 = 2 * q + 1;
     if (ks == 1) {
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const int t = i & 1 ? t1 : t0;
-            if (t >= ntok) continue;
-            float v[MATS];
-#pragma unroll
-            for (int m = 0; m < MATS; m++) v[m] = acc[m][i];
-            emit(gq + (i >> 1) * 8, t, v);
+            if (t < ntok) emit(gq + (i >> 1) * 8, t, acc[i]);
         }
         return;
     }
-    float *mine = red + kslot * (MATS * MMA_ROWS * MMA_TOKENS);
-#pragma unroll
-    for (int m = 0; m < MATS; m++) {
-        float *part = mine + m * (MMA_ROWS * MMA_TOKENS);
-        part[gq * MMA_TOKENS + t0] = acc[m][0];
-        part[gq * MMA_TOKENS + t1] = acc[m][1];
-        part[(gq + 8) * MMA_TOKENS + t0] = acc[m][2];
-        part[(gq + 8) * MMA_TOKENS + t1] = acc[m][3];
-    }
+    float *part = red + kslot * (MMA_ROWS * MMA_TOKENS);
+    part[gq * MMA_TOKENS + t0] = acc[0];
+    part[gq * MMA_TOKENS + t1] = acc[1];
+    part[(gq + 8) * MMA_TOKENS + t0] = acc[2];
+    part[(gq + 8) * MMA_TOKENS + t1] = acc[3];
     asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(ks * 32) : "memory");
     for (int idx = kslot * 32 + lane; idx < MMA_ROWS * ntok; idx += ks * 32) {
         const int rr = idx / ntok, t = idx - rr * ntok;
-        float v[MATS];
-#pragma unroll
-        for (int m = 0; m < MATS; m++) {
-            v[m] = 0.0f;
-            for (int k = 0; k < ks; k++) v[m] += red[(k * MATS + m) * (MMA_ROWS * MMA_TOKENS) + rr * MMA_TOKENS + t];
-        }
+        float v = 0.0f;
+        for (int k = 0; k < ks; k++) v += red[k * (MMA_ROWS * MMA_TOKENS) + rr * MMA_TOKENS + t];
         emit(rr, t, v);
     }
     asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(ks * 32) : "memory");
@@ -515,7 +500,7 @@ __device__ __forceinline__ float f16_block_warp(const float (&v)[4], uint32_t &h
  * an input element. A warp issues the loads of SB units before converting any: one L2 round trip
  * per SB units, not per unit. */
 template <int FMT, bool Q8, class Load>
-__device__ __forceinline__ void mma_stage(int rows, int cols, int64_t ld, __half *xq, float *xsc, Load load)
+__device__ __forceinline__ void mma_stage(int rows, int cols, int ld, __half *xq, float *xsc, Load load)
 {
     enum { SB = 4 };
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;

@@ -274,7 +274,9 @@ enum { DSRTK_MOE_GATE, DSRTK_MOE_UP, DSRTK_MOE_DOWN };
  *   DOWN: out = x·W2ᵀ (bf16-rounded values when reference)
  * max_out / max_in: the widest output and input of any group (grid and shared-memory sizing);
  * with groups, single_rows is the most rows a group is expected to hold (it sizes the batch of
- * staged rows; more still work). */
+ * staged rows; more still work).
+ * UP on the tensor-core path (tensor_cores, reference and groups) keeps w3's sums in
+ * out[r, max_out + j] until it has h: out_ld >= 2·max_out there (moe.cu's mma_project). */
 typedef struct {
     int32_t mode, reference;
     const dsrtk_moe_matrix *table;

@@ -603,7 +603,8 @@ struct MmaGemvArgs {
     int x_dtype, y_dtype, rows;
     int groups, out, out_g, in, in_g;
     int tpg, nchunk, nblk, ks, teams, rounds, block_rows;
-    int64_t ld, row_bytes, scale_ld0, scale_ld1; /* ld: the staging pitch in halves */
+    int ld;                                  /* the staging pitch in halves */
+    int64_t row_bytes, scale_ld0, scale_ld1;
     int chunk_shift;                            /* log2 of the 64-column chunks per scale block */
 };
 
@@ -625,7 +626,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
     const int my_tiles = team_id < a.tpg ? (a.tpg - team_id + n_teams - 1) / n_teams : 0;
     __half *xq = (__half *)smem4;
     float *xsc = (float *)(xq + (a.rows + 1) * a.ld), *red = xsc + (a.rows + 1) * a.nblk;
-    auto rows_of = [&](int tile, int) {
+    auto rows_of = [&](int tile) {
         const int ra = (team_id + tile * n_teams) * MMA_ROWS + gq, rb = ra + 8;
         const int na = g * a.out_g + (ra < a.out_g ? ra : 0), nb = g * a.out_g + (rb < a.out_g ? rb : 0);
         return mma_rows_at<FMT, SF>((const char *)a.weight + na * a.row_bytes, (const char *)a.weight + nb * a.row_bytes,
@@ -636,9 +637,9 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
     /* launched dependent (common.cuh): the first two steps' weights head for L2 while the
      * producer of x finishes, then the loads and the staging */
     MmaStep<FMT> buf[2][U];
-    if (my_tiles) mma_prefetch<FMT>(rows_of(0, 0), kslot * U, 2 * U, a.nchunk, q);
+    if (my_tiles) mma_prefetch<FMT>(rows_of(0), kslot * U, 2 * U, a.nchunk, q);
     dsrtk_wait_producer();
-    if (my_tiles) mma_load<FMT, SF, U>(rows_of(0, 0), buf[0], kslot * U, a.nchunk);
+    if (my_tiles) mma_load<FMT, SF, U>(rows_of(0), buf[0], kslot * U, a.nchunk);
     const int64_t x0 = (int64_t)g * a.in_g;
     if (a.x_dtype == DSRT_BF16)
         mma_stage<FMT, Q8>(a.rows, a.in_g, a.ld, xq, xsc, [&](int t, int c) {
@@ -652,13 +653,12 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
     const MmaX x = mma_x(xq + (gq < a.rows ? gq : a.rows) * a.ld, xsc + (t0 < a.rows ? t0 : a.rows) * a.nblk,
                          xsc + (t1 < a.rows ? t1 : a.rows) * a.nblk);
     float *team_red = red + team * a.ks * (MMA_ROWS * MMA_TOKENS);
-    mma_stream<FMT, SF, U, 1>(buf, my_tiles, a.rounds, a.ks, kslot, a.nchunk, q, x, rows_of,
-                          [&](int tile, const float(&acc)[1][4]) {
-                              const int r0 = (team_id + tile * n_teams) * MMA_ROWS;
-                              mma_team_finish<1>(acc, a.ks, team, kslot, team_red, a.rows, [&](int rr, int t, const float(&v)[1]) {
-                                  if (r0 + rr < a.out_g) store_out(a.y, a.y_dtype, (int64_t)t * a.out + g * a.out_g + r0 + rr, v[0]);
-                              });
-                          });
+    mma_stream<FMT, SF, U>(buf, my_tiles, a.rounds, a.ks, kslot, a.nchunk, q, x, rows_of, [&](int tile, const float(&acc)[4]) {
+        const int r0 = (team_id + tile * n_teams) * MMA_ROWS;
+        mma_team_finish(acc, a.ks, team, kslot, team_red, a.rows, [&](int rr, int t, float v) {
+            if (r0 + rr < a.out_g) store_out(a.y, a.y_dtype, (int64_t)t * a.out + g * a.out_g + r0 + rr, v);
+        });
+    });
 }
 
 /* resident blocks of one instantiation per multiprocessor at `smem` bytes, asked once per device */
@@ -693,7 +693,7 @@ static int launch_mma_gemv(int dev, const dsrtk_linear_weight *w, const void *x,
     a.groups = w->groups, a.out = (int)w->out, a.out_g = (int)(w->out / w->groups), a.in = (int)w->in, a.in_g = (int)(w->in / w->groups);
     a.tpg = (int)ceil_div(a.out_g, MMA_ROWS), a.nchunk = a.in_g / MMA_CHUNK, a.nblk = (int)ceil_div(a.in_g, ACT_BLOCK);
     a.block_rows = (int)w->block_rows;
-    a.ld = mma_staged_ld(FMT, a.in_g), a.row_bytes = FMT == FMT_FP4 ? w->ld / 2 : w->ld;
+    a.ld = (int)mma_staged_ld(FMT, a.in_g), a.row_bytes = FMT == FMT_FP4 ? w->ld / 2 : w->ld;
     a.scale_ld0 = w->scale_ld0, a.scale_ld1 = w->scale_ld1;
     for (a.chunk_shift = 0; ((int64_t)MMA_CHUNK << a.chunk_shift) < w->block_cols; a.chunk_shift++) {}
     /* the plan from the shape and the device only (never the rows): blocks that fit with 8 tokens

@@ -502,56 +502,94 @@ static int launch_mode(int dev, const dsrtk_moe_project_args *a, int tb, int gri
 
 /* ---- the grouped projection on FP8 tensor cores (fp8mma.cuh; reference precision) ---- */
 
+/* moe_mma_kernel's dynamic shared memory */
+extern __shared__ uint4 mma_shared[];
+
 /* the shared memory of one block: staged codes (MMA_TOKENS rows, ld apart), their scales, the
- * warps' partial sums (two matrices for UP) */
-static size_t mma_smem(int64_t ld, int64_t k_in, int mode)
+ * warps' partial sums */
+static size_t mma_smem(int64_t ld, int64_t k_in)
 {
     /* MMA_TOKENS + 1: the staging's zero row */
     return (size_t)((MMA_TOKENS + 1) * ld) * 2 + (size_t)((MMA_TOKENS + 1) * ((k_in + ACT_BLOCK - 1) / ACT_BLOCK)) * 4 +
-           (size_t)MMA_WARPS * MMA_ROWS * MMA_TOKENS * 4 * (mode == DSRTK_MOE_UP ? 2 : 1);
+           (size_t)MMA_WARPS * MMA_ROWS * MMA_TOKENS * 4;
+}
+
+
+/* A matrix as the tile walk reads it, resolved once per block into shared memory: rows_of then
+ * costs a few 32-bit operations and a shared-memory read per tile, where reading the table's
+ * 64-bit fields from global memory kept the two matrix addresses live in registers and the 64-bit
+ * arithmetic pushed the walk's own state into local memory (see mma_project) */
+struct MmaMatrix {
+    const char *weight, *scale; /* offsets applied */
+    int row_bytes, block_rows, scale_stride0, scale_stride1; /* scales in elements */
+    int chunk_shift, rows;
+};
+
+__device__ __forceinline__ void mma_matrix_init(MmaMatrix &d, const dsrtk_moe_matrix &m)
+{
+    const int bits = m.dtype == DSRT_FP4E2M1 ? 4 : 8, scale_bytes = m.scale_dtype == DSRT_F32 ? 4 : 1;
+    d.weight = (const char *)m.weight + m.offset * bits / 8, d.row_bytes = (int)(m.stride0 * bits / 8);
+    d.scale = (const char *)m.scale + m.scale_offset * scale_bytes;
+    d.block_rows = m.block_rows, d.scale_stride0 = (int)m.scale_stride0, d.scale_stride1 = (int)m.scale_stride1;
+    d.chunk_shift = __ffs(m.block_cols / MMA_CHUNK) - 1; /* fp8: a power of two */
+    d.rows = m.rows;
 }
 
 /* Rows ja (a) and jb (b) of matrix m as fp8mma.cuh reads them (a row past the matrix reads row 0) */
 template <int FMT, int SF>
-__device__ __forceinline__ MmaRows mma_rows(const dsrtk_moe_matrix &m, int64_t ja, int64_t jb, int q)
+__device__ __forceinline__ MmaRows mma_rows(const MmaMatrix &m, int ja, int jb, int q)
 {
-    const int na = ja < m.rows ? (int)ja : 0, nb = jb < m.rows ? (int)jb : 0;
-    const int bits = FMT == MMA_FP4 ? 4 : 8;
-    return mma_rows_at<FMT, SF>((const char *)m.weight + (m.offset + (int64_t)na * m.stride0) * bits / 8,
-                                (const char *)m.weight + (m.offset + (int64_t)nb * m.stride0) * bits / 8, m.scale,
-                                m.scale_offset + na / m.block_rows * m.scale_stride0,
-                                m.scale_offset + nb / m.block_rows * m.scale_stride0, m.scale_stride1,
-                                __ffs(m.block_cols / MMA_CHUNK) - 1 /* fp8: a power of two */, q);
+    const int na = ja < m.rows ? ja : 0, nb = jb < m.rows ? jb : 0;
+    return mma_rows_at<FMT, SF>(m.weight + (int64_t)na * m.row_bytes, m.weight + (int64_t)nb * m.row_bytes, m.scale,
+                                (int64_t)(na / m.block_rows) * m.scale_stride0, (int64_t)(nb / m.block_rows) * m.scale_stride0,
+                                m.scale_stride1, m.chunk_shift, q);
 }
 
 /* One group's projection, its rows in batches of MMA_TOKENS: stage their Q8 codes, then the
- * block's teams walk the group's 16-row tiles (mma_stream: UP runs w1 then w3 on each tile) and
- * each tile ends in project_out. The first weight loads of a batch go out before its staging. */
+ * block's teams walk the group's 16-row tiles (mma_stream). UP's team takes w1's tile and then
+ * w3's tile of the same rows, each a walk tile of its own. The first weight loads of a batch go out
+ * before its staging.
+ *
+ * A tile ends in a store and nothing more; UP's SwiGLU runs after the walk. Everything live across
+ * the walk must fit the 128 registers of two blocks a multiprocessor, and the SwiGLU's
+ * double-precision exp at the end of a tile did not: ptxas moved the walk's counters to local
+ * memory, and each step's reload of them queued behind the step's own weight loads (ncu, H200,
+ * Flash, T = 1: 14% of UP's stall samples on one such reload), so a warp waited for the loads it
+ * had just issued instead of the ones before them. So UP's tiles store their raw sums, w1's at
+ * out[r, j] and w3's at out[r, max_out + j], and once the walk is over the team turns each of its
+ * pairs into h at out[r, j] (project_out). 64-bit tile arithmetic and the table's matrices read
+ * from global memory cost registers the same way, hence 32-bit tile numbers and MmaMatrix. */
 template <int MODE, int FMT, int SF>
-__device__ __noinline__ void mma_project(const dsrtk_moe_project_args &a, const dsrtk_moe_matrix &m0,
-                                         const dsrtk_moe_matrix &m1, int64_t first, int64_t count, __half *xq, int ks,
-                                         int slot, int slots)
+__device__ __forceinline__ void mma_project(const dsrtk_moe_project_args &a, const dsrtk_moe_matrix &m0,
+                                         const dsrtk_moe_matrix &m1, int64_t first, int64_t count, int ks, int slot,
+                                         int slots)
 {
+    __half *xq = (__half *)mma_shared; /* a fixed address: no register holds it across the walk */
     constexpr int U = MmaDepth<FMT>::U, MATS = MODE == DSRTK_MOE_UP ? 2 : 1;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, q = lane & 3;
     const int team = warp / ks, kslot = warp - team * ks, teams = MMA_WARPS / ks;
-    const int64_t ld = mma_staged_ld(FMT, a.max_in);
-    const int k_in = m0.cols, nblk = (k_in + ACT_BLOCK - 1) / ACT_BLOCK;
+    const int ld = (int)mma_staged_ld(FMT, a.max_in);
+    const int k_in = m0.cols, nblk = (k_in + ACT_BLOCK - 1) / ACT_BLOCK, n_out = m0.rows;
     const int nchunk = k_in / MMA_CHUNK, rounds = ((nchunk + ks - 1) / ks + U - 1) / U;
-    const int64_t team_id = ((int64_t)slot * gridDim.x + blockIdx.x) * teams + team, n_teams = (int64_t)slots * gridDim.x * teams;
-    const int64_t tiles = (m0.rows + MMA_ROWS - 1) / MMA_ROWS;
-    const int my_tiles = team_id < tiles ? (int)((tiles - team_id + n_teams - 1) / n_teams) : 0;
+    /* 32 bits: the grid is at most 65535 x 65535 blocks of 8 warps, a matrix 2^31 rows */
+    const int team_id = (slot * (int)gridDim.x + (int)blockIdx.x) * teams + team, n_teams = slots * (int)gridDim.x * teams;
+    const int tiles = (n_out + MMA_ROWS - 1) / MMA_ROWS;
+    const int my_tiles = team_id < tiles ? (tiles - team_id + n_teams - 1) / n_teams : 0;
     float *xsc = (float *)(xq + (MMA_TOKENS + 1) * ld), *red = xsc + (MMA_TOKENS + 1) * nblk;
-    float *team_red = red + team * ks * MATS * (MMA_ROWS * MMA_TOKENS);
-    auto tile_row = [&](int64_t tile) { return (team_id + tile * n_teams) * MMA_ROWS; };
-    auto rows_of = [&](int tile, int mat) {
-        const int64_t j = tile_row(tile) + gq;
-        return mma_rows<FMT, SF>(mat ? m1 : m0, j, j + 8, q);
+    float *team_red = red + team * ks * (MMA_ROWS * MMA_TOKENS);
+    __shared__ MmaMatrix mats[MATS];
+    if (threadIdx.x < MATS) mma_matrix_init(mats[threadIdx.x], threadIdx.x ? m1 : m0);
+    __syncthreads();
+    /* walk tile w: matrix w % MATS of the team's row tile w / MATS */
+    auto first_row = [&](int w) { return (team_id + w / MATS * n_teams) * MMA_ROWS; };
+    auto rows_of = [&](int w) {
+        const int j = first_row(w) + gq;
+        return mma_rows<FMT, SF>(mats[w % MATS], j, j + 8, q);
     };
     MmaStep<FMT> buf[2][U];
     for (int64_t b0 = 0; b0 < count; b0 += MMA_TOKENS) {
         const int nb = (int)(count - b0 < MMA_TOKENS ? count - b0 : MMA_TOKENS);
-        if (my_tiles) mma_load<FMT, SF, U>(rows_of(0, 0), buf[0], kslot * U, nchunk);
+        if (my_tiles) mma_load<FMT, SF, U>(rows_of(0), buf[0], kslot * U, nchunk);
         __syncthreads(); /* the previous batch is consumed */
         mma_stage<FMT, true>(nb, k_in, ld, xq, xsc, [&](int64_t t, int64_t c) {
             const int64_t r = first + b0 + t, xr = a.row_x ? a.row_x[r] : r;
@@ -560,21 +598,27 @@ __device__ __noinline__ void mma_project(const dsrtk_moe_project_args &a, const 
         __syncthreads();
         const int t0 = 2 * q, t1 = 2 * q + 1;
         const MmaX x = mma_x(xq + (gq < nb ? gq : nb) * ld, xsc + (t0 < nb ? t0 : nb) * nblk, xsc + (t1 < nb ? t1 : nb) * nblk);
-        mma_stream<FMT, SF, U, MATS>(buf, my_tiles, rounds, ks, kslot, nchunk, q, x, rows_of,
-                                 [&](int tile, const float(&acc)[MATS][4]) {
-                                     const int64_t r0 = tile_row(tile);
-                                     mma_team_finish<MATS>(acc, ks, team, kslot, team_red, nb, [&](int rr, int t, const float(&v)[MATS]) {
-                                         const int64_t j = r0 + rr, r = first + b0 + t;
-                                         if (j < m0.rows) a.out[r * a.out_ld + j] = project_out<MODE>(a, r, v[0], v[MATS - 1]);
-                                     });
-                                 });
+        float *out = a.out + (first + b0) * a.out_ld;
+        mma_stream<FMT, SF, U>(buf, my_tiles * MATS, rounds, ks, kslot, nchunk, q, x, rows_of, [&](int w, const float(&acc)[4]) {
+            const int r0 = first_row(w), at = w % MATS * a.max_out; /* UP: w3's sums after w1's */
+            mma_team_finish(acc, ks, team, kslot, team_red, nb, [&](int rr, int tok, float v) {
+                if (r0 + rr < n_out) out[tok * a.out_ld + at + r0 + rr] = MODE == DSRTK_MOE_UP ? v : round_bf16(v);
+            });
+        });
+        if (MODE == DSRTK_MOE_UP) { /* the team's pairs, stored by its own threads (the barrier orders them) */
+            asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(ks * 32) : "memory");
+            for (int i = kslot * 32 + lane; i < my_tiles * MMA_ROWS * nb; i += ks * 32) {
+                const int tok = i % nb, j = first_row(i / nb / MMA_ROWS * MATS) + i / nb % MMA_ROWS;
+                float *o = out + tok * a.out_ld + j;
+                if (j < n_out) *o = project_out<MODE>(a, first + b0 + tok, o[0], o[a.max_out]);
+            }
+        }
     }
 }
 
 template <int MODE>
 __global__ void __launch_bounds__(MMA_WARPS * 32, 2) moe_mma_kernel(const __grid_constant__ dsrtk_moe_project_args a, int ks)
 {
-    extern __shared__ uint4 smem4[];
     dsrtk_wait_producer(); /* launched dependent (common.cuh); the groups come from the router */
     /* block rows y past the groups all serve the last group, the shared expert: it holds every row
      * and, in FP8, twice the bytes of an FP4 expert, so it gets the spare blocks (slots) */
@@ -583,10 +627,9 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, 2) moe_mma_kernel(const __grid
     const int set = a.groups[3 * g];
     const int64_t first = a.groups[3 * g + 1], count = a.groups[3 * g + 2];
     const dsrtk_moe_matrix &m0 = a.table[3 * set + (MODE == DSRTK_MOE_DOWN ? 1 : 0)], &m1 = a.table[3 * set + 2];
-    __half *xq = (__half *)smem4;
-    if (m0.dtype == DSRT_FP4E2M1) mma_project<MODE, MMA_FP4, DSRT_F8E8M0>(a, m0, m1, first, count, xq, ks, slot, slots);
-    else if (m0.scale_dtype == DSRT_F32) mma_project<MODE, MMA_FP8, DSRT_F32>(a, m0, m1, first, count, xq, ks, slot, slots);
-    else mma_project<MODE, MMA_FP8, DSRT_F8E8M0>(a, m0, m1, first, count, xq, ks, slot, slots);
+    if (m0.dtype == DSRT_FP4E2M1) mma_project<MODE, MMA_FP4, DSRT_F8E8M0>(a, m0, m1, first, count, ks, slot, slots);
+    else if (m0.scale_dtype == DSRT_F32) mma_project<MODE, MMA_FP8, DSRT_F32>(a, m0, m1, first, count, ks, slot, slots);
+    else mma_project<MODE, MMA_FP8, DSRT_F8E8M0>(a, m0, m1, first, count, ks, slot, slots);
 }
 
 template <int MODE>
@@ -594,7 +637,7 @@ static int launch_mma(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
 {
     /* fp8 and fp4 sets share the launch, each with its own staging pitch */
     const int64_t ld8 = mma_staged_ld(MMA_FP8, a->max_in), ld4 = mma_staged_ld(MMA_FP4, a->max_in);
-    const size_t smem = mma_smem(ld8 > ld4 ? ld8 : ld4, a->max_in, MODE);
+    const size_t smem = mma_smem(ld8 > ld4 ? ld8 : ld4, a->max_in);
     if (smem > 48 * 1024) {
         int st = dsrtk_check(cudaFuncSetAttribute(moe_mma_kernel<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                              "moe: tensor-core projection shared memory of %zu bytes", smem);
@@ -623,7 +666,8 @@ int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream)
     DSRTK_SET_DEVICE(dev, "moe projection");
     if (!a->table || !a->x || !a->out || a->max_out < 1 || a->max_in < 1 || a->single_rows < 0 ||
         (a->x_dtype != DSRT_F32 && a->x_dtype != DSRT_BF16) ||
-        (a->groups && (!a->n_groups || a->max_groups < 1 || a->max_groups > 65535)))
+        (a->groups && (!a->n_groups || a->max_groups < 1 || a->max_groups > 65535)) ||
+        (a->tensor_cores && a->reference && a->groups && a->mode == DSRTK_MOE_UP && a->out_ld < 2 * (int64_t)a->max_out))
         return dsrtk_fail(DSRTK_ERROR, "moe: projection called with bad arguments (mode %d, %d outputs, %d inputs)", a->mode,
                           a->max_out, a->max_in);
     if (!a->groups && a->single_rows == 0) return DSRTK_OK;

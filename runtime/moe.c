@@ -741,7 +741,10 @@ static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsr
     dsrt_tensor *ids = device_buffer(DSRT_I64, picks, s), *w = ids ? device_buffer(DSRT_F32, picks, s) : NULL;
     dsrt_tensor *index = w ? device_buffer(DSRT_I32, 3 * (int64_t)max_groups + 1 + all + picks, s) : NULL;
     dsrt_tensor *row_weight = index ? device_buffer(DSRT_F32, picks, s) : NULL;
-    dsrt_tensor *h = row_weight && !prefill ? device_buffer(DSRT_F32, all * width, s) : NULL;
+    /* the tensor-core path's UP keeps w3's sums beside h's row until it has h (kernels.h) */
+    int tensor_cores = atomic_load(&m->cuda_tensor_cores);
+    int64_t h_ld = reference && tensor_cores ? 2 * width : width;
+    dsrt_tensor *h = row_weight && !prefill ? device_buffer(DSRT_F32, all * h_ld, s) : NULL;
     dsrt_tensor *out = h ? device_buffer(DSRT_F32, all * dim, s) : NULL;
     int rc = row_weight && (prefill || out) ? 0 : -1;
     if (!rc) {
@@ -758,15 +761,15 @@ static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsr
         } else {
             /* single_rows: no group holds more rows than there are tokens (but a malformed tid2eid row) */
             dsrtk_moe_project_args up = {.mode = DSRTK_MOE_UP, .reference = reference, .table = table, .x = x_data(xf),
-                                         .x_dtype = xf->dtype, .tensor_cores = atomic_load(&m->cuda_tensor_cores),
+                                         .x_dtype = xf->dtype, .tensor_cores = tensor_cores,
                                          .x_ld = dim, .row_x = row_token,
                                          .row_weight = f32_data(row_weight), .n_weighted = picks, .groups = groups,
                                          .n_groups = n_groups, .max_groups = max_groups, .single_rows = rows,
                                          .max_out = (int32_t)width, .max_in = (int32_t)dim, .limit = c->swiglu_limit,
-                                         .out = f32_data(h), .out_ld = width};
+                                         .out = f32_data(h), .out_ld = h_ld};
             dsrtk_moe_project_args down = up;
             down.mode = DSRTK_MOE_DOWN;
-            down.x = f32_data(h), down.x_dtype = DSRT_F32, down.x_ld = width, down.row_x = NULL;
+            down.x = f32_data(h), down.x_dtype = DSRT_F32, down.x_ld = h_ld, down.row_x = NULL;
             down.max_out = (int32_t)dim, down.max_in = (int32_t)width;
             down.out = f32_data(out), down.out_ld = dim;
             if (dsrtk_moe_project(dev, &up, st) || dsrtk_moe_project(dev, &down, st) ||
