@@ -375,52 +375,59 @@ __device__ __forceinline__ void mma_accumulate(const MmaStep<FMT> (&st)[U], int 
     if (nan_b) acc[2] = acc[3] = NAN;
 }
 
-/* The persistent walk of one warp (linear.cu, moe.cu) over its tiles 0..n_tiles-1 (the caller
- * maps them to rows), per tile `rounds` steps of U adjacent chunks, from chunk
- * (kslot + round·ks)·U. Two register buffers: a step's weight loads are in flight while the
- * previous step meets the tensor cores, across tile boundaries, so a warp keeps HBM busy from its
- * first load to its last. rows_of(tile) is asked once per tile; buf[0] holds the first step,
- * loaded by the caller (before it staged the activations) from rows_of(0). After a tile's last
- * step finish(tile, acc) runs. (L2 prefetches of the steps 2-8 ahead of the loads were measured on
- * the H200: 10% slower.)
+/* A warp's walk over n_tiles tiles of `rounds` steps each through two register buffers: a step's
+ * loads are issued before the previous step is used, across tile boundaries, so a warp keeps HBM
+ * busy from its first load to its last. buf[0] holds step (0, 0), loaded by the caller (before it
+ * staged the activations); load(buffer, tile, round) issues a step's loads and use(buffer, tile,
+ * round) consumes them. (L2 prefetches of the steps 2-8 ahead of the loads were measured on the
+ * H200: 10% slower.)
  *
  * Whatever a caller keeps live across the walk (its captures) shares the registers with the two
  * buffers: should ptxas move any of it to local memory, its reload queues behind the step's
  * weight loads and the warp waits for the loads it has just issued (moe.cu's mma_project). */
+template <class Step, class Load, class Use>
+__device__ __forceinline__ void walk_two_buffers(Step (&buf)[2], int n_tiles, int rounds, Load load, Use use)
+{
+    int tile = 0, round = 0, load_tile = 0, load_round = 0;
+    auto next = [&](int &t, int &r) {
+        if (++r == rounds) r = 0, t++;
+    };
+    while (tile < n_tiles) {
+        next(load_tile, load_round);
+        if (load_tile < n_tiles) load(buf[1], load_tile, load_round);
+        use(buf[0], tile, round);
+        next(tile, round);
+        if (tile >= n_tiles) break;
+        next(load_tile, load_round);
+        if (load_tile < n_tiles) load(buf[0], load_tile, load_round);
+        use(buf[1], tile, round);
+        next(tile, round);
+    }
+}
+
+/* The tensor-core tile's walk (linear.cu, moe.cu) over a warp's tiles 0..n_tiles-1 (the caller
+ * maps them to rows), per tile `rounds` steps of U adjacent chunks, from chunk
+ * (kslot + round·ks)·U. rows_of(tile) is asked once per tile (buf[0]'s step came from
+ * rows_of(0)); after a tile's last step finish(tile, acc) runs. */
 template <int FMT, int SF, int U, class RowsOf, class Finish>
 __device__ __forceinline__ void mma_stream(MmaStep<FMT> (&buf)[2][U], int n_tiles, int rounds, int ks, int kslot, int nchunk,
                                            int q, const MmaX &x, RowsOf rows_of, Finish finish)
 {
-    struct Pos { int tile, round; };
-    auto next = [&](Pos p) {
-        if (++p.round == rounds) p.round = 0, p.tile++;
-        return p;
-    };
     float acc[4] = {};
-    auto run = [&](const MmaStep<FMT>(&b)[U], Pos p) {
-        mma_accumulate<FMT, SF, U>(b, (kslot + p.round * ks) * U, nchunk, q, x, acc);
-        if (p.round == rounds - 1) {
-            finish(p.tile, acc);
-            acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
-        }
-    };
-    auto load = [&](MmaStep<FMT>(&b)[U], Pos p, MmaRows &rows) {
-        if (p.round == 0) rows = rows_of(p.tile);
-        mma_load<FMT, SF, U>(rows, b, (kslot + p.round * ks) * U, nchunk);
-    };
     MmaRows rows = rows_of(0);
-    Pos run_at = {0, 0}, load_at = run_at;
-    while (run_at.tile < n_tiles) {
-        load_at = next(load_at);
-        if (load_at.tile < n_tiles) load(buf[1], load_at, rows);
-        run(buf[0], run_at);
-        run_at = next(run_at);
-        if (run_at.tile >= n_tiles) break;
-        load_at = next(load_at);
-        if (load_at.tile < n_tiles) load(buf[0], load_at, rows);
-        run(buf[1], run_at);
-        run_at = next(run_at);
-    }
+    walk_two_buffers(
+        buf, n_tiles, rounds,
+        [&](MmaStep<FMT>(&b)[U], int tile, int round) {
+            if (round == 0) rows = rows_of(tile);
+            mma_load<FMT, SF, U>(rows, b, (kslot + round * ks) * U, nchunk);
+        },
+        [&](const MmaStep<FMT>(&b)[U], int tile, int round) {
+            mma_accumulate<FMT, SF, U>(b, (kslot + round * ks) * U, nchunk, q, x, acc);
+            if (round == rounds - 1) {
+                finish(tile, acc);
+                acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+            }
+        });
 }
 
 /* The end of a tile in a team of ks warps: emit(row in tile, token, sum) for every row of the tile

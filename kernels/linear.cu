@@ -126,6 +126,46 @@ static int mma_gemv_fits(const dsrtk_linear_weight *w, int64_t rows, int quantis
 }
 
 
+/* bf16 weights on the tensor cores (bf16_mma_kernel, below) */
+enum { SUPER = 256 };                          /* the columns one warp instruction reads of a row */
+static const int64_t BF16_MMA_MIN_OUT = 16384; /* narrower outputs leave warps without row pairs */
+static const size_t BF16_MMA_MAX_SMEM = 100 * 1024; /* two blocks a multiprocessor */
+
+/* super-chunks a step: 8 (4) 16-byte loads a lane in flight per buffer; 8 tokens' accumulators
+ * leave room for 4 */
+template <int MT> struct Bf16Shape { static constexpr int SC = MT >= 8 ? 2 : 4; };
+
+struct Bf16MmaArgs {
+    const char *weight;
+    const void *x;
+    void *y;
+    int x_dtype, y_dtype, rows;
+    int groups, out, out_g, in, in_g;
+    int ldg, pitch;         /* a group's staged columns (in_g up to super-chunks), a plane row's */
+    int pairs_g, n_pairs;   /* row pairs a group, in all */
+    int rounds;             /* steps a row pair */
+    int64_t row_bytes;
+};
+
+static int bf16_planes(int x_dtype) { return x_dtype == DSRT_BF16 ? 1 : 3; }
+static int64_t bf16_ldg(int64_t in_g) { return ceil_div(in_g, SUPER) * SUPER; }
+static size_t bf16_smem(int64_t groups, int64_t in_g, int planes, int64_t rows)
+{
+    return (size_t)(rows * planes * groups * bf16_ldg(in_g)) * 2;
+}
+
+/* bf16 weights with 8-column vectors, wide outputs, unquantised bf16 or f32 activations that fit
+ * the shared memory 8 tokens at a time: never a question of rows, so that a token's result does not
+ * depend on how many share the call (bf16_mma_kernel) */
+static int bf16_mma_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise, int x_dtype)
+{
+    const int64_t in_g = w->in / w->groups;
+    return w->format == FMT_BF16 && !quantise && rows <= GEMV_MAX_ROWS && (x_dtype == DSRT_BF16 || x_dtype == DSRT_F32) &&
+           w->out / w->groups >= BF16_MMA_MIN_OUT && in_g % 8 == 0 && w->ld % 8 == 0 && (uintptr_t)w->weight % 16 == 0 &&
+           w->out <= INT32_MAX && w->in <= INT32_MAX &&
+           bf16_smem(w->groups, in_g, bf16_planes(x_dtype), GEMV_MAX_ROWS) <= BF16_MMA_MAX_SMEM;
+}
+
 static int lt_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise, int y_dtype)
 {
     return rows > GEMV_MAX_ROWS && quantise && w->format == FMT_FP8 && w->groups == 1 && w->block_rows == 128 &&
@@ -146,7 +186,8 @@ static void make_plan(const dsrtk_linear_weight *w, int64_t rows, int x_dtype, i
 {
     memset(p, 0, sizeof *p);
     int64_t in = w->in, in_g = in / w->groups, out_g = w->out / w->groups;
-    if (rows <= GEMV_MAX_ROWS && (mma_gemv_fits(w, rows, quantise, x_dtype) || gemv_fits(w, quantise))) {
+    if (rows <= GEMV_MAX_ROWS &&
+        (bf16_mma_fits(w, rows, quantise, x_dtype) || mma_gemv_fits(w, rows, quantise, x_dtype) || gemv_fits(w, quantise))) {
         p->path = PATH_GEMV;
         p->kc = gemv_kc(w, gemv_mt(rows));
         return; /* no workspace */
@@ -726,6 +767,179 @@ static int launch_mma(int dev, const dsrtk_linear_weight *w, const void *x, int 
                     : launch_mma_gemv<FMT_FP8, DSRT_F8E8M0, false>(dev, w, x, x_dtype, rows, y, y_dtype, s);
 }
 
+/* ---- bf16 weights on the tensor cores (1..8 rows, wide outputs: the LM head) ----
+ *
+ * Why: the CUDA-core GEMV reads the 1 GB head at the copy rate at one row, but from two rows on it
+ * is bound by its FMAs, one a weight a token (472-499 us at 3 rows against 252 at 1, ncu, H200),
+ * which a speculative verify pays every round. mma.sync takes bf16 as it is stored.
+ *
+ * The loads are the CUDA-core GEMV's: a warp instruction reads 512 contiguous bytes of one weight
+ * row (lane L columns 8L..8L+7 of a 256-column super-chunk). fp8mma.cuh's fragment order (8 rows x
+ * 64 bytes an instruction) read the head at 3.5-3.8 TB/s against its 4.2 (ncu, H200). The
+ * fragments follow from choosing what the mma's rows and columns mean. An m16n8k16 over rows j
+ * (a0, a2) and j + 1 (a1, a3) takes lane (g, q)'s words as its k-slots, so its logical row g is
+ * "row j, eighth g of the super-chunk" (columns 32g.., which lane group g holds), and B's column n
+ * is the token's x at eighth n (lane (n, q) reads the x columns it loaded weights for). C[g, n] is
+ * row j's partial over eighth g where n = g, C[g + 8, g] row j + 1's; the other entries mix
+ * eighths and are never read. So: one mma per token, row pair and 16 columns of each eighth, and a
+ * tile's eight partials meet by shuffles in a fixed order. Tokens never share an mma: a token's
+ * result does not depend on how many share the call (speculative verify against plain decoding).
+ *
+ * Numerics: bf16 weight times bf16 activation products are exact in fp32; f32 activations come as
+ * three bf16 planes whose sum is x exactly (stage_planes), each its own mma into the same
+ * accumulator. y is the CPU's Σ W·x with the fp32 additions in another order. */
+
+/* Token t's activation as P bf16 rows whose sum is x exactly, plane p at xs + (t·P + p)·pitch,
+ * group g's columns from g·ldg; zeros up to ldg (a super-chunk past a group's end multiplies zero
+ * weights by them: never inf or NaN) and for the tokens from rows to MT (computed, never stored).
+ * Three planes for f32: v's 24 significant bits cut (not rounded, so nothing overflows) into
+ * 8 + 8 + 8, hi = v with its low 16 bits cleared, mid the same of v - hi, lo = v - hi - mid, each
+ * difference exact in f32. A non-finite v stays in hi (inf - inf would put NaN in the others). */
+template <int MT, int P>
+__device__ __forceinline__ void stage_planes(const Bf16MmaArgs &a, uint16_t *xs)
+{
+    const int per_row = a.groups * a.ldg;
+    for (int i = threadIdx.x; i < MT * per_row; i += blockDim.x) {
+        const int t = i / per_row, gc = i - t * per_row, g = gc / a.ldg, c = gc - g * a.ldg;
+        float v = t < a.rows && c < a.in_g ? dsrt_load_f32(a.x, a.x_dtype, (int64_t)t * a.in + (int64_t)g * a.in_g + c) : 0.0f;
+        uint16_t *at = xs + t * P * a.pitch + gc;
+#pragma unroll
+        for (int p = 0; p < P; p++, at += a.pitch) {
+            const bool finite = isfinite(v);
+            const uint16_t b = finite ? (uint16_t)(dsrt_f32_bits(v) >> 16) : dsrt_f32_to_bf16(v);
+            *at = b;
+            v = finite ? v - dsrt_bf16_to_f32(b) : 0.0f;
+        }
+    }
+}
+
+/* MT tokens (rows of them real), P planes: the loops over both unrolled, no branch in the walk */
+template <int MT, int P>
+__global__ void __launch_bounds__(GEMV_THREADS) bf16_mma_kernel(const __grid_constant__ Bf16MmaArgs a)
+{
+    constexpr int SC = Bf16Shape<MT>::SC;
+    extern __shared__ uint4 smem4[];
+    uint16_t *xs = (uint16_t *)smem4;
+    const int lane = threadIdx.x & 31, g8 = lane >> 2, q = lane & 3;
+    const int warp = (int)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), warps = (int)gridDim.x * GEMV_WARPS;
+    const int my_pairs = warp < a.n_pairs ? (a.n_pairs - warp + warps - 1) / warps : 0;
+    /* row pair i of the warp: its group and first row (a row past the group reads row j instead:
+     * real bytes, never emitted) */
+    auto pair_at = [&](int i, int &g, int &j) {
+        const int p = warp + i * warps;
+        g = p / a.pairs_g, j = (p - g * a.pairs_g) * 2;
+    };
+    auto row_ptr = [&](int g, int j) { return a.weight + ((int64_t)g * a.out_g + j) * a.row_bytes; };
+    typedef uint4 Step[SC][2];
+    Step buf[2];
+    const char *rows[2] = {nullptr, nullptr};
+    int pg = 0, pj = 0;
+    auto load = [&](Step &b, int i, int round) {
+        if (round == 0) {
+            pair_at(i, pg, pj);
+            rows[0] = row_ptr(pg, pj), rows[1] = row_ptr(pg, pj + 1 < a.out_g ? pj + 1 : pj);
+        }
+#pragma unroll
+        for (int s = 0; s < SC; s++) {
+            const int c = (round * SC + s) * SUPER + 8 * lane;
+            const bool in = c < a.in_g;
+#pragma unroll
+            for (int k = 0; k < 2; k++) b[s][k] = in ? load_stream(rows[k] + (int64_t)c * 2) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    if (my_pairs) { /* launched dependent (common.cuh): the first step heads for L2 meanwhile */
+        int g, j;
+        pair_at(0, g, j);
+        if ((lane & 7) == 0)
+            for (int s = 0; s < SC && s * SUPER + 8 * lane < a.in_g; s++)
+                for (int k = 0; k < 2 && j + k < a.out_g; k++) dsrtk_prefetch_l2(row_ptr(g, j + k) + (s * SUPER + 8 * lane) * 2);
+    }
+    dsrtk_wait_producer();
+    if (my_pairs) load(buf[0], 0, 0);
+    stage_planes<MT, P>(a, xs);
+    __syncthreads();
+
+    float acc[MT][4] = {};
+    int ug = 0, uj = 0; /* the pair use() works on */
+    const uint32_t xs_at = (uint32_t)__cvta_generic_to_shared(xs) + 16 * lane, plane_bytes = 2 * a.pitch;
+    uint32_t x0 = 0; /* the lane's x of the pair's group, super-chunk 0 */
+    walk_two_buffers(buf, my_pairs, a.rounds, load, [&](const Step &b, int i, int round) {
+        if (round == 0) pair_at(i, ug, uj), x0 = xs_at + 2 * ug * a.ldg;
+#pragma unroll
+        for (int s = 0; s < SC; s++) {
+            const int sc = round * SC + s;
+            if (sc * SUPER >= a.in_g) break; /* warp-uniform */
+#pragma unroll
+            for (int t = 0; t < MT; t++)
+#pragma unroll
+                for (int p = 0; p < P; p++) {
+                    const uint4 xv = lds_u128(x0 + (t * P + p) * plane_bytes + 2 * sc * SUPER);
+                    mma_bf16(acc[t], b[s][0].x, b[s][1].x, b[s][0].y, b[s][1].y, xv.x, xv.y);
+                    mma_bf16(acc[t], b[s][0].z, b[s][1].z, b[s][0].w, b[s][1].w, xv.z, xv.w);
+                }
+        }
+        if (round < a.rounds - 1) return;
+        /* C[g, g] (row j) and C[g + 8, g] (row j + 1) sit in lane (g, g / 2), element g % 2 */
+        const bool mine = q == g8 >> 1;
+#pragma unroll
+        for (int t = 0; t < MT; t++) {
+            float v0 = mine ? (g8 & 1 ? acc[t][1] : acc[t][0]) : 0.0f, v1 = mine ? (g8 & 1 ? acc[t][3] : acc[t][2]) : 0.0f;
+#pragma unroll
+            for (int off = 16; off; off >>= 1) {
+                v0 += __shfl_xor_sync(0xffffffffu, v0, off);
+                v1 += __shfl_xor_sync(0xffffffffu, v1, off);
+            }
+            const int64_t at = (int64_t)t * a.out + (int64_t)ug * a.out_g + uj;
+            if (lane == 0 && t < a.rows) store_out(a.y, a.y_dtype, at, v0);
+            if (lane == 1 && t < a.rows && uj + 1 < a.out_g) store_out(a.y, a.y_dtype, at + 1, v1);
+            acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+        }
+    });
+}
+
+template <int MT, int P>
+static int launch_bf16_mma_mt(int dev, Bf16MmaArgs a, cudaStream_t s)
+{
+    a.rounds = (int)ceil_div(a.ldg / SUPER, Bf16Shape<MT>::SC); /* the same super-chunks in the same order at any MT */
+    static std::atomic<int> ready[MAX_LT_DEVICES]; /* blocks a multiprocessor, once the opt-in is made */
+    int per_sm = ready[dev].load(std::memory_order_relaxed);
+    if (!per_sm) {
+        int st = dsrtk_check(cudaFuncSetAttribute(bf16_mma_kernel<MT, P>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                  (int)BF16_MMA_MAX_SMEM),
+                             "linear: %zu bytes of shared memory for the bf16 tensor-core GEMV", BF16_MMA_MAX_SMEM);
+        if (st) return st;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, bf16_mma_kernel<MT, P>, GEMV_THREADS, BF16_MMA_MAX_SMEM) !=
+                cudaSuccess || per_sm < 1) {
+            cudaGetLastError();
+            per_sm = 1;
+        }
+        ready[dev].store(per_sm, std::memory_order_relaxed);
+    }
+    const int64_t blocks = ceil_div(a.n_pairs, GEMV_WARPS), resident = (int64_t)dsrtk_multiprocessors(dev) * per_sm;
+    return dsrtk_check(dsrtk_launch_dependent(bf16_mma_kernel<MT, P>, dim3((unsigned)(blocks < resident ? blocks : resident)),
+                                              dim3(GEMV_THREADS), bf16_smem(a.groups, a.in_g, P, MT), s, a),
+                       "launch of linear bf16_mma_kernel on cuda:%d", dev);
+}
+
+static int launch_bf16_mma(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, void *y,
+                           int y_dtype, cudaStream_t s)
+{
+    Bf16MmaArgs a = {};
+    a.weight = (const char *)w->weight, a.x = x, a.y = y;
+    a.x_dtype = x_dtype, a.y_dtype = y_dtype, a.rows = (int)rows;
+    a.groups = (int)w->groups, a.out = (int)w->out, a.out_g = (int)(w->out / w->groups), a.in = (int)w->in;
+    a.in_g = (int)(w->in / w->groups);
+    a.ldg = (int)bf16_ldg(a.in_g), a.pitch = a.groups * a.ldg;
+    a.pairs_g = (a.out_g + 1) / 2, a.n_pairs = a.pairs_g * a.groups;
+    a.row_bytes = w->ld * 2;
+    const int mt = gemv_mt(rows);
+    if (bf16_planes(x_dtype) == 1)
+        return mt == 1 ? launch_bf16_mma_mt<1, 1>(dev, a, s) : mt == 2 ? launch_bf16_mma_mt<2, 1>(dev, a, s)
+             : mt == 4 ? launch_bf16_mma_mt<4, 1>(dev, a, s) : launch_bf16_mma_mt<8, 1>(dev, a, s);
+    return mt == 1 ? launch_bf16_mma_mt<1, 3>(dev, a, s) : mt == 2 ? launch_bf16_mma_mt<2, 3>(dev, a, s)
+         : mt == 4 ? launch_bf16_mma_mt<4, 3>(dev, a, s) : launch_bf16_mma_mt<8, 3>(dev, a, s);
+}
+
 /* ---- the tiled kernel ---- */
 
 enum { TM = 64, TN = 64, TK = 16 };
@@ -1112,6 +1326,7 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
             if ((vpb & (vpb - 1)) == 0)
                 for (a.vpb_shift = 0; ((int64_t)1 << a.vpb_shift) < vpb; a.vpb_shift++) {}
         }
+        if (bf16_mma_fits(w, rows, quantise, x_dtype)) return launch_bf16_mma(dev, w, x, x_dtype, rows, y, y_dtype, s);
         if (mma_gemv_fits(w, rows, quantise, x_dtype))
             return launch_mma(dev, w, x, x_dtype, rows, quantise, y, y_dtype, s);
         if (w->format == FMT_FP8) return launch_gemv<FMT_FP8>(dev, a, s);

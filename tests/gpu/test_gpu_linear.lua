@@ -3,8 +3,10 @@
 -- weights, scales and inputs for every format (fp8 with e8m0 and f32 scales, fp4, bf16), fp32_math,
 -- the grouped wo_a, both precisions and rows {1, 2, 7, 8, 9, 15, 16, 17, 33, 130}: the decode GEMVs
 -- (<= 8 rows: the tensor-core one for FP8/FP4 weights with 64-column chunks, Q8 activations or bf16
--- ones for FP8 (the fp32 rows with bf16 x), and the CUDA-core one for the rest: bf16 weights, f32
--- activations unquantised, widths off the chunks such as fp4 1056), cuBLASLt FP8
+-- ones for FP8 (the fp32 rows with bf16 x); bf16 weights with 16384+ outputs on the tensor cores
+-- too (bf16 x, or f32 x as three bf16 planes where 8 tokens of them fit the shared memory); the
+-- CUDA-core one for the rest: f32 activations unquantised, narrower bf16 weights, widths off the
+-- chunks such as fp4 1056), cuBLASLt FP8
 -- block scaling (fp8 reference, in % 128 == 0, out % 16 == 0, 9+ rows), cuBLAS over dequantised
 -- weight slabs (everything else at 9+ rows: bf16 route, f32 route, f32 route with bf16 output, two
 -- slabs for a 65536-wide weight, and the exact fallback when a dequantised fp8 weight is not a bf16
@@ -126,9 +128,13 @@ local CASES = {
   { "bf16 100->30 (tiled only)", "bf16", 100, 30 },
   { "bf16 fp32_math 264->100", "bf16", 264, 100, { fp32_math = true } },
   { "bf16 fp32_math 4096->36", "bf16", 4096, 36, { fp32_math = true } },
+  { "bf16 1024->16392 (tensor-core GEMV, f32 x in three planes)", "bf16", 1024, 16392 },
+  { "bf16 fp32_math 320->16392 (tensor-core GEMV, a partial super-chunk)", "bf16", 320, 16392, { fp32_math = true } },
+  { "bf16 fp32_math 4096->16391 (tensor-core GEMV: bf16 x, f32 x on the CUDA cores)", "bf16", 4096, 16391, { fp32_math = true } },
   -- the grouped wo_a
   { "grouped fp8 4x128->4x64", "fp8", 512, 256, { groups = 4 } },
   { "grouped bf16 4x72->4x20", "bf16", 288, 80, { groups = 4 } },
+  { "grouped bf16 2x128->2x16392 (tensor-core GEMV)", "bf16", 256, 32784, { groups = 2 } },
   { "grouped bf16 3x64->3x6 (tiled only)", "bf16", 192, 18, { groups = 3 } },
 }
 
@@ -190,19 +196,52 @@ test("cuda: Flash-sized decode shapes match cpu at 1, 4 and 8 rows", function()
   end
 end)
 
+-- bf16 weights (16384+ outputs) times f32 x on the tensor cores: x in three bf16 planes cut from its bits
+-- (linear.cu's stage_planes), exact at any magnitude; an inf stays an inf (it must not turn the
+-- planes below it into NaN) and a NaN a NaN
+test("cuda matches cpu: bf16 GEMV of f32 x at extreme magnitudes, inf and NaN", function()
+  local desc = random_linear("bf16", 1024, 16392, { fp32_math = true }) -- f32 outputs: rel_error 1e-5 applies
+  local cpu, gpu = dsrt.linear(desc), dsrt.linear(on_cuda(desc))
+  local x = dsrt.randn({ 5, 1024 }, { seed = next_seed() })
+  x[1] = x[1]:mul(2.0 ^ 100)
+  x[2] = x[2]:mul(2.0 ^ -100)
+  x[3]:narrow(1, 7, 1):fill(3.4e38) -- an f32 that rounds to inf in bf16
+  x[4]:narrow(1, 5, 1):fill(math.huge)
+  x[5]:narrow(1, 9, 1):fill(0 / 0)
+  local want = cpu:forward(x, "reference"):totable()
+  poison_cache(5 * 16392 * 4)
+  local got = gpu:forward(x:to("cuda"), "reference"):to("cpu"):totable()
+  for r = 1, 3 do
+    local err, norm = 0, 0
+    for i = 1, 16392 do
+      local g, w = got[r][i], want[r][i]
+      assert(g == g and math.abs(g) < math.huge, string.format("row %d element %d is %s on cuda", r, i, g))
+      err, norm = err + (g - w) ^ 2, norm + w ^ 2
+    end
+    assert(math.sqrt(err / norm) <= 1e-5, string.format("row %d: rel_error %g", r, math.sqrt(err / norm)))
+  end
+  for i = 1, 16392 do
+    h.assert_equal(got[4][i], want[4][i], "row 4 (an inf in x) element " .. i)
+    assert(got[5][i] ~= got[5][i], "row 5 (a NaN in x) element " .. i .. " is " .. got[5][i] .. " on cuda")
+  end
+end)
+
 -- the tensor-core GEMV (kernels/fp8mma.cuh) plans its grid from the shape alone: a token's result
 -- must be the same bits whether it comes alone or with up to 7 others (speculative verify relies on
 -- it). Its inputs: Q8 activations (reference) and, for FP8 weights, bf16 ones (fp32 precision with
--- bf16 x). The CUDA-core GEMV (fp4 in fp32 precision here) sums in an order that depends on the
--- batch size, at the level of fp32 rounding.
+-- bf16 x); bf16 weights of 16384+ outputs (linear.cu's bf16_mma_kernel) take bf16 x (the LM head's)
+-- and f32 x (three planes). The CUDA-core GEMV
+-- (fp4 in fp32 precision here) sums in an order that depends on the batch size, at the level of
+-- fp32 rounding.
 test("cuda: tensor-core decode GEMV results do not depend on the batch", function()
   for _, c in ipairs {
     { "fp8", 1024, 4096 }, { "fp8", 4096, 512 }, { "fp4", 4096, 512, nil, { "reference" } },
     { "fp8", 512, 256, { groups = 4 } },
+    { "bf16", 4096, 16392, { fp32_math = true } }, { "bf16", 512, 16392, nil, nil, "f32" },
   } do
     local desc = random_linear(c[1], c[2], c[3], c[4])
     local gpu = dsrt.linear(on_cuda(desc))
-    local x = dsrt.randn({ 8, c[2] }, { seed = next_seed(), dtype = "bf16" }):to("cuda")
+    local x = dsrt.randn({ 8, c[2] }, { seed = next_seed(), dtype = c[6] or "bf16" }):to("cuda")
     for _, precision in ipairs(c[5] or { "reference", "fp32" }) do
       local all = gpu:forward(x, precision):to("cpu")
       for _, t in ipairs { 1, 3, 8 } do
