@@ -17,8 +17,11 @@
  *     wq_b 1024->32768 (32 MB) 17 us, wo_b 8192->4096 20 us, wkv 4096->512 9 us; by CUDA events
  *     (make bench) wq_b 30 -> 20 us and wo_b 39 -> 24 us against the CUDA-core kernel below, which
  *     converts every weight to f32 (~1.5 conversions at 16 a clock per SM).
- *   - gemv_kernel (1..8 rows, everything else: bf16 weights such as the LM head, f32 or
- *     unquantised activations, widths off the 64-column chunks): each block stages the activation
+ *   - bf16_mma_kernel (1..8 rows, bf16 weights of 16384+ outputs: the LM head): mma.sync on the
+ *     bf16 weights as stored, loaded in the CUDA-core GEMV's order; the head at 248-256 us at one
+ *     row and 278 us at three (against 245-252 and 473 through gemv_kernel; ncu, H200).
+ *   - gemv_kernel (1..8 rows, everything else: narrower bf16 weights, f32 or unquantised
+ *     activations, widths off the 64-column chunks): each block stages the activation
  *     it needs in shared memory (f32, Q8 round-tripped with quant.h's arithmetic, so bit for bit
  *     the CPU's a), then streams every weight byte once with 16-byte loads (L1 no-allocate),
  *     dequantised in registers; a 16-byte vector never straddles a scale block (checked on the
@@ -26,7 +29,7 @@
  *     (scales are powers of two for e8m0, so p·S equals Σ a·(W·S) up to the order of fp32
  *     additions; f32 scales are applied the same way, as a product after the sum). Per weight
  *     element: 1 byte (fp8) / 0.5 (fp4) / 2 (bf16) from HBM and 2·rows FLOPs. The 1 GB bf16 head
- *     streams at 4.1 TB/s through it.
+ *     streamed at 4.1 TB/s through it at one row, and its FMAs bound it from two rows on.
  *   - prefill FP8 (9+ rows, reference, 128x128 blocks): cuBLASLt FP8 with block scaling exactly as
  *     FORMATS.md §1 measured it on Hopper (TN, A = W with BLK128x128_32F scales, B = the e4m3 codes
  *     of Q8(x) with VEC128_32F scales, D bf16, tokens padded to 16).

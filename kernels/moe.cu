@@ -38,11 +38,13 @@
  *     bf16 outputs are the reference's roundings of fp32 sums.
  *
  * Decode in reference precision, FP8/FP4 experts (moe_mma_kernel, fp8mma.cuh's tensor-core tile,
- * as linear.cu's decode GEMV): blocks per group walk the group's 16-row tiles in teams, w1 and w3
- * on the same tile before project_out's SwiGLU; the shared expert (every row, FP8: twice an FP4
- * expert's bytes) also takes a spare row of blocks. Measured on the H200 (2026-11-28, Flash layer,
- * T = 1): UP 68 us, DOWN 36 us by ncu inside a decode step; the whole MoE by CUDA events (make
- * bench) 0.210 ms with moe_project_kernel below, 0.134 ms with this one.
+ * as linear.cu's decode GEMV): blocks per group walk the group's 16-row tiles in teams, a team w1's
+ * tile and then w3's of the same rows, and the SwiGLU once the walk is over (mma_project says why);
+ * the shared expert (every row, FP8: twice an FP4 expert's bytes) also takes a spare row of blocks.
+ * Measured on the H200 (2026-11-28, Flash layer, T = 1, ncu inside a decode step): UP 47-56 us,
+ * DOWN 27-35 us (57-63 and 28-38 before the walk stopped spilling). The FP4 step is bound by issue
+ * now: ~116 instructions a lane a 64-column chunk (the FP4 conversion, the scales' promotion),
+ * 1.75 instructions a clock a multiprocessor, ~1.3 TB/s.
  *
  * Decode otherwise (moe_project_kernel: the gate, fp32 precision, layouts off the tile) serves the
  * gate, w1/w3 + SwiGLU and w2: a block takes 8 output
