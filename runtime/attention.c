@@ -630,13 +630,14 @@ fail:
 
 /* ---- forward ---- */
 
+/* op: "forward" or "advance", for the messages */
 static int check_forward(const dsrt_attention *a, const dsrt_attn_state *st, const dsrt_tensor *x, dsrt_precision prec,
-                         const dsrt_stream *s)
+                         const dsrt_stream *s, const char *op)
 {
     char xb[DSRT_SHAPE_BUF];
     if (st->a != a) return dsrt_err("attention: the state was made for another attention layer");
     if (prec != st->prec)
-        return dsrt_err("attention: forward in %s precision with a state made for %s", prec == DSRT_PREC_FP32 ? "fp32" : "reference",
+        return dsrt_err("attention: %s in %s precision with a state made for %s", op, prec == DSRT_PREC_FP32 ? "fp32" : "reference",
                         st->prec == DSRT_PREC_FP32 ? "fp32" : "reference");
     if (dsrt_linear_check_input(x, a->cfg.dim, a->device, s, "attention")) return -1;
     if (x->ndim != 2 || x->shape[0] < 1)
@@ -784,6 +785,66 @@ fail:
     return -1;
 }
 
+/* The chunk's rows into the state's rings, all in one launch, and the length advanced: the window's
+ * kv rows and the compressors' (c, g + ape) rows (launch failures here are configuration errors the
+ * forward's checks rule out) */
+static int write_rings(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *kv, dsrt_tensor *cc, dsrt_tensor *cg,
+                       dsrt_tensor *ic, dsrt_tensor *ig, int64_t P, int64_t S, dsrt_stream *s)
+{
+    const dsrt_attn_config *c = &a->cfg;
+    int64_t hd = c->head_dim, r = c->ratio;
+    dsrtk_ring_write rings[DSRTK_MAX_RING_WRITES] = {{DEVF(st->twindow), DEVF(kv), st->window_rows, hd}};
+    int n_rings = 1;
+    if (r > 0) {
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->comp.tc), DEVF(cc), st->comp.ring, a->coff * hd};
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->comp.tg), DEVF(cg), st->comp.ring, a->coff * hd};
+    }
+    if (r == 4) {
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->index.tc), DEVF(ic), st->index.ring, a->coff * c->index_head_dim};
+        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->index.tg), DEVF(ig), st->index.ring, a->coff * c->index_head_dim};
+    }
+    if (dsrtk_attn_ring_writes(a->device, rings, n_rings, P, S, s->handle)) return kernel_failed();
+    st->length = P + S;
+    return 0;
+}
+
+/* dsrt_attention_advance on the device: forward_cuda's steps that write the state, in its order,
+ * all on s (the state's values do not depend on the stream) */
+static int advance_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)
+{
+    const dsrt_attn_config *c = &a->cfg;
+    dsrt_attn_weights *w = &a->w;
+    int64_t S = x->shape[0], P = st->length, r = c->ratio;
+    dsrt_tensor *xf = dsrt_tensor_contiguous(x, s), *kv = NULL, *cc = NULL, *cg = NULL, *ic = NULL, *ig = NULL;
+    int rc = -1;
+    if (!xf) goto done;
+    if (r > 0) {
+        cc = dlin(w->compressor.wkv, xf, DSRT_PREC_FP32, s); /* fp32 math (SPEC §3.5) */
+        cg = cc ? dlin(w->compressor.wgate, xf, DSRT_PREC_FP32, s) : NULL;
+        if (add_ape(a, cg, a->ape_t, P, s)) goto done;
+    }
+    if (r == 4) {
+        ic = dlin(w->index_compressor.wkv, xf, DSRT_PREC_FP32, s);
+        ig = ic ? dlin(w->index_compressor.wgate, xf, DSRT_PREC_FP32, s) : NULL;
+        if (add_ape(a, ig, a->index_ape_t, P, s)) goto done;
+    }
+    /* the window KV as forward_cuda's fused q/kv norm computes it (the same kernel, without q) */
+    kv = norm_rope(c, dlin_any(w->wkv, xf, prec, s), DSRT_NN_NORM_RMS, w->kv_norm, P, 1, latent_post(0, prec), prec, s);
+    if (!kv || (r == 4 && compress_dev(a, &st->index, &w->index_compressor, ic, ig, P, S, 1, prec, s)) ||
+        (r > 0 && compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, s)))
+        goto done;
+    if (use_on(st->twindow, s) || (r > 0 && (use_on(st->comp.tc, s) || use_on(st->comp.tg, s))) ||
+        (r == 4 && (use_on(st->index.tc, s) || use_on(st->index.tg, s))))
+        goto done;
+    rc = write_rings(a, st, kv, cc, cg, ic, ig, P, S, s);
+done:
+    {
+        dsrt_tensor *all[] = {xf, kv, cc, cg, ic, ig};
+        for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
+    }
+    return rc;
+}
+
 static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec,
                                  dsrt_stream *s)
 {
@@ -891,25 +952,12 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     if (out == y) dsrt_tensor_retain(y);
     if (!out) goto done;
 
-    /* the rings take the chunk's rows last, as on the CPU, all in one launch (launch failures here
-     * are configuration errors the checks above rule out) */
-    dsrtk_ring_write rings[DSRTK_MAX_RING_WRITES] = {{DEVF(st->twindow), DEVF(kv), st->window_rows, hd}};
-    int n_rings = 1;
-    if (r > 0) {
-        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->comp.tc), DEVF(cc), st->comp.ring, a->coff * hd};
-        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->comp.tg), DEVF(cg), st->comp.ring, a->coff * hd};
-    }
-    if (r == 4) {
-        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->index.tc), DEVF(ic), st->index.ring, a->coff * c->index_head_dim};
-        rings[n_rings++] = (dsrtk_ring_write){DEVF(st->index.tg), DEVF(ig), st->index.ring, a->coff * c->index_head_dim};
-    }
-    if (dsrtk_attn_ring_writes(dev, rings, n_rings, P, S, s->handle)) {
-        kernel_failed();
+    /* the rings take the chunk's rows last, as on the CPU */
+    if (write_rings(a, st, kv, cc, cg, ic, ig, P, S, s)) {
         dsrt_tensor_release(out);
         out = NULL;
         goto done;
     }
-    st->length = P + S;
 done:
     {
         dsrt_tensor *all[] = {cc, cg, ic, ig, xf, qa, kvp, qr, q, kv, pool, idx, o, ov, z, y, picks, wproj};
@@ -920,10 +968,53 @@ done:
 
 #undef DEVF
 
+/* The chunk's rows into the state's rings and the length advanced (host state) */
+static void commit_cpu(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *kv, dsrt_tensor *cc, dsrt_tensor *cg,
+                       dsrt_tensor *ic, dsrt_tensor *ig, int64_t P, int64_t S)
+{
+    const dsrt_attn_config *c = &a->cfg;
+    int64_t hd = c->head_dim;
+    for (int64_t i = S > st->window_rows ? S - st->window_rows : 0; i < S; i++)
+        memcpy(st->window + ((P + i) % st->window_rows) * hd, F32(kv) + i * hd, (size_t)hd * sizeof(float));
+    commit_rows(&st->comp, a->coff * c->head_dim, cc, cg, P, S);
+    commit_rows(&st->index, a->coff * c->index_head_dim, ic, ig, P, S);
+    st->length = P + S;
+}
+
+int dsrt_attention_advance(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)
+{
+    if (check_forward(a, st, x, prec, s, "advance")) return -1;
+    if (a->device != DSRT_CPU) return advance_cuda(a, st, x, prec, s);
+    const dsrt_attn_config *c = &a->cfg;
+    const dsrt_attn_weights *w = &a->w;
+    int64_t S = x->shape[0], P = st->length, r = c->ratio;
+    dsrt_tensor *xf = dsrt_linear_input(x, s), *kv = NULL, *cc = NULL, *cg = NULL, *ic = NULL, *ig = NULL;
+    int rc = -1;
+    if (!xf) goto done;
+    const float *xp = F32(xf);
+    /* dsrt_attention_forward's state steps: §6.2 the window KV, §6.5 the compressors' entries (the
+     * indexer's keys, §6.6, come from its own compressor: index_select's step 2) */
+    kv = norm_rope(c, project(w->wkv, xp, S, prec, s), DSRT_NN_NORM_RMS, w->kv_norm, P, 1, latent_post(0, prec), prec, s);
+    if (!kv ||
+        (r > 0 && compress(a, &st->comp, (dsrt_compressor_weights *)&w->compressor, a->ape, xp, P, S, 0, prec, s, &cc, &cg)) ||
+        (r == 4 && compress(a, &st->index, &a->w.index_compressor, a->index_ape, xp, P, S, 1, prec, s, &ic, &ig)))
+        goto done;
+    commit_cpu(a, st, kv, cc, cg, ic, ig, P, S);
+    rc = 0;
+done:
+    dsrt_tensor_release(cc);
+    dsrt_tensor_release(cg);
+    dsrt_tensor_release(ic);
+    dsrt_tensor_release(ig);
+    dsrt_tensor_release(xf);
+    dsrt_tensor_release(kv);
+    return rc;
+}
+
 dsrt_tensor *dsrt_attention_forward(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec,
                                     dsrt_stream *s)
 {
-    if (check_forward(a, st, x, prec, s)) return NULL;
+    if (check_forward(a, st, x, prec, s, "forward")) return NULL;
     if (a->device != DSRT_CPU) return forward_cuda(a, st, x, prec, s);
     const dsrt_attn_config *c = &a->cfg;
     const dsrt_attn_weights *w = &a->w;
@@ -978,11 +1069,7 @@ dsrt_tensor *dsrt_attention_forward(dsrt_attention *a, dsrt_attn_state *st, dsrt
 
     /* the rings take the chunk's rows last, once nothing can fail: nothing above read a slot this
      * chunk overwrites, and a failed forward leaves the state as it was */
-    for (int64_t i = S > st->window_rows ? S - st->window_rows : 0; i < S; i++)
-        memcpy(st->window + ((P + i) % st->window_rows) * hd, F32(kv) + i * hd, (size_t)hd * sizeof(float));
-    commit_rows(&st->comp, a->coff * c->head_dim, cc, cg, P, S);
-    commit_rows(&st->index, a->coff * c->index_head_dim, ic, ig, P, S);
-    st->length = P + S;
+    commit_cpu(a, st, kv, cc, cg, ic, ig, P, S);
 done:
     dsrt_tensor_release(cc);
     dsrt_tensor_release(cg);

@@ -74,4 +74,10 @@ int dsrt_attn_state_truncate(dsrt_attn_state *st, int64_t length); /* length - s
 dsrt_tensor *dsrt_attention_forward(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec,
                                     dsrt_stream *s);
 
+/* The state's half of dsrt_attention_forward: the window ring, the compressors' states and entries
+ * and the indexer's keys take x's positions exactly as a forward leaves them (the same kernels in
+ * the same order), and nothing else runs: no query path, index scores, attention or output. What
+ * an MTP layer's ring fill needs (SPEC §8.2), whose forward output would be thrown away. 0 or -1. */
+int dsrt_attention_advance(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s);
+
 #endif

@@ -556,6 +556,17 @@ static int l_attention_forward(lua_State *L)
     return 1;
 }
 
+/* attention:advance(state, x [, precision]): the state steps of a forward alone (no output) */
+static int l_attention_advance(lua_State *L)
+{
+    dsrt_attention *a = check_attention(L, 1);
+    dsrt_attn_state *st = check_attn_state(L, 2);
+    dsrt_tensor *x = dsrtL_checktensor(L, 3);
+    dsrt_precision prec = lua_isnoneornil(L, 4) ? dsrt_attn_state_precision(st) : dsrtL_checkprecision(L, 4, "attention:advance", 1);
+    if (dsrt_attention_advance(a, st, x, prec, dsrtL_current_stream(L, x->device))) return dsrtL_error(L);
+    return 0;
+}
+
 static int l_attention_gc(lua_State *L)
 {
     attention_box *b = luaL_checkudata(L, 1, ATTENTION_MT);
@@ -639,7 +650,8 @@ void dsrtL_open_layers(lua_State *L)
     static const luaL_Reg moe_methods[] = {{"forward", l_moe_forward}, {"route", l_moe_route}, {"close", l_moe_gc}, {NULL, NULL}};
     static const luaL_Reg attention_meta[] = {{"__gc", l_attention_gc}, {"__close", l_attention_gc},
                                               {"__tostring", l_attention_tostring}, {"__index", l_attention_index}, {NULL, NULL}};
-    static const luaL_Reg attention_methods[] = {{"forward", l_attention_forward}, {"close", l_attention_gc}, {NULL, NULL}};
+    static const luaL_Reg attention_methods[] = {{"forward", l_attention_forward}, {"advance", l_attention_advance},
+                                                 {"close", l_attention_gc}, {NULL, NULL}};
     static const luaL_Reg state_meta[] = {{"__gc", l_attn_state_gc}, {"__close", l_attn_state_gc}, {NULL, NULL}};
     static const luaL_Reg state_methods[] = {{"length", l_attn_state_length}, {"truncate", l_attn_state_truncate},
                                              {"close", l_attn_state_gc}, {NULL, NULL}};

@@ -11,6 +11,8 @@
 --     count, so within fp32 / bf16 rounding rather than bit-equal as on the CPU);
 --   - a layer with 3 aux streams and one with none over the same weights give bit-equal outputs
 --     (SPEC §10: only the streams differ, never the arithmetic);
+--   - attention:advance (the MTP ring fill) leaves the bits of the state a forward leaves, with and
+--     without aux streams (a forward's 64+ row chunks fan out, an advance never does);
 --   - more than 4096 visible indexer entries (the top-k's radix-select path), fp32;
 --   - Flash's 64 indexer heads (random indexer weights on the CSA layer), every warp of the
 --     prefill's score kernel;
@@ -176,6 +178,28 @@ test("aux_streams_give_bit_equal_results", function()
         if k == 3 then
           a:truncate(a:length() - 2)
           b:truncate(b:length() - 2)
+        end
+      end
+    end
+  end
+end)
+
+test("advance_leaves_the_state_a_forward_leaves", function()
+  for _, i in ipairs(KINDS) do
+    for _, with_aux in ipairs({ false, true }) do
+      local att = cuda_layer(i, with_aux)
+      for _, precision in ipairs(PRECISIONS) do
+        local by_forward, by_advance = state(att, precision, "cuda", 300, 0), state(att, precision, "cuda", 300, 0)
+        local after = inputs(1, precision):to("cuda")
+        for k, n in ipairs({ 141, 1, 2, 70, 1 }) do
+          local x = inputs(n, precision):to("cuda")
+          att:forward(by_forward, x)
+          att:advance(by_advance, x)
+          poison()
+          local ya, yb = att:forward(by_forward, after), att:forward(by_advance, after)
+          assert_equal(dsrt.max_abs_diff(ya:to("cpu"), yb:to("cpu")), 0,
+                       string.format("layer %d %s%s step %d: advance left another state", i, precision,
+                                     with_aux and " (aux streams)" or "", k))
         end
       end
     end

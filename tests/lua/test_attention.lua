@@ -5,6 +5,8 @@
 --     forward over the whole sequence gives, in both precisions (SPEC §6.9);
 --   - truncating by up to `slack` positions and re-running restores exactly the state a shorter
 --     run had, across compressor emissions;
+--   - attention:advance leaves exactly the state a forward leaves (the forwards after it agree to
+--     the bit), in chunks that cross the window and compressor emissions;
 --   - fp32 precision against SPEC §6 composed here from dsrt.nn primitives, dsrt.linear and tensor
 --     ops, one query at a time with a dense softmax (the sink in the denominator), the compressor
 --     pooled window by window, and the indexer's top-k picked by sorting in Lua;
@@ -216,6 +218,30 @@ test("truncate_within_slack_restores_the_state_exactly", function()
   end
 end)
 
+-- advance (the MTP ring fill's call) writes the state a forward writes: the same window rows,
+-- compressor states and entries, indexer keys; a later forward cannot tell the two apart
+test("advance_leaves_the_state_a_forward_leaves", function()
+  local sizes = { 3, 1, 130, 1, 7, 1 } -- 143 positions: past the window and three ratio-4 and one ratio-128 emission
+  for _, i in ipairs({ WINDOW, CSA, HCA }) do
+    local att = layer(i)
+    for _, precision in ipairs({ "fp32", "reference" }) do
+      local x, after = inputs(143, 50 + i, precision), inputs(5, 60 + i, precision)
+      local by_forward, by_advance = state(att, precision), state(att, precision)
+      local pos = 1
+      for _, n in ipairs(sizes) do
+        att:forward(by_forward, x:narrow(1, pos, n))
+        assert_equal(att:advance(by_advance, x:narrow(1, pos, n)), nil)
+        pos = pos + n
+        assert_equal(by_advance:length(), by_forward:length())
+        local a, b = att:forward(by_forward, after:narrow(1, 1, 1)), att:forward(by_advance, after:narrow(1, 1, 1))
+        assert_equal(dsrt.max_abs_diff(a, b), 0, string.format("layer %d %s after %d positions", i, precision, pos - 1))
+      end
+      local a, b = att:forward(by_forward, after:narrow(1, 2, 4)), att:forward(by_advance, after:narrow(1, 2, 4))
+      assert_equal(dsrt.max_abs_diff(a, b), 0, string.format("layer %d %s: a chunk after", i, precision))
+    end
+  end
+end)
+
 test("errors_name_the_problem", function()
   local cfg, w = tiny()
   local att, other = layer(HCA), dsrt.attention(cfg.layers[HCA], cfg.dims, w.layers[HCA].attn, {})
@@ -228,6 +254,9 @@ test("errors_name_the_problem", function()
   assert_error(function() st:truncate(7) end, "cannot truncate from 10 to 7 positions: .*slack = 2")
   assert_error(function() st:truncate(11) end, "cannot truncate from 10 to 11")
   assert_error(function() att:forward(st, inputs(11, 1, "fp32")) end, "11 new positions after 10 exceed the state's max_len 20")
+  assert_error(function() att:advance(st, inputs(11, 1, "fp32")) end, "11 new positions after 10 exceed the state's max_len 20")
+  assert_error(function() att:advance(st, inputs(3, 1, "reference"), "reference") end, "advance in reference precision with a state made for fp32")
+  assert_error(function() other:advance(st, inputs(3, 1, "fp32")) end, "the state was made for another attention layer")
   assert_equal(st:length(), 10) -- failed calls leave the state alone
   assert_error(function() dsrt.attn_state(att, { slack = 1 }) end, "'max_len' must be a number")
   local a = w.layers[HCA].attn

@@ -94,10 +94,12 @@ local function attention_sublayer(dims, block, state, X, carry, precision, spans
 end
 
 --- SPEC §5 step 1 on residual streams X [S, hc, dim] at positions [state:length(), +S), for the
---- attention state's advance alone (what fills an MTP layer's ring): the sub-layer's output is not
---- mixed back into X, which nothing would read.
+--- attention state's advance alone (what fills an MTP layer's ring): attention:advance writes the
+--- state as a forward would and computes no output, which nothing would read (the query path,
+--- the attention and the output projections: about a tenth of a decode step on the GPU).
 function decoder.attention_advance(dims, block, state, X, precision)
-  attention_sublayer(dims, block, state, X, nil, precision)
+  local x = sublayer_input(dims, block.hc_attn, block.attn_norm, X, nil, precision)
+  block.attention:advance(state, x, precision)
 end
 
 --- The whole block (SPEC §5) with its last hc_post left to the next block: X [S, hc, dim] and the
