@@ -1002,12 +1002,10 @@ int dsrt_attention_advance(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *
     commit_cpu(a, st, kv, cc, cg, ic, ig, P, S);
     rc = 0;
 done:
-    dsrt_tensor_release(cc);
-    dsrt_tensor_release(cg);
-    dsrt_tensor_release(ic);
-    dsrt_tensor_release(ig);
-    dsrt_tensor_release(xf);
-    dsrt_tensor_release(kv);
+    {
+        dsrt_tensor *all[] = {xf, kv, cc, cg, ic, ig};
+        for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
+    }
     return rc;
 }
 
