@@ -516,7 +516,6 @@ static size_t mma_smem(int64_t ld, int64_t k_in)
            (size_t)MMA_WARPS * MMA_ROWS * MMA_TOKENS * 4;
 }
 
-
 /* A matrix as the tile walk reads it, resolved once per block into shared memory: rows_of then
  * costs a few 32-bit operations and a shared-memory read per tile, where reading the table's
  * 64-bit fields from global memory kept the two matrix addresses live in registers and the 64-bit
@@ -563,8 +562,8 @@ __device__ __forceinline__ MmaRows mma_rows(const MmaMatrix &m, int ja, int jb, 
  * from global memory cost registers the same way, hence 32-bit tile numbers and MmaMatrix. */
 template <int MODE, int FMT, int SF>
 __device__ __forceinline__ void mma_project(const dsrtk_moe_project_args &a, const dsrtk_moe_matrix &m0,
-                                         const dsrtk_moe_matrix &m1, int64_t first, int64_t count, int ks, int slot,
-                                         int slots)
+                                            const dsrtk_moe_matrix &m1, int64_t first, int64_t count, int ks, int slot,
+                                            int slots)
 {
     __half *xq = (__half *)mma_shared; /* a fixed address: no register holds it across the walk */
     constexpr int U = MmaDepth<FMT>::U, MATS = MODE == DSRTK_MOE_UP ? 2 : 1;
