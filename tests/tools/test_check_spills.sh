@@ -27,5 +27,5 @@ check "a name that only contains a guarded one passes" 0 "" "not_moe"
 : >"$log"
 check "an empty log passes" 0 ""
 rm -f "$log" "$err"
-echo "check_spills: $passed passed, $failed failed"
+echo "spills: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
