@@ -23,7 +23,7 @@ LDLIBS := -lm -ldl -lpthread
 # PCRE2 (the tokenizer's pre-tokenizer regexes) is linked statically, like Lua, for the GPU image
 PCRE2_A ?= /usr/lib/$(MULTIARCH)/libpcre2-8.a
 NVCCFLAGS := -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a \
-             -Xcompiler -fPIC,-Wall -Iruntime -Ikernels --expt-relaxed-constexpr -Xptxas -warn-spills
+             -Xcompiler -fPIC,-Wall -Iruntime -Ikernels --expt-relaxed-constexpr -Xptxas -v,-warn-spills
 
 CORE := err dtype alloc stream tensor ops gemm upload safetensors nn linear moe attention tokenizer sampling \
         ltensor lstream lsafetensors lnn llayers ltokenizer lsampling lcore host
@@ -53,7 +53,7 @@ $(BUILD)/obj/runtime/%.o: runtime/%.c $(wildcard runtime/*.h) kernels/kernels.h
 $(BUILD)/obj/kernels/%.o: kernels/%.cu $(wildcard kernels/*.cuh) kernels/kernels.h runtime/numeric.h runtime/opmath.h
 	@mkdir -p $(@D)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@ 2> $@.log || { cat $@.log >&2; rm -f $@; exit 1; }
-	@tools/check_spills.sh $@.log || { rm -f $@; exit 1; }
+	@tools/check_ptxas.sh $@.log || { rm -f $@; exit 1; }
 $(BUILD)/gen/lua_embedded.c: tools/embed_lua.lua $(LUA_SRC)
 	@mkdir -p $(@D)
 	lua5.4 tools/embed_lua.lua lua $@
@@ -92,7 +92,7 @@ test: setup
 	@tools/total.sh "$(BUILD)/test_c" \
 	  "$(BUILD)/dsrt tests/run.lua tests/lua" \
 	  "env 'LUA_PATH=lua/?.lua;lua/?/init.lua;;' 'LUA_CPATH=$(BUILD)/lua/?.so;;' lua5.4 tests/run.lua tests/lua/test_module.lua" \
-	  "tests/tools/test_check_spills.sh"
+	  "tests/tools/test_check_ptxas.sh"
 
 # test-gpu and bench run on the GPU machine over a build/ made here: they never rebuild there
 test-gpu:

@@ -1,6 +1,6 @@
 /*
- * mma.cuh - the warp-level tensor-core instructions the kernels use (mma.sync m16n8k16, f32
- * accumulators), one wrapper each, so that hc.cu, sparse_attention.cu and fp8mma.cuh state the
+ * mma.cuh - the tensor-core instructions the kernels use (mma.sync m16n8k16 and wgmma, f32
+ * accumulators), one wrapper each, so that hc.cu, sparse_attention.cu, moe.cu and fp8mma.cuh state the
  * operand order once. Fragment layout (PTX ISA): lane = 4·g + q; A regs a0/a2 hold row g, a1/a3
  * row g + 8, two k-slots each (a0/a1: 2q, 2q + 1; a2/a3: 8 + 2q, 9 + 2q); B regs b0/b1 hold
  * column g at the same k-slots; C c0, c1 = (row g, columns 2q, 2q + 1), c2, c3 = (row g + 8, same).
@@ -28,6 +28,53 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1,
                  "{%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* ---- warpgroup level (sm_90a): wgmma reads both operands from shared memory ----
+ *
+ * Operands are K-major tiles in the 128-byte swizzle: rows of 128 bytes, 16-byte chunk c of row r
+ * stored at chunk c ^ (r & 7), tiles 1024-byte aligned (the swizzle is computed from address
+ * bits). A descriptor names a tile's first row; 8-row groups lie 1024 bytes apart. Accumulator
+ * layout of an m64nN tile (PTX ISA): warp w of the warpgroup holds rows 16w + g and 16w + g + 8;
+ * d[4j + 2h + i] is row 16w + g + 8h, column 8j + 2q + i (lane = 4g + q), mma_bf16's C per 8
+ * columns. */
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(const void *tile)
+{
+    const uint32_t at = (uint32_t)__cvta_generic_to_shared(tile);
+    return (uint64_t)((at & 0x3ffffu) >> 4) | (uint64_t)1 << 16 | (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
+}
+
+/* the descriptor of the same rows `bytes` further along K (inside the 128-byte row) */
+__device__ __forceinline__ uint64_t wgmma_desc_advance(uint64_t desc, int bytes) { return desc + (uint64_t)(bytes >> 4); }
+
+/* orders the warpgroup's register and shared-memory accesses before the wgmmas that follow */
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+/* generic-proxy writes to shared memory (st.shared, cp.async) made visible to wgmma's reads */
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+/* d += A·Bᵀ: A 64x16 bf16 rows, B 128x16 bf16 rows (both K-major). Asynchronous: d is the
+ * warpgroup's only after wgmma_commit and wgmma_wait_all. */
+__device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t a, uint64_t b)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" /* scale-d is a predicate: accumulate */
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "%64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(a), "l"(b), "r"(1));
 }
 
 #endif

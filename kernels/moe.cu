@@ -1616,26 +1616,32 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
  * moe_prefill_gemm_kernel: a block computes a 128-row x 128-column tile of one group's output,
  * out = in · Wᵀ, W the set's [w1; w3] (UP) or w2 (DOWN) read as packed FP4 / FP8 bytes. Its K
  * loop runs 64 columns a step through a 3-stage cp.async ring (the inputs' bf16 rows and the
- * weights' raw bytes, issued two steps ahead). Each step every thread turns one 32-column chunk
- * of one weight row into bf16 for the NEXT step, a quarter of it beside each of the step's four
- * k16 rounds of mma.sync, so the conversion's integer work overlaps the tensor cores and one
- * barrier a step orders both. Tiles in shared memory hold XOR-swizzled 16-byte chunks, so
- * ldmatrix and the conversion's stores have no bank conflicts. 8 warps, 2 x 4, each 64 x 32.
+ * weights' raw bytes, issued two steps ahead). Each step the block's two warpgroups issue their
+ * wgmmas (m64n128k16, rows 64wg .. 64wg + 63, both operands read from shared memory) and, while the
+ * tensor cores run them, every thread turns one 32-column chunk of one weight row into bf16 for
+ * the NEXT step; one barrier a step orders both. The tiles are wgmma's 128-byte swizzle
+ * (mma.cuh): XOR-swizzled 16-byte chunks, which also keeps the conversion's stores free of bank
+ * conflicts.
  *
- * The budget that shaped it is shared-memory bandwidth (128 B a clock per multiprocessor against
- * one m16n8k16 every ~1.7 clocks): ldmatrix costs 1.5 wavefronts per mma with 64 x 32 warp tiles
- * (2 with 32 x 32), the converted tile's stores 0.25, the input rows' copies 0.25. A byte LUT for
- * FP4 (the first version: 64 x 128 tiles, 32 x 32 warps) added ~3.5 wavefronts of bank conflicts
- * per lookup and ran at 26% of the tensor pipe (ncu, H200, Flash UP at T = 4096: 9.6 ms).
- * FP4 codes therefore convert in integer ops (pg_fp4_pair); FP8 (the shared expert, one set of
- * 257) keeps a LUT, which also keeps e4m3's NaN codes NaN.
- *
- * Measured (ncu, H200, Flash layer at T = 4096, base clocks): UP 6.7 ms, DOWN 3.4 ms, the tensor
- * pipe 38% busy, issue slots 48%; ~490 instructions a warp a step against 64 mma, most of them the
- * conversion, which a block pays once per 128 rows (a Flash expert gets ~96 of 4096 tokens, so
- * taller tiles would mostly multiply padding). No faster: 4 stages at one block a multiprocessor
- * (8.4 ms), one input row a thread in the copies (7.3: 16 lines a warp instruction instead of 4),
- * skipping the mma of 16-row fragments past a group's rows (7.0: spills at the register cap).
+ * What shaped it (ncu, H200, Flash layer at T = 4096, real clocks):
+ *   - mma.sync first (8 warps of 64 x 32 with ldmatrix): UP 6.7 ms, DOWN 3.4 ms, the tensor pipe
+ *     38% busy; the warps fed the tensor cores and converted in turn.
+ *   - wgmma: 4.0 / 2.0 ms while ptxas serialised the wgmmas (a wait after each, the accumulators
+ *     moved out for the conversion) because a warpgroup-uniform branch around them read to it as
+ *     divergent ("C7520" under -Xptxas -v; tools/check_ptxas.sh fails the build on it); 3.4 / 1.7
+ *     without it. At 4 stages and one block a multiprocessor: 4.5 / 2.3 (the two blocks' steps
+ *     interleave; one block's barrier and waits stand bare).
+ *   - 3.0 / 1.55 ms with the input copies' addresses a pointer and a stride, one branch a step in
+ *     the conversion, and the e8m0 bytes loaded two steps before their decode (decoded at once,
+ *     their load drew 10% of the stall samples): ~340 -> ~280 instructions a warp a step, issue
+ *     slots 50% busy, shared-memory LSU wavefronts 66%.
+ *   - A byte LUT for FP4 added ~3.5 wavefronts of bank conflicts per lookup (the first version:
+ *     9.6 ms), so FP4 codes convert in integer ops (pg_fp4_pair); FP8 (the shared expert, one set
+ *     of 257) keeps a LUT, which also keeps e4m3's NaN codes NaN.
+ *   - The conversion is paid once per 128 rows of a group (a Flash expert gets ~96 of 4096 tokens,
+ *     so taller tiles would mostly multiply padding). A group's rows past its count are not copied
+ *     and their outputs not stored; their wgmma rows are computed all the same (skipping a
+ *     warpgroup's wgmmas is the branch above).
  *
  * Numerics: the slab path's. Inputs are the gathered Q8 round-tripped rows (exact in bf16); a
  * weight is code x 2^e, exact in bf16; products are exact in the fp32 accumulators; the output is
@@ -1646,12 +1652,12 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
  * once per 128 rows of a group and the bytes that move are the packed ones. FLOPs (Flash,
  * T = 4096): 1.4 TFLOP a layer.
  */
-enum { PG_M = DSRTK_MOE_TILE_ROWS, PG_N = 128, PG_K = 64, PG_STAGES = 3, PG_THREADS = 256, PG_WARP_M = 64, PG_WARP_N = 32 };
+enum { PG_M = DSRTK_MOE_TILE_ROWS, PG_N = 128, PG_K = 64, PG_STAGES = 3, PG_THREADS = 256, PG_ALIGN = 1024, PG_BLOCKS_PER_SM = 2 };
 
-struct PgShared {
+struct PgShared {                        /* 1024-byte aligned (pg_shared): every tile is */
     uint16_t a[PG_STAGES][PG_M * PG_K];  /* input rows, bf16, swizzled 16-byte chunks */
-    uint4 raw[PG_STAGES][2][PG_THREADS]; /* each thread's weight bytes of a step (fp4: plane 0 only) */
     uint16_t b[2][PG_N * PG_K];          /* the converted weights, bf16, swizzled like a */
+    uint4 raw[PG_STAGES][2][PG_THREADS]; /* each thread's weight bytes of a step (fp4: plane 0 only) */
     uint32_t lut8[256];                  /* e4m3 byte -> bf16 in the low half */
 };
 
@@ -1662,14 +1668,6 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
 {
     unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *row)
-{
-    unsigned a = (unsigned)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
 }
 
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b)
@@ -1733,11 +1731,21 @@ __device__ __forceinline__ PgRow pg_row(const dsrtk_moe_matrix &m, int64_t row)
     return r;
 }
 
+/* The input rows a thread copies: rows t / 8 + 32i of the tile, 16-byte chunk t mod 8 of each
+ * step's 64 columns; their addresses a base pointer and a stride (fewer instructions a step than
+ * the row arithmetic: the copies were a fifth of the loop's) */
+enum { PG_COPY_ROWS = PG_THREADS / 8, PG_COPIES = PG_M / PG_COPY_ROWS };
+struct PgInput {
+    const uint16_t *first; /* row t / 8's chunk t mod 8 at step 0 */
+    int64_t copy_stride;   /* elements between the rows of successive copies */
+    int rows;              /* the tile's rows in its group */
+};
+
 /* a step's cp.async: the thread's weight chunk (16 fp4 bytes or 32 fp8 bytes) and four 16-byte
- * chunks of input rows, 8 lanes a row (a warp's copy reads 4 whole 128-byte lines; rows past the
- * group's read its last, never stored) */
-__device__ __forceinline__ void pg_issue(PgShared &s, int stage, int kt, const PgRow &wr, int half, const uint16_t *in,
-                                         int64_t in_ld, int64_t row0, int rows)
+ * chunks of input rows, 8 lanes a row (a warp's copy reads 4 whole 128-byte lines). Rows past the
+ * group's are not copied: whatever their shared memory holds only reaches output rows never stored
+ * (an output row reads its own input row alone). */
+__device__ __forceinline__ void pg_issue(PgShared &s, int stage, int kt, const PgRow &wr, int half, const PgInput &x)
 {
     const int t = threadIdx.x;
     if (wr.fp8) {
@@ -1748,64 +1756,72 @@ __device__ __forceinline__ void pg_issue(PgShared &s, int stage, int kt, const P
         cp_async16(&s.raw[stage][0][t], wr.w + (int64_t)kt * (PG_K / 2) + 16 * half);
     }
 #pragma unroll
-    for (int i = 0; i < PG_M * PG_K / 8 / PG_THREADS; i++) {
-        const int id = t + i * PG_THREADS, r = id >> 3, c = id & 7;
-        const int64_t src = (row0 + (r < rows ? r : rows - 1)) * in_ld + (int64_t)kt * PG_K + 8 * c;
-        cp_async16(&s.a[stage][pg_swizzle(r, c)], in + src);
+    for (int i = 0; i < PG_COPIES; i++) {
+        const int r = (t >> 3) + i * PG_COPY_ROWS;
+        if (r < x.rows) cp_async16(&s.a[stage][pg_swizzle(r, t & 7)], x.first + i * x.copy_stride + kt * PG_K);
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
-__device__ __forceinline__ PgScale pg_scale(const PgRow &wr, int kt, int half)
+/* the e8m0 byte of the thread's chunk of step kt */
+__device__ __forceinline__ uint32_t pg_scale_byte(const PgRow &wr, int kt, int half)
 {
     const int chunk = kt * (PG_K / 32) + half;
-    return pg_scale_of(__ldg(wr.scale + (int64_t)(chunk >> wr.shift) * wr.scale_stride1), wr.fp8);
+    return __ldg(wr.scale + (int64_t)(chunk >> wr.shift) * wr.scale_stride1);
 }
 
-/* quarter q of the thread's chunk of step `stage` (its 8 columns 8q .. 8q + 7) -> the bf16 chunk at
- * element `at` of tile b */
-template <bool TWO_MULTIPLIES>
-__device__ __forceinline__ void pg_convert_quarter(const PgShared &s, int stage, uint16_t *b, int at, bool fp8,
-                                                   const PgScale &scale, int q)
+/* The thread's chunk of step `stage` (32 columns of its weight row) -> four bf16 16-byte chunks,
+ * 4·half + q of row br of tile b. One branch a step: FP8 (the LUT), FP4 with one scale multiply,
+ * or FP4 with two (a scale past 2^1: rare). */
+template <bool FP8, bool TWO_MULTIPLIES>
+__device__ __forceinline__ void pg_convert_chunk(const PgShared &s, int stage, uint16_t *b, int br, int half,
+                                                 const PgScale &scale)
 {
     const int t = threadIdx.x;
-    uint32_t o[4];
-    if (fp8) { /* bytes 8q .. 8q + 7 of the 32 */
-        const uint4 v = s.raw[stage][q >> 1][t];
-        const uint32_t lo = q & 1 ? v.z : v.x, hi = q & 1 ? v.w : v.y;
+    const uint4 v0 = s.raw[stage][0][t], v1 = FP8 ? s.raw[stage][1][t] : v0;
+    const uint32_t words[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        uint32_t o[4];
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const uint32_t word = i < 2 ? lo : hi, sh = 16 * (i & 1);
-            o[i] = __byte_perm(s.lut8[(word >> sh) & 255], s.lut8[(word >> (sh + 8)) & 255], 0x5410);
+            if (FP8) { /* bytes 8q .. 8q + 7 of the 32 */
+                const uint32_t word = words[2 * q + (i >> 1)], sh = 16 * (i & 1);
+                o[i] = __byte_perm(s.lut8[(word >> sh) & 255], s.lut8[(word >> (sh + 8)) & 255], 0x5410);
+            } else { /* word q of the 16 bytes */
+                o[i] = pg_fp4_pair(words[q], i);
+            }
+            o[i] = bf16x2_mul(o[i], scale.first);
+            if (TWO_MULTIPLIES) o[i] = bf16x2_mul(o[i], scale.second);
         }
-    } else { /* word q of the 16 bytes */
-        const uint32_t w = ((const uint32_t *)&s.raw[stage][0][t])[q];
-#pragma unroll
-        for (int i = 0; i < 4; i++) o[i] = pg_fp4_pair(w, i);
+        *(uint4 *)&b[pg_swizzle(br, 4 * half + q)] = make_uint4(o[0], o[1], o[2], o[3]);
     }
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        o[i] = bf16x2_mul(o[i], scale.first);
-        if (TWO_MULTIPLIES) o[i] = bf16x2_mul(o[i], scale.second);
-    }
-    *(uint4 *)&b[at] = make_uint4(o[0], o[1], o[2], o[3]);
 }
 
-__device__ __forceinline__ void pg_convert(const PgShared &s, int stage, uint16_t *b, int at, bool fp8, const PgScale &scale,
-                                           int q)
+__device__ __forceinline__ void pg_convert(const PgShared &s, int stage, uint16_t *b, int br, int half, bool fp8,
+                                           const PgScale &scale)
 {
-    if (scale.second) pg_convert_quarter<true>(s, stage, b, at, fp8, scale, q); /* a scale past 2^1 on FP4: rare */
-    else pg_convert_quarter<false>(s, stage, b, at, fp8, scale, q);
+    if (fp8) pg_convert_chunk<true, false>(s, stage, b, br, half, scale);
+    else if (scale.second) pg_convert_chunk<false, true>(s, stage, b, br, half, scale);
+    else pg_convert_chunk<false, false>(s, stage, b, br, half, scale);
+}
+
+/* the block's PgShared: the dynamic window rounded up to the 1024 bytes wgmma's swizzle needs
+ * (moved along from the window's own pointer, so the compiler still knows it is shared memory) */
+__device__ __forceinline__ PgShared &pg_shared(unsigned char *window)
+{
+    const uint32_t at = (uint32_t)__cvta_generic_to_shared(window);
+    return *(PgShared *)(window + ((PG_ALIGN - at % PG_ALIGN) % PG_ALIGN));
 }
 
 /* tiles: n_tiles pairs {group, first row of the tile within the group}; block b computes
  * columns 128·(b mod n_col_tiles) .. of tile b / n_col_tiles */
-__global__ void __launch_bounds__(PG_THREADS, 2)
+__global__ void __launch_bounds__(PG_THREADS, PG_BLOCKS_PER_SM)
     moe_prefill_gemm_kernel(const dsrtk_moe_matrix *table, const int32_t *groups, const int32_t *tiles, int n_col_tiles,
                             int mode, const uint16_t *in, int64_t in_ld, uint16_t *out, int64_t out_ld)
 {
-    extern __shared__ __align__(16) unsigned char pg_smem[];
-    PgShared &s = *(PgShared *)pg_smem;
+    extern __shared__ unsigned char pg_smem[];
+    PgShared &s = pg_shared(pg_smem);
     const int tile = blockIdx.x / n_col_tiles, n0 = (int)(blockIdx.x % n_col_tiles) * PG_N;
     const int g = tiles[2 * tile], m0 = tiles[2 * tile + 1];
     const int set = groups[3 * g], rows_left = groups[3 * g + 2] - m0, rows = rows_left < PG_M ? rows_left : PG_M;
@@ -1813,9 +1829,7 @@ __global__ void __launch_bounds__(PG_THREADS, 2)
     const dsrtk_moe_matrix &first = table[3 * set + (mode == DSRTK_MOE_DOWN ? 1 : 0)], &second = table[3 * set + 2];
     const int n_out = first.rows + (mode == DSRTK_MOE_UP ? second.rows : 0);
     if (n0 >= n_out) return; /* a narrower set than the launch's widest */
-    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-    const int wm = warp / (PG_N / PG_WARP_N), wn = warp % (PG_N / PG_WARP_N);
-    enum { MI = PG_WARP_M / 16, NJ = PG_WARP_N / 8 };
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, wg = warp / 4; /* warpgroup wg: rows 64wg .. 64wg + 63 */
 
     /* the weight row this thread converts (rows past the matrix read its last; never stored) */
     const int br = t >> 1, half = t & 1;
@@ -1826,76 +1840,60 @@ __global__ void __launch_bounds__(PG_THREADS, 2)
         for (int64_t off = 0; off <= (int64_t)((2 * nk - 1) >> wr.shift) * wr.scale_stride1; off += 128)
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wr.scale + off));
     s.lut8[t] = dsrt_f32_to_bf16(dsrt_e4m3_to_f32((uint8_t)t));
-    /* lane-constant offsets of the ldmatrix rows for each k16 round (row & 7 == lane & 7 in both
-     * tiles) */
-    int a_at[PG_K / 16], b_at[PG_K / 16];
-#pragma unroll
-    for (int ks = 0; ks < PG_K / 16; ks++) {
-        a_at[ks] = pg_swizzle(wm * PG_WARP_M + (lane & 15), 2 * ks + (lane >> 4));
-        b_at[ks] = pg_swizzle(wn * PG_WARP_N + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1));
-    }
+    const PgInput x = {in + (row0 + (t >> 3)) * in_ld + 8 * (t & 7), PG_COPY_ROWS * in_ld, rows};
 
     for (int kt = 0; kt < PG_STAGES - 1; kt++) {
-        if (kt < nk) pg_issue(s, kt, kt, wr, half, in, in_ld, row0, rows);
+        if (kt < nk) pg_issue(s, kt, kt, wr, half, x);
         else asm volatile("cp.async.commit_group;\n" ::: "memory");
     }
-    PgScale scale = pg_scale(wr, 0, half);
+    PgScale scale = pg_scale_of(pg_scale_byte(wr, 0, half), wr.fp8);
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PG_STAGES - 2) : "memory");
     __syncthreads();
-#pragma unroll
-    for (int q = 0; q < 4; q++) pg_convert(s, 0, s.b[0], pg_swizzle(br, 4 * half + q), wr.fp8, scale, q);
-    if (nk > 1) scale = pg_scale(wr, 1, half);
+    pg_convert(s, 0, s.b[0], br, half, wr.fp8, scale);
+    if (nk > 1) scale = pg_scale_of(pg_scale_byte(wr, 1, half), wr.fp8);
+    /* the scale bytes of steps kt + 2 and kt + 3: loaded two steps before they are decoded, so the
+     * load's latency is not the step's (decoded at once, it drew 10% of the stall samples) */
+    uint32_t e2 = nk > 2 ? pg_scale_byte(wr, 2, half) : 0, e3 = nk > 3 ? pg_scale_byte(wr, 3, half) : 0;
 
-    float acc[MI][NJ][4] = {};
-    int stage = 0; /* kt % PG_STAGES */
+    float acc[64] = {}; /* rows 64wg + 16(warp mod 4) + g (+ 8), all 128 columns (mma.cuh) */
+    int stage = 0;      /* kt % PG_STAGES */
     for (int kt = 0; kt < nk; kt++) {
-        PgScale next_scale = {0, 0};
-        if (kt + 2 < nk) next_scale = pg_scale(wr, kt + 2, half); /* used a step later */
         asm volatile("cp.async.wait_group %0;\n" ::"n"(PG_STAGES - 3) : "memory");
-        __syncthreads(); /* step kt + 1 landed everywhere; every warp is past step kt - 1 */
+        fence_async_shared(); /* this thread's copies and converted chunks, for the wgmmas' reads */
+        __syncthreads();      /* step kt + 1 landed everywhere; every warpgroup is past step kt - 1 */
         const int ahead = stage == 0 ? PG_STAGES - 1 : stage - 1, next = stage == PG_STAGES - 1 ? 0 : stage + 1;
-        if (kt + PG_STAGES - 1 < nk) pg_issue(s, ahead, kt + PG_STAGES - 1, wr, half, in, in_ld, row0, rows);
+        if (kt + PG_STAGES - 1 < nk) pg_issue(s, ahead, kt + PG_STAGES - 1, wr, half, x);
         else asm volatile("cp.async.commit_group;\n" ::: "memory");
-        const bool convert = kt + 1 < nk;
-        const uint16_t *a = s.a[stage], *b = s.b[kt & 1];
-        uint16_t *b_next = s.b[(kt + 1) & 1];
+        const uint64_t a = wgmma_desc_sw128(&s.a[stage][wg * 64 * PG_K]), b = wgmma_desc_sw128(s.b[kt & 1]);
+        wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < PG_K / 16; ks++) {
-            uint32_t af[MI][4], bf[NJ / 2][4];
-#pragma unroll
-            for (int i = 0; i < MI; i++) ldmatrix_x4(af[i], &a[a_at[ks] + i * 16 * PG_K]);
-#pragma unroll
-            for (int j = 0; j < NJ / 2; j++) ldmatrix_x4(bf[j], &b[b_at[ks] + j * 16 * PG_K]);
-            if (convert) pg_convert(s, next, b_next, pg_swizzle(br, 4 * half + ks), wr.fp8, scale, ks);
-#pragma unroll
-            for (int i = 0; i < MI; i++)
-#pragma unroll
-                for (int j = 0; j < NJ; j++)
-                    mma_bf16(acc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], bf[j >> 1][2 * (j & 1)],
-                             bf[j >> 1][2 * (j & 1) + 1]);
-        }
-        scale = next_scale;
+        for (int ks = 0; ks < PG_K / 16; ks++) /* k16 rounds: 32 bytes further along the swizzled rows */
+            wgmma_m64n128k16_bf16(acc, wgmma_desc_advance(a, 32 * ks), wgmma_desc_advance(b, 32 * ks));
+        wgmma_commit();
+        if (kt + 1 < nk) pg_convert(s, next, s.b[(kt + 1) & 1], br, half, wr.fp8, scale); /* beside the wgmmas */
+        wgmma_wait_all(); /* before the next barrier lets b[kt & 1] and stage `stage` be refilled */
+        scale = pg_scale_of(e2, wr.fp8); /* step kt + 2's, converted in the next step */
+        e2 = e3;
+        e3 = kt + 4 < nk ? pg_scale_byte(wr, kt + 4, half) : 0;
         stage = next;
     }
 
-/* bf16 roundings of the fp32 sums; c0, c1 at (row g, columns 2q, 2q + 1), c2, c3 at row g + 8 */
+    /* bf16 roundings of the fp32 sums: acc[4j + 2h + i] is row 16(warp mod 4) + g + 8h of the
+     * warpgroup's 64, column 8j + 2q + i */
     const int gq = lane >> 2, q = lane & 3;
 #pragma unroll
-    for (int i = 0; i < MI; i++) {
+    for (int h = 0; h < 2; h++) {
+        const int r = wg * 64 + (warp & 3) * 16 + gq + 8 * h;
+        if (r >= rows) continue;
+        uint16_t *o = out + (row0 + r) * out_ld + n0;
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int r = wm * PG_WARP_M + i * 16 + gq + 8 * h;
-            if (r >= rows) continue;
-            uint16_t *o = out + (row0 + r) * out_ld + n0;
-#pragma unroll
-            for (int j = 0; j < NJ; j++) {
-                const int c = wn * PG_WARP_N + j * 8 + 2 * q;
-                const uint16_t lo = dsrt_f32_to_bf16(acc[i][j][2 * h]), hi = dsrt_f32_to_bf16(acc[i][j][2 * h + 1]);
-                if (n0 + c + 1 < n_out && out_ld % 2 == 0) *(uint32_t *)&o[c] = lo | (uint32_t)hi << 16;
-                else {
-                    if (n0 + c < n_out) o[c] = lo;
-                    if (n0 + c + 1 < n_out) o[c + 1] = hi;
-                }
+        for (int j = 0; j < PG_N / 8; j++) {
+            const int c = j * 8 + 2 * q;
+            const uint16_t lo = dsrt_f32_to_bf16(acc[4 * j + 2 * h]), hi = dsrt_f32_to_bf16(acc[4 * j + 2 * h + 1]);
+            if (n0 + c + 1 < n_out && out_ld % 2 == 0) *(uint32_t *)&o[c] = lo | (uint32_t)hi << 16;
+            else {
+                if (n0 + c < n_out) o[c] = lo;
+                if (n0 + c + 1 < n_out) o[c + 1] = hi;
             }
         }
     }
@@ -1911,7 +1909,7 @@ int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t
     if (!table || !groups || !tiles || !in || !out || n_tiles < 0 || max_out < 1 || in_ld % 8 || (uintptr_t)in % 16 ||
         (uintptr_t)out % 4 || (mode != DSRTK_MOE_UP && mode != DSRTK_MOE_DOWN) || n_tiles * col_tiles > INT32_MAX)
         return dsrtk_fail(DSRTK_ERROR, "moe: prefill GEMM of %lld tiles called with bad arguments", (long long)n_tiles);
-    const size_t smem = sizeof(PgShared);
+    const size_t smem = sizeof(PgShared) + PG_ALIGN;
     int st = dsrtk_check(cudaFuncSetAttribute(moe_prefill_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                          "moe: prefill GEMM shared memory of %zu bytes", smem);
     if (st) return st;
