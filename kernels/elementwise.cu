@@ -226,11 +226,66 @@ __device__ __forceinline__ void store_element(void *base, int64_t i, uint32_t x)
     else ((uint8_t *)base)[i] = (uint8_t)x;
 }
 
-/* i mod n: 64-bit division is a long software sequence, and nearly every index fits 32 bits. */
-__device__ __forceinline__ int64_t wrap(int64_t i, int64_t n)
+/* Element i of a repeated block: a block of `period` elements read by `group` consecutive output
+ * elements (its rows), then the next block: (i / group) · period + i mod period. A row broadcast
+ * is one block (group >= n); [T, 1, d] read as [T, hc, d] is T blocks of d, each for hc rows.
+ * 64-bit division is a long software sequence, and nearly every index fits 32 bits. */
+__device__ __forceinline__ int64_t repeated(int64_t i, int64_t period, int64_t group)
 {
-    if (((uint64_t)i | (uint64_t)n) >> 32 == 0) return (int64_t)((uint32_t)i % (uint32_t)n);
-    return i % n;
+    if (((uint64_t)i | (uint64_t)group) >> 32 == 0)
+        return (int64_t)((uint32_t)i / (uint32_t)group) * period + (uint32_t)i % (uint32_t)period;
+    return i / group * period + i % period;
+}
+
+/* ---- the operands of the vector kernels ---- */
+
+static const void *element_address(const dsrt_view *v)
+{
+    size_t size = dsrtk_dtype_size(v->dtype);
+    return (const char *)v->data + (size ? (size_t)v->offset * size : (size_t)v->offset / 2);
+}
+
+/* An input of operator_kernel or repeat_copy_kernel: a whole tensor, a repeated block or (for
+ * binary_scalar) a scalar */
+enum { OPERAND_FULL, OPERAND_ROW, OPERAND_SCALAR };
+
+struct Operand {
+    const void *data;
+    int mode;
+    int64_t period, group; /* OPERAND_ROW: element i reads element repeated(i, period, group) */
+    float s;               /* OPERAND_SCALAR */
+};
+
+/* A coalesced output the vector kernels can walk: contiguous in 1 to 3 dimensions */
+static int contiguous_walk(const dsrt_view *d)
+{
+    int64_t stride = 1;
+    for (int i = d->ndim - 1; i >= 0; i--) {
+        if (d->stride[i] != stride) return 0;
+        stride *= d->shape[i];
+    }
+    return d->ndim >= 1 && d->ndim <= 3;
+}
+
+/* How `v`, coalesced together with a contiguous_walk output, feeds the vector kernels: all of it
+ * (strides the output's), or a repeated block: [rows, cols] strides [0, 1] (a row broadcast) or
+ * [T, hc, d] strides [d, 0, 1] (one row a T broadcast to hc rows, as hc_expand and the MTP
+ * input's sum read it). 0 when it cannot. */
+static int operand_from(const dsrt_view *v, const dsrt_view *dst, Operand *o)
+{
+    o->data = element_address(v);
+    o->period = o->group = 0;
+    o->s = 0.0f;
+    if (v->dtype != dst->dtype || v->stride[v->ndim - 1] != 1) return 0;
+    int full = 1;
+    for (int i = 0; i < v->ndim; i++) full &= v->stride[i] == dst->stride[i];
+    o->mode = full ? OPERAND_FULL : OPERAND_ROW;
+    if (full) return 1;
+    if (v->ndim == 2 && v->stride[0] == 0) o->period = v->shape[1], o->group = v->shape[0] * v->shape[1];
+    else if (v->ndim == 3 && v->stride[1] == 0 && v->stride[0] == v->shape[2])
+        o->period = v->shape[2], o->group = v->shape[1] * v->shape[2];
+    else return 0;
+    return 1;
 }
 
 /* ---- copy ---- */
@@ -250,6 +305,34 @@ struct CopyBody {
     __device__ void store(const Loaded &e) const { dsrtk_store_copied(dst, mode, src.dtype, e.at, e.x); }
 };
 
+/* A same-dtype copy into a contiguous output from a repeated block (operand_from's OPERAND_ROW:
+ * hc_expand's [T, 1, d] -> [T, hc, d]), 16-byte words at a time, the bytes as they are. The
+ * generic map took 541 us for hc_expand at 4096 tokens of the Flash slice (H200). */
+__global__ void __launch_bounds__(DSRTK_BLOCK, DSRTK_MIN_BLOCKS) repeat_copy_kernel(uint4 *dst, const uint4 *src,
+                                                                                  int64_t words, int64_t period,
+                                                                                  int64_t group)
+{
+    for (int64_t w = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; w < words; w += (int64_t)gridDim.x * blockDim.x)
+        dst[w] = src[repeated(w, period, group)];
+}
+
+/* Launches repeat_copy_kernel when the coalesced views qualify; *taken says whether it did */
+static int try_repeat_copy(int dev, const dsrt_view *dst, const dsrt_view *src, int64_t n, void *stream, int *taken)
+{
+    *taken = 0;
+    size_t size = dsrtk_dtype_size(dst->dtype);
+    Operand o;
+    if (dst->dtype != src->dtype || size == 0 || !contiguous_walk(dst) || !operand_from(src, dst, &o) ||
+        o.mode != OPERAND_ROW || (o.period * size) % 16 || (uintptr_t)o.data % 16 || (uintptr_t)element_address(dst) % 16)
+        return DSRTK_OK;
+    *taken = 1;
+    const int64_t per_word = 16 / (int64_t)size, words = n / per_word;
+    int grid = dsrtk_grid_for(dev, words, DSRTK_BLOCK);
+    repeat_copy_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>((uint4 *)element_address(dst), (const uint4 *)o.data,
+                                                                       words, o.period / per_word, o.group / per_word);
+    return dsrtk_check_launch("repeat_copy_kernel", dev);
+}
+
 /* Both views contiguous and of one dtype: the bytes they cover are one block, ready for memcpy
  * (for fp4 only when both start and end on byte boundaries). Sets *bytes. */
 static int copyable_as_bytes(const dsrt_view *dst, const dsrt_view *src, int64_t n, size_t *bytes)
@@ -263,12 +346,6 @@ static int copyable_as_bytes(const dsrt_view *dst, const dsrt_view *src, int64_t
         *bytes = (size_t)n * size;
     }
     return 1;
-}
-
-static const void *element_address(const dsrt_view *v)
-{
-    size_t size = dsrtk_dtype_size(v->dtype);
-    return (const char *)v->data + (size ? (size_t)v->offset * size : (size_t)v->offset / 2);
 }
 
 /* ---- contiguous conversions ---- */
@@ -403,6 +480,8 @@ int dsrtk_copy(int dev, const dsrt_view *dst, const dsrt_view *src, void *stream
     body.mode = dsrtk_copy_mode(dst->dtype, src->dtype);
     dsrt_view *walk[] = {&body.dst, &body.src};
     dsrtk_coalesce(walk, 2);
+    st = try_repeat_copy(dev, &body.dst, &body.src, n, stream, &taken);
+    if (st || taken) return st;
     st = dsrtk_copy_tiled(dev, &body.dst, &body.src, body.mode, stream, &taken);
     if (st || taken) return st;
     return launch_map(dev, "copy_kernel", body, n, stream);
@@ -546,15 +625,6 @@ int dsrtk_rand(int dev, const dsrt_view *dst, uint64_t seed, uint64_t offset, in
  * for the one operator, which the compiler interleaves across elements. What the vectors cannot
  * take (a tail, a misaligned view, a row whose length is no multiple of the vector) goes element
  * by element through the same code. */
-enum { OPERAND_FULL, OPERAND_ROW, OPERAND_SCALAR };
-
-struct Operand {
-    const void *data;
-    int mode;
-    int64_t period; /* OPERAND_ROW: the row's length; element i reads element i mod period */
-    float s;        /* OPERAND_SCALAR */
-};
-
 struct OperatorArgs {
     void *dst;
     Operand a, b;
@@ -592,7 +662,7 @@ __device__ __forceinline__ void load_operand(const Operand &o, int64_t c, int64_
         for (int j = 0; j < VEC; j++) x[j] = o.s;
     } else if (whole) {
         uint32_t w[4];
-        load_words<16>((const uint4 *)o.data + (o.mode == OPERAND_ROW ? wrap(c, o.period / VEC) : c), w);
+        load_words<16>((const uint4 *)o.data + (o.mode == OPERAND_ROW ? repeated(c, o.period / VEC, o.group / VEC) : c), w);
 #pragma unroll
         for (int j = 0; j < VEC; j++) x[j] = Format::decode(field<Format::BITS>(w, j));
     } else {
@@ -600,7 +670,8 @@ __device__ __forceinline__ void load_operand(const Operand &o, int64_t c, int64_
         for (int j = 0; j < VEC; j++) {
             int64_t i = first + j;
             x[j] = 0.0f;
-            if (i < n) x[j] = Format::decode(load_element<Format::BITS>(o.data, o.mode == OPERAND_ROW ? wrap(i, o.period) : i));
+            if (i < n)
+                x[j] = Format::decode(load_element<Format::BITS>(o.data, o.mode == OPERAND_ROW ? repeated(i, o.period, o.group) : i));
         }
     }
 }
@@ -634,20 +705,6 @@ __global__ void __launch_bounds__(DSRTK_BLOCK, DSRTK_MIN_BLOCKS) operator_kernel
     }
 }
 
-/* How `v`, coalesced together with the output (contiguous: one dimension of stride 1, or two of
- * strides [cols, 1]), feeds operator_kernel; 0 when it cannot. */
-static int operand_from(const dsrt_view *v, const dsrt_view *dst, Operand *o)
-{
-    o->data = element_address(v);
-    o->period = 0;
-    o->s = 0.0f;
-    if (v->dtype != dst->dtype || v->stride[v->ndim - 1] != 1) return 0;
-    if (v->ndim == 1 || v->stride[0] == dst->stride[0]) o->mode = OPERAND_FULL;
-    else if (v->stride[0] == 0) o->mode = OPERAND_ROW, o->period = v->shape[1];
-    else return 0;
-    return 1;
-}
-
 /* Launches operator_kernel when the operands qualify (b NULL: unary, or with the scalar s);
  * *taken says whether it did. */
 static int try_operator_kernel(int dev, int op, const dsrt_view *dst, const dsrt_view *a, const dsrt_view *b,
@@ -660,11 +717,11 @@ static int try_operator_kernel(int dev, int op, const dsrt_view *dst, const dsrt
     dsrt_view *walk[3] = {&views[0], &views[1], &views[2]};
     dsrtk_coalesce(walk, b ? 3 : 2);
     const dsrt_view *d = &views[0];
-    if (d->ndim > 2 || d->stride[d->ndim - 1] != 1 || (d->ndim == 2 && d->stride[0] != d->shape[1])) return DSRTK_OK;
+    if (!contiguous_walk(d)) return DSRTK_OK;
     OperatorArgs p = {};
     if (!operand_from(&views[1], d, &p.a) || (b && !operand_from(&views[2], d, &p.b))) return DSRTK_OK;
     if (binary && !b) { /* the scalar is the other input */
-        Operand scalar = {NULL, OPERAND_SCALAR, 0, s};
+        Operand scalar = {NULL, OPERAND_SCALAR, 0, 0, s};
         if (scalar_first) p.b = p.a, p.a = scalar;
         else p.b = scalar;
     }

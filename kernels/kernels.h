@@ -301,9 +301,9 @@ int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream);
  * on the gathered rows, straight from the packed weights (dsrtk_moe_prefill_gemm) or through
  * dequantised slabs and cuBLAS ---- */
 
-/* out [rows, cols] (out_dtype DSRT_BF16 or DSRT_F32, contiguous) row r = x row row_x[r] (x f32 or
- * bf16, x_ld apart), Q8 round-tripped (blocks of 128) when q8. Exact in bf16 when q8 (e4m3 codes
- * times powers of two) or when x is bf16. */
+/* out [rows, cols] (out_dtype DSRT_BF16 or DSRT_F32, contiguous) row r = x row row_x[r] (row r
+ * when row_x is NULL; x f32 or bf16, x_ld apart), Q8 round-tripped (blocks of 128) when q8. Exact in
+ * bf16 when q8 (e4m3 codes times powers of two) or when x is bf16. */
 int dsrtk_moe_gather(int dev, const void *x, int x_dtype, int64_t x_ld, const int32_t *row_x, int64_t rows, int64_t cols,
                      int q8, void *out, int out_dtype, void *stream);
 
@@ -334,11 +334,12 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
  * in rows · Wᵀ, W the
  * group's set's [w1; w3] (UP: w3's outputs after w1's) or w2 (DOWN); in and out bf16, in_ld and
  * out_ld elements apart (in_ld a multiple of 8, in 16-byte aligned), out the bf16 rounding of the
- * fp32 sum. max_out: the most outputs of any set (grid sizing). */
+ * fp32 sum. Output row r reads input row in_rows[r] (device i32; NULL: row r) of the in_count rows
+ * of in (in_count · in_ld < 2^32). max_out: the most outputs of any set (grid sizing). */
 enum { DSRTK_MOE_TILE_ROWS = 128 };
 int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t *groups, const int32_t *tiles,
-                           int64_t n_tiles, int mode, int64_t max_out, const void *in, int64_t in_ld, void *out,
-                           int64_t out_ld, void *stream);
+                           int64_t n_tiles, int mode, int64_t max_out, const void *in, int64_t in_ld, const int32_t *in_rows,
+                           int64_t in_count, void *out, int64_t out_ld, void *stream);
 
 /* The SwiGLU between the prefill GEMMs, moe.h's rules: gu row r holds g = x·W1ᵀ in columns
  * [0, inter) and u = x·W3ᵀ in [inter, 2·inter) (inter: the row's set's, from the groups), gu_ld

@@ -1466,7 +1466,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_gather_kernel(const void *x, 
     const int lane = threadIdx.x % 32;
     const int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
     for (int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; r < rows; r += warps) { /* warp-uniform */
-        const int64_t xr = row_x[r];
+        const int64_t xr = row_x ? row_x[r] : r;
         for (int64_t c0 = 0; c0 < cols; c0 += ACT_U * ACT_BLOCK) {
             float v[ACT_U][4];
             bool valid[ACT_U][4];
@@ -1486,7 +1486,7 @@ int dsrtk_moe_gather(int dev, const void *x, int x_dtype, int64_t x_ld, const in
 {
     DSRTK_SET_DEVICE(dev, "moe gather");
     if (rows == 0 || cols == 0) return DSRTK_OK;
-    if (!x || !row_x || !out || (x_dtype != DSRT_F32 && x_dtype != DSRT_BF16) || (out_dtype != DSRT_F32 && out_dtype != DSRT_BF16))
+    if (!x || !out || (x_dtype != DSRT_F32 && x_dtype != DSRT_BF16) || (out_dtype != DSRT_F32 && out_dtype != DSRT_BF16))
         return dsrtk_fail(DSRTK_ERROR, "moe: gather of %lld rows called with bad arguments", (long long)rows);
     int grid = dsrtk_grid_for(dev, rows * 32, DSRTK_BLOCK);
     moe_gather_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(x, x_dtype, x_ld, row_x, rows, cols, q8, out, out_dtype,
@@ -1732,13 +1732,14 @@ __device__ __forceinline__ PgRow pg_row(const dsrtk_moe_matrix &m, int64_t row)
 }
 
 /* The input rows a thread copies: rows t / 8 + 32i of the tile, 16-byte chunk t mod 8 of each
- * step's 64 columns; their addresses a base pointer and a stride (fewer instructions a step than
- * the row arithmetic: the copies were a fifth of the loop's) */
+ * step's 64 columns; their offsets found once (the input row through in_rows: UP reads the Q8'd
+ * tokens in place, no gathered copy), so a copy's address is one add (the copies' row arithmetic
+ * was a fifth of the loop's instructions) */
 enum { PG_COPY_ROWS = PG_THREADS / 8, PG_COPIES = PG_M / PG_COPY_ROWS };
 struct PgInput {
-    const uint16_t *first; /* row t / 8's chunk t mod 8 at step 0 */
-    int64_t copy_stride;   /* elements between the rows of successive copies */
-    int rows;              /* the tile's rows in its group */
+    const uint16_t *in;
+    uint32_t at[PG_COPIES]; /* elements from `in` to copy i's chunk at step 0 */
+    int rows;               /* the tile's rows in its group */
 };
 
 /* a step's cp.async: the thread's weight chunk (16 fp4 bytes or 32 fp8 bytes) and four 16-byte
@@ -1758,7 +1759,7 @@ __device__ __forceinline__ void pg_issue(PgShared &s, int stage, int kt, const P
 #pragma unroll
     for (int i = 0; i < PG_COPIES; i++) {
         const int r = (t >> 3) + i * PG_COPY_ROWS;
-        if (r < x.rows) cp_async16(&s.a[stage][pg_swizzle(r, t & 7)], x.first + i * x.copy_stride + kt * PG_K);
+        if (r < x.rows) cp_async16(&s.a[stage][pg_swizzle(r, t & 7)], x.in + (x.at[i] + (uint32_t)(kt * PG_K)));
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -1818,7 +1819,8 @@ __device__ __forceinline__ PgShared &pg_shared(unsigned char *window)
  * columns 128·(b mod n_col_tiles) .. of tile b / n_col_tiles */
 __global__ void __launch_bounds__(PG_THREADS, PG_BLOCKS_PER_SM)
     moe_prefill_gemm_kernel(const dsrtk_moe_matrix *table, const int32_t *groups, const int32_t *tiles, int n_col_tiles,
-                            int mode, const uint16_t *in, int64_t in_ld, uint16_t *out, int64_t out_ld)
+                            int mode, const uint16_t *in, int64_t in_ld, const int32_t *in_rows, uint16_t *out,
+                            int64_t out_ld)
 {
     extern __shared__ unsigned char pg_smem[];
     PgShared &s = pg_shared(pg_smem);
@@ -1840,7 +1842,14 @@ __global__ void __launch_bounds__(PG_THREADS, PG_BLOCKS_PER_SM)
         for (int64_t off = 0; off <= (int64_t)((2 * nk - 1) >> wr.shift) * wr.scale_stride1; off += 128)
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wr.scale + off));
     s.lut8[t] = dsrt_f32_to_bf16(dsrt_e4m3_to_f32((uint8_t)t));
-    const PgInput x = {in + (row0 + (t >> 3)) * in_ld + 8 * (t & 7), PG_COPY_ROWS * in_ld, rows};
+    PgInput x;
+    x.in = in, x.rows = rows;
+#pragma unroll
+    for (int i = 0; i < PG_COPIES; i++) {
+        const int r = (t >> 3) + i * PG_COPY_ROWS;
+        const int64_t row = row0 + (r < rows ? r : 0);
+        x.at[i] = (uint32_t)((in_rows ? in_rows[row] : row) * in_ld + 8 * (t & 7));
+    }
 
     for (int kt = 0; kt < PG_STAGES - 1; kt++) {
         if (kt < nk) pg_issue(s, kt, kt, wr, half, x);
@@ -1900,21 +1909,22 @@ __global__ void __launch_bounds__(PG_THREADS, PG_BLOCKS_PER_SM)
 }
 
 int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t *groups, const int32_t *tiles,
-                           int64_t n_tiles, int mode, int64_t max_out, const void *in, int64_t in_ld, void *out,
-                           int64_t out_ld, void *stream)
+                           int64_t n_tiles, int mode, int64_t max_out, const void *in, int64_t in_ld, const int32_t *in_rows,
+                           int64_t in_count, void *out, int64_t out_ld, void *stream)
 {
     DSRTK_SET_DEVICE(dev, "moe prefill GEMM");
     if (n_tiles == 0) return DSRTK_OK;
     const int64_t col_tiles = (max_out + PG_N - 1) / PG_N;
     if (!table || !groups || !tiles || !in || !out || n_tiles < 0 || max_out < 1 || in_ld % 8 || (uintptr_t)in % 16 ||
-        (uintptr_t)out % 4 || (mode != DSRTK_MOE_UP && mode != DSRTK_MOE_DOWN) || n_tiles * col_tiles > INT32_MAX)
+        (uintptr_t)out % 4 || (mode != DSRTK_MOE_UP && mode != DSRTK_MOE_DOWN) || n_tiles * col_tiles > INT32_MAX ||
+        in_count < 1 || in_count * in_ld > (int64_t)UINT32_MAX)
         return dsrtk_fail(DSRTK_ERROR, "moe: prefill GEMM of %lld tiles called with bad arguments", (long long)n_tiles);
     const size_t smem = sizeof(PgShared) + PG_ALIGN;
     int st = dsrtk_check(cudaFuncSetAttribute(moe_prefill_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                          "moe: prefill GEMM shared memory of %zu bytes", smem);
     if (st) return st;
     moe_prefill_gemm_kernel<<<(unsigned)(n_tiles * col_tiles), PG_THREADS, smem, (cudaStream_t)stream>>>(
-        table, groups, tiles, (int)col_tiles, mode, (const uint16_t *)in, in_ld, (uint16_t *)out, out_ld);
+        table, groups, tiles, (int)col_tiles, mode, (const uint16_t *)in, in_ld, in_rows, (uint16_t *)out, out_ld);
     return dsrtk_check_launch("moe_prefill_gemm_kernel", dev);
 }
 

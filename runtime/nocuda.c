@@ -358,11 +358,11 @@ int dsrtk_moe_dequant_groups(int dev, const dsrtk_moe_matrix *table, const int32
 }
 
 int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t *groups, const int32_t *tiles,
-                           int64_t n_tiles, int mode, int64_t max_out, const void *in, int64_t in_ld, void *out,
-                           int64_t out_ld, void *stream)
+                           int64_t n_tiles, int mode, int64_t max_out, const void *in, int64_t in_ld, const int32_t *in_rows,
+                           int64_t in_count, void *out, int64_t out_ld, void *stream)
 {
     (void)dev; (void)table; (void)groups; (void)tiles; (void)n_tiles; (void)mode; (void)max_out; (void)in; (void)in_ld;
-    (void)out; (void)out_ld; (void)stream;
+    (void)in_rows; (void)in_count; (void)out; (void)out_ld; (void)stream;
     return without_cuda(__func__);
 }
 

@@ -245,6 +245,18 @@ test("copy_broadcasts_and_crosses_devices", function()
   assert_equal(host:totable(), dst:to("cpu"):totable())
 end)
 
+test("copy_broadcasts_one_row_of_each_token_to_its_streams", function()
+  -- [T, 1, d] -> [T, hc, d] (nn.hc_expand): 16-byte words when d's rows are whole words (f32 256,
+  -- bf16 136, i8 32), the generic copy otherwise (f32 129, a source one element off its word)
+  for _, c in ipairs({ { "f32", 256 }, { "bf16", 136 }, { "i8", 32 }, { "f32", 129 }, { "f32", 256, 1 } }) do
+    local dt, d, off = c[1], c[2], c[3] or 0
+    local base = (dsrt.randn({ 37, 1, d + off }, { seed = next_seed() }) * 20):to(dt)
+    local dst = poisoned({ 37, 4, d }, dt)
+    dst:copy(base:to("cuda"):narrow(3, 1 + off, d))
+    check_exact(dst, base:narrow(3, 1 + off, d):expand(37, 4, d):contiguous(), string.format("%s d=%d offset %d", dt, d, off))
+  end
+end)
+
 test("fill_every_dtype_and_strided_windows", function()
   local values = { 1.5, -3.25, 100, 0.3, 7 }
   for _, dt in ipairs(DTYPES) do
@@ -360,6 +372,23 @@ test("binary_float_ops_with_broadcasting", function()
       check_result(ga[op](ga, gb), want, dt, op .. " " .. dt)
       poison_for(want.shape, want.dtype)
       check_result(gb[op](gb, ga), b[op](b, a), dt, op .. " swapped " .. dt)
+    end
+  end
+end)
+
+test("binary_float_ops_with_one_row_of_each_token_broadcast", function()
+  -- [T, hc, d] op [T, 1, d] (the MTP input's h_proj(h) + e_proj(e)): the vector kernel reads the
+  -- small side as repeated blocks when d's rows are whole vectors, element by element otherwise
+  for _, c in ipairs({ { "f32", 256 }, { "bf16", 136 }, { "f32", 130 }, { "bf16", 4 } }) do
+    local dt, d = c[1], c[2]
+    for _, op in ipairs(BINARY) do
+      local a, b = float_operands(op, { 37, 4, d }, { 37, 1, d }, dt)
+      local ga, gb = a:to("cuda"), b:to("cuda")
+      local what = string.format("%s %s d=%d", op, dt, d)
+      poison_for({ 37, 4, d }, dt)
+      check_result(ga[op](ga, gb), a[op](a, b), dt, what)
+      poison_for({ 37, 4, d }, dt)
+      check_result(gb[op](gb, ga), b[op](b, a), dt, what .. " swapped")
     end
   end
 end)
