@@ -154,12 +154,13 @@ typedef struct {
     int x_dtype, w_dtype, y_dtype;
     int64_t rows, width;
 } dsrtk_norm_job;
-/* nn.h dsrt_nn_norm_rope: y f32 [S, heads, width] = post(RoPE(norm(x))) of x [S, heads, width]
+/* nn.h dsrt_nn_norm_rope: y [S, heads, width] (y_dtype: f32, or bf16 when ref, the values being
+ * bf16-exact then) = post(RoPE(norm(x))) of x [S, heads, width]
  * (width a multiple of 8 from 64 to 1024); norm and post take nn.h's dsrt_nn_norm / dsrt_nn_post
  * values, w [width] (RMS only) or NULL; ref: reference precision's rounding points and round trips.
  * also (or NULL): a second, plain RMSNorm in the same launch, with the same eps. Every pointer
  * 16-byte aligned (the bits are those of the separate ops' aligned paths). */
-int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, float *y, int64_t S,
+int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y, int y_dtype, int64_t S,
                        int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post, int ref,
                        const dsrtk_norm_job *also, void *stream);
 /* end of norm */

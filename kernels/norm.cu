@@ -468,8 +468,8 @@ enum { POST_NONE = 0, POST_Q8 = 1, POST_HADAMARD_Q4 = 2 };
 
 struct NormRopeArgs {
     const void *x, *w; /* x [rows, width] (rows = S·heads), w [width] or NULL: contiguous, 16-byte aligned */
-    float *y;          /* [rows, width] */
-    int x_dtype, w_dtype, norm, post, ref;
+    void *y;           /* [rows, width], y_dtype */
+    int x_dtype, w_dtype, y_dtype, norm, post, ref;
     int64_t rows, heads, width, first, step; /* row r is at position first + (r / heads)·step */
     float eps;
     dsrtk_norm_job also; /* warps past `rows`: its plain RMSNorm (also.rows 0: none) */
@@ -499,6 +499,23 @@ __device__ __forceinline__ void store_row(void *y, int dtype, int64_t base, int6
     for (int k = 0; k < V; k++) {
         const int64_t j = 8 * (int64_t)(lane + 32 * k);
         if (j < width) st8(y, dtype, base + j, v[k]);
+    }
+}
+
+/* store_row for bf16-exact values into bf16: the upper halves of their f32 bits, one byte permute
+ * a pair (the rounding store costs ~6 instructions a value, and norm_rope_kernel is bound by its
+ * instructions) */
+template <int V>
+__device__ __forceinline__ void store_row_bf16_exact(void *y, int64_t base, int64_t width, int lane, const float (&v)[V][8])
+{
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        const int64_t j = 8 * (int64_t)(lane + 32 * k);
+        if (j >= width) continue;
+        uint32_t w[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) w[i] = __byte_perm(__float_as_uint(v[k][2 * i]), __float_as_uint(v[k][2 * i + 1]), 0x7632);
+        ((uint4 *)y)[(base + j) / 8] = make_uint4(w[0], w[1], w[2], w[3]);
     }
 }
 
@@ -541,7 +558,8 @@ __device__ __forceinline__ void norm_row(float (&v)[V][8], const void *w, int w_
  *     1, 2, 4 inside a lane and 8 … 64 with the lane l ^ (h/8), each y_j = a + b, y_{j+h} = a − b
  *     on the same operands, × fp32(128^-½), rounded to bf16 in reference precision; then Q4 over
  *     blocks of 32 (4 lanes) as roundtrip_vec_kernel<true>.
- * Output f32 (the values are bf16-exact in reference precision). Warps past the last row do
+ * Output f32, or bf16 in reference precision, where the values are bf16-exact (a prefill's query,
+ * which the tensor-core attention takes as bf16: no f32 copy to convert). Warps past the last row do
  * a.also's plain RMSNorm (norm_row, stored in its dtype as rms_norm_rows_kernel stores), so the
  * layer's q_norm rides in the KV row's launch. A warp per row, 8 rows a block; a warp past all
  * rows returns whole, so every shuffle has its full warp.
@@ -658,7 +676,8 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
             }
         }
     }
-    store_row<V>(a.y, DSRT_F32, base, a.width, lane, v);
+    if (a.y_dtype == DSRT_BF16) store_row_bf16_exact<V>(a.y, base, a.width, lane, v); /* ref: bf16-exact values */
+    else store_row<V>(a.y, DSRT_F32, base, a.width, lane, v);
 }
 
 /* the vectors a lane holds for rows of `width` (<= 1024): rms_norm_cuda's choice, which the bits
@@ -676,7 +695,7 @@ static void launch_norm_rope(int v2, unsigned blocks, cudaStream_t cs, const Nor
 
 static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
 
-extern "C" int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, float *y, int64_t S,
+extern "C" int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y, int y_dtype, int64_t S,
                                   int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post,
                                   int ref, const dsrtk_norm_job *also, void *stream)
 {
@@ -686,6 +705,8 @@ extern "C" int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const voi
     if (!rc && also) rc = check_float_dtype(what, "the second norm's x", also->x_dtype);
     if (!rc && also && also->w) rc = check_float_dtype(what, "the second norm's weight", also->w_dtype);
     if (!rc && also) rc = check_float_dtype(what, "the second norm's y", also->y_dtype);
+    if (!rc && y_dtype != DSRT_F32 && !(y_dtype == DSRT_BF16 && ref))
+        rc = dsrtk_fail(DSRTK_ERROR, "%s: output dtype %d (f32, or bf16 in reference precision)", what, y_dtype);
     if (rc) return rc;
     if (width % 8 || width < 64 || width > 1024 || (also && (also->width % 8 || also->width < 8 || also->width > 1024)))
         return dsrtk_fail(DSRTK_ERROR, "%s: vectors of %lld (and %lld), expected multiples of 8 up to 1024, from 64", what,
@@ -705,7 +726,7 @@ extern "C" int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const voi
     DSRTK_SET_DEVICE(dev, what);
     NormRopeArgs a;
     a.x = x, a.w = w, a.y = y;
-    a.x_dtype = x_dtype, a.w_dtype = w_dtype, a.norm = norm, a.post = post, a.ref = ref != 0;
+    a.x_dtype = x_dtype, a.w_dtype = w_dtype, a.y_dtype = y_dtype, a.norm = norm, a.post = post, a.ref = ref != 0;
     a.rows = rows, a.heads = heads, a.width = width, a.first = rope->first, a.step = rope->step;
     a.eps = eps;
     a.also = also ? *also : dsrtk_norm_job{};

@@ -444,15 +444,24 @@ static dsrt_tensor *norm_f32(dsrt_tensor *t, dsrt_tensor *w, float eps, dsrt_pre
 static const dsrt_yarn *yarn_of(const dsrt_attn_config *c) { return c->has_yarn ? &c->yarn : NULL; }
 
 /* t (released) normed, rotated by the layer's RoPE at positions first, first + step, … and
- * post-processed (nn.h dsrt_nn_norm_rope), as f32: every projection's rows before they are
- * attended or stored (the query, the window KV, compressed entries, the indexer's query) */
+ * post-processed (nn.h dsrt_nn_norm_rope), as `out` (f32, or bf16 in reference precision): every
+ * projection's rows before they are attended or stored (the query, the window KV, compressed
+ * entries, the indexer's query) */
+static dsrt_tensor *norm_rope_to(const dsrt_attn_config *c, dsrt_tensor *t, dsrt_nn_norm norm, dsrt_tensor *weight,
+                                 int64_t first, int64_t step, dsrt_nn_post post, dsrt_precision prec, dsrt_dtype out,
+                                 dsrt_stream *s)
+{
+    if (!t) return NULL;
+    dsrt_tensor *y = dsrt_nn_norm_rope_to(t, norm, weight, c->norm_eps, first, step, c->rope_theta, yarn_of(c), post, prec,
+                                          out, s);
+    dsrt_tensor_release(t);
+    return y;
+}
+
 static dsrt_tensor *norm_rope(const dsrt_attn_config *c, dsrt_tensor *t, dsrt_nn_norm norm, dsrt_tensor *weight,
                               int64_t first, int64_t step, dsrt_nn_post post, dsrt_precision prec, dsrt_stream *s)
 {
-    if (!t) return NULL;
-    dsrt_tensor *y = dsrt_nn_norm_rope(t, norm, weight, c->norm_eps, first, step, c->rope_theta, yarn_of(c), post, prec, s);
-    dsrt_tensor_release(t);
-    return y;
+    return norm_rope_to(c, t, norm, weight, first, step, post, prec, DSRT_F32, s);
 }
 
 /* sparse attention with the sink, then the inverse RoPE at the queries' positions P, P + 1, …
@@ -900,10 +909,13 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     ok = 1;
     if (r == 4) ok = !index_select_dev(a, st, qr, wproj, ic, ig, P, S, side, &picks);
     else if (r > 0) ok = !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, side);
+    /* a reference chunk of many rows attends on the tensor cores, in bf16 (below) */
+    const int attend_bf16 = prec == DSRT_PREC_REFERENCE && S >= MMA_MIN_ROWS;
     if (ok && (q = dlin_any(w->wq_b, qr, prec, s))) { /* §6.1 steps 3-4: the head norm and RoPE, one fused pass */
         dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, H, hd});
         dsrt_tensor_release(q);
-        q = norm_rope(c, v, DSRT_NN_NORM_HEAD, NULL, P, 1, DSRT_NN_POST_NONE, prec, s);
+        q = norm_rope_to(c, v, DSRT_NN_NORM_HEAD, NULL, P, 1, DSRT_NN_POST_NONE, prec, attend_bf16 ? DSRT_BF16 : DSRT_F32,
+                         s);
     }
     ok = ok && q;
     if (ok && r == 4) ok = !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, s);
@@ -931,9 +943,10 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
      * output as they store it), grouped wo_a, wo_b. A reference chunk of many rows hands q and the
      * pool over as bf16, which sends sparse attention to its tensor-core path
      * (kernels/sparse_attention.cu); every value is bf16-exact in reference precision, so the
-     * conversion loses nothing and costs two conversions of ~S·H·hd and ~(S + window + entries)·hd
-     * values against the ~10x faster attention. */
-    if (prec == DSRT_PREC_REFERENCE && S >= MMA_MIN_ROWS) {
+     * conversion loses nothing. q comes out of its norm and RoPE as bf16 already (an f32 copy and
+     * its conversion cost 0.19 ms a Flash layer at 4096 tokens); the pool, ~(S + window +
+     * entries)·hd values, converts here. */
+    if (attend_bf16) {
         dsrt_tensor *q16 = dsrt_tensor_to(q, dev, DSRT_BF16, s, 0), *pool16 = q16 ? dsrt_tensor_to(pool, dev, DSRT_BF16, s, 0) : NULL;
         if (pool16) o = attend(a, q16, pool16, idx, P, prec, s);
         dsrt_tensor_release(q16);

@@ -13,7 +13,7 @@
  *   nn.quant_roundtrip_q8(x, blk, first, count, prec)  nn.quant_roundtrip_q4(x, prec)   -> x, rewritten
  *   nn.rope_freqs(theta [, yarn])                      nn.rope(x, positions, theta, yarn|nil, inverse, prec)
  *   nn.hadamard128(x, prec)                            nn.sparse_attention(q, pool, indices, sink, scale, prec)
- *   nn.norm_rope(x, weight|nil, norm, eps, first, step, theta, yarn|nil, post, prec)     -> f32
+ *   nn.norm_rope(x, weight|nil, norm, eps, first, step, theta, yarn|nil, post, prec [, dtype]) -> f32 | bf16
  *   nn.q_kv_norm(qa, q_weight|nil, kv, kv_weight|nil, eps, first, step, theta, yarn|nil, post, prec) -> qr, kv
  *   nn.sparse_attention_inverse_rope(q, pool, indices, sink, scale, first, step, theta, yarn|nil, prec)
  *   nn.sinkhorn(mixes, scale, base, hc, iters, eps)                      -> pre, post, comb
@@ -198,7 +198,10 @@ static int l_norm_rope(lua_State *L)
     check_rope_args(L, 5, "norm_rope", &r);
     dsrt_nn_post post = check_post(L, 9);
     dsrt_precision prec = dsrtL_checkprecision(L, 10, "nn.norm_rope", 1);
-    dsrtL_pushtensor(L, dsrt_nn_norm_rope(x, norm, weight, eps, r.first, r.step, r.theta, r.yarn, post, prec, stream_for(L, x)));
+    static const char *const outs[] = {"f32", "bf16", NULL};
+    dsrt_dtype out = luaL_checkoption(L, 11, "f32", outs) ? DSRT_BF16 : DSRT_F32;
+    dsrtL_pushtensor(L, dsrt_nn_norm_rope_to(x, norm, weight, eps, r.first, r.step, r.theta, r.yarn, post, prec, out,
+                                             stream_for(L, x)));
     return 1;
 }
 

@@ -710,20 +710,38 @@ dsrt_tensor *dsrt_nn_norm_rope(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *w
                                int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
                                dsrt_precision prec, dsrt_stream *s)
 {
+    return dsrt_nn_norm_rope_to(x, norm, weight, eps, first, step, theta, yarn, post, prec, DSRT_F32, s);
+}
+
+/* y (released) as dtype `out` */
+static dsrt_tensor *as_dtype(dsrt_tensor *y, dsrt_dtype out, dsrt_stream *s)
+{
+    if (!y || y->dtype == out) return y;
+    dsrt_tensor *z = dsrt_tensor_to(y, y->device, out, s, 0);
+    dsrt_tensor_release(y);
+    return z;
+}
+
+dsrt_tensor *dsrt_nn_norm_rope_to(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *weight, float eps, int64_t first,
+                                  int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
+                                  dsrt_precision prec, dsrt_dtype out, dsrt_stream *s)
+{
     const char *op = "nn.norm_rope";
     dsrtk_rope rope;
     if (check_precision(op, prec) || check_any_stream(op, s) ||
         check_norm_rope(op, "x", "weight", x, norm, weight, first, step, theta, yarn, post, s, &rope))
         return NULL;
-    if (!on_cuda(s)) return norm_rope_by_steps(x, norm, weight, eps, first, step, theta, yarn, post, prec, s);
+    if (out != DSRT_F32 && !(out == DSRT_BF16 && prec == DSRT_PREC_REFERENCE))
+        return dsrt_err_null("%s: output dtype %s (f32, or bf16 in reference precision)", op, dsrt_dtype_name(out));
+    if (!on_cuda(s)) return as_dtype(norm_rope_by_steps(x, norm, weight, eps, first, step, theta, yarn, post, prec, s), out, s);
     dsrt_tensor *xc = dense(x, s), *wc = xc && weight ? dense(weight, s) : NULL, *y = NULL;
     if (xc && (wc || !weight) && !(fusable(xc) && fusable(wc))) {
-        y = norm_rope_by_steps(xc, norm, wc, eps, first, step, theta, yarn, post, prec, s);
-    } else if (xc && (wc || !weight) && (y = new_on(DSRT_F32, x->ndim, x->shape, s))) {
+        y = as_dtype(norm_rope_by_steps(xc, norm, wc, eps, first, step, theta, yarn, post, prec, s), out, s);
+    } else if (xc && (wc || !weight) && (y = new_on(out, x->ndim, x->shape, s))) {
         int64_t heads = x->ndim == 3 ? x->shape[1] : 1, w = x->shape[x->ndim - 1];
         if (launched(op, dsrtk_nn_norm_rope(s->device, dev_data(xc), xc->dtype, wc ? dev_data(wc) : NULL,
-                                            wc ? wc->dtype : DSRT_F32, dev_data(y), x->shape[0], heads, w, (int)norm, eps,
-                                            &rope, (int)post, prec == DSRT_PREC_REFERENCE, NULL, s->handle))) {
+                                            wc ? wc->dtype : DSRT_F32, dev_data(y), out, x->shape[0], heads, w, (int)norm,
+                                            eps, &rope, (int)post, prec == DSRT_PREC_REFERENCE, NULL, s->handle))) {
             dsrt_tensor_release(y);
             y = NULL;
         }
@@ -771,7 +789,7 @@ int dsrt_nn_q_kv_norm(dsrt_tensor *qa, dsrt_tensor *q_weight, dsrt_tensor *kv, d
                                ts[1] ? ts[1]->dtype : DSRT_F32, q_out->dtype, rows_of(qa), dq};
         int64_t heads = kv->ndim == 3 ? kv->shape[1] : 1, w = kv->shape[kv->ndim - 1];
         rc = launched(op, dsrtk_nn_norm_rope(s->device, dev_data(ts[2]), ts[2]->dtype, ts[3] ? dev_data(ts[3]) : NULL,
-                                             ts[3] ? ts[3]->dtype : DSRT_F32, dev_data(y), kv->shape[0], heads, w,
+                                             ts[3] ? ts[3]->dtype : DSRT_F32, dev_data(y), DSRT_F32, kv->shape[0], heads, w,
                                              DSRT_NN_NORM_RMS, eps, &rope, (int)post, prec == DSRT_PREC_REFERENCE, &also,
                                              s->handle));
     }

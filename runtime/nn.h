@@ -167,6 +167,11 @@ typedef enum {
 dsrt_tensor *dsrt_nn_norm_rope(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *weight, float eps, int64_t first,
                                int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
                                dsrt_precision prec, dsrt_stream *s);
+/* dsrt_nn_norm_rope with the result in dtype `out`: DSRT_F32, or DSRT_BF16 in reference precision
+ * (the same values, bf16-exact there; the CUDA kernel stores them so, with no f32 copy between) */
+dsrt_tensor *dsrt_nn_norm_rope_to(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *weight, float eps, int64_t first,
+                                  int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
+                                  dsrt_precision prec, dsrt_dtype out, dsrt_stream *s);
 
 /* The attention layer's two norms after wq_a and wkv (SPEC §6.1 step 1, §6.2), in one launch on
  * CUDA, as vLLM fuses them: *qr = dsrt_nn_rms_norm(qa, q_weight, eps, prec) (qa [..., dq]) and

@@ -255,11 +255,12 @@ int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y, int y_dty
     return without_cuda(__func__);
 }
 
-int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, float *y, int64_t S,
+int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y, int y_dtype, int64_t S,
                        int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post, int ref,
                        const dsrtk_norm_job *also, void *stream)
 {
-    (void)dev; (void)x; (void)x_dtype; (void)w; (void)w_dtype; (void)y; (void)S; (void)heads; (void)width; (void)norm;
+    (void)dev; (void)x; (void)x_dtype; (void)w; (void)w_dtype; (void)y; (void)y_dtype; (void)S; (void)heads; (void)width;
+    (void)norm;
     (void)eps; (void)rope; (void)post; (void)ref; (void)also; (void)stream;
     return without_cuda(__func__);
 }

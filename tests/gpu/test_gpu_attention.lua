@@ -315,8 +315,15 @@ test("norm_rope_gives_the_bits_of_the_separate_ops", function()
             local want = norm_rope_by_steps(x, weight, nm[1], 1e-6, first, step, theta, yarn, post, prec)
             h.poison_cuda_cache(x:numel() * 4)
             local got = nn.norm_rope(x, weight, nm[1], 1e-6, first, step, theta, yarn, post, prec)
-            check_bits(got, want, string.format("norm_rope %s %s %s w %s %s %s pos %d+%d", table.concat(shape, "x"), dt,
-                                                nm[1], tostring(nm[2]), post, prec, first, step))
+            local what = string.format("norm_rope %s %s %s w %s %s %s pos %d+%d", table.concat(shape, "x"), dt, nm[1],
+                                       tostring(nm[2]), post, prec, first, step)
+            check_bits(got, want, what)
+            if prec == "reference" then -- stored as bf16 by the kernel itself: the same values
+              h.poison_cuda_cache(x:numel() * 4)
+              local got16 = nn.norm_rope(x, weight, nm[1], 1e-6, first, step, theta, yarn, post, prec, "bf16")
+              assert_equal(got16.dtype, "bf16", what)
+              check_bits(got16:to("f32"), want, what .. " as bf16")
+            end
           end
         end
       end

@@ -239,12 +239,23 @@ test("norm_rope_is_the_separate_ops", function()
           local what = string.format("%s %s %s %s %s", table.concat(shape, "x"), dt, norm, post, prec)
           assert_equal(got.dtype, "f32", what)
           assert_equal(got.shape, shape, what)
-          assert_equal(got:totable(), norm_rope_by_steps(x, w, norm, 1e-6, first, step, theta, yarn, post, prec):totable(), what)
+          local want = norm_rope_by_steps(x, w, norm, 1e-6, first, step, theta, yarn, post, prec)
+          assert_equal(got:totable(), want:totable(), what)
           assert_equal(x:to("f32"):totable(), before:totable(), what .. ": x is left as it was")
+          if prec == "reference" then -- the same values as bf16 (bf16-exact in reference precision)
+            local got16 = nn.norm_rope(x, w, norm, 1e-6, first, step, theta, yarn, post, prec, "bf16")
+            assert_equal(got16.dtype, "bf16", what)
+            assert_equal(got16:to("f32"):totable(), want:totable(), what .. " as bf16")
+          end
         end
       end
     end
   end
+  -- bf16 output only in reference precision (fp32's values are not bf16-exact); dtypes by name
+  local x64 = randn({ 2, 64 }, "f32", 4)
+  assert_error(nn.norm_rope, "nn.norm_rope: output dtype bf16 %(f32, or bf16 in reference precision%)", x64, nil, "rms", 1e-6,
+               0, 1, 10000, nil, "none", "fp32", "bf16")
+  assert_error(nn.norm_rope, "invalid option 'f16'", x64, nil, "rms", 1e-6, 0, 1, 10000, nil, "none", "reference", "f16")
   -- the steps happen: a normed and rotated row of a [S, w] x has rms 1 and differs from x's
   local x = randn({ 2, 512 }, "f32", 5)
   local y = nn.norm_rope(x, nil, "rms", 1e-6, 3, 1, 10000, nil, "none", "fp32")
