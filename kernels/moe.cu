@@ -1399,12 +1399,16 @@ int dsrtk_moe_router(int dev, const dsrtk_moe_router_args *a, void *stream)
 #define MOE_COMBINE_MAX_K 64
 enum { COMBINE_U = 8 /* a column's routed rows loaded at once */ };
 
+/* out row t = the sum of y's rows of token t's picks in `order` (ascending positions), then its
+ * shared-expert row. Four columns a thread (one 8- or 16-byte access a row when `vec`; a column a
+ * thread took 192 us a Flash layer at 4096 tokens, H200, 2-byte loads). */
 __global__ void __launch_bounds__(DSRTK_BLOCK) moe_combine_kernel(const void *y, int y_dtype, const int32_t *pos_of_pick,
-                                                                  int64_t rows, int k, int64_t dim, void *out, int out_dtype)
+                                                                  int64_t rows, int k, int64_t dim, void *out, int out_dtype,
+                                                                  bool vec)
 {
     dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     __shared__ int pos[MOE_COMBINE_MAX_K], order[MOE_COMBINE_MAX_K];
-    int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; /* one column per thread, grid-strided below */
+    const int64_t c = 4 * ((int64_t)blockIdx.x * blockDim.x + threadIdx.x); /* the thread's first column, grid-strided */
     const int i = threadIdx.x;
     for (int64_t t = blockIdx.y; t < rows; t += gridDim.y) {
         __syncthreads(); /* the previous token's order is consumed */
@@ -1417,22 +1421,25 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_combine_kernel(const void *y,
             order[rank] = mine;
         }
         __syncthreads();
-        int64_t shared_row = (rows * k + t) * dim;
-        for (int64_t col = c; col < dim; col += (int64_t)gridDim.x * blockDim.x) {
-            const float shared = load_x(y, y_dtype, shared_row + col);
-            float acc = 0.0f;
+        const int64_t shared_row = (rows * k + t) * dim;
+        for (int64_t col = c; col < dim; col += 4 * (int64_t)gridDim.x * blockDim.x) {
+            float shared[4], acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            bool ok[4];
+            ld4_row(y, y_dtype, shared_row, col, dim, vec, shared, ok);
             for (int i0 = 0; i0 < k; i0 += COMBINE_U) {
-                float v[COMBINE_U];
+                float v[COMBINE_U][4];
 #pragma unroll
                 for (int u = 0; u < COMBINE_U; u++)
-                    v[u] = i0 + u < k ? load_x(y, y_dtype, (int64_t)order[i0 + u] * dim + col) : 0.0f;
+                    if (i0 + u < k) ld4_row(y, y_dtype, (int64_t)order[i0 + u] * dim, col, dim, vec, v[u], ok);
 #pragma unroll
                 for (int u = 0; u < COMBINE_U; u++)
-                    if (i0 + u < k) acc += v[u];
+                    if (i0 + u < k)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) acc[e] += v[u][e];
             }
-            acc += shared;
-            if (out_dtype == DSRT_F32) ((float *)out)[t * dim + col] = acc;
-            else ((uint16_t *)out)[t * dim + col] = dsrt_f32_to_bf16(acc);
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[e] += shared[e];
+            st4_row(out, out_dtype, t * dim, col, dim, vec, acc);
         }
     }
 }
@@ -1447,11 +1454,12 @@ int dsrtk_moe_combine(int dev, const void *y, int y_dtype, const int32_t *pos_of
         return dsrtk_fail(DSRTK_ERROR, "moe: combine called with bad arguments");
     if (k > MOE_COMBINE_MAX_K)
         return dsrtk_fail(DSRTK_ERROR, "moe: combine of %d experts per token (at most %d)", k, MOE_COMBINE_MAX_K);
-    /* column tiles (at most 64: wider rows loop) times tokens (at most 65535: more loop) */
-    int64_t tiles = (dim + DSRTK_BLOCK - 1) / DSRTK_BLOCK;
+    /* column tiles of 4·DSRTK_BLOCK (at most 64: wider rows loop) times tokens (at most 65535: more loop) */
+    int64_t tiles = (dim + 4 * DSRTK_BLOCK - 1) / (4 * DSRTK_BLOCK);
     int grid_x = tiles < 64 ? (int)tiles : 64, grid_y = rows < 65535 ? (int)rows : 65535;
+    const bool vec = act_vec(y, dim) && act_vec(out, dim);
     (void)dsrtk_launch_dependent(moe_combine_kernel, dim3(grid_x, grid_y), dim3(DSRTK_BLOCK), 0, (cudaStream_t)stream, y, y_dtype,
-                                 pos_of_pick, rows, k, dim, out, out_dtype);
+                                 pos_of_pick, rows, k, dim, out, out_dtype, vec);
     return dsrtk_check_launch("moe_combine_kernel", dev);
 }
 
@@ -1928,15 +1936,57 @@ int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t
     return dsrtk_check_launch("moe_prefill_gemm_kernel", dev);
 }
 
-/* SwiGLU between the prefill GEMMs: a warp per row (its group found once), ACT_U / 2 blocks of 128
- * columns in flight at once, 4 columns a lane */
+/* silu_f32(g) for every bf16 g, by its bits. Reference precision's SwiGLU takes g rounded to bf16,
+ * so its silu is a lookup: no double-precision exp and no division at run time. Filled once per
+ * device by silu_table_kernel with the very silu_f32, so the bits are the same. (The prefill's
+ * SwiGLU ran ~107 instructions an element, 375 us a Flash layer at 4096 tokens, H200.) */
+__device__ float silu_table[1 << 16];
+
+__global__ void silu_table_kernel()
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    silu_table[i] = silu_f32(dsrt_bf16_to_f32((uint16_t)i));
+}
+
+enum { SILU_MAX_DEVICES = 64 };
+
+/* the table of `dev`, filled before the first SwiGLU on it (and synchronised once, so that any
+ * stream's later work sees it) */
+static int ensure_silu_table(int dev, cudaStream_t stream)
+{
+    static std::mutex lock;
+    static bool ready[SILU_MAX_DEVICES];
+    if (dev < 0 || dev >= SILU_MAX_DEVICES) return dsrtk_fail(DSRTK_ERROR, "moe SwiGLU: no device cuda:%d", dev);
+    std::lock_guard<std::mutex> guard(lock);
+    if (ready[dev]) return DSRTK_OK;
+    silu_table_kernel<<<(1 << 16) / 256, 256, 0, stream>>>();
+    int st = dsrtk_check_launch("silu_table_kernel", dev);
+    if (!st) st = dsrtk_check(cudaStreamSynchronize(stream), "moe SwiGLU: the silu table on cuda:%d", dev);
+    ready[dev] = st == DSRTK_OK;
+    return st;
+}
+
+/* swiglu_f32 of g and u that are bf16 values: the same operations, silu_f32(g) from the table
+ * (g's bits are its f32 bits' upper half; a g clamped to the limit, no bf16 value in general,
+ * computes it) */
+__device__ __forceinline__ float swiglu_of_bf16(float g, float u, float limit)
+{
+    if (limit > 0) {
+        u = u > limit ? limit : u < -limit ? -limit : u;
+        if (g > limit) return silu_f32(limit) * u;
+    }
+    return silu_table[__float_as_uint(g) >> 16] * u;
+}
+
+/* SwiGLU between the prefill GEMMs: a warp per row (its group found once), ACT_U blocks of 128
+ * columns (g and u: 2·ACT_U loads) in flight at once, 4 columns a lane */
 __global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu, int64_t gu_ld, int64_t rows,
                                                                  const dsrtk_moe_matrix *table, const int32_t *groups,
                                                                  const int32_t *n_groups, const float *row_weight,
                                                                  int64_t n_weighted, float limit, int reference, void *h,
                                                                  int64_t h_ld, int io_dtype, bool vec)
 {
-    enum { U = ACT_U / 2 }; /* two loads a block: g and u */
+    enum { U = ACT_U };
     const int lane = threadIdx.x % 32;
     const int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
     for (int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; r < rows; r += warps) { /* warp-uniform */
@@ -1964,10 +2014,12 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu,
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     float gi = g[k][i], ui = u[k][i];
-                    if (reference) gi = round_bf16(gi), ui = round_bf16(ui); /* w1, w3 return bf16 */
-                    float x = swiglu_f32(gi, ui, limit);
+                    if (reference && io_dtype != DSRT_BF16) gi = round_bf16(gi), ui = round_bf16(ui); /* w1, w3 return bf16 */
+                    float x = reference ? swiglu_of_bf16(gi, ui, limit) : swiglu_f32(gi, ui, limit);
                     if (r < n_weighted) x *= weight; /* before w2, in fp32 (SPEC §7.2) */
-                    v[i] = !valid[k][i] ? 0.0f : reference ? round_bf16(x) : x;
+                    /* the hardware's rounding: round_bf16's bits but for a NaN's payload, which Q8
+                     * turns into e4m3's one NaN code either way */
+                    v[i] = !valid[k][i] ? 0.0f : reference ? __bfloat162float(__float2bfloat16_rn(x)) : x;
                 }
                 if (reference) q8_warp(v, valid[k]); /* every w2 quantised (moe.c checks) */
                 st4_row(h, io_dtype, r * h_ld, c0 + k * ACT_BLOCK + 4 * lane, inter, vec_row, v);
@@ -1985,6 +2037,10 @@ int dsrtk_moe_swiglu(int dev, const void *gu, int64_t gu_ld, int64_t rows, const
     if (!gu || !table || !groups || !n_groups || !h || h_ld < 1 || gu_ld < 2 * h_ld ||
         (io_dtype != DSRT_F32 && io_dtype != DSRT_BF16) || (n_weighted && !row_weight))
         return dsrtk_fail(DSRTK_ERROR, "moe: SwiGLU of %lld rows called with bad arguments", (long long)rows);
+    if (reference) {
+        int st = ensure_silu_table(dev, (cudaStream_t)stream);
+        if (st) return st;
+    }
     int grid = dsrtk_grid_for(dev, rows * 32, DSRTK_BLOCK);
     moe_swiglu_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(gu, gu_ld, rows, table, groups, n_groups, row_weight,
                                                                       n_weighted, limit, reference, h, h_ld, io_dtype,

@@ -473,6 +473,9 @@ test("prefill_with_bf16_and_fp8_experts_and_odd_widths", function()
   local cpu, gpu, dims = pair({ dim = 200, inter = 76, shared_inter = 52, k = 2, n = 9 })
   local x = input(290, 200)
   compare_both(cpu, gpu, dims, x, nil, "prefill dim 200", 76)
+  -- dim 198: rows no multiple of 4 (the combine's and the row passes' element paths)
+  cpu, gpu, dims = pair({ dim = 198, inter = 76, shared_inter = 52, k = 2, n = 9 })
+  for _, rows in ipairs({ 5, 290 }) do compare_both(cpu, gpu, dims, input(rows, 198), nil, "dim 198 T=" .. rows, 76) end
 end)
 
 test("forward_with_widths_off_the_32_column_chunks", function()
@@ -485,11 +488,16 @@ test("forward_with_widths_off_the_32_column_chunks", function()
 end)
 
 test("clamp_and_route_scale_cases", function()
-  -- large inputs push the projections far past the limit; limit 0 means no clamp
-  for _, changes in ipairs({ { swiglu_limit = 10 }, { swiglu_limit = 0 }, { route_scale = 0 } }) do
+  -- large inputs push the projections far past the limit; limit 0 means no clamp; 7.3 is no bf16
+  -- value (the prefill SwiGLU's table holds bf16 g's exps, a clamped g computes its own); 9 rows
+  -- take the decode kernels, 300 the prefill's
+  for _, changes in ipairs({ { swiglu_limit = 10 }, { swiglu_limit = 7.3 }, { swiglu_limit = 0 }, { route_scale = 0 } }) do
     local cpu, gpu, dims = pair(changes)
-    local x = input(9, 320) * 30
-    compare_both(cpu, gpu, dims, x, nil, string.format("limit %s scale %s", tostring(dims.swiglu_limit), tostring(dims.route_scale)), 160)
+    for _, rows in ipairs({ 9, 300 }) do
+      local x = input(rows, 320) * 30
+      compare_both(cpu, gpu, dims, x, nil, string.format("limit %s scale %s T=%d", tostring(dims.swiglu_limit),
+                                                         tostring(dims.route_scale), rows), 160)
+    end
   end
 end)
 
