@@ -670,8 +670,10 @@ __device__ __forceinline__ void load_operand(const Operand &o, int64_t c, int64_
         for (int j = 0; j < VEC; j++) {
             int64_t i = first + j;
             x[j] = 0.0f;
-            if (i < n)
-                x[j] = Format::decode(load_element<Format::BITS>(o.data, o.mode == OPERAND_ROW ? repeated(i, o.period, o.group) : i));
+            if (i < n) {
+                const int64_t at = o.mode == OPERAND_ROW ? repeated(i, o.period, o.group) : i;
+                x[j] = Format::decode(load_element<Format::BITS>(o.data, at));
+            }
         }
     }
 }

@@ -1655,18 +1655,20 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
  *     and their outputs not stored; their wgmma rows are computed all the same (skipping a
  *     warpgroup's wgmmas is the branch above).
  *
- * Numerics: the slab path's. Inputs are the gathered Q8 round-tripped rows (exact in bf16); a
- * weight is code x 2^e, exact in bf16; products are exact in the fp32 accumulators; the output is
- * the bf16 rounding of the fp32 sum (a reordering of the CPU's, as cuBLAS's is).
+ * Numerics: the slab path's. Inputs are Q8 round-tripped rows (exact in bf16; UP's are the
+ * tokens', read through in_rows); a weight is code x 2^e, exact in bf16; products are exact in the
+ * fp32 accumulators; the output is the bf16 rounding of the fp32 sum (a reordering of the CPU's, as
+ * cuBLAS's is).
  *
  * Why not the slabs: they wrote every selected expert's weights out as bf16 (50 MB for a Flash
  * expert's [w1; w3]) and read them back, ~26 GB a layer at 4096 tokens; here the weights are read
  * once per 128 rows of a group and the bytes that move are the packed ones. FLOPs (Flash,
  * T = 4096): 1.4 TFLOP a layer.
  */
-enum { PG_M = DSRTK_MOE_TILE_ROWS, PG_N = 128, PG_K = 64, PG_STAGES = 3, PG_THREADS = 256, PG_ALIGN = 1024, PG_BLOCKS_PER_SM = 2 };
+enum { PG_M = DSRTK_MOE_TILE_ROWS, PG_N = 128, PG_K = 64, PG_STAGES = 3, PG_THREADS = 256, PG_BLOCKS_PER_SM = 2 };
+enum { PG_ALIGN = 1024 }; /* wgmma's 128-byte swizzle repeats every 8 rows of 128 bytes */
 
-struct PgShared {                        /* 1024-byte aligned (pg_shared): every tile is */
+struct PgShared {                        /* at a 1024-byte boundary (pg_shared), and so is each tile */
     uint16_t a[PG_STAGES][PG_M * PG_K];  /* input rows, bf16, swizzled 16-byte chunks */
     uint16_t b[2][PG_N * PG_K];          /* the converted weights, bf16, swizzled like a */
     uint4 raw[PG_STAGES][2][PG_THREADS]; /* each thread's weight bytes of a step (fp4: plane 0 only) */
@@ -2018,7 +2020,8 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu,
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     float gi = g[k][i], ui = u[k][i];
-                    if (reference && io_dtype != DSRT_BF16) gi = round_bf16(gi), ui = round_bf16(ui); /* w1, w3 return bf16 */
+                    if (reference && io_dtype != DSRT_BF16) /* w1, w3 return bf16 (bf16 rows are) */
+                        gi = round_bf16(gi), ui = round_bf16(ui);
                     float x = reference ? swiglu_of_bf16(gi, ui, limit) : swiglu_f32(gi, ui, limit);
                     if (r < n_weighted) x *= weight; /* before w2, in fp32 (SPEC §7.2) */
                     /* the hardware's rounding: round_bf16's bits but for a NaN's payload, which Q8

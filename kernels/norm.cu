@@ -514,7 +514,8 @@ __device__ __forceinline__ void store_row_bf16_exact(void *y, int64_t base, int6
         if (j >= width) continue;
         uint32_t w[4];
 #pragma unroll
-        for (int i = 0; i < 4; i++) w[i] = __byte_perm(__float_as_uint(v[k][2 * i]), __float_as_uint(v[k][2 * i + 1]), 0x7632);
+        for (int i = 0; i < 4; i++)
+            w[i] = __byte_perm(__float_as_uint(v[k][2 * i]), __float_as_uint(v[k][2 * i + 1]), 0x7632);
         ((uint4 *)y)[(base + j) / 8] = make_uint4(w[0], w[1], w[2], w[3]);
     }
 }
@@ -695,9 +696,9 @@ static void launch_norm_rope(int v2, unsigned blocks, cudaStream_t cs, const Nor
 
 static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
 
-extern "C" int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y, int y_dtype, int64_t S,
-                                  int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post,
-                                  int ref, const dsrtk_norm_job *also, void *stream)
+extern "C" int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y, int y_dtype,
+                                  int64_t S, int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope,
+                                  int post, int ref, const dsrtk_norm_job *also, void *stream)
 {
     const char *what = "nn.norm_rope";
     int rc = check_float_dtype(what, "x", x_dtype);

@@ -733,7 +733,8 @@ dsrt_tensor *dsrt_nn_norm_rope_to(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor
         return NULL;
     if (out != DSRT_F32 && !(out == DSRT_BF16 && prec == DSRT_PREC_REFERENCE))
         return dsrt_err_null("%s: output dtype %s (f32, or bf16 in reference precision)", op, dsrt_dtype_name(out));
-    if (!on_cuda(s)) return as_dtype(norm_rope_by_steps(x, norm, weight, eps, first, step, theta, yarn, post, prec, s), out, s);
+    if (!on_cuda(s))
+        return as_dtype(norm_rope_by_steps(x, norm, weight, eps, first, step, theta, yarn, post, prec, s), out, s);
     dsrt_tensor *xc = dense(x, s), *wc = xc && weight ? dense(weight, s) : NULL, *y = NULL;
     if (xc && (wc || !weight) && !(fusable(xc) && fusable(wc))) {
         y = as_dtype(norm_rope_by_steps(xc, norm, wc, eps, first, step, theta, yarn, post, prec, s), out, s);
