@@ -105,6 +105,31 @@ __device__ __forceinline__ void st4_row(void *p, int dtype, int64_t row, int64_t
         if (col + e < cols) st(p, dtype, row + col + e, v[e]);
 }
 
+/* N four-element vectors of p at elements at[n] (multiples of 4, p 16-byte aligned), every load
+ * issued before any value is used, the dtype tested once. ld4_row's branch a load made the compiler
+ * issue each load right before its use, so a row pass's warp waited on its loads one after another
+ * (ncu, the prefill SwiGLU: its 8 loads an iteration drew equal stall samples at their first uses). */
+template <int N>
+__device__ __forceinline__ void ld4_all(const void *p, int dtype, const int64_t (&at)[N], float (&v)[N][4])
+{
+    if (dtype == DSRT_F32) {
+        float4 a[N];
+#pragma unroll
+        for (int n = 0; n < N; n++) a[n] = ((const float4 *)p)[at[n] / 4];
+#pragma unroll
+        for (int n = 0; n < N; n++) v[n][0] = a[n].x, v[n][1] = a[n].y, v[n][2] = a[n].z, v[n][3] = a[n].w;
+    } else {
+        uint2 a[N];
+#pragma unroll
+        for (int n = 0; n < N; n++) a[n] = ((const uint2 *)p)[at[n] / 4];
+#pragma unroll
+        for (int n = 0; n < N; n++) {
+            v[n][0] = dsrt_bits_f32(a[n].x << 16), v[n][1] = dsrt_bits_f32(a[n].x & 0xffff0000u);
+            v[n][2] = dsrt_bits_f32(a[n].y << 16), v[n][3] = dsrt_bits_f32(a[n].y & 0xffff0000u);
+        }
+    }
+}
+
 /* the launchers' test for ld4_row / st4_row's `vec`: a 16-byte aligned base, rows 4 elements apart */
 static inline bool act_vec(const void *p, int64_t ld) { return (uintptr_t)p % 16 == 0 && ld % 4 == 0; }
 

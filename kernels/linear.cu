@@ -276,13 +276,24 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) prep_kernel(const __grid_constant
         for (int64_t c0 = 0; c0 < a.in; c0 += ACT_U * ACT_BLOCK) {
             float v[ACT_U][4];
             bool ok[ACT_U][4];
+            if (real && a.vec && c0 + ACT_U * ACT_BLOCK <= a.in) { /* whole blocks: every load first (act.cuh ld4_all) */
+                int64_t at[ACT_U];
 #pragma unroll
-            for (int u = 0; u < ACT_U; u++) {
-                const int64_t col = c0 + u * ACT_BLOCK + 4 * lane;
-                if (real) ld4_row(a.x, a.x_dtype, t * a.in, col, a.in, a.vec, v[u], ok[u]);
-                else
+                for (int u = 0; u < ACT_U; u++) at[u] = t * a.in + c0 + u * ACT_BLOCK + 4 * lane;
+                ld4_all<ACT_U>(a.x, a.x_dtype, at, v);
 #pragma unroll
-                    for (int e = 0; e < 4; e++) v[u][e] = 0.0f, ok[u][e] = false;
+                for (int u = 0; u < ACT_U; u++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) ok[u][e] = true;
+            } else {
+#pragma unroll
+                for (int u = 0; u < ACT_U; u++) {
+                    const int64_t col = c0 + u * ACT_BLOCK + 4 * lane;
+                    if (real) ld4_row(a.x, a.x_dtype, t * a.in, col, a.in, a.vec, v[u], ok[u]);
+                    else
+#pragma unroll
+                        for (int e = 0; e < 4; e++) v[u][e] = 0.0f, ok[u][e] = false;
+                }
             }
 #pragma unroll
             for (int u = 0; u < ACT_U; u++) {

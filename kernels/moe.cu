@@ -1430,11 +1430,19 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_combine_kernel(const void *y,
             float shared[4], acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             bool ok[4];
             ld4_row(y, y_dtype, shared_row, col, dim, vec, shared, ok);
+            const bool whole = vec && col + 3 < dim;
             for (int i0 = 0; i0 < k; i0 += COMBINE_U) {
                 float v[COMBINE_U][4];
+                if (whole) { /* every load first (ld4_all); past k, the last pick's row again, unused */
+                    int64_t at[COMBINE_U];
 #pragma unroll
-                for (int u = 0; u < COMBINE_U; u++)
-                    if (i0 + u < k) ld4_row(y, y_dtype, (int64_t)order[i0 + u] * dim, col, dim, vec, v[u], ok);
+                    for (int u = 0; u < COMBINE_U; u++) at[u] = (int64_t)order[i0 + u < k ? i0 + u : k - 1] * dim + col;
+                    ld4_all<COMBINE_U>(y, y_dtype, at, v);
+                } else {
+#pragma unroll
+                    for (int u = 0; u < COMBINE_U; u++)
+                        if (i0 + u < k) ld4_row(y, y_dtype, (int64_t)order[i0 + u] * dim, col, dim, vec, v[u], ok);
+                }
 #pragma unroll
                 for (int u = 0; u < COMBINE_U; u++)
                     if (i0 + u < k)
@@ -1482,8 +1490,20 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_gather_kernel(const void *x, 
         for (int64_t c0 = 0; c0 < cols; c0 += ACT_U * ACT_BLOCK) {
             float v[ACT_U][4];
             bool valid[ACT_U][4];
+            if (vec_x && c0 + ACT_U * ACT_BLOCK <= cols) { /* whole blocks: every load first (ld4_all) */
+                int64_t at[ACT_U];
 #pragma unroll
-            for (int u = 0; u < ACT_U; u++) ld4_row(x, x_dtype, xr * x_ld, c0 + u * ACT_BLOCK + 4 * lane, cols, vec_x, v[u], valid[u]);
+                for (int u = 0; u < ACT_U; u++) at[u] = xr * x_ld + c0 + u * ACT_BLOCK + 4 * lane;
+                ld4_all<ACT_U>(x, x_dtype, at, v);
+#pragma unroll
+                for (int u = 0; u < ACT_U; u++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) valid[u][e] = true;
+            } else {
+#pragma unroll
+                for (int u = 0; u < ACT_U; u++)
+                    ld4_row(x, x_dtype, xr * x_ld, c0 + u * ACT_BLOCK + 4 * lane, cols, vec_x, v[u], valid[u]);
+            }
 #pragma unroll
             for (int u = 0; u < ACT_U; u++) {
                 if (q8) q8_warp(v[u], valid[u]);
@@ -2008,11 +2028,23 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu,
         for (int64_t c0 = 0; c0 < inter; c0 += U * ACT_BLOCK) {
             float g[U][4], u[U][4];
             bool valid[U][4];
+            if (vec_row && c0 + U * ACT_BLOCK <= inter) { /* whole blocks: every load first (ld4_all) */
+                int64_t at[2 * U];
+                float gu_v[2 * U][4];
 #pragma unroll
-            for (int k = 0; k < U; k++) {
-                const int64_t col = c0 + k * ACT_BLOCK + 4 * lane;
-                ld4_row(gu, io_dtype, r * gu_ld, col, inter, vec_row, g[k], valid[k]);
-                ld4_row(gu, io_dtype, r * gu_ld + inter, col, inter, vec_row, u[k], valid[k]);
+                for (int k = 0; k < U; k++) at[k] = r * gu_ld + c0 + k * ACT_BLOCK + 4 * lane, at[U + k] = at[k] + inter;
+                ld4_all<2 * U>(gu, io_dtype, at, gu_v);
+#pragma unroll
+                for (int k = 0; k < U; k++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) g[k][e] = gu_v[k][e], u[k][e] = gu_v[U + k][e], valid[k][e] = true;
+            } else {
+#pragma unroll
+                for (int k = 0; k < U; k++) {
+                    const int64_t col = c0 + k * ACT_BLOCK + 4 * lane;
+                    ld4_row(gu, io_dtype, r * gu_ld, col, inter, vec_row, g[k], valid[k]);
+                    ld4_row(gu, io_dtype, r * gu_ld + inter, col, inter, vec_row, u[k], valid[k]);
+                }
             }
 #pragma unroll
             for (int k = 0; k < U; k++) {
