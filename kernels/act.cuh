@@ -130,10 +130,44 @@ __device__ __forceinline__ void ld4_all(const void *p, int dtype, const int64_t 
     }
 }
 
+/* A row pass's loads: a warp reads 4 columns a lane of each block of ACT_BLOCK (the Q8 block) and
+ * keeps ACT_U blocks in flight at once */
+enum { ACT_BLOCK = 128, ACT_U = 4 };
+
+/* One iteration of a warp's row pass: the lane's columns c0 + u * ACT_BLOCK + 4 * lane (u < U) of R
+ * rows starting at elements row[r] of p, rows of `cols` elements (cols 0: nothing exists). Whole
+ * blocks load through ld4_all, every load before any use; a row's ragged end, or an unaligned p,
+ * column by column through ld4_row. ok[u][e] says which columns exist (the same in every row). */
+template <int R, int U>
+__device__ __forceinline__ void ld4_blocks(const void *p, int dtype, const int64_t (&row)[R], int64_t c0, int64_t cols,
+                                           bool vec, float (&v)[R][U][4], bool (&ok)[U][4])
+{
+    const int lane = threadIdx.x % 32;
+    if (vec && c0 + U * ACT_BLOCK <= cols) {
+        int64_t at[R * U];
+        float all[R * U][4];
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int u = 0; u < U; u++) at[r * U + u] = row[r] + c0 + u * ACT_BLOCK + 4 * lane;
+        ld4_all<R * U>(p, dtype, at, all);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                ok[u][e] = true;
+#pragma unroll
+                for (int r = 0; r < R; r++) v[r][u][e] = all[r * U + u][e];
+            }
+        return;
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int r = 0; r < R; r++) ld4_row(p, dtype, row[r], c0 + u * ACT_BLOCK + 4 * lane, cols, vec, v[r][u], ok[u]);
+}
+
 /* the launchers' test for ld4_row / st4_row's `vec`: a 16-byte aligned base, rows 4 elements apart */
 static inline bool act_vec(const void *p, int64_t ld) { return (uintptr_t)p % 16 == 0 && ld % 4 == 0; }
-
-/* blocks of 128 a warp's row pass keeps in flight at once */
-enum { ACT_U = 4 };
 
 #endif

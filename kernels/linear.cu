@@ -62,7 +62,7 @@
 enum { FMT_BF16 = 0, FMT_FP8 = 1, FMT_FP4 = 2 };
 static_assert((int)FMT_FP8 == (int)MMA_FP8 && (int)FMT_FP4 == (int)MMA_FP4, "fp8mma.cuh names the formats as this file does");
 enum { PATH_GEMV, PATH_LT, PATH_BLAS, PATH_TILED };
-enum { GEMV_THREADS = 256, GEMV_WARPS = GEMV_THREADS / 32, GEMV_MAX_ROWS = 8, ACT_BLOCK = 128 };
+enum { GEMV_THREADS = 256, GEMV_WARPS = GEMV_THREADS / 32, GEMV_MAX_ROWS = 8 };
 /* the staged activation: f32, at most this many bytes of dynamic shared memory (no opt-in needed) */
 enum { GEMV_X_BYTES = 47 * 1024 };
 enum { MAX_LT_DEVICES = 64 };
@@ -274,34 +274,17 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) prep_kernel(const __grid_constant
     for (int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < tokens; t += nwarps) {
         const bool real = t < a.rows;
         for (int64_t c0 = 0; c0 < a.in; c0 += ACT_U * ACT_BLOCK) {
-            float v[ACT_U][4];
+            const int64_t row[1] = {t * a.in};
+            float v[1][ACT_U][4];
             bool ok[ACT_U][4];
-            if (real && a.vec && c0 + ACT_U * ACT_BLOCK <= a.in) { /* whole blocks: every load first (act.cuh ld4_all) */
-                int64_t at[ACT_U];
-#pragma unroll
-                for (int u = 0; u < ACT_U; u++) at[u] = t * a.in + c0 + u * ACT_BLOCK + 4 * lane;
-                ld4_all<ACT_U>(a.x, a.x_dtype, at, v);
-#pragma unroll
-                for (int u = 0; u < ACT_U; u++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) ok[u][e] = true;
-            } else {
-#pragma unroll
-                for (int u = 0; u < ACT_U; u++) {
-                    const int64_t col = c0 + u * ACT_BLOCK + 4 * lane;
-                    if (real) ld4_row(a.x, a.x_dtype, t * a.in, col, a.in, a.vec, v[u], ok[u]);
-                    else
-#pragma unroll
-                        for (int e = 0; e < 4; e++) v[u][e] = 0.0f, ok[u][e] = false;
-                }
-            }
+            ld4_blocks<1, ACT_U>(a.x, a.x_dtype, row, c0, real ? a.in : 0, a.vec, v, ok); /* padding rows read 0 */
 #pragma unroll
             for (int u = 0; u < ACT_U; u++) {
                 const int64_t b0 = c0 + u * ACT_BLOCK, col = b0 + 4 * lane;
                 if (b0 >= a.in) break; /* uniform */
                 float s = 1.0f;
                 uint8_t code[4] = {0, 0, 0, 0};
-                if (a.quantise) s = q8_block_warp(v[u], ok[u], code);
+                if (a.quantise) s = q8_block_warp(v[0][u], ok[u], code);
                 if (a.mode == PREP_CODES) {
                     uint8_t *dst = a.codes + t * a.in + col;
                     if (a.vec && col + 3 < a.in) *(uint32_t *)dst = code[0] | code[1] << 8 | code[2] << 16 | (uint32_t)code[3] << 24;
@@ -310,7 +293,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) prep_kernel(const __grid_constant
                     if (lane == 0) a.xscale[(b0 / ACT_BLOCK) * a.mpad + t] = real ? s : 1.0f;
                 } else {
                     /* exact in bf16: see the top */
-                    st4_row(a.dst, a.mode == PREP_BF16 ? DSRT_BF16 : DSRT_F32, t * a.in, col, a.in, a.vec, v[u]);
+                    st4_row(a.dst, a.mode == PREP_BF16 ? DSRT_BF16 : DSRT_F32, t * a.in, col, a.in, a.vec, v[0][u]);
                 }
             }
         }

@@ -86,7 +86,6 @@
 #include "fp8mma.cuh"
 
 enum { WARPS = 8, BLOCK = WARPS * 32, TB_MAX = 8, CHUNK = 32 };
-enum { ACT_BLOCK = 128 }; /* linear.h's DSRT_ACT_BLOCK: the Q8 block of activations */
 /* shared memory for the staged rows: at most this much, so several blocks share a multiprocessor */
 static const int STAGE_BYTES = 96 * 1024;
 
@@ -1488,26 +1487,14 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_gather_kernel(const void *x, 
     for (int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; r < rows; r += warps) { /* warp-uniform */
         const int64_t xr = row_x ? row_x[r] : r;
         for (int64_t c0 = 0; c0 < cols; c0 += ACT_U * ACT_BLOCK) {
-            float v[ACT_U][4];
+            const int64_t row[1] = {xr * x_ld};
+            float v[1][ACT_U][4];
             bool valid[ACT_U][4];
-            if (vec_x && c0 + ACT_U * ACT_BLOCK <= cols) { /* whole blocks: every load first (ld4_all) */
-                int64_t at[ACT_U];
-#pragma unroll
-                for (int u = 0; u < ACT_U; u++) at[u] = xr * x_ld + c0 + u * ACT_BLOCK + 4 * lane;
-                ld4_all<ACT_U>(x, x_dtype, at, v);
-#pragma unroll
-                for (int u = 0; u < ACT_U; u++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) valid[u][e] = true;
-            } else {
-#pragma unroll
-                for (int u = 0; u < ACT_U; u++)
-                    ld4_row(x, x_dtype, xr * x_ld, c0 + u * ACT_BLOCK + 4 * lane, cols, vec_x, v[u], valid[u]);
-            }
+            ld4_blocks<1, ACT_U>(x, x_dtype, row, c0, cols, vec_x, v, valid);
 #pragma unroll
             for (int u = 0; u < ACT_U; u++) {
-                if (q8) q8_warp(v[u], valid[u]);
-                st4_row(out, out_dtype, r * cols, c0 + u * ACT_BLOCK + 4 * lane, cols, vec_out, v[u]);
+                if (q8) q8_warp(v[0][u], valid[u]);
+                st4_row(out, out_dtype, r * cols, c0 + u * ACT_BLOCK + 4 * lane, cols, vec_out, v[0][u]);
             }
         }
     }
@@ -2026,32 +2013,16 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu,
         const bool vec_row = vec && inter % 4 == 0; /* u's columns start 4-aligned too */
         const float weight = r < n_weighted ? row_weight[r] : 1.0f;
         for (int64_t c0 = 0; c0 < inter; c0 += U * ACT_BLOCK) {
-            float g[U][4], u[U][4];
+            const int64_t row[2] = {r * gu_ld, r * gu_ld + inter}; /* g, u */
+            float gu_v[2][U][4];
             bool valid[U][4];
-            if (vec_row && c0 + U * ACT_BLOCK <= inter) { /* whole blocks: every load first (ld4_all) */
-                int64_t at[2 * U];
-                float gu_v[2 * U][4];
-#pragma unroll
-                for (int k = 0; k < U; k++) at[k] = r * gu_ld + c0 + k * ACT_BLOCK + 4 * lane, at[U + k] = at[k] + inter;
-                ld4_all<2 * U>(gu, io_dtype, at, gu_v);
-#pragma unroll
-                for (int k = 0; k < U; k++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) g[k][e] = gu_v[k][e], u[k][e] = gu_v[U + k][e], valid[k][e] = true;
-            } else {
-#pragma unroll
-                for (int k = 0; k < U; k++) {
-                    const int64_t col = c0 + k * ACT_BLOCK + 4 * lane;
-                    ld4_row(gu, io_dtype, r * gu_ld, col, inter, vec_row, g[k], valid[k]);
-                    ld4_row(gu, io_dtype, r * gu_ld + inter, col, inter, vec_row, u[k], valid[k]);
-                }
-            }
+            ld4_blocks<2, U>(gu, io_dtype, row, c0, inter, vec_row, gu_v, valid);
 #pragma unroll
             for (int k = 0; k < U; k++) {
                 float v[4];
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    float gi = g[k][i], ui = u[k][i];
+                    float gi = gu_v[0][k][i], ui = gu_v[1][k][i];
                     if (reference && io_dtype != DSRT_BF16) /* w1, w3 return bf16 (bf16 rows are) */
                         gi = round_bf16(gi), ui = round_bf16(ui);
                     float x = reference ? swiglu_of_bf16(gi, ui, limit) : swiglu_f32(gi, ui, limit);

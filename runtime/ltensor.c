@@ -779,6 +779,16 @@ static int reduce(lua_State *L, int op)
 REDUCE(sum, DSRT_RED_SUM) REDUCE(mean, DSRT_RED_MEAN) REDUCE(max, DSRT_RED_MAX) REDUCE(min, DSRT_RED_MIN)
 REDUCE(argmax, DSRT_RED_ARGMAX) REDUCE(argmin, DSRT_RED_ARGMIN)
 
+/* Closes a tensor this binding pushed for its own use (the box at idx), once the op succeeded: left
+ * to the collector, a view would keep its base's memory until the next cycle, which on a GPU made
+ * the allocator call cudaMalloc for the base's successors. (On an error the collector gets it.) */
+static void close_temporary(lua_State *L, int idx)
+{
+    tensor_box *b = lua_touserdata(L, idx);
+    dsrt_tensor_release(b->t);
+    b->t = NULL;
+}
+
 static int l_matmul(lua_State *L)
 {
     dsrt_tensor *a = dsrtL_checktensor(L, 1), *b = dsrtL_checktensor(L, 2);
@@ -796,11 +806,13 @@ static int l_embedding(lua_State *L)
     if (!lua_isnoneornil(L, 3) && dsrt_dtype_from_name(luaL_checkstring(L, 3), &dtype))
         luaL_error(L, "embedding: unknown dtype '%s'", lua_tostring(L, 3));
     lua_settop(L, 2);
+    int made = 0; /* host ids made here from a Lua array (stack slot 3), closed after the gather */
     if (!ids) {
         if (!lua_istable(L, 2)) luaL_error(L, "embedding: ids must be a tensor or a Lua array of integers, got %s",
                                            luaL_typename(L, 2));
         int64_t n = (int64_t)luaL_len(L, 2);
         ids = dsrtL_pushtensor(L, dsrt_tensor_new(DSRT_I64, 1, &n, DSRT_CPU, dsrtL_current_stream(L, DSRT_CPU)));
+        made = 1;
         int64_t *p = (int64_t *)dsrt_tensor_desc(ids).data;
         for (int64_t i = 0; i < n; i++) {
             lua_geti(L, 2, i + 1);
@@ -812,6 +824,7 @@ static int l_embedding(lua_State *L)
         }
     }
     dsrtL_pushtensor(L, dsrt_op_embedding(w, ids, dtype, stream_of(L, w)));
+    if (made) close_temporary(L, 3);
     return 1;
 }
 
@@ -866,7 +879,9 @@ static int l_newindex(lua_State *L)
     } else {
         rc = dsrt_op_fill(row, luaL_checknumber(L, 3), s);
     }
-    return rc ? dsrtL_error(L) : 0;
+    if (rc) return dsrtL_error(L);
+    for (int i = lua_gettop(L); i > 3; i--) close_temporary(L, i);
+    return 0;
 }
 
 static int l_is_tensor(lua_State *L)

@@ -219,7 +219,9 @@ local function decode_step(session, id, marks)
   local first = session.positions
   marks[1]:record()
   local token_ids = dsrt.tensor({ id }, { dtype = "i64", device = dev })
-  local X = nn.hc_expand(decoder.embed(model.weights.embed, token_ids, precision), dims.hc_mult)
+  local embedded = decoder.embed(model.weights.embed, token_ids, precision)
+  local X = nn.hc_expand(embedded, dims.hc_mult)
+  decoder.close(embedded)
   marks[2]:record()
   -- each block's last hc_post runs fused into the next block's first hc_pre (the last one's alone)
   local carry
@@ -233,6 +235,7 @@ local function decode_step(session, id, marks)
   marks[3 + n_layers]:record()
   local logits = decoder.logits(dims, model.weights.hc_head, model.weights.norm, model.head, X, precision)
   marks[4 + n_layers]:record()
+  decoder.close(X, token_ids)
   return logits
 end
 
@@ -247,7 +250,7 @@ for step = 1, opts.steps + 3 do
   marks[#marks]:synchronize()
   -- the draft for the position after next, from the token just "sampled" (undone by the next step)
   draft_a:record()
-  model:draft(seq, ids[step] % d.vocab)
+  decoder.close(logits, model:draft(seq, ids[step] % d.vocab))
   draft_b:record()
   draft_b:synchronize()
   if step > 3 then
@@ -259,8 +262,6 @@ for step = 1, opts.steps + 3 do
     part_samples.total[#part_samples.total + 1] = marks[1]:elapsed(marks[#marks])
     draft_samples[#draft_samples + 1] = draft_a:elapsed(draft_b)
   end
-  logits = nil
-  collectgarbage("step")
 end
 
 local total_bytes, detail = memory.decode_weight_bytes(cfg)

@@ -312,6 +312,33 @@ test("forward_batch of several sessions equals forwarding each alone, MTP ring i
   assert_error(model.forward_batch, "one list of ids per session", model, { s }, {})
 end)
 
+test("decode steps, drafts and verifies close their tensors: no memory waits for the collector", function()
+  -- Lua's collector sees only the small userdata, so a tensor left to it holds its memory until its
+  -- next cycle (on the GPU, each made the allocator call cudaMalloc for its successor; a view left
+  -- to it keeps its whole base). So after each call a full collection must free no tensor memory:
+  -- drafts taken, drafts not taken (the MTP ring refilled) and a rejecting verify included.
+  local model = tiny_model("reference", true)
+  local s = model:session { max_len = 64 }
+  local function collected()
+    local before = dsrt.memory_stats("cpu").allocated
+    collectgarbage()
+    collectgarbage()
+    return before - dsrt.memory_stats("cpu").allocated
+  end
+  decoder.close(model:forward(s, prompt(20, 3)))
+  collected()
+  for i = 1, 4 do
+    decoder.close(model:forward(s, { i }, { logits = "last" }))
+    assert_equal(collected(), 0, "bytes a full collection freed after forward " .. i)
+    decoder.close(model:draft(s, i % 2 == 0 and i + 1 or 40 + i)) -- taken at even steps, not at odd
+    decoder.close(model:draft_next(s, 7))
+    assert_equal(collected(), 0, "bytes a full collection freed after drafts " .. i)
+  end
+  local _, _, info = model:verify(s, { 3, 9, 11 })
+  decoder.close(info.logits)
+  assert_equal(collected(), 0, "bytes a full collection freed after a verify")
+end)
+
 test("any compression ratio: ratios 8 and 64 run, and chunked prefill equals one-shot", function()
   -- transformers builds only ratios 4 and 128; dsrt takes whatever compress_ratios says (plain
   -- compressors for every ratio but 4). tiny_ratios.json: [0, 8, 4, 64 | MTP 0, 8], vocab 512.

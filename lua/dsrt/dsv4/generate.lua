@@ -234,6 +234,8 @@ local function step(seq, logits, seconds, o, emit)
   local params = { seed = o.seed, step = seq.sampled, history = seq.history }
   for k, v in pairs(o.params) do params[k] = v end
   local id = core.sample_ids(row, params)[1]
+  row:close() -- device memory back to the cache now, not at the next garbage collection
+  logits:close()
   seq.sampled = seq.sampled + 1
   local took = seconds + core.wall_time() - t0
   if seq.sampled == 1 then seq.prompt_seconds = took else seq.decode_seconds = seq.decode_seconds + took end
@@ -259,6 +261,8 @@ local function spec_round(model, seq, o, emit)
   opts.draft_probs = q
   local ids = { n, table.unpack(drafts) }
   local accepted, _, info = speculative.verify(model, session, ids, opts)
+  info.logits:close() -- device memory back to the cache now, not at the next garbage collection
+  if q then q:close() end
   seq.decode_seconds = seq.decode_seconds + core.wall_time() - t0
   stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + k, stats.accepted + accepted
   stats.tokens = stats.tokens + accepted + 1

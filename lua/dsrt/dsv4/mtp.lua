@@ -32,6 +32,7 @@ local core = require "dsrt.core"
 local decoder = require "dsrt.dsv4.model"
 
 local nn = core.nn
+local close = decoder.close
 
 local mtp = {}
 
@@ -59,10 +60,14 @@ end
 -- and the next tokens' ids (a Lua array of n ids).
 local function mtp_input(self, layer, H, next_ids)
   local dims, precision = self.dims, self.precision
-  local e = nn.rms_norm(decoder.embed(self.model.weights.embed, next_ids, precision), layer.enorm, dims.norm_eps,
-                        precision)
+  local embedded = decoder.embed(self.model.weights.embed, next_ids, precision)
+  local e = nn.rms_norm(embedded, layer.enorm, dims.norm_eps, precision)
   local h = nn.rms_norm(H, layer.hnorm, dims.norm_eps, precision)
-  return layer.h_proj:forward(h, precision) + layer.e_proj:forward(e, precision):unsqueeze(2)
+  local hp, ep = layer.h_proj:forward(h, precision), layer.e_proj:forward(e, precision)
+  local ep_rows = ep:unsqueeze(2)
+  local X = hp + ep_rows
+  close(embedded, e, h, hp, ep, ep_rows)
+  return X
 end
 
 --- Gives a new session its MTP part: the first layer's attention state (one position more slack
@@ -84,6 +89,7 @@ local function undo_draft(part, length)
     part.state:truncate(length)
   end
   part.drafted_id = nil
+  if part.chain then close(part.chain.X) end
   part.chain = nil
 end
 
@@ -110,19 +116,31 @@ function Predictor:advance(session, X, ids, first)
     else
       H = dsrt.empty({ count, X.shape[2], X.shape[3] }, { dtype = X.dtype, device = X.device })
       for row = 1, older do H[row] = part.residuals[from + row - 1] end
-      if count > older then H:narrow(1, older + 1, count - older):copy(X:narrow(1, 1, count - older)) end
+      if count > older then
+        local dst, src = H:narrow(1, older + 1, count - older), X:narrow(1, 1, count - older)
+        dst:copy(src)
+        close(dst, src)
+      end
     end
     local next_ids = {}
     for t = from, to do next_ids[t - from + 1] = ids[t + 1 - first + 1] end
-    decoder.attention_advance(self.dims, layer.block, part.state, mtp_input(self, layer, H, next_ids), self.precision)
+    local X_mtp = mtp_input(self, layer, H, next_ids)
+    decoder.attention_advance(self.dims, layer.block, part.state, X_mtp, self.precision)
+    close(H, X_mtp)
   end
   -- rollback reaches back `slack` positions, and the residual before them feeds the MTP there: only
   -- the last slack + 1 positions are kept, as rows of one small copy (a view would keep the whole
   -- of X — a long prefill's [S, hc, dim] — alive)
   local keep = math.min(S, session.slack + 1)
-  local kept = X:narrow(1, S - keep + 1, keep):clone()
+  local last_rows = X:narrow(1, S - keep + 1, keep)
+  local kept = last_rows:clone()
+  close(last_rows) -- a view left to the collector would keep all of X alive until it runs
   for i = 1, keep do part.residuals[first + S - keep + i - 1] = kept[i] end
-  for t = first - session.slack - 1, first + S - session.slack - 2 do part.residuals[t] = nil end
+  close(kept)
+  for t = first - session.slack - 1, first + S - session.slack - 2 do
+    close(part.residuals[t])
+    part.residuals[t] = nil
+  end
 end
 
 -- The MTP layer's block over one draft position, its last hc_post applied (nothing follows it)
@@ -146,6 +164,7 @@ function Predictor:draft(session, next_id)
   local X = mtp_input(self, layer, H, { next_id })
   local token_ids = dsrt.tensor({ next_id }, { dtype = "i64", device = self.device })
   X = draft_block(dims, layer, part, X, token_ids, precision)
+  close(H, token_ids)
   part.drafted_id = next_id
   part.chain = { X = X, position = last }
   return decoder.logits(dims, layer.hc_head, layer.norm, self.model.head, X, precision)
@@ -172,6 +191,7 @@ function Predictor:draft_next(session, id)
   local X = mtp_input(self, layer, part.chain.X, { id })
   local token_ids = dsrt.tensor({ id }, { dtype = "i64", device = self.device })
   X = draft_block(dims, layer, part, X, token_ids, precision)
+  close(token_ids, part.chain.X)
   part.chain = { X = X, position = position }
   return decoder.logits(dims, layer.hc_head, layer.norm, self.model.head, X, precision)
 end
@@ -180,8 +200,11 @@ end
 function Predictor:truncate(session, n)
   local part = session.mtp
   undo_draft(part, math.max(n - 1, 0))
-  for t in pairs(part.residuals) do
-    if t >= n then part.residuals[t] = nil end
+  for t, residual in pairs(part.residuals) do
+    if t >= n then
+      close(residual)
+      part.residuals[t] = nil
+    end
   end
 end
 

@@ -108,8 +108,12 @@ function spec.propose(model, session, next_id, k, opts)
     drafts[j] = core.sample_ids(logits, row)[1]
     if sampling then
       q = q or dsrt.empty({ k, vocab }, { dtype = "f32", device = logits.device })
-      q:narrow(1, j, 1):copy(core.sample_probs(logits, row))
+      local probs, q_row = core.sample_probs(logits, row), q:narrow(1, j, 1)
+      q_row:copy(probs)
+      probs:close()
+      q_row:close()
     end
+    logits:close() -- device memory back to the cache now, not at the next garbage collection
     history[#history + 1] = drafts[j]
   end
   return drafts, q
@@ -159,8 +163,11 @@ function spec.verify(model, session, ids, opts)
   local history = checked_history(opts, vocab, what)
   local seed, step = checked_integer(opts, "seed", 1, what), checked_integer(opts, "step", 0, what, 0)
   -- a bad sampler option fails before the session moves
-  local ok, err = pcall(core.sample, dsrt.tensor({ 0.0 }, { dtype = "f32" }), params)
-  if not ok then fail(what, "%s", tostring(err)) end
+  local probe = dsrt.tensor({ 0.0 }, { dtype = "f32" })
+  local ok, sampled = pcall(core.sample, probe, params)
+  probe:close()
+  if not ok then fail(what, "%s", tostring(sampled)) end
+  sampled:close()
   local q = sampling and stacked_q(opts.draft_probs, k, vocab, model.device, what) or nil
 
   local first = session:length()
