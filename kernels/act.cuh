@@ -28,6 +28,9 @@ __device__ __forceinline__ void st(void *p, int dtype, int64_t i, float v)
     else ((uint16_t *)p)[i] = dsrt_f32_to_bf16(v);
 }
 
+/* v rounded to bf16 (numeric.h's rounding) and back: what a bf16 store then load gives */
+__device__ __forceinline__ float round_bf16(float v) { return dsrt_bf16_to_f32(dsrt_f32_to_bf16(v)); }
+
 /* Eight contiguous elements at element i of p (16-byte aligned): one 16-byte access for bf16, two
  * for f32. */
 __device__ __forceinline__ void ld8(const void *p, int dtype, int64_t i, float (&v)[8])

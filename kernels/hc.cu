@@ -18,7 +18,8 @@
  *   2. pre_kernel: per token the partials summed over the splits in a fixed order (deterministic),
  *      ρ and the mixes; blocks (token, part) compute only pre (hc sigmoids) and collapse their part
  *      of the columns, one more block per token runs Sinkhorn (post, comb) beside them, in one warp
- *      with the matrix in registers when hc² <= 32, so nothing waits for it.
+ *      with the matrix in registers when hc² <= 32, so nothing waits for it. Given the sub-layer
+ *      norm's weight (nn.h), a decode step's collapse normalises its row itself.
  *
  * Numerics against nn.c: Sinkhorn, the weights and the collapse are the CPU's fp32 formulas in the
  * CPU's order with explicitly rounded intrinsics (no FMA contraction); e^x is evaluated in double and
@@ -33,6 +34,7 @@
 #include <math.h>
 #include "act.cuh"
 #include "mma.cuh"
+#include "rmsnorm.cuh"
 
 enum {
     HC_MAX = 32,
@@ -44,6 +46,8 @@ enum {
     TC_MAX_M = 24,                 /* three n-tiles of 8 mixes */
     PRE_THREADS = 128,
     PRE_BATCH = 8,                 /* pre_kernel: values per warp summed together (4 warps: 32 >= M + 1) */
+    NORM_THREADS = 256,            /* pre_kernel<NV>: the block that collapses and normalises a token */
+    NORM_MAX_V = 2,                /* its 8-column vectors a thread: d <= 4096 (Flash's; 3 and 4 spilled) */
 };
 
 static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
@@ -443,17 +447,22 @@ __global__ void __launch_bounds__(TC_THREADS) mix_tc_kernel(const uint16_t *__re
  * w_s = σ(mix_s·scale_0 + base_s) + hc_eps (hc_pre's pre, also hc_head's weights) and
  * u[c] = Σ_s w_s·X_s[c] (nn.c's collapse) over the part's columns, 8 at a time with 16-byte accesses
  * when vec. Part parts_n (hc_pre only): Sinkhorn -> post, comb. Tokens run from the last one, whose
- * X the GEMM read most recently (the most of it still in L2). Bytes: X once (T·K·|X|), u once. */
-__global__ void __launch_bounds__(PRE_THREADS) pre_kernel(const void *X, int X_dtype, const void *scale, int scale_dtype,
-                                                          const void *base, int base_dtype, int64_t T, int hc,
-                                                          int64_t d, float hc_eps, float norm_eps, int iters, int head,
-                                                          int splits, const double *part, int parts_n, int vec,
-                                                          void *u, int u_dtype, float *post, float *comb)
+ * X the GEMM read most recently (the most of it still in L2). Bytes: X once (T·K·|X|), u once.
+ * NV > 0 (a norm weight given, few tokens): one collapse block of NORM_THREADS per token computes
+ * the whole row, NV vectors of 8 a thread, and writes it RMS-normed (rmsnorm.cuh's operations on the
+ * values u would have been stored as): the separate norm's launch and its pass over u saved. */
+template <int NV>
+__global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_dtype, const void *scale, int scale_dtype,
+                                                           const void *base, int base_dtype, int64_t T, int hc,
+                                                           int64_t d, float hc_eps, float norm_eps, int iters, int head,
+                                                           int splits, const double *part, int parts_n, int vec,
+                                                           void *u, int u_dtype, const void *norm_w, int norm_w_dtype,
+                                                           float *post, float *comb)
 {
     dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     __shared__ float mix[MIX_MAX], w[HC_MAX], q[HC_MAX], c[HC_MAX * HC_MAX], sums[HC_MAX];
-    __shared__ double dots[MIX_MAX + 1];
-    const int M = head ? hc : (2 + hc) * hc, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __shared__ double dots[MIX_MAX + 1], scratch[33];
+    const int M = head ? hc : (2 + hc) * hc, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const bool sinkhorn = (int)blockIdx.y == parts_n;
     const int64_t t = T - 1 - blockIdx.x, K = (int64_t)hc * d;
     /* the values this block needs: the hc pre dots and Σx², or all M + 1 */
@@ -462,12 +471,12 @@ __global__ void __launch_bounds__(PRE_THREADS) pre_kernel(const void *X, int X_d
      * one, so the PRE_BATCH loads of a split are in flight together (one memory round trip per 32
      * splits instead of one per value); each value is still summed from 0 over sp = lane, lane + 32,
      * ... then the same xor tree: the same bits as one value at a time */
-    for (int v0 = warp; v0 < nv; v0 += PRE_BATCH * (PRE_THREADS / 32)) {
+    for (int v0 = warp; v0 < nv; v0 += PRE_BATCH * warps) {
         double s[PRE_BATCH];
         int mb[PRE_BATCH];
 #pragma unroll
         for (int b = 0; b < PRE_BATCH; b++) {
-            const int v = v0 + b * (PRE_THREADS / 32);
+            const int v = v0 + b * warps;
             s[b] = 0;
             /* the collapse skips to Σx² after the hc pre dots; -1: past the values */
             mb[b] = v >= nv ? -1 : v < hc ? v : sinkhorn ? v : M;
@@ -496,10 +505,41 @@ __global__ void __launch_bounds__(PRE_THREADS) pre_kernel(const void *X, int X_d
     for (int s = threadIdx.x; s < hc; s += blockDim.x)
         w[s] = pre_weight(__fmul_rn((float)dots[s], rho), s0, ld(base, base_dtype, s), hc_eps);
     __syncthreads();
+    if constexpr (NV > 0) {
+        /* the token's whole row, thread g holding columns 8(g + 256k): rms_norm_rows_kernel<256, NV>'s
+         * layout, so u (as stored in u_dtype) is normalised in registers by its operations */
+        float v[NV][8];
+        double acc = 0;
+#pragma unroll
+        for (int k = 0; k < NV; k++) {
+            const int64_t col = 8 * ((int64_t)threadIdx.x + k * NORM_THREADS);
+            if (col >= d) continue;
+            float a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, x[8];
+            for (int s = 0; s < hc; s++) {
+                ld8(X, X_dtype, (t * hc + s) * d + col, x);
+#pragma unroll
+                for (int i = 0; i < 8; i++) a[i] = __fadd_rn(a[i], __fmul_rn(w[s], x[i]));
+            }
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                v[k][i] = u_dtype == DSRT_BF16 ? round_bf16(a[i]) : a[i];
+                acc += square(v[k][i], 0);
+            }
+        }
+        const float inv = inv_rms(block_sum(acc, scratch), d, norm_eps, 0);
+#pragma unroll
+        for (int k = 0; k < NV; k++) {
+            const int64_t col = 8 * ((int64_t)threadIdx.x + k * NORM_THREADS);
+            if (col >= d) continue;
+            norm_scale8(v[k], inv, norm_w, norm_w_dtype, col);
+            st8(u, u_dtype, t * d + col, v[k]);
+        }
+        return;
+    }
     const int64_t part_len = (d + parts_n - 1) / parts_n;
     const int64_t c0 = blockIdx.y * part_len, c1 = c0 + part_len < d ? c0 + part_len : d;
     if (vec) { /* part_len and d multiples of 8 */
-        for (int64_t col = c0 + 8 * threadIdx.x; col < c1; col += 8 * PRE_THREADS) {
+        for (int64_t col = c0 + 8 * threadIdx.x; col < c1; col += 8 * blockDim.x) {
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, x[8];
             for (int s = 0; s < hc; s++) {
                 ld8(X, X_dtype, (t * hc + s) * d + col, x);
@@ -510,7 +550,7 @@ __global__ void __launch_bounds__(PRE_THREADS) pre_kernel(const void *X, int X_d
         }
         return;
     }
-    for (int64_t col = c0 + threadIdx.x; col < c1; col += PRE_THREADS) {
+    for (int64_t col = c0 + threadIdx.x; col < c1; col += blockDim.x) {
         float acc = 0;
         for (int s = 0; s < hc; s++) acc = __fadd_rn(acc, __fmul_rn(w[s], ld(X, X_dtype, (t * hc + s) * d + col)));
         st(u, u_dtype, t * d + col, acc);
@@ -604,7 +644,8 @@ static void launch_split(dim3 grid, cudaStream_t cs, const void *X, int X_dtype,
 static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, const void *X, int X_dtype,
                       const void *fn, int fn_dtype, const void *scale, int scale_dtype, const void *base,
                       int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps, int iters, int head,
-                      double *work, void *u, int u_dtype, float *post, float *comb, void *stream)
+                      double *work, void *u, int u_dtype, const void *norm_w, int norm_w_dtype, float *post, float *comb,
+                      void *stream)
 {
     int rc = check_hc(what, hc, head ? 1 : iters);
     if (!rc && pa) rc = check_post_args(what, *pa);
@@ -613,6 +654,7 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
     if (!rc) rc = check_float_dtype(what, "scale", scale_dtype);
     if (!rc) rc = check_float_dtype(what, "base", base_dtype);
     if (!rc) rc = check_float_dtype(what, "u", u_dtype);
+    if (!rc && norm_w) rc = check_float_dtype(what, "norm weight", norm_w_dtype);
     if (rc) return rc;
     if (T <= 0) return DSRTK_OK;
     if (T > INT32_MAX) return dsrtk_fail(DSRTK_ERROR, "%s: %lld tokens are too many for one launch", what, (long long)T);
@@ -656,43 +698,58 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
         rc = dsrtk_check_launch("split_kernel", dev);
     }
     if (rc) return rc;
+    /* The norm in the collapse's kernel: few tokens (a block each; many would rather spread the
+     * collapse), rows of whole 16-byte vectors. Otherwise the collapse, then the norm over u. */
+    const int nv = (int)((d + 8 * NORM_THREADS - 1) / (8 * NORM_THREADS));
+    if (norm_w && T < 64 && d % 8 == 0 && nv <= NORM_MAX_V && aligned16(X) && aligned16(u) && aligned16(norm_w)) {
+        void (*kernel)(const void *, int, const void *, int, const void *, int, int64_t, int, int64_t, float, float, int,
+                       int, int, const double *, int, int, void *, int, const void *, int, float *, float *) =
+            nv == 1 ? pre_kernel<1> : pre_kernel<2>;
+        (void)dsrtk_launch_dependent(kernel, dim3((unsigned)T, (unsigned)(1 + !head)), dim3(NORM_THREADS), 0, cs, X, X_dtype,
+            scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits, (const double *)part, 1, 1,
+            u, u_dtype, norm_w, norm_w_dtype, post, comb);
+        return dsrtk_check_launch("pre_kernel", dev);
+    }
     /* few tokens: each token's columns over blocks of 1024 (8 per thread) so the collapse spreads out */
     int64_t parts = T >= 64 ? 1 : (d + 1023) / 1024;
     if (parts > 64) parts = 64;
     const int64_t part_len = (d + parts - 1) / parts;
     const int vec = d % 8 == 0 && part_len % 8 == 0 && aligned16(X) && aligned16(u);
-    (void)dsrtk_launch_dependent(pre_kernel, dim3((unsigned)T, (unsigned)(parts + !head)), dim3(PRE_THREADS), 0, cs,
-        X, X_dtype, scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits, part,
-        (int)parts, vec, u, u_dtype, post, comb);
-    return dsrtk_check_launch("pre_kernel", dev);
+    (void)dsrtk_launch_dependent(pre_kernel<0>, dim3((unsigned)T, (unsigned)(parts + !head)), dim3(PRE_THREADS), 0, cs,
+        X, X_dtype, scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits, (const double *)part,
+        (int)parts, vec, u, u_dtype, (const void *)NULL, 0, post, comb);
+    if ((rc = dsrtk_check_launch("pre_kernel", dev)) || !norm_w) return rc;
+    return dsrtk_nn_rms_norm(dev, u, u_dtype, norm_w, norm_w_dtype, u, u_dtype, T, d, norm_eps, 0, stream); /* in place */
 }
 
 extern "C" int dsrtk_nn_hc_pre(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
                                int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d,
-                               float hc_eps, float norm_eps, int iters, double *work, void *u, int u_dtype, float *post,
-                               float *comb, void *stream)
+                               float hc_eps, float norm_eps, int iters, double *work, void *u, int u_dtype,
+                               const void *norm_w, int norm_w_dtype, float *post, float *comb, void *stream)
 {
     return launch_pre("nn.hc_pre", dev, NULL, X, X_dtype, fn, fn_dtype, scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps,
-                      norm_eps, iters, 0, work, u, u_dtype, post, comb, stream);
+                      norm_eps, iters, 0, work, u, u_dtype, norm_w, norm_w_dtype, post, comb, stream);
 }
 
 extern "C" int dsrtk_nn_hc_head(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
                                 int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d,
-                                float hc_eps, float norm_eps, double *work, void *y, int y_dtype, void *stream)
+                                float hc_eps, float norm_eps, double *work, void *y, int y_dtype, const void *norm_w,
+                                int norm_w_dtype, void *stream)
 {
     return launch_pre("nn.hc_head", dev, NULL, X, X_dtype, fn, fn_dtype, scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps,
-                      norm_eps, 1, 1, work, y, y_dtype, NULL, NULL, stream);
+                      norm_eps, 1, 1, work, y, y_dtype, norm_w, norm_w_dtype, NULL, NULL, stream);
 }
 
 extern "C" int dsrtk_nn_hc_post_pre(int dev, const dsrtk_hc_post_args *post_args, void *X_next, int X_next_dtype,
                                     const void *fn, int fn_dtype, const void *scale, int scale_dtype, const void *base,
                                     int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps,
-                                    int iters, double *work, void *u, int u_dtype, float *post, float *comb,
-                                    void *stream)
+                                    int iters, double *work, void *u, int u_dtype, const void *norm_w,
+                                    int norm_w_dtype, float *post, float *comb, void *stream)
 {
     if (!post_args) return dsrtk_fail(DSRTK_ERROR, "nn.hc_post_pre: no hc_post operands");
     return launch_pre("nn.hc_post_pre", dev, post_args, X_next, X_next_dtype, fn, fn_dtype, scale, scale_dtype, base,
-                      base_dtype, T, hc, d, hc_eps, norm_eps, iters, 0, work, u, u_dtype, post, comb, stream);
+                      base_dtype, T, hc, d, hc_eps, norm_eps, iters, 0, work, u, u_dtype, norm_w, norm_w_dtype, post, comb,
+                      stream);
 }
 
 extern "C" int dsrtk_nn_hc_post(int dev, const void *f, int f_dtype, const void *X, int X_dtype, const void *post,

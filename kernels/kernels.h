@@ -186,15 +186,19 @@ static inline int64_t dsrtk_nn_hc_workspace(int64_t T, int64_t M, int64_t K)
     int64_t partials = T * dsrtk_nn_hc_splits(K) * (M + 1); /* >= the tensor-core GEMM's, whose splits are longer */
     return partials + (T >= DSRTK_NN_HC_TC_MIN_T && M <= 24 ? dsrtk_nn_hc_plane_doubles(M, K) : 0);
 }
-/* X [T, hc, d], fn [(2+hc)·hc, hc·d], scale [3], base [(2+hc)·hc] -> u [T, d] (u_dtype), post [T, hc], comb [T, hc, hc] */
+/* X [T, hc, d], fn [(2+hc)·hc, hc·d], scale [3], base [(2+hc)·hc] -> u [T, d] (u_dtype), post [T, hc],
+ * comb [T, hc, hc]. With norm_w [d] (else NULL), u is written RMS-normed with it and norm_eps: the
+ * values and bits of dsrtk_nn_rms_norm over u, in the collapse's own kernel for few tokens. */
 int dsrtk_nn_hc_pre(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
                     int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d, float hc_eps,
-                    float norm_eps, int iters, double *work, void *u, int u_dtype, float *post, float *comb,
-                    void *stream);
-/* X [T, hc, d], fn [hc, hc·d], scale [1], base [hc] -> y [T, d] (y_dtype) */
+                    float norm_eps, int iters, double *work, void *u, int u_dtype, const void *norm_w,
+                    int norm_w_dtype, float *post, float *comb, void *stream);
+/* X [T, hc, d], fn [hc, hc·d], scale [1], base [hc] -> y [T, d] (y_dtype), RMS-normed as hc_pre's u
+ * when norm_w is not NULL */
 int dsrtk_nn_hc_head(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
                      int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d, float hc_eps,
-                     float norm_eps, double *work, void *y, int y_dtype, void *stream);
+                     float norm_eps, double *work, void *y, int y_dtype, const void *norm_w, int norm_w_dtype,
+                     void *stream);
 /* hc_post's operands: f [T, d], X [T, hc, d], post [T, hc], comb [T, hc, hc] */
 typedef struct {
     const void *f, *X, *post, *comb;
@@ -206,7 +210,8 @@ typedef struct {
 int dsrtk_nn_hc_post_pre(int dev, const dsrtk_hc_post_args *post_args, void *X_next, int X_next_dtype,
                          const void *fn, int fn_dtype, const void *scale, int scale_dtype, const void *base,
                          int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps, int iters,
-                         double *work, void *u, int u_dtype, float *post, float *comb, void *stream);
+                         double *work, void *u, int u_dtype, const void *norm_w, int norm_w_dtype, float *post,
+                         float *comb, void *stream);
 /* f [T, d], X [T, hc, d], post [T, hc], comb [T, hc, hc] -> y [T, hc, d] (y_dtype) */
 int dsrtk_nn_hc_post(int dev, const void *f, int f_dtype, const void *X, int X_dtype, const void *post,
                      int post_dtype, const void *comb, int comb_dtype, void *y, int y_dtype, int64_t T, int hc,

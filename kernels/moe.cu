@@ -94,7 +94,6 @@ static const int STAGE_BYTES = 96 * 1024;
 /* glibc's expf and log1pf are (nearly) correctly rounded; double evaluation rounded once matches them */
 __device__ __forceinline__ float exp_f32(float x) { return (float)exp((double)x); }
 __device__ __forceinline__ float log1p_f32(float x) { return (float)log1p((double)x); }
-__device__ __forceinline__ float round_bf16(float v) { return dsrt_bf16_to_f32(dsrt_f32_to_bf16(v)); }
 /* opmath.h's DSRT_OP_SILU and DSRT_OP_SIGMOID with exp_f32 */
 __device__ __forceinline__ float silu_f32(float x) { return x / (1.0f + exp_f32(-x)); }
 __device__ __forceinline__ float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }

@@ -59,7 +59,7 @@
  * the CTA that saw it) become NaN, which no comparison passes.
  */
 #include <math.h>
-#include "common.cuh"
+#include "act.cuh"
 #include "mma.cuh"
 #include "rope.cuh"
 
@@ -159,7 +159,6 @@ __device__ __forceinline__ void load4(const uint16_t *p, float (&v)[4])
     v[2] = __uint_as_float(x.y << 16), v[3] = __uint_as_float(x.y & 0xffff0000u);
 }
 
-__device__ __forceinline__ float round_bf16(float x) { return dsrt_bf16_to_f32(dsrt_f32_to_bf16(x)); }
 
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
 {

@@ -17,10 +17,12 @@
  *   nn.q_kv_norm(qa, q_weight|nil, kv, kv_weight|nil, eps, first, step, theta, yarn|nil, post, prec) -> qr, kv
  *   nn.sparse_attention_inverse_rope(q, pool, indices, sink, scale, first, step, theta, yarn|nil, prec)
  *   nn.sinkhorn(mixes, scale, base, hc, iters, eps)                      -> pre, post, comb
- *   nn.hc_pre(X, fn, scale, base, hc_eps, norm_eps, iters, prec)         -> u, post, comb
- *   nn.hc_post(f, X, post, comb, prec)                 nn.hc_head(X, fn, scale, base, hc_eps, norm_eps, prec)
+ *   nn.hc_pre(X, fn, scale, base, hc_eps, norm_eps, iters, prec [, norm_w])  -> u, post, comb
+ *   nn.hc_post(f, X, post, comb, prec)        nn.hc_head(X, fn, scale, base, hc_eps, norm_eps, prec [, norm_w])
  *   nn.hc_expand(e, hc)
- *   nn.hc_post_pre(f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, prec)  -> X', u, post', comb'
+ *   nn.hc_post_pre(f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, prec [, norm_w])
+ *                                                                        -> X', u, post', comb'
+ * With norm_w the hc ops return their u (hc_head's y) RMS-normed: nn.rms_norm(u, norm_w, norm_eps, prec).
  * yarn = {factor = 16, original_seq_len = 65536, beta_fast = 32, beta_slow = 1}, or nil for none.
  * The fused ops take positions as the progression first, first + step, ... (one per index of the
  * first dimension); norm_rope's norm is "rms", "head" or "none", its post "q8", "hadamard_q4" or
@@ -253,8 +255,8 @@ static int l_hc_pre(lua_State *L)
     float hc_eps = check_float(L, 5), norm_eps = check_float(L, 6);
     int iters = check_int(L, 7);
     dsrt_precision prec = dsrtL_checkprecision(L, 8, "nn.hc_pre", 1);
-    dsrt_tensor *u, *post, *comb;
-    int rc = dsrt_nn_hc_pre(X, fn, scale, base, hc_eps, norm_eps, iters, prec, stream_for(L, X), &u, &post, &comb);
+    dsrt_tensor *norm_w = opt_tensor(L, 9), *u, *post, *comb;
+    int rc = dsrt_nn_hc_pre(X, fn, scale, base, hc_eps, norm_eps, iters, norm_w, prec, stream_for(L, X), &u, &post, &comb);
     return push_three(L, rc, u, post, comb);
 }
 
@@ -273,7 +275,7 @@ static int l_hc_head(lua_State *L)
     dsrt_tensor *base = dsrtL_checktensor(L, 4);
     float hc_eps = check_float(L, 5), norm_eps = check_float(L, 6);
     dsrt_precision prec = dsrtL_checkprecision(L, 7, "nn.hc_head", 1);
-    dsrtL_pushtensor(L, dsrt_nn_hc_head(X, fn, scale, base, hc_eps, norm_eps, prec, stream_for(L, X)));
+    dsrtL_pushtensor(L, dsrt_nn_hc_head(X, fn, scale, base, hc_eps, norm_eps, opt_tensor(L, 8), prec, stream_for(L, X)));
     return 1;
 }
 
@@ -285,9 +287,9 @@ static int l_hc_post_pre(lua_State *L)
     float hc_eps = check_float(L, 8), norm_eps = check_float(L, 9);
     int iters = check_int(L, 10);
     dsrt_precision prec = dsrtL_checkprecision(L, 11, "nn.hc_post_pre", 1);
-    dsrt_tensor *Xn, *u, *pn, *cn;
-    if (dsrt_nn_hc_post_pre(f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, prec, stream_for(L, f), &Xn, &u,
-                            &pn, &cn))
+    dsrt_tensor *norm_w = opt_tensor(L, 12), *Xn, *u, *pn, *cn;
+    if (dsrt_nn_hc_post_pre(f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, norm_w, prec, stream_for(L, f),
+                            &Xn, &u, &pn, &cn))
         return dsrtL_error(L);
     dsrtL_pushtensor(L, Xn);
     dsrtL_pushtensor(L, u);

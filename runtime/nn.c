@@ -984,32 +984,48 @@ static int check_streams(const char *op, const dsrt_tensor *X, const dsrt_tensor
     return check_arg(op, "fn", fn, 0, 2, fn_shape, s);
 }
 
+/* the norm weight hc_pre and hc_head may take: [d], on the streams' device (NULL: none) */
+static int check_norm_weight(const char *op, dsrt_tensor *norm_w, int64_t d, dsrt_stream *s)
+{
+    return norm_w ? check_arg(op, "norm weight", norm_w, 0, 1, &d, s) : 0;
+}
+
+/* The CPU's hc_pre / hc_head output y, then (norm_w) its RMSNorm: nn.rms_norm of the finished y */
+static dsrt_tensor *normed(dsrt_tensor *y, dsrt_tensor *norm_w, float norm_eps, dsrt_precision prec, dsrt_stream *s)
+{
+    if (!y || !norm_w) return y;
+    dsrt_tensor *x = dsrt_nn_rms_norm(y, norm_w, norm_eps, prec, s);
+    dsrt_tensor_release(y);
+    return x;
+}
+
 int dsrt_nn_hc_pre(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps,
-                   float norm_eps, int iters, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **u,
-                   dsrt_tensor **post, dsrt_tensor **comb)
+                   float norm_eps, int iters, dsrt_tensor *norm_w, dsrt_precision prec, dsrt_stream *s,
+                   dsrt_tensor **u, dsrt_tensor **post, dsrt_tensor **comb)
 {
     const char *op = "nn.hc_pre";
     int hc;
     int64_t d;
     *u = *post = *comb = NULL;
     if (check_precision(op, prec) || check_any_stream(op, s) || check_streams(op, X, fn, 1, s, &hc, &d) ||
-        check_sinkhorn_params(op, scale, base, hc, iters, s))
+        check_sinkhorn_params(op, scale, base, hc, iters, s) || check_norm_weight(op, norm_w, d, s))
         return -1;
     int64_t T = X->shape[0], flat[2] = {T, hc * d}, ushape[2] = {T, d};
     if (on_cuda(s)) {
         int64_t vec[2] = {T, hc}, mat[3] = {T, hc, hc};
-        dsrt_tensor *ts[5] = {NULL};
+        dsrt_tensor *ts[6] = {NULL};
         int ok = (ts[0] = dense(X, s)) && (ts[1] = dense(fn, s)) && (ts[2] = dense(scale, s)) &&
-                 (ts[3] = dense(base, s)) &&
+                 (ts[3] = dense(base, s)) && (!norm_w || (ts[5] = dense(norm_w, s))) &&
                  (ts[4] = new_workspace(dsrtk_nn_hc_workspace(T, (int64_t)(2 + hc) * hc, hc * d), s)) &&
                  (*u = new_on(act_dtype(prec), 2, ushape, s)) && (*post = new_on(DSRT_F32, 2, vec, s)) &&
                  (*comb = new_on(DSRT_F32, 3, mat, s));
         int rc = !ok || launched(op, dsrtk_nn_hc_pre(s->device, dev_data(ts[0]), ts[0]->dtype, dev_data(ts[1]),
                                                      ts[1]->dtype, dev_data(ts[2]), ts[2]->dtype, dev_data(ts[3]),
                                                      ts[3]->dtype, T, hc, d, hc_eps, norm_eps, iters, dev_data(ts[4]),
-                                                     dev_data(*u), (*u)->dtype, dev_data(*post), dev_data(*comb),
+                                                     dev_data(*u), (*u)->dtype, ts[5] ? dev_data(ts[5]) : NULL,
+                                                     ts[5] ? ts[5]->dtype : 0, dev_data(*post), dev_data(*comb),
                                                      s->handle));
-        release_all(ts, 5);
+        release_all(ts, 6);
         return all_or_nothing(rc, u, post, comb);
     }
     dsrt_tensor *xv = as_f32(X, s), *x2 = xv ? dsrt_tensor_view(xv, 2, flat) : NULL;
@@ -1017,7 +1033,8 @@ int dsrt_nn_hc_pre(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_ten
     int rc = !mixes || dsrt_nn_sinkhorn(mixes, scale, base, hc, iters, hc_eps, s, &pre, post, comb);
     if (!rc) *u = new_f32(2, ushape, s);
     if (*u) collapse(f32_data(xv), f32_data(pre), T, hc, d, f32_data(*u));
-    *u = finish(*u, prec, s);
+    *u = normed(finish(*u, prec, s), norm_w, norm_eps, prec, s);
+    rc = rc || !*u;
     dsrt_tensor_release(xv);
     dsrt_tensor_release(x2);
     dsrt_tensor_release(mixes);
@@ -1076,21 +1093,22 @@ dsrt_tensor *dsrt_nn_hc_post(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, 
  * checked as the two functions check them. */
 static int hc_post_pre_cuda(const char *op, dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_tensor *comb,
                             dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps, float norm_eps,
-                            int iters, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next, dsrt_tensor **u,
-                            dsrt_tensor **post_next, dsrt_tensor **comb_next)
+                            int iters, dsrt_tensor *norm_w, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next,
+                            dsrt_tensor **u, dsrt_tensor **post_next, dsrt_tensor **comb_next)
 {
     int hc;
     int64_t d;
     if (check_precision(op, prec) || check_streams(op, X, fn, 1, s, &hc, &d) ||
-        check_sinkhorn_params(op, scale, base, hc, iters, s))
+        check_sinkhorn_params(op, scale, base, hc, iters, s) || check_norm_weight(op, norm_w, d, s))
         return -1;
     int64_t T = X->shape[0], fshape[2] = {T, d}, vec[2] = {T, hc}, mat[3] = {T, hc, hc};
     if (check_arg(op, "f", f, 0, 2, fshape, s) || check_arg(op, "post", post, 0, 2, vec, s) ||
         check_arg(op, "comb", comb, 0, 3, mat, s))
         return -1;
-    dsrt_tensor *ts[7] = {NULL}, *Xn = NULL;
+    dsrt_tensor *ts[8] = {NULL}, *Xn = NULL;
     int ok = (ts[0] = dense(f, s)) && (ts[1] = dense(X, s)) && (ts[2] = dense(post, s)) && (ts[3] = dense(comb, s)) &&
              (ts[4] = dense(fn, s)) && (ts[5] = dense(scale, s)) && (ts[6] = dense(base, s)) &&
+             (!norm_w || (ts[7] = dense(norm_w, s))) &&
              (Xn = new_on(act_dtype(prec), 3, X->shape, s)) && (*u = new_on(act_dtype(prec), 2, fshape, s)) &&
              (*post_next = new_on(DSRT_F32, 2, vec, s)) && (*comb_next = new_on(DSRT_F32, 3, mat, s));
     dsrt_tensor *work = ok ? new_workspace(dsrtk_nn_hc_workspace(T, (int64_t)(2 + hc) * hc, hc * d), s) : NULL;
@@ -1101,9 +1119,10 @@ static int hc_post_pre_cuda(const char *op, dsrt_tensor *f, dsrt_tensor *X, dsrt
         rc = launched(op, dsrtk_nn_hc_post_pre(s->device, &pa, dev_data(Xn), Xn->dtype, dev_data(ts[4]), ts[4]->dtype,
                                                dev_data(ts[5]), ts[5]->dtype, dev_data(ts[6]), ts[6]->dtype, T, hc, d,
                                                hc_eps, norm_eps, iters, dev_data(work), dev_data(*u), (*u)->dtype,
+                                               ts[7] ? dev_data(ts[7]) : NULL, ts[7] ? ts[7]->dtype : 0,
                                                dev_data(*post_next), dev_data(*comb_next), s->handle));
     }
-    release_all(ts, 7);
+    release_all(ts, 8);
     dsrt_tensor_release(work);
     if (all_or_nothing(rc, u, post_next, comb_next)) {
         dsrt_tensor_release(Xn);
@@ -1116,17 +1135,17 @@ static int hc_post_pre_cuda(const char *op, dsrt_tensor *f, dsrt_tensor *X, dsrt
 /* On the CPU the composition of the two functions; on CUDA the fused kernels above. */
 int dsrt_nn_hc_post_pre(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_tensor *comb, dsrt_tensor *fn,
                         dsrt_tensor *scale, dsrt_tensor *base, float hc_eps, float norm_eps, int iters,
-                        dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next, dsrt_tensor **u,
-                        dsrt_tensor **post_next, dsrt_tensor **comb_next)
+                        dsrt_tensor *norm_w, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next,
+                        dsrt_tensor **u, dsrt_tensor **post_next, dsrt_tensor **comb_next)
 {
     *X_next = *u = *post_next = *comb_next = NULL;
     if (check_any_stream("nn.hc_post_pre", s)) return -1;
     if (on_cuda(s))
-        return hc_post_pre_cuda("nn.hc_post_pre", f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, prec, s,
-                                X_next, u, post_next, comb_next);
+        return hc_post_pre_cuda("nn.hc_post_pre", f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, norm_w,
+                                prec, s, X_next, u, post_next, comb_next);
     dsrt_tensor *Xn = dsrt_nn_hc_post(f, X, post, comb, prec, s);
     if (!Xn) return -1;
-    if (dsrt_nn_hc_pre(Xn, fn, scale, base, hc_eps, norm_eps, iters, prec, s, u, post_next, comb_next)) {
+    if (dsrt_nn_hc_pre(Xn, fn, scale, base, hc_eps, norm_eps, iters, norm_w, prec, s, u, post_next, comb_next)) {
         dsrt_tensor_release(Xn);
         return -1;
     }
@@ -1135,27 +1154,31 @@ int dsrt_nn_hc_post_pre(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_
 }
 
 dsrt_tensor *dsrt_nn_hc_head(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps,
-                             float norm_eps, dsrt_precision prec, dsrt_stream *s)
+                             float norm_eps, dsrt_tensor *norm_w, dsrt_precision prec, dsrt_stream *s)
 {
     const char *op = "nn.hc_head";
     int hc;
     int64_t d, one = 1;
     if (check_precision(op, prec) || check_any_stream(op, s) || check_streams(op, X, fn, 0, s, &hc, &d)) return NULL;
     int64_t hc64 = hc;
-    if (check_arg(op, "scale", scale, 0, 1, &one, s) || check_arg(op, "base", base, 0, 1, &hc64, s)) return NULL;
+    if (check_arg(op, "scale", scale, 0, 1, &one, s) || check_arg(op, "base", base, 0, 1, &hc64, s) ||
+        check_norm_weight(op, norm_w, d, s))
+        return NULL;
     int64_t T = X->shape[0], flat[2] = {T, hc * d}, yshape[2] = {T, d};
-    if (on_cuda(s)) { /* hc.cu: the split GEMM, then the weights and the collapse */
-        dsrt_tensor *ts[5] = {NULL}, *y = NULL;
+    if (on_cuda(s)) { /* hc.cu: the split GEMM, then the weights and the collapse (and the norm) */
+        dsrt_tensor *ts[6] = {NULL}, *y = NULL;
         int ok = (ts[0] = dense(X, s)) && (ts[1] = dense(fn, s)) && (ts[2] = dense(scale, s)) &&
-                 (ts[3] = dense(base, s)) && (ts[4] = new_workspace(dsrtk_nn_hc_workspace(T, hc, hc * d), s)) &&
+                 (ts[3] = dense(base, s)) && (!norm_w || (ts[5] = dense(norm_w, s))) &&
+                 (ts[4] = new_workspace(dsrtk_nn_hc_workspace(T, hc, hc * d), s)) &&
                  (y = new_on(act_dtype(prec), 2, yshape, s));
         if (ok && launched(op, dsrtk_nn_hc_head(s->device, dev_data(ts[0]), ts[0]->dtype, dev_data(ts[1]), ts[1]->dtype,
                                                 dev_data(ts[2]), ts[2]->dtype, dev_data(ts[3]), ts[3]->dtype, T, hc, d,
-                                                hc_eps, norm_eps, dev_data(ts[4]), dev_data(y), y->dtype, s->handle))) {
+                                                hc_eps, norm_eps, dev_data(ts[4]), dev_data(y), y->dtype,
+                                                ts[5] ? dev_data(ts[5]) : NULL, ts[5] ? ts[5]->dtype : 0, s->handle))) {
             dsrt_tensor_release(y);
             y = NULL;
         }
-        release_all(ts, 5);
+        release_all(ts, 6);
         return y;
     }
     dsrt_tensor *xv = as_f32(X, s), *x2 = xv ? dsrt_tensor_view(xv, 2, flat) : NULL;
@@ -1176,7 +1199,7 @@ dsrt_tensor *dsrt_nn_hc_head(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale
     dsrt_tensor_release(mixes);
     dsrt_tensor_release(sv);
     dsrt_tensor_release(bv);
-    return finish(y, prec, s);
+    return normed(finish(y, prec, s), norm_w, norm_eps, prec, s);
 }
 
 dsrt_tensor *dsrt_nn_hc_expand(dsrt_tensor *e, int hc, dsrt_stream *s)

@@ -209,10 +209,12 @@ int dsrt_nn_sinkhorn(dsrt_tensor *mixes, dsrt_tensor *scale, dsrt_tensor *base, 
  * base [(2+hc)·hc]: x = fp32(flatten X[t]); ρ = rsqrt(mean(x²) + norm_eps); mixes = (fn·x)·ρ
  * (an fp32 GEMM); (pre, post, comb) = Sinkhorn(mixes; hc_eps, iters);
  * u = Σ_s pre_s·X_s (fp32, s in order). Sets *u [T, d] (reference: bf16, fp32: f32), *post [T, hc]
- * and *comb [T, hc, hc] (f32, for hc_post). */
+ * and *comb [T, hc, hc] (f32, for hc_post). With norm_w [d] (else NULL) *u is the sub-layer's input
+ * dsrt_nn_rms_norm(u, norm_w, norm_eps, prec) instead, its values and bits: on CUDA the collapse's
+ * kernel normalises the row it just computed (a launch and a pass over u fewer at decode). */
 int dsrt_nn_hc_pre(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps,
-                   float norm_eps, int iters, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **u,
-                   dsrt_tensor **post, dsrt_tensor **comb);
+                   float norm_eps, int iters, dsrt_tensor *norm_w, dsrt_precision prec, dsrt_stream *s,
+                   dsrt_tensor **u, dsrt_tensor **post, dsrt_tensor **comb);
 
 /* hc_post (SPEC §5): X'_k = post_k·f + Σ_j comb_jk·X_j for f [T, d] (the sub-layer output), X [T, hc, d],
  * post [T, hc], comb [T, hc, hc], in fp32 (the sum over j in order, then added to post_k·f). Note
@@ -222,17 +224,19 @@ dsrt_tensor *dsrt_nn_hc_post(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, 
 
 /* The HC head collapse (SPEC §4 step 4) of X [T, hc, d] with fn [hc, hc·d], scale [1], base [hc]:
  * mixes = (fn·x)·ρ as in hc_pre; w_s = σ(mixes_s·scale_0 + base_s) + hc_eps; y = Σ_s w_s·X_s
- * (fp32). No Sinkhorn. Returns y [T, d]; reference: bf16. */
+ * (fp32). No Sinkhorn. Returns y [T, d]; reference: bf16. With norm_w [d] (else NULL), y RMS-normed
+ * as hc_pre's u (SPEC §4 step 5's final norm). */
 dsrt_tensor *dsrt_nn_hc_head(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps,
-                             float norm_eps, dsrt_precision prec, dsrt_stream *s);
+                             float norm_eps, dsrt_tensor *norm_w, dsrt_precision prec, dsrt_stream *s);
 
 /* hc_post of one sub-layer followed by hc_pre of the next (SPEC §10, vLLM's fusion): sets *X_next =
  * hc_post(f, X, post, comb) and (*u, *post_next, *comb_next) = hc_pre(*X_next, fn, scale, base, ...),
- * exactly what the two calls return (reference: X_next is bf16 and hc_pre reads it so). */
+ * exactly what the two calls return (reference: X_next is bf16 and hc_pre reads it so); norm_w as
+ * hc_pre's. */
 int dsrt_nn_hc_post_pre(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_tensor *comb, dsrt_tensor *fn,
                         dsrt_tensor *scale, dsrt_tensor *base, float hc_eps, float norm_eps, int iters,
-                        dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next, dsrt_tensor **u,
-                        dsrt_tensor **post_next, dsrt_tensor **comb_next);
+                        dsrt_tensor *norm_w, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next,
+                        dsrt_tensor **u, dsrt_tensor **post_next, dsrt_tensor **comb_next);
 
 /* HC expand (SPEC §4 step 2): X[t, s] = e[t] for the hc streams, e [T, d] -> X [T, hc, d], e's dtype
  * (an exact copy, so no precision). */

@@ -278,33 +278,36 @@ int dsrtk_nn_sinkhorn(int dev, const void *mixes, int mixes_dtype, const void *s
 
 int dsrtk_nn_hc_pre(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
                     int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d, float hc_eps,
-                    float norm_eps, int iters, double *work, void *u, int u_dtype, float *post, float *comb,
-                    void *stream)
+                    float norm_eps, int iters, double *work, void *u, int u_dtype, const void *norm_w,
+                    int norm_w_dtype, float *post, float *comb, void *stream)
 {
     (void)dev; (void)X; (void)X_dtype; (void)fn; (void)fn_dtype; (void)scale; (void)scale_dtype; (void)base;
     (void)base_dtype; (void)T; (void)hc; (void)d; (void)hc_eps; (void)norm_eps; (void)iters; (void)work; (void)u;
-    (void)u_dtype; (void)post; (void)comb; (void)stream;
+    (void)u_dtype; (void)norm_w; (void)norm_w_dtype; (void)post; (void)comb; (void)stream;
     return without_cuda(__func__);
 }
 
 int dsrtk_nn_hc_head(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
                      int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d, float hc_eps,
-                     float norm_eps, double *work, void *y, int y_dtype, void *stream)
+                     float norm_eps, double *work, void *y, int y_dtype, const void *norm_w, int norm_w_dtype,
+                     void *stream)
 {
     (void)dev; (void)X; (void)X_dtype; (void)fn; (void)fn_dtype; (void)scale; (void)scale_dtype; (void)base;
     (void)base_dtype; (void)T; (void)hc; (void)d; (void)hc_eps; (void)norm_eps; (void)work; (void)y; (void)y_dtype;
-    (void)stream;
+    (void)norm_w; (void)norm_w_dtype; (void)stream;
     return without_cuda(__func__);
 }
 
 int dsrtk_nn_hc_post_pre(int dev, const dsrtk_hc_post_args *post_args, void *X_next, int X_next_dtype,
                          const void *fn, int fn_dtype, const void *scale, int scale_dtype, const void *base,
                          int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps, int iters,
-                         double *work, void *u, int u_dtype, float *post, float *comb, void *stream)
+                         double *work, void *u, int u_dtype, const void *norm_w, int norm_w_dtype, float *post,
+                         float *comb, void *stream)
 {
     (void)dev; (void)post_args; (void)X_next; (void)X_next_dtype; (void)fn; (void)fn_dtype; (void)scale;
     (void)scale_dtype; (void)base; (void)base_dtype; (void)T; (void)hc; (void)d; (void)hc_eps; (void)norm_eps;
-    (void)iters; (void)work; (void)u; (void)u_dtype; (void)post; (void)comb; (void)stream;
+    (void)iters; (void)work; (void)u; (void)u_dtype; (void)norm_w; (void)norm_w_dtype; (void)post; (void)comb;
+    (void)stream;
     return without_cuda(__func__);
 }
 

@@ -776,7 +776,7 @@ TEST(nn_hc_pre_post_head_vs_double)
     for (int p = 0; p < 2; p++) {
         dsrt_precision prec = p ? REF : FP32;
         dsrt_tensor *ut, *pt, *ct;
-        REQUIRE(dsrt_nn_hc_pre(X, fn, scale, base, eps, eps, ITERS, prec, CPU, &ut, &pt, &ct) == 0);
+        REQUIRE(dsrt_nn_hc_pre(X, fn, scale, base, eps, eps, ITERS, NULL, prec, CPU, &ut, &pt, &ct) == 0);
         CHECK(shape_is(ut, 2, ushape) && ut->dtype == (p ? DSRT_BF16 : DSRT_F32) && pt->dtype == DSRT_F32);
         double *ug = values(ut), *pg = values(pt), *cg = values(ct);
         int bad = 0;
@@ -803,7 +803,7 @@ TEST(nn_hc_pre_post_head_vs_double)
                 }
         CHECKF(bad == 0, "hc_post %s: %d values off", p ? "reference" : "fp32", bad);
 
-        dsrt_tensor *yt = dsrt_nn_hc_head(X, hfn, hscale, hbase, eps, eps, prec, CPU);
+        dsrt_tensor *yt = dsrt_nn_hc_head(X, hfn, hscale, hbase, eps, eps, NULL, prec, CPU);
         REQUIRE(yt && shape_is(yt, 2, ushape));
         double *yg = values(yt);
         bad = 0;
@@ -814,10 +814,10 @@ TEST(nn_hc_pre_post_head_vs_double)
         dsrt_tensor_release(Xt), dsrt_tensor_release(yt);
     }
     dsrt_tensor *no_u, *no_post, *no_comb;
-    CHECK_ERROR(dsrt_nn_hc_pre(X, hfn, scale, base, eps, eps, ITERS, REF, CPU, &no_u, &no_post, &no_comb),
+    CHECK_ERROR(dsrt_nn_hc_pre(X, hfn, scale, base, eps, eps, ITERS, NULL, REF, CPU, &no_u, &no_post, &no_comb),
                 "nn.hc_pre: fn is f32[4, 148]", "expected shape [24, 148]");
     CHECK(!no_u && !no_post && !no_comb);
-    CHECK_ERROR(!dsrt_nn_hc_head(X, fn, hscale, hbase, eps, eps, REF, CPU), "nn.hc_head: fn is f32[24, 148]",
+    CHECK_ERROR(!dsrt_nn_hc_head(X, fn, hscale, hbase, eps, eps, NULL, REF, CPU), "nn.hc_head: fn is f32[24, 148]",
                 "expected shape [4, 148]");
     CHECK_ERROR(!dsrt_nn_hc_post(f, X, hbase, X, REF, CPU), "nn.hc_post: post is f32[4]", "expected shape [5, 4]");
     free(xv), free(fnv), free(sv), free(bv), free(hfnv), free(hsv), free(hbv), free(fv);

@@ -350,6 +350,51 @@ test("hc_head_matches_cpu", function()
   end
 end)
 
+test("hc_ops_with_a_norm_weight_equal_the_ops_then_rms_norm", function()
+  -- The collapse's kernel normalising its own row (few tokens, d a multiple of 8 up to 4096) gives
+  -- rms_norm's bits on the same device; many tokens, other widths and a misaligned X take the
+  -- collapse then rms_norm in place. Against the CPU's two calls: close, as every hc op.
+  local function same(got, want, what) check_exact(got, want:to("cpu"), what) end
+  for _, case in ipairs({ { 1, 4, 4096 }, { 3, 4, 4096 }, { 2, 4, 136 }, { 1, 4, 2056 }, { 5, 3, 1000 },
+                          { 70, 4, 264 }, { 2, 4, 8192 }, { 1, 2, 30 } }) do
+    local T, hc, d = case[1], case[2], case[3]
+    for _, dt in ipairs({ "bf16", "f32" }) do
+      local X, f = randn({ T, hc, d }, dt, 2), randn({ T, d }, dt)
+      local fn, scale, base = hc_params(hc, d, false, "f32")
+      local hfn, hscale, hbase = hc_params(hc, d, true, "f32")
+      local w = randn({ d }, "bf16", 0.5):abs() + 0.5
+      local Xc, fc, fnc, sc, bc, hfnc, hsc, hbc, wc = cuda_all(X, f, fn, scale, base, hfn, hscale, hbase, w)
+      for _, prec in ipairs(PRECS) do
+        local what = string.format("T %d hc %d d %d %s %s", T, hc, d, dt, prec)
+        poison_for({ T, d }, out_dtype(prec))
+        local u, p, c = nn.hc_pre(Xc, fnc, sc, bc, 1e-6, 1e-5, 20, prec)
+        local x, pn, cn = nn.hc_pre(Xc, fnc, sc, bc, 1e-6, 1e-5, 20, prec, wc)
+        same(x, nn.rms_norm(u, wc, 1e-5, prec), "hc_pre normed " .. what)
+        same(pn, p, "hc_pre normed post " .. what)
+        same(cn, c, "hc_pre normed comb " .. what)
+        check_close(x, nn.hc_pre(X, fn, scale, base, 1e-6, 1e-5, 20, prec, w), "hc_pre normed vs cpu " .. what, 1e-4)
+        poison_for({ T, d }, out_dtype(prec))
+        local Xa, ua = nn.hc_post_pre(fc, Xc, p, c, fnc, sc, bc, 1e-6, 1e-5, 20, prec)
+        local Xb, xb = nn.hc_post_pre(fc, Xc, p, c, fnc, sc, bc, 1e-6, 1e-5, 20, prec, wc)
+        same(Xb, Xa, "hc_post_pre normed X' " .. what)
+        same(xb, nn.rms_norm(ua, wc, 1e-5, prec), "hc_post_pre normed " .. what)
+        poison_for({ T, d }, out_dtype(prec))
+        local y = nn.hc_head(Xc, hfnc, hsc, hbc, 1e-6, 1e-5, prec)
+        same(nn.hc_head(Xc, hfnc, hsc, hbc, 1e-6, 1e-5, prec, wc), nn.rms_norm(y, wc, 1e-5, prec),
+                    "hc_head normed " .. what)
+      end
+    end
+  end
+  -- a misaligned X: the scalar collapse, then the norm
+  local X = randn({ 2, 4, 64 }, "bf16")
+  local fn, scale, base = hc_params(4, 64, false, "f32")
+  local w = randn({ 64 }, "bf16")
+  local fnc, sc, bc, wc = cuda_all(fn, scale, base, w)
+  local u = nn.hc_pre(offset_cuda(X), fnc, sc, bc, 1e-6, 1e-5, 20, "reference")
+  same(nn.hc_pre(offset_cuda(X), fnc, sc, bc, 1e-6, 1e-5, 20, "reference", wc), nn.rms_norm(u, wc, 1e-5, "reference"),
+              "hc_pre normed offset")
+end)
+
 test("hc_post_is_bit_exact", function()
   for _, case in ipairs({ { 1, 4, 4096 }, { 3, 4, 1001 }, { 17, 3, 33 }, { 2, 1, 5 }, { 4, 7, 300 }, { 9, 4, 264 } }) do
     local T, hc, d = case[1], case[2], case[3]

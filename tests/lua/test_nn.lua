@@ -336,6 +336,32 @@ end)
 
 -- ---- hyper-connections ----
 
+test("hc_ops_with_a_norm_weight_are_the_ops_then_rms_norm", function()
+  -- hc_pre, hc_post_pre and hc_head take the following RMSNorm's weight as an optional last argument
+  -- (on CUDA the collapse's kernel normalises its own row): the values are the two calls'
+  local T, hc, d = 3, 4, 16
+  local X, f = randn({ T, hc, d }), randn({ T, d })
+  local fn, hfn = randn({ 24, hc * d }, "f32", 0.1), randn({ hc, hc * d }, "f32", 0.1)
+  local scale, base, hscale, hbase = dsrt.ones({ 3 }), dsrt.zeros({ 24 }), dsrt.ones({ 1 }), dsrt.zeros({ hc })
+  local w = randn({ d }, "bf16")
+  for _, prec in ipairs({ "reference", "fp32" }) do
+    local u, p, c = nn.hc_pre(X, fn, scale, base, 1e-6, 1e-5, 20, prec)
+    local x, pn, cn = nn.hc_pre(X, fn, scale, base, 1e-6, 1e-5, 20, prec, w)
+    assert_equal(x:totable(), nn.rms_norm(u, w, 1e-5, prec):totable())
+    assert_equal({ pn:totable(), cn:totable() }, { p:totable(), c:totable() })
+    local Xa, ua = nn.hc_post_pre(f, X, p, c, fn, scale, base, 1e-6, 1e-5, 20, prec)
+    local Xb, xb = nn.hc_post_pre(f, X, p, c, fn, scale, base, 1e-6, 1e-5, 20, prec, w)
+    assert_equal(Xb:totable(), Xa:totable())
+    assert_equal(xb:totable(), nn.rms_norm(ua, w, 1e-5, prec):totable())
+    local y = nn.hc_head(X, hfn, hscale, hbase, 1e-6, 1e-5, prec)
+    assert_equal(nn.hc_head(X, hfn, hscale, hbase, 1e-6, 1e-5, prec, w):totable(), nn.rms_norm(y, w, 1e-5, prec):totable())
+  end
+  assert_error(nn.hc_pre, "nn.hc_pre: norm weight is bf16%[15%] on cpu, expected shape %[16%]",
+               X, fn, scale, base, 1e-6, 1e-5, 20, "fp32", randn({ 15 }, "bf16"))
+  assert_error(nn.hc_head, "nn.hc_head: norm weight is bf16%[2, 16%] on cpu, expected shape %[16%]",
+               X, hfn, hscale, hbase, 1e-6, 1e-5, "fp32", randn({ 2, 16 }))
+end)
+
 test("sinkhorn_and_hc_ops", function()
   local T, hc, d = 3, 4, 6
   local mixes = randn({ T, 24 }, "f32")

@@ -75,22 +75,21 @@ local close = decoder.close
 -- The sub-layer input RMS_w(u; norm) (SPEC §5) of the residual streams X. With `carry` = {f, post,
 -- comb}, the previous sub-layer's output f whose hc_post has not been applied yet, X is first
 -- brought up to date: nn.hc_post_pre fuses that hc_post with this hc_pre (on CUDA one launch and
--- one read of X fewer; the same bits as the two calls); the carry and the old X are closed. Returns
--- the normed input, post, comb and the up-to-date X.
+-- one read of X fewer; the same bits as the two calls); the carry and the old X are closed. The hc
+-- ops apply the norm themselves (their norm weight argument: nn.rms_norm's bits, on CUDA in the
+-- collapse's kernel at decode). Returns the normed input, post, comb and the up-to-date X.
 local function sublayer_input(dims, hc, norm_weight, X, carry, precision)
-  local u, post, comb
+  local x, post, comb
   if carry then
     local new_X
-    new_X, u, post, comb = nn.hc_post_pre(carry[1], X, carry[2], carry[3], hc.fn, hc.scale, hc.base, dims.hc_eps,
-                                          dims.norm_eps, dims.hc_sinkhorn_iters, precision)
+    new_X, x, post, comb = nn.hc_post_pre(carry[1], X, carry[2], carry[3], hc.fn, hc.scale, hc.base, dims.hc_eps,
+                                          dims.norm_eps, dims.hc_sinkhorn_iters, precision, norm_weight)
     close(carry[1], carry[2], carry[3], X)
     X = new_X
   else
-    u, post, comb = nn.hc_pre(X, hc.fn, hc.scale, hc.base, dims.hc_eps, dims.norm_eps, dims.hc_sinkhorn_iters,
-                              precision)
+    x, post, comb = nn.hc_pre(X, hc.fn, hc.scale, hc.base, dims.hc_eps, dims.norm_eps, dims.hc_sinkhorn_iters,
+                              precision, norm_weight)
   end
-  local x = nn.rms_norm(u, norm_weight, dims.norm_eps, precision)
-  close(u)
   return x, post, comb, X
 end
 
@@ -152,10 +151,9 @@ end
 --- HC head collapse, final norm and LM head (SPEC §4 steps 4–6) of X [S, hc, dim] with one
 --- hc_head {fn, base, scale} and norm weight: f32 logits [S, vocab] for every row.
 function decoder.logits(dims, hc_head, norm_weight, head, X, precision)
-  local y = nn.hc_head(X, hc_head.fn, hc_head.scale, hc_head.base, dims.hc_eps, dims.norm_eps, precision)
-  local normed = nn.rms_norm(y, norm_weight, dims.norm_eps, precision)
-  local logits = head:forward(normed, precision)
-  close(y, normed)
+  local y = nn.hc_head(X, hc_head.fn, hc_head.scale, hc_head.base, dims.hc_eps, dims.norm_eps, precision, norm_weight)
+  local logits = head:forward(y, precision)
+  close(y)
   return logits
 end
 
