@@ -14,6 +14,8 @@
  */
 #include <cuda_profiler_api.h>
 #include <atomic>
+#include <mutex>
+#include <string.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include "common.cuh"
@@ -277,6 +279,43 @@ int dsrtk_stream_wait_event(int dev, void *stream, void *event)
 
 /* ---- copies ---- */
 
+/* Small asynchronous uploads go through pinned staging: from pageable memory cudaMemcpyAsync may
+ * synchronise with the stream to stage the bytes itself (CUDA's API synchronisation notes), which
+ * made every decode step's token-id upload wait for the previous step's kernels. A device's ring of
+ * STAGE_SLOTS pinned slots, each reused only after the event of its last copy; the host bytes are
+ * copied in at once, so the caller may free them on return, as after a synchronous copy. */
+enum { STAGE_SLOTS = 32, STAGE_SLOT_BYTES = 64 << 10 };
+struct Staging {
+    std::mutex lock;
+    char *slots = nullptr;
+    cudaEvent_t done[STAGE_SLOTS];
+    int events = 0, next = 0;
+};
+static Staging staging[MAX_CACHED_DEVICES];
+
+static int staged_upload(int dev, void *dst, const void *src, size_t bytes, cudaStream_t s)
+{
+    Staging &st = staging[dev];
+    std::lock_guard<std::mutex> hold(st.lock);
+    for (; st.events < STAGE_SLOTS; st.events++) /* made once; a failure is retried by the next call */
+        if (int rc = dsrtk_check(cudaEventCreateWithFlags(&st.done[st.events], cudaEventDisableTiming),
+                                 "memcpy: staging event on cuda:%d", dev))
+            return rc;
+    if (!st.slots)
+        if (int rc = dsrtk_check(cudaHostAlloc((void **)&st.slots, (size_t)STAGE_SLOTS * STAGE_SLOT_BYTES, cudaHostAllocDefault),
+                                 "memcpy: pinned staging of %d KiB on cuda:%d", STAGE_SLOTS * (STAGE_SLOT_BYTES >> 10), dev))
+            return rc;
+    const int i = st.next;
+    st.next = (i + 1) % STAGE_SLOTS;
+    char *slot = st.slots + (size_t)i * STAGE_SLOT_BYTES;
+    int rc = dsrtk_check(cudaEventSynchronize(st.done[i]), "memcpy: staging slot on cuda:%d", dev); /* long done */
+    if (rc) return rc;
+    memcpy(slot, src, bytes);
+    rc = dsrtk_check(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync host to device of %zu bytes on cuda:%d",
+                     bytes, dev);
+    return rc ? rc : dsrtk_check(cudaEventRecord(st.done[i], s), "memcpy: staging event on cuda:%d", dev);
+}
+
 int dsrtk_memcpy(int dev, void *dst, const void *src, size_t bytes, int kind, void *stream, int async)
 {
     static const cudaMemcpyKind kinds[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice};
@@ -284,6 +323,8 @@ int dsrtk_memcpy(int dev, void *dst, const void *src, size_t bytes, int kind, vo
     if (kind < DSRTK_H2D || kind > DSRTK_D2D) return dsrtk_fail(DSRTK_ERROR, "memcpy: unknown copy kind %d", kind);
     DSRTK_SET_DEVICE(dev, "memcpy");
     cudaStream_t s = (cudaStream_t)stream;
+    if (kind == DSRTK_H2D && async && bytes <= STAGE_SLOT_BYTES && dev >= 0 && dev < MAX_CACHED_DEVICES)
+        return staged_upload(dev, dst, src, bytes, s);
     /* A synchronous copy is still enqueued on the stream, so it lands after the work already
      * queued there (the kernel that produced the bytes), then waits for it. */
     int st = dsrtk_check(cudaMemcpyAsync(dst, src, bytes, kinds[kind], s), "cudaMemcpyAsync %s of %zu bytes on cuda:%d",

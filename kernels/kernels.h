@@ -52,8 +52,10 @@ int dsrtk_event_synchronize(int dev, void *event);
 int dsrtk_event_elapsed_ms(int dev, void *start, void *end, float *ms);
 int dsrtk_stream_wait_event(int dev, void *stream, void *event);
 
-/* Byte copies between host and device or within a device; async only matters with pinned host
- * memory, and a synchronous copy returns when the bytes have landed. */
+/* Byte copies between host and device or within a device; a synchronous copy returns when the bytes
+ * have landed. async: host-to-device copies of up to 64 KiB go through pinned staging (the host bytes
+ * copied at once, free on return, the transfer queued on the stream); otherwise async only matters
+ * with pinned host memory. */
 enum { DSRTK_H2D, DSRTK_D2H, DSRTK_D2D };
 int dsrtk_memcpy(int dev, void *dst, const void *src, size_t bytes, int kind, void *stream, int async);
 

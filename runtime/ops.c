@@ -464,7 +464,7 @@ dsrt_tensor *dsrt_op_embedding(dsrt_tensor *weight, dsrt_tensor *ids, dsrt_dtype
             return dsrt_err_null("embedding: ids %s and the weight %s are on different devices",
                                  dsrt_tensor_str(ids, si, sizeof si), dsrt_tensor_str(weight, sw, sizeof sw));
         if (check_host_ids(ids, weight)) return NULL;
-        moved = dsrt_tensor_to(ids, weight->device, DSRT_I64, s, 0);
+        moved = dsrt_tensor_to(ids, weight->device, DSRT_I64, s, 1); /* staged: no wait (kernels.h dsrtk_memcpy) */
         if (!moved) return NULL;
         ids = moved;
     } else if (ids->device == DSRT_CPU && check_host_ids(ids, weight)) {

@@ -218,7 +218,7 @@ local function decode_step(session, id, marks)
   local precision, dims = model.precision, model.dims
   local first = session.positions
   marks[1]:record()
-  local token_ids = dsrt.tensor({ id }, { dtype = "i64", device = dev })
+  local token_ids = decoder.ids({ id }, dev)
   local embedded = decoder.embed(model.weights.embed, token_ids, precision)
   local X = nn.hc_expand(embedded, dims.hc_mult)
   decoder.close(embedded)

@@ -35,6 +35,34 @@ test("uploads_are_bit_exact_across_chunk_boundaries", function()
   end
 end)
 
+test("small_async_copies_are_staged_and_do_not_wait_for_the_stream", function()
+  -- t:to{device = "cuda", async = true} of up to 64 KiB goes through a ring of 32 pinned slots: the
+  -- host bytes are taken at once (the host tensor may change or go right after), the copy lands in
+  -- stream order, and the call does not wait for the work queued before it (pageable
+  -- cudaMemcpyAsync may). 100 copies wrap the ring three times; 64 KiB and 64 KiB + 8 bytes are
+  -- the two sides of the staging limit.
+  local m = dsrt.randn({ 4096, 4096 }, { device = "cuda", dtype = "bf16", seed = 5 })
+  local busy = dsrt.event("cuda")
+  local ups, hosts = {}, {}
+  for i = 1, 100 do
+    local n = i == 99 and 8192 or i == 100 and 8193 or i
+    local host = dsrt.arange(n):add(1000 * i)
+    hosts[i] = host:clone()
+    if i == 1 then
+      for _ = 1, 4 do m:matmul(m):close() end -- ~1 ms of work ahead of the first copy
+      busy:record()
+    end
+    ups[i] = host:to { device = "cuda", async = true }
+    if i == 1 then assert(not busy:query(), "the staged copy waited for the work queued before it") end
+    host:fill(-1)
+    host:close()
+  end
+  for i, up in ipairs(ups) do
+    assert_equal(up.dtype, "i64")
+    assert_equal(up:to("cpu"):ne(hosts[i]):sum():item(), 0)
+  end
+end)
+
 test("upload_errors_name_the_problem", function()
   assert_error(function() return dsrt.upload({ dsrt.ones(3):to("cuda") }, "cuda") end, "not on the CPU")
   assert_error(function() return dsrt.upload({ dsrt.ones(3) }, "cpu") end, "CUDA device")

@@ -72,6 +72,16 @@ function decoder.close(...)
 end
 local close = decoder.close
 
+--- Token ids (a Lua list) as an i64 tensor on `device`. The upload is asynchronous (staged through
+--- pinned memory, kernels.h dsrtk_memcpy), so a forward does not wait for the stream to drain first.
+function decoder.ids(list, device)
+  local host = dsrt.tensor(list, { dtype = "i64" })
+  if device == "cpu" then return host end
+  local ids = host:to { device = device, async = true }
+  host:close()
+  return ids
+end
+
 -- The sub-layer input RMS_w(u; norm) (SPEC §5) of the residual streams X. With `carry` = {f, post,
 -- comb}, the previous sub-layer's output f whose hc_post has not been applied yet, X is first
 -- brought up to date: nn.hc_post_pre fuses that hc_post with this hc_pre (on CUDA one launch and
@@ -265,7 +275,7 @@ function Model:forward_batch(sessions, ids_list, opts)
   end
   local precision, dims = self.precision, self.dims
   -- the ids go up once, as one small i64 tensor; the embedding gather and hash routing read it there
-  local token_ids = dsrt.tensor(all, { dtype = "i64", device = self.device })
+  local token_ids = decoder.ids(all, self.device)
   local embedded = decoder.embed(self.weights.embed, token_ids, precision)
   local X = nn.hc_expand(embedded, dims.hc_mult)
   close(embedded)

@@ -162,7 +162,7 @@ function Predictor:draft(session, next_id)
   undo_draft(part, last)
   local H = part.residuals[last]:unsqueeze(1)
   local X = mtp_input(self, layer, H, { next_id })
-  local token_ids = dsrt.tensor({ next_id }, { dtype = "i64", device = self.device })
+  local token_ids = decoder.ids({ next_id }, self.device)
   X = draft_block(dims, layer, part, X, token_ids, precision)
   close(H, token_ids)
   part.drafted_id = next_id
@@ -189,7 +189,7 @@ function Predictor:draft_next(session, id)
   end
   local layer, dims, precision = self.layers[1], self.dims, self.precision
   local X = mtp_input(self, layer, part.chain.X, { id })
-  local token_ids = dsrt.tensor({ id }, { dtype = "i64", device = self.device })
+  local token_ids = decoder.ids({ id }, self.device)
   X = draft_block(dims, layer, part, X, token_ids, precision)
   close(token_ids, part.chain.X)
   part.chain = { X = X, position = position }
