@@ -681,14 +681,14 @@ static int check_forward(const dsrt_attention *a, const dsrt_attn_state *st, con
 
 #define DEVF(t) ((float *)(t)->storage->data + (t)->offset)
 
-/* The aux fan-out pays for itself only when the side GEMMs keep the GPU busy. A decode step is
- * bound by the host (~70 launches, each ~8 us of submission and allocation against a few us of GPU
- * work), so the GPU never waits for work to overlap, and the fan-out only adds its ~14 event
- * records and waits and the allocator's extra per-stream events for every tensor shared across
- * streams: measured on the H200, 0.681 ms with aux streams against 0.586 ms without at S = 1.
- * Chunks of fewer rows therefore run on the caller's stream alone (the numbers are the same
- * either way, see above). */
-enum { AUX_MIN_ROWS = 64 };
+/* The aux fan-out pays for itself only when there is side work to overlap: a layer with a
+ * compressor (ratio > 0). A window-only layer has none, and the fan-out would only add its event
+ * records and waits (decode: +5 us a layer). At decode it once measured slower (0.681 against
+ * 0.586 ms, H200) while the host was the bound (a cudaMalloc per Lua-held tensor, the token upload
+ * waiting for the stream); since the GPU is (bench_dsv4, same run, fan-out at decode on / off): the
+ * ratio-4 layer 0.292 / 0.312 ms, the ratio-128 layer 0.227 / 0.230. The numbers are the same
+ * either way (see above). */
+static int fans_out(const dsrt_attention *a) { return a->n_aux == 3 && a->cfg.ratio > 0; }
 
 /* From this many rows (prefill) in reference precision sparse attention runs on the tensor cores
  * (bf16 q and pool); fewer rows take its split path, where the f32 pool is read as is. */
@@ -860,7 +860,7 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     const dsrt_attn_config *c = &a->cfg;
     dsrt_attn_weights *w = &a->w;
     int64_t S = x->shape[0], P = st->length, H = c->n_heads, hd = c->head_dim, W = c->window, r = c->ratio;
-    int dev = a->device, aux = a->n_aux == 3 && S >= AUX_MIN_ROWS;
+    int dev = a->device, aux = fans_out(a);
     dsrt_stream *s_comp = aux ? a->aux[0] : s, *s_wproj = aux ? a->aux[1] : s, *s_icomp = aux ? a->aux[2] : s;
     /* x as given (bf16 in reference precision): only linears read it, and they take either dtype */
     dsrt_tensor *xf = dsrt_tensor_contiguous(x, s);

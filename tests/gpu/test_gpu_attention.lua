@@ -12,7 +12,7 @@
 --   - a layer with 3 aux streams and one with none over the same weights give bit-equal outputs
 --     (SPEC §10: only the streams differ, never the arithmetic);
 --   - attention:advance (the MTP ring fill) leaves the bits of the state a forward leaves, with and
---     without aux streams (a forward's 64+ row chunks fan out, an advance never does);
+--     without aux streams (a forward of a layer with a compressor fans out, an advance never does);
 --   - more than 4096 visible indexer entries (the top-k's radix-select path), fp32;
 --   - Flash's 64 indexer heads (random indexer weights on the CSA layer), every warp of the
 --     prefill's score kernel;
