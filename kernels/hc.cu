@@ -441,6 +441,35 @@ __global__ void __launch_bounds__(TC_THREADS) mix_tc_kernel(const uint16_t *__re
 
 /* ---- per token: the mixes, the collapse, Sinkhorn ---- */
 
+/* acc[i] = Σ_s w_s·X_s[col + i] over the hc streams of token t, s in order from 0 (nn.c's
+ * collapse), 8 columns at element col (16-byte aligned rows). HC > 0 fixes hc at compile time (the
+ * model's 4): the HC loads are all issued before the first is used, where the runtime loop waited
+ * on each stream's load in turn. The same operations in the same order, so the same bits. */
+template <int HC>
+__device__ __forceinline__ void collapse8(const void *X, int X_dtype, int64_t t, int hc_arg, int64_t d, int64_t col,
+                                          const float *w, float (&acc)[8])
+{
+    const int hc = HC > 0 ? HC : hc_arg;
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[i] = 0;
+    if constexpr (HC > 0) {
+        float x[HC][8];
+#pragma unroll
+        for (int s = 0; s < HC; s++) ld8(X, X_dtype, (t * HC + s) * d + col, x[s]);
+#pragma unroll
+        for (int s = 0; s < HC; s++)
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[s], x[s][i]));
+    } else {
+        for (int s = 0; s < hc; s++) {
+            float x[8];
+            ld8(X, X_dtype, (t * hc + s) * d + col, x);
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[s], x[i]));
+        }
+    }
+}
+
 /* Block (token, part): the token's partials summed over the splits in order (double; a warp per
  * value, lanes over the splits, a fixed tree), then mixes_m = fp32(dot_m)·ρ with
  * ρ = 1/sqrt(fp32(Σx²/K) + norm_eps) (nn.c's hc_mixes). Parts < parts_n: the weights
@@ -514,12 +543,9 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
         for (int k = 0; k < NV; k++) {
             const int64_t col = 8 * ((int64_t)threadIdx.x + k * NORM_THREADS);
             if (col >= d) continue;
-            float a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, x[8];
-            for (int s = 0; s < hc; s++) {
-                ld8(X, X_dtype, (t * hc + s) * d + col, x);
-#pragma unroll
-                for (int i = 0; i < 8; i++) a[i] = __fadd_rn(a[i], __fmul_rn(w[s], x[i]));
-            }
+            float a[8];
+            if (hc == 4) collapse8<4>(X, X_dtype, t, hc, d, col, w, a);
+            else collapse8<0>(X, X_dtype, t, hc, d, col, w, a);
 #pragma unroll
             for (int i = 0; i < 8; i++) {
                 v[k][i] = u_dtype == DSRT_BF16 ? round_bf16(a[i]) : a[i];
@@ -540,12 +566,9 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
     const int64_t c0 = blockIdx.y * part_len, c1 = c0 + part_len < d ? c0 + part_len : d;
     if (vec) { /* part_len and d multiples of 8 */
         for (int64_t col = c0 + 8 * threadIdx.x; col < c1; col += 8 * blockDim.x) {
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, x[8];
-            for (int s = 0; s < hc; s++) {
-                ld8(X, X_dtype, (t * hc + s) * d + col, x);
-#pragma unroll
-                for (int i = 0; i < 8; i++) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[s], x[i]));
-            }
+            float acc[8];
+            if (hc == 4) collapse8<4>(X, X_dtype, t, hc, d, col, w, acc);
+            else collapse8<0>(X, X_dtype, t, hc, d, col, w, acc);
             st8(u, u_dtype, t * d + col, acc);
         }
         return;
