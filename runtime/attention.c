@@ -665,13 +665,14 @@ static int check_forward(const dsrt_attention *a, const dsrt_attn_state *st, con
  * lists, index_select's scores and sort). Sizes (S, P, the entry counts) are host integers, so
  * every buffer is sized on the host and nothing waits for the device during a forward.
  *
- * Streams (SPEC §10, DESIGN.md): with 3 aux streams, phase 1 fans out from an event recorded on
- * the caller's stream s: aux 0 runs the compressor's wkv/wgate (and its ape add), aux 1 the
- * indexer's weights_proj, aux 2 the indexer-compressor's wkv/wgate, while s runs wq_a and wkv; s
- * then waits on an event recorded on each aux stream. Phase 2 fans out again after the norms: aux
- * 0 runs the whole indexer (ratio 4: wq_b, RoPE, Hadamard/Q4, the indexer compressor, scores and
- * top-k) or the main compressor (other ratios), while s runs wq_b, the head norm and RoPE (and the
- * main compressor for ratio 4); s joins before the pool is built. Without aux streams every step
+ * Streams (SPEC §10, DESIGN.md): with 3 aux streams (and a compressor: fans_out below), phase 1
+ * fans out from an event recorded on the caller's stream s: aux 0 runs the compressor's wkv/wgate
+ * (and its ape add), aux 1 the indexer's weights_proj, aux 2 the indexer-compressor's wkv/wgate,
+ * while s runs wq_a and wkv; s then waits on an event recorded on each aux stream. Phase 2 fans
+ * out again after the norms: aux 0 runs the whole indexer (ratio 4: wq_b, RoPE, Hadamard/Q4, the
+ * indexer compressor, scores and top-k) or the main compressor (other ratios), while s runs wq_b,
+ * the head norm and RoPE (and the main compressor for ratio 4); s joins before the pool is built.
+ * Without aux streams every step
  * runs on s in the same order, so the numbers are the same either way (no kernel depends on
  * which stream it runs on). Every tensor an aux stream touches is registered on that stream
  * (dsrt_storage_use), and every result of an aux stream on s, so that the allocator, when the
