@@ -44,7 +44,7 @@ C_TESTS := $(wildcard tests/c/test_*.c)
 
 .PHONY: all setup test test-gpu memcheck-gpu asan demo bench clean
 all: $(BUILD)/dsrt $(BUILD)/libdsrt.a $(BUILD)/libdsrt.so $(BUILD)/lua/dsrt/core.so $(BUILD)/test_c \
-     $(BUILD)/embed_example
+     $(BUILD)/embed_example $(BUILD)/host_sampler.so
 	@[ "$(CUDA)" = 1 ] || echo "dsrt: nvcc not found, building for the CPU only"
 
 $(BUILD)/obj/runtime/%.o: runtime/%.c $(wildcard runtime/*.h) kernels/kernels.h
@@ -74,6 +74,10 @@ $(BUILD)/dsrt: $(BUILD)/obj/runtime/main.o $(BUILD)/libdsrt.a
 	$(LINK) $(SAN) -o $@ $< $(BUILD)/libdsrt.a $(PCRE2_A) $(LUA_A) $(CJSON_A) \
 	  -Wl,-Bstatic -lreadline -ltinfo -lgomp -Wl,-Bdynamic $(CUDA_LIBS) $(LDLIBS)
 # the README's embedding example, built as a host would build it
+# the wall-clock sampler tools/host_report.py reads (preloaded: tools/host_profile.sh)
+$(BUILD)/host_sampler.so: tools/host_sampler.c
+	$(CC) -std=c17 -O2 -Wall -Wextra -Werror -fPIC -shared $< -o $@
+
 $(BUILD)/embed_example: examples/embed.c $(BUILD)/libdsrt.a
 	$(CC) $(CFLAGS) -c $< -o $(BUILD)/obj/embed.o
 	$(LINK) $(SAN) -fopenmp -o $@ $(BUILD)/obj/embed.o $(BUILD)/libdsrt.a $(PCRE2_A) $(LUA_A) $(CUDA_LIBS) $(LDLIBS)
@@ -92,7 +96,7 @@ test: setup
 	@tools/total.sh "$(BUILD)/test_c" \
 	  "$(BUILD)/dsrt tests/run.lua tests/lua" \
 	  "env 'LUA_PATH=lua/?.lua;lua/?/init.lua;;' 'LUA_CPATH=$(BUILD)/lua/?.so;;' lua5.4 tests/run.lua tests/lua/test_module.lua" \
-	  "tests/tools/test_check_ptxas.sh"
+	  "tests/tools/test_check_ptxas.sh" "tests/tools/test_host_profile.sh"
 
 # test-gpu and bench run on the GPU machine over a build/ made here: they never rebuild there
 test-gpu:
