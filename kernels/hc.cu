@@ -19,7 +19,7 @@
  *      ρ and the mixes; blocks (token, part) compute only pre (hc sigmoids) and collapse their part
  *      of the columns, one more block per token runs Sinkhorn (post, comb) beside them, in one warp
  *      with the matrix in registers when hc² <= 32, so nothing waits for it. Given the sub-layer
- *      norm's weight (nn.h), a decode step's collapse normalises its row itself.
+ *      norm's weight (nn.h), the collapse normalises its row itself.
  *
  * Numerics against nn.c: Sinkhorn, the weights and the collapse are the CPU's fp32 formulas in the
  * CPU's order with explicitly rounded intrinsics (no FMA contraction); e^x is evaluated in double and
@@ -477,7 +477,7 @@ __device__ __forceinline__ void collapse8(const void *X, int X_dtype, int64_t t,
  * u[c] = Σ_s w_s·X_s[c] (nn.c's collapse) over the part's columns, 8 at a time with 16-byte accesses
  * when vec. Part parts_n (hc_pre only): Sinkhorn -> post, comb. Tokens run from the last one, whose
  * X the GEMM read most recently (the most of it still in L2). Bytes: X once (T·K·|X|), u once.
- * NV > 0 (a norm weight given, few tokens): one collapse block of NORM_THREADS per token computes
+ * NV > 0 (a norm weight given): one collapse block of NORM_THREADS per token computes
  * the whole row, NV vectors of 8 a thread, and writes it RMS-normed (rmsnorm.cuh's operations on the
  * values u would have been stored as): the separate norm's launch and its pass over u saved. */
 template <int NV>
@@ -721,10 +721,10 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
         rc = dsrtk_check_launch("split_kernel", dev);
     }
     if (rc) return rc;
-    /* The norm in the collapse's kernel: few tokens (a block each; many would rather spread the
-     * collapse), rows of whole 16-byte vectors. Otherwise the collapse, then the norm over u. */
+    /* The norm in the collapse's kernel: a block a token (as the collapse of many tokens has), rows
+     * of whole 16-byte vectors. Otherwise the collapse, then the norm over u. */
     const int nv = (int)((d + 8 * NORM_THREADS - 1) / (8 * NORM_THREADS));
-    if (norm_w && T < 64 && d % 8 == 0 && nv <= NORM_MAX_V && aligned16(X) && aligned16(u) && aligned16(norm_w)) {
+    if (norm_w && d % 8 == 0 && nv <= NORM_MAX_V && aligned16(X) && aligned16(u) && aligned16(norm_w)) {
         void (*kernel)(const void *, int, const void *, int, const void *, int, int64_t, int, int64_t, float, float, int,
                        int, int, const double *, int, int, void *, int, const void *, int, float *, float *) =
             nv == 1 ? pre_kernel<1> : pre_kernel<2>;

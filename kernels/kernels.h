@@ -190,7 +190,7 @@ static inline int64_t dsrtk_nn_hc_workspace(int64_t T, int64_t M, int64_t K)
 }
 /* X [T, hc, d], fn [(2+hc)·hc, hc·d], scale [3], base [(2+hc)·hc] -> u [T, d] (u_dtype), post [T, hc],
  * comb [T, hc, hc]. With norm_w [d] (else NULL), u is written RMS-normed with it and norm_eps: the
- * values and bits of dsrtk_nn_rms_norm over u, in the collapse's own kernel for few tokens. */
+ * values and bits of dsrtk_nn_rms_norm over u, in the collapse's kernel (d % 8 == 0, d <= 4096). */
 int dsrtk_nn_hc_pre(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
                     int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d, float hc_eps,
                     float norm_eps, int iters, double *work, void *u, int u_dtype, const void *norm_w,

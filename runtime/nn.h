@@ -211,7 +211,7 @@ int dsrt_nn_sinkhorn(dsrt_tensor *mixes, dsrt_tensor *scale, dsrt_tensor *base, 
  * u = Σ_s pre_s·X_s (fp32, s in order). Sets *u [T, d] (reference: bf16, fp32: f32), *post [T, hc]
  * and *comb [T, hc, hc] (f32, for hc_post). With norm_w [d] (else NULL) *u is the sub-layer's input
  * dsrt_nn_rms_norm(u, norm_w, norm_eps, prec) instead, its values and bits: on CUDA the collapse's
- * kernel normalises the row it just computed (a launch and a pass over u fewer at decode). */
+ * kernel normalises the row it just computed (a launch and a pass over u fewer). */
 int dsrt_nn_hc_pre(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps,
                    float norm_eps, int iters, dsrt_tensor *norm_w, dsrt_precision prec, dsrt_stream *s,
                    dsrt_tensor **u, dsrt_tensor **post, dsrt_tensor **comb);
