@@ -73,11 +73,11 @@ $(BUILD)/lua/dsrt/core.so: $(BUILD)/libdsrt.so
 $(BUILD)/dsrt: $(BUILD)/obj/runtime/main.o $(BUILD)/libdsrt.a
 	$(LINK) $(SAN) -o $@ $< $(BUILD)/libdsrt.a $(PCRE2_A) $(LUA_A) $(CJSON_A) \
 	  -Wl,-Bstatic -lreadline -ltinfo -lgomp -Wl,-Bdynamic $(CUDA_LIBS) $(LDLIBS)
-# the README's embedding example, built as a host would build it
 # the wall-clock sampler tools/host_report.py reads (preloaded: tools/host_profile.sh)
 $(BUILD)/host_sampler.so: tools/host_sampler.c
 	$(CC) -std=c17 -O2 -Wall -Wextra -Werror -fPIC -shared $< -o $@
 
+# the README's embedding example, built as a host would build it
 $(BUILD)/embed_example: examples/embed.c $(BUILD)/libdsrt.a
 	$(CC) $(CFLAGS) -c $< -o $(BUILD)/obj/embed.o
 	$(LINK) $(SAN) -fopenmp -o $@ $(BUILD)/obj/embed.o $(BUILD)/libdsrt.a $(PCRE2_A) $(LUA_A) $(CUDA_LIBS) $(LDLIBS)

@@ -60,7 +60,8 @@ def main():
         return "?", addr
 
     # the executable's addresses in one addr2line call (the return address minus one: the call)
-    wanted = sorted({place(a)[1] for s in samples for a in s if place(a)[0] == exe})
+    placed = {a: place(a) for s in samples for a in s}
+    wanted = sorted({off for lib, off in placed.values() if lib == exe})
     names = {}
     if wanted:
         out = subprocess.run(["addr2line", "-f", "-C", "-e", args.binary] + ["%x" % (o - 1) for o in wanted],
@@ -69,7 +70,7 @@ def main():
             names[off] = out[2 * i].split("(")[0] if 2 * i < len(out) else "?"
 
     def name(addr):
-        lib, off = place(addr)
+        lib, off = placed[addr]
         if lib == exe:
             return names.get(off, "?")
         if lib in libs:
