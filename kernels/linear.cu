@@ -646,21 +646,31 @@ struct MmaGemvArgs {
     int chunk_shift;                            /* log2 of the 64-column chunks per scale block */
 };
 
-/* Persistent: a block serves one group (blockIdx.x % groups) and stages that group's activation
+/* One launch for one matrix, or for two that read the same x (attention's wq_a and wkv): blocks
+ * below split serve m[0] as a launch of its own would (the same plan, so the same bits), the rest
+ * m[1]; the second launch's ramp and tail are saved */
+struct MmaGemvLaunch {
+    MmaGemvArgs m[2];
+    int split, grid[2];
+};
+
+/* Persistent: a block of its matrix serves one group (block % groups) and stages that group's activation
  * once. Its MMA_WARPS warps form teams of ks; a team takes the group's 16-row tiles team_id,
  * team_id + teams, ..., its warps split each tile's 64-column chunks, and mma_stream walks them
  * with the weight loads of the next step always in flight. The first loads go out before the
  * staging. ks and the grid depend on the shape and the device only, so a token's result does not
  * depend on how many tokens share the call. */
 template <int FMT, int SF, bool Q8>
-__global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_constant__ MmaGemvArgs a)
+__global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_constant__ MmaGemvLaunch L)
 {
     constexpr int U = MmaDepth<FMT>::U;
     extern __shared__ uint4 smem4[];
+    const int second = (int)blockIdx.x >= L.split, block = (int)blockIdx.x - (second ? L.split : 0), grid = L.grid[second];
+    const MmaGemvArgs &a = L.m[second];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, q = lane & 3;
     const int team = warp / a.ks, kslot = warp - team * a.ks;
-    const int g = (int)blockIdx.x % a.groups, team_id = (int)blockIdx.x / a.groups * a.teams + team;
-    const int n_teams = (int)gridDim.x / a.groups * a.teams;
+    const int g = block % a.groups, team_id = block / a.groups * a.teams + team;
+    const int n_teams = grid / a.groups * a.teams;
     const int my_tiles = team_id < a.tpg ? (a.tpg - team_id + n_teams - 1) / n_teams : 0;
     __half *xq = (__half *)smem4;
     float *xsc = (float *)(xq + (a.rows + 1) * a.ld), *red = xsc + (a.rows + 1) * a.nblk;
@@ -714,17 +724,14 @@ static int mma_blocks_per_sm(int dev, size_t smem)
     return n;
 }
 
+/* The plan of one matrix: its kernel arguments and blocks, from the shape and the device only
+ * (never the rows): blocks that fit with 8 tokens staged, and the smallest team that still gives
+ * half the resident warps work (measured on the H200: a team that splits a tile in two costs its
+ * reduction more than the idle warps) */
 template <int FMT, int SF, bool Q8>
-static int launch_mma_gemv(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, void *y,
-                           int y_dtype, cudaStream_t s)
+static MmaGemvArgs mma_gemv_plan(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, void *y,
+                                 int y_dtype, int *blocks)
 {
-    static std::atomic<int> opted[MAX_LT_DEVICES];
-    if (!opted[dev].load(std::memory_order_relaxed)) {
-        int st = dsrtk_check(cudaFuncSetAttribute(mma_gemv_kernel<FMT, SF, Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MMA_MAX_SMEM),
-                             "linear: %zu bytes of shared memory for the tensor-core GEMV", MMA_MAX_SMEM);
-        if (st) return st;
-        opted[dev].store(1, std::memory_order_relaxed);
-    }
     MmaGemvArgs a = {};
     a.weight = w->weight, a.scale = w->scale, a.x = x, a.y = y;
     a.x_dtype = x_dtype, a.y_dtype = y_dtype, a.rows = (int)rows;
@@ -734,9 +741,6 @@ static int launch_mma_gemv(int dev, const dsrtk_linear_weight *w, const void *x,
     a.ld = (int)mma_staged_ld(FMT, a.in_g), a.row_bytes = FMT == FMT_FP4 ? w->ld / 2 : w->ld;
     a.scale_ld0 = w->scale_ld0, a.scale_ld1 = w->scale_ld1;
     for (a.chunk_shift = 0; ((int64_t)MMA_CHUNK << a.chunk_shift) < w->block_cols; a.chunk_shift++) {}
-    /* the plan from the shape and the device only (never the rows): blocks that fit with 8 tokens
-     * staged, and the smallest team that still gives half the resident warps work (measured on
-     * the H200: a team that splits a tile in two costs its reduction more than the idle warps) */
     const size_t full = mma_smem(FMT, a.in_g, MMA_TOKENS, MMA_WARPS);
     const int64_t resident = (int64_t)dsrtk_multiprocessors(dev) * mma_blocks_per_sm<FMT, SF, Q8>(dev, full);
     a.ks = 1;
@@ -747,21 +751,46 @@ static int launch_mma_gemv(int dev, const dsrtk_linear_weight *w, const void *x,
     const int64_t needed = ceil_div((int64_t)a.tpg * a.ks, MMA_WARPS);
     if (per_group > needed) per_group = needed;
     if (per_group < 1) per_group = 1;
-    return dsrtk_check(dsrtk_launch_dependent(mma_gemv_kernel<FMT, SF, Q8>, dim3((unsigned)(per_group * a.groups)),
-                                              dim3(MMA_WARPS * 32), mma_smem(FMT, a.in_g, rows, MMA_WARPS), s, a),
+    *blocks = (int)(per_group * a.groups);
+    return a;
+}
+
+/* y[i] = x · w[i]ᵀ for the n (1 or 2) matrices of one format and scale type, one launch */
+template <int FMT, int SF, bool Q8>
+static int launch_mma_gemv(int dev, int n, const dsrtk_linear_weight *const *w, const void *x, int x_dtype, int64_t rows,
+                           void *const *y, int y_dtype, cudaStream_t s)
+{
+    static std::atomic<int> opted[MAX_LT_DEVICES];
+    if (!opted[dev].load(std::memory_order_relaxed)) {
+        int st = dsrtk_check(cudaFuncSetAttribute(mma_gemv_kernel<FMT, SF, Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MMA_MAX_SMEM),
+                             "linear: %zu bytes of shared memory for the tensor-core GEMV", MMA_MAX_SMEM);
+        if (st) return st;
+        opted[dev].store(1, std::memory_order_relaxed);
+    }
+    MmaGemvLaunch L = {};
+    size_t smem = 0;
+    for (int i = 0; i < n; i++) {
+        L.m[i] = mma_gemv_plan<FMT, SF, Q8>(dev, w[i], x, x_dtype, rows, y[i], y_dtype, &L.grid[i]);
+        const size_t need = mma_smem(FMT, L.m[i].in_g, rows, MMA_WARPS);
+        if (need > smem) smem = need;
+    }
+    L.split = L.grid[0];
+    return dsrtk_check(dsrtk_launch_dependent(mma_gemv_kernel<FMT, SF, Q8>, dim3((unsigned)(L.grid[0] + (n > 1 ? L.grid[1] : 0))),
+                                              dim3(MMA_WARPS * 32), smem, s, L),
                        "launch of linear mma_gemv_kernel on cuda:%d", dev);
 }
 
-/* the instantiation for the weight's format and scales and the activation's treatment */
-static int launch_mma(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise, void *y,
-                      int y_dtype, cudaStream_t s)
+/* the instantiation for the weights' format and scales (w[0]'s: the same for every matrix) and the
+ * activation's treatment */
+static int launch_mma(int dev, int n, const dsrtk_linear_weight *const *w, const void *x, int x_dtype, int64_t rows,
+                      int quantise, void *const *y, int y_dtype, cudaStream_t s)
 {
-    if (w->format == FMT_FP4) return launch_mma_gemv<FMT_FP4, DSRT_F8E8M0, true>(dev, w, x, x_dtype, rows, y, y_dtype, s);
-    if (w->scale_dtype == DSRT_F32)
-        return quantise ? launch_mma_gemv<FMT_FP8, DSRT_F32, true>(dev, w, x, x_dtype, rows, y, y_dtype, s)
-                        : launch_mma_gemv<FMT_FP8, DSRT_F32, false>(dev, w, x, x_dtype, rows, y, y_dtype, s);
-    return quantise ? launch_mma_gemv<FMT_FP8, DSRT_F8E8M0, true>(dev, w, x, x_dtype, rows, y, y_dtype, s)
-                    : launch_mma_gemv<FMT_FP8, DSRT_F8E8M0, false>(dev, w, x, x_dtype, rows, y, y_dtype, s);
+    if (w[0]->format == FMT_FP4) return launch_mma_gemv<FMT_FP4, DSRT_F8E8M0, true>(dev, n, w, x, x_dtype, rows, y, y_dtype, s);
+    if (w[0]->scale_dtype == DSRT_F32)
+        return quantise ? launch_mma_gemv<FMT_FP8, DSRT_F32, true>(dev, n, w, x, x_dtype, rows, y, y_dtype, s)
+                        : launch_mma_gemv<FMT_FP8, DSRT_F32, false>(dev, n, w, x, x_dtype, rows, y, y_dtype, s);
+    return quantise ? launch_mma_gemv<FMT_FP8, DSRT_F8E8M0, true>(dev, n, w, x, x_dtype, rows, y, y_dtype, s)
+                    : launch_mma_gemv<FMT_FP8, DSRT_F8E8M0, false>(dev, n, w, x, x_dtype, rows, y, y_dtype, s);
 }
 
 /* ---- bf16 weights on the tensor cores (1..8 rows, wide outputs: the LM head) ----
@@ -1324,8 +1353,7 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
                 for (a.vpb_shift = 0; ((int64_t)1 << a.vpb_shift) < vpb; a.vpb_shift++) {}
         }
         if (bf16_mma_fits(w, rows, quantise, x_dtype)) return launch_bf16_mma(dev, w, x, x_dtype, rows, y, y_dtype, s);
-        if (mma_gemv_fits(w, rows, quantise, x_dtype))
-            return launch_mma(dev, w, x, x_dtype, rows, quantise, y, y_dtype, s);
+        if (mma_gemv_fits(w, rows, quantise, x_dtype)) return launch_mma(dev, 1, &w, x, x_dtype, rows, quantise, &y, y_dtype, s);
         if (w->format == FMT_FP8) return launch_gemv<FMT_FP8>(dev, a, s);
         if (w->format == FMT_FP4) return launch_gemv<FMT_FP4>(dev, a, s);
         return launch_gemv<FMT_BF16>(dev, a, s);
@@ -1352,4 +1380,25 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
         }
     }
     return run_blas(dev, w, x, x_dtype, rows, quantise, y, y_dtype, ws, p, s);
+}
+
+int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1, const void *x, int x_dtype,
+                      int64_t rows, int quantise, void *y0, void *y1, int y_dtype, void *stream, int *launched)
+{
+    *launched = 0;
+    int st = check_args(w0, rows, x_dtype, y_dtype);
+    if (st || (st = check_args(w1, rows, x_dtype, y_dtype))) return st;
+    if (w0->in != w1->in) return dsrtk_fail(DSRTK_ERROR, "linear: a pair must read the same input (%lld and %lld features)",
+                                            (long long)w0->in, (long long)w1->in);
+    if (dev < 0 || dev >= MAX_LT_DEVICES) return dsrtk_fail(DSRTK_ERROR, "linear: no device cuda:%d", dev);
+    /* one launch only where each matrix alone would take the tensor-core GEMV, in one instantiation */
+    if (rows == 0 || !mma_gemv_fits(w0, rows, quantise, x_dtype) || !mma_gemv_fits(w1, rows, quantise, x_dtype) ||
+        bf16_mma_fits(w0, rows, quantise, x_dtype) || bf16_mma_fits(w1, rows, quantise, x_dtype) ||
+        w0->format != w1->format || w0->scale_dtype != w1->scale_dtype)
+        return DSRTK_OK;
+    DSRTK_SET_DEVICE(dev, "linear");
+    const dsrtk_linear_weight *w[2] = {w0, w1};
+    void *y[2] = {y0, y1};
+    *launched = 1;
+    return launch_mma(dev, 2, w, x, x_dtype, rows, quantise, y, y_dtype, (cudaStream_t)stream);
 }

@@ -16,7 +16,11 @@
  * gate row each, every weight load of a row issued before x is staged), each lane scores its
  * token's logit, a grid barrier, then block 0 routes (a warp per token) and groups the picks for
  * the experts. It replaces three launches of 32, 1 and 1 blocks (ncu, H200, Flash, T = 1: the
- * gate 9.9 us, routing 8.5-13.6 us, grouping 4.0 us per layer). More tokens still run those
+ * gate 9.9 us, routing 8.5-13.6 us, grouping 4.0 us per layer). Hash routing with an element-wise
+ * score reads only the picked experts' gate rows, in one block (moe_hash_router_kernel: 48 KB of
+ * Flash's 2 MB gate, and a launch that overlaps its predecessor, which a cooperative one cannot;
+ * ncu put it at 10-13 us, no faster than the cooperative kernel in isolation: the chain ids ->
+ * tid2eid -> gate row -> weights -> groups is dependent reads). More tokens still run those
  * three (moe_project_kernel for the gate, moe_route_kernel, moe_group_kernel); both paths share
  * the dot product's order and the routing code, so they give the same bits. From GATE_GEMM_ROWS
  * bf16 tokens on (prefill) the gate is one cuBLAS GEMM instead (gate_gemm).
@@ -75,6 +79,7 @@
  */
 #include <cooperative_groups.h>
 #include <math.h>
+#include <atomic>
 #include <mutex>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -1115,6 +1120,16 @@ __device__ __forceinline__ void load_gate_chunks(const dsrtk_moe_matrix &g, int 
     }
 }
 
+/* Hash routing's pick i (token i / k, its (i % k)-th expert); ok: whether the token is inside the
+ * vocabulary (an invalid token picks expert 0, and gets NaN weights) */
+__device__ __forceinline__ int hash_pick(const dsrtk_moe_route_args &a, int i, bool &ok)
+{
+    const int t = i / a.k;
+    const int64_t token = dsrt_load_i64(a.token_ids.data, a.token_ids.dtype, dsrt_view_index(&a.token_ids, t));
+    ok = token >= 0 && token < a.tid2eid.shape[0];
+    return ok ? hash_expert(a, token, i - t * a.k) : 0;
+}
+
 /* What block 0's routing reads besides the scores, into shared memory, by threads i0, i0 + stride, ...:
  * the bias (learned routing) or each token's validity and tid2eid row (hash routing) */
 __device__ __forceinline__ void router_inputs(const dsrtk_moe_route_args &a, int i0, int stride, float *bias, int *pick_e,
@@ -1123,11 +1138,9 @@ __device__ __forceinline__ void router_inputs(const dsrtk_moe_route_args &a, int
     const int rows = (int)a.rows, k = a.k;
     if (a.hash) {
         for (int i = i0; i < rows * k; i += stride) {
-            const int t = i / k, j = i - t * k;
-            const int64_t token = dsrt_load_i64(a.token_ids.data, a.token_ids.dtype, dsrt_view_index(&a.token_ids, t));
-            const bool ok = token >= 0 && token < a.tid2eid.shape[0];
-            pick_e[i] = ok ? hash_expert(a, token, j) : 0; /* an invalid token: expert 0, NaN weights */
-            if (j == 0) valid[t] = ok;
+            bool ok;
+            pick_e[i] = hash_pick(a, i, ok);
+            if (i % k == 0) valid[i / k] = ok;
         }
     } else {
         for (int e = i0; e < a.n_routed; e += stride)
@@ -1168,6 +1181,40 @@ __device__ __forceinline__ void group_few(const dsrtk_moe_router_args &a, const 
     if (p < rows) a.row_token[picks + p] = p;
 }
 
+/* Gate row j's logits of the staged tokens (rows <= TB), by one warp: lane t returns token t's.
+ * loaded: word already holds the row's first GATE_U chunks (loads issued before the staging). */
+template <int TB>
+__device__ __forceinline__ float gate_logit(const dsrtk_moe_matrix &g, int j, int chunks, const float4 *staged, int rows,
+                                            bool loaded, uint32_t (&word)[GATE_U][16])
+{
+    const int lane = threadIdx.x % 32, per_row = chunks * 8;
+    float acc[TB];
+#pragma unroll
+    for (int t = 0; t < TB; t++) acc[t] = 0.0f;
+    if (g.vector) { /* dot_row's bf16 path, GATE_U chunks loaded at once */
+        for (int c0 = lane; c0 < chunks; c0 += 32 * GATE_U) {
+            if (!loaded || c0 != lane) load_gate_chunks(g, j, c0, chunks, word);
+#pragma unroll
+            for (int u = 0; u < GATE_U; u++) {
+                const int c = c0 + 32 * u;
+                if (c < chunks) chunk_bf16<TB>(word[u], staged + c * 8, c & 7, per_row, rows, acc);
+            }
+        }
+    } else {
+        dot_row<TB>(g, j, chunks, staged, per_row, rows, nullptr, acc);
+    }
+    float mine = 0.0f;
+#pragma unroll
+    for (int t = 0; t < TB; t++) {
+        if (t >= rows) break; /* uniform */
+        float v = acc[t];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == t) mine = v;
+    }
+    return mine;
+}
+
 /* per_block gate rows a block; TB: registers for the tokens (rows <= TB) */
 template <int TB>
 __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __grid_constant__ dsrtk_moe_router_args a,
@@ -1177,7 +1224,7 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __g
     const dsrtk_moe_matrix &g = a.gate;
     const dsrtk_moe_route_args &r = a.route;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = r.n_routed, k = r.k, rows = (int)r.rows;
-    const int chunks = (g.cols + CHUNK - 1) / CHUNK, per_row = chunks * 8;
+    const int chunks = (g.cols + CHUNK - 1) / CHUNK;
     const RouterSmem L = router_smem(rows, chunks, n, k);
     char *smem = (char *)staged;
     float *bias = (float *)(smem + L.bias), *score = (float *)(smem + L.score), *pick_w = (float *)(smem + L.pick_w);
@@ -1192,30 +1239,7 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __g
     __syncthreads();
 
     for (bool loaded = g.vector; j < end; j += ROUTER_WARPS, loaded = false) {
-        float acc[TB];
-#pragma unroll
-        for (int t = 0; t < TB; t++) acc[t] = 0.0f;
-        if (g.vector) { /* dot_row's bf16 path, GATE_U chunks loaded at once */
-            for (int c0 = lane; c0 < chunks; c0 += 32 * GATE_U) {
-                if (!loaded || c0 != lane) load_gate_chunks(g, j, c0, chunks, word);
-#pragma unroll
-                for (int u = 0; u < GATE_U; u++) {
-                    const int c = c0 + 32 * u;
-                    if (c < chunks) chunk_bf16<TB>(word[u], staged + c * 8, c & 7, per_row, rows, acc);
-                }
-            }
-        } else {
-            dot_row<TB>(g, j, chunks, staged, per_row, rows, nullptr, acc);
-        }
-        float mine = 0.0f; /* lane t: token t's logit */
-#pragma unroll
-        for (int t = 0; t < TB; t++) {
-            if (t >= rows) break; /* uniform */
-            float v = acc[t];
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-            if (lane == t) mine = v;
-        }
+        const float mine = gate_logit<TB>(g, j, chunks, staged, rows, loaded, word);
         /* softmax needs the whole row: block 0 scores it */
         if (lane < rows)
             r.logits[(int64_t)lane * n + j] = r.score_func == DSRTK_MOE_SOFTMAX ? mine : score_of(r.score_func, mine);
@@ -1264,6 +1288,48 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __g
     group_few(a, pick_e, pick_w, (int *)(smem + L.first));
 }
 
+/* Hash routing with an element-wise score (sqrtsoftplus, sigmoid): a token's weights need only the
+ * logits of its k picked experts, not the whole gate (Flash: 6 of 256 rows, 48 KB of the 2 MB
+ * gate). One block: the picks from tid2eid, the staged tokens, a warp a pick for its gate row's
+ * logit (gate_logit: moe_router_kernel's bits), then its weights and the grouping as there.
+ * Launched dependent: the ids and x come from earlier work. */
+template <int TB>
+__global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_hash_router_kernel(const __grid_constant__ dsrtk_moe_router_args a)
+{
+    dsrtk_wait_producer();
+    extern __shared__ float4 staged[];
+    const dsrtk_moe_matrix &g = a.gate;
+    const dsrtk_moe_route_args &r = a.route;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = r.n_routed, k = r.k, rows = (int)r.rows;
+    const int chunks = (g.cols + CHUNK - 1) / CHUNK;
+    const RouterSmem L = router_smem(rows, chunks, n, k);
+    char *smem = (char *)staged;
+    float *score = (float *)(smem + L.score), *pick_w = (float *)(smem + L.pick_w);
+    int *pick_e = (int *)(smem + L.pick_e), *valid = (int *)(smem + L.valid);
+    /* a warp's first gate row in flight before the staging: the chain of dependent reads is then
+     * ids, tid2eid, the gate row, not the staging too */
+    uint32_t word[GATE_U][16];
+    if (g.vector && warp < rows * k) {
+        bool ok;
+        load_gate_chunks(g, hash_pick(r, warp, ok), lane, chunks, word);
+    }
+    router_inputs(r, threadIdx.x, ROUTER_THREADS, nullptr, pick_e, valid);
+    stage_x(staged, a.x, a.x_dtype, a.x_ld, rows, g.cols, chunks);
+    __syncthreads();
+    for (int p = warp; p < rows * k; p += ROUTER_WARPS) {
+        const int t = p / k, e = pick_e[p];
+        const float mine = gate_logit<TB>(g, e, chunks, staged, rows, g.vector && p == warp, word);
+        if (lane == t) score[t * n + e] = score_of(r.score_func, mine); /* a token's repeated pick: the same value */
+    }
+    __syncthreads();
+    if (warp < rows)
+        weights_warp(score + warp * n, pick_e + warp * k, k, valid[warp], r.norm_topk_prob, r.route_scale, lane,
+                     r.ids + warp * k, r.weights + warp * k, pick_w + warp * k);
+    if (!a.groups) return; /* uniform */
+    __syncthreads();
+    group_few(a, pick_e, pick_w, (int *)(smem + L.first));
+}
+
 /* How many blocks of one moe_router_kernel variant with `smem` bytes of dynamic shared memory the
  * device holds at once (a cooperative launch must fit whole); 0 when none, or when the device has
  * no cooperative launch. The queries cost more than the launch they serve, and their answers never
@@ -1297,7 +1363,34 @@ static int router_fits(int dev, const void *kernel, size_t smem)
     return blocks;
 }
 
-/* The cooperative launch; *launched 0 (and DSRTK_OK) when it does not fit, for the three kernels */
+/* moe_hash_router_kernel for rows <= TB; *launched 0 (and DSRTK_OK) when its shared memory is
+ * more than the device gives a block */
+template <int TB>
+static int launch_hash_router(int dev, const dsrtk_moe_router_args *a, size_t smem, cudaStream_t s, int *launched)
+{
+    static std::atomic<int> opted[64]; /* the opt-in, once per device: the most a block may have */
+    static std::atomic<int> limit[64];
+    if (dev >= 64) return DSRTK_OK;
+    if (!opted[dev].load(std::memory_order_acquire)) {
+        int optin = 0;
+        cudaFuncAttributes fa;
+        bool ok = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+                  cudaFuncGetAttributes(&fa, moe_hash_router_kernel<TB>) == cudaSuccess &&
+                  cudaFuncSetAttribute(moe_hash_router_kernel<TB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       optin - (int)fa.sharedSizeBytes) == cudaSuccess;
+        if (!ok) cudaGetLastError();
+        limit[dev].store(ok ? optin - (int)fa.sharedSizeBytes : 48 * 1024, std::memory_order_relaxed);
+        opted[dev].store(1, std::memory_order_release);
+    }
+    if (smem > (size_t)limit[dev].load(std::memory_order_relaxed)) return DSRTK_OK;
+    *launched = 1;
+    return dsrtk_check(dsrtk_launch_dependent(moe_hash_router_kernel<TB>, dim3(1), dim3(ROUTER_THREADS), smem, s, *a),
+                       "launch of moe_hash_router_kernel on cuda:%d", dev);
+}
+
+/* The one-kernel router (hash routing with an element-wise score: moe_hash_router_kernel, else the
+ * cooperative moe_router_kernel); *launched 0 (and DSRTK_OK) when it does not fit, for the three
+ * kernels */
 static int launch_router(int dev, const dsrtk_moe_router_args *a, cudaStream_t s, int *launched)
 {
     const int64_t rows = a->route.rows;
@@ -1305,6 +1398,13 @@ static int launch_router(int dev, const dsrtk_moe_router_args *a, cudaStream_t s
     *launched = 0;
     if (rows > TB_MAX || rows * k > ROUTER_THREADS) return DSRTK_OK;
     const RouterSmem L = router_smem((int)rows, (a->gate.cols + CHUNK - 1) / CHUNK, n, k);
+    if (a->route.hash && a->route.score_func != DSRTK_MOE_SOFTMAX) {
+        int st = rows <= 1 ? launch_hash_router<1>(dev, a, L.total, s, launched)
+               : rows <= 2 ? launch_hash_router<2>(dev, a, L.total, s, launched)
+               : rows <= 4 ? launch_hash_router<4>(dev, a, L.total, s, launched)
+                           : launch_hash_router<TB_MAX>(dev, a, L.total, s, launched);
+        if (st || *launched) return st;
+    }
     const void *kernel = rows <= 1 ? (const void *)moe_router_kernel<1>
                        : rows <= 2 ? (const void *)moe_router_kernel<2>
                        : rows <= 4 ? (const void *)moe_router_kernel<4>

@@ -887,7 +887,7 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
         ig = ic ? dlin(w->index_compressor.wgate, xf, DSRT_PREC_FP32, s_icomp) : NULL;
         ok = !add_ape(a, ig, a->index_ape_t, P, s_icomp);
     }
-    if (ok) ok = (qa = dlin_any(w->wq_a, xf, prec, s)) && (kvp = dlin_any(w->wkv, xf, prec, s));
+    if (ok) ok = !dsrt_linear_forward_pair(w->wq_a, w->wkv, xf, prec, s, &qa, &kvp); /* one launch at decode */
     if (aux) {
         /* join even after a failure: nothing on s may run ahead of queued aux work */
         int joined = !order(a->ev[1], s_comp, s) && !order(a->ev[2], s_wproj, s) && !order(a->ev[3], s_icomp, s);

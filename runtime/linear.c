@@ -248,12 +248,19 @@ static dsrtk_linear_weight kernel_weight(const dsrt_linear *l)
     return k;
 }
 
+/* whether the kernels can read the weight: contiguous rows, fp4 rows starting on whole bytes */
+static int cuda_layout(const dsrt_linear *l)
+{
+    const dsrt_tensor *w = l->weight;
+    return w->stride[1] == 1 && !(w->dtype == DSRT_FP4E2M1 && ((w->offset | w->stride[0]) & 1));
+}
+
 /* y (contiguous, [rows, out] of the out dtype) from x (contiguous, bf16 or f32) on a CUDA device */
 static int cuda_rows(dsrt_linear *l, dsrt_tensor *x, int64_t rows, dsrt_tensor *y, dsrt_precision prec, dsrt_stream *s)
 {
     char wb[DSRT_SHAPE_BUF], xb[DSRT_SHAPE_BUF];
     const dsrt_tensor *w = l->weight;
-    if (w->stride[1] != 1 || (w->dtype == DSRT_FP4E2M1 && ((w->offset | w->stride[0]) & 1)))
+    if (!cuda_layout(l))
         return dsrt_err("linear: weight %s must have contiguous rows (starting on whole bytes for fp4) on %s",
                         dsrt_tensor_str(w, wb, sizeof wb), "CUDA");
     dsrt_tensor *ts[4] = {l->weight, l->scale, x, y};
@@ -308,6 +315,66 @@ int dsrt_linear_forward_into(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *y, dsr
     int rc = cuda_rows(l, xc, dsrt_tensor_numel(x) / l->cfg.in_features, y, prec, s);
     dsrt_tensor_release(xc);
     return rc;
+}
+
+/* the pair in one launch (dsrtk_linear_pair); *launched 0 when the kernels take them apart */
+static int cuda_pair(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, dsrt_tensor *y0, dsrt_tensor *y1, dsrt_precision prec,
+                     dsrt_stream *s, int *launched)
+{
+    char xb[DSRT_SHAPE_BUF];
+    *launched = 0;
+    int quant = quantises_activation(l0, prec);
+    if (quant != quantises_activation(l1, prec) || y0->dtype != y1->dtype) return 0;
+    dsrt_tensor *ts[] = {l0->weight, l0->scale, l1->weight, l1->scale, x, y0, y1};
+    for (size_t i = 0; i < sizeof ts / sizeof *ts; i++)
+        if (ts[i] && dsrt_storage_use(ts[i]->storage, s)) return -1;
+    dsrtk_linear_weight k0 = kernel_weight(l0), k1 = kernel_weight(l1);
+    size_t xbits = (size_t)dsrt_dtype_bits(x->dtype), ybits = (size_t)dsrt_dtype_bits(y0->dtype);
+    if (dsrtk_linear_pair(s->device, &k0, &k1, (const char *)x->storage->data + (size_t)x->offset * xbits / 8, (int)x->dtype,
+                          dsrt_tensor_numel(x) / l0->cfg.in_features, quant,
+                          (char *)y0->storage->data + (size_t)y0->offset * ybits / 8,
+                          (char *)y1->storage->data + (size_t)y1->offset * ybits / 8, (int)y0->dtype, s->handle, launched))
+        return dsrt_err("linear: the pair over input %s: %s", dsrt_tensor_str(x, xb, sizeof xb), dsrtk_error());
+    return 0;
+}
+
+int dsrt_linear_forward_pair(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s,
+                             dsrt_tensor **y0, dsrt_tensor **y1)
+{
+    *y0 = *y1 = NULL;
+    if (l0->cfg.in_features != l1->cfg.in_features)
+        return dsrt_err("linear: a pair must read the same input: %lld and %lld input features", (long long)l0->cfg.in_features,
+                        (long long)l1->cfg.in_features);
+    int launched = 0;
+    if (x->device != DSRT_CPU && l0->weight->device == l1->weight->device &&
+        !dsrt_linear_check_input(x, l0->cfg.in_features, l0->weight->device, s, "linear") && cuda_layout(l0) &&
+        cuda_layout(l1)) {
+        int64_t shape[DSRT_MAX_DIMS];
+        memcpy(shape, x->shape, sizeof shape);
+        dsrt_tensor *xc = dsrt_tensor_contiguous(x, s);
+        shape[x->ndim - 1] = l0->cfg.out_features;
+        *y0 = xc ? dsrt_tensor_new(dsrt_linear_out_dtype(l0, prec), x->ndim, shape, x->device, s) : NULL;
+        shape[x->ndim - 1] = l1->cfg.out_features;
+        *y1 = *y0 ? dsrt_tensor_new(dsrt_linear_out_dtype(l1, prec), x->ndim, shape, x->device, s) : NULL;
+        int rc = *y1 ? cuda_pair(l0, l1, xc, *y0, *y1, prec, s, &launched) : -1;
+        dsrt_tensor_release(xc);
+        if (rc || !launched) {
+            dsrt_tensor_release(*y0);
+            dsrt_tensor_release(*y1);
+            *y0 = *y1 = NULL;
+            if (rc) return -1;
+        }
+    }
+    if (!launched) { /* the forwards say what is wrong, if anything */
+        *y0 = dsrt_linear_forward(l0, x, prec, s);
+        *y1 = *y0 ? dsrt_linear_forward(l1, x, prec, s) : NULL;
+        if (!*y1) {
+            dsrt_tensor_release(*y0);
+            *y0 = NULL;
+            return -1;
+        }
+    }
+    return 0;
 }
 
 dsrt_tensor *dsrt_linear_forward(dsrt_linear *l, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)

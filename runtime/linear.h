@@ -87,6 +87,13 @@ dsrt_dtype dsrt_linear_out_dtype(const dsrt_linear *l, dsrt_precision prec);
 /* x [..., in] bf16 or f32 -> y [..., out] of dsrt_linear_out_dtype, a new tensor. */
 dsrt_tensor *dsrt_linear_forward(dsrt_linear *l, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s);
 
+/* *y0 = forward(l0, x), *y1 = forward(l1, x): two layers of the same input width over one input.
+ * On CUDA, where both take the decode GEMV's tensor-core path with one format (attention's wq_a
+ * and wkv at decode), one launch serves both, each result as its own forward gives it; otherwise
+ * the two forwards. Returns 0, or -1 with both outputs NULL. */
+int dsrt_linear_forward_pair(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s,
+                             dsrt_tensor **y0, dsrt_tensor **y1);
+
 /* y = forward(x) written into a caller-given tensor: y contiguous, [..., out] with x's leading shape,
  * of dsrt_linear_out_dtype, on x's device (CPU or CUDA). For layers built on linears that own their
  * output buffers (e.g. the MoE writing an expert's rows into a slice of one buffer): on CUDA nothing

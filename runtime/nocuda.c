@@ -336,6 +336,14 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
     (void)workspace; (void)workspace_bytes; (void)stream;
     return without_cuda(__func__);
 }
+int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1, const void *x, int x_dtype,
+                      int64_t rows, int quantise, void *y0, void *y1, int y_dtype, void *stream, int *launched)
+{
+    (void)dev; (void)w0; (void)w1; (void)x; (void)x_dtype; (void)rows; (void)quantise; (void)y0; (void)y1; (void)y_dtype;
+    (void)stream;
+    *launched = 0;
+    return without_cuda(__func__);
+}
 /* end of linear */
 
 /* ---- moe ---- */

@@ -364,3 +364,114 @@ TEST(linear_constructor_names_what_is_wrong)
     dsrt_tensor *tensors[] = {w8, s8, bad_s, i8, fp4, s4, s4_f32, bf, narrow_x, int_x};
     for (size_t i = 0; i < sizeof tensors / sizeof *tensors; i++) dsrt_tensor_release(tensors[i]);
 }
+
+/* ---- dsrt_linear_forward_pair: two layers over one input ---- */
+
+/* random fp4 codes [rows, cols] (bytes of two nibbles) */
+static dsrt_tensor *random_fp4(int64_t rows, int64_t cols)
+{
+    dsrt_tensor *w = new_tensor(DSRT_FP4E2M1, rows, cols);
+    if (!w) return NULL;
+    uint8_t *b = w->storage->data;
+    for (int64_t i = 0; i < rows * cols / 2; i++) b[i] = (uint8_t)(dsrt_rand_uniform(seed_counter, (uint64_t)i) * 256);
+    seed_counter++;
+    return w;
+}
+
+/* whether a and b (on s's device) hold the same dtype, shape and bits */
+static int same_bits(dsrt_tensor *a, dsrt_tensor *b, dsrt_stream *s)
+{
+    dsrt_tensor *ha = dsrt_tensor_to(a, DSRT_CPU, a->dtype, s, 0), *hb = dsrt_tensor_to(b, DSRT_CPU, b->dtype, s, 0);
+    int same = ha && hb && ha->dtype == hb->dtype && ha->ndim == hb->ndim &&
+               !memcmp(ha->shape, hb->shape, sizeof(int64_t) * (size_t)ha->ndim) &&
+               !memcmp(ha->storage->data, hb->storage->data, (size_t)dsrt_tensor_numel(ha) * (size_t)dsrt_dtype_bits(ha->dtype) / 8);
+    dsrt_tensor_release(ha);
+    dsrt_tensor_release(hb);
+    return same;
+}
+
+/* the pair's outputs against the two forwards', bit for bit, on x's device */
+static void check_pair(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s, const char *what)
+{
+    dsrt_tensor *y0, *y1;
+    CHECKF(dsrt_linear_forward_pair(l0, l1, x, prec, s, &y0, &y1) == 0, "%s: %s", what, dsrt_err_msg());
+    dsrt_tensor *w0 = dsrt_linear_forward(l0, x, prec, s), *w1 = dsrt_linear_forward(l1, x, prec, s);
+    REQUIRE(y0 && y1 && w0 && w1);
+    CHECKF(same_bits(y0, w0, s) && same_bits(y1, w1, s), "%s: the pair differs from the two forwards", what);
+    dsrt_tensor *all[] = {y0, y1, w0, w1};
+    for (size_t i = 0; i < 4; i++) dsrt_tensor_release(all[i]);
+}
+
+TEST(linear_pair_equals_two_forwards_and_names_a_width_mismatch)
+{
+    dsrt_tensor *x = random_input(3, 256), *wa = random_e4m3(200, 256), *sa = random_scales(2, 2, NULL);
+    dsrt_tensor *wb = random_e4m3(72, 256), *sb = random_scales(1, 2, NULL), *wc = random_e4m3(72, 128), *sc = random_scales(1, 1, NULL);
+    REQUIRE(x && wa && sa && wb && sb && wc && sc);
+    dsrt_linear *a = make_linear(wa, sa, DSRT_FORMAT_FP8, 256, 200, 128, 128, 1), *b = make_linear(wb, sb, DSRT_FORMAT_FP8, 256, 72, 128, 128, 1);
+    dsrt_linear *c = make_linear(wc, sc, DSRT_FORMAT_FP8, 128, 72, 128, 128, 1);
+    REQUIRE(a && b && c);
+    check_pair(a, b, x, DSRT_PREC_REFERENCE, CPU, "cpu reference");
+    check_pair(a, b, x, DSRT_PREC_FP32, CPU, "cpu fp32");
+    dsrt_tensor *y0 = x, *y1 = x;
+    CHECK(dsrt_linear_forward_pair(a, c, x, DSRT_PREC_REFERENCE, CPU, &y0, &y1) == -1 && !y0 && !y1 &&
+          strstr(dsrt_err_msg(), "same input: 256 and 128 input features"));
+    CHECK(dsrt_linear_forward_pair(a, b, wc, DSRT_PREC_REFERENCE, CPU, &y0, &y1) == -1 && !y0 && !y1 &&
+          strstr(dsrt_err_msg(), "bf16 or f32"));
+    dsrt_linear_release(a);
+    dsrt_linear_release(b);
+    dsrt_linear_release(c);
+    dsrt_tensor *all[] = {x, wa, sa, wb, sb, wc, sc};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
+}
+
+/* a linear of the given format on cuda:0, [out, in], 128x128 fp8 blocks or per-32 fp4 ones */
+static dsrt_linear *cuda_linear(dsrt_weight_format f, int64_t out, int64_t in, int f32_scales, dsrt_stream *s)
+{
+    dsrt_tensor *sf = NULL;
+    dsrt_tensor *w = f == DSRT_FORMAT_FP4 ? random_fp4(out, in) : random_e4m3(out, in);
+    dsrt_tensor *sc = f == DSRT_FORMAT_FP4 ? random_scales(out, in / 32, NULL)
+                                           : random_scales((out + 127) / 128, (in + 127) / 128, f32_scales ? &sf : NULL);
+    dsrt_tensor *wd = w ? dsrt_tensor_to(w, 0, w->dtype, s, 0) : NULL;
+    dsrt_tensor *sd = sc ? dsrt_tensor_to(sf ? sf : sc, 0, (sf ? sf : sc)->dtype, s, 0) : NULL;
+    dsrt_linear *l = wd && sd ? make_linear(wd, sd, f, in, out, f == DSRT_FORMAT_FP4 ? 1 : 128, f == DSRT_FORMAT_FP4 ? 32 : 128, 1)
+                              : NULL;
+    dsrt_tensor *all[] = {w, sc, sf, wd, sd};
+    for (size_t i = 0; i < 5; i++) dsrt_tensor_release(all[i]);
+    return l;
+}
+
+GPU_TEST(gpu_linear_pair_equals_two_forwards)
+{
+    dsrt_stream *s = dsrt_stream_default(0);
+    /* wq_a/wkv-like fp8 pairs (e8m0 and f32 scales), an fp4 pair, and pairs the kernels take apart:
+     * fp8 with fp4, and 9 rows (past the decode GEMV) */
+    dsrt_linear *a = cuda_linear(DSRT_FORMAT_FP8, 1024, 4096, 0, s), *b = cuda_linear(DSRT_FORMAT_FP8, 520, 4096, 0, s);
+    dsrt_linear *af = cuda_linear(DSRT_FORMAT_FP8, 264, 384, 1, s), *bf = cuda_linear(DSRT_FORMAT_FP8, 136, 384, 1, s);
+    dsrt_linear *p = cuda_linear(DSRT_FORMAT_FP4, 200, 512, 0, s), *q = cuda_linear(DSRT_FORMAT_FP4, 48, 512, 0, s);
+    dsrt_linear *m = cuda_linear(DSRT_FORMAT_FP4, 72, 4096, 0, s);
+    REQUIRE(a && b && af && bf && p && q && m);
+    for (int64_t rows = 1; rows <= 9; rows += rows < 3 ? 2 : 5) { /* 1, 3, 8, 9 */
+        dsrt_tensor *x = random_input(rows, 4096), *x3 = random_input(rows, 384), *x5 = random_input(rows, 512);
+        REQUIRE(x && x3 && x5);
+        dsrt_tensor *xd = dsrt_tensor_to(x, 0, DSRT_F32, s, 0), *xb = dsrt_tensor_to(x, 0, DSRT_BF16, s, 0);
+        dsrt_tensor *x3d = dsrt_tensor_to(x3, 0, DSRT_BF16, s, 0), *x5d = dsrt_tensor_to(x5, 0, DSRT_F32, s, 0);
+        REQUIRE(xd && xb && x3d && x5d);
+        char what[64];
+        snprintf(what, sizeof what, "fp8 e8m0 f32 x, %lld rows", (long long)rows);
+        check_pair(a, b, xd, DSRT_PREC_REFERENCE, s, what);
+        snprintf(what, sizeof what, "fp8 e8m0 bf16 x, %lld rows", (long long)rows);
+        check_pair(a, b, xb, DSRT_PREC_REFERENCE, s, what);
+        snprintf(what, sizeof what, "fp8 e8m0 fp32 precision, %lld rows", (long long)rows);
+        check_pair(a, b, xb, DSRT_PREC_FP32, s, what);
+        snprintf(what, sizeof what, "fp8 f32 scales, %lld rows", (long long)rows);
+        check_pair(af, bf, x3d, DSRT_PREC_REFERENCE, s, what);
+        snprintf(what, sizeof what, "fp4, %lld rows", (long long)rows);
+        check_pair(p, q, x5d, DSRT_PREC_REFERENCE, s, what);
+        snprintf(what, sizeof what, "fp8 with fp4, %lld rows", (long long)rows);
+        check_pair(a, m, xb, DSRT_PREC_REFERENCE, s, what);
+        dsrt_tensor *all[] = {x, x3, x5, xd, xb, x3d, x5d};
+        for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
+    }
+    dsrt_linear *all[] = {a, b, af, bf, p, q, m};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_linear_release(all[i]);
+}
