@@ -23,13 +23,12 @@
  * a thread per (entry, head) dot, the head sum in order by one thread per entry: the same bits.
  * Prefill with up to 64 heads (a multiple of 8) takes score_dmma_kernel: the dots on the FP64
  * tensor cores, the same bits while the dots are exact (see there).
- * The top-k sorts with CUB's block radix sort (stable, so ties keep the lower entry first).
+ * The top-k's bitonic sort runs its stages with jj < 32 as warp shuffles: the same network.
  * Nothing here allocates or synchronises; the caller (attention.c) owns every buffer and stream.
  * All buffers are contiguous f32 (i64 for index lists, i32 for picks), row-major, as described
  * at each launcher in kernels.h.
  */
 #include <math.h>
-#include <cub/block/block_radix_sort.cuh>
 #include "common.cuh"
 
 static int bad_arg(const char *what, const char *why) { return dsrtk_fail(DSRTK_ERROR, "%s: %s", what, why); }
@@ -494,67 +493,75 @@ __device__ __forceinline__ uint64_t topk_key(float s, int64_t j)
 
 enum { TOPK_THREADS = 1024, TOPK_SMEM = 4096 };
 
-/* The block's sort of up to TOPK_THREADS · ITEMS entries: a key's upper half (the score's order)
- * with its entry as the value. CUB's radix sort is stable, and the entries go in ascending, so
- * equal scores keep the lower entry first: the order of the whole 64-bit keys. The bitonic network
- * over the 64-bit keys this replaced took 16 us for 1024 entries at decode (ncu, H200): ~72k warp
- * instructions on one multiprocessor. */
-template <int ITEMS>
-using TopkSort = cub::BlockRadixSort<uint32_t, TOPK_THREADS, ITEMS, int>;
-
-/* picks [topk] = the entries of the k best of row [n] in order, −1 past k (n <= TOPK_THREADS·ITEMS;
- * the padding keys sort last, after any real key they equal) */
-template <int ITEMS>
-__device__ __forceinline__ void topk_radix(typename TopkSort<ITEMS>::TempStorage &tmp, const float *row, int n, int64_t k,
-                                           int64_t topk, int *picks)
+/* stages (k, jj0), (k, jj0/2), …, (k, 1) of the bitonic network on the key x of index i, jj0 < 32:
+ * the partner i ^ jj is in the same warp, so the exchange is a shuffle (the lower index keeps the
+ * min where the run ascends, the max where it descends: the compare-exchange of the network) */
+__device__ __forceinline__ uint64_t warp_stages(uint64_t x, int i, int k, int jj0)
 {
-    uint32_t key[ITEMS];
-    int entry[ITEMS];
-#pragma unroll
-    for (int u = 0; u < ITEMS; u++) { /* blocked: thread t holds entries t·ITEMS + u, ascending */
-        const int j = (int)threadIdx.x * ITEMS + u;
-        key[u] = j < n ? (uint32_t)(topk_key(row[j], j) >> 32) : 0xffffffffu;
-        entry[u] = j;
+    for (int jj = jj0; jj > 0; jj >>= 1) {
+        const uint64_t y = __shfl_xor_sync(0xffffffffu, x, jj);
+        const bool lower = (i & jj) == 0, ascending = (i & k) == 0;
+        x = lower == ascending ? (x < y ? x : y) : (x < y ? y : x);
     }
-    TopkSort<ITEMS>(tmp).Sort(key, entry);
-#pragma unroll
-    for (int u = 0; u < ITEMS; u++) {
-        const int64_t m = (int64_t)threadIdx.x * ITEMS + u;
-        if (m < topk) picks[m] = m < k ? entry[u] : -1;
+    return x;
+}
+
+/* Sorts keys[0, n2) ascending, n2 a power of two, 32 <= n2 <= TOPK_SMEM (bitonic network; the
+ * block's size a multiple of 32). The stages with jj < 32 run in registers, a 32-key segment per
+ * warp, so a sort of 1024 keys takes 21 barriers instead of 55; the others exchange through shared
+ * memory, one thread per compare-exchange pair. The same network as before, so the same order. */
+__device__ void bitonic_sort(uint64_t *keys, int n2)
+{
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int seg = threadIdx.x >> 5; seg < n2 / 32; seg += warps) { /* k = 2 … 32: sort each segment */
+        const int i = seg * 32 + lane;
+        uint64_t x = keys[i];
+        for (int k = 2; k <= 32; k <<= 1) x = warp_stages(x, i, k, k >> 1);
+        keys[i] = x;
     }
-    for (int64_t m = (int64_t)TOPK_THREADS * ITEMS + threadIdx.x; m < topk; m += TOPK_THREADS) picks[m] = -1;
+    __syncthreads();
+    for (int k = 64; k <= n2; k <<= 1) {
+        for (int jj = k >> 1; jj >= 32; jj >>= 1) {
+            for (int pr = threadIdx.x; pr < n2 / 2; pr += blockDim.x) {
+                const int i = 2 * pr - (pr & (jj - 1)), partner = i + jj; /* i: pr with a 0 bit inserted at jj */
+                const uint64_t a = keys[i], b = keys[partner];
+                const bool ascending = (i & k) == 0;
+                if ((a > b) == ascending) keys[i] = b, keys[partner] = a;
+            }
+            __syncthreads();
+        }
+        for (int seg = threadIdx.x >> 5; seg < n2 / 32; seg += warps) {
+            const int i = seg * 32 + lane;
+            keys[i] = warp_stages(keys[i], i, k, 16);
+        }
+        __syncthreads();
+    }
 }
 
 /* One block per query row i: picks[i, m] = the m-th of the k = min(topk, visible) best entries,
- * −1 for m >= k. At most TOPK_SMEM visible entries: all keys sorted (topk_radix). More: an
+ * −1 for m >= k. At most TOPK_SMEM visible entries: all keys sorted in shared memory. More: an
  * 8-bit radix select over the 64-bit keys finds the k-th smallest key exactly (keys are unique),
  * the k keys up to it are gathered and sorted in shared memory (topk <= TOPK_SMEM). */
 __global__ void __launch_bounds__(TOPK_THREADS) topk_kernel(int *picks, const float *scores, int64_t P, int64_t r,
                                                             int64_t topk, int64_t n_max)
 {
     dsrtk_wait_producer(); /* launched dependent (common.cuh) */
-    enum { ITEMS = TOPK_SMEM / TOPK_THREADS };
-    __shared__ union {
-        uint64_t keys[TOPK_SMEM];
-        typename TopkSort<1>::TempStorage sort1;
-        typename TopkSort<ITEMS>::TempStorage sort4;
-        typename cub::BlockRadixSort<uint64_t, TOPK_THREADS, ITEMS>::TempStorage sort64;
-    } sm;
+    __shared__ uint64_t keys[TOPK_SMEM];
     __shared__ unsigned hist[256];
     __shared__ uint64_t prefix_s;
     __shared__ int64_t remaining_s;
     __shared__ unsigned count_s;
     int64_t i = blockIdx.x, visible = (P + i + 1) / r, k = visible < topk ? visible : topk;
     const float *row = scores + i * n_max;
-    if (visible <= TOPK_THREADS) { /* decode (1024 entries at context 4096) */
-        topk_radix<1>(sm.sort1, row, (int)visible, k, topk, picks + i * topk);
-        return;
-    }
+    int n;
     if (visible <= TOPK_SMEM) {
-        topk_radix<ITEMS>(sm.sort4, row, (int)visible, k, topk, picks + i * topk);
-        return;
-    }
-    {
+        n = (int)visible;
+        int n2 = 32; /* bitonic_sort's smallest size: the padding keys sort last */
+        while (n2 < n) n2 <<= 1;
+        for (int j = threadIdx.x; j < n2; j += blockDim.x) keys[j] = j < n ? topk_key(row[j], j) : ~(uint64_t)0;
+        __syncthreads();
+        bitonic_sort(keys, n2);
+    } else {
         uint64_t prefix = 0, mask = 0;
         if (threadIdx.x == 0) remaining_s = k;
         for (int shift = 56; shift >= 0; shift -= 8) {
@@ -584,26 +591,19 @@ __global__ void __launch_bounds__(TOPK_THREADS) topk_kernel(int *picks, const fl
             uint64_t key = topk_key(row[j], j);
             if (key <= prefix) {
                 unsigned at = atomicAdd(&count_s, 1u);
-                if (at < TOPK_SMEM) sm.keys[at] = key;
+                if (at < TOPK_SMEM) keys[at] = key;
             }
         }
+        __syncthreads();
+        n = (int)(count_s < (unsigned)TOPK_SMEM ? count_s : (unsigned)TOPK_SMEM);
+        int n2 = 32; /* bitonic_sort's smallest size: the padding keys sort last */
+        while (n2 < n) n2 <<= 1;
+        for (int j = n + threadIdx.x; j < n2; j += blockDim.x) keys[j] = ~(uint64_t)0;
+        __syncthreads();
+        bitonic_sort(keys, n2);
     }
-    __syncthreads();
-    /* the k keys, gathered in no order: sorted whole (64 bits; the padding sorts last) */
-    const int n = (int)(count_s < (unsigned)TOPK_SMEM ? count_s : (unsigned)TOPK_SMEM);
-    uint64_t key[ITEMS];
-#pragma unroll
-    for (int u = 0; u < ITEMS; u++) {
-        const int j = (int)threadIdx.x * ITEMS + u;
-        key[u] = j < n ? sm.keys[j] : ~(uint64_t)0;
-    }
-    __syncthreads(); /* read before the sort's storage takes their place */
-    cub::BlockRadixSort<uint64_t, TOPK_THREADS, ITEMS>(sm.sort64).Sort(key);
-#pragma unroll
-    for (int u = 0; u < ITEMS; u++) {
-        const int64_t m = (int64_t)threadIdx.x * ITEMS + u;
-        if (m < topk) picks[i * topk + m] = m < k && m < n ? (int)(key[u] & 0xffffffffu) : -1;
-    }
+    for (int64_t m = threadIdx.x; m < topk; m += blockDim.x)
+        picks[i * topk + m] = m < k && m < n ? (int)(keys[m] & 0xffffffffu) : -1;
 }
 
 int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t P, int64_t r, int64_t topk, int64_t n_max,
