@@ -22,6 +22,7 @@
 #include "err.h"
 #include "kernels.h"
 #include "moe.h"
+#include "ops.h"
 #include "opmath.h"
 
 static const char *const SCORE_FUNC_NAMES[] = {"sqrtsoftplus", "sigmoid", "softmax"};
@@ -652,13 +653,65 @@ static int upload_tiles(const int32_t *host, int32_t n_groups, dsrt_tensor *tile
     return rc;
 }
 
+/* A direct prefill's shared expert goes through the FP8 linear (cuBLASLt block scaling) where its
+ * matrices are FP8: its rows are every token, dense GEMMs, which the expert GEMM (built for the
+ * routed experts' few rows each, its FP8 bytes widened through a table) ran at a fraction of that
+ * rate. The rounding points stay the reference's: Q8 inputs (the linear's Q8 of a Q8'd row gives
+ * back its values), fp32 sums rounded once to bf16. */
+static int shared_by_linear(const dsrt_moe *m)
+{
+    const dsrt_linear *all[3] = {m->shared.w1, m->shared.w2, m->shared.w3};
+    for (int i = 0; i < 3; i++)
+        if (all[i]->cfg.format != DSRT_FORMAT_FP8 || all[i]->cfg.groups != 1) return 0;
+    return 1;
+}
+
+/* rows [first, first + n) x columns [c0, c0 + width) of a buffer read as rows of ld elements */
+static dsrt_tensor *block_of(dsrt_tensor *buf, int64_t ld, int64_t first, int64_t n, int64_t c0, int64_t width)
+{
+    dsrt_tensor *v = dsrt_tensor_view(buf, 2, (int64_t[]){dsrt_tensor_numel(buf) / ld, ld});
+    dsrt_tensor *r = v ? dsrt_tensor_narrow(v, 0, first, n) : NULL;
+    dsrt_tensor *b = r ? dsrt_tensor_narrow(r, 1, c0, width) : NULL;
+    dsrt_tensor_release(v);
+    dsrt_tensor_release(r);
+    return b;
+}
+
+/* The shared expert's UP: gu rows [picks, picks + rows) = [x·w1ᵀ | x·w3ᵀ] at columns 0 and width
+ * (the expert GEMM's layout), x the tokens' Q8'd rows */
+static int shared_up(dsrt_moe *m, dsrt_tensor *xg, int64_t rows, int64_t picks, int64_t width, dsrt_tensor *gu, dsrt_stream *s)
+{
+    int64_t dim = m->dim, inter = m->shared.w1->cfg.out_features;
+    dsrt_tensor *x = block_of(xg, dim, 0, rows, 0, dim), *g = NULL, *u = NULL, *dg = NULL, *du = NULL;
+    int rc = x && !dsrt_linear_forward_pair(m->shared.w1, m->shared.w3, x, DSRT_PREC_REFERENCE, s, &g, &u) &&
+                     (dg = block_of(gu, 2 * width, picks, rows, 0, inter)) && (du = block_of(gu, 2 * width, picks, rows, width, inter)) &&
+                     !dsrt_op_copy(dg, g, s) && !dsrt_op_copy(du, u, s)
+                 ? 0
+                 : -1;
+    dsrt_tensor *all[] = {x, g, u, dg, du};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
+    return rc;
+}
+
+/* The shared expert's DOWN: yr rows [picks, picks + rows) = h·w2ᵀ */
+static int shared_down(dsrt_moe *m, dsrt_tensor *h, int64_t rows, int64_t picks, int64_t width, dsrt_tensor *yr, dsrt_stream *s)
+{
+    dsrt_tensor *x = block_of(h, width, picks, rows, 0, m->shared.w2->cfg.in_features);
+    dsrt_tensor *y = x ? block_of(yr, m->dim, picks, rows, 0, m->dim) : NULL;
+    int rc = y && !dsrt_linear_forward_into(m->shared.w2, x, y, DSRT_PREC_REFERENCE, s) ? 0 : -1;
+    dsrt_tensor_release(x);
+    dsrt_tensor_release(y);
+    return rc;
+}
+
 /* Prefill's experts, after the grouping: the groups read back once; x gathered (Q8'd) by group;
  * the UP phase into gu; the SwiGLU; the DOWN phase into yr; the combine. Reference runs in bf16
  * (exact inputs, fp32 accumulation, bf16 outputs = the reference's roundings), fp32 in f32.
  * Reference precision with every matrix `mma` (FP4/FP8 the tensor-core tile reads) multiplies
  * straight from the packed weights (dsrtk_moe_prefill_gemm), UP reading the tokens' Q8'd rows in
  * place through row_token (a token's Q8 is the same for each of its experts: no gathered copy,
- * 0.38 ms a Flash layer at 4096 tokens); the rest goes through the slabs. */
+ * 0.38 ms a Flash layer at 4096 tokens), and an FP8 shared expert takes the FP8 linear
+ * (shared_by_linear: Flash prefill 41.5-42.2 -> 40.1 ms, H200); the rest goes through the slabs. */
 static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *xf, int64_t rows, int reference,
                         int32_t *groups_dev, int32_t max_groups, const int32_t *row_token, const int32_t *pos_of_pick,
                         const float *row_weight, dsrt_stream *s, dsrt_tensor *y)
@@ -691,8 +744,10 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
         dsrt_dtype dt = i == PTRS ? (direct ? DSRT_I32 : DSRT_I64) : io;
         if (!(bufs[i] = device_buffer(dt, i < SCRATCH ? lens[i] : slab, s))) rc = -1;
     }
+    /* the shared expert's group is the last (moe_group_kernel) */
+    const int shared_lt = direct && n_groups > 0 && host[3 * (n_groups - 1)] == m->cfg.n_routed && shared_by_linear(m);
     if (!rc && !direct) rc = lanes_open(&l, m, s, bufs, nbufs);
-    if (!rc && direct) rc = upload_tiles(host, n_groups, bufs[TILES], &n_tiles, s);
+    if (!rc && direct) rc = upload_tiles(host, n_groups - shared_lt, bufs[TILES], &n_tiles, s);
     if (!rc && dsrtk_moe_gather(dev, x_data(xf), xf->dtype, dim, direct ? NULL : row_token, x_rows, dim, reference,
                                 x_data(bufs[XG]), io, st))
         rc = kernel_failed();
@@ -707,6 +762,8 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
                                        x_data(ph->in), ph->in_ld, by_token ? row_token : NULL, by_token ? x_rows : all,
                                        x_data(ph->out), ph->out_ld, st))
                 rc = kernel_failed();
+            if (!rc && shared_lt)
+                rc = by_token ? shared_up(m, ph->in, rows, picks, width, ph->out, s) : shared_down(m, ph->in, rows, picks, width, ph->out, s);
         } else {
             if (lanes_fork(&l)) rc = -1;
             if (!rc) rc = prefill_phase(m, table, groups_dev, host, n_groups, ph, &l, bufs + SCRATCH, bufs[PTRS], io);
