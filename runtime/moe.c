@@ -746,7 +746,7 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
     }
     /* the shared expert's group is the last (moe_group_kernel) */
     const int shared_lt = direct && n_groups > 0 && host[3 * (n_groups - 1)] == m->cfg.n_routed && shared_by_linear(m);
-    if (!rc && !direct) rc = lanes_open(&l, m, s, bufs, nbufs);
+    if (!rc && (!direct || shared_lt)) rc = lanes_open(&l, m, s, bufs, nbufs);
     if (!rc && direct) rc = upload_tiles(host, n_groups - shared_lt, bufs[TILES], &n_tiles, s);
     if (!rc && dsrtk_moe_gather(dev, x_data(xf), xf->dtype, dim, direct ? NULL : row_token, x_rows, dim, reference,
                                 x_data(bufs[XG]), io, st))
@@ -758,12 +758,17 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
         const phase *ph = phases[p];
         if (direct) { /* out_ld is the widest set's outputs: 2·width (UP), dim (DOWN) */
             const int by_token = ph->mode == DSRTK_MOE_UP; /* UP's input rows are xg's tokens */
-            if (dsrtk_moe_prefill_gemm(dev, table, groups_dev, x_data(bufs[TILES]), n_tiles, ph->mode, ph->out_ld,
-                                       x_data(ph->in), ph->in_ld, by_token ? row_token : NULL, by_token ? x_rows : all,
-                                       x_data(ph->out), ph->out_ld, st))
-                rc = kernel_failed();
+            /* the shared expert on an aux stream (when the layer has one), beside the routed GEMM */
+            dsrt_stream *side = shared_lt && l.n > 1 ? l.stream[1] : s;
+            if (side != s && lanes_fork(&l)) rc = -1;
             if (!rc && shared_lt)
-                rc = by_token ? shared_up(m, ph->in, rows, picks, width, ph->out, s) : shared_down(m, ph->in, rows, picks, width, ph->out, s);
+                rc = by_token ? shared_up(m, ph->in, rows, picks, width, ph->out, side)
+                              : shared_down(m, ph->in, rows, picks, width, ph->out, side);
+            if (!rc && dsrtk_moe_prefill_gemm(dev, table, groups_dev, x_data(bufs[TILES]), n_tiles, ph->mode, ph->out_ld,
+                                              x_data(ph->in), ph->in_ld, by_token ? row_token : NULL, by_token ? x_rows : all,
+                                              x_data(ph->out), ph->out_ld, st))
+                rc = kernel_failed();
+            if (side != s && lanes_join(&l) && !rc) rc = -1;
         } else {
             if (lanes_fork(&l)) rc = -1;
             if (!rc) rc = prefill_phase(m, table, groups_dev, host, n_groups, ph, &l, bufs + SCRATCH, bufs[PTRS], io);

@@ -445,19 +445,25 @@ end)
 test("prefill_on_the_aux_streams_equals_one_stream_bit_for_bit", function()
   -- with aux streams the experts' slabs run on two lanes side by side (moe.c cuda_prefill); each
   -- slab is the same calls on another stream, so the result may not change by a bit. 24 experts
-  -- and the shared one: 4 slabs of up to 8 groups (DSRTK_MOE_SLAB), the last one short
-  local dims, ffn = random_layer({ n = 24, k = 4 })
-  local dev = to_cuda(ffn)
-  local lanes, alone = dsrt.moe(dims, dev, cuda_streams()), dsrt.moe(dims, dev, {})
-  for _, rows in ipairs({ 256, 333 }) do
-    local x = input(rows, 320):to("cuda")
-    for _, precision in ipairs({ "fp32", "reference" }) do
-      poison_forward(rows, dims, 320, 160)
-      local a = lanes:forward(x, nil, precision)
-      poison_forward(rows, dims, 320, 160)
-      local b = alone:forward(x, nil, precision)
-      assert_equal(a:ne(a):sum():item(), 0, "no NaN from the lanes")
-      assert_equal(a:ne(b):sum():item(), 0, string.format("T=%d %s: lanes differ from one stream", rows, precision))
+  -- and the shared one: 4 slabs of up to 8 groups (DSRTK_MOE_SLAB), the last one short. Widths of
+  -- 64s: reference precision multiplies from the packed weights, and the FP8 shared expert runs
+  -- through the FP8 linear on an aux stream beside the routed GEMM
+  for _, opts in ipairs({ { n = 24, k = 4 }, { n = 24, k = 4, inter = 128, shared_inter = 192 } }) do
+    local dims, ffn = random_layer(opts)
+    local dev = to_cuda(ffn)
+    local lanes, alone = dsrt.moe(dims, dev, cuda_streams()), dsrt.moe(dims, dev, {})
+    local width = math.max(opts.inter or 96, opts.shared_inter or 160)
+    for _, rows in ipairs({ 256, 333 }) do
+      local x = input(rows, 320):to("cuda")
+      for _, precision in ipairs({ "fp32", "reference" }) do
+        poison_forward(rows, dims, 320, width)
+        local a = lanes:forward(x, nil, precision)
+        poison_forward(rows, dims, 320, width)
+        local b = alone:forward(x, nil, precision)
+        local what = string.format("inter %d T=%d %s", opts.inter or 96, rows, precision)
+        assert_equal(a:ne(a):sum():item(), 0, what .. ": no NaN from the lanes")
+        assert_equal(a:ne(b):sum():item(), 0, what .. ": lanes differ from one stream")
+      end
     end
   end
 end)
