@@ -1064,6 +1064,27 @@ __host__ __device__ __forceinline__ RouterSmem router_smem(int rows, int chunks,
     return L;
 }
 
+/* What both one-kernel routers start from: the sizes and router_smem's arrays in the block's
+ * shared memory (the staged x at its start) */
+struct RouterBlock {
+    int n, k, rows, chunks;
+    float *bias, *score, *pick_w;
+    uint32_t *keys;
+    int *pick_e, *valid, *first;
+};
+
+__device__ __forceinline__ RouterBlock router_block(const dsrtk_moe_router_args &a, float4 *staged)
+{
+    RouterBlock b;
+    b.n = a.route.n_routed, b.k = a.route.k, b.rows = (int)a.route.rows, b.chunks = (a.gate.cols + CHUNK - 1) / CHUNK;
+    const RouterSmem L = router_smem(b.rows, b.chunks, b.n, b.k);
+    char *smem = (char *)staged;
+    b.bias = (float *)(smem + L.bias), b.score = (float *)(smem + L.score), b.pick_w = (float *)(smem + L.pick_w);
+    b.keys = (uint32_t *)(smem + L.keys);
+    b.pick_e = (int *)(smem + L.pick_e), b.valid = (int *)(smem + L.valid), b.first = (int *)(smem + L.first);
+    return b;
+}
+
 /* x's rows into xs as stage_rows lays them out (f32 chunks of 32 columns, float4 word q of chunk c
  * at q ^ (c & 7), zeros past the last column; the gate takes no Q8), by the whole block, four
  * words a thread loaded before any is stored */
@@ -1221,15 +1242,13 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __g
                                                                        int per_block)
 {
     extern __shared__ float4 staged[];
+    const RouterBlock b = router_block(a, staged);
     const dsrtk_moe_matrix &g = a.gate;
     const dsrtk_moe_route_args &r = a.route;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = r.n_routed, k = r.k, rows = (int)r.rows;
-    const int chunks = (g.cols + CHUNK - 1) / CHUNK;
-    const RouterSmem L = router_smem(rows, chunks, n, k);
-    char *smem = (char *)staged;
-    float *bias = (float *)(smem + L.bias), *score = (float *)(smem + L.score), *pick_w = (float *)(smem + L.pick_w);
-    uint32_t *keys = (uint32_t *)(smem + L.keys);
-    int *pick_e = (int *)(smem + L.pick_e), *valid = (int *)(smem + L.valid);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = b.n, k = b.k, rows = b.rows, chunks = b.chunks;
+    float *bias = b.bias, *score = b.score, *pick_w = b.pick_w;
+    uint32_t *keys = b.keys;
+    int *pick_e = b.pick_e, *valid = b.valid;
     const int first = blockIdx.x * per_block, end = first + per_block < n ? first + per_block : n;
 
     int j = first + warp;
@@ -1285,7 +1304,7 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __g
     }
     if (!a.groups) return; /* uniform */
     __syncthreads();
-    group_few(a, pick_e, pick_w, (int *)(smem + L.first));
+    group_few(a, pick_e, pick_w, b.first);
 }
 
 /* Hash routing with an element-wise score (sqrtsoftplus, sigmoid): a token's weights need only the
@@ -1298,14 +1317,12 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_hash_router_kernel(cons
 {
     dsrtk_wait_producer();
     extern __shared__ float4 staged[];
+    const RouterBlock b = router_block(a, staged);
     const dsrtk_moe_matrix &g = a.gate;
     const dsrtk_moe_route_args &r = a.route;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = r.n_routed, k = r.k, rows = (int)r.rows;
-    const int chunks = (g.cols + CHUNK - 1) / CHUNK;
-    const RouterSmem L = router_smem(rows, chunks, n, k);
-    char *smem = (char *)staged;
-    float *score = (float *)(smem + L.score), *pick_w = (float *)(smem + L.pick_w);
-    int *pick_e = (int *)(smem + L.pick_e), *valid = (int *)(smem + L.valid);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = b.n, k = b.k, rows = b.rows, chunks = b.chunks;
+    float *score = b.score, *pick_w = b.pick_w;
+    int *pick_e = b.pick_e, *valid = b.valid;
     /* a warp's first gate row in flight before the staging: the chain of dependent reads is then
      * ids, tid2eid, the gate row, not the staging too */
     uint32_t word[GATE_U][16];
@@ -1327,7 +1344,7 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_hash_router_kernel(cons
                      r.ids + warp * k, r.weights + warp * k, pick_w + warp * k);
     if (!a.groups) return; /* uniform */
     __syncthreads();
-    group_few(a, pick_e, pick_w, (int *)(smem + L.first));
+    group_few(a, pick_e, pick_w, b.first);
 }
 
 /* How many blocks of one moe_router_kernel variant with `smem` bytes of dynamic shared memory the

@@ -456,19 +456,21 @@ GPU_TEST(gpu_linear_pair_equals_two_forwards)
         dsrt_tensor *xd = dsrt_tensor_to(x, 0, DSRT_F32, s, 0), *xb = dsrt_tensor_to(x, 0, DSRT_BF16, s, 0);
         dsrt_tensor *x3d = dsrt_tensor_to(x3, 0, DSRT_BF16, s, 0), *x5d = dsrt_tensor_to(x5, 0, DSRT_F32, s, 0);
         REQUIRE(xd && xb && x3d && x5d);
-        char what[64];
-        snprintf(what, sizeof what, "fp8 e8m0 f32 x, %lld rows", (long long)rows);
-        check_pair(a, b, xd, DSRT_PREC_REFERENCE, s, what);
-        snprintf(what, sizeof what, "fp8 e8m0 bf16 x, %lld rows", (long long)rows);
-        check_pair(a, b, xb, DSRT_PREC_REFERENCE, s, what);
-        snprintf(what, sizeof what, "fp8 e8m0 fp32 precision, %lld rows", (long long)rows);
-        check_pair(a, b, xb, DSRT_PREC_FP32, s, what);
-        snprintf(what, sizeof what, "fp8 f32 scales, %lld rows", (long long)rows);
-        check_pair(af, bf, x3d, DSRT_PREC_REFERENCE, s, what);
-        snprintf(what, sizeof what, "fp4, %lld rows", (long long)rows);
-        check_pair(p, q, x5d, DSRT_PREC_REFERENCE, s, what);
-        snprintf(what, sizeof what, "fp8 with fp4, %lld rows", (long long)rows);
-        check_pair(a, m, xb, DSRT_PREC_REFERENCE, s, what);
+        const struct {
+            dsrt_linear *l0, *l1;
+            dsrt_tensor *x;
+            dsrt_precision prec;
+            const char *what;
+        } cases[] = {
+            {a, b, xd, DSRT_PREC_REFERENCE, "fp8 e8m0 f32 x"}, {a, b, xb, DSRT_PREC_REFERENCE, "fp8 e8m0 bf16 x"},
+            {a, b, xb, DSRT_PREC_FP32, "fp8 e8m0 fp32 precision"}, {af, bf, x3d, DSRT_PREC_REFERENCE, "fp8 f32 scales"},
+            {p, q, x5d, DSRT_PREC_REFERENCE, "fp4"}, {a, m, xb, DSRT_PREC_REFERENCE, "fp8 with fp4"},
+        };
+        for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+            char what[64];
+            snprintf(what, sizeof what, "%s, %lld rows", cases[c].what, (long long)rows);
+            check_pair(cases[c].l0, cases[c].l1, cases[c].x, cases[c].prec, s, what);
+        }
         dsrt_tensor *all[] = {x, x3, x5, xd, xb, x3d, x5d};
         for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
     }
