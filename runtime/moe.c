@@ -677,14 +677,14 @@ static dsrt_tensor *block_of(dsrt_tensor *buf, int64_t ld, int64_t first, int64_
     return b;
 }
 
-/* The shared expert's UP: gu rows [picks, picks + rows) = [x·w1ᵀ | x·w3ᵀ] at columns 0 and width
- * (the expert GEMM's layout), x the tokens' Q8'd rows */
+/* The shared expert's UP: gu rows [picks, picks + rows) = [x·w1ᵀ | x·w3ᵀ] at columns 0 and inter
+ * (its own; dsrtk_moe_swiglu's layout), x the tokens' Q8'd rows */
 static int shared_up(dsrt_moe *m, dsrt_tensor *xg, int64_t rows, int64_t picks, int64_t width, dsrt_tensor *gu, dsrt_stream *s)
 {
     int64_t dim = m->dim, inter = m->shared.w1->cfg.out_features;
     dsrt_tensor *x = block_of(xg, dim, 0, rows, 0, dim), *g = NULL, *u = NULL, *dg = NULL, *du = NULL;
     int rc = x && !dsrt_linear_forward_pair(m->shared.w1, m->shared.w3, x, DSRT_PREC_REFERENCE, s, &g, &u) &&
-                     (dg = block_of(gu, 2 * width, picks, rows, 0, inter)) && (du = block_of(gu, 2 * width, picks, rows, width, inter)) &&
+                     (dg = block_of(gu, 2 * width, picks, rows, 0, inter)) && (du = block_of(gu, 2 * width, picks, rows, inter, inter)) &&
                      !dsrt_op_copy(dg, g, s) && !dsrt_op_copy(du, u, s)
                  ? 0
                  : -1;
