@@ -654,10 +654,10 @@ struct MmaGemvLaunch {
     int split, grid[2];
 };
 
-/* Persistent: a block of its matrix serves one group (block % groups) and stages that group's activation
- * once. Its MMA_WARPS warps form teams of ks; a team takes the group's 16-row tiles team_id,
- * team_id + teams, ..., its warps split each tile's 64-column chunks, and mma_stream walks them
- * with the weight loads of the next step always in flight. The first loads go out before the
+/* Persistent: a block of its matrix serves one group (block % groups) and stages that group's
+ * activation once. Its MMA_WARPS warps form teams of ks; a team takes the group's 16-row tiles
+ * team_id, team_id + teams, ..., its warps split each tile's 64-column chunks, and mma_stream walks
+ * them with the weight loads of the next step always in flight. The first loads go out before the
  * staging. ks and the grid depend on the shape and the device only, so a token's result does not
  * depend on how many tokens share the call. */
 template <int FMT, int SF, bool Q8>
@@ -1391,9 +1391,9 @@ int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear
     if (w0->in != w1->in) return dsrtk_fail(DSRTK_ERROR, "linear: a pair must read the same input (%lld and %lld features)",
                                             (long long)w0->in, (long long)w1->in);
     if (dev < 0 || dev >= MAX_LT_DEVICES) return dsrtk_fail(DSRTK_ERROR, "linear: no device cuda:%d", dev);
-    /* one launch only where each matrix alone would take the tensor-core GEMV, in one instantiation */
+    /* one launch only where each matrix alone would take the tensor-core GEMV (FP8/FP4: never the
+     * bf16 one), in one instantiation */
     if (rows == 0 || !mma_gemv_fits(w0, rows, quantise, x_dtype) || !mma_gemv_fits(w1, rows, quantise, x_dtype) ||
-        bf16_mma_fits(w0, rows, quantise, x_dtype) || bf16_mma_fits(w1, rows, quantise, x_dtype) ||
         w0->format != w1->format || w0->scale_dtype != w1->scale_dtype)
         return DSRTK_OK;
     DSRTK_SET_DEVICE(dev, "linear");
