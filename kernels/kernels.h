@@ -271,11 +271,16 @@ typedef struct {
      * block_cols 64·2^k; fp4 e8m0 scales, block_cols 32, scale_stride1 1, scale offset, stride0
      * and pointer even (two scales read as one 16-bit word) */
     int32_t mma;
+    /* an `mma` matrix kernels/wgtile.cuh's warpgroup tile reads too: cols a multiple of 256 up to
+     * 16384, rows of 64; fp4 block_rows 1 and scale rows starting 4-byte aligned; fp8 scale
+     * blocks of a multiple of 16 rows and 128 columns */
+    int32_t wgmma;
 } dsrtk_moe_matrix;
 
 /* The table moe.c builds once per layer: 3 matrices (w1, w2, w3) per set; sets 0..E-1 are the
  * routed experts, set E the shared expert, set E+1 the gate (its w1; w2 and w3 unused). */
 enum { DSRTK_MOE_GATE, DSRTK_MOE_UP, DSRTK_MOE_DOWN };
+enum { DSRTK_MOE_MMA = 1, DSRTK_MOE_WGMMA = 2 }; /* dsrtk_moe_project_args.tensor_cores */
 
 /* The grouped projection (decode and small batches: weights streamed once per batch of up to 8
  * rows of a group). Rows are grouped; group g = {set, first row, rows} from `groups`
@@ -296,7 +301,9 @@ typedef struct {
     const dsrtk_moe_matrix *table;
     const void *x;
     int32_t x_dtype;
-    int32_t tensor_cores; /* every matrix of every group is `mma`: UP and DOWN in reference run there */
+    /* DSRTK_MOE_MMA: every matrix of every group is `mma`, UP and DOWN in reference run on
+     * fp8mma.cuh's tile; DSRTK_MOE_WGMMA: every one is `wgmma` too, they run on wgtile.cuh's */
+    int32_t tensor_cores;
     int64_t x_ld;
     const int32_t *row_x;
     const float *row_weight;

@@ -38,10 +38,12 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1,
  * layout of an m64nN tile (PTX ISA): warp w of the warpgroup holds rows 16w + g and 16w + g + 8;
  * d[4j + 2h + i] is row 16w + g + 8h, column 8j + 2q + i (lane = 4g + q), mma_bf16's C per 8
  * columns. */
+/* a descriptor's high word: 8-row groups 1024 bytes apart, the 128-byte swizzle */
+enum : uint32_t { WGMMA_SW128_HIGH = (1024 >> 4) | 1u << 30 };
+__device__ __forceinline__ uint32_t wgmma_desc_sw128_low(uint32_t shared_at) { return ((shared_at & 0x3ffffu) >> 4) | 1u << 16; }
 __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void *tile)
 {
-    const uint32_t at = (uint32_t)__cvta_generic_to_shared(tile);
-    return (uint64_t)((at & 0x3ffffu) >> 4) | (uint64_t)1 << 16 | (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
+    return (uint64_t)WGMMA_SW128_HIGH << 32 | wgmma_desc_sw128_low((uint32_t)__cvta_generic_to_shared(tile));
 }
 
 /* the descriptor of the same rows `bytes` further along K (inside the 128-byte row) */
@@ -51,6 +53,37 @@ __device__ __forceinline__ uint64_t wgmma_desc_advance(uint64_t desc, int bytes)
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+/* d = A·Bᵀ over one k32 step, fresh (scale-d 0): A 64x32 e4m3 from registers, warp w's rows
+ * 16w + g (a0, a2) and 16w + g + 8 (a1, a3), columns 4q..4q+3 (a0, a1) and 16 + 4q.. (a2, a3), four
+ * codes a register, the low byte first; B 8x32 e4m3 rows (K-major) in shared memory, named by the
+ * low word of its descriptor (wgmma_desc_sw128_low: the high word is a constant, and a 64-bit
+ * descriptor computed per call costs a 64-bit add and two moves to uniform registers); d as the
+ * m64n8 accumulator above. Hopper's FP8 tensor cores sum the products with fewer bits than fp32
+ * (about 14 significant: DeepSeek-V3 §3.3.2), which callers account for by promoting each sum at
+ * once. Asynchronous: d is the warpgroup's after wgmma_commit, wgmma_wait_all and wgmma_pin. */
+__device__ __forceinline__ void wgmma_m64n8k32_e4m3_rs(float (&d)[4], const uint32_t (&a)[4], uint32_t b_low)
+{
+    asm volatile("{\n.reg .b64 b;\nmov.b64 b, {%8, %9};\n"
+                 "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, b, 0, 1, 1;\n}\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b_low), "r"((uint32_t)WGMMA_SW128_HIGH));
+}
+
+/* d += A·Bᵀ, as wgmma_m64n8k32_e4m3_rs otherwise */
+__device__ __forceinline__ void wgmma_m64n8k32_e4m3_rs_acc(float (&d)[4], const uint32_t (&a)[4], uint32_t b_low)
+{
+    asm volatile("{\n.reg .b64 b;\nmov.b64 b, {%8, %9};\n"
+                 "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, b, 1, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b_low), "r"((uint32_t)WGMMA_SW128_HIGH));
+}
+
+/* after wgmma_wait_all: keeps the compiler from reading an accumulator before the wait */
+__device__ __forceinline__ void wgmma_pin(float (&d)[4])
+{
+    asm volatile("" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])::"memory");
+}
 
 /* generic-proxy writes to shared memory (st.shared, cp.async) made visible to wgmma's reads */
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -75,6 +108,26 @@ __device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t a
                    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
                    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
                  : "l"(a), "l"(b), "r"(1));
+}
+
+/* ---- shared-memory staging ---- */
+
+/* 16 bytes global -> shared, asynchronous, L2 only (streamed: the L1 keeps the rest) */
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+{
+    unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+/* waits until at most `pending` of this thread's committed groups are in flight */
+template <int pending> __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all()
+{
+    cp_async_commit();
+    cp_async_wait<0>();
 }
 
 #endif

@@ -88,6 +88,7 @@
 #include "common.cuh"
 #include "act.cuh"
 #include "blas.cuh"
+#include "wgtile.cuh"
 #include "fp8mma.cuh"
 
 enum { WARPS = 8, BLOCK = WARPS * 32, TB_MAX = 8, CHUNK = 32 };
@@ -620,20 +621,178 @@ __device__ __forceinline__ void mma_project(const dsrtk_moe_project_args &a, con
     }
 }
 
+/* The group a block of the tensor-core projections serves: block row y serves group y, and the
+ * rows past the groups all serve the last group, the shared expert (it holds every row and, in
+ * FP8, twice the bytes of an FP4 expert), as spare slots */
+struct ProjectGroup {
+    int set, slot, slots;
+    int64_t first, count;
+};
+__device__ __forceinline__ ProjectGroup project_group(const dsrtk_moe_project_args &a)
+{
+    const int n = *a.n_groups, g = (int)blockIdx.y < n ? (int)blockIdx.y : n - 1;
+    return {a.groups[3 * g], (int)blockIdx.y - g, g == n - 1 ? (int)gridDim.y - g : 1, a.groups[3 * g + 1], a.groups[3 * g + 2]};
+}
+
 template <int MODE>
 __global__ void __launch_bounds__(MMA_WARPS * 32, 2) moe_mma_kernel(const __grid_constant__ dsrtk_moe_project_args a, int ks)
 {
     dsrtk_wait_producer(); /* launched dependent (common.cuh); the groups come from the router */
-    /* block rows y past the groups all serve the last group, the shared expert: it holds every row
-     * and, in FP8, twice the bytes of an FP4 expert, so it gets the spare blocks (slots) */
-    const int n = *a.n_groups, g = (int)blockIdx.y < n ? (int)blockIdx.y : n - 1;
-    const int slot = (int)blockIdx.y - g, slots = g == n - 1 ? (int)gridDim.y - g : 1;
-    const int set = a.groups[3 * g];
-    const int64_t first = a.groups[3 * g + 1], count = a.groups[3 * g + 2];
+    const ProjectGroup pg = project_group(a);
+    const int set = pg.set, slot = pg.slot, slots = pg.slots;
+    const int64_t first = pg.first, count = pg.count;
     const dsrtk_moe_matrix &m0 = a.table[3 * set + (MODE == DSRTK_MOE_DOWN ? 1 : 0)], &m1 = a.table[3 * set + 2];
     if (m0.dtype == DSRT_FP4E2M1) mma_project<MODE, MMA_FP4, DSRT_F8E8M0>(a, m0, m1, first, count, ks, slot, slots);
     else if (m0.scale_dtype == DSRT_F32) mma_project<MODE, MMA_FP8, DSRT_F32>(a, m0, m1, first, count, ks, slot, slots);
     else mma_project<MODE, MMA_FP8, DSRT_F8E8M0>(a, m0, m1, first, count, ks, slot, slots);
+}
+
+/* ---- the grouped projection on the warpgroup tile (wgtile.cuh; reference precision, every matrix
+ * `wgmma`) ---- */
+
+/* moe_wg_kernel's shared memory: the staged atoms (1024-byte aligned inside the window), their
+ * scales, the second warpgroup's sums */
+static size_t wg_smem(int64_t max_in)
+{
+    const int64_t steps = (max_in + WG_STEP - 1) / WG_STEP;
+    return (size_t)(WG_ATOM + steps * WG_ATOM + WG_TOKENS * steps * 4 + WG_ROWS * WG_TOKENS * 4);
+}
+
+/* One group's projection, its rows in batches of WG_TOKENS. A block is a team of two warpgroups
+ * on the same tiles, warpgroup 0 the first half of the column steps and 1 the second (a fixed
+ * split, from the shape only: a row's result does not depend on the batch; and the same step
+ * count for both, since ptxas reads a count that differs between them as divergence around the
+ * wgmmas and serialises them); at a tile's end 1's sums meet 0's in shared memory and 0 stores
+ * them. A tile is 64 rows, or 32 (8 a warp, half) when the group has teams for twice its 64-row
+ * tiles: the FP8 shared expert with its spare blocks would otherwise leave them idle and take
+ * twice an FP4 expert's time. UP walks w1's tile and then w3's, storing raw sums (w3's at max_out
+ * + j) that the block turns into h once the walk is over, as mma_project does. A step's weight
+ * loads go out BUFFERS - 1 steps ahead of its use (wgtile.cuh), the batch's first before its
+ * staging. */
+template <int MODE, int FMT, int SF>
+__device__ __forceinline__ void wg_project(const dsrtk_moe_project_args &a, const dsrtk_moe_matrix &m0,
+                                           const dsrtk_moe_matrix &m1, int first, int count, int slot, int slots)
+{
+    constexpr int MATS = MODE == DSRTK_MOE_UP ? 2 : 1, ES = SF == DSRT_F32 ? 4 : 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, g = lane >> 2, q = lane & 3;
+    const int k_in = m0.cols, n_out = m0.rows, steps_all = k_in / WG_STEP, steps = steps_all / 2, step0 = wg * steps;
+    const uint32_t window = (uint32_t)__cvta_generic_to_shared(mma_shared);
+    unsigned char *xs = (unsigned char *)mma_shared + (WG_ATOM - window % WG_ATOM) % WG_ATOM;
+    const int max_steps = (a.max_in + WG_STEP - 1) / WG_STEP;
+    float *xsc = (float *)(xs + max_steps * WG_ATOM), *red = xsc + WG_TOKENS * max_steps;
+    __shared__ MmaMatrix mats[MATS];
+    if (threadIdx.x < MATS) mma_matrix_init(mats[threadIdx.x], threadIdx.x ? m1 : m0);
+    __syncthreads();
+    const WgScales sc = {8 * mats[0].row_bytes, 8 * mats[0].scale_stride0, mats[0].scale_stride1 * ES,
+                         FMT == WG_FP8 ? mats[0].chunk_shift - 1 : 0}; /* FP8: 128-column steps */
+    const int team = slot * (int)gridDim.x + (int)blockIdx.x, n_teams = slots * (int)gridDim.x;
+    const bool half = 2 * ((n_out + WG_ROWS - 1) / WG_ROWS) <= n_teams;
+    const int warp_rows = half ? 8 : 16, tile_rows = 4 * warp_rows, row_tiles = (n_out + tile_rows - 1) / tile_rows;
+    const int my_tiles = team < row_tiles ? (row_tiles - team + n_teams - 1) / n_teams : 0;
+    /* walk tile w: matrix w % MATS of the team's row tile w / MATS */
+    auto first_row = [&](int w) { return (team + w / MATS * n_teams) * tile_rows; };
+    auto rows_of = [&](int w) { /* every row of a tile is the matrix's (rows % 64 == 0) */
+        const MmaMatrix &m = mats[w % MATS];
+        const int lead = first_row(w) + warp_rows * (warp & 3), ja = lead + g;
+        const int sr = FMT == WG_FP8 ? lead / m.block_rows : ja; /* FP8: the warp's rows share a scale row */
+        return WgRows{m.weight + (int64_t)ja * m.row_bytes + wg_lane(FMT, q), m.scale + (int64_t)sr * m.scale_stride0 * ES};
+    };
+    const int r = warp_rows * (warp & 3) + g, t0 = 2 * q, t1 = 2 * q + 1; /* the lane's rows r (and r + 8) of a tile */
+    WgStep<FMT> buf[WgStep<FMT>::BUFFERS];
+    WgRows rows;
+    for (int b0 = 0; b0 < count; b0 += WG_TOKENS) {
+        const int nb = count - b0 < WG_TOKENS ? count - b0 : WG_TOKENS;
+        __syncthreads(); /* the previous batch is consumed */
+        if (my_tiles) {
+            rows = rows_of(0);
+            wg_load<FMT, SF>(buf[0], rows, step0, sc, half);
+        }
+        wg_stage<FMT>(nb, k_in, xs, xsc, [&](int t, int c) {
+            const int row = first + b0 + t;
+            const int64_t xr = a.row_x ? a.row_x[row] : row;
+            return load_x(a.x, a.x_dtype, xr * a.x_ld + c);
+        });
+        fence_async_shared(); /* the staged atoms, for wgmma's reads */
+        __syncthreads();
+        const uint32_t desc = wgmma_desc_sw128_low((uint32_t)__cvta_generic_to_shared(xs));
+        const uint32_t x0 = (uint32_t)__cvta_generic_to_shared(xsc + t0 * steps_all); /* token t1's follow */
+        float acc[4] = {};
+        uint32_t nan[2] = {};
+        walk_buffers<WgStep<FMT>::BUFFERS>(
+            buf, my_tiles * MATS, steps,
+            [&](WgStep<FMT> &st, int w, int round) {
+                if (round == 0) rows = rows_of(w);
+                wg_load<FMT, SF>(st, rows, step0 + round, sc, half);
+            },
+            [&](const WgStep<FMT> &st, int w, int round) {
+                const int s = step0 + round;
+                const float xa = lds_f32(x0 + 4 * s), xb = lds_f32(x0 + 4 * (steps_all + s));
+                wg_use<FMT, SF>(st, desc + s * (WG_ATOM >> 4), xa, xb, half, acc, nan);
+                if (round < steps - 1) return;
+                if (FMT == WG_FP4) wg_nan_rows(acc, nan);
+                if (wg) { /* half: rows r + 8 are the next warp's, and these sums duplicates */
+                    red[r * WG_TOKENS + t0] = acc[0], red[r * WG_TOKENS + t1] = acc[1];
+                    if (!half) red[(r + 8) * WG_TOKENS + t0] = acc[2], red[(r + 8) * WG_TOKENS + t1] = acc[3];
+                }
+                __syncthreads();
+                if (!wg) {
+                    float *out = a.out + (int64_t)(first + b0) * a.out_ld; /* here: a register less across the walk */
+                    const int r0 = first_row(w), at = w % MATS * a.max_out; /* UP: w3's sums after w1's */
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        const int rr = r + (i >> 1) * 8, tok = i & 1 ? t1 : t0;
+                        const float v = acc[i] + red[rr * WG_TOKENS + tok];
+                        if (tok < nb && (i < 2 || !half))
+                            out[tok * a.out_ld + at + r0 + rr] = MODE == DSRTK_MOE_UP ? v : round_bf16(v);
+                    }
+                }
+                __syncthreads();
+                acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+            });
+        if (MODE == DSRTK_MOE_UP) /* the block's pairs (the walk's last barrier orders them) */
+            for (int i = threadIdx.x; i < my_tiles * tile_rows * nb; i += blockDim.x) {
+                const int tok = i % nb, j = first_row(i / nb / tile_rows * MATS) + i / nb % tile_rows;
+                float *o = a.out + (int64_t)(first + b0 + tok) * a.out_ld + j;
+                *o = project_out<MODE>(a, first + b0 + tok, o[0], o[a.max_out]);
+            }
+    }
+}
+
+template <int MODE>
+__global__ void __launch_bounds__(MMA_WARPS * 32, 2) moe_wg_kernel(const __grid_constant__ dsrtk_moe_project_args a)
+{
+    dsrtk_wait_producer(); /* launched dependent (common.cuh); the groups come from the router */
+    const ProjectGroup pg = project_group(a);
+    const dsrtk_moe_matrix &m0 = a.table[3 * pg.set + (MODE == DSRTK_MOE_DOWN ? 1 : 0)], &m1 = a.table[3 * pg.set + 2];
+    const int first = (int)pg.first, count = (int)pg.count; /* 32 bits: moe.c's row counts are */
+    if (m0.dtype == DSRT_FP4E2M1) wg_project<MODE, WG_FP4, DSRT_F8E8M0>(a, m0, m1, first, count, pg.slot, pg.slots);
+    else if (m0.scale_dtype == DSRT_F32) wg_project<MODE, WG_FP8, DSRT_F32>(a, m0, m1, first, count, pg.slot, pg.slots);
+    else wg_project<MODE, WG_FP8, DSRT_F8E8M0>(a, m0, m1, first, count, pg.slot, pg.slots);
+}
+
+/* blocks a group: two per multiprocessor (the launch bounds) shared by the groups and one spare
+ * row of them for the shared expert, no more than a group's `needed` */
+static int project_grid(int dev, const dsrtk_moe_project_args *a, int64_t needed, int *per_group)
+{
+    const int rows_y = a->max_groups < 65535 ? a->max_groups + 1 : a->max_groups;
+    int64_t n = 2 * (int64_t)dsrtk_multiprocessors(dev) / rows_y;
+    if (n > needed) n = needed;
+    *per_group = n < 1 ? 1 : (int)n;
+    return rows_y;
+}
+
+template <int MODE>
+static int launch_wg(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
+{
+    const size_t smem = wg_smem(a->max_in);
+    int st = dsrtk_check(cudaFuncSetAttribute(moe_wg_kernel<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                         "moe: warpgroup projection shared memory of %zu bytes", smem);
+    if (st) return st;
+    int per_group;
+    const int rows_y = project_grid(dev, a, (a->max_out + WG_ROWS - 1) / WG_ROWS, &per_group); /* a block a row tile */
+    return dsrtk_check(dsrtk_launch_dependent(moe_wg_kernel<MODE>, dim3((unsigned)per_group, rows_y), dim3(MMA_WARPS * 32),
+                                              smem, s, *a),
+                       "launch of moe_wg_kernel on cuda:%d", dev);
 }
 
 template <int MODE>
@@ -653,13 +812,8 @@ static int launch_mma(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
     const int64_t tiles = (a->max_out + MMA_ROWS - 1) / MMA_ROWS, nchunk = a->max_in / MMA_CHUNK;
     int ks = 1;
     while (ks < MMA_WARPS && tiles * ks < 256 && ks * 2 <= nchunk) ks *= 2;
-    /* blocks: two per multiprocessor (the launch bounds) shared by the groups and one spare row
-     * of them for the shared expert */
-    const int rows_y = a->max_groups < 65535 ? a->max_groups + 1 : a->max_groups;
-    int64_t per_group = 2 * (int64_t)dsrtk_multiprocessors(dev) / rows_y;
-    const int64_t needed = (tiles * ks + MMA_WARPS - 1) / MMA_WARPS;
-    if (per_group > needed) per_group = needed;
-    if (per_group < 1) per_group = 1;
+    int per_group;
+    const int rows_y = project_grid(dev, a, (tiles * ks + MMA_WARPS - 1) / MMA_WARPS, &per_group);
     return dsrtk_check(dsrtk_launch_dependent(moe_mma_kernel<MODE>, dim3((unsigned)per_group, rows_y), dim3(MMA_WARPS * 32),
                                               smem, s, *a, ks),
                        "launch of moe_mma_kernel on cuda:%d", dev);
@@ -676,6 +830,10 @@ int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream)
                           a->max_out, a->max_in);
     if (!a->groups && a->single_rows == 0) return DSRTK_OK;
     cudaStream_t s = (cudaStream_t)stream;
+    if (a->tensor_cores == DSRTK_MOE_WGMMA && a->reference && a->groups) {
+        if (a->mode == DSRTK_MOE_UP) return launch_wg<DSRTK_MOE_UP>(dev, a, s);
+        if (a->mode == DSRTK_MOE_DOWN) return launch_wg<DSRTK_MOE_DOWN>(dev, a, s);
+    }
     if (a->tensor_cores && a->reference && a->groups) {
         if (a->mode == DSRTK_MOE_UP) return launch_mma<DSRTK_MOE_UP>(dev, a, s);
         if (a->mode == DSRTK_MOE_DOWN) return launch_mma<DSRTK_MOE_DOWN>(dev, a, s);
@@ -1801,12 +1959,6 @@ struct PgShared {                        /* at a 1024-byte boundary (pg_shared),
 /* element offset of 16-byte chunk c of row r in a 64-column bf16 tile */
 __device__ __forceinline__ int pg_swizzle(int r, int c) { return r * PG_K + ((c ^ (r & 7)) << 3); }
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
-{
-    unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b)
 {
     __nv_bfloat162 r = __hmul2(*(const __nv_bfloat162 *)&a, *(const __nv_bfloat162 *)&b);
@@ -1898,7 +2050,7 @@ __device__ __forceinline__ void pg_issue(PgShared &s, int stage, int kt, const P
         const int r = (t >> 3) + i * PG_COPY_ROWS;
         if (r < x.rows) cp_async16(&s.a[stage][pg_swizzle(r, t & 7)], x.in + (x.at[i] + (uint32_t)(kt * PG_K)));
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    cp_async_commit();
 }
 
 /* the e8m0 byte of the thread's chunk of step kt */
@@ -1990,10 +2142,10 @@ __global__ void __launch_bounds__(PG_THREADS, PG_BLOCKS_PER_SM)
 
     for (int kt = 0; kt < PG_STAGES - 1; kt++) {
         if (kt < nk) pg_issue(s, kt, kt, wr, half, x);
-        else asm volatile("cp.async.commit_group;\n" ::: "memory");
+        else cp_async_commit();
     }
     PgScale scale = pg_scale_of(pg_scale_byte(wr, 0, half), wr.fp8);
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(PG_STAGES - 2) : "memory");
+    cp_async_wait<PG_STAGES - 2>();
     __syncthreads();
     pg_convert(s, 0, s.b[0], br, half, wr.fp8, scale);
     if (nk > 1) scale = pg_scale_of(pg_scale_byte(wr, 1, half), wr.fp8);
@@ -2004,12 +2156,12 @@ __global__ void __launch_bounds__(PG_THREADS, PG_BLOCKS_PER_SM)
     float acc[64] = {}; /* rows 64wg + 16(warp mod 4) + g (+ 8), all 128 columns (mma.cuh) */
     int stage = 0;      /* kt % PG_STAGES */
     for (int kt = 0; kt < nk; kt++) {
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(PG_STAGES - 3) : "memory");
+        cp_async_wait<PG_STAGES - 3>();
         fence_async_shared(); /* this thread's copies and converted chunks, for the wgmmas' reads */
         __syncthreads();      /* step kt + 1 landed everywhere; every warpgroup is past step kt - 1 */
         const int ahead = stage == 0 ? PG_STAGES - 1 : stage - 1, next = stage == PG_STAGES - 1 ? 0 : stage + 1;
         if (kt + PG_STAGES - 1 < nk) pg_issue(s, ahead, kt + PG_STAGES - 1, wr, half, x);
-        else asm volatile("cp.async.commit_group;\n" ::: "memory");
+        else cp_async_commit();
         const uint64_t a = wgmma_desc_sw128(&s.a[stage][wg * 64 * PG_K]), b = wgmma_desc_sw128(s.b[kt & 1]);
         wgmma_fence();
 #pragma unroll

@@ -160,15 +160,6 @@ __device__ __forceinline__ void load4(const uint16_t *p, float (&v)[4])
 }
 
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
-{
-    unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all()
-{
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-}
 
 /* ---- the pieces of a block step ---- */
 

@@ -357,6 +357,10 @@ static int fill_matrix(dsrtk_moe_matrix *d, const dsrt_linear *l, const char *wh
     int fp4 = w->dtype == DSRT_FP4E2M1 && sc && sc->dtype == DSRT_F8E8M0 && d->block_cols == 32 && sc->stride[1] == 1 &&
               sc->offset % 2 == 0 && sc->stride[0] % 2 == 0 && (uintptr_t)sc->storage->data % 2 == 0;
     d->mma = d->vector && sc && d->cols % 64 == 0 && (fp8 || fp4);
+    int64_t scale_at = sc ? (int64_t)((uintptr_t)sc->storage->data % 4) + sc->offset * dsrt_dtype_bits(sc->dtype) / 8 : 0;
+    d->wgmma = d->mma && d->cols % 256 == 0 && d->cols <= 16384 && d->rows % 64 == 0 &&
+               (fp4 ? d->block_rows == 1 && scale_at % 4 == 0 && sc->stride[0] % 4 == 0
+                    : d->block_cols % 128 == 0 && d->block_rows % 16 == 0);
     return 0;
 }
 
@@ -389,13 +393,17 @@ static const dsrtk_moe_matrix *cuda_table(dsrt_moe *m, dsrt_stream *s)
     int64_t count = 3 * ((int64_t)n + 2), bytes = count * (int64_t)sizeof(dsrtk_moe_matrix);
     dsrtk_moe_matrix *host = calloc((size_t)count, sizeof *host);
     if (!host) return dsrt_err_null("moe: out of host memory");
-    int rc = 0, tensor_cores = 1;
+    int rc = 0, tensor_cores = DSRTK_MOE_WGMMA; /* lowered by any matrix off the tiles */
     for (int e = 0; e <= n && !rc; e++) {
         const dsrt_swiglu *w = e < n ? &m->experts[e] : &m->shared;
         const char *what = e < n ? "expert" : "shared expert";
         rc = fill_matrix(&host[3 * e], w->w1, what, e, 0) || fill_matrix(&host[3 * e + 1], w->w2, what, e, 1) ||
              fill_matrix(&host[3 * e + 2], w->w3, what, e, 2);
-        if (!rc) tensor_cores = tensor_cores && host[3 * e].mma && host[3 * e + 1].mma && host[3 * e + 2].mma;
+        if (!rc) {
+            int mma = host[3 * e].mma && host[3 * e + 1].mma && host[3 * e + 2].mma;
+            int wgmma = host[3 * e].wgmma && host[3 * e + 1].wgmma && host[3 * e + 2].wgmma;
+            tensor_cores = tensor_cores < DSRTK_MOE_MMA || !mma ? 0 : wgmma ? tensor_cores : DSRTK_MOE_MMA;
+        }
         /* w1 and w3 read one staged input: both take it as given (bf16) or both Q8 round-tripped */
         if (!rc && (w->w1->cfg.format == DSRT_FORMAT_BF16) != (w->w3->cfg.format == DSRT_FORMAT_BF16))
             rc = dsrt_err("moe: %s %d: w1 is %s and w3 %s; on CUDA both must be bf16 or both quantised", what, e,
