@@ -683,7 +683,7 @@ __device__ __forceinline__ void wg_project(const dsrtk_moe_project_args &a, cons
     __shared__ MmaMatrix mats[MATS];
     if (threadIdx.x < MATS) mma_matrix_init(mats[threadIdx.x], threadIdx.x ? m1 : m0);
     __syncthreads();
-    const WgScales sc = {8 * mats[0].row_bytes, 8 * mats[0].scale_stride0, mats[0].scale_stride1 * ES,
+    const WgStrides sc = {8 * mats[0].row_bytes, 8 * mats[0].scale_stride0, mats[0].scale_stride1 * ES,
                          FMT == WG_FP8 ? mats[0].chunk_shift - 1 : 0}; /* FP8: 128-column steps */
     const int team = slot * (int)gridDim.x + (int)blockIdx.x, n_teams = slots * (int)gridDim.x;
     const bool half = 2 * ((n_out + WG_ROWS - 1) / WG_ROWS) <= n_teams;

@@ -159,8 +159,6 @@ __device__ __forceinline__ void load4(const uint16_t *p, float (&v)[4])
     v[2] = __uint_as_float(x.y << 16), v[3] = __uint_as_float(x.y & 0xffff0000u);
 }
 
-
-
 /* ---- the pieces of a block step ---- */
 
 /* q of row t, heads g·HEADS.., as f32 rows of D4 (zeros past D and past H) */

@@ -128,14 +128,14 @@ __device__ __forceinline__ void wg_stage(int rows, int cols, unsigned char *xs, 
 }
 
 /* A warp's rows of a tile: the lane's first weight byte of row g (its wg_lane offset included)
- * and the first scale byte of its row (FP4) or of the warp's scale row (FP8). Row g + 8 lies
- * WgMatrix::row8 bytes on, its FP4 scales scale8 on (a matrix on this tile has no rows past its
- * last tile: rows % 64 == 0); FP8 scales are ld1 bytes apart along a row, a column block 128 <<
- * chunk_shift columns. */
+ * and the first scale byte of its row (FP4) or of the warp's scale row (FP8). The matrix's
+ * strides: row g + 8 lies row8 bytes on, its FP4 scales scale8 on (a matrix on this tile has no
+ * rows past its last tile: rows % 64 == 0); FP8 scales are ld1 bytes apart along a row, a column
+ * block 128 << chunk_shift columns. */
 struct WgRows {
     const char *a, *sa;
 };
-struct WgScales {
+struct WgStrides {
     int row8, scale8, ld1, chunk_shift;
 };
 /* the bytes a lane's loads start at in a row: FP8 16 of each 64, FP4 8 of each 32 */
@@ -152,7 +152,7 @@ template <> struct WgStep<WG_FP8> { uint4 a[2], b[2]; uint32_t scale; static con
 template <> struct WgStep<WG_FP4> { uint2 a[2], b[2]; uint32_t sa, sb; static constexpr int BUFFERS = 3; };
 
 template <int FMT, int SF>
-__device__ __forceinline__ void wg_load(WgStep<FMT> &st, const WgRows &rows, int step, const WgScales &sc, bool half)
+__device__ __forceinline__ void wg_load(WgStep<FMT> &st, const WgRows &rows, int step, const WgStrides &sc, bool half)
 {
     constexpr int ROW = FMT == WG_FP8 ? WG_STEP : WG_STEP / 2; /* a row's bytes a step */
     const char *a = rows.a + step * ROW, *b = a + sc.row8;
@@ -174,9 +174,9 @@ __device__ __forceinline__ void wg_load(WgStep<FMT> &st, const WgRows &rows, int
 
 __device__ __forceinline__ uint32_t uint4_word(const uint4 &v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
-/* e8m0 byte j of a word as the f32 2^(b - 127), b = 0 the subnormal 2^-127 (255 reads as inf: FP4
+/* e8m0 byte j of a word as the f32 2^(b - 127) (fp8mma.cuh's e8m0_scale; 255 reads as inf: FP4
  * marks it in `nan`, wg_nan_rows) */
-__device__ __forceinline__ float e8m0_byte(uint32_t w, int j) { return __uint_as_float(max(((w >> (8 * j)) & 0xffu) << 23, 0x00400000u)); }
+__device__ __forceinline__ float e8m0_byte(uint32_t w, int j) { return e8m0_scale((w >> (8 * j)) & 0xffu); }
 
 /* The step, loaded: acc (rows g, g + 8 x tokens 2q, 2q + 1) += its products times the weight
  * scales and the activation scales x0, x1 of tokens 2q, 2q + 1 (the formulas at the top). FP4:
@@ -223,7 +223,7 @@ __device__ __forceinline__ void wg_use(const WgStep<FMT> &st, uint32_t b_low, fl
     }
     wgmma_commit();
     if constexpr (FMT == WG_FP8) {
-        const float sw = SF == DSRT_F32 ? __uint_as_float(st.scale) : st.scale == 0xffu ? NAN : e8m0_byte(st.scale, 0);
+        const float sw = SF == DSRT_F32 ? __uint_as_float(st.scale) : st.scale == 0xffu ? NAN : e8m0_scale(st.scale);
         const float f0 = sw * x0, f1 = sw * x1;
         wgmma_wait_all();
         wgmma_pin(d[0]);

@@ -393,16 +393,17 @@ static const dsrtk_moe_matrix *cuda_table(dsrt_moe *m, dsrt_stream *s)
     int64_t count = 3 * ((int64_t)n + 2), bytes = count * (int64_t)sizeof(dsrtk_moe_matrix);
     dsrtk_moe_matrix *host = calloc((size_t)count, sizeof *host);
     if (!host) return dsrt_err_null("moe: out of host memory");
-    int rc = 0, tensor_cores = DSRTK_MOE_WGMMA; /* lowered by any matrix off the tiles */
+    int rc = 0, tensor_cores = DSRTK_MOE_WGMMA; /* lowered by any expert off the tiles */
     for (int e = 0; e <= n && !rc; e++) {
         const dsrt_swiglu *w = e < n ? &m->experts[e] : &m->shared;
         const char *what = e < n ? "expert" : "shared expert";
         rc = fill_matrix(&host[3 * e], w->w1, what, e, 0) || fill_matrix(&host[3 * e + 1], w->w2, what, e, 1) ||
              fill_matrix(&host[3 * e + 2], w->w3, what, e, 2);
-        if (!rc) {
+        if (!rc) { /* the table's tile: the one every expert's three matrices fit */
             int mma = host[3 * e].mma && host[3 * e + 1].mma && host[3 * e + 2].mma;
             int wgmma = host[3 * e].wgmma && host[3 * e + 1].wgmma && host[3 * e + 2].wgmma;
-            tensor_cores = tensor_cores < DSRTK_MOE_MMA || !mma ? 0 : wgmma ? tensor_cores : DSRTK_MOE_MMA;
+            int tile = wgmma ? DSRTK_MOE_WGMMA : mma ? DSRTK_MOE_MMA : 0;
+            if (tile < tensor_cores) tensor_cores = tile;
         }
         /* w1 and w3 read one staged input: both take it as given (bf16) or both Q8 round-tripped */
         if (!rc && (w->w1->cfg.format == DSRT_FORMAT_BF16) != (w->w3->cfg.format == DSRT_FORMAT_BF16))

@@ -74,7 +74,9 @@ typedef struct dsrt_moe {
     /* CUDA layers: the kernels' matrix table (kernels.h dsrtk_moe_matrix, 3 per set: routed
      * experts, shared expert, gate), built on the first CUDA forward; NULL until then */
     _Atomic(dsrt_tensor *) cuda_table;
-    _Atomic int cuda_tensor_cores; /* DSRTK_MOE_MMA or _WGMMA (kernels.h): the table's experts all read through a tensor-core tile */
+    /* DSRTK_MOE_MMA or DSRTK_MOE_WGMMA (kernels.h): the table's experts all read through a
+     * tensor-core tile; 0 when some do not */
+    _Atomic int cuda_tensor_cores;
     _Atomic uint64_t cuda_stream_id; /* the stream the weights were last marked in use on */
 } dsrt_moe;
 
