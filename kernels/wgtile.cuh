@@ -26,7 +26,7 @@
  * 128 columns' sum with its block scales, FP4 each 32-column block's with its weight scale and
  * then each 128 columns' with the activation scale:
  *     FP8: y[n, t] = Σ_128 sum128(code_w · code_x) · s_w(n / 128, block) · s_x(t, block)
- *     FP4: y[n, t] = Σ_128 ( Σ_32 sum32(code_w · code_x) · s_w(n, block32) ) · s_x(t, block) · 2^6
+ *     FP4: y[n, t] = Σ_128 ( Σ_32 sum32(code_w · code_x) · 2 s_w(n, block32) ) · s_x(t, block) · 2^5
  * Each column of a wgmma is its own sum, so results do not depend on how many tokens are staged.
  *
  * The k-order inside a wgmma is free as long as A and B agree: the activations are staged in the
@@ -49,7 +49,9 @@ enum {
     WG_STEP = 128,  /* columns a step: 4 wgmmas, one Q8 block */
     WG_TOKENS = 8,  /* wgmma's n */
     WG_ATOM = 1024, /* staged activations a step: 8 tokens x 128 codes in the 128-byte swizzle */
-    FP4_AS_E4M3_LOG2 = 6
+    /* FP4's staged activation scales carry 2^(6 - 1): the 2^6 of e2m1 read as e4m3 (fp4_to_e4m3),
+     * less the octave e8m0_octave_up adds to the weight scales */
+    FP4_X_SCALE_LOG2 = 5
 };
 enum { WG_FP8 = 1, WG_FP4 = 2 }; /* fp8mma.cuh's MMA_FP8 / MMA_FP4 */
 
@@ -81,10 +83,10 @@ __device__ __forceinline__ int wg_atom_offset(int t, int kk) { return t * 128 + 
 
 /* Stages `rows` (<= WG_TOKENS) activation rows of `cols` columns (a multiple of WG_STEP) as Q8
  * codes in the swizzled atoms at xs (step s at s·WG_ATOM, k-slots by wg_kslot, tokens past `rows`
- * zero) and their scales at xsc (FP4: times 2^6; token t's of step s at t·cols/128 + s, past
- * `rows` zero): one warp per (token, step), quant.h's arithmetic through q8_codes_warp. load(t,
- * col) reads an input element. The whole block calls it; fence_async_shared and a barrier must
- * follow before wgmma reads the atoms. */
+ * zero) and their scales at xsc (FP4: times 2^FP4_X_SCALE_LOG2; token t's of step s at
+ * t·cols/128 + s, past `rows` zero): one warp per (token, step), quant.h's arithmetic through
+ * q8_codes_warp. load(t, col) reads an input element. The whole block calls it;
+ * fence_async_shared and a barrier must follow before wgmma reads the atoms. */
 template <int FMT, class Load>
 __device__ __forceinline__ void wg_stage(int rows, int cols, unsigned char *xs, float *xsc, Load load)
 {
@@ -122,7 +124,7 @@ __device__ __forceinline__ void wg_stage(int rows, int cols, unsigned char *xs, 
                 *(uint16_t *)(atom + wg_atom_offset(t, kk)) = (uint16_t)((codes & 0xffu) | (codes >> 8 & 0xff00u));
                 *(uint16_t *)(atom + wg_atom_offset(t, kk + 16)) = (uint16_t)((codes >> 8 & 0xffu) | (codes >> 16 & 0xff00u));
             }
-            if (lane == 0) xsc[t * steps + s] = FMT == WG_FP4 ? sc * (float)(1 << FP4_AS_E4M3_LOG2) : sc; /* exact */
+            if (lane == 0) xsc[t * steps + s] = FMT == WG_FP4 ? sc * (float)(1 << FP4_X_SCALE_LOG2) : sc; /* exact */
         }
     }
 }
@@ -174,9 +176,16 @@ __device__ __forceinline__ void wg_load(WgStep<FMT> &st, const WgRows &rows, int
 
 __device__ __forceinline__ uint32_t uint4_word(const uint4 &v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
-/* e8m0 byte j of a word as the f32 2^(b - 127) (fp8mma.cuh's e8m0_scale; 255 reads as inf: FP4
- * marks it in `nan`, wg_nan_rows) */
-__device__ __forceinline__ float e8m0_byte(uint32_t w, int j) { return e8m0_scale((w >> (8 * j)) & 0xffu); }
+/* e8m0 byte j of a word as the f32 2^(b - 126), an octave above its value, so that every byte up
+ * to 253 is a normal float's exponent (b = 0 included) and the decode is an extract and a multiply-
+ * add, where e8m0_scale's subnormal takes a compare and a select more: 8 scales a step. The octave
+ * comes back in the staged activation scale (FP4_X_SCALE_LOG2), exactly; 254 reads as inf (its
+ * products overflow where the reference's came within an octave of doing so) and 255 as -0, made
+ * NaN by wg_nan_rows. */
+__device__ __forceinline__ float e8m0_octave_up(uint32_t w, int j)
+{
+    return __uint_as_float(((w >> (8 * j)) & 0xffu) * 0x800000u + 0x800000u);
+}
 
 /* The step, loaded: acc (rows g, g + 8 x tokens 2q, 2q + 1) += its products times the weight
  * scales and the activation scales x0, x1 of tokens 2q, 2q + 1 (the formulas at the top). FP4:
@@ -240,7 +249,7 @@ __device__ __forceinline__ void wg_use(const WgStep<FMT> &st, uint32_t b_low, fl
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             wgmma_pin(d[j]);
-            const float wa = e8m0_byte(sa, j), wb = e8m0_byte(sb, j);
+            const float wa = e8m0_octave_up(sa, j), wb = e8m0_octave_up(sb, j);
             p[0] = j ? fmaf(d[j][0], wa, p[0]) : d[j][0] * wa;
             p[1] = j ? fmaf(d[j][1], wa, p[1]) : d[j][1] * wa;
             p[2] = j ? fmaf(d[j][2], wb, p[2]) : d[j][2] * wb;
