@@ -118,6 +118,25 @@ function helpers.to_cuda(t)
   return c
 end
 
+-- A SwiGLU expert's linear for the MoE tests, {format, weight, scale}: `format` "fp4" (e2m1 with an
+-- e8m0 scale per 32 inputs), "fp8" (e4m3, e8m0 per 128x128) or "bf16", mapping `cols` -> `rows`
+-- features, with scales powers of two in ranges that keep the products well inside f32;
+-- next_seed() gives each random draw its seed
+function helpers.moe_linear(format, rows, cols, next_seed)
+  local dsrt = require("dsrt")
+  local function pow2_scales(shape, lo, hi) -- 2^u, u uniform in [lo, hi)
+    return (dsrt.rand(shape, { seed = next_seed(), low = lo, high = hi }) * math.log(2)):exp():to("f8e8m0")
+  end
+  if format == "fp4" then
+    return { format = "fp4", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 2.5 }):to("fp4e2m1"),
+             scale = pow2_scales({ rows, (cols + 31) // 32 }, -6, -3) }
+  elseif format == "fp8" then
+    return { format = "fp8", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 30 }):to("f8e4m3"),
+             scale = pow2_scales({ (rows + 127) // 128, (cols + 127) // 128 }, -9, -7) }
+  end
+  return { format = "bf16", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 1 / math.sqrt(cols) }):to("bf16") }
+end
+
 -- The dsrt program running these tests (so `make asan` runs scripts under the sanitized build).
 function helpers.dsrt_bin()
   local interpreter = arg and arg[-1]

@@ -9,7 +9,7 @@
 -- (target memcheck-gpu) runs it under memcheck, as model_forward.lua. It prints one line; errors
 -- exit non-zero. Not named test_*.lua: tests/run.lua does not pick it up.
 local dsrt = require "dsrt"
-local to_cuda = require("tests.helpers").to_cuda
+local helpers = require "tests.helpers"
 
 if not dsrt.cuda.available() then
   io.stderr:write("moe_forward: no CUDA device\n")
@@ -18,17 +18,7 @@ end
 
 local seed = 300
 local function next_seed() seed = seed + 1 return seed end
-local function pow2(shape, lo, hi)
-  return (dsrt.rand(shape, { seed = next_seed(), low = lo, high = hi }) * math.log(2)):exp():to("f8e8m0")
-end
-local function linear(format, rows, cols)
-  if format == "fp4" then
-    return { format = "fp4", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 2.5 }):to("fp4e2m1"),
-             scale = pow2({ rows, cols // 32 }, -6, -3) }
-  end
-  return { format = "fp8", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 30 }):to("f8e4m3"),
-           scale = pow2({ (rows + 127) // 128, (cols + 127) // 128 }, -9, -7) }
-end
+local function linear(format, rows, cols) return helpers.moe_linear(format, rows, cols, next_seed) end
 local function swiglu(format, dim, inter)
   return { w1 = linear(format, inter, dim), w2 = linear(format, dim, inter), w3 = linear(format, inter, dim) }
 end
@@ -46,7 +36,7 @@ for _, case in ipairs({ { inter = 256, shared = 512, routing = "learned" },
   end
   local shared = swiglu("fp8", dim, case.shared)
   if case.f32_scales then for _, w in pairs(shared) do w.scale = w.scale:to("f32") end end
-  local ffn = to_cuda({ gate = gate, experts = experts, shared_experts = shared })
+  local ffn = helpers.to_cuda({ gate = gate, experts = experts, shared_experts = shared })
   local dims = { n_routed_experts = n, n_activated_experts = k, score_func = "sqrtsoftplus", route_scale = 1.5,
                  swiglu_limit = 10 }
   local moe = dsrt.moe(dims, ffn, { dsrt.stream("cuda"), dsrt.stream("cuda"), dsrt.stream("cuda") })

@@ -31,22 +31,7 @@ local VOCAB = 1000
 
 -- ---- random layers ----
 
--- 2^u for u uniform in [lo, hi), as an f8e8m0 tensor
-local function pow2_scales(shape, lo, hi)
-  return (dsrt.rand(shape, { seed = next_seed(), low = lo, high = hi }) * math.log(2)):exp():to("f8e8m0")
-end
-
--- a linear table {weight, scale, format} of `format` mapping `cols` -> `rows` features
-local function random_linear(format, rows, cols)
-  if format == "fp4" then
-    return { format = "fp4", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 2.5 }):to("fp4e2m1"),
-             scale = pow2_scales({ rows, (cols + 31) // 32 }, -6, -3) }
-  elseif format == "fp8" then
-    return { format = "fp8", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 30 }):to("f8e4m3"),
-             scale = pow2_scales({ (rows + 127) // 128, (cols + 127) // 128 }, -9, -7) }
-  end
-  return { format = "bf16", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 1 / math.sqrt(cols) }):to("bf16") }
-end
+local function random_linear(format, rows, cols) return h.moe_linear(format, rows, cols, next_seed) end
 
 local function random_swiglu(format, dim, inter)
   return { w1 = random_linear(format, inter, dim), w2 = random_linear(format, dim, inter), w3 = random_linear(format, inter, dim) }
