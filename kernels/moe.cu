@@ -41,8 +41,14 @@
  *     times e8m0 scales are bf16 values, products are exact in the fp32 accumulator, and the
  *     bf16 outputs are the reference's roundings of fp32 sums.
  *
- * Decode in reference precision, FP8/FP4 experts (moe_mma_kernel, fp8mma.cuh's tensor-core tile,
- * as linear.cu's decode GEMV): blocks per group walk the group's 16-row tiles in teams, a team w1's
+ * Decode in reference precision, every expert matrix `wgmma` (widths of 256, rows of 64: Flash's):
+ * moe_wg_kernel, wgtile.cuh's warpgroup tile (wgmma on e4m3, the weights' loads as its fragments;
+ * wg_project says how blocks share the groups). Measured on the H200 (2026-11-29, Flash layer, T =
+ * 1, ncu inside a decode step): UP ~43 us, DOWN ~23 us a layer; the FP4 experts bound by their
+ * instruction stream (~250 warp instructions a KB), the FP8 shared expert at ~2.5 TB/s.
+ *
+ * Decode in reference precision, FP8/FP4 experts otherwise (moe_mma_kernel, fp8mma.cuh's
+ * tensor-core tile, as linear.cu's decode GEMV): blocks per group walk the group's 16-row tiles in teams, a team w1's
  * tile and then w3's of the same rows, and the SwiGLU once the walk is over (mma_project says why);
  * the shared expert (every row, FP8: twice an FP4 expert's bytes) also takes a spare row of blocks.
  * Measured on the H200 (2026-11-28, Flash layer, T = 1, ncu inside a decode step): UP 47-56 us,
