@@ -118,23 +118,45 @@ function helpers.to_cuda(t)
   return c
 end
 
--- A SwiGLU expert's linear for the MoE tests, {format, weight, scale}: `format` "fp4" (e2m1 with an
--- e8m0 scale per 32 inputs), "fp8" (e4m3, e8m0 per 128x128) or "bf16", mapping `cols` -> `rows`
--- features, with scales powers of two in ranges that keep the products well inside f32;
--- next_seed() gives each random draw its seed
-function helpers.moe_linear(format, rows, cols, next_seed)
+-- A random MoE layer for the MoE tests: dims, ffn (on the CPU) as dsrt.moe takes them; next_seed()
+-- gives each random draw its seed. Expert linears are "fp4" (e2m1 with an e8m0 scale per 32 inputs),
+-- "fp8" (e4m3, e8m0 per 128x128) or "bf16", with scales powers of two in ranges that keep the
+-- products well inside f32. opts: dim, inter, shared_inter, n (experts), k, routing ("learned" |
+-- "hash", over opts.vocab tokens, 1000 unless given), format, shared_format, score_func,
+-- norm_topk_prob, route_scale, swiglu_limit
+function helpers.moe_layer(opts, next_seed)
   local dsrt = require("dsrt")
   local function pow2_scales(shape, lo, hi) -- 2^u, u uniform in [lo, hi)
     return (dsrt.rand(shape, { seed = next_seed(), low = lo, high = hi }) * math.log(2)):exp():to("f8e8m0")
   end
-  if format == "fp4" then
-    return { format = "fp4", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 2.5 }):to("fp4e2m1"),
-             scale = pow2_scales({ rows, (cols + 31) // 32 }, -6, -3) }
-  elseif format == "fp8" then
-    return { format = "fp8", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 30 }):to("f8e4m3"),
-             scale = pow2_scales({ (rows + 127) // 128, (cols + 127) // 128 }, -9, -7) }
+  local function linear(format, rows, cols) -- `cols` -> `rows` features
+    if format == "fp4" then
+      return { format = "fp4", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 2.5 }):to("fp4e2m1"),
+               scale = pow2_scales({ rows, (cols + 31) // 32 }, -6, -3) }
+    elseif format == "fp8" then
+      return { format = "fp8", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 30 }):to("f8e4m3"),
+               scale = pow2_scales({ (rows + 127) // 128, (cols + 127) // 128 }, -9, -7) }
+    end
+    return { format = "bf16", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 1 / math.sqrt(cols) }):to("bf16") }
   end
-  return { format = "bf16", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 1 / math.sqrt(cols) }):to("bf16") }
+  local function swiglu(format, dim, inter)
+    return { w1 = linear(format, inter, dim), w2 = linear(format, dim, inter), w3 = linear(format, inter, dim) }
+  end
+  local n, k, dim = opts.n or 12, opts.k or 3, opts.dim or 320
+  local gate = { weight = dsrt.randn({ n, dim }, { seed = next_seed(), std = 2 / math.sqrt(dim) }):to("bf16") }
+  if opts.routing == "hash" then
+    gate.tid2eid = (dsrt.rand({ opts.vocab or 1000, k }, { seed = next_seed(), high = n }) // 1):to("i32")
+  else
+    gate.bias = dsrt.randn({ n }, { seed = next_seed(), std = 0.05 })
+  end
+  local experts = {}
+  for e = 1, n do experts[e] = swiglu(opts.format or "fp4", dim, opts.inter or 96) end
+  local ffn = { gate = gate, experts = experts,
+                shared_experts = swiglu(opts.shared_format or "fp8", dim, opts.shared_inter or opts.inter or 160) }
+  local dims = { n_routed_experts = n, n_activated_experts = k, score_func = opts.score_func or "sqrtsoftplus",
+                 route_scale = opts.route_scale or 1.5, norm_topk_prob = opts.norm_topk_prob,
+                 swiglu_limit = opts.swiglu_limit or 10 }
+  return dims, ffn
 end
 
 -- The dsrt program running these tests (so `make asan` runs scripts under the sanitized build).

@@ -31,31 +31,8 @@ local VOCAB = 1000
 
 -- ---- random layers ----
 
-local function random_linear(format, rows, cols) return h.moe_linear(format, rows, cols, next_seed) end
-
-local function random_swiglu(format, dim, inter)
-  return { w1 = random_linear(format, inter, dim), w2 = random_linear(format, dim, inter), w3 = random_linear(format, inter, dim) }
-end
-
--- opts: dim, inter, shared_inter, n (experts), k, routing ("learned" | "hash"), format, shared_format,
--- score_func, norm_topk_prob, route_scale, swiglu_limit
-local function random_layer(opts)
-  local n, k, dim = opts.n or 12, opts.k or 3, opts.dim or 320
-  local gate = { weight = dsrt.randn({ n, dim }, { seed = next_seed(), std = 2 / math.sqrt(dim) }):to("bf16") }
-  if opts.routing == "hash" then
-    gate.tid2eid = (dsrt.rand({ VOCAB, k }, { seed = next_seed(), high = n }) // 1):to("i32")
-  else
-    gate.bias = dsrt.randn({ n }, { seed = next_seed(), std = 0.05 })
-  end
-  local experts = {}
-  for e = 1, n do experts[e] = random_swiglu(opts.format or "fp4", dim, opts.inter or 96) end
-  local ffn = { gate = gate, experts = experts,
-                shared_experts = random_swiglu(opts.shared_format or "fp8", dim, opts.shared_inter or opts.inter or 160) }
-  local dims = { n_routed_experts = n, n_activated_experts = k, score_func = opts.score_func or "sqrtsoftplus",
-                 route_scale = opts.route_scale or 1.5, norm_topk_prob = opts.norm_topk_prob,
-                 swiglu_limit = opts.swiglu_limit or 10 }
-  return dims, ffn
-end
+-- opts: helpers.moe_layer's
+local function random_layer(opts) return h.moe_layer(opts, next_seed) end
 
 local to_cuda = h.to_cuda
 
@@ -134,7 +111,7 @@ local function check_rel(got, want, tol, what)
 end
 
 -- reference outputs: close, and mostly bit-equal (the same rounding points): at least `equal_min`
--- of them (0.9 unless given); returns the share that is
+-- of them (0.9 unless given)
 local function check_forward(got, want, precision, what, equal_min)
   if precision == "fp32" then return check_rel(got, want, FP32_TOL, what) end
   check_rel(got, want, REFERENCE_TOL, what)
@@ -143,7 +120,6 @@ local function check_forward(got, want, precision, what, equal_min)
   if not (equal >= (equal_min or 0.9)) then
     error(string.format("%s: only %.1f%% of the bf16 outputs equal the CPU's", what, 100 * equal), 2)
   end
-  return equal
 end
 
 -- forward on both devices (CUDA output poisoned first) and compare
