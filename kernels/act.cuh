@@ -45,6 +45,14 @@ __device__ __forceinline__ void ld8(const void *p, int dtype, int64_t i, float (
         for (int k = 0; k < 4; k++) v[2 * k] = dsrt_bits_f32(w[k] << 16), v[2 * k + 1] = dsrt_bits_f32(w[k] & 0xffff0000u);
     }
 }
+/* Element i of p (f32 or bf16, as ld reads it) into L1 ahead of its load. A latency-bound kernel
+ * prefetches what it will read once its producer is done, all at once, so that the round trips of
+ * loads its code issues one after another (the partial sums, then the weights they select, then
+ * the rows they weigh) overlap in one. A hint: the bits never depend on it. */
+__device__ __forceinline__ void prefetch_l1(const void *p, int dtype, int64_t i)
+{
+    asm volatile("prefetch.global.L1 [%0];" ::"l"((const char *)p + i * (dtype == DSRT_F32 ? 4 : 2)));
+}
 __device__ __forceinline__ void st8(void *p, int dtype, int64_t i, const float (&v)[8])
 {
     if (dtype == DSRT_F32) {

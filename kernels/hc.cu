@@ -261,6 +261,9 @@ __global__ void __launch_bounds__(SPLIT_THREADS) split_kernel(const void *X, int
     const int64_t k0 = (int64_t)split * DSRTK_NN_HC_CHUNK, t0 = (int64_t)blockIdx.y * TOK;
     const int klen = (int)(K - k0 < DSRTK_NN_HC_CHUNK ? K - k0 : DSRTK_NN_HC_CHUNK);
     const int k = threadIdx.x;
+    /* the warp's fn rows into L1 while x is staged (prefetch_l1): a lane a line of 32 columns */
+    if (lane < 8 && lane * 32 < klen)
+        for (int m = warp; m < M; m += SPLIT_THREADS / 32) prefetch_l1(fn, fn_dtype, (int64_t)m * K + k0 + lane * 32);
 #pragma unroll
     for (int t = 0; t < TOK; t++) {
         float v = 0.0f;
@@ -496,6 +499,18 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
     const int64_t t = T - 1 - blockIdx.x, K = (int64_t)hc * d;
     /* the values this block needs: the hc pre dots and Σx², or all M + 1 */
     const int nv = sinkhorn ? M + 1 : hc + 1;
+    /* what the block reads after the partials, into L1 while they come (prefetch_l1): Sinkhorn's
+     * scales and bases; the collapse's, and with NV its token's streams and the norm's weights */
+    if (threadIdx.x < 3) prefetch_l1(scale, scale_dtype, threadIdx.x);
+    if (threadIdx.x < (sinkhorn ? M : hc)) prefetch_l1(base, base_dtype, threadIdx.x);
+    if (NV > 0 && !sinkhorn)
+#pragma unroll
+        for (int k = 0; k < NV; k++) {
+            const int64_t col = 8 * ((int64_t)threadIdx.x + k * NORM_THREADS);
+            if (col >= d) continue;
+            for (int s = 0; s < hc; s++) prefetch_l1(X, X_dtype, (t * hc + s) * d + col);
+            if (norm_w) prefetch_l1(norm_w, norm_w_dtype, col);
+        }
     /* warp w takes values v = w + 4b (b < PRE_BATCH) at once: the loop over the splits is the outer
      * one, so the PRE_BATCH loads of a split are in flight together (one memory round trip per 32
      * splits instead of one per value); each value is still summed from 0 over sp = lane, lane + 32,

@@ -73,6 +73,10 @@ __global__ void __launch_bounds__(256) rms_norm_rows_kernel(const void *x, int x
     __shared__ double scratch[33];
     constexpr int RPB = 256 / G; /* rows per block */
     const int g = threadIdx.x % G;
+    if (w) /* the weights into L1 while the first row loads (prefetch_l1) */
+#pragma unroll
+        for (int k = 0; k < V; k++)
+            if (8 * (int64_t)(g + k * G) < d) prefetch_l1(w, w_dtype, 8 * (int64_t)(g + k * G));
     for (int64_t r = blockIdx.x * (int64_t)RPB + threadIdx.x / G; r - threadIdx.x / G < rows; r += (int64_t)gridDim.x * RPB) {
         /* the loop condition is uniform over the block (G = 256: one row) or the warp (G = 32) */
         const bool live = r < rows;
@@ -465,6 +469,19 @@ __device__ __forceinline__ void store_row_bf16_exact(void *y, int64_t base, int6
     }
 }
 
+/* the norm's weights of the lane's vectors (w may be NULL) into L1 while the row loads: norm_row
+ * reads them only after the row's sum, a second round trip otherwise */
+template <int V>
+__device__ __forceinline__ void prefetch_row_weights(const void *w, int w_dtype, int64_t width, int lane)
+{
+    if (!w) return;
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        const int64_t j = 8 * (int64_t)(lane + 32 * k);
+        if (j < width) prefetch_l1(w, w_dtype, j);
+    }
+}
+
 /* RMSNorm of a row as load_row holds it (w [width] or NULL; head_bf16: the head norm's reference
  * rounding points), in rms_norm_rows_kernel<32, V>'s very operations: each lane's double sum of
  * squares in the same order, the same shuffle tree, the same 1/rms and products */
@@ -521,6 +538,7 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
         constexpr int U = V2 > 0 ? V2 : 1; /* V2 == 0: no second norm compiled in */
         if (V2 > 0 && r < a.rows + a.also.rows) {
             const int64_t base = (r - a.rows) * a.also.width;
+            prefetch_row_weights<U>(a.also.w, a.also.w_dtype, a.also.width, lane);
             float u[U][8];
             load_row<U>(a.also.x, a.also.x_dtype, base, a.also.width, lane, u);
             norm_row<U>(u, a.also.w, a.also.w_dtype, a.also.width, a.eps, 0, lane);
@@ -529,6 +547,7 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
         return;
     }
     const int64_t base = r * a.width, kept = a.width - 64;
+    if (a.norm != NORM_NONE) prefetch_row_weights<V>(a.w, a.w_dtype, a.width, lane);
     float v[V][8];
     load_row<V>(a.x, a.x_dtype, base, a.width, lane, v);
     if (a.norm != NORM_NONE) {

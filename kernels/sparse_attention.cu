@@ -591,40 +591,48 @@ __global__ void __launch_bounds__(THREADS) pv_kernel(const __grid_constant__ Arg
     }
 }
 
-/* grid (S·H): o = Σ_ch w_ch·acc_ch / (Σ_ch w_ch·sum_ch + e^{sink − M}), w_ch = e^{M_ch − M}, M the
- * max of the M_ch (the last running max), chunks with M_ch = -inf skipped; 0 when nothing was valid.
- * With a.rope the last 64 columns meet in shared memory and the first warp de-rotates their pairs
- * (derotate_pair, a pair a thread, each with its own cos and sin), so decode's inverse RoPE costs
- * no launch of its own.
+/* grid (S·H, slices of COMBINE_COLS columns): o = Σ_ch w_ch·acc_ch / (Σ_ch w_ch·sum_ch + e^{sink − M}),
+ * w_ch = e^{M_ch − M}, M the max of the M_ch (the last running max), chunks with M_ch = -inf skipped;
+ * 0 when nothing was valid. With a.rope the last 64 columns meet in shared memory and the first warp
+ * de-rotates their pairs (derotate_pair, a pair a thread, each with its own cos and sin), so
+ * decode's inverse RoPE costs no launch of its own.
  * The sums run in chunk order, one thread a column (and one for the denominator), as a plain loop
- * would; what is parallel is everything they wait on: the weights w_ch (-inf: skipped) and the
- * Σp_ch are computed and staged in shared memory by the whole block (dynamic, 2·nc floats), and a
- * column's partials are loaded 8 chunks at a time. Before, each chunk's loads waited in turn:
- * ncu (H200, Flash decode) 10 us at 8 chunks and 32 us at 40, the step's largest small kernel.
- * Flash decode: 40 chunks x 2 KB of partials per (row, head), 64 CTAs. */
-__global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant__ Args a)
+ * would; what is parallel is everything they wait on. A thread's partials do not depend on the
+ * weights (a skipped chunk's are loaded and never used), so its first COMBINE_LOADS of them are in
+ * flight with the chunks' M and Σp: one memory round trip where there were three, then one more
+ * per COMBINE_LOADS chunks. Slices end at the row's end, so the last one holds the 64 rotated
+ * columns whole. Each slice computes the weights and the denominator itself, the same operations
+ * in the same order, so the same bits in every slice.
+ * ncu (H200, Flash decode, 40 chunks): 15.8 us with a CTA a head, each thread two columns and 8
+ * chunks' loads at a time, before this layout. Flash decode: 40 chunks x 2 KB of partials a
+ * (row, head), 64 x 4 CTAs. */
+enum { COMBINE_COLS = 128, COMBINE_LOADS = 32 };
+__global__ void __launch_bounds__(COMBINE_COLS) combine_kernel(const __grid_constant__ Args a)
 {
     dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     extern __shared__ float w_s[]; /* [nc] the chunks' weights, -inf where skipped, then [nc] their Σp */
     float *sum_s = w_s + a.nc;
     __shared__ float M_s, den_s, rot[64], table[64];
     const int64_t t = blockIdx.x / a.H, hh = blockIdx.x % a.H;
+    const int64_t c = a.D - (int64_t)(gridDim.y - blockIdx.y) * COMBINE_COLS + threadIdx.x; /* < 0: before the row */
     const float *pm = a.part_m + t * a.nc * a.H + hh, *ps = a.part_sum + t * a.nc * a.H + hh;
+    const float *part = a.part_acc + (t * a.nc * a.H + hh) * a.D + (c >= 0 ? c : 0); /* chunk k's at k·H·D */
+    const int64_t chunk_step = a.H * a.D;
+    float v[COMBINE_LOADS];
+#pragma unroll
+    for (int j = 0; j < COMBINE_LOADS; j++) v[j] = j < a.nc ? part[j * chunk_step] : 0.0f;
+    for (int64_t k = threadIdx.x; k < a.nc; k += blockDim.x) w_s[k] = pm[k * a.H], sum_s[k] = ps[k * a.H];
+    __syncthreads();
     if (threadIdx.x < 32) {
-        const int lane = threadIdx.x;
         float M = -INFINITY;
-        for (int64_t k = lane; k < a.nc; k += 32) M = fmaxf(M, pm[k * a.H]);
+        for (int64_t k = threadIdx.x; k < a.nc; k += 32) M = fmaxf(M, w_s[k]);
 #pragma unroll
         for (int o = 16; o >= 1; o >>= 1) M = fmaxf(M, __shfl_xor_sync(FULL, M, o));
-        if (lane == 0) M_s = M;
+        if (threadIdx.x == 0) M_s = M;
     }
     __syncthreads();
     const float M = M_s;
-    for (int64_t k = threadIdx.x; k < a.nc; k += THREADS) {
-        const float mk = pm[k * a.H];
-        w_s[k] = mk != -INFINITY ? expf(mk - M) : -INFINITY;
-        sum_s[k] = ps[k * a.H];
-    }
+    for (int64_t k = threadIdx.x; k < a.nc; k += blockDim.x) w_s[k] = w_s[k] != -INFINITY ? expf(w_s[k] - M) : -INFINITY;
     __syncthreads();
     if (threadIdx.x == 0) {
         float den = 0.0f;
@@ -632,30 +640,21 @@ __global__ void __launch_bounds__(THREADS) combine_kernel(const __grid_constant_
             if (w_s[k] != -INFINITY) den = fmaf(w_s[k], sum_s[k], den);
         den_s = den + expf(sink_of(a, hh) - M);
     }
+    rope_table(a, t, 32, table); /* warp 1, beside the denominator's thread */
     __syncthreads();
-    const float den = den_s;
-    const float *part = a.part_acc + (t * a.nc * a.H + hh) * a.D; /* chunk k's row at k·H·D */
-    const int64_t chunk_step = a.H * a.D;
-    for (int64_t c = threadIdx.x; c < a.D; c += THREADS) {
-        enum { LOADS = 8 };
-        float acc = 0.0f;
-        for (int64_t k0 = 0; k0 < a.nc; k0 += LOADS) {
-            float v[LOADS];
+    float acc = 0.0f;
+    for (int64_t k0 = 0; k0 < a.nc; k0 += COMBINE_LOADS) {
+        if (k0 > 0)
 #pragma unroll
-            for (int j = 0; j < LOADS; j++) {
-                const int64_t k = k0 + j;
-                v[j] = k < a.nc && w_s[k] != -INFINITY ? part[k * chunk_step + c] : 0.0f;
-            }
+            for (int j = 0; j < COMBINE_LOADS; j++) v[j] = k0 + j < a.nc ? part[(k0 + j) * chunk_step] : 0.0f;
 #pragma unroll
-            for (int j = 0; j < LOADS; j++)
-                if (k0 + j < a.nc && w_s[k0 + j] != -INFINITY) acc = fmaf(w_s[k0 + j], v[j], acc);
-        }
-        const float v = M == -INFINITY ? 0.0f : acc / den;
-        if (a.rope && c >= a.D - 64) rot[c - (a.D - 64)] = v;
-        else store_out(a, (t * a.H + hh) * a.D + c, v);
+        for (int j = 0; j < COMBINE_LOADS; j++)
+            if (k0 + j < a.nc && w_s[k0 + j] != -INFINITY) acc = fmaf(w_s[k0 + j], v[j], acc);
     }
-    if (!a.rope) return;
-    rope_table(a, t, 0, table);
+    const float o = M == -INFINITY ? 0.0f : acc / den_s;
+    if (a.rope && c >= a.D - 64) rot[c - (a.D - 64)] = o;
+    else if (c >= 0) store_out(a, (t * a.H + hh) * a.D + c, o);
+    if (!a.rope || blockIdx.y != gridDim.y - 1) return; /* uniform over the block */
     __syncthreads();
     if (threadIdx.x < 32) {
         const int64_t at = (t * a.H + hh) * a.D + a.D - 64 + 2 * threadIdx.x;
@@ -997,7 +996,8 @@ struct Split {
         if ((rc = dsrtk_check_launch("sparse_attention pv_kernel", dev))) return rc;
         const size_t combine_bytes = 2 * sizeof(float) * (size_t)a->nc;
         if ((rc = allow_shared(dev, (const void *)combine_kernel, combine_bytes, "sparse_attention combine_kernel"))) return rc;
-        (void)dsrtk_launch_dependent(combine_kernel, dim3((unsigned)(a->S * a->H)), dim3(THREADS), combine_bytes, st, *a);
+        const unsigned slices = (unsigned)((a->D + COMBINE_COLS - 1) / COMBINE_COLS);
+        (void)dsrtk_launch_dependent(combine_kernel, dim3((unsigned)(a->S * a->H), slices), dim3(COMBINE_COLS), combine_bytes, st, *a);
         return dsrtk_check_launch("sparse_attention combine_kernel", dev);
     }
 };
