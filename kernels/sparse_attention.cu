@@ -40,8 +40,9 @@
  *          8 heads, chunk), writes every s_j and each chunk's max (workspace); pv_kernel, one CTA
  *          per (row, 8 heads, chunk), takes the running max M_b of the chunk's block b = the max of
  *          the chunk maxima of blocks 0..b, so its P(e^{s_j − M_b}) are the fused path's exactly,
- *          and writes its partial acc, Σp and M_b; combine_kernel, one CTA per (row, head), sums
- *          the chunks with weights e^{M_b − M}, which equals the chain of α's up to fp32 rounding.
+ *          and writes its partial acc, Σp and M_b; combine_kernel, one CTA per (row, head, 128
+ *          columns), sums the chunks with weights e^{M_b − M}, which equals the chain of α's up to
+ *          fp32 rounding.
  *          Bytes (Flash decode, f32 pool): the gathered rows, 1.3 MB, read by each of the 8 head
  *          groups in both kernels (L2 after the first), q 128 KB per chunk column, partials
  *          40 x 64 x 512 x 4 = 5.2 MB written and read once. Host side: shared-memory
