@@ -337,6 +337,18 @@ struct GemvArgs {
     int y_dtype;
     int ks;           /* warps of a block splitting one feature group's K */
     int vpb_shift;    /* log2 of 16-byte vectors per scale block along K; -1: not a power of two */
+    int grid;         /* the matrix's persistent blocks */
+    /* sizes derived on the host (gemv_plan): a 64-bit division costs ~70 instructions ahead of a
+     * warp's first load */
+    int64_t out_g, in_g, tpg, ntiles; /* a group's outputs and inputs, tiles a group and in all */
+};
+
+/* One launch for one matrix, or for two that read the same x (a compressor's wkv and wgate, SPEC
+ * §10): blocks below split serve m[0] with the plan a launch of its own would have (so the same
+ * bits), the rest m[1] */
+struct GemvLaunch {
+    GemvArgs m[2];
+    int split;
 };
 
 __device__ __forceinline__ float2 half2_bits_to_float2(uint32_t bits)
@@ -393,12 +405,48 @@ __device__ __forceinline__ uint32_t word_of(const uint4 &v, int q) { return q ==
  * float4 they read 512 contiguous bytes (no bank conflicts). cols is a multiple of VEC (>= 8), so a
  * lane's 4 columns are all in range or all out. A warp loads SB units before converting them, so
  * their latencies overlap; the arithmetic of each unit is unchanged. */
-template <int VEC, int SB>
+/* stage_x's unquantised path: columns [0, cols) of each token's row as they are (load(i) reads
+ * element i of the chunk, token t's at t·in + c), 4 columns a thread at a time, the index math in
+ * 32 bits (a chunk is at most GEMV_X_BYTES), a thread's loads all issued before its stores. The
+ * Q8 walk below, used for this before, cost a compressor's GEMV most of its 9 us at decode (ncu,
+ * H200): 64-bit divisions per unit, and dsrt_load_f32's dtype switch around each load put one
+ * memory round trip after another. */
+template <int VEC, class Load>
+__device__ __forceinline__ void stage_plain(const GemvArgs &a, float *xs, int64_t cols, Load load)
+{
+    constexpr int SPAN = 32 * VEC, BATCH = 2;
+    const int quads = (int)cols / 4, n = (int)a.rows * quads;
+    for (int i0 = threadIdx.x; i0 < n; i0 += BATCH * GEMV_THREADS) {
+        float v[BATCH][4];
+#pragma unroll
+        for (int b = 0; b < BATCH; b++) {
+            const int i = i0 + b * GEMV_THREADS, t = i / quads, c = 4 * (i - t * quads);
+#pragma unroll
+            for (int e = 0; e < 4; e++) v[b][e] = i < n ? load(t * a.w.in + c + e) : 0.0f;
+        }
+#pragma unroll
+        for (int b = 0; b < BATCH; b++) {
+            const int i = i0 + b * GEMV_THREADS, t = i / quads, c = 4 * (i - t * quads);
+            const int s = c / SPAN, wi = c - s * SPAN, l = wi / VEC, r = wi - l * VEC;
+            if (i < n) *(float4 *)(xs + t * a.kc + s * SPAN + ((r >> 2) * 32 + l) * 4) = make_float4(v[b][0], v[b][1], v[b][2], v[b][3]);
+        }
+    }
+}
+
+template <int VEC, int SB, bool Q8>
 __device__ __forceinline__ void stage_x(const GemvArgs &a, float *xs, int64_t g, int64_t c0, int64_t cols)
 {
     constexpr int SPAN = 32 * VEC;
+    if (!Q8 || !a.quantise) { /* as it is, one load loop per dtype (stage_plain) */
+        const int64_t x0 = g * a.in_g + c0;
+        if (a.x_dtype == DSRT_BF16)
+            stage_plain<VEC>(a, xs, cols, [&](int64_t i) { return dsrt_bf16_to_f32(((const uint16_t *)a.x)[x0 + i]); });
+        else
+            stage_plain<VEC>(a, xs, cols, [&](int64_t i) { return ((const float *)a.x)[x0 + i]; });
+        return;
+    }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t in_g = a.w.in / a.w.groups, nblk = ceil_div(cols, ACT_BLOCK), units = a.rows * nblk;
+    const int64_t in_g = a.in_g, nblk = ceil_div(cols, ACT_BLOCK), units = a.rows * nblk;
     for (int64_t u0 = warp; u0 < units; u0 += SB * GEMV_WARPS) {
         float v[SB][4];
         bool ok[SB][4];
@@ -450,26 +498,30 @@ template <int FMT, int MT> struct GemvShape {
  * Per 16-byte vector and token: VEC FMAs, VEC/4 LDS.128, plus the dequantisation (fp8 1.5
  * instructions a weight, fp4 ~3, bf16 1) shared by the tokens. */
 template <int FMT, int MT>
-__global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_kernel(const __grid_constant__ GemvArgs a)
+__global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_kernel(const __grid_constant__ GemvLaunch L)
 {
     constexpr int VEC = GemvShape<FMT, MT>::VEC, NW = GemvShape<FMT, MT>::NW, U = GemvShape<FMT, MT>::U;
     constexpr int SPAN = 32 * VEC;
     extern __shared__ float4 xs4[];
     float *xs = (float *)xs4;
     __shared__ float red[GEMV_WARPS][NW * MT];
+    /* pairs are bf16 only (dsrtk_linear_pair): FP8/FP4 pairs take the tensor-core GEMV, and a
+     * run-time pick of the matrix made ptxas spill in their instantiations */
+    const int second = FMT == FMT_BF16 && (int)blockIdx.x >= L.split;
+    const GemvArgs &a = L.m[second];
+    const int64_t block = (int64_t)blockIdx.x - (second ? L.split : 0);
     const dsrtk_linear_weight &w = a.w;
-    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
+    bool waited = false; /* launched dependent (common.cuh): the wait comes after the first weight loads */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ks = a.ks, fg = warp / ks, kslot = warp % ks;
     const int fgs = GEMV_WARPS / ks;
-    const int64_t out_g = w.out / w.groups, in_g = w.in / w.groups, kc = a.kc;
-    const int64_t tf = (int64_t)fgs * NW, tpg = ceil_div(out_g, tf), ntiles = tpg * w.groups;
+    const int64_t out_g = a.out_g, in_g = a.in_g, kc = a.kc, tf = (int64_t)fgs * NW, tpg = a.tpg, ntiles = a.ntiles;
     const int64_t step = (int64_t)ks * 32;
     const size_t row_bytes = FMT == FMT_FP4 ? (size_t)w.ld / 2 : (size_t)w.ld * (FMT == FMT_FP8 ? 1 : 2);
     const char *wbase = (const char *)w.weight;
     const bool one_chunk = kc >= in_g;
     int64_t staged = -1; /* the group whose whole activation is in xs (one_chunk only) */
-    for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-        const int64_t g = tile / tpg, tl0 = (tile - g * tpg) * tf, nl0 = tl0 + (int64_t)fg * NW;
+    for (int64_t tile = block; tile < ntiles; tile += a.grid) {
+        const int64_t g = w.groups == 1 ? 0 : tile / tpg, tl0 = (tile - g * tpg) * tf, nl0 = tl0 + (int64_t)fg * NW;
         const char *wrow = wbase + (size_t)(g * out_g + nl0) * row_bytes; /* feature i's row at + i·row_bytes */
         int64_t srow[NW];
         bool live[NW];
@@ -487,16 +539,10 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_kernel(const __grid_cons
 
         for (int64_t c0 = 0; c0 < in_g; c0 += kc) {
             const int64_t cols = in_g - c0 < kc ? in_g - c0 : kc;
-            if (!one_chunk || staged != g) { /* block-uniform */
-                __syncthreads();             /* every warp is done reading the previous chunk */
-                stage_x<VEC, GemvShape<FMT, MT>::SB>(a, xs, g, c0, cols);
-                __syncthreads();
-                staged = g;
-            }
             const int64_t vbeg = c0 / VEC, vend = vbeg + cols / VEC;
-            for (int64_t v0 = vbeg + (int64_t)kslot * 32 + lane; v0 < vend; v0 += U * step) {
-                uint4 wv[U][NW];
-                float sc[U][NW];
+            uint4 wv[U][NW];
+            float sc[U][NW];
+            auto load = [&](int64_t v0) {
 #pragma unroll
                 for (int u = 0; u < U; u++) {
                     const int64_t v = v0 + u * step;
@@ -516,6 +562,26 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2) gemv_kernel(const __grid_cons
                         }
                     }
                 }
+            };
+            /* bf16 up to 4 tokens: the chunk's first weights are in flight while x is staged
+             * (weights are never written by a kernel, so before the producer wait too): a
+             * compressor's call is one round of loads a warp, whose latency the staging used to
+             * precede. The other shapes spill with their loads held across the staging (ptxas). */
+            constexpr bool EARLY = FMT == FMT_BF16 && MT <= 4;
+            int64_t v0 = vbeg + (int64_t)kslot * 32 + lane;
+            if (EARLY) load(v0);
+            if (!waited) {
+                dsrtk_wait_producer();
+                waited = true;
+            }
+            if (!one_chunk || staged != g) { /* block-uniform */
+                __syncthreads();             /* every warp is done reading the previous chunk */
+                stage_x<VEC, GemvShape<FMT, MT>::SB, FMT != FMT_BF16>(a, xs, g, c0, cols); /* bf16 never quantises */
+                __syncthreads();
+                staged = g;
+            }
+            for (bool loaded = EARLY; v0 < vend; v0 += U * step, loaded = false) {
+                if (!loaded) load(v0);
 #pragma unroll
                 for (int u = 0; u < U; u++) {
                     const int64_t v = v0 + u * step;
@@ -602,33 +668,71 @@ static int gemv_blocks_per_sm(int dev)
     return n;
 }
 
-/* ks: the fewest warps per feature group that still give every resident block a tile, while each
- * k-slot keeps at least one vector a lane */
+/* The plan of one matrix (a.ks, a.grid), from the shape and the device only. ks: the fewest warps
+ * per feature group that still give every resident block a tile, while each k-slot keeps at least
+ * one vector a lane */
 template <int FMT, int MT>
-static int launch_gemv_mt(int dev, GemvArgs &a, cudaStream_t s)
+static void gemv_plan(int dev, GemvArgs &a)
 {
     constexpr int VEC = GemvShape<FMT, MT>::VEC, NW = GemvShape<FMT, MT>::NW;
-    const int64_t out_g = a.w.out / a.w.groups, nvec = a.w.in / a.w.groups / VEC;
-    const int64_t resident = (int64_t)dsrtk_multiprocessors(dev) * gemv_blocks_per_sm<FMT, MT>(dev);
-    auto tiles = [&](int ks) { return ceil_div(out_g, (int64_t)(GEMV_WARPS / ks) * NW) * a.w.groups; };
+    a.out_g = a.w.out / a.w.groups, a.in_g = a.w.in / a.w.groups;
+    const int64_t nvec = a.in_g / VEC, resident = (int64_t)dsrtk_multiprocessors(dev) * gemv_blocks_per_sm<FMT, MT>(dev);
+    auto tiles = [&](int ks) { return ceil_div(a.out_g, (int64_t)(GEMV_WARPS / ks) * NW) * a.w.groups; };
     a.ks = 1;
     while (a.ks < GEMV_WARPS && tiles(a.ks) < resident && (int64_t)a.ks * 2 * 32 <= nvec) a.ks *= 2;
-    const int64_t ntiles = tiles(a.ks);
-    const int grid = (int)(ntiles < resident ? ntiles : resident);
-    return dsrtk_check(dsrtk_launch_dependent(gemv_kernel<FMT, MT>, dim3(grid), dim3(GEMV_THREADS),
-                                              (size_t)MT * (size_t)a.kc * sizeof(float), s, a),
+    a.ntiles = tiles(a.ks), a.tpg = a.ntiles / a.w.groups;
+    a.grid = (int)(a.ntiles < resident ? a.ntiles : resident);
+}
+
+/* y = x · wᵀ for the n (1 or 2) matrices of one format in one launch */
+template <int FMT, int MT>
+static int launch_gemv_mt(int dev, int n, const GemvArgs *m, cudaStream_t s)
+{
+    GemvLaunch L = {};
+    int64_t kc = 0;
+    for (int i = 0; i < n; i++) {
+        L.m[i] = m[i];
+        gemv_plan<FMT, MT>(dev, L.m[i]);
+        if (L.m[i].kc > kc) kc = L.m[i].kc;
+    }
+    L.split = L.m[0].grid;
+    return dsrtk_check(dsrtk_launch_dependent(gemv_kernel<FMT, MT>, dim3((unsigned)(L.m[0].grid + (n > 1 ? L.m[1].grid : 0))),
+                                              dim3(GEMV_THREADS), (size_t)MT * (size_t)kc * sizeof(float), s, L),
                        "launch of linear gemv_kernel on cuda:%d", dev);
 }
 
 template <int FMT>
-static int launch_gemv(int dev, GemvArgs &a, cudaStream_t s)
+static int launch_gemv(int dev, int n, const GemvArgs *m, cudaStream_t s)
 {
-    switch (gemv_mt(a.rows)) {
-    case 1: return launch_gemv_mt<FMT, 1>(dev, a, s);
-    case 2: return launch_gemv_mt<FMT, 2>(dev, a, s);
-    case 4: return launch_gemv_mt<FMT, 4>(dev, a, s);
-    default: return launch_gemv_mt<FMT, 8>(dev, a, s);
+    switch (gemv_mt(m[0].rows)) {
+    case 1: return launch_gemv_mt<FMT, 1>(dev, n, m, s);
+    case 2: return launch_gemv_mt<FMT, 2>(dev, n, m, s);
+    case 4: return launch_gemv_mt<FMT, 4>(dev, n, m, s);
+    default: return launch_gemv_mt<FMT, 8>(dev, n, m, s);
     }
+}
+
+/* the CUDA-core GEMV's arguments for one matrix (the grid comes from gemv_plan) */
+static GemvArgs gemv_args(const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise, int64_t kc,
+                          void *y, int y_dtype)
+{
+    GemvArgs a = {};
+    a.w = *w, a.x = x, a.x_dtype = x_dtype, a.quantise = quantise, a.rows = rows, a.kc = kc, a.y = y, a.y_dtype = y_dtype;
+    a.vpb_shift = -1;
+    if (w->format != FMT_BF16) {
+        int64_t vpb = w->block_cols / vec_of(w->format);
+        if ((vpb & (vpb - 1)) == 0)
+            for (a.vpb_shift = 0; ((int64_t)1 << a.vpb_shift) < vpb; a.vpb_shift++) {}
+    }
+    return a;
+}
+
+/* the instantiation for the weights' format (m[0]'s: the same for both of a pair) */
+static int launch_gemv_any(int dev, int n, const GemvArgs *m, cudaStream_t s)
+{
+    if (m[0].w.format == FMT_FP8) return launch_gemv<FMT_FP8>(dev, n, m, s);
+    if (m[0].w.format == FMT_FP4) return launch_gemv<FMT_FP4>(dev, n, m, s);
+    return launch_gemv<FMT_BF16>(dev, n, m, s);
 }
 
 /* ---- the decode GEMV on FP8 tensor cores (fp8mma.cuh) ---- */
@@ -1344,19 +1448,10 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
     char *ws = (char *)workspace;
 
     if (p.path == PATH_GEMV) {
-        GemvArgs a = {};
-        a.w = *w, a.x = x, a.x_dtype = x_dtype, a.quantise = quantise, a.rows = rows, a.kc = p.kc, a.y = y, a.y_dtype = y_dtype;
-        a.vpb_shift = -1;
-        if (w->format != FMT_BF16) {
-            int64_t vpb = w->block_cols / vec_of(w->format);
-            if ((vpb & (vpb - 1)) == 0)
-                for (a.vpb_shift = 0; ((int64_t)1 << a.vpb_shift) < vpb; a.vpb_shift++) {}
-        }
         if (bf16_mma_fits(w, rows, quantise, x_dtype)) return launch_bf16_mma(dev, w, x, x_dtype, rows, y, y_dtype, s);
         if (mma_gemv_fits(w, rows, quantise, x_dtype)) return launch_mma(dev, 1, &w, x, x_dtype, rows, quantise, &y, y_dtype, s);
-        if (w->format == FMT_FP8) return launch_gemv<FMT_FP8>(dev, a, s);
-        if (w->format == FMT_FP4) return launch_gemv<FMT_FP4>(dev, a, s);
-        return launch_gemv<FMT_BF16>(dev, a, s);
+        const GemvArgs a = gemv_args(w, x, x_dtype, rows, quantise, p.kc, y, y_dtype);
+        return launch_gemv_any(dev, 1, &a, s);
     }
     if (p.path == PATH_TILED) return run_tiled(dev, w, x, x_dtype, rows, quantise, y, y_dtype, ws, s);
 
@@ -1391,14 +1486,29 @@ int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear
     if (w0->in != w1->in) return dsrtk_fail(DSRTK_ERROR, "linear: a pair must read the same input (%lld and %lld features)",
                                             (long long)w0->in, (long long)w1->in);
     if (dev < 0 || dev >= MAX_LT_DEVICES) return dsrtk_fail(DSRTK_ERROR, "linear: no device cuda:%d", dev);
-    /* one launch only where each matrix alone would take the tensor-core GEMV (FP8/FP4: never the
-     * bf16 one), in one instantiation */
-    if (rows == 0 || !mma_gemv_fits(w0, rows, quantise, x_dtype) || !mma_gemv_fits(w1, rows, quantise, x_dtype) ||
-        w0->format != w1->format || w0->scale_dtype != w1->scale_dtype)
-        return DSRTK_OK;
-    DSRTK_SET_DEVICE(dev, "linear");
+    if (rows == 0) return DSRTK_OK;
     const dsrtk_linear_weight *w[2] = {w0, w1};
     void *y[2] = {y0, y1};
+    cudaStream_t s = (cudaStream_t)stream;
+    /* one launch only where each matrix alone would take the same decode GEMV in one
+     * instantiation: the tensor-core one (FP8/FP4) or the CUDA-core one with bf16 weights (a
+     * compressor's wkv and wgate; gemv_kernel takes no other pair) */
+    if (mma_gemv_fits(w0, rows, quantise, x_dtype) && mma_gemv_fits(w1, rows, quantise, x_dtype) &&
+        w0->format == w1->format && w0->scale_dtype == w1->scale_dtype) {
+        DSRTK_SET_DEVICE(dev, "linear");
+        *launched = 1;
+        return launch_mma(dev, 2, w, x, x_dtype, rows, quantise, y, y_dtype, s);
+    }
+    GemvArgs m[2];
+    for (int i = 0; i < 2; i++) {
+        Plan p;
+        make_plan(w[i], rows, x_dtype, quantise, y_dtype, &p);
+        if (p.path != PATH_GEMV || bf16_mma_fits(w[i], rows, quantise, x_dtype) || mma_gemv_fits(w[i], rows, quantise, x_dtype) ||
+            w[i]->format != FMT_BF16)
+            return DSRTK_OK;
+        m[i] = gemv_args(w[i], x, x_dtype, rows, quantise, p.kc, y[i], y_dtype);
+    }
+    DSRTK_SET_DEVICE(dev, "linear");
     *launched = 1;
-    return launch_mma(dev, 2, w, x, x_dtype, rows, quantise, y, y_dtype, (cudaStream_t)stream);
+    return launch_gemv_any(dev, 2, m, s);
 }

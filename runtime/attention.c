@@ -729,6 +729,14 @@ static int add_ape(dsrt_attention *a, dsrt_tensor *g, dsrt_tensor *ape, int64_t 
     return 0;
 }
 
+/* a compressor's rows of x on s: c = wkv·x and g = wgate·x + ape[t mod r], f32 in fp32 math (SPEC
+ * §3.5); wkv ‖ wgate in one launch at decode, as vLLM fuses them (SPEC §10) */
+static int compressor_rows(dsrt_attention *a, const dsrt_compressor_weights *cw, dsrt_tensor *ape, dsrt_tensor *xf, int64_t P,
+                           dsrt_stream *s, dsrt_tensor **c, dsrt_tensor **g)
+{
+    return dsrt_linear_forward_pair(cw->wkv, cw->wgate, xf, DSRT_PREC_FP32, s, c, g) || add_ape(a, *g, ape, P, s) ? -1 : 0;
+}
+
 /* compress() on the device: the entries j with P <= j·r + r − 1 < P + S into cs->tentries, from
  * the chunk's (c, g + ape) rows c, g [S, coff·d] and the rings. */
 static int compress_dev(dsrt_attention *a, comp_state *cs, dsrt_compressor_weights *w, dsrt_tensor *c, dsrt_tensor *g,
@@ -828,16 +836,9 @@ static int advance_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, 
     dsrt_tensor *xf = dsrt_tensor_contiguous(x, s), *kv = NULL, *cc = NULL, *cg = NULL, *ic = NULL, *ig = NULL;
     int rc = -1;
     if (!xf) goto done;
-    if (r > 0) {
-        cc = dlin(w->compressor.wkv, xf, DSRT_PREC_FP32, s); /* fp32 math (SPEC §3.5) */
-        cg = cc ? dlin(w->compressor.wgate, xf, DSRT_PREC_FP32, s) : NULL;
-        if (add_ape(a, cg, a->ape_t, P, s)) goto done;
-    }
-    if (r == 4) {
-        ic = dlin(w->index_compressor.wkv, xf, DSRT_PREC_FP32, s);
-        ig = ic ? dlin(w->index_compressor.wgate, xf, DSRT_PREC_FP32, s) : NULL;
-        if (add_ape(a, ig, a->index_ape_t, P, s)) goto done;
-    }
+    if ((r > 0 && compressor_rows(a, &w->compressor, a->ape_t, xf, P, s, &cc, &cg)) ||
+        (r == 4 && compressor_rows(a, &w->index_compressor, a->index_ape_t, xf, P, s, &ic, &ig)))
+        goto done;
     /* the window KV as forward_cuda's fused q/kv norm computes it (the same kernel, without q) */
     kv = norm_rope(c, dlin_any(w->wkv, xf, prec, s), DSRT_NN_NORM_RMS, w->kv_norm, P, 1, latent_post(0, prec), prec, s);
     if (!kv || (r == 4 && compress_dev(a, &st->index, &w->index_compressor, ic, ig, P, S, 1, prec, s)) ||
@@ -876,17 +877,10 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
                 dsrt_stream_wait(s_comp, a->ev[0]) || dsrt_stream_wait(s_wproj, a->ev[0]) || dsrt_stream_wait(s_icomp, a->ev[0])))
         goto done;
     ok = 1;
-    if (r > 0) {
-        cc = dlin(w->compressor.wkv, xf, DSRT_PREC_FP32, s_comp); /* fp32 math (SPEC §3.5) */
-        cg = cc ? dlin(w->compressor.wgate, xf, DSRT_PREC_FP32, s_comp) : NULL;
-        ok = !add_ape(a, cg, a->ape_t, P, s_comp);
-    }
-    if (ok && r == 4) {
-        ok = (wproj = dlin(w->index_weights_proj, xf, prec, s_wproj)) != NULL;
-        ic = ok ? dlin(w->index_compressor.wkv, xf, DSRT_PREC_FP32, s_icomp) : NULL;
-        ig = ic ? dlin(w->index_compressor.wgate, xf, DSRT_PREC_FP32, s_icomp) : NULL;
-        ok = !add_ape(a, ig, a->index_ape_t, P, s_icomp);
-    }
+    if (r > 0) ok = !compressor_rows(a, &w->compressor, a->ape_t, xf, P, s_comp, &cc, &cg);
+    if (ok && r == 4)
+        ok = (wproj = dlin(w->index_weights_proj, xf, prec, s_wproj)) != NULL &&
+             !compressor_rows(a, &w->index_compressor, a->index_ape_t, xf, P, s_icomp, &ic, &ig);
     if (ok) ok = !dsrt_linear_forward_pair(w->wq_a, w->wkv, xf, prec, s, &qa, &kvp); /* one launch at decode */
     if (aux) {
         /* join even after a failure: nothing on s may run ahead of queued aux work */

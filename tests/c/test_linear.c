@@ -424,6 +424,16 @@ TEST(linear_pair_equals_two_forwards_and_names_a_width_mismatch)
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
 }
 
+/* a bf16 linear on cuda:0, [out, in] */
+static dsrt_linear *cuda_bf16_linear(int64_t out, int64_t in, dsrt_stream *s)
+{
+    dsrt_tensor *w = random_input(out, in), *wd = w ? dsrt_tensor_to(w, 0, DSRT_BF16, s, 0) : NULL;
+    dsrt_linear *l = wd ? make_linear(wd, NULL, DSRT_FORMAT_BF16, in, out, 0, 0, 1) : NULL;
+    dsrt_tensor_release(w);
+    dsrt_tensor_release(wd);
+    return l;
+}
+
 /* a linear of the given format on cuda:0, [out, in], 128x128 fp8 blocks or per-32 fp4 ones */
 static dsrt_linear *cuda_linear(dsrt_weight_format f, int64_t out, int64_t in, int f32_scales, dsrt_stream *s)
 {
@@ -443,13 +453,16 @@ static dsrt_linear *cuda_linear(dsrt_weight_format f, int64_t out, int64_t in, i
 GPU_TEST(gpu_linear_pair_equals_two_forwards)
 {
     dsrt_stream *s = dsrt_stream_default(0);
-    /* wq_a/wkv-like fp8 pairs (e8m0 and f32 scales), an fp4 pair, and pairs the kernels take apart:
-     * fp8 with fp4, and 9 rows (past the decode GEMV) */
+    /* wq_a/wkv-like fp8 pairs (e8m0 and f32 scales), an fp4 pair, bf16 pairs in fp32 math on the
+     * CUDA-core GEMV (a compressor's wkv/wgate, and widths whose plans split K differently), and
+     * pairs the kernels take apart: fp8 with fp4, bf16 with fp8, and 9 rows (past the decode GEMV) */
     dsrt_linear *a = cuda_linear(DSRT_FORMAT_FP8, 1024, 4096, 0, s), *b = cuda_linear(DSRT_FORMAT_FP8, 520, 4096, 0, s);
     dsrt_linear *af = cuda_linear(DSRT_FORMAT_FP8, 264, 384, 1, s), *bf = cuda_linear(DSRT_FORMAT_FP8, 136, 384, 1, s);
     dsrt_linear *p = cuda_linear(DSRT_FORMAT_FP4, 200, 512, 0, s), *q = cuda_linear(DSRT_FORMAT_FP4, 48, 512, 0, s);
     dsrt_linear *m = cuda_linear(DSRT_FORMAT_FP4, 72, 4096, 0, s);
-    REQUIRE(a && b && af && bf && p && q && m);
+    dsrt_linear *ck = cuda_bf16_linear(1024, 4096, s), *cg = cuda_bf16_linear(1024, 4096, s);
+    dsrt_linear *h0 = cuda_bf16_linear(3000, 4096, s), *h1 = cuda_bf16_linear(72, 4096, s);
+    REQUIRE(a && b && af && bf && p && q && m && ck && cg && h0 && h1);
     for (int64_t rows = 1; rows <= 9; rows += rows < 3 ? 2 : 5) { /* 1, 3, 8, 9 */
         dsrt_tensor *x = random_input(rows, 4096), *x3 = random_input(rows, 384), *x5 = random_input(rows, 512);
         REQUIRE(x && x3 && x5);
@@ -465,6 +478,8 @@ GPU_TEST(gpu_linear_pair_equals_two_forwards)
             {a, b, xd, DSRT_PREC_REFERENCE, "fp8 e8m0 f32 x"}, {a, b, xb, DSRT_PREC_REFERENCE, "fp8 e8m0 bf16 x"},
             {a, b, xb, DSRT_PREC_FP32, "fp8 e8m0 fp32 precision"}, {af, bf, x3d, DSRT_PREC_REFERENCE, "fp8 f32 scales"},
             {p, q, x5d, DSRT_PREC_REFERENCE, "fp4"}, {a, m, xb, DSRT_PREC_REFERENCE, "fp8 with fp4"},
+            {ck, cg, xb, DSRT_PREC_FP32, "bf16 compressor"}, {h0, h1, xb, DSRT_PREC_FP32, "bf16 3000 and 72"},
+            {h1, ck, xd, DSRT_PREC_FP32, "bf16 f32 x"}, {ck, a, xb, DSRT_PREC_FP32, "bf16 with fp8"},
         };
         for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
             char what[64];
@@ -474,6 +489,6 @@ GPU_TEST(gpu_linear_pair_equals_two_forwards)
         dsrt_tensor *all[] = {x, x3, x5, xd, xb, x3d, x5d};
         for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
     }
-    dsrt_linear *all[] = {a, b, af, bf, p, q, m};
+    dsrt_linear *all[] = {a, b, af, bf, p, q, m, ck, cg, h0, h1};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_linear_release(all[i]);
 }
