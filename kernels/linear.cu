@@ -928,17 +928,34 @@ static int launch_mma(int dev, int n, const dsrtk_linear_weight *const *w, const
 template <int MT, int P>
 __device__ __forceinline__ void stage_planes(const Bf16MmaArgs &a, uint16_t *xs)
 {
-    const int per_row = a.groups * a.ldg;
-    for (int i = threadIdx.x; i < MT * per_row; i += blockDim.x) {
-        const int t = i / per_row, gc = i - t * per_row, g = gc / a.ldg, c = gc - g * a.ldg;
-        float v = t < a.rows && c < a.in_g ? dsrt_load_f32(a.x, a.x_dtype, (int64_t)t * a.in + (int64_t)g * a.in_g + c) : 0.0f;
-        uint16_t *at = xs + t * P * a.pitch + gc;
+    /* BATCH elements a thread loaded before any is stored, from a pointer of the input's type: one
+     * memory round trip per batch (a load a round trip, through dsrt_load_f32's dtype switch,
+     * made the head's staging ~16 of them) */
+    enum { BATCH = 8 };
+    const int per_row = a.groups * a.ldg, n = MT * per_row;
+    const bool bf16 = a.x_dtype == DSRT_BF16;
+    for (int i0 = threadIdx.x; i0 < n; i0 += BATCH * blockDim.x) {
+        float v[BATCH];
 #pragma unroll
-        for (int p = 0; p < P; p++, at += a.pitch) {
-            const bool finite = isfinite(v);
-            const uint16_t b = finite ? (uint16_t)(dsrt_f32_bits(v) >> 16) : dsrt_f32_to_bf16(v);
-            *at = b;
-            v = finite ? v - dsrt_bf16_to_f32(b) : 0.0f;
+        for (int b = 0; b < BATCH; b++) {
+            const int i = i0 + b * blockDim.x, t = i / per_row, gc = i - t * per_row, g = gc / a.ldg, c = gc - g * a.ldg;
+            const int64_t at = (int64_t)t * a.in + (int64_t)g * a.in_g + c;
+            const bool real = i < n && t < a.rows && c < a.in_g;
+            v[b] = !real ? 0.0f : bf16 ? dsrt_bf16_to_f32(((const uint16_t *)a.x)[at]) : ((const float *)a.x)[at];
+        }
+#pragma unroll
+        for (int b = 0; b < BATCH; b++) {
+            const int i = i0 + b * blockDim.x, t = i / per_row, gc = i - t * per_row;
+            if (i >= n) break;
+            uint16_t *at = xs + t * P * a.pitch + gc;
+            float x = v[b];
+#pragma unroll
+            for (int p = 0; p < P; p++, at += a.pitch) {
+                const bool finite = isfinite(x);
+                const uint16_t h = finite ? (uint16_t)(dsrt_f32_bits(x) >> 16) : dsrt_f32_to_bf16(x);
+                *at = h;
+                x = finite ? x - dsrt_bf16_to_f32(h) : 0.0f;
+            }
         }
     }
 }
