@@ -6,7 +6,7 @@
  * What this file protects: the CUDA layer gives the CPU layer's result, and its index lists have
  * the CPU's layout, so the two are comparable and a chunked prefill equals a one-shot one equals
  * decode on the GPU too. Each kernel is the corresponding loop of attention.c with one thread per
- * output element (or one block per query row for the top-k), written with the same arithmetic in
+ * output element (or blocks per query row for the top-k), written with the same arithmetic in
  * the same order:
  *   - the ape add is one rounded f32 add, as the CPU's `g += ape` (bit-exact);
  *   - pooling takes the f32 max, then Σ e^{g−m}·c and Σ e^{g−m} in double in slot order, exactly as
@@ -23,7 +23,9 @@
  * a thread per (entry, head) dot, the head sum in order by one thread per entry: the same bits.
  * Prefill with up to 64 heads (a multiple of 8) takes score_dmma_kernel: the dots on the FP64
  * tensor cores, the same bits while the dots are exact (see there).
- * The top-k's bitonic sort runs its stages with jj < 32 as warp shuffles: the same network.
+ * The top-k of up to 2048 visible entries ranks each key by counting the keys below it, over
+ * many multiprocessors (topk_rank_kernel); longer rows sort in one block, the bitonic sort's
+ * stages with jj < 32 as warp shuffles. Either way the ascending order of the same unique keys.
  * Nothing here allocates or synchronises; the caller (attention.c) owns every buffer and stream.
  * All buffers are contiguous f32 (i64 for index lists, i32 for picks), row-major, as described
  * at each launcher in kernels.h.
@@ -538,7 +540,8 @@ __device__ void bitonic_sort(uint64_t *keys, int n2)
     }
 }
 
-/* One block per query row i: picks[i, m] = the m-th of the k = min(topk, visible) best entries,
+/* Rows with more than RANK_MAX visible entries (topk_rank_kernel below takes the others). One
+ * block per query row i: picks[i, m] = the m-th of the k = min(topk, visible) best entries,
  * −1 for m >= k. At most TOPK_SMEM visible entries: all keys sorted in shared memory. More: an
  * 8-bit radix select over the 64-bit keys finds the k-th smallest key exactly (keys are unique),
  * the k keys up to it are gathered and sorted in shared memory (topk <= TOPK_SMEM). */
@@ -606,6 +609,46 @@ __global__ void __launch_bounds__(TOPK_THREADS) topk_kernel(int *picks, const fl
         picks[i * topk + m] = m < k && m < n ? (int)(keys[m] & 0xffffffffu) : -1;
 }
 
+/* Up to RANK_MAX visible entries (decode's ~1025 at 4096 tokens): each key's place in the order is
+ * the number of keys below it (the keys are unique), so picks[rank] = its entry for rank < k, with
+ * no sort at all. Block (row, y) ranks the row's keys y·RANK_I .. +RANK_I, its warps each counting
+ * over a slice of all the row's keys (a broadcast read of shared memory a step); blocks run on as
+ * many multiprocessors as the row has 32-key slices. The same unique keys in the same ascending
+ * order as the sort, so the same picks. ~3 us where the bitonic sort of 1025 keys on one
+ * multiprocessor, a chain of 66 dependent stages, took 16 (ncu, H200, decode at 4096). */
+enum { RANK_MAX = 2048, RANK_I = 32, RANK_WARPS = 8 };
+
+__global__ void __launch_bounds__(RANK_WARPS * 32) topk_rank_kernel(int *picks, const float *scores, int64_t P, int64_t r,
+                                                                    int64_t topk, int64_t n_max)
+{
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
+    __shared__ uint64_t keys[RANK_MAX];
+    __shared__ int below_s[RANK_WARPS][RANK_I];
+    const int64_t row = blockIdx.x, visible64 = (P + row + 1) / r;
+    const int visible = (int)visible64, k = (int)(visible64 < topk ? visible64 : topk), i0 = (int)blockIdx.y * RANK_I;
+    int *out = picks + row * topk;
+    if (blockIdx.y == 0)
+        for (int64_t m = k + threadIdx.x; m < topk; m += blockDim.x) out[m] = -1;
+    if (i0 >= visible) return; /* block-uniform */
+    const float *s = scores + row * n_max;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) keys[j] = topk_key(s[j], j);
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, i = i0 + lane;
+    const uint64_t mine = i < visible ? keys[i] : 0;
+    const int slice = (visible + RANK_WARPS - 1) / RANK_WARPS, j0 = warp * slice, j1 = j0 + slice < visible ? j0 + slice : visible;
+    int below = 0;
+#pragma unroll 8
+    for (int j = j0; j < j1; j++) below += keys[j] < mine;
+    below_s[warp][lane] = below;
+    __syncthreads();
+    if (warp == 0 && i < visible) {
+        int rank = 0;
+#pragma unroll
+        for (int w = 0; w < RANK_WARPS; w++) rank += below_s[w][lane];
+        if (rank < k) out[rank] = i;
+    }
+}
+
 int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t P, int64_t r, int64_t topk, int64_t n_max,
                     void *stream)
 {
@@ -614,7 +657,14 @@ int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t
     if (topk > TOPK_SMEM) return dsrtk_fail(DSRTK_ERROR, "%s: index_topk %lld, at most %d on CUDA", what, (long long)topk, TOPK_SMEM);
     if (n_max >= ((int64_t)1 << 31)) return bad_arg(what, "too many entries");
     DSRTK_SET_DEVICE(dev, what);
-    (void)dsrtk_launch_dependent(topk_kernel, dim3((unsigned)S), dim3(TOPK_THREADS), 0, (cudaStream_t)stream, picks, scores, P, r,
-                                 topk, n_max);
+    const int64_t most_visible = (P + S) / r; /* the last row's */
+    if (most_visible <= RANK_MAX) {
+        const unsigned slices = most_visible > 0 ? (unsigned)((most_visible + RANK_I - 1) / RANK_I) : 1; /* y = 0 writes the -1s */
+        (void)dsrtk_launch_dependent(topk_rank_kernel, dim3((unsigned)S, slices), dim3(RANK_WARPS * 32), 0, (cudaStream_t)stream,
+                                     picks, scores, P, r, topk, n_max);
+    } else {
+        (void)dsrtk_launch_dependent(topk_kernel, dim3((unsigned)S), dim3(TOPK_THREADS), 0, (cudaStream_t)stream, picks, scores,
+                                     P, r, topk, n_max);
+    }
     return dsrtk_check_launch(what, dev);
 }

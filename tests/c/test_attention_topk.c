@@ -1,9 +1,9 @@
 /* test_attention_topk.c - the indexer's top-k on CUDA (kernels/attention.cu, dsrtk_attn_topk)
- * against a sort on the host: every row's picks, in order, on both of topk_kernel's paths (the
- * shared-memory bitonic sort of up to 4096 visible entries, padded to a power of two; the radix
- * select beyond), with tied scores, signed zeros, and more picks asked for than a row can see. The
- * model's tests compare whole layers, where a near-tied pick may differ within their tolerance;
- * this one holds the order itself. */
+ * against a sort on the host: every row's picks, in order, on its three paths (the rank count of
+ * up to 2048 visible entries; the shared-memory bitonic sort of up to 4096, padded to a power of
+ * two; the radix select beyond), with tied scores, signed zeros, and more picks asked for than a
+ * row can see. The model's tests compare whole layers, where a near-tied pick may differ within
+ * their tolerance; this one holds the order itself. */
 #include <stdint.h>
 #include <stdlib.h>
 #include "check.h"
@@ -64,7 +64,9 @@ GPU_TEST(gpu_indexer_topk_matches_a_host_sort)
     dsrt_stream *s = dsrt_stream_default(0);
     check_topk(1, 4095, 4, 512, 1, s);  /* decode at 4096: 1024 visible, no padding */
     check_topk(3, 3997, 4, 512, 2, s);  /* 999-1000 visible: padded */
-    check_topk(1, 4100, 4, 512, 3, s);  /* 1025: padded to 2048 */
+    check_topk(1, 4100, 4, 512, 3, s);  /* 1025 */
+    check_topk(2, 8190, 4, 512, 9, s);  /* 2047 and 2048: the most the rank kernel takes */
+    check_topk(1, 8196, 4, 512, 10, s); /* 2049: the sort, padded to 4096 */
     check_topk(2, 16380, 4, 512, 8, s); /* 4095 and 4096: the largest sort */
     check_topk(2, 20000, 4, 512, 4, s); /* 5000: the radix select */
     check_topk(5, 0, 1, 64, 5, s);      /* 1 .. 5 visible: the rest -1 */
