@@ -20,8 +20,9 @@
  *   - bf16_mma_kernel (1..8 rows, bf16 weights of 16384+ outputs: the LM head): mma.sync on the
  *     bf16 weights as stored, loaded in the CUDA-core GEMV's order; the head at 248-256 us at one
  *     row and 278 us at three (against 245-252 and 473 through gemv_kernel; ncu, H200).
- *   - gemv_kernel (1..8 rows, everything else: narrower bf16 weights, f32 or unquantised
- *     activations, widths off the 64-column chunks): each block stages the activation
+ *   - gemv_kernel (1..8 rows, everything else: narrower bf16 weights such as the compressors'
+ *     wkv and wgate, one launch for the pair, f32 or unquantised activations, widths off the
+ *     64-column chunks): each block stages the activation
  *     it needs in shared memory (f32, Q8 round-tripped with quant.h's arithmetic, so bit for bit
  *     the CPU's a), then streams every weight byte once with 16-byte loads (L1 no-allocate),
  *     dequantised in registers; a 16-byte vector never straddles a scale block (checked on the
