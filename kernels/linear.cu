@@ -397,15 +397,6 @@ __device__ __forceinline__ float word_dot(uint32_t word, const float *x, float p
 
 __device__ __forceinline__ uint32_t word_of(const uint4 &v, int q) { return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w; }
 
-/* Stages columns [c0, c0 + cols) of group g of every token in shared memory, Q8 round-tripped when
- * asked (one warp per token and block of 128 columns, quant.h's arithmetic: q8_block_warp). The
- * chunk starts on an absolute 128-column block (kc is a multiple of the span, a multiple of 128,
- * and a quantised grouped layer has in_g % 128 == 0: gemv_fits), so these are the CPU's Q8 blocks.
- * Layout: token t at xs + t·kc; in each span of 32 vectors, lane l's vector (VEC consecutive
- * columns) lies as VEC/4 float4s at float4 positions j·32 + l, so when the 32 lanes read their j-th
- * float4 they read 512 contiguous bytes (no bank conflicts). cols is a multiple of VEC (>= 8), so a
- * lane's 4 columns are all in range or all out. A warp loads SB units before converting them, so
- * their latencies overlap; the arithmetic of each unit is unchanged. */
 /* stage_x's unquantised path: columns [0, cols) of each token's row as they are (load(i) reads
  * element i of the chunk, token t's at t·in + c), 4 columns a thread at a time, the index math in
  * 32 bits (a chunk is at most GEMV_X_BYTES), a thread's loads all issued before its stores. The
@@ -434,6 +425,15 @@ __device__ __forceinline__ void stage_plain(const GemvArgs &a, float *xs, int64_
     }
 }
 
+/* Stages columns [c0, c0 + cols) of group g of every token in shared memory, Q8 round-tripped when
+ * asked (one warp per token and block of 128 columns, quant.h's arithmetic: q8_block_warp). The
+ * chunk starts on an absolute 128-column block (kc is a multiple of the span, a multiple of 128,
+ * and a quantised grouped layer has in_g % 128 == 0: gemv_fits), so these are the CPU's Q8 blocks.
+ * Layout: token t at xs + t·kc; in each span of 32 vectors, lane l's vector (VEC consecutive
+ * columns) lies as VEC/4 float4s at float4 positions j·32 + l, so when the 32 lanes read their j-th
+ * float4 they read 512 contiguous bytes (no bank conflicts). cols is a multiple of VEC (>= 8), so a
+ * lane's 4 columns are all in range or all out. A warp loads SB units before converting them, so
+ * their latencies overlap; the arithmetic of each unit is unchanged. */
 template <int VEC, int SB, bool Q8>
 __device__ __forceinline__ void stage_x(const GemvArgs &a, float *xs, int64_t g, int64_t c0, int64_t cols)
 {
