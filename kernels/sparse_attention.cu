@@ -620,8 +620,11 @@ __global__ void __launch_bounds__(COMBINE_COLS) combine_kernel(const __grid_cons
     const float *part = a.part_acc + (t * a.nc * a.H + hh) * a.D + (c >= 0 ? c : 0); /* chunk k's at k·H·D */
     const int64_t chunk_step = a.H * a.D;
     float v[COMBINE_LOADS];
+    auto load_batch = [&](int64_t k0) { /* column c's partials of chunks k0 .. k0 + COMBINE_LOADS - 1 */
 #pragma unroll
-    for (int j = 0; j < COMBINE_LOADS; j++) v[j] = j < a.nc ? part[j * chunk_step] : 0.0f;
+        for (int j = 0; j < COMBINE_LOADS; j++) v[j] = k0 + j < a.nc ? part[(k0 + j) * chunk_step] : 0.0f;
+    };
+    load_batch(0); /* with the weights' inputs: the partials do not depend on them */
     for (int64_t k = threadIdx.x; k < a.nc; k += blockDim.x) w_s[k] = pm[k * a.H], sum_s[k] = ps[k * a.H];
     __syncthreads();
     if (threadIdx.x < 32) {
@@ -645,9 +648,7 @@ __global__ void __launch_bounds__(COMBINE_COLS) combine_kernel(const __grid_cons
     __syncthreads();
     float acc = 0.0f;
     for (int64_t k0 = 0; k0 < a.nc; k0 += COMBINE_LOADS) {
-        if (k0 > 0)
-#pragma unroll
-            for (int j = 0; j < COMBINE_LOADS; j++) v[j] = k0 + j < a.nc ? part[(k0 + j) * chunk_step] : 0.0f;
+        if (k0 > 0) load_batch(k0);
 #pragma unroll
         for (int j = 0; j < COMBINE_LOADS; j++)
             if (k0 + j < a.nc && w_s[k0 + j] != -INFINITY) acc = fmaf(w_s[k0 + j], v[j], acc);
