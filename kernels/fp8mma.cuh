@@ -38,14 +38,7 @@
 #include "../runtime/quant.h"
 #include "common.cuh"
 #include "mma.cuh"
-
-/* two e4m3 bytes (the low one first) as an f16 pair, exactly */
-__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two)
-{
-    uint32_t r;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"((unsigned short)two));
-    return r;
-}
+#include "q8.cuh"
 
 /* The 8 e2m1 nibbles of a word (low nibble = even column) as four f16 pairs, (0, 2) (4, 6) (1, 3)
  * (5, 7) by column: an f16 whose high byte is s 0 0 0 e1 e0 m 0 and low byte zero reads
@@ -78,11 +71,9 @@ __device__ __forceinline__ void fp4_exchange(uint32_t lo, uint32_t hi, int q, ui
 __device__ __forceinline__ int fp4_lane_group(int q) { return q < 2 ? 16 * q : 16 * (q - 2) + 8; }
 
 /* Q8 of one block of 128 (or fewer) columns held 4 per lane, exactly as dsrt_q8_block (quant.h)
- * computes it: the same amax and power-of-two scale s, then the e4m3 codes of clamp(v / s). Two
- * shortcuts give the same bits: v / s equals v · (1 / s) because 1 / s is a power of two, exact
- * (2^-127 as a subnormal), and the hardware's cvt.rn.satfinite to e4m3 is quant.h's clamp to
- * ±448 and round to nearest even. Returns s; codes holds the lane's 4 e4m3 bytes (byte e is
- * column 4·lane + e). The whole warp calls it. */
+ * computes it: the same amax and power-of-two scale s, then the e4m3 codes of clamp(v / s)
+ * (q8.cuh). Returns s; codes holds the lane's 4 e4m3 bytes (byte e is column 4·lane + e). The
+ * whole warp calls it. */
 __device__ __forceinline__ float q8_codes_warp(const float (&v)[4], const bool (&ok)[4], uint32_t &codes)
 {
     float amax = 1e-4f;
@@ -96,13 +87,8 @@ __device__ __forceinline__ float q8_codes_warp(const float (&v)[4], const bool (
         float o = __shfl_xor_sync(0xffffffffu, amax, off);
         if (o > amax) amax = o;
     }
-    const float s = dsrt_pow2_ceil(amax * (1.0f / 448.0f));
-    const int e = (int)((dsrt_f32_bits(s) >> 23) & 0xffu) - 127; /* s = 2^e, e in [-126, 127] */
-    const float inv = e == 127 ? dsrt_bits_f32(0x00400000u) : dsrt_bits_f32((uint32_t)(127 - e) << 23);
-    unsigned short lo, hi;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(v[1] * inv), "f"(v[0] * inv));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(v[3] * inv), "f"(v[2] * inv));
-    codes = (uint32_t)lo | (uint32_t)hi << 16;
+    const float s = dsrt_pow2_ceil(amax * (1.0f / 448.0f)), inv = q8_inverse(s);
+    codes = q8_codes2(v[0], v[1], inv) | q8_codes2(v[2], v[3], inv) << 16;
     return s;
 }
 

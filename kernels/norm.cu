@@ -37,6 +37,7 @@
  */
 #include <math.h>
 #include "act.cuh"
+#include "q8.cuh"
 #include "rmsnorm.cuh"
 #include "rope.cuh"
 #include "../runtime/quant.h"
@@ -186,7 +187,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) roundtrip_kernel(void *x, int dty
  * so the order does not matter), s = pow2_ceil(amax·(1/max)), x/s clamped, coded, decoded, ×s.
  * No grid-stride loop: every lane of a warp reaches the shuffles; lanes past the end, or past
  * `count` in a short last block, load zeros (below the floor) and store nothing.
- * Bytes: 2·count·|x| per row; the e4m3/e2m1 codecs are a few dozen integer ops an element. */
+ * Bytes: 2·count·|x| per row; Q8 codes through q8.cuh (the hardware conversions), Q4 through numeric.h's codec. */
 template <bool Q4>
 __global__ void __launch_bounds__(DSRTK_BLOCK) roundtrip_vec_kernel(void *x, int dtype, int64_t rows, int64_t n,
                                                                     int64_t first, int64_t count, int blk)
@@ -209,11 +210,15 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) roundtrip_vec_kernel(void *x, int
     for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     const float s = dsrt_pow2_ceil(amax * (1.0f / max_code));
     if (!have) return;
+    if (Q4) {
 #pragma unroll
-    for (int i = 0; i < 8; i++) {
-        float q = v[i] / s;
-        q = q > max_code ? max_code : q < -max_code ? -max_code : q;
-        v[i] = Q4 ? dsrt_fp4_to_f32(dsrt_f32_to_fp4(q)) * s : dsrt_e4m3_to_f32(dsrt_f32_to_e4m3(q)) * s;
+        for (int i = 0; i < 8; i++) {
+            float q = v[i] / s;
+            q = q > max_code ? max_code : q < -max_code ? -max_code : q;
+            v[i] = dsrt_fp4_to_f32(dsrt_f32_to_fp4(q)) * s;
+        }
+    } else {
+        q8_roundtrip(v, s); /* q8.cuh: quant.h's bits, on the hardware's conversions */
     }
     st8(x, dtype, at, v);
 }
@@ -590,14 +595,7 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
                     if (m > amax) amax = m;
                 }
             for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-            const float s = dsrt_pow2_ceil(amax * (1.0f / 448.0f));
-            if (in)
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    float q = v[k][i] / s;
-                    q = q > 448.0f ? 448.0f : q < -448.0f ? -448.0f : q;
-                    v[k][i] = dsrt_e4m3_to_f32(dsrt_f32_to_e4m3(q)) * s;
-                }
+            if (in) q8_roundtrip(v[k], dsrt_pow2_ceil(amax * (1.0f / 448.0f)));
         }
     }
     if (a.post == POST_HADAMARD_Q4) { /* V == 1, width 128: the host checks */
