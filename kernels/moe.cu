@@ -1473,8 +1473,11 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __g
 
 /* Hash routing with an element-wise score (sqrtsoftplus, sigmoid): a token's weights need only the
  * logits of its k picked experts, not the whole gate (Flash: 6 of 256 rows, 48 KB of the 2 MB
- * gate). One block: the picks from tid2eid, the staged tokens, a warp a pick for its gate row's
- * logit (gate_logit: moe_router_kernel's bits), then its weights and the grouping as there.
+ * gate). One block: the picks from tid2eid (a thread a pick, once), then a warp a pick for its
+ * gate row's logit, the row's loads in flight while the tokens are staged (gate_logit:
+ * moe_router_kernel's bits), then its weights and the grouping as there. The chain is dependent
+ * reads (ids, tid2eid, the gate row): warps that each looked their pick up again, beside
+ * router_inputs' lookups, paid two more round trips (1.1 us of ~10, globaltimer marks, H200).
  * Launched dependent: the ids and x come from earlier work. */
 template <int TB>
 __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_hash_router_kernel(const __grid_constant__ dsrtk_moe_router_args a)
@@ -1487,14 +1490,12 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_hash_router_kernel(cons
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = b.n, k = b.k, rows = b.rows, chunks = b.chunks;
     float *score = b.score, *pick_w = b.pick_w;
     int *pick_e = b.pick_e, *valid = b.valid;
+    router_inputs(r, threadIdx.x, ROUTER_THREADS, nullptr, pick_e, valid);
+    __syncthreads();
     /* a warp's first gate row in flight before the staging: the chain of dependent reads is then
      * ids, tid2eid, the gate row, not the staging too */
     uint32_t word[GATE_U][16];
-    if (g.vector && warp < rows * k) {
-        bool ok;
-        load_gate_chunks(g, hash_pick(r, warp, ok), lane, chunks, word);
-    }
-    router_inputs(r, threadIdx.x, ROUTER_THREADS, nullptr, pick_e, valid);
+    if (g.vector && warp < rows * k) load_gate_chunks(g, pick_e[warp], lane, chunks, word);
     stage_x(staged, a.x, a.x_dtype, a.x_ld, rows, g.cols, chunks);
     __syncthreads();
     for (int p = warp; p < rows * k; p += ROUTER_WARPS) {
