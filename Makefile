@@ -33,6 +33,8 @@ KERNEL_SRC := $(wildcard kernels/*.cu)
 KERNEL_OBJ := $(KERNEL_SRC:kernels/%.cu=$(BUILD)/obj/kernels/%.o)
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -lcublas -lcublasLt -lrt -Wl,-rpath,$(CUDA_HOME)/lib64
 LINK := g++ -static-libstdc++ -static-libgcc
+# the kernel timeline's CUPTI library ships with the toolkit, though not with every install of it
+TIMELINE_SO := $(if $(wildcard $(CUDA_HOME)/include/cupti.h),$(BUILD)/kernel_timeline.so)
 else
 KERNEL_OBJ := $(BUILD)/obj/runtime/nocuda.o
 CUDA_LIBS :=
@@ -44,7 +46,7 @@ C_TESTS := $(wildcard tests/c/test_*.c)
 
 .PHONY: all setup test test-gpu memcheck-gpu asan demo bench clean
 all: $(BUILD)/dsrt $(BUILD)/libdsrt.a $(BUILD)/libdsrt.so $(BUILD)/lua/dsrt/core.so $(BUILD)/test_c \
-     $(BUILD)/embed_example $(BUILD)/host_sampler.so
+     $(BUILD)/embed_example $(BUILD)/host_sampler.so $(TIMELINE_SO)
 	@[ "$(CUDA)" = 1 ] || echo "dsrt: nvcc not found, building for the CPU only"
 
 $(BUILD)/obj/runtime/%.o: runtime/%.c $(wildcard runtime/*.h) kernels/kernels.h
@@ -76,6 +78,11 @@ $(BUILD)/dsrt: $(BUILD)/obj/runtime/main.o $(BUILD)/libdsrt.a
 # the wall-clock sampler tools/host_report.py reads (preloaded: tools/host_profile.sh)
 $(BUILD)/host_sampler.so: tools/host_sampler.c
 	$(CC) -std=c17 -O2 -Wall -Wextra -Werror -fPIC -shared $< -o $@
+
+# the kernel timeline (CUPTI's activity records; tools/timeline.sh), loaded by CUDA as its injection hook
+$(BUILD)/kernel_timeline.so: tools/kernel_timeline.c
+	$(CC) -std=c17 -O2 -Wall -Wextra -Werror -fPIC -shared -I$(CUDA_HOME)/include $< -o $@ \
+	  -L$(CUDA_HOME)/lib64 -lcupti -Wl,-rpath,$(CUDA_HOME)/lib64
 
 # the README's embedding example, built as a host would build it
 $(BUILD)/embed_example: examples/embed.c $(BUILD)/libdsrt.a

@@ -3,7 +3,7 @@
 # ncu at the card's own clocks with warm caches (--clock-control none --cache-control none), summed
 # by kernel name, largest first, with the step's total. Over a build made elsewhere:
 #
-#   BUILD=build-gpu tools/profile_decode.sh [context]     (writes $OUT or build/gpu-logs/decode_kernels.csv)
+#   BUILD=build-gpu tools/profile_decode.sh [--context N] [--positions N]     (writes $OUT or build/gpu-logs/decode_kernels.csv)
 out=${OUT:-build/gpu-logs}
 build=${BUILD:-build}
 mkdir -p "$out"
@@ -29,5 +29,5 @@ for r in rows[1:]:
 print("%10s %6s %5s  %s" % ("us", "share", "calls", "kernel"))
 for name, ns in by_name.most_common():
     print("%10.1f %5.1f%% %5d  %s" % (ns / 1e3, 100 * ns / total, count[name], name))
-print("%10.1f        %5d  kernels in one decode step" % (total / 1e3, sum(count.values())))
+print("%10.1f        %5d  kernels in the profiled forward" % (total / 1e3, sum(count.values())))
 PY

@@ -9,11 +9,15 @@
 #
 #   BUILD=build-gpu tools/profile_stalls.sh REGEX [launches to skip] [script]
 #   e.g. tools/profile_stalls.sh '^moe_mma_kernel' 0     (writes $OUT or build/gpu-logs/stalls.csv)
+#
+# SAMPLING=0..31 sets ncu's sampling interval (2^(5 + n) cycles; default auto): a one-block kernel of
+# a few microseconds draws a dozen samples at auto, a few hundred at 0.
 out=${OUT:-build/gpu-logs}
 build=${BUILD:-build}
 regex=${1:?usage: tools/profile_stalls.sh REGEX [skip] [script]}
 mkdir -p "$out"
 ncu --profile-from-start off --clock-control none --cache-control none -k "regex:$regex" --launch-skip "${2:-0}" -c 1 \
+    --warp-sampling-interval "${SAMPLING:-auto}" \
     --section WarpStateStats --section SourceCounters --page source --csv --print-source sass \
     "$build/dsrt" "${3:-scripts/profile_decode.lua}" >"$out/stalls.csv" 2>"$out/stalls.log" ||
     { tail -20 "$out/stalls.log"; exit 1; }
