@@ -43,9 +43,9 @@ local function ids_of(step)
 end
 model:forward(seq, ids_of(0), { logits = logits }) -- warm at this width
 dsrt.synchronize("cuda")
-for step = 1, opts.steps do -- a profiled region each (tools/timeline.sh tells the steps apart so)
-  dsrt.cuda.profiler(true)
+dsrt.cuda.profiler(true)
+for step = 1, opts.steps do
   model:forward(seq, ids_of(step), { logits = logits })
   dsrt.synchronize("cuda")
-  dsrt.cuda.profiler(false)
 end
+dsrt.cuda.profiler(false)

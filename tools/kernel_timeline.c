@@ -9,19 +9,22 @@
  * per record, in one timebase:
  *     K start_ns end_ns correlation stream grid_x grid_y mangled_name   (a kernel on the GPU)
  *     A start_ns end_ns correlation cbid                                 (a runtime call on the host)
- *     S                                                                  (the end of a region)
+ *     S ns                                          (a stream or device synchronize returned, host)
  * A kernel's correlation names the call that launched it, so the file says for each kernel when
  * the host asked for it and when the GPU ran it: whether the GPU waited for the host. The runtime
  * calls' records are not free: they doubled the host's time to issue a decode step (0.99 ms
  * against 0.52 untraced, H200 machine, 2026-11-29), so with them the host looks slower than it is;
- * hence opt-in. tools/timeline.sh runs scripts/profile_decode.lua under it and prints the steps.
+ * hence opt-in. Stream and device synchronize calls, cheap to note, part a region's steps (S lines;
+ * an event's synchronize, which the token upload's staging ring makes inside a step, does not).
+ * tools/timeline.sh runs scripts/profile_decode.lua under it and prints the steps.
  */
 #include <cupti.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 static FILE *out;
-static int host; /* DSRT_TIMELINE_HOST=1: the runtime calls too */
+static int host;      /* DSRT_TIMELINE_HOST=1: the runtime calls too */
+static int recording; /* between cudaProfilerStart and cudaProfilerStop */
 
 static void CUPTIAPI buffer_requested(uint8_t **buffer, size_t *size, size_t *max_records)
 {
@@ -56,12 +59,20 @@ static void CUPTIAPI on_api(void *user, CUpti_CallbackDomain domain, CUpti_Callb
     if (id == CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStart_v4000 && cb->callbackSite == CUPTI_API_EXIT) {
         cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
         if (host) cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME);
+        recording = 1;
+    }
+    if (id != CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStart_v4000 && id != CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStop_v4000 &&
+        cb->callbackSite == CUPTI_API_EXIT && recording && out) { /* a synchronize */
+        uint64_t now = 0;
+        cuptiGetTimestamp(&now);
+        fprintf(out, "S %llu\n", (unsigned long long)now);
     }
     if (id == CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStop_v4000 && cb->callbackSite == CUPTI_API_ENTER) {
+        recording = 0;
         cuptiActivityDisable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
         if (host) cuptiActivityDisable(CUPTI_ACTIVITY_KIND_RUNTIME);
         cuptiActivityFlushAll(1);
-        if (out) fputs("S\n", out), fflush(out); /* the region's end */
+        if (out) fflush(out);
     }
 }
 
@@ -76,6 +87,10 @@ int InitializeInjection(void)
         cuptiEnableCallback(1, subscriber, CUPTI_CB_DOMAIN_RUNTIME_API, CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStart_v4000) !=
             CUPTI_SUCCESS ||
         cuptiEnableCallback(1, subscriber, CUPTI_CB_DOMAIN_RUNTIME_API, CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStop_v4000) !=
+            CUPTI_SUCCESS ||
+        cuptiEnableCallback(1, subscriber, CUPTI_CB_DOMAIN_RUNTIME_API, CUPTI_RUNTIME_TRACE_CBID_cudaDeviceSynchronize_v3020) !=
+            CUPTI_SUCCESS ||
+        cuptiEnableCallback(1, subscriber, CUPTI_CB_DOMAIN_RUNTIME_API, CUPTI_RUNTIME_TRACE_CBID_cudaStreamSynchronize_v3020) !=
             CUPTI_SUCCESS) {
         fprintf(stderr, "kernel_timeline: CUPTI would not start\n");
         return 0;

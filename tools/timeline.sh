@@ -6,8 +6,11 @@
 # stream) and its idle time inside the span; then the last step's kernels, one a line, with the
 # gap the GPU sat idle before each. With TIMELINE_HOST=1 the host's launch calls are recorded too
 # (kernel_timeline.c says what they cost): each step then also shows the host's issue time, and
-# idle time the GPU spent waiting for a launch call that had not returned is marked H. Over a build
-# made elsewhere, on the GPU machine:
+# idle time the GPU spent waiting for a launch call that had not returned is marked H. The steps
+# are parted where the host's wait for the GPU returned (each profiled step ends with one). Checked
+# against the GPU machine's records of 2026-11-29 as far as its last revision, which parts the
+# steps by those waits instead of a profiled region a step (that toggling left the GPU idle ~0.6-4.9
+# ms a step). Over a build made elsewhere, on the GPU machine:
 #
 #   BUILD=build-gpu tools/timeline.sh [profile_decode.lua options]   (default --steps 4 --plain)
 #   e.g. tools/timeline.sh --steps 4 --positions 3                   (a verify's forward, drafting)
@@ -20,20 +23,25 @@ CUDA_INJECTION64_PATH="$PWD/$build/kernel_timeline.so" DSRT_TIMELINE="$out/timel
     { tail -20 "$out/timeline.log"; exit 1; }
 grep "profile_decode:" "$out/timeline.log"
 python3 - "$out/timeline.txt" <<'PY'
-import sys, re, subprocess
-steps, api = [[]], {}
+import sys, re, subprocess, bisect
+kernels, api, syncs = [], {}, []
 for line in open(sys.argv[1]):
     f = line.split(None, 7)
     if f[0] == "K":
-        steps[-1].append(dict(start=int(f[1]), end=int(f[2]), corr=int(f[3]), stream=int(f[4]), grid=int(f[5]),
-                              name=f[7].strip()))
+        kernels.append(dict(start=int(f[1]), end=int(f[2]), corr=int(f[3]), stream=int(f[4]), grid=int(f[5]),
+                            name=f[7].strip()))
     elif f[0] == "A":
         api[int(f[3])] = (int(f[1]), int(f[2]))
-    elif f[0] == "S" and steps[-1]:
-        steps.append([])
-steps = [s for s in steps if s]
-if not steps:
+    elif f[0] == "S":
+        syncs.append(int(f[1]))
+if not kernels:
     sys.exit("timeline: no kernel recorded (an empty profiled region, or no CUPTI)")
+# a step's kernels all start before the synchronize that ends it returns, the next step's after
+syncs.sort()
+steps = {}
+for k in kernels:
+    steps.setdefault(bisect.bisect_left(syncs, k["start"]), []).append(k)
+steps = [steps[i] for i in sorted(steps)]
 mangled = sorted({k["name"] for st in steps for k in st})
 try:  # c++filt where binutils is installed, the mangled names otherwise
     plain = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True).stdout.splitlines()
