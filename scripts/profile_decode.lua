@@ -24,8 +24,7 @@ local folder = dofile("scripts/flash_slice.lua")()
 local model = dsv4.load(folder, { device = "cuda", precision = "reference", weights = "random", seed = 1, mtp = true })
 os.remove(folder .. "/config.json")
 os.remove(folder)
-local seq = model:session { max_len = opts.context + 64 + opts.positions * (opts.steps + 1), slack = 32,
-                            mtp = not opts.plain }
+local seq = model:session { max_len = opts.context + 64 + opts.positions * (opts.steps + 1), mtp = not opts.plain }
 local prompt = {}
 for i = 1, opts.context do prompt[i] = (i * 7919) % 129280 end
 model:forward(seq, prompt, { logits = "none" })

@@ -69,7 +69,7 @@ for i, st in enumerate(steps):
         cover = max(cover, k["end"])
     row = "%4d %7d %9.1f %9.1f %9.1f" % (i + 1, len(st), us(cover - st[0]["start"]), us(busy), us(idle))
     if host:
-        first = min(api[k["corr"]][0] for k in st if k["corr"] in api)
+        first = min((api[k["corr"]][0] for k in st if k["corr"] in api), default=st[0]["start"])
         row += " %9.1f %11.1f" % (us(max(k["issued"] for k in st) - first), us(idle_host))
     print(row)
 st = steps[-1]
