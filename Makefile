@@ -103,7 +103,7 @@ test: setup
 	@tools/total.sh "$(BUILD)/test_c" \
 	  "$(BUILD)/dsrt tests/run.lua tests/lua" \
 	  "env 'LUA_PATH=lua/?.lua;lua/?/init.lua;;' 'LUA_CPATH=$(BUILD)/lua/?.so;;' lua5.4 tests/run.lua tests/lua/test_module.lua" \
-	  "tests/tools/test_check_ptxas.sh" "tests/tools/test_host_profile.sh"
+	  "tests/tools/test_check_ptxas.sh" "tests/tools/test_host_profile.sh" "tests/tools/test_timeline.sh"
 
 # test-gpu and bench run on the GPU machine over a build/ made here: they never rebuild there
 test-gpu:

@@ -4,13 +4,14 @@
 # and the aux streams in effect, where ncu serialises kernels and times each alone. Per step: its
 # span from the first kernel's start to the last one's end, the GPU's busy time (kernels on any
 # stream) and its idle time inside the span; then the last step's kernels, one a line, with the
-# gap the GPU sat idle before each. With TIMELINE_HOST=1 the host's launch calls are recorded too
-# (kernel_timeline.c says what they cost): each step then also shows the host's issue time, and
-# idle time the GPU spent waiting for a launch call that had not returned is marked H. The steps
-# are parted where the host's wait for the GPU returned (each profiled step ends with one). Checked
-# against the GPU machine's records of 2026-11-29 as far as its last revision, which parts the
-# steps by those waits instead of a profiled region a step (that toggling left the GPU idle ~0.6-4.9
-# ms a step). Over a build made elsewhere, on the GPU machine:
+# gap the GPU sat idle before each (tools/timeline_report.py). With TIMELINE_HOST=1 the host's
+# launch calls are recorded too (kernel_timeline.c says what they cost): each step then also shows
+# the host's issue time, and idle time the GPU spent waiting for a launch call that had not
+# returned is marked H. The steps are parted where the host's wait for the GPU returned (each
+# profiled step ends with one). Run on the GPU machine on 2026-11-29 up to its last revision, which
+# parts the steps by those waits instead of a profiled region a step (that toggling left the GPU
+# idle 0.6-4.9 ms a step); the report is tested here (tests/tools/test_timeline.sh). Over a build
+# made elsewhere, on the GPU machine:
 #
 #   BUILD=build-gpu tools/timeline.sh [profile_decode.lua options]   (default --steps 4 --plain)
 #   e.g. tools/timeline.sh --steps 4 --positions 3                   (a verify's forward, drafting)
@@ -22,62 +23,4 @@ CUDA_INJECTION64_PATH="$PWD/$build/kernel_timeline.so" DSRT_TIMELINE="$out/timel
     DSRT_TIMELINE_HOST="${TIMELINE_HOST:-0}" "$build/dsrt" scripts/profile_decode.lua "$@" >"$out/timeline.log" 2>&1 ||
     { tail -20 "$out/timeline.log"; exit 1; }
 grep "profile_decode:" "$out/timeline.log"
-python3 - "$out/timeline.txt" <<'PY'
-import sys, re, subprocess, bisect
-kernels, api, syncs = [], {}, []
-for line in open(sys.argv[1]):
-    f = line.split(None, 7)
-    if f[0] == "K":
-        kernels.append(dict(start=int(f[1]), end=int(f[2]), corr=int(f[3]), stream=int(f[4]), grid=int(f[5]),
-                            name=f[7].strip()))
-    elif f[0] == "A":
-        api[int(f[3])] = (int(f[1]), int(f[2]))
-    elif f[0] == "S":
-        syncs.append(int(f[1]))
-if not kernels:
-    sys.exit("timeline: no kernel recorded (an empty profiled region, or no CUPTI)")
-# a step's kernels all start before the synchronize that ends it returns, the next step's after
-syncs.sort()
-steps = {}
-for k in kernels:
-    steps.setdefault(bisect.bisect_left(syncs, k["start"]), []).append(k)
-steps = [steps[i] for i in sorted(steps)]
-mangled = sorted({k["name"] for st in steps for k in st})
-try:  # c++filt where binutils is installed, the mangled names otherwise
-    plain = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True).stdout.splitlines()
-except OSError:
-    plain = mangled
-short = {m: re.sub(r"^void ", "", p.replace("(anonymous namespace)::", "").split("(")[0])[:44] for m, p in zip(mangled, plain)}
-for st in steps:
-    for k in st:
-        k["name"] = short.get(k["name"], k["name"][:44])
-host = bool(api)
-us = lambda ns: ns / 1e3
-print("%4s %7s %9s %9s %9s" % ("step", "kernels", "span us", "busy us", "idle us") +
-      (" %9s %11s" % ("issue us", "idle: host") if host else ""))
-for i, st in enumerate(steps):
-    st.sort(key=lambda k: k["start"])
-    for k in st:
-        k["issued"] = api.get(k["corr"], (0, 0))[1]
-    cover, busy, idle, idle_host = st[0]["start"], 0, 0, 0
-    for k in st:
-        k["gap"] = max(0, k["start"] - cover)
-        k["waited"] = host and k["gap"] > 0 and k["issued"] > cover  # the launch call returned after the GPU ran dry
-        idle += k["gap"]
-        idle_host += k["gap"] if k["waited"] else 0
-        busy += max(0, k["end"] - max(cover, k["start"]))
-        cover = max(cover, k["end"])
-    row = "%4d %7d %9.1f %9.1f %9.1f" % (i + 1, len(st), us(cover - st[0]["start"]), us(busy), us(idle))
-    if host:
-        first = min((api[k["corr"]][0] for k in st if k["corr"] in api), default=st[0]["start"])
-        row += " %9.1f %11.1f" % (us(max(k["issued"] for k in st) - first), us(idle_host))
-    print(row)
-st = steps[-1]
-begin, main = st[0]["start"], st[0]["stream"]
-print("\nthe last step's kernels (us from its first kernel's start; gap: the GPU idle before it%s):" %
-      ("; H: waiting for its launch call" if host else ""))
-print("%8s %8s %6s %6s %2s  %s" % ("start", "end", "dur", "gap", "", "kernel [grid], M main stream, a aux"))
-for k in st:
-    print("%8.1f %8.1f %6.1f %6.1f %2s  %s %s [%d]" % (us(k["start"] - begin), us(k["end"] - begin), us(k["end"] - k["start"]),
-          us(k["gap"]), "H" if k["waited"] else "", "M" if k["stream"] == main else "a", k["name"], k["grid"]))
-PY
+python3 tools/timeline_report.py "$out/timeline.txt"
