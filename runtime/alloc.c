@@ -11,8 +11,9 @@
  * every cached block), and a block used on its allocating stream alone is freed without an event:
  * it keeps that stream (its home, retained) and is reused on it in stream order; only a take by
  * another stream records an event on the home stream then - covering all work queued there so far,
- * which includes every use before the free - and waits on it. Streams a storage was additionally
- * used on (dsrt_storage_use) still get their event at the free.
+ * which includes every use before the free - and waits on it. That covers more than the block's
+ * uses, so small blocks are taken across streams only when memory is short (MOVE_MIN). Streams a
+ * storage was additionally used on (dsrt_storage_use) still get their event at the free.
  */
 #include "alloc.h"
 
@@ -106,14 +107,25 @@ static void empty_cache_locked(device_state *st, int device)
     }
 }
 
-/* Takes a cached block of exactly `size`, preferring one whose home is `stream`. */
-static dsrt_block *cache_take(device_state *st, size_t size, dsrt_stream *stream)
+/* A block of a smaller class than this is taken by another stream than its home only when memory
+ * is short: the take's event (order_after_frees) covers everything queued on the home stream so far,
+ * not just the block's last use, so a decode step's aux stream taking the main stream's block, or
+ * the main stream an aux stream's, waited for the other's work to date. In a decode step of the
+ * Flash slice wq_b's output took a block the indexer had freed on aux stream 0 and waited for the
+ * indexer's top-k (CUPTI timeline, H200: wq_b began 1.3 us after it, 38 us after its input was
+ * ready). A fresh block for each stream's working set of small tensors costs little memory; big
+ * blocks (prefill's) still move. */
+#define MOVE_MIN ((size_t)1 << 20)
+
+/* Takes a cached block of exactly `size`, preferring one whose home is `stream`; one of another
+ * home only if `any_home`. */
+static dsrt_block *cache_take(device_state *st, size_t size, dsrt_stream *stream, int any_home)
 {
     dsrt_block **best = NULL;
     for (dsrt_block **p = &st->cache[bucket_of(size)]; *p; p = &(*p)->next) {
         if ((*p)->size != size) continue;
-        if (!best) best = p;
         if ((*p)->home->id == stream->id) { best = p; break; }
+        if (!best && any_home) best = p;
     }
     if (!best) return NULL;
     dsrt_block *b = *best;
@@ -145,20 +157,31 @@ static int order_after_frees(device_state *st, dsrt_block *b, dsrt_stream *strea
     return rc;
 }
 
+/* A cached block for `stream` (cache_take), ordered after its frees; NULL with *failed = 0 when
+ * the cache has none, with *failed = 1 (and the block back in the cache) when the ordering failed */
+static dsrt_block *cache_reuse(device_state *st, size_t size, dsrt_stream *stream, int any_home, int *failed)
+{
+    dsrt_block *b = cache_take(st, size, stream, any_home);
+    *failed = 0;
+    if (!b) return NULL;
+    st->stats.cache_hits++;
+    if (order_after_frees(st, b, stream)) {
+        unsigned k = bucket_of(b->size);
+        b->next = st->cache[k], st->cache[k] = b;
+        *failed = 1;
+        return NULL;
+    }
+    return b;
+}
+
 static dsrt_block *device_alloc(device_state *st, int device, size_t size, dsrt_stream *stream)
 {
-    dsrt_block *b = cache_take(st, size, stream);
-    if (b) {
-        st->stats.cache_hits++;
-        if (order_after_frees(st, b, stream)) {
-            unsigned k = bucket_of(b->size);
-            b->next = st->cache[k], st->cache[k] = b;
-            return NULL;
-        }
-        return b;
-    }
+    const int over_limit = st->stats.limit && st->stats.reserved + size > st->stats.limit;
+    int failed;
+    dsrt_block *b = cache_reuse(st, size, stream, size >= MOVE_MIN || over_limit, &failed);
+    if (b || failed) return b;
     char want[32], have[32], lim[32];
-    if (st->stats.limit && st->stats.reserved + size > st->stats.limit) {
+    if (over_limit) {
         empty_cache_locked(st, device);
         if (st->stats.reserved + size > st->stats.limit) {
             human(size, want), human(st->stats.allocated, have), human(st->stats.limit, lim);
@@ -169,6 +192,7 @@ static dsrt_block *device_alloc(device_state *st, int device, size_t size, dsrt_
     void *ptr;
     int rc = dsrtk_malloc(device, &ptr, size);
     if (rc == DSRTK_OOM) {
+        if ((b = cache_reuse(st, size, stream, 1, &failed)) || failed) return b;
         empty_cache_locked(st, device);
         rc = dsrtk_malloc(device, &ptr, size);
     }
