@@ -124,6 +124,22 @@ __device__ __forceinline__ uint2 load_stream8(const void *p)
     asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
     return r;
 }
+/* The same with the L2's fetch from memory widened to the whole 128-byte line (.L2::128B), for the
+ * first load of a row's line when the loads after it read the rest of it (wgtile.cuh says where) */
+__device__ __forceinline__ uint4 load_stream_line(const void *p)
+{
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint2 load_stream8_line(const void *p)
+{
+    uint2 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    return r;
+}
 
 /* weight scales, read-only: raw bits into registers, decoded only where used (mma_accumulate). An
  * instruction that reads a loaded register makes the warp wait for the load there: ncu showed the

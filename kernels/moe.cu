@@ -44,8 +44,9 @@
  * Decode in reference precision, every expert matrix `wgmma` (widths of 256, rows of 64: Flash's):
  * moe_wg_kernel, wgtile.cuh's warpgroup tile (wgmma on e4m3, the weights' loads as its fragments;
  * wg_project says how blocks share the groups). Measured on the H200 (2026-11-29, Flash layer, T =
- * 1, ncu inside a decode step): UP ~43 us, DOWN ~23 us a layer; the FP4 experts bound by their
- * instruction stream (~250 warp instructions a KB), the FP8 shared expert at ~2.5 TB/s.
+ * 1, ncu inside a decode step): UP ~43 us, DOWN ~23 us a layer; later (CUPTI timeline, as it runs)
+ * UP 38-39 and DOWN 20-22 with the line hint, bound by how memory serves the tile's scattered
+ * pieces of rows, not by its instructions (wgtile.cuh's wg_load has the what-ifs).
  *
  * Decode in reference precision, FP8/FP4 experts otherwise (moe_mma_kernel, fp8mma.cuh's
  * tensor-core tile, as linear.cu's decode GEMV): blocks per group walk the group's 16-row tiles in teams, a team w1's

@@ -15,7 +15,8 @@
  *   - FP4: fp8mma.cuh's word exchange puts 8 columns of one 32-column block in a lane, which
  *     become two words of e4m3 in 7 integer ops (an e2m1 code s e1 e0 m placed in an e4m3 byte as
  *     s 0 0 e1 e0 m 0 0 reads e2m1 · 2^-6 exactly, the subnormal code included): a wgmma is one
- *     scale block, promoted at once. Still issue-bound (~250 warp instructions a KB), 1.3-1.4 TB/s.
+ *     scale block, promoted at once. ~250 warp instructions a KB, but not bound by them: how
+ *     memory serves the fragments' scattered pieces bounds the tile (wg_load's what-ifs).
  * A step's loads go out BUFFERS - 1 steps before its use (walk_buffers). The same loads staged
  * through shared memory (cp.async, then ldmatrix) were slower: the MIO pipe the copies, the
  * ldmatrix and the shared loads share was the top stall (ncu, H200).
@@ -153,22 +154,30 @@ template <int FMT> struct WgStep;
 template <> struct WgStep<WG_FP8> { uint4 a[2], b[2]; uint32_t scale; static constexpr int BUFFERS = 2; };
 template <> struct WgStep<WG_FP4> { uint2 a[2], b[2]; uint32_t sa, sb; static constexpr int BUFFERS = 3; };
 
+/* A row's first load of a step asks L2 for its whole 128-byte line (load_stream_line: FP8 the
+ * step's line, FP4 this step's and the next's), the rest reads it. What bounds this tile is how
+ * memory serves its loads, 64 or 128 bytes of each of a block's 128 rows kilobytes apart, not the
+ * instructions (what-ifs on the H200, Flash at T = 1, UP ~40 us a layer, CUPTI timeline: without
+ * the FP4 conversion 40-44, without the FP4 wgmmas 40, FP4 with 2 buffers 39-42; each FP4 tile
+ * read in memory order instead, wrong values, 35-36 and DOWN 21 -> 17-19, at T = 3 UP 96 -> 79).
+ * The line hint: UP 39-41 -> 38-39 us at T = 1 and 95-98 -> 89-93 at T = 3 (-5%); 64-byte
+ * (.L2::64B) fetches changed nothing, and 128-byte ones on the dense GEMVs' loads neither. */
 template <int FMT, int SF>
 __device__ __forceinline__ void wg_load(WgStep<FMT> &st, const WgRows &rows, int step, const WgStrides &sc, bool half)
 {
     constexpr int ROW = FMT == WG_FP8 ? WG_STEP : WG_STEP / 2; /* a row's bytes a step */
     const char *a = rows.a + step * ROW, *b = a + sc.row8;
     if constexpr (FMT == WG_FP8) {
-        st.a[0] = load_stream(a), st.a[1] = load_stream(a + 64);
-        if (!half) st.b[0] = load_stream(b), st.b[1] = load_stream(b + 64);
+        st.a[0] = load_stream_line(a), st.a[1] = load_stream(a + 64);
+        if (!half) st.b[0] = load_stream_line(b), st.b[1] = load_stream(b + 64);
         const char *s = rows.sa + (step >> sc.chunk_shift) * sc.ld1;
         st.scale = SF == DSRT_F32 ? load_scale32(s) : load_scale8(s);
     } else {
         const char *s = rows.sa + step * 4;
-        st.a[0] = load_stream8(a), st.a[1] = load_stream8(a + 32);
+        st.a[0] = load_stream8_line(a), st.a[1] = load_stream8(a + 32);
         st.sa = load_scale32(s);
         if (!half) {
-            st.b[0] = load_stream8(b), st.b[1] = load_stream8(b + 32);
+            st.b[0] = load_stream8_line(b), st.b[1] = load_stream8(b + 32);
             st.sb = load_scale32(s + sc.scale8);
         }
     }
