@@ -729,11 +729,12 @@ static GemvArgs gemv_args(const dsrtk_linear_weight *w, const void *x, int x_dty
 }
 
 /* the instantiation for the weights' format (m[0]'s: the same for both of a pair) */
-static int launch_gemv_any(int dev, int n, const GemvArgs *m, cudaStream_t s)
+/* one matrix of any format (pairs are bf16 only: dsrtk_linear_pair launches them itself) */
+static int launch_gemv_one(int dev, const GemvArgs *m, cudaStream_t s)
 {
-    if (m[0].w.format == FMT_FP8) return launch_gemv<FMT_FP8>(dev, n, m, s);
-    if (m[0].w.format == FMT_FP4) return launch_gemv<FMT_FP4>(dev, n, m, s);
-    return launch_gemv<FMT_BF16>(dev, n, m, s);
+    if (m->w.format == FMT_FP8) return launch_gemv<FMT_FP8>(dev, 1, m, s);
+    if (m->w.format == FMT_FP4) return launch_gemv<FMT_FP4>(dev, 1, m, s);
+    return launch_gemv<FMT_BF16>(dev, 1, m, s);
 }
 
 /* ---- the decode GEMV on FP8 tensor cores (fp8mma.cuh) ---- */
@@ -1469,7 +1470,7 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
         if (bf16_mma_fits(w, rows, quantise, x_dtype)) return launch_bf16_mma(dev, w, x, x_dtype, rows, y, y_dtype, s);
         if (mma_gemv_fits(w, rows, quantise, x_dtype)) return launch_mma(dev, 1, &w, x, x_dtype, rows, quantise, &y, y_dtype, s);
         const GemvArgs a = gemv_args(w, x, x_dtype, rows, quantise, p.kc, y, y_dtype);
-        return launch_gemv_any(dev, 1, &a, s);
+        return launch_gemv_one(dev, &a, s);
     }
     if (p.path == PATH_TILED) return run_tiled(dev, w, x, x_dtype, rows, quantise, y, y_dtype, ws, s);
 
@@ -1528,5 +1529,5 @@ int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear
     }
     DSRTK_SET_DEVICE(dev, "linear");
     *launched = 1;
-    return launch_gemv_any(dev, 2, m, s);
+    return launch_gemv<FMT_BF16>(dev, 2, m, s); /* both bf16 (above) */
 }

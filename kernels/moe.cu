@@ -792,9 +792,21 @@ template <int MODE>
 static int launch_wg(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
 {
     const size_t smem = wg_smem(a->max_in);
-    int st = dsrtk_check(cudaFuncSetAttribute(moe_wg_kernel<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                         "moe: warpgroup projection shared memory of %zu bytes", smem);
-    if (st) return st;
+    /* the shared-memory opt-in only when a launch needs more than the device's last one did (it
+     * never shrinks, so a launch that passed the test keeps its room): a driver call on every
+     * launch cost the host two a layer */
+    static std::atomic<size_t> opted[BLAS_MAX_DEVICES];
+    static std::mutex lock;
+    if (dev < 0 || dev >= BLAS_MAX_DEVICES) return dsrtk_fail(DSRTK_ERROR, "moe: no device cuda:%d", dev);
+    if (smem > opted[dev].load(std::memory_order_acquire)) {
+        std::lock_guard<std::mutex> guard(lock);
+        if (smem > opted[dev].load(std::memory_order_relaxed)) {
+            int st = dsrtk_check(cudaFuncSetAttribute(moe_wg_kernel<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                                 "moe: warpgroup projection shared memory of %zu bytes", smem);
+            if (st) return st;
+            opted[dev].store(smem, std::memory_order_release);
+        }
+    }
     int per_group;
     const int rows_y = project_grid(dev, a, (a->max_out + WG_ROWS - 1) / WG_ROWS, &per_group); /* a block a row tile */
     return dsrtk_check(dsrtk_launch_dependent(moe_wg_kernel<MODE>, dim3((unsigned)per_group, rows_y), dim3(MMA_WARPS * 32),

@@ -60,6 +60,19 @@ __global__ void __launch_bounds__(1024) rms_norm_kernel(const void *x, int x_dty
     }
 }
 
+/* the norm's weights of a thread's vectors (the g-th of G threads a row; w may be NULL) into L1
+ * while the row loads: the norm reads them only after the row's sum, a second round trip otherwise */
+template <int V, int G = 32>
+__device__ __forceinline__ void prefetch_row_weights(const void *w, int w_dtype, int64_t width, int g)
+{
+    if (!w) return;
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        const int64_t j = 8 * (int64_t)(g + G * k);
+        if (j < width) prefetch_l1(w, w_dtype, j);
+    }
+}
+
 /* Rows of d % 8 == 0 with 16-byte aligned x, w, y (the model's): a group of G threads per row (a warp
  * for d <= 1024, the block of 256 for d <= 8192), each holding V vectors of 8
  * in registers, so x is read from HBM once: d·|x| in, d·|y| out (+ w from L2). The sum of squares
@@ -74,10 +87,7 @@ __global__ void __launch_bounds__(256) rms_norm_rows_kernel(const void *x, int x
     __shared__ double scratch[33];
     constexpr int RPB = 256 / G; /* rows per block */
     const int g = threadIdx.x % G;
-    if (w) /* the weights into L1 while the first row loads (prefetch_l1) */
-#pragma unroll
-        for (int k = 0; k < V; k++)
-            if (8 * (int64_t)(g + k * G) < d) prefetch_l1(w, w_dtype, 8 * (int64_t)(g + k * G));
+    prefetch_row_weights<V, G>(w, w_dtype, d, g);
     for (int64_t r = blockIdx.x * (int64_t)RPB + threadIdx.x / G; r - threadIdx.x / G < rows; r += (int64_t)gridDim.x * RPB) {
         /* the loop condition is uniform over the block (G = 256: one row) or the warp (G = 32) */
         const bool live = r < rows;
@@ -471,19 +481,6 @@ __device__ __forceinline__ void store_row_bf16_exact(void *y, int64_t base, int6
         for (int i = 0; i < 4; i++)
             w[i] = __byte_perm(__float_as_uint(v[k][2 * i]), __float_as_uint(v[k][2 * i + 1]), 0x7632);
         ((uint4 *)y)[(base + j) / 8] = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-}
-
-/* the norm's weights of the lane's vectors (w may be NULL) into L1 while the row loads: norm_row
- * reads them only after the row's sum, a second round trip otherwise */
-template <int V>
-__device__ __forceinline__ void prefetch_row_weights(const void *w, int w_dtype, int64_t width, int lane)
-{
-    if (!w) return;
-#pragma unroll
-    for (int k = 0; k < V; k++) {
-        const int64_t j = 8 * (int64_t)(lane + 32 * k);
-        if (j < width) prefetch_l1(w, w_dtype, j);
     }
 }
 
