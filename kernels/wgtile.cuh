@@ -161,7 +161,9 @@ template <> struct WgStep<WG_FP4> { uint2 a[2], b[2]; uint32_t sa, sb; static co
  * the FP4 conversion 40-44, without the FP4 wgmmas 40, FP4 with 2 buffers 39-42; each FP4 tile
  * read in memory order instead, wrong values, 35-36 and DOWN 21 -> 17-19, at T = 3 UP 96 -> 79).
  * The line hint: UP 39-41 -> 38-39 us at T = 1 and 95-98 -> 89-93 at T = 3 (-5%); 64-byte
- * (.L2::64B) fetches changed nothing, and 128-byte ones on the dense GEMVs' loads neither. */
+ * (.L2::64B) or 256-byte fetches changed nothing, nor did 128-byte ones on the dense GEMVs' loads.
+ * Steps walked from a row-dependent start (each tile's blocks out of step with the others') made
+ * UP 38 -> 44 us; the two warpgroups on alternate steps instead of halves, no change. */
 template <int FMT, int SF>
 __device__ __forceinline__ void wg_load(WgStep<FMT> &st, const WgRows &rows, int step, const WgStrides &sc, bool half)
 {
