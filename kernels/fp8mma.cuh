@@ -109,35 +109,27 @@ __device__ __forceinline__ float q8_block_warp(float (&v)[4], const bool (&ok)[4
 }
 
 /* weights, streamed: L1 no-allocate keeps the L1 for the scales. volatile: issued where written,
- * ahead of the tensor-core work on the previous buffer (mma_stream), never sunk to its first use */
+ * ahead of the tensor-core work on the previous buffer (mma_stream), never sunk to its first use.
+ * LINE: the L2's fetch from memory widened to the whole 128-byte line (.L2::128B), for the first
+ * load of a row's line when the loads after it read the rest of it (wgtile.cuh says where). */
+template <bool LINE = false>
 __device__ __forceinline__ uint4 load_stream(const void *p)
 {
     uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-        : "l"(p));
+    if constexpr (LINE)
+        asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    else
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
 }
+template <bool LINE = false>
 __device__ __forceinline__ uint2 load_stream8(const void *p)
 {
     uint2 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
-    return r;
-}
-/* The same with the L2's fetch from memory widened to the whole 128-byte line (.L2::128B), for the
- * first load of a row's line when the loads after it read the rest of it (wgtile.cuh says where) */
-__device__ __forceinline__ uint4 load_stream_line(const void *p)
-{
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-        : "l"(p));
-    return r;
-}
-__device__ __forceinline__ uint2 load_stream8_line(const void *p)
-{
-    uint2 r;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    if constexpr (LINE)
+        asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    else
+        asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
     return r;
 }
 

@@ -154,7 +154,7 @@ template <int FMT> struct WgStep;
 template <> struct WgStep<WG_FP8> { uint4 a[2], b[2]; uint32_t scale; static constexpr int BUFFERS = 2; };
 template <> struct WgStep<WG_FP4> { uint2 a[2], b[2]; uint32_t sa, sb; static constexpr int BUFFERS = 3; };
 
-/* A row's first load of a step asks L2 for its whole 128-byte line (load_stream_line: FP8 the
+/* A row's first load of a step asks L2 for its whole 128-byte line (load_stream<true>: FP8 the
  * step's line, FP4 this step's and the next's), the rest reads it. What bounds this tile is how
  * memory serves its loads, 64 or 128 bytes of each of a block's 128 rows kilobytes apart, not the
  * instructions (what-ifs on the H200, Flash at T = 1, UP ~40 us a layer, CUPTI timeline: without
@@ -170,16 +170,16 @@ __device__ __forceinline__ void wg_load(WgStep<FMT> &st, const WgRows &rows, int
     constexpr int ROW = FMT == WG_FP8 ? WG_STEP : WG_STEP / 2; /* a row's bytes a step */
     const char *a = rows.a + step * ROW, *b = a + sc.row8;
     if constexpr (FMT == WG_FP8) {
-        st.a[0] = load_stream_line(a), st.a[1] = load_stream(a + 64);
-        if (!half) st.b[0] = load_stream_line(b), st.b[1] = load_stream(b + 64);
+        st.a[0] = load_stream<true>(a), st.a[1] = load_stream(a + 64);
+        if (!half) st.b[0] = load_stream<true>(b), st.b[1] = load_stream(b + 64);
         const char *s = rows.sa + (step >> sc.chunk_shift) * sc.ld1;
         st.scale = SF == DSRT_F32 ? load_scale32(s) : load_scale8(s);
     } else {
         const char *s = rows.sa + step * 4;
-        st.a[0] = load_stream8_line(a), st.a[1] = load_stream8(a + 32);
+        st.a[0] = load_stream8<true>(a), st.a[1] = load_stream8(a + 32);
         st.sa = load_scale32(s);
         if (!half) {
-            st.b[0] = load_stream8_line(b), st.b[1] = load_stream8(b + 32);
+            st.b[0] = load_stream8<true>(b), st.b[1] = load_stream8(b + 32);
             st.sb = load_scale32(s + sc.scale8);
         }
     }
