@@ -10,7 +10,8 @@ Per step: the span from the first kernel's start to the last one's end, the GPU'
 union of the kernels on every stream) and its idle time inside the span; with A lines, the host's
 issue time (its first launch call's start to its last one's return) and the idle time the GPU spent
 waiting for a launch call that had not yet returned. Then the last step's kernels, one a line, with
-the gap the GPU sat idle before each (H: waiting for its launch call). Names go through c++filt
+the gap the GPU sat idle before each (H: waiting for its launch call), and summed by name (time,
+calls), the longest first. Names go through c++filt
 where binutils is installed. tools/timeline.sh runs it; tests/tools/test_timeline.sh checks it.
 """
 import sys, re, subprocess, bisect
@@ -70,3 +71,10 @@ print("%8s %8s %6s %6s %2s  %s" % ("start", "end", "dur", "gap", "", "kernel [gr
 for k in st:
     print("%8.1f %8.1f %6.1f %6.1f %2s  %s %s [%d]" % (us(k["start"] - begin), us(k["end"] - begin), us(k["end"] - k["start"]),
           us(k["gap"]), "H" if k["waited"] else "", "M" if k["stream"] == main else "a", k["name"], k["grid"]))
+print("\nthe last step's kernels by name (us in all, calls):")
+sums = {}
+for k in st:
+    t, n = sums.get(k["name"], (0, 0))
+    sums[k["name"]] = (t + k["end"] - k["start"], n + 1)
+for name, (t, n) in sorted(sums.items(), key=lambda e: (-e[1][0], e[0])):
+    print("%8.1f %5d  %s" % (us(t), n, name))

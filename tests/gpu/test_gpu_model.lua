@@ -249,6 +249,33 @@ test("tiny_model_on_cuda_keeps_its_state_on_the_device_and_refuses_bad_input", f
                "session must come from this model")
 end)
 
+test("steady_decode_steps_on_cuda_allocate_no_new_device_memory", function() h.without_gc(function()
+  -- a step (layers with aux streams, the MTP ring fill, a draft), rolled back and run again at the
+  -- same position, takes every block from the cache once the first rounds have stocked it: the
+  -- allocator keeps small blocks with the stream that freed them (alloc.c), and a policy that kept
+  -- calling cudaMalloc would show here. (Steps that move on meet new size classes as the pools
+  -- grow, so the position is held.)
+  local model = dsv4.load(tiny(), { device = "cuda", precision = "reference", mtp = true })
+  local seq = model:session{ max_len = 64, slack = 4 }
+  model:forward(seq, prompt(12, 2), { logits = "none" })
+  local function round(i)
+    local logits = model:forward(seq, { 10 + i }, { logits = "last" })
+    local draft = model:draft(seq, 20 + i)
+    logits:close()
+    draft:close()
+    seq:truncate(12)
+  end
+  for i = 1, 4 do round(i) end
+  dsrt.synchronize("cuda")
+  local m0 = dsrt.memory_stats("cuda")
+  for i = 5, 16 do round(i) end
+  dsrt.synchronize("cuda")
+  local m1 = dsrt.memory_stats("cuda")
+  assert_equal(m1.device_mallocs, m0.device_mallocs, "cudaMalloc calls over 12 rounds")
+  assert_equal(m1.allocated, m0.allocated, "bytes held after 12 rounds")
+  assert(m1.cache_hits > m0.cache_hits, "the rounds were served from the cache")
+end) end)
+
 -- ---- fp32 on CUDA against transformers ----
 
 local FIXTURE = "tests/fixtures/dsv4_tiny"
