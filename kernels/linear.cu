@@ -728,8 +728,8 @@ static GemvArgs gemv_args(const dsrtk_linear_weight *w, const void *x, int x_dty
     return a;
 }
 
-/* the instantiation for the weights' format (m[0]'s: the same for both of a pair) */
-/* one matrix of any format (pairs are bf16 only: dsrtk_linear_pair launches them itself) */
+/* one matrix, the instantiation for its weights' format (pairs are bf16 only: dsrtk_linear_pair
+ * launches them itself) */
 static int launch_gemv_one(int dev, const GemvArgs *m, cudaStream_t s)
 {
     if (m->w.format == FMT_FP8) return launch_gemv<FMT_FP8>(dev, 1, m, s);
