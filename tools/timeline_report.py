@@ -11,8 +11,8 @@ union of the kernels on every stream) and its idle time inside the span; with A 
 issue time (its first launch call's start to its last one's return) and the idle time the GPU spent
 waiting for a launch call that had not yet returned. Then the last step's kernels, one a line, with
 the gap the GPU sat idle before each (H: waiting for its launch call), and summed by name (time,
-calls), the longest first. Names go through c++filt
-where binutils is installed. tools/timeline.sh runs it; tests/tools/test_timeline.sh checks it.
+calls), the longest first. Names go through c++filt where binutils is installed. tools/timeline.sh
+runs it; tests/tools/test_timeline.sh checks it.
 """
 import sys, re, subprocess, bisect
 kernels, api, syncs = [], {}, []
