@@ -61,8 +61,8 @@ static void CUPTIAPI on_api(void *user, CUpti_CallbackDomain domain, CUpti_Callb
         if (host) cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME);
         recording = 1;
     }
-    if (id != CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStart_v4000 && id != CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStop_v4000 &&
-        cb->callbackSite == CUPTI_API_EXIT && recording && out) { /* a synchronize */
+    if ((id == CUPTI_RUNTIME_TRACE_CBID_cudaDeviceSynchronize_v3020 || id == CUPTI_RUNTIME_TRACE_CBID_cudaStreamSynchronize_v3020) &&
+        cb->callbackSite == CUPTI_API_EXIT && recording && out) {
         uint64_t now = 0;
         cuptiGetTimestamp(&now);
         fprintf(out, "S %llu\n", (unsigned long long)now);
