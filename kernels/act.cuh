@@ -178,6 +178,47 @@ __device__ __forceinline__ void ld4_blocks(const void *p, int dtype, const int64
         for (int r = 0; r < R; r++) ld4_row(p, dtype, row[r], c0 + u * ACT_BLOCK + 4 * lane, cols, vec, v[r][u], ok[u]);
 }
 
+/* A Q8 stager's loads (fp8mma.cuh's mma_stage, wgtile.cuh's wg_stage): a warp's SB units u0,
+ * u0 + step, ... of `units` (row t = u / nblk, its 128-column block u % nblk), the lane's 4 columns
+ * of each, every load issued before any value is used. Row t's column 0 is element row_at(t) of p.
+ * vec (p 16-byte aligned, every row_at a multiple of 4, cols whole blocks): one 8- or 16-byte access
+ * a unit where an element at a time took four, which made the staging of a long row (wo_b's 8192
+ * columns, 3 rows at a verify: 6 rounds of 4 units a warp) wait on the load pipe. Units past
+ * `units` read row 0 and are not ok; ok[j][e] says which columns exist. */
+template <int SB, class RowAt>
+__device__ __forceinline__ void ld4_units(const void *p, int dtype, bool vec, int units, int nblk, int cols, int u0, int step,
+                                          RowAt row_at, float (&v)[SB][4], bool (&ok)[SB][4])
+{
+    const int lane = threadIdx.x % 32;
+    auto unit_at = [&](int j, int &col) { /* element of the lane's first column of unit j, and that column */
+        const int u = u0 + j * step, t = u < units ? u / nblk : 0;
+        col = (u < units ? u - t * nblk : 0) * ACT_BLOCK + 4 * lane;
+        return row_at(t) + col;
+    };
+    if (vec) {
+        int64_t at[SB];
+        int col;
+#pragma unroll
+        for (int j = 0; j < SB; j++) at[j] = unit_at(j, col);
+        ld4_all<SB>(p, dtype, at, v);
+#pragma unroll
+        for (int j = 0; j < SB; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) ok[j][e] = u0 + j * step < units;
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < SB; j++) {
+        int col;
+        const int64_t at = unit_at(j, col);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            ok[j][e] = u0 + j * step < units && col + e < cols;
+            v[j][e] = ok[j][e] ? ld(p, dtype, at + e) : 0.0f;
+        }
+    }
+}
+
 /* the launchers' test for ld4_row / st4_row's `vec`: a 16-byte aligned base, rows 4 elements apart */
 static inline bool act_vec(const void *p, int64_t ld) { return (uintptr_t)p % 16 == 0 && ld % 4 == 0; }
 

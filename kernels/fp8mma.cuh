@@ -36,6 +36,7 @@
 #include <stdint.h>
 #include <cuda_fp16.h>
 #include "../runtime/quant.h"
+#include "act.cuh"
 #include "common.cuh"
 #include "mma.cuh"
 #include "q8.cuh"
@@ -497,13 +498,14 @@ __device__ __forceinline__ float f16_block_warp(const float (&v)[4], uint32_t &h
  * halves, row `rows` zeros) with one scale per 128-column block at xsc (row t's at
  * t·ceil(cols/128), row `rows` zeros): one warp per (row, 128-column block). Q8: the Q8 codes and
  * scales, quant.h's arithmetic through q8_codes_warp, so codes times scales are bit for bit the
- * CPU's Q8 values; otherwise the bf16 inputs scaled into f16 (f16_block_warp). load(t, col) reads
- * an input element. A warp issues the loads of SB units before converting any: one L2 round trip
- * per SB units, not per unit. */
-template <int FMT, bool Q8, class Load>
-__device__ __forceinline__ void mma_stage(int rows, int cols, int ld, __half *xq, float *xsc, Load load)
+ * CPU's Q8 values; otherwise the bf16 inputs scaled into f16 (f16_block_warp). Row t of the input
+ * starts at element row_at(t) of x (bf16 or f32; vec as act.cuh's ld4_units). A warp issues the
+ * loads of SB units before converting any: one L2 round trip per SB units, not per unit. */
+template <int FMT, bool Q8, class RowAt>
+__device__ __forceinline__ void mma_stage(int rows, int cols, int ld, __half *xq, float *xsc, const void *x, int x_dtype,
+                                          bool vec, RowAt row_at)
 {
-    enum { SB = 4 };
+    enum { SB = 4 }; /* 8 (with vec): the GEMVs 9 us a step slower (CUPTI timeline, H200) */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int nblk = (cols + 127) / 128, units = rows * nblk;
     /* row `rows`: zeros, what tokens past the last read */
@@ -512,15 +514,7 @@ __device__ __forceinline__ void mma_stage(int rows, int cols, int ld, __half *xq
     for (int u0 = warp; u0 < units; u0 += SB * warps) {
         float v[SB][4];
         bool ok[SB][4];
-#pragma unroll
-        for (int j = 0; j < SB; j++) {
-            const int u = u0 + j * warps, t = u / nblk, cb = (u - t * nblk) * 128;
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                ok[j][e] = u < units && cb + lane * 4 + e < cols;
-                v[j][e] = ok[j][e] ? load(t, cb + lane * 4 + e) : 0.0f;
-            }
-        }
+        ld4_units<SB>(x, x_dtype, vec, units, nblk, cols, u0, warps, row_at, v, ok);
 #pragma unroll
         for (int j = 0; j < SB; j++) {
             const int u = u0 + j * warps, t = u / nblk, cb = (u - t * nblk) * 128;

@@ -795,12 +795,10 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
     dsrtk_wait_producer();
     if (my_tiles) mma_load<FMT, SF, U>(rows_of(0), buf[0], kslot * U, a.nchunk);
     const int64_t x0 = (int64_t)g * a.in_g;
-    if (a.x_dtype == DSRT_BF16)
-        mma_stage<FMT, Q8>(a.rows, a.in_g, a.ld, xq, xsc, [&](int t, int c) {
-            return dsrt_bf16_to_f32(((const uint16_t *)a.x)[(int64_t)t * a.in + x0 + c]);
-        });
-    else /* f32 inputs come quantised (mma_gemv_fits) */
-        mma_stage<FMT, true>(a.rows, a.in_g, a.ld, xq, xsc, [&](int t, int c) { return ((const float *)a.x)[(int64_t)t * a.in + x0 + c]; });
+    const bool vec = (uintptr_t)a.x % 16 == 0 && a.in % 4 == 0 && a.in_g % ACT_BLOCK == 0; /* x0 then too */
+    auto row_at = [&](int t) { return (int64_t)t * a.in + x0; };
+    if (a.x_dtype == DSRT_BF16) mma_stage<FMT, Q8>(a.rows, a.in_g, a.ld, xq, xsc, a.x, DSRT_BF16, vec, row_at);
+    else mma_stage<FMT, true>(a.rows, a.in_g, a.ld, xq, xsc, a.x, DSRT_F32, vec, row_at); /* f32 inputs come quantised (mma_gemv_fits) */
     __syncthreads();
 
     const int t0 = 2 * q, t1 = 2 * q + 1;

@@ -127,6 +127,9 @@ __device__ __forceinline__ float load_x(const void *x, int dtype, int64_t i)
     return dtype == DSRT_BF16 ? dsrt_bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
 
+/* A projection's input row for group row r: its first element in x (row_x picks it, or r itself) */
+__device__ __forceinline__ int64_t x_row(const dsrtk_moe_project_args &a, int64_t r) { return (a.row_x ? a.row_x[r] : r) * a.x_ld; }
+
 /* The Q8 round trip of one block of 128 values held 4 per lane (quant.h's dsrt_q8_roundtrip):
  * fp8mma.cuh's q8_block_warp, the codes not kept. Every lane of the warp must call it. */
 __device__ __forceinline__ void q8_warp(float (&v)[4], const bool (&valid)[4])
@@ -603,10 +606,9 @@ __device__ __forceinline__ void mma_project(const dsrtk_moe_project_args &a, con
         const int nb = (int)(count - b0 < MMA_TOKENS ? count - b0 : MMA_TOKENS);
         if (my_tiles) mma_load<FMT, SF, U>(rows_of(0), buf[0], kslot * U, nchunk);
         __syncthreads(); /* the previous batch is consumed */
-        mma_stage<FMT, true>(nb, k_in, ld, xq, xsc, [&](int64_t t, int64_t c) {
-            const int64_t r = first + b0 + t, xr = a.row_x ? a.row_x[r] : r;
-            return load_x(a.x, a.x_dtype, xr * a.x_ld + c);
-        });
+        /* an element an access: the wider loads' addresses cost this kernel a spill (ptxas), and the
+         * warpgroup tile is the decode path wherever shapes allow */
+        mma_stage<FMT, true>(nb, k_in, ld, xq, xsc, a.x, a.x_dtype, false, [&](int t) { return x_row(a, first + b0 + t); });
         __syncthreads();
         const int t0 = 2 * q, t1 = 2 * q + 1;
         const MmaX x = mma_x(xq + (gq < nb ? gq : nb) * ld, xsc + (t0 < nb ? t0 : nb) * nblk, xsc + (t1 < nb ? t1 : nb) * nblk);
@@ -714,11 +716,9 @@ __device__ __forceinline__ void wg_project(const dsrtk_moe_project_args &a, cons
             rows = rows_of(0);
             wg_load<FMT, SF>(buf[0], rows, step0, sc, half);
         }
-        wg_stage<FMT>(nb, k_in, xs, xsc, [&](int t, int c) {
-            const int row = first + b0 + t;
-            const int64_t xr = a.row_x ? a.row_x[row] : row;
-            return load_x(a.x, a.x_dtype, xr * a.x_ld + c);
-        });
+        /* an element an access: the wider loads made DOWN 81 -> 88 us a step (CUPTI timeline, H200,
+         * twice), where the dense GEMVs gained 9 (linear.cu) */
+        wg_stage<FMT>(nb, k_in, xs, xsc, a.x, a.x_dtype, false, [&](int t) { return x_row(a, first + b0 + t); });
         fence_async_shared(); /* the staged atoms, for wgmma's reads */
         __syncthreads();
         const uint32_t desc = wgmma_desc_sw128_low((uint32_t)__cvta_generic_to_shared(xs));

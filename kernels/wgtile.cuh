@@ -86,10 +86,12 @@ __device__ __forceinline__ int wg_atom_offset(int t, int kk) { return t * 128 + 
  * codes in the swizzled atoms at xs (step s at s·WG_ATOM, k-slots by wg_kslot, tokens past `rows`
  * zero) and their scales at xsc (FP4: times 2^FP4_X_SCALE_LOG2; token t's of step s at
  * t·cols/128 + s, past `rows` zero): one warp per (token, step), quant.h's arithmetic through
- * q8_codes_warp. load(t, col) reads an input element. The whole block calls it;
- * fence_async_shared and a barrier must follow before wgmma reads the atoms. */
-template <int FMT, class Load>
-__device__ __forceinline__ void wg_stage(int rows, int cols, unsigned char *xs, float *xsc, Load load)
+ * q8_codes_warp. Row t of the input starts at element row_at(t) of x (bf16 or f32; vec as act.cuh's
+ * ld4_units). The whole block calls it; fence_async_shared and a barrier must follow before wgmma
+ * reads the atoms. */
+template <int FMT, class RowAt>
+__device__ __forceinline__ void wg_stage(int rows, int cols, unsigned char *xs, float *xsc, const void *x, int x_dtype, bool vec,
+                                         RowAt row_at)
 {
     enum { SB = 4 };
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -102,15 +104,7 @@ __device__ __forceinline__ void wg_stage(int rows, int cols, unsigned char *xs, 
     for (int u0 = warp; u0 < units; u0 += SB * warps) {
         float v[SB][4];
         bool ok[SB][4];
-#pragma unroll
-        for (int j = 0; j < SB; j++) {
-            const int u = u0 + j * warps, t = u / steps, cb = (u - t * steps) * WG_STEP;
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                ok[j][e] = u < units;
-                v[j][e] = ok[j][e] ? load(t, cb + lane * 4 + e) : 0.0f;
-            }
-        }
+        ld4_units<SB>(x, x_dtype, vec, units, steps, cols, u0, warps, row_at, v, ok);
 #pragma unroll
         for (int j = 0; j < SB; j++) {
             const int u = u0 + j * warps, t = u / steps, s = u - t * steps;
