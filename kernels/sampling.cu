@@ -4,8 +4,8 @@
  * What this file protects: the same seed, step and logits give the same ids on the GPU as on the
  * CPU (runtime/sampling.c, sample_row, is the readable reference of everything here), not just
  * the same distribution. So nothing is approximated: p_i is sampling.h's dsrt_sample_exp (the
- * same IEEE operations as the CPU's), every double sum is added in the CPU's order (candidate
- * order, from the first candidate, one thread), and every comparison is the CPU's.
+ * same IEEE operations as the CPU's), every double sum is added in sampling.h's one order (by
+ * chunks of candidates, then the chunk totals), and every comparison is the CPU's.
  *
  * Shape of the work, for B rows of V logits (V = 129,280 for DSV4):
  *   1. (rows with penalties) the row's history ids are marked in a byte map [B, V] (zeroed first);
@@ -18,25 +18,23 @@
  *   3. (some row samples) one CUB radix sort of all B*V keys (stable by construction: the id is
  *      in the key): every row's candidates in the CPU's order, descending logit, ties by id.
  *   4. pick: a block per row combines the scan's partial results (status, greedy id) and, for a
- *      sampling row, walks its sorted candidates once (prefix_sums): the block computes p_i for a
- *      stage of candidates into shared memory in parallel, thread 0 adds them in order and keeps
- *      every running sum (in the sort's input keys, free once sorted). Every sum the CPU takes is
- *      one of those running sums, so top_p's cut and the draw are searches over them
- *      (first_reached). min_p's cut (the first candidate below min_p * p_max) is a parallel
- *      minimum, exact with no sum involved.
+ *      sampling row, takes the cumulative sums of its sorted candidates once (prefix_sums: every
+ *      p_i in parallel, a thread a chunk for the chunks' running sums, thread 0 for the chunk
+ *      totals; in the sort's input keys, free once sorted). Every sum the CPU takes is one of
+ *      them, so top_p's cut and the draw are searches over them (first_reached). min_p's cut (the
+ *      first candidate below min_p * p_max) is a parallel minimum, exact with no sum involved.
  *
  * Why a full sort rather than a top-p-bounded candidate set: top_p's threshold is top_p times the
- * sum of ALL candidates' p, added in candidate order; a different order changes the last bits of
+ * sum of ALL candidates' p, added in sampling.h's order; another order changes the last bits of
  * that sum, which moves the cut on a rounding tie, so the exact answer needs the candidates in
- * order. The sequential sums stop early, exactly: once p_i < z * 2^-56 (the candidates only get
- * smaller), adding it and everything after leaves z unchanged to the bit.
+ * order.
  *
  * Cost (B = 64, V = 129,280): the scan reads 33 MB of logits and writes 66 MB of keys; the sort
- * moves ~16 bytes per key per 8-bit digit over rb + 32 + 17 bits; the walk is O(V) dependent
- * double adds on one thread per row (rows in parallel), which bounds a call: measured on the H200
- * at B = 1, T = 0.7, top_p = 0.9, 5.47 ms with three walks whose every add waited on a stop test
- * (the total, the cut, the draw), 1.54 ms with one walk of bare adds and two searches. Greedy-only
- * calls skip steps 3 and 4's walk: they are one read of the logits.
+ * moves ~16 bytes per key per 8-bit digit over rb + 32 + 17 bits; then per row the p_i (a software
+ * exp each) and two chains of ~500 dependent double adds. At B = 1, T = 0.7, top_p = 0.9 on the
+ * H200: 5.47 ms with three sequential walks over all candidates whose every add waited on a stop
+ * test, 1.54 ms with one walk of bare adds (~20 clocks an add) and two searches, and now the
+ * chunked sums. Greedy-only calls skip steps 3 and 4's sums: they are one read of the logits.
  *
  * Errors: a row with a NaN or without a finite logit gets a status word beside its id, copied
  * back by the core with the ids (the launcher never synchronises).
@@ -187,10 +185,9 @@ __global__ void __launch_bounds__(SCAN_BLOCK) sample_scan_kernel(const float *lo
 
 struct PickShared {
     double stage[STAGE];
+    double chunk_before[DSRT_DRAW_MAX_CHUNKS]; /* prefix_sums' S_b */
     int stop, done;
     unsigned long long cut;
-    int64_t n;
-    double z;
 };
 
 /* Calls f(i, p_i) on thread 0 for i = 0, 1, ... < n in order, until f returns false. Every thread
@@ -223,68 +220,64 @@ __device__ void walk(PickShared &sh, const uint64_t *k, int idb, int64_t n, doub
     }
 }
 
-/* The running sums of p over the candidates, in order: P(i) = p_0 + ... + p_i, the CPU's additions
- * (sampling.c adds in candidate order from the first), stored at pre[i] for i < sh.n, P(i) = sh.z
- * from there on. Every sum the CPU takes is one of them: top_p's total, the cumulative sum that
- * finds its cut, the kept prefix's sum, the draw's walk; so one sequential pass serves them all and
- * the rest are searches. The pass stops exactly where nothing changes the sum: p < z * 2^-56 is below
- * a quarter ulp of z (>= 1 after p_0 = 1), and every later p is no larger (up to the exp's few ulps),
- * so z + p == z from there on. */
-__device__ void prefix_sums(PickShared &sh, const uint64_t *k, int idb, int64_t n, double xmax, double inv_t, double *pre)
+/* The cumulative sums of p over the candidates (sampling.h): P(i) = S_b + L_i for the chunk b =
+ * i / C of C = dsrt_draw_chunk(V) candidates, L_i its own p summed in order from its first
+ * candidate, S_b the chunk totals before it summed in chunk order, as sampling.c takes them. Every
+ * sum the CPU takes is one of them: top_p's total, the cumulative sum that finds its cut, the kept
+ * prefix's sum, the draw's; so one pass serves them all and the rest are searches. A thread a
+ * chunk computes its p_i and stores L_i at pre[i]; thread 0 turns the chunk totals into
+ * sh.chunk_before (S_b). (One sequential double sum over all candidates, the sampler's definition
+ * before, took 1.4 ms a row at V = 129,280 on the H200: ~20 clocks a dependent add; this chains
+ * C + V / C of them.) */
+__device__ void prefix_sums(PickShared &sh, const uint64_t *k, int idb, int64_t n, int64_t C, double xmax, double inv_t,
+                            double *pre)
 {
-    double z = 0.0;
-    int64_t stored = 0;
-    if (threadIdx.x == 0) sh.stop = 0;
-    for (int64_t base = 0; base < n; base += STAGE) {
-        const int len = (int)min((int64_t)STAGE, n - base);
-        for (int j = threadIdx.x; j < len; j += PICK_BLOCK) sh.stage[j] = key_prob(k[base + j], idb, xmax, inv_t);
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            /* 8 shared-memory reads in flight, then 8 dependent adds: the chain is the adds alone.
-             * The stop is tested at each group's first candidate only: adding the rest of a group
-             * past the exact stop leaves z as it is, by the same argument. */
-            int j = 0;
-            for (; j < len; j += 8) {
-                double v[8];
+    const int64_t chunks = (n + C - 1) / C;
+    for (int64_t c = threadIdx.x; c < chunks; c += PICK_BLOCK) {
+        const int64_t first = c * C, end = min(n, first + C);
+        double L = 0.0;
+        for (int64_t i = first; i < end; i += 4) { /* 4 keys in flight, their p apart from the chain of adds */
+            uint64_t key[4];
 #pragma unroll
-                for (int u = 0; u < 8; u++) v[u] = j + u < len ? sh.stage[j + u] : 0.0;
-                if (v[0] < __dmul_rn(z, 1.3877787807814457e-17)) break; /* z * 2^-56, exact: stop */
+            for (int u = 0; u < 4; u++) key[u] = i + u < end ? k[i + u] : 0;
+            double v[4];
 #pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    z += v[u];
-                    if (j + u < len) sh.stage[j + u] = z;
-                }
-            }
-            j = j < len ? j : len;
-            sh.n = base + j, sh.z = z;
-            if (j < len) sh.stop = 1;
+            for (int u = 0; u < 4; u++) v[u] = i + u < end ? key_prob(key[u], idb, xmax, inv_t) : 0.0;
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (i + u < end) L = __dadd_rn(L, v[u]), pre[i + u] = L;
         }
-        __syncthreads();
-        stored = sh.n;
-        for (int j = threadIdx.x; j < stored - base; j += PICK_BLOCK) pre[base + j] = sh.stage[j];
-        const bool stop = sh.stop;
-        __syncthreads(); /* the stage is read before the next one overwrites it, and pre is written */
-        if (stop) break;
+        sh.chunk_before[c] = L; /* the chunk's total, until thread 0 turns the totals into S_b */
     }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double S = 0.0;
+        for (int64_t c = 0; c < chunks; c++) {
+            const double total = sh.chunk_before[c];
+            sh.chunk_before[c] = S;
+            S = __dadd_rn(S, total);
+        }
+    }
+    __syncthreads();
 }
 
 /* P(i) of prefix_sums */
-__device__ __forceinline__ double prefix_at(const double *pre, int64_t stored, double total, int64_t i)
+__device__ __forceinline__ double prefix_at(const PickShared &sh, const double *pre, int64_t C, int64_t i)
 {
-    return i < stored ? pre[i] : total;
+    return __dadd_rn(sh.chunk_before[i / C], pre[i]);
 }
 
 /* The first i < n with reached(P(i)) (reached is monotone: false up to some i, true from there;
  * P never decreases), n if none. The block samples PICK_BLOCK evenly spaced points of the range
  * at a time: three rounds for V = 129,280. Every thread must call it. */
 template <class Reached>
-__device__ int64_t first_reached(const double *pre, int64_t stored, double total, int64_t n, Reached reached)
+__device__ int64_t first_reached(const PickShared &sh, const double *pre, int64_t C, int64_t n, Reached reached)
 {
     int64_t lo = 0, hi = n; /* the answer lies in [lo, hi]: nothing below lo is reached, hi is (or is n) */
     while (lo < hi) {
         const int64_t step = (hi - lo + PICK_BLOCK - 1) / PICK_BLOCK, i = lo + threadIdx.x * step;
         const int points = (int)((hi - lo + step - 1) / step);
-        const int below = __syncthreads_count(i < hi && !reached(prefix_at(pre, stored, total, i)));
+        const int below = __syncthreads_count(i < hi && !reached(prefix_at(sh, pre, C, i)));
         if (below == 0) return lo;
         const int64_t last_below = lo + (int64_t)(below - 1) * step;
         if (below < points) hi = last_below + step;
@@ -357,16 +350,15 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
     int64_t n = n_all;
     if (p.top_p >= 1.0f && p.min_p > 0.0f) n = min_p_cut(n);
     double *pre = pre_all + r * V;
-    prefix_sums(sh, k, idb, n, xmax, inv_t, pre);
-    const int64_t stored = sh.n;
-    const double total = sh.z;
+    const int64_t C = dsrt_draw_chunk(V);
+    prefix_sums(sh, k, idb, n, C, xmax, inv_t, pre);
     if (p.top_p < 1.0f) { /* the CPU's cumulative sum up to the first that reaches top_p of the total */
-        const double target = (double)p.top_p * total;
-        const int64_t at = first_reached(pre, stored, total, n, [&](double cum) { return cum >= target; });
+        const double target = (double)p.top_p * prefix_at(sh, pre, C, n - 1);
+        const int64_t at = first_reached(sh, pre, C, n, [&](double cum) { return cum >= target; });
         n = at < n ? at + 1 : n;
         if (p.min_p > 0.0f) n = min_p_cut(n);
     }
-    const double z = prefix_at(pre, stored, total, n - 1); /* the kept prefix's sum */
+    const double z = prefix_at(sh, pre, C, n - 1); /* the kept prefix's sum */
 
     if (probs) { /* the distribution, not a draw: p_i / z at each kept candidate, as probs_row */
         for (int64_t i = threadIdx.x; i < n; i += PICK_BLOCK)
@@ -378,7 +370,7 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
     /* the draw: the first candidate whose cumulative sum passes u * z (u < 1 and P(n - 1) = z, so
      * there is one); the CPU's walk would otherwise take the last nonzero candidate */
     const double target = (double)u * z;
-    int64_t pick = first_reached(pre, stored, total, n, [&](double cum) { return cum > target; });
+    int64_t pick = first_reached(sh, pre, C, n, [&](double cum) { return cum > target; });
     if (pick == n) {
         pick = 0;
         walk(sh, k, idb, n, xmax, inv_t, [&](int64_t i, double q) {

@@ -66,9 +66,28 @@ typedef struct {
     int kind;
     int64_t best; /* ROW_GREEDY: the argmax */
     int64_t n;    /* ROW_INF: c[0..n) are the +inf candidates; ROW_WEIGHTS: c[0..n) are kept */
-    double *pr;   /* ROW_WEIGHTS: their p (malloc'd, the caller frees), summing to z in order */
-    double z;
+    double *pr;   /* ROW_WEIGHTS: their p (malloc'd with cum, the caller frees pr) */
+    double *cum;  /* their cumulative sums (sampling.h) */
+    double z;     /* P(n - 1) */
 } row_dist;
+
+/* The cumulative sums of sampling.h over p[0..n): cum[i] = S_b + L_i, L_i chunk b's p summed in
+ * order from its first candidate, S_b the totals of the chunks before b summed in chunk order;
+ * chunks of dsrt_draw_chunk(V) candidates, as the CUDA kernel gives one thread each. */
+static void chunked_sums(const double *p, int64_t n, int64_t V, double *cum)
+{
+    const int64_t C = dsrt_draw_chunk(V);
+    double before = 0.0;
+    for (int64_t first = 0; first < n; first += C) {
+        const int64_t end = first + C < n ? first + C : n;
+        double L = 0.0;
+        for (int64_t i = first; i < end; i++) {
+            L += p[i];
+            cum[i] = before + L;
+        }
+        before += L;
+    }
+}
 
 static int process_row(float *x, int64_t V, const dsrt_sample_params *p, const int64_t *hist, int64_t nhist,
                        unsigned char *seen, cand *c, int64_t row, row_dist *d)
@@ -112,15 +131,15 @@ static int process_row(float *x, int64_t V, const dsrt_sample_params *p, const i
         d->n = m;
         return 0;
     }
-    double *pr = malloc((size_t)n * sizeof *pr);
+    double *pr = malloc(2 * (size_t)n * sizeof *pr), *cum = pr + n;
     if (!pr) return dsrt_err("sample: out of memory");
-    double z = 0.0;
-    for (int64_t i = 0; i < n; i++) { pr[i] = dsrt_sample_exp(((double)c[i].x - xmax) * inv_t); z += pr[i]; }
+    for (int64_t i = 0; i < n; i++) pr[i] = dsrt_sample_exp(((double)c[i].x - xmax) * inv_t);
+    chunked_sums(pr, n, V, cum);
     if (p->top_p < 1.0f) {
-        double target = (double)p->top_p * z, cum = 0.0;
+        double target = (double)p->top_p * cum[n - 1];
         int64_t m = 0;
-        while (m < n) { cum += pr[m++]; if (cum >= target) break; }
-        n = m > 0 ? m : 1;
+        while (m < n && !(cum[m] >= target)) m++;
+        n = m < n ? m + 1 : n;
     }
     if (p->min_p > 0.0f) {
         double floor_p = (double)p->min_p * pr[0]; /* pr[0] is the largest */
@@ -128,12 +147,11 @@ static int process_row(float *x, int64_t V, const dsrt_sample_params *p, const i
         while (m < n && pr[m] >= floor_p) m++;
         n = m;
     }
-    z = 0.0;
-    for (int64_t i = 0; i < n; i++) z += pr[i];
     d->kind = ROW_WEIGHTS;
     d->n = n;
     d->pr = pr;
-    d->z = z;
+    d->cum = cum;
+    d->z = cum[n - 1];
     return 0;
 }
 
@@ -145,11 +163,10 @@ static int sample_row(float *x, int64_t V, const dsrt_sample_params *p, const in
     if (process_row(x, V, p, hist, nhist, seen, c, row, &d)) return -1;
     if (d.kind == ROW_GREEDY) { *out = d.best; return 0; }
     if (d.kind == ROW_INF) { *out = c[(int64_t)((double)u * d.n)].id; return 0; }
-    double target = (double)u * d.z, cum = 0.0;
+    double target = (double)u * d.z;
     int64_t pick = 0;
     for (int64_t i = 0; i < d.n; i++) {
-        cum += d.pr[i];
-        if (cum > target) { pick = i; break; }
+        if (d.cum[i] > target) { pick = i; break; }
         if (d.pr[i] > 0.0) pick = i; /* rounding: the last nonzero candidate */
     }
     free(d.pr);
