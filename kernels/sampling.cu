@@ -53,7 +53,8 @@ enum {
     SCAN_CHUNK = SCAN_BLOCK * SCAN_PER_THREAD, /* logits per scan block */
     MARK_BLOCK = 256,
     PICK_BLOCK = 256,
-    STAGE = 2048 /* candidates whose p one walk step stages in shared memory (16 KB) */
+    STAGE = 2048, /* candidates whose p one walk step stages in shared memory (16 KB) */
+    PREFIX_KEYS = 16 /* sorted keys a thread of prefix_sums loads at once: a chunk's keys lie 2 KB from the next thread's */
 };
 
 /* one scan block's result for its chunk of a row */
@@ -236,15 +237,15 @@ __device__ void prefix_sums(PickShared &sh, const uint64_t *k, int idb, int64_t 
     for (int64_t c = threadIdx.x; c < chunks; c += PICK_BLOCK) {
         const int64_t first = c * C, end = min(n, first + C);
         double L = 0.0;
-        for (int64_t i = first; i < end; i += 4) { /* 4 keys in flight, their p apart from the chain of adds */
-            uint64_t key[4];
+        for (int64_t i = first; i < end; i += PREFIX_KEYS) { /* the keys in flight together, their p apart from the adds */
+            uint64_t key[PREFIX_KEYS];
 #pragma unroll
-            for (int u = 0; u < 4; u++) key[u] = i + u < end ? k[i + u] : 0;
-            double v[4];
+            for (int u = 0; u < PREFIX_KEYS; u++) key[u] = i + u < end ? k[i + u] : 0;
+            double v[PREFIX_KEYS];
 #pragma unroll
-            for (int u = 0; u < 4; u++) v[u] = i + u < end ? key_prob(key[u], idb, xmax, inv_t) : 0.0;
+            for (int u = 0; u < PREFIX_KEYS; u++) v[u] = i + u < end ? key_prob(key[u], idb, xmax, inv_t) : 0.0;
 #pragma unroll
-            for (int u = 0; u < 4; u++)
+            for (int u = 0; u < PREFIX_KEYS; u++)
                 if (i + u < end) L = __dadd_rn(L, v[u]), pre[i + u] = L;
         }
         sh.chunk_before[c] = L; /* the chunk's total, until thread 0 turns the totals into S_b */
