@@ -17,12 +17,14 @@
  *      row | descending logit | id. Greedy rows are done here (their id is the argmax).
  *   3. (some row samples) one CUB radix sort of all B*V keys (stable by construction: the id is
  *      in the key): every row's candidates in the CPU's order, descending logit, ties by id.
- *   4. pick: a block per row combines the scan's partial results (status, greedy id) and, for a
- *      sampling row, takes the cumulative sums of its sorted candidates once (prefix_sums: every
- *      p_i in parallel, a thread a chunk for the chunks' running sums, thread 0 for the chunk
- *      totals; in the sort's input keys, free once sorted). Every sum the CPU takes is one of
- *      them, so top_p's cut and the draw are searches over them (first_reached). min_p's cut (the
- *      first candidate below min_p * p_max) is a parallel minimum, exact with no sum involved.
+ *   4. (some row samples) the cumulative sums of the sorted candidates (prefix_chunks_kernel: a
+ *      thread a chunk of candidates, its p and running sums in the sort's input keys, free once
+ *      sorted, and its total).
+ *   5. pick: a block per row combines the scan's partial results (status, greedy id) and, for a
+ *      sampling row, chains the chunk totals (prefix_offsets). Every sum the CPU takes is one of
+ *      the cumulative sums, so top_p's cut and the draw are searches over them (first_reached).
+ *      min_p's cut (the first candidate below min_p * p_max) is a parallel minimum, exact with no
+ *      sum involved.
  *
  * Why a full sort rather than a top-p-bounded candidate set: top_p's threshold is top_p times the
  * sum of ALL candidates' p, added in sampling.h's order; another order changes the last bits of
@@ -30,12 +32,13 @@
  * order.
  *
  * Cost (B = 64, V = 129,280): the scan reads 33 MB of logits and writes 66 MB of keys; the sort
- * moves ~16 bytes per key per 8-bit digit over rb + 32 + 17 bits; then per row the p_i (a software
- * exp each) and two chains of ~500 dependent double adds. At B = 1, T = 0.7, top_p = 0.9 on the
+ * moves ~16 bytes per key per 8-bit digit over rb + 32 + 17 bits; then every p_i (a software exp
+ * each) over the whole device, a chain of 256 dependent double adds a chunk and one of ~500 chunk
+ * totals a row. At B = 1, T = 0.7, top_p = 0.9 on the
  * H200: 5.47 ms with three sequential walks over all candidates whose every add waited on a stop
  * test, 1.54 ms with one walk of bare adds (~20 clocks an add) and two searches, 0.31 ms with the
- * chunked sums (0.12 ms at top_k = 50: the sort and the scan). Greedy-only calls skip steps 3 and
- * 4's sums: they are one read of the logits.
+ * chunked sums on the pick's block, 0.22 ms on their own kernel (0.12 ms at top_k = 50: mostly the
+ * sort and the scan). Greedy-only calls skip steps 3 and 4: they are one read of the logits.
  *
  * Errors: a row with a NaN or without a finite logit gets a status word beside its id, copied
  * back by the core with the ids (the launcher never synchronises).
@@ -55,7 +58,7 @@ enum {
     MARK_BLOCK = 256,
     PICK_BLOCK = 256,
     STAGE = 2048, /* candidates whose p one walk step stages in shared memory (16 KB) */
-    PREFIX_KEYS = 16 /* sorted keys a thread of prefix_sums loads at once: a chunk's keys lie 2 KB from the next thread's */
+    PREFIX_KEYS = 16 /* sorted keys a thread of prefix_chunks_kernel loads at once: a chunk's lie 2 KB from the next one's */
 };
 
 /* one scan block's result for its chunk of a row */
@@ -68,7 +71,7 @@ struct ScanPart {
 /* where the pieces of the workspace lie */
 struct Layout {
     int nchunks, idb, end_bit;
-    size_t part, marks, keys_in, keys_out, temp, temp_bytes, total;
+    size_t part, marks, keys_in, keys_out, temp, temp_bytes, totals, total;
 };
 
 __host__ __device__ inline int bits_for(int64_t n) /* bits to write 0 .. n-1 */
@@ -187,7 +190,7 @@ __global__ void __launch_bounds__(SCAN_BLOCK) sample_scan_kernel(const float *lo
 
 struct PickShared {
     double stage[STAGE];
-    double chunk_before[DSRT_DRAW_MAX_CHUNKS]; /* prefix_sums' S_b */
+    double chunk_before[DSRT_DRAW_MAX_CHUNKS]; /* prefix_offsets' S_b */
     int stop, done;
     unsigned long long cut;
 };
@@ -226,31 +229,49 @@ __device__ void walk(PickShared &sh, const uint64_t *k, int idb, int64_t n, doub
  * i / C of C = dsrt_draw_chunk(V) candidates, L_i its own p summed in order from its first
  * candidate, S_b the chunk totals before it summed in chunk order, as sampling.c takes them. Every
  * sum the CPU takes is one of them: top_p's total, the cumulative sum that finds its cut, the kept
- * prefix's sum, the draw's; so one pass serves them all and the rest are searches. A thread a
- * chunk computes its p_i and stores L_i at pre[i]; thread 0 turns the chunk totals into
- * sh.chunk_before (S_b). (One sequential double sum over all candidates, the sampler's definition
- * before, took 1.4 ms a row at V = 129,280 on the H200: ~20 clocks a dependent add; this chains
- * C + V / C of them.) */
-__device__ void prefix_sums(PickShared &sh, const uint64_t *k, int idb, int64_t n, int64_t C, double xmax, double inv_t,
-                            double *pre)
+ * prefix's sum, the draw's; so one pass serves them all and the rest are searches.
+ * prefix_chunks_kernel gives every chunk of every sampling row a thread, over the whole device: it
+ * computes the chunk's p (a software exp each) and stores L_i at pre[i] and the chunk's total at
+ * totals; the pick's block then chains the totals into S_b (prefix_offsets). (One sequential
+ * double sum over all candidates, the sampler's definition before, took 1.4 ms a row at V =
+ * 129,280 on the H200, ~20 clocks a dependent add; the chunks on the pick's one block a row, 0.19
+ * ms.) A row the pick will not sum (greedy, a +inf or no finite logit; a NaN row's sums go unused)
+ * is skipped; chunks past top_k are not needed. */
+enum { CHUNK_THREADS = 32 };
+__global__ void __launch_bounds__(CHUNK_THREADS) prefix_chunks_kernel(int64_t V, const dsrtk_sample_row *rows,
+                                                                      const uint64_t *sorted, int idb, double *pre_all,
+                                                                      double *totals)
+{
+    const int64_t r = blockIdx.y, c = (int64_t)blockIdx.x * CHUNK_THREADS + threadIdx.x;
+    const dsrtk_sample_row p = rows[r];
+    if (p.temperature == 0.0f) return;
+    const uint64_t *k = sorted + r * V;
+    const double xmax = key_value(k[0], idb);
+    const int64_t n = p.top_k > 0 && p.top_k < V ? p.top_k : V, C = dsrt_draw_chunk(V), first = c * C;
+    if (!(xmax < INFINITY && xmax > -INFINITY) || first >= n) return;
+    const double inv_t = 1.0 / (double)p.temperature;
+    const int64_t end = min(n, first + C);
+    double *pre = pre_all + r * V, L = 0.0;
+    for (int64_t i = first; i < end; i += PREFIX_KEYS) { /* the keys in flight together, their p apart from the adds */
+        uint64_t key[PREFIX_KEYS];
+#pragma unroll
+        for (int u = 0; u < PREFIX_KEYS; u++) key[u] = i + u < end ? k[i + u] : 0;
+        double v[PREFIX_KEYS];
+#pragma unroll
+        for (int u = 0; u < PREFIX_KEYS; u++) v[u] = i + u < end ? key_prob(key[u], idb, xmax, inv_t) : 0.0;
+#pragma unroll
+        for (int u = 0; u < PREFIX_KEYS; u++)
+            if (i + u < end) L = __dadd_rn(L, v[u]), pre[i + u] = L;
+    }
+    totals[r * DSRT_DRAW_MAX_CHUNKS + c] = L;
+}
+
+/* S_b of the chunks that hold candidates 0 .. n - 1, into sh.chunk_before: the row's chunk totals
+ * loaded by the block, chained by thread 0 in chunk order */
+__device__ void prefix_offsets(PickShared &sh, const double *totals, int64_t n, int64_t C)
 {
     const int64_t chunks = (n + C - 1) / C;
-    for (int64_t c = threadIdx.x; c < chunks; c += PICK_BLOCK) {
-        const int64_t first = c * C, end = min(n, first + C);
-        double L = 0.0;
-        for (int64_t i = first; i < end; i += PREFIX_KEYS) { /* the keys in flight together, their p apart from the adds */
-            uint64_t key[PREFIX_KEYS];
-#pragma unroll
-            for (int u = 0; u < PREFIX_KEYS; u++) key[u] = i + u < end ? k[i + u] : 0;
-            double v[PREFIX_KEYS];
-#pragma unroll
-            for (int u = 0; u < PREFIX_KEYS; u++) v[u] = i + u < end ? key_prob(key[u], idb, xmax, inv_t) : 0.0;
-#pragma unroll
-            for (int u = 0; u < PREFIX_KEYS; u++)
-                if (i + u < end) L = __dadd_rn(L, v[u]), pre[i + u] = L;
-        }
-        sh.chunk_before[c] = L; /* the chunk's total, until thread 0 turns the totals into S_b */
-    }
+    for (int64_t c = threadIdx.x; c < chunks; c += PICK_BLOCK) sh.chunk_before[c] = totals[c];
     __syncthreads();
     if (threadIdx.x == 0) {
         double S = 0.0;
@@ -263,7 +284,7 @@ __device__ void prefix_sums(PickShared &sh, const uint64_t *k, int idb, int64_t 
     __syncthreads();
 }
 
-/* P(i) of prefix_sums */
+/* P(i): the chunk's S_b (prefix_offsets) plus its L_i (prefix_chunks_kernel) */
 __device__ __forceinline__ double prefix_at(const PickShared &sh, const double *pre, int64_t C, int64_t i)
 {
     return __dadd_rn(sh.chunk_before[i / C], pre[i]);
@@ -290,8 +311,9 @@ __device__ int64_t first_reached(const PickShared &sh, const double *pre, int64_
 
 __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int64_t V, int nchunks,
                                                                  const dsrtk_sample_row *rows, const ScanPart *parts,
-                                                                 const uint64_t *sorted, double *pre_all, int idb,
-                                                                 uint64_t seed, uint64_t step, int64_t *out, float *probs)
+                                                                 const uint64_t *sorted, const double *pre_all,
+                                                                 const double *totals, int idb, uint64_t seed,
+                                                                 uint64_t step, int64_t *out, float *probs)
 {
     __shared__ PickShared sh;
     const int64_t r = blockIdx.x;
@@ -351,9 +373,9 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
     /* the CPU cuts top_k, then top_p, then min_p; without top_p the sums need only the kept ones */
     int64_t n = n_all;
     if (p.top_p >= 1.0f && p.min_p > 0.0f) n = min_p_cut(n);
-    double *pre = pre_all + r * V;
+    const double *pre = pre_all + r * V;
     const int64_t C = dsrt_draw_chunk(V);
-    prefix_sums(sh, k, idb, n, C, xmax, inv_t, pre);
+    prefix_offsets(sh, totals + r * DSRT_DRAW_MAX_CHUNKS, n, C);
     if (p.top_p < 1.0f) { /* the CPU's cumulative sum up to the first that reaches top_p of the total */
         const double target = (double)p.top_p * prefix_at(sh, pre, C, n - 1);
         const int64_t at = first_reached(sh, pre, C, n, [&](double cum) { return cum >= target; });
@@ -418,6 +440,8 @@ int plan(int dev, int64_t B, int64_t V, int sorting, int penalties, Layout *L)
                              "sample: sizing the radix sort of %zu keys on cuda:%d", n, dev);
         if (st) return st;
         at = align_up(at + L->temp_bytes);
+        L->totals = at; /* prefix_chunks_kernel's chunk totals, DSRT_DRAW_MAX_CHUNKS a row */
+        at = align_up(at + (size_t)B * DSRT_DRAW_MAX_CHUNKS * sizeof(double));
     }
     L->total = at;
     return DSRTK_OK;
@@ -479,8 +503,15 @@ int sample_launch(int dev, const float *logits, int64_t B, int64_t V, const dsrt
         if (st) return st;
     }
     /* the sorted keys are in keys_out: keys_in holds the candidates' running sums from here */
-    sample_pick_kernel<<<(unsigned)B, PICK_BLOCK, 0, s>>>(B, V, L.nchunks, rows, parts, keys_out, (double *)keys_in, L.idb,
-                                                         seed, step, out, probs);
+    double *totals = sorting ? (double *)(w + L.totals) : nullptr;
+    if (sorting) {
+        const int64_t chunks = (V + dsrt_draw_chunk(V) - 1) / dsrt_draw_chunk(V);
+        prefix_chunks_kernel<<<dim3((unsigned)((chunks + CHUNK_THREADS - 1) / CHUNK_THREADS), (unsigned)B), CHUNK_THREADS, 0,
+                               s>>>(V, rows, keys_out, L.idb, (double *)keys_in, totals);
+        if ((st = dsrtk_check_launch("prefix_chunks_kernel", dev))) return st;
+    }
+    sample_pick_kernel<<<(unsigned)B, PICK_BLOCK, 0, s>>>(B, V, L.nchunks, rows, parts, keys_out, (const double *)keys_in,
+                                                         totals, L.idb, seed, step, out, probs);
     return dsrtk_check_launch("sample_pick_kernel", dev);
 }
 
