@@ -16,7 +16,7 @@
  * All heads of a query row share its index list, so a CTA takes one query row and a group of heads,
  * stages the block's 64 gathered pool rows in shared memory ONCE (cp.async) and uses each row for
  * every head of the group. Three launch shapes:
- *   mma    (many rows, reference precision, q and pool bf16, D a multiple of 64 up to 512: prefill):
+ *   mma    (many rows, reference precision, q and pool bf16, D a power of two from 64 to 512: prefill):
  *          one CTA per (row, 32 heads), all blocks in order, both products on the tensor cores
  *          (mma.sync m16n8k16 bf16 -> fp32). q and kv are bf16 already and P(p) is the bf16 value
  *          the reference multiplies with, so the products are exact and only the fp32 summation
@@ -83,7 +83,8 @@ struct Args {
     const void *sink; /* [H] f32 or bf16 */
     void *o;          /* [S, H, D] f32 or bf16 */
     int sink_dtype, idx64, out_bf16, round_p, vec_rows;
-    int row4; /* pool rows can be read 4 elements at a time (load4's alignment) */
+    int row4;  /* pool rows can be read 4 elements at a time (load4's alignment) */
+    int vec_q; /* q rows can be copied 16 bytes at a time (the mma path's staging) */
     int64_t S, H, D, N, K, D4; /* D4: D rounded up to 4, the row length in shared memory */
     int64_t groups, nb, nc;    /* ceil(H / HEADS) (the mma path: ceil(H / MMA_HEADS)), ceil(K / ENTRIES), ceil(K / CHUNK) */
     float scale;
@@ -186,8 +187,8 @@ __device__ void load_q(const Args &a, int64_t t, int64_t g, float *q_s)
  * kv_s (rows of ld elements; zero_invalid: the rows of invalid entries are zeroed, for the tensor
  * cores, which multiply them by p = 0 and must not meet stale NaN bits).
  * Returns (to every thread) whether any entry is valid; ends with the block synchronised. */
-template <class TP>
-__device__ int load_block(const Args &a, int64_t t, int64_t b, const Shared &s, TP *kv, int64_t ld, bool zero_invalid)
+/* load_block's first half: block b's indices into s.row; whether any is valid, to every thread */
+__device__ __forceinline__ int block_indices(const Args &a, int64_t t, int64_t b, const Shared &s)
 {
     long long r = -1;
     if (threadIdx.x < ENTRIES) {
@@ -202,8 +203,13 @@ __device__ int load_block(const Args &a, int64_t t, int64_t b, const Shared &s, 
         }
         s.row[threadIdx.x] = r;
     }
-    int any = __syncthreads_or(r >= 0);
-    if (!any) return 0;
+    return __syncthreads_or(r >= 0);
+}
+
+template <class TP>
+__device__ int load_block(const Args &a, int64_t t, int64_t b, const Shared &s, TP *kv, int64_t ld, bool zero_invalid)
+{
+    if (!block_indices(a, t, b, s)) return 0;
     const TP *pool = (const TP *)a.pool;
     /* index math in 32 bits (a block is at most 64 rows of 2 KB in shared memory): a 64-bit
      * division per 16-byte chunk cost more issue slots than the block's mma */
@@ -700,7 +706,22 @@ __host__ __device__ inline MmaLayout mma_layout_for(int64_t D)
     return l;
 }
 
-__device__ __forceinline__ uint32_t lds32(const uint16_t *p) { return *(const uint32_t *)p; }
+/* four 8x8 bf16 matrices: lane l gives the address of row l % 8 of matrix l / 8; register j holds
+ * matrix j's row l / 4, columns 2(l % 4) and 2(l % 4) + 1 */
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *row)
+{
+    unsigned at = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+}
+
+/* An m16n8k16 A fragment (rows of ld elements from `tile`, k columns from k): matrices rows 0-7 /
+ * 8-15 of columns k..k+7, then of k+8..k+15, so register j is the fragment's a_j */
+__device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const uint16_t *tile, int ld, int k, int lane)
+{
+    ldmatrix_x4(a, tile + ((lane & 7) + 8 * ((lane >> 3) & 1)) * ld + k + 8 * (lane >> 4));
+}
 
 /* four 8x8 bf16 matrices, transposed: lane l gives the address of row l % 8 of matrix l / 8 */
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *row)
@@ -711,12 +732,12 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *
                  : "r"(at));
 }
 
-/* Requires round_p, q and pool bf16, D % 64 == 0, D <= 512 (the host checks). Fragment layout of
+/* Requires round_p, q and pool bf16, D a power of two, 64 <= D <= 512 (the host checks). Fragment layout of
  * m16n8k16 (lane = 4·gid + qd): A rows gid and gid + 8, columns 2qd, 2qd + 1 (+ 8); B column gid,
  * rows 2qd, 2qd + 1 (+ 8); C rows gid (c0, c1) and gid + 8 (c2, c3), columns 2qd, 2qd + 1.
  *   scores: S[32 heads][64 entries] = Q[32][D] · KV^T: warp w the n-tile of entries 8w..8w+7 for
- *     both m-tiles of 16 heads, D/16 k-steps; a B fragment is two 32-bit loads of row 8w + gid of
- *     kv (consecutive dims), used by both tiles;
+ *     both m-tiles of 16 heads, D/16 k-steps; one ldmatrix gives the B fragments of two k-steps
+ *     (rows 8w.. of kv, consecutive dims), each used by both tiles; A (q) by ldmatrix too;
  *   softmax: warp w heads 4w .. 4w + 3, as block_softmax; P(p) as bf16 into pb (A operand);
  *   P·V: O[32][D] += P[32][64] · KV[64][D]: warp w the D/64 n-tiles from column w·D/8, 4 k-steps;
  *     B fragments by ldmatrix.trans of kv rows (entries along k), two n-tiles per ldmatrix.x4,
@@ -735,31 +756,60 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
     const int nt = (int)(D / 64); /* this warp's n-tiles in P·V, columns from c_warp */
     const int64_t c_warp = warp * (D / 8);
     const uint16_t *q = (const uint16_t *)a.q;
-    for (int i = threadIdx.x; i < MMA_HEADS * (int)D; i += THREADS) { /* 32-bit index math: D <= 512 */
-        const int h = i / (int)D, c = i - h * (int)D;
-        const int64_t hh = g * MMA_HEADS + h;
-        qb[h * DP + c] = hh < a.H ? q[(t * a.H + hh) * D + c] : (uint16_t)0;
+    /* rows as 16-byte copies (a.vec_q, a.vec_rows): thread i takes chunk i mod C of rows i / C,
+     * i / C + THREADS / C, ... (C = D / 8 chunks a row, a power of two): no division per copy */
+    const int lg = __ffs((int)D / 8) - 1, chunk = 8 * (threadIdx.x & (((int)D >> 3) - 1)), row_step = THREADS >> lg;
+    if (a.vec_q) {
+        /* all in flight at once; the first block's wait covers them. Copied an element a load, the
+         * q of a CTA took ~10 of a window layer's ~40 us a CTA (H200) */
+        for (int h = threadIdx.x >> lg; h < MMA_HEADS; h += row_step) {
+            const int64_t hh = g * MMA_HEADS + h;
+            if (hh < a.H) cp_async16(qb + h * DP + chunk, q + (t * a.H + hh) * D + chunk);
+            else *(uint4 *)(qb + h * DP + chunk) = make_uint4(0, 0, 0, 0);
+        }
+    } else {
+        for (int i = threadIdx.x; i < MMA_HEADS * (int)D; i += THREADS) { /* 32-bit index math: D <= 512 */
+            const int h = i / (int)D, c = i - h * (int)D;
+            const int64_t hh = g * MMA_HEADS + h;
+            qb[h * DP + c] = hh < a.H ? q[(t * a.H + hh) * D + c] : (uint16_t)0;
+        }
     }
     if (threadIdx.x < MMA_HEADS) m_s[threadIdx.x] = -INFINITY, den_s[threadIdx.x] = 0.0f;
     if (threadIdx.x == 0) *s.bad = 0;
     float acc[MMA_MI][MMA_NT][4] = {};
     __syncthreads();
     for (int64_t b = 0; b < a.nb; b++) {
-        if (!load_block<uint16_t>(a, t, b, s, kvb, DP, true)) continue; /* attend() skips such a block */
+        if (a.vec_rows) { /* load_block's copies with the thread's chunk fixed (its loop spent ~32
+                           * instructions a copy: a fifth of a window layer's instructions) */
+            if (!block_indices(a, t, b, s)) continue; /* attend() skips such a block */
+            const unsigned char *pool = (const unsigned char *)a.pool + 2 * chunk;
+            for (int e = threadIdx.x >> lg; e < ENTRIES; e += row_step) {
+                const long long row = s.row[e];
+                if (row >= 0) cp_async16(kvb + e * DP + chunk, pool + row * (2 * D));
+                else *(uint4 *)(kvb + e * DP + chunk) = make_uint4(0, 0, 0, 0);
+            }
+            cp_async_wait_all();
+            __syncthreads();
+        } else if (!load_block<uint16_t>(a, t, b, s, kvb, DP, true)) {
+            continue;
+        }
         { /* scores of entries 8·warp … 8·warp + 7 for every m-tile of 16 heads: two independent mma
              * chains a tile (k-steps mod 2), summed at the end, so the k-loop is not one chain of
              * D/16 mma latencies; the entries' fragment serves every tile */
             float dc[MMA_MI][2][4] = {};
-            const uint16_t *kr = kvb + (8 * warp + gid) * DP + 2 * qd;
+            /* one ldmatrix: the B fragments of both k16 steps of 32 columns (entry rows, 8 columns
+             * a matrix); the A fragments too, where 32-bit loads took 4 instructions each */
+            const uint16_t *kr = kvb + (8 * warp + (lane & 7)) * DP + 8 * (lane >> 3);
             for (int k0 = 0; k0 < (int)D; k0 += 32) {
+                uint32_t bf[4];
+                ldmatrix_x4(bf, kr + k0);
 #pragma unroll
                 for (int c = 0; c < 2; c++) {
-                    const int k = k0 + 16 * c;
-                    const uint32_t b0 = lds32(kr + k), b1 = lds32(kr + k + 8);
 #pragma unroll
                     for (int mi = 0; mi < MMA_MI; mi++) {
-                        const uint16_t *q0 = qb + (16 * mi + gid) * DP + 2 * qd + k, *q1 = q0 + 8 * DP;
-                        mma_bf16(dc[mi][c], lds32(q0), lds32(q1), lds32(q0 + 8), lds32(q1 + 8), b0, b1);
+                        uint32_t af[4];
+                        load_a_fragment(af, qb + 16 * mi * DP, (int)DP, k0 + 16 * c, lane);
+                        mma_bf16(dc[mi][c], af[0], af[1], af[2], af[3], bf[2 * c], bf[2 * c + 1]);
                     }
                 }
             }
@@ -809,10 +859,7 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
             for (int ks = 0; ks < ENTRIES / 16; ks++) {
                 uint32_t pa[MMA_MI][4];
 #pragma unroll
-                for (int mi = 0; mi < MMA_MI; mi++) {
-                    const uint16_t *p0 = pb + (16 * mi + gid) * PB_LD + 16 * ks + 2 * qd, *p1 = p0 + 8 * PB_LD;
-                    pa[mi][0] = lds32(p0), pa[mi][1] = lds32(p1), pa[mi][2] = lds32(p0 + 8), pa[mi][3] = lds32(p1 + 8);
-                }
+                for (int mi = 0; mi < MMA_MI; mi++) load_a_fragment(pa[mi], pb + 16 * mi * PB_LD, PB_LD, 16 * ks, lane);
                 /* ldmatrix rows: entry 16ks + (lane & 7) + 8·((lane >> 3) & 1), columns + 8·(lane >> 4) */
                 const uint16_t *vr = kvb + (16 * ks + (lane & 7) + 8 * ((lane >> 3) & 1)) * DP + c_warp + 8 * (lane >> 4);
 #pragma unroll
@@ -830,29 +877,39 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
         }
         __syncthreads(); /* before the next block's rows and p overwrite these */
     }
+    cp_async_wait_all(); /* q's copies, where no block had a valid entry to wait for them */
     if (threadIdx.x < MMA_HEADS && g * MMA_HEADS + threadIdx.x < a.H && m_s[threadIdx.x] != -INFINITY)
         den_s[threadIdx.x] += expf(sink_of(a, g * MMA_HEADS + threadIdx.x) - m_s[threadIdx.x]); /* the sink */
     rope_table(a, t, 32, sc); /* sc is free after the last block; warp 1, beside the sink's warp 0 */
     __syncthreads();
     const int bad = *s.bad;
+    const bool pairs = a.out_bf16 && ((uintptr_t)a.o & 3) == 0; /* (c, c + 1) as one 32-bit store */
 #pragma unroll
     for (int mi = 0; mi < MMA_MI; mi++) {
 #pragma unroll
-        for (int i = 0; i < MMA_NT; i++) {
-            if (i >= nt) break;
+        for (int half = 0; half < 2; half++) {
+            const int h = 16 * mi + gid + 8 * half;
+            const int64_t hh = g * MMA_HEADS + h, row = (t * a.H + hh) * D;
+            if (hh >= a.H) continue;
+            /* o = acc · (1/den): one division a head, not one an element (an IEEE division is a
+             * dozen instructions, and a window layer's CTA stores 64 values a thread after only two
+             * blocks); 1 ulp of fp32 from acc/den */
+            const float m = m_s[h], inv = 1.0f / den_s[h];
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int h = 16 * mi + gid + 8 * half;
-                const int64_t hh = g * MMA_HEADS + h, c = c_warp + 8 * i + 2 * qd;
-                if (hh >= a.H) continue;
-                const float m = m_s[h], den = den_s[h];
+            for (int i = 0; i < MMA_NT; i++) {
+                if (i >= nt) break;
+                const int64_t c = c_warp + 8 * i + 2 * qd;
                 float v[2];
 #pragma unroll
-                for (int j = 0; j < 2; j++) v[j] = bad ? NAN : m == -INFINITY ? 0.0f : acc[mi][i][2 * half + j] / den;
+                for (int j = 0; j < 2; j++) v[j] = bad ? NAN : m == -INFINITY ? 0.0f : acc[mi][i][2 * half + j] * inv;
                 /* c is even and so is D − 64 (D % 64 == 0): (c, c + 1) is a RoPE pair */
                 if (a.rope && c >= D - 64) derotate_pair(a, sc, c - (D - 64), v[0], v[1]);
-                store_out(a, (t * a.H + hh) * D + c, v[0]);
-                store_out(a, (t * a.H + hh) * D + c + 1, v[1]);
+                if (pairs) {
+                    ((uint32_t *)a.o)[(row + c) / 2] = dsrt_f32_to_bf16(v[0]) | (uint32_t)dsrt_f32_to_bf16(v[1]) << 16;
+                } else {
+                    store_out(a, row + c, v[0]);
+                    store_out(a, row + c + 1, v[1]);
+                }
             }
         }
     }
@@ -1052,6 +1109,7 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
     size_t pe = elem_size(pool->dtype);
     a.vec_rows = (D * (int64_t)pe) % 16 == 0 && (uintptr_t)a.pool % 16 == 0;
     a.row4 = D % 4 == 0 && (uintptr_t)a.pool % (4 * pe) == 0;
+    a.vec_q = (D * (int64_t)elem_size(q->dtype)) % 16 == 0 && (uintptr_t)a.q % 16 == 0;
     Layout l = layout_for(D, a.D4, pe);
 
     int optin = 0;
@@ -1066,7 +1124,8 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
     cudaStream_t st = (cudaStream_t)stream;
     if (!use_split(dev, S, H, K)) {
         /* the tensor cores where the operands are bf16 and P(p) is bf16 (reference precision) */
-        if (a.round_p && q->dtype == DSRT_BF16 && pool->dtype == DSRT_BF16 && D % 64 == 0 && D <= 64 * MMA_NT) {
+        if (a.round_p && q->dtype == DSRT_BF16 && pool->dtype == DSRT_BF16 && D % 64 == 0 && (D & (D - 1)) == 0 &&
+            D <= 64 * MMA_NT) { /* D a power of two: the copies' rows by shifts */
             MmaLayout ml = mma_layout_for(D);
             a.groups = (H + MMA_HEADS - 1) / MMA_HEADS;
             if (ml.total <= (size_t)optin)

@@ -395,6 +395,11 @@ int64_t dsrt_attn_state_length(const dsrt_attn_state *st) { return st->length; }
 
 dsrt_precision dsrt_attn_state_precision(const dsrt_attn_state *st) { return st->prec; }
 
+int64_t dsrt_attn_state_skippable(const dsrt_attn_state *st, int64_t n)
+{
+    return st->a->cfg.ratio == 0 && n > st->window_rows ? n - st->window_rows : 0;
+}
+
 int dsrt_attn_state_truncate(dsrt_attn_state *st, int64_t length)
 {
     if (length > st->length || length < 0 || length < st->length - st->slack)
@@ -640,8 +645,8 @@ fail:
 /* ---- forward ---- */
 
 /* op: "forward" or "advance", for the messages */
-static int check_forward(const dsrt_attention *a, const dsrt_attn_state *st, const dsrt_tensor *x, dsrt_precision prec,
-                         const dsrt_stream *s, const char *op)
+static int check_forward(const dsrt_attention *a, const dsrt_attn_state *st, const dsrt_tensor *x, int64_t skip,
+                         dsrt_precision prec, const dsrt_stream *s, const char *op)
 {
     char xb[DSRT_SHAPE_BUF];
     if (st->a != a) return dsrt_err("attention: the state was made for another attention layer");
@@ -651,9 +656,14 @@ static int check_forward(const dsrt_attention *a, const dsrt_attn_state *st, con
     if (dsrt_linear_check_input(x, a->cfg.dim, a->device, s, "attention")) return -1;
     if (x->ndim != 2 || x->shape[0] < 1)
         return dsrt_err("attention: input %s, expected [S, %d] with S >= 1", dsrt_tensor_str(x, xb, sizeof xb), a->cfg.dim);
-    if (st->length + x->shape[0] > st->max_len)
-        return dsrt_err("attention: %lld new positions after %lld exceed the state's max_len %lld", (long long)x->shape[0],
-                        (long long)st->length, (long long)st->max_len);
+    if (skip < 0 || skip > dsrt_attn_state_skippable(st, skip + x->shape[0]))
+        return dsrt_err("attention: advance cannot skip %lld positions before %lld rows: it may skip only what the state "
+                        "drops unread (%lld here; %s)", (long long)skip, (long long)x->shape[0],
+                        (long long)dsrt_attn_state_skippable(st, skip + x->shape[0]),
+                        a->cfg.ratio ? "a layer with compressors keeps every position" : "the ring keeps window + slack rows");
+    if (st->length + skip + x->shape[0] > st->max_len)
+        return dsrt_err("attention: %lld new positions after %lld exceed the state's max_len %lld",
+                        (long long)(skip + x->shape[0]), (long long)st->length, (long long)st->max_len);
     return 0;
 }
 
@@ -828,11 +838,12 @@ static int write_rings(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *kv, 
 
 /* dsrt_attention_advance on the device: forward_cuda's steps that write the state, in its order,
  * all on s (the state's values do not depend on the stream) */
-static int advance_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)
+static int advance_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, int64_t skip, dsrt_precision prec,
+                        dsrt_stream *s)
 {
     const dsrt_attn_config *c = &a->cfg;
     dsrt_attn_weights *w = &a->w;
-    int64_t S = x->shape[0], P = st->length, r = c->ratio;
+    int64_t S = x->shape[0], P = st->length + skip, r = c->ratio;
     dsrt_tensor *xf = dsrt_tensor_contiguous(x, s), *kv = NULL, *cc = NULL, *cg = NULL, *ic = NULL, *ig = NULL;
     int rc = -1;
     if (!xf) goto done;
@@ -989,13 +1000,14 @@ static void commit_cpu(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *kv, 
     st->length = P + S;
 }
 
-int dsrt_attention_advance(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)
+int dsrt_attention_advance(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, int64_t skip, dsrt_precision prec,
+                           dsrt_stream *s)
 {
-    if (check_forward(a, st, x, prec, s, "advance")) return -1;
-    if (a->device != DSRT_CPU) return advance_cuda(a, st, x, prec, s);
+    if (check_forward(a, st, x, skip, prec, s, "advance")) return -1;
+    if (a->device != DSRT_CPU) return advance_cuda(a, st, x, skip, prec, s);
     const dsrt_attn_config *c = &a->cfg;
     const dsrt_attn_weights *w = &a->w;
-    int64_t S = x->shape[0], P = st->length, r = c->ratio;
+    int64_t S = x->shape[0], P = st->length + skip, r = c->ratio;
     dsrt_tensor *xf = dsrt_linear_input(x, s), *kv = NULL, *cc = NULL, *cg = NULL, *ic = NULL, *ig = NULL;
     int rc = -1;
     if (!xf) goto done;
@@ -1020,7 +1032,7 @@ done:
 dsrt_tensor *dsrt_attention_forward(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec,
                                     dsrt_stream *s)
 {
-    if (check_forward(a, st, x, prec, s, "forward")) return NULL;
+    if (check_forward(a, st, x, 0, prec, s, "forward")) return NULL;
     if (a->device != DSRT_CPU) return forward_cuda(a, st, x, prec, s);
     const dsrt_attn_config *c = &a->cfg;
     const dsrt_attn_weights *w = &a->w;

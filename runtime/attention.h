@@ -67,6 +67,10 @@ void dsrt_attn_state_release(dsrt_attn_state *st);
 int64_t dsrt_attn_state_length(const dsrt_attn_state *st);
 dsrt_precision dsrt_attn_state_precision(const dsrt_attn_state *st); /* the precision its forwards must use */
 int dsrt_attn_state_truncate(dsrt_attn_state *st, int64_t length); /* length - slack <= n <= length */
+/* How many of the next n positions an advance may skip (dsrt_attention_advance): those its state
+ * would drop before anything reads them. A layer without compressors keeps only its window ring
+ * (window + slack rows), so n minus that many; a layer with compressors keeps every entry: 0. */
+int64_t dsrt_attn_state_skippable(const dsrt_attn_state *st, int64_t n);
 
 /* x: the normed sub-layer input [S, dim] at positions [length, length + S); returns [S, dim]
  * (bf16 in reference precision, f32 in fp32) and advances the state's length by S. prec must be
@@ -77,7 +81,12 @@ dsrt_tensor *dsrt_attention_forward(dsrt_attention *a, dsrt_attn_state *st, dsrt
 /* The state's half of dsrt_attention_forward: the window ring, the compressors' states and entries
  * and the indexer's keys take x's positions exactly as a forward leaves them (the same kernels in
  * the same order), and nothing else runs: no query path, index scores, attention or output. What
- * an MTP layer's ring fill needs (SPEC §8.2), whose forward output would be thrown away. 0 or -1. */
-int dsrt_attention_advance(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s);
+ * an MTP layer's ring fill needs (SPEC §8.2), whose forward output would be thrown away.
+ * skip: positions before x's rows that the state would drop unread, stepped over without their
+ * inputs (at most dsrt_attn_state_skippable(st, skip + S)): x holds positions [length + skip,
+ * length + skip + S), and the state ends at length + skip + S as if all had been given. A long
+ * prompt's MTP fill then computes only the ring's rows. 0 or -1. */
+int dsrt_attention_advance(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, int64_t skip, dsrt_precision prec,
+                           dsrt_stream *s);
 
 #endif

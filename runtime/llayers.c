@@ -41,10 +41,13 @@
  *       the compressors' wkv/wgate fp32_math here); aux_streams as for moe.
  *   attention:forward(state, x [, precision]) -> y   x [S, dim] at positions [state:length(),
  *       + S); y [S, dim] (bf16 reference, f32 fp32); precision must be the state's.
+ *   attention:advance(state, x [, precision [, skip]])   the state's half of a forward: x holds
+ *       positions [state:length() + skip, + S); skip <= state:skippable(skip + S)
  *   attention.ratio, .window, .dim, .aux_streams
  *   core.attn_state(attention, {max_len =, slack = 0, precision = "reference", device = "cpu"})
  *       -> state, the per-sequence caches of one layer (position-addressed, SPEC §6.9)
  *   state:length(), state:truncate(n)   n >= length - slack (speculative decoding's rollback)
+ *   state:skippable(n)   how many of the next n positions an advance may skip (the ring drops them)
  *
  * What this protects: a Lua table that does not describe a layer fails at construction with an
  * error naming the piece (the official tensor path, e.g. "experts.3.w2", 0-based as in the
@@ -556,14 +559,16 @@ static int l_attention_forward(lua_State *L)
     return 1;
 }
 
-/* attention:advance(state, x [, precision]): the state steps of a forward alone (no output) */
+/* attention:advance(state, x [, precision [, skip]]): the state steps of a forward alone (no output),
+ * after skipping `skip` positions the state would drop unread */
 static int l_attention_advance(lua_State *L)
 {
     dsrt_attention *a = check_attention(L, 1);
     dsrt_attn_state *st = check_attn_state(L, 2);
     dsrt_tensor *x = dsrtL_checktensor(L, 3);
     dsrt_precision prec = lua_isnoneornil(L, 4) ? dsrt_attn_state_precision(st) : dsrtL_checkprecision(L, 4, "attention:advance", 1);
-    if (dsrt_attention_advance(a, st, x, prec, dsrtL_current_stream(L, x->device))) return dsrtL_error(L);
+    lua_Integer skip = luaL_optinteger(L, 5, 0);
+    if (dsrt_attention_advance(a, st, x, skip, prec, dsrtL_current_stream(L, x->device))) return dsrtL_error(L);
     return 0;
 }
 
@@ -632,6 +637,12 @@ static int l_attn_state_truncate(lua_State *L)
     return 0;
 }
 
+static int l_attn_state_skippable(lua_State *L)
+{
+    lua_pushinteger(L, dsrt_attn_state_skippable(check_attn_state(L, 1), luaL_checkinteger(L, 2)));
+    return 1;
+}
+
 static int l_attn_state_gc(lua_State *L)
 {
     attn_state_box *b = luaL_checkudata(L, 1, ATTN_STATE_MT);
@@ -654,7 +665,7 @@ void dsrtL_open_layers(lua_State *L)
                                                  {"close", l_attention_gc}, {NULL, NULL}};
     static const luaL_Reg state_meta[] = {{"__gc", l_attn_state_gc}, {"__close", l_attn_state_gc}, {NULL, NULL}};
     static const luaL_Reg state_methods[] = {{"length", l_attn_state_length}, {"truncate", l_attn_state_truncate},
-                                             {"close", l_attn_state_gc}, {NULL, NULL}};
+                                             {"skippable", l_attn_state_skippable}, {"close", l_attn_state_gc}, {NULL, NULL}};
     static const luaL_Reg functions[] = {{"linear", l_linear}, {"moe", l_moe}, {"attention", l_attention},
                                          {"attn_state", l_attn_state}, {NULL, NULL}};
     dsrtL_newclass(L, LINEAR_MT, linear_meta, linear_methods);

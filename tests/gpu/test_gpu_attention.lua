@@ -461,4 +461,28 @@ test("errors_name_the_problem", function()
   end, "aux stream 1 is missing or not on cuda:0")
 end)
 
+-- last: the inputs it draws would shift the seeds of the tests above
+test("advance_skips_what_the_ring_drops_as_on_the_cpu", function()
+  -- a window-only state steps over the positions its ring drops (a long prompt's MTP fill): a
+  -- forward after it, and after a rollback into the ring's slack, equals one after every position
+  local att = cuda_layer(KINDS[1], false)
+  for _, precision in ipairs(PRECISIONS) do
+    local whole, skipped = state(att, precision, "cuda", 300, 6), state(att, precision, "cuda", 300, 6)
+    local x, after = inputs(200, precision):to("cuda"), inputs(2, precision):to("cuda")
+    local skip = skipped:skippable(200)
+    assert_equal(skip, 200 - (att.window + 6))
+    att:advance(whole, x)
+    att:advance(skipped, x:narrow(1, skip + 1, 200 - skip), nil, skip)
+    for _, length in ipairs({ 200, 194 }) do
+      whole:truncate(length)
+      skipped:truncate(length)
+      poison()
+      local ya, yb = att:forward(whole, after), att:forward(skipped, after)
+      assert_equal(dsrt.max_abs_diff(ya:to("cpu"), yb:to("cpu")), 0, string.format("%s at %d", precision, length))
+      whole:truncate(length)
+      skipped:truncate(length)
+    end
+  end
+end)
+
 return tests

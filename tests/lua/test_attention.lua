@@ -242,6 +242,35 @@ test("advance_leaves_the_state_a_forward_leaves", function()
   end
 end)
 
+-- advance may step over what a window-only state drops unread (a long prompt's MTP fill): the state
+-- then equals one advanced over every position, and layers with compressors skip nothing
+test("advance_skips_only_what_the_ring_drops", function()
+  local slack = 8
+  for _, precision in ipairs({ "fp32", "reference" }) do
+    local att = layer(WINDOW)
+    local x, after = inputs(200, 70, precision), inputs(4, 71, precision)
+    local whole, skipped = state(att, precision, 400, slack), state(att, precision, 400, slack)
+    att:advance(whole, x)
+    local skip = skipped:skippable(200)
+    assert_equal(skip, 200 - (att.window + slack))
+    assert_equal(skipped:skippable(att.window + slack), 0)
+    att:advance(skipped, x:narrow(1, skip + 1, 200 - skip), nil, skip)
+    assert_equal(skipped:length(), 200)
+    for back = 0, slack, slack do -- the ring's slack rows too: a rollback reads them
+      whole:truncate(200 - back)
+      skipped:truncate(200 - back)
+      local a, b = att:forward(whole, after), att:forward(skipped, after)
+      assert_equal(dsrt.max_abs_diff(a, b), 0, string.format("%s, %d back", precision, back))
+      whole:truncate(200 - back)
+      skipped:truncate(200 - back)
+    end
+  end
+  for _, i in ipairs({ CSA, HCA }) do
+    local st = state(layer(i), "fp32")
+    assert_equal(st:skippable(300), 0)
+  end
+end)
+
 test("errors_name_the_problem", function()
   local cfg, w = tiny()
   local att, other = layer(HCA), dsrt.attention(cfg.layers[HCA], cfg.dims, w.layers[HCA].attn, {})
@@ -257,6 +286,15 @@ test("errors_name_the_problem", function()
   assert_error(function() att:advance(st, inputs(11, 1, "fp32")) end, "11 new positions after 10 exceed the state's max_len 20")
   assert_error(function() att:advance(st, inputs(3, 1, "reference"), "reference") end, "advance in reference precision with a state made for fp32")
   assert_error(function() other:advance(st, inputs(3, 1, "fp32")) end, "the state was made for another attention layer")
+  assert_error(function() att:advance(st, inputs(3, 1, "fp32"), nil, 1) end,
+               "advance cannot skip 1 positions before 3 rows: it may skip only what the state drops unread %(0 here; a layer with compressors keeps every position%)")
+  local window = layer(WINDOW)
+  local ring = state(window, "fp32", 400, 2)
+  assert_error(function() window:advance(ring, inputs(129, 1, "fp32"), nil, 5) end,
+               "advance cannot skip 5 positions before 129 rows: .*%(4 here; the ring keeps window %+ slack rows%)")
+  assert_error(function() window:advance(ring, inputs(200, 1, "fp32"), nil, -1) end, "advance cannot skip %-1 positions")
+  assert_error(function() window:advance(ring, inputs(200, 1, "fp32"), nil, 201) end, "401 new positions after 0 exceed the state's max_len 400")
+  assert_equal(ring:length(), 0)
   assert_equal(st:length(), 10) -- failed calls leave the state alone
   assert_error(function() dsrt.attn_state(att, { slack = 1 }) end, "'max_len' must be a number")
   local a = w.layers[HCA].attn

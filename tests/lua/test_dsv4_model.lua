@@ -122,6 +122,28 @@ test("truncate + continue equals never having gone ahead, decoder and MTP draft"
   assert_rows_close(model:draft(rolled, 123), model:draft(straight, 123), TOLERANCE.fp32, "draft after truncate")
 end)
 
+test("a long prompt fills only the MTP ring's rows: drafts as after a chunked fill, rollback included", function()
+  -- one call fills positions 0..198 and steps over those the ring (window + slack) drops; the chunks'
+  -- last call (129 positions) fits the ring and computes them all
+  local model = tiny_model("fp32", true)
+  local ids = prompt(PROMPT_LENGTH, 8)
+  local one_shot, chunked = model:session { max_len = 256 }, model:session { max_len = 256 }
+  model:forward(one_shot, ids)
+  assert(one_shot.mtp.state:skippable(PROMPT_LENGTH - 1) > 0, "the one-shot fill skips positions")
+  local at = 0
+  for _, n in ipairs(CHUNKS) do
+    assert_equal(chunked.mtp.state:skippable(n), 0)
+    model:forward(chunked, slice(ids, at + 1, n))
+    at = at + n
+  end
+  assert_rows_close(model:draft(one_shot, 5), model:draft(chunked, 5), TOLERANCE.fp32, "draft")
+  local back = PROMPT_LENGTH - one_shot.slack -- the MTP ring's oldest rows
+  one_shot:truncate(back)
+  chunked:truncate(back)
+  assert_rows_close(model:draft(one_shot, ids[back + 1]), model:draft(chunked, ids[back + 1]), TOLERANCE.fp32,
+                    "draft after truncate")
+end)
+
 test("a session made with mtp = false forwards the same logits, skips the MTP state and cannot draft", function()
   local model = tiny_model("fp32", true)
   local ids, more = prompt(60, 6), prompt(3, 7)

@@ -127,10 +127,11 @@ end
 --- attention state's advance alone (what fills an MTP layer's ring): attention:advance writes the
 --- state as a forward would and computes no output, which nothing would read (the query path,
 --- the attention and the output projections: about a tenth of a decode step on the GPU). X stays
---- the caller's.
-function decoder.attention_advance(dims, block, state, X, precision)
+--- the caller's. skip (default 0): positions before X's rows that the state drops unread
+--- (state:skippable), stepped over without their inputs.
+function decoder.attention_advance(dims, block, state, X, precision, skip)
   local x, post, comb = sublayer_input(dims, block.hc_attn, block.attn_norm, X, nil, precision)
-  block.attention:advance(state, x, precision)
+  block.attention:advance(state, x, precision, skip)
   close(x, post, comb)
 end
 

@@ -15,8 +15,10 @@
 --     filled over the prompt too"): the MTP input at position t needs the main model's residual H_t
 --     and the token at t + 1, so whenever the decoder advances, the ring is filled up to the
 --     decoder's last position minus one — only the attention half of the block runs there (the
---     ring is the only state; the rest of the block would be thrown away). The last position's
---     residual waits for draft(). Rollback keeps both in step.
+--     ring is the only state; the rest of the block would be thrown away), and only over the
+--     positions the ring keeps (window + slack: a 4096-token prompt fills 4095 positions with
+--     the inputs of ~140). The last position's residual waits for draft(). Rollback keeps both in
+--     step.
 --   - Several drafts (speculative decoding, dsrt.dsv4.speculative) apply the one MTP layer
 --     recursively, as vLLM does (SPEC §8.2): draft_next(id) feeds the previous draft's own
 --     pre-hc_head residual with the embedding of the token drafted from it, one position further.
@@ -102,9 +104,12 @@ function Predictor:advance(session, X, ids, first)
     -- position was computed from MTP residuals and is refilled below from the decoder's
     undo_draft(part, part.drafted_id == ids[1] and first or first - 1)
   end
-  local from, to = part.state:length(), first + S - 2 -- MTP positions to fill, inclusive
-  if to >= from then
-    local layer = self.layers[1]
+  local length, to = part.state:length(), first + S - 2 -- MTP positions length .. to to fill
+  if to >= length then
+    -- a window-only MTP layer keeps the last window + slack of them: a long prompt's earlier
+    -- positions are stepped over, their inputs (h_proj's GEMM over hc·dim columns) never made
+    local skip = part.state:skippable(to - length + 1)
+    local from, layer = length + skip, self.layers[1]
     -- H: the kept residuals of positions before `first` (the previous call's last, normally), then
     -- rows of X in one block: a view of X when there are none, one block copy otherwise (never a
     -- copy per row: a prefill of S tokens would launch S copies on a GPU)
@@ -125,7 +130,7 @@ function Predictor:advance(session, X, ids, first)
     local next_ids = {}
     for t = from, to do next_ids[t - from + 1] = ids[t + 1 - first + 1] end
     local X_mtp = mtp_input(self, layer, H, next_ids)
-    decoder.attention_advance(self.dims, layer.block, part.state, X_mtp, self.precision)
+    decoder.attention_advance(self.dims, layer.block, part.state, X_mtp, self.precision, skip)
     close(H, X_mtp)
   end
   -- rollback reaches back `slack` positions, and the residual before them feeds the MTP there: only
