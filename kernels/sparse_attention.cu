@@ -16,7 +16,7 @@
  * All heads of a query row share its index list, so a CTA takes one query row and a group of heads,
  * stages the block's 64 gathered pool rows in shared memory ONCE (cp.async) and uses each row for
  * every head of the group. Three launch shapes:
- *   mma    (many rows, reference precision, q and pool bf16, D a power of two from 64 to 512: prefill):
+ *   mma    (many rows, reference precision, q and pool bf16, D a multiple of 64 up to 512: prefill):
  *          one CTA per (row, 32 heads), all blocks in order, both products on the tensor cores
  *          (mma.sync m16n8k16 bf16 -> fp32). q and kv are bf16 already and P(p) is the bf16 value
  *          the reference multiplies with, so the products are exact and only the fp32 summation
@@ -187,8 +187,8 @@ __device__ void load_q(const Args &a, int64_t t, int64_t g, float *q_s)
  * kv_s (rows of ld elements; zero_invalid: the rows of invalid entries are zeroed, for the tensor
  * cores, which multiply them by p = 0 and must not meet stale NaN bits).
  * Returns (to every thread) whether any entry is valid; ends with the block synchronised. */
-/* load_block's first half: block b's indices into s.row; whether any is valid, to every thread */
-__device__ __forceinline__ int block_indices(const Args &a, int64_t t, int64_t b, const Shared &s)
+template <class TP>
+__device__ int load_block(const Args &a, int64_t t, int64_t b, const Shared &s, TP *kv, int64_t ld, bool zero_invalid)
 {
     long long r = -1;
     if (threadIdx.x < ENTRIES) {
@@ -203,13 +203,8 @@ __device__ __forceinline__ int block_indices(const Args &a, int64_t t, int64_t b
         }
         s.row[threadIdx.x] = r;
     }
-    return __syncthreads_or(r >= 0);
-}
-
-template <class TP>
-__device__ int load_block(const Args &a, int64_t t, int64_t b, const Shared &s, TP *kv, int64_t ld, bool zero_invalid)
-{
-    if (!block_indices(a, t, b, s)) return 0;
+    int any = __syncthreads_or(r >= 0);
+    if (!any) return 0;
     const TP *pool = (const TP *)a.pool;
     /* index math in 32 bits (a block is at most 64 rows of 2 KB in shared memory): a 64-bit
      * division per 16-byte chunk cost more issue slots than the block's mma */
@@ -732,7 +727,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *
                  : "r"(at));
 }
 
-/* Requires round_p, q and pool bf16, D a power of two, 64 <= D <= 512 (the host checks). Fragment layout of
+/* Requires round_p, q and pool bf16, D % 64 == 0, D <= 512 (the host checks). Fragment layout of
  * m16n8k16 (lane = 4·gid + qd): A rows gid and gid + 8, columns 2qd, 2qd + 1 (+ 8); B column gid,
  * rows 2qd, 2qd + 1 (+ 8); C rows gid (c0, c1) and gid + 8 (c2, c3), columns 2qd, 2qd + 1.
  *   scores: S[32 heads][64 entries] = Q[32][D] · KV^T: warp w the n-tile of entries 8w..8w+7 for
@@ -756,16 +751,15 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
     const int nt = (int)(D / 64); /* this warp's n-tiles in P·V, columns from c_warp */
     const int64_t c_warp = warp * (D / 8);
     const uint16_t *q = (const uint16_t *)a.q;
-    /* rows as 16-byte copies (a.vec_q, a.vec_rows): thread i takes chunk i mod C of rows i / C,
-     * i / C + THREADS / C, ... (C = D / 8 chunks a row, a power of two): no division per copy */
-    const int lg = __ffs((int)D / 8) - 1, chunk = 8 * (threadIdx.x & (((int)D >> 3) - 1)), row_step = THREADS >> lg;
     if (a.vec_q) {
-        /* all in flight at once; the first block's wait covers them. Copied an element a load, the
-         * q of a CTA took ~10 of a window layer's ~40 us a CTA (H200) */
-        for (int h = threadIdx.x >> lg; h < MMA_HEADS; h += row_step) {
+        /* 16-byte copies, all in flight at once; the first block's wait covers them. Copied an
+         * element a load, the q of a CTA took ~10 of a window layer's ~40 us a CTA (H200) */
+        const int chunks = (int)D / 8; /* 16-byte chunks a row */
+        for (int i = threadIdx.x; i < MMA_HEADS * chunks; i += THREADS) {
+            const int h = i / chunks, c = 8 * (i - h * chunks);
             const int64_t hh = g * MMA_HEADS + h;
-            if (hh < a.H) cp_async16(qb + h * DP + chunk, q + (t * a.H + hh) * D + chunk);
-            else *(uint4 *)(qb + h * DP + chunk) = make_uint4(0, 0, 0, 0);
+            if (hh < a.H) cp_async16(qb + h * DP + c, q + (t * a.H + hh) * D + c);
+            else *(uint4 *)(qb + h * DP + c) = make_uint4(0, 0, 0, 0);
         }
     } else {
         for (int i = threadIdx.x; i < MMA_HEADS * (int)D; i += THREADS) { /* 32-bit index math: D <= 512 */
@@ -779,20 +773,7 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
     float acc[MMA_MI][MMA_NT][4] = {};
     __syncthreads();
     for (int64_t b = 0; b < a.nb; b++) {
-        if (a.vec_rows) { /* load_block's copies with the thread's chunk fixed (its loop spent ~32
-                           * instructions a copy: a fifth of a window layer's instructions) */
-            if (!block_indices(a, t, b, s)) continue; /* attend() skips such a block */
-            const unsigned char *pool = (const unsigned char *)a.pool + 2 * chunk;
-            for (int e = threadIdx.x >> lg; e < ENTRIES; e += row_step) {
-                const long long row = s.row[e];
-                if (row >= 0) cp_async16(kvb + e * DP + chunk, pool + row * (2 * D));
-                else *(uint4 *)(kvb + e * DP + chunk) = make_uint4(0, 0, 0, 0);
-            }
-            cp_async_wait_all();
-            __syncthreads();
-        } else if (!load_block<uint16_t>(a, t, b, s, kvb, DP, true)) {
-            continue;
-        }
+        if (!load_block<uint16_t>(a, t, b, s, kvb, DP, true)) continue; /* attend() skips such a block */
         { /* scores of entries 8·warp … 8·warp + 7 for every m-tile of 16 heads: two independent mma
              * chains a tile (k-steps mod 2), summed at the end, so the k-loop is not one chain of
              * D/16 mma latencies; the entries' fragment serves every tile */
@@ -1124,8 +1105,7 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
     cudaStream_t st = (cudaStream_t)stream;
     if (!use_split(dev, S, H, K)) {
         /* the tensor cores where the operands are bf16 and P(p) is bf16 (reference precision) */
-        if (a.round_p && q->dtype == DSRT_BF16 && pool->dtype == DSRT_BF16 && D % 64 == 0 && (D & (D - 1)) == 0 &&
-            D <= 64 * MMA_NT) { /* D a power of two: the copies' rows by shifts */
+        if (a.round_p && q->dtype == DSRT_BF16 && pool->dtype == DSRT_BF16 && D % 64 == 0 && D <= 64 * MMA_NT) {
             MmaLayout ml = mma_layout_for(D);
             a.groups = (H + MMA_HEADS - 1) / MMA_HEADS;
             if (ml.total <= (size_t)optin)

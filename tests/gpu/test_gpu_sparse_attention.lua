@@ -115,8 +115,7 @@ test("many_rows_tensor_core_path", function()
   local mma = { { "reference", "bf16", "bf16", "f32" }, { "reference", "bf16", "bf16", "bf16" } }
   case(140, 19, 128, 200, { combos = mma })          -- 1 group of 32 heads, its second m-tile partial
   case(140, 40, 128, 200, { combos = mma })          -- 2 groups, the second's first m-tile partial, its second empty
-  case(140, 64, 256, 65, { combos = mma, index_dtype = "i32" }) -- 4 n-tiles per warp
-  case(140, 64, 192, 65, { combos = mma })            -- D not a power of two: the fused path
+  case(140, 64, 192, 65, { combos = mma, index_dtype = "i32" }) -- 3 n-tiles per warp
   case(140, 3, 512, 700, { combos = mma, N = 5000 })  -- a skipped block, many blocks
   case(17, 64, 64, 640, { combos = mma })             -- 1 n-tile per warp
   -- pool rows at an odd offset (no cp.async), still bf16 and contiguous once the core copies them
