@@ -656,7 +656,7 @@ static int check_forward(const dsrt_attention *a, const dsrt_attn_state *st, con
     if (dsrt_linear_check_input(x, a->cfg.dim, a->device, s, "attention")) return -1;
     if (x->ndim != 2 || x->shape[0] < 1)
         return dsrt_err("attention: input %s, expected [S, %d] with S >= 1", dsrt_tensor_str(x, xb, sizeof xb), a->cfg.dim);
-    if (skip < 0 || skip > dsrt_attn_state_skippable(st, skip + x->shape[0]))
+    if (skip < 0 || skip > st->max_len || skip > dsrt_attn_state_skippable(st, skip + x->shape[0]))
         return dsrt_err("attention: advance cannot skip %lld positions before %lld rows: it may skip only what the state "
                         "drops unread (%lld here; %s)", (long long)skip, (long long)x->shape[0],
                         (long long)dsrt_attn_state_skippable(st, skip + x->shape[0]),

@@ -293,6 +293,7 @@ test("errors_name_the_problem", function()
   assert_error(function() window:advance(ring, inputs(129, 1, "fp32"), nil, 5) end,
                "advance cannot skip 5 positions before 129 rows: .*%(4 here; the ring keeps window %+ slack rows%)")
   assert_error(function() window:advance(ring, inputs(200, 1, "fp32"), nil, -1) end, "advance cannot skip %-1 positions")
+  assert_error(function() window:advance(ring, inputs(200, 1, "fp32"), nil, math.maxinteger) end, "advance cannot skip 9223372036854775807 positions")
   assert_error(function() window:advance(ring, inputs(200, 1, "fp32"), nil, 201) end, "401 new positions after 0 exceed the state's max_len 400")
   assert_equal(ring:length(), 0)
   assert_equal(st:length(), 10) -- failed calls leave the state alone

@@ -17,7 +17,7 @@
 --     decoder's last position minus one — only the attention half of the block runs there (the
 --     ring is the only state; the rest of the block would be thrown away), and only over the
 --     positions the ring keeps (window + slack: a 4096-token prompt fills 4095 positions with
---     the inputs of ~140). The last position's residual waits for draft(). Rollback keeps both in
+--     the inputs of the last 145, Flash's window 128 and a session's slack 16 + 1). The last position's residual waits for draft(). Rollback keeps both in
 --     step.
 --   - Several drafts (speculative decoding, dsrt.dsv4.speculative) apply the one MTP layer
 --     recursively, as vLLM does (SPEC §8.2): draft_next(id) feeds the previous draft's own
