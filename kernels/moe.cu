@@ -716,9 +716,7 @@ __device__ __forceinline__ void wg_project(const dsrtk_moe_project_args &a, cons
             rows = rows_of(0);
             wg_load<FMT, SF>(buf[0], rows, step0, sc, half);
         }
-        /* an element an access: the wider loads made DOWN 81 -> 88 us a step (CUPTI timeline, H200,
-         * twice), where the dense GEMVs gained 9 (linear.cu) */
-        wg_stage<FMT>(nb, k_in, xs, xsc, a.x, a.x_dtype, false, [&](int t) { return x_row(a, first + b0 + t); });
+        wg_stage<FMT>(nb, k_in, xs, xsc, a.x, a.x_dtype, [&](int t) { return x_row(a, first + b0 + t); });
         fence_async_shared(); /* the staged atoms, for wgmma's reads */
         __syncthreads();
         const uint32_t desc = wgmma_desc_sw128_low((uint32_t)__cvta_generic_to_shared(xs));

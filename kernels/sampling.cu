@@ -57,7 +57,6 @@ enum {
     SCAN_CHUNK = SCAN_BLOCK * SCAN_PER_THREAD, /* logits per scan block */
     MARK_BLOCK = 256,
     PICK_BLOCK = 256,
-    STAGE = 2048, /* candidates whose p one walk step stages in shared memory (16 KB) */
     PREFIX_KEYS = 16 /* sorted keys a thread of prefix_chunks_kernel loads at once: a chunk's lie 2 KB from the next one's */
 };
 
@@ -189,41 +188,10 @@ __global__ void __launch_bounds__(SCAN_BLOCK) sample_scan_kernel(const float *lo
 /* ---- 4. pick ---- */
 
 struct PickShared {
-    double stage[STAGE];
     double chunk_before[DSRT_DRAW_MAX_CHUNKS]; /* prefix_offsets' S_b */
-    int stop, done;
+    int done;
     unsigned long long cut;
 };
-
-/* Calls f(i, p_i) on thread 0 for i = 0, 1, ... < n in order, until f returns false. Every thread
- * of the block must call it (it synchronises). */
-template <class F>
-__device__ void walk(PickShared &sh, const uint64_t *k, int idb, int64_t n, double xmax, double inv_t, F f)
-{
-    __syncthreads(); /* everyone has read the previous walk's stop */
-    if (threadIdx.x == 0) sh.stop = 0;
-    for (int64_t base = 0; base < n; base += STAGE) {
-        const int len = (int)min((int64_t)STAGE, n - base);
-        for (int j = threadIdx.x; j < len; j += PICK_BLOCK) sh.stage[j] = key_prob(k[base + j], idb, xmax, inv_t);
-        __syncthreads();
-        if (threadIdx.x == 0) { /* 8 shared-memory reads in flight ahead of the dependent adds */
-            bool go = true;
-            for (int j0 = 0; go && j0 < len; j0 += 8) {
-                double v[8];
-#pragma unroll
-                for (int u = 0; u < 8; u++) v[u] = j0 + u < len ? sh.stage[j0 + u] : 0.0;
-#pragma unroll
-                for (int u = 0; u < 8; u++)
-                    if (go && j0 + u < len && !f(base + j0 + u, v[u])) go = false;
-            }
-            if (!go) sh.stop = 1;
-        }
-        __syncthreads();
-        /* thread 0 writes stop again (and the stage is rewritten) only past the next barrier,
-         * which every thread reaches after this read */
-        if (sh.stop) break;
-    }
-}
 
 /* The cumulative sums of p over the candidates (sampling.h): P(i) = S_b + L_i for the chunk b =
  * i / C of C = dsrt_draw_chunk(V) candidates, L_i its own p summed in order from its first
@@ -392,15 +360,18 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
     }
 
     /* the draw: the first candidate whose cumulative sum passes u * z (u < 1 and P(n - 1) = z, so
-     * there is one); the CPU's walk would otherwise take the last nonzero candidate */
+     * there is one); where rounding leaves none, the CPU takes the last candidate with p > 0 (the
+     * first, p = 1, always has it) */
     const double target = (double)u * z;
     int64_t pick = first_reached(sh, pre, C, n, [&](double cum) { return cum > target; });
-    if (pick == n) {
-        pick = 0;
-        walk(sh, k, idb, n, xmax, inv_t, [&](int64_t i, double q) {
-            if (q > 0.0) pick = i;
-            return true;
-        });
+    if (pick == n) { /* the same for every thread */
+        __syncthreads(); /* sh.cut's last readers are done */
+        if (threadIdx.x == 0) sh.cut = 0;
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < n; i += PICK_BLOCK)
+            if (key_prob(k[i], idb, xmax, inv_t) > 0.0) atomicMax(&sh.cut, (unsigned long long)i);
+        __syncthreads();
+        pick = (int64_t)sh.cut;
     }
     if (threadIdx.x == 0) {
         *id_out = key_id(k[pick], idb);

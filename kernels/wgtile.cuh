@@ -86,11 +86,12 @@ __device__ __forceinline__ int wg_atom_offset(int t, int kk) { return t * 128 + 
  * codes in the swizzled atoms at xs (step s at s·WG_ATOM, k-slots by wg_kslot, tokens past `rows`
  * zero) and their scales at xsc (FP4: times 2^FP4_X_SCALE_LOG2; token t's of step s at
  * t·cols/128 + s, past `rows` zero): one warp per (token, step), quant.h's arithmetic through
- * q8_codes_warp. Row t of the input starts at element row_at(t) of x (bf16 or f32; vec as act.cuh's
- * ld4_units). The whole block calls it; fence_async_shared and a barrier must follow before wgmma
- * reads the atoms. */
+ * q8_codes_warp. Row t of the input starts at element row_at(t) of x (bf16 or f32), read an element
+ * an access (act.cuh's ld4_units without vec: the wider loads made the MoE's DOWN 81 -> 88 us a
+ * step, CUPTI timeline, H200, twice, where the dense GEMVs gained 9). The whole block calls it;
+ * fence_async_shared and a barrier must follow before wgmma reads the atoms. */
 template <int FMT, class RowAt>
-__device__ __forceinline__ void wg_stage(int rows, int cols, unsigned char *xs, float *xsc, const void *x, int x_dtype, bool vec,
+__device__ __forceinline__ void wg_stage(int rows, int cols, unsigned char *xs, float *xsc, const void *x, int x_dtype,
                                          RowAt row_at)
 {
     enum { SB = 4 };
@@ -104,7 +105,7 @@ __device__ __forceinline__ void wg_stage(int rows, int cols, unsigned char *xs, 
     for (int u0 = warp; u0 < units; u0 += SB * warps) {
         float v[SB][4];
         bool ok[SB][4];
-        ld4_units<SB>(x, x_dtype, vec, units, steps, cols, u0, warps, row_at, v, ok);
+        ld4_units<SB>(x, x_dtype, false, units, steps, cols, u0, warps, row_at, v, ok);
 #pragma unroll
         for (int j = 0; j < SB; j++) {
             const int u = u0 + j * warps, t = u / steps, s = u - t * steps;

@@ -656,10 +656,11 @@ static int check_forward(const dsrt_attention *a, const dsrt_attn_state *st, con
     if (dsrt_linear_check_input(x, a->cfg.dim, a->device, s, "attention")) return -1;
     if (x->ndim != 2 || x->shape[0] < 1)
         return dsrt_err("attention: input %s, expected [S, %d] with S >= 1", dsrt_tensor_str(x, xb, sizeof xb), a->cfg.dim);
-    if (skip < 0 || skip > st->max_len || skip > dsrt_attn_state_skippable(st, skip + x->shape[0]))
+    /* (skip past max_len is refused before skip + S can overflow) */
+    const int64_t may_skip = skip >= 0 && skip <= st->max_len ? dsrt_attn_state_skippable(st, skip + x->shape[0]) : 0;
+    if (skip < 0 || skip > may_skip)
         return dsrt_err("attention: advance cannot skip %lld positions before %lld rows: it may skip only what the state "
-                        "drops unread (%lld here; %s)", (long long)skip, (long long)x->shape[0],
-                        (long long)dsrt_attn_state_skippable(st, skip + x->shape[0]),
+                        "drops unread (%lld here; %s)", (long long)skip, (long long)x->shape[0], (long long)may_skip,
                         a->cfg.ratio ? "a layer with compressors keeps every position" : "the ring keeps window + slack rows");
     if (st->length + skip + x->shape[0] > st->max_len)
         return dsrt_err("attention: %lld new positions after %lld exceed the state's max_len %lld",
