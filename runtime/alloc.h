@@ -53,6 +53,10 @@ void dsrt_storage_retain(dsrt_storage *s);
 void dsrt_storage_release(dsrt_storage *s);
 /* Work touching s is being queued on `stream`: remember it, so that freeing waits for it too. */
 int dsrt_storage_use(dsrt_storage *s, dsrt_stream *stream);
+/* `home`, the stream s was allocated on, has been made to wait for the n streams `joined` after
+ * every use of s queued on them (a join): s forgets those uses, so that its free records no event
+ * on them. A no-op for s allocated on another stream; a later use on them registers again. */
+void dsrt_storage_joined(dsrt_storage *s, dsrt_stream *home, dsrt_stream *const *joined, int n);
 
 int dsrt_alloc_stats(int device, dsrt_mem_stats *out);
 int dsrt_alloc_set_limit(int device, size_t bytes);

@@ -65,7 +65,7 @@ struct dsrt_attention {
     dsrt_tensor *ape_t, *index_ape_t; /* the same as contiguous f32 tensors on the device (CUDA) */
     dsrt_stream **aux;
     int n_aux;
-    dsrt_event *ev[4];     /* CUDA with aux streams: the fan-out event, then one join event per aux stream */
+    dsrt_event *ev[4];     /* CUDA with aux streams: one recorded on the caller's stream, one per aux stream */
 };
 
 /* one compressor's sequence state (SPEC §6.5) */
@@ -677,14 +677,17 @@ static int check_forward(const dsrt_attention *a, const dsrt_attn_state *st, con
  * every buffer is sized on the host and nothing waits for the device during a forward.
  *
  * Streams (SPEC §10, DESIGN.md): with 3 aux streams (and a compressor: fans_out below), phase 1
- * fans out from an event recorded on the caller's stream s: aux 0 runs the compressor's wkv/wgate
- * (and its ape add), aux 1 the indexer's weights_proj, aux 2 the indexer-compressor's wkv/wgate,
- * while s runs wq_a and wkv; s then waits on an event recorded on each aux stream. Phase 2 fans
- * out again after the norms: aux 0 runs the whole indexer (ratio 4: wq_b, RoPE, Hadamard/Q4, the
- * indexer compressor, scores and top-k) or the main compressor (other ratios), while s runs wq_b,
- * the head norm and RoPE (and the main compressor for ratio 4); s joins before the pool is built.
- * Without aux streams every step
- * runs on s in the same order, so the numbers are the same either way (no kernel depends on
+ * fans out from an event recorded on the caller's stream s: aux 0 runs the compressor's wkv/wgate,
+ * its ape add and its pooling, aux 1 the indexer's weights_proj, aux 2 the indexer-compressor's
+ * wkv/wgate, while s runs wq_a ‖ wkv and the q/kv norm. Phase 2 (ratio 4) waits on aux 2 for qr
+ * and weights_proj and runs the whole indexer there (wq_b, RoPE, Hadamard/Q4, the indexer
+ * compressor's pooling, scores and top-k), beside wq_b, the head norm and RoPE on s. s joins every
+ * aux stream once, before the pool is built: the first thing on s that reads their results. (It
+ * used to join them right after wq_a ‖ wkv too, so its q/kv norm waited for the compressor's wider
+ * GEMV, and the indexer then queued behind the compressor on aux 0: CUPTI timeline of a decode
+ * step, H200, from wq_a to the pool 64.8 -> 58.8 us in the ratio-4 layer, 43.7 -> 37.3 in the
+ * ratio-128 one.) A layer without an indexer fans out to aux 0 alone. Without aux streams every
+ * step runs on s in the same order, so the numbers are the same either way (no kernel depends on
  * which stream it runs on). Every tensor an aux stream touches is registered on that stream
  * (dsrt_storage_use), and every result of an aux stream on s, so that the allocator, when the
  * tensor is freed, records an event on both and never hands the block out while either may still
@@ -884,38 +887,40 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     int ok;
     if (!xf) goto done;
 
-    /* phase 1 (SPEC §10): the side GEMMs on the aux streams, wq_a and wkv on s */
-    if (aux && (use_on(xf, s_comp) || use_on(xf, s_wproj) || use_on(xf, s_icomp) || dsrt_event_record(a->ev[0], s) ||
-                dsrt_stream_wait(s_comp, a->ev[0]) || dsrt_stream_wait(s_wproj, a->ev[0]) || dsrt_stream_wait(s_icomp, a->ev[0])))
-        goto done;
+    /* phase 1 (SPEC §10): fan out from s. The indexer's inputs go first (the indexer compressor's
+     * rows on aux 2, weights_proj on aux 1), then wq_a ‖ wkv and the q/kv norm on s, then the
+     * compressor's rows and pooling on aux 0, which nothing before the pool waits for: the order
+     * the host issues them in is the order their blocks take the multiprocessors, and the
+     * compressor's GEMV alone fills them */
+    const int n_side = !aux ? 0 : r == 4 ? 3 : 1; /* the aux streams this layer uses: aux 0 alone without an indexer */
+    if (aux && dsrt_event_record(a->ev[0], s)) goto done;
+    for (int i = 0; i < n_side; i++)
+        if (use_on(xf, a->aux[i]) || dsrt_stream_wait(a->aux[i], a->ev[0])) goto done;
     ok = 1;
-    if (r > 0) ok = !compressor_rows(a, &w->compressor, a->ape_t, xf, P, s_comp, &cc, &cg);
-    if (ok && r == 4)
-        ok = (wproj = dlin(w->index_weights_proj, xf, prec, s_wproj)) != NULL &&
-             !compressor_rows(a, &w->index_compressor, a->index_ape_t, xf, P, s_icomp, &ic, &ig);
+    if (r == 4)
+        ok = !compressor_rows(a, &w->index_compressor, a->index_ape_t, xf, P, s_icomp, &ic, &ig) &&
+             (wproj = dlin(w->index_weights_proj, xf, prec, s_wproj)) != NULL;
     if (ok) ok = !dsrt_linear_forward_pair(w->wq_a, w->wkv, xf, prec, s, &qa, &kvp); /* one launch at decode */
-    if (aux) {
-        /* join even after a failure: nothing on s may run ahead of queued aux work */
-        int joined = !order(a->ev[1], s_comp, s) && !order(a->ev[2], s_wproj, s) && !order(a->ev[3], s_icomp, s);
-        ok = ok && joined && !use_on(cc, s) && !use_on(cg, s) && !use_on(wproj, s) && !use_on(ic, s) && !use_on(ig, s);
-    }
-    if (!ok) goto done;
-
     /* §6.1 qr = RMS_w(wq_a·x); §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims: one
      * launch. qr feeds only linears (wq_b, the indexer's wq_b) and stays in the norm's dtype; kv
      * is read by the kernels here (gather, ring_writes) and is f32 */
-    if (dsrt_nn_q_kv_norm(qa, w->q_norm, kvp, w->kv_norm, c->norm_eps, P, 1, c->rope_theta, yarn_of(c), latent_post(0, prec),
-                          prec, s, &qr, &kv))
-        goto done;
+    if (ok)
+        ok = !dsrt_nn_q_kv_norm(qa, w->q_norm, kvp, w->kv_norm, c->norm_eps, P, 1, c->rope_theta, yarn_of(c),
+                                latent_post(0, prec), prec, s, &qr, &kv);
+    if (ok && r > 0)
+        ok = !compressor_rows(a, &w->compressor, a->ape_t, xf, P, s_comp, &cc, &cg) &&
+             !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, s_comp);
 
-    /* phase 2: the indexer (ratio 4) or the compressor (other ratios) on aux 0, beside wq_b on s */
-    dsrt_stream *side = aux && r > 0 ? a->aux[0] : s;
-    if (side != s && (use_on(qr, side) || use_on(wproj, side) || use_on(ic, side) ||
-                      use_on(ig, side) || dsrt_event_record(a->ev[0], s) || dsrt_stream_wait(side, a->ev[0])))
-        goto done;
-    ok = 1;
-    if (r == 4) ok = !index_select_dev(a, st, qr, wproj, ic, ig, P, S, side, &picks);
-    else if (r > 0) ok = !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, side);
+    /* phase 2 (ratio 4): the whole indexer on aux 2, after its compressor's rows, once qr (s) and
+     * weights_proj (aux 1) are there. An event is recorded again only after every wait on its
+     * last record is queued. */
+    if (ok && r == 4) {
+        if (aux)
+            ok = !use_on(qr, s_icomp) && !use_on(wproj, s_icomp) && !dsrt_event_record(a->ev[0], s) &&
+                 !dsrt_event_record(a->ev[2], s_wproj) && !dsrt_stream_wait(s_icomp, a->ev[0]) &&
+                 !dsrt_stream_wait(s_icomp, a->ev[2]);
+        ok = ok && !index_select_dev(a, st, qr, wproj, ic, ig, P, S, s_icomp, &picks);
+    }
     /* a reference chunk of many rows attends on the tensor cores, in bf16 (below) */
     const int attend_bf16 = prec == DSRT_PREC_REFERENCE && S >= MMA_MIN_ROWS;
     if (ok && (q = dlin_any(w->wq_b, qr, prec, s))) { /* §6.1 steps 3-4: the head norm and RoPE, one fused pass */
@@ -925,8 +930,16 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
                          s);
     }
     ok = ok && q;
-    if (ok && r == 4) ok = !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, s);
-    if (side != s) ok = !order(a->ev[1], side, s) && ok && !use_on(picks, s);
+    if (aux) {
+        /* join even after a failure: nothing on s may run ahead of queued aux work */
+        int joined = 1;
+        for (int i = 0; i < n_side; i++) joined = !order(a->ev[1 + i], a->aux[i], s) && joined;
+        ok = ok && joined && !use_on(cc, s) && !use_on(cg, s) && !use_on(ic, s) && !use_on(ig, s) && !use_on(picks, s);
+        if (joined) { /* the join covers the aux streams' uses of s's tensors (alloc.h) */
+            dsrt_storage_joined(xf->storage, s, a->aux, n_side);
+            if (qr) dsrt_storage_joined(qr->storage, s, a->aux, n_side);
+        }
+    }
     if (!ok) goto done;
 
     /* §6.4/§6.7 the pool [window positions base … P+S−1, entries 0 … n_entries−1] and the index lists */
