@@ -7,11 +7,15 @@
  * raw bits, different ones convert each element through numeric.h's dsrt_load_f32/dsrt_store_f32,
  * exactly the functions used here, so the GPU result equals the CPU's bit for bit.
  *
- * Shape of the work: one block per output row (a grid-stride loop over rows), the block's threads
- * over the row's columns. A Flash decode step gathers one row of 4096 bf16 (8 KiB); a 4096-token
- * prefill 32 MiB read + 32 MiB written (64 MiB written as f32): memory-bound, so the two common
- * cases — same dtype and bf16 -> f32, rows contiguous and 16-byte aligned — move 16-byte vectors;
- * everything else (strided weights, f16, f8 sources) takes the generic element loop.
+ * Shape of the work: one block per gathered row (a grid-stride loop over rows), the block's threads
+ * over the row's columns, each value stored to the row's `copies` output rows: the decoder's
+ * residual streams start as hc copies of the embedding (SPEC §4 step 2), written here in the same
+ * launch (a decode step's first kernels are paced by the host's launches: the separate copy's
+ * launch held the step's third kernel back ~5 us, CUPTI timeline, H200). A Flash decode step
+ * gathers one row of 4096 bf16 (8 KiB); a 4096-token prefill 32 MiB read + 4 x 32 MiB written:
+ * memory-bound, so the two common cases — same dtype and bf16 -> f32, rows contiguous and 16-byte
+ * aligned — move 16-byte vectors; everything else (strided weights, f16, f8 sources) takes the
+ * generic element loop.
  *
  * Ids cannot be range-checked here without a synchronisation (launchers never synchronise), so an
  * id outside [0, rows) writes a row of NaN: it cannot go unnoticed downstream, and the core checks
@@ -22,9 +26,9 @@
 namespace {
 
 struct gather_args {
-    dsrt_view dst, weight; /* dst contiguous [n, cols]; weight 2-D, any strides */
+    dsrt_view dst, weight; /* dst contiguous [n·copies, cols]; weight 2-D, any strides */
     const void *ids;
-    int ids_i64;
+    int ids_i64, copies;   /* copies: each gathered row is written to that many consecutive rows */
     int64_t n, rows, cols;
 };
 
@@ -38,22 +42,24 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) gather_generic(const __grid_const
 {
     const int same = a.dst.dtype == a.weight.dtype;
     for (int64_t r = blockIdx.x; r < a.n; r += gridDim.x) {
-        int64_t id = load_id(a, r), out = a.dst.offset + r * a.cols;
+        int64_t id = load_id(a, r), out = a.dst.offset + r * a.copies * a.cols;
         int ok = id >= 0 && id < a.rows;
         int64_t base = a.weight.offset + (ok ? id : 0) * a.weight.stride[0];
         for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) {
             int64_t at = base + c * a.weight.stride[1];
-            if (!ok) {
-                dsrt_store_f32(a.dst.data, a.dst.dtype, out + c, __int_as_float(0x7fc00000));
-            } else if (same) {
-                switch (a.dst.dtype) {
-                case DSRT_F32: ((uint32_t *)a.dst.data)[out + c] = ((const uint32_t *)a.weight.data)[at]; break;
-                case DSRT_BF16: case DSRT_F16:
-                    ((uint16_t *)a.dst.data)[out + c] = ((const uint16_t *)a.weight.data)[at]; break;
-                default: break; /* the launcher admits only f32, bf16 and f16 outputs */
+            for (int64_t o = out + c; o < out + a.copies * a.cols; o += a.cols) {
+                if (!ok) {
+                    dsrt_store_f32(a.dst.data, a.dst.dtype, o, __int_as_float(0x7fc00000));
+                } else if (same) {
+                    switch (a.dst.dtype) {
+                    case DSRT_F32: ((uint32_t *)a.dst.data)[o] = ((const uint32_t *)a.weight.data)[at]; break;
+                    case DSRT_BF16: case DSRT_F16:
+                        ((uint16_t *)a.dst.data)[o] = ((const uint16_t *)a.weight.data)[at]; break;
+                    default: break; /* the launcher admits only f32, bf16 and f16 outputs */
+                    }
+                } else {
+                    dsrt_store_f32(a.dst.data, a.dst.dtype, o, dsrt_load_f32(a.weight.data, a.weight.dtype, at));
                 }
-            } else {
-                dsrt_store_f32(a.dst.data, a.dst.dtype, out + c, dsrt_load_f32(a.weight.data, a.weight.dtype, at));
             }
         }
     }
@@ -73,8 +79,11 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) gather_bits(const __grid_constant
         int64_t id = load_id(a, r);
         int ok = id >= 0 && id < a.rows;
         const uint4 *src = w + (ok ? id : 0) * weight_row_vecs;
-        uint4 *out = d + r * vecs;
-        for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) out[v] = ok ? __ldg(src + v) : bad;
+        uint4 *out = d + r * a.copies * vecs;
+        for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) {
+            const uint4 x = ok ? __ldg(src + v) : bad;
+            for (int j = 0; j < a.copies; j++) out[j * vecs + v] = x;
+        }
     }
 }
 
@@ -90,18 +99,17 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) gather_bf16_f32(const __grid_cons
         int64_t id = load_id(a, r);
         int ok = id >= 0 && id < a.rows;
         const uint4 *src = w + (ok ? id : 0) * weight_row_vecs;
-        float4 *out = d + r * vecs * 2;
+        float4 *out = d + r * a.copies * vecs * 2;
         for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) {
-            if (!ok) {
-                out[2 * v] = make_float4(nan, nan, nan, nan);
-                out[2 * v + 1] = make_float4(nan, nan, nan, nan);
-                continue;
+            float4 lo = make_float4(nan, nan, nan, nan), hi = lo;
+            if (ok) {
+                uint4 p = __ldg(src + v);
+                lo = make_float4(__uint_as_float(p.x << 16), __uint_as_float(p.x & 0xffff0000u),
+                                 __uint_as_float(p.y << 16), __uint_as_float(p.y & 0xffff0000u));
+                hi = make_float4(__uint_as_float(p.z << 16), __uint_as_float(p.z & 0xffff0000u),
+                                 __uint_as_float(p.w << 16), __uint_as_float(p.w & 0xffff0000u));
             }
-            uint4 p = __ldg(src + v);
-            out[2 * v] = make_float4(__uint_as_float(p.x << 16), __uint_as_float(p.x & 0xffff0000u),
-                                     __uint_as_float(p.y << 16), __uint_as_float(p.y & 0xffff0000u));
-            out[2 * v + 1] = make_float4(__uint_as_float(p.z << 16), __uint_as_float(p.z & 0xffff0000u),
-                                         __uint_as_float(p.w << 16), __uint_as_float(p.w & 0xffff0000u));
+            for (int j = 0; j < a.copies; j++) out[2 * (j * vecs + v)] = lo, out[2 * (j * vecs + v) + 1] = hi;
         }
     }
 }
@@ -111,12 +119,13 @@ int aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 } // namespace
 
 extern "C" int dsrtk_embedding(int dev, const dsrt_view *dst, const dsrt_view *weight, const void *ids, int ids_dtype,
-                               int64_t n, void *stream)
+                               int64_t n, int copies, void *stream)
 {
     const char *what = "embedding";
-    if (weight->ndim != 2 || dst->ndim != 2 || dst->shape[0] != n || dst->shape[1] != weight->shape[1])
-        return dsrtk_fail(DSRTK_ERROR, "%s: output [%lld, %lld] does not fit %lld ids of a [%lld, %lld] weight", what,
-                          (long long)dst->shape[0], (long long)(dst->ndim > 1 ? dst->shape[1] : -1), (long long)n,
+    if (copies < 1) return dsrtk_fail(DSRTK_ERROR, "%s: %d copies of each row", what, copies);
+    if (weight->ndim != 2 || dst->ndim != 2 || dst->shape[0] != n * copies || dst->shape[1] != weight->shape[1])
+        return dsrtk_fail(DSRTK_ERROR, "%s: output [%lld, %lld] does not fit %lld ids x %d copies of a [%lld, %lld] weight", what,
+                          (long long)dst->shape[0], (long long)(dst->ndim > 1 ? dst->shape[1] : -1), (long long)n, copies,
                           (long long)weight->shape[0], (long long)(weight->ndim > 1 ? weight->shape[1] : -1));
     if (dst->dtype != DSRT_F32 && dst->dtype != DSRT_BF16 && dst->dtype != DSRT_F16)
         return dsrtk_fail(DSRTK_ERROR, "%s: output dtype %d is not f32, bf16 or f16", what, dst->dtype);
@@ -134,6 +143,7 @@ extern "C" int dsrtk_embedding(int dev, const dsrt_view *dst, const dsrt_view *w
     a.weight = *weight;
     a.ids = ids;
     a.ids_i64 = ids_dtype == DSRT_I64;
+    a.copies = copies;
     a.n = n;
     a.rows = weight->shape[0];
     a.cols = weight->shape[1];

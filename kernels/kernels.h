@@ -469,13 +469,14 @@ int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t
 /* end of attention */
 
 /* ---- embedding (kernels/embedding.cu): the embedding gather ---- */
-/* dst[i, :] = weight[ids[i], :] converted to dst's dtype (runtime/ops.h dsrt_op_embedding; the CPU
- * loop there is the reference). weight: a 2-D view of any float dtype but fp4; ids: n contiguous
- * i32 or i64 (ids_dtype) values; dst: contiguous [n, weight cols] f32, bf16 or f16. Same dtypes copy
- * raw bits, others convert through numeric.h. An id outside [0, rows) cannot raise an error
- * without a synchronisation, so its row is written as NaN (the core checks host ids first). */
+/* dst[i·copies + j, :] = weight[ids[i], :] for j < copies, converted to dst's dtype (runtime/ops.h
+ * dsrt_op_embedding; the CPU loop there is the reference). weight: a 2-D view of any float dtype
+ * but fp4; ids: n contiguous i32 or i64 (ids_dtype) values; dst: contiguous [n·copies, weight cols]
+ * f32, bf16 or f16. Same dtypes copy raw bits, others convert through numeric.h. An id outside
+ * [0, rows) cannot raise an error without a synchronisation, so its rows are written as NaN (the
+ * core checks host ids first). */
 int dsrtk_embedding(int dev, const dsrt_view *dst, const dsrt_view *weight, const void *ids, int ids_dtype,
-                    int64_t n, void *stream);
+                    int64_t n, int copies, void *stream);
 /* end of embedding */
 
 #ifdef __cplusplus

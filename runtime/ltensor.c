@@ -796,15 +796,22 @@ static int l_matmul(lua_State *L)
     return 1;
 }
 
-/* dsrt.embedding(weight, ids [, dtype]): rows weight[ids] (0-based ids, as token ids are) as
- * ids.shape + [cols] in dtype (default: the weight's when f32/bf16/f16, else f32), on the weight's
- * device. ids: an i32/i64 tensor, or a Lua array of integers (sent up as i64 after the check). */
+/* dsrt.embedding(weight, ids [, dtype [, copies]]): rows weight[ids] (0-based ids, as token ids are)
+ * as ids.shape + [cols] in dtype (default: the weight's when f32/bf16/f16, else f32), on the
+ * weight's device; with copies, ids.shape + [copies, cols], each row repeated. ids: an i32/i64
+ * tensor, or a Lua array of integers (sent up as i64 after the check). */
 static int l_embedding(lua_State *L)
 {
     dsrt_tensor *w = dsrtL_checktensor(L, 1), *ids = dsrtL_totensor(L, 2);
     dsrt_dtype dtype = w->dtype == DSRT_BF16 || w->dtype == DSRT_F16 ? w->dtype : DSRT_F32;
     if (!lua_isnoneornil(L, 3) && dsrt_dtype_from_name(luaL_checkstring(L, 3), &dtype))
         luaL_error(L, "embedding: unknown dtype '%s'", lua_tostring(L, 3));
+    int copies = 0;
+    if (!lua_isnoneornil(L, 4)) {
+        lua_Integer c = luaL_checkinteger(L, 4);
+        if (c < 1 || c > INT32_MAX) luaL_error(L, "embedding: copies must be a positive integer, got %I", c);
+        copies = (int)c;
+    }
     lua_settop(L, 2);
     int made = 0; /* host ids made here from a Lua array (stack slot 3), closed after the gather */
     if (!ids) {
@@ -823,7 +830,7 @@ static int l_embedding(lua_State *L)
             lua_pop(L, 1);
         }
     }
-    dsrtL_pushtensor(L, dsrt_op_embedding(w, ids, dtype, stream_of(L, w)));
+    dsrtL_pushtensor(L, dsrt_op_embedding(w, ids, dtype, copies, stream_of(L, w)));
     if (made) close_temporary(L, 3);
     return 1;
 }

@@ -472,9 +472,9 @@ int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t
 
 /* ---- embedding ---- */
 int dsrtk_embedding(int dev, const dsrt_view *dst, const dsrt_view *weight, const void *ids, int ids_dtype,
-                    int64_t n, void *stream)
+                    int64_t n, int copies, void *stream)
 {
-    (void)dev; (void)dst; (void)weight; (void)ids; (void)ids_dtype; (void)n; (void)stream;
+    (void)dev; (void)dst; (void)weight; (void)ids; (void)ids_dtype; (void)n; (void)copies; (void)stream;
     return without_cuda(__func__);
 }
 /* end of embedding */

@@ -409,14 +409,14 @@ dsrt_tensor *dsrt_op_reduce(int op, dsrt_tensor *a, int dim, int keepdim, dsrt_s
 
 /* The reference of kernels/embedding.cu: equal dtypes move raw bits (NaN payloads included), others
  * convert through numeric.h. Ids are in range (checked by the caller). */
-static void cpu_embedding(const dsrt_view *dst, const dsrt_view *w, const void *ids, int ids_i64, int64_t n)
+static void cpu_embedding(const dsrt_view *dst, const dsrt_view *w, const void *ids, int ids_i64, int64_t n, int copies)
 {
     int64_t cols = w->shape[1];
     size_t esize = (size_t)dsrt_dtype_bits(w->dtype) / 8;
     int same = dst->dtype == w->dtype;
-#pragma omp parallel for schedule(static) if (n * cols > 65536)
-    for (int64_t r = 0; r < n; r++) {
-        int64_t id = ids_i64 ? ((const int64_t *)ids)[r] : ((const int32_t *)ids)[r];
+#pragma omp parallel for schedule(static) if (n * copies * cols > 65536)
+    for (int64_t r = 0; r < n * copies; r++) {
+        int64_t k = r / copies, id = ids_i64 ? ((const int64_t *)ids)[k] : ((const int32_t *)ids)[k];
         int64_t base = w->offset + id * w->stride[0], out = dst->offset + r * cols;
         for (int64_t c = 0; c < cols; c++) {
             int64_t at = base + c * w->stride[1];
@@ -442,9 +442,10 @@ static int check_host_ids(const dsrt_tensor *ids, const dsrt_tensor *weight)
     return 0;
 }
 
-dsrt_tensor *dsrt_op_embedding(dsrt_tensor *weight, dsrt_tensor *ids, dsrt_dtype dtype, dsrt_stream *s)
+dsrt_tensor *dsrt_op_embedding(dsrt_tensor *weight, dsrt_tensor *ids, dsrt_dtype dtype, int copies, dsrt_stream *s)
 {
     char sw[96], si[96], sd[16];
+    if (copies < 0) return dsrt_err_null("embedding: copies must be 0 (none) or more, got %d", copies);
     if (weight->ndim != 2 || !dsrt_dtype_is_float(weight->dtype) || weight->dtype == DSRT_FP4E2M1)
         return dsrt_err_null("embedding: the weight must be a 2-D float tensor (not fp4), got %s",
                              dsrt_tensor_str(weight, sw, sizeof sw));
@@ -452,7 +453,7 @@ dsrt_tensor *dsrt_op_embedding(dsrt_tensor *weight, dsrt_tensor *ids, dsrt_dtype
         return dsrt_err_null("embedding: ids must be i32 or i64, got %s", dsrt_tensor_str(ids, si, sizeof si));
     if (dtype != DSRT_F32 && dtype != DSRT_BF16 && dtype != DSRT_F16)
         return dsrt_err_null("embedding: the output dtype must be f32, bf16 or f16, got %s", dsrt_dtype_name(dtype));
-    if (ids->ndim + 1 > DSRT_MAX_DIMS)
+    if (ids->ndim + 1 + (copies > 0) > DSRT_MAX_DIMS)
         return dsrt_err_null("embedding: ids %s have too many dimensions", dsrt_tensor_str(ids, si, sizeof si));
     if (weight->device != s->device)
         return dsrt_err_null("embedding: the weight %s is not on the stream's device %s",
@@ -474,19 +475,21 @@ dsrt_tensor *dsrt_op_embedding(dsrt_tensor *weight, dsrt_tensor *ids, dsrt_dtype
     dsrt_tensor_release(moved);
     if (!flat) return NULL;
     int64_t n = dsrt_tensor_numel(flat), shape[DSRT_MAX_DIMS];
-    for (int d = 0; d < flat->ndim; d++) shape[d] = flat->shape[d];
-    shape[flat->ndim] = weight->shape[1];
+    int nd = flat->ndim, each = copies > 0 ? copies : 1;
+    for (int d = 0; d < nd; d++) shape[d] = flat->shape[d];
+    if (copies > 0) shape[nd++] = copies;
+    shape[nd++] = weight->shape[1];
     dsrt_tensor *ts[2] = {weight, flat};
-    dsrt_tensor *out = prepare("embedding", s, ts, 2) ? NULL : dsrt_tensor_new(dtype, flat->ndim + 1, shape, s->device, s);
+    dsrt_tensor *out = prepare("embedding", s, ts, 2) ? NULL : dsrt_tensor_new(dtype, nd, shape, s->device, s);
     int rc = out ? 0 : -1;
-    if (!rc && n > 0 && weight->shape[1] > 0) {
+    if (!rc && n * each > 0 && weight->shape[1] > 0) {
         dsrt_view dv = dsrt_tensor_desc(out), wv = dsrt_tensor_desc(weight), iv = dsrt_tensor_desc(flat);
         const void *id_data = (const char *)iv.data + iv.offset * (flat->dtype == DSRT_I64 ? 8 : 4);
-        dv.ndim = 2; /* [n, cols]: the output is contiguous */
-        dv.shape[0] = n, dv.shape[1] = weight->shape[1];
+        dv.ndim = 2; /* [n·copies, cols]: the output is contiguous */
+        dv.shape[0] = n * each, dv.shape[1] = weight->shape[1];
         dv.stride[0] = weight->shape[1], dv.stride[1] = 1;
-        if (s->device == DSRT_CPU) cpu_embedding(&dv, &wv, id_data, flat->dtype == DSRT_I64, n);
-        else if (dsrtk_embedding(s->device, &dv, &wv, id_data, flat->dtype, n, s->handle)) rc = kernel_failed("embedding");
+        if (s->device == DSRT_CPU) cpu_embedding(&dv, &wv, id_data, flat->dtype == DSRT_I64, n, each);
+        else if (dsrtk_embedding(s->device, &dv, &wv, id_data, flat->dtype, n, each, s->handle)) rc = kernel_failed("embedding");
     }
     dsrt_tensor_release(flat);
     if (rc) {

@@ -24,11 +24,13 @@ dsrt_tensor *dsrt_op_binary(int op, dsrt_tensor *a, dsrt_tensor *b, dsrt_stream 
 dsrt_tensor *dsrt_op_binary_scalar(int op, dsrt_tensor *a, double x, int scalar_first, dsrt_stream *s);
 dsrt_tensor *dsrt_op_unary(int op, dsrt_tensor *a, dsrt_stream *s);
 /* The embedding gather (SPEC §4 step 1): out[..., :] = weight[ids[...], :] converted to dtype (f32,
- * bf16 or f16), shape ids.shape + [cols]. weight: 2-D, any float dtype but fp4, on the stream's
- * device. ids: i32/i64 on the weight's device, or on the CPU for a device weight (then checked and
- * sent up). Host ids outside [0, rows) are an error naming the first; device ids cannot be checked
- * without a synchronisation, so such an id gives a row of NaN (kernels/embedding.cu). */
-dsrt_tensor *dsrt_op_embedding(dsrt_tensor *weight, dsrt_tensor *ids, dsrt_dtype dtype, dsrt_stream *s);
+ * bf16 or f16), shape ids.shape + [cols], or with copies > 0 ids.shape + [copies, cols], each row
+ * repeated (the decoder's hc residual streams, SPEC §4 step 2, in the same pass). weight: 2-D, any
+ * float dtype but fp4, on the stream's device. ids: i32/i64 on the weight's device, or on the CPU
+ * for a device weight (then checked and sent up). Host ids outside [0, rows) are an error naming
+ * the first; device ids cannot be checked without a synchronisation, so such an id gives a row of
+ * NaN (kernels/embedding.cu). */
+dsrt_tensor *dsrt_op_embedding(dsrt_tensor *weight, dsrt_tensor *ids, dsrt_dtype dtype, int copies, dsrt_stream *s);
 /* dim -1 reduces everything to a 0-d tensor */
 dsrt_tensor *dsrt_op_reduce(int op, dsrt_tensor *a, int dim, int keepdim, dsrt_stream *s);
 /* [..., m, k] @ [..., k, n] with broadcast batch dimensions; 1-d operands as in torch */

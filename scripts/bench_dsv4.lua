@@ -41,8 +41,6 @@ local config = require "dsrt.dsv4.config"
 local memory = require "dsrt.dsv4.memory"
 local decoder = require "dsrt.dsv4.model"
 
-local nn = core.nn
-
 -- ---- options ----
 
 local opts = dofile("scripts/bench_options.lua")("bench_dsv4", arg,
@@ -219,9 +217,7 @@ local function decode_step(session, id, marks)
   local first = session.positions
   marks[1]:record()
   local token_ids = decoder.ids({ id }, dev)
-  local embedded = decoder.embed(model.weights.embed, token_ids, precision)
-  local X = nn.hc_expand(embedded, dims.hc_mult)
-  decoder.close(embedded)
+  local X = decoder.embed(model.weights.embed, token_ids, precision, dims.hc_mult)
   marks[2]:record()
   -- each block's last hc_post runs fused into the next block's first hc_pre (the last one's alone)
   local carry

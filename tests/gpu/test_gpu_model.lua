@@ -68,6 +68,8 @@ test("embedding_on_cuda_equals_the_cpu_loop_bit_for_bit", function()
         assert_same_bits(dsrt.embedding(w_gpu, dev_ids, od), want, what .. " (i32 ids on cuda)")
         assert_same_bits(dsrt.embedding(w_gpu, dev_ids:to("i64"), od), want, what .. " (i64 ids on cuda)")
         assert_same_bits(dsrt.embedding(w_gpu, dsrt.tensor(ids, { dtype = "i64" }), od), want, what .. " (cpu ids)")
+        -- each row repeated (the decoder's residual streams), in every kernel path
+        assert_same_bits(dsrt.embedding(w_gpu, dev_ids, od, 3), dsrt.embedding(w_cpu, ids, od, 3), what .. " (3 copies)")
       end
     end
   end
@@ -106,6 +108,8 @@ test("embedding_on_cuda_bad_ids_and_devices", function()
   -- device ids cannot be checked without a synchronisation: their rows are NaN, the others exact
   local rows = dsrt.embedding(wg, dsrt.tensor({ 2, 10, -1, 3 }, { device = "cuda" }), "f32"):to("cpu")
   assert_equal(rows:ne(rows):sum(2):totable(), { 0, 16, 16, 0 })
+  local copies = dsrt.embedding(wg, dsrt.tensor({ 2, 10 }, { device = "cuda" }), "bf16", 2):to("f32"):to("cpu")
+  assert_equal(copies:ne(copies):sum(3):totable(), { { 0, 0 }, { 16, 16 } })
   assert_same_bits(dsrt.embedding(wg, dsrt.tensor({ 3 }, { device = "cuda" }), "f32"), dsrt.embedding(w, { 3 }, "f32"), "row 3")
   -- device ids for a host weight: refused
   assert_error(dsrt.embedding, "embedding: ids i64%[1%] on cuda:0 and the weight bf16%[10, 16%] on cpu are on different devices",

@@ -1,4 +1,4 @@
--- test_embedding.lua — dsrt.embedding(weight, ids [, dtype]), the embedding gather of SPEC §4 step 1
+-- test_embedding.lua — dsrt.embedding(weight, ids [, dtype [, copies]]), the embedding gather of SPEC §4 step 1
 -- on the CPU: rows equal the weight's rows (raw bits for equal dtypes, numeric.h conversions for
 -- others), any ids shape, i32/i64/Lua-array ids, strided weights, and clear errors. The CUDA kernel
 -- is compared with this loop in tests/gpu/test_gpu_model.lua.
@@ -52,6 +52,26 @@ test("ids_as_tensors_of_any_shape_and_strided_weights", function()
   assert_equal(dsrt.embedding(w, dsrt.empty({ 0 }, { dtype = "i64" })).shape, { 0, 24 })
 end)
 
+test("copies_repeat_each_row_as_the_residual_streams", function()
+  local w = dsrt.randn({ 20, 10 }, { seed = 7 })
+  for _, wd in ipairs({ "f32", "bf16", "f8e4m3" }) do
+    local weight = w:to(wd)
+    for _, od in ipairs({ "f32", "bf16" }) do
+      local rows = dsrt.embedding(weight, { 3, 19, 0 }, od, 4)
+      assert_equal(rows.shape, { 3, 4, 10 }, wd .. " -> " .. od)
+      for c = 1, 4 do assert_rows(rows:narrow(2, c, 1):view(3, 10), weight, { 3, 19, 0 }) end
+      -- the same tensor nn.hc_expand makes from the plain gather
+      local plain = dsrt.embedding(weight, { 3, 19, 0 }, od)
+      assert_equal(rows:bitcast("u8"):ne(require("dsrt.core").nn.hc_expand(plain, 4):bitcast("u8")):sum():item(), 0)
+    end
+  end
+  assert_equal(dsrt.embedding(w, dsrt.tensor({ { 1, 2 } }), nil, 1).shape, { 1, 2, 1, 10 })
+  assert_equal(dsrt.embedding(w, dsrt.empty({ 0 }, { dtype = "i64" }), "f32", 3).shape, { 0, 3, 10 })
+  assert_error(dsrt.embedding, "embedding: copies must be a positive integer, got 0", w, { 1 }, "f32", 0)
+  assert_error(dsrt.embedding, "copies must be a positive integer, got %-2", w, { 1 }, nil, -2)
+  assert_error(dsrt.embedding, "number has no integer representation", w, { 1 }, nil, 1.5)
+end)
+
 test("nan_payloads_move_unchanged_for_equal_dtypes", function()
   -- little-endian bf16 codes 0x7fa1 (a signalling NaN), 0x3f80 (1), 0xffc3 (a negative NaN), 0xffff
   local bytes = { { 0xa1, 0x7f, 0x80, 0x3f }, { 0xc3, 0xff, 0xff, 0xff } }
@@ -81,6 +101,7 @@ test("the_decoder_embeds_through_the_gather_and_forward_can_skip_logits", functi
   local w = dsrt.randn({ 30, 12 }, { seed = 6 }):to("bf16")
   assert_equal(decoder.embed(w, { 4, 29 }, "fp32").dtype, "f32")
   assert_rows(decoder.embed(w, dsrt.tensor({ 4, 29 }), "reference"), w, { 4, 29 })
+  assert_equal(decoder.embed(w, { 4, 29 }, "reference", 3).shape, { 2, 3, 12 })
   if require("dsrt.core").attention == nil then return end
   local model = require("dsrt.dsv4").load(h.make_tiny_model(3), { precision = "fp32", mtp = true })
   local ids = { 5, 6, 7, 8, 9 }

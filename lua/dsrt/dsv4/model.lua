@@ -169,11 +169,13 @@ function decoder.logits(dims, hc_head, norm_weight, head, X, precision)
 end
 
 --- embed[ids] (SPEC §4 step 1, no scaling) as [S, dim] in the model's activation dtype, in one
---- gather (dsrt.embedding) on the weight's device. ids: a Lua array of 0-based ids (checked on the
---- host and sent up) or a 1-D i64/i32 tensor on the weight's device (already checked: a device
---- gather cannot raise, an id outside the vocabulary gives a row of NaN).
-function decoder.embed(embed_weight, ids, precision)
-  return dsrt.embedding(embed_weight, ids, activation_dtype(precision))
+--- gather (dsrt.embedding) on the weight's device; with `copies` (the decoder's hc_mult) as the
+--- residual streams [S, copies, dim] of SPEC §4 step 2, each row repeated in the same launch. ids:
+--- a Lua array of 0-based ids (checked on the host and sent up) or a 1-D i64/i32 tensor on the
+--- weight's device (already checked: a device gather cannot raise, an id outside the vocabulary
+--- gives a row of NaN).
+function decoder.embed(embed_weight, ids, precision, copies)
+  return dsrt.embedding(embed_weight, ids, activation_dtype(precision), copies)
 end
 
 -- ---- the model ----
@@ -277,9 +279,7 @@ function Model:forward_batch(sessions, ids_list, opts)
   local precision, dims = self.precision, self.dims
   -- the ids go up once, as one small i64 tensor; the embedding gather and hash routing read it there
   local token_ids = decoder.ids(all, self.device)
-  local embedded = decoder.embed(self.weights.embed, token_ids, precision)
-  local X = nn.hc_expand(embedded, dims.hc_mult)
-  close(embedded)
+  local X = decoder.embed(self.weights.embed, token_ids, precision, dims.hc_mult)
   local batched = #sessions > 1 and spans or nil
   local carry
   for i, block in ipairs(self.blocks) do
