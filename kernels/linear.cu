@@ -813,25 +813,40 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
     });
 }
 
-/* resident blocks of one instantiation per multiprocessor at `smem` bytes, asked once per device */
+/* Resident blocks of one instantiation per multiprocessor at `smem` bytes, asked once per device
+ * and size. (One value per device once served every size: whichever matrix a process planned first
+ * set the occupancy, and with it the K split and so the sums' order, of all the others.) */
 template <int FMT, int SF, bool Q8>
 static int mma_blocks_per_sm(int dev, size_t smem)
 {
-    static std::atomic<int> cache[MAX_LT_DEVICES];
-    int n = cache[dev].load(std::memory_order_relaxed);
-    if (n > 0) return n;
+    enum { SIZES = 16 };                                       /* the distinct staging sizes a model plans */
+    static std::atomic<uint64_t> cache[MAX_LT_DEVICES][SIZES]; /* smem << 8 | blocks; 0: free */
+    for (int i = 0; i < SIZES; i++) {
+        const uint64_t e = cache[dev][i].load(std::memory_order_acquire);
+        if (!e) break;
+        if (e >> 8 == smem) return (int)(e & 255);
+    }
+    int n;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mma_gemv_kernel<FMT, SF, Q8>, MMA_WARPS * 32, smem) != cudaSuccess || n < 1) {
         cudaGetLastError();
         n = 1;
     }
-    cache[dev].store(n, std::memory_order_relaxed);
+    if (n > 255) n = 255;
+    for (int i = 0; i < SIZES; i++) { /* a full table only costs the query again next time */
+        uint64_t e = 0;
+        if (cache[dev][i].compare_exchange_strong(e, (uint64_t)smem << 8 | (uint64_t)n) || e >> 8 == smem) break;
+    }
     return n;
 }
 
 /* The plan of one matrix: its kernel arguments and blocks, from the shape and the device only
- * (never the rows): blocks that fit with 8 tokens staged, and the smallest team that still gives
- * half the resident warps work (measured on the H200: a team that splits a tile in two costs its
- * reduction more than the idle warps) */
+ * (never the rows, so a token's sums do not depend on how many share the call): blocks that fit
+ * with MMA_PLAN_TOKENS tokens staged, and the smallest team that still gives half the resident
+ * warps work (measured on the H200: a team that splits a tile in two costs its reduction more than
+ * the idle warps). More tokens (up to MMA_TOKENS) run the same plan, in two waves where their
+ * staging leaves one block a multiprocessor (wo_b's 8192 columns: 147 KB for 8 tokens, 82 KB
+ * for 4). */
+enum { MMA_PLAN_TOKENS = 4 }; /* decode, and a verify of up to 3 drafts */
 template <int FMT, int SF, bool Q8>
 static MmaGemvArgs mma_gemv_plan(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, void *y,
                                  int y_dtype, int *blocks)
@@ -845,8 +860,8 @@ static MmaGemvArgs mma_gemv_plan(int dev, const dsrtk_linear_weight *w, const vo
     a.ld = (int)mma_staged_ld(FMT, a.in_g), a.row_bytes = FMT == FMT_FP4 ? w->ld / 2 : w->ld;
     a.scale_ld0 = w->scale_ld0, a.scale_ld1 = w->scale_ld1;
     for (a.chunk_shift = 0; ((int64_t)MMA_CHUNK << a.chunk_shift) < w->block_cols; a.chunk_shift++) {}
-    const size_t full = mma_smem(FMT, a.in_g, MMA_TOKENS, MMA_WARPS);
-    const int64_t resident = (int64_t)dsrtk_multiprocessors(dev) * mma_blocks_per_sm<FMT, SF, Q8>(dev, full);
+    const size_t planned = mma_smem(FMT, a.in_g, MMA_PLAN_TOKENS, MMA_WARPS);
+    const int64_t resident = (int64_t)dsrtk_multiprocessors(dev) * mma_blocks_per_sm<FMT, SF, Q8>(dev, planned);
     a.ks = 1;
     while (a.ks < MMA_WARPS && (int64_t)a.tpg * a.groups * a.ks * 2 < resident * MMA_WARPS && a.ks * 2 <= a.nchunk) a.ks *= 2;
     a.teams = MMA_WARPS / a.ks;
