@@ -178,6 +178,13 @@ __device__ __forceinline__ void ld4_blocks(const void *p, int dtype, const int64
         for (int r = 0; r < R; r++) ld4_row(p, dtype, row[r], c0 + u * ACT_BLOCK + 4 * lane, cols, vec, v[r][u], ok[u]);
 }
 
+/* A stager's unit u (row t, 128-column block u - t·nblk) by its row t = u / nblk, computed as
+ * (u + 1/2) / nblk with the fast fp32 division, where an integer division took ~20 instructions
+ * (with the element-at-a-time loads, a good part of the ~150 a unit the staging cost: ncu, H200,
+ * wo_b at decode). Exact for the stagers' units (quotients below 64, nblk below 2^15): the
+ * quotient lies at least 1/(2·nblk) from an integer, the division errs by two ulps, under 2^-17. */
+__device__ __forceinline__ int unit_row(int u, int nblk) { return (int)__fdividef((float)u + 0.5f, (float)nblk); }
+
 /* A Q8 stager's loads (fp8mma.cuh's mma_stage, wgtile.cuh's wg_stage): a warp's SB units u0,
  * u0 + step, ... of `units` (row t = u / nblk, its 128-column block u % nblk), the lane's 4 columns
  * of each, every load issued before any value is used. Row t's column 0 is element row_at(t) of p.
@@ -191,7 +198,7 @@ __device__ __forceinline__ void ld4_units(const void *p, int dtype, bool vec, in
 {
     const int lane = threadIdx.x % 32;
     auto unit_at = [&](int j, int &col) { /* element of the lane's first column of unit j, and that column */
-        const int u = u0 + j * step, t = u < units ? u / nblk : 0;
+        const int u = u0 + j * step, t = u < units ? unit_row(u, nblk) : 0;
         col = (u < units ? u - t * nblk : 0) * ACT_BLOCK + 4 * lane;
         return row_at(t) + col;
     };

@@ -508,8 +508,8 @@ __device__ __forceinline__ void mma_stage(int rows, int cols, int ld, __half *xq
     enum { SB = 4 }; /* 8 (with vec): the GEMVs 9 us a step slower (CUPTI timeline, H200) */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int nblk = (cols + 127) / 128, units = rows * nblk;
-    /* row `rows`: zeros, what tokens past the last read */
-    for (int i = threadIdx.x; i < ld; i += blockDim.x) xq[rows * ld + i] = __float2half_rn(0.0f);
+    /* row `rows`: zeros, what tokens past the last read (ld·2 bytes, a multiple of 16) */
+    for (int i = threadIdx.x; i < ld / 8; i += blockDim.x) ((uint4 *)(xq + rows * ld))[i] = make_uint4(0, 0, 0, 0);
     for (int i = threadIdx.x; i < nblk; i += blockDim.x) xsc[rows * nblk + i] = 0.0f;
     for (int u0 = warp; u0 < units; u0 += SB * warps) {
         float v[SB][4];
@@ -517,7 +517,7 @@ __device__ __forceinline__ void mma_stage(int rows, int cols, int ld, __half *xq
         ld4_units<SB>(x, x_dtype, vec, units, nblk, cols, u0, warps, row_at, v, ok);
 #pragma unroll
         for (int j = 0; j < SB; j++) {
-            const int u = u0 + j * warps, t = u / nblk, cb = (u - t * nblk) * 128;
+            const int u = u0 + j * warps, t = unit_row(u, nblk), cb = (u - t * nblk) * 128;
             if (u >= units) break; /* warp-uniform: the block's amax needs the whole warp */
             uint32_t h01, h23;
             float s;

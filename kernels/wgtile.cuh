@@ -97,18 +97,18 @@ __device__ __forceinline__ void wg_stage(int rows, int cols, unsigned char *xs, 
     enum { SB = 4 };
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int steps = cols / WG_STEP, units = rows * steps;
-    for (int i = threadIdx.x; i < (WG_TOKENS - rows) * steps * 8; i += blockDim.x) { /* 16 bytes each */
-        const int t = rows + i / (steps * 8), s = i / 8 % steps;
-        *(uint4 *)(xs + s * WG_ATOM + t * 128 + (i & 7) * 16) = make_uint4(0, 0, 0, 0);
-    }
-    for (int i = threadIdx.x; i < (WG_TOKENS - rows) * steps; i += blockDim.x) xsc[rows * steps + i] = 0.0f;
+    /* tokens past `rows`: a token is 128 bytes of each atom (the swizzle moves 16-byte pieces
+     * inside them), 16-byte word w of an atom's 64 the token w / 8's */
+    for (int i = threadIdx.x; i < steps * 64; i += blockDim.x)
+        if ((i & 63) >= rows * 8) ((uint4 *)xs)[i] = make_uint4(0, 0, 0, 0);
+    for (int i = rows * steps + threadIdx.x; i < WG_TOKENS * steps; i += blockDim.x) xsc[i] = 0.0f;
     for (int u0 = warp; u0 < units; u0 += SB * warps) {
         float v[SB][4];
         bool ok[SB][4];
         ld4_units<SB>(x, x_dtype, false, units, steps, cols, u0, warps, row_at, v, ok);
 #pragma unroll
         for (int j = 0; j < SB; j++) {
-            const int u = u0 + j * warps, t = u / steps, s = u - t * steps;
+            const int u = u0 + j * warps, t = unit_row(u, steps), s = u - t * steps;
             if (u >= units) break; /* warp-uniform: the block's amax needs the whole warp */
             uint32_t codes;
             const float sc = q8_codes_warp(v[j], ok[j], codes);
