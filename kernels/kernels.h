@@ -409,6 +409,14 @@ typedef struct {
     float *row_weight;
 } dsrtk_moe_router_args;
 int dsrtk_moe_router(int dev, const dsrtk_moe_router_args *a, void *stream);
+/* Hash routing with an element-wise score folded into the UP projection that follows it, for few
+ * tokens on the warpgroup tile (kernels/moe.cu says why): the router's outputs and UP's, as
+ * dsrtk_moe_router(r) then dsrtk_moe_project(up) would write them (up reads r's grouping: the same
+ * groups, n_groups and row_weight), bit for bit; r's logits are not used. sync: two device words
+ * the call may use until its work is done. *launched 0 (and 0 returned) when it does not apply:
+ * then the caller runs those two. */
+int dsrtk_moe_route_up(int dev, const dsrtk_moe_router_args *r, const dsrtk_moe_project_args *up, uint32_t *sync,
+                       void *stream, int *launched);
 
 /* y[t] = Σ routed rows of token t in ascending expert id (pos_of_pick order) + shared row, summed
  * in f32 from 0, stored as out_dtype (DSRT_BF16 or DSRT_F32), contiguous [rows, dim]; y is

@@ -20,7 +20,10 @@
  * score reads only the picked experts' gate rows, in one block (moe_hash_router_kernel: 48 KB of
  * Flash's 2 MB gate, and a launch that overlaps its predecessor, which a cooperative one cannot;
  * ncu put it at 10-13 us, no faster than the cooperative kernel in isolation: the chain ids ->
- * tid2eid -> gate row -> weights -> groups is dependent reads). More tokens still run those
+ * tid2eid -> gate row -> weights -> groups is dependent reads). Before UP on the warpgroup tile
+ * (decode of a hash layer, up to 4 tokens) the weights leave that chain altogether:
+ * dsrtk_moe_route_up groups the picks first and computes the weights in a block of UP's own
+ * launch, which UP's other blocks wait for only at the end of their walk. More tokens still run those
  * three (moe_project_kernel for the gate, moe_route_kernel, moe_group_kernel); both paths share
  * the dot product's order and the routing code, so they give the same bits. From GATE_GEMM_ROWS
  * bf16 tokens on (prefill) the gate is one cuBLAS GEMM instead (gate_gemm).
@@ -433,7 +436,7 @@ __device__ __forceinline__ float project_out(const dsrtk_moe_project_args &a, in
         float g = v0, u = v1;
         if (a.reference) g = round_bf16(g), u = round_bf16(u); /* w1, w3 return bf16 */
         float h = swiglu_f32(g, u, a.limit);
-        if (r < a.n_weighted) h *= a.row_weight[r]; /* before w2, in fp32 (SPEC §7.2) */
+        if (r < a.n_weighted) h *= __ldcg(a.row_weight + r); /* before w2, in fp32 (SPEC §7.2); L2: see wait_weights */
         return a.reference ? round_bf16(h) : h;
     }
     return MODE == DSRTK_MOE_DOWN && a.reference ? round_bf16(v0) : v0;
@@ -637,10 +640,10 @@ struct ProjectGroup {
     int set, slot, slots;
     int64_t first, count;
 };
-__device__ __forceinline__ ProjectGroup project_group(const dsrtk_moe_project_args &a)
+__device__ __forceinline__ ProjectGroup project_group(const dsrtk_moe_project_args &a, int y = blockIdx.y, int rows_y = gridDim.y)
 {
-    const int n = *a.n_groups, g = (int)blockIdx.y < n ? (int)blockIdx.y : n - 1;
-    return {a.groups[3 * g], (int)blockIdx.y - g, g == n - 1 ? (int)gridDim.y - g : 1, a.groups[3 * g + 1], a.groups[3 * g + 2]};
+    const int n = *a.n_groups, g = y < n ? y : n - 1;
+    return {a.groups[3 * g], y - g, g == n - 1 ? rows_y - g : 1, a.groups[3 * g + 1], a.groups[3 * g + 2]};
 }
 
 template <int MODE>
@@ -667,6 +670,18 @@ static size_t wg_smem(int64_t max_in)
     return (size_t)(WG_ATOM + steps * WG_ATOM + WG_TOKENS * steps * 4 + WG_ROWS * WG_TOKENS * 4);
 }
 
+/* UP beside the hash router (moe_wg_route_kernel): the block waits until the router's block has
+ * published the routing weights that h takes (row_weight, read through L2 by project_out) */
+__device__ __forceinline__ void wait_weights(const uint32_t *ready)
+{
+    if (threadIdx.x == 0) {
+        uint32_t v;
+        do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(ready) : "memory");
+        while (!v);
+    }
+    __syncthreads();
+}
+
 /* One group's projection, its rows in batches of WG_TOKENS. A block is a team of two warpgroups
  * on the same tiles, warpgroup 0 the first half of the column steps and 1 the second (a fixed
  * split, from the shape only: a row's result does not depend on the batch; and the same step
@@ -680,7 +695,8 @@ static size_t wg_smem(int64_t max_in)
  * staging. */
 template <int MODE, int FMT, int SF>
 __device__ __forceinline__ void wg_project(const dsrtk_moe_project_args &a, const dsrtk_moe_matrix &m0,
-                                           const dsrtk_moe_matrix &m1, int first, int count, int slot, int slots)
+                                           const dsrtk_moe_matrix &m1, int first, int count, int slot, int slots, int bx,
+                                           int nx, const uint32_t *weights_ready)
 {
     constexpr int MATS = MODE == DSRTK_MOE_UP ? 2 : 1, ES = SF == DSRT_F32 ? 4 : 1;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, g = lane >> 2, q = lane & 3;
@@ -694,7 +710,7 @@ __device__ __forceinline__ void wg_project(const dsrtk_moe_project_args &a, cons
     __syncthreads();
     const WgStrides sc = {8 * mats[0].row_bytes, 8 * mats[0].scale_stride0, mats[0].scale_stride1 * ES,
                          FMT == WG_FP8 ? mats[0].chunk_shift - 1 : 0}; /* FP8: 128-column steps */
-    const int team = slot * (int)gridDim.x + (int)blockIdx.x, n_teams = slots * (int)gridDim.x;
+    const int team = slot * nx + bx, n_teams = slots * nx;
     const bool half = 2 * ((n_out + WG_ROWS - 1) / WG_ROWS) <= n_teams;
     const int warp_rows = half ? 8 : 16, tile_rows = 4 * warp_rows, row_tiles = (n_out + tile_rows - 1) / tile_rows;
     const int my_tiles = team < row_tiles ? (row_tiles - team + n_teams - 1) / n_teams : 0;
@@ -754,6 +770,8 @@ __device__ __forceinline__ void wg_project(const dsrtk_moe_project_args &a, cons
                 __syncthreads();
                 acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
             });
+        if (MODE == DSRTK_MOE_UP && weights_ready && first + b0 < a.n_weighted) /* the shared expert needs none */
+            wait_weights(weights_ready);
         if (MODE == DSRTK_MOE_UP) /* the block's pairs (the walk's last barrier orders them) */
             for (int i = threadIdx.x; i < my_tiles * tile_rows * nb; i += blockDim.x) {
                 const int tok = i % nb, j = first_row(i / nb / tile_rows * MATS) + i / nb % tile_rows;
@@ -763,48 +781,68 @@ __device__ __forceinline__ void wg_project(const dsrtk_moe_project_args &a, cons
     }
 }
 
+/* Group pg's share of a projection on the warpgroup tile, as block bx of the nx of its block row */
+template <int MODE>
+__device__ __forceinline__ void wg_group(const dsrtk_moe_project_args &a, const ProjectGroup &pg, int bx, int nx,
+                                         const uint32_t *weights_ready)
+{
+    const dsrtk_moe_matrix &m0 = a.table[3 * pg.set + (MODE == DSRTK_MOE_DOWN ? 1 : 0)], &m1 = a.table[3 * pg.set + 2];
+    const int first = (int)pg.first, count = (int)pg.count; /* 32 bits: moe.c's row counts are */
+    const int slot = pg.slot, slots = pg.slots;
+    if (m0.dtype == DSRT_FP4E2M1)
+        wg_project<MODE, WG_FP4, DSRT_F8E8M0>(a, m0, m1, first, count, slot, slots, bx, nx, weights_ready);
+    else if (m0.scale_dtype == DSRT_F32)
+        wg_project<MODE, WG_FP8, DSRT_F32>(a, m0, m1, first, count, slot, slots, bx, nx, weights_ready);
+    else
+        wg_project<MODE, WG_FP8, DSRT_F8E8M0>(a, m0, m1, first, count, slot, slots, bx, nx, weights_ready);
+}
+
 template <int MODE>
 __global__ void __launch_bounds__(MMA_WARPS * 32, 2) moe_wg_kernel(const __grid_constant__ dsrtk_moe_project_args a)
 {
     dsrtk_wait_producer(); /* launched dependent (common.cuh); the groups come from the router */
-    const ProjectGroup pg = project_group(a);
-    const dsrtk_moe_matrix &m0 = a.table[3 * pg.set + (MODE == DSRTK_MOE_DOWN ? 1 : 0)], &m1 = a.table[3 * pg.set + 2];
-    const int first = (int)pg.first, count = (int)pg.count; /* 32 bits: moe.c's row counts are */
-    if (m0.dtype == DSRT_FP4E2M1) wg_project<MODE, WG_FP4, DSRT_F8E8M0>(a, m0, m1, first, count, pg.slot, pg.slots);
-    else if (m0.scale_dtype == DSRT_F32) wg_project<MODE, WG_FP8, DSRT_F32>(a, m0, m1, first, count, pg.slot, pg.slots);
-    else wg_project<MODE, WG_FP8, DSRT_F8E8M0>(a, m0, m1, first, count, pg.slot, pg.slots);
+    wg_group<MODE>(a, project_group(a), blockIdx.x, gridDim.x, nullptr);
 }
 
-/* blocks a group: two per multiprocessor (the launch bounds) shared by the groups and one spare
- * row of them for the shared expert, no more than a group's `needed` */
-static int project_grid(int dev, const dsrtk_moe_project_args *a, int64_t needed, int *per_group)
+/* blocks a group: two per multiprocessor (the launch bounds, less `reserved` blocks that run beside
+ * them) shared by the groups and one spare row of them for the shared expert, no more than a
+ * group's `needed` */
+static int project_grid(int dev, const dsrtk_moe_project_args *a, int64_t needed, int *per_group, int reserved = 0)
 {
     const int rows_y = a->max_groups < 65535 ? a->max_groups + 1 : a->max_groups;
-    int64_t n = 2 * (int64_t)dsrtk_multiprocessors(dev) / rows_y;
+    int64_t n = (2 * (int64_t)dsrtk_multiprocessors(dev) - reserved) / rows_y;
     if (n > needed) n = needed;
     *per_group = n < 1 ? 1 : (int)n;
     return rows_y;
 }
 
-template <int MODE>
-static int launch_wg(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
+/* The shared-memory opt-in of a warpgroup kernel, only when a launch needs more than the device's
+ * last one did (it never shrinks, so a launch that passed the test keeps its room): a driver call
+ * on every launch cost the host two a layer */
+template <auto KERNEL>
+static int wg_opt_in(int dev, size_t smem)
 {
-    const size_t smem = wg_smem(a->max_in);
-    /* the shared-memory opt-in only when a launch needs more than the device's last one did (it
-     * never shrinks, so a launch that passed the test keeps its room): a driver call on every
-     * launch cost the host two a layer */
     static std::atomic<size_t> opted[BLAS_MAX_DEVICES];
     static std::mutex lock;
     if (dev < 0 || dev >= BLAS_MAX_DEVICES) return dsrtk_fail(DSRTK_ERROR, "moe: no device cuda:%d", dev);
     if (smem > opted[dev].load(std::memory_order_acquire)) {
         std::lock_guard<std::mutex> guard(lock);
         if (smem > opted[dev].load(std::memory_order_relaxed)) {
-            int st = dsrtk_check(cudaFuncSetAttribute(moe_wg_kernel<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+            int st = dsrtk_check(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                                  "moe: warpgroup projection shared memory of %zu bytes", smem);
             if (st) return st;
             opted[dev].store(smem, std::memory_order_release);
         }
     }
+    return DSRTK_OK;
+}
+
+template <int MODE>
+static int launch_wg(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
+{
+    const size_t smem = wg_smem(a->max_in);
+    int st = wg_opt_in<moe_wg_kernel<MODE>>(dev, smem);
+    if (st) return st;
     int per_group;
     const int rows_y = project_grid(dev, a, (a->max_out + WG_ROWS - 1) / WG_ROWS, &per_group); /* a block a row tile */
     return dsrtk_check(dsrtk_launch_dependent(moe_wg_kernel<MODE>, dim3((unsigned)per_group, rows_y), dim3(MMA_WARPS * 32),
@@ -1366,7 +1404,7 @@ __device__ __forceinline__ void group_few(const dsrtk_moe_router_args &a, const 
         for (int q = 0; q < picks; q++) groups_below += first_s[q] && pick_e[q] < e;
         const int pos = lower + before;
         a.row_token[pos] = p / k;
-        a.row_weight[pos] = pick_w[p];
+        if (pick_w) a.row_weight[pos] = pick_w[p];
         a.pos_of_pick[p] = pos;
         if (first) a.groups[3 * groups_below] = e, a.groups[3 * groups_below + 1] = lower, a.groups[3 * groups_below + 2] = count;
     }
@@ -1491,10 +1529,8 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __g
  * router_inputs' lookups, paid two more round trips (1.1 us of ~10, globaltimer marks, H200).
  * Launched dependent: the ids and x come from earlier work. */
 template <int TB>
-__global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_hash_router_kernel(const __grid_constant__ dsrtk_moe_router_args a)
+__device__ __forceinline__ RouterBlock hash_route_block(const dsrtk_moe_router_args &a, float4 *staged)
 {
-    dsrtk_wait_producer();
-    extern __shared__ float4 staged[];
     const RouterBlock b = router_block(a, staged);
     const dsrtk_moe_matrix &g = a.gate;
     const dsrtk_moe_route_args &r = a.route;
@@ -1518,9 +1554,17 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_hash_router_kernel(cons
     if (warp < rows)
         weights_warp(score + warp * n, pick_e + warp * k, k, valid[warp], r.norm_topk_prob, r.route_scale, lane,
                      r.ids + warp * k, r.weights + warp * k, pick_w + warp * k);
-    if (!a.groups) return; /* uniform */
     __syncthreads();
-    group_few(a, pick_e, pick_w, b.first);
+    return b;
+}
+
+template <int TB>
+__global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_hash_router_kernel(const __grid_constant__ dsrtk_moe_router_args a)
+{
+    dsrtk_wait_producer();
+    extern __shared__ float4 staged[];
+    const RouterBlock b = hash_route_block<TB>(a, staged);
+    if (a.groups) group_few(a, b.pick_e, b.pick_w, b.first);
 }
 
 /* How many blocks of one moe_router_kernel variant with `smem` bytes of dynamic shared memory the
@@ -1554,6 +1598,66 @@ static int router_fits(int dev, const void *kernel, size_t smem)
     int blocks = ok ? per_sm * dsrtk_multiprocessors(dev) : 0;
     if (count < 64) answers[count++] = Answer{dev, kernel, smem, blocks};
     return blocks;
+}
+
+/* ---- hash routing beside UP (decode on the warpgroup tile) ----
+ * A hash layer's picks and their grouping depend on the token ids only; only the weights need x
+ * (the picked gate rows' logits), and UP needs those only for h, at the end of its walk. So
+ * moe_hash_picks_kernel writes the picks' grouping first (ids, tid2eid, the grouping: a short
+ * chain), and moe_wg_route_kernel starts streaming the experts at once while one of its blocks
+ * computes the weights (moe_hash_router_kernel's code, so its bits) and publishes them; UP's
+ * blocks wait for them after their walk (wait_weights), which outlasts the weights' ~5 us ~7 times.
+ * It takes moe_hash_router_kernel's ~10 us out of a hash layer's chain (CUPTI timeline, H200,
+ * Flash decode). Roles go by arrival, an atomic ticket, not by blockIdx: the first block to run
+ * takes the router's role, so the one block the others may wait for is resident, whatever else the
+ * device runs; the workers take the block rows of moe_wg_kernel<UP>'s grid in ticket order. */
+
+/* The picks and the grouping (no weights), and the kernel's two sync words zeroed: the ticket and
+ * the weights' flag */
+__global__ void __launch_bounds__(ROUTER_THREADS) moe_hash_picks_kernel(const __grid_constant__ dsrtk_moe_router_args a,
+                                                                        uint32_t *sync)
+{
+    __shared__ int pick_e[ROUTER_THREADS], valid[TB_MAX], first[ROUTER_THREADS];
+    dsrtk_wait_producer();
+    router_inputs(a.route, threadIdx.x, ROUTER_THREADS, nullptr, pick_e, valid);
+    if (threadIdx.x < 2) sync[threadIdx.x] = 0;
+    __syncthreads();
+    group_few(a, pick_e, nullptr, first);
+}
+
+/* The router's role: the weights (ids, weights, row_weight by the picks' positions), then the flag
+ * (release: a waiting block that sees it sees the weights) */
+template <int TB>
+__device__ __noinline__ void route_role(const dsrtk_moe_router_args &a, uint32_t *ready)
+{
+    const RouterBlock b = hash_route_block<TB>(a, (float4 *)mma_shared);
+    for (int p = threadIdx.x; p < b.rows * b.k; p += blockDim.x) a.row_weight[a.pos_of_pick[p]] = b.pick_w[p];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(ready), "r"(1u) : "memory");
+}
+
+/* grid: moe_wg_kernel<UP>'s (nx, rows_y) plus a block row, for the router's block (its other
+ * blocks leave at once); sync: the picks kernel's zeroed ticket and flag */
+__global__ void __launch_bounds__(MMA_WARPS * 32, 2) moe_wg_route_kernel(const __grid_constant__ dsrtk_moe_project_args up,
+                                                                         const __grid_constant__ dsrtk_moe_router_args route,
+                                                                         uint32_t *sync)
+{
+    static_assert(ROUTER_THREADS == MMA_WARPS * 32, "the router's role takes a projection block");
+    __shared__ uint32_t ticket;
+    dsrtk_wait_producer();
+    if (threadIdx.x == 0) ticket = atomicAdd(sync, 1u);
+    __syncthreads();
+    const int nx = (int)gridDim.x, rows_y = (int)gridDim.y - 1, worker = (int)ticket - 1;
+    if (worker < 0) {
+        const int rows = (int)route.route.rows;
+        if (rows <= 1) route_role<1>(route, sync + 1);
+        else if (rows <= 2) route_role<2>(route, sync + 1);
+        else route_role<4>(route, sync + 1);
+        return;
+    }
+    if (worker >= nx * rows_y) return;
+    wg_group<DSRTK_MOE_UP>(up, project_group(up, worker / nx, rows_y), worker % nx, nx, sync + 1);
 }
 
 /* moe_hash_router_kernel for rows <= TB; *launched 0 (and DSRTK_OK) when its shared memory is
@@ -1678,6 +1782,40 @@ int dsrtk_moe_router(int dev, const dsrtk_moe_router_args *a, void *stream)
     GroupArgs group = {r->ids, r->weights, r->rows, r->k, r->n_routed, a->groups, a->n_groups, a->row_token, a->pos_of_pick,
                        a->row_weight};
     return launch_group(dev, &group, s);
+}
+
+int dsrtk_moe_route_up(int dev, const dsrtk_moe_router_args *r, const dsrtk_moe_project_args *up, uint32_t *sync,
+                       void *stream, int *launched)
+{
+    enum { ROUTE_UP_ROWS = 4, ROUTE_UP_SMEM = 100 * 1024 }; /* route_role's TB; room for two blocks a multiprocessor */
+    *launched = 0;
+    DSRTK_SET_DEVICE(dev, "moe hash routing beside UP");
+    const dsrtk_moe_route_args &ro = r->route;
+    if (!ro.hash || ro.score_func == DSRTK_MOE_SOFTMAX || !r->groups || ro.rows < 1 || ro.rows > ROUTE_UP_ROWS ||
+        ro.rows * ro.k > ROUTER_THREADS || up->mode != DSRTK_MOE_UP || up->tensor_cores != DSRTK_MOE_WGMMA ||
+        !up->reference || up->groups != r->groups || up->n_groups != r->n_groups || up->row_weight != r->row_weight)
+        return DSRTK_OK;
+    const RouterSmem L = router_smem((int)ro.rows, (r->gate.cols + CHUNK - 1) / CHUNK, ro.n_routed, ro.k);
+    const size_t smem = L.total > wg_smem(up->max_in) ? L.total : wg_smem(up->max_in);
+    if (smem > ROUTE_UP_SMEM) return DSRTK_OK;
+    if (!sync || !r->gate.weight || !ro.ids || !ro.weights || !ro.tid2eid.data || !ro.token_ids.data || !r->pos_of_pick ||
+        !r->row_token || !up->table || !up->x || !up->out || up->out_ld < 2 * (int64_t)up->max_out || up->max_groups < 1 ||
+        up->max_groups > 65534)
+        return dsrtk_fail(DSRTK_ERROR, "moe: hash routing beside UP of %lld tokens called with bad arguments",
+                          (long long)ro.rows);
+    int st = wg_opt_in<moe_wg_route_kernel>(dev, smem);
+    if (st) return st;
+    cudaStream_t s = (cudaStream_t)stream;
+    st = dsrtk_check(dsrtk_launch_dependent(moe_hash_picks_kernel, dim3(1), dim3(ROUTER_THREADS), 0, s, *r, sync),
+                     "launch of moe_hash_picks_kernel on cuda:%d", dev);
+    if (st) return st;
+    int per_group; /* the router's block reserved a slot, so that no worker waits for one */
+    const int rows_y = project_grid(dev, up, (up->max_out + WG_ROWS - 1) / WG_ROWS, &per_group, 1);
+    st = dsrtk_check(dsrtk_launch_dependent(moe_wg_route_kernel, dim3((unsigned)per_group, rows_y + 1), dim3(MMA_WARPS * 32),
+                                            smem, s, *up, *r, sync),
+                     "launch of moe_wg_route_kernel on cuda:%d", dev);
+    *launched = !st;
+    return st;
 }
 
 /* ---- combine (moe.c: add_rows in combine_experts' order) ----

@@ -469,30 +469,41 @@ typedef struct {
     float *row_weight;
 } cuda_groups;
 
-/* The router over the rows of xf (f32 or bf16 contiguous [rows, dim] on the device): gate logits,
- * ids i64 and weights f32 (contiguous, rows·k each) and, when g is not NULL, the grouping. */
+/* The router's arguments over the rows of xf (f32 or bf16 contiguous [rows, dim] on the device):
+ * ids i64 and weights f32 out (contiguous, rows·k each) and, when g is not NULL, the grouping; the
+ * logits scratch is the caller's to give. */
+static int router_args(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *xf, int64_t rows, dsrt_tensor *token_ids,
+                       int64_t *ids, float *weights, const cuda_groups *g, dsrtk_moe_router_args *r)
+{
+    const dsrt_moe_config *c = &m->cfg;
+    *r = (dsrtk_moe_router_args){.table = table, .x = x_data(xf), .x_dtype = xf->dtype, .x_ld = m->dim};
+    /* the gate's matrix by value: the kernel starts its weight loads without reading the table first */
+    if (fill_matrix(&r->gate, m->gate, "gate", c->n_routed + 1, 0)) return -1;
+    r->route = (dsrtk_moe_route_args){.rows = rows, .n_routed = c->n_routed, .k = c->n_activated,
+                                      .score_func = (int32_t)c->score_func, .norm_topk_prob = c->norm_topk_prob,
+                                      .route_scale = c->route_scale, .hash = m->tid2eid != NULL, .ids = ids, .weights = weights};
+    if (m->tid2eid) {
+        r->route.tid2eid = dsrt_tensor_desc(m->tid2eid);
+        r->route.token_ids = dsrt_tensor_desc(token_ids);
+    } else {
+        r->route.bias = dsrt_tensor_desc(m->bias);
+    }
+    if (g) {
+        r->groups = g->groups, r->n_groups = g->n_groups, r->row_token = g->row_token, r->pos_of_pick = g->pos_of_pick;
+        r->row_weight = g->row_weight;
+    }
+    return 0;
+}
+
+/* The router (router_args) with its logits scratch */
 static int cuda_route_rows(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *xf, int64_t rows, dsrt_tensor *token_ids,
                            int64_t *ids, float *weights, const cuda_groups *g, dsrt_stream *s)
 {
-    const dsrt_moe_config *c = &m->cfg;
-    dsrtk_moe_router_args r = {.table = table, .x = x_data(xf), .x_dtype = xf->dtype, .x_ld = m->dim};
-    /* the gate's matrix by value: the kernel starts its weight loads without reading the table first */
-    if (fill_matrix(&r.gate, m->gate, "gate", c->n_routed + 1, 0)) return -1;
-    dsrt_tensor *logits = device_buffer(DSRT_F32, rows * c->n_routed, s);
+    dsrtk_moe_router_args r;
+    if (router_args(m, table, xf, rows, token_ids, ids, weights, g, &r)) return -1;
+    dsrt_tensor *logits = device_buffer(DSRT_F32, rows * m->cfg.n_routed, s);
     if (!logits) return -1;
-    r.route = (dsrtk_moe_route_args){.logits = f32_data(logits), .rows = rows, .n_routed = c->n_routed, .k = c->n_activated,
-                                     .score_func = (int32_t)c->score_func, .norm_topk_prob = c->norm_topk_prob,
-                                     .route_scale = c->route_scale, .hash = m->tid2eid != NULL, .ids = ids, .weights = weights};
-    if (m->tid2eid) {
-        r.route.tid2eid = dsrt_tensor_desc(m->tid2eid);
-        r.route.token_ids = dsrt_tensor_desc(token_ids);
-    } else {
-        r.route.bias = dsrt_tensor_desc(m->bias);
-    }
-    if (g) {
-        r.groups = g->groups, r.n_groups = g->n_groups, r.row_token = g->row_token, r.pos_of_pick = g->pos_of_pick;
-        r.row_weight = g->row_weight;
-    }
+    r.route.logits = f32_data(logits);
     int rc = dsrtk_moe_router(s->device, &r, s->handle) ? kernel_failed() : 0;
     dsrt_tensor_release(logits);
     return rc;
@@ -814,9 +825,10 @@ static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsr
         return 0;
     }
     int prefill = rows >= PREFILL_ROWS && prefill_ok(m, reference);
-    /* picks: ids i64, weights f32; index: groups, n_groups, row_token, pos_of_pick */
+    /* picks: ids i64, weights f32; index: groups, n_groups, row_token, pos_of_pick, and the two
+     * words of dsrtk_moe_route_up */
     dsrt_tensor *ids = device_buffer(DSRT_I64, picks, s), *w = ids ? device_buffer(DSRT_F32, picks, s) : NULL;
-    dsrt_tensor *index = w ? device_buffer(DSRT_I32, 3 * (int64_t)max_groups + 1 + all + picks, s) : NULL;
+    dsrt_tensor *index = w ? device_buffer(DSRT_I32, 3 * (int64_t)max_groups + 1 + all + picks + 2, s) : NULL;
     dsrt_tensor *row_weight = index ? device_buffer(DSRT_F32, picks, s) : NULL;
     /* the tensor-core path's UP keeps w3's sums beside h's row until it has h (kernels.h) */
     int tensor_cores = atomic_load(&m->cuda_tensor_cores);
@@ -827,29 +839,42 @@ static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsr
     if (!rc) {
         int32_t *groups = i32_data(index), *n_groups = groups + 3 * max_groups, *row_token = n_groups + 1;
         int32_t *pos_of_pick = row_token + all;
+        uint32_t *sync = (uint32_t *)(pos_of_pick + picks);
         cuda_groups grouping = {groups, n_groups, row_token, pos_of_pick, f32_data(row_weight)};
         int dev = s->device;
         void *st = s->handle;
-        if (cuda_route_rows(m, table, xf, rows, token_ids, (int64_t *)ids->storage->data, f32_data(w), &grouping, s)) {
-            rc = -1;
-        } else if (prefill) {
-            rc = cuda_prefill(m, table, xf, rows, reference, groups, max_groups, row_token, pos_of_pick, f32_data(row_weight),
-                              s, y);
-        } else {
-            /* single_rows: no group holds more rows than there are tokens (but a malformed tid2eid row) */
-            dsrtk_moe_project_args up = {.mode = DSRTK_MOE_UP, .reference = reference, .table = table, .x = x_data(xf),
-                                         .x_dtype = xf->dtype, .tensor_cores = tensor_cores,
-                                         .x_ld = dim, .row_x = row_token,
-                                         .row_weight = f32_data(row_weight), .n_weighted = picks, .groups = groups,
-                                         .n_groups = n_groups, .max_groups = max_groups, .single_rows = rows,
-                                         .max_out = (int32_t)width, .max_in = (int32_t)dim, .limit = c->swiglu_limit,
-                                         .out = f32_data(h), .out_ld = h_ld};
+        /* single_rows: no group holds more rows than there are tokens (but a malformed tid2eid row) */
+        dsrtk_moe_project_args up = {.mode = DSRTK_MOE_UP, .reference = reference, .table = table, .x = x_data(xf),
+                                     .x_dtype = xf->dtype, .tensor_cores = tensor_cores,
+                                     .x_ld = dim, .row_x = row_token,
+                                     .row_weight = f32_data(row_weight), .n_weighted = picks, .groups = groups,
+                                     .n_groups = n_groups, .max_groups = max_groups, .single_rows = rows,
+                                     .max_out = (int32_t)width, .max_in = (int32_t)dim, .limit = c->swiglu_limit,
+                                     .out = h ? f32_data(h) : NULL, .out_ld = h_ld};
+        int64_t *ids_out = (int64_t *)ids->storage->data;
+        int up_done = 0; /* hash routing beside UP (kernels.h), where it applies */
+        if (!prefill && m->tid2eid) {
+            dsrtk_moe_router_args r;
+            if (router_args(m, table, xf, rows, token_ids, ids_out, f32_data(w), &grouping, &r) ||
+                (dsrtk_moe_route_up(dev, &r, &up, sync, st, &up_done) && kernel_failed()))
+                rc = -1;
+        }
+        if (!rc && !up_done) {
+            if (cuda_route_rows(m, table, xf, rows, token_ids, ids_out, f32_data(w), &grouping, s))
+                rc = -1;
+            else if (prefill)
+                rc = cuda_prefill(m, table, xf, rows, reference, groups, max_groups, row_token, pos_of_pick,
+                                  f32_data(row_weight), s, y);
+            else if (dsrtk_moe_project(dev, &up, st))
+                rc = kernel_failed();
+        }
+        if (!rc && !prefill) {
             dsrtk_moe_project_args down = up;
             down.mode = DSRTK_MOE_DOWN;
             down.x = f32_data(h), down.x_dtype = DSRT_F32, down.x_ld = h_ld, down.row_x = NULL;
             down.max_out = (int32_t)dim, down.max_in = (int32_t)width;
             down.out = f32_data(out), down.out_ld = dim;
-            if (dsrtk_moe_project(dev, &up, st) || dsrtk_moe_project(dev, &down, st) ||
+            if (dsrtk_moe_project(dev, &down, st) ||
                 dsrtk_moe_combine(dev, f32_data(out), DSRT_F32, pos_of_pick, rows, k, dim, y->storage->data, y->dtype, st))
                 rc = kernel_failed();
         }

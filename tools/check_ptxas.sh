@@ -11,7 +11,7 @@
 #     under -v): a wait after every wgmma, nothing overlaps the tensor cores (moe.cu's prefill
 #     GEMM: 4.0 ms against 3.4 for the same code without a branch ptxas read as divergent).
 log=$1
-guarded="'_Z[0-9]+(moe_mma_kernel|moe_wg_kernel|mma_gemv_kernel|bf16_mma_kernel|mma_project|moe_prefill_gemm_kernel)"
+guarded="'_Z[0-9]+(moe_mma_kernel|moe_wg_kernel|moe_wg_route_kernel|mma_gemv_kernel|bf16_mma_kernel|mma_project|moe_prefill_gemm_kernel)"
 grep -v -e "Registers are spilled to local memory" -e "^ptxas info *: \(Compiling entry\|Function properties\|Used \)" \
     -e "^ptxas info *: \(Compile time\|[0-9]* bytes gmem\)" -e "^    [0-9]* bytes stack frame" "$log" >&2
 status=0

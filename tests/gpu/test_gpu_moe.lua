@@ -391,6 +391,37 @@ test("warpgroup_tile_batched_equals_token_by_token", function()
   end
 end)
 
+-- Up to 4 tokens of a hash layer on the warpgroup tile route beside UP (kernels.h
+-- dsrtk_moe_route_up: the picks first, the weights from one block of UP's launch, which its other
+-- blocks wait for); more tokens run the router and then UP. Both must give the same bits: slices
+-- of 1-4 tokens against the rows of a 9-token batch, with a malformed tid2eid row (one expert
+-- picked twice), a token outside the vocabulary (NaN row) and calls one after another (the launch's
+-- ticket and flag start from zero each time).
+test("hash_routing_beside_up_equals_the_router_then_up", function()
+  local dims, ffn = random_layer(wg_layers()[2])
+  local t = ffn.gate.tid2eid:to("i64"):totable()
+  t[4] = { 6, 2, 6 }
+  ffn.gate.tid2eid = dsrt.tensor(t, { dtype = "i32" })
+  local cpu, gpu = build(dims, ffn)
+  local ids = dsrt.tensor({ 3, 17, VOCAB, 3, 999, 40, 5, 3, 0 }, { dtype = "i64" })
+  local x = input(9, 512)
+  poison_forward(9, dims, 512, 1024)
+  local all = gpu:forward(x:to("cuda"), ids:to("cuda"), "reference")
+  for rows = 1, 4 do
+    for first = 1, 10 - rows, 2 do
+      local xs, is = x:narrow(1, first, rows), ids:narrow(1, first, rows)
+      local label = string.format("T=%d from row %d", rows, first)
+      poison_forward(rows, dims, 512, 1024)
+      local got = gpu:forward(xs:to("cuda"), is:to("cuda"), "reference")
+      exact(got:to("f32"), all:narrow(1, first, rows):to("f32"), label) -- f32: NaN compared by its bits
+    end
+  end
+  local nan = all:to("cpu")[3]
+  assert_equal(nan:ne(nan):sum():item(), 512, "the token outside the vocabulary")
+  local valid = dsrt.tensor({ 3, 17, 3, 999 }, { dtype = "i64" })
+  compare_forward(cpu, gpu, dims, x:narrow(1, 1, 4), valid, "reference", "T=4 against the CPU", 1024, WG_EQUAL)
+end)
+
 -- an e8m0 NaN (0xff) in one FP4 scale of w2 makes that output column NaN for every token routed
 -- there (every token: k = n), on both devices, and nothing else
 test("warpgroup_tile_nan_scale_poisons_its_rows_only", function()
