@@ -31,7 +31,9 @@
  * at each launcher in kernels.h.
  */
 #include <math.h>
+#include <cuda_fp16.h>
 #include "common.cuh"
+#include "mma.cuh"
 
 static int bad_arg(const char *what, const char *why) { return dsrtk_fail(DSRTK_ERROR, "%s: %s", what, why); }
 
@@ -354,7 +356,8 @@ __global__ void __launch_bounds__(SPLIT_THREADS) score_split_kernel(float *score
     }
 }
 
-/* The prefill shape (many query rows), on the FP64 tensor cores: a CTA takes one query row i and
+/* The prefill shape (many query rows) in fp32 precision, on the FP64 tensor cores (reference
+ * precision takes score_hmma_kernel, below): a CTA takes one query row i and
  * DMMA_ENTRIES entries; its 4 warps take 16 heads each and run the row's [IH, 128] · [128, 64]
  * product as DMMA m8n8k4 (double products and sums). Every product of two f32 values is exact in
  * double, and so is every partial sum whose terms span fewer than ~29 binades (the indexer's
@@ -447,6 +450,128 @@ __global__ void __launch_bounds__(DMMA_WARPS * 32, 2) score_dmma_kernel(float *s
     }
 }
 
+/* The prefill shape in reference precision, on the f16 tensor cores. There the indexer's q and keys
+ * are FP4 round trips (blocks of 32 along the 128 dimensions, norm.cu's Hadamard + Q4): each value
+ * is an e2m1 code (two significant bits) times its block's power of two. Staged divided by a power
+ * of two of their block (2^floor(log2 amax)), they are f16 values exactly, and a block's sum of 32
+ * products is an exact fp32 sum in the tensor core (multiples of one quantum, below 2^13 of them).
+ * Each block's sum times its two powers of two is then exact in double, and the dimension's four
+ * block sums add exactly (the binades score_dmma_kernel already relies on): the dots are
+ * score_dmma_kernel's, bit for bit, and from there the arithmetic is its. A CTA takes one query
+ * row and HMMA_ENTRIES entries; warp w the heads 16 (w % 4) .. + 15 of entries 32 (w / 4) .. + 31
+ * (m16n8k16, a block's two k-steps into one accumulator, promoted into double dots).
+ * Per CTA: 64 heads x 64 entries x 128 x 2 = 1 MFLOP and 64 KB of f32 rows staged from L2.
+ * Measured (CUPTI, H200, Flash prefill of 4096 tokens): 2.05 ms for score_dmma_kernel, 1.32 here;
+ * ncu put the issue slots at 45% busy with 4 warps a scheduler (registers): the FP64 promotion,
+ * the terms and the head-order sum, not the tensor cores, are its instructions. */
+enum { HMMA_ENTRIES = 64, HMMA_WARPS = 8, HMMA_HEADS = 64, HMMA_BLOCK = 32, HMMA_BLOCKS = INDEX_DIM / HMMA_BLOCK,
+       HMMA_PAD = INDEX_DIM + 8, /* halves: a fragment's 8 rows fall in distinct banks */
+       HMMA_TERMS_LD = HMMA_HEADS + 2 /* doubles: a half-warp's terms (4 heads x 4 entries) in distinct banks */ };
+
+struct HmmaSmem {
+    size_t qs, ks, qsc, ksc, ws, total; /* terms (double [HMMA_ENTRIES][HMMA_TERMS_LD]) reuse qs and ks */
+};
+__host__ __device__ inline HmmaSmem hmma_smem()
+{
+    HmmaSmem l;
+    l.qs = 0;
+    l.ks = l.qs + sizeof(__half) * HMMA_HEADS * HMMA_PAD;
+    l.qsc = l.ks + sizeof(__half) * HMMA_ENTRIES * HMMA_PAD;
+    l.ksc = l.qsc + sizeof(float) * HMMA_HEADS * HMMA_BLOCKS;
+    l.ws = l.ksc + sizeof(float) * HMMA_ENTRIES * HMMA_BLOCKS;
+    l.total = l.ws + sizeof(float) * HMMA_HEADS;
+    const size_t terms = sizeof(double) * HMMA_ENTRIES * HMMA_TERMS_LD;
+    if (l.total < terms) l.total = terms;
+    return l;
+}
+
+/* A row of INDEX_DIM values of an FP4 round trip (v, 16-byte aligned) staged by one warp, a lane
+ * 4 columns (one coalesced 512-byte load): each 32-value block as f16 values v / s at h, with
+ * s = 2^floor(log2 of the block's largest magnitude) (1 for a zero block) at sc[block] */
+__device__ __forceinline__ void stage_fp4_row(const float *v, __half *h, float *sc, int lane)
+{
+    const float4 x = ((const float4 *)v)[lane];
+    float amax = fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(x.z), fabsf(x.w)));
+#pragma unroll
+    for (int o = 1; o < HMMA_BLOCK / 4; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    /* s and 1 / s as bits. FP4's scales are 2^-126 or more and its codes 1/2 or more, so a
+     * subnormal largest value is 2^-127; a zero block (or inf: the products carry it) takes 1.
+     * v / s is then exact in f32 and in f16 */
+    const uint32_t biased = dsrt_f32_bits(amax) >> 23; /* amax >= 0 */
+    const bool normal = biased > 0 && biased < 255, tiny = biased == 0 && amax > 0.0f;
+    const float s = normal ? dsrt_bits_f32(biased << 23) : tiny ? dsrt_bits_f32(0x00400000u) : 1.0f;
+    const float inv = normal ? dsrt_bits_f32((254u - biased) << 23) : tiny ? dsrt_bits_f32(254u << 23) : 1.0f;
+    const __half2 a = __floats2half2_rn(x.x * inv, x.y * inv), b = __floats2half2_rn(x.z * inv, x.w * inv);
+    *(uint2 *)(h + 4 * lane) = make_uint2(*(const uint32_t *)&a, *(const uint32_t *)&b);
+    if (lane % (HMMA_BLOCK / 4) == 0) sc[lane / (HMMA_BLOCK / 4)] = s;
+}
+
+__global__ void __launch_bounds__(HMMA_WARPS * 32, 2) score_hmma_kernel(float *scores, const float *q, const float *keys,
+                                                                     const float *w, float scale, int64_t P, int64_t r,
+                                                                     int IH, int64_t n_max)
+{
+    extern __shared__ uint4 hmma_smem4[];
+    const HmmaSmem L = hmma_smem();
+    char *base = (char *)hmma_smem4;
+    __half *qs = (__half *)(base + L.qs), *ks = (__half *)(base + L.ks);
+    float *qsc = (float *)(base + L.qsc), *ksc = (float *)(base + L.ksc), *ws = (float *)(base + L.ws);
+    const int64_t i = blockIdx.x, visible = (P + i + 1) / r, j0 = blockIdx.y * (int64_t)HMMA_ENTRIES;
+    if (j0 >= visible) return; /* uniform over the block */
+    const int ne = visible - j0 < HMMA_ENTRIES ? (int)(visible - j0) : HMMA_ENTRIES;
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, g = lane >> 2, c = lane & 3;
+    /* a warp a row of q (its heads), then of the keys (its entries) */
+    for (int h = warp; h < IH; h += HMMA_WARPS)
+        stage_fp4_row(q + (i * IH + h) * INDEX_DIM, qs + h * HMMA_PAD, qsc + h * HMMA_BLOCKS, lane);
+    for (int e = warp; e < HMMA_ENTRIES; e += HMMA_WARPS)
+        stage_fp4_row(keys + (j0 + (e < ne ? e : ne - 1)) * INDEX_DIM, ks + e * HMMA_PAD, ksc + e * HMMA_BLOCKS, lane);
+    for (int h = t; h < IH; h += HMMA_WARPS * 32) ws[h] = index_weight(w[i * IH + h], scale, 1);
+    __syncthreads();
+    const int h0 = 16 * (warp % 4), e0 = 32 * (warp / 4);
+    double dot[4][4] = {};
+    if (h0 < IH) {
+        const __half *qa = qs + (h0 + g) * HMMA_PAD + 2 * c, *qb = qa + 8 * HMMA_PAD;
+#pragma unroll 1 /* unrolled, ptxas hoists the blocks' scales: 146 registers, one CTA a multiprocessor */
+        for (int b = 0; b < HMMA_BLOCKS; b++) {
+            float acc[4][4] = {};
+#pragma unroll
+            for (int k0 = b * HMMA_BLOCK; k0 < (b + 1) * HMMA_BLOCK; k0 += 16) {
+                const uint32_t a0 = *(const uint32_t *)(qa + k0), a1 = *(const uint32_t *)(qb + k0);
+                const uint32_t a2 = *(const uint32_t *)(qa + k0 + 8), a3 = *(const uint32_t *)(qb + k0 + 8);
+#pragma unroll
+                for (int n = 0; n < 4; n++) {
+                    const __half *kb = ks + (e0 + 8 * n + g) * HMMA_PAD + k0 + 2 * c;
+                    mma_f16(acc[n], a0, a1, a2, a3, *(const uint32_t *)kb, *(const uint32_t *)(kb + 8));
+                }
+            }
+            const double sa = qsc[(h0 + g) * HMMA_BLOCKS + b], sb = qsc[(h0 + g + 8) * HMMA_BLOCKS + b];
+#pragma unroll
+            for (int n = 0; n < 4; n++)
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    const double sk = ksc[(e0 + 8 * n + 2 * c + (u & 1)) * HMMA_BLOCKS + b];
+                    dot[n][u] = __dadd_rn(dot[n][u], __dmul_rn((double)acc[n][u], __dmul_rn(u < 2 ? sa : sb, sk)));
+                }
+        }
+    }
+    __syncthreads(); /* the staged rows are consumed: their space takes the terms [entry][head] */
+    double *terms = (double *)base;
+    if (h0 < IH)
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int h = h0 + g + 8 * (u >> 1), e = e0 + 8 * n + 2 * c + (u & 1);
+                terms[e * HMMA_TERMS_LD + h] = index_term(dot[n][u], ws[h], 1);
+            }
+    __syncthreads();
+    if (t < ne) {
+        double sum = 0;
+#pragma unroll 16
+        for (int h = 0; h < IH; h++) sum = __dadd_rn(sum, terms[t * HMMA_TERMS_LD + h]); /* head order (IH % 16 == 0) */
+        scores[i * n_max + j0 + t] = index_score(sum, 1);
+    }
+}
+
 int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float *keys, const float *w, float scale,
                             int64_t S, int64_t P, int64_t r, int IH, int ID, int64_t n_max, int ref, void *stream)
 {
@@ -472,7 +597,13 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
                                      scale, P, r, IH, n_max, ref);
         return dsrtk_check_launch(what, dev);
     }
-    /* each kernel's grid y counts its own entry blocks: the DMMA one's, of 64, must fit too */
+    /* each kernel's grid y counts its own entry blocks: the tensor cores' ones, of 64, must fit too */
+    if (ref && IH <= HMMA_HEADS && IH % 16 == 0 && ((uintptr_t)q & 15) == 0 && n_max <= (int64_t)65535 * HMMA_ENTRIES) {
+        const size_t hsmem = hmma_smem().total; /* 37 KB: no opt-in */
+        dim3 hgrid((unsigned)S, (unsigned)((n_max + HMMA_ENTRIES - 1) / HMMA_ENTRIES));
+        score_hmma_kernel<<<hgrid, HMMA_WARPS * 32, hsmem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, P, r, IH, n_max);
+        return dsrtk_check_launch(what, dev);
+    }
     if (IH <= DMMA_HEADS && IH % 8 == 0 && ((uintptr_t)q & 15) == 0 && n_max <= (int64_t)65535 * DMMA_ENTRIES) {
         const size_t dsmem = score_dmma_smem();
         int st = dsrtk_check(cudaFuncSetAttribute(score_dmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dsmem),

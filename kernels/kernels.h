@@ -453,7 +453,9 @@ int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, cons
  *   i64 [S, K]: the layer's index lists (window part, then the compressed part: ratio 4: picks i32
  *   [S, topk] + n_win, −1 kept; other ratios > 0: every visible entry), n_win = P+S-base.
  * index_scores: scores [S, n_max] (visible entries only) of the lightning indexer from q [S, IH, ID],
- *   keys [n_max, ID] (16-byte aligned), w [S, IH] (weights_proj's output, scaled here).
+ *   keys [n_max, ID] (16-byte aligned), w [S, IH] (weights_proj's output, scaled here). With ref
+ *   (reference precision) q and keys are FP4 round trips in blocks of 32, as the layer makes them:
+ *   the prefill's tensor-core kernel is exact only for those.
  * topk: picks i32 [S, topk]: per query, the min(topk, visible) visible entries by descending
  *   score, ties to the lower entry, −1 after. */
 int dsrtk_attn_ape_add(int dev, float *g, const float *ape, int64_t S, int64_t width, int64_t P, int64_t r, void *stream);
