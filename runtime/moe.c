@@ -808,7 +808,8 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
 }
 
 /* The whole layer on the device: the router (route and group), then w1/w3 + SwiGLU, w2 and the
- * combine into y, by the decode kernels or, from PREFILL_ROWS tokens on, by cuda_prefill. */
+ * combine into y, by the decode kernels (a hash layer's router and UP as one, where
+ * dsrtk_moe_route_up applies) or, from PREFILL_ROWS tokens on, by cuda_prefill. */
 static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_precision prec, dsrt_stream *s, dsrt_tensor *y)
 {
     const dsrt_moe_config *c = &m->cfg;

@@ -401,6 +401,14 @@ int dsrtk_moe_router(int dev, const dsrtk_moe_router_args *a, void *stream)
     return without_cuda(__func__);
 }
 
+int dsrtk_moe_route_up(int dev, const dsrtk_moe_router_args *r, const dsrtk_moe_project_args *up, uint32_t *sync,
+                       void *stream, int *launched)
+{
+    (void)dev; (void)r; (void)up; (void)sync; (void)stream;
+    *launched = 0;
+    return without_cuda(__func__);
+}
+
 int dsrtk_moe_combine(int dev, const void *y, int y_dtype, const int32_t *pos_of_pick, int64_t rows, int32_t k, int64_t dim,
                       void *out, int out_dtype, void *stream)
 {
