@@ -31,6 +31,7 @@
  * at each launcher in kernels.h.
  */
 #include <math.h>
+#include <atomic>
 #include <cuda_fp16.h>
 #include "common.cuh"
 #include "mma.cuh"
@@ -457,31 +458,33 @@ __global__ void __launch_bounds__(DMMA_WARPS * 32, 2) score_dmma_kernel(float *s
  * products is an exact fp32 sum in the tensor core (multiples of one quantum, below 2^13 of them).
  * Each block's sum times its two powers of two is then exact in double, and the dimension's four
  * block sums add exactly (the binades score_dmma_kernel already relies on): the dots are
- * score_dmma_kernel's, bit for bit, and from there the arithmetic is its. A CTA takes one query
- * row and HMMA_ENTRIES entries; warp w the heads 16 (w % 4) .. + 15 of entries 32 (w / 4) .. + 31
- * (m16n8k16, a block's two k-steps into one accumulator, promoted into double dots).
- * Per CTA: 64 heads x 64 entries x 128 x 2 = 1 MFLOP and 64 KB of f32 rows staged from L2.
- * Measured (CUPTI, H200, Flash prefill of 4096 tokens): 2.05 ms for score_dmma_kernel, 1.32 here;
- * ncu put the issue slots at 45% busy with 4 warps a scheduler (registers): the FP64 promotion,
- * the terms and the head-order sum, not the tensor cores, are its instructions. */
-enum { HMMA_ENTRIES = 64, HMMA_WARPS = 8, HMMA_HEADS = 64, HMMA_BLOCK = 32, HMMA_BLOCKS = INDEX_DIM / HMMA_BLOCK,
+ * score_dmma_kernel's, bit for bit, and from there the arithmetic is its (a term is a bf16 value
+ * here, so it waits for the head-order sum as a float). A CTA takes HMMA_ROWS query rows and
+ * HMMA_ENTRIES entries: the entries are staged once, each row's q in turn; warp w computes the
+ * heads 16 (w % 4) .. + 15 of entries 32 (w / 4) .. + 31 (m16n8k16, a block's two k-steps into one
+ * accumulator, promoted into double dots); then a thread a (row, entry) sums its heads in order.
+ * Per CTA: 4 x 1 MFLOP; 32 KB of f32 keys and 4 x 32 KB of q staged from L2.
+ * Measured (CUPTI, H200, Flash prefill of 4096 tokens): score_dmma_kernel 2.05 ms; a row a CTA
+ * here 1.32 (ncu: issue slots 45% busy at 4 warps a scheduler, the 64-long head-order sums on two
+ * warps of eight, the keys staged again for every row). */
+enum { HMMA_ROWS = 4, HMMA_ENTRIES = 64, HMMA_WARPS = 8, HMMA_HEADS = 64, HMMA_BLOCK = 32, HMMA_BLOCKS = INDEX_DIM / HMMA_BLOCK,
        HMMA_PAD = INDEX_DIM + 8, /* halves: a fragment's 8 rows fall in distinct banks */
-       HMMA_TERMS_LD = HMMA_HEADS + 2 /* doubles: a half-warp's terms (4 heads x 4 entries) in distinct banks */ };
+       HMMA_TERMS_LD = HMMA_HEADS + 1 /* floats: a (row, entry)'s terms, the sums' reads in distinct banks */ };
+static_assert(HMMA_ROWS * HMMA_ENTRIES == HMMA_WARPS * 32, "the head-order sums: a thread a (row, entry)");
 
 struct HmmaSmem {
-    size_t qs, ks, qsc, ksc, ws, total; /* terms (double [HMMA_ENTRIES][HMMA_TERMS_LD]) reuse qs and ks */
+    size_t qs, ks, qsc, ksc, ws, terms, total;
 };
 __host__ __device__ inline HmmaSmem hmma_smem()
 {
     HmmaSmem l;
-    l.qs = 0;
-    l.ks = l.qs + sizeof(__half) * HMMA_HEADS * HMMA_PAD;
-    l.qsc = l.ks + sizeof(__half) * HMMA_ENTRIES * HMMA_PAD;
-    l.ksc = l.qsc + sizeof(float) * HMMA_HEADS * HMMA_BLOCKS;
-    l.ws = l.ksc + sizeof(float) * HMMA_ENTRIES * HMMA_BLOCKS;
-    l.total = l.ws + sizeof(float) * HMMA_HEADS;
-    const size_t terms = sizeof(double) * HMMA_ENTRIES * HMMA_TERMS_LD;
-    if (l.total < terms) l.total = terms;
+    l.qs = 0;                                                             /* f16 [HMMA_HEADS][HMMA_PAD] a row's q */
+    l.ks = l.qs + sizeof(__half) * HMMA_HEADS * HMMA_PAD;                  /* f16 [HMMA_ENTRIES][HMMA_PAD] */
+    l.qsc = l.ks + sizeof(__half) * HMMA_ENTRIES * HMMA_PAD;               /* float [HMMA_HEADS][HMMA_BLOCKS] */
+    l.ksc = l.qsc + sizeof(float) * HMMA_HEADS * HMMA_BLOCKS;              /* float [HMMA_ENTRIES][HMMA_BLOCKS] */
+    l.ws = l.ksc + sizeof(float) * HMMA_ENTRIES * HMMA_BLOCKS;             /* float [HMMA_ROWS][HMMA_HEADS] w' */
+    l.terms = l.ws + sizeof(float) * HMMA_ROWS * HMMA_HEADS;               /* float [HMMA_ROWS][HMMA_ENTRIES][LD] */
+    l.total = l.terms + sizeof(float) * HMMA_ROWS * HMMA_ENTRIES * HMMA_TERMS_LD;
     return l;
 }
 
@@ -507,28 +510,38 @@ __device__ __forceinline__ void stage_fp4_row(const float *v, __half *h, float *
 }
 
 __global__ void __launch_bounds__(HMMA_WARPS * 32, 2) score_hmma_kernel(float *scores, const float *q, const float *keys,
-                                                                     const float *w, float scale, int64_t P, int64_t r,
-                                                                     int IH, int64_t n_max)
+                                                                     const float *w, float scale, int64_t S, int64_t P,
+                                                                     int64_t r, int IH, int64_t n_max)
 {
     extern __shared__ uint4 hmma_smem4[];
     const HmmaSmem L = hmma_smem();
     char *base = (char *)hmma_smem4;
     __half *qs = (__half *)(base + L.qs), *ks = (__half *)(base + L.ks);
     float *qsc = (float *)(base + L.qsc), *ksc = (float *)(base + L.ksc), *ws = (float *)(base + L.ws);
-    const int64_t i = blockIdx.x, visible = (P + i + 1) / r, j0 = blockIdx.y * (int64_t)HMMA_ENTRIES;
-    if (j0 >= visible) return; /* uniform over the block */
-    const int ne = visible - j0 < HMMA_ENTRIES ? (int)(visible - j0) : HMMA_ENTRIES;
+    float *terms = (float *)(base + L.terms);
+    const int64_t i0 = blockIdx.x * (int64_t)HMMA_ROWS, j0 = blockIdx.y * (int64_t)HMMA_ENTRIES;
+    const int rows = S - i0 < HMMA_ROWS ? (int)(S - i0) : HMMA_ROWS;
+    auto entries = [&](int row) { /* the row's visible entries in this CTA's block, 0 when none */
+        const int64_t n = (P + i0 + row + 1) / r - j0;
+        return n <= 0 ? 0 : n < HMMA_ENTRIES ? (int)n : HMMA_ENTRIES;
+    };
+    const int ne = entries(rows - 1); /* the last row sees the most */
+    if (ne == 0) return;              /* uniform over the block */
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5, g = lane >> 2, c = lane & 3;
-    /* a warp a row of q (its heads), then of the keys (its entries) */
-    for (int h = warp; h < IH; h += HMMA_WARPS)
-        stage_fp4_row(q + (i * IH + h) * INDEX_DIM, qs + h * HMMA_PAD, qsc + h * HMMA_BLOCKS, lane);
+    /* a warp a row: the entries once, then each query row's heads before its products */
     for (int e = warp; e < HMMA_ENTRIES; e += HMMA_WARPS)
         stage_fp4_row(keys + (j0 + (e < ne ? e : ne - 1)) * INDEX_DIM, ks + e * HMMA_PAD, ksc + e * HMMA_BLOCKS, lane);
-    for (int h = t; h < IH; h += HMMA_WARPS * 32) ws[h] = index_weight(w[i * IH + h], scale, 1);
-    __syncthreads();
+    for (int k = t; k < rows * IH; k += HMMA_WARPS * 32)
+        ws[k / IH * HMMA_HEADS + k % IH] = index_weight(w[(i0 + k / IH) * IH + k % IH], scale, 1);
     const int h0 = 16 * (warp % 4), e0 = 32 * (warp / 4);
-    double dot[4][4] = {};
-    if (h0 < IH) {
+    for (int row = 0; row < rows; row++) {
+        if (entries(row) == 0) continue; /* uniform */
+        __syncthreads(); /* the previous row's q is consumed */
+        for (int h = warp; h < IH; h += HMMA_WARPS)
+            stage_fp4_row(q + ((i0 + row) * IH + h) * INDEX_DIM, qs + h * HMMA_PAD, qsc + h * HMMA_BLOCKS, lane);
+        __syncthreads();
+        if (h0 >= IH) continue; /* uniform over the warp; no barrier until the loop's next pass */
+        double dot[4][4] = {};
         const __half *qa = qs + (h0 + g) * HMMA_PAD + 2 * c, *qb = qa + 8 * HMMA_PAD;
 #pragma unroll 1 /* unrolled, ptxas hoists the blocks' scales: 146 registers, one CTA a multiprocessor */
         for (int b = 0; b < HMMA_BLOCKS; b++) {
@@ -552,23 +565,23 @@ __global__ void __launch_bounds__(HMMA_WARPS * 32, 2) score_hmma_kernel(float *s
                     dot[n][u] = __dadd_rn(dot[n][u], __dmul_rn((double)acc[n][u], __dmul_rn(u < 2 ? sa : sb, sk)));
                 }
         }
-    }
-    __syncthreads(); /* the staged rows are consumed: their space takes the terms [entry][head] */
-    double *terms = (double *)base;
-    if (h0 < IH)
+        float *row_terms = terms + row * HMMA_ENTRIES * HMMA_TERMS_LD;
 #pragma unroll
         for (int n = 0; n < 4; n++)
 #pragma unroll
             for (int u = 0; u < 4; u++) {
                 const int h = h0 + g + 8 * (u >> 1), e = e0 + 8 * n + 2 * c + (u & 1);
-                terms[e * HMMA_TERMS_LD + h] = index_term(dot[n][u], ws[h], 1);
+                row_terms[e * HMMA_TERMS_LD + h] = (float)index_term(dot[n][u], ws[row * HMMA_HEADS + h], 1); /* a bf16 value */
             }
+    }
     __syncthreads();
-    if (t < ne) {
+    const int row = t / HMMA_ENTRIES, e = t % HMMA_ENTRIES;
+    if (row < rows && e < entries(row)) {
+        const float *mine = terms + (row * HMMA_ENTRIES + e) * HMMA_TERMS_LD;
         double sum = 0;
 #pragma unroll 16
-        for (int h = 0; h < IH; h++) sum = __dadd_rn(sum, terms[t * HMMA_TERMS_LD + h]); /* head order (IH % 16 == 0) */
-        scores[i * n_max + j0 + t] = index_score(sum, 1);
+        for (int h = 0; h < IH; h++) sum = __dadd_rn(sum, (double)mine[h]); /* head order (IH % 16 == 0) */
+        scores[(i0 + row) * n_max + j0 + e] = index_score(sum, 1);
     }
 }
 
@@ -599,9 +612,18 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
     }
     /* each kernel's grid y counts its own entry blocks: the tensor cores' ones, of 64, must fit too */
     if (ref && IH <= HMMA_HEADS && IH % 16 == 0 && ((uintptr_t)q & 15) == 0 && n_max <= (int64_t)65535 * HMMA_ENTRIES) {
-        const size_t hsmem = hmma_smem().total; /* 37 KB: no opt-in */
-        dim3 hgrid((unsigned)S, (unsigned)((n_max + HMMA_ENTRIES - 1) / HMMA_ENTRIES));
-        score_hmma_kernel<<<hgrid, HMMA_WARPS * 32, hsmem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, P, r, IH, n_max);
+        const size_t hsmem = hmma_smem().total;
+        static std::atomic<int> opted[64]; /* the shared-memory opt-in, once per device */
+        if (dev >= 64) return bad_arg(what, "device number");
+        if (!opted[dev].load(std::memory_order_acquire)) {
+            int st = dsrtk_check(cudaFuncSetAttribute(score_hmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)hsmem),
+                                 "%s: shared memory of %zu bytes", what, hsmem);
+            if (st) return st;
+            opted[dev].store(1, std::memory_order_release);
+        }
+        dim3 hgrid((unsigned)((S + HMMA_ROWS - 1) / HMMA_ROWS), (unsigned)((n_max + HMMA_ENTRIES - 1) / HMMA_ENTRIES));
+        score_hmma_kernel<<<hgrid, HMMA_WARPS * 32, hsmem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, S, P, r, IH,
+                                                                                   n_max);
         return dsrtk_check_launch(what, dev);
     }
     if (IH <= DMMA_HEADS && IH % 8 == 0 && ((uintptr_t)q & 15) == 0 && n_max <= (int64_t)65535 * DMMA_ENTRIES) {

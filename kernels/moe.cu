@@ -640,7 +640,8 @@ struct ProjectGroup {
     int set, slot, slots;
     int64_t first, count;
 };
-__device__ __forceinline__ ProjectGroup project_group(const dsrtk_moe_project_args &a, int y = blockIdx.y, int rows_y = gridDim.y)
+__device__ __forceinline__ ProjectGroup project_group(const dsrtk_moe_project_args &a, int y = blockIdx.y,
+                                                      int rows_y = gridDim.y)
 {
     const int n = *a.n_groups, g = y < n ? y : n - 1;
     return {a.groups[3 * g], y - g, g == n - 1 ? rows_y - g : 1, a.groups[3 * g + 1], a.groups[3 * g + 2]};
@@ -692,7 +693,8 @@ __device__ __forceinline__ void wait_weights(const uint32_t *ready)
  * twice an FP4 expert's time. UP walks w1's tile and then w3's, storing raw sums (w3's at max_out
  * + j) that the block turns into h once the walk is over, as mma_project does. A step's weight
  * loads go out BUFFERS - 1 steps ahead of its use (wgtile.cuh), the batch's first before its
- * staging. */
+ * staging. The block is block bx of the nx of its block row; with weights_ready (UP beside the
+ * hash router) it waits for the routing weights before h. */
 template <int MODE, int FMT, int SF>
 __device__ __forceinline__ void wg_project(const dsrtk_moe_project_args &a, const dsrtk_moe_matrix &m0,
                                            const dsrtk_moe_matrix &m1, int first, int count, int slot, int slots, int bx,

@@ -103,8 +103,8 @@ GPU_TEST(gpu_indexer_scores_match_index_select)
     dsrt_stream *s = dsrt_stream_default(0);
     check_scores(1, 4095, 4, 64, 1, -6, 6, 0, 1, s);      /* decode at 4096: the split kernel */
     check_scores(2, 1021, 4, 64, 1, -6, 6, 3, 2, s);      /* a verify's rows, subnormal rows too */
-    check_scores(200, 3900, 4, 64, 1, -6, 6, 0, 3, s);    /* prefill rows: the f16 tensor cores */
+    check_scores(201, 3900, 4, 64, 1, -6, 6, 0, 3, s);    /* prefill rows: the f16 tensor cores, 4 a CTA but 1 */
     check_scores(160, 250, 4, 64, 1, -8, 8, 5, 4, s);     /* partial entry blocks, subnormal rows */
-    check_scores(96, 3000, 4, 32, 1, -6, 6, 0, 5, s);     /* fewer heads than a CTA's 64 */
+    check_scores(98, 3000, 4, 32, 1, -6, 6, 0, 5, s);     /* fewer heads than a CTA's 64; a last CTA of 2 rows */
     check_scores(200, 3900, 4, 64, 0, -6, 6, 0, 6, s);    /* fp32: the FP64 tensor cores */
 }
