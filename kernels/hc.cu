@@ -612,9 +612,11 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) post_kernel(const __grid_constant
 
 /* post_kernel for HC streams (the model's 4), d % 8 == 0 and 16-byte aligned f, X, y: a thread takes
  * 8 columns of a token with 16-byte loads and stores, the HC column vectors in registers; the very
- * operations of post_value, so the same bits. comb and post (HC² + HC floats a token) come from L1. */
+ * operations of post_value, so the same bits. comb and post (HC² + HC floats a token) come from L1.
+ * Three blocks a multiprocessor (80 registers, no spills) where it took 91 and two: a prefill's 8
+ * calls 970 -> 907 us (CUPTI, H200); at four it spills. */
 template <int HC>
-__global__ void __launch_bounds__(DSRTK_BLOCK) post_vec_kernel(const __grid_constant__ dsrtk_hc_post_args a,
+__global__ void __launch_bounds__(DSRTK_BLOCK, 3) post_vec_kernel(const __grid_constant__ dsrtk_hc_post_args a,
                                                                void *y, int y_dtype,
                                                                int64_t T, int64_t d)
 {
