@@ -15,7 +15,7 @@
  *
  * All heads of a query row share its index list, so a CTA takes one query row and a group of heads,
  * stages the block's 64 gathered pool rows in shared memory ONCE (cp.async) and uses each row for
- * every head of the group. Three launch shapes:
+ * every head of the group. Four launch shapes:
  *   mma    (many rows, reference precision, q and pool bf16, D a multiple of 64 up to 512: prefill):
  *          one CTA per (row, 32 heads), all blocks in order, both products on the tensor cores
  *          (mma.sync m16n8k16 bf16 -> fp32). q and kv are bf16 already and P(p) is the bf16 value
@@ -47,12 +47,16 @@
  *          groups in both kernels (L2 after the first), q 128 KB per chunk column, partials
  *          40 x 64 x 512 x 4 = 5.2 MB written and read once. Host side: shared-memory
  *          attributes and device limits are cached, so a call costs three launches and nothing else.
+ *   cluster (few rows, a CTA's share of at most two chunks in shared memory, rows of whole 16-byte
+ *          pieces: the window and ratio-128 layers' decode): the split path's three kernels as one
+ *          launch of clusters that meet at cluster barriers (cluster_kernel says how); the split
+ *          path keeps the rest (the ratio-4 layer's 40 chunks, where its 320 CTAs win).
  *
  * The inverse RoPE of the output (SPEC §6.8, dsrt_nn_sparse_attention_inverse_rope) happens where
  * each path stores its output, with rope.cuh's arithmetic on the values as they would be stored
  * (bf16-rounded for a bf16 output): the tensor-core path holds both values of a pair in one
  * thread, the fused path reads the pair's other value from shared memory, combine_kernel gathers
- * the last 64 columns in shared memory for its first warp. So the rotated output has the bits of
+ * the last 64 columns in shared memory for its first warp, a cluster's slices keep pairs whole. So the rotated output has the bits of
  * nn.rope applied to the stored one, and decode pays no launch for it.
  *
  * Index values are data on the device, so a bad one (< −1 or >= N) cannot be reported without a
@@ -60,6 +64,7 @@
  * the CTA that saw it) become NaN, which no comparison passes.
  */
 #include <math.h>
+#include <cooperative_groups.h>
 #include "act.cuh"
 #include "mma.cuh"
 #include "rope.cuh"
@@ -171,7 +176,7 @@ __device__ void load_q(const Args &a, int64_t t, int64_t g, float *q_s)
     /* the group's HEADS values of a column loaded together, then stored: one round trip to L2 per
      * column a thread, not per value (decode's scores_kernel waited on 16 in turn); no 64-bit
      * division per element */
-    for (int64_t c = threadIdx.x; c < a.D4; c += THREADS) {
+    for (int64_t c = threadIdx.x; c < a.D4; c += blockDim.x) {
         float v[HEADS];
 #pragma unroll
         for (int h = 0; h < HEADS; h++) {
@@ -428,10 +433,62 @@ __global__ void __launch_bounds__(THREADS, 1) fused_kernel(const __grid_constant
  * The per-block sums Σp and partial accumulators are split over the block's chunks, which only
  * changes the fp32 summation order (as the old per-block split did for the α chain). */
 
+/* The dots of EPW pool rows with the 8 heads' q (q_s: [HEADS][D4] f32, shared), by one warp: lane
+ * l multiplies columns 4l + 128i in one fp32 chain per (row, head), then a butterfly per (row,
+ * head) finishes the sums, so every lane holds every total and lane h returns head h's in d[j].
+ * rows[j] null reads zeros; row4: 4 columns a load, else one. The split and cluster paths both
+ * score through it: the same bits whether the rows come from global or shared memory. */
+template <int EPW, class TP>
+__device__ __forceinline__ void dot_rows(const Args &a, const float *q_s, const TP *const (&rows)[EPW], bool row4,
+                                         float (&d)[EPW])
+{
+    const int lane = threadIdx.x & 31;
+    float v[EPW][HEADS];
+#pragma unroll
+    for (int j = 0; j < EPW; j++)
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) v[j][h] = 0.0f;
+#pragma unroll 4
+    for (int64_t c = 4 * lane; c < a.D4; c += 128) {
+        float x[EPW][4];
+#pragma unroll
+        for (int j = 0; j < EPW; j++) {
+            if (!rows[j]) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
+            else if (row4) load4(rows[j] + c, x[j]);
+            else {
+#pragma unroll
+                for (int i = 0; i < 4; i++) x[j][i] = c + i < a.D ? elem(rows[j], c + i) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) {
+            float4 qv = *(const float4 *)(q_s + h * a.D4 + c);
+#pragma unroll
+            for (int j = 0; j < EPW; j++) {
+                float s = v[j][h];
+                s = fmaf(qv.x, x[j][0], s);
+                s = fmaf(qv.y, x[j][1], s);
+                s = fmaf(qv.z, x[j][2], s);
+                s = fmaf(qv.w, x[j][3], s);
+                v[j][h] = s;
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < EPW; j++)
+#pragma unroll
+        for (int h = 0; h < HEADS; h++) {
+            float s = v[j][h];
+#pragma unroll
+            for (int o = 16; o >= 1; o >>= 1) s += __shfl_xor_sync(FULL, s, o);
+            if (lane == h) d[j] = s;
+        }
+}
+
 /* grid (S·groups, nc): s_j = fp32(q·kv_j)·scale of the chunk's entries into a.scores (-inf where
  * the entry is not valid) and the chunk's max per head into a.cmax (-inf without a valid entry).
  * Warp w: entries CHUNK/WARPS·w.., read straight from global memory (coalesced 16-byte slices
- * per lane), dotted with the 8 heads' q in shared memory, one butterfly per head.
+ * per lane), dotted with the 8 heads' q in shared memory (dot_rows).
  * Flash decode, f32 pool: per CTA 16 rows x 2 KB + q 16 KB (L2); 8 x 16 x 512 x 2 FLOPs. */
 template <class TQ, class TP>
 __global__ void __launch_bounds__(THREADS) scores_kernel(const __grid_constant__ Args a)
@@ -457,47 +514,14 @@ __global__ void __launch_bounds__(THREADS) scores_kernel(const __grid_constant__
     for (int j = 0; j < EPW; j++)
         if (r[j] < -1 || r[j] >= a.N) r[j] = -1; /* pv_kernel reports it */
     __syncthreads();
-    float v[EPW][HEADS];
+    const TP *rows[EPW];
+#pragma unroll
+    for (int j = 0; j < EPW; j++) rows[j] = r[j] >= 0 ? pool + r[j] * a.D : nullptr;
+    float d[EPW] = {};
+    dot_rows<EPW, TP>(a, q_s, rows, a.row4, d);
 #pragma unroll
     for (int j = 0; j < EPW; j++)
-#pragma unroll
-        for (int h = 0; h < HEADS; h++) v[j][h] = 0.0f;
-#pragma unroll 4
-    for (int64_t c = 4 * lane; c < a.D4; c += 128) {
-        float x[EPW][4];
-#pragma unroll
-        for (int j = 0; j < EPW; j++) {
-            const TP *row = pool + (r[j] >= 0 ? r[j] : 0) * a.D;
-            if (r[j] < 0) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
-            else if (a.row4) load4(row + c, x[j]);
-            else {
-#pragma unroll
-                for (int i = 0; i < 4; i++) x[j][i] = c + i < a.D ? elem(row, c + i) : 0.0f;
-            }
-        }
-#pragma unroll
-        for (int h = 0; h < HEADS; h++) {
-            float4 qv = *(const float4 *)(q_s + h * a.D4 + c);
-#pragma unroll
-            for (int j = 0; j < EPW; j++) {
-                float d = v[j][h];
-                d = fmaf(qv.x, x[j][0], d);
-                d = fmaf(qv.y, x[j][1], d);
-                d = fmaf(qv.z, x[j][2], d);
-                d = fmaf(qv.w, x[j][3], d);
-                v[j][h] = d;
-            }
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < EPW; j++)
-#pragma unroll
-        for (int h = 0; h < HEADS; h++) {
-            float d = v[j][h];
-#pragma unroll
-            for (int o = 16; o >= 1; o >>= 1) d += __shfl_xor_sync(FULL, d, o);
-            if (lane == h) sc_s[e0 + j][h] = r[j] >= 0 ? __fmul_rn(d, a.scale) : -INFINITY;
-        }
+        if (lane < HEADS) sc_s[e0 + j][lane] = r[j] >= 0 ? __fmul_rn(d[j], a.scale) : -INFINITY;
     __syncthreads();
     for (int i = threadIdx.x; i < CHUNK * HEADS; i += THREADS) {
         const int e = i / HEADS, h = i % HEADS;
@@ -665,6 +689,254 @@ __global__ void __launch_bounds__(COMBINE_COLS) combine_kernel(const __grid_cons
         derotate_pair(a, table, 2 * threadIdx.x, v0, v1);
         store_out(a, at, v0);
         store_out(a, at + 1, v1);
+    }
+}
+
+/* ---- cluster: the split path in one launch (few rows: decode) ---- */
+
+/* A cluster of CL = min(nc, 8) CTAs per (query row, 8 heads); CTA r of it takes the chunks
+ * [c(r), c(r + 1)), c(r) = r·nc / CL, and the split path's three kernels become three phases that
+ * meet at cluster barriers, each CTA sending what the others need into their shared memory
+ * (distributed shared memory: stores, never remote loads to wait on):
+ *   1. the CTA's pool rows and q come in by bulk copies (one a row), are scored by dot_rows (the
+ *      split path's bits), and each chunk's max goes to every CTA;
+ *   2. warp h takes, for each block the CTA's chunks fall in, the running max M_b over the chunks
+ *      of blocks 0..b, rounds its P(e^{s − M_b}) (the fused path's values exactly) and chains Σp
+ *      with attend()'s α = e^{M_{b−1} − M_b}; the partial acc (at the scale of the CTA's last
+ *      block) goes column by column to the CTA whose slice of the columns holds it;
+ *   3. CTA r weighs what it received with w = e^{M_last − M} (M the row's max), as combine_kernel
+ *      weighs its chunks, adds the sink, divides, de-rotates and stores its slice.
+ * Against the split path: no workspace, no partials through HBM, two launches fewer; only the fp32
+ * summation order of Σp and acc differs. A CTA reads no other's memory after the last barrier,
+ * so each leaves when done. H200, Flash decode (64 heads of 512, f32 pool), CUPTI timeline inside
+ * a step: the window layer's K = 128 15.3 us in three kernels -> 10.7, K = 160 15.6 -> 14.3. */
+enum { CLUSTER_MAX = 8 }; /* CTAs a cluster: a portable size */
+enum { CLUSTER_THREADS = 512, CLUSTER_WARPS = CLUSTER_THREADS / 32 };
+/* chunks a CTA at most: past two the split path's spread over nc CTAs is faster (H200, K = 640:
+ * 25 us in clusters of 8 CTAs of 5 chunks, 21 us split) */
+enum { CLUSTER_CHUNKS = 2 };
+
+struct ClusterLayout {
+    size_t q, kv, sc, raw, row, cmax, red, total;
+    int cpc, slice; /* chunks a CTA at most, its columns in phase 3 */
+};
+/* what the CTAs send each other (by chunk, at most CLUSTER_MAX·CLUSTER_CHUNKS of them) and the bulk
+ * copies' mbarrier */
+struct ClusterRed {
+    uint64_t bar;
+    float part_m[CLUSTER_MAX * CLUSTER_CHUNKS][HEADS];   /* the chunk's M_b, -inf: no valid entry */
+    float part_sum[CLUSTER_MAX * CLUSTER_CHUNKS][HEADS]; /* its Σp */
+    float w[HEADS][CLUSTER_MAX * CLUSTER_CHUNKS];        /* phase 3: its weight, -inf: skipped */
+    int bad[CLUSTER_MAX];                                /* a bad index among a CTA's entries */
+    float table[64];                                     /* the inverse RoPE's cos and sin (rope_table) */
+};
+__host__ __device__ inline ClusterLayout cluster_layout_for(int64_t D, int64_t D4, size_t pool_elem, int64_t nc, int cl)
+{
+    ClusterLayout l;
+    l.cpc = (int)((nc + cl - 1) / cl);
+    l.slice = (int)(((D + cl - 1) / cl + 1) & ~(int64_t)1); /* even: a RoPE pair stays in one slice */
+    const int64_t E = (int64_t)l.cpc * CHUNK, q = (int64_t)HEADS * D4, recv = nc * HEADS * l.slice;
+    l.q = 0;                                                  /* float [HEADS][D4] q of the group, then */
+    l.kv = l.q + align16(sizeof(float) * (q > recv ? q : recv)); /* [nc][HEADS][slice] the partials sent here; */
+    l.sc = l.kv + align16(pool_elem * E * D);                 /* pool dtype [E][D] the rows; float [E][HEADS] */
+    l.raw = l.sc + sizeof(float) * E * HEADS;                 /* scores, then P(p); float [E][HEADS] p; */
+    l.row = l.raw + sizeof(float) * E * HEADS;                /* long long [E] pool row or -1; */
+    l.cmax = l.row + sizeof(long long) * E;                   /* float [nc][HEADS] every chunk's max */
+    l.red = l.cmax + align16(sizeof(float) * nc * HEADS);
+    l.total = l.red + align16(sizeof(ClusterRed));
+    return l;
+}
+__host__ __device__ inline int cluster_chunk(int r, int nc, int cl) { return r * nc / cl; }
+
+/* ---- cluster_kernel's bulk copies (the tensor memory accelerator's 1-D copies, completion
+ * counted in bytes on an mbarrier in shared memory) and split cluster barrier ---- */
+__device__ __forceinline__ unsigned shared_at(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(uint64_t *bar)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n"
+                 "fence.mbarrier_init.release.cluster;\n" ::"r"(shared_at(bar)) : "memory");
+}
+/* the one arrival, announcing `bytes` to come */
+__device__ __forceinline__ void mbar_expect(uint64_t *bar, unsigned bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_at(bar)), "r"(bytes) : "memory");
+}
+/* bytes (a multiple of 16, both ends 16-byte aligned) from global to this CTA's shared memory */
+__device__ __forceinline__ void bulk_copy(void *to, const void *from, unsigned bytes, uint64_t *bar)
+{
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 ::"r"(shared_at(to)), "l"(from), "r"(bytes), "r"(shared_at(bar)) : "memory");
+}
+/* the cluster barrier in two halves, with no memory ordering (cluster.sync() orders) */
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_wait(uint64_t *bar)
+{
+    asm volatile("{\n .reg .pred done;\n"
+                 "wait_%=:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n @!done bra wait_%=;\n}\n"
+                 ::"r"(shared_at(bar)) : "memory");
+}
+
+template <class TQ, class TP>
+__global__ void __launch_bounds__(CLUSTER_THREADS, 1) cluster_kernel(const __grid_constant__ Args a, const __grid_constant__ ClusterLayout l)
+{
+    static_assert(CLUSTER_WARPS >= HEADS, "phases 2 and 3 give each head a warp");
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    extern __shared__ __align__(16) unsigned char smem[];
+    float *q_s = (float *)(smem + l.q), *recv = q_s, *sc = (float *)(smem + l.sc); /* recv: once q is used */
+    float *cmax = (float *)(smem + l.cmax), *raw = (float *)(smem + l.raw);
+    TP *kv = (TP *)(smem + l.kv);
+    long long *row = (long long *)(smem + l.row);
+    ClusterRed *red = (ClusterRed *)(smem + l.red);
+    /* 32-bit index math: rows·groups < the multiprocessors, nc < 65536, a CTA's rows fit its shared
+     * memory (64-bit divisions were a tenth of the kernel's instructions) */
+    const int cl = (int)cluster.num_blocks(), rank = (int)cluster.block_rank(), nc = (int)a.nc, D = (int)a.D;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int unit = (int)blockIdx.x / cl, t = unit / (int)a.groups, g = unit - t * (int)a.groups;
+    const int c0 = cluster_chunk(rank, nc, cl), c1 = cluster_chunk(rank + 1, nc, cl);
+    const int e0 = c0 * CHUNK, E = (c1 * CHUNK < a.K ? c1 * CHUNK : (int)a.K) - e0; /* <= CLUSTER_THREADS */
+    const int heads = (int)(a.H - g * HEADS < HEADS ? a.H - g * HEADS : HEADS);
+    const bool bulk_q = sizeof(TQ) == 4 && a.vec_q; /* f32 q rows of whole 16-byte pieces: one copy */
+    if (tid == 0) mbar_init(&red->bar);
+    cluster_arrive(); /* this CTA has started: the others may send to it once they wait below */
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
+
+    /* 1. the indices (a thread an entry), then q and the rows by bulk copies (invalid rows zeroed:
+     * the P·V loop has no branch); scores and chunk maxima */
+    long long r = -1;
+    int bad = 0;
+    if (tid < E) {
+        const int64_t at = (int64_t)t * a.K + e0 + tid;
+        r = a.idx64 ? ((const long long *)a.idx)[at] : (long long)((const int *)a.idx)[at];
+        if (r < -1 || r >= a.N) bad = 1, r = -1;
+        row[tid] = r;
+    }
+    if (!bulk_q) load_q<TQ>(a, t, g, q_s);
+    bad = __syncthreads_or(bad);
+    const int valid = __syncthreads_count(r >= 0);
+    const unsigned row_bytes = (unsigned)(D * sizeof(TP)), q_bytes = bulk_q ? (unsigned)(heads * D * 4) : 0u;
+    if (warp == 0) {
+        if (lane == 0) {
+            mbar_expect(&red->bar, q_bytes + valid * row_bytes);
+            if (bulk_q) bulk_copy(q_s, (const float *)a.q + ((int64_t)t * a.H + g * HEADS) * a.D, q_bytes, &red->bar);
+        }
+        __syncwarp();
+        for (int e = lane; e < E; e += 32)
+            if (row[e] >= 0) bulk_copy(kv + e * D, (const TP *)a.pool + row[e] * a.D, row_bytes, &red->bar);
+    }
+    if (bulk_q) /* the rows of heads past H */
+        for (int i = heads * D / 4 + tid; i < HEADS * D / 4; i += CLUSTER_THREADS) ((float4 *)q_s)[i] = make_float4(0, 0, 0, 0);
+    for (int e = 0; e < E; e++) /* the same for every thread */
+        if (row[e] < 0)
+            for (int i = tid; i < (int)row_bytes / 16; i += CLUSTER_THREADS) ((uint4 *)(kv + e * D))[i] = make_uint4(0, 0, 0, 0);
+    rope_table(a, t, 32, red->table); /* warp 1, while the copies fly */
+    mbar_wait(&red->bar);
+    __syncthreads();
+    for (int e = warp; e < E; e += CLUSTER_WARPS) { /* a warp an entry, as dot_rows sums it */
+        const TP *rows[1] = {row[e] >= 0 ? kv + e * D : nullptr};
+        float d[1] = {};
+        dot_rows<1, TP>(a, q_s, rows, true, d);
+        if (lane < HEADS) sc[e * HEADS + lane] = rows[0] ? __fmul_rn(d[0], a.scale) : -INFINITY;
+    }
+    __syncthreads();
+    cluster_wait(); /* every CTA has started */
+    if (tid < (c1 - c0) * HEADS) { /* sent to every CTA of the cluster */
+        const int j = tid / HEADS, h = tid % HEADS;
+        float mx = -INFINITY;
+        for (int e = j * CHUNK; e < (j + 1) * CHUNK && e < E; e++) mx = fmaxf(mx, sc[e * HEADS + h]);
+        for (int q = 0; q < cl; q++) cluster.map_shared_rank(cmax, q)[c0 * HEADS + tid] = mx;
+    }
+    if (tid < cl) cluster.map_shared_rank(red, tid)->bad[rank] = bad;
+    cluster.sync(); /* what was sent is there */
+
+    /* 2. per chunk, as pv_kernel: warp h takes head h's M_b (the max of the chunk maxima of blocks
+     * 0..b), its p (P-rounded), Σp in entry order; then thread c the chunk's Σ P(p)·kv[c] from 0 in
+     * entry order. Each chunk's M_b and Σp go to every CTA, its partials to the CTA whose slice of
+     * the columns holds them. */
+    if (warp < HEADS) {
+        for (int j = 0; j < c1 - c0; j++) {
+            const int k0 = c0 + j, last = (k0 / CHUNKS_PER_BLOCK + 1) * CHUNKS_PER_BLOCK < nc ? (k0 / CHUNKS_PER_BLOCK + 1) * CHUNKS_PER_BLOCK : nc;
+            float m = -INFINITY;
+            for (int k = lane; k < last; k += 32) m = fmaxf(m, cmax[k * HEADS + warp]);
+#pragma unroll
+            for (int o = 16; o >= 1; o >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL, m, o));
+            const int e = j * CHUNK + lane;
+            const bool in = lane < CHUNK && e < E, valid = in && row[e] >= 0;
+            if (in) {
+                const float p = valid ? expf(sc[e * HEADS + warp] - m) : 0.0f;
+                raw[e * HEADS + warp] = p;
+                sc[e * HEADS + warp] = a.round_p ? round_bf16(p) : p;
+            }
+            const bool any = __any_sync(FULL, valid);
+            __syncwarp();
+            if (lane < cl) {
+                float sum = 0.0f;
+                for (int i = j * CHUNK; i < (j + 1) * CHUNK && i < E; i++) sum += raw[i * HEADS + warp];
+                ClusterRed *theirs = cluster.map_shared_rank(red, lane);
+                theirs->part_m[k0][warp] = any ? m : -INFINITY, theirs->part_sum[k0][warp] = sum;
+            }
+        }
+    }
+    __syncthreads();
+    for (int c = tid; c < D; c += CLUSTER_THREADS) {
+        const int owner = c / l.slice; /* the CTA whose slice holds column c gets the partials */
+        float *theirs = cluster.map_shared_rank(recv, owner) + c - owner * l.slice;
+        for (int j = 0; j < c1 - c0; j++) {
+            float acc[HEADS];
+#pragma unroll
+            for (int h = 0; h < HEADS; h++) acc[h] = 0.0f;
+            for (int e = j * CHUNK; e < (j + 1) * CHUNK && e < E; e++) {
+                if (row[e] < 0) continue; /* the same for every thread; attend() skips the entry */
+                const float x = elem(kv, e * D + c);
+                const float4 p0 = *(const float4 *)(sc + e * HEADS), p1 = *(const float4 *)(sc + e * HEADS + 4);
+                acc[0] = fmaf(p0.x, x, acc[0]);
+                acc[1] = fmaf(p0.y, x, acc[1]);
+                acc[2] = fmaf(p0.z, x, acc[2]);
+                acc[3] = fmaf(p0.w, x, acc[3]);
+                acc[4] = fmaf(p1.x, x, acc[4]);
+                acc[5] = fmaf(p1.y, x, acc[5]);
+                acc[6] = fmaf(p1.z, x, acc[6]);
+                acc[7] = fmaf(p1.w, x, acc[7]);
+            }
+#pragma unroll
+            for (int h = 0; h < HEADS; h++) theirs[((c0 + j) * HEADS + h) * l.slice] = acc[h];
+        }
+    }
+    cluster.sync(); /* every partial sent is here; no CTA reads another's memory after this */
+
+    /* 3. warp h, head h: this CTA's slice of the columns, a pair a lane, as combine_kernel: the
+     * chunks' weights w = e^{M_b − M} (M the row's max, chunks without a valid entry skipped), the
+     * denominator in chunk order plus the sink, the partials' weighted sum in chunk order, the
+     * division, the inverse RoPE, the stores. So the bits of the split path, whatever the CTAs. */
+    const int s0 = rank * l.slice, s1 = s0 + l.slice < D ? s0 + l.slice : D, pairs = s1 > s0 ? (s1 - s0 + 1) / 2 : 0;
+    if (warp < heads) {
+        const int h = warp;
+        const int64_t hh = g * HEADS + h;
+        float M = -INFINITY, den = 0.0f;
+        bool bad_row = false;
+        for (int k = 0; k < nc; k++) M = fmaxf(M, red->part_m[k][h]);
+        for (int q = 0; q < cl; q++) bad_row |= red->bad[q] != 0;
+        float *w = red->w[h];
+        if (lane < nc) w[lane] = red->part_m[lane][h] != -INFINITY ? expf(red->part_m[lane][h] - M) : -INFINITY;
+        __syncwarp();
+        for (int k = 0; k < nc; k++)
+            if (w[k] != -INFINITY) den = fmaf(w[k], red->part_sum[k][h], den);
+        den += expf(sink_of(a, hh) - M);
+        for (int p = lane; p < pairs; p += 32) {
+            const int c = s0 + 2 * p;
+            float v0 = 0.0f, v1 = 0.0f;
+            for (int k = 0; k < nc; k++) {
+                const float *sent = recv + (k * HEADS + h) * l.slice + 2 * p;
+                if (w[k] != -INFINITY) v0 = fmaf(w[k], sent[0], v0), v1 = fmaf(w[k], sent[1], v1);
+            }
+            float o0 = 0.0f, o1 = 0.0f;
+            if (bad_row) o0 = o1 = NAN;
+            else if (M != -INFINITY) o0 = v0 / den, o1 = v1 / den;
+            if (a.rope && c >= D - 64) derotate_pair(a, red->table, c - (D - 64), o0, o1);
+            const int64_t at = ((int64_t)t * a.H + hh) * a.D + c;
+            store_out(a, at, o0);
+            if (c + 1 < D) store_out(a, at + 1, o1);
+        }
     }
 }
 
@@ -1042,6 +1314,60 @@ struct Split {
     }
 };
 
+/* Whether the device places clusters of cl CTAs with `smem` bytes each at all (a shared device may
+ * not); the answer of the size decode asks for is kept per device, as the query costs more than
+ * the launch */
+struct ClusterFit {
+    size_t smem;
+    int cl, fits;
+};
+bool clusters_fit(int dev, const void *fn, int cl, size_t smem, ClusterFit (&cache)[CACHED_DEVICES])
+{
+    if (dev >= 0 && dev < CACHED_DEVICES && cache[dev].smem == smem && cache[dev].cl == cl) return cache[dev].fits > 0;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = (unsigned)cl, attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3((unsigned)cl), config.blockDim = dim3(CLUSTER_THREADS), config.dynamicSmemBytes = smem;
+    config.attrs = &attr, config.numAttrs = 1;
+    int fits = 0;
+    if (cudaOccupancyMaxActiveClusters(&fits, fn, &config) != cudaSuccess) {
+        (void)cudaGetLastError(); /* a refusal only means none */
+        fits = 0;
+    }
+    if (dev >= 0 && dev < CACHED_DEVICES) cache[dev] = ClusterFit{smem, cl, fits};
+    return fits > 0;
+}
+
+/* The cluster path: clusters of min(nc, 8) CTAs, launched dependent. *launched 0 (and DSRTK_OK)
+ * where it does not apply: a CTA would take more than CLUSTER_CHUNKS chunks, its share of the rows
+ * would not fit its shared memory, or the device places no such cluster. */
+template <class TQ, class TP>
+struct Cluster {
+    static int run(int dev, const Args *a, int optin, cudaStream_t st, int *launched)
+    {
+        static ClusterFit fit[CACHED_DEVICES];
+        void (*kernel)(Args, ClusterLayout) = cluster_kernel<TQ, TP>;
+        const int cl = (int)(a->nc < CLUSTER_MAX ? a->nc : CLUSTER_MAX);
+        const ClusterLayout l = cluster_layout_for(a->D, a->D4, sizeof(TP), a->nc, cl);
+        *launched = 0;
+        if (l.cpc > CLUSTER_CHUNKS || l.total > (size_t)optin) return DSRTK_OK;
+        int rc = allow_shared(dev, (const void *)kernel, l.total, "sparse_attention cluster_kernel");
+        if (rc || !clusters_fit(dev, (const void *)kernel, cl, l.total, fit)) return rc;
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3((unsigned)(a->S * a->groups * cl)), config.blockDim = dim3(CLUSTER_THREADS);
+        config.dynamicSmemBytes = l.total, config.stream = st;
+        cudaLaunchAttribute attr[2];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = (unsigned)cl, attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+        attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization; /* launched dependent (common.cuh) */
+        attr[1].val.programmaticStreamSerializationAllowed = 1;
+        config.attrs = attr, config.numAttrs = 2;
+        *launched = 1;
+        return dsrtk_check(cudaLaunchKernelEx(&config, kernel, *a, l), "launch of sparse_attention cluster_kernel on cuda:%d", dev);
+    }
+};
+
 } /* namespace */
 
 extern "C" int dsrtk_sparse_attention_workspace(int dev, int64_t S, int64_t H, int64_t D, int64_t K, size_t *bytes)
@@ -1116,6 +1442,11 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
         return by_dtypes<Fused>(q->dtype, pool->dtype, dev, (const Args *)&a, (const Layout *)&l, st);
     }
 
+    if (a.vec_rows && a.row4) { /* the cluster path, when a CTA's rows fit its shared memory */
+        int launched = 0;
+        rc = by_dtypes<Cluster>(q->dtype, pool->dtype, dev, (const Args *)&a, optin, st, &launched);
+        if (rc || launched) return rc;
+    }
     Workspace w = workspace_for(S, H, D, K);
     if (!workspace || workspace_bytes < w.total)
         return dsrtk_fail(DSRTK_ERROR, "%s: the workspace has %zu bytes, %zu needed (dsrtk_sparse_attention_workspace)", OP,

@@ -3,10 +3,12 @@
 --   - shapes: S in {1, 3, 17, 130, 140}, H in {1, 3, 19, 40, 64}, D in {5, 36, 64, 96, 128, 192, 512},
 --     K in {1, 63, 64, 65, 130, 640, 700, 2100}: across the 64-entry blocks, the 8- and 32-head
 --     groups, the 4-column slices of the score loop, rows of 16-byte multiples (cp.async) and not,
---     and the three launch shapes (few rows x groups: the split path with its workspace and its
---     last-CTA combine, more than 32 blocks too; many rows in reference precision with bf16 q and
---     pool and D a multiple of 64: the tensor-core kernel, odd and even n-tiles per warp, pool rows
---     not 16-byte aligned; many rows otherwise: the fused kernel);
+--     and the four launch shapes (few rows x groups: the cluster kernel where a CTA takes at most
+--     two chunks of rows of 16-byte multiples (K up to 256: clusters of 5 to 8 CTAs, a CTA's two
+--     chunks in two blocks, empty chunks, a bad index in one CTA), else the split path with its
+--     workspace and its last-CTA combine, more than 32 blocks too; many rows in reference
+--     precision with bf16 q and pool and D a multiple of 64: the tensor-core kernel, odd and even
+--     n-tiles per warp, pool rows not 16-byte aligned; many rows otherwise: the fused kernel);
 --   - indices: -1 scattered (~1 in 6), a whole row of -1 (zeros out, exactly), a whole 64-entry
 --     block of -1 inside a row (a skipped block), i32 and i64;
 --   - both precisions, q / pool in bf16 and f32 (mixed too), sink in f32 and bf16;
@@ -148,7 +150,8 @@ test("decode_many_blocks_and_repeated_calls", function()
 end)
 
 test("split_path_window_decode_and_empty_chunks", function()
-  case(1, 64, 512, 128) -- the window layer's decode: 2 blocks, 8 chunks of 16
+  case(1, 64, 512, 128) -- the window layer's decode: 2 blocks, 8 chunks of 16 (a cluster of 8)
+  case(1, 64, 512, 160) -- the ratio-128 layer's: 10 chunks over 8 CTAs, two of them two chunks
   case(2, 9, 40, 129)   -- one entry in the last chunk, a partial second head group
   -- chunks without a valid entry inside blocks that have some (the running max skips them, the
   -- chunks after them in the block still use the block's max), and a block of one valid entry
@@ -172,6 +175,41 @@ test("split_path_window_decode_and_empty_chunks", function()
     poison(S * H * D * 4)
     local got = nn.sparse_attention(q:to("cuda"), pool:to("cuda"), idx:to("cuda"), sink:to("cuda"), 0.125, c[1])
     check(got, want, c[1], "empty chunks " .. c[1])
+  end
+end)
+
+test("trailing_invalid_entries_change_no_bit", function()
+  -- An index list padded with -1 at its end gives the same bits: attend() skips blocks without a
+  -- valid entry, the split path skips such chunks, and the cluster kernel (K <= 256 here) sums
+  -- by chunk as the split path does (K = 420: 27 chunks, the split path), so a speculative
+  -- session rolled back attends exactly as one that never went ahead. Both precisions, with and
+  -- without the inverse RoPE, q and pool f32 and bf16.
+  for _, c in ipairs({ { 1, 64, 512, 128 }, { 1, 64, 512, 160 }, { 3, 11, 64, 200 }, { 2, 4, 512, 70 } }) do
+    local S, H, D, K = c[1], c[2], c[3], c[4]
+    local N = K + 37
+    local idx = make_indices(S, K, N, "i32")
+    local rows = idx:totable()
+    for t = 1, S do for k = K + 1, 420 do rows[t][k] = -1 end end
+    local padded = dsrt.tensor(rows, { dtype = "i32", device = "cuda" })
+    idx = idx:to("cuda")
+    for _, dt in ipairs({ "f32", "bf16" }) do
+      local q = dsrt.randn({ S, H, D }, { seed = next_seed(), dtype = dt, device = "cuda" })
+      local pool = dsrt.randn({ N, D }, { seed = next_seed(), dtype = dt, device = "cuda" })
+      local sink = dsrt.randn({ H }, { seed = next_seed(), device = "cuda" })
+      for _, precision in ipairs({ "reference", "fp32" }) do
+        local what = string.format("S=%d H=%d D=%d K=%d %s %s", S, H, D, K, dt, precision)
+        local function same(a, b, how)
+          local x, y = a:to("cpu"):to("f32"), b:to("cpu"):to("f32")
+          assert_equal(x:ne(x):sum():item(), 0, what .. how .. ": NaN")
+          assert_equal(x:ne(y):sum():item(), 0, what .. how .. ": elements differ")
+        end
+        poison(S * H * D * 4)
+        same(nn.sparse_attention(q, pool, idx, sink, 0.05, precision),
+             nn.sparse_attention(q, pool, padded, sink, 0.05, precision), "")
+        same(nn.sparse_attention_inverse_rope(q, pool, idx, sink, 0.05, 7, 1, 10000, nil, precision),
+             nn.sparse_attention_inverse_rope(q, pool, padded, sink, 0.05, 7, 1, 10000, nil, precision), " inverse RoPE")
+      end
+    end
   end
 end)
 
