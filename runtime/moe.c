@@ -495,16 +495,13 @@ static int router_args(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *
     return 0;
 }
 
-/* The router (router_args) with its logits scratch */
-static int cuda_route_rows(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor *xf, int64_t rows, dsrt_tensor *token_ids,
-                           int64_t *ids, float *weights, const cuda_groups *g, dsrt_stream *s)
+/* The router over the arguments router_args built, with its logits scratch */
+static int cuda_route_rows(dsrt_moe *m, dsrtk_moe_router_args *r, dsrt_stream *s)
 {
-    dsrtk_moe_router_args r;
-    if (router_args(m, table, xf, rows, token_ids, ids, weights, g, &r)) return -1;
-    dsrt_tensor *logits = device_buffer(DSRT_F32, rows * m->cfg.n_routed, s);
+    dsrt_tensor *logits = device_buffer(DSRT_F32, r->route.rows * m->cfg.n_routed, s);
     if (!logits) return -1;
-    r.route.logits = f32_data(logits);
-    int rc = dsrtk_moe_router(s->device, &r, s->handle) ? kernel_failed() : 0;
+    r->route.logits = f32_data(logits);
+    int rc = dsrtk_moe_router(s->device, r, s->handle) ? kernel_failed() : 0;
     dsrt_tensor_release(logits);
     return rc;
 }
@@ -530,7 +527,11 @@ static int cuda_route(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsrt_
     int64_t rows = dsrt_tensor_numel(x) / m->dim;
     dsrt_tensor *xf = cuda_prepare(m, x, token_ids, s, &table);
     if (!xf) return -1;
-    int rc = rows ? cuda_route_rows(m, table, xf, rows, token_ids, (int64_t *)ids->storage->data, f32_data(w), NULL, s) : 0;
+    dsrtk_moe_router_args r;
+    int rc = 0;
+    if (rows && (router_args(m, table, xf, rows, token_ids, (int64_t *)ids->storage->data, f32_data(w), NULL, &r) ||
+                 cuda_route_rows(m, &r, s)))
+        rc = -1;
     dsrt_tensor_release(xf);
     return rc;
 }
@@ -854,14 +855,12 @@ static int cuda_forward(dsrt_moe *m, dsrt_tensor *x, dsrt_tensor *token_ids, dsr
                                      .out = h ? f32_data(h) : NULL, .out_ld = h_ld};
         int64_t *ids_out = (int64_t *)ids->storage->data;
         int up_done = 0; /* hash routing beside UP (kernels.h), where it applies */
-        if (!prefill && m->tid2eid) {
-            dsrtk_moe_router_args r;
-            if (router_args(m, table, xf, rows, token_ids, ids_out, f32_data(w), &grouping, &r) ||
-                (dsrtk_moe_route_up(dev, &r, &up, sync, st, &up_done) && kernel_failed()))
-                rc = -1;
-        }
+        dsrtk_moe_router_args r;
+        if (router_args(m, table, xf, rows, token_ids, ids_out, f32_data(w), &grouping, &r) ||
+            (!prefill && m->tid2eid && dsrtk_moe_route_up(dev, &r, &up, sync, st, &up_done) && kernel_failed()))
+            rc = -1;
         if (!rc && !up_done) {
-            if (cuda_route_rows(m, table, xf, rows, token_ids, ids_out, f32_data(w), &grouping, s))
+            if (cuda_route_rows(m, &r, s))
                 rc = -1;
             else if (prefill)
                 rc = cuda_prefill(m, table, xf, rows, reference, groups, max_groups, row_token, pos_of_pick,
