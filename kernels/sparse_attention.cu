@@ -317,6 +317,20 @@ __device__ float2 block_softmax(const Shared &s, int h, float m_old, int round_p
     return make_float2(m_new, sum);
 }
 
+/* acc[h] += p[h]·x for the 8 heads, p an entry's row of P(p) in shared memory (16-byte aligned) */
+__device__ __forceinline__ void add_entry(float (&acc)[HEADS], const float *p, float x)
+{
+    const float4 p0 = *(const float4 *)p, p1 = *(const float4 *)(p + 4);
+    acc[0] = fmaf(p0.x, x, acc[0]);
+    acc[1] = fmaf(p0.y, x, acc[1]);
+    acc[2] = fmaf(p0.z, x, acc[2]);
+    acc[3] = fmaf(p0.w, x, acc[3]);
+    acc[4] = fmaf(p1.x, x, acc[4]);
+    acc[5] = fmaf(p1.y, x, acc[5]);
+    acc[6] = fmaf(p1.z, x, acc[6]);
+    acc[7] = fmaf(p1.w, x, acc[7]);
+}
+
 /* acc[h][c] = acc[h][c]·α_h + Σ_e P(p_e,h)·kv_e[c] over the valid entries in order (attend()'s
  * loop). Thread c owns column c of the 8 heads: one kv load, two broadcast float4 loads of p, 8 FMAs. */
 template <class TP>
@@ -329,16 +343,7 @@ __device__ void block_pv(const Args &a, const Shared &s)
         for (int h = 0; h < HEADS; h++) acc[h] = s.acc[h * a.D + c] * s.alpha[h];
         for (int e = 0; e < ENTRIES; e++) {
             if (s.row[e] < 0) continue; /* the same for every thread */
-            float x = elem(kv, e * a.D4 + c);
-            float4 p0 = *(const float4 *)(s.p + e * HEADS), p1 = *(const float4 *)(s.p + e * HEADS + 4);
-            acc[0] = fmaf(p0.x, x, acc[0]);
-            acc[1] = fmaf(p0.y, x, acc[1]);
-            acc[2] = fmaf(p0.z, x, acc[2]);
-            acc[3] = fmaf(p0.w, x, acc[3]);
-            acc[4] = fmaf(p1.x, x, acc[4]);
-            acc[5] = fmaf(p1.y, x, acc[5]);
-            acc[6] = fmaf(p1.z, x, acc[6]);
-            acc[7] = fmaf(p1.w, x, acc[7]);
+            add_entry(acc, s.p + e * HEADS, elem(kv, e * a.D4 + c));
         }
 #pragma unroll
         for (int h = 0; h < HEADS; h++) s.acc[h * a.D + c] = acc[h];
@@ -887,16 +892,7 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1) cluster_kernel(const __gri
             for (int h = 0; h < HEADS; h++) acc[h] = 0.0f;
             for (int e = j * CHUNK; e < (j + 1) * CHUNK && e < E; e++) {
                 if (row[e] < 0) continue; /* the same for every thread; attend() skips the entry */
-                const float x = elem(kv, e * D + c);
-                const float4 p0 = *(const float4 *)(sc + e * HEADS), p1 = *(const float4 *)(sc + e * HEADS + 4);
-                acc[0] = fmaf(p0.x, x, acc[0]);
-                acc[1] = fmaf(p0.y, x, acc[1]);
-                acc[2] = fmaf(p0.z, x, acc[2]);
-                acc[3] = fmaf(p0.w, x, acc[3]);
-                acc[4] = fmaf(p1.x, x, acc[4]);
-                acc[5] = fmaf(p1.y, x, acc[5]);
-                acc[6] = fmaf(p1.z, x, acc[6]);
-                acc[7] = fmaf(p1.w, x, acc[7]);
+                add_entry(acc, sc + e * HEADS, elem(kv, e * D + c));
             }
 #pragma unroll
             for (int h = 0; h < HEADS; h++) theirs[((c0 + j) * HEADS + h) * l.slice] = acc[h];
