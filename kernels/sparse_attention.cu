@@ -56,8 +56,9 @@
  * each path stores its output, with rope.cuh's arithmetic on the values as they would be stored
  * (bf16-rounded for a bf16 output): the tensor-core path holds both values of a pair in one
  * thread, the fused path reads the pair's other value from shared memory, combine_kernel gathers
- * the last 64 columns in shared memory for its first warp, a cluster's slices keep pairs whole. So the rotated output has the bits of
- * nn.rope applied to the stored one, and decode pays no launch for it.
+ * the last 64 columns in shared memory for its first warp, a cluster's slices keep pairs whole.
+ * So the rotated output has the bits of nn.rope applied to the stored one, and decode pays no
+ * launch for it.
  *
  * Index values are data on the device, so a bad one (< −1 or >= N) cannot be reported without a
  * synchronisation: it is never dereferenced, and the outputs of its query row (for the heads of
@@ -714,7 +715,7 @@ __global__ void __launch_bounds__(COMBINE_COLS) combine_kernel(const __grid_cons
  * Against the split path: no workspace, no partials through HBM, two launches fewer; only the fp32
  * summation order of Σp and acc differs. A CTA reads no other's memory after the last barrier,
  * so each leaves when done. H200, Flash decode (64 heads of 512, f32 pool), CUPTI timeline inside
- * a step: the window layer's K = 128 15.3 us in three kernels -> 10.7, K = 160 15.6 -> 14.3. */
+ * a step: the window layer's K = 128 15.3 us in three kernels -> 10.7-11.3, K = 160 15.6 -> 14.3-15.1. */
 enum { CLUSTER_MAX = 8 }; /* CTAs a cluster: a portable size */
 enum { CLUSTER_THREADS = 512, CLUSTER_WARPS = CLUSTER_THREADS / 32 };
 /* chunks a CTA at most: past two the split path's spread over nc CTAs is faster (H200, K = 640:
@@ -783,7 +784,8 @@ __device__ __forceinline__ void mbar_wait(uint64_t *bar)
 }
 
 template <class TQ, class TP>
-__global__ void __launch_bounds__(CLUSTER_THREADS, 1) cluster_kernel(const __grid_constant__ Args a, const __grid_constant__ ClusterLayout l)
+__global__ void __launch_bounds__(CLUSTER_THREADS, 1) cluster_kernel(const __grid_constant__ Args a,
+                                                                    const __grid_constant__ ClusterLayout l)
 {
     static_assert(CLUSTER_WARPS >= HEADS, "phases 2 and 3 give each head a warp");
     cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
@@ -806,8 +808,8 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1) cluster_kernel(const __gri
     cluster_arrive(); /* this CTA has started: the others may send to it once they wait below */
     dsrtk_wait_producer(); /* launched dependent (common.cuh) */
 
-    /* 1. the indices (a thread an entry), then q and the rows by bulk copies (invalid rows zeroed:
-     * the P·V loop has no branch); scores and chunk maxima */
+    /* 1. the indices (a thread an entry), then q and the valid entries' rows by bulk copies (no
+     * step reads an invalid entry's row); scores and chunk maxima */
     long long r = -1;
     int bad = 0;
     if (tid < E) {
@@ -830,10 +832,8 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1) cluster_kernel(const __gri
             if (row[e] >= 0) bulk_copy(kv + e * D, (const TP *)a.pool + row[e] * a.D, row_bytes, &red->bar);
     }
     if (bulk_q) /* the rows of heads past H */
-        for (int i = heads * D / 4 + tid; i < HEADS * D / 4; i += CLUSTER_THREADS) ((float4 *)q_s)[i] = make_float4(0, 0, 0, 0);
-    for (int e = 0; e < E; e++) /* the same for every thread */
-        if (row[e] < 0)
-            for (int i = tid; i < (int)row_bytes / 16; i += CLUSTER_THREADS) ((uint4 *)(kv + e * D))[i] = make_uint4(0, 0, 0, 0);
+        for (int i = heads * D / 4 + tid; i < HEADS * D / 4; i += CLUSTER_THREADS)
+            ((float4 *)q_s)[i] = make_float4(0, 0, 0, 0);
     rope_table(a, t, 32, red->table); /* warp 1, while the copies fly */
     mbar_wait(&red->bar);
     __syncthreads();
@@ -860,7 +860,8 @@ __global__ void __launch_bounds__(CLUSTER_THREADS, 1) cluster_kernel(const __gri
      * the columns holds them. */
     if (warp < HEADS) {
         for (int j = 0; j < c1 - c0; j++) {
-            const int k0 = c0 + j, last = (k0 / CHUNKS_PER_BLOCK + 1) * CHUNKS_PER_BLOCK < nc ? (k0 / CHUNKS_PER_BLOCK + 1) * CHUNKS_PER_BLOCK : nc;
+            const int k0 = c0 + j, block_end = (k0 / CHUNKS_PER_BLOCK + 1) * CHUNKS_PER_BLOCK;
+            const int last = block_end < nc ? block_end : nc;
             float m = -INFINITY;
             for (int k = lane; k < last; k += 32) m = fmaxf(m, cmax[k * HEADS + warp]);
 #pragma unroll
@@ -1360,7 +1361,8 @@ struct Cluster {
         attr[1].val.programmaticStreamSerializationAllowed = 1;
         config.attrs = attr, config.numAttrs = 2;
         *launched = 1;
-        return dsrtk_check(cudaLaunchKernelEx(&config, kernel, *a, l), "launch of sparse_attention cluster_kernel on cuda:%d", dev);
+        return dsrtk_check(cudaLaunchKernelEx(&config, kernel, *a, l),
+                           "launch of sparse_attention cluster_kernel on cuda:%d", dev);
     }
 };
 
