@@ -600,11 +600,8 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
         /* fewer score_kernel CTAs than SMs: spread the heads too */
         size_t ssmem = score_split_smem(IH);
         if (ssmem > 200 * 1024) return dsrtk_fail(DSRTK_ERROR, "%s: %d indexer heads need %zu bytes of shared memory", what, IH, ssmem);
-        if (ssmem > 48 * 1024) {
-            int st = dsrtk_check(cudaFuncSetAttribute(score_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)ssmem),
-                                 "%s: shared memory of %zu bytes", what, ssmem);
-            if (st) return st;
-        }
+        int st = dsrtk_allow_shared(dev, (const void *)score_split_kernel, ssmem, what);
+        if (st) return st;
         dim3 sgrid((unsigned)S, (unsigned)((n_max + SPLIT_ENTRIES - 1) / SPLIT_ENTRIES));
         (void)dsrtk_launch_dependent(score_split_kernel, sgrid, dim3(SPLIT_THREADS), ssmem, (cudaStream_t)stream, scores, q, keys, w,
                                      scale, P, r, IH, n_max, ref);
@@ -613,14 +610,8 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
     /* each kernel's grid y counts its own entry blocks: the tensor cores' ones, of 64, must fit too */
     if (ref && IH <= HMMA_HEADS && IH % 16 == 0 && ((uintptr_t)q & 15) == 0 && n_max <= (int64_t)65535 * HMMA_ENTRIES) {
         const size_t hsmem = hmma_smem().total;
-        static std::atomic<int> opted[64]; /* the shared-memory opt-in, once per device */
-        if (dev >= 64) return bad_arg(what, "device number");
-        if (!opted[dev].load(std::memory_order_acquire)) {
-            int st = dsrtk_check(cudaFuncSetAttribute(score_hmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)hsmem),
-                                 "%s: shared memory of %zu bytes", what, hsmem);
-            if (st) return st;
-            opted[dev].store(1, std::memory_order_release);
-        }
+        int st = dsrtk_allow_shared(dev, (const void *)score_hmma_kernel, hsmem, what);
+        if (st) return st;
         dim3 hgrid((unsigned)((S + HMMA_ROWS - 1) / HMMA_ROWS), (unsigned)((n_max + HMMA_ENTRIES - 1) / HMMA_ENTRIES));
         score_hmma_kernel<<<hgrid, HMMA_WARPS * 32, hsmem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, S, P, r, IH,
                                                                                    n_max);
@@ -628,8 +619,7 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
     }
     if (IH <= DMMA_HEADS && IH % 8 == 0 && ((uintptr_t)q & 15) == 0 && n_max <= (int64_t)65535 * DMMA_ENTRIES) {
         const size_t dsmem = score_dmma_smem();
-        int st = dsrtk_check(cudaFuncSetAttribute(score_dmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dsmem),
-                             "%s: shared memory of %zu bytes", what, dsmem);
+        int st = dsrtk_allow_shared(dev, (const void *)score_dmma_kernel, dsmem, what);
         if (st) return st;
         dim3 dgrid((unsigned)S, (unsigned)((n_max + DMMA_ENTRIES - 1) / DMMA_ENTRIES));
         score_dmma_kernel<<<dgrid, DMMA_WARPS * 32, dsmem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, P, r, IH, n_max, ref);
@@ -637,11 +627,8 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
     }
     size_t smem = (size_t)IH * (INDEX_DIM + 1) * sizeof(float);
     if (smem > 200 * 1024) return dsrtk_fail(DSRTK_ERROR, "%s: %d indexer heads need %zu bytes of shared memory", what, IH, smem);
-    if (smem > 48 * 1024) {
-        int st = dsrtk_check(cudaFuncSetAttribute(score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                             "%s: shared memory of %zu bytes", what, smem);
-        if (st) return st;
-    }
+    int st = dsrtk_allow_shared(dev, (const void *)score_kernel, smem, what);
+    if (st) return st;
     dim3 grid((unsigned)S, (unsigned)((n_max + SCORE_BLOCK - 1) / SCORE_BLOCK));
     score_kernel<<<grid, SCORE_BLOCK, smem, (cudaStream_t)stream>>>(scores, q, keys, w, scale, P, r, IH, n_max, ref);
     return dsrtk_check_launch(what, dev);

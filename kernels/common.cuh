@@ -84,6 +84,17 @@ int dsrtk_multiprocessors(int dev); /* cached per device */
  * several times over, never more than the work needs. */
 int dsrtk_grid_for(int dev, int64_t units, int block);
 
+/* The device's opt-in limit of shared memory a block (cached per device). */
+int dsrtk_shared_limit(int dev, int *optin);
+/* Allows `smem` dynamic bytes for kernel fn on dev (the current device), whatever its static
+ * shared memory adds; asked of CUDA once per (device, kernel) while the bytes do not grow (a
+ * driver call on every launch costs a decode step's host time). */
+int dsrtk_allow_shared(int dev, const void *fn, size_t smem, const char *name);
+/* How many clusters of `cluster` blocks of `block` threads and `smem` dynamic bytes the device
+ * places at once (0: none, or the query refused; beyond 8 blocks the kernel is opted in to
+ * non-portable sizes first). The smem opt-in must have been made. Answers are kept. */
+int dsrtk_clusters_fit(int dev, const void *fn, int cluster, int block, size_t smem);
+
 /* ---- views ---- */
 
 int64_t dsrtk_numel(const dsrt_view *v);

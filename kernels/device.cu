@@ -73,6 +73,89 @@ int dsrtk_grid_for(int dev, int64_t units, int block)
     return (int)(wanted < most ? wanted : most);
 }
 
+/* Per-call host work is what a decode step pays for (its kernels take microseconds), so what the
+ * launchers ask CUDA about a device or a kernel is asked once and kept: the shared-memory limit
+ * per device, each kernel's shared-memory opt-in per device, and the occupancy query's answer for
+ * a cluster shape. */
+static std::atomic<int> shared_optin[MAX_CACHED_DEVICES];
+
+int dsrtk_shared_limit(int dev, int *optin)
+{
+    *optin = dev >= 0 && dev < MAX_CACHED_DEVICES ? shared_optin[dev].load(std::memory_order_relaxed) : 0;
+    if (*optin > 0) return DSRTK_OK;
+    int rc = dsrtk_check(cudaDeviceGetAttribute(optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                         "shared memory limit of cuda:%d", dev);
+    if (!rc && dev >= 0 && dev < MAX_CACHED_DEVICES) shared_optin[dev].store(*optin, std::memory_order_relaxed);
+    return rc;
+}
+
+/* the kernels' opt-ins: (device, kernel) -> the most bytes allowed so far, under one lock */
+enum { MAX_OPT_INS = 256 };
+static std::mutex opt_in_lock;
+static struct OptIn {
+    int dev;
+    const void *fn;
+    size_t bytes;
+} opt_ins[MAX_OPT_INS];
+static int opt_in_count;
+
+int dsrtk_allow_shared(int dev, const void *fn, size_t smem, const char *name)
+{
+    if (smem == 0) return DSRTK_OK;
+    std::lock_guard<std::mutex> guard(opt_in_lock);
+    OptIn *known = NULL;
+    for (int i = 0; i < opt_in_count && !known; i++)
+        if (opt_ins[i].dev == dev && opt_ins[i].fn == fn) known = &opt_ins[i];
+    if (known && known->bytes >= smem) return DSRTK_OK;
+    /* the attribute only grows: a launch of fewer bytes that another thread has queued stays valid */
+    int rc = dsrtk_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                         "allowing %zu bytes of shared memory for %s on cuda:%d", smem, name, dev);
+    if (rc) return rc;
+    if (known) known->bytes = smem;
+    else if (opt_in_count < MAX_OPT_INS) opt_ins[opt_in_count++] = OptIn{dev, fn, smem};
+    return DSRTK_OK;
+}
+
+/* the occupancy query's answers: (device, kernel, cluster, block, bytes) -> clusters placed */
+enum { MAX_CLUSTER_ANSWERS = 64 };
+static std::mutex cluster_lock;
+static struct ClusterAnswer {
+    int dev;
+    const void *fn;
+    int cluster, block;
+    size_t smem;
+    int fits;
+} cluster_answers[MAX_CLUSTER_ANSWERS];
+static int cluster_answer_count;
+
+int dsrtk_clusters_fit(int dev, const void *fn, int cluster, int block, size_t smem)
+{
+    std::lock_guard<std::mutex> guard(cluster_lock);
+    for (int i = 0; i < cluster_answer_count; i++) {
+        const ClusterAnswer &a = cluster_answers[i];
+        if (a.dev == dev && a.fn == fn && a.cluster == cluster && a.block == block && a.smem == smem) return a.fits;
+    }
+    int fits = 0;
+    /* beyond 8 blocks a cluster is "non-portable": Hopper places 16, other parts may not */
+    bool ok = cluster <= 8 || cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    if (ok) {
+        cudaLaunchAttribute attr;
+        attr.id = cudaLaunchAttributeClusterDimension;
+        attr.val.clusterDim.x = (unsigned)cluster, attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3((unsigned)cluster), config.blockDim = dim3((unsigned)block), config.dynamicSmemBytes = smem;
+        config.attrs = &attr, config.numAttrs = 1;
+        ok = cudaOccupancyMaxActiveClusters(&fits, fn, &config) == cudaSuccess;
+    }
+    if (!ok) { /* a refusal only means "none" */
+        (void)cudaGetLastError();
+        fits = 0;
+    }
+    if (cluster_answer_count < MAX_CLUSTER_ANSWERS)
+        cluster_answers[cluster_answer_count++] = ClusterAnswer{dev, fn, cluster, block, smem, fits};
+    return fits;
+}
+
 int64_t dsrtk_numel(const dsrt_view *v)
 {
     int64_t n = 1;

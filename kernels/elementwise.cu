@@ -39,7 +39,6 @@
  */
 #include <cooperative_groups.h>
 #include <math.h>
-#include <mutex>
 #include <type_traits>
 #include "common.cuh"
 
@@ -1185,52 +1184,12 @@ __global__ void __launch_bounds__(1024, 1) reduce_columns_kernel(const __grid_co
     }
 }
 
-/* How many clusters of `cluster` blocks of `block` threads running `kernel` the current device
- * places at once; 0 when none. The query costs more than the launch it serves, and its answer
- * never changes, so answers are kept. */
-static int active_clusters(int dev, void (*kernel)(ReduceArgs), int block, int cluster)
-{
-    struct Answer {
-        int dev;
-        void (*kernel)(ReduceArgs);
-        int block, cluster, fits;
-    };
-    static std::mutex lock;
-    static Answer answers[64];
-    static int count;
-    std::lock_guard<std::mutex> guard(lock);
-    for (int i = 0; i < count; i++)
-        if (answers[i].dev == dev && answers[i].kernel == kernel && answers[i].block == block && answers[i].cluster == cluster)
-            return answers[i].fits;
-    int fits = 0;
-    /* beyond 8 blocks a cluster is "non-portable": Hopper places 16, other parts may not */
-    bool ok = cluster <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
-    if (ok) {
-        cudaLaunchAttribute attribute;
-        attribute.id = cudaLaunchAttributeClusterDimension;
-        attribute.val.clusterDim.x = cluster;
-        attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
-        cudaLaunchConfig_t config = {};
-        config.gridDim = dim3(cluster);
-        config.blockDim = dim3(block);
-        config.attrs = &attribute;
-        config.numAttrs = 1;
-        ok = cudaOccupancyMaxActiveClusters(&fits, kernel, &config) == cudaSuccess;
-    }
-    if (!ok) { /* a refusal only means "none" */
-        cudaGetLastError();
-        fits = 0;
-    }
-    if (count < 64) answers[count++] = Answer{dev, kernel, block, cluster, fits};
-    return fits;
-}
-
 /* The widest cluster, from `widest` down to `narrowest` blocks, of which the device places at
  * least `enough` at once; 0 when none. */
 static int fitting_cluster(int dev, void (*kernel)(ReduceArgs), int block, int widest, int narrowest, int64_t enough)
 {
     for (int cluster = widest; cluster >= narrowest; cluster /= 2) {
-        int fits = active_clusters(dev, kernel, block, cluster);
+        int fits = dsrtk_clusters_fit(dev, (const void *)kernel, cluster, block, 0);
         if (fits > 0 && fits >= enough) return cluster;
     }
     return 0;

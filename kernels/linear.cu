@@ -879,13 +879,8 @@ template <int FMT, int SF, bool Q8>
 static int launch_mma_gemv(int dev, int n, const dsrtk_linear_weight *const *w, const void *x, int x_dtype, int64_t rows,
                            void *const *y, int y_dtype, cudaStream_t s)
 {
-    static std::atomic<int> opted[MAX_LT_DEVICES];
-    if (!opted[dev].load(std::memory_order_relaxed)) {
-        int st = dsrtk_check(cudaFuncSetAttribute(mma_gemv_kernel<FMT, SF, Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MMA_MAX_SMEM),
-                             "linear: %zu bytes of shared memory for the tensor-core GEMV", MMA_MAX_SMEM);
-        if (st) return st;
-        opted[dev].store(1, std::memory_order_relaxed);
-    }
+    int st = dsrtk_allow_shared(dev, (const void *)mma_gemv_kernel<FMT, SF, Q8>, MMA_MAX_SMEM, "linear mma_gemv_kernel");
+    if (st) return st;
     MmaGemvLaunch L = {};
     size_t smem = 0;
     for (int i = 0; i < n; i++) {

@@ -489,22 +489,15 @@ __global__ void __launch_bounds__(BLOCK, 4) moe_project_kernel(const __grid_cons
     }
 }
 
-/* moe_project_kernel's own __shared__ arrays, bounded above */
-static const size_t STATIC_SHARED_BYTES = 16 * sizeof(float) + 2 * sizeof(dsrtk_moe_matrix) + 256;
-
 template <int MODE, int TB>
 static int launch_project(int dev, const dsrtk_moe_project_args *a, int tb, int grid_x, int grid_y, size_t smem,
                           cudaStream_t stream)
 {
-    /* the opt-in above the default 48 KiB, which counts the kernel's static shared memory (the
-     * lookup table and the two matrix descriptors) too: 3 staged rows of 4096 inputs are exactly
-     * 48 KiB of dynamic memory and failed without it; small decode stages skip the call */
-    if (smem + STATIC_SHARED_BYTES > 48 * 1024) {
-        int st = dsrtk_check(cudaFuncSetAttribute(moe_project_kernel<MODE, TB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                  (int)smem),
-                             "moe: projection shared memory of %zu bytes", smem);
-        if (st) return st;
-    }
+    /* the opt-in counts the kernel's static shared memory (the lookup table and the two matrix
+     * descriptors) too: 3 staged rows of 4096 inputs are exactly 48 KiB of dynamic memory and failed
+     * without it */
+    int st = dsrtk_allow_shared(dev, (const void *)moe_project_kernel<MODE, TB>, smem, "moe_project_kernel");
+    if (st) return st;
     moe_project_kernel<MODE, TB><<<dim3(grid_x, grid_y), BLOCK, smem, stream>>>(*a, tb);
     return dsrtk_check_launch("moe_project_kernel", dev);
 }
@@ -818,32 +811,11 @@ static int project_grid(int dev, const dsrtk_moe_project_args *a, int64_t needed
     return rows_y;
 }
 
-/* The shared-memory opt-in of a warpgroup kernel, only when a launch needs more than the device's
- * last one did (it never shrinks, so a launch that passed the test keeps its room): a driver call
- * on every launch cost the host two a layer */
-template <auto KERNEL>
-static int wg_opt_in(int dev, size_t smem)
-{
-    static std::atomic<size_t> opted[BLAS_MAX_DEVICES];
-    static std::mutex lock;
-    if (dev < 0 || dev >= BLAS_MAX_DEVICES) return dsrtk_fail(DSRTK_ERROR, "moe: no device cuda:%d", dev);
-    if (smem > opted[dev].load(std::memory_order_acquire)) {
-        std::lock_guard<std::mutex> guard(lock);
-        if (smem > opted[dev].load(std::memory_order_relaxed)) {
-            int st = dsrtk_check(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                                 "moe: warpgroup projection shared memory of %zu bytes", smem);
-            if (st) return st;
-            opted[dev].store(smem, std::memory_order_release);
-        }
-    }
-    return DSRTK_OK;
-}
-
 template <int MODE>
 static int launch_wg(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
 {
     const size_t smem = wg_smem(a->max_in);
-    int st = wg_opt_in<moe_wg_kernel<MODE>>(dev, smem);
+    int st = dsrtk_allow_shared(dev, (const void *)moe_wg_kernel<MODE>, smem, "moe_wg_kernel");
     if (st) return st;
     int per_group;
     const int rows_y = project_grid(dev, a, (a->max_out + WG_ROWS - 1) / WG_ROWS, &per_group); /* a block a row tile */
@@ -858,11 +830,8 @@ static int launch_mma(int dev, const dsrtk_moe_project_args *a, cudaStream_t s)
     /* fp8 and fp4 sets share the launch, each with its own staging pitch */
     const int64_t ld8 = mma_staged_ld(MMA_FP8, a->max_in), ld4 = mma_staged_ld(MMA_FP4, a->max_in);
     const size_t smem = mma_smem(ld8 > ld4 ? ld8 : ld4, a->max_in);
-    if (smem > 48 * 1024) {
-        int st = dsrtk_check(cudaFuncSetAttribute(moe_mma_kernel<MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                             "moe: tensor-core projection shared memory of %zu bytes", smem);
-        if (st) return st;
-    }
+    int st = dsrtk_allow_shared(dev, (const void *)moe_mma_kernel<MODE>, smem, "moe_mma_kernel");
+    if (st) return st;
     /* teams from the matrix shape only (never the rows), so a row's result does not depend on
      * the batch: ks warps split a tile until a group has 256 warp-tiles (measured on the H200:
      * splitting further costs the teams' reductions more than the extra warps bring) */
@@ -1805,7 +1774,7 @@ int dsrtk_moe_route_up(int dev, const dsrtk_moe_router_args *r, const dsrtk_moe_
         up->max_groups > 65534)
         return dsrtk_fail(DSRTK_ERROR, "moe: hash routing beside UP of %lld tokens called with bad arguments",
                           (long long)ro.rows);
-    int st = wg_opt_in<moe_wg_route_kernel>(dev, smem);
+    int st = dsrtk_allow_shared(dev, (const void *)moe_wg_route_kernel, smem, "moe_wg_route_kernel");
     if (st) return st;
     cudaStream_t s = (cudaStream_t)stream;
     st = dsrtk_check(dsrtk_launch_dependent(moe_hash_picks_kernel, dim3(1), dim3(ROUTER_THREADS), 0, s, *r, sync),
@@ -2367,8 +2336,7 @@ int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t
         in_count < 1 || in_count * in_ld > (int64_t)UINT32_MAX)
         return dsrtk_fail(DSRTK_ERROR, "moe: prefill GEMM of %lld tiles called with bad arguments", (long long)n_tiles);
     const size_t smem = sizeof(PgShared) + PG_ALIGN;
-    int st = dsrtk_check(cudaFuncSetAttribute(moe_prefill_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                         "moe: prefill GEMM shared memory of %zu bytes", smem);
+    int st = dsrtk_allow_shared(dev, (const void *)moe_prefill_gemm_kernel, smem, "moe_prefill_gemm_kernel");
     if (st) return st;
     moe_prefill_gemm_kernel<<<(unsigned)(n_tiles * col_tiles), PG_THREADS, smem, (cudaStream_t)stream>>>(
         table, groups, tiles, (int)col_tiles, mode, (const uint16_t *)in, in_ld, in_rows, (uint16_t *)out, out_ld);

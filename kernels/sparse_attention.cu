@@ -1224,59 +1224,10 @@ int by_dtypes(int q_dtype, int pool_dtype, P... p)
     return pool_dtype == DSRT_F32 ? F<uint16_t, float>::run(p...) : F<uint16_t, uint16_t>::run(p...);
 }
 
-/* Per-call host work is what a decode step pays for (the kernels take microseconds), so the
- * device's shared-memory limit and each kernel's shared-memory attribute are asked for once per
- * device: CACHED_DEVICES slots, racing writers store the same values. */
-enum { CACHED_DEVICES = 16, CACHED_KERNELS = 16 };
-static int optin_cache[CACHED_DEVICES];
-static struct {
-    const void *fn;
-    int bytes;
-} smem_cache[CACHED_DEVICES][CACHED_KERNELS];
-
-int shared_limit(int dev, int *optin)
-{
-    if (dev >= 0 && dev < CACHED_DEVICES && __atomic_load_n(&optin_cache[dev], __ATOMIC_RELAXED) > 0) {
-        *optin = __atomic_load_n(&optin_cache[dev], __ATOMIC_RELAXED);
-        return DSRTK_OK;
-    }
-    int rc = dsrtk_check(cudaDeviceGetAttribute(optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-                         "%s: shared memory limit of cuda:%d", OP, dev);
-    if (!rc && dev >= 0 && dev < CACHED_DEVICES) __atomic_store_n(&optin_cache[dev], *optin, __ATOMIC_RELAXED);
-    return rc;
-}
-
-/* allows `smem` dynamic bytes for kernel fn on dev (the current device), once per size */
-int allow_shared(int dev, const void *fn, size_t smem, const char *name)
-{
-    if (smem <= 48 * 1024) return DSRTK_OK;
-    int slot = -1;
-    if (dev >= 0 && dev < CACHED_DEVICES)
-        for (int i = 0; i < CACHED_KERNELS; i++) {
-            const void *f = __atomic_load_n(&smem_cache[dev][i].fn, __ATOMIC_ACQUIRE);
-            if (f == fn) {
-                if (__atomic_load_n(&smem_cache[dev][i].bytes, __ATOMIC_RELAXED) >= (int)smem) return DSRTK_OK;
-                slot = i;
-                break;
-            }
-            if (!f) {
-                slot = i;
-                break;
-            }
-        }
-    int rc = dsrtk_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                         "%s: allowing %zu bytes of shared memory for %s", OP, smem, name);
-    if (!rc && slot >= 0) {
-        __atomic_store_n(&smem_cache[dev][slot].bytes, (int)smem, __ATOMIC_RELAXED);
-        __atomic_store_n(&smem_cache[dev][slot].fn, fn, __ATOMIC_RELEASE);
-    }
-    return rc;
-}
-
 template <class K, class L>
 int launch(int dev, K kernel, const char *name, dim3 grid, size_t smem, const Args &a, const L &l, cudaStream_t st)
 {
-    int rc = allow_shared(dev, (const void *)kernel, smem, name);
+    int rc = dsrtk_allow_shared(dev, (const void *)kernel, smem, name);
     if (rc) return rc;
     kernel<<<grid, THREADS, smem, st>>>(a, l);
     return dsrtk_check_launch(name, dev);
@@ -1297,44 +1248,19 @@ struct Split {
     {
         const dim3 grid((unsigned)(a->S * a->groups), (unsigned)a->nc);
         const size_t q_bytes = sizeof(float) * HEADS * (size_t)a->D4;
-        int rc = allow_shared(dev, (const void *)scores_kernel<TQ, TP>, q_bytes, "sparse_attention scores_kernel");
+        int rc = dsrtk_allow_shared(dev, (const void *)scores_kernel<TQ, TP>, q_bytes, "sparse_attention scores_kernel");
         if (rc) return rc;
         (void)dsrtk_launch_dependent(scores_kernel<TQ, TP>, grid, dim3(THREADS), q_bytes, st, *a);
         if ((rc = dsrtk_check_launch("sparse_attention scores_kernel", dev))) return rc;
         (void)dsrtk_launch_dependent(pv_kernel<TP>, grid, dim3(THREADS), 0, st, *a);
         if ((rc = dsrtk_check_launch("sparse_attention pv_kernel", dev))) return rc;
         const size_t combine_bytes = 2 * sizeof(float) * (size_t)a->nc;
-        if ((rc = allow_shared(dev, (const void *)combine_kernel, combine_bytes, "sparse_attention combine_kernel"))) return rc;
+        if ((rc = dsrtk_allow_shared(dev, (const void *)combine_kernel, combine_bytes, "sparse_attention combine_kernel"))) return rc;
         const unsigned slices = (unsigned)((a->D + COMBINE_COLS - 1) / COMBINE_COLS);
         (void)dsrtk_launch_dependent(combine_kernel, dim3((unsigned)(a->S * a->H), slices), dim3(COMBINE_COLS), combine_bytes, st, *a);
         return dsrtk_check_launch("sparse_attention combine_kernel", dev);
     }
 };
-
-/* Whether the device places clusters of cl CTAs with `smem` bytes each at all (a shared device may
- * not); the answer of the size decode asks for is kept per device, as the query costs more than
- * the launch */
-struct ClusterFit {
-    size_t smem;
-    int cl, fits;
-};
-bool clusters_fit(int dev, const void *fn, int cl, size_t smem, ClusterFit (&cache)[CACHED_DEVICES])
-{
-    if (dev >= 0 && dev < CACHED_DEVICES && cache[dev].smem == smem && cache[dev].cl == cl) return cache[dev].fits > 0;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = (unsigned)cl, attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3((unsigned)cl), config.blockDim = dim3(CLUSTER_THREADS), config.dynamicSmemBytes = smem;
-    config.attrs = &attr, config.numAttrs = 1;
-    int fits = 0;
-    if (cudaOccupancyMaxActiveClusters(&fits, fn, &config) != cudaSuccess) {
-        (void)cudaGetLastError(); /* a refusal only means none */
-        fits = 0;
-    }
-    if (dev >= 0 && dev < CACHED_DEVICES) cache[dev] = ClusterFit{smem, cl, fits};
-    return fits > 0;
-}
 
 /* The cluster path: clusters of min(nc, 8) CTAs, launched dependent. *launched 0 (and DSRTK_OK)
  * where it does not apply: a CTA would take more than CLUSTER_CHUNKS chunks, its share of the rows
@@ -1343,14 +1269,13 @@ template <class TQ, class TP>
 struct Cluster {
     static int run(int dev, const Args *a, int optin, cudaStream_t st, int *launched)
     {
-        static ClusterFit fit[CACHED_DEVICES];
         void (*kernel)(Args, ClusterLayout) = cluster_kernel<TQ, TP>;
         const int cl = (int)(a->nc < CLUSTER_MAX ? a->nc : CLUSTER_MAX);
         const ClusterLayout l = cluster_layout_for(a->D, a->D4, sizeof(TP), a->nc, cl);
         *launched = 0;
         if (l.cpc > CLUSTER_CHUNKS || l.total > (size_t)optin) return DSRTK_OK;
-        int rc = allow_shared(dev, (const void *)kernel, l.total, "sparse_attention cluster_kernel");
-        if (rc || !clusters_fit(dev, (const void *)kernel, cl, l.total, fit)) return rc;
+        int rc = dsrtk_allow_shared(dev, (const void *)kernel, l.total, "sparse_attention cluster_kernel");
+        if (rc || dsrtk_clusters_fit(dev, (const void *)kernel, cl, CLUSTER_THREADS, l.total) < 1) return rc;
         cudaLaunchConfig_t config = {};
         config.gridDim = dim3((unsigned)(a->S * a->groups * cl)), config.blockDim = dim3(CLUSTER_THREADS);
         config.dynamicSmemBytes = l.total, config.stream = st;
@@ -1418,7 +1343,7 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
     Layout l = layout_for(D, a.D4, pe);
 
     int optin = 0;
-    if ((rc = shared_limit(dev, &optin))) return rc;
+    if ((rc = dsrtk_shared_limit(dev, &optin))) return rc;
     if (l.total > (size_t)optin)
         return dsrtk_fail(DSRTK_ERROR, "%s: vectors of %lld values need %zu bytes of shared memory per block, cuda:%d has %d",
                           OP, (long long)D, l.total, dev, optin);

@@ -395,6 +395,53 @@ test("hc_ops_with_a_norm_weight_equal_the_ops_then_rms_norm", function()
               "hc_pre normed offset")
 end)
 
+test("hc_ops_of_a_few_tokens_equal_the_rows_of_a_batch", function()
+  -- A decode step's token (and a verify's 2-4) must get the bits it gets inside a longer batch: the
+  -- split GEMM's blocks of 1, 2 and 4 tokens against its block of 16, then the collapse with the
+  -- norm. hc·d: one split (hc 1, d 8), a short last split (800), M = 15 (hc 3), 33 splits (8224),
+  -- Flash's 64; fn f32 and bf16, X bf16 and f32.
+  local B = 9
+  local function rows(t, first, n) return t:narrow(1, first, n):contiguous() end
+  for _, case in ipairs({ { 4, 4096, "f32" }, { 4, 200, "bf16" }, { 3, 1000, "f32" }, { 4, 2056, "bf16" }, { 1, 8, "f32" } }) do
+    local hc, d, fdt = case[1], case[2], case[3]
+    for _, dt in ipairs({ "bf16", "f32" }) do
+      local X, f = randn({ B, hc, d }, dt, 2), randn({ B, d }, dt)
+      local post, comb = randn({ B, hc }):abs(), randn({ B, hc, hc }):abs()
+      local fn, scale, base = hc_params(hc, d, false, fdt)
+      local hfn, hscale, hbase = hc_params(hc, d, true, fdt)
+      local w = randn({ d }, "bf16", 0.5):abs() + 0.5
+      local Xc, fc, pc, cc, fnc, sc, bc, hfnc, hsc, hbc, wc =
+        cuda_all(X, f, post, comb, fn, scale, base, hfn, hscale, hbase, w)
+      for _, prec in ipairs(PRECS) do
+        local u, p, c = nn.hc_pre(Xc, fnc, sc, bc, 1e-6, 1e-5, 20, prec, wc)
+        local Xn, un, pn, cn = nn.hc_post_pre(fc, Xc, pc, cc, fnc, sc, bc, 1e-6, 1e-5, 20, prec, wc)
+        local y = nn.hc_head(Xc, hfnc, hsc, hbc, 1e-6, 1e-5, prec, wc)
+        for _, span in ipairs({ { 1, 1 }, { 9, 1 }, { 2, 2 }, { 4, 3 }, { 5, 4 } }) do
+          local first, n = span[1], span[2]
+          local what = string.format("rows %d..%d of %d, hc %d d %d, fn %s, X %s, %s", first, first + n - 1, B, hc, d,
+                                     fdt, dt, prec)
+          local function same(got, batch, name) check_exact(got, rows(batch, first, n):to("cpu"), name .. " " .. what) end
+          local x = rows(Xc, first, n)
+          poison_for({ n, hc, d }, "f32")
+          local su, sp, sc_ = nn.hc_pre(x, fnc, sc, bc, 1e-6, 1e-5, 20, prec, wc)
+          same(su, u, "hc_pre u")
+          same(sp, p, "hc_pre post")
+          same(sc_, c, "hc_pre comb")
+          poison_for({ n, hc, d }, "f32")
+          local sX, su2, sp2, sc2 = nn.hc_post_pre(rows(fc, first, n), x, rows(pc, first, n), rows(cc, first, n), fnc, sc,
+                                                   bc, 1e-6, 1e-5, 20, prec, wc)
+          same(sX, Xn, "hc_post_pre X'")
+          same(su2, un, "hc_post_pre u")
+          same(sp2, pn, "hc_post_pre post")
+          same(sc2, cn, "hc_post_pre comb")
+          poison_for({ n, d }, "f32")
+          same(nn.hc_head(x, hfnc, hsc, hbc, 1e-6, 1e-5, prec, wc), y, "hc_head")
+        end
+      end
+    end
+  end
+end)
+
 test("hc_post_is_bit_exact", function()
   for _, case in ipairs({ { 1, 4, 4096 }, { 3, 4, 1001 }, { 17, 3, 33 }, { 2, 1, 5 }, { 4, 7, 300 }, { 9, 4, 264 } }) do
     local T, hc, d = case[1], case[2], case[3]
