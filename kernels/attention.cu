@@ -176,19 +176,23 @@ struct GatherArgs {
     const float *fresh, *window, *entries;
     const int *picks;
     int64_t window_rows, base, P, S, n_win, n_entries, hd, K, W, r, topk;
+    int picked; /* dsrtk_attn_pool_picked: the pool's entries are the queries' picks */
 };
 
 /* One launch, one grid-stride loop over both outputs: first the pool's elements, then the index
  * lists'.
  * pool rows: window positions base … P+S−1 (fresh rows for p >= P, the ring before), then the
- * entries 0 … n_entries−1.
+ * entries 0 … n_entries−1, or when picked query i's picks j < topk at n_win + i·topk + j (a −1
+ * pick's row zero).
  * idx[i, m] for query t = P + i: m < W: window positions lo … t (pool rows p − base), −1 after;
- * m >= W: ratio 4: picks[i, m − W] + n_win (−1 stays −1); other ratios: the visible entries
- * n_win + (m − W) for m − W < (t+1) div r; −1 elsewhere (ratio 0 has no compressed part). */
+ * m >= W: ratio 4: the pick's pool row, picks[i, m − W] + n_win or, picked, n_win + i·topk + m − W
+ * (−1 stays −1); other ratios: the visible entries n_win + (m − W) for m − W < (t+1) div r; −1
+ * elsewhere (ratio 0 has no compressed part). The attention reads the same rows in the same order
+ * either way, so its bits do not depend on the pool's layout. */
 __global__ void __launch_bounds__(DSRTK_BLOCK) gather_kernel(const __grid_constant__ GatherArgs a)
 {
     dsrtk_wait_producer(); /* launched dependent (common.cuh) */
-    const int64_t n_pool = (a.n_win + a.n_entries) * a.hd, total = n_pool + a.S * a.K;
+    const int64_t n_pool = (a.n_win + (a.picked ? a.S * a.topk : a.n_entries)) * a.hd, total = n_pool + a.S * a.K;
     const int64_t step = (int64_t)gridDim.x * blockDim.x;
     for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
         if (at < n_pool) {
@@ -197,6 +201,9 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) gather_kernel(const __grid_consta
             if (row < a.n_win) {
                 int64_t p = a.base + row;
                 v = p >= a.P ? a.fresh[(p - a.P) * a.hd + k] : a.window[(p % a.window_rows) * a.hd + k];
+            } else if (a.picked) {
+                const int pk = a.picks[row - a.n_win];
+                v = pk >= 0 ? a.entries[(int64_t)pk * a.hd + k] : 0.0f;
             } else {
                 v = a.entries[(row - a.n_win) * a.hd + k];
             }
@@ -211,7 +218,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) gather_kernel(const __grid_consta
         } else if (a.r == 4) {
             if (m - a.W < a.topk) {
                 int pk = a.picks[i * a.topk + (m - a.W)];
-                if (pk >= 0) v = a.n_win + pk;
+                if (pk >= 0) v = a.n_win + (a.picked ? i * a.topk + (m - a.W) : pk);
             }
         } else if (a.r > 0) {
             if (m - a.W < (t + 1) / a.r) v = a.n_win + (m - a.W);
@@ -231,9 +238,9 @@ int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, co
     GatherArgs a;
     a.pool = pool, a.idx = idx, a.fresh = fresh, a.window = window, a.entries = entries, a.picks = picks;
     a.window_rows = window_rows, a.base = base, a.P = P, a.S = S, a.n_win = P + S - base, a.n_entries = n_entries;
-    a.hd = hd, a.K = K, a.W = W, a.r = r, a.topk = topk;
+    a.hd = hd, a.K = K, a.W = W, a.r = r, a.topk = topk, a.picked = dsrtk_attn_pool_picked(S, n_entries, r, topk);
     DSRTK_SET_DEVICE(dev, what);
-    int grid = dsrtk_grid_for(dev, (a.n_win + n_entries) * hd + S * K, DSRTK_BLOCK);
+    int grid = dsrtk_grid_for(dev, dsrtk_attn_pool_rows(a.n_win, S, n_entries, r, topk) * hd + S * K, DSRTK_BLOCK);
     (void)dsrtk_launch_dependent(gather_kernel, dim3(grid), dim3(DSRTK_BLOCK), 0, (cudaStream_t)stream, a);
     return dsrtk_check_launch(what, dev);
 }

@@ -448,10 +448,14 @@ int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, cons
  *   when round_bf16.
  * ring_writes: for each of the n (<= DSRTK_MAX_RING_WRITES) rings, ring[(P+i) mod rows, :] =
  *   src[i, :] for the chunk's last min(S, rows) rows, all in one launch.
- * gather: pool [P+S-base + n_entries, hd] = window positions base … P+S-1 (fresh [S, hd] for
- *   p >= P, the window ring before), then entries [n_entries, hd]; and, in the same launch, idx
- *   i64 [S, K]: the layer's index lists (window part, then the compressed part: ratio 4: picks i32
- *   [S, topk] + n_win, −1 kept; other ratios > 0: every visible entry), n_win = P+S-base.
+ * gather: pool [dsrtk_attn_pool_rows(...), hd] = window positions base … P+S-1 (fresh [S, hd] for
+ *   p >= P, the window ring before), then the compressed entries; and, in the same launch, idx
+ *   i64 [S, K]: the layer's index lists (window part, then the compressed part: ratio 4: the picks
+ *   i32 [S, topk], −1 kept; other ratios > 0: every visible entry), n_win = P+S-base. The entries
+ *   are all n_entries of entries [n_entries, hd], or (ratio 4 where the queries pick fewer rows
+ *   than there are entries: decode past 4·topk positions) each query's topk picks in pick order,
+ *   a pick's row never read when the pick is −1: a decode step copies what it attends to, not
+ *   the whole compressed cache.
  * index_scores: scores [S, n_max] (visible entries only) of the lightning indexer from q [S, IH, ID],
  *   keys [n_max, ID] (16-byte aligned), w [S, IH] (weights_proj's output, scaled here). With ref
  *   (reference precision) q and keys are FP4 round trips in blocks of 32, as the layer makes them:
@@ -469,6 +473,14 @@ typedef struct {
     int64_t rows, width;
 } dsrtk_ring_write;
 int dsrtk_attn_ring_writes(int dev, const dsrtk_ring_write *writes, int n, int64_t P, int64_t S, void *stream);
+static inline int dsrtk_attn_pool_picked(int64_t S, int64_t n_entries, int64_t r, int64_t topk)
+{
+    return r == 4 && S * topk < n_entries;
+}
+static inline int64_t dsrtk_attn_pool_rows(int64_t n_win, int64_t S, int64_t n_entries, int64_t r, int64_t topk)
+{
+    return n_win + (dsrtk_attn_pool_picked(S, n_entries, r, topk) ? S * topk : n_entries);
+}
 int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, const float *window, int64_t window_rows,
                       const float *entries, const int *picks, int64_t base, int64_t P, int64_t S, int64_t n_entries,
                       int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, void *stream);

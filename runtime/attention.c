@@ -948,7 +948,9 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     if (use_on(st->twindow, s) || (r > 0 && (use_on(st->comp.tentries, s) || use_on(st->comp.tc, s) || use_on(st->comp.tg, s))) ||
         (r == 4 && (use_on(st->index.tc, s) || use_on(st->index.tg, s))))
         goto done;
-    if (!(pool = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){n_win + n_entries, hd}, dev, s)) ||
+    /* a decode step's ratio-4 pool holds its picks, not the whole compressed cache (kernels.h) */
+    const int64_t pool_rows = dsrtk_attn_pool_rows(n_win, S, n_entries, r, c->index_topk);
+    if (!(pool = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){pool_rows, hd}, dev, s)) ||
         !(idx = dsrt_tensor_new(DSRT_I64, 2, (int64_t[]){S, K}, dev, s)))
         goto done;
     if (dsrtk_attn_gather(dev, DEVF(pool), (int64_t *)idx->storage->data + idx->offset, DEVF(kv), DEVF(st->twindow),
