@@ -21,8 +21,9 @@ static int by_score(const void *a, const void *b)
     return (i > j) - (i < j);
 }
 
-/* one call: S query rows at positions P.., ratio r, topk picks each, compared pick by pick */
-static void check_topk(int64_t S, int64_t P, int64_t r, int64_t topk, unsigned seed, dsrt_stream *s)
+/* one call: S query rows at positions P.., ratio r, topk picks each, compared pick by pick; the
+ * scores take `values` distinct values (one: every key differs in its entry alone) */
+static void check_topk(int64_t S, int64_t P, int64_t r, int64_t topk, unsigned seed, int values, dsrt_stream *s)
 {
     const int64_t n_max = (P + S) / r > 0 ? (P + S) / r : 1;
     dsrt_tensor *scores = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){S, n_max}, DSRT_CPU, dsrt_stream_default(DSRT_CPU));
@@ -30,7 +31,7 @@ static void check_topk(int64_t S, int64_t P, int64_t r, int64_t topk, unsigned s
     float *v = scores->storage->data;
     srand(seed);
     for (int64_t i = 0; i < S * n_max; i++) { /* few distinct values: many ties; some -0 */
-        const int q = rand() % 48 - 24;
+        const int q = rand() % values - values / 2;
         v[i] = q == 0 && rand() % 2 ? -0.0f : 0.25f * (float)q;
     }
     dsrt_tensor *dscores = dsrt_tensor_to(scores, 0, DSRT_F32, s, 0);
@@ -62,14 +63,18 @@ static void check_topk(int64_t S, int64_t P, int64_t r, int64_t topk, unsigned s
 GPU_TEST(gpu_indexer_topk_matches_a_host_sort)
 {
     dsrt_stream *s = dsrt_stream_default(0);
-    check_topk(1, 4095, 4, 512, 1, s);  /* decode at 4096: 1024 visible, no padding */
-    check_topk(3, 3997, 4, 512, 2, s);  /* 999-1000 visible: padded */
-    check_topk(1, 4100, 4, 512, 3, s);  /* 1025 */
-    check_topk(2, 8190, 4, 512, 9, s);  /* 2047 and 2048: the most the rank kernel takes */
-    check_topk(1, 8196, 4, 512, 10, s); /* 2049: the sort, padded to 4096 */
-    check_topk(2, 16380, 4, 512, 8, s); /* 4095 and 4096: the largest sort */
-    check_topk(2, 20000, 4, 512, 4, s); /* 5000: the radix select */
-    check_topk(5, 0, 1, 64, 5, s);      /* 1 .. 5 visible: the rest -1 */
-    check_topk(4, 37, 2, 2048, 6, s);   /* 2048 picks asked of 19-20 entries: the rest -1 */
-    check_topk(300, 3000, 4, 64, 7, s); /* a prefill's rows, 750 .. 825 visible */
+    check_topk(1, 4095, 4, 512, 1, 48, s);  /* decode at 4096: 1024 visible, no padding */
+    check_topk(3, 3997, 4, 512, 2, 48, s);  /* 999-1000 visible: padded */
+    check_topk(1, 4100, 4, 512, 3, 48, s);  /* 1025 */
+    check_topk(2, 8190, 4, 512, 9, 48, s);  /* 2047 and 2048: the most the rank kernel takes */
+    check_topk(1, 8196, 4, 512, 10, 48, s); /* 2049: the sort, padded to 4096 */
+    check_topk(2, 16380, 4, 512, 8, 48, s); /* 4095 and 4096: the largest sort */
+    check_topk(2, 20000, 4, 512, 4, 48, s); /* 5000: the radix select */
+    check_topk(1, 32767, 4, 512, 11, 1 << 20, s); /* decode at 32768: 8192 nearly distinct scores */
+    check_topk(1, 262143, 4, 512, 12, 48, s);     /* 65536 visible, ~1400 a score */
+    check_topk(1, 20000, 4, 512, 13, 1, s);       /* one score: the entries alone order the keys */
+    check_topk(2, 20000, 4, 4096, 14, 3, s);      /* 4096 picks of 5000 in 3 scores */
+    check_topk(5, 0, 1, 64, 5, 48, s);      /* 1 .. 5 visible: the rest -1 */
+    check_topk(4, 37, 2, 2048, 6, 48, s);   /* 2048 picks asked of 19-20 entries: the rest -1 */
+    check_topk(300, 3000, 4, 64, 7, 48, s); /* a prefill's rows, 750 .. 825 visible */
 }
