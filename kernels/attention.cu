@@ -25,7 +25,8 @@
  * tensor cores, the same bits while the dots are exact (see there).
  * The top-k of up to 2048 visible entries ranks each key by counting the keys below it, over
  * many multiprocessors (topk_rank_kernel); longer rows sort in one block, the bitonic sort's
- * stages with jj < 32 as warp shuffles. Either way the ascending order of the same unique keys.
+ * stages with jj < 32 as warp shuffles, beyond 4096 after a radix select has narrowed them to
+ * about 2k candidates. Either way the ascending order of the same unique keys.
  * Nothing here allocates or synchronises; the caller (attention.c) owns every buffer and stream.
  * All buffers are contiguous f32 (i64 for index lists, i32 for picks), row-major, as described
  * at each launcher in kernels.h.
