@@ -32,7 +32,6 @@
  * at each launcher in kernels.h.
  */
 #include <math.h>
-#include <atomic>
 #include <cuda_fp16.h>
 #include "common.cuh"
 #include "mma.cuh"
@@ -739,10 +738,10 @@ __device__ __forceinline__ int radix_bin(const unsigned *hist, int64_t left, int
  * 8-bit radix select over the 64-bit keys from the top narrows the candidates, the keys whose
  * digits so far are at most the k-th smallest key's, to at most 2k (eight digits at most: the keys
  * are unique; the sort of up to 4096 candidates this once stopped at was most of the kernel's
- * instructions); those are gathered and sorted, and the k smallest are the picks. A row of up to `staged` (<= TOPK_STAGE) entries is read once,
- * into shared memory, and the passes read it there; a digit's histogram takes a warp's equal bins
- * as one atomic (__match_any_sync), warp 0 picks the bin by a warp scan, and the gather takes a
- * warp's slots with one atomic. The select that read the row from memory each pass, counted each
+ * instructions); those are gathered and sorted, and the k smallest are the picks. A row of up to
+ * `staged` (<= TOPK_STAGE) entries is read once, into shared memory, and the passes read it there;
+ * a digit's histogram takes a warp's equal bins as one atomic (__match_any_sync), warp 0 picks the
+ * bin by a warp scan, and the gather takes a warp's slots with one atomic. The select that read the row from memory each pass, counted each
  * key with its own atomic, ran all eight digits and scanned the bins on one thread took 39 µs at
  * 8192 visible entries (CUPTI, H200, decode at context 32768). */
 __global__ void __launch_bounds__(TOPK_THREADS) topk_kernel(int *picks, const float *scores, int64_t P, int64_t r,
