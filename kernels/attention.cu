@@ -602,8 +602,13 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
     if (n_max == 0) return DSRTK_OK;
     if (((uintptr_t)keys & 15) != 0) return bad_arg(what, "keys must be 16-byte aligned");
     DSRTK_SET_DEVICE(dev, what);
-    const int64_t row_blocks = (n_max + SCORE_BLOCK - 1) / SCORE_BLOCK;
-    if (S * row_blocks < dsrtk_multiprocessors(dev) && n_max <= (int64_t)65535 * SPLIT_ENTRIES) {
+    const int64_t row_blocks = (n_max + SCORE_BLOCK - 1) / SCORE_BLOCK, sms = dsrtk_multiprocessors(dev);
+    const bool hmma = ref && IH <= HMMA_HEADS && IH % 16 == 0 && ((uintptr_t)q & 15) == 0 && n_max <= (int64_t)65535 * HMMA_ENTRIES;
+    /* the split kernel stages q in every CTA: beyond one wave of them (2 a multiprocessor, decode
+     * past ~2000 entries) the f16 tensor cores' CTAs of 64 entries cost less (CUPTI, H200, decode at
+     * context 32768, 8192 entries: 31 µs split) */
+    const bool split_wave = S * ((n_max + SPLIT_ENTRIES - 1) / SPLIT_ENTRIES) <= 2 * sms;
+    if (S * row_blocks < sms && n_max <= (int64_t)65535 * SPLIT_ENTRIES && (split_wave || !hmma)) {
         /* fewer score_kernel CTAs than SMs: spread the heads too */
         size_t ssmem = score_split_smem(IH);
         if (ssmem > 200 * 1024) return dsrtk_fail(DSRTK_ERROR, "%s: %d indexer heads need %zu bytes of shared memory", what, IH, ssmem);
@@ -615,7 +620,7 @@ int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float 
         return dsrtk_check_launch(what, dev);
     }
     /* each kernel's grid y counts its own entry blocks: the tensor cores' ones, of 64, must fit too */
-    if (ref && IH <= HMMA_HEADS && IH % 16 == 0 && ((uintptr_t)q & 15) == 0 && n_max <= (int64_t)65535 * HMMA_ENTRIES) {
+    if (hmma) {
         const size_t hsmem = hmma_smem().total;
         int st = dsrtk_allow_shared(dev, (const void *)score_hmma_kernel, hsmem, what);
         if (st) return st;

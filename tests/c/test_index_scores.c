@@ -102,6 +102,8 @@ GPU_TEST(gpu_indexer_scores_match_index_select)
 {
     dsrt_stream *s = dsrt_stream_default(0);
     check_scores(1, 4095, 4, 64, 1, -6, 6, 0, 1, s);      /* decode at 4096: the split kernel */
+    check_scores(1, 32767, 4, 64, 1, -6, 6, 0, 7, s);     /* decode at 32768: the f16 tensor cores, a row of 4 */
+    check_scores(1, 32767, 4, 64, 0, -6, 6, 0, 8, s);     /* the same in fp32: the split kernel, 4 waves */
     check_scores(2, 1021, 4, 64, 1, -6, 6, 3, 2, s);      /* a verify's rows, subnormal rows too */
     check_scores(201, 3900, 4, 64, 1, -6, 6, 0, 3, s);    /* prefill rows: the f16 tensor cores, 4 a CTA but 1 */
     check_scores(160, 250, 4, 64, 1, -8, 8, 5, 4, s);     /* partial entry blocks, subnormal rows */
