@@ -89,30 +89,48 @@ int dsrtk_shared_limit(int dev, int *optin)
     return rc;
 }
 
-/* the kernels' opt-ins: (device, kernel) -> the most bytes allowed so far, under one lock */
+/* the kernels' opt-ins: (device, kernel) -> the most bytes allowed so far. Entries are appended
+ * under the lock and published by the count; a launch whose bytes an entry already allows reads
+ * them without it (launchers ask on every launch, ~20 times a decode step). */
 enum { MAX_OPT_INS = 256 };
 static std::mutex opt_in_lock;
 static struct OptIn {
     int dev;
     const void *fn;
-    size_t bytes;
+    std::atomic<size_t> bytes;
 } opt_ins[MAX_OPT_INS];
-static int opt_in_count;
+static std::atomic<int> opt_in_count;
+
+static OptIn *known_opt_in(int dev, const void *fn)
+{
+    const int n = opt_in_count.load(std::memory_order_acquire);
+    for (int i = 0; i < n; i++)
+        if (opt_ins[i].dev == dev && opt_ins[i].fn == fn) return &opt_ins[i];
+    return NULL;
+}
 
 int dsrtk_allow_shared(int dev, const void *fn, size_t smem, const char *name)
 {
     if (smem == 0) return DSRTK_OK;
+    OptIn *known = known_opt_in(dev, fn);
+    if (known && known->bytes.load(std::memory_order_acquire) >= smem) return DSRTK_OK;
     std::lock_guard<std::mutex> guard(opt_in_lock);
-    OptIn *known = NULL;
-    for (int i = 0; i < opt_in_count && !known; i++)
-        if (opt_ins[i].dev == dev && opt_ins[i].fn == fn) known = &opt_ins[i];
-    if (known && known->bytes >= smem) return DSRTK_OK;
+    known = known_opt_in(dev, fn);
+    if (known && known->bytes.load(std::memory_order_relaxed) >= smem) return DSRTK_OK;
     /* the attribute only grows: a launch of fewer bytes that another thread has queued stays valid */
     int rc = dsrtk_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                          "allowing %zu bytes of shared memory for %s on cuda:%d", smem, name, dev);
     if (rc) return rc;
-    if (known) known->bytes = smem;
-    else if (opt_in_count < MAX_OPT_INS) opt_ins[opt_in_count++] = OptIn{dev, fn, smem};
+    if (known) {
+        known->bytes.store(smem, std::memory_order_release);
+    } else {
+        const int n = opt_in_count.load(std::memory_order_relaxed);
+        if (n < MAX_OPT_INS) {
+            opt_ins[n].dev = dev, opt_ins[n].fn = fn;
+            opt_ins[n].bytes.store(smem, std::memory_order_relaxed);
+            opt_in_count.store(n + 1, std::memory_order_release); /* the entry is whole before it is seen */
+        }
+    }
     return DSRTK_OK;
 }
 
