@@ -114,26 +114,69 @@ __device__ void sinkhorn_block(const float *mix, const void *scale, int scale_dt
     }
 }
 
+/* a / b correctly rounded, as __fdiv_rn: div.rn.f32's fast path alone, the instructions nvcc emits
+ * for it before its range check (the reciprocal's approximation, a Newton step, the quotient and
+ * one correction). Where a and b lie in [2^-60, 2^60] nothing in it overflows or underflows, inside
+ * the range check's domain, so it is div.rn's own result (sinkhorn_iterations says how its caller
+ * knows). __fdiv_rn's branch to its slow path and the warp's reconvergence after it took 30% of
+ * the Sinkhorn loop, 39 dependent divisions (5600 -> 3950 clocks, clock64 inside a decode step,
+ * H200). */
+__device__ __forceinline__ float div_rn_fast(float a, float b)
+{
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
+    r = __fmaf_rn(r, __fmaf_rn(-b, r, 1.0f), r);
+    const float q = __fmaf_rn(a, r, 0.0f);
+    return __fmaf_rn(r, __fmaf_rn(-b, q, a), q);
+}
+
+/* Sinkhorn's iterations on the warp's matrix (sinkhorn_warp's layout). FAST divides by
+ * div_rn_fast and returns in `lo` the least dividend of the column steps. Every divisor is a row or
+ * column sum plus eps, in [eps, hc (1 + eps) + eps] (no value exceeds 1 + eps, none is negative),
+ * and a row step divides what a column step returned, at least lo / 65 (hc <= 32, eps <= 1): so
+ * with eps in [2^-60, 1], lo >= 2^-50 and no NaN in the result (fminf passes a NaN over), every
+ * division was div.rn's. The caller checks that off the chain and otherwise redoes the iterations
+ * with __fdiv_rn. */
+template <int HC, bool FAST>
+__device__ __forceinline__ float sinkhorn_iterations(float c, int hc, int iters, float eps, int j, int k, float &lo)
+{
+    const unsigned full = 0xffffffffu;
+    for (int it = 0; it < iters; it++) {
+        float sum;
+        if (it > 0) {
+            sum = 0;
+#pragma unroll
+            for (int kk = 0; kk < hc; kk++) sum = __fadd_rn(sum, __shfl_sync(full, c, j * hc + kk));
+            c = FAST ? div_rn_fast(c, __fadd_rn(sum, eps)) : __fdiv_rn(c, __fadd_rn(sum, eps));
+        }
+        sum = 0;
+#pragma unroll
+        for (int jj = 0; jj < hc; jj++) sum = __fadd_rn(sum, __shfl_sync(full, c, jj * hc + k));
+        if (FAST) lo = fminf(lo, c), c = div_rn_fast(c, __fadd_rn(sum, eps));
+        else c = __fdiv_rn(c, __fadd_rn(sum, eps));
+    }
+    return c;
+}
+
 /* The same by one warp for hc² <= 32 (the model's 4 streams), with no barrier: lane i holds C_jk
  * for i = j·hc + k in a register; a row or column sum gathers its hc values with shuffles and adds
  * them in the CPU's order (every lane of the row or column computes the same sum). HC > 0 fixes hc
  * at compile time (the model's 4): the loops unroll, so the hc shuffles of a sum are issued back to
  * back and only the hc fp32 adds and the division stay serial (~40 × ~90 cycles for 20
  * iterations, where the runtime-hc loops waited on each shuffle in turn); HC = 0 takes hc at run
- * time. The same operations in the same order either way, so the same bits. Writes post [hc] and
- * comb [hc·hc] (global) of the token; all 32 lanes must call it. */
+ * time. The same operations in the same order either way, so the same bits; the iterations divide
+ * by div_rn_fast, and again by __fdiv_rn should any operand have fallen outside its range. Writes comb
+ * [hc·hc] (global) of the token; all 32 lanes must call it. post is another warp's
+ * (sinkhorn_token): its sigmoid, an e^x in double, would stand in this chain's way. */
 template <int HC>
 __device__ void sinkhorn_warp(const float *mix, const void *scale, int scale_dtype, const void *base, int base_dtype,
-                              int hc_arg, int iters, float eps, float *post, float *comb)
+                              int hc_arg, int iters, float eps, float *comb)
 {
     const unsigned full = 0xffffffffu;
     const int hc = HC > 0 ? HC : hc_arg;
     const int lane = threadIdx.x & 31, hh = hc * hc;
     const bool mine = lane < hh;
     const int i = mine ? lane : 0, j = i / hc, k = i - j * hc; /* spare lanes shadow element 0 */
-    if (lane < hc)
-        post[lane] = __fmul_rn(2.0f, sigmoid(__fadd_rn(__fmul_rn(mix[hc + lane], ld(scale, scale_dtype, 1)),
-                                                       ld(base, base_dtype, hc + lane))));
     float c = __fadd_rn(__fmul_rn(mix[2 * hc + i], ld(scale, scale_dtype, 2)), ld(base, base_dtype, 2 * hc + i));
     /* the row softmax (max subtracted) + eps */
     float mx = __shfl_sync(full, c, j * hc);
@@ -144,23 +187,16 @@ __device__ void sinkhorn_warp(const float *mix, const void *scale, int scale_dty
 #pragma unroll
     for (int kk = 0; kk < hc; kk++) sum = __fadd_rn(sum, __shfl_sync(full, c, j * hc + kk));
     c = __fadd_rn(__fdiv_rn(c, sum), eps);
-    for (int it = 0; it < iters; it++) {
-        if (it > 0) {
-            sum = 0;
-#pragma unroll
-            for (int kk = 0; kk < hc; kk++) sum = __fadd_rn(sum, __shfl_sync(full, c, j * hc + kk));
-            c = __fdiv_rn(c, __fadd_rn(sum, eps));
-        }
-        sum = 0;
-#pragma unroll
-        for (int jj = 0; jj < hc; jj++) sum = __fadd_rn(sum, __shfl_sync(full, c, jj * hc + k));
-        c = __fdiv_rn(c, __fadd_rn(sum, eps));
-    }
-    if (mine) comb[i] = c;
+    float lo = 1.0f;
+    float out = sinkhorn_iterations<HC, true>(c, hc, iters, eps, j, k, lo);
+    const bool fast = eps >= 0x1p-60f && eps <= 1.0f && lo >= 0x1p-50f && out == out;
+    if (!__all_sync(full, fast)) out = sinkhorn_iterations<HC, false>(c, hc, iters, eps, j, k, lo);
+    if (mine) comb[i] = out;
 }
 
-/* Token t's Sinkhorn by the calling block: the warp version when it applies (warp 0 only), else the
- * block version. mix is shared; sh_* are shared scratch for the block version. */
+/* Token t's Sinkhorn by the calling block: the warp version when it applies (warp 0 the matrix,
+ * the last warp post and pre beside it), else the block version. mix is shared; sh_* are shared
+ * scratch for the block version. */
 __device__ void sinkhorn_token(const float *mix, const void *scale, int scale_dtype, const void *base, int base_dtype,
                                int hc, int iters, float eps, int64_t t, float *pre, float *post, float *comb,
                                float *sh_pre, float *sh_post, float *sh_comb, float *sh_sums)
@@ -168,13 +204,14 @@ __device__ void sinkhorn_token(const float *mix, const void *scale, int scale_dt
     const int hh = hc * hc;
     if (hh <= 32) { /* uniform over the block: no barrier below */
         if (threadIdx.x < 32) {
-            if (hc == 4)
-                sinkhorn_warp<4>(mix, scale, scale_dtype, base, base_dtype, hc, iters, eps, post + t * hc, comb + t * hh);
-            else
-                sinkhorn_warp<0>(mix, scale, scale_dtype, base, base_dtype, hc, iters, eps, post + t * hc, comb + t * hh);
-            if (pre && threadIdx.x < hc)
-                pre[t * hc + threadIdx.x] = pre_weight(mix[threadIdx.x], ld(scale, scale_dtype, 0),
-                                                       ld(base, base_dtype, threadIdx.x), eps);
+            if (hc == 4) sinkhorn_warp<4>(mix, scale, scale_dtype, base, base_dtype, hc, iters, eps, comb + t * hh);
+            else sinkhorn_warp<0>(mix, scale, scale_dtype, base, base_dtype, hc, iters, eps, comb + t * hh);
+        }
+        const int j = (int)threadIdx.x - (int)(blockDim.x - 32); /* the last warp's lanes (warp 0's with one warp) */
+        if (j >= 0 && j < hc) {
+            post[t * hc + j] = __fmul_rn(2.0f, sigmoid(__fadd_rn(__fmul_rn(mix[hc + j], ld(scale, scale_dtype, 1)),
+                                                                 ld(base, base_dtype, hc + j))));
+            if (pre) pre[t * hc + j] = pre_weight(mix[j], ld(scale, scale_dtype, 0), ld(base, base_dtype, j), eps);
         }
         return;
     }
@@ -473,6 +510,13 @@ __device__ __forceinline__ void collapse8(const void *X, int X_dtype, int64_t t,
     }
 }
 
+/* pre_kernel<NV>'s dynamic shared memory: the collapse block's staged rows, its token's hc streams
+ * then the norm's weights (0: not staged) */
+static size_t pre_stage_bytes(int hc, int64_t d, int X_dtype, int norm_w_dtype)
+{
+    return (size_t)d * ((size_t)hc * (X_dtype == DSRT_F32 ? 4 : 2) + (norm_w_dtype == DSRT_F32 ? 4 : 2));
+}
+
 /* Block (token, part): the token's partials summed over the splits in order (double; a warp per
  * value, lanes over the splits, a fixed tree), then mixes_m = fp32(dot_m)·ρ with
  * ρ = 1/sqrt(fp32(Σx²/K) + norm_eps) (nn.c's hc_mixes). Parts < parts_n: the weights
@@ -482,15 +526,20 @@ __device__ __forceinline__ void collapse8(const void *X, int X_dtype, int64_t t,
  * X the GEMM read most recently (the most of it still in L2). Bytes: X once (T·K·|X|), u once.
  * NV > 0 (a norm weight given): one collapse block of NORM_THREADS per token computes
  * the whole row, NV vectors of 8 a thread, and writes it RMS-normed (rmsnorm.cuh's operations on the
- * values u would have been stored as): the separate norm's launch and its pass over u saved. */
+ * values u would have been stored as): the separate norm's launch and its pass over u saved. With
+ * `staged` dynamic shared memory (pre_stage_bytes) the collapse block copies its token's streams
+ * and the weights in with cp.async as soon as it starts, so they land while the partials are
+ * summed (into L1 by prefetch_l1 they still took ~4500 of the block's ~10000 clocks after the
+ * partials, clock64 inside a decode step, H200). */
 template <int NV>
 __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_dtype, const void *scale, int scale_dtype,
                                                            const void *base, int base_dtype, int64_t T, int hc,
                                                            int64_t d, float hc_eps, float norm_eps, int iters, int head,
                                                            int splits, const double *part, int parts_n, int vec,
                                                            void *u, int u_dtype, const void *norm_w, int norm_w_dtype,
-                                                           float *post, float *comb)
+                                                           float *post, float *comb, int staged)
 {
+    extern __shared__ uint4 pre_stage[];
     dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     __shared__ float mix[MIX_MAX], w[HC_MAX], q[HC_MAX], c[HC_MAX * HC_MAX], sums[HC_MAX];
     __shared__ double dots[MIX_MAX + 1], scratch[33];
@@ -503,7 +552,15 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
      * scales and bases; the collapse's, and with NV its token's streams and the norm's weights */
     if (threadIdx.x < 3) prefetch_l1(scale, scale_dtype, threadIdx.x);
     if (threadIdx.x < (sinkhorn ? M : hc)) prefetch_l1(base, base_dtype, threadIdx.x);
-    if (NV > 0 && !sinkhorn)
+    const size_t x_bytes = (size_t)K * (X_dtype == DSRT_F32 ? 4 : 2);
+    if (NV > 0 && !sinkhorn && staged) {
+        const char *xt = (const char *)X + t * x_bytes;
+        for (size_t i = 16 * threadIdx.x; i < x_bytes; i += 16 * NORM_THREADS) cp_async16((char *)pre_stage + i, xt + i);
+        if (norm_w)
+            for (size_t i = 16 * threadIdx.x; i < (size_t)d * (norm_w_dtype == DSRT_F32 ? 4 : 2); i += 16 * NORM_THREADS)
+                cp_async16((char *)pre_stage + x_bytes + i, (const char *)norm_w + i);
+        cp_async_commit();
+    } else if (NV > 0 && !sinkhorn)
 #pragma unroll
         for (int k = 0; k < NV; k++) {
             const int64_t col = 8 * ((int64_t)threadIdx.x + k * NORM_THREADS);
@@ -532,9 +589,11 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
                 if (mb[b] >= 0) s[b] += row[mb[b]];
         }
 #pragma unroll
-        for (int b = 0; b < PRE_BATCH; b++) { /* mb[b] is uniform over the warp: all lanes shuffle */
+        for (int b = 0; b < PRE_BATCH; b++) {
+            if (mb[b] < 0) continue; /* uniform over the warp: past the values, no shuffles (740 of a
+                                      * block's ~3300 clocks before its barrier went to them) */
             for (int o = 16; o > 0; o >>= 1) s[b] += __shfl_xor_sync(0xffffffffu, s[b], o);
-            if (lane == 0 && mb[b] >= 0) dots[mb[b]] = s[b];
+            if (lane == 0) dots[mb[b]] = s[b];
         }
     }
     __syncthreads();
@@ -548,7 +607,11 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
     const float s0 = ld(scale, scale_dtype, 0);
     for (int s = threadIdx.x; s < hc; s += blockDim.x)
         w[s] = pre_weight(__fmul_rn((float)dots[s], rho), s0, ld(base, base_dtype, s), hc_eps);
+    if (NV > 0 && staged) cp_async_wait<0>();
     __syncthreads();
+    /* the collapse's rows and weights: the staged copies (token 0 of them) or the tensors */
+    const void *xs = NV > 0 && staged ? (const void *)pre_stage : X, *ws = NV > 0 && staged ? (const char *)pre_stage + x_bytes : norm_w;
+    const int64_t xt = NV > 0 && staged ? 0 : t;
     if constexpr (NV > 0) {
         /* the token's whole row, thread g holding columns 8(g + 256k): rms_norm_rows_kernel<256, NV>'s
          * layout, so u (as stored in u_dtype) is normalised in registers by its operations */
@@ -559,8 +622,8 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
             const int64_t col = 8 * ((int64_t)threadIdx.x + k * NORM_THREADS);
             if (col >= d) continue;
             float a[8];
-            if (hc == 4) collapse8<4>(X, X_dtype, t, hc, d, col, w, a);
-            else collapse8<0>(X, X_dtype, t, hc, d, col, w, a);
+            if (hc == 4) collapse8<4>(xs, X_dtype, xt, hc, d, col, w, a);
+            else collapse8<0>(xs, X_dtype, xt, hc, d, col, w, a);
 #pragma unroll
             for (int i = 0; i < 8; i++) {
                 v[k][i] = u_dtype == DSRT_BF16 ? round_bf16(a[i]) : a[i];
@@ -572,7 +635,7 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
         for (int k = 0; k < NV; k++) {
             const int64_t col = 8 * ((int64_t)threadIdx.x + k * NORM_THREADS);
             if (col >= d) continue;
-            norm_scale8(v[k], inv, norm_w, norm_w_dtype, col);
+            norm_scale8(v[k], inv, norm_w ? ws : NULL, norm_w_dtype, col);
             st8(u, u_dtype, t * d + col, v[k]);
         }
         return;
@@ -743,11 +806,13 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
     const int nv = (int)((d + 8 * NORM_THREADS - 1) / (8 * NORM_THREADS));
     if (norm_w && d % 8 == 0 && nv <= NORM_MAX_V && aligned16(X) && aligned16(u) && aligned16(norm_w)) {
         void (*kernel)(const void *, int, const void *, int, const void *, int, int64_t, int, int64_t, float, float, int,
-                       int, int, const double *, int, int, void *, int, const void *, int, float *, float *) =
+                       int, int, const double *, int, int, void *, int, const void *, int, float *, float *, int) =
             nv == 1 ? pre_kernel<1> : pre_kernel<2>;
-        (void)dsrtk_launch_dependent(kernel, dim3((unsigned)T, (unsigned)(1 + !head)), dim3(NORM_THREADS), 0, cs, X, X_dtype,
+        const size_t stage = pre_stage_bytes(hc, d, X_dtype, norm_w_dtype);
+        if ((rc = dsrtk_allow_shared(dev, (const void *)kernel, stage, "pre_kernel"))) return rc;
+        (void)dsrtk_launch_dependent(kernel, dim3((unsigned)T, (unsigned)(1 + !head)), dim3(NORM_THREADS), stage, cs, X, X_dtype,
             scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits, (const double *)part, 1, 1,
-            u, u_dtype, norm_w, norm_w_dtype, post, comb);
+            u, u_dtype, norm_w, norm_w_dtype, post, comb, 1);
         return dsrtk_check_launch("pre_kernel", dev);
     }
     /* few tokens: each token's columns over blocks of 1024 (8 per thread) so the collapse spreads out */
@@ -757,7 +822,7 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
     const int vec = d % 8 == 0 && part_len % 8 == 0 && aligned16(X) && aligned16(u);
     (void)dsrtk_launch_dependent(pre_kernel<0>, dim3((unsigned)T, (unsigned)(parts + !head)), dim3(PRE_THREADS), 0, cs,
         X, X_dtype, scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits, (const double *)part,
-        (int)parts, vec, u, u_dtype, (const void *)NULL, 0, post, comb);
+        (int)parts, vec, u, u_dtype, (const void *)NULL, 0, post, comb, 0);
     if ((rc = dsrtk_check_launch("pre_kernel", dev)) || !norm_w) return rc;
     return dsrtk_nn_rms_norm(dev, u, u_dtype, norm_w, norm_w_dtype, u, u_dtype, T, d, norm_eps, 0, stream); /* in place */
 }
