@@ -261,18 +261,91 @@ extern "C" int dsrtk_nn_sinkhorn(int dev, const void *mixes, int mixes_dtype, co
     return dsrtk_check_launch("sinkhorn_kernel", dev);
 }
 
+/* ---- div_rn_fast against div.rn (kernels.h: dsrtk_nn_div_rn_check) ---- */
+
+__device__ __forceinline__ uint32_t mix32(uint32_t x) /* a 32-bit integer hash (lowbias32) */
+{
+    x ^= x >> 16, x *= 0x7feb352du, x ^= x >> 15, x *= 0x846ca68bu, x ^= x >> 16;
+    return x;
+}
+
+/* a float of |x| in [2^-60, 2^60) from two hash words: sign, exponent and mantissa uniform; one
+ * pair in 16 takes an edge of the range (the least or greatest exponent, mantissa 0 or all ones) */
+__device__ __forceinline__ float div_operand(uint32_t h, uint32_t g)
+{
+    uint32_t e = 127 - 60 + g % 120, m = h & 0x7fffffu;
+    if ((g >> 8 & 15) == 0) e = g >> 12 & 1 ? 127 + 59 : 127 - 60, m = g >> 13 & 1 ? 0x7fffffu : 0;
+    return __uint_as_float((h & 0x80000000u) | e << 23 | m);
+}
+
+__global__ void div_check_kernel(int64_t n, uint32_t seed, unsigned long long *mismatches)
+{
+    unsigned long long bad = 0;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const uint32_t k = mix32(seed ^ mix32((uint32_t)i ^ mix32((uint32_t)(i >> 32))));
+        const float a = div_operand(mix32(k + 1), mix32(k + 2)), b = div_operand(mix32(k + 3), mix32(k + 4));
+        bad += __float_as_uint(div_rn_fast(a, b)) != __float_as_uint(__fdiv_rn(a, b));
+    }
+    if (bad) atomicAdd(mismatches, bad);
+}
+
+extern "C" int dsrtk_nn_div_rn_check(int dev, int64_t n, uint32_t seed, int64_t *mismatches)
+{
+    DSRTK_SET_DEVICE(dev, "nn.div_rn_check");
+    unsigned long long *count = NULL, host = 0;
+    int rc = dsrtk_check(cudaMalloc((void **)&count, sizeof *count), "nn.div_rn_check: cudaMalloc");
+    if (!rc) rc = dsrtk_check(cudaMemset(count, 0, sizeof *count), "nn.div_rn_check: cudaMemset");
+    if (!rc) {
+        div_check_kernel<<<dsrtk_grid_for(dev, n, DSRTK_BLOCK), DSRTK_BLOCK>>>(n, seed, count);
+        rc = dsrtk_check_launch("div_check_kernel", dev);
+    }
+    if (!rc) rc = dsrtk_check(cudaMemcpy(&host, count, sizeof host, cudaMemcpyDeviceToHost), "nn.div_rn_check: cudaMemcpy");
+    if (count) (void)cudaFree(count);
+    *mismatches = (int64_t)host;
+    return rc;
+}
+
 /* ---- hc_post's formula for one element (nn.c: dsrt_nn_hc_post) ---- */
 
 /* X'_k[c] = post_k·f[c] + Σ_j comb_jk·X_j[c] of token t: the sum over j in order from 0, then the
  * fp32 product added, the CPU's operations one for one. post_kernel and post_vec_kernel unroll the
- * same sequence; the fused hc_post_pre runs this one, so all give the same bits. */
-__device__ __forceinline__ float post_value(const dsrtk_hc_post_args &a, int64_t t, int hc, int64_t d, int k, int64_t c)
+ * same sequence; the fused hc_post_pre runs this one, so all give the same bits. HC > 0 fixes hc at
+ * compile time (the model's 4): every load is issued before the first is used, one round trip
+ * where the loop over j took one a stream (~3200 clocks of a one-token split_kernel's ~8600,
+ * clock64, H200). */
+template <int HC>
+__device__ __forceinline__ float post_value(const dsrtk_hc_post_args &a, int64_t t, int hc_arg, int64_t d, int k, int64_t c)
 {
+    const int hc = HC > 0 ? HC : hc_arg;
     float mixed = 0;
+    if constexpr (HC > 0) {
+        float cm[HC], x[HC];
+#pragma unroll
+        for (int j = 0; j < HC; j++) cm[j] = ld(a.comb, a.comb_dtype, (t * HC + j) * HC + k), x[j] = ld(a.X, a.X_dtype, (t * HC + j) * d + c);
+        const float p = ld(a.post, a.post_dtype, t * HC + k), f = ld(a.f, a.f_dtype, t * d + c);
+#pragma unroll
+        for (int j = 0; j < HC; j++) mixed = __fadd_rn(mixed, __fmul_rn(cm[j], x[j]));
+        return __fadd_rn(__fmul_rn(p, f), mixed);
+    }
     for (int j = 0; j < hc; j++)
         mixed = __fadd_rn(mixed, __fmul_rn(ld(a.comb, a.comb_dtype, (t * hc + j) * hc + k),
                                            ld(a.X, a.X_dtype, (t * hc + j) * d + c)));
     return __fadd_rn(__fmul_rn(ld(a.post, a.post_dtype, t * hc + k), ld(a.f, a.f_dtype, t * d + c)), mixed);
+}
+
+/* a warp's rows m0, m0 + 8, ... (SPLIT_FN_ROWS of them, zeros past M) of fn at the block's columns:
+ * split_kernel's f */
+enum { SPLIT_FN_ROWS = 3 }; /* all of a warp's rows for M <= 24: the model's hc_pre */
+__device__ __forceinline__ void load_fn_rows(const void *fn, int fn_dtype, int m0, int M, int64_t K, int64_t k0, int klen,
+                                             int lane, float (&f)[SPLIT_FN_ROWS][8])
+{
+#pragma unroll
+    for (int r = 0; r < SPLIT_FN_ROWS; r++) {
+        const int m = m0 + r * (SPLIT_THREADS / 32);
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            f[r][i] = m < M && lane + 32 * i < klen ? ld(fn, fn_dtype, (int64_t)m * K + k0 + lane + 32 * i) : 0.0f;
+    }
 }
 
 /* ---- the mixes GEMM for few tokens (or f32 X), split over K ---- */
@@ -298,9 +371,11 @@ __global__ void __launch_bounds__(SPLIT_THREADS) split_kernel(const void *X, int
     const int64_t k0 = (int64_t)split * DSRTK_NN_HC_CHUNK, t0 = (int64_t)blockIdx.y * TOK;
     const int klen = (int)(K - k0 < DSRTK_NN_HC_CHUNK ? K - k0 : DSRTK_NN_HC_CHUNK);
     const int k = threadIdx.x;
-    /* the warp's fn rows into L1 while x is staged (prefetch_l1): a lane a line of 32 columns */
-    if (lane < 8 && lane * 32 < klen)
-        for (int m = warp; m < M; m += SPLIT_THREADS / 32) prefetch_l1(fn, fn_dtype, (int64_t)m * K + k0 + lane * 32);
+    /* the warp's first fn rows into registers while x is staged: their round trip was most of the
+     * GEMM's ~5400 clocks in a one-token call when it followed the staging, into L1 or not (clock64,
+     * H200) */
+    float f[SPLIT_FN_ROWS][8];
+    load_fn_rows(fn, fn_dtype, warp, M, K, k0, klen, lane, f);
 #pragma unroll
     for (int t = 0; t < TOK; t++) {
         float v = 0.0f;
@@ -308,7 +383,8 @@ __global__ void __launch_bounds__(SPLIT_THREADS) split_kernel(const void *X, int
             const int64_t at = (t0 + t) * K + k0 + k;
             if (POST) {
                 const int64_t d = K / hc, s = (k0 + k) / d;
-                float y = post_value(pa, t0 + t, hc, d, (int)s, k0 + k - s * d);
+                const float y = hc == 4 ? post_value<4>(pa, t0 + t, hc, d, (int)s, k0 + k - s * d)
+                                        : post_value<0>(pa, t0 + t, hc, d, (int)s, k0 + k - s * d);
                 st((void *)X, X_dtype, at, y);
                 v = X_dtype == DSRT_F32 ? y : dsrt_bf16_to_f32(dsrt_f32_to_bf16(y)); /* what was stored */
             } else {
@@ -326,18 +402,20 @@ __global__ void __launch_bounds__(SPLIT_THREADS) split_kernel(const void *X, int
         for (int w = 0; w < SPLIT_THREADS / 32; w++) v += sq[w][threadIdx.x];
         part[((t0 + threadIdx.x) * splits + split) * (M + 1) + M] = v;
     }
-    for (int m = warp; m < M; m += SPLIT_THREADS / 32) {
-        const int64_t row = (int64_t)m * K + k0;
-        float f[8];
+    for (int m0 = warp; m0 < M; m0 += SPLIT_FN_ROWS * (SPLIT_THREADS / 32)) {
+        if (m0 != warp) load_fn_rows(fn, fn_dtype, m0, M, K, k0, klen, lane, f);
 #pragma unroll
-        for (int i = 0; i < 8; i++) f[i] = lane + 32 * i < klen ? ld(fn, fn_dtype, row + lane + 32 * i) : 0.0f;
+        for (int r = 0; r < SPLIT_FN_ROWS; r++) {
+            const int m = m0 + r * (SPLIT_THREADS / 32);
+            if (m >= M) break;
 #pragma unroll
-        for (int t = 0; t < TOK; t++) {
-            float acc = 0;
+            for (int t = 0; t < TOK; t++) {
+                float acc = 0;
 #pragma unroll
-            for (int i = 0; i < 8; i++) acc = fmaf(f[i], xs[t][lane + 32 * i], acc);
-            for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-            if (lane == 0 && t0 + t < T) part[((t0 + t) * splits + split) * (M + 1) + m] = acc;
+                for (int i = 0; i < 8; i++) acc = fmaf(f[r][i], xs[t][lane + 32 * i], acc);
+                for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+                if (lane == 0 && t0 + t < T) part[((t0 + t) * splits + split) * (M + 1) + m] = acc;
+            }
         }
     }
 }
@@ -669,7 +747,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) post_kernel(const __grid_constant
     const int64_t n = T * d;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
         const int64_t t = e / d, col = e - t * d;
-        for (int k = 0; k < hc; k++) st(y, y_dtype, (t * hc + k) * d + col, post_value(a, t, hc, d, k, col));
+        for (int k = 0; k < hc; k++) st(y, y_dtype, (t * hc + k) * d + col, post_value<0>(a, t, hc, d, k, col));
     }
 }
 

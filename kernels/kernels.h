@@ -172,6 +172,11 @@ int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w
 int dsrtk_nn_sinkhorn(int dev, const void *mixes, int mixes_dtype, const void *scale, int scale_dtype,
                       const void *base, int base_dtype, int64_t T, int hc, int iters, float eps, float *pre,
                       float *post, float *comb, void *stream);
+/* The check of the division the Sinkhorn loop takes (hc.cu's div_rn_fast) against div.rn.f32 (a
+ * test's hook): n pairs drawn from `seed` with |a| and |b| in [2^-60, 2^60), any sign, mantissas
+ * and exponents uniform, plus the range's edges; *mismatches counts the quotients whose bits
+ * differ. Synchronous. */
+int dsrtk_nn_div_rn_check(int dev, int64_t n, uint32_t seed, int64_t *mismatches);
 /* hc_pre and hc_head split their GEMM over K = hc·d and need a workspace of
  * dsrtk_nn_hc_workspace(T, M, K) doubles (M = (2+hc)·hc for hc_pre, hc for hc_head), allocated by the
  * core on the stream: partial sums [T, splits, M + 1], splits of DSRTK_NN_HC_CHUNK columns (fewer

@@ -276,6 +276,12 @@ int dsrtk_nn_sinkhorn(int dev, const void *mixes, int mixes_dtype, const void *s
     return without_cuda(__func__);
 }
 
+int dsrtk_nn_div_rn_check(int dev, int64_t n, uint32_t seed, int64_t *mismatches)
+{
+    (void)dev; (void)n; (void)seed; (void)mismatches;
+    return without_cuda(__func__);
+}
+
 int dsrtk_nn_hc_pre(int dev, const void *X, int X_dtype, const void *fn, int fn_dtype, const void *scale,
                     int scale_dtype, const void *base, int base_dtype, int64_t T, int hc, int64_t d, float hc_eps,
                     float norm_eps, int iters, double *work, void *u, int u_dtype, const void *norm_w,

@@ -275,11 +275,13 @@ test("sinkhorn_matches_cpu", function()
       for _, dt in ipairs({ "f32", "bf16" }) do
         local M = (2 + hc) * hc
         local mixes, scale, base = randn({ T, M }, dt, 1.5), randn({ 3 }, dt):abs() + 0.5, randn({ M }, dt)
-        for _, iters in ipairs({ 20, 1, 3 }) do
+        -- eps 1e-30 lies below the range of the loop's fast division: the exact one's path
+        for _, iters_eps in ipairs({ { 20, 1e-6 }, { 1, 1e-6 }, { 3, 1e-6 }, { 20, 1e-30 } }) do
+          local iters, eps = iters_eps[1], iters_eps[2]
           poison_for({ T, hc, hc }, "f32")
-          local p, q, c = nn.sinkhorn(mixes:to("cuda"), scale:to("cuda"), base:to("cuda"), hc, iters, 1e-6)
-          local pw, qw, cw = nn.sinkhorn(mixes, scale, base, hc, iters, 1e-6)
-          local what = string.format("sinkhorn hc %d T %d %s iters %d", hc, T, dt, iters)
+          local p, q, c = nn.sinkhorn(mixes:to("cuda"), scale:to("cuda"), base:to("cuda"), hc, iters, eps)
+          local pw, qw, cw = nn.sinkhorn(mixes, scale, base, hc, iters, eps)
+          local what = string.format("sinkhorn hc %d T %d %s iters %d eps %g", hc, T, dt, iters, eps)
           check_close(p, pw, what .. " pre")
           check_close(q, qw, what .. " post")
           check_close(c, cw, what .. " comb")
