@@ -135,32 +135,45 @@ struct RingWrites {
     int64_t P;
 };
 
+/* element `at` (< rw.start[rw.n]) of the concatenated writes */
+__device__ __forceinline__ void ring_write_at(const RingWrites &rw, int64_t at)
+{
+    int k = 0;
+    while (at >= rw.start[k + 1]) k++;
+    const dsrtk_ring_write &w = rw.w[k];
+    const int64_t e = at - rw.start[k], i = rw.first[k] + e / w.width, c = e % w.width;
+    w.ring[((rw.P + i) % w.rows) * w.width + c] = w.src[i * w.width + c];
+}
+
 __global__ void __launch_bounds__(DSRTK_BLOCK) ring_write_kernel(const __grid_constant__ RingWrites rw)
 {
     dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     const int64_t total = rw.start[rw.n], step = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
-        int k = 0;
-        while (at >= rw.start[k + 1]) k++;
-        const dsrtk_ring_write &w = rw.w[k];
-        const int64_t e = at - rw.start[k], i = rw.first[k] + e / w.width, c = e % w.width;
-        w.ring[((rw.P + i) % w.rows) * w.width + c] = w.src[i * w.width + c];
+    for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) ring_write_at(rw, at);
+}
+
+/* the writes' plan; n == 0: none */
+static int ring_writes_of(const char *what, const dsrtk_ring_write *writes, int n, int64_t P, int64_t S, RingWrites *rw)
+{
+    if (n < 0 || n > DSRTK_MAX_RING_WRITES || P < 0 || S < 0 || (n > 0 && !writes)) return bad_arg(what, "bad ring writes");
+    rw->n = n, rw->P = P, rw->start[0] = 0;
+    for (int k = 0; k < n; k++) {
+        const dsrtk_ring_write &w = writes[k];
+        if (w.rows < 1 || w.width < 1) return bad_arg(what, "bad ring sizes");
+        rw->w[k] = w;
+        rw->first[k] = S > w.rows ? S - w.rows : 0;
+        rw->start[k + 1] = rw->start[k] + (S - rw->first[k]) * w.width;
     }
+    return DSRTK_OK;
 }
 
 int dsrtk_attn_ring_writes(int dev, const dsrtk_ring_write *writes, int n, int64_t P, int64_t S, void *stream)
 {
     const char *what = "attention.ring_writes";
-    if (n < 1 || n > DSRTK_MAX_RING_WRITES || P < 0 || S < 0) return bad_arg(what, "bad sizes");
+    if (n < 1) return bad_arg(what, "bad sizes");
     RingWrites rw;
-    rw.n = n, rw.P = P, rw.start[0] = 0;
-    for (int k = 0; k < n; k++) {
-        const dsrtk_ring_write &w = writes[k];
-        if (w.rows < 1 || w.width < 1) return bad_arg(what, "bad sizes");
-        rw.w[k] = w;
-        rw.first[k] = S > w.rows ? S - w.rows : 0;
-        rw.start[k + 1] = rw.start[k] + (S - rw.first[k]) * w.width;
-    }
+    int st = ring_writes_of(what, writes, n, P, S, &rw);
+    if (st) return st;
     if (rw.start[n] == 0) return DSRTK_OK;
     DSRTK_SET_DEVICE(dev, what);
     int grid = dsrtk_grid_for(dev, rw.start[n], DSRTK_BLOCK);
@@ -180,7 +193,7 @@ struct GatherArgs {
 };
 
 /* One launch, one grid-stride loop over both outputs: first the pool's elements, then the index
- * lists'.
+ * lists', then the ring writes asked for with them (dsrtk_attn_gather says when that is allowed).
  * pool rows: window positions base … P+S−1 (fresh rows for p >= P, the ring before), then the
  * entries 0 … n_entries−1, or when picked query i's picks j < topk at n_win + i·topk + j (a −1
  * pick's row zero).
@@ -189,12 +202,17 @@ struct GatherArgs {
  * (−1 stays −1); other ratios: the visible entries n_win + (m − W) for m − W < (t+1) div r; −1
  * elsewhere (ratio 0 has no compressed part). The attention reads the same rows in the same order
  * either way, so its bits do not depend on the pool's layout. */
-__global__ void __launch_bounds__(DSRTK_BLOCK) gather_kernel(const __grid_constant__ GatherArgs a)
+__global__ void __launch_bounds__(DSRTK_BLOCK) gather_kernel(const __grid_constant__ GatherArgs a,
+                                                             const __grid_constant__ RingWrites rw)
 {
     dsrtk_wait_producer(); /* launched dependent (common.cuh) */
-    const int64_t n_pool = (a.n_win + (a.picked ? a.S * a.topk : a.n_entries)) * a.hd, total = n_pool + a.S * a.K;
-    const int64_t step = (int64_t)gridDim.x * blockDim.x;
+    const int64_t n_pool = (a.n_win + (a.picked ? a.S * a.topk : a.n_entries)) * a.hd, n_lists = n_pool + a.S * a.K;
+    const int64_t total = n_lists + rw.start[rw.n], step = (int64_t)gridDim.x * blockDim.x;
     for (int64_t at = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; at < total; at += step) {
+        if (at >= n_lists) {
+            ring_write_at(rw, at - n_lists);
+            continue;
+        }
         if (at < n_pool) {
             int64_t row = at / a.hd, k = at - row * a.hd;
             float v;
@@ -229,19 +247,27 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) gather_kernel(const __grid_consta
 
 int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, const float *window, int64_t window_rows,
                     const float *entries, const int *picks, int64_t base, int64_t P, int64_t S, int64_t n_entries,
-                    int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, void *stream)
+                    int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, const dsrtk_ring_write *rings, int n_rings,
+                    void *stream)
 {
     const char *what = "attention.gather";
     if (hd < 1 || window_rows < 1 || base < 0 || base > P || S < 1 || n_entries < 0 || P - base > window_rows ||
         W < 1 || K < W || r < 0 || (r == 4 && (!picks || topk < 1 || K != W + topk)))
         return bad_arg(what, "bad sizes");
+    /* the window ring's written slots must hold positions before base: the gather reads the rest */
+    if (n_rings > 0 && (rings[0].ring != window || window_rows < W + S - 1))
+        return bad_arg(what, "ring writes beside a gather that reads their slots");
+    RingWrites rw;
+    int st = ring_writes_of(what, rings, n_rings, P, S, &rw);
+    if (st) return st;
     GatherArgs a;
     a.pool = pool, a.idx = idx, a.fresh = fresh, a.window = window, a.entries = entries, a.picks = picks;
     a.window_rows = window_rows, a.base = base, a.P = P, a.S = S, a.n_win = P + S - base, a.n_entries = n_entries;
     a.hd = hd, a.K = K, a.W = W, a.r = r, a.topk = topk, a.picked = dsrtk_attn_pool_picked(S, n_entries, r, topk);
     DSRTK_SET_DEVICE(dev, what);
-    int grid = dsrtk_grid_for(dev, dsrtk_attn_pool_rows(a.n_win, S, n_entries, r, topk) * hd + S * K, DSRTK_BLOCK);
-    (void)dsrtk_launch_dependent(gather_kernel, dim3(grid), dim3(DSRTK_BLOCK), 0, (cudaStream_t)stream, a);
+    int grid = dsrtk_grid_for(dev, dsrtk_attn_pool_rows(a.n_win, S, n_entries, r, topk) * hd + S * K + rw.start[rw.n],
+                              DSRTK_BLOCK);
+    (void)dsrtk_launch_dependent(gather_kernel, dim3(grid), dim3(DSRTK_BLOCK), 0, (cudaStream_t)stream, a, rw);
     return dsrtk_check_launch(what, dev);
 }
 

@@ -461,6 +461,9 @@ int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_view *q, cons
  *   than there are entries: decode past 4·topk positions) each query's topk picks in pick order,
  *   a pick's row never read when the pick is −1: a decode step copies what it attends to, not
  *   the whole compressed cache.
+ *   With n_rings > 0 the launch also makes ring_writes' writes (rings[0] the window ring): allowed
+ *   where no slot written is one the gather reads, window_rows >= W + S − 1 (then a written slot
+ *   holds a position before base), which saves a decode step a launch a layer.
  * index_scores: scores [S, n_max] (visible entries only) of the lightning indexer from q [S, IH, ID],
  *   keys [n_max, ID] (16-byte aligned), w [S, IH] (weights_proj's output, scaled here). With ref
  *   (reference precision) q and keys are FP4 round trips in blocks of 32, as the layer makes them:
@@ -488,7 +491,8 @@ static inline int64_t dsrtk_attn_pool_rows(int64_t n_win, int64_t S, int64_t n_e
 }
 int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, const float *window, int64_t window_rows,
                       const float *entries, const int *picks, int64_t base, int64_t P, int64_t S, int64_t n_entries,
-                      int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, void *stream);
+                      int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, const dsrtk_ring_write *rings,
+                      int n_rings, void *stream);
 int dsrtk_attn_index_scores(int dev, float *scores, const float *q, const float *keys, const float *w, float scale,
                             int64_t S, int64_t P, int64_t r, int IH, int ID, int64_t n_max, int ref, void *stream);
 int dsrtk_attn_topk(int dev, int *picks, const float *scores, int64_t S, int64_t P, int64_t r, int64_t topk, int64_t n_max,

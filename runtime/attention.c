@@ -817,16 +817,15 @@ fail:
     return -1;
 }
 
-/* The chunk's rows into the state's rings, all in one launch, and the length advanced: the window's
- * kv rows and the compressors' (c, g + ape) rows (launch failures here are configuration errors the
- * forward's checks rule out) */
-static int write_rings(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *kv, dsrt_tensor *cc, dsrt_tensor *cg,
-                       dsrt_tensor *ic, dsrt_tensor *ig, int64_t P, int64_t S, dsrt_stream *s)
+/* The ring writes of a chunk's rows (the window's kv rows, the window ring first, and the
+ * compressors' (c, g + ape) rows) into rings; returns their count */
+static int ring_list(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *kv, dsrt_tensor *cc, dsrt_tensor *cg,
+                     dsrt_tensor *ic, dsrt_tensor *ig, dsrtk_ring_write *rings)
 {
     const dsrt_attn_config *c = &a->cfg;
     int64_t hd = c->head_dim, r = c->ratio;
-    dsrtk_ring_write rings[DSRTK_MAX_RING_WRITES] = {{DEVF(st->twindow), DEVF(kv), st->window_rows, hd}};
-    int n_rings = 1;
+    int n_rings = 0;
+    rings[n_rings++] = (dsrtk_ring_write){DEVF(st->twindow), DEVF(kv), st->window_rows, hd};
     if (r > 0) {
         rings[n_rings++] = (dsrtk_ring_write){DEVF(st->comp.tc), DEVF(cc), st->comp.ring, a->coff * hd};
         rings[n_rings++] = (dsrtk_ring_write){DEVF(st->comp.tg), DEVF(cg), st->comp.ring, a->coff * hd};
@@ -835,6 +834,16 @@ static int write_rings(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *kv, 
         rings[n_rings++] = (dsrtk_ring_write){DEVF(st->index.tc), DEVF(ic), st->index.ring, a->coff * c->index_head_dim};
         rings[n_rings++] = (dsrtk_ring_write){DEVF(st->index.tg), DEVF(ig), st->index.ring, a->coff * c->index_head_dim};
     }
+    return n_rings;
+}
+
+/* The chunk's rows into the state's rings, all in one launch, and the length advanced (launch
+ * failures here are configuration errors the forward's checks rule out) */
+static int write_rings(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *kv, dsrt_tensor *cc, dsrt_tensor *cg,
+                       dsrt_tensor *ic, dsrt_tensor *ig, int64_t P, int64_t S, dsrt_stream *s)
+{
+    dsrtk_ring_write rings[DSRTK_MAX_RING_WRITES];
+    const int n_rings = ring_list(a, st, kv, cc, cg, ic, ig, rings);
     if (dsrtk_attn_ring_writes(a->device, rings, n_rings, P, S, s->handle)) return kernel_failed();
     st->length = P + S;
     return 0;
@@ -953,10 +962,14 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     if (!(pool = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){pool_rows, hd}, dev, s)) ||
         !(idx = dsrt_tensor_new(DSRT_I64, 2, (int64_t[]){S, K}, dev, s)))
         goto done;
+    /* the rings take the chunk's rows in the gather's launch where none of the slots written is
+     * one it reads (a decode step: a launch a layer saved), else last, as on the CPU */
+    dsrtk_ring_write rings[DSRTK_MAX_RING_WRITES];
+    const int rings_now = st->window_rows >= W + S - 1, n_rings = ring_list(a, st, kv, cc, cg, ic, ig, rings);
     if (dsrtk_attn_gather(dev, DEVF(pool), (int64_t *)idx->storage->data + idx->offset, DEVF(kv), DEVF(st->twindow),
                           st->window_rows, r > 0 ? DEVF(st->comp.tentries) : NULL,
                           picks ? (const int *)picks->storage->data + picks->offset : NULL, base, P, S, n_entries, hd, K, W, r,
-                          c->index_topk, s->handle)) {
+                          c->index_topk, rings_now ? rings : NULL, rings_now ? n_rings : 0, s->handle)) {
         kernel_failed();
         goto done;
     }
@@ -987,8 +1000,9 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     if (out == y) dsrt_tensor_retain(y);
     if (!out) goto done;
 
-    /* the rings take the chunk's rows last, as on the CPU */
-    if (write_rings(a, st, kv, cc, cg, ic, ig, P, S, s)) {
+    if (rings_now) {
+        st->length = P + S;
+    } else if (write_rings(a, st, kv, cc, cg, ic, ig, P, S, s)) {
         dsrt_tensor_release(out);
         out = NULL;
         goto done;

@@ -462,10 +462,11 @@ int dsrtk_attn_ring_writes(int dev, const dsrtk_ring_write *writes, int n, int64
 
 int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, const float *window, int64_t window_rows,
                       const float *entries, const int *picks, int64_t base, int64_t P, int64_t S, int64_t n_entries,
-                      int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, void *stream)
+                      int64_t hd, int64_t K, int64_t W, int64_t r, int64_t topk, const dsrtk_ring_write *rings,
+                      int n_rings, void *stream)
 {
     (void)dev, (void)pool, (void)idx, (void)fresh, (void)window, (void)window_rows, (void)entries, (void)picks, (void)base;
-    (void)P, (void)S, (void)n_entries, (void)hd, (void)K, (void)W, (void)r, (void)topk, (void)stream;
+    (void)P, (void)S, (void)n_entries, (void)hd, (void)K, (void)W, (void)r, (void)topk, (void)rings, (void)n_rings, (void)stream;
     return without_cuda(__func__);
 }
 

@@ -3,7 +3,9 @@
  * pool row holding its source row (a fresh row, the window ring's, a compressed entry or an
  * indexer pick), and -1 exactly where nothing is visible. Both layouts of a ratio-4 pool: every
  * compressed entry (a prefill's many queries) and each query's picks (decode, where they are fewer
- * than the entries); the window-only and ratio-128 layers too. The layer tests compare whole
+ * than the entries); the window-only and ratio-128 layers too. With the window ring's writes in the
+ * same launch (a decode step's), the ring gets the fresh rows in their slots and keeps the rest, and
+ * the launch is refused where a written slot is one the gather reads. The layer tests compare whole
  * outputs; this one holds the rows themselves. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,8 +29,10 @@ static dsrt_tensor *random_rows(int64_t rows, int64_t hd, dsrt_stream *s)
 }
 
 /* one call: S queries at positions P.., window W in a ring of window_rows, ratio r (4: topk picks
- * each, visible entries at random, -1 past the visible ones and now and then) */
-static void check_gather(int64_t S, int64_t P, int64_t W, int64_t window_rows, int64_t r, int64_t topk, int64_t hd, dsrt_stream *s)
+ * each, visible entries at random, -1 past the visible ones and now and then); with_rings: the
+ * fresh rows also into the window ring in the same launch */
+static void check_gather(int64_t S, int64_t P, int64_t W, int64_t window_rows, int64_t r, int64_t topk, int64_t hd,
+                         int with_rings, dsrt_stream *s)
 {
     const int64_t base = P - W + 1 > 0 ? P - W + 1 : 0, n_win = P + S - base, n_entries = r > 0 ? (P + S) / r : 0;
     const int64_t K = W + (r == 4 ? topk : n_entries), rows = dsrtk_attn_pool_rows(n_win, S, n_entries, r, topk);
@@ -52,9 +56,12 @@ static void check_gather(int64_t S, int64_t P, int64_t W, int64_t window_rows, i
     dsrt_tensor *pool = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){rows, hd}, 0, s);
     dsrt_tensor *idx = dsrt_tensor_new(DSRT_I64, 2, (int64_t[]){S, K}, 0, s);
     REQUIRE(pool && idx);
+    dsrt_tensor *ring_before = with_rings ? dsrt_tensor_to(ring, DSRT_CPU, DSRT_F32, s, 0) : NULL;
+    const dsrtk_ring_write write = {ring->storage->data, fresh->storage->data, window_rows, hd};
+    REQUIRE(!with_rings || ring_before);
     CHECK(dsrtk_attn_gather(0, pool->storage->data, idx->storage->data, fresh->storage->data, ring->storage->data, window_rows,
                             r > 0 ? entries->storage->data : NULL, dpicks ? dpicks->storage->data : NULL, base, P, S, n_entries,
-                            hd, K, W, r, topk, s->handle) == 0);
+                            hd, K, W, r, topk, with_rings ? &write : NULL, with_rings, s->handle) == 0);
     dsrt_tensor *keep[5] = {dsrt_tensor_to(pool, DSRT_CPU, DSRT_F32, s, 0), dsrt_tensor_to(fresh, DSRT_CPU, DSRT_F32, s, 0),
                             dsrt_tensor_to(ring, DSRT_CPU, DSRT_F32, s, 0), dsrt_tensor_to(entries, DSRT_CPU, DSRT_F32, s, 0),
                             dsrt_tensor_to(idx, DSRT_CPU, DSRT_I64, s, 0)};
@@ -86,7 +93,16 @@ static void check_gather(int64_t S, int64_t P, int64_t W, int64_t window_rows, i
                    (long long)got, (long long)rows, want ? "not its row" : "where nothing is visible");
         }
     }
-    dsrt_tensor *all[] = {fresh, ring, entries, picks, dpicks, pool, idx, keep[0], keep[1], keep[2], keep[3], keep[4]};
+    if (with_rings) { /* slot (P + i) mod rows: fresh row i; the others as they were */
+        const float *before = ring_before->storage->data;
+        for (int64_t j = 0; j < window_rows; j++) {
+            const int64_t i = ((j - P) % window_rows + window_rows) % window_rows;
+            const float *want = i < S ? hf + i * hd : before + j * hd;
+            CHECKF(memcmp(hr + j * hd, want, sizeof(float) * (size_t)hd) == 0, "S %lld P %lld: ring row %lld is not %s",
+                   (long long)S, (long long)P, (long long)j, i < S ? "the fresh row written there" : "as it was");
+        }
+    }
+    dsrt_tensor *all[] = {fresh, ring, entries, picks, dpicks, pool, idx, keep[0], keep[1], keep[2], keep[3], keep[4], ring_before};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++)
         if (all[i]) dsrt_tensor_release(all[i]);
 }
@@ -97,10 +113,30 @@ GPU_TEST(gpu_attention_pool_rows_hold_what_the_index_lists_name)
     dsrt_stream *s = dsrt_stream_default(0);
     /* ratio 4, decode: 1024 entries, 512 picks: the pool holds the picks */
     CHECK(dsrtk_attn_pool_rows(128, 1, 1024, 4, 512) == 128 + 512);
-    check_gather(1, 4095, 128, 128, 4, 512, 72, s);
-    check_gather(3, 300, 128, 134, 4, 16, 40, s);   /* a verify's 3 queries: 48 picks of 75 entries */
-    check_gather(2, 9, 8, 12, 4, 4, 24, s);         /* 2 entries visible: picks -1 past them, all entries */
-    check_gather(40, 200, 128, 128, 4, 16, 24, s);  /* a chunk: 640 picks, 60 entries: every entry */
-    check_gather(1, 4095, 128, 128, 128, 0, 72, s); /* ratio 128: every visible entry */
-    check_gather(5, 3, 128, 128, 0, 0, 16, s);      /* window only, the ring not yet full */
+    check_gather(1, 4095, 128, 128, 4, 512, 72, 0, s);
+    check_gather(3, 300, 128, 134, 4, 16, 40, 0, s);   /* a verify's 3 queries: 48 picks of 75 entries */
+    check_gather(2, 9, 8, 12, 4, 4, 24, 0, s);         /* 2 entries visible: picks -1 past them, all entries */
+    check_gather(40, 200, 128, 128, 4, 16, 24, 0, s);  /* a chunk: 640 picks, 60 entries: every entry */
+    check_gather(1, 4095, 128, 128, 128, 0, 72, 0, s); /* ratio 128: every visible entry */
+    check_gather(5, 3, 128, 128, 0, 0, 16, 0, s);      /* window only, the ring not yet full */
+    /* the window ring's writes in the launch: decode, a verify's 3 rows in a ring with slack, the
+     * ring not yet full */
+    check_gather(1, 4095, 128, 128, 4, 512, 72, 1, s);
+    check_gather(3, 300, 128, 134, 4, 16, 40, 1, s);
+    check_gather(5, 3, 128, 132, 0, 0, 16, 1, s);
+}
+
+GPU_TEST(gpu_attention_gather_refuses_ring_writes_into_slots_it_reads)
+{
+    dsrt_stream *s = dsrt_stream_default(0);
+    dsrt_tensor *pool = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){256, 16}, 0, s), *idx = dsrt_tensor_new(DSRT_I64, 2, (int64_t[]){3, 128}, 0, s);
+    dsrt_tensor *fresh = random_rows(3, 16, s), *ring = random_rows(128, 16, s);
+    REQUIRE(pool && idx && fresh && ring);
+    /* 3 queries at 300 in a ring of exactly the window: position 302's slot holds 174, which query 0 reads */
+    const dsrtk_ring_write write = {ring->storage->data, fresh->storage->data, 128, 16};
+    CHECK(dsrtk_attn_gather(0, pool->storage->data, idx->storage->data, fresh->storage->data, ring->storage->data, 128, NULL,
+                            NULL, 300 - 127, 300, 3, 0, 16, 128, 128, 0, 0, &write, 1, s->handle) != 0);
+    CHECK(strstr(dsrtk_error(), "reads their slots") != NULL);
+    dsrt_tensor *all[] = {pool, idx, fresh, ring};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
 }
