@@ -552,6 +552,9 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
     if (a.norm != NORM_NONE) prefetch_row_weights<V>(a.w, a.w_dtype, a.width, lane);
     float v[V][8];
     load_row<V>(a.x, a.x_dtype, base, a.width, lane, v);
+    /* RoPE's cos and sin (double evaluations, their position is a parameter) while the row comes */
+    float my_cs, my_sn;
+    rope_cos_sin(a.first + r / a.heads * a.step, f.f[lane], my_cs, my_sn);
     if (a.norm != NORM_NONE) {
         norm_row<V>(v, a.w, a.w_dtype, a.width, a.eps, a.norm == NORM_HEAD && a.ref, lane);
         if (a.ref)
@@ -560,10 +563,8 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
 #pragma unroll
                 for (int i = 0; i < 8; i++) v[k][i] = round_bf16(v[k][i]);
     }
-    /* RoPE: lane l computes pair l's cos and sin (one of each, as rope_kernel's 32 threads do), the
-     * lanes holding the rotated vectors take theirs with shuffles */
-    float my_cs, my_sn;
-    rope_cos_sin(a.first + r / a.heads * a.step, f.f[lane], my_cs, my_sn);
+    /* RoPE: lane l computes pair l's cos and sin (above: one of each, as rope_kernel's 32 threads
+     * do), the lanes holding the rotated vectors take theirs with shuffles */
 #pragma unroll
     for (int k = 0; k < V; k++) {
         const int64_t j = 8 * (int64_t)(lane + 32 * k);
