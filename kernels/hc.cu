@@ -118,9 +118,9 @@ __device__ void sinkhorn_block(const float *mix, const void *scale, int scale_dt
  * for it before its range check (the reciprocal's approximation, a Newton step, the quotient and
  * one correction). Where a and b lie in [2^-60, 2^60] nothing in it overflows or underflows, inside
  * the range check's domain, so it is div.rn's own result (sinkhorn_iterations says how its caller
- * knows). __fdiv_rn's branch to its slow path and the warp's reconvergence after it took 30% of
- * the Sinkhorn loop, 39 dependent divisions (5600 -> 3950 clocks, clock64 inside a decode step,
- * H200). */
+ * knows). __fdiv_rn's branch to its slow path and the warp's reconvergence after it took a fifth
+ * of the Sinkhorn loop, 39 dependent divisions (5600 -> 4540 clocks with the check, 3950 without
+ * it; clock64 inside a decode step, H200). */
 __device__ __forceinline__ float div_rn_fast(float a, float b)
 {
     float r;
@@ -589,7 +589,7 @@ __device__ __forceinline__ void collapse8(const void *X, int X_dtype, int64_t t,
 }
 
 /* pre_kernel<NV>'s dynamic shared memory: the collapse block's staged rows, its token's hc streams
- * then the norm's weights (0: not staged) */
+ * then the norm's weights */
 static size_t pre_stage_bytes(int hc, int64_t d, int X_dtype, int norm_w_dtype)
 {
     return (size_t)d * ((size_t)hc * (X_dtype == DSRT_F32 ? 4 : 2) + (norm_w_dtype == DSRT_F32 ? 4 : 2));
@@ -604,18 +604,18 @@ static size_t pre_stage_bytes(int hc, int64_t d, int X_dtype, int norm_w_dtype)
  * X the GEMM read most recently (the most of it still in L2). Bytes: X once (T·K·|X|), u once.
  * NV > 0 (a norm weight given): one collapse block of NORM_THREADS per token computes
  * the whole row, NV vectors of 8 a thread, and writes it RMS-normed (rmsnorm.cuh's operations on the
- * values u would have been stored as): the separate norm's launch and its pass over u saved. With
- * `staged` dynamic shared memory (pre_stage_bytes) the collapse block copies its token's streams
- * and the weights in with cp.async as soon as it starts, so they land while the partials are
- * summed (into L1 by prefetch_l1 they still took ~4500 of the block's ~10000 clocks after the
- * partials, clock64 inside a decode step, H200). */
+ * values u would have been stored as): the separate norm's launch and its pass over u saved. Its
+ * dynamic shared memory (pre_stage_bytes) takes the token's streams and the norm's weights, copied
+ * in with cp.async as soon as the block starts, so they land while the partials are summed (into
+ * L1 by prefetch_l1 they still took ~4500 of the block's ~10000 clocks after the partials, clock64
+ * inside a decode step, H200). */
 template <int NV>
 __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_dtype, const void *scale, int scale_dtype,
                                                            const void *base, int base_dtype, int64_t T, int hc,
                                                            int64_t d, float hc_eps, float norm_eps, int iters, int head,
                                                            int splits, const double *part, int parts_n, int vec,
                                                            void *u, int u_dtype, const void *norm_w, int norm_w_dtype,
-                                                           float *post, float *comb, int staged)
+                                                           float *post, float *comb)
 {
     extern __shared__ uint4 pre_stage[];
     dsrtk_wait_producer(); /* launched dependent (common.cuh) */
@@ -626,26 +626,20 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
     const int64_t t = T - 1 - blockIdx.x, K = (int64_t)hc * d;
     /* the values this block needs: the hc pre dots and Σx², or all M + 1 */
     const int nv = sinkhorn ? M + 1 : hc + 1;
-    /* what the block reads after the partials, into L1 while they come (prefetch_l1): Sinkhorn's
-     * scales and bases; the collapse's, and with NV its token's streams and the norm's weights */
+    /* what the block reads after the partials, on its way while they come: Sinkhorn's scales and
+     * bases into L1 (prefetch_l1), and the collapse's; with NV its token's streams and the norm's
+     * weights into shared memory, else into L1 */
     if (threadIdx.x < 3) prefetch_l1(scale, scale_dtype, threadIdx.x);
     if (threadIdx.x < (sinkhorn ? M : hc)) prefetch_l1(base, base_dtype, threadIdx.x);
     const size_t x_bytes = (size_t)K * (X_dtype == DSRT_F32 ? 4 : 2);
-    if (NV > 0 && !sinkhorn && staged) {
+    if (NV > 0 && !sinkhorn) {
         const char *xt = (const char *)X + t * x_bytes;
         for (size_t i = 16 * threadIdx.x; i < x_bytes; i += 16 * NORM_THREADS) cp_async16((char *)pre_stage + i, xt + i);
         if (norm_w)
             for (size_t i = 16 * threadIdx.x; i < (size_t)d * (norm_w_dtype == DSRT_F32 ? 4 : 2); i += 16 * NORM_THREADS)
                 cp_async16((char *)pre_stage + x_bytes + i, (const char *)norm_w + i);
         cp_async_commit();
-    } else if (NV > 0 && !sinkhorn)
-#pragma unroll
-        for (int k = 0; k < NV; k++) {
-            const int64_t col = 8 * ((int64_t)threadIdx.x + k * NORM_THREADS);
-            if (col >= d) continue;
-            for (int s = 0; s < hc; s++) prefetch_l1(X, X_dtype, (t * hc + s) * d + col);
-            if (norm_w) prefetch_l1(norm_w, norm_w_dtype, col);
-        }
+    }
     /* warp w takes values v = w + 4b (b < PRE_BATCH) at once: the loop over the splits is the outer
      * one, so the PRE_BATCH loads of a split are in flight together (one memory round trip per 32
      * splits instead of one per value); each value is still summed from 0 over sp = lane, lane + 32,
@@ -685,12 +679,10 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
     const float s0 = ld(scale, scale_dtype, 0);
     for (int s = threadIdx.x; s < hc; s += blockDim.x)
         w[s] = pre_weight(__fmul_rn((float)dots[s], rho), s0, ld(base, base_dtype, s), hc_eps);
-    if (NV > 0 && staged) cp_async_wait<0>();
+    if (NV > 0) cp_async_wait<0>();
     __syncthreads();
-    /* the collapse's rows and weights: the staged copies (token 0 of them) or the tensors */
-    const void *xs = NV > 0 && staged ? (const void *)pre_stage : X, *ws = NV > 0 && staged ? (const char *)pre_stage + x_bytes : norm_w;
-    const int64_t xt = NV > 0 && staged ? 0 : t;
     if constexpr (NV > 0) {
+        const void *xs = pre_stage, *ws = (const char *)pre_stage + x_bytes; /* the staged rows: token 0 of xs */
         /* the token's whole row, thread g holding columns 8(g + 256k): rms_norm_rows_kernel<256, NV>'s
          * layout, so u (as stored in u_dtype) is normalised in registers by its operations */
         float v[NV][8];
@@ -700,8 +692,8 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
             const int64_t col = 8 * ((int64_t)threadIdx.x + k * NORM_THREADS);
             if (col >= d) continue;
             float a[8];
-            if (hc == 4) collapse8<4>(xs, X_dtype, xt, hc, d, col, w, a);
-            else collapse8<0>(xs, X_dtype, xt, hc, d, col, w, a);
+            if (hc == 4) collapse8<4>(xs, X_dtype, 0, hc, d, col, w, a);
+            else collapse8<0>(xs, X_dtype, 0, hc, d, col, w, a);
 #pragma unroll
             for (int i = 0; i < 8; i++) {
                 v[k][i] = u_dtype == DSRT_BF16 ? round_bf16(a[i]) : a[i];
@@ -884,13 +876,13 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
     const int nv = (int)((d + 8 * NORM_THREADS - 1) / (8 * NORM_THREADS));
     if (norm_w && d % 8 == 0 && nv <= NORM_MAX_V && aligned16(X) && aligned16(u) && aligned16(norm_w)) {
         void (*kernel)(const void *, int, const void *, int, const void *, int, int64_t, int, int64_t, float, float, int,
-                       int, int, const double *, int, int, void *, int, const void *, int, float *, float *, int) =
+                       int, int, const double *, int, int, void *, int, const void *, int, float *, float *) =
             nv == 1 ? pre_kernel<1> : pre_kernel<2>;
         const size_t stage = pre_stage_bytes(hc, d, X_dtype, norm_w_dtype);
         if ((rc = dsrtk_allow_shared(dev, (const void *)kernel, stage, "pre_kernel"))) return rc;
         (void)dsrtk_launch_dependent(kernel, dim3((unsigned)T, (unsigned)(1 + !head)), dim3(NORM_THREADS), stage, cs, X, X_dtype,
             scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits, (const double *)part, 1, 1,
-            u, u_dtype, norm_w, norm_w_dtype, post, comb, 1);
+            u, u_dtype, norm_w, norm_w_dtype, post, comb);
         return dsrtk_check_launch("pre_kernel", dev);
     }
     /* few tokens: each token's columns over blocks of 1024 (8 per thread) so the collapse spreads out */
@@ -900,7 +892,7 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
     const int vec = d % 8 == 0 && part_len % 8 == 0 && aligned16(X) && aligned16(u);
     (void)dsrtk_launch_dependent(pre_kernel<0>, dim3((unsigned)T, (unsigned)(parts + !head)), dim3(PRE_THREADS), 0, cs,
         X, X_dtype, scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits, (const double *)part,
-        (int)parts, vec, u, u_dtype, (const void *)NULL, 0, post, comb, 0);
+        (int)parts, vec, u, u_dtype, (const void *)NULL, 0, post, comb);
     if ((rc = dsrtk_check_launch("pre_kernel", dev)) || !norm_w) return rc;
     return dsrtk_nn_rms_norm(dev, u, u_dtype, norm_w, norm_w_dtype, u, u_dtype, T, d, norm_eps, 0, stream); /* in place */
 }
