@@ -255,7 +255,7 @@ int dsrtk_attn_gather(int dev, float *pool, int64_t *idx, const float *fresh, co
         W < 1 || K < W || r < 0 || (r == 4 && (!picks || topk < 1 || K != W + topk)))
         return bad_arg(what, "bad sizes");
     /* the window ring's written slots must hold positions before base: the gather reads the rest */
-    if (n_rings > 0 && (rings[0].ring != window || window_rows < W + S - 1))
+    if (n_rings > 0 && (!rings || rings[0].ring != window || window_rows < W + S - 1))
         return bad_arg(what, "ring writes beside a gather that reads their slots");
     RingWrites rw;
     int st = ring_writes_of(what, rings, n_rings, P, S, &rw);
