@@ -48,6 +48,7 @@ enum {
     PRE_BATCH = 8,                 /* pre_kernel: values per warp summed together (4 warps: 32 >= M + 1) */
     NORM_THREADS = 256,            /* pre_kernel<NV>: the block that collapses and normalises a token */
     NORM_MAX_V = 2,                /* its 8-column vectors a thread: d <= 4096 (Flash's; 3 and 4 spilled) */
+    PRE_STAGE_MAX = 128 * 1024,    /* its staged rows at most (pre_stage_bytes; Flash: 40 KB, bf16) */
 };
 
 static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
@@ -872,9 +873,11 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
     }
     if (rc) return rc;
     /* The norm in the collapse's kernel: a block a token (as the collapse of many tokens has), rows
-     * of whole 16-byte vectors. Otherwise the collapse, then the norm over u. */
+     * of whole 16-byte vectors whose streams fit its shared memory. Otherwise the collapse, then the
+     * norm over u. */
     const int nv = (int)((d + 8 * NORM_THREADS - 1) / (8 * NORM_THREADS));
-    if (norm_w && d % 8 == 0 && nv <= NORM_MAX_V && aligned16(X) && aligned16(u) && aligned16(norm_w)) {
+    if (norm_w && d % 8 == 0 && nv <= NORM_MAX_V && aligned16(X) && aligned16(u) && aligned16(norm_w) &&
+        pre_stage_bytes(hc, d, X_dtype, norm_w_dtype) <= (size_t)PRE_STAGE_MAX) {
         void (*kernel)(const void *, int, const void *, int, const void *, int, int64_t, int, int64_t, float, float, int,
                        int, int, const double *, int, int, void *, int, const void *, int, float *, float *) =
             nv == 1 ? pre_kernel<1> : pre_kernel<2>;
