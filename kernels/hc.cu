@@ -317,9 +317,9 @@ extern "C" int dsrtk_nn_div_rn_check(int dev, int64_t n, uint32_t seed, int64_t 
 template <int HC>
 __device__ __forceinline__ float post_value(const dsrtk_hc_post_args &a, int64_t t, int hc_arg, int64_t d, int k, int64_t c)
 {
-    const int hc = HC > 0 ? HC : hc_arg;
     float mixed = 0;
     if constexpr (HC > 0) {
+        (void)hc_arg;
         float cm[HC], x[HC];
 #pragma unroll
         for (int j = 0; j < HC; j++) cm[j] = ld(a.comb, a.comb_dtype, (t * HC + j) * HC + k), x[j] = ld(a.X, a.X_dtype, (t * HC + j) * d + c);
@@ -327,11 +327,13 @@ __device__ __forceinline__ float post_value(const dsrtk_hc_post_args &a, int64_t
 #pragma unroll
         for (int j = 0; j < HC; j++) mixed = __fadd_rn(mixed, __fmul_rn(cm[j], x[j]));
         return __fadd_rn(__fmul_rn(p, f), mixed);
+    } else {
+        const int hc = hc_arg;
+        for (int j = 0; j < hc; j++)
+            mixed = __fadd_rn(mixed, __fmul_rn(ld(a.comb, a.comb_dtype, (t * hc + j) * hc + k),
+                                               ld(a.X, a.X_dtype, (t * hc + j) * d + c)));
+        return __fadd_rn(__fmul_rn(ld(a.post, a.post_dtype, t * hc + k), ld(a.f, a.f_dtype, t * d + c)), mixed);
     }
-    for (int j = 0; j < hc; j++)
-        mixed = __fadd_rn(mixed, __fmul_rn(ld(a.comb, a.comb_dtype, (t * hc + j) * hc + k),
-                                           ld(a.X, a.X_dtype, (t * hc + j) * d + c)));
-    return __fadd_rn(__fmul_rn(ld(a.post, a.post_dtype, t * hc + k), ld(a.f, a.f_dtype, t * d + c)), mixed);
 }
 
 /* a warp's rows m0, m0 + 8, ... (SPLIT_FN_ROWS of them, zeros past M) of fn at the block's columns:

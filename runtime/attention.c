@@ -837,13 +837,11 @@ static int ring_list(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *kv, ds
     return n_rings;
 }
 
-/* The chunk's rows into the state's rings, all in one launch, and the length advanced (launch
- * failures here are configuration errors the forward's checks rule out) */
-static int write_rings(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *kv, dsrt_tensor *cc, dsrt_tensor *cg,
-                       dsrt_tensor *ic, dsrt_tensor *ig, int64_t P, int64_t S, dsrt_stream *s)
+/* The chunk's rows into the state's rings (ring_list's), all in one launch, and the length
+ * advanced (launch failures here are configuration errors the forward's checks rule out) */
+static int write_rings(dsrt_attention *a, dsrt_attn_state *st, const dsrtk_ring_write *rings, int n_rings, int64_t P,
+                       int64_t S, dsrt_stream *s)
 {
-    dsrtk_ring_write rings[DSRTK_MAX_RING_WRITES];
-    const int n_rings = ring_list(a, st, kv, cc, cg, ic, ig, rings);
     if (dsrtk_attn_ring_writes(a->device, rings, n_rings, P, S, s->handle)) return kernel_failed();
     st->length = P + S;
     return 0;
@@ -871,7 +869,9 @@ static int advance_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *x, 
     if (use_on(st->twindow, s) || (r > 0 && (use_on(st->comp.tc, s) || use_on(st->comp.tg, s))) ||
         (r == 4 && (use_on(st->index.tc, s) || use_on(st->index.tg, s))))
         goto done;
-    rc = write_rings(a, st, kv, cc, cg, ic, ig, P, S, s);
+    dsrtk_ring_write rings[DSRTK_MAX_RING_WRITES];
+    const int n_rings = ring_list(a, st, kv, cc, cg, ic, ig, rings);
+    rc = write_rings(a, st, rings, n_rings, P, S, s);
 done:
     {
         dsrt_tensor *all[] = {xf, kv, cc, cg, ic, ig};
@@ -1002,7 +1002,7 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
 
     if (rings_now) {
         st->length = P + S;
-    } else if (write_rings(a, st, kv, cc, cg, ic, ig, P, S, s)) {
+    } else if (write_rings(a, st, rings, n_rings, P, S, s)) {
         dsrt_tensor_release(out);
         out = NULL;
         goto done;
