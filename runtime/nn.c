@@ -340,16 +340,58 @@ int dsrt_nn_quant_roundtrip_q4(dsrt_tensor *x, dsrt_precision prec, dsrt_stream 
 
 /* ---- RoPE (SPEC §3.6) ---- */
 
+/* The last few tables computed on this thread, by their arguments: a decode step asks for the same
+ * two or three ~16 times (every RoPE launch), and computing one (32 powf, logs) was 1.5% of a step's
+ * host time on the H200 machine (tools/host_profile.sh). Thread-local: no lock on the launch path. */
+enum { FREQ_CACHE = 4 };
+typedef struct {
+    int used, has_yarn;
+    double theta;
+    dsrt_yarn yarn;
+    float freqs[DSRT_NN_ROPE_PAIRS];
+} freq_entry;
+static _Thread_local freq_entry freq_cache[FREQ_CACHE];
+static _Thread_local int freq_next;
+
+static freq_entry *freq_find(double theta, const dsrt_yarn *yarn)
+{
+    for (int i = 0; i < FREQ_CACHE; i++) {
+        freq_entry *e = &freq_cache[i];
+        if (e->used && e->theta == theta && e->has_yarn == (yarn != NULL) &&
+            (!yarn || (e->yarn.factor == yarn->factor && e->yarn.original_seq_len == yarn->original_seq_len &&
+                       e->yarn.beta_fast == yarn->beta_fast && e->yarn.beta_slow == yarn->beta_slow)))
+            return e;
+    }
+    return NULL;
+}
+
+static void compute_freqs(double theta, const dsrt_yarn *yarn, float *freqs);
+
 static int rope_freqs(const char *op, double theta, const dsrt_yarn *yarn, float *freqs)
 {
     if (!(theta > 1)) return dsrt_err("%s: theta must be > 1, got %g", op, theta);
     if (yarn && !(yarn->factor > 0 && yarn->beta_fast > 0 && yarn->beta_slow > 0 && yarn->original_seq_len > 0))
         return dsrt_err("%s: YaRN needs factor, beta_fast, beta_slow and original_seq_len > 0 (got %g, %g, %g, %lld)",
                         op, yarn->factor, yarn->beta_fast, yarn->beta_slow, (long long)yarn->original_seq_len);
+    freq_entry *e = freq_find(theta, yarn);
+    if (!e) {
+        e = &freq_cache[freq_next];
+        freq_next = (freq_next + 1) % FREQ_CACHE;
+        compute_freqs(theta, yarn, e->freqs);
+        e->used = 1, e->theta = theta, e->has_yarn = yarn != NULL;
+        if (yarn) e->yarn = *yarn;
+    }
+    memcpy(freqs, e->freqs, sizeof e->freqs);
+    return 0;
+}
+
+/* SPEC §3.6's table for valid arguments */
+static void compute_freqs(double theta, const dsrt_yarn *yarn, float *freqs)
+{
     /* 1 / base^(arange(0, 64, 2) / 64) in fp32, as torch evaluates it */
     for (int i = 0; i < DSRT_NN_ROPE_PAIRS; i++)
         freqs[i] = 1.0f / powf((float)theta, (float)(2 * i) / (float)DSRT_NN_ROPE_DIMS);
-    if (!yarn) return 0;
+    if (!yarn) return;
     /* the correction range in double (Python's math), c(n) = d·ln(L0/(2πn)) / (2·ln base) */
     double dims = DSRT_NN_ROPE_DIMS, l0 = (double)yarn->original_seq_len;
     double low = floor(dims * log(l0 / (yarn->beta_fast * 2 * M_PI)) / (2 * log(theta)));
@@ -364,7 +406,6 @@ static int rope_freqs(const char *op, double theta, const dsrt_yarn *yarn, float
         float smooth = 1.0f - ramp;
         freqs[i] = freqs[i] / (float)yarn->factor * (1.0f - smooth) + freqs[i] * smooth;
     }
-    return 0;
 }
 
 int dsrt_nn_rope_freqs(double theta, const dsrt_yarn *yarn, float freqs[DSRT_NN_ROPE_PAIRS])

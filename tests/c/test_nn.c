@@ -235,6 +235,26 @@ TEST(nn_rope_freqs_table)
         if (i >= 25) CHECKF(compressed[i] == plain[i] / 16, "i = %d", i);
         if (i > 15 && i < 25) CHECKF(compressed[i] < plain[i] && compressed[i] > plain[i] / 16, "i = %d", i);
     }
+    /* the tables come from a small per-thread cache once computed: asked again after more distinct
+     * arguments than it holds (and a YaRN that differs in one field), each is still its own */
+    float first[6][DSRT_NN_ROPE_PAIRS];
+    for (int round = 0; round < 2; round++) {
+        for (int k = 0; k < 6; k++) { /* beta_slow 1..6: YaRN's high end 25, 23, 22, 21, 20, 20 */
+            dsrt_yarn y = FLASH_YARN;
+            y.beta_slow = 1 + k;
+            float t[DSRT_NN_ROPE_PAIRS];
+            REQUIRE(dsrt_nn_rope_freqs(160000, &y, t) == 0);
+            if (!round) memcpy(first[k], t, sizeof t);
+            CHECKF(memcmp(t, first[k], sizeof t) == 0 && (memcmp(t, compressed, sizeof t) == 0) == (k == 0) &&
+                       t[24] < plain[24],
+                   "round %d, beta_slow %d", round, 1 + k);
+        }
+        float again[3][DSRT_NN_ROPE_PAIRS];
+        REQUIRE(dsrt_nn_rope_freqs(10000, NULL, again[0]) == 0 && dsrt_nn_rope_freqs(160000, &FLASH_YARN, again[1]) == 0 &&
+                dsrt_nn_rope_freqs(160000, NULL, again[2]) == 0);
+        CHECK(memcmp(again[0], window, sizeof window) == 0 && memcmp(again[1], compressed, sizeof compressed) == 0 &&
+              memcmp(again[2], plain, sizeof plain) == 0);
+    }
     dsrt_yarn bad = FLASH_YARN;
     bad.factor = 0;
     CHECK_ERROR(dsrt_nn_rope_freqs(160000, &bad, plain), "nn.rope_freqs:", "factor");
