@@ -365,26 +365,6 @@ static freq_entry *freq_find(double theta, const dsrt_yarn *yarn)
     return NULL;
 }
 
-static void compute_freqs(double theta, const dsrt_yarn *yarn, float *freqs);
-
-static int rope_freqs(const char *op, double theta, const dsrt_yarn *yarn, float *freqs)
-{
-    if (!(theta > 1)) return dsrt_err("%s: theta must be > 1, got %g", op, theta);
-    if (yarn && !(yarn->factor > 0 && yarn->beta_fast > 0 && yarn->beta_slow > 0 && yarn->original_seq_len > 0))
-        return dsrt_err("%s: YaRN needs factor, beta_fast, beta_slow and original_seq_len > 0 (got %g, %g, %g, %lld)",
-                        op, yarn->factor, yarn->beta_fast, yarn->beta_slow, (long long)yarn->original_seq_len);
-    freq_entry *e = freq_find(theta, yarn);
-    if (!e) {
-        e = &freq_cache[freq_next];
-        freq_next = (freq_next + 1) % FREQ_CACHE;
-        compute_freqs(theta, yarn, e->freqs);
-        e->used = 1, e->theta = theta, e->has_yarn = yarn != NULL;
-        if (yarn) e->yarn = *yarn;
-    }
-    memcpy(freqs, e->freqs, sizeof e->freqs);
-    return 0;
-}
-
 /* SPEC §3.6's table for valid arguments */
 static void compute_freqs(double theta, const dsrt_yarn *yarn, float *freqs)
 {
@@ -406,6 +386,24 @@ static void compute_freqs(double theta, const dsrt_yarn *yarn, float *freqs)
         float smooth = 1.0f - ramp;
         freqs[i] = freqs[i] / (float)yarn->factor * (1.0f - smooth) + freqs[i] * smooth;
     }
+}
+
+static int rope_freqs(const char *op, double theta, const dsrt_yarn *yarn, float *freqs)
+{
+    if (!(theta > 1)) return dsrt_err("%s: theta must be > 1, got %g", op, theta);
+    if (yarn && !(yarn->factor > 0 && yarn->beta_fast > 0 && yarn->beta_slow > 0 && yarn->original_seq_len > 0))
+        return dsrt_err("%s: YaRN needs factor, beta_fast, beta_slow and original_seq_len > 0 (got %g, %g, %g, %lld)",
+                        op, yarn->factor, yarn->beta_fast, yarn->beta_slow, (long long)yarn->original_seq_len);
+    freq_entry *e = freq_find(theta, yarn);
+    if (!e) {
+        e = &freq_cache[freq_next];
+        freq_next = (freq_next + 1) % FREQ_CACHE;
+        compute_freqs(theta, yarn, e->freqs);
+        e->used = 1, e->theta = theta, e->has_yarn = yarn != NULL;
+        if (yarn) e->yarn = *yarn;
+    }
+    memcpy(freqs, e->freqs, sizeof e->freqs);
+    return 0;
 }
 
 int dsrt_nn_rope_freqs(double theta, const dsrt_yarn *yarn, float freqs[DSRT_NN_ROPE_PAIRS])

@@ -239,7 +239,7 @@ TEST(nn_rope_freqs_table)
      * arguments than it holds (and a YaRN that differs in one field), each is still its own */
     float first[6][DSRT_NN_ROPE_PAIRS];
     for (int round = 0; round < 2; round++) {
-        for (int k = 0; k < 6; k++) { /* beta_slow 1..6: YaRN's high end 25, 23, 22, 21, 20, 20 */
+        for (int k = 0; k < 6; k++) { /* beta_slow 1..6: YaRN's high end 25, 23, 22, 22, 21, 20 */
             dsrt_yarn y = FLASH_YARN;
             y.beta_slow = 1 + k;
             float t[DSRT_NN_ROPE_PAIRS];
