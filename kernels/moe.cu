@@ -11,16 +11,16 @@
  * sized for the worst case and reads the real counts from device memory. Prefill (moe.c decides)
  * reads the per-expert counts back once.
  *
- * The router (dsrtk_moe_router) at decode, up to 8 tokens: ONE cooperative kernel,
- * moe_router_kernel. The bf16 gate GEMV runs over every multiprocessor (a block each, its warps a
- * gate row each, every weight load of a row issued before x is staged), each lane scores its
- * token's logit, a grid barrier, then block 0 routes (a warp per token) and groups the picks for
- * the experts. It replaces three launches of 32, 1 and 1 blocks (ncu, H200, Flash, T = 1: the
- * gate 9.9 us, routing 8.5-13.6 us, grouping 4.0 us per layer). Hash routing with an element-wise
- * score reads only the picked experts' gate rows, in one block (moe_hash_router_kernel: 48 KB of
- * Flash's 2 MB gate, and a launch that overlaps its predecessor, which a cooperative one cannot;
- * ncu put it at 10-13 us, no faster than the cooperative kernel in isolation: the chain ids ->
- * tid2eid -> gate row -> weights -> groups is dependent reads). Before UP on the warpgroup tile
+ * The router (dsrtk_moe_router) at decode, up to 8 tokens: two launches, both dependent. The bf16
+ * gate GEMV runs over every multiprocessor (moe_gate_kernel: a block each, its warps a gate row
+ * each, the rows' lines asked of L2 before the producer wait), each lane scoring its token's
+ * logit; then one block routes (a warp per token) and groups the picks for the experts
+ * (moe_route_one_kernel). It replaced one cooperative kernel (gate, grid barrier, block 0's
+ * routing), which cannot be launched dependent (15.6 us after a 1.1 us gap, CUPTI timeline, H200,
+ * Flash, T = 1), and before that three launches of 32, 1 and 1 blocks. Hash routing with an
+ * element-wise score reads only the picked experts' gate rows, in one block (moe_hash_router_kernel:
+ * 48 KB of Flash's 2 MB gate; ncu put it at 10-13 us: the chain ids -> tid2eid -> gate row ->
+ * weights -> groups is dependent reads). Before UP on the warpgroup tile
  * (decode of a hash layer, up to 4 tokens) the weights leave that chain altogether:
  * dsrtk_moe_route_up groups the picks first and computes the weights in a block of UP's own
  * launch, which UP's other blocks wait for only at the end of their walk. More tokens still run those
@@ -87,7 +87,6 @@
  * 2 x 7 x 4096 x 3 x 8.4M = 1.4 TFLOP a layer. Measured (H200, make bench, T = 4096): 20.2 ms with
  * the bf16 slabs (~26 GB of copies a layer), 8.9 ms now (162 TFLOP/s; the two GEMMs ~8 ms).
  */
-#include <cooperative_groups.h>
 #include <math.h>
 #include <atomic>
 #include <mutex>
@@ -886,7 +885,7 @@ int dsrtk_moe_project(int dev, const dsrtk_moe_project_args *a, void *stream)
 }
 
 /* ---- routing (moe.c: score_row, select_top, route_rows), a warp per token ----
- * The pieces moe_route_kernel (many tokens) and moe_router_kernel (decode) share, so both give the
+ * The pieces moe_route_kernel (many tokens) and moe_route_one_kernel (decode) share, so both give the
  * same ids and weights bit for bit. */
 
 /* score_row's element for sqrtsoftplus and sigmoid */
@@ -1203,20 +1202,18 @@ static int launch_group(int dev, const GroupArgs *a, cudaStream_t stream)
     return dsrtk_check_launch("moe_group_kernel", dev);
 }
 
-/* ---- the router at decode: gate, routing and grouping in one cooperative launch ----
- * Up to TB_MAX tokens and ROUTER_THREADS picks. Every block stages x (as moe_project_kernel does)
- * and its warps take a gate row each, a lane per 32-column chunk as dot_row (the same chunks, the
- * same FMA order, the same tree: the same logits bit for bit), with all of a row's 16-byte weight
- * loads issued before the staging, so the gate costs one DRAM latency spread over every
- * multiprocessor (one block each: Flash's 256 x 4096 bf16 gate is 2 rows a block on the H200)
- * instead of 32 blocks walking 8 rows each. The tree's sum reaches every lane (a butterfly: for
- * lane 0 the very additions of warp_sum, and the other lanes' equal by commutativity), so lane t
- * turns token t's logit into its score at once, spread over the grid too. After a grid barrier
- * block 0 routes (a warp per token: softmax, the top-k and the weights as moe_route_kernel) and
- * groups the few picks (group_few) for the expert kernels. Block 0 loads what the routing reads
- * besides the scores (bias; or token ids and their tid2eid rows) while the gate runs.
- * Where the device cannot hold the grid at once or offers no cooperative launch, the gate
- * projection, moe_route_kernel and moe_group_kernel run instead, with the same results. */
+/* ---- the router at decode: the gate, then routing and grouping in one block ----
+ * Up to TB_MAX tokens and ROUTER_THREADS picks. Every block of moe_gate_kernel stages x (as
+ * moe_project_kernel does) and its warps take a gate row each, a lane per 32-column chunk as
+ * dot_row (the same chunks, the same FMA order, the same tree: the same logits bit for bit), so the
+ * gate costs one L2 round trip spread over every multiprocessor (one block each: Flash's 256 x 4096
+ * bf16 gate is 2 rows a block on the H200) instead of 32 blocks walking 8 rows each. The tree's sum
+ * reaches every lane (a butterfly: for lane 0 the very additions of warp_sum, and the other lanes'
+ * equal by commutativity), so lane t turns token t's logit into its score at once, spread over the
+ * grid too. moe_route_one_kernel then routes (a warp per token: softmax, the top-k and the weights
+ * as moe_route_kernel) and groups the few picks (group_few) for the expert kernels. Where a block
+ * cannot have the shared memory, the gate projection, moe_route_kernel and moe_group_kernel run
+ * instead, with the same results. */
 
 enum {
     ROUTER_WARPS = 8,
@@ -1227,9 +1224,10 @@ enum {
 
 __host__ __device__ __forceinline__ size_t align16(size_t bytes) { return (bytes + 15) & ~(size_t)15; }
 
-/* moe_router_kernel's dynamic shared memory, byte offsets: the staged x at 0 (every block), then
- * block 0's routing: the bias [n], per token the scores [n] and keys [n], the picks' experts and
- * weights [rows·k], the tokens' validity [rows] (hash routing), the grouping's flags */
+/* The routers' dynamic shared memory, byte offsets: the staged x at 0 (chunks of it: none where
+ * the block stages none), then the routing's: the bias [n], per token the scores [n] and keys [n],
+ * the picks' experts and weights [rows·k], the tokens' validity [rows] (hash routing), the
+ * grouping's flags */
 struct RouterSmem {
     size_t bias, score, keys, pick_e, pick_w, valid, first, total;
 };
@@ -1248,8 +1246,8 @@ __host__ __device__ __forceinline__ RouterSmem router_smem(int rows, int chunks,
     return L;
 }
 
-/* What both one-kernel routers start from: the sizes and router_smem's arrays in the block's
- * shared memory (the staged x at its start) */
+/* What the one-block routers start from: the sizes and router_smem's arrays in the block's
+ * shared memory (after the staged x where the block stages it) */
 struct RouterBlock {
     int n, k, rows, chunks;
     float *bias, *score, *pick_w;
@@ -1257,11 +1255,11 @@ struct RouterBlock {
     int *pick_e, *valid, *first;
 };
 
-__device__ __forceinline__ RouterBlock router_block(const dsrtk_moe_router_args &a, float4 *staged)
+__device__ __forceinline__ RouterBlock router_block(const dsrtk_moe_router_args &a, float4 *staged, bool stages_x)
 {
     RouterBlock b;
     b.n = a.route.n_routed, b.k = a.route.k, b.rows = (int)a.route.rows, b.chunks = (a.gate.cols + CHUNK - 1) / CHUNK;
-    const RouterSmem L = router_smem(b.rows, b.chunks, b.n, b.k);
+    const RouterSmem L = router_smem(b.rows, stages_x ? b.chunks : 0, b.n, b.k);
     char *smem = (char *)staged;
     b.bias = (float *)(smem + L.bias), b.score = (float *)(smem + L.score), b.pick_w = (float *)(smem + L.pick_w);
     b.keys = (uint32_t *)(smem + L.keys);
@@ -1420,50 +1418,62 @@ __device__ __forceinline__ float gate_logit(const dsrtk_moe_matrix &g, int j, in
     return mine;
 }
 
-/* per_block gate rows a block; TB: registers for the tokens (rows <= TB) */
+/* The gate at decode: per_block gate rows a block, a warp a row, each row's logits of the staged
+ * tokens into r.logits (their scores for an element-wise score function: softmax needs the whole
+ * row, moe_route_one_kernel scores it). TB: registers for the tokens (rows <= TB). Launched
+ * dependent: the block's gate rows go to L2 before the wait. */
 template <int TB>
-__global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __grid_constant__ dsrtk_moe_router_args a,
-                                                                       int per_block)
+__global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_gate_kernel(const __grid_constant__ dsrtk_moe_router_args a,
+                                                                     int per_block)
 {
     extern __shared__ float4 staged[];
-    const RouterBlock b = router_block(a, staged);
     const dsrtk_moe_matrix &g = a.gate;
     const dsrtk_moe_route_args &r = a.route;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = b.n, k = b.k, rows = b.rows, chunks = b.chunks;
-    float *bias = b.bias, *score = b.score, *pick_w = b.pick_w;
-    uint32_t *keys = b.keys;
-    int *pick_e = b.pick_e, *valid = b.valid;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = r.n_routed, rows = (int)r.rows;
+    const int chunks = (g.cols + CHUNK - 1) / CHUNK;
     const int first = blockIdx.x * per_block, end = first + per_block < n ? first + per_block : n;
+    if (g.vector) { /* a row's 128-byte lines, the block's rows over its threads */
+        const int lines = (g.cols * 2 + 127) / 128;
+        for (int i = threadIdx.x; i < (end - first) * lines; i += ROUTER_THREADS)
+            dsrtk_prefetch_l2((const char *)((const uint16_t *)g.weight + g.offset + (int64_t)(first + i / lines) * g.stride0) +
+                              128 * (i % lines));
+    }
+    dsrtk_wait_producer();
 
     int j = first + warp;
     uint32_t word[GATE_U][16];
     if (g.vector && j < end) load_gate_chunks(g, j, lane, chunks, word); /* in flight during the staging */
     stage_x(staged, a.x, a.x_dtype, a.x_ld, rows, g.cols, chunks);
     __syncthreads();
-
     for (bool loaded = g.vector; j < end; j += ROUTER_WARPS, loaded = false) {
         const float mine = gate_logit<TB>(g, j, chunks, staged, rows, loaded, word);
-        /* softmax needs the whole row: block 0 scores it */
         if (lane < rows)
             r.logits[(int64_t)lane * n + j] = r.score_func == DSRTK_MOE_SOFTMAX ? mine : score_of(r.score_func, mine);
     }
-    /* block 0's warps without a gate row get here at once and load the routing's inputs while the
-     * others run the gate; when every warp has a row, all load them after */
-    const int helpers = per_block < ROUTER_WARPS ? ROUTER_THREADS - 32 * per_block : ROUTER_THREADS;
-    if (blockIdx.x == 0 && (int)threadIdx.x >= ROUTER_THREADS - helpers)
-        router_inputs(r, threadIdx.x - (ROUTER_THREADS - helpers), helpers, bias, pick_e, valid);
+}
 
-    cooperative_groups::this_grid().sync(); /* every score written (and block 0's inputs in place) */
-    if (blockIdx.x) return;
-
-    /* the scores [rows, n] into shared memory, by the whole block with its loads in flight together
-     * (written by other blocks: read from L2) */
+/* The routing at decode, one block after moe_gate_kernel: the scores [rows, n] and the routing's
+ * other inputs into shared memory (router_smem's arrays, no staged x), then a warp a token as
+ * moe_route_kernel (softmax, the top-k with the bias, the weights) and the few picks grouped
+ * (group_few). Launched dependent. */
+__global__ void __launch_bounds__(ROUTER_THREADS) moe_route_one_kernel(const __grid_constant__ dsrtk_moe_router_args a)
+{
+    extern __shared__ float4 smem[];
+    const RouterBlock b = router_block(a, smem, false);
+    const dsrtk_moe_route_args &r = a.route;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = b.n, k = b.k, rows = b.rows;
+    float *bias = b.bias, *score = b.score, *pick_w = b.pick_w;
+    uint32_t *keys = b.keys;
+    int *pick_e = b.pick_e, *valid = b.valid;
+    dsrtk_wait_producer();
+    router_inputs(r, threadIdx.x, ROUTER_THREADS, bias, pick_e, valid);
+    /* the scores, by the whole block with its loads in flight together */
     for (int i0 = threadIdx.x; i0 < rows * n; i0 += SCORE_U * ROUTER_THREADS) {
         float v[SCORE_U];
 #pragma unroll
         for (int u = 0; u < SCORE_U; u++) {
             const int i = i0 + u * ROUTER_THREADS;
-            v[u] = i < rows * n ? __ldcg(r.logits + i) : 0.0f;
+            v[u] = i < rows * n ? r.logits[i] : 0.0f;
         }
 #pragma unroll
         for (int u = 0; u < SCORE_U; u++)
@@ -1495,14 +1505,14 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_router_kernel(const __g
  * logits of its k picked experts, not the whole gate (Flash: 6 of 256 rows, 48 KB of the 2 MB
  * gate). One block: the picks from tid2eid (a thread a pick, once), then a warp a pick for its
  * gate row's logit, the row's loads in flight while the tokens are staged (gate_logit:
- * moe_router_kernel's bits), then its weights and the grouping as there. The chain is dependent
+ * moe_gate_kernel's bits), then its weights and the grouping as there. The chain is dependent
  * reads (ids, tid2eid, the gate row): warps that each looked their pick up again, beside
  * router_inputs' lookups, paid two more round trips (1.1 us of ~10, globaltimer marks, H200).
  * Launched dependent: the ids and x come from earlier work. */
 template <int TB>
 __device__ __forceinline__ RouterBlock hash_route_block(const dsrtk_moe_router_args &a, float4 *staged)
 {
-    const RouterBlock b = router_block(a, staged);
+    const RouterBlock b = router_block(a, staged, true);
     const dsrtk_moe_matrix &g = a.gate;
     const dsrtk_moe_route_args &r = a.route;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n = b.n, k = b.k, rows = b.rows, chunks = b.chunks;
@@ -1536,39 +1546,6 @@ __global__ void __launch_bounds__(ROUTER_THREADS, 1) moe_hash_router_kernel(cons
     extern __shared__ float4 staged[];
     const RouterBlock b = hash_route_block<TB>(a, staged);
     if (a.groups) group_few(a, b.pick_e, b.pick_w, b.first);
-}
-
-/* How many blocks of one moe_router_kernel variant with `smem` bytes of dynamic shared memory the
- * device holds at once (a cooperative launch must fit whole); 0 when none, or when the device has
- * no cooperative launch. The queries cost more than the launch they serve, and their answers never
- * change, so answers are kept. */
-static int router_fits(int dev, const void *kernel, size_t smem)
-{
-    struct Answer {
-        int dev;
-        const void *kernel;
-        size_t smem;
-        int blocks;
-    };
-    static std::mutex lock;
-    static Answer answers[64];
-    static int count;
-    std::lock_guard<std::mutex> guard(lock);
-    for (int i = 0; i < count; i++)
-        if (answers[i].dev == dev && answers[i].kernel == kernel && answers[i].smem == smem) return answers[i].blocks;
-    int cooperative = 0, optin = 0, per_sm = 0;
-    cudaFuncAttributes fa;
-    /* the opt-in up to what the device allows, once; a refusal only means "none": the three kernels run */
-    bool ok = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, dev) == cudaSuccess && cooperative &&
-              cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
-              cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && smem + fa.sharedSizeBytes <= (size_t)optin &&
-              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - (int)fa.sharedSizeBytes) ==
-                  cudaSuccess &&
-              cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, ROUTER_THREADS, smem) == cudaSuccess;
-    if (!ok) cudaGetLastError();
-    int blocks = ok ? per_sm * dsrtk_multiprocessors(dev) : 0;
-    if (count < 64) answers[count++] = Answer{dev, kernel, smem, blocks};
-    return blocks;
 }
 
 /* ---- hash routing beside UP (decode on the warpgroup tile) ----
@@ -1656,16 +1633,34 @@ static int launch_hash_router(int dev, const dsrtk_moe_router_args *a, size_t sm
                        "launch of moe_hash_router_kernel on cuda:%d", dev);
 }
 
-/* The one-kernel router (hash routing with an element-wise score: moe_hash_router_kernel, else the
- * cooperative moe_router_kernel); *launched 0 (and DSRTK_OK) when it does not fit, for the three
- * kernels */
+/* moe_gate_kernel<TB> for rows <= TB, then moe_route_one_kernel */
+template <int TB>
+static int launch_gate_route(int dev, const dsrtk_moe_router_args *a, size_t gate_smem, size_t route_smem, cudaStream_t s)
+{
+    int st = dsrtk_allow_shared(dev, (const void *)moe_gate_kernel<TB>, gate_smem, "moe_gate_kernel");
+    if (!st) st = dsrtk_allow_shared(dev, (const void *)moe_route_one_kernel, route_smem, "moe_route_one_kernel");
+    if (st) return st;
+    /* one block a multiprocessor, each taking its share of the gate rows */
+    const int n = a->route.n_routed, sms = dsrtk_multiprocessors(dev), blocks = n < sms ? n : sms;
+    const int per_block = (n + blocks - 1) / blocks, grid = (n + per_block - 1) / per_block;
+    st = dsrtk_check(dsrtk_launch_dependent(moe_gate_kernel<TB>, dim3((unsigned)grid), dim3(ROUTER_THREADS), gate_smem, s, *a,
+                                            per_block),
+                     "launch of moe_gate_kernel on cuda:%d", dev);
+    if (st) return st;
+    return dsrtk_check(dsrtk_launch_dependent(moe_route_one_kernel, dim3(1), dim3(ROUTER_THREADS), route_smem, s, *a),
+                       "launch of moe_route_one_kernel on cuda:%d", dev);
+}
+
+/* The few-token router (hash routing with an element-wise score: moe_hash_router_kernel, else
+ * moe_gate_kernel and moe_route_one_kernel); *launched 0 (and DSRTK_OK) when its shared memory is
+ * more than the device gives a block, for the three kernels */
 static int launch_router(int dev, const dsrtk_moe_router_args *a, cudaStream_t s, int *launched)
 {
     const int64_t rows = a->route.rows;
-    const int n = a->route.n_routed, k = a->route.k;
+    const int n = a->route.n_routed, k = a->route.k, chunks = (a->gate.cols + CHUNK - 1) / CHUNK;
     *launched = 0;
     if (rows > TB_MAX || rows * k > ROUTER_THREADS) return DSRTK_OK;
-    const RouterSmem L = router_smem((int)rows, (a->gate.cols + CHUNK - 1) / CHUNK, n, k);
+    const RouterSmem L = router_smem((int)rows, chunks, n, k);
     if (a->route.hash && a->route.score_func != DSRTK_MOE_SOFTMAX) {
         int st = rows <= 1 ? launch_hash_router<1>(dev, a, L.total, s, launched)
                : rows <= 2 ? launch_hash_router<2>(dev, a, L.total, s, launched)
@@ -1673,24 +1668,15 @@ static int launch_router(int dev, const dsrtk_moe_router_args *a, cudaStream_t s
                            : launch_hash_router<TB_MAX>(dev, a, L.total, s, launched);
         if (st || *launched) return st;
     }
-    const void *kernel = rows <= 1 ? (const void *)moe_router_kernel<1>
-                       : rows <= 2 ? (const void *)moe_router_kernel<2>
-                       : rows <= 4 ? (const void *)moe_router_kernel<4>
-                                   : (const void *)moe_router_kernel<TB_MAX>;
-    /* one block a multiprocessor, each taking its share of the gate rows */
-    int blocks = router_fits(dev, kernel, L.total), sms = dsrtk_multiprocessors(dev);
-    if (blocks > sms) blocks = sms;
-    if (blocks < 1) return DSRTK_OK;
-    int per_block = (n + blocks - 1) / blocks, grid = (n + per_block - 1) / per_block;
-    void *args[] = {(void *)a, &per_block};
-    cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(ROUTER_THREADS), args, L.total, s);
-    if (err == cudaErrorCooperativeLaunchTooLarge) { /* the device is shared (MPS): not all at once after all */
-        cudaGetLastError();
-        return DSRTK_OK;
-    }
-    *launched = err == cudaSuccess;
-    return dsrtk_check(err, "moe: cooperative launch of moe_router_kernel (%d blocks of %d) on cuda:%d", grid,
-                       (int)ROUTER_THREADS, dev);
+    /* the gate kernel's staged x, and the routing block's arrays */
+    const size_t gate_smem = L.bias, route_smem = router_smem((int)rows, 0, n, k).total;
+    int optin = 0, st = dsrtk_shared_limit(dev, &optin);
+    if (st || gate_smem > (size_t)optin || route_smem > (size_t)optin) return st;
+    *launched = 1;
+    return rows <= 1 ? launch_gate_route<1>(dev, a, gate_smem, route_smem, s)
+         : rows <= 2 ? launch_gate_route<2>(dev, a, gate_smem, route_smem, s)
+         : rows <= 4 ? launch_gate_route<4>(dev, a, gate_smem, route_smem, s)
+                     : launch_gate_route<TB_MAX>(dev, a, gate_smem, route_smem, s);
 }
 
 /* The gate of many bf16 tokens as one cuBLAS GEMM: bf16 products are exact in its fp32

@@ -189,8 +189,8 @@ test("hash_routing_matches_the_cpu", function()
 end)
 
 -- ---- the decode router ----
--- Up to 8 tokens (and 256 picks) route through one cooperative kernel (moe.cu moe_router_kernel:
--- the gate over the whole GPU, then one block routes and groups); more tokens through the gate
+-- Up to 8 tokens (and 256 picks) route through two kernels (moe.cu moe_gate_kernel, the gate over
+-- the whole GPU, then moe_route_one_kernel, one block routing and grouping); more tokens through the gate
 -- projection, moe_route_kernel and moe_group_kernel. Both must give the CPU's routing and each
 -- other's bits: slices of 1..8 rows of a 24-row batch are checked against the CPU and, exactly,
 -- against the batch's rows.
