@@ -782,9 +782,11 @@ done:
 
 /* index_select() on the device: *picks = i32 [S, topk], each query's top-k visible entries
  * (descending score, ties to the lower entry), −1 after. qr: bf16 or f32 [S, q_lora]; w: weights_proj's
- * output f32 [S, IH]; ic, ig: the indexer compressor's (c, g + ape) rows. */
-static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *qr, dsrt_tensor *w, dsrt_tensor *ic,
-                            dsrt_tensor *ig, int64_t P, int64_t S, dsrt_stream *s, dsrt_tensor **picks)
+ * output f32 [S, IH]; ic, ig: the indexer compressor's (c, g + ape) rows. w_ready (or NULL): an
+ * event recorded after w's producer, which s waits for only before the scores, the first step that
+ * reads w: the query's projection and the keys need only qr and the rows. */
+static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *qr, dsrt_tensor *w, dsrt_event *w_ready,
+                            dsrt_tensor *ic, dsrt_tensor *ig, int64_t P, int64_t S, dsrt_stream *s, dsrt_tensor **picks)
 {
     const dsrt_attn_config *c = &a->cfg;
     dsrt_precision prec = st->prec;
@@ -795,7 +797,7 @@ static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor 
     dsrt_tensor *q = indexer_q(a, dlin_any(a->w.index_wq_b, qr, prec, s), P, S, prec, s);
     /* 2. the indexer's keys; 3.-5. scores and the top-k, as index_select() */
     if (!q || compress_dev(a, &st->index, &a->w.index_compressor, ic, ig, P, S, 1, prec, s)) goto fail;
-    if (use_on(w, s) || use_on(st->index.tentries, s)) goto fail;
+    if ((w_ready && dsrt_stream_wait(s, w_ready)) || use_on(w, s) || use_on(st->index.tentries, s)) goto fail;
     if (!(scores = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){S, n_max ? n_max : 1}, dev, s))) goto fail;
     if (!(out = dsrt_tensor_new(DSRT_I32, 2, (int64_t[]){S, topk}, dev, s))) goto fail;
     float scale = (float)(1.0 / sqrt((double)ID) / sqrt((double)IH));
@@ -920,15 +922,16 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
         ok = !compressor_rows(a, &w->compressor, a->ape_t, xf, P, s_comp, &cc, &cg) &&
              !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, s_comp);
 
-    /* phase 2 (ratio 4): the whole indexer on aux 2, after its compressor's rows, once qr (s) and
-     * weights_proj (aux 1) are there. An event is recorded again only after every wait on its
-     * last record is queued. */
+    /* phase 2 (ratio 4): the whole indexer on aux 2, after its compressor's rows, once qr (s) is
+     * there; its scores wait for weights_proj (aux 1) too. Waiting for both before the indexer's
+     * wq_b started that GEMV ~7 us after qr, behind weights_proj's conversion and the streams'
+     * handover (CUPTI timeline, H200, Flash decode). An event is recorded again only after every
+     * wait on its last record is queued. */
     if (ok && r == 4) {
         if (aux)
             ok = !use_on(qr, s_icomp) && !use_on(wproj, s_icomp) && !dsrt_event_record(a->ev[0], s) &&
-                 !dsrt_event_record(a->ev[2], s_wproj) && !dsrt_stream_wait(s_icomp, a->ev[0]) &&
-                 !dsrt_stream_wait(s_icomp, a->ev[2]);
-        ok = ok && !index_select_dev(a, st, qr, wproj, ic, ig, P, S, s_icomp, &picks);
+                 !dsrt_event_record(a->ev[2], s_wproj) && !dsrt_stream_wait(s_icomp, a->ev[0]);
+        ok = ok && !index_select_dev(a, st, qr, wproj, aux ? a->ev[2] : NULL, ic, ig, P, S, s_icomp, &picks);
     }
     /* a reference chunk of many rows attends on the tensor cores, in bf16 (below) */
     const int attend_bf16 = prec == DSRT_PREC_REFERENCE && S >= MMA_MIN_ROWS;
