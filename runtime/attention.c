@@ -781,12 +781,11 @@ done:
 }
 
 /* index_select() on the device: *picks = i32 [S, topk], each query's top-k visible entries
- * (descending score, ties to the lower entry), −1 after. qr: bf16 or f32 [S, q_lora]; w: weights_proj's
- * output f32 [S, IH]; ic, ig: the indexer compressor's (c, g + ape) rows. w_ready (or NULL): an
- * event recorded after w's producer, which s waits for only before the scores, the first step that
- * reads w: the query's projection and the keys need only qr and the rows. */
-static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *qr, dsrt_tensor *w, dsrt_event *w_ready,
-                            dsrt_tensor *ic, dsrt_tensor *ig, int64_t P, int64_t S, dsrt_stream *s, dsrt_tensor **picks)
+ * (descending score, ties to the lower entry), −1 after. iq: the indexer's wq_b·qr [S, IH·ID]
+ * (released); w: weights_proj's output f32 [S, IH]; ic, ig: the indexer compressor's (c, g + ape)
+ * rows. */
+static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor *iq, dsrt_tensor *w, dsrt_tensor *ic,
+                            dsrt_tensor *ig, int64_t P, int64_t S, dsrt_stream *s, dsrt_tensor **picks)
 {
     const dsrt_attn_config *c = &a->cfg;
     dsrt_precision prec = st->prec;
@@ -794,10 +793,10 @@ static int index_select_dev(dsrt_attention *a, dsrt_attn_state *st, dsrt_tensor 
     int ref = prec == DSRT_PREC_REFERENCE, dev = a->device;
     dsrt_tensor *scores = NULL, *out = NULL;
     /* 1. qI = RoPE(wq_b·qr), then Hadamard + Q4 (reference only) */
-    dsrt_tensor *q = indexer_q(a, dlin_any(a->w.index_wq_b, qr, prec, s), P, S, prec, s);
+    dsrt_tensor *q = indexer_q(a, iq, P, S, prec, s);
     /* 2. the indexer's keys; 3.-5. scores and the top-k, as index_select() */
     if (!q || compress_dev(a, &st->index, &a->w.index_compressor, ic, ig, P, S, 1, prec, s)) goto fail;
-    if ((w_ready && dsrt_stream_wait(s, w_ready)) || use_on(w, s) || use_on(st->index.tentries, s)) goto fail;
+    if (use_on(w, s) || use_on(st->index.tentries, s)) goto fail;
     if (!(scores = dsrt_tensor_new(DSRT_F32, 2, (int64_t[]){S, n_max ? n_max : 1}, dev, s))) goto fail;
     if (!(out = dsrt_tensor_new(DSRT_I32, 2, (int64_t[]){S, topk}, dev, s))) goto fail;
     float scale = (float)(1.0 / sqrt((double)ID) / sqrt((double)IH));
@@ -893,7 +892,7 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     /* x as given (bf16 in reference precision): only linears read it, and they take either dtype */
     dsrt_tensor *xf = dsrt_tensor_contiguous(x, s);
     dsrt_tensor *qa = NULL, *kvp = NULL, *qr = NULL, *q = NULL, *kv = NULL, *pool = NULL, *idx = NULL, *o = NULL, *z = NULL,
-                *y = NULL, *out = NULL, *picks = NULL, *wproj = NULL, *ov = NULL;
+                *y = NULL, *out = NULL, *picks = NULL, *wproj = NULL, *ov = NULL, *iq = NULL;
     dsrt_tensor *cc = NULL, *cg = NULL, *ic = NULL, *ig = NULL; /* the compressors' (c, g + ape) rows */
     int ok;
     if (!xf) goto done;
@@ -922,16 +921,17 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
         ok = !compressor_rows(a, &w->compressor, a->ape_t, xf, P, s_comp, &cc, &cg) &&
              !compress_dev(a, &st->comp, &w->compressor, cc, cg, P, S, 0, prec, s_comp);
 
-    /* phase 2 (ratio 4): the whole indexer on aux 2, after its compressor's rows, once qr (s) is
-     * there; its scores wait for weights_proj (aux 1) too. Waiting for both before the indexer's
-     * wq_b started that GEMV ~7 us after qr, behind weights_proj's conversion and the streams'
-     * handover (CUPTI timeline, H200, Flash decode). An event is recorded again only after every
-     * wait on its last record is queued. */
+    /* phase 2 (ratio 4): the indexer's wq_b on s, then the layer's own wq_b with its head norm and
+     * RoPE on s, then the rest of the indexer on aux 2 (after its compressor's rows), once the
+     * indexer's query (s) and weights_proj (aux 1) are there. The indexer's chain (its GEMV, the
+     * query's pass, scores, top-k) is the layer's critical path: with both GEMVs on the streams at
+     * once, sharing the memory, the main stream waited ~20 us for the picks (CUPTI timeline, H200,
+     * Flash decode); the host issues the main stream's work first, as the chain waits for the
+     * indexer's GEMV anyway. An event is recorded again only after every wait on its last record is
+     * queued. */
     if (ok && r == 4) {
-        if (aux)
-            ok = !use_on(qr, s_icomp) && !use_on(wproj, s_icomp) && !dsrt_event_record(a->ev[0], s) &&
-                 !dsrt_event_record(a->ev[2], s_wproj) && !dsrt_stream_wait(s_icomp, a->ev[0]);
-        ok = ok && !index_select_dev(a, st, qr, wproj, aux ? a->ev[2] : NULL, ic, ig, P, S, s_icomp, &picks);
+        ok = (iq = dlin_any(w->index_wq_b, qr, prec, s)) != NULL;
+        if (ok && aux) ok = !dsrt_event_record(a->ev[0], s) && !dsrt_event_record(a->ev[2], s_wproj);
     }
     /* a reference chunk of many rows attends on the tensor cores, in bf16 (below) */
     const int attend_bf16 = prec == DSRT_PREC_REFERENCE && S >= MMA_MIN_ROWS;
@@ -942,6 +942,13 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
                          s);
     }
     ok = ok && q;
+    if (ok && r == 4) {
+        if (aux)
+            ok = !use_on(iq, s_icomp) && !use_on(wproj, s_icomp) && !dsrt_stream_wait(s_icomp, a->ev[0]) &&
+                 !dsrt_stream_wait(s_icomp, a->ev[2]);
+        if (ok) dsrt_tensor_retain(iq); /* index_select_dev's to release; ours lives past the join */
+        ok = ok && !index_select_dev(a, st, iq, wproj, ic, ig, P, S, s_icomp, &picks);
+    }
     if (aux) {
         /* join even after a failure: nothing on s may run ahead of queued aux work */
         int joined = 1;
@@ -949,7 +956,7 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
         ok = ok && joined && !use_on(cc, s) && !use_on(cg, s) && !use_on(ic, s) && !use_on(ig, s) && !use_on(picks, s);
         if (joined) { /* the join covers the aux streams' uses of s's tensors (alloc.h) */
             dsrt_storage_joined(xf->storage, s, a->aux, n_side);
-            if (qr) dsrt_storage_joined(qr->storage, s, a->aux, n_side);
+            if (iq) dsrt_storage_joined(iq->storage, s, a->aux, n_side);
         }
     }
     if (!ok) goto done;
@@ -1012,7 +1019,7 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
     }
 done:
     {
-        dsrt_tensor *all[] = {cc, cg, ic, ig, xf, qa, kvp, qr, q, kv, pool, idx, o, ov, z, y, picks, wproj};
+        dsrt_tensor *all[] = {cc, cg, ic, ig, xf, qa, kvp, qr, q, kv, pool, idx, o, ov, z, y, picks, wproj, iq};
         for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
     }
     return out;
