@@ -356,8 +356,8 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
                           const void *const *w, void *const *c, int c_dtype, int ldc, void **ptrs, void *stream);
 
 /* Prefill's expert GEMMs straight from the packed weights, when every matrix of the table is
- * `mma` (reference precision): for each of the n_tiles tiles (device i32 pairs {group, first row of
- * the tile within the group}, a tile up to DSRTK_MOE_TILE_ROWS of the group's rows), out rows =
+ * `mma` (reference precision): for each of the n_tiles tiles (device i32 triples {group, first row
+ * of the tile within the group, its rows}, up to DSRTK_MOE_TILE_ROWS rows), out rows =
  * in rows · Wᵀ, W the
  * group's set's [w1; w3] (UP: w3's outputs after w1's) or w2 (DOWN); in and out bf16, in_ld and
  * out_ld elements apart (in_ld a multiple of 8, in 16-byte aligned), out the bf16 rounding of the

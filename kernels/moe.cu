@@ -2019,35 +2019,31 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
 
 /* ---- prefill straight from the packed weights (reference precision, every matrix `mma`) ----
  *
- * moe_prefill_gemm_kernel: a block computes a 128-row x 128-column tile of one group's output,
- * out = in · Wᵀ, W the set's [w1; w3] (UP) or w2 (DOWN) read as packed FP4 / FP8 bytes. Its K
- * loop runs 64 columns a step through a 3-stage cp.async ring (the inputs' bf16 rows and the
- * weights' raw bytes, issued two steps ahead). Each step the block's two warpgroups issue their
- * wgmmas (m64n128k16, rows 64wg .. 64wg + 63, both operands read from shared memory) and, while the
- * tensor cores run them, every thread turns one 32-column chunk of one weight row into bf16 for
- * the NEXT step; one barrier a step orders both. The tiles are wgmma's 128-byte swizzle
- * (mma.cuh): XOR-swizzled 16-byte chunks, which also keeps the conversion's stores free of bank
- * conflicts.
+ * moe_prefill_gemm_kernel: a block computes 128 of a set's outputs (weight rows) for one tile of a
+ * group's rows (up to 128 tokens), out = in · Wᵀ, W the set's [w1; w3] (UP) or w2 (DOWN) read as
+ * packed FP4 / FP8 bytes. The weights are wgmma's A operand, from registers: each warp turns its
+ * own rows' bytes into bf16 fragments, so a converted weight never goes through shared memory;
+ * the tokens are the B operand (N = the tile's rows rounded up to 32: a Flash expert gets ~96 of
+ * 4096 tokens, which 128-row token tiles padded by a third). The K loop runs 64 columns a step
+ * through a 4-stage cp.async ring (the tokens' bf16 rows and the weights' raw bytes, issued two
+ * steps ahead); each step a warpgroup converts its fragments for step kt while the tensor cores
+ * still run step kt - 1's wgmmas, issues step kt's four m64nNk16, and waits for kt - 1's alone.
+ * The fragments alternate between two register sets, each pinned after the wait that retires its
+ * wgmmas (mma.cuh: the compiler would otherwise reuse them under the running wgmmas).
  *
  * What shaped it (ncu, H200, Flash layer at T = 4096, real clocks):
  *   - mma.sync first (8 warps of 64 x 32 with ldmatrix): UP 6.7 ms, DOWN 3.4 ms, the tensor pipe
  *     38% busy; the warps fed the tensor cores and converted in turn.
- *   - wgmma: 4.0 / 2.0 ms while ptxas serialised the wgmmas (a wait after each, the accumulators
- *     moved out for the conversion) because a warpgroup-uniform branch around them read to it as
- *     divergent ("C7520" under -Xptxas -v; tools/check_ptxas.sh fails the build on it); 3.4 / 1.7
- *     without it. At 4 stages and one block a multiprocessor: 4.5 / 2.3 (the two blocks' steps
- *     interleave; one block's barrier and waits stand bare).
- *   - 3.0 / 1.55 ms with the input copies' addresses a pointer and a stride, one branch a step in
- *     the conversion, and the e8m0 bytes loaded two steps before their decode (decoded at once,
- *     their load drew 10% of the stall samples): ~340 -> ~280 instructions a warp a step, issue
- *     slots 50% busy, shared-memory LSU wavefronts 66%.
- *   - A byte LUT for FP4 added ~3.5 wavefronts of bank conflicts per lookup (the first version:
- *     9.6 ms), so FP4 codes convert in integer ops (pg_fp4_pair); FP8 (the shared expert, one set
- *     of 257) keeps a LUT, which also keeps e4m3's NaN codes NaN.
- *   - The conversion is paid once per 128 rows of a group (a Flash expert gets ~96 of 4096 tokens,
- *     so taller tiles would mostly multiply padding). A group's rows past its count are not copied
- *     and their outputs not stored; their wgmma rows are computed all the same (skipping a
- *     warpgroup's wgmmas is the branch above).
+ *   - both operands from shared memory (tokens as A in 128-row tiles, the converted weights
+ *     written to a shared tile as B, two blocks a multiprocessor): UP 2.5 ms, DOWN 1.3 ms, bound
+ *     by shared memory (L1 84% busy): every weight was stored as bf16 and read back by both
+ *     warpgroups, and a third of the token rows were padding.
+ *   - a warpgroup-uniform branch around the wgmmas reads to ptxas as divergent and it serialises
+ *     them ("C7520"; tools/check_ptxas.sh fails the build on it): the format and the token width
+ *     are template arguments, chosen once a block.
+ *   - A byte LUT for FP4 added ~3.5 wavefronts of bank conflicts per lookup, so FP4 codes convert
+ *     in integer ops (pg_fp4_pair); FP8 (the shared expert where it does not take the FP8
+ *     linear) converts through the hardware's e4m3x2 -> f16x2, which keeps e4m3's NaN codes NaN.
  *
  * Numerics: the slab path's. Inputs are Q8 round-tripped rows (exact in bf16; UP's are the
  * tokens', read through in_rows); a weight is code x 2^e, exact in bf16; products are exact in the
@@ -2056,21 +2052,28 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
  *
  * Why not the slabs: they wrote every selected expert's weights out as bf16 (50 MB for a Flash
  * expert's [w1; w3]) and read them back, ~26 GB a layer at 4096 tokens; here the weights are read
- * once per 128 rows of a group and the bytes that move are the packed ones. FLOPs (Flash,
- * T = 4096): 1.4 TFLOP a layer.
+ * once per tile of a group and the bytes that move are the packed ones. FLOPs (Flash, T = 4096):
+ * 1.2 TFLOP a layer.
  */
-enum { PG_M = DSRTK_MOE_TILE_ROWS, PG_N = 128, PG_K = 64, PG_STAGES = 3, PG_THREADS = 256, PG_BLOCKS_PER_SM = 2 };
-enum { PG_ALIGN = 1024 }; /* wgmma's 128-byte swizzle repeats every 8 rows of 128 bytes */
+enum { PG_M = 128, PG_TOKENS = DSRTK_MOE_TILE_ROWS, PG_TOKEN_STEP = 32, PG_K = 64, PG_STAGES = 4 };
+enum { PG_THREADS = 256, PG_BLOCKS_PER_SM = 2, PG_RAW_ROW = 64 /* a row's bytes of a step, fp8 (fp4: 32) */ };
+enum { PG_ALIGN = 1024, PG_OUT_LD = PG_M + 8 /* the output tile's row, padded off the banks */ };
 
-struct PgShared {                        /* at a 1024-byte boundary (pg_shared), and so is each tile */
-    uint16_t a[PG_STAGES][PG_M * PG_K];  /* input rows, bf16, swizzled 16-byte chunks */
-    uint16_t b[2][PG_N * PG_K];          /* the converted weights, bf16, swizzled like a */
-    uint4 raw[PG_STAGES][2][PG_THREADS]; /* each thread's weight bytes of a step (fp4: plane 0 only) */
-    uint32_t lut8[256];                  /* e4m3 byte -> bf16 in the low half */
+struct PgShared {                                /* at a 1024-byte boundary (pg_shared), and so is each tile */
+    uint16_t x[PG_STAGES][PG_TOKENS * PG_K];    /* the tile's input rows (wgmma's B), bf16, swizzled 16-byte chunks */
+    uint8_t raw[PG_STAGES][PG_M * PG_RAW_ROW];  /* the block's weight rows' bytes of a step (pg_raw_at) */
 };
+static_assert(sizeof(uint16_t) * PG_TOKENS * PG_OUT_LD <= sizeof(((PgShared *)0)->x), "the output tile reuses x");
 
 /* element offset of 16-byte chunk c of row r in a 64-column bf16 tile */
 __device__ __forceinline__ int pg_swizzle(int r, int c) { return r * PG_K + ((c ^ (r & 7)) << 3); }
+
+/* byte offset of 16-byte chunk c of weight row r in a raw stage: rows of 32 (fp4) or 64 (fp8)
+ * bytes, chunks XOR-ed so the 8 rows a warp's load reads fall on distinct banks */
+template <bool FP8> __device__ __forceinline__ int pg_raw_at(int r, int c)
+{
+    return FP8 ? r * 64 + 16 * (c ^ ((r >> 1) & 3)) : r * 32 + 16 * (c ^ ((r >> 2) & 1));
+}
 
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b)
 {
@@ -2087,8 +2090,7 @@ __device__ __forceinline__ uint32_t pow2_bf16x2(int p)
 
 /* A chunk's e8m0 scale as the bf16 multipliers its converted codes take. FP4 codes convert as
  * code · 2^-126 and take 2^(e - 127 + 126), one bf16 while e <= 128, else two: 2^126, then
- * 2^(e - 127). FP8 codes convert as code (the LUT) and take 2^(e - 127), always one. e = 255 is
- * NaN. */
+ * 2^(e - 127). FP8 codes convert as code and take 2^(e - 127), always one. e = 255 is NaN. */
 struct PgScale {
     uint32_t first, second; /* second == 0: one multiply */
 };
@@ -2108,117 +2110,248 @@ __device__ __forceinline__ PgScale pg_scale_of(uint32_t e, bool fp8)
  * s e1 e0 m becomes the bf16 bits s 0000000 e1 e0 m 000000, which read 2^(e - 127)(1 + m/2) =
  * e2m1 · 2^-126 for e > 0, and the subnormal m · 2^-127 = e2m1 · 2^-126 for e = 0. Five integer
  * ops a pair, no shared memory. */
-__device__ __forceinline__ uint32_t pg_fp4_pair(uint32_t w, int i)
+__device__ __forceinline__ uint32_t pg_fp4_pair(uint32_t w, uint32_t i)
 {
-    const uint32_t t = __byte_perm(w, 0, 0x4440u | (uint32_t)i);
+    const uint32_t t = __byte_perm(w, 0, 0x4440u | i);
     return ((t * 0x01001000u) & 0x80008000u) | ((t * 0x00040040u) & 0x01c001c0u);
 }
 
-/* The weight row a converting thread owns for a block: its bytes, format and scale row */
+/* FP8 half i of w (the low byte = the earlier column) as a bf16 pair, exactly (NaN stays NaN) */
+__device__ __forceinline__ uint32_t pg_fp8_pair(uint32_t w, uint32_t i)
+{
+    uint32_t h;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"((unsigned short)(w >> (16 * i))));
+    const float2 f = __half22float2(*(const __half2 *)&h);
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+    return *(const uint32_t *)&b;
+}
+
+/* A weight row of the block: its bytes and its scale row */
 struct PgRow {
     const uint8_t *w, *scale; /* the row's first byte; its scale row's first byte */
     int64_t scale_stride1;    /* bytes between the scales of successive scale blocks along K */
-    int shift;                /* log2(block_cols / 32): chunk -> scale block */
-    bool fp8;
+    int shift;                /* log2(block_cols / 32): 32-column chunk -> scale block */
 };
 
 __device__ __forceinline__ PgRow pg_row(const dsrtk_moe_matrix &m, int64_t row)
 {
     PgRow r;
-    r.fp8 = m.dtype == DSRT_F8E4M3;
-    r.w = (const uint8_t *)m.weight + (r.fp8 ? m.offset + row * m.stride0 : (m.offset + row * m.stride0) / 2);
+    const bool fp8 = m.dtype == DSRT_F8E4M3;
+    r.w = (const uint8_t *)m.weight + (fp8 ? m.offset + row * m.stride0 : (m.offset + row * m.stride0) / 2);
     r.scale = (const uint8_t *)m.scale + m.scale_offset + row / m.block_rows * m.scale_stride0;
     r.scale_stride1 = m.scale_stride1;
     r.shift = 31 - __clz(m.block_cols / 32);
     return r;
 }
 
-/* The input rows a thread copies: rows t / 8 + 32i of the tile, 16-byte chunk t mod 8 of each
- * step's 64 columns; their offsets found once (the input row through in_rows: UP reads the Q8'd
- * tokens in place, no gathered copy), so a copy's address is one add (the copies' row arithmetic
- * was a fifth of the loop's instructions) */
-enum { PG_COPY_ROWS = PG_THREADS / 8, PG_COPIES = PG_M / PG_COPY_ROWS };
-struct PgInput {
+/* the e8m0 byte of 32-column chunk `chunk` of a row */
+__device__ __forceinline__ uint32_t pg_scale_byte(const PgRow &r, int chunk)
+{
+    return __ldg(r.scale + (int64_t)(chunk >> r.shift) * r.scale_stride1);
+}
+
+/* What a thread of the block does besides the wgmmas, found once: the weight bytes and input rows
+ * it copies each step, and where its rows' scale bytes lie. Input copies: rows t / 8 + 32i of the
+ * tile, 16-byte chunk t mod 8 of each step's 64 columns (the input row through in_rows: UP reads
+ * the Q8'd tokens in place, no gathered copy), so a copy's address is one add. */
+enum { PG_COPY_ROWS = PG_THREADS / 8, PG_COPIES = PG_TOKENS / PG_COPY_ROWS };
+struct PgTile {
+    const uint8_t *w;       /* the weight bytes this thread copies: of row t / 2 of the block's */
+    const uint8_t *scales;  /* the block's scale table (pg_load_scales), row r0 of it */
+    int scale_ld;           /* bytes between its rows */
     const uint16_t *in;
-    uint32_t at[PG_COPIES]; /* elements from `in` to copy i's chunk at step 0 */
-    int rows;               /* the tile's rows in its group */
+    uint32_t at[PG_COPIES]; /* elements from `in` to input copy i's chunk at step 0 */
+    uint32_t x0, raw0;      /* shared addresses of its first input chunk and weight chunk in stage 0 */
+    int rows, nk;           /* the tile's rows; steps along K */
 };
 
-/* a step's cp.async: the thread's weight chunk (16 fp4 bytes or 32 fp8 bytes) and four 16-byte
+/* The scale table's row: K / 32 bytes rounded up to 128, 16-byte chunk C of row r stored at
+ * C ^ (r mod 8), so the 8 rows of a warp's load fall on distinct banks. Flash (K <= 4096: 16 KB)
+ * leaves two blocks a multiprocessor their shared memory. */
+__host__ __device__ inline int pg_scale_ld(int64_t k) { return (int)((k / 32 + 127) / 128 * 128); }
+__device__ __forceinline__ int pg_scale_at(int r, int c) { return (((c >> 4) ^ (r & 7)) << 4) | (c & 15); }
+
+/* a step's cp.async: the thread's weight chunks (16 bytes of fp4, 32 of fp8) and its 16-byte
  * chunks of input rows, 8 lanes a row (a warp's copy reads 4 whole 128-byte lines). Rows past the
- * group's are not copied: whatever their shared memory holds only reaches output rows never stored
- * (an output row reads its own input row alone). */
-__device__ __forceinline__ void pg_issue(PgShared &s, int stage, int kt, const PgRow &wr, int half, const PgInput &x)
+ * tile's are not copied: whatever their shared memory holds only reaches output columns never
+ * stored (an output reads its own input row alone). */
+template <int NT, bool FP8> __device__ __forceinline__ void pg_issue(int stage, int kt, const PgTile &c)
 {
     const int t = threadIdx.x;
-    if (wr.fp8) {
-        const uint8_t *p = wr.w + (int64_t)kt * PG_K + 32 * half;
-        cp_async16(&s.raw[stage][0][t], p);
-        cp_async16(&s.raw[stage][1][t], p + 16);
+    const uint32_t raw = c.raw0 + stage * (uint32_t)sizeof(PgShared::raw[0]);
+    if (FP8) {
+        const uint8_t *p = c.w + (int64_t)kt * PG_K;
+        cp_async16_at(raw, p), cp_async16_at(raw ^ 16, p + 16); /* pg_raw_at: chunks 2i, 2i + 1 */
     } else {
-        cp_async16(&s.raw[stage][0][t], wr.w + (int64_t)kt * (PG_K / 2) + 16 * half);
+        cp_async16_at(raw, c.w + (int64_t)kt * (PG_K / 2));
     }
+    const uint32_t x = c.x0 + stage * (uint32_t)sizeof(PgShared::x[0]);
 #pragma unroll
-    for (int i = 0; i < PG_COPIES; i++) {
-        const int r = (t >> 3) + i * PG_COPY_ROWS;
-        if (r < x.rows) cp_async16(&s.a[stage][pg_swizzle(r, t & 7)], x.in + (x.at[i] + (uint32_t)(kt * PG_K)));
-    }
+    for (int i = 0; i < NT / PG_COPY_ROWS; i++) /* 32 rows further: 32 rows of 128 bytes, the same swizzle */
+        if ((t >> 3) + i * PG_COPY_ROWS < c.rows) cp_async16_at(x + i * 4096, c.in + (c.at[i] + (uint32_t)(kt * PG_K)));
     cp_async_commit();
 }
 
-/* the e8m0 byte of the thread's chunk of step kt */
-__device__ __forceinline__ uint32_t pg_scale_byte(const PgRow &wr, int kt, int half)
+/* The block's scale table: byte [r][c] of `table` (rows `ld` bytes apart) is the e8m0 scale of
+ * 32-column chunk c of the block's weight row r, gathered once, so a step reads its four bytes from
+ * shared memory in two loads (per step from global memory they were four dependent loads and their
+ * index arithmetic, a fifth of the loop's instructions). Rows whose scales lie contiguous and
+ * aligned (FP4's 1 x 32 blocks) are copied by cp.async in 16-byte chunks, in the caller's next
+ * commit group; others (FP8's 128 x 128 blocks) byte by byte. Thread t takes row t / 2, every other
+ * chunk. */
+template <typename RowOf>
+__device__ __forceinline__ void pg_load_scales(uint8_t *table, int ld, int chunks, const RowOf &row_of)
 {
-    const int chunk = kt * (PG_K / 32) + half;
-    return __ldg(wr.scale + (int64_t)(chunk >> wr.shift) * wr.scale_stride1);
-}
-
-/* The thread's chunk of step `stage` (32 columns of its weight row) -> four bf16 16-byte chunks,
- * 4·half + q of row br of tile b. One branch a step: FP8 (the LUT), FP4 with one scale multiply,
- * or FP4 with two (a scale past 2^1: rare). */
-template <bool FP8, bool TWO_MULTIPLIES>
-__device__ __forceinline__ void pg_convert_chunk(const PgShared &s, int stage, uint16_t *b, int br, int half,
-                                                 const PgScale &scale)
-{
-    const int t = threadIdx.x;
-    const uint4 v0 = s.raw[stage][0][t], v1 = FP8 ? s.raw[stage][1][t] : v0;
-    const uint32_t words[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-    for (int q = 0; q < 4; q++) {
-        uint32_t o[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            if (FP8) { /* bytes 8q .. 8q + 7 of the 32 */
-                const uint32_t word = words[2 * q + (i >> 1)], sh = 16 * (i & 1);
-                o[i] = __byte_perm(s.lut8[(word >> sh) & 255], s.lut8[(word >> (sh + 8)) & 255], 0x5410);
-            } else { /* word q of the 16 bytes */
-                o[i] = pg_fp4_pair(words[q], i);
-            }
-            o[i] = bf16x2_mul(o[i], scale.first);
-            if (TWO_MULTIPLIES) o[i] = bf16x2_mul(o[i], scale.second);
-        }
-        *(uint4 *)&b[pg_swizzle(br, 4 * half + q)] = make_uint4(o[0], o[1], o[2], o[3]);
+    const int r = threadIdx.x >> 1, odd = threadIdx.x & 1;
+    const PgRow row = row_of(r);
+    uint8_t *dst = table + r * ld;
+    if (row.shift == 0 && row.scale_stride1 == 1 && (uintptr_t)row.scale % 16 == 0 && chunks % 16 == 0) {
+        for (int c = 16 * odd; c < chunks; c += 32) cp_async16(dst + pg_scale_at(r, c), row.scale + c);
+    } else {
+        for (int c = odd; c < chunks; c += 2) dst[pg_scale_at(r, c)] = (uint8_t)pg_scale_byte(row, c);
     }
 }
 
-__device__ __forceinline__ void pg_convert(const PgShared &s, int stage, uint16_t *b, int br, int half, bool fp8,
-                                           const PgScale &scale)
+/* Half a step's A fragments (columns 32·half .. 32·half + 31 of the step's 64) from a raw stage:
+ * f[i] = k16 round 2·half + i in mma_bf16's A layout (f[i][0] row g, columns 16i + 2q, 16i + 2q + 1
+ * of the half; f[i][1] row g + 8; f[i][2], f[i][3] the same rows 8 columns on). FP4: those columns
+ * are byte 8i + q of the half's 16 (lane q takes byte q of each word); FP8: half q mod 2 of word
+ * 4i + q / 2 of the half's 32 bytes. sc[h]: row h's multipliers (TWO_MULTIPLIES: both). */
+template <bool FP8, bool TWO_MULTIPLIES>
+__device__ __forceinline__ void pg_convert(const PgShared &s, int stage, int half, int r0, uint32_t q, const PgScale (&sc)[2],
+                                           uint32_t (&f)[2][4])
 {
-    if (fp8) pg_convert_chunk<true, false>(s, stage, b, br, half, scale);
-    else if (scale.second) pg_convert_chunk<false, true>(s, stage, b, br, half, scale);
-    else pg_convert_chunk<false, false>(s, stage, b, br, half, scale);
+#pragma unroll
+    for (int h = 0; h < 2; h++) { /* row r0 + 8h: f[.][h] and f[.][2 + h] */
+        const int r = r0 + 8 * h;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            uint32_t lo, hi;
+            if (FP8) {
+                const uint4 v = *(const uint4 *)&s.raw[stage][pg_raw_at<true>(r, 2 * half + i)];
+                lo = pg_fp8_pair(q & 2 ? v.y : v.x, q & 1), hi = pg_fp8_pair(q & 2 ? v.w : v.z, q & 1);
+            } else {
+                const uint4 v = *(const uint4 *)&s.raw[stage][pg_raw_at<false>(r, half)];
+                lo = pg_fp4_pair(i ? v.z : v.x, q), hi = pg_fp4_pair(i ? v.w : v.y, q);
+            }
+            lo = bf16x2_mul(lo, sc[h].first), hi = bf16x2_mul(hi, sc[h].first);
+            if (TWO_MULTIPLIES) lo = bf16x2_mul(lo, sc[h].second), hi = bf16x2_mul(hi, sc[h].second);
+            f[i][h] = lo, f[i][2 + h] = hi;
+        }
+    }
+}
+
+template <int NT> __device__ __forceinline__ void pg_wgmma(float (&d)[NT / 2], const uint32_t (&a)[4], uint64_t b)
+{
+    if constexpr (NT == 32) wgmma_m64n32k16_bf16_rs(d, a, b);
+    else if constexpr (NT == 64) wgmma_m64n64k16_bf16_rs(d, a, b);
+    else if constexpr (NT == 96) wgmma_m64n96k16_bf16_rs(d, a, b);
+    else wgmma_m64n128k16_bf16_rs(d, a, b);
+}
+
+/* Half a K step of a warpgroup: `cur` converted while the previous half's wgmmas run, its two
+ * wgmmas issued, then the wait that retires the previous half's, whose fragments (`prev`) are
+ * pinned after it. bytes: the half's scale bytes, row r0's in the low byte, row r0 + 8's above;
+ * fast: every lane's scales of the step are FP4's below 2^1 (e < 128), one multiply each, its
+ * bf16 pair 2^(e - 1) by the bits (pg_scale_of's general path takes the rest). */
+template <int NT, bool FP8>
+__device__ __forceinline__ void pg_half(const PgShared &s, int stage, int half, uint32_t bytes, bool fast,
+                                        float (&acc)[NT / 2], uint32_t (&cur)[2][4], uint32_t (&prev)[2][4])
+{
+    const int lane = threadIdx.x & 31, r0 = 64 * (threadIdx.x >> 7) + 16 * ((threadIdx.x >> 5) & 3) + (lane >> 2);
+    PgScale sc[2];
+    if (!FP8 && fast) {
+        sc[0].first = ((bytes & 255) + 126) * 0x00800080u, sc[1].first = ((bytes >> 8) + 126) * 0x00800080u;
+        pg_convert<false, false>(s, stage, half, r0, lane & 3, sc, cur);
+    } else {
+        sc[0] = pg_scale_of(bytes & 255, FP8), sc[1] = pg_scale_of(bytes >> 8, FP8);
+        if (!sc[0].second) sc[0].second = 0x3f803f80u; /* 1.0, where the other row takes two */
+        if (!sc[1].second) sc[1].second = 0x3f803f80u;
+        pg_convert<FP8, !FP8>(s, stage, half, r0, lane & 3, sc, cur);
+    }
+    const uint64_t b = wgmma_desc_advance(wgmma_desc_sw128(s.x[stage]), 64 * half);
+    wgmma_pin_regs(cur[0]); /* converted before the fence, not sunk between the wgmmas */
+    wgmma_pin_regs(cur[1]);
+    wgmma_fence();
+    pg_wgmma<NT>(acc, cur[0], b);
+    pg_wgmma<NT>(acc, cur[1], wgmma_desc_advance(b, 32));
+    wgmma_commit();
+    wgmma_wait_one();
+    wgmma_pin_regs(prev[0]);
+    wgmma_pin_regs(prev[1]);
+}
+
+/* One K step of the block: step kt's copies landed, step kt + 2's issued, then its two halves */
+template <int NT, bool FP8>
+__device__ __forceinline__ void pg_step(PgShared &s, const PgTile &c, int kt, float (&acc)[NT / 2], uint32_t (&fa)[2][4],
+                                        uint32_t (&fb)[2][4])
+{
+    cp_async_wait<1>();   /* this thread's copies of step kt (step kt + 1's may still fly) */
+    fence_async_shared(); /* its input rows, for the wgmmas' reads */
+    __syncthreads();      /* step kt landed everywhere; every warpgroup retired step kt - 1's first half */
+    const int stage = kt % PG_STAGES;
+    if (kt + 2 < c.nk) pg_issue<NT, FP8>((kt + 2) % PG_STAGES, kt + 2, c);
+    else cp_async_commit();
+    /* rows r0 and r0 + 8, chunks 2kt and 2kt + 1: {r0 2kt, r0 + 8 2kt} | {r0 2kt + 1, r0 + 8 2kt + 1} << 16 */
+    const int at = pg_scale_at(threadIdx.x >> 2, 2 * kt); /* rows r0 and r0 + 8: r0 mod 8 = lane / 4 */
+    const uint32_t a = *(const uint16_t *)&c.scales[at], b = *(const uint16_t *)&c.scales[8 * c.scale_ld + at];
+    const uint32_t bytes = __byte_perm(a, b, 0x5140);
+    const bool fast = !__any_sync(~0u, bytes & 0x80808080u);
+    pg_half<NT, FP8>(s, stage, 0, bytes & 0xffff, fast, acc, fa, fb);
+    pg_half<NT, FP8>(s, stage, 1, bytes >> 16, fast, acc, fb, fa);
+}
+
+/* The block's tile at token width NT, format FP8 (else FP4): the K loop, then the bf16 outputs
+ * through shared memory (acc[4j + 2h + i] is weight row 16(warp mod 4) + g + 8h of the
+ * warpgroup's 64, token 8j + 2q + i), stored a token row at a time. */
+template <int NT, bool FP8>
+__device__ __forceinline__ void pg_tile(PgShared &s, const PgTile &c, uint16_t *out, int64_t out_ld, int n0, int n_out)
+{
+    float acc[NT / 2];
+#pragma unroll
+    for (int i = 0; i < NT / 2; i++) acc[i] = 0.0f;
+    wgmma_pin_acc(acc);
+    uint32_t fa[2][4] = {}, fb[2][4] = {}; /* the halves' fragments: first halves in fa, second in fb */
+    __syncthreads(); /* the scale table */
+    for (int kt = 0; kt < c.nk; kt++) pg_step<NT, FP8>(s, c, kt, acc, fa, fb);
+    wgmma_wait_all();
+    wgmma_pin_acc(acc);
+    cp_async_wait<0>();
+    __syncthreads(); /* every warpgroup is done with x: it holds the output tile now */
+
+    uint16_t *o = s.x[0];
+    const int t = threadIdx.x, lane = t & 31, gq = lane >> 2, q = lane & 3;
+    const int r0 = 64 * (t >> 7) + 16 * ((t >> 5) & 3) + gq;
+#pragma unroll
+    for (int j = 0; j < NT / 8; j++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int i = 0; i < 2; i++) o[(8 * j + 2 * q + i) * PG_OUT_LD + r0 + 8 * h] = dsrt_f32_to_bf16(acc[4 * j + 2 * h + i]);
+    __syncthreads();
+    const bool whole = out_ld % 8 == 0 && (uintptr_t)out % 16 == 0;
+    for (int e = t; e < c.rows * (PG_M / 8); e += PG_THREADS) {
+        const int row = e / (PG_M / 8), col = 8 * (e % (PG_M / 8));
+        uint16_t *dst = out + row * out_ld + n0 + col;
+        const uint16_t *src = &o[row * PG_OUT_LD + col];
+        if (whole && n0 + col + 8 <= n_out) *(uint4 *)dst = *(const uint4 *)src;
+        else
+            for (int i = 0; i < 8 && n0 + col + i < n_out; i++) dst[i] = src[i];
+    }
 }
 
 /* the block's PgShared: the dynamic window rounded up to the 1024 bytes wgmma's swizzle needs
- * (moved along from the window's own pointer, so the compiler still knows it is shared memory) */
+ * (moved along from the window's own pointer, so the compiler still knows it is shared memory);
+ * the scale table follows it */
 __device__ __forceinline__ PgShared &pg_shared(unsigned char *window)
 {
     const uint32_t at = (uint32_t)__cvta_generic_to_shared(window);
     return *(PgShared *)(window + ((PG_ALIGN - at % PG_ALIGN) % PG_ALIGN));
 }
 
-/* tiles: n_tiles pairs {group, first row of the tile within the group}; block b computes
- * columns 128·(b mod n_col_tiles) .. of tile b / n_col_tiles */
+
+/* tiles: n_tiles triples {group, first row of the tile within the group, its rows}; block b
+ * computes outputs 128·(b mod n_col_tiles) .. of tile b / n_col_tiles */
 __global__ void __launch_bounds__(PG_THREADS, PG_BLOCKS_PER_SM)
     moe_prefill_gemm_kernel(const dsrtk_moe_matrix *table, const int32_t *groups, const int32_t *tiles, int n_col_tiles,
                             int mode, const uint16_t *in, int64_t in_ld, const int32_t *in_rows, uint16_t *out,
@@ -2226,87 +2359,48 @@ __global__ void __launch_bounds__(PG_THREADS, PG_BLOCKS_PER_SM)
 {
     extern __shared__ unsigned char pg_smem[];
     PgShared &s = pg_shared(pg_smem);
-    const int tile = blockIdx.x / n_col_tiles, n0 = (int)(blockIdx.x % n_col_tiles) * PG_N;
-    const int g = tiles[2 * tile], m0 = tiles[2 * tile + 1];
-    const int set = groups[3 * g], rows_left = groups[3 * g + 2] - m0, rows = rows_left < PG_M ? rows_left : PG_M;
+    const int tile = blockIdx.x / n_col_tiles, n0 = (int)(blockIdx.x % n_col_tiles) * PG_M;
+    const int g = tiles[3 * tile], m0 = tiles[3 * tile + 1], rows = tiles[3 * tile + 2];
+    const int set = groups[3 * g];
     const int64_t row0 = groups[3 * g + 1] + (int64_t)m0;
     const dsrtk_moe_matrix &first = table[3 * set + (mode == DSRTK_MOE_DOWN ? 1 : 0)], &second = table[3 * set + 2];
     const int n_out = first.rows + (mode == DSRTK_MOE_UP ? second.rows : 0);
     if (n0 >= n_out) return; /* a narrower set than the launch's widest */
-    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, wg = warp / 4; /* warpgroup wg: rows 64wg .. 64wg + 63 */
+    const int t = threadIdx.x, lane = t & 31;
 
-    /* the weight row this thread converts (rows past the matrix read its last; never stored) */
-    const int br = t >> 1, half = t & 1;
-    const int n = n0 + br < n_out ? n0 + br : n_out - 1;
-    const PgRow wr = n < first.rows ? pg_row(first, n) : pg_row(second, n - first.rows);
-    const int nk = first.cols / PG_K;
-    if (half == 0) /* the row's scales into L2 before the loop needs them */
-        for (int64_t off = 0; off <= (int64_t)((2 * nk - 1) >> wr.shift) * wr.scale_stride1; off += 128)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(wr.scale + off));
-    s.lut8[t] = dsrt_f32_to_bf16(dsrt_e4m3_to_f32((uint8_t)t));
-    PgInput x;
-    x.in = in, x.rows = rows;
+    /* weight rows past the matrix read its last (never stored) */
+    auto row_of = [&](int r) {
+        const int n = n0 + r < n_out ? n0 + r : n_out - 1;
+        return n < first.rows ? pg_row(first, n) : pg_row(second, n - first.rows);
+    };
+    PgTile c;
+    c.in = in, c.rows = rows, c.nk = first.cols / PG_K;
+    c.w = row_of(t >> 1).w + (first.dtype == DSRT_F8E4M3 ? 32 : 16) * (t & 1); /* its half of the row's step */
 #pragma unroll
     for (int i = 0; i < PG_COPIES; i++) {
         const int r = (t >> 3) + i * PG_COPY_ROWS;
         const int64_t row = row0 + (r < rows ? r : 0);
-        x.at[i] = (uint32_t)((in_rows ? in_rows[row] : row) * in_ld + 8 * (t & 7));
+        c.at[i] = (uint32_t)((in_rows ? in_rows[row] : row) * in_ld + 8 * (t & 7));
     }
-
-    for (int kt = 0; kt < PG_STAGES - 1; kt++) {
-        if (kt < nk) pg_issue(s, kt, kt, wr, half, x);
-        else cp_async_commit();
+    const bool fp8 = first.dtype == DSRT_F8E4M3;
+    c.x0 = (uint32_t)__cvta_generic_to_shared(&s.x[0][pg_swizzle(t >> 3, t & 7)]);
+    c.raw0 = (uint32_t)__cvta_generic_to_shared(&s.raw[0][fp8 ? pg_raw_at<true>(t >> 1, 2 * (t & 1)) : pg_raw_at<false>(t >> 1, t & 1)]);
+    uint8_t *scales = (uint8_t *)(&s + 1);
+    const int r0 = 64 * (t >> 7) + 16 * ((t >> 5) & 3) + (lane >> 2);
+    c.scale_ld = pg_scale_ld(in_ld);
+    c.scales = scales + r0 * c.scale_ld;
+    pg_load_scales(scales, c.scale_ld, 2 * c.nk, row_of); /* its copies land with step 0's */
+    for (int kt = 0; kt < 2; kt++) {
+        if (kt >= c.nk) cp_async_commit();
+        else if (fp8) pg_issue<PG_TOKENS, true>(kt, kt, c);
+        else pg_issue<PG_TOKENS, false>(kt, kt, c);
     }
-    PgScale scale = pg_scale_of(pg_scale_byte(wr, 0, half), wr.fp8);
-    cp_async_wait<PG_STAGES - 2>();
-    __syncthreads();
-    pg_convert(s, 0, s.b[0], br, half, wr.fp8, scale);
-    if (nk > 1) scale = pg_scale_of(pg_scale_byte(wr, 1, half), wr.fp8);
-    /* the scale bytes of steps kt + 2 and kt + 3: loaded two steps before they are decoded, so the
-     * load's latency is not the step's (decoded at once, it drew 10% of the stall samples) */
-    uint32_t e2 = nk > 2 ? pg_scale_byte(wr, 2, half) : 0, e3 = nk > 3 ? pg_scale_byte(wr, 3, half) : 0;
-
-    float acc[64] = {}; /* rows 64wg + 16(warp mod 4) + g (+ 8), all 128 columns (mma.cuh) */
-    int stage = 0;      /* kt % PG_STAGES */
-    for (int kt = 0; kt < nk; kt++) {
-        cp_async_wait<PG_STAGES - 3>();
-        fence_async_shared(); /* this thread's copies and converted chunks, for the wgmmas' reads */
-        __syncthreads();      /* step kt + 1 landed everywhere; every warpgroup is past step kt - 1 */
-        const int ahead = stage == 0 ? PG_STAGES - 1 : stage - 1, next = stage == PG_STAGES - 1 ? 0 : stage + 1;
-        if (kt + PG_STAGES - 1 < nk) pg_issue(s, ahead, kt + PG_STAGES - 1, wr, half, x);
-        else cp_async_commit();
-        const uint64_t a = wgmma_desc_sw128(&s.a[stage][wg * 64 * PG_K]), b = wgmma_desc_sw128(s.b[kt & 1]);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < PG_K / 16; ks++) /* k16 rounds: 32 bytes further along the swizzled rows */
-            wgmma_m64n128k16_bf16(acc, wgmma_desc_advance(a, 32 * ks), wgmma_desc_advance(b, 32 * ks));
-        wgmma_commit();
-        if (kt + 1 < nk) pg_convert(s, next, s.b[(kt + 1) & 1], br, half, wr.fp8, scale); /* beside the wgmmas */
-        wgmma_wait_all(); /* before the next barrier lets b[kt & 1] and stage `stage` be refilled */
-        scale = pg_scale_of(e2, wr.fp8); /* step kt + 2's, converted in the next step */
-        e2 = e3;
-        e3 = kt + 4 < nk ? pg_scale_byte(wr, kt + 4, half) : 0;
-        stage = next;
-    }
-
-    /* bf16 roundings of the fp32 sums: acc[4j + 2h + i] is row 16(warp mod 4) + g + 8h of the
-     * warpgroup's 64, column 8j + 2q + i */
-    const int gq = lane >> 2, q = lane & 3;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int r = wg * 64 + (warp & 3) * 16 + gq + 8 * h;
-        if (r >= rows) continue;
-        uint16_t *o = out + (row0 + r) * out_ld + n0;
-#pragma unroll
-        for (int j = 0; j < PG_N / 8; j++) {
-            const int c = j * 8 + 2 * q;
-            const uint16_t lo = dsrt_f32_to_bf16(acc[4 * j + 2 * h]), hi = dsrt_f32_to_bf16(acc[4 * j + 2 * h + 1]);
-            if (n0 + c + 1 < n_out && out_ld % 2 == 0) *(uint32_t *)&o[c] = lo | (uint32_t)hi << 16;
-            else {
-                if (n0 + c < n_out) o[c] = lo;
-                if (n0 + c + 1 < n_out) o[c + 1] = hi;
-            }
-        }
+    uint16_t *o = out + row0 * out_ld;
+    switch ((rows + PG_TOKEN_STEP - 1) / PG_TOKEN_STEP) { /* block-uniform: the wgmmas' width and format */
+    case 1: fp8 ? pg_tile<32, true>(s, c, o, out_ld, n0, n_out) : pg_tile<32, false>(s, c, o, out_ld, n0, n_out); break;
+    case 2: fp8 ? pg_tile<64, true>(s, c, o, out_ld, n0, n_out) : pg_tile<64, false>(s, c, o, out_ld, n0, n_out); break;
+    case 3: fp8 ? pg_tile<96, true>(s, c, o, out_ld, n0, n_out) : pg_tile<96, false>(s, c, o, out_ld, n0, n_out); break;
+    default: fp8 ? pg_tile<128, true>(s, c, o, out_ld, n0, n_out) : pg_tile<128, false>(s, c, o, out_ld, n0, n_out); break;
     }
 }
 
@@ -2316,12 +2410,12 @@ int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t
 {
     DSRTK_SET_DEVICE(dev, "moe prefill GEMM");
     if (n_tiles == 0) return DSRTK_OK;
-    const int64_t col_tiles = (max_out + PG_N - 1) / PG_N;
+    const int64_t col_tiles = (max_out + PG_M - 1) / PG_M;
     if (!table || !groups || !tiles || !in || !out || n_tiles < 0 || max_out < 1 || in_ld % 8 || (uintptr_t)in % 16 ||
-        (uintptr_t)out % 4 || (mode != DSRTK_MOE_UP && mode != DSRTK_MOE_DOWN) || n_tiles * col_tiles > INT32_MAX ||
+        (uintptr_t)out % 2 || (mode != DSRTK_MOE_UP && mode != DSRTK_MOE_DOWN) || n_tiles * col_tiles > INT32_MAX ||
         in_count < 1 || in_count * in_ld > (int64_t)UINT32_MAX)
         return dsrtk_fail(DSRTK_ERROR, "moe: prefill GEMM of %lld tiles called with bad arguments", (long long)n_tiles);
-    const size_t smem = sizeof(PgShared) + PG_ALIGN;
+    const size_t smem = sizeof(PgShared) + (size_t)PG_M * pg_scale_ld(in_ld) + PG_ALIGN;
     int st = dsrtk_allow_shared(dev, (const void *)moe_prefill_gemm_kernel, smem, "moe_prefill_gemm_kernel");
     if (st) return st;
     moe_prefill_gemm_kernel<<<(unsigned)(n_tiles * col_tiles), PG_THREADS, smem, (cudaStream_t)stream>>>(

@@ -654,23 +654,29 @@ static int prefill_phase(dsrt_moe *m, const dsrtk_moe_matrix *table, int32_t *gr
     return 0;
 }
 
-/* The direct path's tiles: {group, first row} for every DSRTK_MOE_TILE_ROWS rows of every group,
- * uploaded to tiles (device i32, room for rows / DSRTK_MOE_TILE_ROWS + n_groups pairs) */
+/* The direct path's tiles: {group, first row, rows} triples, a group's rows cut into the fewest
+ * tiles of up to DSRTK_MOE_TILE_ROWS, of even size (the kernel's width is a tile's rows rounded up
+ * to 32: 130 rows make two tiles of 65, not 128 and 2), uploaded to tiles (device i32, room for
+ * rows / DSRTK_MOE_TILE_ROWS + n_groups triples) */
 static int upload_tiles(const int32_t *host, int32_t n_groups, dsrt_tensor *tiles, int64_t *n_tiles, dsrt_stream *s)
 {
-    int64_t n = 0, cap = tiles->shape[0] / 2;
+    int64_t n = 0, cap = tiles->shape[0] / 3;
     for (int32_t g = 0; g < n_groups; g++) n += (host[3 * g + 2] + DSRTK_MOE_TILE_ROWS - 1) / DSRTK_MOE_TILE_ROWS;
     if (n > cap) return dsrt_err("moe: %lld prefill tiles for room of %lld", (long long)n, (long long)cap);
-    int32_t *list = malloc((size_t)(2 * n + 1) * sizeof *list);
+    int32_t *list = malloc((size_t)(3 * n + 1) * sizeof *list);
     if (!list) return dsrt_err("moe: out of host memory");
     int64_t i = 0;
-    for (int32_t g = 0; g < n_groups; g++)
-        for (int32_t r = 0; r < host[3 * g + 2]; r += DSRTK_MOE_TILE_ROWS) list[2 * i] = g, list[2 * i + 1] = r, i++;
-    int rc = dsrtk_memcpy(s->device, tiles->storage->data, list, (size_t)(2 * n) * sizeof *list, DSRTK_H2D, s->handle, 0)
+    for (int32_t g = 0; g < n_groups; g++) {
+        int32_t count = host[3 * g + 2], parts = (count + DSRTK_MOE_TILE_ROWS - 1) / DSRTK_MOE_TILE_ROWS;
+        int32_t size = parts ? (count + parts - 1) / parts : 0;
+        for (int32_t r = 0; r < count; r += size, i++)
+            list[3 * i] = g, list[3 * i + 1] = r, list[3 * i + 2] = count - r < size ? count - r : size;
+    }
+    int rc = dsrtk_memcpy(s->device, tiles->storage->data, list, (size_t)(3 * i) * sizeof *list, DSRTK_H2D, s->handle, 0)
                  ? kernel_failed()
                  : 0;
     free(list);
-    *n_tiles = n;
+    *n_tiles = i;
     return rc;
 }
 
@@ -759,7 +765,7 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
     int64_t slab = DSRTK_MOE_SLAB * 2 * width * dim, n_tiles = 0;
     int64_t x_rows = direct ? rows : all;
     int64_t lens[SCRATCH + MAX_LANES] = {x_rows * dim, all * 2 * width, all * width, all * dim,
-                                         direct ? 2 * (all / DSRTK_MOE_TILE_ROWS + max_groups) : 3 * DSRTK_MOE_SLAB * MAX_LANES};
+                                         direct ? 3 * (all / DSRTK_MOE_TILE_ROWS + max_groups) : 3 * DSRTK_MOE_SLAB * MAX_LANES};
     dsrt_tensor *bufs[SCRATCH + MAX_LANES] = {NULL};
     for (int i = 0; i < nbufs && !rc; i++) {
         dsrt_dtype dt = i == PTRS ? (direct ? DSRT_I32 : DSRT_I64) : io;
