@@ -30,7 +30,7 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1,
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-/* ---- warpgroup level (sm_90a): wgmma, B (and here A) from shared memory, A or from registers ----
+/* ---- warpgroup level (sm_90a): wgmma, B from shared memory, A from shared memory or registers ----
  *
  * Operands are K-major tiles in the 128-byte swizzle: rows of 128 bytes, 16-byte chunk c of row r
  * stored at chunk c ^ (r & 7), tiles 1024-byte aligned (the swizzle is computed from address

@@ -2026,10 +2026,11 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
  * the tokens are the B operand (N = the tile's rows rounded up to 32: a Flash expert gets ~96 of
  * 4096 tokens, which 128-row token tiles padded by a third). The K loop runs 64 columns a step
  * through a 4-stage cp.async ring (the tokens' bf16 rows and the weights' raw bytes, issued two
- * steps ahead); each step a warpgroup converts its fragments for step kt while the tensor cores
- * still run step kt - 1's wgmmas, issues step kt's four m64nNk16, and waits for kt - 1's alone.
- * The fragments alternate between two register sets, each pinned after the wait that retires its
- * wgmmas (mma.cuh: the compiler would otherwise reuse them under the running wgmmas).
+ * steps ahead), in halves of 32 columns: a warpgroup converts a half's fragments while the tensor
+ * cores still run the previous half's two m64nNk16, issues its own, and waits for the previous
+ * half's alone. The halves' fragments alternate between two register sets, each pinned after the
+ * wait that retires its wgmmas (mma.cuh: the compiler would otherwise reuse them under the running
+ * wgmmas). The block's e8m0 scales are gathered once into a shared table (pg_load_scales).
  *
  * What shaped it (ncu, H200, Flash layer at T = 4096, real clocks):
  *   - mma.sync first (8 warps of 64 x 32 with ldmatrix): UP 6.7 ms, DOWN 3.4 ms, the tensor pipe
@@ -2038,6 +2039,14 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
  *     written to a shared tile as B, two blocks a multiprocessor): UP 2.5 ms, DOWN 1.3 ms, bound
  *     by shared memory (L1 84% busy): every weight was stored as bf16 and read back by both
  *     warpgroups, and a third of the token rows were padding.
+ *   - the weights from registers, the tokens at their tile's width: the conversion costs the same
+ *     (each weight converted once a tile, 6 instructions a bf16 pair), and it is the kernel's bound
+ *     now: with four warps a scheduler the issue slots are ~55% busy and every instruction that
+ *     is not the conversion's counts. First form 1.43 G warp instructions for UP (the old one's
+ *     1.21 G) and the layer's MoE 5.39 ms against 4.78; the scales a step from global memory
+ *     (four loads, a decode with branches) -> a shared table and one multiplier by the bits, the
+ *     copies' shared addresses found once, the table copied by cp.async (gathered byte by byte it
+ *     drew 8% of the stall samples): 0.95 G, the MoE layer 4.09-4.19 ms against 4.70-4.83.
  *   - a warpgroup-uniform branch around the wgmmas reads to ptxas as divergent and it serialises
  *     them ("C7520"; tools/check_ptxas.sh fails the build on it): the format and the token width
  *     are template arguments, chosen once a block.
@@ -2312,7 +2321,6 @@ __device__ __forceinline__ void pg_tile(PgShared &s, const PgTile &c, uint16_t *
     for (int i = 0; i < NT / 2; i++) acc[i] = 0.0f;
     wgmma_pin_acc(acc);
     uint32_t fa[2][4] = {}, fb[2][4] = {}; /* the halves' fragments: first halves in fa, second in fb */
-    __syncthreads(); /* the scale table */
     for (int kt = 0; kt < c.nk; kt++) pg_step<NT, FP8>(s, c, kt, acc, fa, fb);
     wgmma_wait_all();
     wgmma_pin_acc(acc);

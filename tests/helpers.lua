@@ -121,9 +121,10 @@ end
 -- A random MoE layer for the MoE tests: dims, ffn (on the CPU) as dsrt.moe takes them; next_seed()
 -- gives each random draw its seed. Expert linears are "fp4" (e2m1 with an e8m0 scale per 32 inputs),
 -- "fp8" (e4m3, e8m0 per 128x128) or "bf16", with scales powers of two in ranges that keep the
--- products well inside f32. opts: dim, inter, shared_inter, n (experts), k, routing ("learned" |
--- "hash", over opts.vocab tokens, 1000 unless given), format, shared_format, score_func,
--- norm_topk_prob, route_scale, swiglu_limit
+-- products well inside f32 (fp4: 2^-6 .. 2^-3, or 2^fp4_scales[1] .. 2^fp4_scales[2]). opts: dim,
+-- inter, shared_inter, n (experts), k, routing ("learned" | "hash", over opts.vocab tokens, 1000
+-- unless given), format, shared_format, score_func, norm_topk_prob, route_scale, swiglu_limit,
+-- fp4_scales
 function helpers.moe_layer(opts, next_seed)
   local dsrt = require("dsrt")
   local function pow2_scales(shape, lo, hi) -- 2^u, u uniform in [lo, hi)
@@ -132,7 +133,7 @@ function helpers.moe_layer(opts, next_seed)
   local function linear(format, rows, cols) -- `cols` -> `rows` features
     if format == "fp4" then
       return { format = "fp4", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 2.5 }):to("fp4e2m1"),
-               scale = pow2_scales({ rows, (cols + 31) // 32 }, -6, -3) }
+               scale = pow2_scales({ rows, (cols + 31) // 32 }, table.unpack(opts.fp4_scales or { -6, -3 })) }
     elseif format == "fp8" then
       return { format = "fp8", weight = dsrt.randn({ rows, cols }, { seed = next_seed(), std = 30 }):to("f8e4m3"),
                scale = pow2_scales({ (rows + 127) // 128, (cols + 127) // 128 }, -9, -7) }

@@ -475,14 +475,18 @@ end)
 
 test("prefill_from_the_packed_weights_matches_the_cpu", function()
   -- every matrix `mma` (widths multiples of 64): reference prefill multiplies straight from the
-  -- FP4 / FP8 bytes (moe.cu moe_prefill_gemm_kernel, 64 x 128 tiles): groups end in short tiles,
-  -- the shared expert spans several, dim 320 leaves DOWN's last column tile half full, K runs from
-  -- one step (inter 64) to five (dim 320), and a narrower set skips the launch's widest tiles
+  -- FP4 / FP8 bytes (moe.cu moe_prefill_gemm_kernel: 128 outputs x a tile of up to 128 of a group's
+  -- rows, the wgmma's width the tile's rows rounded up to 32): groups of ~20 to ~110 rows take
+  -- every width, the shared expert's 256 / 333 rows split into even tiles, dim 320 leaves DOWN's
+  -- last column block short, K runs from one step (inter 64) to five (dim 320), and a narrower
+  -- set skips the launch's widest blocks. FP4 scales of 2^-1 .. 2^3 take the two-multiply path
+  -- (e >= 128) beside the one-multiply path in the same warps.
   for _, c in ipairs({
     { format = "fp4", shared_format = "fp8", inter = 128, shared_inter = 192 },
     { format = "fp4", shared_format = "fp8", inter = 192, shared_inter = 64 }, -- the FP8 linear's shared expert, narrower
     { format = "fp8", shared_format = "fp8", inter = 64, shared_inter = 128, n = 7, k = 2 },
     { format = "fp4", shared_format = "fp4", inter = 192, shared_inter = 64, routing = "hash", score_func = "softmax" },
+    { format = "fp4", shared_format = "fp4", inter = 128, shared_inter = 64, n = 24, k = 2, fp4_scales = { -1, 3 } },
   }) do
     c.dim, c.n, c.k = 320, c.n or 12, c.k or 3
     local cpu, gpu, dims = pair(c)
