@@ -731,8 +731,8 @@ static int shared_down(dsrt_moe *m, dsrt_tensor *h, int64_t rows, int64_t picks,
     return rc;
 }
 
-/* Prefill's experts, after the grouping: the groups read back once; x gathered (Q8'd) by group;
- * the UP phase into gu; the SwiGLU; the DOWN phase into yr; the combine. Reference runs in bf16
+/* Prefill's experts, after the grouping: x gathered (Q8'd) by group, the shared expert's UP
+ * started (direct path), the groups read back once; the UP phase into gu; the SwiGLU; the DOWN phase into yr; the combine. Reference runs in bf16
  * (exact inputs, fp32 accumulation, bf16 outputs = the reference's roundings), fp32 in f32.
  * Reference precision with every matrix `mma` (FP4/FP8 the tensor-core tile reads) multiplies
  * straight from the packed weights (dsrtk_moe_prefill_gemm), UP reading the tokens' Q8'd rows in
@@ -751,12 +751,6 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
     dsrt_dtype io = reference ? DSRT_BF16 : DSRT_F32;
     int32_t *host = malloc((size_t)(3 * max_groups + 1) * sizeof *host);
     if (!host) return dsrt_err("moe: out of host memory");
-    /* the one synchronisation of a prefill: the per-expert counts */
-    if (dsrtk_memcpy(dev, host, groups_dev, (size_t)(3 * max_groups + 1) * sizeof *host, DSRTK_D2H, st, 0)) {
-        free(host);
-        return kernel_failed();
-    }
-    int32_t n_groups = host[3 * max_groups];
     lanes l = {0};
     /* bufs: xg (the direct path: x's rows Q8'd, by token), gu, h, yr; the direct path's tiles, or the
      * lanes' grouped-GEMM pointers (i64 holds a pointer) and one scratch per lane */
@@ -771,31 +765,40 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
         dsrt_dtype dt = i == PTRS ? (direct ? DSRT_I32 : DSRT_I64) : io;
         if (!(bufs[i] = device_buffer(dt, i < SCRATCH ? lens[i] : slab, s))) rc = -1;
     }
-    /* the shared expert's group is the last (moe_group_kernel) */
-    const int shared_lt = direct && n_groups > 0 && host[3 * (n_groups - 1)] == m->cfg.n_routed && shared_by_linear(m);
+    const int shared_lt = direct && shared_by_linear(m);
     if (!rc && (!direct || shared_lt)) rc = lanes_open(&l, m, s, bufs, nbufs);
-    if (!rc && direct) rc = upload_tiles(host, n_groups - shared_lt, bufs[TILES], &n_tiles, s);
     if (!rc && dsrtk_moe_gather(dev, x_data(xf), xf->dtype, dim, direct ? NULL : row_token, x_rows, dim, reference,
                                 x_data(bufs[XG]), io, st))
         rc = kernel_failed();
     phase up = {DSRTK_MOE_UP, bufs[XG], bufs[GU], dim, 2 * width, 2 * width * dim};
     phase down = {DSRTK_MOE_DOWN, bufs[H], bufs[YR], width, dim, dim * width};
     const phase *phases[2] = {&up, &down};
+    /* the shared expert on an aux stream (when the layer has one), beside the routed GEMMs; its UP
+     * needs no counts, so it runs while the host waits for them (the GPU sat idle 64-91 us there,
+     * Flash prefill, H200) */
+    dsrt_stream *side = shared_lt && l.n > 1 ? l.stream[1] : s;
+    if (!rc && side != s && lanes_fork(&l)) rc = -1;
+    if (!rc && shared_lt) rc = shared_up(m, up.in, rows, picks, width, up.out, side);
+    /* the one synchronisation of a prefill: the per-expert counts */
+    int32_t n_groups = 0;
+    if (!rc && dsrtk_memcpy(dev, host, groups_dev, (size_t)(3 * max_groups + 1) * sizeof *host, DSRTK_D2H, st, 0))
+        rc = kernel_failed();
+    if (!rc) n_groups = host[3 * max_groups];
+    /* the shared expert's group is the last (moe_group_kernel) */
+    if (!rc && shared_lt && (n_groups < 1 || host[3 * (n_groups - 1)] != m->cfg.n_routed))
+        rc = dsrt_err("moe: the grouping of %lld rows has no shared expert's group", (long long)rows);
+    if (!rc && direct) rc = upload_tiles(host, n_groups - shared_lt, bufs[TILES], &n_tiles, s);
     for (int p = 0; p < 2 && !rc; p++) {
         const phase *ph = phases[p];
         if (direct) { /* out_ld is the widest set's outputs: 2·width (UP), dim (DOWN) */
             const int by_token = ph->mode == DSRTK_MOE_UP; /* UP's input rows are xg's tokens */
-            /* the shared expert on an aux stream (when the layer has one), beside the routed GEMM */
-            dsrt_stream *side = shared_lt && l.n > 1 ? l.stream[1] : s;
-            if (side != s && lanes_fork(&l)) rc = -1;
-            if (!rc && shared_lt)
-                rc = by_token ? shared_up(m, ph->in, rows, picks, width, ph->out, side)
-                              : shared_down(m, ph->in, rows, picks, width, ph->out, side);
+            if (!by_token && side != s && lanes_fork(&l)) rc = -1;
+            if (!rc && shared_lt && !by_token) rc = shared_down(m, ph->in, rows, picks, width, ph->out, side);
             if (!rc && dsrtk_moe_prefill_gemm(dev, table, groups_dev, x_data(bufs[TILES]), n_tiles, ph->mode, ph->out_ld,
                                               x_data(ph->in), ph->in_ld, by_token ? row_token : NULL, by_token ? x_rows : all,
                                               x_data(ph->out), ph->out_ld, st))
                 rc = kernel_failed();
-            if (side != s && lanes_join(&l) && !rc) rc = -1;
+            if (lanes_join(&l) && !rc) rc = -1;
         } else {
             if (lanes_fork(&l)) rc = -1;
             if (!rc) rc = prefill_phase(m, table, groups_dev, host, n_groups, ph, &l, bufs + SCRATCH, bufs[PTRS], io);
@@ -806,6 +809,7 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
                              picks, m->cfg.swiglu_limit, reference, x_data(bufs[H]), width, io, st))
             rc = kernel_failed();
     }
+    if (lanes_join(&l) && !rc) rc = -1; /* a failure left the shared expert's UP forked */
     if (!rc && dsrtk_moe_combine(dev, x_data(bufs[YR]), io, pos_of_pick, rows, k, dim, y->storage->data, y->dtype, st))
         rc = kernel_failed();
     free(host);
