@@ -2357,7 +2357,6 @@ __device__ __forceinline__ PgShared &pg_shared(unsigned char *window)
     return *(PgShared *)(window + ((PG_ALIGN - at % PG_ALIGN) % PG_ALIGN));
 }
 
-
 /* tiles: n_tiles triples {group, first row of the tile within the group, its rows}; block b
  * computes outputs 128·(b mod n_col_tiles) .. of tile b / n_col_tiles */
 __global__ void __launch_bounds__(PG_THREADS, PG_BLOCKS_PER_SM)
@@ -2381,16 +2380,16 @@ __global__ void __launch_bounds__(PG_THREADS, PG_BLOCKS_PER_SM)
         const int n = n0 + r < n_out ? n0 + r : n_out - 1;
         return n < first.rows ? pg_row(first, n) : pg_row(second, n - first.rows);
     };
+    const bool fp8 = first.dtype == DSRT_F8E4M3;
     PgTile c;
     c.in = in, c.rows = rows, c.nk = first.cols / PG_K;
-    c.w = row_of(t >> 1).w + (first.dtype == DSRT_F8E4M3 ? 32 : 16) * (t & 1); /* its half of the row's step */
+    c.w = row_of(t >> 1).w + (fp8 ? 32 : 16) * (t & 1); /* its half of the row's step */
 #pragma unroll
     for (int i = 0; i < PG_COPIES; i++) {
         const int r = (t >> 3) + i * PG_COPY_ROWS;
         const int64_t row = row0 + (r < rows ? r : 0);
         c.at[i] = (uint32_t)((in_rows ? in_rows[row] : row) * in_ld + 8 * (t & 7));
     }
-    const bool fp8 = first.dtype == DSRT_F8E4M3;
     c.x0 = (uint32_t)__cvta_generic_to_shared(&s.x[0][pg_swizzle(t >> 3, t & 7)]);
     c.raw0 = (uint32_t)__cvta_generic_to_shared(&s.raw[0][fp8 ? pg_raw_at<true>(t >> 1, 2 * (t & 1)) : pg_raw_at<false>(t >> 1, t & 1)]);
     uint8_t *scales = (uint8_t *)(&s + 1);

@@ -731,9 +731,10 @@ static int shared_down(dsrt_moe *m, dsrt_tensor *h, int64_t rows, int64_t picks,
     return rc;
 }
 
-/* Prefill's experts, after the grouping: x gathered (Q8'd) by group, the shared expert's UP
- * started (direct path), the groups read back once; the UP phase into gu; the SwiGLU; the DOWN phase into yr; the combine. Reference runs in bf16
- * (exact inputs, fp32 accumulation, bf16 outputs = the reference's roundings), fp32 in f32.
+/* Prefill's experts, after the grouping: x gathered (Q8'd), the shared expert's UP started (the
+ * direct path), the groups read back once; the UP phase into gu; the SwiGLU; the DOWN phase into
+ * yr; the combine. Reference runs in bf16 (exact inputs, fp32 accumulation, bf16 outputs = the
+ * reference's roundings), fp32 in f32.
  * Reference precision with every matrix `mma` (FP4/FP8 the tensor-core tile reads) multiplies
  * straight from the packed weights (dsrtk_moe_prefill_gemm), UP reading the tokens' Q8'd rows in
  * place through row_token (a token's Q8 is the same for each of its experts: no gathered copy,
