@@ -372,10 +372,12 @@ int dsrtk_moe_prefill_gemm(int dev, const dsrtk_moe_matrix *table, const int32_t
  * [0, inter) and u = x·W3ᵀ in [inter, 2·inter) (inter: the row's set's, from the groups), gu_ld
  * apart, dtype io_dtype (DSRT_BF16 in reference precision, DSRT_F32 in fp32); h row r (h_ld apart,
  * io_dtype) = silu(clamp g)·clamp u · row_weight[r] (r < n_weighted), then in reference bf16
- * and Q8 round-tripped (every w2 quantised). */
+ * and Q8 round-tripped (every w2 quantised). shared_gu, when not NULL, holds the unweighted rows'
+ * g and u instead (the shared expert's, written by the FP8 linear): m = rows - n_weighted rows of
+ * g, then m rows of u, each inter wide. */
 int dsrtk_moe_swiglu(int dev, const void *gu, int64_t gu_ld, int64_t rows, const dsrtk_moe_matrix *table,
                      const int32_t *groups, const int32_t *n_groups, const float *row_weight, int64_t n_weighted,
-                     float limit, int reference, void *h, int64_t h_ld, int io_dtype, void *stream);
+                     float limit, int reference, void *h, int64_t h_ld, int io_dtype, const void *shared_gu, void *stream);
 
 /* Routing of `rows` tokens from their gate logits (moe.h's rules): ids i64 and weights f32
  * [rows, k], contiguous. Learned routing: bias (f32 view [n_routed]); hash routing: tid2eid

@@ -2478,7 +2478,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu,
                                                                  const dsrtk_moe_matrix *table, const int32_t *groups,
                                                                  const int32_t *n_groups, const float *row_weight,
                                                                  int64_t n_weighted, float limit, int reference, void *h,
-                                                                 int64_t h_ld, int io_dtype, bool vec)
+                                                                 int64_t h_ld, int io_dtype, const void *shared_gu, bool vec)
 {
     enum { U = ACT_U };
     const int lane = threadIdx.x % 32;
@@ -2493,11 +2493,14 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu,
         const int64_t inter = table[3 * groups[3 * lo]].rows;
         const bool vec_row = vec && inter % 4 == 0; /* u's columns start 4-aligned too */
         const float weight = r < n_weighted ? row_weight[r] : 1.0f;
+        const bool own = shared_gu && r >= n_weighted; /* g and u in shared_gu's rows */
+        const void *src = own ? shared_gu : gu;
+        const int64_t g_at = own ? (r - n_weighted) * inter : r * gu_ld, u_at = own ? (rows - n_weighted) * inter + g_at : g_at + inter;
         for (int64_t c0 = 0; c0 < inter; c0 += U * ACT_BLOCK) {
-            const int64_t row[2] = {r * gu_ld, r * gu_ld + inter}; /* g, u */
+            const int64_t row[2] = {g_at, u_at};
             float gu_v[2][U][4];
             bool valid[U][4];
-            ld4_blocks<2, U>(gu, io_dtype, row, c0, inter, vec_row, gu_v, valid);
+            ld4_blocks<2, U>(src, io_dtype, row, c0, inter, vec_row, gu_v, valid);
 #pragma unroll
             for (int k = 0; k < U; k++) {
                 float v[4];
@@ -2521,7 +2524,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu,
 
 int dsrtk_moe_swiglu(int dev, const void *gu, int64_t gu_ld, int64_t rows, const dsrtk_moe_matrix *table,
                      const int32_t *groups, const int32_t *n_groups, const float *row_weight, int64_t n_weighted,
-                     float limit, int reference, void *h, int64_t h_ld, int io_dtype, void *stream)
+                     float limit, int reference, void *h, int64_t h_ld, int io_dtype, const void *shared_gu, void *stream)
 {
     DSRTK_SET_DEVICE(dev, "moe SwiGLU");
     if (rows == 0) return DSRTK_OK;
@@ -2534,7 +2537,8 @@ int dsrtk_moe_swiglu(int dev, const void *gu, int64_t gu_ld, int64_t rows, const
     }
     int grid = dsrtk_grid_for(dev, rows * 32, DSRTK_BLOCK);
     moe_swiglu_kernel<<<grid, DSRTK_BLOCK, 0, (cudaStream_t)stream>>>(gu, gu_ld, rows, table, groups, n_groups, row_weight,
-                                                                      n_weighted, limit, reference, h, h_ld, io_dtype,
-                                                                      act_vec(gu, gu_ld) && act_vec(h, h_ld));
+                                                                      n_weighted, limit, reference, h, h_ld, io_dtype, shared_gu,
+                                                                      act_vec(gu, gu_ld) && act_vec(h, h_ld) &&
+                                                                          (!shared_gu || act_vec(shared_gu, 4)));
     return dsrtk_check_launch("moe_swiglu_kernel", dev);
 }

@@ -704,18 +704,20 @@ static dsrt_tensor *block_of(dsrt_tensor *buf, int64_t ld, int64_t first, int64_
     return b;
 }
 
-/* The shared expert's UP: gu rows [picks, picks + rows) = [x·w1ᵀ | x·w3ᵀ] at columns 0 and inter
- * (its own; dsrtk_moe_swiglu's layout), x the tokens' Q8'd rows */
-static int shared_up(dsrt_moe *m, dsrt_tensor *xg, int64_t rows, int64_t picks, int64_t width, dsrt_tensor *gu, dsrt_stream *s)
+/* The shared expert's UP: sgu's first rows rows = x·w1ᵀ, the next rows rows = x·w3ᵀ (its own
+ * inter wide; dsrtk_moe_swiglu's shared_gu), x the tokens' Q8'd rows. The FP8 linear writes them
+ * in place: copied into gu's rows they cost two strided passes of 16 MB a Flash layer (49 us each,
+ * H200). */
+static int shared_up(dsrt_moe *m, dsrt_tensor *xg, int64_t rows, dsrt_tensor *sgu, dsrt_stream *s)
 {
     int64_t dim = m->dim, inter = m->shared.w1->cfg.out_features;
-    dsrt_tensor *x = block_of(xg, dim, 0, rows, 0, dim), *g = NULL, *u = NULL, *dg = NULL, *du = NULL;
-    int rc = x && !dsrt_linear_forward_pair(m->shared.w1, m->shared.w3, x, DSRT_PREC_REFERENCE, s, &g, &u) &&
-                     (dg = block_of(gu, 2 * width, picks, rows, 0, inter)) && (du = block_of(gu, 2 * width, picks, rows, inter, inter)) &&
-                     !dsrt_op_copy(dg, g, s) && !dsrt_op_copy(du, u, s)
+    dsrt_tensor *x = block_of(xg, dim, 0, rows, 0, dim), *g = block_of(sgu, inter, 0, rows, 0, inter);
+    dsrt_tensor *u = block_of(sgu, inter, rows, rows, 0, inter);
+    int rc = x && g && u && !dsrt_linear_forward_into(m->shared.w1, x, g, DSRT_PREC_REFERENCE, s) &&
+                     !dsrt_linear_forward_into(m->shared.w3, x, u, DSRT_PREC_REFERENCE, s)
                  ? 0
                  : -1;
-    dsrt_tensor *all[] = {x, g, u, dg, du};
+    dsrt_tensor *all[] = {x, g, u};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
     return rc;
 }
@@ -755,18 +757,20 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
     lanes l = {0};
     /* bufs: xg (the direct path: x's rows Q8'd, by token), gu, h, yr; the direct path's tiles, or the
      * lanes' grouped-GEMM pointers (i64 holds a pointer) and one scratch per lane */
-    enum { XG, GU, H, YR, PTRS, SCRATCH, TILES = PTRS };
-    int nlanes = 1 + m->n_aux < MAX_LANES ? 1 + m->n_aux : MAX_LANES, nbufs = direct ? TILES + 1 : SCRATCH + nlanes, rc = 0;
+    enum { XG, GU, H, YR, PTRS, SCRATCH, TILES = PTRS, SGU };
+    const int shared_lt = direct && shared_by_linear(m);
+    int nlanes = 1 + m->n_aux < MAX_LANES ? 1 + m->n_aux : MAX_LANES, rc = 0;
+    int nbufs = direct ? (shared_lt ? SGU : TILES) + 1 : SCRATCH + nlanes;
     int64_t slab = DSRTK_MOE_SLAB * 2 * width * dim, n_tiles = 0;
     int64_t x_rows = direct ? rows : all;
     int64_t lens[SCRATCH + MAX_LANES] = {x_rows * dim, all * 2 * width, all * width, all * dim,
-                                         direct ? 3 * (all / DSRTK_MOE_TILE_ROWS + max_groups) : 3 * DSRTK_MOE_SLAB * MAX_LANES};
+                                         direct ? 3 * (all / DSRTK_MOE_TILE_ROWS + max_groups) : 3 * DSRTK_MOE_SLAB * MAX_LANES,
+                                         2 * rows * shared_inter};
     dsrt_tensor *bufs[SCRATCH + MAX_LANES] = {NULL};
     for (int i = 0; i < nbufs && !rc; i++) {
         dsrt_dtype dt = i == PTRS ? (direct ? DSRT_I32 : DSRT_I64) : io;
-        if (!(bufs[i] = device_buffer(dt, i < SCRATCH ? lens[i] : slab, s))) rc = -1;
+        if (!(bufs[i] = device_buffer(dt, i < SCRATCH || direct ? lens[i] : slab, s))) rc = -1;
     }
-    const int shared_lt = direct && shared_by_linear(m);
     if (!rc && (!direct || shared_lt)) rc = lanes_open(&l, m, s, bufs, nbufs);
     if (!rc && dsrtk_moe_gather(dev, x_data(xf), xf->dtype, dim, direct ? NULL : row_token, x_rows, dim, reference,
                                 x_data(bufs[XG]), io, st))
@@ -779,7 +783,7 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
      * Flash prefill, H200) */
     dsrt_stream *side = shared_lt && l.n > 1 ? l.stream[1] : s;
     if (!rc && side != s && lanes_fork(&l)) rc = -1;
-    if (!rc && shared_lt) rc = shared_up(m, up.in, rows, picks, width, up.out, side);
+    if (!rc && shared_lt) rc = shared_up(m, up.in, rows, bufs[SGU], side);
     /* the one synchronisation of a prefill: the per-expert counts */
     int32_t n_groups = 0;
     if (!rc && dsrtk_memcpy(dev, host, groups_dev, (size_t)(3 * max_groups + 1) * sizeof *host, DSRTK_D2H, st, 0))
@@ -807,7 +811,8 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
         }
         if (!rc && p == 0 &&
             dsrtk_moe_swiglu(dev, x_data(bufs[GU]), 2 * width, all, table, groups_dev, groups_dev + 3 * max_groups, row_weight,
-                             picks, m->cfg.swiglu_limit, reference, x_data(bufs[H]), width, io, st))
+                             picks, m->cfg.swiglu_limit, reference, x_data(bufs[H]), width, io,
+                             shared_lt ? x_data(bufs[SGU]) : NULL, st))
             rc = kernel_failed();
     }
     if (lanes_join(&l) && !rc) rc = -1; /* a failure left the shared expert's UP forked */

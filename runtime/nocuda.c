@@ -394,10 +394,10 @@ int dsrtk_moe_gemm_groups(int dev, int ab_dtype, int count, const int *m, const 
 
 int dsrtk_moe_swiglu(int dev, const void *gu, int64_t gu_ld, int64_t rows, const dsrtk_moe_matrix *table,
                      const int32_t *groups, const int32_t *n_groups, const float *row_weight, int64_t n_weighted,
-                     float limit, int reference, void *h, int64_t h_ld, int io_dtype, void *stream)
+                     float limit, int reference, void *h, int64_t h_ld, int io_dtype, const void *shared_gu, void *stream)
 {
     (void)dev; (void)gu; (void)gu_ld; (void)rows; (void)table; (void)groups; (void)n_groups; (void)row_weight;
-    (void)n_weighted; (void)limit; (void)reference; (void)h; (void)h_ld; (void)io_dtype; (void)stream;
+    (void)n_weighted; (void)limit; (void)reference; (void)h; (void)h_ld; (void)io_dtype; (void)shared_gu; (void)stream;
     return without_cuda(__func__);
 }
 
