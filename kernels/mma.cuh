@@ -155,11 +155,13 @@ __device__ __forceinline__ void wgmma_m64n128k16_bf16_rs(float (&d)[64], const u
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
-
 /* waits until at most one committed wgmma group is in flight */
 __device__ __forceinline__ void wgmma_wait_one() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 
-/* after the wait that retired the wgmmas reading them: the registers stay where they are until here */
+/* The values are in their registers here: placed after the wait that retires the wgmmas reading
+ * them, it keeps the compiler from reusing those registers earlier; placed before wgmma_fence, it
+ * keeps their computation from being sunk between the wgmmas (ptxas then serialises them).
+ * wgmma_pin_acc is the same for an accumulator of any size (wgmma_pin: the m64n8 one). */
 template <int N> __device__ __forceinline__ void wgmma_pin_regs(uint32_t (&r)[N])
 {
 #pragma unroll
