@@ -755,8 +755,10 @@ static int cuda_prefill(dsrt_moe *m, const dsrtk_moe_matrix *table, dsrt_tensor 
     int32_t *host = malloc((size_t)(3 * max_groups + 1) * sizeof *host);
     if (!host) return dsrt_err("moe: out of host memory");
     lanes l = {0};
-    /* bufs: xg (the direct path: x's rows Q8'd, by token), gu, h, yr; the direct path's tiles, or the
-     * lanes' grouped-GEMM pointers (i64 holds a pointer) and one scratch per lane */
+    /* bufs: xg (the direct path: x's rows Q8'd, by token), gu, h, yr; the direct path's tiles and,
+     * where the shared expert takes the FP8 linear, its g and u (sgu, in the first scratch slot,
+     * which the direct path does not use), or the lanes' grouped-GEMM pointers (i64 holds a
+     * pointer) and one scratch per lane */
     enum { XG, GU, H, YR, PTRS, SCRATCH, TILES = PTRS, SGU };
     const int shared_lt = direct && shared_by_linear(m);
     int nlanes = 1 + m->n_aux < MAX_LANES ? 1 + m->n_aux : MAX_LANES, rc = 0;
