@@ -1165,6 +1165,287 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
     }
 }
 
+/* ---- wgmma: one CTA per (query row, 64 heads) at D = 512, two warpgroups ----
+ *
+ * Flash's prefill attends 64 heads of 512 over its 640 (ratio-4 layer) or 128-160 index entries a
+ * query row; mma_kernel's mma.sync ran it at ~140 TFLOP/s, bound by shared memory (each block's q
+ * fragments re-read by every warp). Here the 64 heads are wgmma's M, so every operand is read from
+ * shared memory once a block:
+ *   - warpgroup w owns dims 256w..256w+255: its half of q (staged once), its half of each
+ *     gathered row, its half of the output columns. The two halves never meet but in the scores;
+ *   - scores: S_w = q[:, half w] · kv[:, half w]ᵀ, 16 wgmma m64n64k16 (both operands K-major in
+ *     the 128-byte swizzle); the warpgroups swap their partial S through shared memory and each
+ *     adds the other's (fp32 addition commutes: both hold the same bits), then both run the
+ *     softmax step of all 64 heads (the same values twice: cheaper than a second exchange);
+ *   - P·V: O_w += P · kv[:, half w], P (bf16) straight from the S accumulator's registers as
+ *     wgmma's A fragments (the m64 accumulator's layout is the A layout), kv read N-major from
+ *     the same swizzled rows (64-dim column groups 8 KB apart, 8-entry groups 1 KB apart).
+ * Each warpgroup gathers its own half of the next block's rows (cp.async, zero-filled where the
+ * entry is invalid) as soon as its P·V of the block before has retired, so the copies of block
+ * b + 1 run under the exchange, softmax and P·V of block b. Numerics are mma_kernel's: exact
+ * bf16 products, fp32 sums in the tensor cores' order, P rounded to bf16 from the running max.
+ * Shared memory: q 64 KB, two stages of rows 128 KB, the exchange 32 KB: one CTA a multiprocessor. */
+enum { WGA_HEADS = 64, WGA_D = 512, WGA_THREADS = 256, WGA_CHUNK = 64 * 128 /* 64 rows x 64 dims, bf16 */ };
+enum : uint32_t {
+    WGA_Q = 0,                      /* bf16 [8 dim groups][64 heads][64] swizzled */
+    WGA_KV = WGA_Q + 8 * WGA_CHUNK, /* two stages of bf16 [8 dim groups][64 entries][64] swizzled */
+    WGA_XS = WGA_KV + 16 * WGA_CHUNK, /* float [2 warpgroups][32][128 threads]: partial scores */
+    WGA_VALID = WGA_XS + 2 * 32 * 128 * 4, /* u64 [2 warpgroups][2 stages][4 warps]: valid entries */
+    WGA_BYTES = WGA_VALID + 2 * 2 * 4 * 8,
+    WGA_OUT_LD = WGA_D + 8, /* the output's fp32 rows, over the stages and the exchange after the blocks */
+    WGA_SMEM = WGA_BYTES + 1024 /* the swizzle needs 1024-byte aligned tiles */
+};
+static_assert(WGA_HEADS * WGA_OUT_LD * 4 <= WGA_VALID - WGA_KV, "the output rows fit over the stages and the exchange");
+/* named barriers: 0 is __syncthreads; the exchange (both warpgroups); "partial w was read" */
+enum { BAR_SWAPPED = 1, BAR_READ = 2 /* + w */, BAR_GROUP = 4 /* + w: a warpgroup's 128 threads */ };
+__device__ __forceinline__ void bar_sync(int id, int threads) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id, int threads) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
+
+/* (lo, hi) rounded to bf16 (nearest even) as one word, lo in the low half: dsrt_f32_to_bf16's
+ * values in one instruction (a NaN may come out with other payload bits) */
+__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi)
+{
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+/* descriptors of tiles at a shared address: K-major (wgmma_desc_sw128), and N-major (the
+ * transposed B) with its 64-column groups `lbo` bytes apart */
+__device__ __forceinline__ uint64_t wgmma_desc_sw128_at(uint32_t shared_at)
+{
+    return (uint64_t)WGMMA_SW128_HIGH << 32 | wgmma_desc_sw128_low(shared_at);
+}
+__device__ __forceinline__ uint64_t wgmma_desc_sw128_n_major(uint32_t shared_at, uint32_t lbo)
+{
+    return (uint64_t)WGMMA_SW128_HIGH << 32 | ((shared_at & 0x3ffffu) >> 4) | (lbo >> 4) << 16;
+}
+
+/* A warpgroup's share of a block: 64 entries x 32 16-byte pieces (its 256 dims), 16 copies a
+ * thread: thread i takes piece i % 8 of dim groups 4w..4w+3 (a warp's lanes cover 128 contiguous
+ * bytes of 4 rows) for entries i / 8 + 16k, k < 4. wga_rows loads the 4 indices (a block ahead
+ * of their use), wga_copy checks them and issues the copies once the stage is free, and returns,
+ * in lane 0, the block's valid-entry bits its warp saw. */
+struct WgaRows {
+    long long r[4]; /* the index values as loaded (entries past K: any) */
+};
+__device__ __forceinline__ WgaRows wga_rows(const Args &a, int64_t t, int64_t b, int i)
+{
+    WgaRows rows;
+#pragma unroll
+    for (int k = 0; k < 4; k++) { /* no branch and no test of the value here: the loads all go out at once */
+        const int64_t kk = b * ENTRIES + (i >> 3) + 16 * k, at = t * a.K + (kk < a.K ? kk : a.K - 1);
+        rows.r[k] = a.idx64 ? ((const long long *)a.idx)[at] : (long long)((const int *)a.idx)[at];
+    }
+    return rows;
+}
+__device__ __forceinline__ uint64_t wga_copy(const Args &a, const WgaRows &rows, int64_t b, uint32_t stage_at, int w, int i,
+                                             bool &bad)
+{
+    const int piece = i & 7, lane = i & 31;
+    const uint16_t *pool = (const uint16_t *)a.pool + 8 * (4 * w * 8 + piece);
+    uint64_t bits = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int e = (i >> 3) + 16 * k;
+        long long r = b * ENTRIES + e < a.K ? rows.r[k] : -1;
+        if (r < -1 || r >= a.N) bad = true, r = -1;
+        const uint16_t *src = r >= 0 ? pool + r * WGA_D : pool;
+#pragma unroll
+        for (int m = 0; m < 4; m++)
+            cp_async16_or_zero_at(stage_at + (4 * w + m) * WGA_CHUNK + e * 128 + ((piece ^ (e & 7)) << 4), src + 64 * m, r >= 0);
+        /* lanes 8j hold entries (i >> 3) - (lane >> 3) + j + 16k, j < 4 */
+        const uint32_t vote = __ballot_sync(FULL, r >= 0);
+#pragma unroll
+        for (int j = 0; j < 4; j++) bits |= (uint64_t)(vote >> (8 * j) & 1) << (e - (lane >> 3) + j);
+    }
+    cp_async_commit();
+    return bits;
+}
+
+/* Requires round_p, q and pool bf16 and 16-byte aligned, D = 512, H % 64 == 0 (the host checks). */
+__global__ void __launch_bounds__(WGA_THREADS, 1) wga_kernel(const __grid_constant__ Args a)
+{
+    extern __shared__ __align__(16) unsigned char wga_raw[];
+    /* offset from the array (not a rounded integer) so the compiler keeps shared-memory accesses */
+    unsigned char *smem = wga_raw + ((1024 - ((uint32_t)__cvta_generic_to_shared(wga_raw) & 1023)) & 1023);
+    const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
+    const int w = threadIdx.x >> 7, i = threadIdx.x & 127, warp = i >> 5, lane = i & 31, g = lane >> 2, qd = lane & 3;
+    const int64_t t = blockIdx.x / a.groups, grp = blockIdx.x % a.groups;
+    float *xs_mine = (float *)(smem + WGA_XS) + w * 32 * 128, *xs_other = (float *)(smem + WGA_XS) + (1 - w) * 32 * 128;
+    uint64_t *valid = (uint64_t *)(smem + WGA_VALID) + w * 8; /* [stage][warp] */
+    bool bad = false;
+
+    { /* this warpgroup's half of q: 64 heads x 32 pieces, as wga_copy's rows; committed with block 0 */
+        const int piece = i & 7;
+        const uint16_t *q = (const uint16_t *)a.q + (t * a.H + grp * WGA_HEADS) * WGA_D + 8 * (4 * w * 8 + piece);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const int h = (i >> 3) + 16 * k;
+#pragma unroll
+            for (int m = 0; m < 4; m++)
+                cp_async16_at(base + WGA_Q + (4 * w + m) * WGA_CHUNK + h * 128 + ((piece ^ (h & 7)) << 4), q + h * WGA_D + 64 * m);
+        }
+    }
+    {
+        const uint64_t bits = wga_copy(a, wga_rows(a, t, 0, i), 0, base + WGA_KV, w, i, bad);
+        if (lane == 0) valid[warp] = bits;
+    }
+    /* the indices of block b + 1, loaded during block b - 1: an L2 round trip under the gathers'
+     * traffic outlasts one block's scores (ncu: 18% of the samples waited on them there) */
+    WgaRows next = wga_rows(a, t, a.nb > 1 ? 1 : 0, i);
+
+    float o[2][64] = {}; /* O[64 heads][this half's 256 columns]: two m64n128 accumulators */
+    float m[2] = {-INFINITY, -INFINITY}, den[2] = {0.0f, 0.0f}; /* rows 16·warp + g (+ 8) */
+    uint32_t pa[4][4] = {}; /* P of the block: the A fragments of its four k16 steps */
+    int swapped = 0;    /* blocks whose partial scores this warpgroup has written */
+    for (int64_t b = 0; b < a.nb; b++) {
+        const int st = (int)(b & 1);
+        const uint32_t kv_at = base + WGA_KV + st * 8 * WGA_CHUNK;
+        cp_async_wait<0>();
+        fence_async_shared();
+        bar_sync(BAR_GROUP + w, 128); /* this warpgroup's copies of block b (and q) are in */
+        const uint64_t vmask = valid[st * 4 + 0] | valid[st * 4 + 1] | valid[st * 4 + 2] | valid[st * 4 + 3];
+        const WgaRows after = wga_rows(a, t, b + 2 < a.nb ? b + 2 : b, i);
+        float s[32] = {};
+        if (vmask) {
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < 16; ks++) {
+                const uint32_t off = (4 * w + (ks >> 2)) * WGA_CHUNK + (ks & 3) * 32;
+                wgmma_m64n64k16_bf16_ss(s, wgmma_desc_sw128_at(base + WGA_Q + off), wgmma_desc_sw128_at(kv_at + off), ks);
+            }
+            wgmma_commit();
+        }
+        wgmma_wait_all(); /* the scores, and block b - 1's P·V: stage st ^ 1 is free */
+        wgmma_pin_acc(s);
+        wgmma_pin_acc(o[0]);
+        wgmma_pin_acc(o[1]);
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) wgmma_pin_regs(pa[ks]); /* block b - 1's P·V read them until here */
+        if (b + 1 < a.nb) {
+            const uint64_t bits = wga_copy(a, next, b + 1, base + WGA_KV + (st ^ 1) * 8 * WGA_CHUNK, w, i, bad);
+            if (lane == 0) valid[(st ^ 1) * 4 + warp] = bits;
+        }
+        next = after;
+        if (!vmask) continue; /* attend() skips a block without a valid entry; so do both warpgroups */
+        if (swapped++) bar_sync(BAR_READ + w, 256); /* the other warpgroup has read the last partial */
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            *(float4 *)(xs_mine + (k * 128 + i) * 4) = make_float4(s[4 * k], s[4 * k + 1], s[4 * k + 2], s[4 * k + 3]);
+        bar_sync(BAR_SWAPPED, 256);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const float4 x = *(const float4 *)(xs_other + (k * 128 + i) * 4);
+            s[4 * k] += x.x, s[4 * k + 1] += x.y, s[4 * k + 2] += x.z, s[4 * k + 3] += x.w;
+        }
+        bar_arrive(BAR_READ + (1 - w), 256);
+        /* the softmax step of rows 16·warp + g + 8h: s[4j + 2h + c] is entry 8j + 2·qd + c, whose
+         * valid bit is bit 8j + c of the mask shifted by 2·qd */
+        const uint64_t vm = vmask >> (2 * qd);
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    float &v = s[4 * j + 2 * h + c];
+                    v = (uint32_t)(vm >> (8 * j + c)) & 1 ? __fmul_rn(v, a.scale) : -INFINITY;
+                    mx[h] = fmaxf(mx[h], v);
+                }
+        float alpha[2], sum[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(FULL, mx[h], 1));
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(FULL, mx[h], 2));
+            const float m_new = fmaxf(m[h], mx[h]);
+            alpha[h] = expf(m[h] - m_new); /* 0 for the first block with a valid entry */
+            m[h] = m_new;
+            sum[h] = 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                /* e^{-inf} = 0 where the entry is invalid: no branch */
+                const float p0 = expf(s[4 * j + 2 * h] - m[h]), p1 = expf(s[4 * j + 2 * h + 1] - m[h]);
+                sum[h] += p0;
+                sum[h] += p1;
+                /* A fragment of k-step j / 2: a0 row g, a1 row g + 8, a2/a3 the same 8 entries on */
+                pa[j >> 1][2 * (j & 1) + h] = bf16_pair(p0, p1);
+            }
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            sum[h] += __shfl_xor_sync(FULL, sum[h], 1);
+            sum[h] += __shfl_xor_sync(FULL, sum[h], 2);
+            den[h] = fmaf(den[h], alpha[h], sum[h]);
+        }
+        if (__any_sync(FULL, alpha[0] != 1.0f || alpha[1] != 1.0f)) { /* o·1 is o: most later blocks skip it */
+#pragma unroll
+            for (int n = 0; n < 2; n++)
+#pragma unroll
+                for (int j = 0; j < 16; j++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) o[n][4 * j + 2 * h] *= alpha[h], o[n][4 * j + 2 * h + 1] *= alpha[h];
+        }
+        wgmma_pin_acc(o[0]); /* the rescaling done before the fence, not sunk between the wgmmas */
+        wgmma_pin_acc(o[1]);
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) wgmma_pin_regs(pa[ks]);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++)
+#pragma unroll
+            for (int n = 0; n < 2; n++)
+                wgmma_m64n128k16_bf16_rs<1>(o[n], pa[ks],
+                                            wgmma_desc_sw128_n_major(kv_at + (4 * w + 2 * n) * WGA_CHUNK + ks * 16 * 128,
+                                                                     WGA_CHUNK));
+        wgmma_commit();
+    }
+    wgmma_wait_all();
+    wgmma_pin_acc(o[0]);
+    wgmma_pin_acc(o[1]);
+    if (swapped) bar_sync(BAR_READ + w, 256); /* pairs the other warpgroup's last arrive */
+    const bool any_bad = __syncthreads_or(bad); /* and the stages and the exchange are free */
+    /* The output through shared memory: the accumulators as fp32 rows (o · 1/den, one division a
+     * head), then 16-byte stores of whole rows. Written straight from the accumulators' layout, the
+     * unrolled epilogue was thousands of instructions that each CTA fetched once (ncu: 20% of the
+     * samples waited for instructions). Rows of WGA_OUT_LD floats: 8 rows of a warp's stores
+     * fall in distinct bank groups. */
+    float *out = (float *)(smem + WGA_KV), *table = (float *)(smem + WGA_Q);
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int head = 16 * warp + g + 8 * h;
+        const float sink_den = m[h] != -INFINITY ? den[h] + expf(sink_of(a, grp * WGA_HEADS + head) - m[h]) : 1.0f;
+        const float inv = any_bad ? NAN : m[h] == -INFINITY ? 0.0f : 1.0f / sink_den;
+#pragma unroll
+        for (int n = 0; n < 2; n++)
+#pragma unroll
+            for (int j = 0; j < 16; j++)
+                *(float2 *)(out + head * WGA_OUT_LD + 256 * w + 128 * n + 8 * j + 2 * qd) =
+                    make_float2(o[n][4 * j + 2 * h] * inv, o[n][4 * j + 2 * h + 1] * inv);
+    }
+    rope_table(a, t, 0, table);
+    __syncthreads();
+    const int64_t row0 = (t * a.H + grp * WGA_HEADS) * WGA_D;
+    for (int k = threadIdx.x; k < WGA_HEADS * WGA_D / 8; k += WGA_THREADS) {
+        const int head = k / (WGA_D / 8), c = 8 * (k % (WGA_D / 8));
+        float v[8];
+        *(float4 *)v = *(const float4 *)(out + head * WGA_OUT_LD + c);
+        *(float4 *)(v + 4) = *(const float4 *)(out + head * WGA_OUT_LD + c + 4);
+        if (a.rope && c >= WGA_D - 64)
+            for (int e = 0; e < 8; e += 2) derotate_pair(a, table, c + e - (WGA_D - 64), v[e], v[e + 1]);
+        const int64_t at = row0 + head * WGA_D + c;
+        if (a.out_bf16 && ((uintptr_t)a.o & 15) == 0) {
+            *(uint4 *)((uint16_t *)a.o + at) =
+                make_uint4(bf16_pair(v[0], v[1]), bf16_pair(v[2], v[3]), bf16_pair(v[4], v[5]), bf16_pair(v[6], v[7]));
+        } else {
+            for (int e = 0; e < 8; e++) store_out(a, at + e, v[e]);
+        }
+    }
+}
+
 /* ---- host side ---- */
 
 const char *OP = "nn.sparse_attention";
@@ -1353,8 +1634,16 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
 
     cudaStream_t st = (cudaStream_t)stream;
     if (!use_split(dev, S, H, K)) {
-        /* the tensor cores where the operands are bf16 and P(p) is bf16 (reference precision) */
-        if (a.round_p && q->dtype == DSRT_BF16 && pool->dtype == DSRT_BF16 && D % 64 == 0 && D <= 64 * MMA_NT) {
+        /* the tensor cores where the operands are bf16 and P(p) is bf16 (reference precision):
+         * wgmma at Flash's shape, mma.sync otherwise */
+        const bool bf16 = a.round_p && q->dtype == DSRT_BF16 && pool->dtype == DSRT_BF16;
+        if (bf16 && D == WGA_D && H % WGA_HEADS == 0 && K > 0 && a.vec_rows && a.vec_q && (int)WGA_SMEM <= optin) {
+            a.groups = H / WGA_HEADS;
+            if ((rc = dsrtk_allow_shared(dev, (const void *)wga_kernel, WGA_SMEM, "sparse_attention wga_kernel"))) return rc;
+            wga_kernel<<<dim3((unsigned)(S * a.groups)), WGA_THREADS, WGA_SMEM, st>>>(a);
+            return dsrtk_check_launch("sparse_attention wga_kernel", dev);
+        }
+        if (bf16 && D % 64 == 0 && D <= 64 * MMA_NT) {
             MmaLayout ml = mma_layout_for(D);
             a.groups = (H + MMA_HEADS - 1) / MMA_HEADS;
             if (ml.total <= (size_t)optin)

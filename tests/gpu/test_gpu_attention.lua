@@ -407,12 +407,13 @@ end
 
 test("sparse_attention_inverse_rope_gives_the_bits_of_the_two_ops", function()
   -- each launch shape of kernels/sparse_attention.cu: split (few rows: decode), fused (K <= 64 or
-  -- many rows x head groups), tensor cores (many rows, reference, bf16 q and pool, D % 64 == 0); odd
+  -- many rows x head groups), tensor cores (many rows, reference, bf16 q and pool, D % 64 == 0; at
+  -- D = 512 and 64 heads the wgmma kernel, which derotates in warpgroup 1's registers); odd
   -- D = 65 and 97 put the rotated pairs at odd columns
   local cases = { -- S, H, D, K, q and pool dtype
     { 1, 64, 512, 640, "f32" }, { 1, 64, 512, 200, "bf16" }, { 3, 3, 96, 700, "f32" }, { 1, 5, 65, 130, "f32" },
     { 17, 64, 64, 65, "f32" }, { 5, 3, 97, 40, "bf16" }, { 140, 3, 97, 130, "f32" },
-    { 140, 19, 128, 200, "bf16" }, { 140, 3, 512, 700, "bf16" },
+    { 140, 19, 128, 200, "bf16" }, { 140, 3, 512, 700, "bf16" }, { 140, 64, 512, 200, "bf16" },
   }
   for _, c in ipairs(cases) do
     local S, H, D, K, dt = c[1], c[2], c[3], c[4], c[5]

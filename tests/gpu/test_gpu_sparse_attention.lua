@@ -8,7 +8,8 @@
 --     chunks in two blocks, empty chunks, a bad index in one CTA), else the split path with its
 --     workspace and its last-CTA combine, more than 32 blocks too; many rows in reference
 --     precision with bf16 q and pool and D a multiple of 64: the tensor-core kernel, odd and even
---     n-tiles per warp, pool rows not 16-byte aligned; many rows otherwise: the fused kernel);
+--     n-tiles per warp, pool rows not 16-byte aligned; D = 512 and whole groups of 64 heads: the
+--     wgmma kernel; many rows otherwise: the fused kernel);
 --   - indices: -1 scattered (~1 in 6), a whole row of -1 (zeros out, exactly), a whole 64-entry
 --     block of -1 inside a row (a skipped block), i32 and i64;
 --   - both precisions, q / pool in bf16 and f32 (mixed too), sink in f32 and bf16;
@@ -120,6 +121,11 @@ test("many_rows_tensor_core_path", function()
   case(140, 64, 192, 65, { combos = mma, index_dtype = "i32" }) -- 3 n-tiles per warp
   case(140, 3, 512, 700, { combos = mma, N = 5000 })  -- a skipped block, many blocks
   case(17, 64, 64, 640, { combos = mma })             -- 1 n-tile per warp
+  -- D = 512 with whole groups of 64 heads: the wgmma kernel (two warpgroups, a block's rows in
+  -- two stages): many blocks with a skipped one, K not a multiple of 64, two head groups, one entry
+  case(140, 64, 512, 700, { combos = mma, N = 5000 })
+  case(33, 128, 512, 130, { combos = mma, index_dtype = "i32" })
+  case(17, 64, 512, 1, { combos = mma, N = 2 })
   -- pool rows at an odd offset (no cp.async), still bf16 and contiguous once the core copies them
   local S, H, D, K, N = 140, 16, 128, 130, 300
   local q = dsrt.randn({ S, H, D }, { seed = next_seed(), dtype = "bf16" })
@@ -184,7 +190,7 @@ test("trailing_invalid_entries_change_no_bit", function()
   -- by chunk as the split path does (K = 420: 27 chunks, the split path), so a speculative
   -- session rolled back attends exactly as one that never went ahead. Both precisions, with and
   -- without the inverse RoPE, q and pool f32 and bf16.
-  for _, c in ipairs({ { 1, 64, 512, 128 }, { 1, 64, 512, 160 }, { 3, 11, 64, 200 }, { 2, 4, 512, 70 } }) do
+  for _, c in ipairs({ { 1, 64, 512, 128 }, { 1, 64, 512, 160 }, { 3, 11, 64, 200 }, { 2, 4, 512, 70 }, { 130, 64, 512, 200 } }) do
     local S, H, D, K = c[1], c[2], c[3], c[4]
     local N = K + 37
     local idx = make_indices(S, K, N, "i32")
@@ -233,6 +239,20 @@ test("strided_inputs", function()
     local got = nn.sparse_attention(qt:to("cuda"), pool:to("cuda"), idx:to("cuda"), sink:to("cuda"), 0.125, precision)
     check(got, want, precision, "strided " .. precision)
   end
+end)
+
+test("a_bad_index_gives_nan_on_the_wgmma_path", function()
+  -- many rows, bf16, D = 512, 64 heads: the wgmma kernel; row 5's last index is out of range
+  local S, H, D, K, N = 140, 64, 512, 130, 300
+  local q = dsrt.randn({ S, H, D }, { seed = next_seed(), dtype = "bf16", device = "cuda" })
+  local pool = dsrt.randn({ N, D }, { seed = next_seed(), dtype = "bf16", device = "cuda" })
+  local sink = dsrt.zeros({ H }, { device = "cuda" })
+  local rows = make_indices(S, K, N, "i64"):totable()
+  rows[5][K] = N
+  local o = nn.sparse_attention(q, pool, dsrt.tensor(rows, { dtype = "i64", device = "cuda" }), sink, 0.125, "reference")
+  o = o:to("cpu"):to("f32")
+  assert_equal(o:narrow(1, 5, 1):ne(o:narrow(1, 5, 1)):sum():item(), H * D, "the bad row is NaN")
+  assert_equal(o:ne(o):sum():item(), H * D, "only the bad row is NaN")
 end)
 
 test("a_bad_index_gives_nan", function()
