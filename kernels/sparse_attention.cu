@@ -1191,15 +1191,23 @@ enum : uint32_t {
     WGA_KV = WGA_Q + 8 * WGA_CHUNK, /* two stages of bf16 [8 dim groups][64 entries][64] swizzled */
     WGA_XS = WGA_KV + 16 * WGA_CHUNK, /* float [2 warpgroups][32][128 threads]: partial scores */
     WGA_VALID = WGA_XS + 2 * 32 * 128 * 4, /* u64 [2 warpgroups][2 stages][4 warps]: valid entries */
-    WGA_BYTES = WGA_VALID + 2 * 2 * 4 * 8,
-    WGA_OUT_LD = WGA_D + 8, /* the output's fp32 rows, over the stages and the exchange after the blocks */
+    WGA_TABLE = WGA_VALID + 2 * 2 * 4 * 8, /* float [64]: the RoPE cos and sin of a row (rope_table) */
+    WGA_BYTES = WGA_TABLE + 64 * 4,
     WGA_SMEM = WGA_BYTES + 1024 /* the swizzle needs 1024-byte aligned tiles */
 };
-static_assert(WGA_HEADS * WGA_OUT_LD * 4 <= WGA_VALID - WGA_KV, "the output rows fit over the stages and the exchange");
 /* named barriers: 0 is __syncthreads; the exchange (both warpgroups); "partial w was read" */
 enum { BAR_SWAPPED = 1, BAR_READ = 2 /* + w */, BAR_GROUP = 4 /* + w: a warpgroup's 128 threads */ };
 __device__ __forceinline__ void bar_sync(int id, int threads) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
 __device__ __forceinline__ void bar_arrive(int id, int threads) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
+
+/* bar.sync of a warpgroup's 128 threads that also returns whether any of them passed `p` */
+__device__ __forceinline__ bool bar_or(int id, bool p)
+{
+    uint32_t r;
+    asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, 128, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+                 : "=r"(r) : "r"((uint32_t)p), "r"(id) : "memory");
+    return r != 0;
+}
 
 /* (lo, hi) rounded to bf16 (nearest even) as one word, lo in the low half: dsrt_f32_to_bf16's
  * values in one instruction (a NaN may come out with other payload bits) */
@@ -1263,7 +1271,143 @@ __device__ __forceinline__ uint64_t wga_copy(const Args &a, const WgaRows &rows,
     return bits;
 }
 
-/* Requires round_p, q and pool bf16 and 16-byte aligned, D = 512, H % 64 == 0 (the host checks). */
+/* Where a CTA is in its work: item f is block b of its row number k (row r = blockIdx.x + k·grid,
+ * query t = r / groups, head group r % groups); advance() steps one block */
+struct WgaPos {
+    int t, grp, r, b; /* 32 bits: the host keeps S·groups and the blocks below 2^31 */
+    __device__ void set_row(const Args &a, int row)
+    {
+        r = row, t = row / (int)a.groups, grp = row - t * (int)a.groups, b = 0;
+    }
+    __device__ void advance(const Args &a)
+    {
+        if (++b == a.nb) set_row(a, r + (int)gridDim.x);
+    }
+};
+
+/* Block f's softmax step over the summed scores s (rows 16·warp + g + 8h of the accumulator:
+ * s[4j + 2h + c] is entry 8j + 2·qd + c), attend()'s: the running max m, α, den, o·α, P(p) as
+ * bf16 straight into the A fragments pa; then this warpgroup's P·V (issued, not waited for) */
+__device__ __forceinline__ void wga_softmax_pv(const Args &a, float (&s)[32], uint64_t vmask, int qd, float (&m)[2],
+                                               float (&den)[2], float (&o)[2][64], uint32_t (&pa)[4][4], uint32_t kv_at, int w)
+{
+    const uint64_t vm = vmask >> (2 * qd); /* entry 8j + 2·qd + c is valid: bit 8j + c */
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                float &v = s[4 * j + 2 * h + c];
+                v = (uint32_t)(vm >> (8 * j + c)) & 1 ? __fmul_rn(v, a.scale) : -INFINITY;
+                mx[h] = fmaxf(mx[h], v);
+            }
+    float alpha[2], sum[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(FULL, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(FULL, mx[h], 2));
+        const float m_new = fmaxf(m[h], mx[h]);
+        alpha[h] = expf(m[h] - m_new); /* 0 for the first block with a valid entry */
+        m[h] = m_new;
+        sum[h] = 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            /* e^{-inf} = 0 where the entry is invalid: no branch */
+            const float p0 = expf(s[4 * j + 2 * h] - m[h]), p1 = expf(s[4 * j + 2 * h + 1] - m[h]);
+            sum[h] += p0;
+            sum[h] += p1;
+            /* A fragment of k-step j / 2: a0 row g, a1 row g + 8, a2/a3 the same 8 entries on */
+            pa[j >> 1][2 * (j & 1) + h] = bf16_pair(p0, p1);
+        }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        sum[h] += __shfl_xor_sync(FULL, sum[h], 1);
+        sum[h] += __shfl_xor_sync(FULL, sum[h], 2);
+        den[h] = fmaf(den[h], alpha[h], sum[h]);
+    }
+    if (__any_sync(FULL, alpha[0] != 1.0f || alpha[1] != 1.0f)) { /* o·1 is o: most later blocks skip it */
+#pragma unroll
+        for (int n = 0; n < 2; n++)
+#pragma unroll
+            for (int j = 0; j < 16; j++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) o[n][4 * j + 2 * h] *= alpha[h], o[n][4 * j + 2 * h + 1] *= alpha[h];
+    }
+    wgmma_pin_acc(o[0]); /* the rescaling done before the fence, not sunk between the wgmmas */
+    wgmma_pin_acc(o[1]);
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++) wgmma_pin_regs(pa[ks]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++)
+#pragma unroll
+        for (int n = 0; n < 2; n++)
+            wgmma_m64n128k16_bf16_rs<1>(o[n], pa[ks],
+                                        wgmma_desc_sw128_n_major(kv_at + (4 * w + 2 * n) * WGA_CHUNK + ks * 16 * 128, WGA_CHUNK));
+    wgmma_commit();
+}
+
+/* A row's output from the accumulators: o · 1/den (the sink's term added; one division a head),
+ * NaN after a bad index, 0 without a valid entry; warpgroup 1 derotates the last 64 columns */
+__device__ __forceinline__ void wga_store(const Args &a, const WgaPos &p, const float (&o)[2][64], const float (&m)[2],
+                                          const float (&den)[2], bool bad, const float *table, int w, int warp, int g, int qd)
+{
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int64_t hh = p.grp * WGA_HEADS + 16 * warp + g + 8 * h, row = (p.t * a.H + hh) * WGA_D;
+        const float sink_den = m[h] != -INFINITY ? den[h] + expf(sink_of(a, hh) - m[h]) : 1.0f;
+        const float inv = bad ? NAN : m[h] == -INFINITY ? 0.0f : 1.0f / sink_den;
+#pragma unroll
+        for (int n = 0; n < 2; n++)
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                const int c = 256 * w + 128 * n + 8 * j + 2 * qd;
+                float v0 = o[n][4 * j + 2 * h] * inv, v1 = o[n][4 * j + 2 * h + 1] * inv;
+                if (n == 1 && j >= 8 && w == 1 && a.rope) derotate_pair(a, table, c - (WGA_D - 64), v0, v1);
+                ((uint32_t *)a.o)[(row + c) / 2] = bf16_pair(v0, v1); /* (c, c + 1): one 32-bit store */
+            }
+    }
+}
+
+/* The end of row p once its last P·V has retired: warpgroup 1's RoPE table, the row's bad-index
+ * flag over the warpgroup (its threads saw every index of the row), the output, and the
+ * accumulators and running values reset for the next row */
+__device__ __forceinline__ void wga_finish(const Args &a, const WgaPos &p, float (&o)[2][64], float (&m)[2], float (&den)[2],
+                                           bool bad, float *table, int w, int warp, int g, int qd)
+{
+    if (w == 1) rope_table(a, p.t, 128, table);
+    const bool row_bad = bar_or(BAR_GROUP + w, bad); /* and the table is in */
+    wga_store(a, p, o, m, den, row_bad, table, w, warp, g, qd);
+#pragma unroll
+    for (int n = 0; n < 2; n++)
+#pragma unroll
+        for (int k = 0; k < 64; k++) o[n][k] = 0.0f;
+    m[0] = m[1] = -INFINITY, den[0] = den[1] = 0.0f;
+}
+
+/* this warpgroup's half of query t's q (heads grp·64..), as wga_copy's rows */
+__device__ __forceinline__ void wga_load_q(const Args &a, const WgaPos &p, uint32_t q_at, int w, int i)
+{
+    const int piece = i & 7;
+    const uint16_t *q = (const uint16_t *)a.q + (p.t * a.H + p.grp * WGA_HEADS) * WGA_D + 8 * (4 * w * 8 + piece);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int h = (i >> 3) + 16 * k;
+#pragma unroll
+        for (int m = 0; m < 4; m++)
+            cp_async16_at(q_at + (4 * w + m) * WGA_CHUNK + h * 128 + ((piece ^ (h & 7)) << 4), q + h * WGA_D + 64 * m);
+    }
+}
+
+/* Requires round_p, q and pool bf16 and 16-byte aligned, o bf16 and 4-byte aligned, D = 512,
+ * H % 64 == 0, K > 0 (the host checks). Persistent: a CTA takes rows blockIdx.x, + grid, ... as one stream of blocks, so the
+ * next row's q and first rows are copied under this row's last block and its stores (one CTA a
+ * multiprocessor leaves no other CTA to hide them: a CTA a row spent ~11 us of its 16 on them). */
 __global__ void __launch_bounds__(WGA_THREADS, 1) wga_kernel(const __grid_constant__ Args a)
 {
     extern __shared__ __align__(16) unsigned char wga_raw[];
@@ -1271,42 +1415,38 @@ __global__ void __launch_bounds__(WGA_THREADS, 1) wga_kernel(const __grid_consta
     unsigned char *smem = wga_raw + ((1024 - ((uint32_t)__cvta_generic_to_shared(wga_raw) & 1023)) & 1023);
     const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
     const int w = threadIdx.x >> 7, i = threadIdx.x & 127, warp = i >> 5, lane = i & 31, g = lane >> 2, qd = lane & 3;
-    const int64_t t = blockIdx.x / a.groups, grp = blockIdx.x % a.groups;
     float *xs_mine = (float *)(smem + WGA_XS) + w * 32 * 128, *xs_other = (float *)(smem + WGA_XS) + (1 - w) * 32 * 128;
     uint64_t *valid = (uint64_t *)(smem + WGA_VALID) + w * 8; /* [stage][warp] */
-    bool bad = false;
+    float *table = (float *)(smem + WGA_TABLE);                /* warpgroup 1's RoPE table of its row */
+    const int64_t rows = a.S * a.groups, items = (rows - blockIdx.x + gridDim.x - 1) / gridDim.x * a.nb;
 
-    { /* this warpgroup's half of q: 64 heads x 32 pieces, as wga_copy's rows; committed with block 0 */
-        const int piece = i & 7;
-        const uint16_t *q = (const uint16_t *)a.q + (t * a.H + grp * WGA_HEADS) * WGA_D + 8 * (4 * w * 8 + piece);
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const int h = (i >> 3) + 16 * k;
-#pragma unroll
-            for (int m = 0; m < 4; m++)
-                cp_async16_at(base + WGA_Q + (4 * w + m) * WGA_CHUNK + h * 128 + ((piece ^ (h & 7)) << 4), q + h * WGA_D + 64 * m);
-        }
-    }
+    WgaPos cur, next, after, prev; /* items f, f + 1, f + 2, f - 1 */
+    bool prev_ends = false;        /* item f - 1 ended its row */
+    cur.set_row(a, (int)blockIdx.x);
+    next = cur, next.advance(a);
+    after = next, after.advance(a);
+    bool bad = false, bad_next = false; /* an index out of range in this row's blocks, in the next row's */
+    wga_load_q(a, cur, base + WGA_Q, w, i);
     {
-        const uint64_t bits = wga_copy(a, wga_rows(a, t, 0, i), 0, base + WGA_KV, w, i, bad);
+        const uint64_t bits = wga_copy(a, wga_rows(a, cur.t, 0, i), 0, base + WGA_KV, w, i, bad);
         if (lane == 0) valid[warp] = bits;
     }
-    /* the indices of block b + 1, loaded during block b - 1: an L2 round trip under the gathers'
+    /* the indices of item f + 1, loaded during item f - 1: an L2 round trip under the gathers'
      * traffic outlasts one block's scores (ncu: 18% of the samples waited on them there) */
-    WgaRows next = wga_rows(a, t, a.nb > 1 ? 1 : 0, i);
+    WgaRows next_rows = wga_rows(a, items > 1 ? next.t : cur.t, items > 1 ? next.b : 0, i);
 
     float o[2][64] = {}; /* O[64 heads][this half's 256 columns]: two m64n128 accumulators */
     float m[2] = {-INFINITY, -INFINITY}, den[2] = {0.0f, 0.0f}; /* rows 16·warp + g (+ 8) */
     uint32_t pa[4][4] = {}; /* P of the block: the A fragments of its four k16 steps */
-    int swapped = 0;    /* blocks whose partial scores this warpgroup has written */
-    for (int64_t b = 0; b < a.nb; b++) {
-        const int st = (int)(b & 1);
+    int swapped = 0;        /* blocks whose partial scores this warpgroup has written */
+    for (int64_t f = 0;; f++) { /* f = items: only the last row's output */
+        const int st = (int)(f & 1);
         const uint32_t kv_at = base + WGA_KV + st * 8 * WGA_CHUNK;
         cp_async_wait<0>();
         fence_async_shared();
-        bar_sync(BAR_GROUP + w, 128); /* this warpgroup's copies of block b (and q) are in */
-        const uint64_t vmask = valid[st * 4 + 0] | valid[st * 4 + 1] | valid[st * 4 + 2] | valid[st * 4 + 3];
-        const WgaRows after = wga_rows(a, t, b + 2 < a.nb ? b + 2 : b, i);
+        bar_sync(BAR_GROUP + w, 128); /* this warpgroup's copies of item f (and q) are in */
+        const uint64_t vmask = f < items ? valid[st * 4 + 0] | valid[st * 4 + 1] | valid[st * 4 + 2] | valid[st * 4 + 3] : 0;
+        const WgaRows after_rows = wga_rows(a, f + 2 < items ? after.t : cur.t, f + 2 < items ? after.b : cur.b, i);
         float s[32] = {};
         if (vmask) {
             wgmma_fence();
@@ -1317,133 +1457,44 @@ __global__ void __launch_bounds__(WGA_THREADS, 1) wga_kernel(const __grid_consta
             }
             wgmma_commit();
         }
-        wgmma_wait_all(); /* the scores, and block b - 1's P·V: stage st ^ 1 is free */
+        wgmma_wait_all(); /* the scores, and item f - 1's P·V: q (if f ends a row) and stage st ^ 1 are free */
         wgmma_pin_acc(s);
         wgmma_pin_acc(o[0]);
         wgmma_pin_acc(o[1]);
 #pragma unroll
-        for (int ks = 0; ks < 4; ks++) wgmma_pin_regs(pa[ks]); /* block b - 1's P·V read them until here */
-        if (b + 1 < a.nb) {
-            const uint64_t bits = wga_copy(a, next, b + 1, base + WGA_KV + (st ^ 1) * 8 * WGA_CHUNK, w, i, bad);
+        for (int ks = 0; ks < 4; ks++) wgmma_pin_regs(pa[ks]); /* item f - 1's P·V read them until here */
+        if (prev_ends) { /* item f - 1 ended its row, whose P·V has just retired: its output */
+            wga_finish(a, prev, o, m, den, bad, table, w, warp, g, qd);
+            bad = bad_next, bad_next = false;
+        }
+        if (f == items) break;
+        const bool row_ends = cur.b == a.nb - 1;
+        if (f + 1 < items) {
+            if (row_ends) wga_load_q(a, next, base + WGA_Q, w, i); /* the same commit group as its first rows */
+            const uint64_t bits = wga_copy(a, next_rows, next.b, base + WGA_KV + (st ^ 1) * 8 * WGA_CHUNK, w, i,
+                                           row_ends ? bad_next : bad);
             if (lane == 0) valid[(st ^ 1) * 4 + warp] = bits;
         }
-        next = after;
-        if (!vmask) continue; /* attend() skips a block without a valid entry; so do both warpgroups */
-        if (swapped++) bar_sync(BAR_READ + w, 256); /* the other warpgroup has read the last partial */
+        next_rows = after_rows;
+        if (vmask) { /* attend() skips a block without a valid entry; so do both warpgroups */
+            if (swapped++) bar_sync(BAR_READ + w, 256); /* the other warpgroup has read the last partial */
 #pragma unroll
-        for (int k = 0; k < 8; k++)
-            *(float4 *)(xs_mine + (k * 128 + i) * 4) = make_float4(s[4 * k], s[4 * k + 1], s[4 * k + 2], s[4 * k + 3]);
-        bar_sync(BAR_SWAPPED, 256);
+            for (int k = 0; k < 8; k++)
+                *(float4 *)(xs_mine + (k * 128 + i) * 4) = make_float4(s[4 * k], s[4 * k + 1], s[4 * k + 2], s[4 * k + 3]);
+            bar_sync(BAR_SWAPPED, 256);
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            const float4 x = *(const float4 *)(xs_other + (k * 128 + i) * 4);
-            s[4 * k] += x.x, s[4 * k + 1] += x.y, s[4 * k + 2] += x.z, s[4 * k + 3] += x.w;
-        }
-        bar_arrive(BAR_READ + (1 - w), 256);
-        /* the softmax step of rows 16·warp + g + 8h: s[4j + 2h + c] is entry 8j + 2·qd + c, whose
-         * valid bit is bit 8j + c of the mask shifted by 2·qd */
-        const uint64_t vm = vmask >> (2 * qd);
-        float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int h = 0; h < 2; h++)
-#pragma unroll
-                for (int c = 0; c < 2; c++) {
-                    float &v = s[4 * j + 2 * h + c];
-                    v = (uint32_t)(vm >> (8 * j + c)) & 1 ? __fmul_rn(v, a.scale) : -INFINITY;
-                    mx[h] = fmaxf(mx[h], v);
-                }
-        float alpha[2], sum[2];
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(FULL, mx[h], 1));
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(FULL, mx[h], 2));
-            const float m_new = fmaxf(m[h], mx[h]);
-            alpha[h] = expf(m[h] - m_new); /* 0 for the first block with a valid entry */
-            m[h] = m_new;
-            sum[h] = 0.0f;
-        }
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                /* e^{-inf} = 0 where the entry is invalid: no branch */
-                const float p0 = expf(s[4 * j + 2 * h] - m[h]), p1 = expf(s[4 * j + 2 * h + 1] - m[h]);
-                sum[h] += p0;
-                sum[h] += p1;
-                /* A fragment of k-step j / 2: a0 row g, a1 row g + 8, a2/a3 the same 8 entries on */
-                pa[j >> 1][2 * (j & 1) + h] = bf16_pair(p0, p1);
+            for (int k = 0; k < 8; k++) {
+                const float4 x = *(const float4 *)(xs_other + (k * 128 + i) * 4);
+                s[4 * k] += x.x, s[4 * k + 1] += x.y, s[4 * k + 2] += x.z, s[4 * k + 3] += x.w;
             }
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            sum[h] += __shfl_xor_sync(FULL, sum[h], 1);
-            sum[h] += __shfl_xor_sync(FULL, sum[h], 2);
-            den[h] = fmaf(den[h], alpha[h], sum[h]);
+            bar_arrive(BAR_READ + (1 - w), 256);
+            wga_softmax_pv(a, s, vmask, qd, m, den, o, pa, kv_at, w);
         }
-        if (__any_sync(FULL, alpha[0] != 1.0f || alpha[1] != 1.0f)) { /* o·1 is o: most later blocks skip it */
-#pragma unroll
-            for (int n = 0; n < 2; n++)
-#pragma unroll
-                for (int j = 0; j < 16; j++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) o[n][4 * j + 2 * h] *= alpha[h], o[n][4 * j + 2 * h + 1] *= alpha[h];
-        }
-        wgmma_pin_acc(o[0]); /* the rescaling done before the fence, not sunk between the wgmmas */
-        wgmma_pin_acc(o[1]);
-#pragma unroll
-        for (int ks = 0; ks < 4; ks++) wgmma_pin_regs(pa[ks]);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < 4; ks++)
-#pragma unroll
-            for (int n = 0; n < 2; n++)
-                wgmma_m64n128k16_bf16_rs<1>(o[n], pa[ks],
-                                            wgmma_desc_sw128_n_major(kv_at + (4 * w + 2 * n) * WGA_CHUNK + ks * 16 * 128,
-                                                                     WGA_CHUNK));
-        wgmma_commit();
+        prev = cur, prev_ends = row_ends;
+        cur = next, next = after;
+        if (f + 3 < items) after.advance(a);
     }
-    wgmma_wait_all();
-    wgmma_pin_acc(o[0]);
-    wgmma_pin_acc(o[1]);
     if (swapped) bar_sync(BAR_READ + w, 256); /* pairs the other warpgroup's last arrive */
-    const bool any_bad = __syncthreads_or(bad); /* and the stages and the exchange are free */
-    /* The output through shared memory: the accumulators as fp32 rows (o · 1/den, one division a
-     * head), then 16-byte stores of whole rows. Written straight from the accumulators' layout, the
-     * unrolled epilogue was thousands of instructions that each CTA fetched once (ncu: 20% of the
-     * samples waited for instructions). Rows of WGA_OUT_LD floats: 8 rows of a warp's stores
-     * fall in distinct bank groups. */
-    float *out = (float *)(smem + WGA_KV), *table = (float *)(smem + WGA_Q);
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int head = 16 * warp + g + 8 * h;
-        const float sink_den = m[h] != -INFINITY ? den[h] + expf(sink_of(a, grp * WGA_HEADS + head) - m[h]) : 1.0f;
-        const float inv = any_bad ? NAN : m[h] == -INFINITY ? 0.0f : 1.0f / sink_den;
-#pragma unroll
-        for (int n = 0; n < 2; n++)
-#pragma unroll
-            for (int j = 0; j < 16; j++)
-                *(float2 *)(out + head * WGA_OUT_LD + 256 * w + 128 * n + 8 * j + 2 * qd) =
-                    make_float2(o[n][4 * j + 2 * h] * inv, o[n][4 * j + 2 * h + 1] * inv);
-    }
-    rope_table(a, t, 0, table);
-    __syncthreads();
-    const int64_t row0 = (t * a.H + grp * WGA_HEADS) * WGA_D;
-    for (int k = threadIdx.x; k < WGA_HEADS * WGA_D / 8; k += WGA_THREADS) {
-        const int head = k / (WGA_D / 8), c = 8 * (k % (WGA_D / 8));
-        float v[8];
-        *(float4 *)v = *(const float4 *)(out + head * WGA_OUT_LD + c);
-        *(float4 *)(v + 4) = *(const float4 *)(out + head * WGA_OUT_LD + c + 4);
-        if (a.rope && c >= WGA_D - 64)
-            for (int e = 0; e < 8; e += 2) derotate_pair(a, table, c + e - (WGA_D - 64), v[e], v[e + 1]);
-        const int64_t at = row0 + head * WGA_D + c;
-        if (a.out_bf16 && ((uintptr_t)a.o & 15) == 0) {
-            *(uint4 *)((uint16_t *)a.o + at) =
-                make_uint4(bf16_pair(v[0], v[1]), bf16_pair(v[2], v[3]), bf16_pair(v[4], v[5]), bf16_pair(v[6], v[7]));
-        } else {
-            for (int e = 0; e < 8; e++) store_out(a, at + e, v[e]);
-        }
-    }
 }
 
 /* ---- host side ---- */
@@ -1637,10 +1688,12 @@ extern "C" int dsrtk_sparse_attention(int dev, const dsrt_view *o, const dsrt_vi
         /* the tensor cores where the operands are bf16 and P(p) is bf16 (reference precision):
          * wgmma at Flash's shape, mma.sync otherwise */
         const bool bf16 = a.round_p && q->dtype == DSRT_BF16 && pool->dtype == DSRT_BF16;
-        if (bf16 && D == WGA_D && H % WGA_HEADS == 0 && K > 0 && a.vec_rows && a.vec_q && (int)WGA_SMEM <= optin) {
+        if (bf16 && D == WGA_D && H % WGA_HEADS == 0 && K > 0 && a.vec_rows && a.vec_q && a.out_bf16 &&
+            ((uintptr_t)a.o & 3) == 0 && (int)WGA_SMEM <= optin) {
             a.groups = H / WGA_HEADS;
             if ((rc = dsrtk_allow_shared(dev, (const void *)wga_kernel, WGA_SMEM, "sparse_attention wga_kernel"))) return rc;
-            wga_kernel<<<dim3((unsigned)(S * a.groups)), WGA_THREADS, WGA_SMEM, st>>>(a);
+            const int64_t sms = dsrtk_multiprocessors(dev), rows = S * a.groups;
+            wga_kernel<<<dim3((unsigned)(rows < sms ? rows : sms)), WGA_THREADS, WGA_SMEM, st>>>(a);
             return dsrtk_check_launch("sparse_attention wga_kernel", dev);
         }
         if (bf16 && D % 64 == 0 && D <= 64 * MMA_NT) {
