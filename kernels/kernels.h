@@ -251,13 +251,17 @@ int dsrtk_linear_workspace(int dev, const dsrtk_linear_weight *w, int64_t rows, 
  * dsrtk_linear_workspace's bytes, 256-byte aligned. */
 int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise,
                  void *y, int y_dtype, void *workspace, size_t workspace_bytes, void *stream);
-/* y0 = x · W0ᵀ and y1 = x · W1ᵀ in one launch (the decode GEMV over both matrices, each as
- * dsrtk_linear computes it alone: the same bits) where both take the same decode GEMV alone (the
- * tensor-core one with one format and scale type, or the CUDA-core one with bf16 weights); otherwise
- * *launched is 0 and nothing ran (call dsrtk_linear twice).
- * Same rows, x, quantise and y dtype for both; w0->in == w1->in. */
+/* y0 = x · W0ᵀ and y1 = x · W1ᵀ, each as dsrtk_linear computes it alone (the same bits), sharing
+ * work: in one launch where both take the same decode GEMV alone (the tensor-core one with one
+ * format and scale type, or the CUDA-core one with bf16 weights); through one Q8 pass of x where
+ * both take the cuBLASLt route (prefill: the workspace, dsrtk_linear_pair_workspace's bytes, 256-byte
+ * aligned, holds x's codes for both). Otherwise *launched is 0 and nothing ran (call dsrtk_linear
+ * twice). Same rows, x, quantise and y dtype for both; w0->in == w1->in. */
+int dsrtk_linear_pair_workspace(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1, int64_t rows,
+                                int x_dtype, int quantise, int y_dtype, size_t *bytes);
 int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1, const void *x, int x_dtype,
-                      int64_t rows, int quantise, void *y0, void *y1, int y_dtype, void *stream, int *launched);
+                      int64_t rows, int quantise, void *y0, void *y1, int y_dtype, void *workspace, size_t workspace_bytes,
+                      void *stream, int *launched);
 /* end of linear */
 
 /* ---- moe (kernels/moe.cu): routing and the FP4 experts (runtime/moe.h) ---- */

@@ -266,21 +266,24 @@ struct PrepArgs {
     bool vec; /* x, dst and codes take act.cuh's 4-element accesses */
 };
 
-/* A warp per token, ACT_U blocks of 128 columns in flight at once, 4 columns a lane (act.cuh);
- * PREP_CODES tokens past rows (the padding up to mpad) get zero codes and scale 1. */
+/* A warp per token, U blocks of 128 columns in flight at once, 4 columns a lane (act.cuh);
+ * PREP_CODES tokens past rows (the padding up to mpad) get zero codes and scale 1. U = 8 where
+ * rows are whole 1024-column spans: at ACT_U (4) a warp kept 1 KB in flight and the prefill's
+ * preps ran at ~1.3 TB/s (CUPTI, H200, [4096, 4096] bf16 -> e4m3 in 37 us). */
+template <int U>
 __global__ void __launch_bounds__(DSRTK_BLOCK) prep_kernel(const __grid_constant__ PrepArgs a)
 {
     const int lane = threadIdx.x & 31;
     const int64_t tokens = a.mode == PREP_CODES ? a.mpad : a.rows, nwarps = (int64_t)gridDim.x * (blockDim.x / 32);
     for (int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < tokens; t += nwarps) {
         const bool real = t < a.rows;
-        for (int64_t c0 = 0; c0 < a.in; c0 += ACT_U * ACT_BLOCK) {
+        for (int64_t c0 = 0; c0 < a.in; c0 += U * ACT_BLOCK) {
             const int64_t row[1] = {t * a.in};
-            float v[1][ACT_U][4];
-            bool ok[ACT_U][4];
-            ld4_blocks<1, ACT_U>(a.x, a.x_dtype, row, c0, real ? a.in : 0, a.vec, v, ok); /* padding rows read 0 */
+            float v[1][U][4];
+            bool ok[U][4];
+            ld4_blocks<1, U>(a.x, a.x_dtype, row, c0, real ? a.in : 0, a.vec, v, ok); /* padding rows read 0 */
 #pragma unroll
-            for (int u = 0; u < ACT_U; u++) {
+            for (int u = 0; u < U; u++) {
                 const int64_t b0 = c0 + u * ACT_BLOCK, col = b0 + 4 * lane;
                 if (b0 >= a.in) break; /* uniform */
                 float s = 1.0f;
@@ -1368,7 +1371,9 @@ static int launch_prep(int dev, const PrepArgs &a, int64_t tokens, cudaStream_t 
 {
     PrepArgs b = a;
     b.vec = act_vec(a.x, a.in) && (a.mode == PREP_CODES ? (uintptr_t)a.codes % 4 == 0 : act_vec(a.dst, a.in));
-    prep_kernel<<<dsrtk_grid_for(dev, tokens * 32, DSRTK_BLOCK), DSRTK_BLOCK, 0, s>>>(b);
+    const int grid = dsrtk_grid_for(dev, tokens * 32, DSRTK_BLOCK);
+    if (b.vec && a.in % (8 * ACT_BLOCK) == 0) prep_kernel<8><<<grid, DSRTK_BLOCK, 0, s>>>(b);
+    else prep_kernel<ACT_U><<<grid, DSRTK_BLOCK, 0, s>>>(b);
     return dsrtk_check_launch("linear prep_kernel", dev);
 }
 
@@ -1469,6 +1474,51 @@ static int run_blas(int dev, const dsrtk_linear_weight *w, const void *x, int x_
     return DSRTK_OK;
 }
 
+/* The cuBLASLt route of one matrix (plan p, PATH_LT; the caller holds lt_locks[dev]): x's e4m3
+ * codes and scales into the workspace (unless `prepped`: a pair's second matrix reads its first's),
+ * the weight's scales as cuBLASLt reads them, the GEMM. *taken 0 where cuBLASLt offers no
+ * algorithm: y is untouched and the blas route runs in the same workspace. */
+static int lt_forward(int dev, const dsrtk_linear_weight *w, const Plan &p, const void *x, int x_dtype, int64_t rows,
+                      bool prepped, void *y, char *ws, cudaStream_t s, int *taken)
+{
+    int st;
+    *taken = 0;
+    if (!prepped) {
+        PrepArgs a = {};
+        a.x = x, a.x_dtype = x_dtype, a.quantise = 1, a.mode = PREP_CODES, a.rows = rows, a.in = w->in;
+        a.codes = (uint8_t *)(ws + p.codes_off), a.xscale = (float *)(ws + p.xs_off), a.mpad = p.mpad;
+        if ((st = launch_prep(dev, a, p.mpad, s))) return st;
+    }
+    wscale_kernel<<<dsrtk_grid_for(dev, p.nb * p.ldw, DSRTK_BLOCK), DSRTK_BLOCK, 0, s>>>(*w, p.nb, p.kb, p.ldw,
+                                                                                         (float *)(ws + p.ws_off));
+    if ((st = dsrtk_check_launch("linear wscale_kernel", dev))) return st;
+    void *d = p.mpad == rows ? y : (void *)(ws + p.d_off);
+    if ((st = lt_matmul(dev, w, p, ws, d, s, taken)) || !*taken || d == y) return st;
+    /* the first `rows` rows of the padded row-major result are y */
+    return dsrtk_check(cudaMemcpyAsync(y, d, (size_t)(rows * w->out) * 2, cudaMemcpyDeviceToDevice, s),
+                       "linear: copy of %lld rows of the fp8 GEMM on cuda:%d", (long long)rows, dev);
+}
+
+/* both matrices take the cuBLASLt route over one input: its codes serve both */
+static bool lt_pair(const Plan &p0, const Plan &p1, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1)
+{
+    return p0.path == PATH_LT && p1.path == PATH_LT && w0->in == w1->in && p0.mpad == p1.mpad;
+}
+
+int dsrtk_linear_pair_workspace(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1, int64_t rows,
+                                int x_dtype, int quantise, int y_dtype, size_t *bytes)
+{
+    (void)dev;
+    *bytes = 0;
+    int st = check_args(w0, rows, x_dtype, y_dtype);
+    if (st || (st = check_args(w1, rows, x_dtype, y_dtype))) return st;
+    Plan p0, p1;
+    make_plan(w0, rows, x_dtype, quantise, y_dtype, &p0);
+    make_plan(w1, rows, x_dtype, quantise, y_dtype, &p1);
+    if (rows && lt_pair(p0, p1, w0, w1)) *bytes = p0.total > p1.total ? p0.total : p1.total;
+    return DSRTK_OK;
+}
+
 int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, int64_t rows, int quantise, void *y,
                  int y_dtype, void *workspace, size_t workspace_bytes, void *stream)
 {
@@ -1495,28 +1545,15 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
 
     if (p.path == PATH_LT) {
         std::lock_guard<std::mutex> lock(lt_locks[dev]);
-        PrepArgs a = {};
-        a.x = x, a.x_dtype = x_dtype, a.quantise = 1, a.mode = PREP_CODES, a.rows = rows, a.in = w->in;
-        a.codes = (uint8_t *)(ws + p.codes_off), a.xscale = (float *)(ws + p.xs_off), a.mpad = p.mpad;
-        if ((st = launch_prep(dev, a, p.mpad, s))) return st;
-        wscale_kernel<<<dsrtk_grid_for(dev, p.nb * p.ldw, DSRTK_BLOCK), DSRTK_BLOCK, 0, s>>>(*w, p.nb, p.kb, p.ldw,
-                                                                                             (float *)(ws + p.ws_off));
-        if ((st = dsrtk_check_launch("linear wscale_kernel", dev))) return st;
-        void *d = p.mpad == rows ? y : (void *)(ws + p.d_off);
         int taken = 0;
-        if ((st = lt_matmul(dev, w, p, ws, d, s, &taken))) return st;
-        if (taken) {
-            if (d == y) return DSRTK_OK;
-            /* the first `rows` rows of the padded row-major result are y */
-            return dsrtk_check(cudaMemcpyAsync(y, d, (size_t)(rows * w->out) * 2, cudaMemcpyDeviceToDevice, s),
-                               "linear: copy of %lld rows of the fp8 GEMM on cuda:%d", (long long)rows, dev);
-        }
+        if ((st = lt_forward(dev, w, p, x, x_dtype, rows, false, y, ws, s, &taken)) || taken) return st;
     }
     return run_blas(dev, w, x, x_dtype, rows, quantise, y, y_dtype, ws, p, s);
 }
 
 int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1, const void *x, int x_dtype,
-                      int64_t rows, int quantise, void *y0, void *y1, int y_dtype, void *stream, int *launched)
+                      int64_t rows, int quantise, void *y0, void *y1, int y_dtype, void *workspace, size_t workspace_bytes,
+                      void *stream, int *launched)
 {
     *launched = 0;
     int st = check_args(w0, rows, x_dtype, y_dtype);
@@ -1528,6 +1565,26 @@ int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear
     const dsrtk_linear_weight *w[2] = {w0, w1};
     void *y[2] = {y0, y1};
     cudaStream_t s = (cudaStream_t)stream;
+    Plan lp[2];
+    make_plan(w0, rows, x_dtype, quantise, y_dtype, &lp[0]);
+    make_plan(w1, rows, x_dtype, quantise, y_dtype, &lp[1]);
+    if (lt_pair(lp[0], lp[1], w0, w1)) { /* prefill: one Q8 pass of x for both GEMMs */
+        const size_t need = lp[0].total > lp[1].total ? lp[0].total : lp[1].total;
+        if (workspace_bytes < need || !workspace || (uintptr_t)workspace % 256)
+            return dsrtk_fail(DSRTK_ERROR, "linear: pair workspace of %zu bytes at %p, needs %zu bytes 256-byte aligned",
+                              workspace_bytes, workspace, need);
+        DSRTK_SET_DEVICE(dev, "linear");
+        char *ws = (char *)workspace;
+        int taken = 0;
+        {
+            std::lock_guard<std::mutex> lock(lt_locks[dev]);
+            /* no algorithm for the first: nothing written, the caller runs both alone */
+            if ((st = lt_forward(dev, w0, lp[0], x, x_dtype, rows, false, y0, ws, s, &taken)) || !taken) return st;
+            *launched = 1;
+            if ((st = lt_forward(dev, w1, lp[1], x, x_dtype, rows, true, y1, ws, s, &taken)) || taken) return st;
+        }
+        return run_blas(dev, w1, x, x_dtype, rows, quantise, y1, y_dtype, ws, lp[1], s);
+    }
     /* one launch only where each matrix alone would take the same decode GEMV in one
      * instantiation: the tensor-core one (FP8/FP4) or the CUDA-core one with bf16 weights (a
      * compressor's wkv and wgate; gemv_kernel takes no other pair) */

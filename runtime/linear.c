@@ -292,7 +292,8 @@ static int cuda_rows(dsrt_linear *l, dsrt_tensor *x, int64_t rows, dsrt_tensor *
     return 0;
 }
 
-int dsrt_linear_forward_into(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *y, dsrt_precision prec, dsrt_stream *s)
+/* x is a valid input of l and y a valid output for it (forward_into's contract) */
+static int check_into(const dsrt_linear *l, const dsrt_tensor *x, const dsrt_tensor *y, dsrt_precision prec, const dsrt_stream *s)
 {
     char xb[DSRT_SHAPE_BUF], yb[DSRT_SHAPE_BUF];
     if (dsrt_linear_check_input(x, l->cfg.in_features, l->weight->device, s, "linear")) return -1;
@@ -303,6 +304,12 @@ int dsrt_linear_forward_into(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *y, dsr
         return dsrt_err("linear: output %s for input %s must be a contiguous %s [..., %lld] on the input's device",
                         dsrt_tensor_str(y, yb, sizeof yb), dsrt_tensor_str(x, xb, sizeof xb),
                         dsrt_dtype_name(dsrt_linear_out_dtype(l, prec)), (long long)l->cfg.out_features);
+    return 0;
+}
+
+int dsrt_linear_forward_into(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *y, dsrt_precision prec, dsrt_stream *s)
+{
+    if (check_into(l, x, y, prec, s)) return -1;
     if (x->device == DSRT_CPU) {
         dsrt_tensor *r = dsrt_linear_forward(l, x, prec, s);
         if (!r) return -1;
@@ -329,13 +336,40 @@ static int cuda_pair(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, dsrt_tens
     for (size_t i = 0; i < sizeof ts / sizeof *ts; i++)
         if (ts[i] && dsrt_storage_use(ts[i]->storage, s)) return -1;
     dsrtk_linear_weight k0 = kernel_weight(l0), k1 = kernel_weight(l1);
-    size_t xbits = (size_t)dsrt_dtype_bits(x->dtype), ybits = (size_t)dsrt_dtype_bits(y0->dtype);
-    if (dsrtk_linear_pair(s->device, &k0, &k1, (const char *)x->storage->data + (size_t)x->offset * xbits / 8, (int)x->dtype,
-                          dsrt_tensor_numel(x) / l0->cfg.in_features, quant,
-                          (char *)y0->storage->data + (size_t)y0->offset * ybits / 8,
-                          (char *)y1->storage->data + (size_t)y1->offset * ybits / 8, (int)y0->dtype, s->handle, launched))
+    const int64_t rows = dsrt_tensor_numel(x) / l0->cfg.in_features;
+    size_t bytes = 0;
+    if (dsrtk_linear_pair_workspace(s->device, &k0, &k1, rows, (int)x->dtype, quant, (int)y0->dtype, &bytes))
         return dsrt_err("linear: the pair over input %s: %s", dsrt_tensor_str(x, xb, sizeof xb), dsrtk_error());
+    dsrt_tensor *ws = NULL;
+    if (bytes) {
+        int64_t n = (int64_t)bytes;
+        if (!(ws = dsrt_tensor_new(DSRT_U8, 1, &n, s->device, s))) return -1;
+    }
+    size_t xbits = (size_t)dsrt_dtype_bits(x->dtype), ybits = (size_t)dsrt_dtype_bits(y0->dtype);
+    int rc = dsrtk_linear_pair(s->device, &k0, &k1, (const char *)x->storage->data + (size_t)x->offset * xbits / 8,
+                               (int)x->dtype, rows, quant, (char *)y0->storage->data + (size_t)y0->offset * ybits / 8,
+                               (char *)y1->storage->data + (size_t)y1->offset * ybits / 8, (int)y0->dtype,
+                               ws ? ws->storage->data : NULL, bytes, s->handle, launched);
+    dsrt_tensor_release(ws);
+    if (rc) return dsrt_err("linear: the pair over input %s: %s", dsrt_tensor_str(x, xb, sizeof xb), dsrtk_error());
     return 0;
+}
+
+int dsrt_linear_forward_pair_into(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, dsrt_tensor *y0, dsrt_tensor *y1,
+                                  dsrt_precision prec, dsrt_stream *s)
+{
+    if (l0->cfg.in_features != l1->cfg.in_features)
+        return dsrt_err("linear: a pair must read the same input: %lld and %lld input features", (long long)l0->cfg.in_features,
+                        (long long)l1->cfg.in_features);
+    if (check_into(l0, x, y0, prec, s) || check_into(l1, x, y1, prec, s)) return -1;
+    int launched = 0;
+    if (x->device != DSRT_CPU && l0->weight->device == l1->weight->device && cuda_layout(l0) && cuda_layout(l1)) {
+        dsrt_tensor *xc = dsrt_tensor_contiguous(x, s);
+        int rc = xc ? cuda_pair(l0, l1, xc, y0, y1, prec, s, &launched) : -1;
+        dsrt_tensor_release(xc);
+        if (rc) return -1;
+    }
+    return launched || (!dsrt_linear_forward_into(l0, x, y0, prec, s) && !dsrt_linear_forward_into(l1, x, y1, prec, s)) ? 0 : -1;
 }
 
 int dsrt_linear_forward_pair(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s,

@@ -89,8 +89,9 @@ dsrt_tensor *dsrt_linear_forward(dsrt_linear *l, dsrt_tensor *x, dsrt_precision 
 
 /* *y0 = forward(l0, x), *y1 = forward(l1, x): two layers of the same input width over one input.
  * On CUDA, where both take the decode GEMV's tensor-core path with one format (attention's wq_a
- * and wkv at decode), one launch serves both, each result as its own forward gives it; otherwise
- * the two forwards. Returns 0, or -1 with both outputs NULL. */
+ * and wkv at decode), one launch serves both; where both take the FP8 cuBLASLt route (prefill), one
+ * Q8 pass of x serves both GEMMs; each result as its own forward gives it; otherwise the two
+ * forwards. Returns 0, or -1 with both outputs NULL. */
 int dsrt_linear_forward_pair(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s,
                              dsrt_tensor **y0, dsrt_tensor **y1);
 
@@ -99,6 +100,10 @@ int dsrt_linear_forward_pair(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, d
  * output buffers (e.g. the MoE writing an expert's rows into a slice of one buffer): on CUDA nothing
  * is allocated but a bounded per-call workspace for the prepared activation. */
 int dsrt_linear_forward_into(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *y, dsrt_precision prec, dsrt_stream *s);
+
+/* forward_into of both layers of a pair over one input (dsrt_linear_forward_pair's sharing) */
+int dsrt_linear_forward_pair_into(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, dsrt_tensor *y0, dsrt_tensor *y1,
+                                  dsrt_precision prec, dsrt_stream *s);
 
 /* Checks an input for a layer of `width` input features whose weights are on `device`: bf16 or
  * f32, [..., width], on that device (CPU or CUDA) with the stream; errors name `op`. */

@@ -707,16 +707,13 @@ static dsrt_tensor *block_of(dsrt_tensor *buf, int64_t ld, int64_t first, int64_
 /* The shared expert's UP: sgu's first rows rows = x·w1ᵀ, the next rows rows = x·w3ᵀ (its own
  * inter wide; dsrtk_moe_swiglu's shared_gu), x the tokens' Q8'd rows. The FP8 linear writes them
  * in place: copied into gu's rows they cost two strided passes of 16 MB a Flash layer (49 us each,
- * H200). */
+ * H200); as a pair, x's Q8 pass serves both. */
 static int shared_up(dsrt_moe *m, dsrt_tensor *xg, int64_t rows, dsrt_tensor *sgu, dsrt_stream *s)
 {
     int64_t dim = m->dim, inter = m->shared.w1->cfg.out_features;
     dsrt_tensor *x = block_of(xg, dim, 0, rows, 0, dim), *g = block_of(sgu, inter, 0, rows, 0, inter);
     dsrt_tensor *u = block_of(sgu, inter, rows, rows, 0, inter);
-    int rc = x && g && u && !dsrt_linear_forward_into(m->shared.w1, x, g, DSRT_PREC_REFERENCE, s) &&
-                     !dsrt_linear_forward_into(m->shared.w3, x, u, DSRT_PREC_REFERENCE, s)
-                 ? 0
-                 : -1;
+    int rc = x && g && u && !dsrt_linear_forward_pair_into(m->shared.w1, m->shared.w3, x, g, u, DSRT_PREC_REFERENCE, s) ? 0 : -1;
     dsrt_tensor *all[] = {x, g, u};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
     return rc;

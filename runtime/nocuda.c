@@ -342,11 +342,19 @@ int dsrtk_linear(int dev, const dsrtk_linear_weight *w, const void *x, int x_dty
     (void)workspace; (void)workspace_bytes; (void)stream;
     return without_cuda(__func__);
 }
+int dsrtk_linear_pair_workspace(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1, int64_t rows,
+                                int x_dtype, int quantise, int y_dtype, size_t *bytes)
+{
+    (void)dev; (void)w0; (void)w1; (void)rows; (void)x_dtype; (void)quantise; (void)y_dtype;
+    *bytes = 0;
+    return without_cuda(__func__);
+}
 int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1, const void *x, int x_dtype,
-                      int64_t rows, int quantise, void *y0, void *y1, int y_dtype, void *stream, int *launched)
+                      int64_t rows, int quantise, void *y0, void *y1, int y_dtype, void *workspace, size_t workspace_bytes,
+                      void *stream, int *launched)
 {
     (void)dev; (void)w0; (void)w1; (void)x; (void)x_dtype; (void)rows; (void)quantise; (void)y0; (void)y1; (void)y_dtype;
-    (void)stream;
+    (void)workspace; (void)workspace_bytes; (void)stream;
     *launched = 0;
     return without_cuda(__func__);
 }
