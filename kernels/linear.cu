@@ -1512,10 +1512,11 @@ int dsrtk_linear_pair_workspace(int dev, const dsrtk_linear_weight *w0, const ds
     *bytes = 0;
     int st = check_args(w0, rows, x_dtype, y_dtype);
     if (st || (st = check_args(w1, rows, x_dtype, y_dtype))) return st;
+    if (rows <= GEMV_MAX_ROWS) return DSRTK_OK; /* decode: the GEMV pair needs none (and the step no plans) */
     Plan p0, p1;
     make_plan(w0, rows, x_dtype, quantise, y_dtype, &p0);
     make_plan(w1, rows, x_dtype, quantise, y_dtype, &p1);
-    if (rows && lt_pair(p0, p1, w0, w1)) *bytes = p0.total > p1.total ? p0.total : p1.total;
+    if (lt_pair(p0, p1, w0, w1)) *bytes = p0.total > p1.total ? p0.total : p1.total;
     return DSRTK_OK;
 }
 
@@ -1566,9 +1567,11 @@ int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear
     void *y[2] = {y0, y1};
     cudaStream_t s = (cudaStream_t)stream;
     Plan lp[2];
-    make_plan(w0, rows, x_dtype, quantise, y_dtype, &lp[0]);
-    make_plan(w1, rows, x_dtype, quantise, y_dtype, &lp[1]);
-    if (lt_pair(lp[0], lp[1], w0, w1)) { /* prefill: one Q8 pass of x for both GEMMs */
+    if (rows > GEMV_MAX_ROWS) {
+        make_plan(w0, rows, x_dtype, quantise, y_dtype, &lp[0]);
+        make_plan(w1, rows, x_dtype, quantise, y_dtype, &lp[1]);
+    }
+    if (rows > GEMV_MAX_ROWS && lt_pair(lp[0], lp[1], w0, w1)) { /* prefill: one Q8 pass of x for both GEMMs */
         const size_t need = lp[0].total > lp[1].total ? lp[0].total : lp[1].total;
         if (workspace_bytes < need || !workspace || (uintptr_t)workspace % 256)
             return dsrtk_fail(DSRTK_ERROR, "linear: pair workspace of %zu bytes at %p, needs %zu bytes 256-byte aligned",

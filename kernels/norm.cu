@@ -36,6 +36,7 @@
  * pays one launch where it paid three to six.
  */
 #include <math.h>
+#include <cuda_bf16.h>
 #include "act.cuh"
 #include "q8.cuh"
 #include "rmsnorm.cuh"
@@ -435,6 +436,7 @@ struct NormRopeArgs {
     void *y;           /* [rows, width], y_dtype */
     int x_dtype, w_dtype, y_dtype, norm, post, ref;
     int64_t rows, heads, width, first, step; /* row r is at position first + (r / heads)·step */
+    int rows_per_warp; /* consecutive rows of one position a warp (heads a multiple of it; 1 with `also`) */
     float eps;
     dsrtk_norm_job also; /* warps past `rows`: its plain RMSNorm (also.rows 0: none) */
 };
@@ -507,61 +509,24 @@ __device__ __forceinline__ void norm_row(float (&v)[V][8], const void *w, int w_
     }
 }
 
-/* The norm -> RoPE -> round trip sequence of one vector in one warp, each step the very
- * operations of the separate kernel it replaces on the model's aligned rows, so the result has
- * their bits:
- *   - the norm (norm_row) as rms_norm_rows_kernel<32, V>, the path dsrtk_nn_rms_norm takes for
- *     16-byte aligned rows of width <= 1024, rounded to bf16 in reference precision as its bf16
- *     output is;
- *   - RoPE of the last 64 columns (whole vectors, pairs whole as width − 64 is a multiple of 8):
- *     rope.cuh's cos/sin (lane l computes pair l's) and rotation at the row's position, every value
- *     rounded to bf16 in reference precision as rope_kernel's bf16 output is;
- *   - Q8 (reference): the 8 lanes of a block of 64 columns meet for its amax with shuffles, as
- *     roundtrip_vec_kernel's lanes do (columns past width − 64 count as the floor, as its lanes past
- *     `count` do), then quant.h's scale and codes;
- *   - Hadamard + Q4 (width 128, lanes 0..15 hold it): the butterflies of hadamard_kernel, stages
- *     1, 2, 4 inside a lane and 8 … 64 with the lane l ^ (h/8), each y_j = a + b, y_{j+h} = a − b
- *     on the same operands, × fp32(128^-½), rounded to bf16 in reference precision; then Q4 over
- *     blocks of 32 (4 lanes) as roundtrip_vec_kernel<true>.
- * Output f32, or bf16 in reference precision, where the values are bf16-exact (a prefill's query,
- * which the tensor-core attention takes as bf16: no f32 copy to convert). Warps past the last row do
- * a.also's plain RMSNorm (norm_row, stored in its dtype as rms_norm_rows_kernel stores), so the
- * layer's q_norm rides in the KV row's launch. A warp per row, 8 rows a block; a warp past all
- * rows returns whole, so every shuffle has its full warp.
- * Bytes: width·(|x| + 4) a row (+ w from L2); decode's rows are 1 (the KV row) or the heads. */
-template <int V, int V2>
-__global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ NormRopeArgs a,
-                                                        const __grid_constant__ RopeFreqs f)
+/* round_bf16's value through the hardware's conversion: one instruction where numeric.h's codec
+ * takes ~6 (a NaN may come out with other payload bits, still a NaN) */
+__device__ __forceinline__ float round_bf16_hw(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+/* norm_rope_kernel's pass over row r (my_cs, my_sn: lane l's RoPE pair l at the row's position) */
+template <int V>
+__device__ __forceinline__ void norm_rope_row(const NormRopeArgs &a, int64_t r, int lane, float my_cs, float my_sn)
 {
-    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
-    const int lane = threadIdx.x & 31;
-    const int64_t r = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= a.rows) {
-        constexpr int U = V2 > 0 ? V2 : 1; /* V2 == 0: no second norm compiled in */
-        if (V2 > 0 && r < a.rows + a.also.rows) {
-            const int64_t base = (r - a.rows) * a.also.width;
-            prefetch_row_weights<U>(a.also.w, a.also.w_dtype, a.also.width, lane);
-            float u[U][8];
-            load_row<U>(a.also.x, a.also.x_dtype, base, a.also.width, lane, u);
-            norm_row<U>(u, a.also.w, a.also.w_dtype, a.also.width, a.eps, 0, lane);
-            store_row<U>(a.also.y, a.also.y_dtype, base, a.also.width, lane, u);
-        }
-        return;
-    }
     const int64_t base = r * a.width, kept = a.width - 64;
-    if (a.norm != NORM_NONE) prefetch_row_weights<V>(a.w, a.w_dtype, a.width, lane);
     float v[V][8];
     load_row<V>(a.x, a.x_dtype, base, a.width, lane, v);
-    /* RoPE's cos and sin (double evaluations, their position is a parameter) while the row comes */
-    float my_cs, my_sn;
-    rope_cos_sin(a.first + r / a.heads * a.step, f.f[lane], my_cs, my_sn);
     if (a.norm != NORM_NONE) {
         norm_row<V>(v, a.w, a.w_dtype, a.width, a.eps, a.norm == NORM_HEAD && a.ref, lane);
         if (a.ref)
 #pragma unroll
             for (int k = 0; k < V; k++)
 #pragma unroll
-                for (int i = 0; i < 8; i++) v[k][i] = round_bf16(v[k][i]);
+                for (int i = 0; i < 8; i++) v[k][i] = round_bf16_hw(v[k][i]);
     }
     /* RoPE: lane l computes pair l's cos and sin (above: one of each, as rope_kernel's 32 threads
      * do), the lanes holding the rotated vectors take theirs with shuffles */
@@ -579,7 +544,7 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
         }
         if (a.ref && j < a.width)
 #pragma unroll
-            for (int i = 0; i < 8; i++) v[k][i] = round_bf16(v[k][i]);
+            for (int i = 0; i < 8; i++) v[k][i] = round_bf16_hw(v[k][i]);
     }
     if (a.post == POST_Q8 && a.ref) {
 #pragma unroll
@@ -618,7 +583,7 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             u[i] = __fmul_rn(u[i], 0.08838834764831845f);
-            if (a.ref) u[i] = round_bf16(u[i]);
+            if (a.ref) u[i] = round_bf16_hw(u[i]);
         }
         if (a.ref) {
             float amax = 6.0f * 1.17549435e-38f;
@@ -639,6 +604,58 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
     }
     if (a.y_dtype == DSRT_BF16) store_row_bf16_exact<V>(a.y, base, a.width, lane, v); /* ref: bf16-exact values */
     else store_row<V>(a.y, DSRT_F32, base, a.width, lane, v);
+}
+
+/* The norm -> RoPE -> round trip sequence of one vector in one warp, each step the very
+ * operations of the separate kernel it replaces on the model's aligned rows, so the result has
+ * their bits:
+ *   - the norm (norm_row) as rms_norm_rows_kernel<32, V>, the path dsrtk_nn_rms_norm takes for
+ *     16-byte aligned rows of width <= 1024, rounded to bf16 in reference precision as its bf16
+ *     output is;
+ *   - RoPE of the last 64 columns (whole vectors, pairs whole as width − 64 is a multiple of 8):
+ *     rope.cuh's cos/sin (lane l computes pair l's) and rotation at the row's position, every value
+ *     rounded to bf16 in reference precision as rope_kernel's bf16 output is;
+ *   - Q8 (reference): the 8 lanes of a block of 64 columns meet for its amax with shuffles, as
+ *     roundtrip_vec_kernel's lanes do (columns past width − 64 count as the floor, as its lanes past
+ *     `count` do), then quant.h's scale and codes;
+ *   - Hadamard + Q4 (width 128, lanes 0..15 hold it): the butterflies of hadamard_kernel, stages
+ *     1, 2, 4 inside a lane and 8 … 64 with the lane l ^ (h/8), each y_j = a + b, y_{j+h} = a − b
+ *     on the same operands, × fp32(128^-½), rounded to bf16 in reference precision; then Q4 over
+ *     blocks of 32 (4 lanes) as roundtrip_vec_kernel<true>.
+ * Output f32, or bf16 in reference precision, where the values are bf16-exact (a prefill's query,
+ * which the tensor-core attention takes as bf16: no f32 copy to convert). Warps past the last row do
+ * a.also's plain RMSNorm (norm_row, stored in its dtype as rms_norm_rows_kernel stores), so the
+ * layer's q_norm rides in the KV row's launch. A warp per row (a prefill's queries: 8 rows of one
+ * position, norm_rope_row each), 8 warps a block; a warp past all rows returns whole, so every
+ * shuffle has its full warp.
+ * Bytes: width·(|x| + 4) a row (+ w from L2); decode's rows are 1 (the KV row) or the heads. */
+template <int V, int V2>
+__global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ NormRopeArgs a,
+                                                        const __grid_constant__ RopeFreqs f)
+{
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
+    const int lane = threadIdx.x & 31;
+    const int64_t r0 = (blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5)) * a.rows_per_warp;
+    if (r0 >= a.rows) {
+        const int64_t r = r0; /* rows_per_warp is 1 where there is a second norm */
+        constexpr int U = V2 > 0 ? V2 : 1; /* V2 == 0: no second norm compiled in */
+        if (V2 > 0 && r < a.rows + a.also.rows) {
+            const int64_t base = (r - a.rows) * a.also.width;
+            prefetch_row_weights<U>(a.also.w, a.also.w_dtype, a.also.width, lane);
+            float u[U][8];
+            load_row<U>(a.also.x, a.also.x_dtype, base, a.also.width, lane, u);
+            norm_row<U>(u, a.also.w, a.also.w_dtype, a.also.width, a.eps, 0, lane);
+            store_row<U>(a.also.y, a.also.y_dtype, base, a.also.width, lane, u);
+        }
+        return;
+    }
+    if (a.norm != NORM_NONE) prefetch_row_weights<V>(a.w, a.w_dtype, a.width, lane);
+    /* RoPE's cos and sin (double evaluations, their position is a parameter), once for the warp's
+     * rows: one position. Computed a row, they were a third of a prefill query row's instructions. */
+    float my_cs, my_sn;
+    rope_cos_sin(a.first + r0 / a.heads * a.step, f.f[lane], my_cs, my_sn);
+    for (int64_t r = r0; r < r0 + a.rows_per_warp && r < a.rows; r++)
+        norm_rope_row<V>(a, r, lane, my_cs, my_sn);
 }
 
 /* the vectors a lane holds for rows of `width` (<= 1024): rms_norm_cuda's choice, which the bits
@@ -680,7 +697,10 @@ extern "C" int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const voi
         (also && (!aligned16(also->x) || !aligned16(also->w) || !aligned16(also->y))))
         return dsrtk_fail(DSRTK_ERROR, "%s: the data must be 16-byte aligned", what);
     const int64_t rows = S > 0 && heads > 0 ? S * heads : 0, rows2 = also && also->rows > 0 ? also->rows : 0;
-    const int64_t blocks = (rows + rows2 + 7) / 8;
+    /* a prefill's queries: 8 heads of a position a warp share its cos and sin (decode keeps a warp
+     * a row: few rows) */
+    const int rows_per_warp = !rows2 && heads % 8 == 0 && rows >= (1 << 16) ? 8 : 1;
+    const int64_t blocks = ((rows + rows_per_warp - 1) / rows_per_warp + rows2 + 7) / 8;
     if (blocks == 0) return DSRTK_OK;
     if (blocks > INT32_MAX)
         return dsrtk_fail(DSRTK_ERROR, "%s: %lld rows are too many for one launch", what, (long long)(rows + rows2));
@@ -689,6 +709,7 @@ extern "C" int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const voi
     a.x = x, a.w = w, a.y = y;
     a.x_dtype = x_dtype, a.w_dtype = w_dtype, a.y_dtype = y_dtype, a.norm = norm, a.post = post, a.ref = ref != 0;
     a.rows = rows, a.heads = heads, a.width = width, a.first = rope->first, a.step = rope->step;
+    a.rows_per_warp = rows_per_warp;
     a.eps = eps;
     a.also = also ? *also : dsrtk_norm_job{};
     a.also.rows = rows2;

@@ -331,6 +331,28 @@ test("norm_rope_gives_the_bits_of_the_separate_ops", function()
   end
 end)
 
+test("norm_rope_prefill_queries_eight_rows_a_warp", function()
+  -- a prefill's [S, 64, 512] queries (S·heads >= 65536): a warp takes 8 heads of a position and
+  -- their cos and sin once; S odd, so the last block has warps past the last row
+  local shape = { 1027, 64, 512 }
+  for _, dt in ipairs({ "bf16", "f32" }) do
+    local x = norm_rope_input(shape, dt):to("cuda")
+    for _, nm in ipairs({ { "head", nil }, { "rms", "bf16" } }) do
+      local weight = nm[2] and fused_randn({ 512 }, nm[2]):to("cuda") or nil
+      for _, post in ipairs({ "none", "q8" }) do
+        for k, prec in ipairs(PRECISIONS) do
+          local rope = FUSED_ROPES[k + 1]
+          local theta, yarn, first, step = rope[1], rope[2], rope[3], rope[4]
+          local want = norm_rope_by_steps(x, weight, nm[1], 1e-6, first, step, theta, yarn, post, prec)
+          h.poison_cuda_cache(x:numel() * 4)
+          local got = nn.norm_rope(x, weight, nm[1], 1e-6, first, step, theta, yarn, post, prec)
+          check_bits(got, want, string.format("norm_rope prefill %s %s %s %s", dt, nm[1], post, prec))
+        end
+      end
+    end
+  end
+end)
+
 test("norm_rope_from_misaligned_and_strided_inputs", function()
   -- a strided x is made dense (the fused kernel), a misaligned one goes through the separate ops:
   -- the bits of the separate ops on the aligned x either way
