@@ -1293,16 +1293,20 @@ __device__ __forceinline__ void wga_softmax_pv(const Args &a, float (&s)[32], ui
 {
     const uint64_t vm = vmask >> (2 * qd); /* entry 8j + 2·qd + c is valid: bit 8j + c */
     float mx[2] = {-INFINITY, -INFINITY};
+    if (vmask == ~0ull) { /* every entry valid (most blocks): no mask to apply */
+#pragma unroll
+        for (int k = 0; k < 32; k++) s[k] = __fmul_rn(s[k], a.scale);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++)
+                s[4 * j + c] = (uint32_t)(vm >> (8 * j + (c & 1))) & 1 ? __fmul_rn(s[4 * j + c], a.scale) : -INFINITY;
+    }
 #pragma unroll
     for (int j = 0; j < 8; j++)
 #pragma unroll
-        for (int h = 0; h < 2; h++)
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                float &v = s[4 * j + 2 * h + c];
-                v = (uint32_t)(vm >> (8 * j + c)) & 1 ? __fmul_rn(v, a.scale) : -INFINITY;
-                mx[h] = fmaxf(mx[h], v);
-            }
+        for (int c = 0; c < 4; c++) mx[c >> 1] = fmaxf(mx[c >> 1], s[4 * j + c]);
     float alpha[2], sum[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {

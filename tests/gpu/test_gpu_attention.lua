@@ -351,6 +351,14 @@ test("norm_rope_prefill_queries_eight_rows_a_warp", function()
       end
     end
   end
+  -- the indexer's queries [S, 64, 128]: Hadamard + Q4 (fp4_round_trip against quant.h's codec)
+  local xi = norm_rope_input({ 1025, 64, 128 }, "bf16"):to("cuda")
+  for k, prec in ipairs(PRECISIONS) do
+    local want = norm_rope_by_steps(xi, nil, "none", 1e-6, 7, 1, 10000, nil, "hadamard_q4", prec)
+    h.poison_cuda_cache(xi:numel() * 4)
+    check_bits(nn.norm_rope(xi, nil, "none", 1e-6, 7, 1, 10000, nil, "hadamard_q4", prec), want,
+               "norm_rope prefill indexer queries " .. prec)
+  end
 end)
 
 test("norm_rope_from_misaligned_and_strided_inputs", function()
