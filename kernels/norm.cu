@@ -662,7 +662,8 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
     }
     if (a.norm != NORM_NONE) prefetch_row_weights<V>(a.w, a.w_dtype, a.width, lane);
     /* RoPE's cos and sin (double evaluations, their position is a parameter), once for the warp's
-     * rows: one position. Computed a row, they were a third of a prefill query row's instructions. */
+     * rows: one position, where a warp a row evaluated them for each of its 64 heads (with the
+     * hardware's bf16 roundings, a prefill's 4 query launches 1.42 -> 1.02 ms, CUPTI, H200) */
     float my_cs, my_sn;
     rope_cos_sin(a.first + r0 / a.heads * a.step, f.f[lane], my_cs, my_sn);
     for (int64_t r = r0; r < r0 + a.rows_per_warp && r < a.rows; r++)

@@ -1165,7 +1165,7 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
     }
 }
 
-/* ---- wgmma: one CTA per (query row, 64 heads) at D = 512, two warpgroups ----
+/* ---- wgmma: (query row, 64 heads) at D = 512 by two warpgroups, a CTA a multiprocessor ----
  *
  * Flash's prefill attends 64 heads of 512 over its 640 (ratio-4 layer) or 128-160 index entries a
  * query row; mma_kernel's mma.sync ran it at ~140 TFLOP/s, bound by shared memory (each block's q
@@ -1184,7 +1184,10 @@ __global__ void __launch_bounds__(THREADS, 2) mma_kernel(const __grid_constant__
  * entry is invalid) as soon as its P·V of the block before has retired, so the copies of block
  * b + 1 run under the exchange, softmax and P·V of block b. Numerics are mma_kernel's: exact
  * bf16 products, fp32 sums in the tensor cores' order, P rounded to bf16 from the running max.
- * Shared memory: q 64 KB, two stages of rows 128 KB, the exchange 32 KB: one CTA a multiprocessor. */
+ * Shared memory: q 64 KB, two stages of rows 128 KB, the exchange 32 KB: one CTA a multiprocessor,
+ * persistent over the rows (wga_kernel says why).
+ * Measured (CUPTI, H200, a Flash prefill's 4 launches): mma_kernel 5.1 ms; this kernel 2.4 (the
+ * ratio-4 layer 1.13 ms, ~240 TFLOP/s; README's eighteenth session lists the steps). */
 enum { WGA_HEADS = 64, WGA_D = 512, WGA_THREADS = 256, WGA_CHUNK = 64 * 128 /* 64 rows x 64 dims, bf16 */ };
 enum : uint32_t {
     WGA_Q = 0,                      /* bf16 [8 dim groups][64 heads][64] swizzled */
@@ -1409,9 +1412,11 @@ __device__ __forceinline__ void wga_load_q(const Args &a, const WgaPos &p, uint3
 }
 
 /* Requires round_p, q and pool bf16 and 16-byte aligned, o bf16 and 4-byte aligned, D = 512,
- * H % 64 == 0, K > 0 (the host checks). Persistent: a CTA takes rows blockIdx.x, + grid, ... as one stream of blocks, so the
- * next row's q and first rows are copied under this row's last block and its stores (one CTA a
- * multiprocessor leaves no other CTA to hide them: a CTA a row spent ~11 us of its 16 on them). */
+ * H % 64 == 0, K > 0 (the host checks). Persistent: a CTA takes rows blockIdx.x, + grid, ... as
+ * one stream of blocks, so the next row's q and first rows are copied under this row's last block
+ * and its stores, which one CTA a multiprocessor leaves no other CTA to hide (a CTA a row: the
+ * window layers 0.49 ms, persistent 0.41). A row's output is stored at the next block's wait, once
+ * its last P·V has retired: a wait of its own in the loop made ptxas serialise the wgmmas (C7518). */
 __global__ void __launch_bounds__(WGA_THREADS, 1) wga_kernel(const __grid_constant__ Args a)
 {
     extern __shared__ __align__(16) unsigned char wga_raw[];

@@ -12,6 +12,7 @@
 #include "check.h"
 #include "err.h"
 #include "linear.h"
+#include "ops.h"
 
 #define CPU dsrt_stream_default(DSRT_CPU)
 
@@ -424,6 +425,52 @@ TEST(linear_pair_equals_two_forwards_and_names_a_width_mismatch)
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
 }
 
+/* forward_pair_into's outputs against two forward_into's, bit for bit, on x's device */
+static void check_pair_into(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s,
+                            const char *what)
+{
+    const int64_t rows = x->shape[0], o0 = l0->cfg.out_features, o1 = l1->cfg.out_features;
+    const dsrt_dtype dt = dsrt_linear_out_dtype(l0, prec);
+    /* the outputs as two row blocks of one buffer, as the MoE's shared expert keeps them */
+    dsrt_tensor *buf = dsrt_tensor_new(dt, 1, (int64_t[]){rows * (o0 + o1)}, x->device, s);
+    dsrt_tensor *n0 = buf ? dsrt_tensor_narrow(buf, 0, 0, rows * o0) : NULL, *n1 = buf ? dsrt_tensor_narrow(buf, 0, rows * o0, rows * o1) : NULL;
+    dsrt_tensor *y0 = n0 ? dsrt_tensor_view(n0, 2, (int64_t[]){rows, o0}) : NULL, *y1 = n1 ? dsrt_tensor_view(n1, 2, (int64_t[]){rows, o1}) : NULL;
+    dsrt_tensor *w0 = dsrt_tensor_new(dt, 2, (int64_t[]){rows, o0}, x->device, s);
+    dsrt_tensor *w1 = dsrt_tensor_new(dt, 2, (int64_t[]){rows, o1}, x->device, s);
+    dsrt_tensor *c0 = dsrt_tensor_new(dt, 2, (int64_t[]){rows, o0}, x->device, s);
+    dsrt_tensor *c1 = dsrt_tensor_new(dt, 2, (int64_t[]){rows, o1}, x->device, s);
+    REQUIRE(y0 && y1 && w0 && w1 && c0 && c1);
+    CHECKF(dsrt_linear_forward_pair_into(l0, l1, x, y0, y1, prec, s) == 0, "%s: %s", what, dsrt_err_msg());
+    CHECKF(!dsrt_linear_forward_into(l0, x, w0, prec, s) && !dsrt_linear_forward_into(l1, x, w1, prec, s), "%s: %s", what,
+           dsrt_err_msg());
+    /* same_bits reads from the storage's start: the views copied out first */
+    REQUIRE(!dsrt_op_copy(c0, y0, s) && !dsrt_op_copy(c1, y1, s));
+    CHECKF(same_bits(c0, w0, s) && same_bits(c1, w1, s), "%s: the pair differs from the two forwards", what);
+    dsrt_tensor *all[] = {buf, n0, n1, y0, y1, w0, w1, c0, c1};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
+}
+
+TEST(linear_pair_into_equals_two_forwards_into_and_names_bad_outputs)
+{
+    dsrt_tensor *x = random_input(5, 256), *wa = random_e4m3(200, 256), *sa = random_scales(2, 2, NULL);
+    dsrt_tensor *wb = random_e4m3(72, 256), *sb = random_scales(1, 2, NULL);
+    REQUIRE(x && wa && sa && wb && sb);
+    dsrt_linear *a = make_linear(wa, sa, DSRT_FORMAT_FP8, 256, 200, 128, 128, 1), *b = make_linear(wb, sb, DSRT_FORMAT_FP8, 256, 72, 128, 128, 1);
+    REQUIRE(a && b);
+    check_pair_into(a, b, x, DSRT_PREC_REFERENCE, CPU, "cpu reference");
+    check_pair_into(a, b, x, DSRT_PREC_FP32, CPU, "cpu fp32");
+    dsrt_tensor *y0 = new_tensor(DSRT_F32, 5, 200), *bad = new_tensor(DSRT_F32, 5, 73);
+    REQUIRE(y0 && bad);
+    CHECK(dsrt_linear_forward_pair_into(a, b, x, y0, bad, DSRT_PREC_FP32, CPU) == -1 &&
+          strstr(dsrt_err_msg(), "must be a contiguous f32 [..., 72]"));
+    CHECK(dsrt_linear_forward_pair_into(a, b, x, y0, y0, DSRT_PREC_FP32, CPU) == -1 &&
+          strstr(dsrt_err_msg(), "[..., 72]"));
+    dsrt_linear_release(a);
+    dsrt_linear_release(b);
+    dsrt_tensor *all[] = {x, wa, sa, wb, sb, y0, bad};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
+}
+
 /* a bf16 linear on cuda:0, [out, in] */
 static dsrt_linear *cuda_bf16_linear(int64_t out, int64_t in, dsrt_stream *s)
 {
@@ -491,4 +538,35 @@ GPU_TEST(gpu_linear_pair_equals_two_forwards)
     }
     dsrt_linear *all[] = {a, b, af, bf, p, q, m, ck, cg, h0, h1};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_linear_release(all[i]);
+}
+
+GPU_TEST(gpu_linear_prefill_pair_preps_once_with_the_same_bits)
+{
+    dsrt_stream *s = dsrt_stream_default(0);
+    /* prefill rows (past the decode GEMV): FP8 pairs on the cuBLASLt route share one Q8 pass of x
+     * (wq_a ‖ wkv shapes; 40 rows pad to 48, the padded GEMM's rows copied out); fp32 precision and a
+     * width cuBLASLt's route refuses (out 520) take the two forwards; pair_into writes two row blocks
+     * of one buffer */
+    dsrt_linear *a = cuda_linear(DSRT_FORMAT_FP8, 1024, 4096, 0, s), *b = cuda_linear(DSRT_FORMAT_FP8, 512, 4096, 0, s);
+    dsrt_linear *odd = cuda_linear(DSRT_FORMAT_FP8, 520, 4096, 0, s);
+    REQUIRE(a && b && odd);
+    const int64_t row_counts[] = {40, 256};
+    for (size_t r = 0; r < 2; r++) {
+        dsrt_tensor *x = random_input(row_counts[r], 4096);
+        dsrt_tensor *xd = x ? dsrt_tensor_to(x, 0, DSRT_F32, s, 0) : NULL, *xb = x ? dsrt_tensor_to(x, 0, DSRT_BF16, s, 0) : NULL;
+        REQUIRE(xd && xb);
+        char what[64];
+        snprintf(what, sizeof what, "%lld rows", (long long)row_counts[r]);
+        check_pair(a, b, xb, DSRT_PREC_REFERENCE, s, what);
+        check_pair(a, b, xd, DSRT_PREC_REFERENCE, s, what);
+        check_pair(a, b, xb, DSRT_PREC_FP32, s, what);
+        check_pair(a, odd, xb, DSRT_PREC_REFERENCE, s, what);
+        check_pair_into(a, b, xb, DSRT_PREC_REFERENCE, s, what);
+        check_pair_into(b, odd, xd, DSRT_PREC_REFERENCE, s, what);
+        dsrt_tensor *all[] = {x, xd, xb};
+        for (size_t i = 0; i < 3; i++) dsrt_tensor_release(all[i]);
+    }
+    dsrt_linear_release(a);
+    dsrt_linear_release(b);
+    dsrt_linear_release(odd);
 }
