@@ -7,6 +7,7 @@
 #ifndef DSRTK_ACT_CUH
 #define DSRTK_ACT_CUH
 
+#include <cuda_bf16.h>
 #include "common.cuh"
 
 /* launcher side: an activation's dtype must be one of the two */
@@ -30,6 +31,9 @@ __device__ __forceinline__ void st(void *p, int dtype, int64_t i, float v)
 
 /* v rounded to bf16 (numeric.h's rounding) and back: what a bf16 store then load gives */
 __device__ __forceinline__ float round_bf16(float v) { return dsrt_bf16_to_f32(dsrt_f32_to_bf16(v)); }
+/* the same value through the hardware's conversion: one instruction where numeric.h's codec takes
+ * ~6 (a NaN may come out with other payload bits, still a NaN) */
+__device__ __forceinline__ float round_bf16_hw(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
 /* Eight contiguous elements at element i of p (16-byte aligned): one 16-byte access for bf16, two
  * for f32. */

@@ -1499,10 +1499,15 @@ static int lt_forward(int dev, const dsrtk_linear_weight *w, const Plan &p, cons
                        "linear: copy of %lld rows of the fp8 GEMM on cuda:%d", (long long)rows, dev);
 }
 
-/* both matrices take the cuBLASLt route over one input: its codes serve both */
-static bool lt_pair(const Plan &p0, const Plan &p1, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1)
+/* whether both matrices take the cuBLASLt route over one input (same rows, so the same padding),
+ * whose codes then serve both; their plans in lp. Decode's rows make no plans. */
+static bool lt_pair(const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1, int64_t rows, int x_dtype, int quantise,
+                    int y_dtype, Plan (&lp)[2])
 {
-    return p0.path == PATH_LT && p1.path == PATH_LT && w0->in == w1->in && p0.mpad == p1.mpad;
+    if (rows <= GEMV_MAX_ROWS || w0->in != w1->in) return false;
+    make_plan(w0, rows, x_dtype, quantise, y_dtype, &lp[0]);
+    make_plan(w1, rows, x_dtype, quantise, y_dtype, &lp[1]);
+    return lp[0].path == PATH_LT && lp[1].path == PATH_LT;
 }
 
 int dsrtk_linear_pair_workspace(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1, int64_t rows,
@@ -1512,11 +1517,8 @@ int dsrtk_linear_pair_workspace(int dev, const dsrtk_linear_weight *w0, const ds
     *bytes = 0;
     int st = check_args(w0, rows, x_dtype, y_dtype);
     if (st || (st = check_args(w1, rows, x_dtype, y_dtype))) return st;
-    if (rows <= GEMV_MAX_ROWS) return DSRTK_OK; /* decode: the GEMV pair needs none (and the step no plans) */
-    Plan p0, p1;
-    make_plan(w0, rows, x_dtype, quantise, y_dtype, &p0);
-    make_plan(w1, rows, x_dtype, quantise, y_dtype, &p1);
-    if (lt_pair(p0, p1, w0, w1)) *bytes = p0.total > p1.total ? p0.total : p1.total;
+    Plan lp[2];
+    if (lt_pair(w0, w1, rows, x_dtype, quantise, y_dtype, lp)) *bytes = lp[0].total > lp[1].total ? lp[0].total : lp[1].total;
     return DSRTK_OK;
 }
 
@@ -1567,11 +1569,7 @@ int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear
     void *y[2] = {y0, y1};
     cudaStream_t s = (cudaStream_t)stream;
     Plan lp[2];
-    if (rows > GEMV_MAX_ROWS) {
-        make_plan(w0, rows, x_dtype, quantise, y_dtype, &lp[0]);
-        make_plan(w1, rows, x_dtype, quantise, y_dtype, &lp[1]);
-    }
-    if (rows > GEMV_MAX_ROWS && lt_pair(lp[0], lp[1], w0, w1)) { /* prefill: one Q8 pass of x for both GEMMs */
+    if (lt_pair(w0, w1, rows, x_dtype, quantise, y_dtype, lp)) { /* prefill: one Q8 pass of x for both GEMMs */
         const size_t need = lp[0].total > lp[1].total ? lp[0].total : lp[1].total;
         if (workspace_bytes < need || !workspace || (uintptr_t)workspace % 256)
             return dsrtk_fail(DSRTK_ERROR, "linear: pair workspace of %zu bytes at %p, needs %zu bytes 256-byte aligned",

@@ -2511,9 +2511,9 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) moe_swiglu_kernel(const void *gu,
                         gi = round_bf16(gi), ui = round_bf16(ui);
                     float x = reference ? swiglu_of_bf16(gi, ui, limit) : swiglu_f32(gi, ui, limit);
                     if (r < n_weighted) x *= weight; /* before w2, in fp32 (SPEC §7.2) */
-                    /* the hardware's rounding: round_bf16's bits but for a NaN's payload, which Q8
-                     * turns into e4m3's one NaN code either way */
-                    v[i] = !valid[k][i] ? 0.0f : reference ? __bfloat162float(__float2bfloat16_rn(x)) : x;
+                    /* round_bf16_hw: a NaN's payload may differ, which Q8 turns into e4m3's one NaN
+                     * code either way */
+                    v[i] = !valid[k][i] ? 0.0f : reference ? round_bf16_hw(x) : x;
                 }
                 if (reference) q8_warp(v, valid[k]); /* every w2 quantised (moe.c checks) */
                 st4_row(h, io_dtype, r * h_ld, c0 + k * ACT_BLOCK + 4 * lane, inter, vec_row, v);

@@ -36,7 +36,6 @@
  * pays one launch where it paid three to six.
  */
 #include <math.h>
-#include <cuda_bf16.h>
 #include "act.cuh"
 #include "q8.cuh"
 #include "rmsnorm.cuh"
@@ -519,10 +518,6 @@ __device__ __forceinline__ float fp4_round_trip(float q)
     const float y = x < 2.0f ? rintf(2.0f * x) * 0.5f : x < 4.0f ? rintf(x) : 2.0f * rintf(0.5f * x);
     return q != q ? 0.0f : copysignf(y, q);
 }
-
-/* round_bf16's value through the hardware's conversion: one instruction where numeric.h's codec
- * takes ~6 (a NaN may come out with other payload bits, still a NaN) */
-__device__ __forceinline__ float round_bf16_hw(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
 /* norm_rope_kernel's pass over row r (my_cs, my_sn: lane l's RoPE pair l at the row's position) */
 template <int V>
