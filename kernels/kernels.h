@@ -148,23 +148,23 @@ typedef struct {
     float freqs[32];
     int64_t first, step;
 } dsrtk_rope;
-/* One pass of dsrtk_nn_norm_rope: y [rows, width] = post(RoPE(norm(x))) of x [rows, width], rows =
- * S·heads (row r at position first + (r / heads)·step), width a multiple of 8 up to 1024 (from 64
- * with RoPE or a post step); norm and post take nn.h's dsrt_nn_norm / dsrt_nn_post values, rope 0
- * skips the rotation; w [width] (RMS only) or NULL; y_dtype f32, or bf16 when ref (the values
- * bf16-exact then). Every pointer 16-byte aligned (the bits are those of the separate ops' aligned
- * paths). */
+/* a plain RMSNorm that rides in dsrtk_nn_norm_rope's launch: y [rows, width] (y_dtype) = RMS_w(x),
+ * w [width] or NULL, width a multiple of 8 up to 1024 (nn.h dsrt_nn_q_kv_norm's qr) */
 typedef struct {
     const void *x, *w;
     void *y;
-    int x_dtype, w_dtype, y_dtype, norm, post, rope;
-    int64_t rows, heads, width;
+    int x_dtype, w_dtype, y_dtype;
+    int64_t rows, width;
 } dsrtk_norm_job;
-/* nn.h dsrt_nn_norm_rope (and dsrt_nn_q_kv_norm, dsrt_nn_norm_rope_pair): n_jobs (1 or 2) passes in
- * one launch at the same positions, eps and rounding points (ref: reference precision's rounding
- * points and round trips) */
-int dsrtk_nn_norm_rope(int dev, const dsrtk_norm_job *jobs, int n_jobs, float eps, const dsrtk_rope *rope, int ref,
-                       void *stream);
+/* nn.h dsrt_nn_norm_rope: y [S, heads, width] (y_dtype: f32, or bf16 when ref, the values being
+ * bf16-exact then) = post(RoPE(norm(x))) of x [S, heads, width]
+ * (width a multiple of 8 from 64 to 1024); norm and post take nn.h's dsrt_nn_norm / dsrt_nn_post
+ * values, w [width] (RMS only) or NULL; ref: reference precision's rounding points and round trips.
+ * also (or NULL): a second, plain RMSNorm in the same launch, with the same eps. Every pointer
+ * 16-byte aligned (the bits are those of the separate ops' aligned paths). */
+int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y, int y_dtype, int64_t S,
+                       int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post, int ref,
+                       const dsrtk_norm_job *also, void *stream);
 /* end of norm */
 
 /* ---- hc (kernels/hc.cu): Sinkhorn and the hyper-connection ops (runtime/nn.h) ---- */
@@ -262,16 +262,6 @@ int dsrtk_linear_pair_workspace(int dev, const dsrtk_linear_weight *w0, const ds
 int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear_weight *w1, const void *x, int x_dtype,
                       int64_t rows, int quantise, void *y0, void *y1, int y_dtype, void *workspace, size_t workspace_bytes,
                       void *stream, int *launched);
-/* y = RMS_norm_w(x) · Wᵀ: x's rows normalised as dsrtk_nn_rms_norm computes them (w norm_w
- * [in] or NULL, eps) into norm_dtype (f32, or bf16 as the reference stores them), then multiplied as
- * dsrtk_linear multiplies such rows (the same bits as those two launches), in one decode GEMV
- * launch that normalises its rows as it stages them: where dsrtk_linear_normed_fits says so
- * (rows <= 8, groups 1, in a multiple of 8 up to 1024, FP8/FP4 weights on the tensor-core GEMV). x
- * and norm_w 16-byte aligned. */
-int dsrtk_linear_normed_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise, int norm_dtype);
-int dsrtk_linear_normed(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, const void *norm_w,
-                        int norm_w_dtype, float eps, int norm_dtype, int64_t rows, int quantise, void *y, int y_dtype,
-                        void *stream);
 /* end of linear */
 
 /* ---- moe (kernels/moe.cu): routing and the FP4 experts (runtime/moe.h) ---- */

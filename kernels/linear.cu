@@ -16,9 +16,7 @@
  *     flight. Measured on the H200 (2026-11-28, ncu inside a decode step, warm, real clocks):
  *     wq_b 1024->32768 (32 MB) 17 us, wo_b 8192->4096 20 us, wkv 4096->512 9 us; by CUDA events
  *     (make bench) wq_b 30 -> 20 us and wo_b 39 -> 24 us against the CUDA-core kernel below, which
- *     converts every weight to f32 (~1.5 conversions at 16 a clock per SM). It also normalises its
- *     input rows itself where asked (dsrtk_linear_normed: a decode step's qr, whose norm launch
- *     then leaves the step's chain).
+ *     converts every weight to f32 (~1.5 conversions at 16 a clock per SM).
  *   - bf16_mma_kernel (1..8 rows, bf16 weights of 16384+ outputs: the LM head): mma.sync on the
  *     bf16 weights as stored, loaded in the CUDA-core GEMV's order; the head at 248-256 us at one
  *     row and 278 us at three (against 245-252 and 473 through gemv_kernel; ncu, H200).
@@ -60,7 +58,6 @@
 #include "act.cuh"
 #include "blas.cuh"
 #include "fp8mma.cuh"
-#include "rmsnorm.cuh"
 #include "../runtime/quant.h"
 
 enum { FMT_BF16 = 0, FMT_FP8 = 1, FMT_FP4 = 2 };
@@ -110,12 +107,6 @@ static size_t mma_smem(int format, int64_t in_g, int64_t rows, int warps)
     /* rows + 1: the staging's zero row */
     return (size_t)((rows + 1) * mma_staged_ld(format, in_g)) * 2 + (size_t)((rows + 1) * ceil_div(in_g, ACT_BLOCK)) * 4 +
            (size_t)warps * MMA_ROWS * MMA_TOKENS * 4;
-}
-
-/* a normalising GEMV's normalised rows (dsrtk_linear_normed), after mma_smem's bytes rounded up to 16 */
-static size_t normed_smem(int64_t in, int64_t rows, int norm_dtype)
-{
-    return 16 + (size_t)(rows * in) * (norm_dtype == DSRT_F32 ? 4 : 2);
 }
 
 /* the tensor-core GEMV takes FP8/FP4 weights whose 64-column chunks load as whole vectors and stay
@@ -762,9 +753,6 @@ struct MmaGemvArgs {
     int ld;                                  /* the staging pitch in halves */
     int64_t row_bytes, scale_ld0, scale_ld1;
     int chunk_shift;                            /* log2 of the 64-column chunks per scale block */
-    const void *norm_w;                         /* normed: x's RMSNorm weight (NULL: none) */
-    int normed, norm_w_dtype, norm_dtype;       /* normed: stage RMS_norm_w(x) as norm_dtype values */
-    float norm_eps;
 };
 
 /* One launch for one matrix, or for two that read the same x (attention's wq_a and wkv): blocks
@@ -775,18 +763,12 @@ struct MmaGemvLaunch {
     int split, grid[2];
 };
 
-/* A normalising GEMV's vectors of 8 a lane: rows of up to 1024 (rmsnorm.cuh's norm_row gives the
- * same bits for any V that covers the row) */
-enum { NORM_V = 4 };
-static_assert(GEMV_MAX_ROWS <= MMA_WARPS, "a normalising GEMV normalises its rows a warp each");
-
 /* Persistent: a block of its matrix serves one group (block % groups) and stages that group's
  * activation once. Its MMA_WARPS warps form teams of ks; a team takes the group's 16-row tiles
  * team_id, team_id + teams, ..., its warps split each tile's 64-column chunks, and mma_stream walks
  * them with the weight loads of the next step always in flight. The first loads go out before the
  * staging. ks and the grid depend on the shape and the device only, so a token's result does not
- * depend on how many tokens share the call. A normalising launch (a.normed) first normalises the
- * rows, a warp a row, into shared memory, and stages them from there. */
+ * depend on how many tokens share the call. */
 template <int FMT, int SF, bool Q8>
 __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_constant__ MmaGemvLaunch L)
 {
@@ -814,33 +796,12 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gemv_kernel(const __grid_c
     MmaStep<FMT> buf[2][U];
     if (my_tiles) mma_prefetch<FMT>(rows_of(0), kslot * U, 2 * U, a.nchunk, q);
     dsrtk_wait_producer();
-    /* a normalising launch: a warp a row (rows <= MMA_WARPS) loads it and the norm's weights
-     * before the weights' first loads, which its loads would otherwise queue behind (wq_b at
-     * decode: ~1 us a launch, CUPTI timeline, H200) */
-    const bool norming = a.normed && warp < a.rows;
-    float nx[NORM_V][8], nw[NORM_V][8];
-    if (norming) {
-        load_row<NORM_V>(a.x, a.x_dtype, (int64_t)warp * a.in, a.in, lane, nx);
-        if (a.norm_w) load_row<NORM_V>(a.norm_w, a.norm_w_dtype, 0, a.in, lane, nw);
-    }
     if (my_tiles) mma_load<FMT, SF, U>(rows_of(0), buf[0], kslot * U, a.nchunk);
-    const void *in = a.x;
-    int in_dtype = a.x_dtype;
-    if (a.normed) { /* the normalised rows into shared memory (groups 1), the staging's input */
-        char *after = (char *)(red + MMA_WARPS * MMA_ROWS * MMA_TOKENS);
-        void *xn = after + (16 - (uintptr_t)after % 16) % 16;
-        if (norming) {
-            norm_row<NORM_V>(nx, nullptr, DSRT_F32, a.in, a.norm_eps, 0, lane, a.norm_w ? nw : nullptr);
-            store_row<NORM_V>(xn, a.norm_dtype, (int64_t)warp * a.in, a.in, lane, nx);
-        }
-        __syncthreads();
-        in = xn, in_dtype = a.norm_dtype;
-    }
     const int64_t x0 = (int64_t)g * a.in_g;
-    const bool vec = (uintptr_t)in % 16 == 0 && a.in % 4 == 0 && a.in_g % ACT_BLOCK == 0; /* x0 then too */
+    const bool vec = (uintptr_t)a.x % 16 == 0 && a.in % 4 == 0 && a.in_g % ACT_BLOCK == 0; /* x0 then too */
     auto row_at = [&](int t) { return (int64_t)t * a.in + x0; };
-    if (in_dtype == DSRT_BF16) mma_stage<FMT, Q8>(a.rows, a.in_g, a.ld, xq, xsc, in, DSRT_BF16, vec, row_at);
-    else mma_stage<FMT, true>(a.rows, a.in_g, a.ld, xq, xsc, in, DSRT_F32, vec, row_at); /* f32 inputs come quantised (mma_gemv_fits) */
+    if (a.x_dtype == DSRT_BF16) mma_stage<FMT, Q8>(a.rows, a.in_g, a.ld, xq, xsc, a.x, DSRT_BF16, vec, row_at);
+    else mma_stage<FMT, true>(a.rows, a.in_g, a.ld, xq, xsc, a.x, DSRT_F32, vec, row_at); /* f32 inputs come quantised (mma_gemv_fits) */
     __syncthreads();
 
     const int t0 = 2 * q, t1 = 2 * q + 1;
@@ -916,19 +877,10 @@ static MmaGemvArgs mma_gemv_plan(int dev, const dsrtk_linear_weight *w, const vo
     return a;
 }
 
-/* The RMSNorm a normalising GEMV applies to x first (dsrtk_linear_normed) */
-struct MmaNorm {
-    const void *w;
-    int w_dtype, dtype;
-    float eps;
-};
-
-/* y[i] = x · w[i]ᵀ for the n (1 or 2) matrices of one format and scale type, one launch; with norm
- * (one matrix) y = RMS(x) · wᵀ. The plan is the one without norm, so the sums are those of
- * dsrtk_linear over the normalised rows. */
+/* y[i] = x · w[i]ᵀ for the n (1 or 2) matrices of one format and scale type, one launch */
 template <int FMT, int SF, bool Q8>
 static int launch_mma_gemv(int dev, int n, const dsrtk_linear_weight *const *w, const void *x, int x_dtype, int64_t rows,
-                           void *const *y, int y_dtype, const MmaNorm *norm, cudaStream_t s)
+                           void *const *y, int y_dtype, cudaStream_t s)
 {
     int st = dsrtk_allow_shared(dev, (const void *)mma_gemv_kernel<FMT, SF, Q8>, MMA_MAX_SMEM, "linear mma_gemv_kernel");
     if (st) return st;
@@ -939,11 +891,6 @@ static int launch_mma_gemv(int dev, int n, const dsrtk_linear_weight *const *w, 
         const size_t need = mma_smem(FMT, L.m[i].in_g, rows, MMA_WARPS);
         if (need > smem) smem = need;
     }
-    if (norm) {
-        MmaGemvArgs &a = L.m[0];
-        a.norm_w = norm->w, a.normed = 1, a.norm_w_dtype = norm->w_dtype, a.norm_dtype = norm->dtype, a.norm_eps = norm->eps;
-        smem += normed_smem(a.in, rows, norm->dtype);
-    }
     L.split = L.grid[0];
     return dsrtk_check(dsrtk_launch_dependent(mma_gemv_kernel<FMT, SF, Q8>, dim3((unsigned)(L.grid[0] + (n > 1 ? L.grid[1] : 0))),
                                               dim3(MMA_WARPS * 32), smem, s, L),
@@ -953,14 +900,14 @@ static int launch_mma_gemv(int dev, int n, const dsrtk_linear_weight *const *w, 
 /* the instantiation for the weights' format and scales (w[0]'s: the same for every matrix) and the
  * activation's treatment */
 static int launch_mma(int dev, int n, const dsrtk_linear_weight *const *w, const void *x, int x_dtype, int64_t rows,
-                      int quantise, void *const *y, int y_dtype, cudaStream_t s, const MmaNorm *norm = nullptr)
+                      int quantise, void *const *y, int y_dtype, cudaStream_t s)
 {
-    if (w[0]->format == FMT_FP4) return launch_mma_gemv<FMT_FP4, DSRT_F8E8M0, true>(dev, n, w, x, x_dtype, rows, y, y_dtype, norm, s);
+    if (w[0]->format == FMT_FP4) return launch_mma_gemv<FMT_FP4, DSRT_F8E8M0, true>(dev, n, w, x, x_dtype, rows, y, y_dtype, s);
     if (w[0]->scale_dtype == DSRT_F32)
-        return quantise ? launch_mma_gemv<FMT_FP8, DSRT_F32, true>(dev, n, w, x, x_dtype, rows, y, y_dtype, norm, s)
-                        : launch_mma_gemv<FMT_FP8, DSRT_F32, false>(dev, n, w, x, x_dtype, rows, y, y_dtype, norm, s);
-    return quantise ? launch_mma_gemv<FMT_FP8, DSRT_F8E8M0, true>(dev, n, w, x, x_dtype, rows, y, y_dtype, norm, s)
-                    : launch_mma_gemv<FMT_FP8, DSRT_F8E8M0, false>(dev, n, w, x, x_dtype, rows, y, y_dtype, norm, s);
+        return quantise ? launch_mma_gemv<FMT_FP8, DSRT_F32, true>(dev, n, w, x, x_dtype, rows, y, y_dtype, s)
+                        : launch_mma_gemv<FMT_FP8, DSRT_F32, false>(dev, n, w, x, x_dtype, rows, y, y_dtype, s);
+    return quantise ? launch_mma_gemv<FMT_FP8, DSRT_F8E8M0, true>(dev, n, w, x, x_dtype, rows, y, y_dtype, s)
+                    : launch_mma_gemv<FMT_FP8, DSRT_F8E8M0, false>(dev, n, w, x, x_dtype, rows, y, y_dtype, s);
 }
 
 /* ---- bf16 weights on the tensor cores (1..8 rows, wide outputs: the LM head) ----
@@ -1660,30 +1607,4 @@ int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear
     DSRTK_SET_DEVICE(dev, "linear");
     *launched = 1;
     return launch_gemv<FMT_BF16>(dev, 2, m, s); /* both bf16 (above) */
-}
-
-/* ---- a decode GEMV of normalised rows (runtime/linear.c: dsrt_linear_forward_normed) ---- */
-
-int dsrtk_linear_normed_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise, int norm_dtype)
-{
-    return !check_args(w, rows, norm_dtype, DSRT_F32) && rows >= 1 && w->groups == 1 && w->in % 8 == 0 &&
-           w->in <= 8 * 32 * NORM_V && mma_gemv_fits(w, rows, quantise, norm_dtype) &&
-           mma_smem(w->format, w->in, MMA_TOKENS, MMA_WARPS) + normed_smem(w->in, MMA_TOKENS, norm_dtype) <= MMA_MAX_SMEM;
-}
-
-int dsrtk_linear_normed(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, const void *norm_w,
-                        int norm_w_dtype, float eps, int norm_dtype, int64_t rows, int quantise, void *y, int y_dtype,
-                        void *stream)
-{
-    int st = check_args(w, rows, x_dtype, y_dtype);
-    if (st) return st;
-    if (!dsrtk_linear_normed_fits(w, rows, quantise, norm_dtype))
-        return dsrtk_fail(DSRTK_ERROR, "linear: %lld rows of %lld features normalised as %s: not on the decode GEMV",
-                          (long long)rows, (long long)w->in, norm_dtype == DSRT_F32 ? "f32" : "bf16");
-    if ((norm_w_dtype != DSRT_F32 && norm_w_dtype != DSRT_BF16) || (uintptr_t)x % 16 || (uintptr_t)norm_w % 16)
-        return dsrtk_fail(DSRTK_ERROR, "linear: the norm's input and weight must be 16-byte aligned, its weight f32 or bf16");
-    if (dev < 0 || dev >= MAX_LT_DEVICES) return dsrtk_fail(DSRTK_ERROR, "linear: no device cuda:%d", dev);
-    DSRTK_SET_DEVICE(dev, "linear");
-    const MmaNorm norm = {norm_w, norm_w_dtype, norm_dtype, eps};
-    return launch_mma(dev, 1, &w, x, x_dtype, rows, quantise, &y, y_dtype, (cudaStream_t)stream, &norm);
 }

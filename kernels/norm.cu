@@ -60,6 +60,19 @@ __global__ void __launch_bounds__(1024) rms_norm_kernel(const void *x, int x_dty
     }
 }
 
+/* the norm's weights of a thread's vectors (the g-th of G threads a row; w may be NULL) into L1
+ * while the row loads: the norm reads them only after the row's sum, a second round trip otherwise */
+template <int V, int G = 32>
+__device__ __forceinline__ void prefetch_row_weights(const void *w, int w_dtype, int64_t width, int g)
+{
+    if (!w) return;
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        const int64_t j = 8 * (int64_t)(g + G * k);
+        if (j < width) prefetch_l1(w, w_dtype, j);
+    }
+}
+
 /* Rows of d % 8 == 0 with 16-byte aligned x, w, y (the model's): a group of G threads per row (a warp
  * for d <= 1024, the block of 256 for d <= 8192), each holding V vectors of 8
  * in registers, so x is read from HBM once: d·|x| in, d·|y| out (+ w from L2). The sum of squares
@@ -417,16 +430,42 @@ extern "C" int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y
 enum { NORM_NONE = 0, NORM_RMS = 1, NORM_HEAD = 2 };
 enum { POST_NONE = 0, POST_Q8 = 1, POST_HADAMARD_Q4 = 2 };
 
-/* A launch of up to two passes (kernels.h dsrtk_norm_job), the second's rows after the first's,
- * at the same positions, eps and rounding points: row r of a pass is at position first + (r /
- * heads)·step */
 struct NormRopeArgs {
-    dsrtk_norm_job job[2]; /* job[1].rows 0: one pass */
-    int64_t first, step;
-    int rows_per_warp; /* consecutive rows of one position a warp (heads a multiple of it; 1 with two passes) */
-    int ref;
+    const void *x, *w; /* x [rows, width] (rows = S·heads), w [width] or NULL: contiguous, 16-byte aligned */
+    void *y;           /* [rows, width], y_dtype */
+    int x_dtype, w_dtype, y_dtype, norm, post, ref;
+    int64_t rows, heads, width, first, step; /* row r is at position first + (r / heads)·step */
+    int rows_per_warp; /* consecutive rows of one position a warp (heads a multiple of it; 1 with `also`) */
     float eps;
+    dsrtk_norm_job also; /* warps past `rows`: its plain RMSNorm (also.rows 0: none) */
 };
+
+/* the lane's share of a row in registers: the 8-element vectors lane, lane + 32, … (zeros past
+ * width), the layout of rms_norm_rows_kernel<32, V> */
+template <int V>
+__device__ __forceinline__ void load_row(const void *x, int dtype, int64_t base, int64_t width, int lane, float (&v)[V][8])
+{
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        const int64_t j = 8 * (int64_t)(lane + 32 * k);
+        if (j < width) {
+            ld8(x, dtype, base + j, v[k]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[k][i] = 0.0f;
+        }
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void store_row(void *y, int dtype, int64_t base, int64_t width, int lane, const float (&v)[V][8])
+{
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        const int64_t j = 8 * (int64_t)(lane + 32 * k);
+        if (j < width) st8(y, dtype, base + j, v[k]);
+    }
+}
 
 /* store_row for bf16-exact values into bf16: the upper halves of their f32 bits, one byte permute
  * a pair (the rounding store costs ~6 instructions a value, and norm_rope_kernel is bound by its
@@ -446,6 +485,29 @@ __device__ __forceinline__ void store_row_bf16_exact(void *y, int64_t base, int6
     }
 }
 
+/* RMSNorm of a row as load_row holds it (w [width] or NULL; head_bf16: the head norm's reference
+ * rounding points), in rms_norm_rows_kernel<32, V>'s very operations: each lane's double sum of
+ * squares in the same order, the same shuffle tree, the same 1/rms and products */
+template <int V>
+__device__ __forceinline__ void norm_row(float (&v)[V][8], const void *w, int w_dtype, int64_t width, float eps,
+                                         int head_bf16, int lane)
+{
+    double acc = 0;
+#pragma unroll
+    for (int k = 0; k < V; k++)
+        if (8 * (int64_t)(lane + 32 * k) < width)
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc += square(v[k][i], head_bf16);
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    const float inv = inv_rms(acc, width, eps, head_bf16);
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        const int64_t j = 8 * (int64_t)(lane + 32 * k);
+        if (j >= width) continue;
+        norm_scale8(v[k], inv, w, w_dtype, j);
+    }
+}
+
 /* dsrt_fp4_to_f32(dsrt_f32_to_fp4(q)) for |q| <= 6 or NaN, in float arithmetic: e2m1's grid is
  * steps of 1/2 below 2, of 1 to 4, of 2 to 6, and a tie's even code is the even multiple of its
  * step, which rintf's ties-to-even picks. Checked over every such float (quant.h's codec, CPU):
@@ -457,18 +519,16 @@ __device__ __forceinline__ float fp4_round_trip(float q)
     return q != q ? 0.0f : copysignf(y, q);
 }
 
-/* norm_rope_kernel's pass j over its row r (my_cs, my_sn: lane l's RoPE pair l at the row's
- * position, where j.rope) */
+/* norm_rope_kernel's pass over row r (my_cs, my_sn: lane l's RoPE pair l at the row's position) */
 template <int V>
-__device__ __forceinline__ void norm_rope_row(const dsrtk_norm_job &a, int ref, float eps, int64_t r, int lane, float my_cs,
-                                              float my_sn)
+__device__ __forceinline__ void norm_rope_row(const NormRopeArgs &a, int64_t r, int lane, float my_cs, float my_sn)
 {
     const int64_t base = r * a.width, kept = a.width - 64;
     float v[V][8];
     load_row<V>(a.x, a.x_dtype, base, a.width, lane, v);
     if (a.norm != NORM_NONE) {
-        norm_row<V>(v, a.w, a.w_dtype, a.width, eps, a.norm == NORM_HEAD && ref, lane);
-        if (ref)
+        norm_row<V>(v, a.w, a.w_dtype, a.width, a.eps, a.norm == NORM_HEAD && a.ref, lane);
+        if (a.ref)
 #pragma unroll
             for (int k = 0; k < V; k++)
 #pragma unroll
@@ -479,7 +539,7 @@ __device__ __forceinline__ void norm_rope_row(const dsrtk_norm_job &a, int ref, 
 #pragma unroll
     for (int k = 0; k < V; k++) {
         const int64_t j = 8 * (int64_t)(lane + 32 * k);
-        if (a.rope && kept < 256 * (k + 1) && kept + 64 > 256 * k) { /* uniform: some lane's vector k is rotated */
+        if (kept < 256 * (k + 1) && kept + 64 > 256 * k) { /* uniform: some lane's vector k is rotated */
             const bool rot = j >= kept && j < a.width;
             const int i0 = rot ? (int)((j - kept) >> 1) : 0;
 #pragma unroll
@@ -488,11 +548,11 @@ __device__ __forceinline__ void norm_rope_row(const dsrtk_norm_job &a, int ref, 
                 if (rot) rope_rotate(v[k][2 * q], v[k][2 * q + 1], cs, sn, 0, v[k][2 * q], v[k][2 * q + 1]);
             }
         }
-        if (ref && j < a.width)
+        if (a.ref && j < a.width)
 #pragma unroll
             for (int i = 0; i < 8; i++) v[k][i] = round_bf16_hw(v[k][i]);
     }
-    if (a.post == POST_Q8 && ref) {
+    if (a.post == POST_Q8 && a.ref) {
 #pragma unroll
         for (int k = 0; k < V; k++) {
             const bool in = 8 * (int64_t)(lane + 32 * k) < kept;
@@ -529,9 +589,9 @@ __device__ __forceinline__ void norm_rope_row(const dsrtk_norm_job &a, int ref, 
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             u[i] = __fmul_rn(u[i], 0.08838834764831845f);
-            if (ref) u[i] = round_bf16_hw(u[i]);
+            if (a.ref) u[i] = round_bf16_hw(u[i]);
         }
-        if (ref) {
+        if (a.ref) {
             float amax = 6.0f * 1.17549435e-38f;
 #pragma unroll
             for (int i = 0; i < 8; i++) {
@@ -569,27 +629,12 @@ __device__ __forceinline__ void norm_rope_row(const dsrtk_norm_job &a, int ref, 
  *     on the same operands, × fp32(128^-½), rounded to bf16 in reference precision; then Q4 over
  *     blocks of 32 (4 lanes) as roundtrip_vec_kernel<true>.
  * Output f32, or bf16 in reference precision, where the values are bf16-exact (a prefill's query,
- * which the tensor-core attention takes as bf16: no f32 copy to convert). A second pass rides in
- * the launch (a.job[1], warps past the first's rows): a decode step's KV row beside its query heads
- * (the KV row waits for no one until the gather, so the query's GEMV before this launch normalises
- * qr itself: linear.h dsrt_linear_forward_normed), or a prefill's plain q norm beside the KV rows
- * (no RoPE: the same operations without the rotation, stored as rms_norm_rows_kernel stores).
- * A warp per row (a prefill's queries: 8 rows of one position, norm_rope_row each), 8 warps a
- * block; a warp past all rows returns whole, so every shuffle has its full warp.
+ * which the tensor-core attention takes as bf16: no f32 copy to convert). Warps past the last row do
+ * a.also's plain RMSNorm (norm_row, stored in its dtype as rms_norm_rows_kernel stores), so the
+ * layer's q_norm rides in the KV row's launch. A warp per row (a prefill's queries: 8 rows of one
+ * position, norm_rope_row each), 8 warps a block; a warp past all rows returns whole, so every
+ * shuffle has its full warp.
  * Bytes: width·(|x| + 4) a row (+ w from L2); decode's rows are 1 (the KV row) or the heads. */
-template <int V>
-__device__ __forceinline__ void norm_rope_rows(const NormRopeArgs &a, const dsrtk_norm_job &j, int64_t r0, int rows, int lane,
-                                               const RopeFreqs &f)
-{
-    if (j.norm != NORM_NONE) prefetch_row_weights<V>(j.w, j.w_dtype, j.width, lane);
-    /* RoPE's cos and sin (double evaluations, their position is a parameter), once for the warp's
-     * rows: one position, where a warp a row evaluated them for each of its 64 heads (with the
-     * hardware's bf16 roundings, a prefill's 4 query launches 1.42 -> 1.02 ms, CUPTI, H200) */
-    float my_cs = 0.0f, my_sn = 0.0f;
-    if (j.rope) rope_cos_sin(a.first + r0 / j.heads * a.step, f.f[lane], my_cs, my_sn);
-    for (int64_t r = r0; r < r0 + rows && r < j.rows; r++) norm_rope_row<V>(j, a.ref, a.eps, r, lane, my_cs, my_sn);
-}
-
 template <int V, int V2>
 __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ NormRopeArgs a,
                                                         const __grid_constant__ RopeFreqs f)
@@ -597,9 +642,27 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
     dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     const int lane = threadIdx.x & 31;
     const int64_t r0 = (blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5)) * a.rows_per_warp;
-    constexpr int U = V2 > 0 ? V2 : 1; /* V2 == 0: no second pass compiled in */
-    if (r0 < a.job[0].rows) norm_rope_rows<V>(a, a.job[0], r0, a.rows_per_warp, lane, f);
-    else if (V2 > 0) norm_rope_rows<U>(a, a.job[1], r0 - a.job[0].rows, 1, lane, f); /* one row a warp */
+    if (r0 >= a.rows) {
+        const int64_t r = r0; /* rows_per_warp is 1 where there is a second norm */
+        constexpr int U = V2 > 0 ? V2 : 1; /* V2 == 0: no second norm compiled in */
+        if (V2 > 0 && r < a.rows + a.also.rows) {
+            const int64_t base = (r - a.rows) * a.also.width;
+            prefetch_row_weights<U>(a.also.w, a.also.w_dtype, a.also.width, lane);
+            float u[U][8];
+            load_row<U>(a.also.x, a.also.x_dtype, base, a.also.width, lane, u);
+            norm_row<U>(u, a.also.w, a.also.w_dtype, a.also.width, a.eps, 0, lane);
+            store_row<U>(a.also.y, a.also.y_dtype, base, a.also.width, lane, u);
+        }
+        return;
+    }
+    if (a.norm != NORM_NONE) prefetch_row_weights<V>(a.w, a.w_dtype, a.width, lane);
+    /* RoPE's cos and sin (double evaluations, their position is a parameter), once for the warp's
+     * rows: one position, where a warp a row evaluated them for each of its 64 heads (with the
+     * hardware's bf16 roundings, a prefill's 4 query launches 1.42 -> 1.02 ms, CUPTI, H200) */
+    float my_cs, my_sn;
+    rope_cos_sin(a.first + r0 / a.heads * a.step, f.f[lane], my_cs, my_sn);
+    for (int64_t r = r0; r < r0 + a.rows_per_warp && r < a.rows; r++)
+        norm_rope_row<V>(a, r, lane, my_cs, my_sn);
 }
 
 /* the vectors a lane holds for rows of `width` (<= 1024): rms_norm_cuda's choice, which the bits
@@ -617,59 +680,51 @@ static void launch_norm_rope(int v2, unsigned blocks, cudaStream_t cs, const Nor
 
 static bool aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
 
-/* pass j's arguments, or an error naming what is wrong with them ("the second pass's" for j 1) */
-static int check_job(const char *what, const dsrtk_norm_job &j, int n, int ref)
-{
-    const char *which = n ? "the second pass's " : "";
-    int rc = check_float_dtype(what, "x", j.x_dtype);
-    if (!rc && j.w) rc = check_float_dtype(what, "weight", j.w_dtype);
-    if (rc) return rc;
-    if (j.y_dtype != DSRT_F32 && !(j.y_dtype == DSRT_BF16 && ref))
-        return dsrtk_fail(DSRTK_ERROR, "%s: %soutput dtype %d (f32, or bf16 in reference precision)", what, which, j.y_dtype);
-    const int64_t least = j.rope || j.post != POST_NONE ? 64 : 8;
-    if (j.width % 8 || j.width < least || j.width > 1024)
-        return dsrtk_fail(DSRTK_ERROR, "%s: %svectors of %lld, expected a multiple of 8 up to 1024, from %lld", what, which,
-                          (long long)j.width, (long long)least);
-    if (j.norm < NORM_NONE || j.norm > NORM_HEAD || j.post < POST_NONE || j.post > POST_HADAMARD_Q4 ||
-        (j.w && j.norm != NORM_RMS) || (j.post == POST_HADAMARD_Q4 && j.width != 128))
-        return dsrtk_fail(DSRTK_ERROR, "%s: %snorm %d, post %d with%s weight on vectors of %lld", what, which, j.norm, j.post,
-                          j.w ? "" : "out", (long long)j.width);
-    if (j.rows < 0 || j.heads < 1 || j.rows % j.heads)
-        return dsrtk_fail(DSRTK_ERROR, "%s: %s%lld rows of %lld heads", what, which, (long long)j.rows, (long long)j.heads);
-    if (!aligned16(j.x) || !aligned16(j.w) || !aligned16(j.y))
-        return dsrtk_fail(DSRTK_ERROR, "%s: %sdata must be 16-byte aligned", what, which);
-    return DSRTK_OK;
-}
-
-extern "C" int dsrtk_nn_norm_rope(int dev, const dsrtk_norm_job *jobs, int n_jobs, float eps, const dsrtk_rope *rope, int ref,
-                                  void *stream)
+extern "C" int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y, int y_dtype,
+                                  int64_t S, int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope,
+                                  int post, int ref, const dsrtk_norm_job *also, void *stream)
 {
     const char *what = "nn.norm_rope";
-    if (n_jobs < 1 || n_jobs > 2) return dsrtk_fail(DSRTK_ERROR, "%s: %d passes in one launch (1 or 2)", what, n_jobs);
-    NormRopeArgs a = {};
-    for (int n = 0; n < n_jobs; n++) {
-        const int rc = check_job(what, jobs[n], n, ref != 0);
-        if (rc) return rc;
-        a.job[n] = jobs[n];
-    }
-    const int64_t rows = a.job[0].rows, rows2 = a.job[1].rows;
+    int rc = check_float_dtype(what, "x", x_dtype);
+    if (!rc && w) rc = check_float_dtype(what, "weight", w_dtype);
+    if (!rc && also) rc = check_float_dtype(what, "the second norm's x", also->x_dtype);
+    if (!rc && also && also->w) rc = check_float_dtype(what, "the second norm's weight", also->w_dtype);
+    if (!rc && also) rc = check_float_dtype(what, "the second norm's y", also->y_dtype);
+    if (!rc && y_dtype != DSRT_F32 && !(y_dtype == DSRT_BF16 && ref))
+        rc = dsrtk_fail(DSRTK_ERROR, "%s: output dtype %d (f32, or bf16 in reference precision)", what, y_dtype);
+    if (rc) return rc;
+    if (width % 8 || width < 64 || width > 1024 || (also && (also->width % 8 || also->width < 8 || also->width > 1024)))
+        return dsrtk_fail(DSRTK_ERROR, "%s: vectors of %lld (and %lld), expected multiples of 8 up to 1024, from 64", what,
+                          (long long)width, also ? (long long)also->width : 0LL);
+    if (norm < NORM_NONE || norm > NORM_HEAD || post < POST_NONE || post > POST_HADAMARD_Q4 || (w && norm != NORM_RMS) ||
+        (post == POST_HADAMARD_Q4 && width != 128))
+        return dsrtk_fail(DSRTK_ERROR, "%s: norm %d, post %d with%s weight on vectors of %lld", what, norm, post,
+                          w ? "" : "out", (long long)width);
+    if (!aligned16(x) || !aligned16(w) || !aligned16(y) ||
+        (also && (!aligned16(also->x) || !aligned16(also->w) || !aligned16(also->y))))
+        return dsrtk_fail(DSRTK_ERROR, "%s: the data must be 16-byte aligned", what);
+    const int64_t rows = S > 0 && heads > 0 ? S * heads : 0, rows2 = also && also->rows > 0 ? also->rows : 0;
     /* a prefill's queries: 8 heads of a position a warp share its cos and sin (decode keeps a warp
      * a row: few rows) */
-    const int rows_per_warp = !rows2 && a.job[0].heads % 8 == 0 && rows >= (1 << 16) ? 8 : 1;
+    const int rows_per_warp = !rows2 && heads % 8 == 0 && rows >= (1 << 16) ? 8 : 1;
     const int64_t blocks = ((rows + rows_per_warp - 1) / rows_per_warp + rows2 + 7) / 8;
     if (blocks == 0) return DSRTK_OK;
     if (blocks > INT32_MAX)
         return dsrtk_fail(DSRTK_ERROR, "%s: %lld rows are too many for one launch", what, (long long)(rows + rows2));
     DSRTK_SET_DEVICE(dev, what);
-    a.first = rope->first, a.step = rope->step;
+    NormRopeArgs a;
+    a.x = x, a.w = w, a.y = y;
+    a.x_dtype = x_dtype, a.w_dtype = w_dtype, a.y_dtype = y_dtype, a.norm = norm, a.post = post, a.ref = ref != 0;
+    a.rows = rows, a.heads = heads, a.width = width, a.first = rope->first, a.step = rope->step;
     a.rows_per_warp = rows_per_warp;
-    a.ref = ref != 0;
     a.eps = eps;
+    a.also = also ? *also : dsrtk_norm_job{};
+    a.also.rows = rows2;
     RopeFreqs f;
     for (int i = 0; i < 32; i++) f.f[i] = rope->freqs[i];
-    const int v2 = rows2 ? lane_vectors(a.job[1].width) : 0;
+    const int v2 = rows2 ? lane_vectors(also->width) : 0;
     cudaStream_t cs = (cudaStream_t)stream;
-    switch (lane_vectors(a.job[0].width)) {
+    switch (lane_vectors(width)) {
     case 1: launch_norm_rope<1>(v2, (unsigned)blocks, cs, a, f); break;
     case 2: launch_norm_rope<2>(v2, (unsigned)blocks, cs, a, f); break;
     default: launch_norm_rope<4>(v2, (unsigned)blocks, cs, a, f); break;

@@ -911,17 +911,10 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
         ok = !compressor_rows(a, &w->index_compressor, a->index_ape_t, xf, P, s_icomp, &ic, &ig) &&
              (wproj = dlin(w->index_weights_proj, xf, prec, s_wproj)) != NULL;
     if (ok) ok = !dsrt_linear_forward_pair(w->wq_a, w->wkv, xf, prec, s, &qa, &kvp); /* one launch at decode */
-    /* a reference chunk of many rows attends on the tensor cores, in bf16 (below) */
-    const int attend_bf16 = prec == DSRT_PREC_REFERENCE && S >= MMA_MIN_ROWS;
-    /* §6.1 qr = RMS_w(wq_a·x); §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims. qr
-     * feeds only linears (wq_b, the indexer's wq_b): at decode they normalise qa themselves as they
-     * stage it (qr is never stored), and the KV row's pass rides in the query's norm_rope launch
-     * below, since nothing reads kv before the gather: a launch less on the step's chain, ~4.4 us a
-     * layer (CUPTI timeline, H200, Flash). Otherwise one launch for both norms, qr in the norm's
-     * dtype. kv is read by the kernels here (gather, ring_writes) and is f32. */
-    const int normed = ok && !attend_bf16 && dsrt_linear_takes_normed(w->wq_b, qa, w->q_norm, prec) &&
-                       (r != 4 || dsrt_linear_takes_normed(w->index_wq_b, qa, w->q_norm, prec));
-    if (ok && !normed)
+    /* §6.1 qr = RMS_w(wq_a·x); §6.2 window KV: RoPE(RMS_w(wkv·x)), Q8 on the no-rope dims: one
+     * launch. qr feeds only linears (wq_b, the indexer's wq_b) and stays in the norm's dtype; kv
+     * is read by the kernels here (gather, ring_writes) and is f32 */
+    if (ok)
         ok = !dsrt_nn_q_kv_norm(qa, w->q_norm, kvp, w->kv_norm, c->norm_eps, P, 1, c->rope_theta, yarn_of(c),
                                 latent_post(0, prec), prec, s, &qr, &kv);
     if (ok && r > 0)
@@ -937,25 +930,16 @@ static dsrt_tensor *forward_cuda(dsrt_attention *a, dsrt_attn_state *st, dsrt_te
      * indexer's GEMV anyway. An event is recorded again only after every wait on its last record is
      * queued. */
     if (ok && r == 4) {
-        iq = normed ? dsrt_linear_forward_normed(w->index_wq_b, qa, w->q_norm, c->norm_eps, prec, s)
-                    : dlin_any(w->index_wq_b, qr, prec, s);
-        ok = iq != NULL;
+        ok = (iq = dlin_any(w->index_wq_b, qr, prec, s)) != NULL;
         if (ok && aux) ok = !dsrt_event_record(a->ev[0], s) && !dsrt_event_record(a->ev[2], s_wproj);
     }
-    if (ok)
-        q = normed ? dsrt_linear_forward_normed(w->wq_b, qa, w->q_norm, c->norm_eps, prec, s) : dlin_any(w->wq_b, qr, prec, s);
-    if (q) { /* §6.1 steps 3-4: the head norm and RoPE, one fused pass (with the KV row's, normed) */
+    /* a reference chunk of many rows attends on the tensor cores, in bf16 (below) */
+    const int attend_bf16 = prec == DSRT_PREC_REFERENCE && S >= MMA_MIN_ROWS;
+    if (ok && (q = dlin_any(w->wq_b, qr, prec, s))) { /* §6.1 steps 3-4: the head norm and RoPE, one fused pass */
         dsrt_tensor *v = dsrt_tensor_view(q, 3, (int64_t[]){S, H, hd});
         dsrt_tensor_release(q);
-        q = NULL;
-        if (normed) {
-            ok = v && !dsrt_nn_heads_kv_norm(v, kvp, w->kv_norm, c->norm_eps, P, 1, c->rope_theta, yarn_of(c),
-                                             latent_post(0, prec), prec, s, &q, &kv);
-            dsrt_tensor_release(v);
-        } else { /* (norm_rope_to releases v) */
-            q = norm_rope_to(c, v, DSRT_NN_NORM_HEAD, NULL, P, 1, DSRT_NN_POST_NONE, prec, attend_bf16 ? DSRT_BF16 : DSRT_F32,
-                             s);
-        }
+        q = norm_rope_to(c, v, DSRT_NN_NORM_HEAD, NULL, P, 1, DSRT_NN_POST_NONE, prec, attend_bf16 ? DSRT_BF16 : DSRT_F32,
+                         s);
     }
     ok = ok && q;
     if (ok && r == 4) {

@@ -411,52 +411,6 @@ int dsrt_linear_forward_pair(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, d
     return 0;
 }
 
-/* the device address of a tensor's first element */
-static void *device_data(const dsrt_tensor *t) { return (char *)t->storage->data + (size_t)t->offset * (size_t)dsrt_dtype_bits(t->dtype) / 8; }
-
-static int aligned_dense(const dsrt_tensor *t) { return !t || (dsrt_tensor_is_contiguous(t) && (uintptr_t)device_data(t) % 16 == 0); }
-
-int dsrt_linear_takes_normed(const dsrt_linear *l, const dsrt_tensor *x, const dsrt_tensor *norm_weight, dsrt_precision prec)
-{
-    const int64_t in = l->cfg.in_features;
-    if (x->device == DSRT_CPU || x->device != l->weight->device || !cuda_layout(l) || x->ndim < 1 || x->shape[x->ndim - 1] != in ||
-        (x->dtype != DSRT_F32 && x->dtype != DSRT_BF16) || !aligned_dense(x) || !aligned_dense(norm_weight))
-        return 0;
-    if (norm_weight && (norm_weight->ndim != 1 || norm_weight->shape[0] != in || norm_weight->device != x->device ||
-                        (norm_weight->dtype != DSRT_F32 && norm_weight->dtype != DSRT_BF16)))
-        return 0;
-    dsrtk_linear_weight k = kernel_weight(l);
-    return dsrtk_linear_normed_fits(&k, dsrt_tensor_numel(x) / in, quantises_activation(l, prec),
-                                    prec == DSRT_PREC_REFERENCE ? DSRT_BF16 : DSRT_F32);
-}
-
-dsrt_tensor *dsrt_linear_forward_normed(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *norm_weight, float eps,
-                                        dsrt_precision prec, dsrt_stream *s)
-{
-    char xb[DSRT_SHAPE_BUF];
-    if (dsrt_linear_check_input(x, l->cfg.in_features, l->weight->device, s, "linear")) return NULL;
-    if (!dsrt_linear_takes_normed(l, x, norm_weight, prec))
-        return dsrt_err_null("linear: forward_normed of input %s: not one the decode GEMV normalises (dsrt_linear_takes_normed)",
-                             dsrt_tensor_str(x, xb, sizeof xb));
-    dsrt_tensor *ts[] = {l->weight, l->scale, x, norm_weight};
-    for (size_t i = 0; i < sizeof ts / sizeof *ts; i++)
-        if (ts[i] && dsrt_storage_use(ts[i]->storage, s)) return NULL;
-    int64_t shape[DSRT_MAX_DIMS];
-    memcpy(shape, x->shape, sizeof shape);
-    shape[x->ndim - 1] = l->cfg.out_features;
-    dsrt_tensor *y = dsrt_tensor_new(dsrt_linear_out_dtype(l, prec), x->ndim, shape, x->device, s);
-    if (!y) return NULL;
-    dsrtk_linear_weight k = kernel_weight(l);
-    if (dsrtk_linear_normed(s->device, &k, device_data(x), (int)x->dtype, norm_weight ? device_data(norm_weight) : NULL,
-                            norm_weight ? (int)norm_weight->dtype : DSRT_F32, eps,
-                            prec == DSRT_PREC_REFERENCE ? DSRT_BF16 : DSRT_F32, dsrt_tensor_numel(x) / l->cfg.in_features,
-                            quantises_activation(l, prec), device_data(y), (int)y->dtype, s->handle)) {
-        dsrt_tensor_release(y);
-        return dsrt_err_null("linear: forward_normed of input %s: %s", dsrt_tensor_str(x, xb, sizeof xb), dsrtk_error());
-    }
-    return y;
-}
-
 dsrt_tensor *dsrt_linear_forward(dsrt_linear *l, dsrt_tensor *x, dsrt_precision prec, dsrt_stream *s)
 {
     if (dsrt_linear_check_input(x, l->cfg.in_features, l->weight->device, s, "linear")) return NULL;

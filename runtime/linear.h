@@ -105,16 +105,6 @@ int dsrt_linear_forward_into(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *y, dsr
 int dsrt_linear_forward_pair_into(dsrt_linear *l0, dsrt_linear *l1, dsrt_tensor *x, dsrt_tensor *y0, dsrt_tensor *y1,
                                   dsrt_precision prec, dsrt_stream *s);
 
-/* forward(l, dsrt_nn_rms_norm(x, norm_weight, eps, prec)) in one launch, the same bits: the
- * decode GEMV normalises its rows as it stages them, so a decode step's qr (SPEC §6.1 step 1) is
- * never stored and its norm waits on no launch of its own. Only where dsrt_linear_takes_normed says
- * so (else an error): x on CUDA, contiguous, at most 8 rows; l FP8 or FP4 on the tensor-core
- * decode GEMV, one group, in a multiple of 8 up to 1024; norm_weight NULL or a contiguous [in] on
- * x's device, both 16-byte aligned. */
-int dsrt_linear_takes_normed(const dsrt_linear *l, const dsrt_tensor *x, const dsrt_tensor *norm_weight, dsrt_precision prec);
-dsrt_tensor *dsrt_linear_forward_normed(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *norm_weight, float eps,
-                                        dsrt_precision prec, dsrt_stream *s);
-
 /* Checks an input for a layer of `width` input features whose weights are on `device`: bf16 or
  * f32, [..., width], on that device (CPU or CUDA) with the stream; errors name `op`. */
 int dsrt_linear_check_input(const dsrt_tensor *x, int64_t width, int device, const dsrt_stream *s, const char *op);

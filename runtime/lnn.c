@@ -15,7 +15,6 @@
  *   nn.hadamard128(x, prec)                            nn.sparse_attention(q, pool, indices, sink, scale, prec)
  *   nn.norm_rope(x, weight|nil, norm, eps, first, step, theta, yarn|nil, post, prec [, dtype]) -> f32 | bf16
  *   nn.q_kv_norm(qa, q_weight|nil, kv, kv_weight|nil, eps, first, step, theta, yarn|nil, post, prec) -> qr, kv
- *   nn.heads_kv_norm(q, kv, kv_weight|nil, eps, first, step, theta, yarn|nil, post, prec)     -> q, kv
  *   nn.sparse_attention_inverse_rope(q, pool, indices, sink, scale, first, step, theta, yarn|nil, prec)
  *   nn.sinkhorn(mixes, scale, base, hc, iters, eps)                      -> pre, post, comb
  *   nn.hc_pre(X, fn, scale, base, hc_eps, norm_eps, iters, prec [, norm_w])  -> u, post, comb
@@ -226,23 +225,6 @@ static int l_q_kv_norm(lua_State *L)
     return 2;
 }
 
-static int l_heads_kv_norm(lua_State *L)
-{
-    dsrt_tensor *q = dsrtL_checktensor(L, 1), *kv = dsrtL_checktensor(L, 2), *kv_weight = opt_tensor(L, 3);
-    float eps = check_float(L, 4);
-    rope_args r;
-    check_rope_args(L, 5, "heads_kv_norm", &r);
-    dsrt_nn_post post = check_post(L, 9);
-    dsrt_precision prec = dsrtL_checkprecision(L, 10, "nn.heads_kv_norm", 1);
-    dsrt_tensor *q_out, *kv_out;
-    if (dsrt_nn_heads_kv_norm(q, kv, kv_weight, eps, r.first, r.step, r.theta, r.yarn, post, prec, stream_for(L, q), &q_out,
-                              &kv_out))
-        return dsrtL_error(L);
-    dsrtL_pushtensor(L, q_out);
-    dsrtL_pushtensor(L, kv_out);
-    return 2;
-}
-
 static int l_sparse_attention_inverse_rope(lua_State *L)
 {
     dsrt_tensor *q = dsrtL_checktensor(L, 1), *pool = dsrtL_checktensor(L, 2), *indices = dsrtL_checktensor(L, 3);
@@ -330,7 +312,7 @@ void dsrtL_open_nn(lua_State *L)
         {"quant_roundtrip_q8", l_quant_roundtrip_q8}, {"quant_roundtrip_q4", l_quant_roundtrip_q4},
         {"rope_freqs", l_rope_freqs}, {"rope", l_rope}, {"hadamard128", l_hadamard128},
         {"sparse_attention", l_sparse_attention}, {"norm_rope", l_norm_rope}, {"q_kv_norm", l_q_kv_norm},
-        {"heads_kv_norm", l_heads_kv_norm},         {"sparse_attention_inverse_rope", l_sparse_attention_inverse_rope}, {"sinkhorn", l_sinkhorn}, {"hc_pre", l_hc_pre},
+        {"sparse_attention_inverse_rope", l_sparse_attention_inverse_rope}, {"sinkhorn", l_sinkhorn}, {"hc_pre", l_hc_pre},
         {"hc_post", l_hc_post}, {"hc_head", l_hc_head}, {"hc_expand", l_hc_expand}, {"hc_post_pre", l_hc_post_pre}, {NULL, NULL}};
     luaL_newlib(L, functions);
     lua_setfield(L, -2, "nn");

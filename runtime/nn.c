@@ -745,16 +745,6 @@ static int check_norm_rope(const char *op, const char *name, const char *wname, 
  * strided data are. NULL (no weight) passes. */
 static int fusable(const dsrt_tensor *t) { return !t || (uintptr_t)dev_data(t) % 16 == 0; }
 
-/* the fused kernel's pass over dense x (its rows the vectors of [S, heads, w] or [..., w]) into y */
-static dsrtk_norm_job norm_job(const dsrt_tensor *x, dsrt_nn_norm norm, const dsrt_tensor *weight, dsrt_nn_post post, int rope,
-                               const dsrt_tensor *y)
-{
-    dsrtk_norm_job j = {dev_data(x), weight ? dev_data(weight) : NULL, dev_data(y), (int)x->dtype,
-                        weight ? (int)weight->dtype : DSRT_F32, (int)y->dtype, (int)norm, (int)post, rope, rows_of(x),
-                        rope && x->ndim == 3 ? x->shape[1] : 1, x->shape[x->ndim - 1]};
-    return j;
-}
-
 dsrt_tensor *dsrt_nn_norm_rope(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor *weight, float eps, int64_t first,
                                int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
                                dsrt_precision prec, dsrt_stream *s)
@@ -788,8 +778,10 @@ dsrt_tensor *dsrt_nn_norm_rope_to(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor
     if (xc && (wc || !weight) && !(fusable(xc) && fusable(wc))) {
         y = as_dtype(norm_rope_by_steps(xc, norm, wc, eps, first, step, theta, yarn, post, prec, s), out, s);
     } else if (xc && (wc || !weight) && (y = new_on(out, x->ndim, x->shape, s))) {
-        const dsrtk_norm_job job = norm_job(xc, norm, wc, post, 1, y);
-        if (launched(op, dsrtk_nn_norm_rope(s->device, &job, 1, eps, &rope, prec == DSRT_PREC_REFERENCE, s->handle))) {
+        int64_t heads = x->ndim == 3 ? x->shape[1] : 1, w = x->shape[x->ndim - 1];
+        if (launched(op, dsrtk_nn_norm_rope(s->device, dev_data(xc), xc->dtype, wc ? dev_data(wc) : NULL,
+                                            wc ? wc->dtype : DSRT_F32, dev_data(y), out, x->shape[0], heads, w, (int)norm,
+                                            eps, &rope, (int)post, prec == DSRT_PREC_REFERENCE, NULL, s->handle))) {
             dsrt_tensor_release(y);
             y = NULL;
         }
@@ -797,48 +789,6 @@ dsrt_tensor *dsrt_nn_norm_rope_to(dsrt_tensor *x, dsrt_nn_norm norm, dsrt_tensor
     dsrt_tensor_release(xc);
     dsrt_tensor_release(wc);
     return y;
-}
-
-/* One pass of a two-pass launch: x, its weight (or NULL), the steps and the result's dtype */
-typedef struct {
-    dsrt_tensor *x, *weight;
-    dsrt_nn_norm norm;
-    dsrt_nn_post post;
-    int rope;
-    dsrt_dtype out;
-} pass_spec;
-
-/* Both passes in one launch (kernels/norm.cu) over dense copies of their data where every copy is
- * 16-byte aligned: 1 with y[0] and y[1] made, 0 where the data does not fit the kernel (nothing
- * made: the caller runs the ops one after the other; a dense copy that failed fails again there,
- * with its message), -1 on an error */
-static int two_passes(const char *op, const pass_spec p[2], float eps, const dsrtk_rope *rope, dsrt_precision prec,
-                      dsrt_stream *s, dsrt_tensor *y[2])
-{
-    dsrt_tensor *ts[4] = {NULL, NULL, NULL, NULL}; /* x, weight of each pass */
-    int fused = 1, rc = 0;
-    for (int i = 0; fused && i < 4; i++) {
-        dsrt_tensor *t = i % 2 ? p[i / 2].weight : p[i / 2].x;
-        fused = !t || ((ts[i] = dense(t, s)) && fusable(ts[i]));
-    }
-    y[0] = y[1] = NULL;
-    if (fused) {
-        y[0] = new_on(p[0].out, p[0].x->ndim, p[0].x->shape, s);
-        y[1] = y[0] ? new_on(p[1].out, p[1].x->ndim, p[1].x->shape, s) : NULL;
-        rc = -1;
-        if (y[1]) {
-            dsrtk_norm_job jobs[2];
-            for (int i = 0; i < 2; i++) jobs[i] = norm_job(ts[2 * i], p[i].norm, ts[2 * i + 1], p[i].post, p[i].rope, y[i]);
-            rc = launched(op, dsrtk_nn_norm_rope(s->device, jobs, 2, eps, rope, prec == DSRT_PREC_REFERENCE, s->handle)) ? -1 : 1;
-        }
-        if (rc < 0) {
-            dsrt_tensor_release(y[0]);
-            dsrt_tensor_release(y[1]);
-            y[0] = y[1] = NULL;
-        }
-    }
-    release_all(ts, 4);
-    return rc;
 }
 
 int dsrt_nn_q_kv_norm(dsrt_tensor *qa, dsrt_tensor *q_weight, dsrt_tensor *kv, dsrt_tensor *kv_weight, float eps,
@@ -853,52 +803,45 @@ int dsrt_nn_q_kv_norm(dsrt_tensor *qa, dsrt_tensor *q_weight, dsrt_tensor *kv, d
         return -1;
     int64_t dq = qa->shape[qa->ndim - 1];
     if (q_weight && check_arg(op, "q_weight", q_weight, 0, 1, &dq, s)) return -1;
-    if (on_cuda(s) && dq % 8 == 0 && dq <= 1024) { /* qa's rows fit a warp */
-        /* the KV rows, then qa's plain norm (no RoPE) on the warps past them */
-        const pass_spec p[2] = {{kv, kv_weight, DSRT_NN_NORM_RMS, post, 1, DSRT_F32},
-                                {qa, q_weight, DSRT_NN_NORM_RMS, DSRT_NN_POST_NONE, 0, act_dtype(prec)}};
-        dsrt_tensor *y[2];
-        int rc = two_passes(op, p, eps, &rope, prec, s, y);
-        if (rc) {
-            *kv_out = y[0], *qr = y[1];
-            return rc < 0 ? -1 : 0;
-        }
+    /* one launch for aligned data (the dense copies of qa, q_weight, kv, kv_weight in ts) whose qa
+     * rows fit a warp (norm_rope_kernel's second norm); else the two ops */
+    dsrt_tensor *ts[4] = {NULL, NULL, NULL, NULL};
+    int fused = on_cuda(s) && dq % 8 == 0 && dq <= 1024;
+    for (int i = 0; fused && i < 4; i++) {
+        dsrt_tensor *t = i == 0 ? qa : i == 1 ? q_weight : i == 2 ? kv : kv_weight;
+        fused = !t || ((ts[i] = dense(t, s)) && fusable(ts[i]));
     }
-    *qr = dsrt_nn_rms_norm(qa, q_weight, eps, prec, s);
-    *kv_out = *qr ? dsrt_nn_norm_rope(kv, DSRT_NN_NORM_RMS, kv_weight, eps, first, step, theta, yarn, post, prec, s) : NULL;
-    if (*kv_out) return 0;
-    dsrt_tensor_release(*qr);
-    *qr = NULL;
-    return -1;
-}
-
-int dsrt_nn_heads_kv_norm(dsrt_tensor *q, dsrt_tensor *kv, dsrt_tensor *kv_weight, float eps, int64_t first, int64_t step,
-                          double theta, const dsrt_yarn *yarn, dsrt_nn_post post, dsrt_precision prec, dsrt_stream *s,
-                          dsrt_tensor **q_out, dsrt_tensor **kv_out)
-{
-    const char *op = "nn.heads_kv_norm";
-    dsrtk_rope rope;
-    *q_out = *kv_out = NULL;
-    if (check_precision(op, prec) || check_any_stream(op, s) ||
-        check_norm_rope(op, "q", "", q, DSRT_NN_NORM_HEAD, NULL, first, step, theta, yarn, DSRT_NN_POST_NONE, s, &rope) ||
-        check_norm_rope(op, "kv", "kv_weight", kv, DSRT_NN_NORM_RMS, kv_weight, first, step, theta, yarn, post, s, &rope))
+    if (!fused) { /* (a dense copy that failed fails again there, with its message) */
+        release_all(ts, 4);
+        *qr = dsrt_nn_rms_norm(qa, q_weight, eps, prec, s);
+        *kv_out = *qr ? dsrt_nn_norm_rope(kv, DSRT_NN_NORM_RMS, kv_weight, eps, first, step, theta, yarn, post, prec, s)
+                      : NULL;
+        if (*kv_out) return 0;
+        dsrt_tensor_release(*qr);
+        *qr = NULL;
         return -1;
-    if (on_cuda(s)) {
-        const pass_spec p[2] = {{q, NULL, DSRT_NN_NORM_HEAD, DSRT_NN_POST_NONE, 1, DSRT_F32},
-                                {kv, kv_weight, DSRT_NN_NORM_RMS, post, 1, DSRT_F32}};
-        dsrt_tensor *y[2];
-        int rc = two_passes(op, p, eps, &rope, prec, s, y);
-        if (rc) {
-            *q_out = y[0], *kv_out = y[1];
-            return rc < 0 ? -1 : 0;
-        }
     }
-    *q_out = dsrt_nn_norm_rope(q, DSRT_NN_NORM_HEAD, NULL, eps, first, step, theta, yarn, DSRT_NN_POST_NONE, prec, s);
-    *kv_out = *q_out ? dsrt_nn_norm_rope(kv, DSRT_NN_NORM_RMS, kv_weight, eps, first, step, theta, yarn, post, prec, s) : NULL;
-    if (*kv_out) return 0;
-    dsrt_tensor_release(*q_out);
-    *q_out = NULL;
-    return -1;
+    dsrt_tensor *q_out = new_on(act_dtype(prec), qa->ndim, qa->shape, s);
+    dsrt_tensor *y = q_out ? new_on(DSRT_F32, kv->ndim, kv->shape, s) : NULL;
+    int rc = -1;
+    if (y) {
+        dsrtk_norm_job also = {dev_data(ts[0]), ts[1] ? dev_data(ts[1]) : NULL, dev_data(q_out), ts[0]->dtype,
+                               ts[1] ? ts[1]->dtype : DSRT_F32, q_out->dtype, rows_of(qa), dq};
+        int64_t heads = kv->ndim == 3 ? kv->shape[1] : 1, w = kv->shape[kv->ndim - 1];
+        rc = launched(op, dsrtk_nn_norm_rope(s->device, dev_data(ts[2]), ts[2]->dtype, ts[3] ? dev_data(ts[3]) : NULL,
+                                             ts[3] ? ts[3]->dtype : DSRT_F32, dev_data(y), DSRT_F32, kv->shape[0], heads, w,
+                                             DSRT_NN_NORM_RMS, eps, &rope, (int)post, prec == DSRT_PREC_REFERENCE, &also,
+                                             s->handle));
+    }
+    release_all(ts, 4);
+    if (rc) {
+        dsrt_tensor_release(q_out);
+        dsrt_tensor_release(y);
+        return -1;
+    }
+    *qr = q_out;
+    *kv_out = y;
+    return 0;
 }
 
 dsrt_tensor *dsrt_nn_sparse_attention_inverse_rope(dsrt_tensor *q, dsrt_tensor *pool, dsrt_tensor *indices,

@@ -182,18 +182,6 @@ int dsrt_nn_q_kv_norm(dsrt_tensor *qa, dsrt_tensor *q_weight, dsrt_tensor *kv, d
                       int64_t first, int64_t step, double theta, const dsrt_yarn *yarn, dsrt_nn_post post,
                       dsrt_precision prec, dsrt_stream *s, dsrt_tensor **qr, dsrt_tensor **kv_out);
 
-/* A decode step's query heads and KV row (SPEC §6.1 steps 3-4, §6.2) in one launch on CUDA: *q_out
- * = dsrt_nn_norm_rope(q, DSRT_NN_NORM_HEAD, NULL, eps, first, step, theta, yarn, DSRT_NN_POST_NONE,
- * prec) (q [S, H, w]) and *kv_out = dsrt_nn_norm_rope(kv, DSRT_NN_NORM_RMS, kv_weight, eps, first,
- * step, theta, yarn, post, prec), exactly what those calls give (misaligned data goes through
- * them). Where the query's GEMV normalises qr as it reads it (linear.h dsrt_linear_forward_normed),
- * the KV row's norm has nothing to wait for until the gather, so it leaves dsrt_nn_q_kv_norm's launch
- * for this one, and a decode step pays one launch for the three norms. Returns 0, or -1 with both
- * results NULL. */
-int dsrt_nn_heads_kv_norm(dsrt_tensor *q, dsrt_tensor *kv, dsrt_tensor *kv_weight, float eps, int64_t first, int64_t step,
-                          double theta, const dsrt_yarn *yarn, dsrt_nn_post post, dsrt_precision prec, dsrt_stream *s,
-                          dsrt_tensor **q_out, dsrt_tensor **kv_out);
-
 /* dsrt_nn_sparse_attention(q, pool, indices, sink, scale, prec) followed by the inverse RoPE of its
  * output at positions[t] = first + t·step (>= 0; SPEC §6.8 step 1: dsrt_nn_rope(o, positions,
  * theta, yarn, 1, prec)), the result of those two calls (D >= 64). On CUDA the attention kernels

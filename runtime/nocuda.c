@@ -255,10 +255,13 @@ int dsrtk_nn_hadamard128(int dev, const void *x, int x_dtype, void *y, int y_dty
     return without_cuda(__func__);
 }
 
-int dsrtk_nn_norm_rope(int dev, const dsrtk_norm_job *jobs, int n_jobs, float eps, const dsrtk_rope *rope, int ref,
-                       void *stream)
+int dsrtk_nn_norm_rope(int dev, const void *x, int x_dtype, const void *w, int w_dtype, void *y, int y_dtype, int64_t S,
+                       int64_t heads, int64_t width, int norm, float eps, const dsrtk_rope *rope, int post, int ref,
+                       const dsrtk_norm_job *also, void *stream)
 {
-    (void)dev; (void)jobs; (void)n_jobs; (void)eps; (void)rope; (void)ref; (void)stream;
+    (void)dev; (void)x; (void)x_dtype; (void)w; (void)w_dtype; (void)y; (void)y_dtype; (void)S; (void)heads; (void)width;
+    (void)norm;
+    (void)eps; (void)rope; (void)post; (void)ref; (void)also; (void)stream;
     return without_cuda(__func__);
 }
 /* end of norm */
@@ -353,20 +356,6 @@ int dsrtk_linear_pair(int dev, const dsrtk_linear_weight *w0, const dsrtk_linear
     (void)dev; (void)w0; (void)w1; (void)x; (void)x_dtype; (void)rows; (void)quantise; (void)y0; (void)y1; (void)y_dtype;
     (void)workspace; (void)workspace_bytes; (void)stream;
     *launched = 0;
-    return without_cuda(__func__);
-}
-int dsrtk_linear_normed_fits(const dsrtk_linear_weight *w, int64_t rows, int quantise, int norm_dtype)
-{
-    (void)w; (void)rows; (void)quantise; (void)norm_dtype;
-    return 0;
-}
-
-int dsrtk_linear_normed(int dev, const dsrtk_linear_weight *w, const void *x, int x_dtype, const void *norm_w,
-                        int norm_w_dtype, float eps, int norm_dtype, int64_t rows, int quantise, void *y, int y_dtype,
-                        void *stream)
-{
-    (void)dev; (void)w; (void)x; (void)x_dtype; (void)norm_w; (void)norm_w_dtype; (void)eps; (void)norm_dtype; (void)rows;
-    (void)quantise; (void)y; (void)y_dtype; (void)stream;
     return without_cuda(__func__);
 }
 /* end of linear */

@@ -4,8 +4,7 @@
  * with f32 and e8m0 scales, the FP4 GEMM with per-32 weight scales applied to partial sums and the
  * nibble order decoded by hand (low nibble = even column, SPEC §2.1), the bf16 linear (no activation
  * quantisation), the grouped wo_a (SPEC §6.8), both precisions, at sizes that are not multiples of
- * the 128 blocks; plus the constructor's and forward's refusals. On the GPU: the pair launches and
- * the normalising decode GEMV (forward_normed) give the bits of the separate calls.
+ * the 128 blocks; plus the constructor's and forward's refusals.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -13,7 +12,6 @@
 #include "check.h"
 #include "err.h"
 #include "linear.h"
-#include "nn.h"
 #include "ops.h"
 
 #define CPU dsrt_stream_default(DSRT_CPU)
@@ -571,82 +569,4 @@ GPU_TEST(gpu_linear_prefill_pair_preps_once_with_the_same_bits)
     dsrt_linear_release(a);
     dsrt_linear_release(b);
     dsrt_linear_release(odd);
-}
-
-TEST(linear_forward_normed_refuses_what_the_decode_gemv_does_not_take)
-{
-    dsrt_tensor *x = random_input(2, 256), *w = random_e4m3(128, 256), *sc = random_scales(1, 2, NULL);
-    REQUIRE(x && w && sc);
-    dsrt_linear *l = make_linear(w, sc, DSRT_FORMAT_FP8, 256, 128, 128, 128, 1);
-    REQUIRE(l);
-    CHECK(!dsrt_linear_takes_normed(l, x, NULL, DSRT_PREC_REFERENCE));
-    CHECK(!dsrt_linear_forward_normed(l, x, NULL, 1e-6f, DSRT_PREC_REFERENCE, CPU) &&
-          strstr(dsrt_err_msg(), "linear: forward_normed of input f32[2, 256] on cpu: not one the decode GEMV normalises"));
-    dsrt_linear_release(l);
-    dsrt_tensor *all[] = {x, w, sc};
-    for (size_t i = 0; i < 3; i++) dsrt_tensor_release(all[i]);
-}
-
-/* forward_normed(l, x, norm_w) against forward(l, rms_norm(x, norm_w)) on cuda:0, bit for bit */
-static void check_normed(dsrt_linear *l, dsrt_tensor *x, dsrt_tensor *norm_w, dsrt_stream *s, const char *what)
-{
-    const float eps = 1e-6f;
-    CHECKF(dsrt_linear_takes_normed(l, x, norm_w, DSRT_PREC_REFERENCE), "%s: not taken", what);
-    dsrt_tensor *n = dsrt_nn_rms_norm(x, norm_w, eps, DSRT_PREC_REFERENCE, s);
-    dsrt_tensor *want = n ? dsrt_linear_forward(l, n, DSRT_PREC_REFERENCE, s) : NULL;
-    REQUIRE(want);
-    dsrt_tensor *got = dsrt_linear_forward_normed(l, x, norm_w, eps, DSRT_PREC_REFERENCE, s);
-    CHECKF(got && same_bits(got, want, s), "%s: %s", what, got ? "the bits differ from the norm and the forward" : dsrt_err_msg());
-    dsrt_tensor_release(n);
-    dsrt_tensor_release(want);
-    dsrt_tensor_release(got);
-}
-
-GPU_TEST(gpu_linear_forward_normed_gives_the_bits_of_the_norm_and_the_forward)
-{
-    dsrt_stream *s = dsrt_stream_default(0);
-    /* wq_b-like FP8 (1024 -> 2048, e8m0 scales; and f32 scales), FP4 (512 -> 200), the indexer's
-     * 1024 -> 8192 at 1, 3 and 8 rows, bf16 and f32 inputs, norm weights bf16, f32 and none */
-    dsrt_linear *a = cuda_linear(DSRT_FORMAT_FP8, 2048, 1024, 0, s), *af = cuda_linear(DSRT_FORMAT_FP8, 264, 384, 1, s);
-    dsrt_linear *p = cuda_linear(DSRT_FORMAT_FP4, 200, 512, 0, s), *ix = cuda_linear(DSRT_FORMAT_FP8, 8192, 1024, 0, s);
-    REQUIRE(a && af && p && ix);
-    const int64_t row_counts[] = {1, 3, 8};
-    for (size_t r = 0; r < 3; r++) {
-        const int64_t rows = row_counts[r];
-        dsrt_tensor *x = random_input(rows, 1024), *x3 = random_input(rows, 384), *x5 = random_input(rows, 512);
-        dsrt_tensor *w = random_input(1, 1024), *w3 = random_input(1, 384);
-        REQUIRE(x && x3 && x5 && w && w3);
-        dsrt_tensor *xb = dsrt_tensor_to(x, 0, DSRT_BF16, s, 0), *xf = dsrt_tensor_to(x, 0, DSRT_F32, s, 0);
-        dsrt_tensor *x3b = dsrt_tensor_to(x3, 0, DSRT_BF16, s, 0), *x5f = dsrt_tensor_to(x5, 0, DSRT_F32, s, 0);
-        dsrt_tensor *wv = w ? dsrt_tensor_view(w, 1, (int64_t[]){1024}) : NULL, *w3v = dsrt_tensor_view(w3, 1, (int64_t[]){384});
-        dsrt_tensor *wb = wv ? dsrt_tensor_to(wv, 0, DSRT_BF16, s, 0) : NULL, *w3f = w3v ? dsrt_tensor_to(w3v, 0, DSRT_F32, s, 0) : NULL;
-        REQUIRE(xb && xf && x3b && x5f && wb && w3f);
-        char what[64];
-        snprintf(what, sizeof what, "fp8 bf16 x, %lld rows", (long long)rows);
-        check_normed(a, xb, wb, s, what);
-        snprintf(what, sizeof what, "fp8 f32 x, no weight, %lld rows", (long long)rows);
-        check_normed(a, xf, NULL, s, what);
-        snprintf(what, sizeof what, "fp8 f32 scales, %lld rows", (long long)rows);
-        check_normed(af, x3b, w3f, s, what);
-        snprintf(what, sizeof what, "fp4, %lld rows", (long long)rows);
-        check_normed(p, x5f, NULL, s, what);
-        snprintf(what, sizeof what, "indexer wq_b, %lld rows", (long long)rows);
-        check_normed(ix, xb, wb, s, what);
-        /* fp32 precision quantises nothing: f32 rows are not the decode GEMV's, so not taken */
-        CHECK(!dsrt_linear_takes_normed(a, xb, wb, DSRT_PREC_FP32));
-        dsrt_tensor *all[] = {x, x3, x5, w, w3, xb, xf, x3b, x5f, wv, w3v, wb, w3f};
-        for (size_t i = 0; i < sizeof all / sizeof *all; i++) dsrt_tensor_release(all[i]);
-    }
-    /* past the decode GEMV's rows (9), and rows wider than a warp's norm (1536): not taken */
-    dsrt_linear *wide = cuda_linear(DSRT_FORMAT_FP8, 256, 1536, 0, s);
-    dsrt_tensor *x9 = random_input(9, 1024), *xw = random_input(1, 1536);
-    REQUIRE(wide && x9 && xw);
-    dsrt_tensor *x9d = dsrt_tensor_to(x9, 0, DSRT_BF16, s, 0), *xwd = dsrt_tensor_to(xw, 0, DSRT_BF16, s, 0);
-    REQUIRE(x9d && xwd);
-    CHECK(!dsrt_linear_takes_normed(a, x9d, NULL, DSRT_PREC_REFERENCE) && !dsrt_linear_takes_normed(wide, xwd, NULL, DSRT_PREC_REFERENCE));
-    CHECK(!dsrt_linear_forward_normed(a, x9d, NULL, 1e-6f, DSRT_PREC_REFERENCE, s) && strstr(dsrt_err_msg(), "bf16[9, 1024]"));
-    dsrt_linear *ls[] = {a, af, p, ix, wide};
-    for (size_t i = 0; i < 5; i++) dsrt_linear_release(ls[i]);
-    dsrt_tensor *all[] = {x9, xw, x9d, xwd};
-    for (size_t i = 0; i < 4; i++) dsrt_tensor_release(all[i]);
 }

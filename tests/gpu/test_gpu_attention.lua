@@ -19,8 +19,7 @@
 --   - errors: mixed devices, a state or input on the wrong device, a wrong aux stream list;
 --   - the fused passes the layer runs (nn.norm_rope: the KV row's norm, RoPE and Q8, the query's
 --     head norm and RoPE, a compressed entry's, the indexer's RoPE, Hadamard and Q4; nn.q_kv_norm:
---     q_norm in the KV row's launch; nn.heads_kv_norm: the KV row in the query heads' launch;
---     nn.sparse_attention_inverse_rope: the output's inverse RoPE
+--     q_norm in the KV row's launch; nn.sparse_attention_inverse_rope: the output's inverse RoPE
 --     inside the attention kernels) give the bits of the separate CUDA ops they replace, on fresh
 --     random inputs at odd sizes, in every launch shape, both precisions; misaligned and strided
 --     inputs too.
@@ -418,44 +417,6 @@ test("q_kv_norm_gives_the_bits_of_the_two_norms", function()
     local qr, got_kv = nn.q_kv_norm(offset, nil, kv, nil, 1e-6, 4, 1, 10000, nil, "q8", prec)
     check_bits(qr, nn.rms_norm(qa:to("cuda"), nil, 1e-6, prec), "q_kv_norm misaligned qa " .. prec)
     check_bits(got_kv, norm_rope_by_steps(kv, nil, "rms", 1e-6, 4, 1, 10000, nil, "q8", prec), "q_kv_norm misaligned kv " .. prec)
-  end
-end)
-
-test("heads_kv_norm_gives_the_bits_of_the_two_passes", function()
-  -- a decode step's query heads (Flash: 64 of 512) with its KV row in one launch, other widths so
-  -- that the two passes hold other vectors a lane (128 with 1024, 200 with 64), verify rows, and
-  -- a misaligned kv through the two ops
-  local cases = { -- q shape, kv shape, kv weight dtype, post
-    { { 1, 64, 512 }, { 1, 512 }, "bf16", "q8" }, { { 3, 64, 512 }, { 3, 512 }, "f32", "q8" },
-    { { 2, 5, 128 }, { 2, 1024 }, nil, "none" }, { { 4, 3, 200 }, { 4, 128 }, "bf16", "hadamard_q4" },
-  }
-  for k, c in ipairs(cases) do
-    local qshape, kshape, kwd, post = c[1], c[2], c[3], c[4]
-    for _, dt in ipairs({ "bf16", "f32" }) do
-      local q, kv = norm_rope_input(qshape, dt):to("cuda"), norm_rope_input(kshape, dt):to("cuda")
-      local kw = kwd and fused_randn({ kshape[#kshape] }, kwd):to("cuda") or nil
-      for j, prec in ipairs(PRECISIONS) do
-        local rope = FUSED_ROPES[(k + j) % #FUSED_ROPES + 1]
-        local theta, yarn, first, step = rope[1], rope[2], rope[3], rope[4]
-        local want_q = norm_rope_by_steps(q, nil, "head", 1e-6, first, step, theta, yarn, "none", prec)
-        local want_kv = norm_rope_by_steps(kv, kw, "rms", 1e-6, first, step, theta, yarn, post, prec)
-        h.poison_cuda_cache({ q:numel() * 4, kv:numel() * 4 })
-        local got_q, got_kv = nn.heads_kv_norm(q, kv, kw, 1e-6, first, step, theta, yarn, post, prec)
-        local what = string.format("heads_kv_norm q %s kv %s %s %s", table.concat(qshape, "x"), table.concat(kshape, "x"), dt, prec)
-        check_bits(got_q, want_q, what .. ": q")
-        check_bits(got_kv, want_kv, what .. ": kv")
-      end
-    end
-  end
-  local q, kv = norm_rope_input({ 1, 64, 512 }, "bf16"):to("cuda"), norm_rope_input({ 1, 512 }, "bf16")
-  local flat = dsrt.zeros({ kv:numel() + 1 }, { dtype = "bf16" }):to("cuda")
-  local offset = flat:narrow(1, 2, kv:numel()):view(1, 512)
-  offset:copy(kv:to("cuda"))
-  for _, prec in ipairs(PRECISIONS) do
-    local got_q, got_kv = nn.heads_kv_norm(q, offset, nil, 1e-6, 4, 1, 10000, nil, "q8", prec)
-    check_bits(got_q, norm_rope_by_steps(q, nil, "head", 1e-6, 4, 1, 10000, nil, "none", prec), "heads_kv_norm misaligned kv: q " .. prec)
-    check_bits(got_kv, norm_rope_by_steps(kv:to("cuda"), nil, "rms", 1e-6, 4, 1, 10000, nil, "q8", prec),
-               "heads_kv_norm misaligned kv " .. prec)
   end
 end)
 

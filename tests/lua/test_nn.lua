@@ -1,7 +1,7 @@
 -- test_nn.lua — dsrt.nn (runtime/lnn.c over runtime/nn.c) from Lua: the calling convention (tensors,
 -- scalars, then the precision string last), result shapes and dtypes per precision, the in-place
 -- round trips, small cases against plain-Lua arithmetic, identities (inverse RoPE, H·H = I, hc_post
--- with the identity mix), the attention layer's fused passes (norm_rope, q_kv_norm, heads_kv_norm,
+-- with the identity mix), the attention layer's fused passes (norm_rope, q_kv_norm,
 -- sparse_attention_inverse_rope) equal to the separate ops, bit for bit, and the error messages, which must name the function and
 -- the shapes. The numerics in depth are tests/c/test_nn.c's.
 local dsrt = require "dsrt"
@@ -288,21 +288,6 @@ test("q_kv_norm_is_the_two_ops", function()
                nil, 1e-6, 0, 1, 10000, nil, "q8", "fp32")
   assert_error(nn.q_kv_norm, "nn.q_kv_norm: kv is bf16%[2, 60%] on cpu, expected vectors of a multiple of 8", qa, nil,
                randn({ 2, 60 }), nil, 1e-6, 0, 1, 10000, nil, "q8", "fp32")
-end)
-
-test("heads_kv_norm_is_the_two_norm_ropes", function()
-  local q, kv, kw = randn({ 2, 3, 64 }, "bf16", 3), randn({ 2, 512 }, "bf16", 3), randn({ 512 }, "f32")
-  for _, prec in ipairs({ "reference", "fp32" }) do
-    local got_q, got_kv = nn.heads_kv_norm(q, kv, kw, 1e-6, 70001, 1, 160000, FLASH_YARN, "q8", prec)
-    assert_equal(got_q.dtype, "f32")
-    assert_equal(got_kv.dtype, "f32")
-    assert_equal(got_q:totable(), nn.norm_rope(q, nil, "head", 1e-6, 70001, 1, 160000, FLASH_YARN, "none", prec):totable(), prec)
-    assert_equal(got_kv:totable(), nn.norm_rope(kv, kw, "rms", 1e-6, 70001, 1, 160000, FLASH_YARN, "q8", prec):totable(), prec)
-  end
-  assert_error(nn.heads_kv_norm, "nn.heads_kv_norm: q is bf16%[2, 60%] on cpu, expected vectors of a multiple of 8", randn({ 2, 60 }),
-               kv, nil, 1e-6, 0, 1, 10000, nil, "q8", "fp32")
-  assert_error(nn.heads_kv_norm, "nn.heads_kv_norm: kv_weight is f32%[32%] on cpu, expected shape %[512%]", q, kv, dsrt.ones({ 32 }),
-               1e-6, 0, 1, 10000, nil, "q8", "fp32")
 end)
 
 test("sparse_attention_inverse_rope_is_the_two_ops", function()
