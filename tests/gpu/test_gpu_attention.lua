@@ -14,6 +14,7 @@
 --   - attention:advance (the MTP ring fill) leaves the bits of the state a forward leaves, with and
 --     without aux streams (a forward of a layer with a compressor fans out, an advance never does);
 --   - more than 4096 visible indexer entries (the top-k's radix-select path), fp32;
+--   - random q_norm and kv_norm weights (the checkpoints' are 1), each kind, both precisions;
 --   - Flash's 64 indexer heads (random indexer weights on the CSA layer), every warp of the
 --     prefill's score kernel;
 --   - errors: mixed devices, a state or input on the wrong device, a wrong aux stream list;
@@ -242,6 +243,32 @@ test("indexer_with_flash_64_heads_matches_cpu", function()
       poison()
       check_close(gl:forward(gs, x:to("cuda")), cl:forward(cs, x), precision,
                   string.format("64 indexer heads %s step %d (S %d)", precision, k, step))
+    end
+  end
+end)
+
+test("cuda_layer_with_random_norm_weights_matches_cpu", function()
+  -- the checkpoints' norm weights are 1 (dsv4.random), where a norm that skipped its weight would
+  -- pass (a fused decode norm did, once, in a build not kept): random q_norm and kv_norm in
+  -- 0.5 .. 1.5, each kind of layer, prefill and decode, both precisions
+  local c, w = tiny()
+  for k, i in ipairs(KINDS) do
+    local attn = {}
+    for key, v in pairs(w.layers[i].attn) do attn[key] = v end
+    for j, name in ipairs({ "q_norm", "kv_norm" }) do
+      local n = attn[name]:numel()
+      attn[name] = dsrt.rand({ n }, { seed = 9600 + 2 * k + j, low = 0.5, high = 1.5 }):to(attn[name].dtype)
+    end
+    local cl = dsrt.attention(c.layers[i], c.dims, attn, {})
+    local gl = dsrt.attention(c.layers[i], c.dims, h.to_cuda(attn), {})
+    for _, precision in ipairs(PRECISIONS) do
+      local cs, gs = state(cl, precision, "cpu", 300), state(gl, precision, "cuda", 300)
+      for step_no, step in ipairs({ 140, 1, 1, 3 }) do
+        local x = inputs(step, precision)
+        poison()
+        check_close(gl:forward(gs, x:to("cuda")), cl:forward(cs, x), precision,
+                    string.format("layer %d random norms %s step %d (S %d)", i, precision, step_no, step))
+      end
     end
   end
 end)
