@@ -19,7 +19,8 @@
  *      ρ and the mixes; blocks (token, part) compute only pre (hc sigmoids) and collapse their part
  *      of the columns, one more block per token runs Sinkhorn (post, comb) beside them, in one warp
  *      with the matrix in registers when hc² <= 32, so nothing waits for it. Given the sub-layer
- *      norm's weight (nn.h), the collapse normalises its row itself.
+ *      norm's weight (nn.h), the collapse normalises its row itself, and a prefill's Sinkhorn takes
+ *      a launch of its own before it, a warp a token (sinkhorn_tokens_kernel).
  *
  * Numerics against nn.c: Sinkhorn, the weights and the collapse are the CPU's fp32 formulas in the
  * CPU's order with explicitly rounded intrinsics (no FMA contraction); e^x is evaluated in double and
@@ -64,6 +65,12 @@ __device__ __forceinline__ float pre_weight(float mix, float s0, float base, flo
     return __fadd_rn(sigmoid(__fadd_rn(__fmul_rn(mix, s0), base)), eps);
 }
 
+/* nn.c sinkhorn_row's post_j = 2σ(mix_{hc+j}·scale_1 + base_{hc+j}) */
+__device__ __forceinline__ float post_weight(float mix, float s1, float base)
+{
+    return __fmul_rn(2.0f, sigmoid(__fadd_rn(__fmul_rn(mix, s1), base)));
+}
+
 /* ---- Sinkhorn (nn.c: sinkhorn_row) ---- */
 
 /* By the threads of a block, any hc <= HC_MAX: mix [M] (shared) of one token -> pre [hc], post
@@ -77,7 +84,7 @@ __device__ void sinkhorn_block(const float *mix, const void *scale, int scale_dt
     const float s0 = ld(scale, scale_dtype, 0), s1 = ld(scale, scale_dtype, 1), s2 = ld(scale, scale_dtype, 2);
     for (int j = tid; j < hc; j += nt) {
         pre[j] = pre_weight(mix[j], s0, ld(base, base_dtype, j), eps);
-        post[j] = __fmul_rn(2.0f, sigmoid(__fadd_rn(__fmul_rn(mix[hc + j], s1), ld(base, base_dtype, hc + j))));
+        post[j] = post_weight(mix[hc + j], s1, ld(base, base_dtype, hc + j));
     }
     for (int i = tid; i < hh; i += nt)
         comb[i] = __fadd_rn(__fmul_rn(mix[2 * hc + i], s2), ld(base, base_dtype, 2 * hc + i));
@@ -210,8 +217,7 @@ __device__ void sinkhorn_token(const float *mix, const void *scale, int scale_dt
         }
         const int j = (int)threadIdx.x - (int)(blockDim.x - 32); /* the last warp's lanes (warp 0's with one warp) */
         if (j >= 0 && j < hc) {
-            post[t * hc + j] = __fmul_rn(2.0f, sigmoid(__fadd_rn(__fmul_rn(mix[hc + j], ld(scale, scale_dtype, 1)),
-                                                                 ld(base, base_dtype, hc + j))));
+            post[t * hc + j] = post_weight(mix[hc + j], ld(scale, scale_dtype, 1), ld(base, base_dtype, hc + j));
             if (pre) pre[t * hc + j] = pre_weight(mix[j], ld(scale, scale_dtype, 0), ld(base, base_dtype, j), eps);
         }
         return;
@@ -742,6 +748,48 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
     }
 }
 
+/* Sinkhorn of many tokens (a prefill's hc_pre, HC² <= 32): a warp a token, SINK_TOKENS a block.
+ * pre_kernel gives each token a Sinkhorn block beside its collapse block, one busy warp holding a
+ * block slot and the collapse's staging memory, so in a prefill half of its blocks left the
+ * collapse half the residency: the Flash slice's whole prefill 28.74-28.86 -> 28.52-28.63 ms
+ * (bench_dsv4.lua, three A/B pairs in one visit, H200). The values and operations are pre_kernel's
+ * Sinkhorn block's, so the same bits: each value's partials summed from 0 over sp = lane, lane +
+ * 32, ..., the same xor tree, ρ, the mixes, sinkhorn_warp, post. */
+enum { SINK_TOKENS = 8 };
+template <int HC>
+__global__ void __launch_bounds__(SINK_TOKENS * 32) sinkhorn_tokens_kernel(const void *scale, int scale_dtype,
+                                                                           const void *base, int base_dtype, int64_t T,
+                                                                           int64_t d, float hc_eps, float norm_eps, int iters,
+                                                                           int splits, const double *part, float *post,
+                                                                           float *comb)
+{
+    constexpr int M = (2 + HC) * HC;
+    __shared__ float mix[SINK_TOKENS][M];
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t t = (int64_t)blockIdx.x * SINK_TOKENS + warp;
+    if (t >= T) return; /* the whole warp */
+    double s[M + 1];
+#pragma unroll
+    for (int m = 0; m <= M; m++) s[m] = 0;
+    for (int sp = lane; sp < splits; sp += 32) {
+        const double *row = part + (t * splits + sp) * (M + 1);
+#pragma unroll
+        for (int m = 0; m <= M; m++) s[m] += row[m];
+    }
+#pragma unroll
+    for (int m = 0; m <= M; m++)
+        for (int o = 16; o > 0; o >>= 1) s[m] += __shfl_xor_sync(0xffffffffu, s[m], o);
+    const float rho = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn((float)(s[M] / (double)(HC * d)), norm_eps)));
+    if (lane == 0)
+#pragma unroll
+        for (int m = 0; m < M; m++) mix[warp][m] = __fmul_rn((float)s[m], rho);
+    __syncwarp();
+    sinkhorn_warp<HC>(mix[warp], scale, scale_dtype, base, base_dtype, HC, iters, hc_eps, comb + t * HC * HC);
+    if (lane < HC)
+        post[t * HC + lane] = post_weight(mix[warp][HC + lane], ld(scale, scale_dtype, 1), ld(base, base_dtype, HC + lane));
+}
+
 /* ---- hc_post (nn.c: dsrt_nn_hc_post) ---- */
 
 /* One thread per (token, column c), all hc destinations: X'_k[c] = post_k·f[c] + Σ_j comb_jk·X_j[c],
@@ -896,7 +944,17 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
             nv == 1 ? pre_kernel<1> : pre_kernel<2>;
         const size_t stage = pre_stage_bytes(hc, d, X_dtype, norm_w_dtype);
         if ((rc = dsrtk_allow_shared(dev, (const void *)kernel, stage, "pre_kernel"))) return rc;
-        (void)dsrtk_launch_dependent(kernel, dim3((unsigned)T, (unsigned)(1 + !head)), dim3(NORM_THREADS), stage, cs, X, X_dtype,
+        /* a prefill's Sinkhorn: its own launch, a warp a token (sinkhorn_tokens_kernel); decode's
+         * stays beside the collapse, a launch less */
+        const bool sink_apart = !head && hc == 4 && T >= DSRTK_NN_HC_TC_MIN_T;
+        if (sink_apart) {
+            (void)dsrtk_launch_dependent(sinkhorn_tokens_kernel<4>, dim3((unsigned)((T + SINK_TOKENS - 1) / SINK_TOKENS)),
+                                         dim3(SINK_TOKENS * 32), 0, cs, scale, scale_dtype, base, base_dtype, T, d, hc_eps,
+                                         norm_eps, iters, splits, (const double *)part, post, comb);
+            if ((rc = dsrtk_check_launch("sinkhorn_tokens_kernel", dev))) return rc;
+        }
+        (void)dsrtk_launch_dependent(kernel, dim3((unsigned)T, (unsigned)(1 + !(head || sink_apart))), dim3(NORM_THREADS), stage,
+            cs, X, X_dtype,
             scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits, (const double *)part, 1, 1,
             u, u_dtype, norm_w, norm_w_dtype, post, comb);
         return dsrtk_check_launch("pre_kernel", dev);
