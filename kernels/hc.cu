@@ -65,6 +65,13 @@ __device__ __forceinline__ float pre_weight(float mix, float s0, float base, flo
     return __fadd_rn(sigmoid(__fadd_rn(__fmul_rn(mix, s0), base)), eps);
 }
 
+/* nn.c hc_mixes' ρ = 1/sqrt(fp32(Σx²/K) + norm_eps), from the double sum of squares over K values:
+ * pre_kernel's and sinkhorn_tokens_kernel's, so both give the mixes the same bits */
+__device__ __forceinline__ float hc_rho(double sum_sq, int64_t K, float norm_eps)
+{
+    return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn((float)(sum_sq / (double)K), norm_eps)));
+}
+
 /* nn.c sinkhorn_row's post_j = 2σ(mix_{hc+j}·scale_1 + base_{hc+j}) */
 __device__ __forceinline__ float post_weight(float mix, float s1, float base)
 {
@@ -689,7 +696,7 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
         }
     }
     __syncthreads();
-    const float rho = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn((float)(dots[M] / (double)K), norm_eps)));
+    const float rho = hc_rho(dots[M], K, norm_eps);
     if (sinkhorn) {
         for (int m = threadIdx.x; m < M; m += blockDim.x) mix[m] = __fmul_rn((float)dots[m], rho);
         __syncthreads();
@@ -780,7 +787,7 @@ __global__ void __launch_bounds__(SINK_TOKENS * 32) sinkhorn_tokens_kernel(const
 #pragma unroll
     for (int m = 0; m <= M; m++)
         for (int o = 16; o > 0; o >>= 1) s[m] += __shfl_xor_sync(0xffffffffu, s[m], o);
-    const float rho = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn((float)(s[M] / (double)(HC * d)), norm_eps)));
+    const float rho = hc_rho(s[M], HC * d, norm_eps);
     if (lane == 0)
 #pragma unroll
         for (int m = 0; m < M; m++) mix[warp][m] = __fmul_rn((float)s[m], rho);
@@ -954,9 +961,8 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
             if ((rc = dsrtk_check_launch("sinkhorn_tokens_kernel", dev))) return rc;
         }
         (void)dsrtk_launch_dependent(kernel, dim3((unsigned)T, (unsigned)(1 + !(head || sink_apart))), dim3(NORM_THREADS), stage,
-            cs, X, X_dtype,
-            scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits, (const double *)part, 1, 1,
-            u, u_dtype, norm_w, norm_w_dtype, post, comb);
+            cs, X, X_dtype, scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps, norm_eps, iters, head, splits,
+            (const double *)part, 1, 1, u, u_dtype, norm_w, norm_w_dtype, post, comb);
         return dsrtk_check_launch("pre_kernel", dev);
     }
     /* few tokens: each token's columns over blocks of 1024 (8 per thread) so the collapse spreads out */
