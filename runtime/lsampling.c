@@ -8,6 +8,9 @@
  * list of one per row; seed (integer, default 0), step (integer >= 0, default 0); history = {ids}
  * (every row) or {{ids of row 1}, {ids of row 2}, ...}. Every value is checked here or by
  * dsrt_sample_params_check, so a bad option is a Lua error naming it, never a crash.
+ * core.sample_async(logits, opts) -> ids, pending: the same draw with nothing waiting for it (ids
+ * an i64 [B] tensor on the logits' device, for the next forward; pending:wait() the Lua list, once,
+ * after the draw's own copy has landed, or pending:close() unread: sampling.h dsrt_sample_async).
  * Also core.wall_time(): monotonic seconds, for the generation loop's timings.
  *
  * Speculative decoding (sampling.h): core.sample_probs(logits, opts) -> f32 [B, V] on the logits'
@@ -61,6 +64,8 @@ static float to_f32(double v)
     return (float)v;
 }
 
+#define PENDING "dsrt.sample_pending"
+
 typedef struct { dsrt_sample_params *params; int64_t *off, *ids; } sample_bufs;
 
 static int bufs_gc(lua_State *L)
@@ -71,7 +76,7 @@ static int bufs_gc(lua_State *L)
     return 0;
 }
 
-enum { TO_TENSOR, TO_LIST, TO_PROBS };
+enum { TO_TENSOR, TO_LIST, TO_PROBS, TO_ASYNC };
 
 static int sample_call(lua_State *L, int mode)
 {
@@ -154,6 +159,17 @@ static int sample_call(lua_State *L, int mode)
         dsrtL_pushtensor(L, dsrt_sample_probs(logits, b->params, b->off, b->ids, s));
         return 1;
     }
+    if (mode == TO_ASYNC) {
+        dsrt_sample_pending **box = lua_newuserdatauv(L, sizeof *box, 0);
+        *box = NULL;
+        luaL_setmetatable(L, PENDING);
+        dsrt_tensor *ids = NULL;
+        if (dsrt_sample_async(logits, b->params, b->off, b->ids, (uint64_t)seed, (uint64_t)step, s, &ids, box))
+            return dsrtL_error(L);
+        dsrtL_pushtensor(L, ids);
+        lua_insert(L, -2);
+        return 2;
+    }
     if (mode == TO_TENSOR) {
         dsrtL_pushtensor(L, dsrt_sample(logits, b->params, b->off, b->ids, (uint64_t)seed, (uint64_t)step, s));
         return 1;
@@ -168,7 +184,42 @@ static int sample_call(lua_State *L, int mode)
     return 1;
 }
 
+/* ---- the pending read of an asynchronous draw: p:wait() -> the list of ids, once ---- */
+
+static dsrt_sample_pending *check_pending(lua_State *L)
+{
+    dsrt_sample_pending **box = luaL_checkudata(L, 1, PENDING);
+    if (!*box) luaL_error(L, "sample_async: this draw was already read (wait() once)");
+    return *box;
+}
+
+static int pending_wait(lua_State *L)
+{
+    dsrt_sample_pending *p = check_pending(L), **box = lua_touserdata(L, 1);
+    int64_t B = dsrt_sample_pending_rows(p);
+    int64_t *ids = lua_newuserdatauv(L, (size_t)B * sizeof *ids, 0);
+    int rc = dsrt_sample_wait(p, ids);
+    dsrt_sample_pending_free(p); /* read or failed, the draw is over either way */
+    *box = NULL;
+    if (rc) return dsrtL_error(L);
+    lua_createtable(L, (int)B, 0);
+    for (int64_t r = 0; r < B; r++) {
+        lua_pushinteger(L, (lua_Integer)ids[r]);
+        lua_rawseti(L, -2, r + 1);
+    }
+    return 1;
+}
+
+static int pending_gc(lua_State *L)
+{
+    dsrt_sample_pending **box = luaL_checkudata(L, 1, PENDING);
+    dsrt_sample_pending_free(*box);
+    *box = NULL;
+    return 0;
+}
+
 static int l_sample(lua_State *L) { return sample_call(L, TO_TENSOR); }
+static int l_sample_async(lua_State *L) { return sample_call(L, TO_ASYNC); }
 static int l_sample_ids(lua_State *L) { return sample_call(L, TO_LIST); }
 static int l_sample_probs(lua_State *L) { return sample_call(L, TO_PROBS); }
 
@@ -217,6 +268,18 @@ static int l_wall_time(lua_State *L)
 
 void dsrtL_open_sampling(lua_State *L)
 {
+    if (luaL_newmetatable(L, PENDING)) {
+        static const luaL_Reg methods[] = {{"wait", pending_wait}, {"close", pending_gc}, {NULL, NULL}};
+        luaL_newlib(L, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, pending_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, pending_gc);
+        lua_setfield(L, -2, "__close");
+    }
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_sample_async);
+    lua_setfield(L, -2, "sample_async");
     lua_pushcfunction(L, l_sample);
     lua_setfield(L, -2, "sample");
     lua_pushcfunction(L, l_sample_ids);

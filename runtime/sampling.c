@@ -13,6 +13,7 @@
  */
 #include "sampling.h"
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -315,6 +316,16 @@ static int dsrt_sample_verify_cpu_checked(const float *p, const float *q, int64_
 
 /* ---- the CUDA path ---- */
 
+/* A draw read later (dsrt_sample_async): on CUDA it owns pinned words, the target of the ids' copy,
+ * and an event recorded after that copy. */
+struct dsrt_sample_pending {
+    int device;
+    int64_t B, V;
+    int64_t *words;  /* [2B]: the ids, then the status words (kernels.h) */
+    size_t capacity; /* words allocated */
+    void *event;
+};
+
 static int kernel_failed(void)
 {
     const char *msg = dsrtk_error();
@@ -322,13 +333,26 @@ static int kernel_failed(void)
     return dsrt_err("sample: %s", msg);
 }
 
+/* Row r's status word (kernels.h) as the sampler's error, or 0 */
+static int check_status(int64_t status, int64_t id, int64_t r, int64_t V)
+{
+    if (status == DSRTK_SAMPLE_NAN) return dsrt_err("sample: row %lld has a NaN logit (id %lld)", (long long)r + 1, (long long)id);
+    if (status == DSRTK_SAMPLE_NO_FINITE) return dsrt_err("sample: row %lld has no finite logit", (long long)r + 1);
+    if (status != DSRTK_SAMPLE_OK || id < 0 || id >= V)
+        return dsrt_err("sample: the CUDA sampler returned status %lld and id %lld for row %lld (a bug)", (long long)status,
+                        (long long)id, (long long)r + 1);
+    return 0;
+}
+
 /* c: contiguous f32 logits [B, V] on a CUDA device (the stream's). Writes the ids to host `ids`
  * and, when `dev_out` is given, returns them as a device tensor there too. With `probs` (a
  * contiguous f32 [B, V] on the device) it writes the processed distributions there instead
- * (dsrt_sample_probs): the same kernels, ending before the draw. */
+ * (dsrt_sample_probs): the same kernels, ending before the draw. With `pending`, nothing waits:
+ * the ids and status words go to its pinned words by an asynchronous copy, its event after it. */
 static int sample_cuda(dsrt_tensor *c, int64_t B, int64_t V, const dsrt_sample_params *params,
                        const int64_t *hist_off, const int64_t *hist_ids, uint64_t seed, uint64_t step,
-                       dsrt_stream *stream, int64_t *ids, dsrt_tensor **dev_out, dsrt_tensor *probs)
+                       dsrt_stream *stream, int64_t *ids, dsrt_tensor **dev_out, dsrt_tensor *probs,
+                       dsrt_sample_pending *pending)
 {
     int dev = c->device;
     int sorting = 0, penalties = 0;
@@ -392,19 +416,18 @@ static int sample_cuda(dsrt_tensor *c, int64_t B, int64_t V, const dsrt_sample_p
         rc = kernel_failed();
         goto done;
     }
-    /* ids and status words in one copy, which waits for the kernels */
-    if (dsrtk_memcpy(dev, back, out_data, (size_t)(2 * B) * sizeof *back, DSRTK_D2H, stream->handle, 0)) {
-        rc = kernel_failed();
-        goto done;
-    }
-    for (int64_t r = 0; r < B && rc == 0; r++) {
-        if (back[B + r] == DSRTK_SAMPLE_NAN)
-            rc = dsrt_err("sample: row %lld has a NaN logit (id %lld)", (long long)r + 1, (long long)back[r]);
-        else if (back[B + r] == DSRTK_SAMPLE_NO_FINITE)
-            rc = dsrt_err("sample: row %lld has no finite logit", (long long)r + 1);
-        else if (back[B + r] != DSRTK_SAMPLE_OK || back[r] < 0 || back[r] >= V)
-            rc = dsrt_err("sample: the CUDA sampler returned status %lld and id %lld for row %lld (a bug)",
-                          (long long)back[B + r], (long long)back[r], (long long)r + 1);
+    if (pending) { /* to pinned memory: the copy is queued, and the event marks its end */
+        if (dsrtk_memcpy(dev, pending->words, out_data, (size_t)(2 * B) * sizeof *back, DSRTK_D2H, stream->handle, 1) ||
+            dsrtk_event_record(dev, pending->event, stream->handle)) {
+            rc = kernel_failed();
+            goto done;
+        }
+    } else { /* ids and status words in one copy, which waits for the kernels */
+        if (dsrtk_memcpy(dev, back, out_data, (size_t)(2 * B) * sizeof *back, DSRTK_D2H, stream->handle, 0)) {
+            rc = kernel_failed();
+            goto done;
+        }
+        for (int64_t r = 0; r < B && rc == 0; r++) rc = check_status(back[B + r], back[r], r, V);
     }
     if (rc == 0) {
         if (ids) memcpy(ids, back, (size_t)B * sizeof *ids);
@@ -450,7 +473,7 @@ dsrt_tensor *dsrt_sample(dsrt_tensor *logits, const dsrt_sample_params *params, 
     if (!c) return NULL;
     dsrt_tensor *out = NULL;
     if (c->device != DSRT_CPU) {
-        if (sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, NULL, &out, NULL)) out = NULL;
+        if (sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, NULL, &out, NULL, NULL)) out = NULL;
     } else {
         int64_t shape[1] = {B};
         out = dsrt_tensor_new(DSRT_I64, 1, shape, DSRT_CPU, stream);
@@ -470,10 +493,120 @@ int dsrt_sample_host(dsrt_tensor *logits, const dsrt_sample_params *params, cons
     int64_t B, V;
     dsrt_tensor *c = sample_input(logits, stream, &B, &V);
     if (!c) return -1;
-    int rc = c->device != DSRT_CPU ? sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, ids, NULL, NULL)
+    int rc = c->device != DSRT_CPU ? sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, ids, NULL, NULL, NULL)
                                    : sample_cpu_tensor(c, B, V, params, hist_off, hist_ids, seed, step, stream, ids);
     dsrt_tensor_release(c);
     return rc;
+}
+
+/* ---- a draw read later (dsrt_sample_async) ----
+ * Pinned allocations and events cost the host tens of microseconds, a generation step's budget, so
+ * released pending draws wait in a small free list for the next draw of at most as many rows. */
+
+#define PENDING_FREE_MAX 8
+static struct {
+    pthread_mutex_t lock;
+    dsrt_sample_pending *free[PENDING_FREE_MAX];
+    int n;
+} pending_pool = {PTHREAD_MUTEX_INITIALIZER, {0}, 0};
+
+static void pending_destroy(dsrt_sample_pending *p)
+{
+    if (p->device != DSRT_CPU) {
+        if (p->event) (void)dsrtk_event_destroy(p->device, p->event);
+        if (p->words) (void)dsrtk_host_free(p->words);
+    } else {
+        free(p->words);
+    }
+    free(p);
+}
+
+static dsrt_sample_pending *pending_new(int device, int64_t B, int64_t V)
+{
+    size_t need = (size_t)(2 * B);
+    dsrt_sample_pending *p = NULL;
+    pthread_mutex_lock(&pending_pool.lock);
+    for (int i = 0; i < pending_pool.n; i++) {
+        dsrt_sample_pending *f = pending_pool.free[i];
+        if (f->device == device && f->capacity >= need) {
+            p = f;
+            pending_pool.free[i] = pending_pool.free[--pending_pool.n];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&pending_pool.lock);
+    if (!p) {
+        p = calloc(1, sizeof *p);
+        if (!p) return dsrt_err_null("sample: out of host memory");
+        p->device = device, p->capacity = need < 64 ? 64 : need;
+        int rc = device == DSRT_CPU ? ((p->words = malloc(p->capacity * sizeof *p->words)) ? 0 : dsrt_err("sample: out of host memory"))
+                                    : dsrtk_host_alloc((void **)&p->words, p->capacity * sizeof *p->words) ||
+                                          dsrtk_event_create(device, &p->event, 0) ? kernel_failed() : 0;
+        if (rc) {
+            pending_destroy(p);
+            return NULL;
+        }
+    }
+    p->B = B, p->V = V;
+    return p;
+}
+
+int dsrt_sample_async(dsrt_tensor *logits, const dsrt_sample_params *params, const int64_t *hist_off,
+                      const int64_t *hist_ids, uint64_t seed, uint64_t step, dsrt_stream *stream, dsrt_tensor **ids,
+                      dsrt_sample_pending **pending)
+{
+    *ids = NULL, *pending = NULL;
+    int64_t B, V;
+    dsrt_tensor *c = sample_input(logits, stream, &B, &V);
+    if (!c) return -1;
+    dsrt_sample_pending *p = pending_new(c->device, B, V);
+    int rc = p ? 0 : -1;
+    if (!rc && c->device != DSRT_CPU) {
+        rc = sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, NULL, ids, NULL, p);
+    } else if (!rc) { /* the CPU draws now; its words are final */
+        int64_t shape[1] = {B};
+        *ids = dsrt_tensor_new(DSRT_I64, 1, shape, DSRT_CPU, stream);
+        rc = *ids ? sample_cpu_tensor(c, B, V, params, hist_off, hist_ids, seed, step, stream, p->words) : -1;
+        if (!rc) {
+            memcpy((int64_t *)(*ids)->storage->data + (*ids)->offset, p->words, (size_t)B * sizeof *p->words);
+            for (int64_t r = 0; r < B; r++) p->words[B + r] = DSRTK_SAMPLE_OK;
+        }
+    }
+    dsrt_tensor_release(c);
+    if (rc) {
+        dsrt_tensor_release(*ids);
+        *ids = NULL;
+        if (p) dsrt_sample_pending_free(p);
+        return -1;
+    }
+    *pending = p;
+    return 0;
+}
+
+int64_t dsrt_sample_pending_rows(const dsrt_sample_pending *p) { return p->B; }
+
+int dsrt_sample_wait(dsrt_sample_pending *p, int64_t *ids)
+{
+    if (p->device != DSRT_CPU && dsrtk_event_synchronize(p->device, p->event)) return kernel_failed();
+    for (int64_t r = 0; r < p->B; r++)
+        if (check_status(p->words[p->B + r], p->words[r], r, p->V)) return -1;
+    memcpy(ids, p->words, (size_t)p->B * sizeof *ids);
+    return 0;
+}
+
+void dsrt_sample_pending_free(dsrt_sample_pending *p)
+{
+    if (!p) return;
+    /* its copy may still be in flight: the words go back to the pool only once it has landed */
+    if (p->device != DSRT_CPU && dsrtk_event_synchronize(p->device, p->event)) {
+        pending_destroy(p);
+        return;
+    }
+    pthread_mutex_lock(&pending_pool.lock);
+    int kept = pending_pool.n < PENDING_FREE_MAX;
+    if (kept) pending_pool.free[pending_pool.n++] = p;
+    pthread_mutex_unlock(&pending_pool.lock);
+    if (!kept) pending_destroy(p);
 }
 
 dsrt_tensor *dsrt_sample_probs(dsrt_tensor *logits, const dsrt_sample_params *params, const int64_t *hist_off,
@@ -486,7 +619,7 @@ dsrt_tensor *dsrt_sample_probs(dsrt_tensor *logits, const dsrt_sample_params *pa
     dsrt_tensor *out = dsrt_tensor_new(DSRT_F32, 2, shape, c->device, stream);
     int rc = out ? 0 : -1;
     if (rc == 0 && c->device != DSRT_CPU) {
-        rc = sample_cuda(c, B, V, params, hist_off, hist_ids, 0, 0, stream, NULL, NULL, out);
+        rc = sample_cuda(c, B, V, params, hist_off, hist_ids, 0, 0, stream, NULL, NULL, out, NULL);
     } else if (rc == 0) {
         rc = dsrt_stream_synchronize(stream);
         if (rc == 0)

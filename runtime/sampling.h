@@ -130,6 +130,22 @@ dsrt_tensor *dsrt_sample(dsrt_tensor *logits, const dsrt_sample_params *params, 
 int dsrt_sample_host(dsrt_tensor *logits, const dsrt_sample_params *params, const int64_t *hist_off,
                      const int64_t *hist_ids, uint64_t seed, uint64_t step, dsrt_stream *stream, int64_t *ids);
 
+/* A draw that nothing waits for, for a generation loop that issues the next step's forward
+ * before it reads this one's token (dsv4's generate): *ids gets the ids as a new i64 [B] tensor on
+ * the logits' device (what the next forward takes), *pending the read of the same ids on the host.
+ * On CUDA the kernels run on `stream` and the ids and status words follow into pinned memory by an
+ * asynchronous copy; dsrt_sample_wait waits for that copy only (not for later work on the stream),
+ * then reports a bad row as dsrt_sample does, or writes the B ids. On the CPU the draw happens in
+ * the call (a bad row is its error) and the wait returns at once. dsrt_sample_pending_free is
+ * needed whether or not it was waited for. Returns 0, or -1 with a message. */
+typedef struct dsrt_sample_pending dsrt_sample_pending;
+int dsrt_sample_async(dsrt_tensor *logits, const dsrt_sample_params *params, const int64_t *hist_off,
+                      const int64_t *hist_ids, uint64_t seed, uint64_t step, dsrt_stream *stream, dsrt_tensor **ids,
+                      dsrt_sample_pending **pending);
+int dsrt_sample_wait(dsrt_sample_pending *p, int64_t *ids);
+int64_t dsrt_sample_pending_rows(const dsrt_sample_pending *p);
+void dsrt_sample_pending_free(dsrt_sample_pending *p);
+
 /* ---- the processed distribution and speculative verification (MTP drafts, issue 7) ----
  *
  * dsrt_sample_probs: the distribution the sampler draws from, per row: f32 [B, V] with, at each

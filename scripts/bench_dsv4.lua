@@ -20,15 +20,19 @@
 --     against the FP8 ceiling — FLOPs counted per token as 2 × every linear weight a token multiplies
 --     (activated experts only) plus the attention's QKᵀ and PV over the keys each position sees, the
 --     indexer's scoring of the compressed keys, and the LM head once;
---   - decode at batch 1 after that prefill: `steps` steps (20; --quick 5) after 3 warm-up steps, each
---     through a benchmark-only loop that mirrors Model:forward_batch for one session (embedding, the
---     blocks, the MTP ring fill, HC head + norm + LM head of the last row) with a CUDA event after
---     each part — the model's own path is not slowed by any hook. Medians per part over the steps:
---     per layer kind (window+hash, ratio-4 + indexer, ratio-128), the head, the MTP ring fill and the
---     whole step, each against its floor: the weight bytes it must read per step (dsv4.memory's
---     decode_weight_bytes, SPEC §11.2) ÷ the measured copy bandwidth. The whole step is plain
---     decoding's (a session made with mtp = false, as generate{} without speculation makes, skips
---     the ring fill: the step less that part); the step of a session that drafts is shown beside it;
+--   - decode at batch 1 after that prefill, as generation runs it (generate{}'s pipelined loop):
+--     `steps` steps (20; --quick 5) after 3 warm-up steps, each through a benchmark-only loop that
+--     mirrors Model:forward_batch for one session (embedding, the blocks, HC head + norm + LM head
+--     of the last row) with a CUDA event after each part, then the greedy draw
+--     (dsrt.sample_async), whose device ids are the next step's input; the host issues step t + 1
+--     before it reads step t's token, and the events are read at the end — the model's own path is
+--     not slowed by any hook. Medians per part over the steps: per layer kind (window+hash, ratio-4
+--     + indexer, ratio-128), the head, the draw and the whole step with its draw, each against its
+--     floor: the weight bytes it must read per step (dsv4.memory's decode_weight_bytes, SPEC §11.2)
+--     ÷ the measured copy bandwidth. The session is plain decoding's (made with mtp = false, as
+--     generate{} without speculation makes: no MTP ring fill);
+--   - the same steps with the host waiting for each before issuing the next (no draw), on a
+--     session that drafts: the step without and with its MTP ring fill;
 --   - the MTP draft step (model:draft), against its floor (decode_weight_bytes' mtp_step);
 --   - an estimate for the whole 43-layer Flash decode step: 2 window + 21 CSA + 20 HCA layers at the
 --     measured per-kind times, plus the head (KV traffic at 4K context is ~1% of the weight bytes).
@@ -195,13 +199,12 @@ local function prefill(seq)
   return a:elapsed(b), logits
 end
 local seq = model:session{ max_len = max_len }
-local prefill_ms = prefill(seq) -- the first also warms up: its session is the one decode continues
-if not opts.quick then
-  local again = model:session{ max_len = max_len }
-  prefill_ms = prefill(again)
-  again = nil
-  collectgarbage()
-end
+prefill(seq) -- the first also warms up: its session is the one the drafting steps continue
+-- plain decoding's session (no MTP state, as generate{} without speculation makes): the prefill
+-- timed warm, and the session the generation loop continues from its logits
+local plain_seq = model:session{ max_len = max_len, mtp = false }
+local prefill_ms, prompt_logits = prefill(plain_seq)
+collectgarbage()
 local pf_flops = prefill_flops(opts.context)
 row(("prefill %d tokens"):format(opts.context), prefill_ms, nil,
     ("%.0f tok/s, %.1f TFLOP/s = %.0f%% of FP8 dsrt.linear"):format(opts.context / prefill_ms * 1e3,
@@ -210,13 +213,14 @@ row(("prefill %d tokens"):format(opts.context), prefill_ms, nil,
 -- ---- decode: the benchmark-only mirror of Model:forward_batch for one session ----
 
 -- the parts of a step between its events marks[p] and marks[p + 1]: p = 1 embedding, 1 + i block i,
--- 2 + #blocks the MTP ring fill, 3 + #blocks HC head + norm + LM head
+-- 2 + #blocks the MTP ring fill (a session that drafts), 3 + #blocks HC head + norm + LM head; the
+-- generation loop's 4 + #blocks is the greedy draw. id: a token id, or the device ids of a draw.
 local n_layers = #model.blocks
 local function decode_step(session, id, marks)
   local precision, dims = model.precision, model.dims
   local first = session.positions
   marks[1]:record()
-  local token_ids = decoder.ids({ id }, dev)
+  local token_ids = dsrt.is_tensor(id) and id or decoder.ids({ id }, dev)
   local X = decoder.embed(model.weights.embed, token_ids, precision, dims.hc_mult)
   marks[2]:record()
   -- each block's last hc_post runs fused into the next block's first hc_pre (the last one's alone)
@@ -227,35 +231,74 @@ local function decode_step(session, id, marks)
     marks[2 + i]:record()
   end
   session.positions = first + 1
-  if model.mtp then model.mtp:advance(session, X, { id }, first) end
+  if session.mtp then model.mtp:advance(session, X, { id }, first) end
   marks[3 + n_layers]:record()
   local logits = decoder.logits(dims, model.weights.hc_head, model.weights.norm, model.head, X, precision)
   marks[4 + n_layers]:record()
-  decoder.close(X, token_ids)
+  decoder.close(X)
+  if token_ids ~= id then decoder.close(token_ids) end
   return logits
 end
 
-local marks = {}
-for i = 1, 4 + n_layers do marks[i] = event() end
-local part_samples = {} -- part index -> list of ms
-local draft_samples = {}
+local function new_marks(n)
+  local marks = {}
+  for i = 1, n do marks[i] = event() end
+  return marks
+end
+
+-- Decode as generation runs it (generate{}'s pipelined loop): each step's greedy draw stays on the
+-- device (dsrt.sample_async) and is the next step's input, and the host issues step t + 1 before it
+-- reads step t's token, so it never waits for the GPU before issuing. Events of every step are read
+-- at the end. part_samples[p]: the steps' times of part p; .total: a step with its draw.
+local warm = 3
+local part_samples = { total = {} }
+local all_marks = {}
+for step = 1, opts.steps + warm do all_marks[step] = new_marks(5 + n_layers) end
+local ids, pending = dsrt.sample_async(prompt_logits, {})
+decoder.close(prompt_logits)
+for step = 1, opts.steps + warm do
+  local marks = all_marks[step]
+  local logits = decode_step(plain_seq, ids, marks)
+  local next_ids, next_pending = dsrt.sample_async(logits, {})
+  marks[5 + n_layers]:record()
+  decoder.close(logits)
+  pending:wait() -- the token before, read while this step runs
+  decoder.close(ids)
+  ids, pending = next_ids, next_pending
+end
+pending:wait()
+decoder.close(ids)
+for step = warm + 1, opts.steps + warm do
+  local marks = all_marks[step]
+  marks[#marks]:synchronize()
+  for p = 1, #marks - 1 do
+    part_samples[p] = part_samples[p] or {}
+    part_samples[p][#part_samples[p] + 1] = marks[p]:elapsed(marks[p + 1])
+  end
+  part_samples.total[#part_samples.total + 1] = marks[1]:elapsed(marks[#marks])
+end
+
+-- The same steps with the host waiting for each before it issues the next (the plain loop of a
+-- sequence that drafts: model:draft needs the token on the host), on the session with MTP state:
+-- the step without and with its MTP ring fill, and the draft after it.
+local sync_samples, sync_drafting, draft_samples = {}, {}, {}
+local marks = new_marks(4 + n_layers)
 local draft_a, draft_b = event(), event()
-local ids = ids_of(opts.steps + 3, 11)
-for step = 1, opts.steps + 3 do
-  local logits = decode_step(seq, ids[step], marks)
+local step_ids = ids_of(opts.steps + warm, 11)
+for step = 1, opts.steps + warm do
+  local logits = decode_step(seq, step_ids[step], marks)
   marks[#marks]:synchronize()
   -- the draft for the position after next, from the token just "sampled" (undone by the next step)
   draft_a:record()
-  decoder.close(logits, model:draft(seq, ids[step] % d.vocab))
+  decoder.close(logits, model:draft(seq, step_ids[step] % d.vocab))
   draft_b:record()
   draft_b:synchronize()
-  if step > 3 then
-    for p = 1, #marks - 1 do
-      part_samples[p] = part_samples[p] or {}
-      part_samples[p][#part_samples[p] + 1] = marks[p]:elapsed(marks[p + 1])
-    end
-    part_samples.total = part_samples.total or {}
-    part_samples.total[#part_samples.total + 1] = marks[1]:elapsed(marks[#marks])
+  if step > warm then
+    local total = marks[1]:elapsed(marks[#marks])
+    sync_drafting[#sync_drafting + 1] = total
+    sync_samples[#sync_samples + 1] = total - marks[2 + n_layers]:elapsed(marks[3 + n_layers])
+    part_samples.ring = part_samples.ring or {}
+    part_samples.ring[#part_samples.ring + 1] = marks[2 + n_layers]:elapsed(marks[3 + n_layers])
     draft_samples[#draft_samples + 1] = draft_a:elapsed(draft_b)
   end
 end
@@ -285,17 +328,14 @@ for _, key in ipairs(kind_order) do
 end
 local head_ms = ms_of(1) + ms_of(3 + n_layers)
 row("decode: embedding + HC head + norm + LM head", head_ms, floor_ms(detail.global))
-if model.mtp then row("decode: MTP ring fill (attention half)", ms_of(2 + n_layers), nil) end
--- plain decoding: the step less the ring fill, per step, then the median
-local plain = {}
-for i, total in ipairs(part_samples.total) do
-  plain[i] = total - (model.mtp and part_samples[2 + n_layers][i] or 0)
-end
-local step_ms = median(plain)
-row(("decode step, whole slice at context %d"):format(opts.context), step_ms, floor_ms(total_bytes),
+row("decode: greedy draw (dsrt.sample_async)", ms_of(4 + n_layers), nil)
+local step_ms = median(part_samples.total)
+row(("decode step at context %d, generation loop"):format(opts.context), step_ms, floor_ms(total_bytes),
     ("%.1f tok/s"):format(1e3 / step_ms))
+row("decode step, host waiting for each (no draw)", median(sync_samples), floor_ms(total_bytes), "")
 if model.mtp then
-  row("decode step of a session that drafts (+ MTP ring fill)", median(part_samples.total), nil, "")
+  row("decode: MTP ring fill (a session that drafts)", median(part_samples.ring), nil)
+  row("decode step of a session that drafts (+ ring fill)", median(sync_drafting), nil, "")
 end
 if model.mtp and detail.mtp_step then
   row("MTP draft step (block + LM head)", median(draft_samples), floor_ms(detail.mtp_step))

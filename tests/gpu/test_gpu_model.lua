@@ -18,7 +18,8 @@
 --     tolerance the CPU test uses (meta.compare.tolerance, 1e-4 of each row's largest logit), for
 --     one-shot prefill, chunked prefill and decode steps;
 --   - greedy generation on CUDA gives the CPU's ids (tiny model, fp32), one prompt and several at once
---     (forward_batch's spans on the device);
+--     (forward_batch's spans on the device); the pipelined loop (the default on CUDA) gives the plain
+--     loop's and the CPU's ids, greedy and sampled, and a forward of device ids the host ids' logits;
 --   - the decoder's results and states live on the device, and bad input is refused as on the CPU.
 -- Outputs are poisoned: before each CUDA run the allocator's cache is stocked with freed blocks of
 -- 0xff bytes (NaN in every float format) in the sizes of the logits, which is where they come from;
@@ -358,6 +359,34 @@ test("greedy_generation_on_cuda_gives_the_cpu_ids", function()
   local got2 = on_gpu:generate{ prompts = { p1, p2 }, max_tokens = 8, temperature = 0 }
   assert_equal(got2[1].ids, want2[1].ids, "prompts[1] of two")
   assert_equal(got2[2].ids, want2[2].ids, "prompts[2] of two")
+end)
+
+test("pipelined_generation_on_cuda_equals_the_plain_loop_and_the_cpu", function()
+  local on_cpu = dsv4.load(tiny(), { device = "cpu", precision = "fp32", mtp = false })
+  local on_gpu = dsv4.load(tiny(), { device = "cuda", precision = "fp32", mtp = false })
+  local p1 = prompt(60, 17)
+  for _, opts in ipairs { { temperature = 0 }, { temperature = 0.8, top_k = 30, seed = 11 } } do
+    local function run(model, pipeline)
+      local o = { ids = p1, max_tokens = 10, pipeline = pipeline }
+      for k, v in pairs(opts) do o[k] = v end
+      return model:generate(o).ids
+    end
+    local want = run(on_cpu, false)
+    assert_equal(run(on_gpu, nil), want, "pipelined (the default on CUDA)")
+    assert_equal(run(on_gpu, false), want, "plain")
+  end
+  -- device ids into a forward: the host ids' logits, bit for bit
+  local a = on_gpu:session{ max_len = 80, mtp = false }
+  local b = on_gpu:session{ max_len = 80, mtp = false }
+  on_gpu:forward(a, p1, { logits = "none" })
+  on_gpu:forward(b, p1, { logits = "none" })
+  local from_host = on_gpu:forward(a, { 7, 8 })
+  local from_device = on_gpu:forward(b, dsrt.tensor({ 7, 8 }, { dtype = "i32", device = "cuda" }))
+  assert_equal(dsrt.max_abs_diff(from_device, from_host), 0)
+  assert_equal(b:length(), a:length())
+  -- an id outside the vocabulary on the device is not read back: its logits are NaN
+  local bad = on_gpu:forward(b, dsrt.tensor({ on_gpu.dims.vocab }, { dtype = "i64", device = "cuda" }))
+  assert_error(function() dsrt.sample_ids(bad, {}) end, "NaN")
 end)
 
 return tests

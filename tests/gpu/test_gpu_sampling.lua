@@ -4,7 +4,8 @@
 -- kernels' stage and scan chunk, 129,280 = DSV4's vocabulary; B = 1, 3, 64), for greedy,
 -- temperature, top_k, top_p, min_p, penalties and their combinations, on rows with exact ties,
 -- -0/+0, -inf and +inf logits. The GPU draws also pass a chi-square test against softmax, and
--- bad inputs are the CPU's errors.
+-- bad inputs are the CPU's errors. sample_async gives the same ids, on the device and at wait(),
+-- with a bad row reported by the wait.
 --
 -- Outputs are poisoned: before every CUDA call the allocator's cache is stocked with freed
 -- blocks of 0xff bytes (four) in the size class of the [2B] ids-and-status buffer the call allocates,
@@ -198,6 +199,38 @@ test("GPU draws follow softmax(logits / T) (chi-square)", function()
   assert(good < 30, ("chi-square %.1f against softmax(logits)"):format(good))
   assert(chi2(1, 1.2) > 30, "the test cannot tell temperature 1.2 from 1")
   assert(chi2(0.6, 0.6) < 30, "temperature 0.6 does not follow softmax(logits / 0.6)")
+end)
+
+test("sample_async: the CPU's ids on the device and at wait(); a bad row is the wait's error", function()
+  for _, B in ipairs { 1, 3 } do
+    for _, opts in ipairs { {}, { temperature = 0.9, top_p = 0.9, seed = next_seed(), step = 5 } } do
+      local x = dsrt.randn({ B, 4097 }, { seed = next_seed() })
+      local want = core.sample(x, opts):totable()
+      poison_cache(16 * B)
+      local ids, pending = core.sample_async(x:to("cuda"), opts)
+      assert(ids.device:match("^cuda"), "sample_async's ids are on " .. ids.device)
+      -- later work on the stream: wait() reads the draw's own copy whatever follows it
+      local later = dsrt.randn({ 2048, 2048 }, { seed = 1, device = "cuda" })
+      later = later:matmul(later)
+      assert_equal(pending:wait(), want)
+      assert_equal(ids:totable(), want)
+    end
+  end
+  -- more draws in flight than the pool keeps, read in another order than drawn
+  local x = dsrt.randn({ 20, 300 }, { seed = next_seed() })
+  local want, pendings = core.sample_ids(x, {}), {}
+  local g = x:to("cuda")
+  for r = 1, 20 do
+    local _, p = core.sample_async(g[r], {})
+    pendings[r] = p
+  end
+  for r = 20, 1, -1 do assert_equal(pendings[r]:wait(), { want[r] }) end
+  local nan = dsrt.tensor({ { 1, 2, 3 }, { 1, 0 / 0, 0 / 0 } }, { dtype = "f32", device = "cuda" })
+  local _, bad = core.sample_async(nan, { temperature = 1 })
+  assert_error(function() bad:wait() end, "row 2 has a NaN logit %(id 1%)")
+  local _, unread = core.sample_async(g, {})
+  unread:close()
+  assert_equal(core.sample_ids(g, {}), want)
 end)
 
 test("bad inputs are the CPU's errors", function()

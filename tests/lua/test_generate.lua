@@ -4,7 +4,8 @@
 -- What it protects: generate and stream give the same tokens and text; max_tokens, stop strings
 -- (the text stops before them, streamed pieces never show them) and on_token (once per token,
 -- pieces joining to the text) behave as documented; several prompts at once equal each run alone
--- (greedy and sampled); timings are present; bad input is a clear error.
+-- (greedy and sampled); the pipelined loop (the next step issued before the token is read) equals
+-- the plain one, session included; timings are present; bad input is a clear error.
 local dsrt = require "dsrt"
 local core = require "dsrt.core"
 if core.attention == nil then return {} end
@@ -126,6 +127,58 @@ test("scripts/chat.lua keeps the conversation: turn 2's reply is generated from 
   local message = bad:read("a")
   local _, _, status = bad:close()
   assert(message:find("%-%-model is required") and status == 2, message)
+end)
+
+-- runs generate with the model's sessions recorded; returns the result and the last session
+local function generate_recording(m, opts)
+  local made, session = m.session, nil
+  m.session = function(self, o) session = made(self, o) return session end
+  local ok, r = pcall(m.generate, m, opts)
+  m.session = nil -- back to the class's method
+  if not ok then error(r, 0) end
+  return r, session
+end
+
+test("the pipelined loop gives the plain loop's tokens, text, finish and session", function()
+  local m = model()
+  local plain = m:generate { prompt = "Once upon", max_tokens = 10, pipeline = false }
+  local tok = require("dsrt.tokenizer").load(m.dir .. "/tokenizer.json")
+  tok.eos_id = plain.ids[4] -- EOS the 4th greedy token (or an earlier equal one)
+  local text = plain.text
+  local stop = text:sub(#text // 2, #text // 2 + 1)
+  local cases = {
+    { max_tokens = 10 },
+    { max_tokens = 10, temperature = 0.9, top_p = 0.9, top_k = 20, seed = 7 },
+    { max_tokens = 10, tokenizer = tok },
+    { max_tokens = 10, stop = { stop } },
+    { max_tokens = 10, max_len = #m._tokenizer:encode("Once upon") + 4 }, -- the session fills first
+    { max_tokens = 1 },
+  }
+  local reasons = {}
+  for i, case in ipairs(cases) do
+    local runs = {}
+    for _, pipeline in ipairs { false, true } do
+      local opts = { prompt = "Once upon", pipeline = pipeline }
+      for k, v in pairs(case) do opts[k] = v end
+      local pieces = {}
+      opts.on_token = function(piece) pieces[#pieces + 1] = piece end
+      local r, session = generate_recording(m, opts)
+      runs[#runs + 1] = { r = r, length = session:length(), pieces = table.concat(pieces) }
+    end
+    local a, b = runs[1], runs[2]
+    assert_equal(b.r.ids, a.r.ids, "case " .. i)
+    assert_equal(b.r.text, a.r.text, "case " .. i)
+    assert_equal(b.pieces, a.pieces, "case " .. i)
+    assert_equal(b.r.finish_reason, a.r.finish_reason, "case " .. i)
+    assert_equal(b.r.timings.decode_tokens, a.r.timings.decode_tokens, "case " .. i)
+    assert_equal(b.length, a.length, "case " .. i .. ": the session's length")
+    reasons[a.r.finish_reason] = true
+  end
+  assert(reasons.eos and reasons.stop and reasons.length, "the cases did not end in each way")
+  -- what the pipelined loop does not serve takes the plain one: penalties, several prompts
+  local r = m:generate { prompt = "Once upon", max_tokens = 4, repetition_penalty = 1.3, pipeline = true }
+  assert_equal(r.ids, m:generate { prompt = "Once upon", max_tokens = 4, repetition_penalty = 1.3, pipeline = false }.ids)
+  assert_error(function() m:generate { prompt = "x", pipeline = 1 } end, "pipeline must be a boolean")
 end)
 
 test("bad input is a clear error", function()

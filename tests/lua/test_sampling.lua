@@ -5,7 +5,7 @@
 -- ids and other seeds other ids; top_k = 1, a tiny top_p and min_p = 1 all reduce to greedy;
 -- temperature-1 sampling draws from softmax(logits) (chi-square over 20,000 draws, a threshold
 -- that a temperature-1.2 distribution fails); the penalties move the choice as Hugging Face's do;
--- each invalid parameter is a clear error.
+-- sample_async's tensor and list are sample_ids' ids; each invalid parameter is a clear error.
 local dsrt = require "dsrt"
 local core = require "dsrt.core"
 local h = require "tests.helpers"
@@ -132,6 +132,26 @@ test("sample_ids returns sample's ids as a list, B = 1 and B > 1", function()
   end
   assert_equal(core.sample_ids(f32({ 4, 9, 2 })), { 1 })
   assert_error(function() core.sample_ids(f32({ 1, 0 / 0 })) end, "NaN")
+end)
+
+test("sample_async: the ids as a tensor and, on wait(), as sample_ids' list", function()
+  local x = dsrt.randn({ 3, 500 }, { seed = 9 })
+  for _, opts in ipairs { {}, { temperature = 0.8, top_p = 0.9, seed = 4, step = 7 } } do
+    local want = core.sample_ids(x, opts)
+    local t, pending = core.sample_async(x, opts)
+    assert_equal(t.dtype, "i64")
+    assert_equal(t.shape, { 3 })
+    assert_equal(t:totable(), want)
+    assert_equal(pending:wait(), want)
+    assert_error(function() pending:wait() end, "already read")
+  end
+  local _, unread = core.sample_async(x[1], {})
+  unread:close() -- read or not, closing frees it; closing twice is harmless
+  unread:close()
+  local bad = x:clone()
+  bad[2][3] = 0 / 0
+  assert_error(function() core.sample_async(bad, {}) end, "row 2 has a NaN logit") -- the CPU draws at once
+  assert_error(function() core.sample_async(x, { temperature = -1 }) end, "temperature")
 end)
 
 test("invalid parameters and inputs are clear errors", function()

@@ -156,9 +156,12 @@ local function prepare(model, opts, what)
     end
     prompts[i] = { ids = ids, max_len = max_len }
   end
+  if opts.pipeline ~= nil and type(opts.pipeline) ~= "boolean" then
+    fail(what, "pipeline must be a boolean, got %s", type(opts.pipeline))
+  end
   return {
     prompts = prompts, max_tokens = max_tokens, seed = seed, stop = stop, params = params, tok = tok,
-    on_token = opts.on_token, batched = opts.prompts ~= nil, spec = spec,
+    on_token = opts.on_token, batched = opts.prompts ~= nil, spec = spec, pipeline = opts.pipeline,
   }
 end
 
@@ -311,9 +314,67 @@ local function run_speculative(model, o, emit)
   return o.batched and results or results[1]
 end
 
+-- One sequence with the next step always issued before this one's token is read: the draw stays
+-- on the device (core.sample_async) and the next forward takes it there, so the host queues step
+-- t + 1 while the GPU still runs step t and never waits for the GPU before issuing. A step is issued
+-- only when a length limit cannot end generation at the token in flight; when that token ends it
+-- (EOS, a stop string) the step issued for it is undone (session:truncate), so the session, the
+-- tokens, the text and the draws (token t drawn with step t - 1) are the plain loop's.
+local function run_pipelined(model, o, emit)
+  local seq = new_sequence(model, o.prompts[1], o)
+  seq.index = 1
+  local session = seq.session
+  local function draw(logits, t) -- token t's draw, not waited for
+    local row = logits:select(1, -1)
+    local params = { seed = o.seed, step = t - 1 }
+    for k, v in pairs(o.params) do params[k] = v end
+    local ids, pending = core.sample_async(row, params)
+    row:close()
+    logits:close()
+    return ids, pending
+  end
+  local t0 = core.wall_time()
+  local ids, pending = draw(model:forward(session, seq.pending, { logits = "last" }), 1)
+  local t = 1 -- the token in flight
+  while true do
+    local next_ids, next_pending
+    if t < o.max_tokens and session:length() + 1 <= seq.max_len then
+      next_ids, next_pending = draw(model:forward(session, ids, { logits = "last" }), t + 1)
+    end
+    local id = pending:wait()[1]
+    ids:close()
+    local now = core.wall_time()
+    if t == 1 then seq.prompt_seconds = now - t0 else seq.decode_seconds = seq.decode_seconds + now - t0 end
+    t0 = now
+    seq.sampled = t
+    take(seq, id, o, emit, session:length() - (next_ids and 1 or 0))
+    if seq.done then
+      if next_ids then
+        session:truncate(session:length() - 1)
+        next_ids:close()
+        next_pending:close()
+      end
+      break
+    end
+    ids, pending, t = next_ids, next_pending, t + 1
+  end
+  return result(seq)
+end
+
+-- the pipelined loop serves one sequence without speculation or penalties (a penalty needs the
+-- token in flight); opts.pipeline: true or false, else where it pays, on a GPU
+local function pipelined(model, o)
+  if o.spec or o.batched or (o.params.repetition_penalty or 1) ~= 1 or (o.params.presence_penalty or 0) ~= 0 then
+    return false
+  end
+  if o.pipeline ~= nil then return o.pipeline end
+  return model.device ~= "cpu"
+end
+
 -- runs all sequences to their end; emit as in step
 local function run(model, o, emit)
   if o.spec then return run_speculative(model, o, emit) end
+  if pipelined(model, o) then return run_pipelined(model, o, emit) end
   local seqs = {}
   for i, p in ipairs(o.prompts) do
     seqs[i] = new_sequence(model, p, o)

@@ -202,13 +202,25 @@ function decoder.new(cfg, w, opts)
   return self
 end
 
+local function check_room(n, first, max_len)
+  if first + n > max_len then
+    error(string.format("dsv4.model.forward: %d new ids at position %d would pass the session's max_len %d",
+                        n, first, max_len), 4)
+  end
+end
+
 -- ids (a Lua array or a 1-D integer tensor) as a Lua array, checked against the vocabulary and
--- the session's room; `first` is the position of ids[1].
-local function checked_ids(ids, vocab, first, max_len)
+-- the session's room; `first` is the position of ids[1]. `keep_on_device`: a tensor on a GPU is
+-- returned as it is, second, unread (nil first), so that the forward waits for nothing.
+local function checked_ids(ids, vocab, first, max_len, keep_on_device)
   if dsrt.is_tensor(ids) then
     if ids:dim() ~= 1 or (ids.dtype ~= "i64" and ids.dtype ~= "i32") then
       error(string.format("dsv4.model.forward: ids must be a 1-D i64/i32 tensor, got %s [%s]", ids.dtype,
                           table.concat(ids.shape, ", ")), 3)
+    end
+    if keep_on_device and ids.device ~= "cpu" and ids.shape[1] > 0 then
+      check_room(ids.shape[1], first, max_len)
+      return nil, ids
     end
     ids = ids:totable()
   elseif type(ids) ~= "table" then
@@ -221,10 +233,7 @@ local function checked_ids(ids, vocab, first, max_len)
                           i, tostring(id), first + i - 1, vocab), 3)
     end
   end
-  if first + #ids > max_len then
-    error(string.format("dsv4.model.forward: %d new ids at position %d would pass the session's max_len %d",
-                        #ids, first, max_len), 3)
-  end
+  check_room(#ids, first, max_len)
   return ids
 end
 
@@ -266,19 +275,26 @@ function Model:forward_batch(sessions, ids_list, opts)
     error("dsv4.model.forward_batch: give one list of ids per session (two lists of equal, nonzero length)", 2)
   end
   local all, spans, states, checked = {}, {}, {}, {}
+  -- one session without MTP state takes device ids as they are: nothing reads them back
+  local on_device
   for k, session in ipairs(sessions) do
     check_session(self, session, "forward")
     for j = 1, k - 1 do
       if sessions[j] == session then error("dsv4.model.forward_batch: a session appears twice", 2) end
     end
-    local ids = checked_ids(ids_list[k], self.dims.vocab, session.positions, session.max_len)
-    checked[k] = ids
-    spans[k] = { #all + 1, #ids }
-    table.move(ids, 1, #ids, #all + 1, all)
+    local ids, device_ids = checked_ids(ids_list[k], self.dims.vocab, session.positions, session.max_len,
+                                        #sessions == 1 and not session.mtp)
+    if device_ids then
+      on_device, spans[k] = device_ids, { 1, device_ids.shape[1] }
+    else
+      checked[k] = ids
+      spans[k] = { #all + 1, #ids }
+      table.move(ids, 1, #ids, #all + 1, all)
+    end
   end
   local precision, dims = self.precision, self.dims
   -- the ids go up once, as one small i64 tensor; the embedding gather and hash routing read it there
-  local token_ids = decoder.ids(all, self.device)
+  local token_ids = on_device or decoder.ids(all, self.device)
   local X = decoder.embed(self.weights.embed, token_ids, precision, dims.hc_mult)
   local batched = #sessions > 1 and spans or nil
   local carry
@@ -287,7 +303,7 @@ function Model:forward_batch(sessions, ids_list, opts)
     X, carry = decoder.block_forward(dims, block, batched and states or states[1], X, carry, token_ids, precision, batched)
   end
   X = decoder.settle(X, carry, precision)
-  close(token_ids)
+  if not on_device then close(token_ids) end
   for k, session in ipairs(sessions) do
     local first = session.positions
     session.positions = first + spans[k][2]
