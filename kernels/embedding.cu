@@ -40,6 +40,7 @@ __device__ __forceinline__ int64_t load_id(const gather_args &a, int64_t i)
 /* The generic path: element by element through numeric.h, as the CPU loop. */
 __global__ void __launch_bounds__(DSRTK_BLOCK) gather_generic(const __grid_constant__ gather_args a)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh): the ids may be the kernel before's */
     const int same = a.dst.dtype == a.weight.dtype;
     for (int64_t r = blockIdx.x; r < a.n; r += gridDim.x) {
         int64_t id = load_id(a, r), out = a.dst.offset + r * a.copies * a.cols;
@@ -69,6 +70,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) gather_generic(const __grid_const
 __global__ void __launch_bounds__(DSRTK_BLOCK) gather_bits(const __grid_constant__ gather_args a, int64_t vecs,
                                                             int64_t weight_row_vecs)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh): the ids may be the kernel before's */
     const uint4 *w = (const uint4 *)a.weight.data; /* the launcher folded the offset into data */
     uint4 *d = (uint4 *)a.dst.data;
     const uint4 nan4 = make_uint4(0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u); /* two bf16 NaN */
@@ -92,6 +94,7 @@ __global__ void __launch_bounds__(DSRTK_BLOCK) gather_bits(const __grid_constant
 __global__ void __launch_bounds__(DSRTK_BLOCK) gather_bf16_f32(const __grid_constant__ gather_args a, int64_t vecs,
                                                                 int64_t weight_row_vecs)
 {
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     const uint4 *w = (const uint4 *)a.weight.data;
     float4 *d = (float4 *)a.dst.data;
     const float nan = __int_as_float(0x7fc00000);
@@ -162,17 +165,18 @@ extern "C" int dsrtk_embedding(int dev, const dsrt_view *dst, const dsrt_view *w
         gather_args v = a;
         v.weight.data = (void *)wbase;
         v.dst.data = dbase;
-        gather_bits<<<grid, DSRTK_BLOCK, 0, st>>>(v, a.cols * (int64_t)wsize / 16,
-                                                  weight->stride[0] * (int64_t)wsize / 16);
+        (void)dsrtk_launch_dependent(gather_bits, dim3(grid), dim3(DSRTK_BLOCK), 0, st, v, a.cols * (int64_t)wsize / 16,
+                                     weight->stride[0] * (int64_t)wsize / 16);
         return dsrtk_check_launch("embedding (vector copy)", dev);
     }
     if (rows_ok && weight->dtype == DSRT_BF16 && dst->dtype == DSRT_F32) {
         gather_args v = a;
         v.weight.data = (void *)wbase;
         v.dst.data = dbase;
-        gather_bf16_f32<<<grid, DSRTK_BLOCK, 0, st>>>(v, a.cols * 2 / 16, weight->stride[0] * 2 / 16);
+        (void)dsrtk_launch_dependent(gather_bf16_f32, dim3(grid), dim3(DSRTK_BLOCK), 0, st, v, a.cols * 2 / 16,
+                                     weight->stride[0] * 2 / 16);
         return dsrtk_check_launch("embedding (bf16 -> f32)", dev);
     }
-    gather_generic<<<grid, DSRTK_BLOCK, 0, st>>>(a);
+    (void)dsrtk_launch_dependent(gather_generic, dim3(grid), dim3(DSRTK_BLOCK), 0, st, a);
     return dsrtk_check_launch("embedding", dev);
 }

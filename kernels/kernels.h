@@ -106,11 +106,13 @@ enum { DSRTK_SAMPLE_OK = 0, DSRTK_SAMPLE_NAN = 1, DSRTK_SAMPLE_NO_FINITE = 2 };
  * > 0; `penalties` = some row has a penalty. Fails (B * V too large for the 64-bit sort keys) with
  * a message. */
 int dsrtk_sample_workspace(int dev, int64_t B, int64_t V, int sorting, int penalties, size_t *bytes);
-/* logits: contiguous f32 [B, V] on the device; rows[B] and hist: device copies; out: device i64
- * [2B], ids in out[0..B), status words in out[B..2B). Same arguments as dsrtk_sample_workspace. */
+/* logits: contiguous f32 [B, V] on the device; rows[B] and hist: device copies or pinned host
+ * memory (read in place); out: device i64 [2B], ids in out[0..B), status words in out[B..2B);
+ * host_out: NULL, or pinned host memory [2B] the draw writes the same words to (no copy queued
+ * after the kernels). Same arguments as dsrtk_sample_workspace. */
 int dsrtk_sample(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
                  const int64_t *hist, int64_t max_hist, uint64_t seed, uint64_t step, int sorting, int penalties,
-                 void *workspace, size_t workspace_bytes, int64_t *out, void *stream);
+                 void *workspace, size_t workspace_bytes, int64_t *out, int64_t *host_out, void *stream);
 /* The processed distributions (runtime/sampling.h dsrt_sample_probs) instead of a draw: probs f32
  * [B, V] on the device (written whole: zeros outside each row's candidates), status words in
  * out[B..2B) as above (out[0..B) get the argmax). Workspace as dsrtk_sample_workspace. */

@@ -53,7 +53,8 @@ namespace {
 
 enum {
     SCAN_BLOCK = 256,
-    SCAN_PER_THREAD = 16,
+    SCAN_PER_THREAD = 4, /* a row over ~V / 1024 blocks, a thread's loads in flight at once: a decode
+                          * step's greedy draw of V = 129,280 was 7.7 us in 32 blocks of 16 a thread */
     SCAN_CHUNK = SCAN_BLOCK * SCAN_PER_THREAD, /* logits per scan block */
     MARK_BLOCK = 256,
     PICK_BLOCK = 256,
@@ -118,6 +119,29 @@ __device__ __forceinline__ double key_prob(uint64_t key, int idb, double xmax, d
 /* (v, i) beats (w, j): larger, or equal and first (the CPU's `x[i] > x[best]` from the left) */
 __device__ __forceinline__ bool beats(float v, int32_t i, float w, int32_t j) { return v > w || (v == w && i < j); }
 
+/* a into s: the better (value, id) and the first NaN */
+__device__ __forceinline__ void combine(ScanPart &s, const ScanPart &a)
+{
+    if (beats(a.best, a.best_id, s.best, s.best_id)) s.best = a.best, s.best_id = a.best_id;
+    s.nan_id = min(s.nan_id, a.nan_id);
+}
+
+/* The block's parts combined, in thread 0 (warps by shuffles, then the warps' results through
+ * `scratch`, blockDim.x / 32 of them). (value, id) is a total order and the first NaN a minimum, so
+ * any order of combining gives the same part. All threads call it. */
+__device__ ScanPart combine_block(ScanPart s, ScanPart *scratch)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        combine(s, ScanPart{__shfl_down_sync(0xffffffffu, s.best, o), __shfl_down_sync(0xffffffffu, s.best_id, o),
+                            __shfl_down_sync(0xffffffffu, s.nan_id, o)});
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) scratch[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) combine(s, scratch[w]);
+    return s;
+}
+
 /* ---- 1. history marks ---- */
 
 __global__ void __launch_bounds__(MARK_BLOCK) sample_mark_kernel(const dsrtk_sample_row *rows, const int64_t *hist,
@@ -139,8 +163,13 @@ __global__ void __launch_bounds__(SCAN_BLOCK) sample_scan_kernel(const float *lo
                                                                  const dsrtk_sample_row *rows, const uint8_t *marks,
                                                                  uint64_t *keys, int idb, ScanPart *parts)
 {
+    /* the row's parameters before the wait (the host wrote them, or a copy before any kernel of
+     * the draw), and only for penalties: a pending draw's lie in pinned host memory, and a read
+     * from every block across the bus made the scan of V = 129,280 take 13 us */
     const int64_t r = blockIdx.y;
-    const dsrtk_sample_row p = rows[r];
+    dsrtk_sample_row p = {};
+    if (marks) p = rows[r];
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     const bool pen = marks != nullptr && row_penalized(p);
     const float *x = logits + r * V;
     const uint8_t *m = pen ? marks + r * V : nullptr;
@@ -162,27 +191,9 @@ __global__ void __launch_bounds__(SCAN_BLOCK) sample_scan_kernel(const float *lo
         }
         if (k) k[i] = row_key | (uint64_t)desc_bits(v) << idb | (uint64_t)i;
     }
-    /* block reduction: warps by shuffles, then the warps' results through shared memory */
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_down_sync(0xffffffffu, best, o);
-        int32_t j = __shfl_down_sync(0xffffffffu, best_id, o);
-        int32_t nj = __shfl_down_sync(0xffffffffu, nan_id, o);
-        if (beats(w, j, best, best_id)) best = w, best_id = j;
-        nan_id = min(nan_id, nj);
-    }
     __shared__ ScanPart warp_part[SCAN_BLOCK / 32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) warp_part[warp] = ScanPart{best, best_id, nan_id};
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        ScanPart s = warp_part[0];
-        for (int w = 1; w < SCAN_BLOCK / 32; w++) {
-            if (beats(warp_part[w].best, warp_part[w].best_id, s.best, s.best_id))
-                s.best = warp_part[w].best, s.best_id = warp_part[w].best_id;
-            s.nan_id = min(s.nan_id, warp_part[w].nan_id);
-        }
-        parts[r * nchunks + blockIdx.x] = s;
-    }
+    const ScanPart s = combine_block(ScanPart{best, best_id, nan_id}, warp_part);
+    if (threadIdx.x == 0) parts[r * nchunks + blockIdx.x] = s;
 }
 
 /* ---- 4. pick ---- */
@@ -281,24 +292,29 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
                                                                  const dsrtk_sample_row *rows, const ScanPart *parts,
                                                                  const uint64_t *sorted, const double *pre_all,
                                                                  const double *totals, int idb, uint64_t seed,
-                                                                 uint64_t step, int64_t *out, float *probs)
+                                                                 uint64_t step, int64_t *out, int64_t *host_out,
+                                                                 float *probs)
 {
     __shared__ PickShared sh;
     const int64_t r = blockIdx.x;
-    const dsrtk_sample_row p = rows[r];
-    int64_t *id_out = out + r, *status = out + B + r;
+    const dsrtk_sample_row p = rows[r]; /* before the wait, as the scan's (it may come across the bus) */
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
+    /* the row's id and status word, to the device and, for a pending draw, to its pinned words */
+    auto put = [&](int64_t id, int64_t status) {
+        out[r] = id, out[B + r] = status;
+        if (host_out) host_out[r] = id, host_out[B + r] = status;
+    };
+    /* the row's chunks over the block's threads: one round trip, not one per chunk in a thread */
+    __shared__ ScanPart warp_part[PICK_BLOCK / 32];
+    ScanPart s{-INFINITY, INT_MAX, INT_MAX};
+    for (int c = threadIdx.x; c < nchunks; c += PICK_BLOCK) combine(s, parts[r * nchunks + c]);
+    s = combine_block(s, warp_part);
     if (threadIdx.x == 0) {
-        ScanPart s = parts[r * nchunks];
-        for (int c = 1; c < nchunks; c++) {
-            const ScanPart &q = parts[r * nchunks + c];
-            if (beats(q.best, q.best_id, s.best, s.best_id)) s.best = q.best, s.best_id = q.best_id;
-            s.nan_id = min(s.nan_id, q.nan_id);
-        }
         sh.done = 1;
-        if (s.nan_id != INT_MAX) *id_out = s.nan_id, *status = DSRTK_SAMPLE_NAN;
-        else if (s.best == -INFINITY) *id_out = 0, *status = DSRTK_SAMPLE_NO_FINITE;
+        if (s.nan_id != INT_MAX) put(s.nan_id, DSRTK_SAMPLE_NAN);
+        else if (s.best == -INFINITY) put(0, DSRTK_SAMPLE_NO_FINITE);
         else if (p.temperature == 0.0f || sorted == nullptr) {
-            *id_out = s.best_id, *status = DSRTK_SAMPLE_OK;
+            put(s.best_id, DSRTK_SAMPLE_OK);
             if (probs) probs[r * V + s.best_id] = 1.0f; /* greedy: one-hot (the row was zeroed) */
         } else sh.done = 0;
     }
@@ -313,8 +329,7 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
         if (threadIdx.x == 0) {
             int64_t m = 0;
             while (m < n_all && key_value(k[m], idb) == INFINITY) m++;
-            *id_out = key_id(k[(int64_t)((double)u * m)], idb);
-            *status = DSRTK_SAMPLE_OK;
+            put(key_id(k[(int64_t)((double)u * m)], idb), DSRTK_SAMPLE_OK);
             if (probs)
                 for (int64_t i = 0; i < m; i++) probs[r * V + key_id(k[i], idb)] = (float)(1.0 / (double)m);
         }
@@ -355,7 +370,7 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
     if (probs) { /* the distribution, not a draw: p_i / z at each kept candidate, as probs_row */
         for (int64_t i = threadIdx.x; i < n; i += PICK_BLOCK)
             probs[r * V + key_id(k[i], idb)] = __double2float_rn(__ddiv_rn(key_prob(k[i], idb, xmax, inv_t), z));
-        if (threadIdx.x == 0) *status = DSRTK_SAMPLE_OK, *id_out = key_id(k[0], idb);
+        if (threadIdx.x == 0) put(key_id(k[0], idb), DSRTK_SAMPLE_OK);
         return;
     }
 
@@ -374,8 +389,7 @@ __global__ void __launch_bounds__(PICK_BLOCK) sample_pick_kernel(int64_t B, int6
         pick = (int64_t)sh.cut;
     }
     if (threadIdx.x == 0) {
-        *id_out = key_id(k[pick], idb);
-        *status = DSRTK_SAMPLE_OK;
+        put(key_id(k[pick], idb), DSRTK_SAMPLE_OK);
     }
 }
 
@@ -434,7 +448,7 @@ namespace {
 /* the launches of dsrtk_sample and dsrtk_sample_probs (probs != nullptr) */
 int sample_launch(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
                   const int64_t *hist, int64_t max_hist, uint64_t seed, uint64_t step, int sorting, int penalties,
-                  void *workspace, size_t workspace_bytes, int64_t *out, float *probs, void *stream)
+                  void *workspace, size_t workspace_bytes, int64_t *out, int64_t *host_out, float *probs, void *stream)
 {
     Layout L;
     int st = plan(dev, B, V, sorting, penalties, &L);
@@ -458,8 +472,9 @@ int sample_launch(int dev, const float *logits, int64_t B, int64_t V, const dsrt
     }
     uint64_t *keys_in = sorting ? (uint64_t *)(w + L.keys_in) : nullptr;
     uint64_t *keys_out = sorting ? (uint64_t *)(w + L.keys_out) : nullptr;
-    sample_scan_kernel<<<dim3((unsigned)L.nchunks, (unsigned)B), SCAN_BLOCK, 0, s>>>(logits, V, L.nchunks, rows, marks,
-                                                                                   keys_in, L.idb, parts);
+    /* dependent launches: each starts under the tail of the kernel before it (a decode step's head) */
+    (void)dsrtk_launch_dependent(sample_scan_kernel, dim3((unsigned)L.nchunks, (unsigned)B), dim3(SCAN_BLOCK), 0, s, logits,
+                                 V, L.nchunks, rows, (const uint8_t *)marks, keys_in, L.idb, parts);
     if ((st = dsrtk_check_launch("sample_scan_kernel", dev))) return st;
     if (sorting) {
         size_t temp_bytes = L.temp_bytes;
@@ -481,8 +496,9 @@ int sample_launch(int dev, const float *logits, int64_t B, int64_t V, const dsrt
                                s>>>(V, rows, keys_out, L.idb, (double *)keys_in, totals);
         if ((st = dsrtk_check_launch("prefix_chunks_kernel", dev))) return st;
     }
-    sample_pick_kernel<<<(unsigned)B, PICK_BLOCK, 0, s>>>(B, V, L.nchunks, rows, parts, keys_out, (const double *)keys_in,
-                                                         totals, L.idb, seed, step, out, probs);
+    (void)dsrtk_launch_dependent(sample_pick_kernel, dim3((unsigned)B), dim3(PICK_BLOCK), 0, s, B, V, L.nchunks, rows,
+                                 (const ScanPart *)parts, (const uint64_t *)keys_out, (const double *)keys_in,
+                                 (const double *)totals, L.idb, seed, step, out, host_out, probs);
     return dsrtk_check_launch("sample_pick_kernel", dev);
 }
 
@@ -490,10 +506,10 @@ int sample_launch(int dev, const float *logits, int64_t B, int64_t V, const dsrt
 
 int dsrtk_sample(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
                  const int64_t *hist, int64_t max_hist, uint64_t seed, uint64_t step, int sorting, int penalties,
-                 void *workspace, size_t workspace_bytes, int64_t *out, void *stream)
+                 void *workspace, size_t workspace_bytes, int64_t *out, int64_t *host_out, void *stream)
 {
     return sample_launch(dev, logits, B, V, rows, hist, max_hist, seed, step, sorting, penalties, workspace,
-                         workspace_bytes, out, nullptr, stream);
+                         workspace_bytes, out, host_out, nullptr, stream);
 }
 
 int dsrtk_sample_probs(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
@@ -502,7 +518,7 @@ int dsrtk_sample_probs(int dev, const float *logits, int64_t B, int64_t V, const
 {
     if (!probs) return dsrtk_fail(DSRTK_ERROR, "sample_probs: a NULL output pointer");
     return sample_launch(dev, logits, B, V, rows, hist, max_hist, 0, 0, sorting, penalties, workspace,
-                         workspace_bytes, out, probs, stream);
+                         workspace_bytes, out, nullptr, probs, stream);
 }
 
 /* ---- speculative verification (runtime/sampling.c dsrt_sample_verify_cpu and draw_weights are the

@@ -201,10 +201,10 @@ int dsrtk_sample_workspace(int dev, int64_t B, int64_t V, int sorting, int penal
 
 int dsrtk_sample(int dev, const float *logits, int64_t B, int64_t V, const dsrtk_sample_row *rows,
                  const int64_t *hist, int64_t max_hist, uint64_t seed, uint64_t step, int sorting, int penalties,
-                 void *workspace, size_t workspace_bytes, int64_t *out, void *stream)
+                 void *workspace, size_t workspace_bytes, int64_t *out, int64_t *host_out, void *stream)
 {
     (void)dev; (void)logits; (void)B; (void)V; (void)rows; (void)hist; (void)max_hist; (void)seed; (void)step;
-    (void)sorting; (void)penalties; (void)workspace; (void)workspace_bytes; (void)out; (void)stream;
+    (void)sorting; (void)penalties; (void)workspace; (void)workspace_bytes; (void)out; (void)host_out; (void)stream;
     return without_cuda(__func__);
 }
 

@@ -321,9 +321,10 @@ static int dsrt_sample_verify_cpu_checked(const float *p, const float *q, int64_
 struct dsrt_sample_pending {
     int device;
     int64_t B, V;
-    int64_t *words;  /* [2B]: the ids, then the status words (kernels.h) */
-    size_t capacity; /* words allocated */
-    void *event;
+    int64_t *words;  /* [2B]: the ids, then the status words (kernels.h); on CUDA the kernels' rows
+                      * and history ids follow, read by them where they lie */
+    size_t capacity; /* bytes at words */
+    void *event;     /* recorded after the draw's last kernel */
 };
 
 static int kernel_failed(void)
@@ -347,8 +348,10 @@ static int check_status(int64_t status, int64_t id, int64_t r, int64_t V)
 /* c: contiguous f32 logits [B, V] on a CUDA device (the stream's). Writes the ids to host `ids`
  * and, when `dev_out` is given, returns them as a device tensor there too. With `probs` (a
  * contiguous f32 [B, V] on the device) it writes the processed distributions there instead
- * (dsrt_sample_probs): the same kernels, ending before the draw. With `pending`, nothing waits:
- * the ids and status words go to its pinned words by an asynchronous copy, its event after it. */
+ * (dsrt_sample_probs): the same kernels, ending before the draw. With `pending` nothing is copied
+ * and nothing waits: the kernels read the rows and history from its pinned memory and write the
+ * ids and status words there too (copies would each queue a copy engine's few microseconds between
+ * a decode step's kernels), and its event follows them. */
 static int sample_cuda(dsrt_tensor *c, int64_t B, int64_t V, const dsrt_sample_params *params,
                        const int64_t *hist_off, const int64_t *hist_ids, uint64_t seed, uint64_t step,
                        dsrt_stream *stream, int64_t *ids, dsrt_tensor **dev_out, dsrt_tensor *probs,
@@ -372,14 +375,20 @@ static int sample_cuda(dsrt_tensor *c, int64_t B, int64_t V, const dsrt_sample_p
     size_t wbytes = 0;
     if (dsrtk_sample_workspace(dev, B, V, sorting, penalties, &wbytes)) return kernel_failed();
 
-    /* the upload: B rows, then the history ids (rebased to 0) */
+    /* the upload: B rows, then the history ids (rebased to 0); a pending draw's lie in its pinned
+     * memory after its words */
     size_t rows_bytes = (size_t)B * sizeof(dsrtk_sample_row), up_bytes = rows_bytes + (size_t)nhist * sizeof(int64_t);
-    unsigned char *up = malloc(up_bytes);
+    unsigned char *up = pending ? (unsigned char *)(pending->words + 2 * B) : malloc(up_bytes);
     int64_t *back = malloc((size_t)(2 * B) * sizeof *back);
     dsrt_storage *up_dev = NULL, *work = NULL;
     dsrt_tensor *out = NULL;
     int rc = 0;
     if (!up || !back) { rc = dsrt_err("sample: out of host memory for %lld rows", (long long)B); goto done; }
+    if (pending && pending->capacity < (size_t)(2 * B) * sizeof *back + up_bytes) {
+        rc = dsrt_err("sample: a pending draw of %zu bytes for %zu (a bug)", pending->capacity,
+                      (size_t)(2 * B) * sizeof *back + up_bytes);
+        goto done;
+    }
     for (int64_t r = 0; r < B; r++) {
         dsrtk_sample_row row;
         memset(&row, 0, sizeof row);
@@ -395,30 +404,32 @@ static int sample_cuda(dsrt_tensor *c, int64_t B, int64_t V, const dsrt_sample_p
     }
     if (nhist > 0) memcpy(up + rows_bytes, hist_ids + hist_off[0], (size_t)nhist * sizeof(int64_t));
     int64_t shape[1] = {2 * B};
-    if (!(up_dev = dsrt_storage_new(dev, up_bytes, stream)) ||
+    if ((!pending && !(up_dev = dsrt_storage_new(dev, up_bytes, stream))) ||
         (wbytes > 0 && !(work = dsrt_storage_new(dev, wbytes, stream))) ||
         !(out = dsrt_tensor_new(DSRT_I64, 1, shape, dev, stream)) || dsrt_storage_use(c->storage, stream)) {
         rc = -1;
         goto done;
     }
     /* pageable source: the copy has consumed it when the call returns (and `up` lives to the end) */
-    if (dsrtk_memcpy(dev, up_dev->data, up, up_bytes, DSRTK_H2D, stream->handle, 1)) { rc = kernel_failed(); goto done; }
-    int64_t *out_data = (int64_t *)out->storage->data + out->offset;
-    if (probs ? dsrtk_sample_probs(dev, (const float *)c->storage->data + c->offset, B, V,
-                                   (const dsrtk_sample_row *)up_dev->data,
-                                   (const int64_t *)((unsigned char *)up_dev->data + rows_bytes), max_hist, sorting,
-                                   penalties, work ? work->data : NULL, wbytes,
-                                   (float *)probs->storage->data + probs->offset, out_data, stream->handle)
-              : dsrtk_sample(dev, (const float *)c->storage->data + c->offset, B, V,
-                             (const dsrtk_sample_row *)up_dev->data,
-                             (const int64_t *)((unsigned char *)up_dev->data + rows_bytes), max_hist, seed, step,
-                             sorting, penalties, work ? work->data : NULL, wbytes, out_data, stream->handle)) {
+    if (!pending && dsrtk_memcpy(dev, up_dev->data, up, up_bytes, DSRTK_H2D, stream->handle, 1)) {
         rc = kernel_failed();
         goto done;
     }
-    if (pending) { /* to pinned memory: the copy is queued, and the event marks its end */
-        if (dsrtk_memcpy(dev, pending->words, out_data, (size_t)(2 * B) * sizeof *back, DSRTK_D2H, stream->handle, 1) ||
-            dsrtk_event_record(dev, pending->event, stream->handle)) {
+    const unsigned char *rows = pending ? up : (const unsigned char *)up_dev->data;
+    int64_t *out_data = (int64_t *)out->storage->data + out->offset;
+    if (probs ? dsrtk_sample_probs(dev, (const float *)c->storage->data + c->offset, B, V,
+                                   (const dsrtk_sample_row *)rows, (const int64_t *)(rows + rows_bytes), max_hist,
+                                   sorting, penalties, work ? work->data : NULL, wbytes,
+                                   (float *)probs->storage->data + probs->offset, out_data, stream->handle)
+              : dsrtk_sample(dev, (const float *)c->storage->data + c->offset, B, V, (const dsrtk_sample_row *)rows,
+                             (const int64_t *)(rows + rows_bytes), max_hist, seed, step, sorting, penalties,
+                             work ? work->data : NULL, wbytes, out_data, pending ? pending->words : NULL,
+                             stream->handle)) {
+        rc = kernel_failed();
+        goto done;
+    }
+    if (pending) {
+        if (dsrtk_event_record(dev, pending->event, stream->handle)) {
             rc = kernel_failed();
             goto done;
         }
@@ -437,7 +448,7 @@ done:
     if (up_dev) dsrt_storage_release(up_dev);
     if (work) dsrt_storage_release(work);
     if (out) dsrt_tensor_release(out);
-    free(up);
+    if (!pending) free(up);
     free(back);
     return rc;
 }
@@ -521,9 +532,10 @@ static void pending_destroy(dsrt_sample_pending *p)
     free(p);
 }
 
-static dsrt_sample_pending *pending_new(int device, int64_t B, int64_t V)
+/* bytes: the words' and (CUDA) the kernels' rows and history ids after them */
+static dsrt_sample_pending *pending_new(int device, int64_t B, int64_t V, size_t bytes)
 {
-    size_t need = (size_t)(2 * B);
+    size_t need = bytes;
     dsrt_sample_pending *p = NULL;
     pthread_mutex_lock(&pending_pool.lock);
     for (int i = 0; i < pending_pool.n; i++) {
@@ -538,9 +550,9 @@ static dsrt_sample_pending *pending_new(int device, int64_t B, int64_t V)
     if (!p) {
         p = calloc(1, sizeof *p);
         if (!p) return dsrt_err_null("sample: out of host memory");
-        p->device = device, p->capacity = need < 64 ? 64 : need;
-        int rc = device == DSRT_CPU ? ((p->words = malloc(p->capacity * sizeof *p->words)) ? 0 : dsrt_err("sample: out of host memory"))
-                                    : dsrtk_host_alloc((void **)&p->words, p->capacity * sizeof *p->words) ||
+        p->device = device, p->capacity = need < 512 ? 512 : need;
+        int rc = device == DSRT_CPU ? ((p->words = malloc(p->capacity)) ? 0 : dsrt_err("sample: out of host memory"))
+                                    : dsrtk_host_alloc((void **)&p->words, p->capacity) ||
                                           dsrtk_event_create(device, &p->event, 0) ? kernel_failed() : 0;
         if (rc) {
             pending_destroy(p);
@@ -559,7 +571,10 @@ int dsrt_sample_async(dsrt_tensor *logits, const dsrt_sample_params *params, con
     int64_t B, V;
     dsrt_tensor *c = sample_input(logits, stream, &B, &V);
     if (!c) return -1;
-    dsrt_sample_pending *p = pending_new(c->device, B, V);
+    int64_t nhist = hist_off && hist_off[B] > hist_off[0] ? hist_off[B] - hist_off[0] : 0; /* bad offsets: sample_cuda's error */
+    size_t bytes = (size_t)(2 * B) * sizeof(int64_t);
+    if (c->device != DSRT_CPU) bytes += (size_t)B * sizeof(dsrtk_sample_row) + (size_t)nhist * sizeof(int64_t);
+    dsrt_sample_pending *p = pending_new(c->device, B, V, bytes);
     int rc = p ? 0 : -1;
     if (!rc && c->device != DSRT_CPU) {
         rc = sample_cuda(c, B, V, params, hist_off, hist_ids, seed, step, stream, NULL, ids, NULL, p);

@@ -5,7 +5,8 @@
 -- A Lua test cannot run the sanitizer on itself, so `make test-gpu` (target memcheck-gpu) runs this
 -- script under it: a prefill of 200 tokens (past the window of 128, a ratio-128 compression and the
 -- indexer's top-k), two decode steps and an MTP draft, in both precisions, then a synchronisation, so
--- every kernel of the model has run once under memcheck. It prints one line; errors exit non-zero.
+-- every kernel of the model has run once under memcheck; then a short pipelined generation, greedy
+-- and sampled. It prints one line; errors exit non-zero.
 -- Not named test_*.lua: tests/run.lua does not pick it up.
 local dsrt = require "dsrt"
 local dsv4 = require "dsrt.dsv4"
@@ -35,4 +36,12 @@ for _, precision in ipairs({ "reference", "fp32" }) do
     checked = checked + logits.shape[1]
   end
 end
-print(("model_forward: %d positions of logits on %s, finite"):format(checked, dsrt.cuda.device_info().name))
+-- generation's pipelined loop (dsrt.sample_async: kernels that read the row parameters from pinned
+-- host memory and write the ids there too), greedy and sampled
+local model = dsv4.load(dir, { device = "cuda", precision = "reference", mtp = false })
+local generated = 0
+for _, temperature in ipairs({ 0, 0.8 }) do
+  generated = generated + #model:generate{ ids = { table.unpack(ids, 1, 20) }, max_tokens = 4, temperature = temperature }.ids
+end
+print(("model_forward: %d positions of logits on %s, finite; %d tokens generated"):format(checked,
+  dsrt.cuda.device_info().name, generated))

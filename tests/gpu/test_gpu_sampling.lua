@@ -203,7 +203,9 @@ end)
 
 test("sample_async: the CPU's ids on the device and at wait(); a bad row is the wait's error", function()
   for _, B in ipairs { 1, 3 } do
-    for _, opts in ipairs { {}, { temperature = 0.9, top_p = 0.9, seed = next_seed(), step = 5 } } do
+    for _, opts in ipairs { {}, { temperature = 0.9, top_p = 0.9, seed = next_seed(), step = 5 },
+                            { temperature = 0.7, top_k = 50, repetition_penalty = 1.3, presence_penalty = 0.5,
+                              history = { 3, 9, 4000, 9 } }, { repetition_penalty = 2, history = { 1, 2, 3 } } } do
       local x = dsrt.randn({ B, 4097 }, { seed = next_seed() })
       local want = core.sample(x, opts):totable()
       poison_cache(16 * B)
