@@ -10,7 +10,7 @@
  * dsrt_sample_params_check, so a bad option is a Lua error naming it, never a crash.
  * core.sample_async(logits, opts) -> ids, pending: the same draw with nothing waiting for it (ids
  * an i64 [B] tensor on the logits' device, for the next forward; pending:wait() the Lua list, once,
- * after the draw's own copy has landed, or pending:close() unread: sampling.h dsrt_sample_async).
+ * once the draw itself has finished, or pending:close() unread: sampling.h dsrt_sample_async).
  * Also core.wall_time(): monotonic seconds, for the generation loop's timings.
  *
  * Speculative decoding (sampling.h): core.sample_probs(logits, opts) -> f32 [B, V] on the logits'
@@ -269,25 +269,16 @@ static int l_wall_time(lua_State *L)
 void dsrtL_open_sampling(lua_State *L)
 {
     if (luaL_newmetatable(L, PENDING)) {
+        static const luaL_Reg meta[] = {{"__gc", pending_gc}, {"__close", pending_gc}, {NULL, NULL}};
         static const luaL_Reg methods[] = {{"wait", pending_wait}, {"close", pending_gc}, {NULL, NULL}};
+        luaL_setfuncs(L, meta, 0);
         luaL_newlib(L, methods);
         lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, pending_gc);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, pending_gc);
-        lua_setfield(L, -2, "__close");
     }
     lua_pop(L, 1);
-    lua_pushcfunction(L, l_sample_async);
-    lua_setfield(L, -2, "sample_async");
-    lua_pushcfunction(L, l_sample);
-    lua_setfield(L, -2, "sample");
-    lua_pushcfunction(L, l_sample_ids);
-    lua_setfield(L, -2, "sample_ids");
-    lua_pushcfunction(L, l_sample_probs);
-    lua_setfield(L, -2, "sample_probs");
-    lua_pushcfunction(L, l_sample_verify);
-    lua_setfield(L, -2, "sample_verify");
-    lua_pushcfunction(L, l_wall_time);
-    lua_setfield(L, -2, "wall_time");
+    static const luaL_Reg functions[] = {{"sample", l_sample},           {"sample_ids", l_sample_ids},
+                                         {"sample_async", l_sample_async}, {"sample_probs", l_sample_probs},
+                                         {"sample_verify", l_sample_verify}, {"wall_time", l_wall_time},
+                                         {NULL, NULL}};
+    luaL_setfuncs(L, functions, 0);
 }

@@ -9,7 +9,9 @@
  *
  * On CUDA the logits stay on the device: the row parameters and histories (small, host arrays)
  * go up with the call, and only B ids and B status words come back, in one copy that also waits
- * for the kernels, so a NaN row is reported here as on the CPU.
+ * for the kernels, so a NaN row is reported here as on the CPU; a draw read later
+ * (dsrt_sample_async) has its kernels read the parameters from pinned memory and write the ids
+ * there, so that nothing is copied between a decode step's kernels.
  */
 #include "sampling.h"
 #include <math.h>
@@ -316,8 +318,8 @@ static int dsrt_sample_verify_cpu_checked(const float *p, const float *q, int64_
 
 /* ---- the CUDA path ---- */
 
-/* A draw read later (dsrt_sample_async): on CUDA it owns pinned words, the target of the ids' copy,
- * and an event recorded after that copy. */
+/* A draw read later (dsrt_sample_async): on CUDA it owns pinned host memory, where its kernels read
+ * the row parameters and write the ids, and an event recorded after those kernels. */
 struct dsrt_sample_pending {
     int device;
     int64_t B, V;
@@ -612,7 +614,7 @@ int dsrt_sample_wait(dsrt_sample_pending *p, int64_t *ids)
 void dsrt_sample_pending_free(dsrt_sample_pending *p)
 {
     if (!p) return;
-    /* its copy may still be in flight: the words go back to the pool only once it has landed */
+    /* its kernels may still be running (they read and write its memory): back to the pool once done */
     if (p->device != DSRT_CPU && dsrtk_event_synchronize(p->device, p->event)) {
         pending_destroy(p);
         return;

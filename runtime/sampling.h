@@ -133,9 +133,10 @@ int dsrt_sample_host(dsrt_tensor *logits, const dsrt_sample_params *params, cons
 /* A draw that nothing waits for, for a generation loop that issues the next step's forward
  * before it reads this one's token (dsv4's generate): *ids gets the ids as a new i64 [B] tensor on
  * the logits' device (what the next forward takes), *pending the read of the same ids on the host.
- * On CUDA the kernels run on `stream` and the ids and status words follow into pinned memory by an
- * asynchronous copy; dsrt_sample_wait waits for that copy only (not for later work on the stream),
- * then reports a bad row as dsrt_sample does, or writes the B ids. On the CPU the draw happens in
+ * On CUDA the kernels run on `stream`, read the row parameters from pinned memory and write the ids
+ * and status words there themselves (no copies between a decode step's kernels); dsrt_sample_wait
+ * waits for those kernels only (not for later work on the stream), then reports a bad row as
+ * dsrt_sample does, or writes the B ids. On the CPU the draw happens in
  * the call (a bad row is its error) and the wait returns at once. dsrt_sample_pending_free is
  * needed whether or not it was waited for. Returns 0, or -1 with a message. */
 typedef struct dsrt_sample_pending dsrt_sample_pending;

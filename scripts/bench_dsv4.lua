@@ -21,16 +21,16 @@
 --     (activated experts only) plus the attention's QKᵀ and PV over the keys each position sees, the
 --     indexer's scoring of the compressed keys, and the LM head once;
 --   - decode at batch 1 after that prefill, as generation runs it (generate{}'s pipelined loop):
---     `steps` steps (20; --quick 5) after 3 warm-up steps, each through a benchmark-only loop that
---     mirrors Model:forward_batch for one session (embedding, the blocks, HC head + norm + LM head
---     of the last row) with a CUDA event after each part, then the greedy draw
---     (dsrt.sample_async), whose device ids are the next step's input; the host issues step t + 1
---     before it reads step t's token, and the events are read at the end — the model's own path is
---     not slowed by any hook. Medians per part over the steps: per layer kind (window+hash, ratio-4
---     + indexer, ratio-128), the head, the draw and the whole step with its draw, each against its
---     floor: the weight bytes it must read per step (dsv4.memory's decode_weight_bytes, SPEC §11.2)
---     ÷ the measured copy bandwidth. The session is plain decoding's (made with mtp = false, as
---     generate{} without speculation makes: no MTP ring fill);
+--     3 warm-up steps, then `steps` steps (20; --quick 5) through a benchmark-only loop that mirrors
+--     Model:forward_batch for one session (embedding, the blocks, HC head + norm + LM head of the
+--     last row), then the greedy draw (dsrt.sample_async), whose device ids are the next step's
+--     input; the host issues step t + 1 before it reads step t's token. The headline step is their
+--     mean between two CUDA events; `steps` more steps with an event after each part (read at the
+--     end; each event between kernels costs the chain of dependent launches ~3 us) give medians per
+--     part: per layer kind (window+hash, ratio-4 + indexer, ratio-128), the head and the draw, each
+--     against its floor: the weight bytes it must read per step (dsv4.memory's decode_weight_bytes,
+--     SPEC §11.2) ÷ the measured copy bandwidth. The session is plain decoding's (made with
+--     mtp = false, as generate{} without speculation makes: no MTP ring fill);
 --   - the same steps with the host waiting for each before issuing the next (no draw), on a
 --     session that drafts: the step without and with its MTP ring fill;
 --   - the MTP draft step (model:draft), against its floor (decode_weight_bytes' mtp_step);
