@@ -356,9 +356,9 @@ test("hc_ops_with_a_norm_weight_equal_the_ops_then_rms_norm", function()
   -- The collapse's kernel normalising its own row (d a multiple of 8 up to 4096) gives rms_norm's
   -- bits on the same device; other widths and a misaligned X take the collapse then rms_norm in
   -- place. From 64 tokens the normed hc_pre runs Sinkhorn in a launch of its own, a warp a token
-  -- (hc 4), the plain one in a block a token beside the collapse: post and comb the same bits
-  -- (T 70, 100: the tensor-core GEMM's partials for bf16 X, split_kernel's for f32). Against the
-  -- CPU's norm of the same u: close, as every norm.
+  -- (hc 4), the plain one in a block a token beside the collapse: post and comb the same bits, of
+  -- hc_pre and of hc_post_pre alike (T 70, 100: the tensor-core GEMM's partials for bf16 X,
+  -- split_kernel's for f32). Against the CPU's norm of the same u: close, as every norm.
   local function same(got, want, what) check_exact(got, want:to("cpu"), what) end
   for _, case in ipairs({ { 1, 4, 4096 }, { 3, 4, 4096 }, { 2, 4, 136 }, { 1, 4, 2056 }, { 5, 3, 1000 },
                           { 70, 4, 264 }, { 100, 4, 4096 }, { 2, 4, 8192 }, { 1, 2, 30 } }) do
@@ -379,10 +379,12 @@ test("hc_ops_with_a_norm_weight_equal_the_ops_then_rms_norm", function()
         same(cn, c, "hc_pre normed comb " .. what)
         check_close(x, nn.rms_norm(u:to("cpu"), w, 1e-5, prec), "hc_pre normed vs the cpu's norm " .. what)
         poison_for({ T, d }, out_dtype(prec))
-        local Xa, ua = nn.hc_post_pre(fc, Xc, p, c, fnc, sc, bc, 1e-6, 1e-5, 20, prec)
-        local Xb, xb = nn.hc_post_pre(fc, Xc, p, c, fnc, sc, bc, 1e-6, 1e-5, 20, prec, wc)
+        local Xa, ua, pa, ca = nn.hc_post_pre(fc, Xc, p, c, fnc, sc, bc, 1e-6, 1e-5, 20, prec)
+        local Xb, xb, pb, cb = nn.hc_post_pre(fc, Xc, p, c, fnc, sc, bc, 1e-6, 1e-5, 20, prec, wc)
         same(Xb, Xa, "hc_post_pre normed X' " .. what)
         same(xb, nn.rms_norm(ua, wc, 1e-5, prec), "hc_post_pre normed " .. what)
+        same(pb, pa, "hc_post_pre normed post' " .. what)
+        same(cb, ca, "hc_post_pre normed comb' " .. what)
         poison_for({ T, d }, out_dtype(prec))
         local y = nn.hc_head(Xc, hfnc, hsc, hbc, 1e-6, 1e-5, prec)
         same(nn.hc_head(Xc, hfnc, hsc, hbc, 1e-6, 1e-5, prec, wc), nn.rms_norm(y, wc, 1e-5, prec),
