@@ -381,11 +381,11 @@ static int sample_cuda(dsrt_tensor *c, int64_t B, int64_t V, const dsrt_sample_p
      * memory after its words */
     size_t rows_bytes = (size_t)B * sizeof(dsrtk_sample_row), up_bytes = rows_bytes + (size_t)nhist * sizeof(int64_t);
     unsigned char *up = pending ? (unsigned char *)(pending->words + 2 * B) : malloc(up_bytes);
-    int64_t *back = malloc((size_t)(2 * B) * sizeof *back);
+    int64_t *back = pending ? NULL : malloc((size_t)(2 * B) * sizeof *back); /* a pending draw's are its words */
     dsrt_storage *up_dev = NULL, *work = NULL;
     dsrt_tensor *out = NULL;
     int rc = 0;
-    if (!up || !back) { rc = dsrt_err("sample: out of host memory for %lld rows", (long long)B); goto done; }
+    if (!up || (!pending && !back)) { rc = dsrt_err("sample: out of host memory for %lld rows", (long long)B); goto done; }
     if (pending && pending->capacity < (size_t)(2 * B) * sizeof *back + up_bytes) {
         rc = dsrt_err("sample: a pending draw of %zu bytes for %zu (a bug)", pending->capacity,
                       (size_t)(2 * B) * sizeof *back + up_bytes);
