@@ -645,7 +645,7 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
                                                            float *post, float *comb)
 {
     extern __shared__ uint4 pre_stage[];
-    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
+    dsrtk_wait_producer(!head); /* launched dependent (common.cuh); the LM head follows hc_head */
     __shared__ float mix[MIX_MAX], w[HC_MAX], q[HC_MAX], c[HC_MAX * HC_MAX], sums[HC_MAX];
     __shared__ double dots[MIX_MAX + 1], scratch[33];
     const int M = head ? hc : (2 + hc) * hc, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -681,7 +681,21 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
             /* the collapse skips to Σx² after the hc pre dots; -1: past the values */
             mb[b] = v >= nv ? -1 : v < hc ? v : sinkhorn ? v : M;
         }
-        for (int sp = lane; sp < splits; sp += 32) {
+        /* two splits a lane at once, their loads in flight together: a decode call's 64 splits
+         * in one memory round trip, not two (the same additions in the same order) */
+        int sp = lane;
+        for (; sp + 32 < splits; sp += 64) {
+            const double *row0 = part + (t * splits + sp) * (M + 1), *row1 = row0 + 32 * (M + 1);
+            double v0s[PRE_BATCH], v1s[PRE_BATCH];
+#pragma unroll
+            for (int b = 0; b < PRE_BATCH; b++) {
+                v0s[b] = mb[b] >= 0 ? row0[mb[b]] : 0.0;
+                v1s[b] = mb[b] >= 0 ? row1[mb[b]] : 0.0;
+            }
+#pragma unroll
+            for (int b = 0; b < PRE_BATCH; b++) s[b] = s[b] + v0s[b] + v1s[b];
+        }
+        if (sp < splits) {
             const double *row = part + (t * splits + sp) * (M + 1);
 #pragma unroll
             for (int b = 0; b < PRE_BATCH; b++)
