@@ -75,6 +75,23 @@ static inline cudaError_t dsrtk_launch_dependent(void (*kernel)(Params...), dim3
     return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
+/* the same as a cluster launch of `cluster` blocks a cluster (dsrtk_clusters_fit says whether the
+ * device places them) */
+template <class... Params, class... Args>
+static inline cudaError_t dsrtk_launch_dependent_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                                         cudaStream_t s, int cluster, Args... args)
+{
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = smem, config.stream = s;
+    cudaLaunchAttribute attrs[2];
+    attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[0].val.programmaticStreamSerializationAllowed = 1;
+    attrs[1].id = cudaLaunchAttributeClusterDimension;
+    attrs[1].val.clusterDim.x = (unsigned)cluster, attrs[1].val.clusterDim.y = attrs[1].val.clusterDim.z = 1;
+    config.attrs = attrs, config.numAttrs = 2;
+    return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 /* cudaSetDevice first: every launcher works on the device it is told, whatever thread calls it. */
 #define DSRTK_SET_DEVICE(dev, what)                                                       \
     do {                                                                                  \

@@ -21,6 +21,8 @@
  *      with the matrix in registers when hc² <= 32, so nothing waits for it. Given the sub-layer
  *      norm's weight (nn.h), the collapse normalises its row itself, and a prefill's Sinkhorn takes
  *      a launch of its own before it, a warp a token (sinkhorn_tokens_kernel).
+ * One token of the model's 4 streams (a decode step, d = 256·C, C <= 16) takes one launch instead:
+ * pre_cluster_kernel, the same bits on a cluster of C blocks (its comment).
  *
  * Numerics against nn.c: Sinkhorn, the weights and the collapse are the CPU's fp32 formulas in the
  * CPU's order with explicitly rounded intrinsics (no FMA contraction); e^x is evaluated in double and
@@ -33,6 +35,7 @@
  * hc is limited to 32 streams here (the Sinkhorn matrix lives in shared memory); the model has 4.
  */
 #include <math.h>
+#include <cooperative_groups.h>
 #include "act.cuh"
 #include "mma.cuh"
 #include "rmsnorm.cuh"
@@ -811,6 +814,245 @@ __global__ void __launch_bounds__(SINK_TOKENS * 32) sinkhorn_tokens_kernel(const
         post[t * HC + lane] = post_weight(mix[warp][HC + lane], ld(scale, scale_dtype, 1), ld(base, base_dtype, HC + lane));
 }
 
+/* ---- one token on a cluster: hc_pre, hc_post_pre and hc_head of a decode step in one launch ----
+ *
+ * A cluster of C = d / 256 blocks (16 for Flash: Hopper places clusters of 16) holds the token:
+ * block r takes columns [256 r, 256 r + 256) of every stream, which are exactly split_kernel's
+ * chunks s·C + r, so its partial dots are split_kernel's, bit for bit (the same fp32 chains and
+ * trees). The blocks store their partials into each other's shared memory, and each sums the ones
+ * it needs in pre_kernel's order (lane sp, then sp + 32, then the xor tree): the mixes, ρ, the
+ * weights and Sinkhorn are pre_kernel's bits too. Block 0's two extra warps run Sinkhorn (hc_pre)
+ * while every block collapses its own columns (already in its shared memory) and, given a norm
+ * weight, normalises them with the row's Σu², summed over the blocks in block order (pre_kernel's
+ * tree differs; both are double sums of the same fp32 squares, so the fp32 mean is the same but for
+ * a one-in-10^9 tie). The Sinkhorn warps arrive at the norm's barrier before they start.
+ *
+ * Measured on the H200 (bench_dsv4, Flash, interleaved with split_kernel + pre_kernel in one visit):
+ * the decode step 0.933-0.940 ms against 0.936-0.937, the HC head's row 2-3 us faster and the
+ * layers even: a block reads 4 x 24 rows of fn (96 KB) where split_kernel's 64 blocks read 24 KB
+ * each (the loads took ~2.5 us, globaltimer marks), which eats what the second launch and the
+ * partials' round trip through L2 cost (~2 us of pre_kernel's start); Sinkhorn's ~3 us chain stays
+ * last either way. Blocks reading the partials from each other (ld through map_shared_rank) took
+ * ~1.5 us a round where stores before the barrier cost next to nothing. What the cluster saves for
+ * sure is a launch per HC op: nine a decode step, ~3 us of the host's issue each. Bytes: fn read
+ * once (its lines asked of L2 before the producer wait), X once, u once. */
+enum {
+    CL_COLS = DSRTK_NN_HC_CHUNK, /* a block's columns of each stream: one split each */
+    CL_MAX_BLOCKS = 16,
+    CL_HC = 4,                   /* the model's streams: the only count taken here */
+    CL_WORKERS = CL_COLS / 32,   /* warps with a column each */
+    CL_THREADS = CL_COLS + 64,   /* and two for Sinkhorn (block 0 of hc_pre) */
+    CL_M = (2 + CL_HC) * CL_HC,  /* hc_pre's mixes; hc_head has CL_HC */
+};
+
+/* barrier.cluster in two halves: what a thread arrives with is released to the threads that wait */
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+/* the worker warps' own barrier (named barrier 1) */
+__device__ __forceinline__ void workers_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); /* CL_COLS threads */ }
+
+/* R: fn rows a warp, ceil(M / 8): 3 for hc_pre, 1 for hc_head. POST: hc_post_pre, X the X' it writes. */
+template <int R, bool POST>
+__global__ void __launch_bounds__(CL_THREADS, 1) pre_cluster_kernel(void *X, int X_dtype, const void *fn, int fn_dtype,
+                                                                    const void *scale, int scale_dtype, const void *base,
+                                                                    int base_dtype, int64_t d, float hc_eps, float norm_eps,
+                                                                    int iters, void *u, int u_dtype, const void *norm_w,
+                                                                    int norm_w_dtype, float *post, float *comb,
+                                                                    const __grid_constant__ dsrtk_hc_post_args pa)
+{
+    constexpr int HC = CL_HC, M = R == 1 ? HC : CL_M;
+    static_assert(R == 1 || R == 3, "hc_head's rows or hc_pre's");
+    static_assert(CL_COLS == 256, "workers_sync counts 256 threads");
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    __shared__ float xs[HC][CL_COLS];
+    /* every split's partials, as the blocks store them into each other's: all M + 1 values in block
+     * 0 of hc_pre (Sinkhorn's), the hc pre dots and Σx² (at HC) elsewhere */
+    __shared__ double table[HC * CL_MAX_BLOCKS][M + 1];
+    __shared__ double sq[CL_WORKERS][HC], warp_uu[CL_WORKERS], block_uu[CL_MAX_BLOCKS];
+    __shared__ double dots[M + 1];
+    __shared__ float mix[M], w[HC], inv_rms_s;
+    const int rank = (int)cluster.block_rank(), C = (int)cluster.num_blocks(), S = HC * C;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const bool worker = warp < CL_WORKERS, sinkhorn = R == 3 && rank == 0;
+    const int64_t K = HC * d, col = (int64_t)rank * CL_COLS + (tid & (CL_COLS - 1));
+    { /* fn's lines of the block's chunks into L2 while the producer runs */
+        const int elem = fn_dtype == DSRT_F32 ? 4 : 2, lines = CL_COLS * elem / 128;
+        for (int i = tid; i < M * HC * lines; i += CL_THREADS) {
+            const int m = i / (HC * lines), s = i / lines % HC, l = i % lines;
+            dsrtk_prefetch_l2((const char *)fn + ((int64_t)m * K + s * d + rank * CL_COLS) * elem + l * 128);
+        }
+    }
+    cluster_arrive_relaxed(); /* started: the blocks' shared memory may be written from the first store below */
+    dsrtk_wait_producer();
+    if (!worker) { /* Sinkhorn's scales and bases into L1 while the partials are made */
+        if (sinkhorn && tid - CL_COLS < 3) prefetch_l1(scale, scale_dtype, tid - CL_COLS);
+        if (sinkhorn && tid - CL_COLS < M) prefetch_l1(base, base_dtype, tid - CL_COLS);
+    } else {
+        /* everything the workers read from memory goes out at once: the warp's fn rows of each
+         * stream's chunk (split_kernel's), the column of X (or what X' is made of), the weights'
+         * scale and bases, the norm's weight */
+        float f[HC][R][8];
+#pragma unroll
+        for (int s = 0; s < HC; s++)
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const int m = warp + r * CL_WORKERS;
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    f[s][r][i] = m < M ? ld(fn, fn_dtype, (int64_t)m * K + s * d + rank * CL_COLS + lane + 32 * i) : 0.0f;
+            }
+        const float s0 = ld(scale, scale_dtype, 0), base_mine = tid < HC ? ld(base, base_dtype, tid) : 0.0f;
+        const float nw = norm_w ? ld(norm_w, norm_w_dtype, col) : 1.0f;
+        float x[HC];
+        if (POST) { /* post_value's operations, the four destinations of the column at once */
+            float xin[HC];
+#pragma unroll
+            for (int j = 0; j < HC; j++) xin[j] = ld(pa.X, pa.X_dtype, j * d + col);
+            const float fc = ld(pa.f, pa.f_dtype, col);
+#pragma unroll
+            for (int k = 0; k < HC; k++) {
+                float mixed = 0;
+#pragma unroll
+                for (int j = 0; j < HC; j++) mixed = __fadd_rn(mixed, __fmul_rn(ld(pa.comb, pa.comb_dtype, j * HC + k), xin[j]));
+                const float y = __fadd_rn(__fmul_rn(ld(pa.post, pa.post_dtype, k), fc), mixed);
+                st(X, X_dtype, k * d + col, y);
+                x[k] = X_dtype == DSRT_F32 ? y : round_bf16(y); /* what was stored */
+            }
+        } else {
+#pragma unroll
+            for (int s = 0; s < HC; s++) x[s] = ld(X, X_dtype, s * d + col);
+        }
+        /* split_kernel's operations: x staged as f32, its squares summed in double, the dots in fp32
+         * chains of 8 products and xor trees. Every lane holds a tree's sum (the same bits: each level adds
+         * the same two values, in one order or the other); lane b stores it into
+         * block b (the pre dots and Σx² into every block, Sinkhorn's mixes into block 0). */
+#pragma unroll
+        for (int s = 0; s < HC; s++) {
+            xs[s][tid] = x[s];
+            double own = (double)__fmul_rn(x[s], x[s]);
+            for (int o = 16; o > 0; o >>= 1) own += __shfl_xor_sync(0xffffffffu, own, o);
+            if (lane == 0) sq[warp][s] = own;
+        }
+        workers_sync();
+        cluster_wait(); /* every block has started */
+#pragma unroll
+        for (int s = 0; s < HC; s++)
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const int m = warp + r * CL_WORKERS;
+                if (m >= M) break;
+                float acc = 0;
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc = fmaf(f[s][r][i], xs[s][lane + 32 * i], acc);
+                for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+                if (lane < (m < HC ? C : 1)) *cluster.map_shared_rank(&table[s * C + rank][m], lane) = acc;
+            }
+        if (warp == 0 && lane < C)
+#pragma unroll
+            for (int s = 0; s < HC; s++) {
+                double v = 0;
+                for (int w8 = 0; w8 < CL_WORKERS; w8++) v += sq[w8][s];
+                *cluster.map_shared_rank(&table[s * C + rank][M], lane) = v;
+            }
+        cluster_arrive();
+        cluster_wait(); /* every block's partials are here */
+        /* pre_kernel's sums over the S splits, in its order: lane sp, then sp + 32, then the xor
+         * tree; a warp's values loaded at once */
+        const int nv = sinkhorn ? M + 1 : HC + 1;
+        constexpr int PER_WARP = (M + 1 + CL_WORKERS - 1) / CL_WORKERS;
+        double a[PER_WARP], b[PER_WARP];
+#pragma unroll
+        for (int k = 0; k < PER_WARP; k++) {
+            const int v = warp + k * CL_WORKERS, m = v < HC || sinkhorn ? v : M;
+            a[k] = v < nv && lane < S ? table[lane][m] : 0.0;
+            b[k] = v < nv && lane + 32 < S ? table[lane + 32][m] : 0.0;
+        }
+#pragma unroll
+        for (int k = 0; k < PER_WARP; k++) {
+            const int v = warp + k * CL_WORKERS, m = v < HC || sinkhorn ? v : M;
+            if (v >= nv) break; /* warp-uniform */
+            double sum = 0;
+            if (lane < S) sum += a[k];
+            if (lane + 32 < S) sum += b[k];
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (lane == 0) dots[m] = sum;
+        }
+        workers_sync();
+        const float rho = hc_rho(dots[M], K, norm_eps);
+        if (tid < HC) w[tid] = pre_weight(__fmul_rn((float)dots[tid], rho), s0, base_mine, hc_eps);
+        if (sinkhorn)
+            for (int m = tid; m < M; m += CL_COLS) mix[m] = __fmul_rn((float)dots[m], rho);
+        __syncthreads(); /* w, and mix for Sinkhorn */
+        /* the collapse of the column (collapse8's operations), as stored in u_dtype */
+        float v = 0;
+#pragma unroll
+        for (int s = 0; s < HC; s++) v = __fadd_rn(v, __fmul_rn(w[s], xs[s][tid]));
+        if (u_dtype == DSRT_BF16) v = round_bf16(v);
+        if (norm_w) { /* the block's Σu² into every block, then the row's in block order */
+            double own = square(v, 0);
+            for (int o = 16; o > 0; o >>= 1) own += __shfl_xor_sync(0xffffffffu, own, o);
+            if (lane == 0) warp_uu[warp] = own;
+            workers_sync();
+            if (warp == 0 && lane < C) {
+                double bs = 0;
+                for (int w8 = 0; w8 < CL_WORKERS; w8++) bs += warp_uu[w8];
+                *cluster.map_shared_rank(&block_uu[rank], lane) = bs;
+            }
+            cluster_arrive();
+            cluster_wait();
+            if (tid == 0) {
+                double total = 0;
+                for (int bk = 0; bk < C; bk++) total += block_uu[bk];
+                inv_rms_s = inv_rms(total, d, norm_eps, 0);
+            }
+            workers_sync();
+            v = __fmul_rn(nw, __fmul_rn(v, inv_rms_s));
+        } else {
+            cluster_arrive();
+            cluster_wait();
+        }
+        st(u, u_dtype, col, v);
+        return;
+    }
+    /* warps CL_WORKERS and up: the barriers, and (block 0 of hc_pre) Sinkhorn and post */
+    cluster_wait();
+    cluster_arrive();
+    cluster_wait();
+    __syncthreads();
+    cluster_arrive(); /* the norm's barrier: these warps store nothing another block reads */
+    if (sinkhorn && warp == CL_WORKERS)
+        sinkhorn_warp<HC>(mix, scale, scale_dtype, base, base_dtype, HC, iters, hc_eps, comb);
+    if (sinkhorn && warp == CL_WORKERS + 1 && lane < HC)
+        post[lane] = post_weight(mix[HC + lane], ld(scale, scale_dtype, 1), ld(base, base_dtype, HC + lane));
+    cluster_wait();
+}
+
+/* The cluster's launch where it applies (one token, the model's 4 streams, d = 256 C with C <= 16
+ * blocks that the device places at once): DSRTK_OK and *launched, else nothing launched. */
+static int launch_pre_cluster(int dev, const dsrtk_hc_post_args *pa, const void *X, int X_dtype, const void *fn,
+                              int fn_dtype, const void *scale, int scale_dtype, const void *base, int base_dtype,
+                              int64_t T, int hc, int64_t d, float hc_eps, float norm_eps, int iters, int head, void *u,
+                              int u_dtype, const void *norm_w, int norm_w_dtype, float *post, float *comb,
+                              cudaStream_t cs, int *launched)
+{
+    *launched = 0;
+    if (T != 1 || hc != CL_HC || d % CL_COLS != 0 || d / CL_COLS > CL_MAX_BLOCKS || (head && pa)) return DSRTK_OK;
+    const int C = (int)(d / CL_COLS);
+    void (*kernel)(void *, int, const void *, int, const void *, int, const void *, int, int64_t, float, float, int, void *,
+                   int, const void *, int, float *, float *, dsrtk_hc_post_args) =
+        head ? pre_cluster_kernel<1, false> : pa ? pre_cluster_kernel<3, true> : pre_cluster_kernel<3, false>;
+    if (dsrtk_clusters_fit(dev, (const void *)kernel, C, CL_THREADS, 0) < 1) return DSRTK_OK;
+    const dsrtk_hc_post_args none = {};
+    int rc = dsrtk_check(dsrtk_launch_dependent_cluster(kernel, dim3((unsigned)C), dim3(CL_THREADS), 0, cs, C, (void *)X,
+                                                        X_dtype, fn, fn_dtype, scale, scale_dtype, base, base_dtype, d,
+                                                        hc_eps, norm_eps, iters, u, u_dtype, norm_w, norm_w_dtype, post,
+                                                        comb, pa ? *pa : none),
+                         "launch of pre_cluster_kernel (%d blocks) on cuda:%d", C, dev);
+    *launched = !rc;
+    return rc;
+}
+
 /* ---- hc_post (nn.c: dsrt_nn_hc_post) ---- */
 
 /* One thread per (token, column c), all hc destinations: X'_k[c] = post_k·f[c] + Σ_j comb_jk·X_j[c],
@@ -918,6 +1160,11 @@ static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, c
     const int64_t K = (int64_t)hc * d;
     const int M = head ? hc : (2 + hc) * hc;
     cudaStream_t cs = (cudaStream_t)stream;
+    int fused = 0;
+    if ((rc = launch_pre_cluster(dev, pa, X, X_dtype, fn, fn_dtype, scale, scale_dtype, base, base_dtype, T, hc, d, hc_eps,
+                                 norm_eps, iters, head, u, u_dtype, norm_w, norm_w_dtype, post, comb, cs, &fused)) ||
+        fused)
+        return rc;
     /* many tokens of bf16 X (the model's prefill, reference precision): the tensor-core GEMM, when
      * the rows split into whole 32-column chunks of 16-byte-aligned data; hc_post_pre writes X'
      * first (post_vec_kernel), then reads it back there */

@@ -296,7 +296,9 @@ test("hc_pre_matches_cpu", function()
   -- 256-column splits, the collapse's 1024-column parts. T >= 64 with bf16 X and hc·d % 32 == 0: the
   -- tensor-core GEMM (1024-column splits, the last one short; 128-token tiles, the last one partial;
   -- 1, 2, 3 n-tiles for hc 2, 3, 4); else (f32 X, hc·d % 32 ~= 0, hc > 4) the split GEMM in groups.
-  for _, case in ipairs({ { 1, 4, 4096 }, { 3, 4, 1100 }, { 16, 4, 129 }, { 70, 4, 300 }, { 2, 3, 1 }, { 5, 1, 700 },
+  -- One token of 4 streams, d = 256·C with C <= 16 (4096, 768, 256): a cluster of C blocks does it all.
+  for _, case in ipairs({ { 1, 4, 4096 }, { 1, 4, 768 }, { 1, 4, 256 }, { 3, 4, 1100 }, { 16, 4, 129 }, { 70, 4, 300 },
+                          { 2, 3, 1 }, { 5, 1, 700 },
                           { 9, 6, 77 }, { 2, 4, 64 }, { 40, 4, 520 }, { 64, 4, 256 }, { 130, 4, 264 }, { 300, 4, 1024 },
                           { 77, 3, 64 }, { 100, 2, 48 }, { 200, 6, 64 } }) do
     local T, hc, d = case[1], case[2], case[3]
@@ -337,7 +339,8 @@ test("hc_pre_matches_cpu", function()
 end)
 
 test("hc_head_matches_cpu", function()
-  for _, case in ipairs({ { 1, 4, 4096 }, { 5, 4, 1100 }, { 70, 4, 129 }, { 3, 3, 5 }, { 100, 4, 256 }, { 65, 3, 96 } }) do
+  for _, case in ipairs({ { 1, 4, 4096 }, { 1, 4, 768 }, { 5, 4, 1100 }, { 70, 4, 129 }, { 3, 3, 5 }, { 100, 4, 256 },
+                          { 65, 3, 96 } }) do
     local T, hc, d = case[1], case[2], case[3]
     for _, dt in ipairs({ "bf16", "f32" }) do
       local X = randn({ T, hc, d }, dt, 2)
@@ -406,10 +409,13 @@ test("hc_ops_of_a_few_tokens_equal_the_rows_of_a_batch", function()
   -- A decode step's token (and a verify's 2-4) must get the bits it gets inside a longer batch: the
   -- split GEMM's blocks of 1, 2 and 4 tokens against its block of 16, then the collapse with the
   -- norm. hc·d: one split (hc 1, d 8), a short last split (800), M = 15 (hc 3), 33 splits (8224),
-  -- Flash's 64; fn f32 and bf16, X bf16 and f32.
+  -- Flash's 64; fn f32 and bf16, X bf16 and f32. One token of 4 streams with d = 256·C (4096, 768,
+  -- 256) is a cluster's (hc.cu pre_cluster_kernel): the same bits as the batch's split GEMM and
+  -- pre_kernel.
   local B = 9
   local function rows(t, first, n) return t:narrow(1, first, n):contiguous() end
-  for _, case in ipairs({ { 4, 4096, "f32" }, { 4, 200, "bf16" }, { 3, 1000, "f32" }, { 4, 2056, "bf16" }, { 1, 8, "f32" } }) do
+  for _, case in ipairs({ { 4, 4096, "f32" }, { 4, 200, "bf16" }, { 3, 1000, "f32" }, { 4, 2056, "bf16" }, { 1, 8, "f32" },
+                          { 4, 768, "f32" }, { 4, 256, "bf16" } }) do
     local hc, d, fdt = case[1], case[2], case[3]
     for _, dt in ipairs({ "bf16", "f32" }) do
       local X, f = randn({ B, hc, d }, dt, 2), randn({ B, d }, dt)
