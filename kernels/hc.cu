@@ -852,7 +852,8 @@ __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.w
 /* the worker warps' own barrier (named barrier 1) */
 __device__ __forceinline__ void workers_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); /* CL_COLS threads */ }
 
-/* R: fn rows a warp, ceil(M / 8): 3 for hc_pre, 1 for hc_head. POST: hc_post_pre, X the X' it writes. */
+/* R: fn rows a warp, ceil(M / 8): 3 for hc_pre, 1 for hc_head. POST: hc_post first (hc_post_pre, hc_post_head),
+ * X the X' it writes. */
 template <int R, bool POST>
 __global__ void __launch_bounds__(CL_THREADS, 1) pre_cluster_kernel(void *X, int X_dtype, const void *fn, int fn_dtype,
                                                                     const void *scale, int scale_dtype, const void *base,
@@ -1037,11 +1038,12 @@ static int launch_pre_cluster(int dev, const dsrtk_hc_post_args *pa, const void 
                               cudaStream_t cs, int *launched)
 {
     *launched = 0;
-    if (T != 1 || hc != CL_HC || d % CL_COLS != 0 || d / CL_COLS > CL_MAX_BLOCKS || (head && pa)) return DSRTK_OK;
+    if (T != 1 || hc != CL_HC || d % CL_COLS != 0 || d / CL_COLS > CL_MAX_BLOCKS) return DSRTK_OK;
     const int C = (int)(d / CL_COLS);
     void (*kernel)(void *, int, const void *, int, const void *, int, const void *, int, int64_t, float, float, int, void *,
                    int, const void *, int, float *, float *, dsrtk_hc_post_args) =
-        head ? pre_cluster_kernel<1, false> : pa ? pre_cluster_kernel<3, true> : pre_cluster_kernel<3, false>;
+        head ? (pa ? pre_cluster_kernel<1, true> : pre_cluster_kernel<1, false>)
+             : (pa ? pre_cluster_kernel<3, true> : pre_cluster_kernel<3, false>);
     if (dsrtk_clusters_fit(dev, (const void *)kernel, C, CL_THREADS, 0) < 1) return DSRTK_OK;
     const dsrtk_hc_post_args none = {};
     int rc = dsrtk_check(dsrtk_launch_dependent_cluster(kernel, dim3((unsigned)C), dim3(CL_THREADS), 0, cs, C, (void *)X,
@@ -1138,7 +1140,7 @@ static void launch_split(dim3 grid, cudaStream_t cs, const void *X, int X_dtype,
                                      splits, part, dsrtk_hc_post_args{}, hc);
 }
 
-/* hc_pre (head 0), hc_head (head 1), or with pa hc_post_pre, whose X is the X' it writes */
+/* hc_pre (head 0), hc_head (head 1), or with pa hc_post_pre / hc_post_head, whose X is the X' it writes */
 static int launch_pre(const char *what, int dev, const dsrtk_hc_post_args *pa, const void *X, int X_dtype,
                       const void *fn, int fn_dtype, const void *scale, int scale_dtype, const void *base,
                       int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps, int iters, int head,
@@ -1265,6 +1267,18 @@ extern "C" int dsrtk_nn_hc_post_pre(int dev, const dsrtk_hc_post_args *post_args
     if (!post_args) return dsrtk_fail(DSRTK_ERROR, "nn.hc_post_pre: no hc_post operands");
     return launch_pre("nn.hc_post_pre", dev, post_args, X_next, X_next_dtype, fn, fn_dtype, scale, scale_dtype, base,
                       base_dtype, T, hc, d, hc_eps, norm_eps, iters, 0, work, u, u_dtype, norm_w, norm_w_dtype, post, comb,
+                      stream);
+}
+
+extern "C" int dsrtk_nn_hc_post_head(int dev, const dsrtk_hc_post_args *post_args, void *X_next, int X_next_dtype,
+                                     const void *fn, int fn_dtype, const void *scale, int scale_dtype, const void *base,
+                                     int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps,
+                                     double *work, void *y, int y_dtype, const void *norm_w, int norm_w_dtype,
+                                     void *stream)
+{
+    if (!post_args) return dsrtk_fail(DSRTK_ERROR, "nn.hc_post_head: no hc_post operands");
+    return launch_pre("nn.hc_post_head", dev, post_args, X_next, X_next_dtype, fn, fn_dtype, scale, scale_dtype, base,
+                      base_dtype, T, hc, d, hc_eps, norm_eps, 1, 1, work, y, y_dtype, norm_w, norm_w_dtype, NULL, NULL,
                       stream);
 }
 

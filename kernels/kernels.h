@@ -221,6 +221,12 @@ int dsrtk_nn_hc_post_pre(int dev, const dsrtk_hc_post_args *post_args, void *X_n
                          int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps, int iters,
                          double *work, void *u, int u_dtype, const void *norm_w, int norm_w_dtype, float *post,
                          float *comb, void *stream);
+/* X_next [T, hc, d] = hc_post(...) in X_next_dtype, then hc_head of it (y as dsrtk_nn_hc_head, its
+ * workspace): the same bits as the two launchers */
+int dsrtk_nn_hc_post_head(int dev, const dsrtk_hc_post_args *post_args, void *X_next, int X_next_dtype,
+                          const void *fn, int fn_dtype, const void *scale, int scale_dtype, const void *base,
+                          int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps, double *work,
+                          void *y, int y_dtype, const void *norm_w, int norm_w_dtype, void *stream);
 /* f [T, d], X [T, hc, d], post [T, hc], comb [T, hc, hc] -> y [T, hc, d] (y_dtype) */
 int dsrtk_nn_hc_post(int dev, const void *f, int f_dtype, const void *X, int X_dtype, const void *post,
                      int post_dtype, const void *comb, int comb_dtype, void *y, int y_dtype, int64_t T, int hc,

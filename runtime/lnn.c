@@ -22,6 +22,7 @@
  *   nn.hc_expand(e, hc)
  *   nn.hc_post_pre(f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, prec [, norm_w])
  *                                                                        -> X', u, post', comb'
+ *   nn.hc_post_head(f, X, post, comb, fn, scale, base, hc_eps, norm_eps, prec [, norm_w])  -> X', y
  * With norm_w the hc ops return their u (hc_head's y) RMS-normed: nn.rms_norm(u, norm_w, norm_eps, prec).
  * yarn = {factor = 16, original_seq_len = 65536, beta_fast = 32, beta_slow = 1}, or nil for none.
  * The fused ops take positions as the progression first, first + step, ... (one per index of the
@@ -298,6 +299,22 @@ static int l_hc_post_pre(lua_State *L)
     return 4;
 }
 
+static int l_hc_post_head(lua_State *L)
+{
+    dsrt_tensor *f = dsrtL_checktensor(L, 1), *X = dsrtL_checktensor(L, 2), *post = dsrtL_checktensor(L, 3);
+    dsrt_tensor *comb = dsrtL_checktensor(L, 4), *fn = dsrtL_checktensor(L, 5), *scale = dsrtL_checktensor(L, 6);
+    dsrt_tensor *base = dsrtL_checktensor(L, 7);
+    float hc_eps = check_float(L, 8), norm_eps = check_float(L, 9);
+    dsrt_precision prec = dsrtL_checkprecision(L, 10, "nn.hc_post_head", 1);
+    dsrt_tensor *Xn, *y;
+    if (dsrt_nn_hc_post_head(f, X, post, comb, fn, scale, base, hc_eps, norm_eps, opt_tensor(L, 11), prec,
+                             stream_for(L, f), &Xn, &y))
+        return dsrtL_error(L);
+    dsrtL_pushtensor(L, Xn);
+    dsrtL_pushtensor(L, y);
+    return 2;
+}
+
 static int l_hc_expand(lua_State *L)
 {
     dsrt_tensor *e = dsrtL_checktensor(L, 1);
@@ -313,7 +330,8 @@ void dsrtL_open_nn(lua_State *L)
         {"rope_freqs", l_rope_freqs}, {"rope", l_rope}, {"hadamard128", l_hadamard128},
         {"sparse_attention", l_sparse_attention}, {"norm_rope", l_norm_rope}, {"q_kv_norm", l_q_kv_norm},
         {"sparse_attention_inverse_rope", l_sparse_attention_inverse_rope}, {"sinkhorn", l_sinkhorn}, {"hc_pre", l_hc_pre},
-        {"hc_post", l_hc_post}, {"hc_head", l_hc_head}, {"hc_expand", l_hc_expand}, {"hc_post_pre", l_hc_post_pre}, {NULL, NULL}};
+        {"hc_post", l_hc_post}, {"hc_head", l_hc_head}, {"hc_expand", l_hc_expand}, {"hc_post_pre", l_hc_post_pre},
+        {"hc_post_head", l_hc_post_head}, {NULL, NULL}};
     luaL_newlib(L, functions);
     lua_setfield(L, -2, "nn");
 }

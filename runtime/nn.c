@@ -1126,19 +1126,28 @@ dsrt_tensor *dsrt_nn_hc_post(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, 
     return finish(y, prec, s);
 }
 
-/* hc_post_pre on CUDA: for few tokens hc.cu's split GEMM computes X' chunk by chunk, writes it and
- * multiplies it with fn at once (one launch and one read of X' fewer than the two calls); for many,
- * hc_post's kernel then hc_pre's tensor-core GEMM; then hc_pre's per-token kernel. The arguments are
- * checked as the two functions check them. */
-static int hc_post_pre_cuda(const char *op, dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_tensor *comb,
-                            dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps, float norm_eps,
-                            int iters, dsrt_tensor *norm_w, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next,
-                            dsrt_tensor **u, dsrt_tensor **post_next, dsrt_tensor **comb_next)
+/* hc_head's scale [1] and base [hc] */
+static int check_head_params(const char *op, dsrt_tensor *scale, dsrt_tensor *base, int hc, dsrt_stream *s)
+{
+    int64_t one = 1, hc64 = hc;
+    return check_arg(op, "scale", scale, 0, 1, &one, s) || check_arg(op, "base", base, 0, 1, &hc64, s) ? -1 : 0;
+}
+
+/* hc_post_pre (head 0) and hc_post_head (head 1) on CUDA: for few tokens hc.cu's split GEMM (one
+ * token: its cluster) computes X' chunk by chunk, writes it and multiplies it with fn at once (one
+ * launch and one read of X' fewer than the two calls); for many, hc_post's kernel then the
+ * tensor-core GEMM; then the per-token kernel. The arguments are checked as the two functions check
+ * them; hc_post_head has no post' and comb'. */
+static int hc_post_fused_cuda(const char *op, int head, dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post,
+                              dsrt_tensor *comb, dsrt_tensor *fn, dsrt_tensor *scale, dsrt_tensor *base, float hc_eps,
+                              float norm_eps, int iters, dsrt_tensor *norm_w, dsrt_precision prec, dsrt_stream *s,
+                              dsrt_tensor **X_next, dsrt_tensor **u, dsrt_tensor **post_next, dsrt_tensor **comb_next)
 {
     int hc;
     int64_t d;
-    if (check_precision(op, prec) || check_streams(op, X, fn, 1, s, &hc, &d) ||
-        check_sinkhorn_params(op, scale, base, hc, iters, s) || check_norm_weight(op, norm_w, d, s))
+    if (check_precision(op, prec) || check_streams(op, X, fn, !head, s, &hc, &d) ||
+        (head ? check_head_params(op, scale, base, hc, s) : check_sinkhorn_params(op, scale, base, hc, iters, s)) ||
+        check_norm_weight(op, norm_w, d, s))
         return -1;
     int64_t T = X->shape[0], fshape[2] = {T, d}, vec[2] = {T, hc}, mat[3] = {T, hc, hc};
     if (check_arg(op, "f", f, 0, 2, fshape, s) || check_arg(op, "post", post, 0, 2, vec, s) ||
@@ -1149,21 +1158,30 @@ static int hc_post_pre_cuda(const char *op, dsrt_tensor *f, dsrt_tensor *X, dsrt
              (ts[4] = dense(fn, s)) && (ts[5] = dense(scale, s)) && (ts[6] = dense(base, s)) &&
              (!norm_w || (ts[7] = dense(norm_w, s))) &&
              (Xn = new_on(act_dtype(prec), 3, X->shape, s)) && (*u = new_on(act_dtype(prec), 2, fshape, s)) &&
-             (*post_next = new_on(DSRT_F32, 2, vec, s)) && (*comb_next = new_on(DSRT_F32, 3, mat, s));
-    dsrt_tensor *work = ok ? new_workspace(dsrtk_nn_hc_workspace(T, (int64_t)(2 + hc) * hc, hc * d), s) : NULL;
+             (head || ((*post_next = new_on(DSRT_F32, 2, vec, s)) && (*comb_next = new_on(DSRT_F32, 3, mat, s))));
+    const int64_t M = head ? hc : (int64_t)(2 + hc) * hc;
+    dsrt_tensor *work = ok ? new_workspace(dsrtk_nn_hc_workspace(T, M, hc * d), s) : NULL;
     int rc = !work;
     if (!rc) {
         dsrtk_hc_post_args pa = {dev_data(ts[0]), dev_data(ts[1]), dev_data(ts[2]), dev_data(ts[3]),
                                  ts[0]->dtype, ts[1]->dtype, ts[2]->dtype, ts[3]->dtype};
-        rc = launched(op, dsrtk_nn_hc_post_pre(s->device, &pa, dev_data(Xn), Xn->dtype, dev_data(ts[4]), ts[4]->dtype,
-                                               dev_data(ts[5]), ts[5]->dtype, dev_data(ts[6]), ts[6]->dtype, T, hc, d,
-                                               hc_eps, norm_eps, iters, dev_data(work), dev_data(*u), (*u)->dtype,
-                                               ts[7] ? dev_data(ts[7]) : NULL, ts[7] ? ts[7]->dtype : 0,
-                                               dev_data(*post_next), dev_data(*comb_next), s->handle));
+        const void *nw = ts[7] ? dev_data(ts[7]) : NULL;
+        const int nw_dtype = ts[7] ? ts[7]->dtype : 0;
+        rc = head ? launched(op, dsrtk_nn_hc_post_head(s->device, &pa, dev_data(Xn), Xn->dtype, dev_data(ts[4]),
+                                                      ts[4]->dtype, dev_data(ts[5]), ts[5]->dtype, dev_data(ts[6]),
+                                                      ts[6]->dtype, T, hc, d, hc_eps, norm_eps, dev_data(work),
+                                                      dev_data(*u), (*u)->dtype, nw, nw_dtype, s->handle))
+                  : launched(op, dsrtk_nn_hc_post_pre(s->device, &pa, dev_data(Xn), Xn->dtype, dev_data(ts[4]),
+                                                      ts[4]->dtype, dev_data(ts[5]), ts[5]->dtype, dev_data(ts[6]),
+                                                      ts[6]->dtype, T, hc, d, hc_eps, norm_eps, iters, dev_data(work),
+                                                      dev_data(*u), (*u)->dtype, nw, nw_dtype, dev_data(*post_next),
+                                                      dev_data(*comb_next), s->handle));
     }
     release_all(ts, 8);
     dsrt_tensor_release(work);
-    if (all_or_nothing(rc, u, post_next, comb_next)) {
+    if (head ? rc || !*u : all_or_nothing(rc, u, post_next, comb_next)) {
+        dsrt_tensor_release(*u);
+        *u = NULL;
         dsrt_tensor_release(Xn);
         return -1;
     }
@@ -1180,11 +1198,36 @@ int dsrt_nn_hc_post_pre(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_
     *X_next = *u = *post_next = *comb_next = NULL;
     if (check_any_stream("nn.hc_post_pre", s)) return -1;
     if (on_cuda(s))
-        return hc_post_pre_cuda("nn.hc_post_pre", f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, norm_w,
-                                prec, s, X_next, u, post_next, comb_next);
+        return hc_post_fused_cuda("nn.hc_post_pre", 0, f, X, post, comb, fn, scale, base, hc_eps, norm_eps, iters, norm_w,
+                                  prec, s, X_next, u, post_next, comb_next);
     dsrt_tensor *Xn = dsrt_nn_hc_post(f, X, post, comb, prec, s);
     if (!Xn) return -1;
     if (dsrt_nn_hc_pre(Xn, fn, scale, base, hc_eps, norm_eps, iters, norm_w, prec, s, u, post_next, comb_next)) {
+        dsrt_tensor_release(Xn);
+        return -1;
+    }
+    *X_next = Xn;
+    return 0;
+}
+
+/* The same with hc_head: on the CPU the two functions, on CUDA the fused kernels. */
+int dsrt_nn_hc_post_head(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_tensor *comb, dsrt_tensor *fn,
+                         dsrt_tensor *scale, dsrt_tensor *base, float hc_eps, float norm_eps, dsrt_tensor *norm_w,
+                         dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next, dsrt_tensor **y)
+{
+    *X_next = *y = NULL;
+    if (check_any_stream("nn.hc_post_head", s)) return -1;
+    if (on_cuda(s))
+        return hc_post_fused_cuda("nn.hc_post_head", 1, f, X, post, comb, fn, scale, base, hc_eps, norm_eps, 1, norm_w,
+                                  prec, s, X_next, y, NULL, NULL);
+    int hc;
+    int64_t d;
+    if (check_streams("nn.hc_post_head", X, fn, 0, s, &hc, &d) || check_head_params("nn.hc_post_head", scale, base, hc, s) ||
+        check_norm_weight("nn.hc_post_head", norm_w, d, s))
+        return -1; /* the head's arguments before hc_post's work */
+    dsrt_tensor *Xn = dsrt_nn_hc_post(f, X, post, comb, prec, s);
+    if (!Xn) return -1;
+    if (!(*y = dsrt_nn_hc_head(Xn, fn, scale, base, hc_eps, norm_eps, norm_w, prec, s))) {
         dsrt_tensor_release(Xn);
         return -1;
     }
@@ -1197,11 +1240,9 @@ dsrt_tensor *dsrt_nn_hc_head(dsrt_tensor *X, dsrt_tensor *fn, dsrt_tensor *scale
 {
     const char *op = "nn.hc_head";
     int hc;
-    int64_t d, one = 1;
-    if (check_precision(op, prec) || check_any_stream(op, s) || check_streams(op, X, fn, 0, s, &hc, &d)) return NULL;
-    int64_t hc64 = hc;
-    if (check_arg(op, "scale", scale, 0, 1, &one, s) || check_arg(op, "base", base, 0, 1, &hc64, s) ||
-        check_norm_weight(op, norm_w, d, s))
+    int64_t d;
+    if (check_precision(op, prec) || check_any_stream(op, s) || check_streams(op, X, fn, 0, s, &hc, &d) ||
+        check_head_params(op, scale, base, hc, s) || check_norm_weight(op, norm_w, d, s))
         return NULL;
     int64_t T = X->shape[0], flat[2] = {T, hc * d}, yshape[2] = {T, d};
     if (on_cuda(s)) { /* hc.cu: the split GEMM, then the weights and the collapse (and the norm) */

@@ -238,6 +238,13 @@ int dsrt_nn_hc_post_pre(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_
                         dsrt_tensor *norm_w, dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next,
                         dsrt_tensor **u, dsrt_tensor **post_next, dsrt_tensor **comb_next);
 
+/* hc_post of the last sub-layer followed by the HC head (SPEC §4 steps 3-5 at the end of the
+ * blocks): sets *X_next = hc_post(f, X, post, comb) and *y = hc_head(*X_next, fn, scale, base, ...),
+ * exactly what the two calls return; norm_w as hc_head's. */
+int dsrt_nn_hc_post_head(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt_tensor *comb, dsrt_tensor *fn,
+                         dsrt_tensor *scale, dsrt_tensor *base, float hc_eps, float norm_eps, dsrt_tensor *norm_w,
+                         dsrt_precision prec, dsrt_stream *s, dsrt_tensor **X_next, dsrt_tensor **y);
+
 /* HC expand (SPEC §4 step 2): X[t, s] = e[t] for the hc streams, e [T, d] -> X [T, hc, d], e's dtype
  * (an exact copy, so no precision). */
 dsrt_tensor *dsrt_nn_hc_expand(dsrt_tensor *e, int hc, dsrt_stream *s);

@@ -317,6 +317,17 @@ int dsrtk_nn_hc_post_pre(int dev, const dsrtk_hc_post_args *post_args, void *X_n
     return without_cuda(__func__);
 }
 
+int dsrtk_nn_hc_post_head(int dev, const dsrtk_hc_post_args *post_args, void *X_next, int X_next_dtype,
+                          const void *fn, int fn_dtype, const void *scale, int scale_dtype, const void *base,
+                          int base_dtype, int64_t T, int hc, int64_t d, float hc_eps, float norm_eps, double *work,
+                          void *y, int y_dtype, const void *norm_w, int norm_w_dtype, void *stream)
+{
+    (void)dev; (void)post_args; (void)X_next; (void)X_next_dtype; (void)fn; (void)fn_dtype; (void)scale;
+    (void)scale_dtype; (void)base; (void)base_dtype; (void)T; (void)hc; (void)d; (void)hc_eps; (void)norm_eps;
+    (void)work; (void)y; (void)y_dtype; (void)norm_w; (void)norm_w_dtype; (void)stream;
+    return without_cuda(__func__);
+}
+
 int dsrtk_nn_hc_post(int dev, const void *f, int f_dtype, const void *X, int X_dtype, const void *post,
                      int post_dtype, const void *comb, int comb_dtype, void *y, int y_dtype, int64_t T, int hc,
                      int64_t d, void *stream)

@@ -223,17 +223,23 @@ local function decode_step(session, id, marks)
   local token_ids = dsrt.is_tensor(id) and id or decoder.ids({ id }, dev)
   local X = decoder.embed(model.weights.embed, token_ids, precision, dims.hc_mult)
   marks[2]:record()
-  -- each block's last hc_post runs fused into the next block's first hc_pre (the last one's alone)
+  -- each block's last hc_post runs fused into the next block's first hc_pre; the last one's into
+  -- the HC head (its part's), or alone where the MTP ring fill reads the settled rows
   local carry
   for i, block in ipairs(model.blocks) do
     X, carry = decoder.block_forward(dims, block, session.states[i], X, carry, token_ids, precision)
-    if i == n_layers then X = decoder.settle(X, carry, precision) end
+    if i == n_layers and session.mtp then X = decoder.settle(X, carry, precision) end
     marks[2 + i]:record()
   end
   session.positions = first + 1
   if session.mtp then model.mtp:advance(session, X, { id }, first) end
   marks[3 + n_layers]:record()
-  local logits = decoder.logits(dims, model.weights.hc_head, model.weights.norm, model.head, X, precision)
+  local logits
+  if session.mtp then
+    logits = decoder.logits(dims, model.weights.hc_head, model.weights.norm, model.head, X, precision)
+  else
+    X, logits = decoder.settle_logits(dims, model.weights.hc_head, model.weights.norm, model.head, X, carry, precision)
+  end
   marks[4 + n_layers]:record()
   decoder.close(X)
   if token_ids ~= id then decoder.close(token_ids) end

@@ -392,6 +392,18 @@ test("hc_ops_with_a_norm_weight_equal_the_ops_then_rms_norm", function()
         local y = nn.hc_head(Xc, hfnc, hsc, hbc, 1e-6, 1e-5, prec)
         same(nn.hc_head(Xc, hfnc, hsc, hbc, 1e-6, 1e-5, prec, wc), nn.rms_norm(y, wc, 1e-5, prec),
                     "hc_head normed " .. what)
+        -- hc_post_head: hc_post's X' (hc_post_pre's) and the head of it, with the norm or without;
+        -- against the CPU's composition, close (without the norm, whose rounding after the GEMM's
+        -- other order can move a value two bf16 ulps: T 70, d 264 did)
+        poison_for({ T, d }, out_dtype(prec))
+        local Xh, yh = nn.hc_post_head(fc, Xc, p, c, hfnc, hsc, hbc, 1e-6, 1e-5, prec)
+        local Xhn, yhn = nn.hc_post_head(fc, Xc, p, c, hfnc, hsc, hbc, 1e-6, 1e-5, prec, wc)
+        same(Xh, Xa, "hc_post_head X' " .. what)
+        same(Xhn, Xa, "hc_post_head normed X' " .. what)
+        same(yh, nn.hc_head(Xa, hfnc, hsc, hbc, 1e-6, 1e-5, prec), "hc_post_head " .. what)
+        same(yhn, nn.rms_norm(yh, wc, 1e-5, prec), "hc_post_head normed " .. what)
+        local _, ycpu = nn.hc_post_head(f, X, p:to("cpu"), c:to("cpu"), hfn, hscale, hbase, 1e-6, 1e-5, prec)
+        check_close(yh, ycpu, "hc_post_head vs the cpu's " .. what)
       end
     end
   end
@@ -429,6 +441,7 @@ test("hc_ops_of_a_few_tokens_equal_the_rows_of_a_batch", function()
         local u, p, c = nn.hc_pre(Xc, fnc, sc, bc, 1e-6, 1e-5, 20, prec, wc)
         local Xn, un, pn, cn = nn.hc_post_pre(fc, Xc, pc, cc, fnc, sc, bc, 1e-6, 1e-5, 20, prec, wc)
         local y = nn.hc_head(Xc, hfnc, hsc, hbc, 1e-6, 1e-5, prec, wc)
+        local _, yh = nn.hc_post_head(fc, Xc, pc, cc, hfnc, hsc, hbc, 1e-6, 1e-5, prec, wc)
         for _, span in ipairs({ { 1, 1 }, { 9, 1 }, { 2, 2 }, { 4, 3 }, { 5, 4 } }) do
           local first, n = span[1], span[2]
           local what = string.format("rows %d..%d of %d, hc %d d %d, fn %s, X %s, %s", first, first + n - 1, B, hc, d,
@@ -449,6 +462,11 @@ test("hc_ops_of_a_few_tokens_equal_the_rows_of_a_batch", function()
           same(sc2, cn, "hc_post_pre comb")
           poison_for({ n, d }, "f32")
           same(nn.hc_head(x, hfnc, hsc, hbc, 1e-6, 1e-5, prec, wc), y, "hc_head")
+          poison_for({ n, hc, d }, "f32")
+          local hX, hy = nn.hc_post_head(rows(fc, first, n), x, rows(pc, first, n), rows(cc, first, n), hfnc, hsc, hbc,
+                                         1e-6, 1e-5, prec, wc)
+          same(hX, Xn, "hc_post_head X'")
+          same(hy, yh, "hc_post_head y")
         end
       end
     end

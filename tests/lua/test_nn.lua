@@ -362,6 +362,30 @@ test("hc_ops_with_a_norm_weight_are_the_ops_then_rms_norm", function()
                X, hfn, hscale, hbase, 1e-6, 1e-5, "fp32", randn({ 2, 16 }))
 end)
 
+test("hc_post_head_is_hc_post_then_hc_head", function()
+  -- the last sub-layer's hc_post and the HC head in one call (on CUDA, for one token, one launch):
+  -- X' and y are the two calls' values, with the final norm's weight or without
+  local T, hc, d = 2, 4, 16
+  local X, f = randn({ T, hc, d }), randn({ T, d })
+  local post, comb = randn({ T, hc }, "f32"):abs(), randn({ T, hc, hc }, "f32"):abs()
+  local hfn, hscale, hbase = randn({ hc, hc * d }, "f32", 0.1), dsrt.ones({ 1 }), randn({ hc }, "f32")
+  local w = randn({ d }, "bf16")
+  for _, prec in ipairs({ "reference", "fp32" }) do
+    for _, nw in ipairs({ false, w }) do
+      local Xn, y = nn.hc_post_head(f, X, post, comb, hfn, hscale, hbase, 1e-6, 1e-5, prec, nw or nil)
+      local want = nn.hc_post(f, X, post, comb, prec)
+      assert_equal(Xn:totable(), want:totable())
+      assert_equal({ Xn.dtype, y.dtype, y.shape }, { want.dtype, want.dtype, { T, d } })
+      assert_equal(y:totable(), nn.hc_head(want, hfn, hscale, hbase, 1e-6, 1e-5, prec, nw or nil):totable())
+    end
+  end
+  assert_error(nn.hc_post_head, "nn.hc_post_head: fn is f32%[24, 64%] on cpu, expected shape %[4, 64%]",
+               f, X, post, comb, randn({ 24, hc * d }, "f32"), hscale, hbase, 1e-6, 1e-5, "fp32")
+  assert_error(nn.hc_post_head, "nn.hc_post_head: base is f32%[24%] on cpu, expected shape %[4%]",
+               f, X, post, comb, hfn, hscale, dsrt.zeros({ 24 }), 1e-6, 1e-5, "fp32")
+  assert_error(nn.hc_post, "nn.hc_post: comb", f, X, post, randn({ T, hc }), "fp32")
+end)
+
 test("sinkhorn_and_hc_ops", function()
   local T, hc, d = 3, 4, 6
   local mixes = randn({ T, 24 }, "f32")

@@ -168,6 +168,18 @@ function decoder.logits(dims, hc_head, norm_weight, head, X, precision)
   return logits
 end
 
+--- decoder.settle, then decoder.logits of the settled X, with the last hc_post and the HC head in
+--- one call (nn.hc_post_head: one launch for a decode step's row on CUDA): X, logits; consumes X
+--- and carry.
+function decoder.settle_logits(dims, hc_head, norm_weight, head, X, carry, precision)
+  local settled, y = nn.hc_post_head(carry[1], X, carry[2], carry[3], hc_head.fn, hc_head.scale, hc_head.base,
+                                     dims.hc_eps, dims.norm_eps, precision, norm_weight)
+  close(carry[1], carry[2], carry[3], X)
+  local logits = head:forward(y, precision)
+  close(y)
+  return settled, logits
+end
+
 --- embed[ids] (SPEC §4 step 1, no scaling) as [S, dim] in the model's activation dtype, in one
 --- gather (dsrt.embedding) on the weight's device; with `copies` (the decoder's hc_mult) as the
 --- residual streams [S, copies, dim] of SPEC §4 step 2, each row repeated in the same launch. ids:
@@ -302,7 +314,13 @@ function Model:forward_batch(sessions, ids_list, opts)
     for k, session in ipairs(sessions) do states[k] = session.states[i] end
     X, carry = decoder.block_forward(dims, block, batched and states or states[1], X, carry, token_ids, precision, batched)
   end
-  X = decoder.settle(X, carry, precision)
+  -- one row that nothing but the head reads (no MTP ring to fill): settled and headed in one call
+  local one_row
+  if which ~= "none" and #sessions == 1 and X.shape[1] == 1 and not sessions[1].mtp then
+    X, one_row = decoder.settle_logits(dims, self.weights.hc_head, self.weights.norm, self.head, X, carry, precision)
+  else
+    X = decoder.settle(X, carry, precision)
+  end
   if not on_device then close(token_ids) end
   for k, session in ipairs(sessions) do
     local first = session.positions
@@ -312,6 +330,10 @@ function Model:forward_batch(sessions, ids_list, opts)
       self.mtp:advance(session, rows, checked[k], first)
       close(rows)
     end
+  end
+  if one_row then
+    close(X)
+    return { one_row }
   end
   local out = {}
   if which == "none" then

@@ -148,11 +148,13 @@ function Predictor:advance(session, X, ids, first)
   end
 end
 
--- The MTP layer's block over one draft position, its last hc_post applied (nothing follows it)
-local function draft_block(dims, layer, part, X, token_ids, precision)
+-- The MTP layer's block over one draft position, its last hc_post applied (nothing follows it),
+-- and the draft logits of it: the settled X (the chain's next residual) and f32 logits [1, vocab]
+local function draft_block(self, layer, part, X, token_ids)
+  local dims, precision = self.dims, self.precision
   local carry
   X, carry = decoder.block_forward(dims, layer.block, part.state, X, nil, token_ids, precision)
-  return decoder.settle(X, carry, precision)
+  return decoder.settle_logits(dims, layer.hc_head, layer.norm, self.model.head, X, carry, precision)
 end
 
 --- Draft logits f32 [1, vocab] for the position after next_id (SPEC §8.1), from the decoder's
@@ -163,16 +165,17 @@ function Predictor:draft(session, next_id)
   if math.type(next_id) ~= "integer" or next_id < 0 or next_id >= vocab then
     error(string.format("dsv4.model.draft: next_id %s is outside the vocabulary [0, %d)", tostring(next_id), vocab), 3)
   end
-  local part, layer, dims, precision = session.mtp, self.layers[1], self.dims, self.precision
+  local part, layer = session.mtp, self.layers[1]
   undo_draft(part, last)
   local H = part.residuals[last]:unsqueeze(1)
   local X = mtp_input(self, layer, H, { next_id })
   local token_ids = decoder.ids({ next_id }, self.device)
-  X = draft_block(dims, layer, part, X, token_ids, precision)
+  local logits
+  X, logits = draft_block(self, layer, part, X, token_ids)
   close(H, token_ids)
   part.drafted_id = next_id
   part.chain = { X = X, position = last }
-  return decoder.logits(dims, layer.hc_head, layer.norm, self.model.head, X, precision)
+  return logits
 end
 
 --- The next draft of a chain (vLLM's recursive MTP, SPEC §8.2): logits f32 [1, vocab] for the
@@ -192,13 +195,14 @@ function Predictor:draft_next(session, id)
     error(string.format("dsv4.model.draft_next: a draft at position %d would pass the session's max_len %d",
                         position + 1, session.max_len), 3)
   end
-  local layer, dims, precision = self.layers[1], self.dims, self.precision
+  local layer = self.layers[1]
   local X = mtp_input(self, layer, part.chain.X, { id })
   local token_ids = decoder.ids({ id }, self.device)
-  X = draft_block(dims, layer, part, X, token_ids, precision)
+  local logits
+  X, logits = draft_block(self, layer, part, X, token_ids)
   close(token_ids, part.chain.X)
   part.chain = { X = X, position = position }
-  return decoder.logits(dims, layer.hc_head, layer.norm, self.model.head, X, precision)
+  return logits
 end
 
 --- The session was truncated to n positions: the MTP state follows to n - 1.
