@@ -42,9 +42,12 @@ int dsrtk_check(cudaError_t err, const char *fmt, ...) __attribute__((format(pri
  * A kernel launched by dsrtk_launch_dependent may start while the stream's previous kernel is
  * still finishing (its launch and first instructions overlap that kernel's tail: at decode, ~130
  * small kernels a step, each paid a launch gap). The price is a rule the kernel must keep: before
- * dsrtk_wait_producer() returns it reads nothing any earlier work may have written (weights
- * included: a user may have just computed them) and writes nothing; it may compute addresses and
- * prefetch into L2, which is coherent with every write. Launched otherwise, the wait is a no-op.
+ * dsrtk_wait_producer() returns it writes nothing and reads nothing earlier work may have written,
+ * but a model's parameters; it may compute addresses and prefetch into L2, which is coherent with
+ * every write. Launched otherwise, the wait is a no-op. Parameters (linear.cu's bf16 decode
+ * weights, hc.cu's fn, scale, base and norm weight for one token) are read there because no kernel
+ * of a forward writes them: a caller that computes one on the device synchronises the stream
+ * before the op that reads it (README, "Streams and events").
  * Past the wait the kernel lets the stream's next kernel launch at once (launch_dependents): its
  * blocks take their places and sit in their own wait, which returns once this grid has finished
  * and its writes are visible, as without the trigger; what leaves the chain is the next launch's

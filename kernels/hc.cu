@@ -834,8 +834,9 @@ __global__ void __launch_bounds__(SINK_TOKENS * 32) sinkhorn_tokens_kernel(const
  * partials' round trip through L2 cost (~2 us of pre_kernel's start); Sinkhorn's ~3 us chain stays
  * last either way. Blocks reading the partials from each other (ld through map_shared_rank) took
  * ~1.5 us a round where stores before the barrier cost next to nothing. What the cluster saves for
- * sure is a launch per HC op: nine a decode step, ~3 us of the host's issue each. Bytes: fn read
- * once (its lines asked of L2 before the producer wait), X once, u once. */
+ * sure is a launch per HC op: nine a decode step, ~3 us of the host's issue each. Reading fn
+ * before the producer wait then took the loads off the chain (below). Bytes: fn read once, X
+ * once, u once. */
 enum {
     CL_COLS = DSRTK_NN_HC_CHUNK, /* a block's columns of each stream: one split each */
     CL_MAX_BLOCKS = 16,
@@ -877,23 +878,13 @@ __global__ void __launch_bounds__(CL_THREADS, 1) pre_cluster_kernel(void *X, int
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const bool worker = warp < CL_WORKERS, sinkhorn = R == 3 && rank == 0;
     const int64_t K = HC * d, col = (int64_t)rank * CL_COLS + (tid & (CL_COLS - 1));
-    { /* fn's lines of the block's chunks into L2 while the producer runs */
-        const int elem = fn_dtype == DSRT_F32 ? 4 : 2, lines = CL_COLS * elem / 128;
-        for (int i = tid; i < M * HC * lines; i += CL_THREADS) {
-            const int m = i / (HC * lines), s = i / lines % HC, l = i % lines;
-            dsrtk_prefetch_l2((const char *)fn + ((int64_t)m * K + s * d + rank * CL_COLS) * elem + l * 128);
-        }
-    }
     cluster_arrive_relaxed(); /* started: the blocks' shared memory may be written from the first store below */
-    dsrtk_wait_producer();
-    if (!worker) { /* Sinkhorn's scales and bases into L1 while the partials are made */
-        if (sinkhorn && tid - CL_COLS < 3) prefetch_l1(scale, scale_dtype, tid - CL_COLS);
-        if (sinkhorn && tid - CL_COLS < M) prefetch_l1(base, base_dtype, tid - CL_COLS);
-    } else {
-        /* everything the workers read from memory goes out at once: the warp's fn rows of each
-         * stream's chunk (split_kernel's), the column of X (or what X' is made of), the weights'
-         * scale and bases, the norm's weight */
-        float f[HC][R][8];
+    /* the parameters while the producer runs (common.cuh: parameters before the wait): the warp's
+     * fn rows of each stream's chunk (split_kernel's), the weights' scale and bases, the norm's
+     * weight. Loaded after the wait they took ~2.5 us of the chain (globaltimer marks); here the
+     * decode step 0.942-0.943 -> 0.933-0.934 ms (bench_dsv4, H200, interleaved). */
+    float f[HC][R][8], s0 = 0.0f, base_mine = 0.0f, nw = 1.0f;
+    if (worker) {
 #pragma unroll
         for (int s = 0; s < HC; s++)
 #pragma unroll
@@ -903,8 +894,16 @@ __global__ void __launch_bounds__(CL_THREADS, 1) pre_cluster_kernel(void *X, int
                 for (int i = 0; i < 8; i++)
                     f[s][r][i] = m < M ? ld(fn, fn_dtype, (int64_t)m * K + s * d + rank * CL_COLS + lane + 32 * i) : 0.0f;
             }
-        const float s0 = ld(scale, scale_dtype, 0), base_mine = tid < HC ? ld(base, base_dtype, tid) : 0.0f;
-        const float nw = norm_w ? ld(norm_w, norm_w_dtype, col) : 1.0f;
+        s0 = ld(scale, scale_dtype, 0);
+        if (tid < HC) base_mine = ld(base, base_dtype, tid);
+        if (norm_w) nw = ld(norm_w, norm_w_dtype, col);
+    }
+    dsrtk_wait_producer();
+    if (!worker) { /* Sinkhorn's scales and bases into L1 while the partials are made */
+        if (sinkhorn && tid - CL_COLS < 3) prefetch_l1(scale, scale_dtype, tid - CL_COLS);
+        if (sinkhorn && tid - CL_COLS < M) prefetch_l1(base, base_dtype, tid - CL_COLS);
+    } else {
+        /* the column of X, or what X' is made of */
         float x[HC];
         if (POST) { /* post_value's operations, the four destinations of the column at once */
             float xin[HC];
