@@ -684,7 +684,7 @@ __global__ void __launch_bounds__(NORM_THREADS) pre_kernel(const void *X, int X_
             /* the collapse skips to Σx² after the hc pre dots; -1: past the values */
             mb[b] = v >= nv ? -1 : v < hc ? v : sinkhorn ? v : M;
         }
-        /* two splits a lane at once, their loads in flight together: a decode call's 64 splits
+        /* two splits a lane at once, their loads in flight together: Flash's 64 splits
          * in one memory round trip, not two (the same additions in the same order) */
         int sp = lane;
         for (; sp + 32 < splits; sp += 64) {
