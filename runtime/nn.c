@@ -1222,8 +1222,9 @@ int dsrt_nn_hc_post_head(dsrt_tensor *f, dsrt_tensor *X, dsrt_tensor *post, dsrt
                                   prec, s, X_next, y, NULL, NULL);
     int hc;
     int64_t d;
-    if (check_streams("nn.hc_post_head", X, fn, 0, s, &hc, &d) || check_head_params("nn.hc_post_head", scale, base, hc, s) ||
-        check_norm_weight("nn.hc_post_head", norm_w, d, s))
+    const char *op = "nn.hc_post_head";
+    if (check_precision(op, prec) || check_streams(op, X, fn, 0, s, &hc, &d) || check_head_params(op, scale, base, hc, s) ||
+        check_norm_weight(op, norm_w, d, s))
         return -1; /* the head's arguments before hc_post's work */
     dsrt_tensor *Xn = dsrt_nn_hc_post(f, X, post, comb, prec, s);
     if (!Xn) return -1;
