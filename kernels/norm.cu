@@ -639,15 +639,27 @@ template <int V, int V2>
 __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ NormRopeArgs a,
                                                         const __grid_constant__ RopeFreqs f)
 {
-    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
     const int lane = threadIdx.x & 31;
     const int64_t r0 = (blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5)) * a.rows_per_warp;
-    if (r0 >= a.rows) {
-        const int64_t r = r0; /* rows_per_warp is 1 where there is a second norm */
-        constexpr int U = V2 > 0 ? V2 : 1; /* V2 == 0: no second norm compiled in */
+    constexpr int U = V2 > 0 ? V2 : 1; /* V2 == 0: no second norm compiled in */
+    const bool second = r0 >= a.rows; /* rows_per_warp is 1 where there is a second norm */
+    /* before the producer wait (common.cuh), what needs nothing it makes: the norms' weights into
+     * L1 (parameters) and RoPE's cos and sin (double evaluations, their position is a parameter),
+     * once for the warp's rows: one position, where a warp a row evaluated them for each of its 64
+     * heads (with the hardware's bf16 roundings, a prefill's 4 query launches 1.42 -> 1.02 ms,
+     * CUPTI, H200) */
+    float my_cs = 0.0f, my_sn = 0.0f;
+    if (second) {
+        if (V2 > 0 && r0 < a.rows + a.also.rows) prefetch_row_weights<U>(a.also.w, a.also.w_dtype, a.also.width, lane);
+    } else {
+        if (a.norm != NORM_NONE) prefetch_row_weights<V>(a.w, a.w_dtype, a.width, lane);
+        rope_cos_sin(a.first + r0 / a.heads * a.step, f.f[lane], my_cs, my_sn);
+    }
+    dsrtk_wait_producer(); /* launched dependent (common.cuh) */
+    if (second) {
+        const int64_t r = r0;
         if (V2 > 0 && r < a.rows + a.also.rows) {
             const int64_t base = (r - a.rows) * a.also.width;
-            prefetch_row_weights<U>(a.also.w, a.also.w_dtype, a.also.width, lane);
             float u[U][8];
             load_row<U>(a.also.x, a.also.x_dtype, base, a.also.width, lane, u);
             norm_row<U>(u, a.also.w, a.also.w_dtype, a.also.width, a.eps, 0, lane);
@@ -655,12 +667,6 @@ __global__ void __launch_bounds__(256) norm_rope_kernel(const __grid_constant__ 
         }
         return;
     }
-    if (a.norm != NORM_NONE) prefetch_row_weights<V>(a.w, a.w_dtype, a.width, lane);
-    /* RoPE's cos and sin (double evaluations, their position is a parameter), once for the warp's
-     * rows: one position, where a warp a row evaluated them for each of its 64 heads (with the
-     * hardware's bf16 roundings, a prefill's 4 query launches 1.42 -> 1.02 ms, CUPTI, H200) */
-    float my_cs, my_sn;
-    rope_cos_sin(a.first + r0 / a.heads * a.step, f.f[lane], my_cs, my_sn);
     for (int64_t r = r0; r < r0 + a.rows_per_warp && r < a.rows; r++)
         norm_rope_row<V>(a, r, lane, my_cs, my_sn);
 }
