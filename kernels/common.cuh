@@ -63,23 +63,9 @@ __device__ __forceinline__ void dsrtk_wait_producer(bool trigger_next = true)
 }
 __device__ __forceinline__ void dsrtk_prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
-/* cudaLaunchKernelEx with the attribute; a refused launch is also the thread's last error, which
- * dsrtk_check_launch reads, as after <<<>>> */
-template <class... Params, class... Args>
-static inline cudaError_t dsrtk_launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
-                                                 Args... args)
-{
-    cudaLaunchConfig_t config = {};
-    config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = smem, config.stream = s;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = &attr, config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, kernel, args...);
-}
-
-/* the same as a cluster launch of `cluster` blocks a cluster (dsrtk_clusters_fit says whether the
- * device places them) */
+/* cudaLaunchKernelEx with the attribute, and with cluster > 0 as clusters of that many blocks
+ * (dsrtk_clusters_fit says whether the device places them); a refused launch is also the thread's
+ * last error, which dsrtk_check_launch reads, as after <<<>>> */
 template <class... Params, class... Args>
 static inline cudaError_t dsrtk_launch_dependent_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                                                          cudaStream_t s, int cluster, Args... args)
@@ -91,8 +77,14 @@ static inline cudaError_t dsrtk_launch_dependent_cluster(void (*kernel)(Params..
     attrs[0].val.programmaticStreamSerializationAllowed = 1;
     attrs[1].id = cudaLaunchAttributeClusterDimension;
     attrs[1].val.clusterDim.x = (unsigned)cluster, attrs[1].val.clusterDim.y = attrs[1].val.clusterDim.z = 1;
-    config.attrs = attrs, config.numAttrs = 2;
+    config.attrs = attrs, config.numAttrs = cluster > 0 ? 2 : 1;
     return cudaLaunchKernelEx(&config, kernel, args...);
+}
+template <class... Params, class... Args>
+static inline cudaError_t dsrtk_launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                                                 Args... args)
+{
+    return dsrtk_launch_dependent_cluster(kernel, grid, block, smem, s, 0, args...);
 }
 
 /* cudaSetDevice first: every launcher works on the device it is told, whatever thread calls it. */

@@ -905,17 +905,10 @@ __global__ void __launch_bounds__(CL_THREADS, 1) pre_cluster_kernel(void *X, int
     } else {
         /* the column of X, or what X' is made of */
         float x[HC];
-        if (POST) { /* post_value's operations, the four destinations of the column at once */
-            float xin[HC];
-#pragma unroll
-            for (int j = 0; j < HC; j++) xin[j] = ld(pa.X, pa.X_dtype, j * d + col);
-            const float fc = ld(pa.f, pa.f_dtype, col);
+        if (POST) { /* split_kernel's X': post_value for the column's four destinations */
 #pragma unroll
             for (int k = 0; k < HC; k++) {
-                float mixed = 0;
-#pragma unroll
-                for (int j = 0; j < HC; j++) mixed = __fadd_rn(mixed, __fmul_rn(ld(pa.comb, pa.comb_dtype, j * HC + k), xin[j]));
-                const float y = __fadd_rn(__fmul_rn(ld(pa.post, pa.post_dtype, k), fc), mixed);
+                const float y = post_value<HC>(pa, 0, HC, d, k, col);
                 st(X, X_dtype, k * d + col, y);
                 x[k] = X_dtype == DSRT_F32 ? y : round_bf16(y); /* what was stored */
             }
